@@ -943,6 +943,51 @@ def derived_when_unset(config: Config, dotted: str) -> str | None:
     return None
 
 
+#: the periodic sweep of the durable stream for messages no node pulls comes this many
+#: ``last_notice_wait`` apart (72 s at the defaults; nexus_trio._nats' ``SWEEP_LOOKS``)
+DURABLE_SWEEP_LOOKS = 4
+
+
+def max_age_below_sweep(
+    max_age: float | None, last_notice_wait: float, *, age: str, wait: str, derived: str = ""
+) -> str | None:
+    """A warning when a durable ``max_age`` is not above the sweep's period
+    (``DURABLE_SWEEP_LOOKS x last_notice_wait``); else None. ``age`` and ``wait`` are the
+    two keys' names as the caller knows them (``[durable] max_age``,
+    ``DurableOptions.max_age``), ``derived`` what the wait left unset is. A message stored for a node gone for good after a look
+    found nothing waits for the next periodic sweep: one whose ``max_age`` ends first
+    goes uncounted. A warning, not an error: the values are valid, and a cluster whose
+    senders never outlive a gone node's ``last_notice_wait`` never has such a message."""
+    period = DURABLE_SWEEP_LOOKS * last_notice_wait
+    if max_age is None or max_age > period:
+        return None
+    return (
+        f"{age} ({max_age:g}s) is not above the durable sweep's period, {DURABLE_SWEEP_LOOKS}"
+        f" x {wait} ({derived}{last_notice_wait:g}s) = {period:g}s: a durable message stored for a"
+        " node gone for good after its look found nothing can reach its max_age before"
+        f" the sweep that takes it over, and goes uncounted; raise {age} well above"
+        f" {period:g}s (or lower {wait})"
+    )
+
+
+def durable_max_age_warning(config: Config) -> str | None:
+    """:func:`max_age_below_sweep` of ``config``: ``[durable] max_age`` against ``[cluster]
+    last_notice_wait`` (as set, else derived from ``server_lost_wait``)."""
+    if not config.durable.enabled:
+        return None
+    given = config.cluster.last_notice_wait
+    wait = server_lost_wait_of(config) + LAST_NOTICE_MARGIN if given is None else given
+    return max_age_below_sweep(
+        config.durable.max_age,
+        wait,
+        age="[durable] max_age",
+        wait="[cluster] last_notice_wait",
+        derived=""
+        if given is not None
+        else f"unset: [nats] server_lost_wait + {LAST_NOTICE_MARGIN:g} = ",
+    )
+
+
 def short_server_lost_wait(config: Config) -> str | None:
     """A warning when ``[nats] server_lost_wait`` (as set, or derived from the
     heartbeats) is above 0 and not above ``[cluster] reconnect_wait``; else None.

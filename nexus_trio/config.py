@@ -36,6 +36,7 @@ from ._config import (
     Config,
     CrossKeyError,
     derived_when_unset,
+    durable_max_age_warning,
     short_server_lost_wait,
     shown,
     values_as_toml,
@@ -719,8 +720,9 @@ def load_config(
             config = Config(**tables)  # (and the rules across sections: see Config)
     except CrossKeyError as exc:
         raise _rule_error(exc, file, sources, lines) from None
-    if (short := short_server_lost_wait(config)) is not None:
-        warnings = [*warnings, short]
+    for check in (short_server_lost_wait, durable_max_age_warning):
+        if (said := check(config)) is not None:
+            warnings = [*warnings, said]
     for warning in warnings if log_warnings else ():
         log.warning("%s", warning)
     return LoadedConfig(config, file, sources, tuple(warnings), explicit=path is not None)

@@ -123,6 +123,14 @@ def test_server_lost_wait_unset_in_the_file_follows_the_heartbeat_keys(tmp_path:
     assert server_lost_wait_of(given) == ClusterOptions.from_config(given).server_lost_wait == 3
 
 
+def _load_warnings(tmp_path: Path, text: str) -> tuple[str, ...]:
+    """The warnings of loading a config file of ``text``."""
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path).warnings
+
+
 def test_a_server_lost_wait_not_above_reconnect_wait_is_a_warning_at_the_load(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -133,10 +141,7 @@ def test_a_server_lost_wait_not_above_reconnect_wait_is_a_warning_at_the_load(
     their values. A wait above it, the defaults, and 0 (give up at once) say nothing."""
 
     def warnings(text: str) -> tuple[str, ...]:
-        path = tmp_path / "config.toml"
-        path.write_text(text, encoding="utf-8")
-        path.chmod(0o600)
-        return load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path).warnings
+        return _load_warnings(tmp_path, text)
 
     derived = warnings("[cluster]\nheartbeat_interval = 0.05\nmissed_heartbeats = 3\n")
     assert derived == (
@@ -162,6 +167,45 @@ def test_a_server_lost_wait_not_above_reconnect_wait_is_a_warning_at_the_load(
         "[cluster]\nheartbeat_interval = 0.2\nmissed_heartbeats = 3\n",  # 0.6 > 0.2
         "[nats]\nserver_lost_wait = 2.5\n[cluster]\nreconnect_wait = 2.0\n",
         "[nats]\nserver_lost_wait = 0\n[cluster]\nlast_notice_wait = 1\n",
+    ):
+        assert warnings(quiet) == (), quiet
+
+
+def test_a_durable_max_age_not_above_the_sweep_s_period_is_a_warning_at_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-fifth pass: a message stored for a node gone for good after its look found
+    nothing waits for the periodic sweep (4 x ``[cluster] last_notice_wait``, 72 s at the
+    defaults); one whose ``max_age`` ended first went uncounted, and nothing said so. The
+    load warns now, naming both keys and the period (given, or derived from
+    ``server_lost_wait``); a ``max_age`` above it, none, or the durable path off say
+    nothing. (Fails on f4c2c8f: no warning.)"""
+
+    def warnings(text: str) -> tuple[str, ...]:
+        return _load_warnings(tmp_path, text)
+
+    derived = warnings("[durable]\nduplicate_window = 30\nmax_age = 60\n")
+    assert derived == (
+        "[durable] max_age (60s) is not above the durable sweep's period, 4 x [cluster]"
+        " last_notice_wait (unset: [nats] server_lost_wait + 13 = 18s) = 72s: a durable"
+        " message stored for a node gone for good after its look found nothing can reach"
+        " its max_age before the sweep that takes it over, and goes uncounted; raise"
+        " [durable] max_age well above 72s (or lower [cluster] last_notice_wait)",
+    )
+    assert [r.getMessage() for r in caplog.records] == list(derived)
+    given = warnings("[cluster]\nlast_notice_wait = 40\n[durable]\nmax_age = 160\n")
+    assert given == (
+        "[durable] max_age (160s) is not above the durable sweep's period, 4 x [cluster]"
+        " last_notice_wait (40s) = 160s: a durable message stored for a node gone for good"
+        " after its look found nothing can reach its max_age before the sweep that takes it"
+        " over, and goes uncounted; raise [durable] max_age well above 160s (or lower"
+        " [cluster] last_notice_wait)",
+    )
+    for quiet in (
+        "",
+        "[durable]\nmax_age = 120\n",  # 120 > 72
+        "[cluster]\nlast_notice_wait = 40\n[durable]\nmax_age = 161\n",
+        "[durable]\nenabled = false\nduplicate_window = 30\nmax_age = 60\n",
     ):
         assert warnings(quiet) == (), quiet
 

@@ -13,6 +13,7 @@ node pulls. Real nats-server, in-process nodes.
 
 from __future__ import annotations
 
+import json
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from nexus_trio._nats import Cluster, NatsServer
+from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import _SWEEP_KEY, DurableChannel, _owner_of
 
@@ -248,37 +249,72 @@ async def test_a_node_that_rejoins_while_its_drained_consumer_is_deleted_gets_wh
 
 
 class _FakeJs:
-    """The two JetStream requests of a sweep, answered from fixed state: consumers
-    ``(name, pending, unacked, pull requests waiting)`` two a page, the stream's message
-    count and subjects."""
+    """The JetStream requests of a sweep, answered from fixed state: consumers ``(name,
+    pending, unacked, pull requests waiting)`` two a page, the stream's message count,
+    last sequence and subjects (``page`` a page, sorted, as nats-server pages them).
+    ``between``: messages stored on consumers' subjects between the first stream read and
+    the consumers' (their count then holds them, the first read not)."""
 
-    def __init__(self, consumers: list[tuple[str, int, int, int]], subjects: dict[str, int]):
+    def __init__(
+        self,
+        consumers: list[tuple[str, int, int, int]],
+        subjects: dict[str, int],
+        *,
+        page: int = 100_000,
+        between: int = 0,
+    ):
         self.consumers = consumers
         self.subjects = subjects
-        self.subject_reads = 0
+        self.page = page
+        self.between = between
+        self.stream_reads = 0
+        self.subject_reads: list[int] = []
 
-    async def stream_info(self, name: str, subjects_filter: str | None = None) -> Any:
-        subjects = None
-        if subjects_filter is not None:
-            assert subjects_filter == "px.durable.>"
-            self.subject_reads += 1
-            subjects = dict(self.subjects)
-        messages = sum(self.subjects.values())
-        return SimpleNamespace(state=SimpleNamespace(messages=messages, subjects=subjects))
+    async def stream_info(self, name: str) -> Any:
+        assert name == "px-durable"
+        self.stream_reads += 1
+        late = self.between if self.stream_reads > 1 else 0
+        messages = sum(self.subjects.values()) + late
+        return SimpleNamespace(state=SimpleNamespace(messages=messages, last_seq=1000 + late))
 
     async def consumers_info(self, stream: str, offset: int = 0) -> list[Any]:
         page = self.consumers[offset : offset + 2]
         return [
-            SimpleNamespace(name=n, num_pending=p, num_ack_pending=u, num_waiting=w)
+            SimpleNamespace(
+                name=n,
+                num_pending=p + (self.between if n == "b" else 0),
+                num_ack_pending=u,
+                num_waiting=w,
+            )
             for n, p, u, w in page
         ]
 
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        assert subject == "$JS.API.STREAM.INFO.px-durable"
+        asked = json.loads(data)
+        assert asked["subjects_filter"] == "px.durable.>"
+        offset = asked["offset"]
+        self.subject_reads.append(offset)
+        names = sorted(self.subjects)[offset : offset + self.page]
+        answer = {
+            "total": len(self.subjects),
+            "state": {"subjects": {n: self.subjects[n] for n in names} or None},
+        }
+        return SimpleNamespace(data=json.dumps(answer).encode())
+
+
+def _channel(js: _FakeJs) -> DurableChannel:
+    channel = DurableChannel.__new__(DurableChannel)
+    channel.cluster = SimpleNamespace(prefix="px", data_js=js, nc=js)  # type: ignore[assignment]
+    channel._stream = "px-durable"
+    channel._subjects_from = 0
+    return channel
+
 
 async def _unpulled(js: _FakeJs) -> set[str]:
-    channel = DurableChannel.__new__(DurableChannel)
-    channel.cluster = SimpleNamespace(prefix="px", data_js=js)  # type: ignore[assignment]
-    channel._stream = "px-durable"
-    return await channel._unpulled()
+    found, cut = await _channel(js)._unpulled()
+    assert cut is None
+    return found
 
 
 async def test_a_sweep_finds_held_consumers_nobody_pulls_and_subjects_with_no_consumer() -> None:
@@ -292,10 +328,50 @@ async def test_a_sweep_finds_held_consumers_nobody_pulls_and_subjects_with_no_co
     subjects = {"px.durable.b.1": 2, "px.durable.c.2": 1, "px.durable.d.3": 2}
     js = _FakeJs(consumers, subjects)
     assert await _unpulled(js) == {"b", "d"}
-    assert js.subject_reads == 1
+    assert js.subject_reads == [0]
     covered = _FakeJs(consumers, {"px.durable.b.1": 2, "px.durable.c.2": 1})
     assert await _unpulled(covered) == {"b"}
-    assert covered.subject_reads == 0
+    assert covered.subject_reads == []
+
+
+async def test_messages_stored_between_a_sweep_s_two_counts_do_not_hide_a_subject_with_no_consumer() -> (
+    None
+):
+    """Forty-fifth pass: the stream's count and its consumers' are two requests. Two
+    messages stored for b between them made the consumers' count (5) the stream's (5,
+    read before: 3 of b's and 2 of d's, whose subject has no consumer) and the sweep
+    read no subjects: d was missed until a sweep with a lull. Now the stream is read
+    again after the consumers, and the messages stored between (its last sequence rose by
+    2) are taken out: the counts do not settle it, the subjects are read, d found. (Fails
+    on a mutant that leaves out the last sequence's rise: d not found.)"""
+    consumers = [("b", 3, 0, 1)]
+    subjects = {"px.durable.b.1": 3, "px.durable.d.3": 2}
+    js = _FakeJs(consumers, subjects, between=2)
+    assert await _unpulled(js) == {"d"}
+    assert js.subject_reads == [0]
+    # (the counts settle it when nothing is missing: no subjects read; the stream read
+    # before and after the consumers, a round)
+    quiet = _FakeJs(consumers, {"px.durable.b.1": 3}, between=2)
+    assert await _unpulled(quiet) == set()
+    assert (quiet.subject_reads, quiet.stream_reads) == ([], 2)
+
+
+async def test_a_sweep_reads_the_subjects_page_by_page_within_its_bound_and_reads_on_at_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty-fifth pass: the subjects were read as one page (nats-server's first
+    100,000): a node whose subjects sorted past it was never found. Now page by page (2
+    subjects a page here), at most ``SWEEP_SUBJECT_PAGES`` (2 here) a sweep: the first
+    reads 4 of 5 subjects and says so (cut, (4, 5)); the next reads on from 4 and finds
+    e, then starts over. (Fails on f4c2c8f's reading of one page: e never found.)"""
+    monkeypatch.setattr(_durable, "SWEEP_SUBJECT_PAGES", 2)
+    subjects = {f"px.durable.{n}.1": 1 for n in "abcde"}
+    js = _FakeJs([("a", 1, 0, 1)], subjects, page=2)
+    channel = _channel(js)
+    assert await channel._unpulled() == ({"b", "c", "d"}, (4, 5))
+    assert await channel._unpulled() == ({"e"}, None)
+    assert await channel._unpulled() == ({"b", "c", "d"}, (4, 5))
+    assert js.subject_reads == [0, 2, 4, 0, 2]
 
 
 async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended_pull(

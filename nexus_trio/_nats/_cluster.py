@@ -628,6 +628,13 @@ class ClusterStats:
     #: (made again later; see ``DurableChannel._sweeps``)
     durable_swept: int = 0
     durable_sweep_failures: int = 0
+    #: sweeps whose read of the stream's subjects stopped at its bound (2 pages of
+    #: nats-server's 100,000 subjects; the next sweep reads on from there), and takeovers
+    #: by a look or a sweep of a node no member that ended at once, leaving its consumer
+    #: to the pull requests waiting on it (a process of its name whose join was not heard
+    #: yet, or another node's takeover; looked at again later)
+    durable_sweeps_cut: int = 0
+    durable_left_to_pullers: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
@@ -5880,6 +5887,8 @@ class Cluster:
             durable_given_back=d.given_back,
             durable_swept=d.swept,
             durable_sweep_failures=d.sweep_failures,
+            durable_sweeps_cut=d.sweeps_cut,
+            durable_left_to_pullers=d.left_to_pullers,
             durable_dead_reasons=d.dead_reasons(),
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,

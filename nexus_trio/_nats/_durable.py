@@ -71,6 +71,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import sys
@@ -87,6 +88,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
 from .._brief import brief
+from .._config import DURABLE_SWEEP_LOOKS, max_age_below_sweep
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -133,9 +135,19 @@ _FORWARD: Final = "forward "
 _TAKEN: Final = "taken "
 #: the periodic sweep of the stream for messages no node pulls (see
 #: DurableChannel._sweeps) comes this many ``last_notice_wait`` apart (72 s by default),
-#: by one live node (the rendezvous owner of this key)
-SWEEP_LOOKS: Final = 4
+#: by one live node (the rendezvous owner of this key); the config's warning of a
+#: ``max_age`` not above that period reads the same constant
+SWEEP_LOOKS: Final = DURABLE_SWEEP_LOOKS
 _SWEEP_KEY: Final = "durable-sweep"
+#: a sweep reads at most this many pages of the stream's subjects (nats-server's pages:
+#: 100,000 subjects, about 2.4 MB of JSON, 2-3 s of a loaded server each): past them
+#: the sweep is cut (``sweeps_cut``, said), and the next one reads on from there
+SWEEP_SUBJECT_PAGES: Final = 2
+#: the rounds of counts (the stream's, its consumers', the stream's again) a sweep makes
+#: before it reads the subjects when none settles it (see DurableChannel._unpulled)
+_SWEEP_COUNTS: Final = 3
+#: seconds a JetStream API request of the sweep waits for its answer (nats-py's own)
+_JS_API_WAIT: Final = 5.0
 
 
 def _forward_headers(jsmsg: NatsMsg) -> dict[str, str]:
@@ -591,6 +603,16 @@ class DurableChannel:
         #: nothing; see _sweep)
         self.swept = 0
         self._sweep_log = Throttle(kind="durable.sweep")
+        #: sweeps whose read of the stream's subjects stopped at its bound
+        #: (SWEEP_SUBJECT_PAGES), and where the next one reads on (see _unpulled)
+        self.sweeps_cut = 0
+        self._sweep_cut_log = Throttle(kind="durable.sweep_cut")
+        self._subjects_from = 0
+        #: takeovers by a look or a sweep of a node no member that ended at once, leaving
+        #: its consumer to the pull requests that waited on it (a process of its name
+        #: whose join is not heard here yet, or another node's takeover; see take_over)
+        self.left_to_pullers = 0
+        self._left_log = Throttle(kind="durable.left_to_pullers")
         # when each member that ran the path went from the members here, for a
         # last_notice_wait (see _sweep); when this node's path started
         self._left_at: dict[str, float] = {}
@@ -684,6 +706,14 @@ class DurableChannel:
                 " max_waiting (or max_in_flight)"
             ) from exc
         self._bind_own(made, held)
+        short = max_age_below_sweep(
+            self.options.max_age,
+            self.cluster.options.last_notice_wait,
+            age="DurableOptions.max_age",
+            wait="ClusterOptions.last_notice_wait",
+        )
+        if short is not None:
+            log_guarded(log, logging.WARNING, "node %s: %s", self.cluster.node, short)
         await self._ops.start()
         self._nursery = nursery
         self._started = trio.current_time()
@@ -942,13 +972,8 @@ class DurableChannel:
         delivers each message to one of them at a time. A member that ran the path and
         is gone since (its leave heard) is looked at later by its owner (see
         :meth:`_look_later`)."""
-        cluster = self.cluster
-        if (
-            self._nursery is None
-            or not self.options.enabled
-            or cluster.closing
-            or cluster.kernel.shutting_down
-        ):
+        cluster, nursery = self.cluster, self._nursery
+        if nursery is None or not self.options.enabled or self._leaving():
             return
         own = cluster.node
         members = cluster.members.members
@@ -985,7 +1010,16 @@ class DurableChannel:
             if (info.reachable and info.runs_durable) or node == own or node in self._takeovers:
                 continue
             if _owner_of(node, own, live):
-                self._start_takeover(self._nursery, node)
+                self._start_takeover(nursery, node)
+
+    def _leaving(self) -> bool:
+        """Whether this node is leaving: its kernel shutting down (its agents draining,
+        the leave to come), its cluster closing, or its durable path stopped. No
+        takeover starts then (a membership change's, a look's, a sweep's): what a node
+        that leaves took would wait out ``ack_wait`` in JetStream, or be forwarded to its
+        agents as they stop; the others take it over once its leave is heard."""
+        cluster = self.cluster
+        return self._nursery is None or cluster.closing or cluster.kernel.shutting_down
 
     def _look_later(self, node: str) -> None:
         """Look at the stream ``last_notice_wait`` from now for what is stored for
@@ -1025,6 +1059,7 @@ class DurableChannel:
         if (
             stored
             and nursery is not None
+            and not self._leaving()
             and node not in self._takeovers
             and node not in self.cluster.members.members
         ):
@@ -1074,11 +1109,15 @@ class DurableChannel:
         the sweeper's share of the owners, the other shares waited for ``max_age``). A
         node that is a member again, or taken over or looked at here already, is left
         to those. A sweep JetStream does not answer is counted (``sweep_failures``),
-        logged, and made again at the next period."""
+        logged, and made again at the next period. None is made while this node leaves
+        (see :meth:`_leaving`), and one under way when it begins to leave starts no
+        takeover: cut there, it took nothing."""
+        if self._leaving():
+            return  # (the others sweep once its leave is heard)
         self.sweeps += 1
         try:
-            found = await call_aio(self._unpulled)
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            found, cut = await call_aio(self._unpulled)
+        except (nats.errors.Error, OSError, TimeoutError, ValueError) as exc:
             self.sweep_failures += 1
             self._say(
                 self._sweep_log,
@@ -1091,21 +1130,38 @@ class DurableChannel:
                 exc,
             )
             return
+        if cut is not None:
+            self.sweeps_cut += 1
+            self._say(
+                self._sweep_cut_log,
+                "sweeps of the durable stream cut at their bound",
+                logging.WARNING,
+                "node %s: the sweep of the durable stream %s read %d of its %d subjects,"
+                " its bound (%d pages of nats-server's); the next sweep reads on from there"
+                " (%d so far)",
+                self.cluster.node,
+                self._stream,
+                *cut,
+                SWEEP_SUBJECT_PAGES,
+                self.sweeps_cut,
+            )
         nursery = self._nursery
+        if nursery is None or self._leaving():
+            return  # (it began to leave during the reads: nothing taken, see _leaving)
         members = self.cluster.members.members
         own = self.cluster.node
         live = sorted(self._live_durable)
         # (a node gone less than last_notice_wait ago is left to its look, and to a
         # sender that still had it; one this node never saw go, to this node's first
-        # last_notice_wait)
+        # last_notice_wait; membership is read here, after the reads, with no await
+        # before the takeovers start: see take_over for a join not heard yet)
         recent = trio.current_time() - self.cluster.options.last_notice_wait
         for node, at in list(self._left_at.items()):
             if at < recent:
                 del self._left_at[node]
         for node in sorted(found):
             if (
-                nursery is None
-                or node == own
+                node == own
                 or node in members
                 or self._left_at.get(node, self._started) >= recent
                 or node in self._takeovers
@@ -1116,15 +1172,56 @@ class DurableChannel:
             self.swept += 1
             self._start_takeover(nursery, node)
 
-    async def _unpulled(self) -> set[str]:
+    async def _unpulled(self) -> tuple[set[str], tuple[int, int] | None]:
         """The nodes whose subjects hold messages that may be pulled by no one (asyncio
         side; the caller leaves out the members): those whose consumers hold some
-        (pending or unacked) and have no pull request waiting, and, when the stream holds more messages than all its
-        consumers do (a subject with no consumer: deleted when drained, stored for
-        after), the nodes of the stream's subjects that have no consumer (the subjects
-        read only then: one per agent addressed)."""
+        (pending or unacked) and have no pull request waiting, and the nodes of the
+        stream's subjects that have no consumer (a consumer deleted when drained, and
+        messages stored for its node after), and, if the subjects read was cut at its
+        bound (``SWEEP_SUBJECT_PAGES``), how many subjects it read and of how many.
+
+        The subjects (one per agent addressed) are read only when the stream may hold
+        more than its consumers do. JetStream has no request for both counts at once, so
+        the stream's count is read before and after the consumers': the messages stored
+        between (its last sequence's rise) are all that can be in the consumers' count
+        and not in the first, so a count of the consumers at least the first plus those
+        means no message on a subject with no consumer was there at the first read and
+        still is at the second. Not so (messages acknowledged between the reads, on a
+        busy stream): the counts again, at most ``_SWEEP_COUNTS`` times, then the
+        subjects; at once if nothing was stored or acknowledged between (they differ
+        then for sure)."""
         js = self.cluster.data_js
-        stored = (await js.stream_info(self._stream)).state.messages
+        before = (await js.stream_info(self._stream)).state
+        for _ in range(_SWEEP_COUNTS):
+            nodes, named, held = await self._consumers(js)
+            after = (await js.stream_info(self._stream)).state
+            stored = (after.last_seq or 0) - (before.last_seq or 0)
+            if (before.messages or 0) + stored <= held:
+                return nodes, None
+            if stored == 0 and before.messages == after.messages:
+                break  # (nothing moved between the reads: some subject has no consumer)
+            before = after
+        head = f"{self.cluster.prefix}.durable."
+        offset = self._subjects_from
+        for _ in range(SWEEP_SUBJECT_PAGES):
+            page, total = await self._subjects_page(offset)
+            for subject in page:
+                node = subject.removeprefix(head).partition(".")[0]
+                if node not in named:
+                    nodes.add(node)
+            offset += len(page)
+            if not page or offset >= total:
+                self._subjects_from = 0
+                return nodes, None
+        # (the subjects past the bound: the next sweep reads on from here; one stored or
+        # gone between two pages shifts the pages by one, found at the next turn)
+        self._subjects_from = offset
+        return nodes, (offset, total)
+
+    async def _consumers(self, js: Any) -> tuple[set[str], set[str], int]:
+        """The stream's consumers, read page by page (asyncio side): the nodes of those
+        that hold messages with no pull request waiting, the names of all, and how many
+        messages they hold in all (pending or unacked)."""
         nodes: set[str] = set()
         named: set[str] = set()
         held = 0
@@ -1141,15 +1238,25 @@ class DurableChannel:
                 if count and not info.num_waiting:
                     nodes.add(info.name)
             if not page:
-                break
-        if stored > held:
-            head = f"{self.cluster.prefix}.durable."
-            state = (await js.stream_info(self._stream, subjects_filter=f"{head}>")).state
-            for subject in state.subjects or {}:
-                node = subject.removeprefix(head).partition(".")[0]
-                if node not in named:
-                    nodes.add(node)
-        return nodes
+                return nodes, named, held
+
+    async def _subjects_page(self, offset: int) -> tuple[dict[str, int], int]:
+        """One page of the stream's subjects from ``offset`` (nats-server pages its
+        subjects sorted, 100,000 a page) with their counts, and how many subjects it has
+        in all (asyncio side). nats-py's ``stream_info`` asks no offset: its request, with
+        one."""
+        request = {"subjects_filter": f"{self.cluster.prefix}.durable.>", "offset": offset}
+        reply = await self.cluster.nc.request(
+            f"$JS.API.STREAM.INFO.{self._stream}",
+            json.dumps(request).encode(),
+            timeout=_JS_API_WAIT,
+        )
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            nats.js.errors.APIError.from_error(answer["error"])  # (raises the kind's error)
+        page: dict[str, int] = (answer.get("state") or {}).get("subjects") or {}
+        total = answer.get("total")
+        return page, offset + len(page) if total is None else int(total)
 
     def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
         scope = self._takeovers[node] = trio.CancelScope()
@@ -1220,7 +1327,15 @@ class DurableChannel:
                                     "lost" if still else "gone, or running no durable path",
                                 )
                             psub, info = await call_aio(self._subscribe_taken, node)
-                            took = True
+                            first, took = not took, True
+                            if first and still is None and info.num_waiting:
+                                # (a node no member whose consumer has pull requests
+                                # waiting: a process of its name whose join this node has
+                                # not heard yet, which the sweep's read found between two
+                                # of its fetches, or another node's takeover; left to
+                                # them, and looked at again later, see the finally)
+                                self._left_to_pullers(node, info.num_waiting)
+                                return
                             opts = self.options
                             waiting.bind(
                                 taken_bound(info.config.max_ack_pending or 0, opts),
@@ -1270,6 +1385,24 @@ class DurableChannel:
                     contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+
+    def _left_to_pullers(self, node: str, waiting: int) -> None:
+        """A takeover of ``node`` (no member) ended at its start: ``waiting`` pull requests
+        of others wait on its consumer. Counted (``left_to_pullers``), logged (at most a
+        line a second)."""
+        self.left_to_pullers += 1
+        self._say(
+            self._left_log,
+            "takeovers left to the pullers of their consumers",
+            logging.INFO,
+            "node %s: not taking over the durable messages of node %r: %d pull requests"
+            " wait on its consumer (a process of its name whose join is not heard here"
+            " yet, or another node's takeover); looked at again later (%d so far)",
+            self.cluster.node,
+            node,
+            waiting,
+            self.left_to_pullers,
+        )
 
     async def _subscribe_taken(self, node: str) -> tuple[Any, Any]:
         """The pull subscription of lost ``node``'s consumer and its info: its unacked

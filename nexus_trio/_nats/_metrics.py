@@ -182,6 +182,16 @@ CLUSTER_COUNTERS: Final = {
         "Sweeps of the durable stream for messages no node pulls that JetStream did not"
         " answer (made again later).",
     ),
+    "durable_sweeps_cut": (
+        "nexus_cluster_durable_sweeps_cut",
+        "Sweeps of the durable stream whose read of its subjects stopped at its bound (the"
+        " next reads on from there).",
+    ),
+    "durable_left_to_pullers": (
+        "nexus_cluster_durable_left_to_pullers",
+        "Takeovers of a node no member left at their start to the pull requests waiting on"
+        " its consumer (looked at again later).",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"

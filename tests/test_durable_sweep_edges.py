@@ -1,0 +1,187 @@
+"""The durable sweep's edges: a node that leaves takes nothing over, and a consumer
+someone pulls is left to them (forty-fifth pass, issue 14).
+
+A sweep (see ``DurableChannel._sweep``) did not ask whether its node was leaving: one
+that ran while the kernel drained its agents at a shutdown (the cluster still joined)
+took over a gone node's messages on a node about to leave, which forwarded them to its
+own stopping agents or held them until ``ack_wait``. And a takeover a sweep started for
+a node no member pulled that node's consumer beside a process of its name whose join
+the sweeper had not heard yet (the sweep's read found the consumer between two of its
+fetches). Real nats-server, in-process nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import attrs
+import nats.js.errors
+import pytest
+import trio
+import trio_asyncio
+
+from nexus_trio import Context, Message, agent
+from nexus_trio._nats import Cluster, NatsServer
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import call_aio
+
+from .nats_server import until
+from .test_durable_lost_node import _keeper
+from .test_durable_missing_agent import store_for
+from .test_durable_moved_name import DURABLE
+from .test_nats import local_node
+
+QUICK = {"server_lost_wait": 0.5, "last_notice_wait": 1.0}
+GHOST = "ghost"
+
+
+async def _past_first_wait(cluster: Cluster) -> None:
+    """Once this node's path has run ``last_notice_wait``: a sweep leaves a node it never
+    saw go to that first wait (a sender may still have it)."""
+    wait = cluster.options.last_notice_wait
+    await until(lambda: trio.current_time() > cluster.durable._started + wait)
+
+
+async def _consumer(cluster: Cluster, node: str) -> Any:
+    """``node``'s durable consumer's info, None if it has none."""
+    try:
+        return await call_aio(cluster.data_js.consumer_info, f"{cluster.prefix}-durable", node)
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def test_a_sweep_under_way_when_the_kernel_begins_to_shut_down_takes_nothing_over(
+    nats: NatsServer,
+) -> None:
+    """A message is stored for a node a never had (its subject has no consumer); a's
+    sweep reads the stream, and the kernel begins its shutdown (an agent still draining,
+    the cluster still joined) before the sweep's reads end: no takeover starts
+    (``durable_swept`` 0), no consumer is made for the gone node, its message stays
+    stored for the nodes that stay; a sweep asked while the kernel drains reads nothing.
+    (On f4c2c8f's _durable.py swapped in: swept 1, a takeover of the gone node started
+    on the draining node, its "taking over" warning logged.)"""
+    hold = trio.Event()
+    draining = trio.Event()
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        draining.set()
+        await hold.wait()
+
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper([], "keeper-a"))
+        ka.spawn(slow)
+        entered, release = trio.Event(), trio.Event()
+        real = ca.durable._unpulled
+        reads = 0
+
+        async def gated() -> Any:
+            nonlocal reads
+            reads += 1
+            found = await real()
+            entered.set()
+            await trio_asyncio.trio_as_aio(release.wait)()
+            return found
+
+        ca.durable._unpulled = gated  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            await _past_first_wait(ca)
+            await store_for(ca, "keeper-a", "for the gone", node=GHOST)
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ca.durable._sweep, True)
+                    await entered.wait()
+                    await ka.send("slow", "keep draining")
+                    await draining.wait()
+                    outer.start_soon(ka.shutdown, 30.0)
+                    await until(lambda: ka.shutting_down)
+                    release.set()
+                swept, sweeps = ca.durable.swept, ca.durable.sweeps
+                await ca.durable._sweep(True)  # (asked while it drains: not made)
+                again = (reads, ca.durable.sweeps - sweeps)
+                ghost = await _consumer(ca, GHOST)
+                stored = await call_aio(ca.durable._stored_for, GHOST)
+                taken = ca.stats().durable_taken_over
+                hold.set()
+    assert (swept, sweeps, ghost, stored, taken) == (0, 1, None, True, 0)
+    assert again == (1, 0)
+
+
+async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them(
+    nats: NatsServer,
+) -> None:
+    """A process of the gone node's name (a stand-in here: a pull subscription of its
+    consumer) holds a message it fetched and, between two fetches, has no pull request
+    waiting: a's sweep finds the consumer then. Before the takeover starts, the process
+    fetches again (its request waits: a's view has not heard its join). The takeover
+    sees the request waiting on the consumer, takes nothing and ends
+    (``left_to_pullers``), looked at again later. (On f4c2c8f's _durable.py swapped in:
+    the takeover pulls beside the process, never ends (the message it holds is never
+    drained), and the wait for its end times out.)"""
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper([], "keeper-a"))
+        stream = f"{ca.prefix}-durable"
+        js = ca.data_js
+        standin = await call_aio(
+            js.pull_subscribe,
+            wire.durable_subject(ca.prefix, GHOST, "*"),
+            durable=GHOST,
+            stream=stream,
+        )
+        await store_for(ca, "keeper-a", "held by the process", node=GHOST)
+        held = await call_aio(standin.fetch, 1, 5.0)
+        assert len(held) == 1
+        real = ca.durable._unpulled
+        fetching: list[asyncio.Future[Any]] = []
+
+        async def between() -> Any:
+            found = await real()
+            # (the process's next fetch, as the sweep's read ends: it waits on the server)
+            fetching.append(asyncio.ensure_future(standin.fetch(1, 20.0)))
+            while not (await js.consumer_info(stream, GHOST)).num_waiting:  # noqa: ASYNC110 (the server's state: no event)
+                await asyncio.sleep(0.02)
+            return found
+
+        ca.durable._unpulled = between  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            await _past_first_wait(ca)
+            await ca.durable._sweep(True)
+            swept = ca.durable.swept
+            await until(lambda: GHOST not in ca.durable._takeovers)
+            info = await _consumer(ca, GHOST)
+            left = ca.stats().durable_left_to_pullers
+            taken = ca.stats().durable_taken_over
+
+        async def stop() -> None:
+            fetching[0].cancel()
+            await standin.unsubscribe()
+
+        await call_aio(stop)
+    assert swept == 1
+    assert left == 1
+    assert (info.num_ack_pending, info.num_waiting, taken) == (1, 1, 0)
+
+
+async def test_a_join_whose_max_age_is_not_above_the_sweep_s_period_says_so(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-fifth pass: options built in Python (no config load to warn) with a
+    ``max_age`` (3 s) not above the sweep's period (4 x ``last_notice_wait``, 1 s) are
+    said at the join, naming both options; a ``max_age`` above it says nothing. (Fails
+    on f4c2c8f: no line.)"""
+    short = attrs.evolve(DURABLE, duplicate_window=2.0, max_age=3.0)
+    async with local_node(nats.url, "a", durable=short, **QUICK):
+        pass
+    said = [r.getMessage() for r in caplog.records if "sweep's period" in r.getMessage()]
+    assert said == [
+        "node a: DurableOptions.max_age (3s) is not above the durable sweep's period, 4 x"
+        " ClusterOptions.last_notice_wait (1s) = 4s: a durable message stored for a node"
+        " gone for good after its look found nothing can reach its max_age before the sweep"
+        " that takes it over, and goes uncounted; raise DurableOptions.max_age well above"
+        " 4s (or lower ClusterOptions.last_notice_wait)"
+    ]
+    caplog.clear()
+    async with local_node(nats.url, "b", durable=attrs.evolve(short, max_age=4.5), **QUICK):
+        pass
+    assert not [r for r in caplog.records if "sweep's period" in r.getMessage()]
