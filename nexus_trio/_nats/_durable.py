@@ -1196,7 +1196,9 @@ class DurableChannel:
             nodes, named, held = await self._consumers(js)
             after = (await js.stream_info(self._stream)).state
             stored = (after.last_seq or 0) - (before.last_seq or 0)
-            if (before.messages or 0) + stored <= held:
+            # (a last sequence that fell: the stream made anew between the reads, no
+            # measure of what was stored: not settled)
+            if stored >= 0 and (before.messages or 0) + stored <= held:
                 return nodes, None
             if stored == 0 and before.messages == after.messages:
                 break  # (nothing moved between the reads: some subject has no consumer)
