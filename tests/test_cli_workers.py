@@ -490,6 +490,36 @@ def test_the_config_s_nats_credentials_do_not_reach_the_workers_of_a_private_ser
     assert summary["conserved"] is True
 
 
+@pytestmark_linux
+def test_a_load_warning_of_a_workers_run_is_said_once_by_the_parent(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: each warning of the config load (an unknown key under
+    ``NEXUS_ALLOW_UNKNOWN=1``, a ``server_lost_wait`` not above ``reconnect_wait``) was
+    said by the parent and again by every worker, which loads what the parent loaded: a
+    ``-W 2`` run said each three times. The parent says it, before any worker starts."""
+    proc = start_nexus(
+        ["run", "-W", "2", "-n", "4", "-d", "0.5", "--json"],
+        tag,
+        tmp_path,
+        NEXUS_ALLOW_UNKNOWN="1",
+        NEXUS_KERNEL__FOO="1",
+        NEXUS_NATS__SERVER_LOST_WAIT="1.5",
+        NEXUS_CLUSTER__RECONNECT_WAIT="2",
+    )
+    watch_workers(proc, tag, limit=2, timeout=120)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert [w.get("exit") for w in json.loads(out)["per_worker"]] == ["exit code 0"] * 2
+    lines = err.splitlines()
+    unknown = [line for line in lines if "NEXUS_KERNEL__FOO: unknown key" in line]
+    short = [line for line in lines if "is not above [cluster] reconnect_wait" in line]
+    assert (len(unknown), len(short)) == (1, 1), err
+    # the parent's: said before its first line about the workers
+    started = next(i for i, line in enumerate(lines) if "started nats-server" in line)
+    assert lines.index(unknown[0]) < started and lines.index(short[0]) < started, err
+
+
 def test_every_nats_key_but_url_and_token_is_unset_for_the_workers_of_a_private_server() -> None:
     """The list the parent unsets covers every credential and TLS key of ``[nats]``: a key
     added to the section later must be judged here. (``server_lost_wait`` is no

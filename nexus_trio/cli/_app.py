@@ -557,7 +557,11 @@ def run(
     log_guarded(
         logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
     )
-    log_config_warnings(loaded)
+    if not os.environ.get(WORKER_ENV):
+        # (a --workers worker loads the file, environment and flags its parent loaded, and
+        # the parent said their warnings before it started any worker: said by each worker
+        # too, a -W N run said each N + 1 times)
+        log_config_warnings(loaded)
 
     not_started = None
     try:
