@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -85,13 +85,18 @@ _AS_TOML: ContextVar[bool] = ContextVar("nexus_config_values_as_toml", default=F
 
 
 @contextmanager
-def values_as_toml() -> Iterator[None]:
-    """Within it, the errors of the validators show a bad value in TOML's spelling."""
-    token = _AS_TOML.set(True)
+def switched_on(flag: ContextVar[bool]) -> Iterator[None]:
+    """Within it, ``flag`` is True (for this thread and task alone, as a ContextVar is)."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _AS_TOML.reset(token)
+        flag.reset(token)
+
+
+def values_as_toml() -> AbstractContextManager[None]:
+    """Within it, the errors of the validators show a bad value in TOML's spelling."""
+    return switched_on(_AS_TOML)
 
 
 def shown(value: Any) -> str:

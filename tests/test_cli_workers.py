@@ -515,6 +515,7 @@ def test_a_load_warning_of_a_workers_run_is_said_once_by_the_parent(
     unknown = [line for line in lines if "NEXUS_KERNEL__FOO: unknown key" in line]
     short = [line for line in lines if "is not above [cluster] reconnect_wait" in line]
     assert (len(unknown), len(short)) == (1, 1), err
+    assert "ClusterOptionsWarning" not in err  # (the options of the config: the load said it)
     # the parent's: said before its first line about the workers
     started = next(i for i, line in enumerate(lines) if "started nats-server" in line)
     assert lines.index(unknown[0]) < started and lines.index(short[0]) < started, err

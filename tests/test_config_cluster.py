@@ -7,8 +7,11 @@ was set, never later inside a run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +211,55 @@ def test_a_durable_max_age_not_above_the_sweep_s_period_is_a_warning_at_the_load
         "[durable]\nenabled = false\nduplicate_window = 30\nmax_age = 60\n",
     ):
         assert warnings(quiet) == (), quiet
+
+
+def test_options_built_in_python_with_a_short_server_lost_wait_warn_at_the_users_line(
+    tmp_path: Path,
+) -> None:
+    """The load's warning above was the only one: ``ClusterOptions`` built in Python (no
+    config file) with a ``server_lost_wait`` not above ``reconnect_wait`` said nothing.
+    They warn now (``ClusterOptionsWarning``), attributed to the line that built them,
+    also through ``attrs.evolve``; options of a loaded config (``from_config``, what a
+    join without ``options`` and ``nexus run`` use) do not, the load said it, once."""
+    from nexus_trio.nats import ClusterOptionsWarning
+
+    with pytest.warns(ClusterOptionsWarning) as given:
+        short = ClusterOptions(server_lost_wait=1.0, reconnect_wait=2.0)
+    assert [str(w.message) for w in given] == [
+        "server_lost_wait (1 s) is not above reconnect_wait (2 s): a node gives up a lost"
+        " NATS connection before its second attempt to reconnect, so even a restart of the"
+        " server is not ridden out; give server_lost_wait above reconnect_wait and above"
+        " how long your servers take to fail over"
+    ]
+    assert given[0].filename == __file__
+    with pytest.warns(ClusterOptionsWarning, match=r"^server_lost_wait \(0.15 s, left out: "):
+        ClusterOptions(heartbeat_interval=0.05, missed_heartbeats=3)
+    with pytest.warns(ClusterOptionsWarning) as evolved:
+        attrs.evolve(short, prefix="ops")
+    assert [w.filename for w in evolved] == [__file__]
+    with pytest.warns(ClusterOptionsWarning):
+        attrs.evolve(ClusterOptions(), heartbeat_interval=0.01)
+    path = tmp_path / "config.toml"
+    path.write_text("[nats]\nserver_lost_wait = 1\n[cluster]\nreconnect_wait = 2.0\n")
+    path.chmod(0o600)
+    with warnings_as_errors():
+        for quiet in (
+            {},
+            {"server_lost_wait": 2.5, "reconnect_wait": 2.0},
+            {"heartbeat_interval": 0.2, "missed_heartbeats": 3},
+            {"server_lost_wait": 0, "last_notice_wait": 1},
+        ):
+            ClusterOptions(**quiet)
+        loaded = load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path, log_warnings=False)
+        assert len(loaded.warnings) == 1
+        assert ClusterOptions.from_config(loaded.config).server_lost_wait == 1.0
+
+
+@contextlib.contextmanager
+def warnings_as_errors() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 @pytest.mark.parametrize(("section", "key"), KEYS)

@@ -34,6 +34,7 @@ except ModuleNotFoundError as exc:
 from ._auth import NatsAuth as NatsAuth
 from ._cluster import Cluster as Cluster
 from ._cluster import ClusterOptions as ClusterOptions
+from ._cluster import ClusterOptionsWarning as ClusterOptionsWarning
 from ._cluster import ClusterStats as ClusterStats
 from ._cluster import cluster_of as cluster_of
 from ._cluster import default_node_name as default_node_name
@@ -54,6 +55,7 @@ from ._wire import type_address as type_address
 __all__ = [
     "Cluster",
     "ClusterOptions",
+    "ClusterOptionsWarning",
     "ClusterStats",
     "ConnectionWatch",
     "DurableOptions",

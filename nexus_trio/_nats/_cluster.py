@@ -47,12 +47,27 @@ import math
 import os
 import re
 import socket
+import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, nullcontext, suppress
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
+from contextlib import (
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+    suppress,
+)
+from contextvars import ContextVar
 from typing import Any, Final, final
 
 import attrs
@@ -69,7 +84,7 @@ from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
 from .._brief import brief
-from .._config import Config, loss_window
+from .._config import Config, loss_window, switched_on
 from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
@@ -413,11 +428,12 @@ class ClusterOptions:
             for field in attrs.fields(cls)
             if field.alias not in ("server_lost_wait", "durable")
         }
-        return cls(
-            **given,
-            server_lost_wait=config.nats.server_lost_wait,
-            durable=DurableOptions.from_config(config.durable),
-        )
+        with switched_on(_FROM_A_LOAD):  # (the load of the config says a short server_lost_wait)
+            return cls(
+                **given,
+                server_lost_wait=config.nats.server_lost_wait,
+                durable=DurableOptions.from_config(config.durable),
+            )
 
     def _effective(self) -> tuple[tuple[str, Any], ...]:
         # (each option as the caller names it, with the value the node uses: a derived
@@ -448,6 +464,7 @@ class ClusterOptions:
 
     def __attrs_post_init__(self) -> None:
         if self.last_notice_wait > self.server_lost_wait:
+            _warn_if_short(self)
             return
         # (the rule of nexus_trio._config.check_across_sections, in the words of these
         # options: a value left out is said to be derived, and from what)
@@ -472,6 +489,55 @@ class ClusterOptions:
             " others would count what it took as lost; raise last_notice_wait, or"
             f" leave it out (server_lost_wait + 13 s){derived}"
         )
+
+
+class ClusterOptionsWarning(UserWarning):
+    """Cluster options that are valid but will not do what they are for: a
+    ``server_lost_wait`` above 0 and not above ``reconnect_wait`` (given so, or derived
+    so from the heartbeats), which gives up a lost connection before the client's second
+    attempt to reconnect. Given by :class:`ClusterOptions` built in Python (also by
+    ``attrs.evolve``), at the line that built them; options of a config
+    (:meth:`ClusterOptions.from_config`, :func:`join_cluster` without ``options``) say
+    nothing, the config's load said it (``load_config``'s warnings, which ``nexus`` logs).
+    A warning, as Python's libraries warn of a valid but doubtful argument: filtered,
+    made an error (``-W error::nexus_trio.nats.ClusterOptionsWarning``) or recorded
+    (``pytest.warns``) by its category, and said once per line by the default filters."""
+
+
+#: set while options are made from a config, whose load says what they would warn of
+_FROM_A_LOAD: ContextVar[bool] = ContextVar("_FROM_A_LOAD", default=False)
+
+
+def _warn_if_short(options: ClusterOptions) -> None:
+    """A :class:`ClusterOptionsWarning` for options built in Python whose
+    ``server_lost_wait`` is above 0 and not above ``reconnect_wait`` (the check of
+    ``nexus_trio._config.short_server_lost_wait``, in the options' words), attributed
+    to the first caller outside attrs and this module (the user's line)."""
+    wait, reconnect = options.server_lost_wait, options.reconnect_wait
+    if not 0 < wait <= reconnect or _FROM_A_LOAD.get():
+        return
+    derived = ""
+    if options._server_lost_wait is None:
+        derived = (
+            f", left out: heartbeat_interval x missed_heartbeats ({options.heartbeat_interval:g}"
+            f" x {options.missed_heartbeats})"
+        )
+    level, frame = 2, sys._getframe(1)
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith("<attrs generated")
+        or frame.f_globals.get("__name__", "").partition(".")[0] in ("attr", "attrs")
+        or frame.f_globals.get("__name__") == __name__
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        f"server_lost_wait ({wait:g} s{derived}) is not above reconnect_wait ({reconnect:g}"
+        " s): a node gives up a lost NATS connection before its second attempt to"
+        " reconnect, so even a restart of the server is not ridden out; give"
+        " server_lost_wait above reconnect_wait and above how long your servers take to"
+        " fail over",
+        ClusterOptionsWarning,
+        stacklevel=level,
+    )
 
 
 @final
@@ -6029,7 +6095,8 @@ async def join_cluster(
     # as auth does)
     opts = options or ClusterOptions.from_config(kernel.config)
     if prefix is not None:
-        opts = attrs.evolve(opts, prefix=prefix)
+        with switched_on(_FROM_A_LOAD):  # (said as the options were built, or by the load)
+            opts = attrs.evolve(opts, prefix=prefix)
     # (imported at a join, so that importing nexus_trio.nats loads no prometheus_client)
     from .. import metrics
     from ._metrics import ClusterCollector
