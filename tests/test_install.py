@@ -522,8 +522,9 @@ def test_the_wheel_has_both_commands_the_typing_marker_and_the_bridges(tmp_path:
         names = set(archive.namelist())
         (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = archive.read(entry_points).decode()
-    assert "nexus = nexus_trio.cli:main" in scripts
-    assert "nexus-runtime = nexus_trio.cli:main" in scripts
+    assert "nexus = _nexus_trio_main:main" in scripts
+    assert "nexus-runtime = _nexus_trio_main:main" in scripts
+    assert "_nexus_trio_main.py" in names  # (the scripts' entry, outside the package)
     assert "nexus_trio/py.typed" in names
     assert "nexus_trio/testing.py" in names
     assert "nexus_trio/bridges/python.py" in names

@@ -1,0 +1,154 @@
+"""The console scripts' entry (``_nexus_trio_main``): a run started with SIGINT ignored
+takes it back before the heavy imports (nexus_trio, Trio, typer, rich), not once the
+run's code runs; the other commands, and ``--workers`` workers, keep what they
+inherited. Real processes, the entry read from pyproject.toml as the installer does."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from nexus_trio.cli import app
+from nexus_trio.cli._cluster_cmd import WORKER_ENV
+from nexus_trio.cli._commands import PROGRAM_NAMES, default_to_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+#: run in a process started with SIGINT ignored: imports the console script's entry as
+#: the generated script does, and says, for each SIGINT handler set from then on,
+#: whether nexus_trio had been imported yet; then calls it
+PROBE = """
+import importlib, json, signal, sys
+
+seen = []
+real = signal.signal
+
+
+def spy(signum, handler):
+    if signum == signal.SIGINT:
+        seen.append({"handler": handler is not signal.SIG_IGN, "late": "nexus_trio" in sys.modules})
+    return real(signum, handler)
+
+
+signal.signal = spy
+module, _, attr = sys.argv[1].partition(":")
+sys.argv = ["nexus", *sys.argv[2:]]
+main = getattr(importlib.import_module(module), attr)
+print(json.dumps({"at_import": list(seen),
+                  "ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}), flush=True)
+main()
+"""
+
+
+def probe(args: list[str], **env: str) -> tuple[dict[str, object], int]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environ["XDG_CONFIG_HOME"] = str(ROOT / "no-such-dir")
+    environ.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, SCRIPTS["nexus"], *args],
+        env=environ,
+        cwd=ROOT / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    first = proc.stdout.splitlines()[0] if proc.stdout else "{}"
+    assert first.startswith("{"), proc.stdout + proc.stderr
+    return json.loads(first), proc.returncode
+
+
+def test_both_scripts_have_the_one_entry() -> None:
+    assert SCRIPTS == {"nexus": "_nexus_trio_main:main", "nexus-runtime": "_nexus_trio_main:main"}
+
+
+@pytest.mark.parametrize(
+    "args", [["run", "-n", "2", "-d", "0.01", "--no-live"], ["-n", "2", "-d", "0.01"]], ids=" ".join
+)
+def test_a_run_started_with_sigint_ignored_takes_it_back_before_importing_nexus_trio(
+    args: list[str],
+) -> None:
+    """Regression: the run took SIGINT back only once its own code ran, after the
+    interpreter's start and the imports of nexus_trio, Trio, typer and rich (a median
+    561 ms from exec under strace, 545 files opened; docs/cli.md, Signals): a Ctrl-C in
+    that window was lost. The entry now gives Python's handler back before it imports
+    nexus_trio (31 ms, 44 files)."""
+    said, status = probe(args)
+    assert status == 0
+    assert said["at_import"] == [{"handler": True, "late": False}]
+    assert said["ignored"] is False
+
+
+@pytest.mark.parametrize("args", [["version"], ["config", "show"], ["--help"]], ids=" ".join)
+def test_the_other_commands_keep_sigint_ignored(args: list[str]) -> None:
+    said, status = probe(args)
+    assert status == 0
+    assert said == {"at_import": [], "ignored": True}
+
+
+def test_a_workers_worker_keeps_its_signals_to_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker (``NEXUS_WORKER`` set) is started with the stop signals blocked and notes
+    them itself once its run starts (``catch_stop_signals_early``): the entry leaves it."""
+    said, _status = probe(["version"], **{WORKER_ENV: "worker-0"})
+    assert said == {"at_import": [], "ignored": True}
+    said, _status = probe(["run", "--help"], **{WORKER_ENV: "worker-0"})
+    assert said == {"at_import": [], "ignored": True}
+
+
+def entry(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.setattr(sys, "argv", ["nexus", "version"])  # (its import then sets nothing)
+    return importlib.import_module("_nexus_trio_main")
+
+
+def test_the_entry_reads_a_command_line_as_the_app_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry cannot import the app (that import is the window): it reads the command
+    line on its own, with the root's options, the program names and the worker marker
+    written again; they must be the app's."""
+    main = entry(monkeypatch)
+    import typer.main
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("nexus", ["version"])
+    root = frozenset(
+        name for param in group.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
+    )
+    assert root == main.ROOT_OPTIONS
+    assert main.PROGRAM_NAMES == PROGRAM_NAMES
+    assert main.WORKER_ENV == WORKER_ENV
+    for line in [
+        [],
+        ["run"],
+        ["run", "-n", "4"],
+        ["-n", "4", "-d", "10"],
+        ["--agents=4"],
+        ["nexus-runtime", "-n", "4"],
+        ["nexus", "run"],
+        ["nexus", "nexus", "run"],
+        ["nexus-runtime"],
+        ["--", "run"],
+        ["-h"],
+        ["--help"],
+        ["-V"],
+        ["--version"],
+        ["--show-completion"],
+        ["--install-completion=bash"],
+        ["version"],
+        ["config", "show"],
+        ["send", "x", "1"],
+        ["bench"],
+        ["health"],
+        ["runn"],
+    ]:
+        as_the_app = default_to_run(line, root)
+        assert main.is_a_run(line) == (as_the_app[:1] == ["run"]), line
