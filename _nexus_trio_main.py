@@ -64,6 +64,13 @@ def take_sigint_back(args: list[str]) -> None:
 
 take_sigint_back(sys.argv[1:])
 
-from nexus_trio.cli import main  # noqa: E402 (after the signal: this import is the window)
+try:
+    from nexus_trio.cli import main  # (after the signal: this import is the window)
+except KeyboardInterrupt:
+    # (a Ctrl-C this early: said in one line, as one while the app is imported, not with
+    # the import's traceback; nothing was started)
+    what = ": the run was not started" if is_a_run(sys.argv[1:]) else ""
+    sys.stderr.write(f"nexus: interrupted: SIGINT while starting{what}\n")
+    sys.exit(130)
 
 __all__ = ["main"]

@@ -111,6 +111,52 @@ def entry(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("_nexus_trio_main")
 
 
+#: as PROBE's start, then a SIGINT to itself as nexus_trio begins to be imported
+INTERRUPTED = """
+import importlib, os, signal, sys
+
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nexus_trio":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, Interrupt())
+module, _, attr = sys.argv[1].partition(":")
+sys.argv = ["nexus", *sys.argv[2:]]
+getattr(importlib.import_module(module), attr)()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run", "-d", "5"], "nexus: interrupted: SIGINT while starting: the run was not started"),
+        (["-n", "2"], "nexus: interrupted: SIGINT while starting: the run was not started"),
+    ],
+    ids=["run", "options"],
+)
+def test_a_ctrl_c_before_the_run_s_code_runs_ends_it_in_one_line(
+    args: list[str], said: str
+) -> None:
+    """A SIGINT that comes as nexus_trio is imported (a run started with it ignored
+    takes it there now) ends the run unstarted, status 130, in one line as one while the
+    app is imported does, not with the import's traceback."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED, SCRIPTS["nexus"], *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", said + "\n")
+
+
 def test_the_entry_reads_a_command_line_as_the_app_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """The entry cannot import the app (that import is the window): it reads the command
     line on its own, with the root's options, the program names and the worker marker
