@@ -52,7 +52,7 @@ from ._commands import (
 )
 from ._encoding import stand_ins
 from ._hosts import probe_host, url_host
-from ._warnings import log_config_warnings
+from ._warnings import log_load
 
 if TYPE_CHECKING:
     from ..config import LoadedConfig
@@ -554,14 +554,11 @@ def run(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
-    log_guarded(
-        logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
-    )
     if not os.environ.get(WORKER_ENV):
         # (a --workers worker loads the file, environment and flags its parent loaded, and
-        # the parent said their warnings before it started any worker: said by each worker
-        # too, a -W N run said each N + 1 times)
-        log_config_warnings(loaded)
+        # the parent said which and their warnings before it started any worker: said by
+        # each worker too, a -W N run said the file N times and each warning N + 1 times)
+        log_load(loaded)
 
     not_started = None
     try:
@@ -895,7 +892,7 @@ def _run_workers(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
-    log_config_warnings(loaded)
+    log_load(loaded)
     summary, status = run_workers(
         count,
         worker_argv(ctx),

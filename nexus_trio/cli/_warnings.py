@@ -21,3 +21,13 @@ def log_config_warnings(loaded: LoadedConfig) -> None:
     last-resort handler: no level, no time, not JSON under ``-f json``)."""
     for warning in loaded.warnings:
         log_guarded(logging.getLogger("nexus_trio.config"), logging.WARNING, "%s", warning)
+
+
+def log_load(loaded: LoadedConfig) -> None:
+    """Which config file the load read (:meth:`LoadedConfig.describe_source`, at INFO),
+    then its warnings (:func:`log_config_warnings`): what ``nexus run`` says of its
+    config once its logging is set up."""
+    log_guarded(
+        logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
+    )
+    log_config_warnings(loaded)
