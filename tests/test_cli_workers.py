@@ -3617,3 +3617,48 @@ def test_a_worker_judged_lost_by_some_and_settled_with_by_others_is_counted_exac
     assert healed["lost_seen"] == [
         "worker-0 judged worker-1 lost 1 time: heard again, settled with"
     ]
+
+
+def test_losses_past_the_names_a_worker_counts_are_still_said_and_counted() -> None:
+    """A worker's count of losses per node (``nodes_lost_by_node``) is null past 4,096
+    names (new names at every restart); ``lost_seen`` then listed only the peers still
+    lost at its end, without counts, and every other loss was left out silently. The
+    part of its ``nodes_lost`` (the sum, always kept) that no named line counts is now
+    one line more, with its count; none when the names count them all. (Checked on the
+    old code: the last line is missing.)"""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    past_bound = _worker_0_that_lost_worker_1(
+        lost_with_nodes_by_node={"worker-1": 2},
+        membership={"nodes_lost": 5000, "nodes_lost_by_node": None},
+    )
+    worker_1 = _worker_entry(
+        "worker-1", accepted=5, handled=5, forwarded_in=5, lost_with_nodes_by_node={}
+    )
+    summary = aggregate_summaries([past_bound, worker_1])
+    assert summary["lost_seen"] == [
+        "worker-0 judged worker-1 lost: still lost at its end, or settled without",
+        "worker-0 judged nodes lost 5,000 more times, not kept by name (past the 4,096"
+        " names it counts per node; those still lost at its end are named above)",
+    ]
+    console = Console(width=300, record=True)
+    console.print(summary_table(summary))
+    assert "lost seen worker-0 judged nodes lost 5,000 more times" in " ".join(
+        console.export_text().split()
+    )
+    # named and counted in full: no line more; one loss not named: said
+    named = {"nodes_lost": 3, "nodes_lost_by_node": {"worker-1": 2, "elsewhere": 1}}
+    one_more = {**named, "nodes_lost": 4}
+    lines = [
+        aggregate_summaries([_worker_entry("worker-0", membership=m), worker_1])["lost_seen"]
+        for m in (named, one_more)
+    ]
+    assert lines[0] == [
+        "worker-0 judged elsewhere lost 1 time: heard again, settled with",
+        "worker-0 judged worker-1 lost 2 times: heard again, settled with",
+    ]
+    assert lines[1][:2] == lines[0]
+    assert lines[1][2].startswith("worker-0 judged nodes lost 1 more time, not kept by name")

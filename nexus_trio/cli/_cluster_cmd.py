@@ -452,14 +452,21 @@ def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
     said in the summary whether or not the books are conserved: as Akka's cluster
     publishes every ``UnreachableMember`` and Erlang's ``net_kernel`` every
     ``nodedown``, an operator is told of a partition or a freeze its numbers do not
-    show (the books balance once each side's own books replace the other's estimate)."""
+    show (the books balance once each side's own books replace the other's estimate).
+
+    Past the names a worker counts per node (``nodes_lost_by_node`` is null once more
+    than 4,096 nodes were judged lost: new names at every restart), its losses are still
+    said and counted: one line more, ``worker-0 judged nodes lost 5,000 more times, not
+    kept by name (...)``, the part of its ``nodes_lost`` (the sum, always kept) that no
+    named line counts; until the forty-fifth pass they were left out silently."""
     lines: list[str] = []
     for s in summaries:
         if s.get("died") or s.get("conserved") is None:
             continue
         node = str(s.get("node"))
         lost_peers = s.get("lost_peers") or {}
-        times = (s.get("membership") or {}).get("nodes_lost_by_node") or {}
+        membership = s.get("membership") or {}
+        times = membership.get("nodes_lost_by_node") or {}
         for peer in sorted(set(lost_peers) | set(times)):
             count = f" {count_of(int(times[peer]), 'time')}" if peer in times else ""
             then = (
@@ -468,6 +475,13 @@ def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
                 else "heard again, settled with"
             )
             lines.append(f"{node} judged {peer} lost{count}: {then}")
+        unnamed = int(membership.get("nodes_lost") or 0) - sum(int(n) for n in times.values())
+        if unnamed > 0:
+            lines.append(
+                f"{node} judged nodes lost {count_of(unnamed, 'more time')}, not kept by name"
+                " (past the 4,096 names it counts per node; those still lost at its end"
+                " are named above)"
+            )
     return lines
 
 

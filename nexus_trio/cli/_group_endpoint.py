@@ -27,10 +27,15 @@ it supervises:
   ``nexus_group_worker_scrape_failures_total{worker,reason}``,
   ``nexus_group_worker_probe_failures_total{worker,probe,reason}`` (the ``/healthz`` and
   ``/readyz`` asks of a running worker that got no answer or not 200, since the forty-fourth
-  pass) and ``nexus_group_worker_families_refused_total{worker}``. The prefix
-  ``nexus_group_`` is the group's: a worker's family named so (a user's agent, or the
-  worker, exporting one) is left out of the group's scrape, counted there and logged once
-  per worker and name, so that it can never clash with the group's own.
+  pass), ``nexus_group_worker_families_refused_total{worker}`` and, since the
+  forty-fifth pass, the endpoint's own requests that failed:
+  ``nexus_group_render_failures_total`` (its answer raised: 500),
+  ``nexus_group_requests_unanswered_total`` (none within 10 s: 503) and
+  ``nexus_group_request_failures_total`` (as a worker's ``nexus_metrics_*`` of the same
+  names). The prefix ``nexus_group_`` is the group's: a worker's family named so (a
+  user's agent, or the worker, exporting one) is left out of the group's scrape, counted
+  there and logged once per worker and name, so that it can never clash with the
+  group's own.
 
 A worker whose answer failed is looked at again (its state, which reads its end with
 ``waitid(WNOWAIT)``) before its port's words are trusted: one killed as it was asked is
@@ -60,7 +65,7 @@ import attrs
 import trio
 
 from .._logcall import log_guarded
-from ..metrics import serve_routes
+from ..metrics import EndpointStats, serve_routes
 from ._hosts import probe_host, url_host
 
 if TYPE_CHECKING:
@@ -205,6 +210,9 @@ class GroupEndpoint:
         #: (worker, family) pairs logged (once each)
         self._families_refused: collections.Counter[int] = collections.Counter()
         self._refusals_logged: set[tuple[int, str]] = set()
+        #: what its server counted (requests whose answer raised, unanswered in 10 s,
+        #: failed otherwise: exported as ``nexus_group_render_failures_total``, ...)
+        self.endpoint = EndpointStats()
 
     def start(self) -> int:
         """Listen; the bound port. OSError (naming the address) if it cannot listen."""
@@ -236,6 +244,7 @@ class GroupEndpoint:
                                 serve_routes,
                                 what="group metrics",
                                 max_connections=self.max_connections,
+                                endpoint=self.endpoint,
                             ),
                             self.route,
                             self.host,
@@ -439,6 +448,22 @@ class GroupEndpoint:
         for i in range(len(self.worker_ports)):
             refused.add_metric([f"worker-{i}"], self._families_refused[i])
         yield refused
+        e = self.endpoint
+        yield CounterMetricFamily(
+            "nexus_group_render_failures",
+            "requests to the group endpoint whose answer raised (answered 500)",
+            value=e.render_failures,
+        )
+        yield CounterMetricFamily(
+            "nexus_group_requests_unanswered",
+            "requests to the group endpoint not answered within 10 s (answered 503)",
+            value=e.unanswered,
+        )
+        yield CounterMetricFamily(
+            "nexus_group_request_failures",
+            "connections to the group endpoint that failed otherwise than by the client going away",
+            value=e.request_failures,
+        )
 
 
 _METRICS_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
