@@ -3619,6 +3619,29 @@ def test_a_worker_judged_lost_by_some_and_settled_with_by_others_is_counted_exac
     ]
 
 
+def test_a_worker_back_after_one_judge_settled_without_it_is_said_so() -> None:
+    """A split (worker-0 judged worker-1 lost and settled without it; worker-1 came
+    back, saw it, and left before worker-0's summary, which then no longer lists it
+    among its ``lost_peers``; worker-2 never judged it): ``lost_seen`` read ``heard
+    again, settled with``, as of a loss healed in time. worker-1's own summary says who
+    wrote it off (``written_off_by``): its line says so now, whether or not the judge
+    still listed it. (Checked on the old code: ``heard again, settled with``; seen in a
+    real run, test_nats_workers.py's split.)"""
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+
+    said = "worker-0 judged worker-1 lost 1 time: settled without, it came back after"
+    for lost_peers in ({}, {"worker-1": {"pid": 1, "handed_to": 0, "taken_from": 0}}):
+        worker_0 = _worker_entry(
+            "worker-0",
+            lost_peers,
+            membership={"nodes_lost": 1, "nodes_lost_by_node": {"worker-1": 1}},
+        )
+        worker_1 = _worker_entry("worker-1", written_off_by=["worker-0"])
+        summary = aggregate_summaries([worker_0, worker_1, _worker_entry("worker-2")])
+        assert summary["lost_seen"] == [f"{said} (written off by it)"], lost_peers
+        assert summary["workers_written_off"] == []  # (worker-2 settled with it)
+
+
 def test_losses_past_the_names_a_worker_counts_are_still_said_and_counted() -> None:
     """A worker's count of losses per node (``nodes_lost_by_node``) is null past 4,096
     names (new names at every restart); ``lost_seen`` then listed only the peers still

@@ -453,6 +453,10 @@ def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
     publishes every ``UnreachableMember`` and Erlang's ``net_kernel`` every
     ``nodedown``, an operator is told of a partition or a freeze its numbers do not
     show (the books balance once each side's own books replace the other's estimate).
+    A worker that came back after the judge settled without it says so in its own
+    summary (``written_off_by``): its line says so too (until the forty-fifth pass it
+    read ``heard again, settled with`` when it had left before the judge's summary,
+    which then no longer listed it among its ``lost_peers``: a real run's split).
 
     Past the names a worker counts per node (``nodes_lost_by_node`` is null once more
     than 4,096 nodes were judged lost: new names at every restart), its losses are still
@@ -460,6 +464,13 @@ def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
     kept by name (...)``, the part of its ``nodes_lost`` (the sum, always kept) that no
     named line counts; until the forty-fifth pass they were left out silently."""
     lines: list[str] = []
+    written_off_by = {  # (a worker written off by all: its own summary kept inside)
+        str(s.get("node")): {
+            *(s.get("written_off_by") or ()),
+            *((s.get("own_summary") or {}).get("written_off_by") or ()),
+        }
+        for s in summaries
+    }
     for s in summaries:
         if s.get("died") or s.get("conserved") is None:
             continue
@@ -469,11 +480,12 @@ def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
         times = membership.get("nodes_lost_by_node") or {}
         for peer in sorted(set(lost_peers) | set(times)):
             count = f" {count_of(int(times[peer]), 'time')}" if peer in times else ""
-            then = (
-                "still lost at its end, or settled without"
-                if peer in lost_peers
-                else "heard again, settled with"
-            )
+            if node in written_off_by.get(peer, ()):  # (its own summary says: it came back)
+                then = "settled without, it came back after (written off by it)"
+            elif peer in lost_peers:
+                then = "still lost at its end, or settled without"
+            else:
+                then = "heard again, settled with"
             lines.append(f"{node} judged {peer} lost{count}: {then}")
         unnamed = int(membership.get("nodes_lost") or 0) - sum(int(n) for n in times.values())
         if unnamed > 0:
