@@ -30,6 +30,7 @@ from nexus_trio import (
     Context,
     EventKind,
     Kernel,
+    KernelPhase,
     LifecycleEvent,
     Message,
     NameTaken,
@@ -3078,18 +3079,39 @@ async def test_a_place_request_whose_replaces_is_malformed_is_answered_malformed
         assert c.placement.records_held == 0
 
 
-def _slow_name_claims(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
-    """The names bucket answers each claim (``create``) of ``key`` 0.5 s late."""
+class _HeldClaims:
+    """The names bucket's claims (``create``) of one key held until :meth:`release`
+    (see :func:`_slow_name_claims`); ``asked`` is set once one is on its way."""
+
+    def __init__(self) -> None:
+        self.asked = trio.Event()
+        self._released = asyncio.Event()
+
+    async def hold(self) -> None:
+        self.asked.set()
+        await self._released.wait()
+
+    def release(self) -> None:
+        """Let every claim held, and every later one, go to the bucket."""
+        self._released.set()
+
+
+def _slow_name_claims(monkeypatch: pytest.MonkeyPatch, key: str) -> _HeldClaims:
+    """The names bucket answers each claim (``create``) of ``key`` only once the test
+    releases it (the test acts on ``asked``, then releases: no window of real time to
+    act in, which a loaded machine could miss; it was a 0.5 s delay)."""
     from nats.js.kv import KeyValue
 
     original = KeyValue.create
+    held = _HeldClaims()
 
     async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
         if k == key and self._name.endswith("-names"):
-            await asyncio.sleep(0.5)
+            await held.hold()
         return await original(self, k, *args, **kw)
 
     monkeypatch.setattr(KeyValue, "create", create)
+    return held
 
 
 async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_named_and_recorded(
@@ -3103,9 +3125,19 @@ async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_name
     claim the bucket did not take now: the name, then the record, written on a retry."""
     key = wire.name_key("svc-c")
     async with _node(nats.url, "c") as (kc, c):
-        _slow_name_claims(monkeypatch, key)
-        with trio.move_on_after(0.1) as scope:
-            await c.spawn("counter", name="svc-c", node="c")
+        held = _slow_name_claims(monkeypatch, key)
+        scope = trio.CancelScope()
+
+        async def cancel_once_asked() -> None:  # (its claim on its way: not at a time)
+            await held.asked.wait()
+            scope.cancel()
+
+        with trio.fail_after(30):  # a hang guard
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_asked)
+                with scope:
+                    await c.spawn("counter", name="svc-c", node="c")
+        held.release()  # (the retries' claims go to the bucket)
         assert scope.cancelled_caught
         assert kc.is_local("svc-c")
         agent_id = kc.lookup("svc-c").id
@@ -3132,15 +3164,14 @@ async def test_a_placed_agent_stopped_while_its_name_is_claimed_leaves_no_name_e
     claim that lands for an agent no longer running here deletes its entry again."""
     key = wire.name_key("svc-s")
     async with _node(nats.url, "c") as (kc, c):
-        _slow_name_claims(monkeypatch, key)
+        held = _slow_name_claims(monkeypatch, key)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(c.spawn, "counter", name="svc-s", node="c"))
-
-            async def spawned() -> bool:  # (its claim on its way)
-                return kc.is_local("svc-s")
-
-            await _until(spawned, timeout=10)
+            with trio.fail_after(30):  # a hang guard
+                await held.asked.wait()  # (its claim on its way)
+            assert kc.is_local("svc-s")
             await kc.stop(kc.lookup("svc-s").id)
+            held.release()  # (the claim lands after the stop)
 
         async def dropped() -> bool:
             return key not in await _keys(c, "names")
@@ -3764,7 +3795,7 @@ async def test_a_move_under_way_when_the_kernel_starts_its_shutdown_ends_cleanly
         await a.names_published()
         async with _node(nats.url, "c", **QUIET) as (kc, c):
             _meet(a, c)
-            _slow_name_claims(monkeypatch, wire.name_key(ON_C))
+            held = _slow_name_claims(monkeypatch, wire.name_key(ON_C))
             moved: list[list[str]] = []
 
             async def rebalance() -> None:
@@ -3773,9 +3804,12 @@ async def test_a_move_under_way_when_the_kernel_starts_its_shutdown_ends_cleanly
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(rebalance)
-                    while not kc.is_local(ON_C):  # noqa: ASYNC110 (c's claim on its way)
-                        await trio.sleep(0.01)
+                    await held.asked.wait()  # (c's claim on its way)
+                    assert kc.is_local(ON_C)
                     nursery.start_soon(ka.shutdown)
+                    while ka.phase is KernelPhase.RUNNING:  # noqa: ASYNC110 (no event)
+                        await trio.sleep(0.01)
+                    held.release()  # (c's claim lands once a's shutdown has begun)
                 assert moved == [[ON_C]]
                 assert not ka.is_local(ON_C)
                 assert kc.is_local(ON_C)
@@ -3826,14 +3860,25 @@ async def test_a_copy_whose_name_claim_s_caller_was_cancelled_is_stopped_by_the_
     async with _a_holds_it_b_knows(nats.url, name) as (_ka, ca, kb, cb, placed, revision):
         assert cb.name_holder(name) == ("a", placed.id)
 
+        asked = trio.Event()
+
         async def unanswered(*args: Any) -> Any:
+            asked.set()
             await asyncio.Event().wait()  # (the bucket never answers)
 
         cb._claim = unanswered  # type: ignore[method-assign]
         cb._write_name_again = _timing_out  # type: ignore[method-assign]
         with trio.fail_after(30):  # a hang guard
-            with trio.move_on_after(0.5) as scope:
-                await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
+            scope = trio.CancelScope()
+
+            async def cancel_once_asked() -> None:  # (not at a time: its claim asked)
+                await asked.wait()
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_asked)
+                with scope:
+                    await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
             assert scope.cancelled_caught
             with trio.move_on_after(20):
                 while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
