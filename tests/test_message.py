@@ -17,7 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
-from nexus_trio._message import check_json, id_value, new_message, stored_fields
+from nexus_trio._message import (
+    check_json,
+    id_value,
+    new_message,
+    row_fields,
+    row_ids,
+    stored_fields,
+)
 
 from .hang_guard import SLOW_DRAWS
 
@@ -236,6 +243,26 @@ def test_threads_reading_a_new_message_id_through_stored_fields_see_the_same_id(
         thread.join()
     assert seen[0] == seen[1] == seen[2] == seen[3] == [msg.id.int for msg in messages]
     assert len(set(seen[0])) == 2000
+
+
+def test_row_ids_draw_the_ids_row_fields_left_and_keep_one_read_since() -> None:
+    """A columnar block's rows take their fields without the id's draw (row_fields);
+    row_ids draws them at the block's close, in order, from the one counter, under one
+    hold of the lock, and stores each in its message; an id read between the two (a
+    sender reading ``msg.id`` after its send) is the one the row carries."""
+    messages = [Message(SYSTEM_ID, "a", {"n": n}) for n in range(5)]
+    fields = [row_fields(msg) for msg in messages]
+    assert all(f[4].__class__ not in (int, uuid.UUID) for f in fields)  # not drawn
+    assert all(f[9] is msg for f, msg in zip(fields, messages, strict=True))
+    read_since = messages[2].id  # drawn now, after its fields were taken
+    ids = row_ids([(f, 0) for f in fields])
+    values = [v if isinstance(v, int) else v.int for v in ids]
+    assert values == [msg.id.int for msg in messages]
+    assert values[2] == read_since.int and len(set(values)) == 5
+    # drawn once: the same ids again, and the ones stored_fields reads
+    again = row_ids([(f, 0) for f in fields])
+    assert [v if isinstance(v, int) else v.int for v in again] == values
+    assert [stored_fields(msg)[4] for msg in messages] == again
 
 
 def test_an_encoded_tell_draws_its_id_in_stored_fields_without_id_value(

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import (
+    SYSTEM_ID,
     AgentNotFound,
     KernelShuttingDown,
     MailboxFull,
@@ -25,7 +26,7 @@ from nexus_trio import (
     MessageKind,
     RequestFailed,
 )
-from nexus_trio._message import id_value, stored_fields
+from nexus_trio._message import id_value, row_fields, stored_fields
 from nexus_trio._nats import ClusterOptions, DurableOptions, RemoteError, type_address
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
@@ -1356,6 +1357,31 @@ def test_rare_and_common_tells_in_one_columnar_batch_keep_their_order() -> None:
     head, offset = batch.read_head(body)
     read, _ = batch.read_columnar(body, offset, head.numbered, errors.append)
     assert read == msgs[:2] and len(errors) == 1
+
+
+def test_a_block_of_rows_carries_each_rows_sender_and_the_id_drawn_at_its_close() -> None:
+    """The rows of a block taken as take_tell takes them (row_fields: the id not drawn
+    at the send) read back as the messages sent: each row its own sender where senders
+    alternate (a row reuses the bytes of the sender of the row before only when it is
+    the same), and the ids drawn when the block closes, one read before that included."""
+    first, second = uuid.uuid4(), uuid.UUID(int=7)
+    senders = [first, first, second, first, second, second, SYSTEM_ID]
+    msgs = [Message(s, "sink", {"n": n}) for n, s in enumerate(senders)]
+    link = batch.NodeLink("b", 2, window=100, columnar=True)
+    link.entries.append(wire.table_entry("sink") or b"")
+    for msg in msgs:
+        fields = row_fields(msg)
+        link.rows.append((fields, 0))
+        link.jsons.append(wire.tell_payload_json(fields[2]))
+        link.tells += 1
+    read_before = msgs[3].id  # a sender reading its message's id after the send
+    body, _ = link.seal(b"a", 1, 7)
+    head, offset = batch.read_head(body)
+    errors: list[MessageDecodeError] = []
+    read, _ = batch.read_columnar(body, offset, head.numbered, errors.append)
+    assert errors == [] and read == msgs
+    assert [m.sender for m in read] == senders and read[3].id == read_before
+    assert len({m.id for m in read}) == len(msgs)
 
 
 def _block_batch(block: bytes, numbered: int, columnar: bool = True) -> bytes:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import Message, MessageDecodeError, MessageKind, NexusError
-from nexus_trio._message import ID_LIMIT, stored_fields
+from nexus_trio._message import ID_LIMIT, row_fields
 from nexus_trio._message import decode_message as structure_message
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
@@ -393,8 +393,9 @@ def test_control_frames_are_read_or_a_batch_error(body: bytes) -> None:
 def add_columnar(link: batch.NodeLink, msg: Message) -> None:
     """Put ``msg`` in columnar ``link`` as the sending node does (``Cluster._add_row``):
     a row of the open block if it has no optional ids, a time a row carries and an
-    address the table holds; a single tell frame otherwise, after the rows before it."""
-    fields = stored_fields(msg)
+    address the table holds; a single tell frame otherwise, after the rows before it. Its fields taken as
+    ``take_tell`` takes them: ``row_fields``, the id drawn at the block's close."""
+    fields = row_fields(msg)
     if (
         fields[6] is None
         and fields[7] is None

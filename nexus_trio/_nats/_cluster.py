@@ -100,7 +100,15 @@ from .._errors import (
 from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._logcall import log_guarded
-from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value, stored_fields
+from .._message import (
+    SYSTEM_ID,
+    Address,
+    Message,
+    MessageKind,
+    id_value,
+    row_fields,
+    stored_fields,
+)
 from .._plural import count_of, first_few
 from .._router import DeliveryRunFailed, KernelPhase, TransportHandle, detached_phase
 from .._throttle import Throttle
@@ -1563,8 +1571,10 @@ class Cluster:
         # _known_link and _tell_body written out (every tell of a send to another
         # kernel comes here: their two calls were 4% of the sending process), in their
         # order: a closed connection raises for a known link, an encode that fails
-        # raises only for a tell that has room
-        fields = stored_fields(msg)
+        # raises only for a tell that has room. row_fields: its id is drawn when its
+        # block closes, with the block's other ids (encode_block); a tell that goes as a
+        # single frame has it drawn below (stored_fields)
+        fields = row_fields(msg)
         if (
             fields[3] is _QUERY
             or fields[7] is not None
@@ -1572,7 +1582,9 @@ class Cluster:
         ):
             return 0  # (deliver's _known_link forgets the routes of older members)
         to = fields[1]
-        link = self._known_links.get(to.int if isinstance(to, uuid.UUID) else to)
+        # the address as the links and a block's table key it (read once for both)
+        key = to.int if isinstance(to, uuid.UUID) else to
+        link = self._known_links.get(key)
         if link is None:
             return 0
         # (the client's is_closed as this node learnt it: see _data_closed)
@@ -1593,8 +1605,7 @@ class Cluster:
                 json = wire.tell_payload_json(fields[2])
             except wire.UNENCODABLE as exc:
                 raise self._unencodable(msg, exc) from exc
-            to = fields[1]
-            index = link.table.get(to if to.__class__ is str else to.int)
+            index = link.table.get(key)
             size = len(json) + _ROW_COST
             if (
                 index is not None
@@ -1620,7 +1631,7 @@ class Cluster:
                 return 2
             return 1
         try:
-            body = wire.encode_stored_tell(msg, fields)
+            body = wire.encode_stored_tell(msg, stored_fields(msg))
         except wire.UNENCODABLE as exc:
             raise self._unencodable(msg, exc) from exc
         length = len(body)
@@ -2074,7 +2085,8 @@ class Cluster:
             except wire.UNENCODABLE as exc:
                 raise self._unencodable(msg, exc) from exc
             if entry is None or len(table) >= _TABLE_MAX:
-                body = self._tell_body(msg, fields)
+                # (drawn now: take_tell's fields leave the id to the block's close)
+                body = self._tell_body(msg, stored_fields(msg))
                 self._published += 1
                 return self._add_tell(link, body)
             size += len(entry)

@@ -70,6 +70,7 @@ from .._message import (
     check_json,
     id_value,
     restore_message,
+    row_ids,
     stored_fields,
     unicode_text,
     utf8_text,
@@ -586,10 +587,8 @@ def tell_payload_json(payload: Any) -> bytes:
     # a tell sent to another kernel; docs/distributed.md, fortieth pass), and a dict's
     # list is walked in place (the common nested value).
     cls = payload.__class__
-    flat = cls in _NO_FLOAT
-    if flat:
-        pass
-    elif cls is dict and len(payload) <= _FLAT_MAX:
+    flat = False
+    if cls is dict and len(payload) <= _FLAT_MAX:  # (first: most tells carry a dict)
         scalars = _NO_FLOAT
         for key, value in payload.items():
             if key.__class__ is not str:
@@ -615,6 +614,8 @@ def tell_payload_json(payload: Any) -> bytes:
                 break
         else:
             flat = True
+    elif cls in _NO_FLOAT:
+        flat = True
     elif cls is list and len(payload) <= _FLAT_MAX:
         scalars = _NO_FLOAT
         for item in payload:
@@ -856,7 +857,8 @@ def encode_block(
     rows: list[tuple[tuple[Any, ...], int]], entries: list[bytes], jsons: list[bytes]
 ) -> bytes:
     """The body of a block of common tells (no optional ids; see ``_batch``): ``rows``
-    as ``(stored_fields, index of the address in entries)``, the table ``entries``
+    as ``(stored_fields, index of the address in entries)`` (or ``row_fields``, whose
+    ids are drawn here, the block's at once: :func:`row_ids`), the table ``entries``
     (:func:`table_entry`), the payloads' JSON ``jsons`` (:func:`tell_payload_json`, one
     a row), all packed here, in one comprehension and three joins::
 
@@ -867,16 +869,21 @@ def encode_block(
     pack = _ROW.pack
     command = _COMMAND_KIND
     kinds = _KIND_LIST
+    # the sender's 16 bytes are those of the row before when it is the same sender (a
+    # block is mostly one sender's: an agent's burst, or the kernel's): a test where a
+    # 128-bit to_bytes was about 450 instructions a row
+    sender: Any = None
+    sender_bytes = b""
     packed = [
         pack(
             # (not a dict of the kinds: an Enum member hashes in Python)
             0 if f[3] is command else kinds.index(f[3]),
             f[5] // 1000,
-            (f[4] if f[4].__class__ is int else f[4].int).to_bytes(16),
-            f[0].int.to_bytes(16),
+            (value if value.__class__ is int else value.int).to_bytes(16),
+            sender_bytes if f[0] is sender else (sender_bytes := (sender := f[0]).int.to_bytes(16)),
             index,
         )
-        for f, index in rows
+        for (f, index), value in zip(rows, row_ids(rows), strict=True)
     ]
     return b"".join(
         (
