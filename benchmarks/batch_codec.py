@@ -51,6 +51,7 @@ from nexus_trio._message import (  # noqa: E402
     Message,
     MessageKind,
     new_message,
+    row_fields,
     stored_fields,
 )
 from nexus_trio._nats import _batch as batch  # noqa: E402
@@ -143,11 +144,11 @@ def send_deferred(msgs: list[Message]) -> bytes:
 def send_columnar(msgs: list[Message]) -> bytes:
     """NXB3 as the kernel writes it (``Cluster.take_tell`` and ``_add_row``: the
     payload's JSON and the address's place in the block's table at the send, the rows
-    packed at the seal)."""
+    packed at the seal, their ids drawn there)."""
     link = batch.NodeLink("responder", 7, 1 << 30, columnar=True)
     table = link.table
     for msg in msgs:
-        fields = stored_fields(msg)
+        fields = row_fields(msg)  # (the id drawn at the block's close, as take_tell)
         json = wire.tell_payload_json(fields[2])
         to = fields[1]
         key = to if to.__class__ is str else to.int

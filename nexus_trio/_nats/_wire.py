@@ -550,7 +550,7 @@ def encode_tell(msg: Message) -> bytes:
 def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
     """:func:`encode_tell` of ``msg`` whose :func:`stored_fields` are ``fields``: the
     sending node reads them once for a tell (where it leads, then its bytes)."""
-    sender, to, payload, kind, msg_id, ns, conversation_id, reply_to, trace_id = fields
+    sender, to, payload, kind, msg_id, ns, conversation_id, reply_to, trace_id, _ = fields
     tag = _BINARY
     if isinstance(to, str):
         tag |= _TO_NAME
