@@ -261,6 +261,54 @@ async def test_common_and_rare_tells_in_one_columnar_batch_arrive_in_order(
         assert cb.stats().inbound_dropped == {}
 
 
+async def test_tells_to_many_agents_in_one_columnar_block_reach_each_its_agent(
+    nats: NatsServer,
+) -> None:
+    """Forty-fifth pass: the fast branch (``take_tell``) adds an address new to the open
+    block's table itself (a fan-out to many agents: nearly every row of a batch), where
+    it called ``_add_row``. A burst to 40 agents, twice round, each address new to the
+    block at its first row: every agent gets its own tells, in order, in one NXB3 batch
+    of one block whose table holds the 40 addresses."""
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        got: defaultdict[int, list[int]] = defaultdict(list)
+
+        def keeper(k: int) -> Any:
+            async def keep(ctx: Context, msg: Message) -> None:
+                got[k].append(msg.payload)
+
+            return keep
+
+        names = [f"keeper-{k}" for k in range(40)]
+        for k, name in enumerate(names):
+            kb.spawn(agent(keeper(k), name=name))
+        with trio.fail_after(30):
+            await cb.names_published()
+            await ca.wait_for_name(names[-1])
+            for name in names:  # routes learnt (deliver), one tell each
+                await ka.send(name, -1)
+            await until(lambda: sum(map(len, got.values())) == 40)
+            blocks: list[int] = []
+            real_decode = wire.decode_block
+
+            def decode(data: bytes, start: int, end: int) -> list[Message]:
+                msgs = real_decode(data, start, end)
+                blocks.append(len({m.to for m in msgs}))
+                return msgs
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(wire, "decode_block", decode)
+                before = ca.stats().batches_published
+                for i in range(2):
+                    for name in names:
+                        await ka.send(name, i)
+                assert ca.stats().batches_published == before  # (still open)
+                await until(lambda: sum(map(len, got.values())) == 120)
+                assert ca.stats().batches_published - before == 1
+        assert blocks == [40]
+        assert dict(got) == {k: [-1, 0, 1] for k in range(40)}
+        assert cb.stats().inbound_dropped == {}
+
+
 async def test_a_tell_after_the_data_connection_closed_is_refused_on_the_fast_branch(
     nats: NatsServer,
 ) -> None:

@@ -1605,15 +1605,31 @@ class Cluster:
                 json = wire.tell_payload_json(fields[2])
             except wire.UNENCODABLE as exc:
                 raise self._unencodable(msg, exc) from exc
-            index = link.table.get(key)
+            table = link.table
+            index = table.get(key)
             size = len(json) + _ROW_COST
+            entry = None
+            if index is None and link.rows and len(table) < _TABLE_MAX:
+                # an address new to the open block: a fan-out to many agents makes
+                # nearly every row of a batch one (its entry added below, as _add_row
+                # adds it; a name no table holds goes there, to go as a single tell)
+                try:
+                    entry = wire.table_entry(to)
+                except wire.UNENCODABLE as exc:
+                    raise self._unencodable(msg, exc) from exc
+                if entry is not None:
+                    index = -1
+                    size += len(entry)
             if (
                 index is not None
                 and link.size + size < self._batch_bytes
                 and link.tells + 1 < self._batch_frames
             ):
-                # _add_row, written out for a row of the open block that names an address
-                # of its table and leaves its batch open (a call a tell fewer)
+                # _add_row, written out for a row of the open block that leaves its batch
+                # open (a call a tell fewer; two where its address is new to the block)
+                if entry is not None:
+                    index = table[key] = len(table)
+                    link.entries.append(entry)
                 self._published += 1
                 link.rows.append((fields, index))
                 link.jsons.append(json)
