@@ -315,6 +315,15 @@ class Child:
         assert set(frame) == {"type", "payload"}, frame
         return frame
 
+    async def text_lines(self) -> list[str]:
+        """Every line until stdout closes, as text (not frames)."""
+        with trio.fail_after(TIMEOUT):
+            lines = []
+            while (line := await self._line()) is not None:
+                lines.append(line.decode())
+        assert not self._buffer, f"unterminated bytes on stdout: {bytes(self._buffer)!r}"
+        return lines
+
     async def rest(self) -> list[dict[str, Any]]:
         """Every frame until stdout closes; each line must be a frame."""
         frames = []
@@ -1399,6 +1408,68 @@ async def test_bad_environment_exits_2_naming_the_variable(
     assert len(child.stderr_lines()) == 1
     assert variable in child.stderr_lines()[0]
     assert value in child.stderr_lines()[0]
+
+
+PY_OWN_AGENT = """
+import sys
+from nexus_trio.bridges.python import BadEnvironment, NexusAgent, run_agent
+
+class Mine(NexusAgent):
+    pass
+
+try:
+    Mine()
+except BadEnvironment as exc:
+    print(type(exc).__name__, isinstance(exc, ValueError), exc.variable, exc.value, sep="|")
+run_agent(Mine)
+"""
+
+JS_OWN_AGENT = """
+const { BadEnvironment, NexusAgent, runMain } = require(%(bridge)s);
+
+class Mine extends NexusAgent {}
+
+try {
+  new Mine();
+} catch (err) {
+  if (err instanceof BadEnvironment) {
+    console.log([err.name, err instanceof RangeError, err.variable, err.value].join('|'));
+  }
+}
+runMain(Mine);
+"""
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("NEXUS_KERNEL_PROTOCOL", "two"), ("NEXUS_PROTOCOL", "3"), ("NEXUS_AGENT_ID", "x")],
+)
+async def test_a_script_that_builds_its_agent_gets_a_bad_environment_it_can_name(
+    lang: str, variable: str, value: str, tmp_path: Path
+) -> None:
+    """Forty-fifth pass: an agent the user's script builds itself raised a plain
+    ``ValueError`` (``RangeError``) on a bad ``NEXUS_*`` variable, and a script had no way to
+    run it as the echo agent runs (a traceback and exit 1). Now the constructor raises
+    :class:`BadEnvironment` (a ``ValueError``/``RangeError`` still) naming the variable and
+    its value, and ``run_agent(TheClass)`` / ``runMain(TheClass)`` build it, report it in
+    one line and exit 2. (On the old bridges: no ``BadEnvironment`` to import, exit 1.)"""
+    if lang == "python":
+        script = tmp_path / "mine.py"
+        script.write_text(PY_OWN_AGENT)
+        cmd = [sys.executable, str(script)]
+        expected = f"BadEnvironment|True|{variable}|{value}"
+    else:
+        script = tmp_path / "mine.js"
+        script.write_text(JS_OWN_AGENT % {"bridge": json.dumps(str(JS_BRIDGE))})
+        cmd = [node_or_skip(), str(script)]
+        expected = f"BadEnvironment|true|{variable}|{value}"
+    async with open_child(cmd, env={variable: value}) as child:
+        assert await child.text_lines() == [expected]
+        assert await child.wait() == 2
+    lines = child.stderr_lines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nexus-bridge: ") and variable in lines[0] and value in lines[0]
 
 
 @pytest.mark.parametrize("lang", LANGS)

@@ -138,6 +138,21 @@ class InvalidFrame extends Error {
   }
 }
 
+/**
+ * A NEXUS_* environment variable the agent was started with has a value it cannot use
+ * (`variable` names it, `value` is what it held): thrown by NexusAgent's constructor.
+ * A RangeError, as before it had a name of its own; runMain reports it in one line on
+ * stderr and exits 2.
+ */
+class BadEnvironment extends RangeError {
+  constructor(variable, value, problem) {
+    super(`${variable} ${problem}, got ${JSON.stringify(value)}`);
+    this.name = 'BadEnvironment';
+    this.variable = variable;
+    this.value = value;
+  }
+}
+
 class NotSerialisable extends TypeError {}
 
 function typeName(value) {
@@ -218,6 +233,7 @@ function loneSurrogatePlace(obj) {
 function protocolFrom(value, source) {
   const text = String(value).trim();
   if (text !== '1' && text !== '2') {
+    if (source.startsWith('NEXUS_')) throw new BadEnvironment(source, value, 'must be 1 or 2');
     throw new RangeError(`${source} must be 1 or 2, got ${JSON.stringify(value)}`);
   }
   return Number(text);
@@ -227,9 +243,7 @@ function protocolFrom(value, source) {
 function kernelProtocolFrom(value) {
   const text = String(value).trim();
   if (!/^[0-9]+$/.test(text) || Number(text) < 1) {
-    throw new RangeError(
-      `NEXUS_KERNEL_PROTOCOL must be a protocol version (1, 2, ...), got ${JSON.stringify(value)}`,
-    );
+    throw new BadEnvironment('NEXUS_KERNEL_PROTOCOL', value, 'must be a protocol version (1, 2, ...)');
   }
   return Number(text);
 }
@@ -256,8 +270,8 @@ class NexusAgent {
       options.name || env.NEXUS_AGENT_NAME || this.constructor.defaultName || this.constructor.name;
     const id = options.id || env.NEXUS_AGENT_ID || crypto.randomUUID();
     if (!UUID_RE.test(id)) {
-      const source = options.id ? 'id' : 'NEXUS_AGENT_ID';
-      throw new RangeError(`${source} must be a UUID, got ${JSON.stringify(id)}`);
+      if (!options.id) throw new BadEnvironment('NEXUS_AGENT_ID', id, 'must be a UUID');
+      throw new RangeError(`id must be a UUID, got ${JSON.stringify(id)}`);
     }
     this.id = id.toLowerCase();
     if (options.protocol !== undefined && options.protocol !== null) {
@@ -815,6 +829,7 @@ module.exports = {
   PROTOCOL_VERSION,
   FEATURES,
   KINDS,
+  BadEnvironment,
   InvalidFrame,
   Message,
   MessageKind,

@@ -33,6 +33,7 @@ FEATURES = _bridge.FEATURES
 KINDS = _bridge.KINDS
 PROTOCOL_VERSION = _bridge.PROTOCOL_VERSION
 Agent = _bridge.Agent
+BadEnvironment = _bridge.BadEnvironment
 Cancelled = _bridge.Cancelled
 EchoAgent = _bridge.EchoAgent
 InvalidFrame = _bridge.InvalidFrame
@@ -47,6 +48,7 @@ __all__ = [
     "KINDS",
     "PROTOCOL_VERSION",
     "Agent",
+    "BadEnvironment",
     "Cancelled",
     "EchoAgent",
     "InvalidFrame",

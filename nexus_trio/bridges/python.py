@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import IO, Any
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "KINDS",
     "PROTOCOL_VERSION",
     "Agent",
+    "BadEnvironment",
     "Cancelled",
     "EchoAgent",
     "InvalidFrame",
@@ -173,6 +174,20 @@ class InvalidFrame(ValueError):
     def __init__(self, problem: str, message: dict[str, Any] | None = None) -> None:
         super().__init__(problem)
         self.message = message
+
+
+class BadEnvironment(ValueError):
+    """A ``NEXUS_*`` environment variable the agent was started with has a value it cannot
+    use (``variable`` names it, ``value`` is what it held): raised by :class:`NexusAgent`'s
+    constructor. The kernel sets these variables; a wrong one comes from a hand-made
+    environment or a kernel of another version. ``run_agent(MyAgent)`` (the class, built
+    inside) and the echo agent report it in one line on stderr and exit 2.
+    """
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        super().__init__(f"{variable} {problem}, got {value!r}")
+        self.variable = variable
+        self.value = value
 
 
 class Cancelled(Exception):
@@ -442,6 +457,8 @@ def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
 def _protocol_from(value: Any, source: str) -> int:
     text = str(value).strip()
     if text not in ("1", "2"):
+        if source.startswith("NEXUS_"):
+            raise BadEnvironment(source, value, "must be 1 or 2")
         raise ValueError(f"{source} must be 1 or 2, got {value!r}")
     return int(text)
 
@@ -451,8 +468,8 @@ def _kernel_protocol_from(value: str) -> int:
     fine: the bridge then speaks its own highest; versions are additive)."""
     text = value.strip()
     if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise ValueError(
-            f"NEXUS_KERNEL_PROTOCOL must be a protocol version (1, 2, ...), got {value!r}"
+        raise BadEnvironment(
+            "NEXUS_KERNEL_PROTOCOL", value, "must be a protocol version (1, 2, ...)"
         )
     return int(text)
 
@@ -496,8 +513,9 @@ class NexusAgent:
         try:
             self.id: str = str(uuid.UUID(raw_id))
         except ValueError:
-            source = "agent_id" if agent_id else "NEXUS_AGENT_ID"
-            raise ValueError(f"{source} must be a UUID, got {raw_id!r}") from None
+            if agent_id:
+                raise ValueError(f"agent_id must be a UUID, got {raw_id!r}") from None
+            raise BadEnvironment("NEXUS_AGENT_ID", raw_id, "must be a UUID") from None
         if protocol is not None:
             self.protocol = _protocol_from(protocol, "protocol")
         elif env.get("NEXUS_PROTOCOL"):
@@ -1017,15 +1035,29 @@ class NexusAgent:
 Agent = NexusAgent
 
 
-def run_agent(agent: NexusAgent) -> int:
+def run_agent(agent: NexusAgent | Callable[[], NexusAgent]) -> int:
     """Run ``agent`` until ``shutdown`` or end of input (the original bridge's entry point).
 
     Same as ``agent.run_agent()``; exits the process with the status when it is not 0.
+    Given the class (or any callable that returns the agent) instead, builds it first: a
+    bad ``NEXUS_*`` variable (:class:`BadEnvironment`) is then one line on stderr and exit
+    status 2, as for the echo agent, instead of a traceback and 1.
     """
+    if not isinstance(agent, NexusAgent):
+        try:
+            agent = agent()
+        except BadEnvironment as exc:
+            _report_bad_environment(exc)
+            raise SystemExit(2) from None
     code = agent.run_agent()
     if code != 0:
         raise SystemExit(code)
     return code
+
+
+def _report_bad_environment(exc: BadEnvironment) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"nexus-bridge: {exc}", file=sys.stderr, flush=True)
 
 
 class EchoAgent(NexusAgent):
@@ -1079,8 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         agent = EchoAgent(name=args.name, protocol=int(args.protocol) if args.protocol else None)
-    except ValueError as exc:
-        print(f"nexus-bridge: {exc}", file=sys.stderr)
+    except BadEnvironment as exc:
+        _report_bad_environment(exc)
         return 2
     return agent.run_agent()
 
