@@ -301,6 +301,38 @@ def test_with_no_children_lists_the_session_s_orphan_is_still_found(clock: Clock
     assert killed.run(2.0, clock.sleep, clock) == [50]
 
 
+def test_the_guardian_takes_the_members_of_the_sessions_it_was_told_of(clock: Clock) -> None:
+    """Item 2 of the forty-fifth pass: at the kernel's death the guardian sweeps the
+    sessions the kernel told it of, each up to its bound, and it reads every stat (an
+    orphan of the session hangs off no process of its own: 50's parent is init now)."""
+    FakeProc.setup(
+        environs={50: [PLAIN], 51: [PLAIN], 52: [PLAIN], 53: [PLAIN]},
+        stats={
+            50: [alive(parent=1, session=7, started=150)],
+            51: [alive(parent=1, session=8, started=150)],  # a session seen gone at 100
+            52: [alive(parent=1, session=9, started=150)],  # a session not told of
+            53: [alive(parent=1, session=8, started=90)],
+        },
+    )
+    sweep = _guardian.Sweep("4242-owner.", FakeProc, sessions={7: 200, 8: 100}, orphans_here=False)
+    assert sweep.run(2.0, clock.sleep, clock) == [50, 53]
+    # the kernel's own sweeps look for such an orphan among their children first: none here
+    FakeProc.setup(environs={50: [PLAIN]}, stats={50: [alive(parent=1, session=7, started=150)]})
+    assert _guardian.Sweep("4242-owner.", FakeProc, sessions={7: 200}).run(0.0) == []
+
+
+def test_the_guardian_s_sessions_follow_the_kernel_s_notes() -> None:
+    """``+SID`` a child started, ``=SID TICKS`` it was seen gone, ``-SID`` its sweep is
+    done; a line cut short (the kernel died in the middle of it: it is not taken, ``+1``
+    of ``+123`` would name another session) or not understood is passed by."""
+    sessions = _guardian.Sessions()
+    for line in [b"+7\n", b"+8\n", b"=8 150\n", b"+9\n", b"-9\n", b"=10 5\n"]:
+        sessions.note(line)
+    for bad in [b"+12", b"+x\n", b"=7\n", b"?3\n", b"\n", b"=7 z\n"]:
+        sessions.note(bad)
+    assert sessions.bounds(now=300) == {7: 300, 8: 150}
+
+
 def test_the_children_of_a_process_are_none_when_no_list_can_be_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -3622,6 +3622,62 @@ async def test_stderr_lines_of_all_process_agents_are_bounded_by_the_kernel_s_ki
         )
 
 
+class _FloodedBound:
+    """The kernel's bound of all process agents' stderr lines, used up every second (a
+    constant flood of other agents): it lets no line through."""
+
+    total = 150
+
+    def allowed(self, kind: str) -> bool:
+        return False
+
+
+class _LinesThenSilence:
+    """A child's stderr that gives ``n`` lines, then stays open and says nothing."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    async def next_line(self) -> bytes:
+        if self.left:
+            self.left -= 1
+            return b"flood"
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_stderr_note_the_kernel_s_bound_holds_back_waits_five_seconds_at_most(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Item 4 of the forty-fifth pass: the note of an agent's stderr lines not logged is
+    itself a line of the kernel's bound of all process agents' stderr (``log_kind_limit``)
+    and was held back a second each time the bound was used up when it came due: a bound
+    used up every second (a constant flood) held it until the child's stderr ended, here
+    never (on the old process.py: no note after 60 s). Now it is logged 5 s past its due
+    time at the latest, past the bound; the counts are exact."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+    agent = ProcessAgent(process_module.ProcessOptions(cmd=("agent",)))
+    agent._stats = BridgeStats(uuid.uuid4(), "agent", ("agent",))
+    monkeypatch.setattr(agent, "_lines_of", lambda kind: _FloodedBound())
+    free = trio.Event()
+    async with trio.open_nursery() as nursery:
+        reader: Any = _LinesThenSilence(3)
+        nursery.start_soon(agent._copy_stderr, reader, trio.Event(), free)
+        await trio.sleep(1.0 + 4.5)  # the note fell due at 1 s: held back by the bound
+        assert stderr_logged(caplog) == []
+        await trio.sleep(1.0)
+        assert stderr_logged(caplog) == [
+            "3 stderr lines not logged (more than 100 at once, then 10 a second;"
+            " 3 of them past 150 a second of all process agents)"
+        ]
+        await trio.sleep(60.0)
+        assert len(stderr_logged(caplog)) == 1
+        nursery.cancel_scope.cancel()
+    assert agent.stats.stderr_lines == agent.stats.stderr_lines_not_logged == 3
+
+
 #: a protocol-2 child that echoes, and on ``shutdown`` writes 2000 lines (some 250 kB,
 #: well past a pipe's 64 kB) on stderr or as ``send`` frames to "sink", then exits 0
 LOUD_AT_STOP = """
@@ -4358,6 +4414,96 @@ async def test_a_child_reaped_by_the_poll_after_a_timed_out_wait_is_noted_gone_t
     child: Any = _ExitedAsTheWaitTimedOut()
     assert await agent._exit_code(child) == 0
     assert agent._gone_at == {4242: 777}
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
+async def test_the_guardian_is_told_of_a_child_s_session_until_its_exit_s_sweep() -> None:
+    """The kernel tells the guardian a child's session as it starts it and takes it back
+    after the sweep of its exit: none is left to a number another program may get."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        first = await kernel.request(ref, {"op": "pid"})
+        assert _lineage._sessions.get(first, 0) is None  # (live: no time seen gone)
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, {"op": "crash", "code": 3})
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        second = await kernel.request(ref, {"op": "pid"})
+        assert first not in _lineage._sessions and second in _lineage._sessions
+        await kernel.stop(ref)
+        assert second not in _lineage._sessions
+    assert _lineage.notes_lost == 0
+
+
+KILLED_KERNEL_SESSION = """
+import sys, trio
+from nexus_trio import Config, KernelConfig, open_kernel
+from nexus_trio.bridges import process_agent
+
+async def main():
+    async with open_kernel(Config(kernel=KernelConfig(handle_timeout_ms=10_000))) as kernel:
+        ref = kernel.spawn(process_agent([sys.executable, sys.argv[1]]))
+        child = await kernel.request(ref, {"op": "pid"})
+        orphan = await kernel.request(ref, {"op": "escape_by_group"})
+        print(child, orphan, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
+def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(tmp_path: Path) -> None:
+    """Item 2 of the forty-fifth pass: the guardian's sweep at the kernel's death went by
+    token (and parent) only, the sweep after a child's exit also by the child's session.
+    A grandchild leaves the child's group with ``setpgid()``, starts a process with an
+    empty environment and exits; the kernel is SIGKILLed. That process (no mark, its
+    parent gone, out of the group) outlived the kernel (the old process.py, _lineage.py
+    and _guardian.py swapped back in: alive after 10 s). The kernel now tells the guardian
+    its children's sessions, and the guardian takes their members too."""
+    script = tmp_path / "kernel.py"
+    script.write_text(KILLED_KERNEL_SESSION)
+    kernel = subprocess.Popen(
+        [sys.executable, str(script), TOY],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    orphan = 0
+    try:
+        assert kernel.stdout is not None
+        line = kernel.stdout.readline()  # bounded: the kernel's handle timeout is 10 s
+        child, orphan = (int(pid) for pid in line.split())
+        fields = _stat_fields(orphan)
+        # the kernel's (the subreaper's) now, in the child's session, out of its group
+        assert (int(fields[1]), int(fields[3])) == (kernel.pid, child)
+        assert int(fields[2]) != child
+        with open(f"/proc/{orphan}/environ", "rb") as f:
+            assert _lineage.MARKER.encode() not in f.read()
+        kernel.kill()
+        kernel.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (_alive(orphan) or _alive(child)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition with a deadline, not a fixed wait
+        assert not _alive(orphan)
+        assert not _alive(child)
+    finally:
+        kernel.kill()
+        kernel.wait(timeout=10)
+        if kernel.stdout is not None:
+            kernel.stdout.close()
+        if orphan:
+            with contextlib.suppress(OSError):
+                os.kill(orphan, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(orphan, os.WNOHANG)  # (ours if this process is a subreaper)
 
 
 async def test_escaped_grandchild_of_a_crashed_child_is_killed_before_the_restart() -> None:

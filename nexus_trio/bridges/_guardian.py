@@ -4,11 +4,13 @@ Started once per kernel process (Linux) by :mod:`nexus_trio.bridges._lineage` as
 ``python3 -I -S _guardian.py OWNER``, in a session of its own, with a pipe on its stdin
 whose only writer is the kernel. It reads until end of input, which comes when the kernel
 exits for whatever reason (SIGKILL included, since the kernel holds the pipe and nothing
-else does), then SIGKILLs every process whose environment carries
-``NEXUS_PROCESS_AGENT=OWNER.<child>``: the children of process agents and every
-descendant they started, also those that called ``setsid()`` or ignore end of input,
-the children of those (marked or not), and those caught in the middle of an exec
-(:class:`Sweep`; :mod:`._lineage` sweeps one child's token the same way).
+else does), and all the kernel writes there are notes of its children's sessions
+(:class:`Sessions`). Then it SIGKILLs every process whose environment carries
+``NEXUS_PROCESS_AGENT=OWNER.<child>``, or that is of a child's session: the children of
+process agents and every descendant they started, also those that called ``setsid()``
+or ignore end of input, the children of those (marked or not), and those caught in the
+middle of an exec (:class:`Sweep`; :mod:`._lineage` sweeps one child's token the same
+way).
 ``PR_SET_PDEATHSIG`` cannot do this job under trio: it fires when the *thread* that
 forked the child exits, and trio starts children from worker threads that retire after
 a few idle seconds. Standard library only, so that it starts fast and needs no imports
@@ -123,7 +125,8 @@ class Sweep:
     unsure, or at its deadline.
 
     ``session``: ``(session id, time)`` of a child that ran in a session of its own (its
-    pid), now reaped, and when it was seen gone (clock ticks since boot, as
+    pid), now reaped, and when it was seen gone (``sessions``: any number of them, as
+    ``{session id: time}``; the guardian's, from the kernel's notes, :class:`Sessions`) (clock ticks since boot, as
     ``/proc/<pid>/stat`` dates a start): a process of that session that started no later
     is ours too, token or not, parent or not (a descendant that cleared its environment,
     left the child's group with ``setpgid()`` and lost its parent). The number is not
@@ -132,11 +135,23 @@ class Sweep:
     """
 
     def __init__(
-        self, token_prefix: str, proc: type[Proc] = Proc, session: tuple[int, int] | None = None
+        self,
+        token_prefix: str,
+        proc: type[Proc] = Proc,
+        session: tuple[int, int] | None = None,
+        *,
+        sessions: dict[int, int] | None = None,
+        orphans_here: bool = True,
     ) -> None:
         self.wanted = token_prefix.encode()
         self.proc = proc
-        self.session = session
+        #: session id -> the latest start a process of it may have to be taken
+        self.sessions: dict[int, int] = dict(sessions or {})
+        if session is not None:
+            self.sessions[session[0]] = session[1]
+        #: whether a session's orphans hang off this process (the subreaper): the kernel's
+        #: sweeps; the guardian's is no one's parent, so it reads every stat
+        self.orphans_here = orphans_here
         self.me = os.getpid()
         #: pid -> start time of the processes found ours (this sweep's)
         self.ours: dict[int, int] = {}
@@ -152,9 +167,9 @@ class Sweep:
         stat = self.proc.stat(pid)
         if stat is None or stat[0] in ("Z", "X") or stat[2] & _PF_KTHREAD:
             return None
-        session = self.session
-        if session is not None and stat[5] == session[0] and stat[3] <= session[1]:
-            return stat, True  # of the child's session
+        bound = self.sessions.get(stat[5])
+        if bound is not None and stat[3] <= bound:
+            return stat, True  # of a child's session
         if not environ:
             if stat[4] == 0:
                 return stat, None  # its exec has not set its environment up yet
@@ -199,15 +214,15 @@ class Sweep:
         neither a mark nor a parent of ours: one whose parent died was reparented to this
         process, the subreaper, so such a tree hangs off one of its children. (Their stats
         only, not every process's: a scan that finds nothing reads no stat.)"""
-        session = self.session
-        if session is None:
+        sessions = self.sessions
+        if not sessions:
             return False
-        children = self.proc.children(self.me)
+        children = self.proc.children(self.me) if self.orphans_here else None
         if children is None:
             return True  # (its children unknown: any process may be one, every stat is read)
         for child in children:
             stat = self.proc.stat(child)
-            if stat is not None and stat[5] == session[0] and stat[3] <= session[1]:
+            if stat is not None and stat[3] <= sessions.get(stat[5], -1):
                 return True
         return False
 
@@ -259,9 +274,50 @@ class Sweep:
                 return self.killed
 
 
-def sweep(owner: str) -> int:
-    """SIGKILL the marked processes of ``owner`` until none is left (bounded); how many."""
-    return len(Sweep(f"{owner}.").run(SWEEP_FOR))
+def sweep(owner: str, sessions: dict[int, int] | None = None) -> int:
+    """SIGKILL the marked processes of ``owner``, and those of ``sessions`` (see
+    :class:`Sweep`), until none is left (bounded); how many."""
+    return len(Sweep(f"{owner}.", sessions=sessions, orphans_here=False).run(SWEEP_FOR))
+
+
+def ticks_now() -> int:
+    """Now, in the clock ticks since boot that ``/proc/<pid>/stat`` dates a start in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+class Sessions:
+    """The sessions of the kernel's live children, as the kernel's notes tell them.
+
+    One note a line: ``+SID`` (a child started in session ``SID``, its pid), ``=SID TICKS``
+    (it was seen gone then) and ``-SID`` (its exit's sweep is done: no longer ours to
+    guard). A line this does not know is passed by.
+    """
+
+    def __init__(self) -> None:
+        #: session id -> when its child was seen gone (None: not yet)
+        self.live: dict[int, int | None] = {}
+
+    def note(self, line: bytes) -> None:
+        if not line.endswith(b"\n"):
+            return  # (cut short: the kernel writes each note whole, in one write)
+        fields = line.split()
+        try:
+            if len(fields) == 1 and fields[0][:1] == b"+":
+                self.live[int(fields[0][1:])] = None
+            elif len(fields) == 1 and fields[0][:1] == b"-":
+                self.live.pop(int(fields[0][1:]), None)
+            elif len(fields) == 2 and fields[0][:1] == b"=":
+                sid = int(fields[0][1:])
+                if sid in self.live:
+                    self.live[sid] = int(fields[1])
+        except ValueError:
+            pass
+
+    def bounds(self, now: int) -> dict[int, int]:
+        """Session id -> the latest start taken: when its child was seen gone, else
+        ``now`` (the kernel's death: the child lived, or died unreaped, and its session's
+        number was no one else's while the kernel lived)."""
+        return {sid: now if gone is None else gone for sid, gone in self.live.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -272,9 +328,11 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     stdin = sys.stdin.buffer
-    while stdin.read(4096):
-        pass  # the kernel never writes: only end of input (its death) matters
-    sweep(argv[1])
+    sessions = Sessions()
+    # The kernel writes only notes of its children's sessions; end of input is its death.
+    for line in stdin:
+        sessions.note(line)
+    sweep(argv[1], sessions.bounds(ticks_now()))
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Final
 import trio
 
 from ._guardian import MARKER, SWEEP_FOR, Proc, Sweep
+from ._guardian import ticks_now as ticks_now  # (process.py reads it here)
 
 log = logging.getLogger("nexus_trio.bridge")
 
@@ -49,6 +50,11 @@ SUPPORTED: Final = sys.platform.startswith("linux") and os.path.isdir("/proc")
 _lock = threading.Lock()
 _owner: str | None = None
 _guardian: subprocess.Popen[bytes] | None = None
+#: the sessions of this process's live children, as told to the guardian (see
+#: :class:`._guardian.Sessions`): session id -> when its child was seen gone, or None
+_sessions: dict[int, int | None] = {}
+#: notes the guardian's pipe did not take (full: a guardian that does not read)
+notes_lost = 0
 
 
 def owner() -> str:
@@ -116,6 +122,56 @@ def protect() -> None:
             )
             return
         atexit.register(_release_guardian, _guardian)
+        if _guardian.stdin is not None:
+            os.set_blocking(_guardian.stdin.fileno(), False)
+        # A guardian started again (the last one died) hears of the children still live.
+        for sid, gone in _sessions.items():
+            _tell(f"+{sid}\n" if gone is None else f"+{sid}\n={sid} {gone}\n")
+
+
+def _tell(note: str) -> None:
+    """Write ``note`` to the guardian (under ``_lock``), whole or not at all: never blocks."""
+    global notes_lost
+    guardian = _guardian
+    if guardian is None or guardian.stdin is None:
+        return
+    try:
+        os.write(guardian.stdin.fileno(), note.encode())
+    except BlockingIOError:
+        notes_lost += 1
+        log.warning(
+            "the process agent guardian's pipe is full (%r not told): a descendant that "
+            "leaves its child's process group may outlive a killed kernel",
+            note,
+        )
+    except (OSError, ValueError):
+        pass  # the guardian is gone (it is started again with the next child)
+
+
+def session_started(sid: int) -> None:
+    """A child started in session ``sid`` (its own: ``start_new_session``): the guardian
+    takes the processes of that session too when the kernel process dies."""
+    if not SUPPORTED:
+        return
+    with _lock:
+        _sessions[sid] = None
+        _tell(f"+{sid}\n")
+
+
+def session_gone(sid: int, ticks: int) -> None:
+    """The child of session ``sid`` was seen gone at ``ticks`` (see :func:`ticks_now`)."""
+    with _lock:
+        if sid in _sessions and _sessions[sid] is None:
+            _sessions[sid] = ticks
+            _tell(f"={sid} {ticks}\n")
+
+
+def session_done(sid: int) -> None:
+    """The sweep after the exit of session ``sid``'s child is done: no longer guarded."""
+    with _lock:
+        if sid in _sessions:
+            del _sessions[sid]
+            _tell(f"-{sid}\n")
 
 
 def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
@@ -217,11 +273,6 @@ def _kill_and_reap_marked(token: str, session: tuple[int, int] | None = None) ->
     killed = Sweep(token, session=session).run(SWEEP_FOR)
     _reap(sorted(killed))
     return len(killed)
-
-
-def ticks_now() -> int:
-    """Now, in the clock ticks since boot that ``/proc/<pid>/stat`` dates a start in."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
 async def kill_descendants(token: str, session: tuple[int, int] | None = None) -> int:

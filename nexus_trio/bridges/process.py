@@ -94,6 +94,10 @@ _PIPE_ATOMIC: Final = select.PIPE_BUF
 #: the rate are counted, and one record a second says how many were not logged)
 _STDERR_BURST: Final = 100
 _STDERR_RATE: Final = 10.0
+#: how long past its due time the kernel's bound of all process agents' stderr lines may
+#: keep holding a note of the lines not logged back (a second at a time): past it the
+#: note is logged all the same (else a constant flood of them all could hold it forever)
+_STDERR_NOTE_WAIT: Final = 5.0
 #: how long to wait for the stdout reader to see end-of-file once the group is dead
 _READER_DRAIN: Final = 1.0
 #: the UTF-8 byte order mark, skipped at the start of a child's stdout
@@ -620,14 +624,16 @@ class _StderrBudget:
     lines refilled at ``_STDERR_RATE`` a second, on the kernel's clock. The lines held
     back are counted until :meth:`noted`, due a second after the first of them."""
 
-    __slots__ = ("_at", "_tokens", "held", "held_by_kind", "note_at")
+    __slots__ = ("_at", "_tokens", "due_at", "held", "held_by_kind", "note_at")
 
     def __init__(self) -> None:
         self._tokens = float(_STDERR_BURST)
         self._at = -math.inf
-        #: lines not logged since the last note, and when that note is due
+        #: lines not logged since the last note, and when that note is next tried (first:
+        #: when it is due, ``due_at``; later, after the kernel's bound held it back)
         self.held = 0
         self.note_at = math.inf
+        self.due_at = math.inf
         #: of ``held``, those its own bucket let through and the kernel's bound of all
         #: process agents' stderr lines held back
         self.held_by_kind = 0
@@ -646,14 +652,14 @@ class _StderrBudget:
     def hold(self) -> None:
         """Hold the next line back (counted, said by the next note)."""
         if not self.held:
-            self.note_at = trio.current_time() + 1.0
+            self.note_at = self.due_at = trio.current_time() + 1.0
         self.held += 1
 
     def noted(self) -> tuple[int, int]:
         """The count of lines held back since the last note (and of them, those the
         kernel's bound held back), and a fresh count."""
         held, by_kind = self.held, self.held_by_kind
-        self.held, self.held_by_kind, self.note_at = 0, 0, math.inf
+        self.held, self.held_by_kind, self.note_at, self.due_at = 0, 0, math.inf, math.inf
         return held, by_kind
 
 
@@ -993,6 +999,7 @@ class ProcessAgent(Agent):
             raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
         self.process = process
         self._tokens[process.pid] = token
+        _lineage.session_started(process.pid)
         stats.starts += 1
         stats.pid = process.pid
         log_guarded(
@@ -1343,8 +1350,9 @@ class ProcessAgent(Agent):
         take seconds before the next wait: its last words, a restart), for its session
         id, its pid, was no other program's until the reap; from then on it may be (see
         _guardian.Sweep)."""
-        if _lineage.SUPPORTED and process.pid in self._tokens:
-            self._gone_at.setdefault(process.pid, _lineage.ticks_now())
+        if _lineage.SUPPORTED and process.pid in self._tokens and process.pid not in self._gone_at:
+            self._gone_at[process.pid] = gone_at = _lineage.ticks_now()
+            _lineage.session_gone(process.pid, gone_at)
 
     async def _kill_and_reap(self, process: trio.Process) -> None:
         if process.returncode is None:
@@ -1376,7 +1384,12 @@ class ProcessAgent(Agent):
             # token and parent only, its session's number may be another's by now)
             gone_at = self._gone_at.pop(process.pid, None)
             session = None if gone_at is None else (process.pid, gone_at)
+            if session is None:
+                _lineage.session_done(process.pid)  # (nor is it the guardian's to take)
             killed = await _lineage.kill_descendants(token, session)
+            # (cancelled before this: the guardian still takes the session at the kernel's
+            # death, up to when the child was seen gone)
+            _lineage.session_done(process.pid)
             if killed:
                 self.stats.descendants_killed += killed
                 self._warn(f"killed {killed} descendant process(es) left behind by the child")
@@ -2350,10 +2363,13 @@ class ProcessAgent(Agent):
     ) -> None:
         """Say how many stderr lines were not logged. ``bounded``: a note of a second's
         end, itself a stderr line of the kernel's bound (one it holds back is said a
-        second later, its count kept); the end of the stderr says it in any case."""
+        second later, its count kept), but not more than ``_STDERR_NOTE_WAIT`` past its
+        due time: then it is said past the bound; the end of the stderr says it in any
+        case."""
         budget = self._stderr_budget
-        if bounded and not self._kind_allows("stderr"):
-            budget.note_at = trio.current_time() + 1.0
+        now = trio.current_time()
+        if bounded and now < budget.due_at + _STDERR_NOTE_WAIT and not self._kind_allows("stderr"):
+            budget.note_at = min(now + 1.0, budget.due_at + _STDERR_NOTE_WAIT)
             return
         held, by_kind = budget.noted()
         of_all = ""
