@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -331,6 +331,48 @@ def test_the_guardian_s_sessions_follow_the_kernel_s_notes() -> None:
     for bad in [b"+12", b"+x\n", b"=7\n", b"?3\n", b"\n", b"=7 z\n"]:
         sessions.note(bad)
     assert sessions.bounds(now=300) == {7: 300, 8: 150}
+
+
+class Holders(FakeProc):
+    """A scripted /proc where process 70 holds the hold ``pipe:[7]``."""
+
+    fd_reads: ClassVar[list[int]] = []
+
+    @staticmethod
+    def holds(pid: int, links: Any) -> bool:
+        Holders.fd_reads.append(pid)
+        return pid == 70 and "pipe:[7]" in links
+
+
+def test_the_holders_of_the_child_s_hold_are_ours_and_no_fd_is_read_when_none_is_left(
+    clock: Clock,
+) -> None:
+    """Item 1 of the forty-fifth pass: a process that holds the child's hold is ours,
+    mark, parent and session or not (70, its parent init, another session; 72, its
+    child, by the parent link); one that does not is not (73). When the kernel's end
+    says nobody holds it (the common case) no process's descriptors are read."""
+    FakeProc.setup(
+        environs={70: [PLAIN], 72: [PLAIN], 73: [PLAIN]},
+        stats={
+            70: [alive(parent=1, session=70, started=150)],
+            72: [alive(parent=70, session=70, started=160)],
+            73: [alive(parent=1, session=73, started=150)],
+        },
+    )
+    Holders.fd_reads = []
+    sweep = _guardian.Sweep("4242-owner.", Holders, holds=lambda: ("pipe:[7]",))
+    assert sweep.run(2.0, clock.sleep, clock) == [70, 72]
+    Holders.fd_reads = []
+    assert _guardian.Sweep("4242-owner.", Holders, holds=lambda: ()).run(0.0) == []
+    assert Holders.fd_reads == []
+
+
+def test_the_guardian_s_sessions_carry_the_children_s_holds() -> None:
+    sessions = _guardian.Sessions()
+    for line in [b"+7 1234\n", b"+8 99\n", b"+9\n", b"-8\n"]:
+        sessions.note(line)
+    assert sessions.holds == {7: "pipe:[1234]"}
+    assert sessions.bounds(now=5) == {7: 5, 9: 5}
 
 
 def test_the_children_of_a_process_are_none_when_no_list_can_be_read(

@@ -4384,6 +4384,35 @@ async def test_a_descendant_out_of_the_group_unmarked_and_orphaned_is_killed_by_
                 os.waitpid(orphan, 0)
 
 
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_descendant_that_left_the_session_unmarked_and_orphaned_is_killed() -> None:
+    """Item 1 of the forty-fifth pass (the escape docs/bridges.md named): a grandchild
+    leaves the child's session with ``setsid()`` (a daemon's double fork), starts a
+    process with an empty environment and exits. That process has no mark, no parent
+    that links it (it is reparented to the kernel, the subreaper), and is in neither the
+    child's group nor its session: it outlived the stop (the old process.py and
+    _lineage.py swapped back in: still alive). It still holds the child's hold, the end
+    of a pipe every child inherits: the sweep after the child's exit takes its holders."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        orphan = await kernel.request(ref, {"op": "escape_by_session"})
+        child = stats_of(kernel, ref).pid
+        try:
+            fields = _stat_fields(orphan)
+            # the kernel's now, out of the child's session and group, without the mark
+            assert int(fields[1]) == os.getpid()
+            assert child not in (int(fields[2]), int(fields[3]))
+            with open(f"/proc/{orphan}/environ", "rb") as f:
+                assert _lineage.MARKER.encode() not in f.read()
+            await kernel.stop(ref)
+            assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 1
+            await wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to go")
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(orphan, signal.SIGKILL)
+                os.waitpid(orphan, 0)
+
+
 class _ExitedAsTheWaitTimedOut:
     """A child that exited just as the wait for it timed out: the wait gave up, the poll
     of ``returncode`` after it reaps it (as trio's ``Process.returncode`` does)."""
@@ -4443,7 +4472,7 @@ async def main():
     async with open_kernel(Config(kernel=KernelConfig(handle_timeout_ms=10_000))) as kernel:
         ref = kernel.spawn(process_agent([sys.executable, sys.argv[1]]))
         child = await kernel.request(ref, {"op": "pid"})
-        orphan = await kernel.request(ref, {"op": "escape_by_group"})
+        orphan = await kernel.request(ref, {"op": sys.argv[2]})
         print(child, orphan, flush=True)
         await trio.sleep_forever()
 
@@ -4460,18 +4489,23 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
-def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("escape", ["escape_by_group", "escape_by_session"])
+def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(
+    tmp_path: Path, escape: str
+) -> None:
     """Item 2 of the forty-fifth pass: the guardian's sweep at the kernel's death went by
     token (and parent) only, the sweep after a child's exit also by the child's session.
     A grandchild leaves the child's group with ``setpgid()``, starts a process with an
     empty environment and exits; the kernel is SIGKILLed. That process (no mark, its
     parent gone, out of the group) outlived the kernel (the old process.py, _lineage.py
     and _guardian.py swapped back in: alive after 10 s). The kernel now tells the guardian
-    its children's sessions, and the guardian takes their members too."""
+    its children's sessions, and the guardian takes their members too. (Item 1: one that
+    left the session with ``setsid()`` instead is taken by the child's hold, which the
+    kernel tells the guardian of too; on the code before the holds: alive after 10 s.)"""
     script = tmp_path / "kernel.py"
     script.write_text(KILLED_KERNEL_SESSION)
     kernel = subprocess.Popen(
-        [sys.executable, str(script), TOY],
+        [sys.executable, str(script), TOY, escape],
         stdout=subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -4482,9 +4516,9 @@ def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(tmp_path: Path
         line = kernel.stdout.readline()  # bounded: the kernel's handle timeout is 10 s
         child, orphan = (int(pid) for pid in line.split())
         fields = _stat_fields(orphan)
-        # the kernel's (the subreaper's) now, in the child's session, out of its group
-        assert (int(fields[1]), int(fields[3])) == (kernel.pid, child)
-        assert int(fields[2]) != child
+        # the kernel's (the subreaper's) now, out of the child's group; in its session or not
+        assert int(fields[1]) == kernel.pid and int(fields[2]) != child
+        assert (int(fields[3]) == child) is (escape == "escape_by_group")
         with open(f"/proc/{orphan}/environ", "rb") as f:
             assert _lineage.MARKER.encode() not in f.read()
         kernel.kill()

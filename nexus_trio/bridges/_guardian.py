@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 MARKER = "NEXUS_PROCESS_AGENT"
 #: how long to keep sweeping for processes that a dying parent forked during the sweep
@@ -74,6 +74,19 @@ class Proc:
         return found if read else None
 
     @staticmethod
+    def holds(pid: int, links: Collection[str]) -> bool:
+        """Whether ``pid`` has a file descriptor open on one of ``links`` (``pipe:[<inode>]``)."""
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in links:
+                    return True
+        return False
+
+    @staticmethod
     def kill(pid: int) -> None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -116,7 +129,11 @@ class Sweep:
 
     A process is *ours* if its environment carries a token of ``token_prefix``, or if its
     parent is ours (the same process: same pid and start time, so that a reused pid is
-    not taken), which covers a child that dropped the mark while its parent lives. A live
+    not taken), which covers a child that dropped the mark while its parent lives, or
+    if it holds the child's *hold* (``holds``: the read end of a pipe each child is given
+    and its descendants inherit unless they close it; the kernel keeps the write end and
+    knows at no cost whether any process still holds it, so it reads file descriptors
+    only then), which covers one that dropped the mark and lost its parent. A live
     process whose environment reads empty because an exec is under way (``env_end`` 0 in
     its stat; not a zombie, not a kernel thread) is *unsure*: it is read again after a
     short pause until its exec is done, then judged like the others. A scan reads every
@@ -142,6 +159,7 @@ class Sweep:
         *,
         sessions: dict[int, int] | None = None,
         orphans_here: bool = True,
+        holds: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.wanted = token_prefix.encode()
         self.proc = proc
@@ -152,6 +170,9 @@ class Sweep:
         #: whether a session's orphans hang off this process (the subreaper): the kernel's
         #: sweeps; the guardian's is no one's parent, so it reads every stat
         self.orphans_here = orphans_here
+        #: the links of the children's holds (see the class) some process may still hold,
+        #: asked at each scan (none, the common case: no file descriptor is read)
+        self.holds = holds
         self.me = os.getpid()
         #: pid -> start time of the processes found ours (this sweep's)
         self.ours: dict[int, int] = {}
@@ -183,6 +204,13 @@ class Sweep:
         marks: dict[int, bool | None] = {}
         environs = {pid: self.proc.environ(pid) for pid in self.proc.pids() if pid != self.me}
         marked = {pid for pid, env in environs.items() if env and _has_token(env, self.wanted)}
+        held = () if self.holds is None else self.holds()
+        if held:
+            marked |= {
+                pid
+                for pid, env in environs.items()
+                if env is not None and self.proc.holds(pid, held)
+            }
         # (with no process of ours in sight, an unmarked one with an environment is no
         # child to link: its stat is not read)
         links = bool(marked or self.ours or self._session_orphans())
@@ -196,7 +224,11 @@ class Sweep:
         for pid, stat in table.items():
             children.setdefault(stat[1], []).append(pid)
         # the marked, those already found ours (still the same process), and their descendants
-        found = [pid for pid in table if marks[pid] or self.ours.get(pid, -1) == table[pid][3]]
+        found = [
+            pid
+            for pid in table
+            if marks[pid] or pid in marked or self.ours.get(pid, -1) == table[pid][3]
+        ]
         for pid in found:
             self.ours[pid] = table[pid][3]
         i = 0
@@ -274,10 +306,12 @@ class Sweep:
                 return self.killed
 
 
-def sweep(owner: str, sessions: dict[int, int] | None = None) -> int:
-    """SIGKILL the marked processes of ``owner``, and those of ``sessions`` (see
-    :class:`Sweep`), until none is left (bounded); how many."""
-    return len(Sweep(f"{owner}.", sessions=sessions, orphans_here=False).run(SWEEP_FOR))
+def sweep(owner: str, sessions: dict[int, int] | None = None, holds: Collection[str] = ()) -> int:
+    """SIGKILL the marked processes of ``owner``, those of ``sessions`` and the holders of
+    ``holds`` (see :class:`Sweep`), until none is left (bounded); how many."""
+    kept = frozenset(holds)
+    sweeper = Sweep(f"{owner}.", sessions=sessions, orphans_here=False, holds=lambda: kept)
+    return len(sweeper.run(SWEEP_FOR))
 
 
 def ticks_now() -> int:
@@ -288,7 +322,8 @@ def ticks_now() -> int:
 class Sessions:
     """The sessions of the kernel's live children, as the kernel's notes tell them.
 
-    One note a line: ``+SID`` (a child started in session ``SID``, its pid), ``=SID TICKS``
+    One note a line: ``+SID [INODE]`` (a child started in session ``SID``, its pid, with
+    the hold of that pipe inode), ``=SID TICKS``
     (it was seen gone then) and ``-SID`` (its exit's sweep is done: no longer ours to
     guard). A line this does not know is passed by.
     """
@@ -296,16 +331,23 @@ class Sessions:
     def __init__(self) -> None:
         #: session id -> when its child was seen gone (None: not yet)
         self.live: dict[int, int | None] = {}
+        #: session id -> the link of its child's hold (``+SID INODE``)
+        self.holds: dict[int, str] = {}
 
     def note(self, line: bytes) -> None:
         if not line.endswith(b"\n"):
             return  # (cut short: the kernel writes each note whole, in one write)
         fields = line.split()
         try:
-            if len(fields) == 1 and fields[0][:1] == b"+":
-                self.live[int(fields[0][1:])] = None
+            if len(fields) in (1, 2) and fields[0][:1] == b"+":
+                sid = int(fields[0][1:])
+                inode = int(fields[1]) if len(fields) == 2 else None
+                self.live[sid] = None
+                if inode is not None:
+                    self.holds[sid] = f"pipe:[{inode}]"
             elif len(fields) == 1 and fields[0][:1] == b"-":
                 self.live.pop(int(fields[0][1:]), None)
+                self.holds.pop(int(fields[0][1:]), None)
             elif len(fields) == 2 and fields[0][:1] == b"=":
                 sid = int(fields[0][1:])
                 if sid in self.live:
@@ -332,7 +374,7 @@ def main(argv: list[str]) -> int:
     # The kernel writes only notes of its children's sessions; end of input is its death.
     for line in stdin:
         sessions.note(line)
-    sweep(argv[1], sessions.bounds(ticks_now()))
+    sweep(argv[1], sessions.bounds(ticks_now()), sessions.holds.values())
     return 0
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -53,6 +55,8 @@ _guardian: subprocess.Popen[bytes] | None = None
 #: the sessions of this process's live children, as told to the guardian (see
 #: :class:`._guardian.Sessions`): session id -> when its child was seen gone, or None
 _sessions: dict[int, int | None] = {}
+#: session id -> " <inode>" of its child's hold as told to the guardian ("" without one)
+_holds: dict[int, str] = {}
 #: notes the guardian's pipe did not take (full: a guardian that does not read)
 notes_lost = 0
 
@@ -126,7 +130,8 @@ def protect() -> None:
             os.set_blocking(_guardian.stdin.fileno(), False)
         # A guardian started again (the last one died) hears of the children still live.
         for sid, gone in _sessions.items():
-            _tell(f"+{sid}\n" if gone is None else f"+{sid}\n={sid} {gone}\n")
+            inode = _holds.get(sid, "")
+            _tell(f"+{sid}{inode}\n" if gone is None else f"+{sid}{inode}\n={sid} {gone}\n")
 
 
 def _tell(note: str) -> None:
@@ -148,14 +153,17 @@ def _tell(note: str) -> None:
         pass  # the guardian is gone (it is started again with the next child)
 
 
-def session_started(sid: int) -> None:
-    """A child started in session ``sid`` (its own: ``start_new_session``): the guardian
-    takes the processes of that session too when the kernel process dies."""
+def session_started(sid: int, hold: int | None = None) -> None:
+    """A child started in session ``sid`` (its own: ``start_new_session``), with the
+    write end ``hold`` of its hold: the guardian takes the processes of that session,
+    and the holders of that hold, too when the kernel process dies."""
     if not SUPPORTED:
         return
+    inode = "" if hold is None else f" {os.fstat(hold).st_ino}"
     with _lock:
         _sessions[sid] = None
-        _tell(f"+{sid}\n")
+        _holds[sid] = inode
+        _tell(f"+{sid}{inode}\n")
 
 
 def session_gone(sid: int, ticks: int) -> None:
@@ -171,6 +179,7 @@ def session_done(sid: int) -> None:
     with _lock:
         if sid in _sessions:
             del _sessions[sid]
+            _holds.pop(sid, None)
             _tell(f"-{sid}\n")
 
 
@@ -267,21 +276,79 @@ def reap_group(pgid: int, wait: float = 0.0) -> int:
         time.sleep(0.01)
 
 
-def _kill_and_reap_marked(token: str, session: tuple[int, int] | None = None) -> int:
+#: the read ends of holds made and not yet handed to their child (closed in a child
+#: forked meanwhile, see :func:`new_hold`)
+_unpassed: set[int] = set()
+
+
+def _close_unpassed() -> None:
+    for fd in list(_unpassed):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _unpassed.clear()
+
+
+def new_hold() -> tuple[int, int] | None:
+    """A child's *hold*: ``(read end, write end)`` of a new pipe (None off Linux).
+
+    The child gets the read end (``pass_fds``), which its descendants inherit unless
+    they close it (Python's ``subprocess`` does by default, a shell's ``&``, ``setsid``
+    and ``env -i`` do not); the kernel keeps the write end, which tells with one
+    ``poll`` whether any process still holds the read end (:func:`holders_link`). Both
+    ends are close-on-exec here, and a process forked by ``os.fork`` before the read end
+    is handed over closes it, so no other program of this process holds it.
+    """
+    if not SUPPORTED:
+        return None
+    read_end, write_end = os.pipe()
+    _unpassed.add(read_end)
+    return read_end, write_end
+
+
+def hold_passed(read_end: int) -> None:
+    """The child has its copy of the read end (or was not started): close ours."""
+    _unpassed.discard(read_end)
+    with contextlib.suppress(OSError):
+        os.close(read_end)
+
+
+def holders_links(write_end: int) -> tuple[str, ...]:
+    """``pipe:[<inode>]`` of the hold whose write end is ``write_end`` (what
+    ``/proc/<pid>/fd/<n>`` reads for a holder) if a process still holds its read end,
+    else nothing."""
+    poll = select.poll()
+    poll.register(write_end, 0)  # (POLLERR comes unasked: no reader is left)
+    if poll.poll(0):
+        return ()
+    return (f"pipe:[{os.fstat(write_end).st_ino}]",)
+
+
+if SUPPORTED:
+    os.register_at_fork(after_in_child=_close_unpassed)
+
+
+def _kill_and_reap_marked(
+    token: str, session: tuple[int, int] | None = None, hold: int | None = None
+) -> int:
     # A dying descendant may fork once more while we look, and one may be caught in the
     # middle of its exec: the sweep looks again until neither is left (see _guardian.Sweep).
-    killed = Sweep(token, session=session).run(SWEEP_FOR)
+    holders = None if hold is None else functools.partial(holders_links, hold)
+    killed = Sweep(token, session=session, holds=holders).run(SWEEP_FOR)
     _reap(sorted(killed))
     return len(killed)
 
 
-async def kill_descendants(token: str, session: tuple[int, int] | None = None) -> int:
+async def kill_descendants(
+    token: str, session: tuple[int, int] | None = None, hold: int | None = None
+) -> int:
     """SIGKILL every process carrying ``token`` (with ``session``, ``(the reaped child's
     session id, when it was seen gone)``: every process of that session that started no
-    later, too; see :class:`._guardian.Sweep`) and reap those reparented to us.
+    later, too; with ``hold``, the write end of the child's hold (:func:`new_hold`):
+    every process holding its read end; see :class:`._guardian.Sweep`) and reap those
+    reparented to us.
 
     Run after the child itself has exited; returns how many processes were killed.
     """
     if not SUPPORTED:
         return 0
-    return await trio.to_thread.run_sync(_kill_and_reap_marked, token, session)
+    return await trio.to_thread.run_sync(_kill_and_reap_marked, token, session, hold)

@@ -828,6 +828,8 @@ class ProcessAgent(Agent):
         self._tokens: dict[int, str] = {}
         #: when each child of a token was seen gone (clock ticks since boot), by its pid
         self._gone_at: dict[int, int] = {}
+        #: pid -> the write end of that child's hold (see _lineage.new_hold)
+        self._holds: dict[int, int] = {}
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -985,6 +987,8 @@ class ProcessAgent(Agent):
         self._reader_done.set()
         self.protocol = 1
         self.cancels = False
+        # ... and hold the read end of a pipe of ours, unless they close it (_lineage).
+        hold = _lineage.new_hold()
         try:
             process = await trio.lowlevel.open_process(
                 list(options.cmd),
@@ -994,12 +998,24 @@ class ProcessAgent(Agent):
                 start_new_session=True,
                 env=env,
                 cwd=options.cwd,
+                pass_fds=() if hold is None else (hold[0],),
             )
         except OSError as exc:
+            if hold is not None:
+                os.close(hold[1])
             raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
+        except BaseException:
+            if hold is not None:
+                os.close(hold[1])
+            raise
+        finally:
+            if hold is not None:
+                _lineage.hold_passed(hold[0])
         self.process = process
         self._tokens[process.pid] = token
-        _lineage.session_started(process.pid)
+        if hold is not None:
+            self._holds[process.pid] = hold[1]
+        _lineage.session_started(process.pid, None if hold is None else hold[1])
         stats.starts += 1
         stats.pid = process.pid
         log_guarded(
@@ -1375,24 +1391,12 @@ class ProcessAgent(Agent):
             if self._signal_group(process, signal.SIGKILL):
                 await trio.to_thread.run_sync(_lineage.reap_group, process.pid, _GROUP_TERM_WAIT)
         token = self._tokens.pop(process.pid, None)
-        if token is not None:
-            # Those that left the group (setsid) or were started by a group member that
-            # already died: found by their mark, reparented to us as the subreaper.
-            # And those of its session (start_new_session: the child's pid) that left its
-            # group with setpgid(), cleared their mark (env -i) and lost their parent.
-            # (a child whose reap no wait here saw, a wait cancelled as it returned: by
-            # token and parent only, its session's number may be another's by now)
-            gone_at = self._gone_at.pop(process.pid, None)
-            session = None if gone_at is None else (process.pid, gone_at)
-            if session is None:
-                _lineage.session_done(process.pid)  # (nor is it the guardian's to take)
-            killed = await _lineage.kill_descendants(token, session)
-            # (cancelled before this: the guardian still takes the session at the kernel's
-            # death, up to when the child was seen gone)
-            _lineage.session_done(process.pid)
-            if killed:
-                self.stats.descendants_killed += killed
-                self._warn(f"killed {killed} descendant process(es) left behind by the child")
+        hold = self._holds.pop(process.pid, None)
+        try:
+            await self._sweep_descendants(process, token, hold)
+        finally:
+            if hold is not None:
+                os.close(hold)
         await self._close_stdin(process)
         # What the child wrote before it died is read (its last answer, its last words).
         with trio.move_on_after(_READER_DRAIN):
@@ -1410,6 +1414,31 @@ class ProcessAgent(Agent):
             self._said_unfinished(f"exited with status {process.returncode}"),
             extra=self._fields(),
         )
+
+    async def _sweep_descendants(
+        self, process: trio.Process, token: str | None, hold: int | None
+    ) -> None:
+        """Kill what the exited child left behind outside its process group."""
+        if token is None:
+            return
+        # Those that left the group (setsid) or were started by a group member that
+        # already died: found by their mark, reparented to us as the subreaper.
+        # And those of its session (start_new_session: the child's pid) that left its
+        # group with setpgid(), cleared their mark (env -i) and lost their parent.
+        # (a child whose reap no wait here saw, a wait cancelled as it returned: by
+        # token and parent only, its session's number may be another's by now)
+        # And those that hold its hold: left its session too (setsid), unmarked, orphaned.
+        gone_at = self._gone_at.pop(process.pid, None)
+        session = None if gone_at is None else (process.pid, gone_at)
+        if session is None:
+            _lineage.session_done(process.pid)  # (nor is it the guardian's to take)
+        killed = await _lineage.kill_descendants(token, session, hold)
+        # (cancelled before this: the guardian still takes the session at the kernel's
+        # death, up to when the child was seen gone)
+        _lineage.session_done(process.pid)
+        if killed:
+            self.stats.descendants_killed += killed
+            self._warn(f"killed {killed} descendant process(es) left behind by the child")
 
     @staticmethod
     def _signal_group(process: trio.Process, sig: int) -> bool:

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 out = sys.stdout.buffer
@@ -82,6 +83,24 @@ def start_unmarked() -> int:
         os.execve("/bin/sleep", ["sleep", "300"], {})
     os.close(exec_write)
     os.read(exec_read, 1)
+    return unmarked
+
+
+def orphan_unmarked(leave: Callable[[], object]) -> int:
+    """A grandchild that calls ``leave``, starts :func:`start_unmarked` and exits: the pid
+    of that orphan (reparented to our subreaper), once the grandchild is reaped."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        leave()
+        os.close(0)
+        os.close(read_end)
+        os.write(write_end, str(start_unmarked()).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        unmarked = int(f.read())
+    os.waitpid(pid, 0)
     return unmarked
 
 
@@ -198,19 +217,11 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         # shell's pipeline does; it stays in our session), starts a child with an empty
         # environment (no mark) and exits: that child has lost its parent, its group and
         # its mark; only our session holds it. Answers its pid.
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.setpgid(0, 0)
-            os.close(0)
-            os.close(read_end)
-            os.write(write_end, str(start_unmarked()).encode())
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as f:
-            unmarked = int(f.read())
-        os.waitpid(pid, 0)
-        respond(args, msg, unmarked)
+        respond(args, msg, orphan_unmarked(lambda: os.setpgid(0, 0)))
+    elif op == "escape_by_session":
+        # The same, leaving our session (and so our group) with setsid(), as a daemon's
+        # double fork does: that child has lost its parent, its session and its mark.
+        respond(args, msg, orphan_unmarked(os.setsid))
     elif op == "spawn_loop":
         # A grandchild that leaves our group and forks and execs children without end
         # (at most ``keep`` alive: the oldest is killed and reaped): a stop finds some of
