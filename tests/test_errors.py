@@ -35,7 +35,7 @@ from nexus_trio._nats._wire import RemoteError
 from nexus_trio._router import DeliveryRunFailed
 from nexus_trio._supervisor import Escalation
 from nexus_trio.bridges.process import ProcessAgentError
-from nexus_trio.bridges.python import InvalidFrame
+from nexus_trio.bridges.python import BadEnvironment, InvalidFrame
 from nexus_trio.cli._run import AppError, StoppedWhileImporting
 from nexus_trio.cli._spawn import SpawnedProgram, SpawnFailed
 from nexus_trio.cli._swarm import NatsServerLost
@@ -76,6 +76,7 @@ ERRORS: list[BaseException] = [
     ProcessAgentError("calc", "exited (status 3)", 4321),
     ProcessAgentError("calc", "did not start"),
     InvalidFrame("no type", {"type": "message", "payload": 1}),
+    BadEnvironment("NEXUS_KERNEL_PROTOCOL", "two", "must be a protocol version (1, 2, ...)"),
     Escalation(("sup", "worker"), ValueError("boom")),
     StoppedForShutdown(ValueError("boom")),
     StoppedForShutdown(None),

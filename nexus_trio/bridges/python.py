@@ -188,6 +188,10 @@ class BadEnvironment(ValueError):
         super().__init__(f"{variable} {problem}, got {value!r}")
         self.variable = variable
         self.value = value
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.variable, self.value, self.problem)
 
 
 class Cancelled(Exception):
