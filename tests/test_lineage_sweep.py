@@ -367,6 +367,31 @@ def test_the_holders_of_the_child_s_hold_are_ours_and_no_fd_is_read_when_none_is
     assert Holders.fd_reads == []
 
 
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fdinfo"), reason="file descriptors read in Linux /proc"
+)
+def test_a_holder_holds_the_read_end_a_copy_of_the_write_end_is_no_hold() -> None:
+    """A process with the hold's read end holds it; one with only a copy of the write
+    end (forked from the kernel process without an exec) does not, though both ends
+    read the same ``pipe:[<inode>]`` link (on a reading of the link only: both held)."""
+    read_end, write_end = os.pipe()
+    link = f"pipe:[{os.fstat(write_end).st_ino}]"
+    procs = []
+    try:
+        for fd in (read_end, write_end):
+            procs.append(subprocess.Popen(["sleep", "30"], pass_fds=(fd,)))
+        reader, writer = procs
+        assert _guardian.Proc.holds(reader.pid, {link})
+        assert not _guardian.Proc.holds(writer.pid, {link})
+        assert not _guardian.Proc.holds(reader.pid, {"pipe:[1]"})
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_the_guardian_s_sessions_carry_the_children_s_holds() -> None:
     sessions = _guardian.Sessions()
     for line in [b"+7 1234\n", b"+8 99\n", b"+9\n", b"-8\n"]:

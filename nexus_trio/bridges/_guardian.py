@@ -75,15 +75,21 @@ class Proc:
 
     @staticmethod
     def holds(pid: int, links: Collection[str]) -> bool:
-        """Whether ``pid`` has a file descriptor open on one of ``links`` (``pipe:[<inode>]``)."""
+        """Whether ``pid`` has the *read* end of one of the pipes ``links``
+        (``pipe:[<inode>]``) open. (Both ends read the same link: a process forked from
+        the kernel process without an exec holds copies of its write ends, and is no
+        holder: the access mode in ``fdinfo`` tells them apart.)"""
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             return False
         for fd in fds:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 if os.readlink(f"/proc/{pid}/fd/{fd}") in links:
-                    return True
+                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                        info = dict(line.split(":", 1) for line in f if ":" in line)
+                    if int(info["flags"].strip(), 8) & os.O_ACCMODE == os.O_RDONLY:
+                        return True
         return False
 
     @staticmethod
