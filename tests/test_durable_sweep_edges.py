@@ -13,6 +13,7 @@ fetches). Real nats-server, in-process nodes.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -21,10 +22,12 @@ import pytest
 import trio
 import trio_asyncio
 
-from nexus_trio import Context, Message, agent
+from nexus_trio import Context, Message, agent, open_kernel
 from nexus_trio._nats import Cluster, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio.config import load_config
+from nexus_trio.nats import join_cluster
 
 from .nats_server import until
 from .test_durable_lost_node import _keeper
@@ -185,3 +188,28 @@ async def test_a_join_whose_max_age_is_not_above_the_sweep_s_period_says_so(
     async with local_node(nats.url, "b", durable=attrs.evolve(short, max_age=4.5), **QUICK):
         pass
     assert not [r for r in caplog.records if "sweep's period" in r.getMessage()]
+
+
+async def test_a_join_of_a_config_s_options_leaves_a_short_max_age_to_the_load(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Forty-fifth pass (review): a config file's ``[durable] max_age`` not above the
+    sweep's period is said by the load; the join of that config's options (no
+    ``options``, as ``nexus run --nats`` joins) said it again, in other words, and a CLI
+    user read it twice. Said once now, by the load (as a short ``server_lost_wait``:
+    ClusterOptionsWarning's quieting of a config's options); options built in Python
+    still hear it at the join (the test above). (Fails on aee6fa4: two lines.)"""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "[kernel]\nrequest_timeout_ms = 5000\n[nats]\nserver_lost_wait = 0.5\n"
+        "[cluster]\nlast_notice_wait = 1.0\n[durable]\nduplicate_window = 2\nmax_age = 3\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    loaded = load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path)
+    async with open_kernel(loaded.config) as kernel:
+        async with join_cluster(kernel, nats.url, "a"):
+            await kernel.shutdown()
+    said = [r.getMessage() for r in caplog.records if "sweep's period" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].startswith("[durable] max_age (3s) is not above the durable sweep's period")

@@ -948,6 +948,7 @@ class Cluster:
         "members",
         "node",
         "options",
+        "options_of_config",
         "placement",
         "prefix",
         "record_extra",
@@ -973,6 +974,9 @@ class Cluster:
         self.servers, self.auth = split_credentials(list(servers), auth or NatsAuth())
         self.node = wire.check_node_name(node)
         self.options = options
+        #: whether ``options`` are those of the kernel's config (:func:`join_cluster`
+        #: without ``options``): what they would warn of, the config's load said
+        self.options_of_config = False
         self.prefix = options.prefix
         self.id_prefix = process_id_prefix()
         #: the asyncio loop this node's NATS clients run on (built inside asyncio_loop());
@@ -6132,6 +6136,7 @@ async def join_cluster(
     try:
         async with asyncio_loop():
             cluster = Cluster(kernel, servers, node, opts, auth)
+            cluster.options_of_config = options is None
             for type_name, spec in (types or {}).items():
                 cluster.register_type(type_name, spec)
             # (not ready from here to the end of the leave: see Cluster.readiness)

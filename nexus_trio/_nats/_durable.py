@@ -712,7 +712,8 @@ class DurableChannel:
             age="DurableOptions.max_age",
             wait="ClusterOptions.last_notice_wait",
         )
-        if short is not None:
+        # (options of the config: its load said it, in the config's words)
+        if short is not None and not self.cluster.options_of_config:
             log_guarded(log, logging.WARNING, "node %s: %s", self.cluster.node, short)
         await self._ops.start()
         self._nursery = nursery
