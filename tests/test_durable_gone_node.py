@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import attrs
+import nats.js.errors
 import pytest
 import trio
 import trio_asyncio
@@ -405,3 +406,54 @@ async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended
             await until(lambda: len(handled) >= 1)
             await _stream_empty(ca)
     assert handled == [(sent.id, "as b leaves")]
+
+
+class _GarbledJs(_FakeJs):
+    """:class:`_FakeJs` whose answer to the subjects' request is ``answer``, as sent."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__([("b", 1, 0, 1)], {"px.durable.d.3": 2})
+        self.answer = answer
+
+    async def request(self, subject: str, data: bytes, timeout: float) -> Any:
+        await super().request(subject, data, timeout)
+        return SimpleNamespace(data=self.answer)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"<html>", "not JSON"),
+        (b"[1, 2]", "not a JSON object: [1, 2]"),
+        (b'{"state": [1]}', "its state is not an object: [1]"),
+        (b'{"state": {"subjects": ["px.durable.d.3"]}}', "its subjects are not an object"),
+        (b'{"state": {"subjects": {"px.durable.d.3": 1}}, "total": "many"}', "total"),
+        (b'{"state": {"subjects": {"px.durable.d.3": 1}}, "total": [1]}', "total"),
+        (b'{"error": "boom"}', "an error it does not describe: 'boom'"),
+        (b'{"error": {"kode": 1}}', "an error it does not describe"),
+    ],
+)
+async def test_a_garbled_answer_to_the_subjects_read_fails_the_sweep_naming_it(
+    answer: bytes, said: str
+) -> None:
+    """Forty-fifth pass (review): the subjects' page is read by a raw request (nats-py
+    asks no offset) and its answer was taken as nats-server's: a JSON that is no object,
+    a state or total of another type, or an error that is no object with a code raised
+    AttributeError, TypeError or KeyError, which the sweep does not take for a failed
+    read (a ValueError, or nats' errors): it left the sweeper (which catches nothing
+    else), and the durable path's nursery with it; subjects as a list were read as names.
+    Each is a ValueError now, naming the request and what was wrong (the sweep counts
+    it in ``durable_sweep_failures`` and sweeps again at the next period). (On
+    aee6fa4's _durable.py all 8 fail: 5 raise another class, the list is taken, 2
+    ValueErrors name nothing.)"""
+    with pytest.raises(ValueError, match=r"STREAM\.INFO") as failed:
+        await _channel(_GarbledJs(answer))._unpulled()
+    assert said in str(failed.value)
+
+
+async def test_an_error_answer_to_the_subjects_read_is_nats_own() -> None:
+    """(An error nats-server describes is raised as nats-py raises it: the sweep counts
+    those as it counted them when nats-py made the request.)"""
+    answer = b'{"error": {"code": 503, "err_code": 10039, "description": "no responders"}}'
+    with pytest.raises(nats.js.errors.ServiceUnavailableError):
+        await _channel(_GarbledJs(answer))._unpulled()

@@ -1254,12 +1254,7 @@ class DurableChannel:
             json.dumps(request).encode(),
             timeout=_JS_API_WAIT,
         )
-        answer = json.loads(reply.data)
-        if "error" in answer:
-            nats.js.errors.APIError.from_error(answer["error"])  # (raises the kind's error)
-        page: dict[str, int] = (answer.get("state") or {}).get("subjects") or {}
-        total = answer.get("total")
-        return page, offset + len(page) if total is None else int(total)
+        return _subjects_answer(reply.data, f"$JS.API.STREAM.INFO.{self._stream}", offset)
 
     def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
         scope = self._takeovers[node] = trio.CancelScope()
@@ -2276,3 +2271,41 @@ class DurableChannel:
         self.forwarded += 1
         self.taken_over += taken
         await jsmsg.ack()
+
+
+def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
+    """The page of subjects and the total in ``data``, the answer to the request
+    ``subject`` from ``offset`` (:meth:`DurableChannel._subjects_page`): an error
+    nats-server describes raised as nats-py raises it; any other answer that is not what
+    nats-server sends, a ValueError naming the request and what was wrong (a failed
+    read to the sweep, as nats' errors are: counted, swept again at the next period)."""
+
+    def garbled(problem: str) -> ValueError:
+        return ValueError(
+            f"the answer to {subject} (offset {offset}) is not nats-server's: {problem}"
+        )
+
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise garbled(f"not JSON: {brief(data)}") from None
+    if not isinstance(answer, dict):
+        raise garbled(f"not a JSON object: {brief(answer)}")
+    error = answer.get("error")
+    if error is not None:
+        if isinstance(error, dict) and isinstance(error.get("code"), int):
+            with contextlib.suppress(TypeError):  # (a field nats-py does not take)
+                nats.js.errors.APIError.from_error(error)  # (raises the kind's error)
+        raise garbled(f"an error it does not describe: {brief(error)}")
+    state = answer.get("state") or {}
+    if not isinstance(state, dict):
+        raise garbled(f"its state is not an object: {brief(state)}")
+    page = state.get("subjects") or {}
+    if not isinstance(page, dict) or not all(isinstance(n, int) for n in page.values()):
+        raise garbled(f"its subjects are not an object of counts: {brief(page)}")
+    total = answer.get("total")
+    if total is None:
+        return page, offset + len(page)
+    if not isinstance(total, int) or isinstance(total, bool):
+        raise garbled(f"its total is not an integer: {brief(total)}")
+    return page, total
