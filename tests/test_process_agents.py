@@ -4463,6 +4463,42 @@ async def test_the_guardian_is_told_of_a_child_s_session_until_its_exit_s_sweep(
     assert _lineage.notes_lost == 0
 
 
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
+async def test_the_guardian_hears_the_end_of_every_child_s_session_whatever_ended_it() -> None:
+    """Forty-fifth pass (review): the guardian's ``-SID`` note is sent from the sweep of
+    a child's exit only; a child that ended on another path would leave its session
+    with the guardian, taken at the kernel's death up to that moment (every process of
+    that number's session, were the number another program's by then). Every path a
+    child ends by goes through that sweep: a start that fails (the child exits before
+    registering; one that never registers, killed at its timeout), a child replaced
+    after a request timed out, a stop during the start. None is left once each is over.
+    (Fails on a mutant without the ``session_done`` after the sweep: the first child's
+    session left.)"""
+    async with bridge_kernel() as kernel:
+        quits = [sys.executable, "-c", "import sys; sys.exit(3)"]
+        ref = kernel.spawn(process_agent(quits, shutdown_grace=0.3))
+        await wait_until(lambda: stats_of(kernel, ref).starts >= 3, "restarts")
+        await kernel.stop(ref)
+        assert not _lineage._sessions
+        silent = kernel.spawn(process_agent(["sleep", "30"], register_timeout=0.3))
+        await wait_until(lambda: stats_of(kernel, silent).starts >= 2, "restarts")
+        await kernel.stop(silent)
+        assert not _lineage._sessions
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        first = await kernel.request(ref, {"op": "pid"})
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, {"op": "hang"}, timeout=0.3)
+        second = await kernel.request(ref, {"op": "pid"})
+        assert second != first and set(_lineage._sessions) == {second}
+        await kernel.stop(ref)
+        assert not _lineage._sessions
+        starting = kernel.spawn(process_agent(["sleep", "30"], register_timeout=30))
+        await wait_until(lambda: stats_of(kernel, starting).starts == 1, "start")
+        await kernel.stop(starting)
+        assert not _lineage._sessions
+    assert _lineage.notes_lost == 0
+
+
 KILLED_KERNEL_SESSION = """
 import sys, trio
 from nexus_trio import Config, KernelConfig, open_kernel
