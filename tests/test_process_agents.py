@@ -22,7 +22,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -4364,15 +4364,28 @@ async def test_a_descendant_out_of_the_group_unmarked_and_orphaned_is_killed_by_
     child's session (``start_new_session``: the child's pid), and the sweep after the
     child's exit now takes a process of that session that started before the child was
     seen gone."""
+
+    def where(parent: int, group: int, session: int, child: int) -> None:
+        # out of the group, in the session, the kernel's now
+        assert parent == os.getpid() and session == child
+        assert group != child  # (its group: the grandchild's, gone)
+
+    await _the_stop_kills_the_unmarked_orphan("escape_by_group", where)
+
+
+async def _the_stop_kills_the_unmarked_orphan(
+    op: str, where: Callable[[int, int, int, int], None]
+) -> None:
+    """The toy's ``op`` leaves an orphan (its pid the answer): ``where(its parent, group,
+    session, the child's pid)`` checks where it is; it carries no mark, and the agent's
+    stop kills it (one descendant killed)."""
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
-        orphan = await kernel.request(ref, {"op": "escape_by_group"})
+        orphan = await kernel.request(ref, {"op": op})
         child = stats_of(kernel, ref).pid
         try:
             fields = _stat_fields(orphan)
-            # out of the group, in the session, the kernel's now, without the mark
-            assert int(fields[1]) == os.getpid() and int(fields[3]) == child
-            assert int(fields[2]) != child  # (its group: the grandchild's, gone)
+            where(int(fields[1]), int(fields[2]), int(fields[3]), child)
             with open(f"/proc/{orphan}/environ", "rb") as f:
                 assert _lineage.MARKER.encode() not in f.read()
             await kernel.stop(ref)
@@ -4393,24 +4406,13 @@ async def test_a_descendant_that_left_the_session_unmarked_and_orphaned_is_kille
     child's group nor its session: it outlived the stop (the old process.py and
     _lineage.py swapped back in: still alive). It still holds the child's hold, the end
     of a pipe every child inherits: the sweep after the child's exit takes its holders."""
-    async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
-        orphan = await kernel.request(ref, {"op": "escape_by_session"})
-        child = stats_of(kernel, ref).pid
-        try:
-            fields = _stat_fields(orphan)
-            # the kernel's now, out of the child's session and group, without the mark
-            assert int(fields[1]) == os.getpid()
-            assert child not in (int(fields[2]), int(fields[3]))
-            with open(f"/proc/{orphan}/environ", "rb") as f:
-                assert _lineage.MARKER.encode() not in f.read()
-            await kernel.stop(ref)
-            assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 1
-            await wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to go")
-        finally:
-            with contextlib.suppress(OSError):
-                os.kill(orphan, signal.SIGKILL)
-                os.waitpid(orphan, 0)
+
+    def where(parent: int, group: int, session: int, child: int) -> None:
+        # the kernel's now, out of the child's session and group
+        assert parent == os.getpid()
+        assert child not in (group, session)
+
+    await _the_stop_kills_the_unmarked_orphan("escape_by_session", where)
 
 
 class _ExitedAsTheWaitTimedOut:
