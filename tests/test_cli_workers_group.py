@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -395,6 +396,45 @@ def test_a_worker_that_ended_is_told_before_it_is_reaped_without_reaping_it() ->
     with subprocess.Popen(["sleep", "60"]) as alive:
         assert _ended_unreaped(alive.pid) is None
         alive.kill()
+
+
+@pytestmark_linux
+def test_a_worker_reaped_as_its_state_is_read_is_told_ended_not_running() -> None:
+    """The group's state is read from the endpoint's thread while the worker's watch
+    blocks in its ``Popen.wait()``, which holds the ``Popen``'s lock: ``poll()`` says
+    None, and a worker the watch reaped in that moment, its ``returncode`` not set yet,
+    was read as running (``waitid`` finds nothing to wait for), so the group named it
+    by its port's ``Connection refused`` (CI 219). A ``Popen`` that says None to
+    ``poll()`` and whose process is reaped is now waited for: its watch sets the code
+    at once. (Fails on aee6fa4's ``_cluster_cmd.py``: None.)"""
+    from nexus_trio.cli._cluster_cmd import _end_of
+
+    class ReapedByItsWatch:
+        """What the endpoint's thread sees in that moment."""
+
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+            self.waited: list[float | None] = []
+
+        def poll(self) -> int | None:
+            return None  # (the lock is its watch's)
+
+        def wait(self, timeout: float | None = None) -> int:
+            self.waited.append(timeout)
+            return -signal.SIGKILL  # (what the watch set)
+
+    child = subprocess.Popen(["sleep", "60"])
+    child.kill()
+    os.waitpid(child.pid, 0)  # (the watch's reap, its returncode not set yet)
+    seen = ReapedByItsWatch(child.pid)
+    assert _end_of(seen) == -signal.SIGKILL  # type: ignore[arg-type]
+    assert seen.waited == [5]
+    child.returncode = -signal.SIGKILL  # (what its watch would set: the with's wait ends)
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        assert _end_of(alive) is None
+        alive.kill()
+        alive.wait()
+        assert _end_of(alive) == -signal.SIGKILL
 
 
 async def test_the_group_metrics_have_every_sample_of_every_worker_labelled() -> None:

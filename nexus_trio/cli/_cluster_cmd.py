@@ -1057,10 +1057,7 @@ def run_workers(
             if i >= len(procs):
                 states.append((NOT_STARTED, ""))
                 continue
-            p = procs[i]
-            code = p.poll()
-            if code is None:  # (its watch's wait may not have taken its end yet)
-                code = _ended_unreaped(p.pid)
+            code = _end_of(procs[i])
             if code is not None:
                 states.append((ENDED, _how_it_ended(code)))
             else:
@@ -1424,16 +1421,38 @@ def _summary_of(output: bytes) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _end_of(p: subprocess.Popen[Any]) -> int | None:
+    """The ``Popen.returncode`` of a worker that ended (reaped or not), None while it
+    runs: read from another thread than its watch's, whose blocking wait holds the
+    ``Popen``'s lock, so ``poll()`` says None until that wait returns. Not reaped yet:
+    :func:`_ended_unreaped`. Reaped meanwhile (``ChildProcessError``): its watch's wait
+    took it and sets ``returncode`` in a moment, under that lock: waited for (a killed
+    worker asked for as it was reaped read as running, and the group's answer named it
+    by its port's ``Connection refused``: CI 219)."""
+    code = p.poll()
+    if code is not None:
+        return code
+    try:
+        return _ended_unreaped(p.pid)
+    except ChildProcessError:
+        try:
+            return p.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # (not expected: its wait sets it at once)
+            return None
+
+
 def _ended_unreaped(pid: int) -> int | None:
     """The ``Popen.returncode`` of a child that ended and has not been reaped yet, read
     without reaping it (``WNOWAIT``: its watch's wait still takes it); None if it still
-    runs, was reaped meanwhile, or this system cannot tell."""
+    runs or this system cannot tell; ``ChildProcessError`` if it was reaped meanwhile."""
     waitid = getattr(os, "waitid", None)
     if waitid is None:
         return None
     try:
         info = waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except OSError:  # (ChildProcessError: reaped meanwhile)
+    except ChildProcessError:
+        raise  # (reaped meanwhile: see _end_of)
+    except OSError:
         return None
     if info is None:
         return None
