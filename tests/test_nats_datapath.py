@@ -261,6 +261,45 @@ async def test_common_and_rare_tells_in_one_columnar_batch_arrive_in_order(
         assert cb.stats().inbound_dropped == {}
 
 
+async def test_a_link_made_before_its_destinations_record_turns_columnar_at_a_batch_boundary(
+    nats: NatsServer,
+) -> None:
+    """Forty-fifth pass: a link made before its destination's membership record is known
+    (the link that returns credit for a batch that came first) wrote NXB2 for its whole
+    life. Once the record comes and lists NXB3, the link's next batch is NXB3: never
+    the open one, whose tells went in as NXB2 frames. Here a's link to b is made while
+    b's record is unknown to a, three tells go in its open batch, then b's record comes:
+    that batch leaves NXB2, the next ones NXB3, every tell handled in order."""
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        received: list[Any] = []
+        await _collecting((ka, ca), (kb, cb), received)
+        stream = ("b", cb.id_prefix)
+        record = cb._record()
+        versions = _versions_read(cb)
+        with trio.fail_after(30):
+            ca._drop_link(stream)
+            known = ca.members.members.pop("b")
+            link = ca._new_link(stream)  # (as _return_credit makes it)
+            assert not link.columnar
+            ca.members.members["b"] = known  # (routed as before: the link stays NXB2)
+            for i in range(3):
+                ka.send_nowait("col", i)  # in the open batch, no checkpoint
+            del ca.members.members["b"]
+            with on_loop_of(ca):  # b's record, heard now
+                ca._apply_member_entry("b", record, None)
+            assert link.tells == 3 and not link.columnar  # (never mid-batch)
+            await trio.testing.wait_all_tasks_blocked()  # (the flusher seals it)
+            assert link.sent == 3 and link.columnar
+            for i in range(3, 40):
+                ka.send_nowait("col", i)
+            assert await ka.request("col", "dump") == 41
+            assert ca._links[stream] is link and link.columnar
+        assert received == [-1, *range(40)]
+        assert versions[0] == b"NXB2" and b"NXB3" in versions
+        assert set(versions[1:]) == {b"NXB3"}
+        assert cb.stats().inbound_dropped == {} and cb.stats().lost_in_transit == 0
+
+
 async def test_tells_to_many_agents_in_one_columnar_block_reach_each_its_agent(
     nats: NatsServer,
 ) -> None:

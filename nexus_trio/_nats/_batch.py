@@ -311,6 +311,7 @@ class NodeLink:
         "size",
         "table",
         "tells",
+        "upgrade",
         "window",
     )
 
@@ -321,6 +322,9 @@ class NodeLink:
         #: whether the destination reads NXB3 (its membership record lists it): the
         #: common tells then go as rows of a block (see :meth:`close_rows`)
         self.columnar = columnar
+        #: the destination's record came to list NXB3 while this link's open batch held
+        #: frames: the batches after that one are NXB3 (see :meth:`read_columnar_next`)
+        self.upgrade = False
         #: the open block of rows: ``(stored_fields, index in entries)`` a tell, the
         #: payloads' JSON, the table of addresses (its entries, and their index by the
         #: address: a name, or an id's 128-bit value)
@@ -379,6 +383,17 @@ class NodeLink:
             self.entries = []
             self.table = {}
 
+    def read_columnar_next(self) -> None:
+        """The destination reads NXB3 (its record, which came after this link was made,
+        lists it): the next batch is NXB3, this one too if it holds no frame yet; never
+        a batch whose frames went in as NXB2 (:meth:`seal` switches at the boundary)."""
+        if self.columnar:
+            return
+        if self.frames or self.tells:
+            self.upgrade = True
+        else:
+            self.columnar = True
+
     def add_cancel(self, query_id: uuid.UUID, to: Address) -> None:
         body = cancel_body(query_id, to)
         self.frames.append(_FRAME.pack(len(body) + 1, CANCEL) + body)
@@ -413,6 +428,9 @@ class NodeLink:
         self.frames = []
         self.size = 0
         self.tells = 0
+        if self.upgrade:
+            self.upgrade = False
+            self.columnar = True
         return body, tells
 
     def credit(self, peer_session: int, consumed: int) -> None:

@@ -2006,7 +2006,9 @@ class Cluster:
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
         """A link to process ``stream``: columnar (NXB3) if the record of that process, as
         the member table holds it, lists NXB3 (a rejoin with another record gets a new
-        link, see _restart_streams), NXB2 otherwise."""
+        link, see _restart_streams), NXB2 otherwise; one made before that record came
+        (the link that returns credit for a batch that came first) turns NXB3 at its
+        next batch once the record comes (_apply_member_entry, NodeLink.read_columnar_next)."""
         info = self.members.members.get(stream[0])
         columnar = (
             info is not None and info.id_prefix == stream[1] and info.reads_batches(batch.COLUMNAR)
@@ -4910,6 +4912,20 @@ class Cluster:
                 self._restart_streams(info.node, previous if same else None)
         if (previous is None or previous.joined != info.joined) and info.node != self.node:
             self._compare_windows(info)
+        if (
+            info.node != self.node
+            and info.reads_batches(batch.COLUMNAR)
+            and (
+                previous is None
+                or previous.id_prefix != info.id_prefix
+                or not previous.reads_batches(batch.COLUMNAR)
+            )
+        ):
+            # a link made before this record (the credit link of a batch that came
+            # first): NXB3 from its next batch on, never mid-batch (see _new_link)
+            link = self._links.get((info.node, info.id_prefix))
+            if link is not None:
+                link.read_columnar_next()
         back = self.members.heard(info)
         if back:
             log_guarded(
