@@ -1534,14 +1534,17 @@ async def test_a_late_tell_of_an_earlier_join_not_kept_leaves_the_current_stream
         assert (stats.inbound_streams, stats.inbound_streams_retired) == (1, 0)
 
 
-async def test_a_columnar_batch_with_a_bad_block_is_dropped_whole_and_the_next_one_read(
+async def test_a_columnar_batch_with_a_bad_block_loses_that_block_only_the_rest_read_in_order(
     nats: NatsServer,
 ) -> None:
     """NXB3 (see ``_batch``): a block of rows is checked whole before any of its tells is
-    used; one whose row names an address past its table is the whole batch's fault
-    (``malformed_batch``, its tells ``malformed``), none delivered, the reader goes on: a
-    good columnar batch right after it is delivered, a tell before and after its block in
-    order."""
+    used; one whose row names an address past its table is left out, its rows counted
+    (``malformed``: the three its head counts), and the batch's other tells are
+    delivered in order, as NXB2 leaves out a single tell that does not decode (until the
+    forty-fifth pass the whole batch was dropped, ``malformed_batch``). A block whose
+    head's count does not add up to the batch's is still the whole batch's fault
+    (``malformed_batch``, its five tells ``malformed``). The reader goes on: a good
+    columnar batch after them is delivered whole, in order."""
     got: list[Any] = []
 
     @agent(name="col")
@@ -1558,6 +1561,7 @@ async def test_a_columnar_batch_with_a_bad_block_is_dropped_whole_and_the_next_o
         assert entry is not None
         good = wire.encode_block(rows, [entry], [b"0", b"1", b"2"])
         bad = good[: 6 + 43 + 41] + b"\x00\x01" + good[6 + 43 + 43 :]  # row 1: address 1 of 1
+        miscounted = struct.pack(">I", 4) + bad[4:]  # its head says 4 rows of the batch's 3
         name = b"h"
 
         def nxb3(first: int, *frames: bytes) -> bytes:
@@ -1566,19 +1570,21 @@ async def test_a_columnar_batch_with_a_bad_block_is_dropped_whole_and_the_next_o
 
         before, after = _tell("col", "before"), _tell("col", "after")
         with trio.fail_after(20):
-            await hostile.publish(
-                "nexus.node.a.batch",
-                nxb3(1, _frame(batch.TELL, before), _frame(batch.ROWS, bad), _frame(1, after)),
-            )
-            await hostile.publish(
-                "nexus.node.a.batch",
-                nxb3(6, _frame(batch.TELL, before), _frame(batch.ROWS, good), _frame(1, after)),
-            )
-            # after both on the same connection: in order behind them
+            for first, block in ((1, bad), (6, miscounted), (11, good)):
+                await hostile.publish(
+                    "nexus.node.a.batch",
+                    nxb3(
+                        first,
+                        _frame(batch.TELL, before),
+                        _frame(batch.ROWS, block),
+                        _frame(1, after),
+                    ),
+                )
+            # after them on the same connection: in order behind them
             answer = await hostile.ask(f"nexus.node.a.agent.{ref.id}", ref.id, "end")
-        assert answer == 6
-        assert got == ["before", 0, 1, 2, "after", "end"]
+        assert answer == 8
+        assert got == ["before", "after", "before", 0, 1, 2, "after", "end"]
         stats = ca.stats()
         assert stats.disconnects == 0
-        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 5}
+        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 3 + 5}
         assert stats.lost_in_transit == 0

@@ -1440,6 +1440,46 @@ def test_a_bad_block_of_rows_is_refused_whole_saying_what_is_wrong(
     head, offset = batch.parse_head(body)
     with pytest.raises(batch.BatchError, match=re.escape(problem)):
         batch.read_columnar(body, offset, head.numbered, print)
+    # as the node reads it (bad_rows, forty-fifth pass): the block left out, its rows
+    # counted, where its head's count is the batch's; else the batch is refused whole
+    changed = change(block)
+    rows = struct.unpack_from(">I", changed)[0] if len(changed) >= 4 else 0
+    bad: list[tuple[int, str]] = []
+    if 1 <= rows == numbered:
+        read, _ = batch.read_columnar(
+            body, offset, head.numbered, print, lambda n, e: bad.append((n, str(e)))
+        )
+        assert read == [] and len(bad) == 1 and bad[0][0] == numbered
+        assert problem in bad[0][1]
+    else:
+        with pytest.raises(batch.BatchError, match=re.escape(problem)):
+            batch.read_columnar(
+                body, offset, head.numbered, print, lambda n, e: bad.append((n, str(e)))
+            )
+        assert bad == []
+
+
+def test_a_bad_block_among_good_frames_is_left_out_and_the_rest_read_in_order() -> None:
+    """With ``bad_rows`` (the node's reading), a bad block between a good block and a
+    single tell: the good ones read in order, the bad one's rows handed to ``bad_rows``
+    once, in its place (after the undecodable tell before it)."""
+    block, msgs = _good_block()
+    bad_block = _patched(block, 6 + 43 + 41, struct.pack(">H", 2))  # row 1: address 2 of 2
+    link = batch.NodeLink("b", 2, window=100, columnar=True)
+    tell = wire.encode_tell(msgs[0])
+    for part in (block, b"\x80bad", bad_block, tell):
+        kind = batch.TELL if part in (b"\x80bad", tell) else batch.ROWS
+        link.frames += [batch.frame_head(len(part) + 1, kind), part]
+    link.tells = 3 + 1 + 3 + 1
+    body, _ = link.seal(b"a", 1, 7)
+    head, offset = batch.read_head(body)
+    said: list[Any] = []
+    read, _ = batch.read_columnar(
+        body, offset, head.numbered, said.append, lambda n, e: said.append((n, str(e)))
+    )
+    assert read == [*msgs, msgs[0]]
+    assert len(said) == 2 and isinstance(said[0], MessageDecodeError)
+    assert said[1][0] == 3 and "block of rows 1, after 2 tells: row 1: address 2 of 2" in said[1][1]
 
 
 def test_a_block_of_rows_is_no_frame_of_an_nxb2_batch() -> None:

@@ -442,8 +442,11 @@ def _read_columnar(data: bytes) -> list[Message]:
     """What the receiving node reads of an NXB3 batch; raises only BatchError."""
     head, offset = batch.read_head(data)
     undecodable: list[MessageDecodeError] = []
-    msgs, controls = batch.read_columnar(data, offset, head.numbered, undecodable.append)
-    assert len(msgs) + len(undecodable) == head.numbered
+    bad: list[int] = []
+    msgs, controls = batch.read_columnar(
+        data, offset, head.numbered, undecodable.append, lambda rows, _: bad.append(rows)
+    )
+    assert len(msgs) + len(undecodable) + sum(bad) == head.numbered
     for msg in msgs:
         _well_formed(msg)
     for kind, _ in controls:

@@ -59,6 +59,8 @@ _READ_MAGICS: Final = frozenset((b"NXB1", MAGIC, MAGIC_COLUMNAR))
 _HEAD: Final = struct.Struct(">4sQQQQIH")
 _FRAME: Final = struct.Struct(">IB")
 _CREDIT: Final = struct.Struct(">QQ")
+#: the rows a block's head counts (the first field of ``_wire``'s block head)
+_BLOCK_ROWS: Final = struct.Struct(">I")
 #: the fixed part of a batch, before the node name
 HEAD_SIZE: Final = _HEAD.size
 #: what every frame costs on top of its body
@@ -215,38 +217,59 @@ def read_columnar(
     offset: int,
     numbered: int,
     undecodable: Callable[[MessageDecodeError], object],
+    bad_rows: Callable[[int, BatchError], object] | None = None,
 ) -> tuple[list[Message], list[tuple[int, bytes]]]:
     """The messages and control frames of an NXB3 batch from ``offset``, the messages in
     the order of their frames (single tells and blocks of rows). Checked as a whole
     before any message is used, as :func:`split_frames` checks a batch, and every block
-    whole (:func:`_wire.decode_block`: a block that does not check is the whole batch's
-    BatchError, none of its tells used, where a single tell that does not decode is
-    handed to ``undecodable`` alone, as in NXB2); a count of tells other than the head's
-    is a BatchError."""
+    whole (:func:`_wire.decode_block`); a single tell that does not decode is handed to
+    ``undecodable`` alone, as in NXB2; a count of tells other than the head's is a
+    BatchError.
+
+    A block that does not check is the whole batch's BatchError, none of its tells
+    used, without ``bad_rows``. With it (the node's reading, forty-fifth pass), such a
+    block is left out as a single tell that does not decode is: ``bad_rows(rows,
+    error)`` with the rows its head counts, in its place in the order, and the batch's
+    other tells are read; only if its head says at least one row and the batch's count
+    (with those rows) is the head's, else the batch is refused whole as before. Its rows
+    are one JSON array of payloads and one table of addresses: no row of a bad block is
+    read alone (a row's payload cannot be told from its neighbours' in an array that
+    does not parse)."""
     places: list[int] = []
     bodies, controls = split_frames(data, offset, numbered, places)
     if not places:
         if len(bodies) != numbered:
             raise BatchError(f"batch head says {numbered} tells, it holds {len(bodies)}")
         return wire.decode_tells(bodies, undecodable), controls
-    decoded: list[list[Message]] = []
+    decoded: list[list[Message] | tuple[int, BatchError]] = []
     count = len(bodies) - len(places)
     for place in places:
         body = bodies[place]
         try:
             msgs = wire.decode_block(body, 0, len(body))
         except ValueError as exc:
-            raise BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}") from None
+            error = BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}")
+            rows = _BLOCK_ROWS.unpack_from(body)[0] if len(body) >= _BLOCK_ROWS.size else 0
+            if bad_rows is None or rows < 1:
+                raise error from None
+            decoded.append((rows, error))
+            count += rows
+            continue
         decoded.append(msgs)
         count += len(msgs)
     if count != numbered:
-        raise BatchError(f"batch head says {numbered} tells, it holds {count}")
+        bad = next((f" ({d[1]})" for d in decoded if isinstance(d, tuple)), "")
+        raise BatchError(f"batch head says {numbered} tells, it holds {count}{bad}")
     out: list[Message] = []
     start = 0
-    for place, msgs in zip(places, decoded, strict=True):
+    for place, block in zip(places, decoded, strict=True):
         if place > start:
             out += wire.decode_tells(bodies[start:place], undecodable)
-        out += msgs
+        if isinstance(block, tuple):
+            assert bad_rows is not None
+            bad_rows(*block)
+        else:
+            out += block
         start = place + 1
     if start < len(bodies):
         out += wire.decode_tells(bodies[start:], undecodable)

@@ -2778,10 +2778,12 @@ class Cluster:
         self, head: batch.BatchHead, data: bytes, offset: int
     ) -> tuple[list[Message], list[tuple[int, bytes]]]:
         """The messages and control frames of a batch (checked whole: BatchError); a
-        tell that does not decode is counted (``malformed``) and left out."""
+        tell that does not decode is counted (``malformed``) and left out, and so are the
+        rows of an NXB3 block that does not (``read_columnar``'s ``bad_rows``)."""
         undecodable = functools.partial(self._undecodable, head)
         if head.columnar:
-            return batch.read_columnar(data, offset, head.numbered, undecodable)
+            bad_rows = functools.partial(self._bad_block, head)
+            return batch.read_columnar(data, offset, head.numbered, undecodable, bad_rows)
         tells, controls = batch.split_frames(data, offset, head.numbered)
         return wire.decode_tells(tells, undecodable), controls
 
@@ -2941,11 +2943,17 @@ class Cluster:
     def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
         self._malformed("undecodable tell in a batch from %r", head.node, exc)
 
-    def _malformed(self, what: str, where: object, exc: Exception) -> None:
+    def _bad_block(self, head: batch.BatchHead, rows: int, exc: batch.BatchError) -> None:
+        """An NXB3 block that does not check, left out of its batch: its rows counted."""
+        what = f"undecodable block of {rows} tells in a batch from %r"
+        self._malformed(what, head.node, exc, rows)
+
+    def _malformed(self, what: str, where: object, exc: Exception, count: int = 1) -> None:
         """A frame from a peer that could not be used (``what`` with ``where`` in it):
-        counted in ``inbound_dropped["malformed"]``; logged at once, then at most once a
-        second with the count so far (the rest held, said at the leave)."""
-        self._dropped["malformed"] += 1
+        its ``count`` tells counted in ``inbound_dropped["malformed"]``; logged at once,
+        then at most once a second with the count so far (the rest held, said at the
+        leave)."""
+        self._dropped["malformed"] += count
         if self.held.due(
             self._malformed_log,
             "malformed frames dropped",
