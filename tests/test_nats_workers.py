@@ -16,6 +16,8 @@ from nexus_trio._nats import ClusterOptions, NatsServer
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 from nexus_trio.nats import ConnectionWatch
 
+from .nats_server import on_loop_of
+
 # worker_argv (the worker command line from the parsed options): tests/test_cli_workers.py
 
 
@@ -866,6 +868,55 @@ async def test_a_peer_written_off_and_heard_again_stays_among_the_lost_peers(
         peers = cluster_counts(a, also_lost=frozenset({"b"}))["lost_peers"]
         assert (set(peers), peers["b"]["pid"]) == ({"b"}, os.getpid())
         assert set(cluster_counts(a, also_lost=frozenset({"c"}))["lost_peers"]) == set()
+
+
+async def test_a_lost_peer_gone_from_the_member_table_stays_among_the_lost_peers(
+    nats: NatsServer,
+) -> None:
+    """Forty-fifth pass: ``lost_peers`` listed the member table's peers only. A worker
+    this one wrote off (``also_lost``) whose leave was heard before the summary, and a
+    peer lost and forgotten since (``forget_lost_after``), were missing, and the parent
+    took the written-off worker's own summary for a live one's. Both are listed now, by
+    their last record (``Cluster.departed``), with the tells handed to them by then."""
+    import os
+    import time
+
+    from nexus_trio import Context, Message, agent
+    from nexus_trio.cli._swarm import cluster_counts
+
+    from .test_nats_placement import _lose, _meet, _node
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        return msg.payload
+
+    async with _node(nats.url, "b") as (kb, b), _node(nats.url, "a") as (ka, a):
+        _meet(a, b)
+        kb.spawn(sink, name="sink")
+        await b.names_published()
+        await a.wait_for_name("sink")
+        for i in range(3):
+            await ka.send("sink", i)
+        assert await ka.request("sink", "end") == "end"
+        handed = a.tells_sent_to("b", b.id_prefix)
+        assert handed == 3
+        _lose(a, "b")
+        _meet(a, b)  # heard again: a member, not lost; then its leave is heard
+        with on_loop_of(a):
+            a._apply_member_entry("b", None, "DEL")
+        assert "b" not in {info.node for info in a.member_list()}
+        assert a.tells_sent_to("b", b.id_prefix) == 0  # (its stream gone)
+        assert "b" not in cluster_counts(a)["lost_peers"]  # (left, lost no more)
+        peers = cluster_counts(a, also_lost=frozenset({"b"}))["lost_peers"]
+        assert set(peers) == {"b"} and peers["b"]["pid"] == os.getpid()
+        assert peers["b"]["handed_to"] - peers["b"]["queries_and_replies"]["handed_to"] == 3
+        # lost, then forgotten: still lost at this end, listed without being written off
+        _meet(a, b)
+        _lose(a, "b")
+        with on_loop_of(a):
+            a._forget_lost_members(time.monotonic() + a.options.forget_lost_after + 3600)
+        assert "b" not in {info.node for info in a.member_list()}
+        assert set(cluster_counts(a)["lost_peers"]) == {"b"}
 
 
 class _Heartbeats:

@@ -205,6 +205,9 @@ _LEAVE_FLUSH_WAIT: Final = 2.0
 #: connection was down (the ``--workers`` settle asks the same option)
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
+#: members that left the member table (a leave, or forgotten) whose last record this
+#: node keeps (see Cluster.departed); then the oldest are let go
+_DEPARTED_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
 #: it, before it gives up (each refused write: another process wrote under the name)
 _CLAIM_TRIES: Final = 3
@@ -839,6 +842,7 @@ class Cluster:
         "_data_up",
         "_deliveries",
         "_deliveries_ended",
+        "_departed",
         "_dirty",
         "_disconnecting",
         "_disconnects",
@@ -1217,6 +1221,9 @@ class Cluster:
         #: times each node was judged lost (None past _LOST_BY_NODE_MAX names)
         self._lost_by_node: dict[str, int] | None = {}
         self._nodes_forgotten = 0
+        # the last record of each member that left the table, and the numbered tells
+        # this process had sent it by then (see departed)
+        self._departed: OrderedDict[str, tuple[NodeInfo, int]] = OrderedDict()
         self._closing = False
         #: what readiness() says of the join: "not joined" until the join is done,
         #: "joined", then "leaving" from when the join_cluster block is left
@@ -4861,6 +4868,7 @@ class Cluster:
                 return
             info = self.members.left(key)
             if info is not None:
+                self._note_departed(info)
                 log_guarded(log, logging.INFO, "node %s: node %r left the cluster", self.node, key)
                 if info.session is not None:
                     self._note_left_before_delete(key, info.session)
@@ -4985,10 +4993,20 @@ class Cluster:
                 self.options.node_window,
             )
 
+    def _note_departed(self, info: NodeInfo) -> None:
+        """Keep ``info`` (a member that left the table) for :meth:`departed`, with the
+        tells sent to its process so far (its stream's count goes with its links)."""
+        departed = self._departed
+        departed[info.node] = (info, self.tells_sent_to(info.node, info.id_prefix))
+        departed.move_to_end(info.node)
+        if len(departed) > _DEPARTED_MAX:
+            departed.popitem(last=False)
+
     def _forget_lost_members(self, now: float) -> None:
         """Forget the members lost ``forget_lost_after`` seconds ago (see _check_members)."""
         for info in self.members.forget_lost(now, self.options.forget_lost_after):
             self._nodes_forgotten += 1
+            self._note_departed(info)
             self._record_sessions.pop(info.node, None)
             self._note_names_of_forgotten(info.node, info.id_prefix)
             self._drop_hidden_names_of(info.node)
@@ -5162,6 +5180,16 @@ class Cluster:
         to keep (see ``Membership.ever_heard``)."""
         heard = self.members.ever_heard
         return None if heard is None else frozenset(heard)
+
+    def departed(self) -> dict[str, tuple[NodeInfo, int]]:
+        """Per node that left this node's member table (its leave heard, or forgotten
+        ``forget_lost_after`` seconds after its loss): its last record there (not
+        ``reachable``: it was still lost here), and the numbered tells this process had
+        sent to that process by then (what :meth:`tells_sent_to` said, which no longer
+        does once its streams are gone); the last 4,096 that left, oldest first. One
+        that is a member again since is listed all the same (ask the member table
+        first)."""
+        return dict(self._departed)
 
     def live_nodes(self) -> list[str]:
         """The reachable members (this node always among them), sorted by name."""

@@ -474,8 +474,9 @@ def _dropped_and_lost(s: ClusterStats) -> tuple[int, int]:
 
 def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[str, Any]:
     """This worker's traffic with the others, for its summary. ``lost_peers`` lists the
-    members lost now and those of ``also_lost`` (:attr:`Swarm.written_off`: settled
-    without, heard again since), each with what it handed to them and took from them."""
+    peers lost now (also gone from the member table since: :func:`_lost_peers`) and
+    those of ``also_lost`` (:attr:`Swarm.written_off`: settled without, heard again or
+    left since), each with what it handed to them and took from them."""
     s = cluster.stats()
     dropped, lost = _dropped_and_lost(s)
     heard = cluster.ever_heard()
@@ -499,11 +500,7 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
         # worker's never joined as far as they know (see _cluster_cmd._counted_from_outside)
         "peers_heard": None if heard is None else sorted(heard),
         # per worker lost (died): the messages this worker handed to it and took from it
-        "lost_peers": {
-            info.node: _seen_of_lost(cluster, info)
-            for info in cluster.member_list()
-            if not info.reachable or info.node in also_lost
-        },
+        "lost_peers": _lost_peers(cluster, also_lost),
         # what this worker keeps of its peers (bounded: see docs/distributed.md)
         "membership": {
             "nodes_lost": s.nodes_lost,
@@ -517,16 +514,39 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
     }
 
 
-def _seen_of_lost(cluster: Cluster, info: NodeInfo) -> dict[str, Any]:
+def _lost_peers(cluster: Cluster, also_lost: Collection[str]) -> dict[str, dict[str, Any]]:
+    """The peers lost at this worker's end and the workers of ``also_lost``, each with
+    what this worker handed to it and took from it (:func:`_seen_of_lost`). Members
+    first; then those gone from the member table since (``Cluster.departed``: a leave
+    heard, or forgotten after the loss; the last 4,096 kept), by their last record there,
+    if it was still lost then or is of ``also_lost``: until the forty-fifth pass they
+    were missing (the member table's only), and the parent took the own summary of a
+    worker written off by others for a live worker's."""
+    members = {info.node: info for info in cluster.member_list()}
+    peers = {
+        node: _seen_of_lost(cluster, info)
+        for node, info in members.items()
+        if not info.reachable or node in also_lost
+    }
+    for node, (info, sent) in cluster.departed().items():
+        if node not in members and (not info.reachable or node in also_lost):
+            peers[node] = _seen_of_lost(cluster, info, sent)
+    return dict(sorted(peers.items()))
+
+
+def _seen_of_lost(cluster: Cluster, info: NodeInfo, sent: int | None = None) -> dict[str, Any]:
     """What this worker handed to a lost worker and took from it, exactly: its numbered
-    tells, and its queries and replies (counted per process, not numbered)."""
+    tells (``sent``: those it handed to a worker gone from the member table, whose
+    stream no longer says), and its queries and replies (counted per process, not
+    numbered)."""
     asked = {
         "handed_to": cluster.queries_and_replies_sent_to(info.id_prefix),
         "taken_from": cluster.queries_and_replies_taken_from(info.id_prefix),
     }
     return {
         "pid": info.pid,
-        "handed_to": cluster.tells_sent_to(info.node, info.id_prefix) + asked["handed_to"],
+        "handed_to": (cluster.tells_sent_to(info.node, info.id_prefix) if sent is None else sent)
+        + asked["handed_to"],
         "taken_from": cluster.tells_taken_from(info.node, info.id_prefix) + asked["taken_from"],
         "queries_and_replies": asked,
     }
