@@ -500,7 +500,7 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
         # worker's never joined as far as they know (see _cluster_cmd._counted_from_outside)
         "peers_heard": None if heard is None else sorted(heard),
         # per worker lost (died): the messages this worker handed to it and took from it
-        "lost_peers": _lost_peers(cluster, also_lost),
+        "lost_peers": _lost_peers(cluster, also_lost, s.nodes_lost_by_node),
         # what this worker keeps of its peers (bounded: see docs/distributed.md)
         "membership": {
             "nodes_lost": s.nodes_lost,
@@ -514,14 +514,20 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
     }
 
 
-def _lost_peers(cluster: Cluster, also_lost: Collection[str]) -> dict[str, dict[str, Any]]:
+def _lost_peers(
+    cluster: Cluster, also_lost: Collection[str], judged: Mapping[str, int] | None
+) -> dict[str, dict[str, Any]]:
     """The peers lost at this worker's end and the workers of ``also_lost``, each with
     what this worker handed to it and took from it (:func:`_seen_of_lost`). Members
     first; then those gone from the member table since (``Cluster.departed``: a leave
     heard, or forgotten after the loss; the last 4,096 kept), by their last record there,
-    if it was still lost then or is of ``also_lost``: until the forty-fifth pass they
-    were missing (the member table's only), and the parent took the own summary of a
-    worker written off by others for a live worker's."""
+    if it was still lost then, or is of ``also_lost`` and was judged lost here
+    (``judged``: ``nodes_lost_by_node``; None, too many to keep: taken as judged).
+    Until the forty-fifth pass they were missing (the member table's only), and the
+    parent took the own summary of a worker the others wrote off for a live worker's.
+    One the settle wrote off only because it left without saying it stopped (its last
+    record, see :meth:`Swarm._observe`), never judged lost here, is not listed, as
+    before: its own summary says what it did (a real split: see _cluster_cmd)."""
     members = {info.node: info for info in cluster.member_list()}
     peers = {
         node: _seen_of_lost(cluster, info)
@@ -529,7 +535,9 @@ def _lost_peers(cluster: Cluster, also_lost: Collection[str]) -> dict[str, dict[
         if not info.reachable or node in also_lost
     }
     for node, (info, sent) in cluster.departed().items():
-        if node not in members and (not info.reachable or node in also_lost):
+        if node in members:
+            continue
+        if not info.reachable or (node in also_lost and (judged is None or node in judged)):
             peers[node] = _seen_of_lost(cluster, info, sent)
     return dict(sorted(peers.items()))
 
