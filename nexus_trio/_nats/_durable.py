@@ -1249,12 +1249,11 @@ class DurableChannel:
         in all (asyncio side). nats-py's ``stream_info`` asks no offset: its request, with
         one."""
         request = {"subjects_filter": f"{self.cluster.prefix}.durable.>", "offset": offset}
+        subject = f"$JS.API.STREAM.INFO.{self._stream}"
         reply = await self.cluster.nc.request(
-            f"$JS.API.STREAM.INFO.{self._stream}",
-            json.dumps(request).encode(),
-            timeout=_JS_API_WAIT,
+            subject, json.dumps(request).encode(), timeout=_JS_API_WAIT
         )
-        return _subjects_answer(reply.data, f"$JS.API.STREAM.INFO.{self._stream}", offset)
+        return _subjects_answer(reply.data, subject, offset)
 
     def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
         scope = self._takeovers[node] = trio.CancelScope()
