@@ -4518,6 +4518,19 @@ trio.run(main)
 """
 
 
+def _kernel_process(tmp_path: Path, script: str, arg: str) -> subprocess.Popen[bytes]:
+    """A kernel in a process of its own (to be killed): ``script`` run with the toy
+    agent's path and ``arg``, its standard output a pipe, this checkout imported."""
+    path = tmp_path / "kernel.py"
+    path.write_text(script)
+    return subprocess.Popen(
+        [sys.executable, str(path), TOY, arg],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:
@@ -4540,14 +4553,7 @@ def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(
     its children's sessions, and the guardian takes their members too. (Item 1: one that
     left the session with ``setsid()`` instead is taken by the child's hold, which the
     kernel tells the guardian of too; on the code before the holds: alive after 10 s.)"""
-    script = tmp_path / "kernel.py"
-    script.write_text(KILLED_KERNEL_SESSION)
-    kernel = subprocess.Popen(
-        [sys.executable, str(script), TOY, escape],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    kernel = _kernel_process(tmp_path, KILLED_KERNEL_SESSION, escape)
     orphan = 0
     try:
         assert kernel.stdout is not None
@@ -4614,14 +4620,7 @@ trio.run(main)
 def test_children_and_grandchildren_die_with_a_sigkilled_kernel(tmp_path: Path) -> None:
     """A child that ignores end of input and SIGTERM, a grandchild, one that left with setsid."""
     tag = new_tag()
-    script = tmp_path / "kernel.py"
-    script.write_text(KILLED_KERNEL)
-    kernel = subprocess.Popen(
-        [sys.executable, str(script), TOY, tag],
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    kernel = _kernel_process(tmp_path, KILLED_KERNEL, tag)
     try:
         assert kernel.stdout is not None
         line = kernel.stdout.readline()  # bounded: the kernel's handle timeout is 10 s
