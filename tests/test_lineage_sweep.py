@@ -467,3 +467,89 @@ def test_a_thread_that_ends_as_its_children_are_read_leaves_the_others_read(
             process.wait()
         done.set()
         thread.join()
+
+
+class Branded(FakeProc):
+    """A scripted /proc whose processes carry the brands of ``brands``."""
+
+    brands: ClassVar[dict[int, int]] = {}
+    brand_reads: ClassVar[list[int]] = []
+
+    @staticmethod
+    def brand(pid: int) -> int | None:
+        Branded.brand_reads.append(pid)
+        return Branded.brands.get(pid)
+
+
+OWNER = "4242-0123456789abcdef"
+BRAND = _guardian.brand_prefix(OWNER) << _guardian.BRAND_BITS | 5
+
+
+def test_the_sweeper_s_children_with_the_child_s_brand_are_ours_with_their_descendants(
+    clock: Clock,
+) -> None:
+    """Item 1 of the forty-sixth pass: a child of the sweeping process (the subreaper)
+    that carries the exited child's brand is ours, mark, session and hold or not (80),
+    and so are its descendants (81, by the parent link). Not taken: one with another
+    child's brand (85), one with another kernel's (82), one branded but not the
+    sweeper's child (83: its brand is not even read; its topmost orphaned ancestor would
+    be), a live agent's child (84, ``not_ours``: not read). The guardian (its orphans
+    are no child of its) reads every process's brand and takes its kernel's."""
+    me = os.getpid()
+    FakeProc.setup(
+        environs={pid: [PLAIN] for pid in (80, 81, 82, 83, 84, 85)},
+        stats={
+            80: [alive(parent=me, session=80)],
+            81: [alive(parent=80, session=80)],
+            82: [alive(parent=me, session=82)],
+            83: [alive(parent=1, session=83)],
+            84: [alive(parent=me, session=84)],
+            85: [alive(parent=me, session=85)],
+        },
+    )
+    other_kernel = _guardian.brand_prefix("9999-fedcba9876543210") << _guardian.BRAND_BITS
+    Branded.brands = {80: BRAND, 82: other_kernel | 5, 83: BRAND, 84: BRAND, 85: BRAND + 1}
+    Branded.brand_reads = []
+    kernel = _guardian.Sweep("4242-owner.", Branded, brands=BRAND.__eq__, not_ours={84})
+    assert kernel.run(2.0, clock.sleep, clock) == [80, 81]
+    assert 83 not in Branded.brand_reads and 84 not in Branded.brand_reads
+    prefix = _guardian.brand_prefix(OWNER)
+    guardian = _guardian.Sweep(
+        "4242-owner.",
+        Branded,
+        orphans_here=False,
+        brands=lambda brand: brand >> _guardian.BRAND_BITS == prefix,
+    )
+    assert guardian.run(2.0, clock.sleep, clock) == [80, 83, 84, 85, 81]
+
+
+def test_a_sweep_without_brands_reads_none() -> None:
+    FakeProc.setup(environs={80: [PLAIN]}, stats={80: [alive(parent=os.getpid())]})
+    Branded.brands, Branded.brand_reads = {80: BRAND}, []
+    assert _guardian.Sweep("4242-owner.", Branded).run(0.0) == []
+    assert Branded.brand_reads == []
+
+
+def test_brands_fit_below_2_63_and_name_their_kernel() -> None:
+    assert _guardian.brand_prefix(OWNER) != _guardian.brand_prefix("4242-fedcba9876543210")
+    assert _guardian.brand_prefix("not-hex") == 1 << 42  # (no owner of ours)
+    assert BRAND < 2**63 and (BRAND | 0xFFFFF) >> _guardian.BRAND_BITS == BRAND >> 20
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/limits"), reason="limits read in Linux /proc")
+def test_a_child_s_brand_is_read_from_its_limits_also_as_a_zombie() -> None:
+    """The brand is the soft value of RLIMIT_LOCKS, set on the child by ``prlimit``: read
+    while it runs and once it is a zombie (the one an escapee leaves to be reaped)."""
+    import resource
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        resource.prlimit(child.pid, _guardian.BRAND_LIMIT, (BRAND, resource.RLIM_INFINITY))
+        assert _guardian.Proc.brand(child.pid) == BRAND
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+        assert _guardian.Proc.brand(child.pid) == BRAND
+    finally:
+        child.kill()
+        child.wait()
+    assert _guardian.Proc.brand(child.pid) is None

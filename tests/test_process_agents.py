@@ -4374,11 +4374,12 @@ async def test_a_descendant_out_of_the_group_unmarked_and_orphaned_is_killed_by_
 
 
 async def _the_stop_kills_the_unmarked_orphan(
-    op: str, where: Callable[[int, int, int, int], None]
+    op: str, where: Callable[[int, int, int, int], None], *, no_hold: bool = False
 ) -> None:
     """The toy's ``op`` leaves an orphan (its pid the answer): ``where(its parent, group,
-    session, the child's pid)`` checks where it is; it carries no mark, and the agent's
-    stop kills it (one descendant killed)."""
+    session, the child's pid)`` checks where it is; it carries no mark (with ``no_hold``,
+    no descriptor but its streams, on ``/dev/null``: no hold), and the agent's stop
+    kills it (one descendant killed)."""
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
         orphan = await kernel.request(ref, {"op": op})
@@ -4388,6 +4389,12 @@ async def _the_stop_kills_the_unmarked_orphan(
             where(int(fields[1]), int(fields[2]), int(fields[3]), child)
             with open(f"/proc/{orphan}/environ", "rb") as f:
                 assert _lineage.MARKER.encode() not in f.read()
+            if no_hold:
+                links = {
+                    os.readlink(f"/proc/{orphan}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{orphan}/fd")
+                }
+                assert links == {"/dev/null"}
             await kernel.stop(ref)
             assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 1
             await wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to go")
@@ -4413,6 +4420,55 @@ async def test_a_descendant_that_left_the_session_unmarked_and_orphaned_is_kille
         assert child not in (group, session)
 
     await _the_stop_kills_the_unmarked_orphan("escape_by_session", where)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_descendant_that_also_closed_its_descriptors_is_killed_by_the_child_s_brand() -> (
+    None
+):
+    """Item 1 of the forty-sixth pass (the escape docs/bridges.md named): as above, but
+    the orphan is started by Python's ``subprocess`` (``close_fds``, its streams on
+    ``/dev/null``), so it holds no hold either. It outlived the stop (the old
+    process.py, _lineage.py and _guardian.py swapped back in: still alive, 0
+    descendants killed). It still carries the child's brand (the soft value of its
+    ``RLIMIT_LOCKS``, inherited through all of it) and hangs off the kernel, the
+    subreaper: the sweep after the child's exit takes the kernel's children with it."""
+
+    def where(parent: int, group: int, session: int, child: int) -> None:
+        assert parent == os.getpid()
+        assert child not in (group, session)
+
+    await _the_stop_kills_the_unmarked_orphan("escape_closing_fds", where, no_hold=True)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie() -> None:
+    """Item 2 of the forty-sixth pass: an orphan reparented to the kernel (the subreaper)
+    that exits on its own stayed a zombie until the kernel exited: nothing waited for
+    it (the old process.py, _lineage.py and _guardian.py swapped back in: a zombie after
+    the stop, 0 reaped). It carries its child's brand: the sweep after a child's exit
+    reaps the branded zombies, counted. A child of the kernel's own that exited (a
+    ``subprocess`` of yours) carries no brand: left to its ``Popen``, its status kept."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        orphan = await kernel.request(ref, {"op": "escape_closing_fds"})
+        yours = subprocess.Popen(["/bin/sh", "-c", "exit 7"])
+        try:
+            os.kill(orphan, signal.SIGKILL)  # (it exits: a zombie of the kernel's)
+            os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOWAIT)
+            os.waitid(os.P_PID, yours.pid, os.WEXITED | os.WNOWAIT)
+            assert _stat_fields(orphan)[0] == "Z"
+            await kernel.stop(ref)
+            assert not os.path.exists(f"/proc/{orphan}")  # (reaped)
+            stats = stopped_bridge_stats(kernel).agents[ref.id]
+            assert (stats.descendants_killed, stats.descendants_reaped) == (0, 1)
+            assert _stat_fields(yours.pid)[0] == "Z"
+            assert yours.wait() == 7
+        finally:
+            yours.kill()
+            yours.wait()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(orphan, os.WNOHANG)
 
 
 class _ExitedAsTheWaitTimedOut:
@@ -4540,7 +4596,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
-@pytest.mark.parametrize("escape", ["escape_by_group", "escape_by_session"])
+@pytest.mark.parametrize("escape", ["escape_by_group", "escape_by_session", "escape_closing_fds"])
 def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(
     tmp_path: Path, escape: str
 ) -> None:
@@ -4552,7 +4608,10 @@ def test_a_sigkilled_kernel_s_guardian_takes_the_session_s_orphan(
     and _guardian.py swapped back in: alive after 10 s). The kernel now tells the guardian
     its children's sessions, and the guardian takes their members too. (Item 1: one that
     left the session with ``setsid()`` instead is taken by the child's hold, which the
-    kernel tells the guardian of too; on the code before the holds: alive after 10 s.)"""
+    kernel tells the guardian of too; on the code before the holds: alive after 10 s.
+    Forty-sixth pass: one that also closed its descriptors, started by ``subprocess``, is
+    taken by the child's brand, which the guardian reads of every process; on the code
+    before the brands: alive after 10 s.)"""
     kernel = _kernel_process(tmp_path, KILLED_KERNEL_SESSION, escape)
     orphan = 0
     try:

@@ -37,6 +37,23 @@ SWEEP_FOR = 2.0
 _PF_KTHREAD = 0x00200000
 #: how long to wait between two reads of a process caught in the middle of its exec
 _EXEC_PAUSE = 0.001
+#: the resource limit whose soft value carries a child's *brand* (see :func:`brand_prefix`):
+#: ``RLIMIT_LOCKS`` (<sys/resource.h>), which Linux has not enforced since 2.4.25. A
+#: process inherits its limits through ``fork``, ``exec``, ``setsid()`` and ``env -i``,
+#: and closing its file descriptors does not drop them.
+BRAND_LIMIT = 10
+#: the low bits of a brand that number the children of one kernel process
+BRAND_BITS = 20
+
+
+def brand_prefix(owner: str) -> int:
+    """The high bits of the brands of the children of the kernel process ``owner``
+    (``<pid>-<hex>``, see ``_lineage.owner``): bit 42 and 40 bits of its hex part, so a
+    brand is below 2**63, and far above any count of locks."""
+    try:
+        return (1 << 42) | int(owner.rpartition("-")[2][:10], 16)
+    except ValueError:
+        return 1 << 42
 
 
 class Proc:
@@ -91,6 +108,20 @@ class Proc:
                     if int(info["flags"].strip(), 8) & os.O_ACCMODE == os.O_RDONLY:
                         return True
         return False
+
+    @staticmethod
+    def brand(pid: int) -> int | None:
+        """The soft value of its ``BRAND_LIMIT`` (a zombie's too); None if unlimited, gone
+        or not ours to read."""
+        try:
+            with open(f"/proc/{pid}/limits") as f:
+                for line in f:
+                    if line.startswith("Max file locks "):
+                        soft = line.split()[3]
+                        return int(soft) if soft.isdigit() else None
+        except (OSError, IndexError):
+            pass
+        return None
 
     @staticmethod
     def kill(pid: int) -> None:
@@ -166,6 +197,8 @@ class Sweep:
         sessions: dict[int, int] | None = None,
         orphans_here: bool = True,
         holds: Callable[[], Collection[str]] | None = None,
+        brands: Callable[[int], bool] | None = None,
+        not_ours: Collection[int] = (),
     ) -> None:
         self.wanted = token_prefix.encode()
         self.proc = proc
@@ -179,6 +212,12 @@ class Sweep:
         #: the links of the children's holds (see the class) some process may still hold,
         #: asked at each scan (none, the common case: no file descriptor is read)
         self.holds = holds
+        #: which brands (see :data:`BRAND_LIMIT`) are ours: read of this process's children
+        #: only where orphans hang off it (a branded orphan's descendants are linked by
+        #: their parent), of every process for the guardian; ``not_ours``: pids not read
+        #: (the kernel's live children: other agents', which their own waits reap)
+        self.brands = brands
+        self.not_ours = frozenset(not_ours)
         self.me = os.getpid()
         #: pid -> start time of the processes found ours (this sweep's)
         self.ours: dict[int, int] = {}
@@ -217,6 +256,8 @@ class Sweep:
                 for pid, env in environs.items()
                 if env is not None and self.proc.holds(pid, held)
             }
+        if self.brands is not None:
+            marked |= self._branded(environs)
         # (with no process of ours in sight, an unmarked one with an environment is no
         # child to link: its stat is not read)
         links = bool(marked or self.ours or self._session_orphans())
@@ -246,6 +287,20 @@ class Sweep:
             i += 1
         unsure = [pid for pid in table if marks[pid] is None and pid not in self.ours]
         return found, unsure
+
+    def _branded(self, environs: dict[int, bytes | None]) -> set[int]:
+        """The processes (live, readable) that carry a brand of ours (see the class)."""
+        wanted = self.brands
+        assert wanted is not None
+        candidates = self.proc.children(self.me) if self.orphans_here else None
+        found = set()
+        for pid in environs if candidates is None else candidates:
+            if pid in self.not_ours or environs.get(pid) is None:
+                continue
+            brand = self.proc.brand(pid)
+            if brand is not None and wanted(brand):
+                found.add(pid)
+        return found
 
     def _session_orphans(self) -> bool:
         """Whether a process of the child's session (see the class) may be about with
@@ -313,10 +368,18 @@ class Sweep:
 
 
 def sweep(owner: str, sessions: dict[int, int] | None = None, holds: Collection[str] = ()) -> int:
-    """SIGKILL the marked processes of ``owner``, those of ``sessions`` and the holders of
-    ``holds`` (see :class:`Sweep`), until none is left (bounded); how many."""
+    """SIGKILL the marked processes of ``owner``, those of ``sessions``, the holders of
+    ``holds`` and those branded by ``owner`` (see :class:`Sweep`), until none is left
+    (bounded); how many."""
     kept = frozenset(holds)
-    sweeper = Sweep(f"{owner}.", sessions=sessions, orphans_here=False, holds=lambda: kept)
+    prefix = brand_prefix(owner)
+    sweeper = Sweep(
+        f"{owner}.",
+        sessions=sessions,
+        orphans_here=False,
+        holds=lambda: kept,
+        brands=lambda brand: brand >> BRAND_BITS == prefix,
+    )
     return len(sweeper.run(SWEEP_FOR))
 
 

@@ -12,7 +12,11 @@ marked processes when the kernel process dies, even by SIGKILL. After each child
 left its process group with ``setsid()`` included, their children marked or not, those
 caught in the middle of an exec (:class:`._guardian.Sweep`), and the processes of the
 child's session (its own: it is started with ``start_new_session``) that started before
-it was seen gone, marked or not — and reaps those that were reparented to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
+it was seen gone, marked or not, those that hold its hold (:func:`new_hold`), and the
+kernel's children that carry its brand (:func:`brand`) with their descendants — and
+reaps those that were reparented to the kernel, and the branded zombies left to it
+(:func:`reap_orphans`). Other platforms get the process-group kill only (see
+docs/bridges.md).
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -23,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import select
@@ -36,7 +41,7 @@ from typing import Final
 
 import trio
 
-from ._guardian import MARKER, SWEEP_FOR, Proc, Sweep
+from ._guardian import BRAND_BITS, BRAND_LIMIT, MARKER, SWEEP_FOR, Proc, Sweep, brand_prefix
 from ._guardian import ticks_now as ticks_now  # (process.py reads it here)
 
 log = logging.getLogger("nexus_trio.bridge")
@@ -57,6 +62,9 @@ _guardian: subprocess.Popen[bytes] | None = None
 _sessions: dict[int, int | None] = {}
 #: session id -> " <inode>" of its child's hold as told to the guardian ("" without one)
 _holds: dict[int, str] = {}
+#: pid -> brand of each live child branded (:func:`brand`), until the sweep of its exit
+_branded: dict[int, int] = {}
+_brand_numbers = itertools.count(1)
 #: notes the guardian's pipe did not take (full: a guardian that does not read)
 notes_lost = 0
 
@@ -76,6 +84,64 @@ def mark(env: dict[str, str]) -> str:
     inherited = env.get(MARKER)
     env[MARKER] = f"{inherited} {token}" if inherited else token
     return token
+
+
+def brand(pid: int) -> int | None:
+    """Brand the child ``pid``, just started: set the soft value of its ``RLIMIT_LOCKS``
+    (not enforced by Linux since 2.4.25) to a number of this kernel process's own, which
+    its descendants inherit whatever they do but reset that limit (``setsid()``, ``env
+    -i``, closing every descriptor: see :class:`._guardian.Sweep`). Its brand, or None
+    (off Linux; a hard limit below it; a child that is gone or changed user)."""
+    if not SUPPORTED:
+        return None
+    import resource
+
+    value = (brand_prefix(owner()) << BRAND_BITS) | (next(_brand_numbers) % (1 << BRAND_BITS))
+    with _lock:
+        _branded[pid] = value  # (before it lands: a zombie with it is not ours to reap)
+    try:
+        hard = resource.prlimit(pid, BRAND_LIMIT)[1]
+        if 0 <= hard < value:
+            raise ValueError(hard)
+        resource.prlimit(pid, BRAND_LIMIT, (value, hard))
+    except (OSError, ValueError):
+        unbrand(pid, value)
+        return None
+    return value
+
+
+def unbrand(pid: int, value: int | None) -> None:
+    """The child ``pid`` branded ``value`` is reaped (its exit is swept next)."""
+    with _lock:
+        if value is not None and _branded.get(pid) == value:
+            del _branded[pid]
+
+
+def reap_orphans() -> int:
+    """Reap the zombies among this process's children that carry a brand of its own and
+    are no live child of a process agent (those are their ``trio.Process``'s to reap):
+    descendants of the children, reparented to it (the subreaper), that exited on their
+    own. No other child of it carries such a brand: a ``subprocess`` of yours is never
+    waited for here. Returns how many it reaped."""
+    if not SUPPORTED:
+        return 0
+    prefix = brand_prefix(owner())
+    with _lock:
+        live = set(_branded)
+    reaped = 0
+    for pid in Proc.children(os.getpid()) or ():
+        if pid in live:
+            continue
+        stat = Proc.stat(pid)
+        if stat is None or stat[0] != "Z":
+            continue
+        found = Proc.brand(pid)
+        if found is None or found >> BRAND_BITS != prefix:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                reaped += 1
+    return reaped
 
 
 def is_subreaper() -> bool:
@@ -328,27 +394,45 @@ if SUPPORTED:
 
 
 def _kill_and_reap_marked(
-    token: str, session: tuple[int, int] | None = None, hold: int | None = None
-) -> int:
+    token: str,
+    session: tuple[int, int] | None = None,
+    hold: int | None = None,
+    branded: int | None = None,
+) -> tuple[int, int]:
     # A dying descendant may fork once more while we look, and one may be caught in the
     # middle of its exec: the sweep looks again until neither is left (see _guardian.Sweep).
     holders = None if hold is None else functools.partial(holders_links, hold)
-    killed = Sweep(token, session=session, holds=holders).run(SWEEP_FOR)
+    with _lock:
+        live = set(_branded)
+    sweep = Sweep(
+        token,
+        session=session,
+        holds=holders,
+        brands=None if branded is None else branded.__eq__,
+        not_ours=live,
+    )
+    killed = sweep.run(SWEEP_FOR)
     _reap(sorted(killed))
-    return len(killed)
+    return len(killed), reap_orphans()
 
 
 async def kill_descendants(
-    token: str, session: tuple[int, int] | None = None, hold: int | None = None
-) -> int:
+    token: str,
+    session: tuple[int, int] | None = None,
+    hold: int | None = None,
+    branded: int | None = None,
+) -> tuple[int, int]:
     """SIGKILL every process carrying ``token`` (with ``session``, ``(the reaped child's
     session id, when it was seen gone)``: every process of that session that started no
     later, too; with ``hold``, the write end of the child's hold (:func:`new_hold`):
-    every process holding its read end; see :class:`._guardian.Sweep`) and reap those
-    reparented to us.
+    every process holding its read end; with ``branded``, the child's brand
+    (:func:`brand`): every child of this process, the subreaper, that carries it, and
+    its descendants; see :class:`._guardian.Sweep`) and reap those reparented to us; then
+    reap the branded zombies left here (:func:`reap_orphans`).
 
-    Run after the child itself has exited; returns how many processes were killed.
+    Run after the child itself has exited (and :func:`unbrand`); returns how many
+    processes were killed, and how many zombies were reaped.
     """
     if not SUPPORTED:
-        return 0
-    return await trio.to_thread.run_sync(_kill_and_reap_marked, token, session, hold)
+        return 0, 0
+    return await trio.to_thread.run_sync(_kill_and_reap_marked, token, session, hold, branded)

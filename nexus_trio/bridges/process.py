@@ -223,6 +223,10 @@ class BridgeStats:
     unserialisable: int = attrs.field(default=0, metadata=_COUNT)
     #: descendants of children killed after the child exited (left its group, or outlived it)
     descendants_killed: int = attrs.field(default=0, metadata=_COUNT)
+    #: descendants of children that had exited on their own, reparented to the kernel
+    #: process (the subreaper), reaped at the sweep after a child's exit (this agent's
+    #: or another's: counted by the agent whose sweep reaped them)
+    descendants_reaped: int = attrs.field(default=0, metadata=_COUNT)
     #: exit status of the last child that exited (negative: killed by that signal)
     last_exit: int | None = None
 
@@ -232,7 +236,7 @@ class BridgeStats:
         return max(self.starts - 1, 0)
 
     def counts(self) -> dict[str, int]:
-        """Every counter (``starts``, ``lines_in``, ... ``descendants_killed``) by name: what
+        """Every counter (``starts``, ``lines_in``, ... ``descendants_reaped``) by name: what
         the ``nexus run`` summary reports for a spawned program."""
         return {name: getattr(self, name) for name in _COUNTS}
 
@@ -830,6 +834,8 @@ class ProcessAgent(Agent):
         self._gone_at: dict[int, int] = {}
         #: pid -> the write end of that child's hold (see _lineage.new_hold)
         self._holds: dict[int, int] = {}
+        #: pid -> that child's brand (see _lineage.brand)
+        self._brands: dict[int, int | None] = {}
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -1013,6 +1019,8 @@ class ProcessAgent(Agent):
                 _lineage.hold_passed(hold[0])
         self.process = process
         self._tokens[process.pid] = token
+        # ... and carry its brand, which even closing every descriptor keeps (_lineage).
+        self._brands[process.pid] = _lineage.brand(process.pid)
         if hold is not None:
             self._holds[process.pid] = hold[1]
         _lineage.session_started(process.pid, None if hold is None else hold[1])
@@ -1392,8 +1400,10 @@ class ProcessAgent(Agent):
                 await trio.to_thread.run_sync(_lineage.reap_group, process.pid, _GROUP_TERM_WAIT)
         token = self._tokens.pop(process.pid, None)
         hold = self._holds.pop(process.pid, None)
+        branded = self._brands.pop(process.pid, None)
+        _lineage.unbrand(process.pid, branded)
         try:
-            await self._sweep_descendants(process, token, hold)
+            await self._sweep_descendants(process, token, hold, branded)
         finally:
             if hold is not None:
                 os.close(hold)
@@ -1416,7 +1426,7 @@ class ProcessAgent(Agent):
         )
 
     async def _sweep_descendants(
-        self, process: trio.Process, token: str | None, hold: int | None
+        self, process: trio.Process, token: str | None, hold: int | None, branded: int | None
     ) -> None:
         """Kill what the exited child left behind outside its process group."""
         if token is None:
@@ -1428,14 +1438,17 @@ class ProcessAgent(Agent):
         # (a child whose reap no wait here saw, a wait cancelled as it returned: by
         # token and parent only, its session's number may be another's by now)
         # And those that hold its hold: left its session too (setsid), unmarked, orphaned.
+        # And the kernel's children that carry its brand: those that closed the hold too.
+        # (Then the branded zombies left here, escapees that exited on their own, reaped.)
         gone_at = self._gone_at.pop(process.pid, None)
         session = None if gone_at is None else (process.pid, gone_at)
         if session is None:
             _lineage.session_done(process.pid)  # (nor is it the guardian's to take)
-        killed = await _lineage.kill_descendants(token, session, hold)
+        killed, reaped = await _lineage.kill_descendants(token, session, hold, branded)
         # (cancelled before this: the guardian still takes the session at the kernel's
         # death, up to when the child was seen gone)
         _lineage.session_done(process.pid)
+        self.stats.descendants_reaped += reaped
         if killed:
             self.stats.descendants_killed += killed
             self._warn(f"killed {killed} descendant process(es) left behind by the child")

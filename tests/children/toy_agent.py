@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -86,16 +87,30 @@ def start_unmarked() -> int:
     return unmarked
 
 
-def orphan_unmarked(leave: Callable[[], object]) -> int:
-    """A grandchild that calls ``leave``, starts :func:`start_unmarked` and exits: the pid
-    of that orphan (reparented to our subreaper), once the grandchild is reaped."""
+def start_daemon() -> int:
+    """Start ``sleep 300`` as a daemon would: an empty environment (no mark), every
+    inherited descriptor closed (``subprocess``'s ``close_fds``, on by default: no hold),
+    its standard streams on ``/dev/null``; its pid once its exec has begun."""
+    return subprocess.Popen(
+        ["/bin/sleep", "300"],
+        env={},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ).pid
+
+
+def orphan_unmarked(leave: Callable[[], object], start: Callable[[], int] | None = None) -> int:
+    """A grandchild that calls ``leave``, starts ``start`` (:func:`start_unmarked`) and
+    exits: the pid of that orphan (reparented to our subreaper), once the grandchild is
+    reaped."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         leave()
         os.close(0)
         os.close(read_end)
-        os.write(write_end, str(start_unmarked()).encode())
+        os.write(write_end, str((start or start_unmarked)()).encode())
         os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as f:
@@ -222,6 +237,10 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         # The same, leaving our session (and so our group) with setsid(), as a daemon's
         # double fork does: that child has lost its parent, its session and its mark.
         respond(args, msg, orphan_unmarked(os.setsid))
+    elif op == "escape_closing_fds":
+        # The same, its orphan started as a daemon (close_fds): that child has lost its
+        # parent, its session, its mark and the child's hold.
+        respond(args, msg, orphan_unmarked(os.setsid, start_daemon))
     elif op == "spawn_loop":
         # A grandchild that leaves our group and forks and execs children without end
         # (at most ``keep`` alive: the oldest is killed and reaped): a stop finds some of
