@@ -553,3 +553,17 @@ def test_a_child_s_brand_is_read_from_its_limits_also_as_a_zombie() -> None:
         child.kill()
         child.wait()
     assert _guardian.Proc.brand(child.pid) is None
+
+
+def test_a_live_agent_s_child_is_not_read_for_the_session_s_orphans(clock: Clock) -> None:
+    """The sweeping process's children that are live agents' children (``not_ours``,
+    each in a session of its own) have no stat read when a session's orphans are looked
+    for; its other children do (90)."""
+    me = os.getpid()
+    FakeProc.setup(
+        environs={90: [PLAIN], 91: [PLAIN]},
+        stats={90: [alive(parent=me, session=90)], 91: [alive(parent=me, session=91)]},
+    )
+    sweep = _guardian.Sweep("4242-owner.", FakeProc, session=(50, 200), not_ours={91})
+    assert sweep.run(0.0, clock.sleep, clock) == []
+    assert FakeProc.stat_reads == [90]

@@ -214,8 +214,9 @@ class Sweep:
         self.holds = holds
         #: which brands (see :data:`BRAND_LIMIT`) are ours: read of this process's children
         #: only where orphans hang off it (a branded orphan's descendants are linked by
-        #: their parent), of every process for the guardian; ``not_ours``: pids not read
-        #: (the kernel's live children: other agents', which their own waits reap)
+        #: their parent), of every process for the guardian; ``not_ours``: children of this
+        #: process whose brand and session are not read (the live children of process
+        #: agents: each in a session of its own, its descendants not orphans)
         self.brands = brands
         self.not_ours = frozenset(not_ours)
         self.me = os.getpid()
@@ -248,6 +249,13 @@ class Sweep:
         table: dict[int, _Stat] = {}
         marks: dict[int, bool | None] = {}
         environs = {pid: self.proc.environ(pid) for pid in self.proc.pids() if pid != self.me}
+        # (this process's children, read once a scan where orphans hang off it and a
+        # brand or a session is looked for among them; None: unknown, or not read)
+        kids = (
+            self.proc.children(self.me)
+            if self.orphans_here and (self.brands is not None or self.sessions)
+            else None
+        )
         marked = {pid for pid, env in environs.items() if env and _has_token(env, self.wanted)}
         held = () if self.holds is None else self.holds()
         if held:
@@ -257,10 +265,10 @@ class Sweep:
                 if env is not None and self.proc.holds(pid, held)
             }
         if self.brands is not None:
-            marked |= self._branded(environs)
+            marked |= self._branded(environs, kids)
         # (with no process of ours in sight, an unmarked one with an environment is no
         # child to link: its stat is not read)
-        links = bool(marked or self.ours or self._session_orphans())
+        links = bool(marked or self.ours or self._session_orphans(kids))
         for pid, environ in environs.items():
             if environ and not links:
                 continue
@@ -288,13 +296,13 @@ class Sweep:
         unsure = [pid for pid in table if marks[pid] is None and pid not in self.ours]
         return found, unsure
 
-    def _branded(self, environs: dict[int, bytes | None]) -> set[int]:
-        """The processes (live, readable) that carry a brand of ours (see the class)."""
+    def _branded(self, environs: dict[int, bytes | None], kids: list[int] | None) -> set[int]:
+        """The processes (live, readable) that carry a brand of ours (see the class):
+        among ``kids``, this process's children, unless None (every process read)."""
         wanted = self.brands
         assert wanted is not None
-        candidates = self.proc.children(self.me) if self.orphans_here else None
         found = set()
-        for pid in environs if candidates is None else candidates:
+        for pid in environs if kids is None else kids:
             if pid in self.not_ours or environs.get(pid) is None:
                 continue
             brand = self.proc.brand(pid)
@@ -302,7 +310,7 @@ class Sweep:
                 found.add(pid)
         return found
 
-    def _session_orphans(self) -> bool:
+    def _session_orphans(self, children: list[int] | None) -> bool:
         """Whether a process of the child's session (see the class) may be about with
         neither a mark nor a parent of ours: one whose parent died was reparented to this
         process, the subreaper, so such a tree hangs off one of its children. (Their stats
@@ -310,10 +318,11 @@ class Sweep:
         sessions = self.sessions
         if not sessions:
             return False
-        children = self.proc.children(self.me) if self.orphans_here else None
         if children is None:
             return True  # (its children unknown: any process may be one, every stat is read)
         for child in children:
+            if child in self.not_ours:
+                continue  # (a live agent's child: in a session of its own)
             stat = self.proc.stat(child)
             if stat is not None and stat[3] <= sessions.get(stat[5], -1):
                 return True
