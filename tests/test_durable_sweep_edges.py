@@ -23,7 +23,7 @@ import trio
 import trio_asyncio
 
 from nexus_trio import Context, Message, agent, open_kernel
-from nexus_trio._nats import Cluster, NatsServer
+from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio.config import load_config
@@ -164,6 +164,79 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
     assert swept == 1
     assert left == 1
     assert (info.num_ack_pending, info.num_waiting, taken) == (1, 1, 0)
+
+
+async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and_hands_back(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-sixth pass: a takeover begun before a shutdown ran until the leave's
+    ``stop()``, the agents' drain included: it forwarded a gone node's messages to the
+    node's own stopping agents. 20 messages for ``keeper-a`` (here) and 20 for a name
+    that runs nowhere (nakked to wait, redelivered for as long as the takeover runs: a
+    long one) are stored for a node a never had; a's sweep takes it over, and its first
+    fetch is held until the kernel begins its shutdown (an agent still draining, the
+    cluster still joined). The takeover ends at that fetch's end, while the drain goes
+    on: what it fetched is nakked back (``durable_handed_back_at_leave``), nothing is
+    taken over, forwarded, handled or dead, and all 40 stay stored on the gone node's
+    subjects (counted there). (On f647f8e's _durable.py swapped in: the takeover forwards
+    the fetched ``keeper-a`` messages to a, and never ends while the drain is held: the
+    wait for its end times out.)"""
+    patient = attrs.evolve(DURABLE, max_deliver=1000)
+    hold = trio.Event()
+    draining = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        draining.set()
+        await hold.wait()
+
+    async with local_node(nats.url, "a", durable=patient, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        ka.spawn(slow)
+        real = _durable._poll
+        fetched: list[int] = []
+        shutting = trio.Event()
+
+        async def gated(psub: Any, batch: int, idle: bool) -> Any:
+            got = await real(psub, batch, idle)
+            if got[0] and psub is not ca.durable._psub and not fetched:
+                fetched.append(len(got[0]))
+                await trio_asyncio.trio_as_aio(shutting.wait)()
+            return got
+
+        monkeypatch.setattr(_durable, "_poll", gated)
+        stream = f"{ca.prefix}-durable"
+        with trio.fail_after(30):
+            await _past_first_wait(ca)
+            for i in range(20):
+                await store_for(ca, "keeper-a", i, node=GHOST)
+                await store_for(ca, "nowhere", i, node=GHOST)
+            await ca.durable._sweep(True)
+            await until(lambda: bool(fetched))
+            async with trio.open_nursery() as outer:
+                await ka.send("slow", "keep draining")
+                await draining.wait()
+                outer.start_soon(ka.shutdown, 30.0)
+                await until(lambda: ka.shutting_down)
+                shutting.set()
+                await until(lambda: GHOST not in ca.durable._takeovers)
+                await call_aio(ca.nc.flush)
+                state = (
+                    await call_aio(
+                        ca.data_js.stream_info,
+                        stream,
+                        subjects_filter=wire.durable_subject(ca.prefix, GHOST, "*"),
+                    )
+                ).state
+                stats = ca.stats()
+                drained = ka.stopped
+                hold.set()
+    assert fetched[0] > 0
+    assert stats.durable_handed_back_at_leave == fetched[0]
+    assert (stats.durable_taken_over, stats.durable_forwarded, stats.durable_dead) == (0, 0, 0)
+    assert (handled, drained) == ([], False)
+    assert (state.messages, sum((state.subjects or {}).values())) == (40, 40)
 
 
 async def test_a_join_whose_max_age_is_not_above_the_sweep_s_period_says_so(

@@ -712,6 +712,10 @@ class ClusterStats:
     #: yet, or another node's takeover; looked at again later)
     durable_sweeps_cut: int = 0
     durable_left_to_pullers: int = 0
+    #: messages a takeover had fetched when its node began to leave (its kernel shutting
+    #: down, its cluster closing), nakked back to their consumer rather than taken: the
+    #: next owner's takeover gets them (see ``DurableChannel.take_over``)
+    durable_handed_back_at_leave: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
@@ -6039,6 +6043,7 @@ class Cluster:
             durable_sweep_failures=d.sweep_failures,
             durable_sweeps_cut=d.sweeps_cut,
             durable_left_to_pullers=d.left_to_pullers,
+            durable_handed_back_at_leave=d.handed_back_at_leave,
             durable_dead_reasons=d.dead_reasons(),
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,

@@ -579,8 +579,15 @@ class DurableChannel:
         #: when that node was heard again (the same process: it was frozen or cut off),
         #: nakked back to its consumer, which it pulls itself again (see _take)
         self.given_back = 0
-        # the lost nodes whose durable consumers this node pulls (see take_over)
+        # the lost nodes whose durable consumers this node pulls (see take_over), and
+        # the event set (then made anew) as one of those takeovers ends (see stop)
         self._takeovers: dict[str, trio.CancelScope] = {}
+        self._takeover_ended = trio.Event()
+        #: messages a takeover had fetched when this node began to leave (its kernel
+        #: shutting down, its cluster closing), nakked back to their consumer, not taken:
+        #: the next owner's takeover, or the node's own process, gets them (see
+        #: take_over)
+        self.handed_back_at_leave = 0
         # the nodes gone whose stored messages this node looks at later (see _look_later)
         self._looks: dict[str, trio.CancelScope] = {}
         # the other members that ran the durable path when membership last changed: one
@@ -855,12 +862,19 @@ class DurableChannel:
             return
         start = trio.current_time()
         self._nursery = None  # (no takeover starts now)
-        for scope in self._takeovers.values():
-            scope.cancel()  # (what a takeover fetched is settled as it came: see _take)
         for scope in self._looks.values():
             scope.cancel()
         self._sweeping.cancel()
         self._pulling.cancel()
+        with trio.move_on_at(start + timeout / 2):
+            # (the takeovers end at their next safe point, their fetch under way
+            # answered: what it took is handed back, see take_over; one still fetching
+            # at the bound, an idle long poll most often, is cancelled, and what its
+            # fetch took, if anything, is delivered again after ack_wait)
+            while self._takeovers:
+                await self._takeover_ended.wait()
+        for scope in self._takeovers.values():
+            scope.cancel()
         with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
         if not self._pull_ended.is_set() and not self._abandoned:  # (once: see below)
@@ -1027,7 +1041,7 @@ class DurableChannel:
         ``node``, gone from the members (its clean leave heard, or forgotten), and take it
         over then if it is still gone (see :meth:`_look_again`)."""
         nursery = self._nursery
-        if nursery is None or node in self._takeovers or node in self._looks:
+        if nursery is None or self._leaving() or node in self._takeovers or node in self._looks:
             return
         scope = self._looks[node] = trio.CancelScope()
         nursery.start_soon(self._look_again, node, scope)
@@ -1294,8 +1308,11 @@ class DurableChannel:
         what it fetched is settled first), or, once it is no member (forgotten) or while
         it runs no durable path, when its consumer is drained (at once if it is, or if
         there is none): the consumer is deleted then (no sender can address that node
-        any more, or stores for it). Ends at this node's leave (what a fetch under way
-        took is delivered again after ``ack_wait``)."""
+        any more, or stores for it). Ends as this node begins to leave (its kernel's
+        shutdown, its cluster's close: see :meth:`_leaving`) at its next safe point, no
+        fetch under way: what the last fetch took is handed back (nakked, see
+        :meth:`_hand_back_at_leave`); at the leave's ``stop()``, one still fetching at its
+        bound is cancelled (what that fetch took is delivered again after ``ack_wait``)."""
         cluster = self.cluster
         psub: Any = None
         said = False
@@ -1307,7 +1324,9 @@ class DurableChannel:
         took = False  # (subscribed: a node gone is looked at again after, see _look_later)
         try:
             with scope:
-                while (still := self._still_lost(node)) is not False:
+                # (no takeover goes on while this node leaves: see _leaving; checked at
+                # its safe points, before a fetch and after one)
+                while (still := self._still_lost(node)) is not False and not self._leaving():
                     try:
                         if psub is None:
                             if still is None and await self._dropped_when_drained(node):
@@ -1352,6 +1371,9 @@ class DurableChannel:
                         psub = None
                         await trio.sleep(cluster.options.reconnect_wait)
                         continue
+                    if msgs and self._leaving():
+                        self._hand_back_at_leave(node, msgs, waiting)
+                        return
                     if heard is False:
                         # nothing came back at all (a server hung behind a connection that
                         # is up, a stream with no leader): as a refused fetch, counted
@@ -1372,6 +1394,8 @@ class DurableChannel:
         finally:
             if self._takeovers.get(node) is scope:
                 del self._takeovers[node]
+                ended, self._takeover_ended = self._takeover_ended, trio.Event()
+                ended.set()
                 if took and node not in self.cluster.members.members:
                     # (what a sender with a stale view stores for it after the drain)
                     self._look_later(node)
@@ -1382,6 +1406,28 @@ class DurableChannel:
                     contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+
+    def _hand_back_at_leave(self, node: str, msgs: list[NatsMsg], waiting: _Waiting) -> None:
+        """This node began to leave while a takeover of ``node`` fetched ``msgs``: each
+        nakked back to that node's consumer (``redelivery_delay``), not taken (forwarded
+        to the agents of a node about to stop, or held here until ``ack_wait``): the
+        node's next owner, whose takeover starts once this leave is heard, or a process of
+        its name gets them, as Akka's shard handoff hands a region's buffered messages
+        back when it stops. Counted (``handed_back_at_leave``), logged."""
+        for jsmsg in msgs:
+            waiting.delivered(jsmsg)  # (delivered again: it waits here no more)
+            self._settle(jsmsg, "nak")
+        self.handed_back_at_leave += len(msgs)
+        log_guarded(
+            log,
+            logging.INFO,
+            "node %s: leaving, its takeover of node %r's durable messages ended; the %d"
+            " it had fetched were handed back to that node's consumer (%d so far)",
+            self.cluster.node,
+            node,
+            len(msgs),
+            self.handed_back_at_leave,
+        )
 
     def _left_to_pullers(self, node: str, waiting: int) -> None:
         """A takeover of ``node`` (no member) ended at its start: ``waiting`` pull requests

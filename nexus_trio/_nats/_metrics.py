@@ -192,6 +192,11 @@ CLUSTER_COUNTERS: Final = {
         "Takeovers of a node no member left at their start to the pull requests waiting on"
         " its consumer (looked at again later).",
     ),
+    "durable_handed_back_at_leave": (
+        "nexus_cluster_durable_handed_back_at_leave",
+        "Messages a takeover had fetched when its node began to leave, nakked back to their"
+        " consumer rather than taken (the next owner's takeover gets them).",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"
