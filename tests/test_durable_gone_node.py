@@ -309,6 +309,7 @@ def _channel(js: _FakeJs) -> DurableChannel:
     channel.cluster = SimpleNamespace(prefix="px", data_js=js, nc=js)  # type: ignore[assignment]
     channel._stream = "px-durable"
     channel._subjects_from = 0
+    channel._consumers_from = 0
     return channel
 
 
@@ -369,9 +370,9 @@ async def test_a_sweep_reads_the_subjects_page_by_page_within_its_bound_and_read
     subjects = {f"px.durable.{n}.1": 1 for n in "abcde"}
     js = _FakeJs([("a", 1, 0, 1)], subjects, page=2)
     channel = _channel(js)
-    assert await channel._unpulled() == ({"b", "c", "d"}, (4, 5))
+    assert await channel._unpulled() == ({"b", "c", "d"}, ("subjects", 4, 5))
     assert await channel._unpulled() == ({"e"}, None)
-    assert await channel._unpulled() == ({"b", "c", "d"}, (4, 5))
+    assert await channel._unpulled() == ({"b", "c", "d"}, ("subjects", 4, 5))
     assert js.subject_reads == [0, 2, 4, 0, 2]
 
 
@@ -406,6 +407,57 @@ async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended
             await until(lambda: len(handled) >= 1)
             await _stream_empty(ca)
     assert handled == [(sent.id, "as b leaves")]
+
+
+class _EndlessJs(_FakeJs):
+    """:class:`_FakeJs` whose consumers' pages never end: each answer the same page,
+    whatever its offset (a server, or something in its place, that ignores it); the
+    100,000th request fails the test (the old sweep asked for ever)."""
+
+    def __init__(self) -> None:
+        super().__init__([("b", 1, 0, 0), ("c", 0, 0, 1)], {"px.durable.d.3": 2})
+        self.consumer_reads = 0
+
+    async def consumers_info(self, stream: str, offset: int = 0) -> list[Any]:
+        self.consumer_reads += 1
+        assert self.consumer_reads < 100_000, "the consumers' pages were asked for ever"
+        return await super().consumers_info(stream, 0)
+
+
+async def test_a_consumers_read_that_never_ends_is_cut_at_its_bound_and_read_on_at_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty-sixth pass: the sweep read the stream's consumers page by page until a page
+    came back empty, with no bound: an answer that never ends (the same page whatever
+    the offset) held the sweeper for ever, no sweep made again. Now at most
+    ``SWEEP_CONSUMER_PAGES`` (3 here) a sweep: the sweep is cut there, ``("consumers",
+    6, None)`` (6 read, the total not said), with the nodes found in what it read (b;
+    no subject read: d's subject, whose node's consumer may be among those not read, is
+    left), and the next reads on from 6. And with 5 consumers (2 a page) and a bound of
+    2 pages: the first reads 4 (b, c, d held, e pulled, f not read: cut), the next reads
+    f from 4 to the end, the one after starts over (cut again); none reads the subjects.
+    With a bound of 4 (3 pages and the empty one that ends them), one sweep reads all
+    and, the counts not settled, the subjects: g's, with no consumer. (On f647f8e's _durable.py swapped in:
+    the first asks the endless pages until the fake's 100,000th request fails it.)"""
+    monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 3)
+    endless = _EndlessJs()
+    channel = _channel(endless)
+    assert await channel._unpulled() == ({"b"}, ("consumers", 6, None))
+    assert (endless.consumer_reads, endless.subject_reads) == (3, [])
+    assert channel._consumers_from == 6
+    monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 2)
+    consumers = [("b", 1, 0, 0), ("c", 1, 0, 0), ("d", 0, 1, 0), ("e", 1, 0, 1), ("f", 2, 0, 0)]
+    subjects = {"px.durable.b.1": 1, "px.durable.c.1": 1, "px.durable.d.1": 1}
+    subjects |= {"px.durable.e.1": 1, "px.durable.f.1": 2, "px.durable.g.1": 3}
+    js = _FakeJs(consumers, subjects)
+    many = _channel(js)
+    assert await many._unpulled() == ({"b", "c", "d"}, ("consumers", 4, None))
+    assert await many._unpulled() == ({"f"}, None)
+    assert await many._unpulled() == ({"b", "c", "d"}, ("consumers", 4, None))
+    assert js.subject_reads == []
+    monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 4)
+    assert await _channel(js)._unpulled() == ({"b", "c", "d", "f", "g"}, None)
+    assert js.subject_reads == [0]
 
 
 class _GarbledJs(_FakeJs):

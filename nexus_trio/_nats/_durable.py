@@ -143,6 +143,11 @@ _SWEEP_KEY: Final = "durable-sweep"
 #: 100,000 subjects, about 2.4 MB of JSON, 2-3 s of a loaded server each): past them
 #: the sweep is cut (``sweeps_cut``, said), and the next one reads on from there
 SWEEP_SUBJECT_PAGES: Final = 2
+#: likewise, the pages of the stream's consumers (nats-server's pages: 256 consumers,
+#: one per node that ever ran the durable path, about 150 KB of JSON each): past them
+#: the sweep is cut (``sweeps_cut``, said) and the next one reads on from there; an
+#: answer that pages for ever (a server that ignores the offset) ends here too
+SWEEP_CONSUMER_PAGES: Final = 20
 #: the rounds of counts (the stream's, its consumers', the stream's again) a sweep makes
 #: before it reads the subjects when none settles it (see DurableChannel._unpulled)
 _SWEEP_COUNTS: Final = 3
@@ -615,6 +620,7 @@ class DurableChannel:
         self.sweeps_cut = 0
         self._sweep_cut_log = Throttle(kind="durable.sweep_cut")
         self._subjects_from = 0
+        self._consumers_from = 0
         #: takeovers by a look or a sweep of a node no member that ended at once, leaving
         #: its consumer to the pull requests that waited on it (a process of its name
         #: whose join is not heard here yet, or another node's takeover; see take_over)
@@ -1147,17 +1153,18 @@ class DurableChannel:
             return
         if cut is not None:
             self.sweeps_cut += 1
+            what, read, total = cut
+            pages = SWEEP_SUBJECT_PAGES if what == "subjects" else SWEEP_CONSUMER_PAGES
             self._say(
                 self._sweep_cut_log,
                 "sweeps of the durable stream cut at their bound",
                 logging.WARNING,
-                "node %s: the sweep of the durable stream %s read %d of its %d subjects,"
-                " its bound (%d pages of nats-server's); the next sweep reads on from there"
-                " (%d so far)",
+                "node %s: the sweep of the durable stream %s read %s, its bound (%d pages"
+                " of nats-server's); the next sweep reads on from there (%d so far)",
                 self.cluster.node,
                 self._stream,
-                *cut,
-                SWEEP_SUBJECT_PAGES,
+                f"{read} of its {what}" if total is None else f"{read} of its {total} {what}",
+                pages,
                 self.sweeps_cut,
             )
         nursery = self._nursery
@@ -1187,13 +1194,20 @@ class DurableChannel:
             self.swept += 1
             self._start_takeover(nursery, node)
 
-    async def _unpulled(self) -> tuple[set[str], tuple[int, int] | None]:
+    async def _unpulled(self) -> tuple[set[str], tuple[str, int, int | None] | None]:
         """The nodes whose subjects hold messages that may be pulled by no one (asyncio
         side; the caller leaves out the members): those whose consumers hold some
         (pending or unacked) and have no pull request waiting, and the nodes of the
         stream's subjects that have no consumer (a consumer deleted when drained, and
-        messages stored for its node after), and, if the subjects read was cut at its
-        bound (``SWEEP_SUBJECT_PAGES``), how many subjects it read and of how many.
+        messages stored for its node after), and, if a read was cut at its bound, what
+        was read (``"consumers"``: ``SWEEP_CONSUMER_PAGES``; ``"subjects"``:
+        ``SWEEP_SUBJECT_PAGES``), how far, and of how many (None: not said, as for the
+        consumers).
+
+        The consumers are read from where the last sweep's read was cut; a read that
+        did not start at the first consumer, or was cut, knows only some consumers: the
+        nodes found among them are the sweep's, and no subject is read (a node whose
+        consumer was not read would be taken for one with none).
 
         The subjects (one per agent addressed) are read only when the stream may hold
         more than its consumers do. JetStream has no request for both counts at once, so
@@ -1208,7 +1222,14 @@ class DurableChannel:
         js = self.cluster.data_js
         before = (await js.stream_info(self._stream)).state
         for _ in range(_SWEEP_COUNTS):
-            nodes, named, held = await self._consumers(js)
+            start = self._consumers_from
+            nodes, named, held, cut = await self._consumers(js, start)
+            if cut is not None:
+                self._consumers_from = cut
+                return nodes, ("consumers", cut, None)
+            self._consumers_from = 0
+            if start:
+                return nodes, None  # (read on from a cut: the next sweep reads them all)
             after = (await js.stream_info(self._stream)).state
             stored = (after.last_seq or 0) - (before.last_seq or 0)
             # (a last sequence that fell: the stream made anew between the reads, no
@@ -1233,17 +1254,18 @@ class DurableChannel:
         # (the subjects past the bound: the next sweep reads on from here; one stored or
         # gone between two pages shifts the pages by one, found at the next turn)
         self._subjects_from = offset
-        return nodes, (offset, total)
+        return nodes, ("subjects", offset, total)
 
-    async def _consumers(self, js: Any) -> tuple[set[str], set[str], int]:
-        """The stream's consumers, read page by page (asyncio side): the nodes of those
-        that hold messages with no pull request waiting, the names of all, and how many
-        messages they hold in all (pending or unacked)."""
+    async def _consumers(self, js: Any, offset: int) -> tuple[set[str], set[str], int, int | None]:
+        """The stream's consumers from ``offset``, read page by page, at most
+        ``SWEEP_CONSUMER_PAGES`` (asyncio side): the nodes of those that hold messages
+        with no pull request waiting, the names of all, how many messages they hold in
+        all (pending or unacked), and, if the read stopped at its bound, the offset the
+        next read starts from (None: read to the end)."""
         nodes: set[str] = set()
         named: set[str] = set()
         held = 0
-        offset = 0
-        while True:
+        for _ in range(SWEEP_CONSUMER_PAGES):
             page = await js.consumers_info(self._stream, offset=offset)
             offset += len(page)
             for info in page:
@@ -1255,7 +1277,8 @@ class DurableChannel:
                 if count and not info.num_waiting:
                     nodes.add(info.name)
             if not page:
-                return nodes, named, held
+                return nodes, named, held, None
+        return nodes, named, held, offset
 
     async def _subjects_page(self, offset: int) -> tuple[dict[str, int], int]:
         """One page of the stream's subjects from ``offset`` (nats-server pages its
