@@ -7,7 +7,9 @@ took over a gone node's messages on a node about to leave, which forwarded them 
 own stopping agents or held them until ``ack_wait``. And a takeover a sweep started for
 a node no member pulled that node's consumer beside a process of its name whose join
 the sweeper had not heard yet (the sweep's read found the consumer between two of its
-fetches). Real nats-server, in-process nodes.
+fetches). Forty-sixth pass: a takeover under way as the kernel begins to shut down
+ends there, handing back what it fetched, and a consumer whose puller is busy
+delivering (no request waiting) is left to it too. Real nats-server, in-process nodes.
 """
 
 from __future__ import annotations
@@ -52,6 +54,31 @@ async def _consumer(cluster: Cluster, node: str) -> Any:
         return await call_aio(cluster.data_js.consumer_info, f"{cluster.prefix}-durable", node)
     except nats.js.errors.NotFoundError:
         return None
+
+
+async def _swept_and_ended(cluster: Cluster) -> int:
+    """Once ``cluster``'s path has run its first wait, a periodic sweep made and the
+    takeover of the gone node it started ended: the takeovers it started."""
+    await _past_first_wait(cluster)
+    await cluster.durable._sweep(True)
+    swept = cluster.durable.swept
+    await until(lambda: GHOST not in cluster.durable._takeovers)
+    return swept
+
+
+async def _standin_holding(cluster: Cluster) -> tuple[Any, Any]:
+    """A stand-in for a process of the gone node's name (a pull subscription of its
+    consumer) holding a message for ``keeper-a`` it fetched: it, and that message."""
+    standin = await call_aio(
+        cluster.data_js.pull_subscribe,
+        wire.durable_subject(cluster.prefix, GHOST, "*"),
+        durable=GHOST,
+        stream=f"{cluster.prefix}-durable",
+    )
+    await store_for(cluster, "keeper-a", "held by the process", node=GHOST)
+    held = await call_aio(standin.fetch, 1, 5.0)
+    assert len(held) == 1
+    return standin, held[0]
 
 
 async def test_a_sweep_under_way_when_the_kernel_begins_to_shut_down_takes_nothing_over(
@@ -126,15 +153,7 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
         ka.spawn(_keeper([], "keeper-a"))
         stream = f"{ca.prefix}-durable"
         js = ca.data_js
-        standin = await call_aio(
-            js.pull_subscribe,
-            wire.durable_subject(ca.prefix, GHOST, "*"),
-            durable=GHOST,
-            stream=stream,
-        )
-        await store_for(ca, "keeper-a", "held by the process", node=GHOST)
-        held = await call_aio(standin.fetch, 1, 5.0)
-        assert len(held) == 1
+        standin, _held = await _standin_holding(ca)
         real = ca.durable._unpulled
         fetching: list[asyncio.Future[Any]] = []
 
@@ -148,10 +167,7 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
 
         ca.durable._unpulled = between  # type: ignore[method-assign]
         with trio.fail_after(20):
-            await _past_first_wait(ca)
-            await ca.durable._sweep(True)
-            swept = ca.durable.swept
-            await until(lambda: GHOST not in ca.durable._takeovers)
+            swept = await _swept_and_ended(ca)
             info = await _consumer(ca, GHOST)
             left = ca.stats().durable_left_to_pullers
             taken = ca.stats().durable_taken_over
@@ -164,6 +180,45 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
     assert swept == 1
     assert left == 1
     assert (info.num_ack_pending, info.num_waiting, taken) == (1, 1, 0)
+
+
+async def test_a_takeover_leaves_a_consumer_to_a_puller_busy_delivering_with_no_request_waiting(
+    nats: NatsServer,
+) -> None:
+    """Forty-sixth pass: a process of the gone node's name (a stand-in here: a pull
+    subscription of its consumer) busy with a message it fetched has no pull request
+    waiting on the consumer as the takeover a's sweep started subscribes; it acks that
+    message a moment later. The takeover reads the consumer again before it fetches:
+    acked meanwhile, someone pulls it; it takes nothing and ends
+    (``durable_left_to_pullers``), and the second message stays for the process, which
+    fetches it. (On f647f8e's _durable.py swapped in: the takeover pulls beside the
+    process, forwards the second message to a's ``keeper-a`` and deletes the drained
+    consumer: the process's fetch is refused, ServiceUnavailableError. Checked on
+    ce80c03's, the parent's, which has the counter ``stats()`` reads.)"""
+    handled: list[Any] = []
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        standin, held = await _standin_holding(ca)
+        second = await store_for(ca, "keeper-a", "for the process next", node=GHOST)
+        real = ca.durable._subscribe_taken
+
+        async def busy(node: str) -> Any:
+            subscribed = await real(node)
+            # (the process, done with its message, acks it: no request of its waits)
+            await held.ack()
+            await ca.nc.flush()
+            return subscribed
+
+        ca.durable._subscribe_taken = busy  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            swept = await _swept_and_ended(ca)
+            stats = ca.stats()
+            nxt = await call_aio(standin.fetch, 1, 5.0)
+            await call_aio(nxt[0].ack)
+            await call_aio(standin.unsubscribe)
+    assert (swept, stats.durable_left_to_pullers) == (1, 1)
+    assert (stats.durable_taken_over, stats.durable_dead, handled) == (0, 0, [])
+    assert wire.decode_message(nxt[0].data).id == second.id
 
 
 async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and_hands_back(

@@ -148,6 +148,11 @@ SWEEP_SUBJECT_PAGES: Final = 2
 #: the sweep is cut (``sweeps_cut``, said) and the next one reads on from there; an
 #: answer that pages for ever (a server that ignores the offset) ends here too
 SWEEP_CONSUMER_PAGES: Final = 20
+#: seconds a takeover of a node no member waits, its consumer with no pull request
+#: waiting, before it reads the consumer again to see whether someone pulls it (moved
+#: meanwhile: see DurableChannel._pulled_by_others): a node's pull loop long-polls
+#: FETCH_WAIT, and fetches again or acks within that while it delivers
+_PULLER_ACTIVITY_WAIT: Final = 2.0
 #: the rounds of counts (the stream's, its consumers', the stream's again) a sweep makes
 #: before it reads the subjects when none settles it (see DurableChannel._unpulled)
 _SWEEP_COUNTS: Final = 3
@@ -1367,14 +1372,16 @@ class DurableChannel:
                                 )
                             psub, info = await call_aio(self._subscribe_taken, node)
                             first, took = not took, True
-                            if first and still is None and info.num_waiting:
-                                # (a node no member whose consumer has pull requests
-                                # waiting: a process of its name whose join this node has
-                                # not heard yet, which the sweep's read found between two
-                                # of its fetches, or another node's takeover; left to
-                                # them, and looked at again later, see the finally)
-                                self._left_to_pullers(node, info.num_waiting)
-                                return
+                            if first and still is None:
+                                # (a node no member whose consumer someone pulls: a
+                                # process of its name whose join this node has not heard
+                                # yet, which the sweep's read found between two of its
+                                # fetches, or another node's takeover; left to them, and
+                                # looked at again later, see the finally)
+                                pulled = await self._pulled_by_others(psub, info)
+                                if pulled:
+                                    self._left_to_pullers(node, pulled)
+                                    return
                             opts = self.options
                             waiting.bind(
                                 taken_bound(info.config.max_ack_pending or 0, opts),
@@ -1452,21 +1459,43 @@ class DurableChannel:
             self.handed_back_at_leave,
         )
 
-    def _left_to_pullers(self, node: str, waiting: int) -> None:
-        """A takeover of ``node`` (no member) ended at its start: ``waiting`` pull requests
-        of others wait on its consumer. Counted (``left_to_pullers``), logged (at most a
-        line a second)."""
+    async def _pulled_by_others(self, psub: Any, info: Any) -> str | None:
+        """Whether someone pulls the consumer ``info`` (read as the takeover subscribed
+        through ``psub``) describes: what says so (None: no one). A pull request waiting
+        on it says so at once; with none, its info is read again
+        ``_PULLER_ACTIVITY_WAIT`` later, and a consumer whose deliveries, acknowledgements
+        or pull requests moved meanwhile is pulled (a puller busy delivering what it
+        fetched has no request waiting, and a node's pull loop fetches again, or acks,
+        within that); one no one pulls stands still (JetStream delivers, redelivers
+        included, only to a pull request)."""
+        if info.num_waiting:
+            return f"{info.num_waiting} pull requests wait on its consumer"
+        await trio.sleep(_PULLER_ACTIVITY_WAIT)
+        again = await call_aio(psub.consumer_info)
+        if again.num_waiting:
+            return f"{again.num_waiting} pull requests wait on its consumer"
+        if _activity(again) != _activity(info):
+            return (
+                f"its consumer delivered or was acked within {_PULLER_ACTIVITY_WAIT:g}s"
+                " with no pull request waiting (a puller busy delivering)"
+            )
+        return None
+
+    def _left_to_pullers(self, node: str, why: str) -> None:
+        """A takeover of ``node`` (no member) ended at its start: others pull its
+        consumer (``why`` says what shows it). Counted (``left_to_pullers``), logged (at
+        most a line a second)."""
         self.left_to_pullers += 1
         self._say(
             self._left_log,
             "takeovers left to the pullers of their consumers",
             logging.INFO,
-            "node %s: not taking over the durable messages of node %r: %d pull requests"
-            " wait on its consumer (a process of its name whose join is not heard here"
-            " yet, or another node's takeover); looked at again later (%d so far)",
+            "node %s: not taking over the durable messages of node %r: %s (a process of"
+            " its name whose join is not heard here yet, or another node's takeover);"
+            " looked at again later (%d so far)",
             self.cluster.node,
             node,
-            waiting,
+            why,
             self.left_to_pullers,
         )
 
@@ -2339,6 +2368,17 @@ class DurableChannel:
         self.forwarded += 1
         self.taken_over += taken
         await jsmsg.ack()
+
+
+def _activity(info: Any) -> tuple[int, int, int]:
+    """What moves in a consumer's info (nats-py's ``ConsumerInfo``) when someone pulls it:
+    its last delivery's and its ack floor's consumer sequences, and its unacked count."""
+    delivered, floor = info.delivered, info.ack_floor
+    return (
+        delivered.consumer_seq if delivered is not None else 0,
+        floor.consumer_seq if floor is not None else 0,
+        info.num_ack_pending or 0,
+    )
 
 
 def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
