@@ -31,7 +31,7 @@ from nexus_trio._nats._aio import call_aio
 from nexus_trio.config import load_config
 from nexus_trio.nats import join_cluster
 
-from .nats_server import until
+from .nats_server import PATIENT, node_config, until
 from .test_durable_lost_node import _keeper
 from .test_durable_missing_agent import store_for
 from .test_durable_moved_name import DURABLE
@@ -292,6 +292,51 @@ async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and
     assert (stats.durable_taken_over, stats.durable_forwarded, stats.durable_dead) == (0, 0, 0)
     assert (handled, drained) == ([], False)
     assert (state.messages, sum((state.subjects or {}).values())) == (40, 40)
+
+
+async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fetched(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-sixth pass: the cluster's close (its kernel still running) cancelled a
+    takeover under way at once, its fetch with it: what that fetch took waited out
+    ``ack_wait`` (30 s here) before anyone could have it. 20 messages for ``keeper-a``
+    are stored for a node no one has; a's sweep takes it over and its first fetch is held
+    until a's cluster begins to close. The leave's ``stop()`` waits for the takeover's
+    safe point: the fetched batch is handed back (nakked). Node b, joined after with
+    ``keeper-a``, sweeps and takes all 20 over at once: each handled once. (On
+    f647f8e's _durable.py swapped in: the batch a's fetch took waits out ack_wait, and
+    the wait for all 20 times out.)"""
+    handled: list[tuple[Any, Any]] = []
+    real = _durable._poll
+    fetched: list[int] = []
+    options = attrs.evolve(PATIENT, durable=DURABLE, **QUICK)
+    async with open_kernel(node_config()) as ka:
+        async with join_cluster(ka, nats.url, "a", options=options) as ca:
+
+            async def gated(psub: Any, batch: int, idle: bool) -> Any:
+                got = await real(psub, batch, idle)
+                if got[0] and psub is not ca.durable._psub and not fetched:
+                    fetched.append(len(got[0]))
+                    while not ca.closing:  # noqa: ASYNC110 (the cluster's state: no event)
+                        await asyncio.sleep(0.01)
+                return got
+
+            monkeypatch.setattr(_durable, "_poll", gated)
+            stored = {(await store_for(ca, "keeper-a", i, node=GHOST)).id for i in range(20)}
+            with trio.fail_after(20):
+                await _past_first_wait(ca)
+                await ca.durable._sweep(True)
+                await until(lambda: bool(fetched))
+        handed = ca.stats().durable_handed_back_at_leave
+        await ka.shutdown()
+    async with local_node(nats.url, "b", durable=DURABLE, **QUICK) as (kb, cb):
+        kb.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(20):
+            await _past_first_wait(cb)
+            await cb.durable._sweep(True)
+            await until(lambda: len(handled) >= 20)
+    assert handed == fetched[0] > 0
+    assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)
 
 
 async def test_a_join_whose_max_age_is_not_above_the_sweep_s_period_says_so(
