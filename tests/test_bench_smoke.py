@@ -1303,3 +1303,36 @@ def test_the_fresh_pages_lifecycle_ways_to_huge_pages_fault_fewer_small_pages() 
         )
         assert refused.returncode == 2, bad
         assert says in refused.stderr, refused.stderr
+
+
+def test_the_ring_hop_script_divides_each_process_s_cpu_by_the_hops_of_both_workers() -> None:
+    """``benchmarks/ring_hop_cpu.py`` (docs/distributed.md, "The ``--workers 2`` ring's
+    crossing hop, split, forty-sixth pass"): a process's CPU is divided by the hops both
+    workers handled (a crossing hop is one message handled), rows a batch are each
+    worker's own; it finds a child process by its command's name and reads its CPU."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ring_hop_cpu.py"
+    spec = importlib.util.spec_from_file_location("ring_hop_cpu", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cpu = {"worker_a": 0.5, "worker_b": 0.4, "nats_server": 0.1}
+    counts = [
+        {"nexus_messages_handled": 120_000.0, "nexus_cluster_batches_published": 240.0},
+        {"nexus_messages_handled": 80_000.0, "nexus_cluster_batches_published": 200.0},
+    ]
+    got = module.split(cpu, counts, 2.0)
+    assert got["worker_a_us_per_hop"] == pytest.approx(2.5)
+    assert got["worker_b_us_per_hop"] == pytest.approx(2.0)
+    assert got["nats_server_us_per_hop"] == pytest.approx(0.5)
+    assert got["cpu_us_per_hop"] == pytest.approx(5.0)
+    assert got["hops_per_s"] == pytest.approx(100_000.0)
+    assert got["rows_per_batch"] == [pytest.approx(500.0), pytest.approx(400.0)]
+    with pytest.raises(RuntimeError, match="handled no message"):
+        module.split(cpu, [dict.fromkeys(counts[0], 0.0)] * 2, 2.0)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert (child.pid, "sleep") in module._children(os.getpid())
+        assert module._cpu(child.pid) >= 0.0
+    finally:
+        child.kill()
+        child.wait()
