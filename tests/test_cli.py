@@ -2457,3 +2457,35 @@ def test_a_sigint_during_a_spawned_program_s_handshake_is_a_graceful_stop(nexus,
     assert "did not register" not in err and "Traceback" not in err
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_fanout_drivers_sends_go_round_robin_and_skip_a_refused_one() -> None:
+    """Forty-sixth pass: the fan-out driver's loop (``send_round_robin``, try/except
+    where it was ``contextlib.suppress``) sends ``count`` times round robin from index
+    ``i`` (modulo the refs), returns the next index, and a send refused with
+    MailboxFull (counted by the kernel) is skipped: the loop goes on with the next ref;
+    anything else raises."""
+    import uuid
+
+    from nexus_trio import MailboxFull
+    from nexus_trio.cli._workloads import send_round_robin
+
+    sent: list[tuple[Any, Any]] = []
+
+    async def send(ref: Any, payload: Any) -> None:
+        if ref == "full":
+            raise MailboxFull(uuid.uuid4(), "full", 1, uuid.uuid4())
+        if ref == "broken":
+            raise RuntimeError("broken")
+        sent.append((ref, payload))
+
+    async def main() -> tuple[int, int]:
+        first = await send_round_robin(send, ["a", "full", "b"], "x", 2, 5)
+        second = await send_round_robin(send, ["a", "full", "b"], "y", first, 0)
+        return first, second
+
+    assert trio.run(main) == (7, 7)
+    assert sent == [("b", "x"), ("a", "x"), ("b", "x"), ("a", "x")]
+    with pytest.raises(RuntimeError, match="broken"):
+        trio.run(send_round_robin, send, ["a", "broken"], "z", 0, 4)
+    assert sent[-1] == ("a", "z")
