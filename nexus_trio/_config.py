@@ -17,6 +17,7 @@ import enum
 import json
 import math
 import re
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -991,6 +992,32 @@ def durable_max_age_warning(config: Config) -> str | None:
         if given is not None
         else f"unset: [nats] server_lost_wait + {LAST_NOTICE_MARGIN:g} = ",
     )
+
+
+#: the configs a load made (by identity), whose warnings the load said (see
+#: :func:`said_by_a_load`)
+_LOADED: weakref.WeakValueDictionary[int, Config] = weakref.WeakValueDictionary()
+
+
+def mark_said_by_a_load(config: Config) -> None:
+    """Remember that ``config``'s load said its warnings (``load_config`` does, also
+    with ``log_warnings=False``: its ``warnings`` hold them for the caller to say)."""
+    _LOADED[id(config)] = config
+
+
+def said_by_a_load(config: Config) -> bool:
+    """Whether ``config`` (this object, not one equal to it) came from a load, which
+    said what :func:`config_warnings` says; one built in Python (or evolved from a
+    loaded one) did not."""
+    return _LOADED.get(id(config)) is config
+
+
+def config_warnings(config: Config) -> tuple[str, ...]:
+    """The valid but doubtful values of ``config``, in its keys' words: the checks of
+    a load that are no error (:func:`short_server_lost_wait`,
+    :func:`durable_max_age_warning`)."""
+    said = (short_server_lost_wait(config), durable_max_age_warning(config))
+    return tuple(warning for warning in said if warning is not None)
 
 
 def short_server_lost_wait(config: Config) -> str | None:

@@ -35,9 +35,9 @@ from ._config import (
     SECTIONS,
     Config,
     CrossKeyError,
+    config_warnings,
     derived_when_unset,
-    durable_max_age_warning,
-    short_server_lost_wait,
+    mark_said_by_a_load,
     shown,
     values_as_toml,
 )
@@ -720,9 +720,8 @@ def load_config(
             config = Config(**tables)  # (and the rules across sections: see Config)
     except CrossKeyError as exc:
         raise _rule_error(exc, file, sources, lines) from None
-    for check in (short_server_lost_wait, durable_max_age_warning):
-        if (said := check(config)) is not None:
-            warnings = [*warnings, said]
+    warnings = [*warnings, *config_warnings(config)]
+    mark_said_by_a_load(config)  # (join_cluster of its options says nothing again)
     for warning in warnings if log_warnings else ():
         log.warning("%s", warning)
     return LoadedConfig(config, file, sources, tuple(warnings), explicit=path is not None)

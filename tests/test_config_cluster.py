@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from nexus_trio import ClusterConfig, Config, DurableConfig, NatsConfig
 from nexus_trio._config import LAST_NOTICE_MARGIN, CrossKeyError, server_lost_wait_of
 from nexus_trio.config import ConfigError, load_config, render_template
-from nexus_trio.nats import ClusterOptions, DurableOptions
+from nexus_trio.nats import ClusterOptions, ClusterOptionsWarning, DurableOptions
 
 from . import test_config_fuzz
 from .test_cli import Nexus, conserved, nats_url, nexus  # noqa: F401 (fixtures)
@@ -221,7 +221,6 @@ def test_options_built_in_python_with_a_short_server_lost_wait_warn_at_the_users
     They warn now (``ClusterOptionsWarning``), attributed to the line that built them,
     also through ``attrs.evolve``; options of a loaded config (``from_config``, what a
     join without ``options`` and ``nexus run`` use) do not, the load said it, once."""
-    from nexus_trio.nats import ClusterOptionsWarning
 
     with pytest.warns(ClusterOptionsWarning) as given:
         short = ClusterOptions(server_lost_wait=1.0, reconnect_wait=2.0)
@@ -494,7 +493,9 @@ def test_any_config_that_loads_makes_options(data: st.DataObject) -> None:
         )
     except CrossKeyError:
         return  # (refused at the load: the tests above)
-    options = ClusterOptions.from_config(config)
+    with warnings.catch_warnings():  # (a doubtful value, said for a config built here)
+        warnings.simplefilter("ignore", ClusterOptionsWarning)
+        options = ClusterOptions.from_config(config)
     assert options.durable == DurableOptions.from_config(config.durable)
 
 
@@ -518,21 +519,36 @@ def test_nexus_run_nats_joins_with_the_config_keys(
 ) -> None:
     """End to end: ``nexus run --nats`` (and ``--workers 2``, each worker loading the
     same config) joins with ``[cluster]`` and ``[durable]`` of its config file and
-    environment: the buckets and the durable stream it makes on the server carry them."""
+    environment: the buckets and the durable stream it makes on the server carry them.
+
+    Forty-sixth pass: a join without ``options`` of a ``Config`` built in Python says its
+    doubtful values (a ``ClusterOptionsWarning``); ``nexus run --nats`` loads its config
+    (whose load says them: a ``server_lost_wait`` not above ``reconnect_wait``, a
+    ``max_age`` of 50 s not above 4 x (1.5 + 13) s) and joins without ``options``: each
+    is said once, by the load, never as a ``ClusterOptionsWarning``."""
     config = write(
         tmp_path,
         '[cluster]\nprefix = "ops"\nheartbeat_interval = 0.5\nmissed_heartbeats = 7\n'
-        "[durable]\nduplicate_window = 30\nmax_age = 600\n",
+        "[durable]\nduplicate_window = 30\nmax_age = 50\n",
     )
+    env = {
+        "NEXUS_DURABLE__MAX_MESSAGES": "777",
+        "NEXUS_NATS__SERVER_LOST_WAIT": "1.5",
+        "NEXUS_CLUSTER__RECONNECT_WAIT": "2",
+    }
     argv = ["run", "--nats", nats_url, "-c", str(config), "-n", "10", "-d", "1", "--json"]
     argv += ["--workers", str(workers)] if workers else ["--node", "n1"]
-    run = nexus(argv, env={"NEXUS_DURABLE__MAX_MESSAGES": "777"})
+    run = nexus(argv, env=env)
     status, out = run.finish(timeout=120)
-    assert status == 0, "".join(run.stderr)
+    err = "".join(run.stderr)
+    assert status == 0, err
+    assert "ClusterOptionsWarning" not in err
+    assert err.count("is not above [cluster] reconnect_wait") == 1, err
+    assert err.count("[durable] max_age (50s) is not above the durable sweep's period") == 1, err
     if not workers:
         assert conserved(json.loads(out))
     durable = asyncio.run(_stream_config(nats_url, "ops-durable"))
-    assert (durable.duplicate_window, durable.max_age, durable.max_msgs) == (30, 600, 777)
+    assert (durable.duplicate_window, durable.max_age, durable.max_msgs) == (30, 50, 777)
     # the members' bucket lives heartbeat_interval x missed_heartbeats
     nodes = asyncio.run(_stream_config(nats_url, "KV_ops-nodes"))
     assert nodes.max_age == 3.5

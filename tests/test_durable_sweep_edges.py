@@ -15,6 +15,7 @@ delivering (no request waiting) is left to it too. Real nats-server, in-process 
 from __future__ import annotations
 
 import asyncio
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,17 @@ import pytest
 import trio
 import trio_asyncio
 
-from nexus_trio import Context, Message, agent, open_kernel
+from nexus_trio import (
+    ClusterConfig,
+    Config,
+    Context,
+    DurableConfig,
+    KernelConfig,
+    Message,
+    NatsConfig,
+    agent,
+    open_kernel,
+)
 from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
@@ -339,27 +350,41 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
     assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)
 
 
-async def test_a_join_whose_max_age_is_not_above_the_sweep_s_period_says_so(
+async def test_options_whose_max_age_is_not_above_the_sweep_s_period_warn_at_the_users_line(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Forty-fifth pass: options built in Python (no config load to warn) with a
-    ``max_age`` (3 s) not above the sweep's period (4 x ``last_notice_wait``, 1 s) are
-    said at the join, naming both options; a ``max_age`` above it says nothing. (Fails
-    on f4c2c8f: no line.)"""
+    ``max_age`` (3 s) not above the sweep's period (4 x ``last_notice_wait``, 1 s) were
+    said at the join, as a log line. Forty-sixth pass: said as a short
+    ``server_lost_wait`` is, a ``ClusterOptionsWarning`` at the line that built the
+    options (also through ``attrs.evolve``), naming both options, and the join says
+    nothing more; a ``max_age`` above it, or the durable path off, say nothing. (Fails
+    on f647f8e: no warning, a log line at the join.)"""
+    from nexus_trio.nats import ClusterOptions, ClusterOptionsWarning
+
     short = attrs.evolve(DURABLE, duplicate_window=2.0, max_age=3.0)
-    async with local_node(nats.url, "a", durable=short, **QUICK):
-        pass
-    said = [r.getMessage() for r in caplog.records if "sweep's period" in r.getMessage()]
-    assert said == [
-        "node a: DurableOptions.max_age (3s) is not above the durable sweep's period, 4 x"
-        " ClusterOptions.last_notice_wait (1s) = 4s: a durable message stored for a node"
-        " gone for good after its look found nothing can reach its max_age before the sweep"
-        " that takes it over, and goes uncounted; raise DurableOptions.max_age well above"
-        " 4s (or lower ClusterOptions.last_notice_wait)"
+    with pytest.warns(ClusterOptionsWarning) as given:
+        options = ClusterOptions(durable=short, **QUICK)
+    assert [(str(w.message), w.filename) for w in given] == [
+        (
+            "DurableOptions.max_age (3s) is not above the durable sweep's period, 4 x"
+            " ClusterOptions.last_notice_wait (1s) = 4s: a durable message stored for a node"
+            " gone for good after its look found nothing can reach its max_age before the"
+            " sweep that takes it over, and goes uncounted; raise DurableOptions.max_age"
+            " well above 4s (or lower ClusterOptions.last_notice_wait)",
+            __file__,
+        )
     ]
-    caplog.clear()
-    async with local_node(nats.url, "b", durable=attrs.evolve(short, max_age=4.5), **QUICK):
-        pass
+    with pytest.warns(ClusterOptionsWarning) as evolved:
+        attrs.evolve(options, prefix="ops")
+    assert [w.filename for w in evolved] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ClusterOptions(durable=attrs.evolve(short, max_age=4.5), **QUICK)
+        ClusterOptions(durable=attrs.evolve(short, enabled=False), **QUICK)
+        async with open_kernel() as kernel:
+            async with join_cluster(kernel, nats.url, "a", options=options):
+                await kernel.shutdown()
     assert not [r for r in caplog.records if "sweep's period" in r.getMessage()]
 
 
@@ -380,9 +405,42 @@ async def test_a_join_of_a_config_s_options_leaves_a_short_max_age_to_the_load(
     )
     path.chmod(0o600)
     loaded = load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path)
-    async with open_kernel(loaded.config) as kernel:
-        async with join_cluster(kernel, nats.url, "a"):
-            await kernel.shutdown()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no ClusterOptionsWarning at the join)
+        async with open_kernel(loaded.config) as kernel:
+            async with join_cluster(kernel, nats.url, "a"):
+                await kernel.shutdown()
     said = [r.getMessage() for r in caplog.records if "sweep's period" in r.getMessage()]
     assert len(said) == 1
     assert said[0].startswith("[durable] max_age (3s) is not above the durable sweep's period")
+
+
+async def test_a_join_of_a_config_built_in_python_says_its_doubtful_values_once(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-sixth pass: a ``Config`` built in Python (no load to warn) joined without
+    ``options`` heard neither a short ``server_lost_wait`` nor a short ``[durable]
+    max_age``. The join says each once now, as a ``ClusterOptionsWarning`` in the
+    config's words at the line of the join, as a load would (the loaded config's join
+    above says nothing). (Fails on f647f8e: no warning.)"""
+    from nexus_trio.nats import ClusterOptionsWarning
+
+    config = Config(
+        kernel=KernelConfig(request_timeout_ms=5000),
+        nats=NatsConfig(server_lost_wait=0.5),
+        cluster=ClusterConfig(reconnect_wait=0.5, last_notice_wait=1.0),
+        durable=DurableConfig(duplicate_window=2, max_age=3),
+    )
+    async with open_kernel(config) as kernel:
+        with pytest.warns(ClusterOptionsWarning) as said:
+            async with join_cluster(kernel, nats.url, "a"):
+                await kernel.shutdown()
+    assert [(str(w.message).partition(":")[0], w.filename) for w in said] == [
+        ("[nats] server_lost_wait (0.5) is not above [cluster] reconnect_wait (0.5)", __file__),
+        (
+            "[durable] max_age (3s) is not above the durable sweep's period, 4 x [cluster]"
+            " last_notice_wait (1s) = 4s",
+            __file__,
+        ),
+    ]
+    assert not [r for r in caplog.records if "not above" in r.getMessage()]

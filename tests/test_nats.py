@@ -1535,6 +1535,8 @@ async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServe
     assert handled == [0, 1, 2, "poison", "poison"]
 
 
+# (a max_age of 1 s below the sweep's period: a ClusterOptionsWarning, as meant here)
+@pytest.mark.filterwarnings("ignore::nexus_trio.nats.ClusterOptionsWarning")
 async def test_the_durable_stream_s_bounds_drop_what_no_node_takes_and_refuse_past_the_limit(
     nats: NatsServer,
 ) -> None:

@@ -84,7 +84,14 @@ from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
 from .._brief import brief
-from .._config import Config, loss_window, switched_on
+from .._config import (
+    Config,
+    config_warnings,
+    loss_window,
+    max_age_below_sweep,
+    said_by_a_load,
+    switched_on,
+)
 from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
@@ -432,14 +439,20 @@ class ClusterOptions:
         ``[nats] server_lost_wait`` and its ``[durable]`` keys (``durable``). ``nexus run
         --nats`` (each ``--workers`` worker too) and :func:`join_cluster` without
         ``options`` use these; a config that loaded makes options (its checks are theirs,
-        the rules across keys included)."""
+        the rules across keys included). What a load would warn of (a short
+        ``server_lost_wait`` or ``[durable] max_age``) is said here, once, as a
+        :class:`ClusterOptionsWarning` in the config's words, for a config built in
+        Python; a loaded one's load said it."""
+        if not said_by_a_load(config):
+            for said in config_warnings(config):
+                warnings.warn(said, ClusterOptionsWarning, stacklevel=_users_level())
         section = config.cluster
         given = {
             field.alias: getattr(section, field.alias)
             for field in attrs.fields(cls)
             if field.alias not in ("server_lost_wait", "durable")
         }
-        with switched_on(_FROM_A_LOAD):  # (the load of the config says a short server_lost_wait)
+        with switched_on(_FROM_A_LOAD):  # (said above, or by the load of the config)
             return cls(
                 **given,
                 server_lost_wait=config.nats.server_lost_wait,
@@ -475,7 +488,7 @@ class ClusterOptions:
 
     def __attrs_post_init__(self) -> None:
         if self.last_notice_wait > self.server_lost_wait:
-            _warn_if_short(self)
+            _warn_if_doubtful(self)
             return
         # (the rule of nexus_trio._config.check_across_sections, in the words of these
         # options: a value left out is said to be derived, and from what)
@@ -506,49 +519,71 @@ class ClusterOptionsWarning(UserWarning):
     """Cluster options that are valid but will not do what they are for: a
     ``server_lost_wait`` above 0 and not above ``reconnect_wait`` (given so, or derived
     so from the heartbeats), which gives up a lost connection before the client's second
-    attempt to reconnect. Given by :class:`ClusterOptions` built in Python (also by
-    ``attrs.evolve``), at the line that built them; options of a config
+    attempt to reconnect; a durable ``max_age`` not above the durable sweep's period
+    (4 x ``last_notice_wait``), which lets a message stored for a node gone for good
+    expire uncounted. Given by :class:`ClusterOptions` built in Python (also by
+    ``attrs.evolve``), at the line that built them; options of a loaded config
     (:meth:`ClusterOptions.from_config`, :func:`join_cluster` without ``options``) say
-    nothing, the config's load said it (``load_config``'s warnings, which ``nexus`` logs).
-    A warning, as Python's libraries warn of a valid but doubtful argument: filtered,
-    made an error (``-W error::nexus_trio.nats.ClusterOptionsWarning``) or recorded
-    (``pytest.warns``) by its category, and said once per line by the default filters."""
+    nothing, the config's load said it (``load_config``'s warnings, which ``nexus`` logs);
+    those of a ``Config`` built in Python say it at ``from_config`` (so at the join), in
+    the config's words. A warning, as Python's libraries warn of a valid but doubtful
+    argument: filtered, made an error (``-W error::nexus_trio.nats.ClusterOptionsWarning``)
+    or recorded (``pytest.warns``) by its category, and said once per line by the default
+    filters."""
 
 
 #: set while options are made from a config, whose load says what they would warn of
 _FROM_A_LOAD: ContextVar[bool] = ContextVar("_FROM_A_LOAD", default=False)
 
 
-def _warn_if_short(options: ClusterOptions) -> None:
-    """A :class:`ClusterOptionsWarning` for options built in Python whose
-    ``server_lost_wait`` is above 0 and not above ``reconnect_wait`` (the check of
-    ``nexus_trio._config.short_server_lost_wait``, in the options' words), attributed
-    to the first caller outside attrs and this module (the user's line)."""
-    wait, reconnect = options.server_lost_wait, options.reconnect_wait
-    if not 0 < wait <= reconnect or _FROM_A_LOAD.get():
-        return
-    derived = ""
-    if options._server_lost_wait is None:
-        derived = (
-            f", left out: heartbeat_interval x missed_heartbeats ({options.heartbeat_interval:g}"
-            f" x {options.missed_heartbeats})"
-        )
-    level, frame = 2, sys._getframe(1)
+def _users_level() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn`, called by this function's caller, that
+    names the first caller outside attrs, contextlib and this module (the user's line)."""
+    level, frame = 2, sys._getframe(2)
     while frame.f_back is not None and (
         frame.f_code.co_filename.startswith("<attrs generated")
         or frame.f_globals.get("__name__", "").partition(".")[0] in ("attr", "attrs")
-        or frame.f_globals.get("__name__") == __name__
+        or frame.f_globals.get("__name__") in (__name__, "contextlib")
     ):
         frame, level = frame.f_back, level + 1
-    warnings.warn(
-        f"server_lost_wait ({wait:g} s{derived}) is not above reconnect_wait ({reconnect:g}"
-        " s): a node gives up a lost NATS connection before its second attempt to"
-        " reconnect, so even a restart of the server is not ridden out; give"
-        " server_lost_wait above reconnect_wait and above how long your servers take to"
-        " fail over",
-        ClusterOptionsWarning,
-        stacklevel=level,
+    return level
+
+
+def _warn_if_doubtful(options: ClusterOptions) -> None:
+    """A :class:`ClusterOptionsWarning` for each doubtful value of options built in
+    Python, attributed to the user's line: a ``server_lost_wait`` above 0 and not above
+    ``reconnect_wait`` (the check of ``nexus_trio._config.short_server_lost_wait``, in the
+    options' words), a durable path's ``max_age`` not above the sweep's period
+    (``max_age_below_sweep``)."""
+    if _FROM_A_LOAD.get():
+        return
+    said: list[str] = []
+    wait, reconnect = options.server_lost_wait, options.reconnect_wait
+    if 0 < wait <= reconnect:
+        derived = ""
+        if options._server_lost_wait is None:
+            derived = (
+                ", left out: heartbeat_interval x missed_heartbeats"
+                f" ({options.heartbeat_interval:g} x {options.missed_heartbeats})"
+            )
+        said.append(
+            f"server_lost_wait ({wait:g} s{derived}) is not above reconnect_wait"
+            f" ({reconnect:g} s): a node gives up a lost NATS connection before its second"
+            " attempt to reconnect, so even a restart of the server is not ridden out;"
+            " give server_lost_wait above reconnect_wait and above how long your servers"
+            " take to fail over"
+        )
+    durable = options.durable
+    short_age = durable.enabled and max_age_below_sweep(
+        durable.max_age,
+        options.last_notice_wait,
+        age="DurableOptions.max_age",
+        wait="ClusterOptions.last_notice_wait",
     )
+    if short_age:
+        said.append(short_age)
+    for warning in said:
+        warnings.warn(warning, ClusterOptionsWarning, stacklevel=_users_level())
 
 
 @final
@@ -956,7 +991,6 @@ class Cluster:
         "members",
         "node",
         "options",
-        "options_of_config",
         "placement",
         "prefix",
         "record_extra",
@@ -982,9 +1016,6 @@ class Cluster:
         self.servers, self.auth = split_credentials(list(servers), auth or NatsAuth())
         self.node = wire.check_node_name(node)
         self.options = options
-        #: whether ``options`` are those of the kernel's config (:func:`join_cluster`
-        #: without ``options``): what they would warn of, the config's load said
-        self.options_of_config = False
         self.prefix = options.prefix
         self.id_prefix = process_id_prefix()
         #: the asyncio loop this node's NATS clients run on (built inside asyncio_loop());
@@ -6193,7 +6224,6 @@ async def join_cluster(
     try:
         async with asyncio_loop():
             cluster = Cluster(kernel, servers, node, opts, auth)
-            cluster.options_of_config = options is None
             for type_name, spec in (types or {}).items():
                 cluster.register_type(type_name, spec)
             # (not ready from here to the end of the leave: see Cluster.readiness)

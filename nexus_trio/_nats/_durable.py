@@ -88,7 +88,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
 from .._brief import brief
-from .._config import DURABLE_SWEEP_LOOKS, max_age_below_sweep
+from .._config import DURABLE_SWEEP_LOOKS
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -724,15 +724,6 @@ class DurableChannel:
                 " max_waiting (or max_in_flight)"
             ) from exc
         self._bind_own(made, held)
-        short = max_age_below_sweep(
-            self.options.max_age,
-            self.cluster.options.last_notice_wait,
-            age="DurableOptions.max_age",
-            wait="ClusterOptions.last_notice_wait",
-        )
-        # (options of the config: its load said it, in the config's words)
-        if short is not None and not self.cluster.options_of_config:
-            log_guarded(log, logging.WARNING, "node %s: %s", self.cluster.node, short)
         await self._ops.start()
         self._nursery = nursery
         self._started = trio.current_time()
