@@ -7,6 +7,17 @@ supervision with restarts, graceful ordered shutdown and observability.
 <!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
+import sys as _sys
+
+if getattr(_sys, "argv", None) and _sys.argv[0] == "-m":
+    # (``python -m``, as runpy imports the packages of the module it runs: for ``python
+    # -m nexus_trio.cli run`` SIGINT is taken back here, before the imports below, as the
+    # console scripts do; see _nexus_trio_main, outside the package and stdlib-only)
+    from contextlib import suppress as _suppress
+
+    with _suppress(ImportError):  # (a copy of the package without the scripts' entry)
+        import _nexus_trio_main  # noqa: F401
+
 from ._agent import Agent as Agent
 from ._agent import AgentRef as AgentRef
 from ._agent import AgentSpec as AgentSpec
