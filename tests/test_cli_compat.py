@@ -91,6 +91,31 @@ def test_the_originals_command_lines_reach_run_with_their_values(
     assert captured_runs[-1].agents == 12  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("program", ["nexus", "nexus-runtime"])
+@pytest.mark.parametrize(
+    ("args", "example"),
+    [
+        ([], "run --agents 1000 --duration 10"),
+        (["run"], "config init FILE writes every key"),
+        (["bench"], "bench --quick"),
+        (["send"], 'send "python3 examples/python_agent_example.py"'),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_the_help_s_examples_name_the_program_that_was_run(
+    program: str, args: list[str], example: str
+) -> None:
+    """Forty-sixth pass: ``nexus-runtime --help`` showed its examples as ``nexus ...``;
+    each help page's examples now name the program as it was invoked (``nexus`` for
+    ``python -m nexus_trio.cli``). (Fails on f647f8e for nexus-runtime: ``nexus run``.)"""
+    result = CliRunner().invoke(app, [*args, "--help"], env=WIDE, prog_name=program)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"{program} {example}" in said
+    other = "nexus-runtime" if program == "nexus" else "nexus"
+    assert f" {other} {example}" not in said
+
+
 def test_generate_config_without_run_writes_the_template(isolated: Path) -> None:
     result = invoke(["--generate-config", "nexus.toml"])
     assert result.exit_code == 0, result.output

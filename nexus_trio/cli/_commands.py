@@ -15,8 +15,10 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -65,20 +67,47 @@ def _hide_flag_types(command: Any, ctx: Any) -> None:
             param.metavar = ""
 
 
+#: a command line of an example in an epilog: ``nexus`` at a line's indent, or at the start
+#: of an italic span (``[i]nexus config init FILE[/]``), followed by its arguments
+_EXAMPLE_PROGRAM = re.compile(r"(?m)(^ +|\[i\])nexus(?= )")
+
+
+def program_named(text: str, program: str) -> str:
+    """``text`` (an epilog) with its examples' ``nexus`` named ``program``, the name the
+    user ran (``nexus-runtime --help`` shows ``nexus-runtime run ...``)."""
+    return _EXAMPLE_PROGRAM.sub(lambda m: f"{m[1]}{program}", text)
+
+
+@contextmanager
+def _help_of(command: Any, ctx: Any) -> Iterator[None]:
+    """While ``command``'s help is written: flags without ``<bool>``, and the examples of
+    its epilog naming the program as invoked (the root context's name)."""
+    _hide_flag_types(command, ctx)
+    written = command.epilog
+    if written:
+        command.epilog = program_named(written, ctx.find_root().info_name or "nexus")
+    try:
+        yield
+    finally:
+        command.epilog = written
+
+
 class Command(typer.core.TyperCommand):
-    """A ``nexus`` command: flags without ``<bool>`` in its help."""
+    """A ``nexus`` command: flags without ``<bool>`` in its help, examples named as the
+    program was run."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _hide_flag_types(self, ctx)
-        super().format_help(ctx, formatter)
+        with _help_of(self, ctx):
+            super().format_help(ctx, formatter)
 
 
 class Group(typer.core.TyperGroup):
-    """A ``nexus`` command group: flags without ``<bool>`` in its help."""
+    """A ``nexus`` command group: flags without ``<bool>`` in its help, examples named
+    as the program was run."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _hide_flag_types(self, ctx)
-        super().format_help(ctx, formatter)
+        with _help_of(self, ctx):
+            super().format_help(ctx, formatter)
 
 
 class RunByDefaultGroup(Group):
