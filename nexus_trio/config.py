@@ -18,6 +18,7 @@ which :func:`render_effective` prints.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -381,6 +382,64 @@ class _Findings:
 _Values = dict[str, dict[str, Any]]
 
 
+def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
+    """What is wrong at ``exc``'s place in ``text``, in the terms of the file's lines
+    (a table header, a key, its value) where tomlkit says the character it did not expect
+    (``Unexpected character: '\\n'``); tomlkit's own words, escaped, for the others."""
+    said = re.sub(r" at line \d+ col \d+$", "", str(exc))
+    lines = text.splitlines()
+    raw = lines[exc.line - 1] if 0 < exc.line <= len(lines) else ""
+    line = raw.strip()
+    key, equals, value = (part.strip() for part in line.partition("="))
+    header = line.startswith("[")  # (no key starts so: a table header)
+    # (where the value starts: an unexpected character there is the value's own)
+    value_at = len(raw) - len(raw.partition("=")[2].lstrip())
+    # (tomlkit keeps the character only in its message: "Unexpected character: '\\n'")
+    shown = re.fullmatch(r"Unexpected character: (.+)", said)
+    unexpected = ast.literal_eval(shown.group(1)) if shown else None
+    if isinstance(exc, tomlkit.exceptions.InvalidControlChar) and "\\u000a" in said:
+        return (
+            "a string is not closed on its line: \"...\" and '...' end on the line they start"
+            ' ("""...""" holds text over several lines)'
+        )
+    if unexpected == "\x00":
+        return "the file ends inside a list [...] or an inline table {...} that is not closed"
+    if header and unexpected is not None:
+        close = "]]" if line.startswith("[[") else "]"
+        if close not in line:
+            return f"a table header `{line}` must end with `{close}` on its line"
+        return (
+            f"a table header `{line}` has `{unexpected}` after its `{close}`: nothing but"
+            " a comment may follow it on its line"
+        )
+    if unexpected is not None and not equals:
+        return f"`{line}` is a key without a value: write `{line} = value` (a string in quotes)"
+    if unexpected == "\n" and not value:
+        return f"`{key}` has no value after `=`"
+    if unexpected == "\n" or (unexpected is not None and exc.col <= value_at):
+        return (
+            f"`{value}` (the value of `{key}`) is no TOML value: a string is written in"
+            f' quotes ("{value}"), true and false in lower case'
+        )
+    if unexpected is not None and value[:1] in ("[", "{"):
+        return (
+            f"`{unexpected}` in the value of `{key}`, `{value}`: a list's or inline"
+            " table's items are TOML values (strings in quotes) separated by commas"
+        )
+    if unexpected is not None and value:
+        return (
+            f"`{unexpected}` after the value of `{key}`: one value per line, nothing but a"
+            " comment after it (several values are a list: [1, 2])"
+        )
+    if isinstance(exc, tomlkit.exceptions.EmptyKeyError):
+        return f"a key is empty (nothing before `=`, or between two dots) in `{line}`"
+    if isinstance(exc, tomlkit.exceptions.EmptyTableNameError):
+        return f"the table header `{line}` names no table (a name between its dots)"
+    if isinstance(exc, tomlkit.exceptions.InvalidNumberError):
+        return f"`{value}` (the value of `{key}`) is no valid number"
+    return said.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
 def _read_file(
     path: Path,
     values: _Values,
@@ -398,12 +457,13 @@ def _read_file(
     try:
         document = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
-        reason = re.sub(r" at line \d+ col \d+$", "", str(exc))
-        reason = reason.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
         # tomlkit counts columns from 0; FILE:LINE:COL counts them from 1 (editors, gcc,
         # Python, tomllib), so that a jump to it lands on the bad character
         raise ConfigError(
-            f"invalid TOML: {reason}", path=path, line=exc.line, column=exc.col + 1
+            f"invalid TOML: {_toml_problem(exc, text)}",
+            path=path,
+            line=exc.line,
+            column=exc.col + 1,
         ) from None
     except tomlkit.exceptions.KeyAlreadyPresent as exc:
         duplicate = re.search(r'Key "(.+)" already exists', str(exc))

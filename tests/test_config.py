@@ -809,8 +809,78 @@ def test_broken_toml_reports_line_and_column(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capacity = 1\nbatch_size = \n")
     with pytest.raises(ConfigError) as info:
         load(home)
-    assert str(info.value) == f"{file}:3:14: invalid TOML: Unexpected character: '\\n'"
+    assert str(info.value) == f"{file}:3:14: invalid TOML: `batch_size` has no value after `=`"
     assert (info.value.line, info.value.column) == (3, 14)
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "said"),
+    [
+        (
+            "[kernel\nbatch_size = 1\n",
+            (1, 8),
+            "a table header `[kernel` must end with `]` on its line",
+        ),
+        ("[[kernel\n", (1, 9), "a table header `[[kernel` must end with `]]` on its line"),
+        (
+            "[kernel]]\n",
+            (1, 9),
+            "a table header `[kernel]]` has `]` after its `]`: nothing but a comment may follow"
+            " it on its line",
+        ),
+        (
+            "[kernel]\nbatch_size\n",
+            (2, 11),
+            "`batch_size` is a key without a value: write `batch_size = value` (a string in"
+            " quotes)",
+        ),
+        (
+            "[logging]\nlevel = info\n",
+            (2, 9),
+            "`info` (the value of `level`) is no TOML value: a string is written in quotes"
+            ' ("info"), true and false in lower case',
+        ),
+        (
+            "[kernel]\nbatch_size = 1 2\n",
+            (2, 16),
+            "`2` after the value of `batch_size`: one value per line, nothing but a comment"
+            " after it (several values are a list: [1, 2])",
+        ),
+        (
+            '[logging]\nlevel = "info\n',
+            (2, 14),
+            "a string is not closed on its line: \"...\" and '...' end on the line they start"
+            ' ("""...""" holds text over several lines)',
+        ),
+        (
+            "[app]\nspawn = [1, 2\n",
+            (2, 1),
+            "the file ends inside a list [...] or an inline table {...} that is not closed",
+        ),
+    ],
+    ids=[
+        "header",
+        "array header",
+        "after a header",
+        "key alone",
+        "bare word",
+        "two values",
+        "open string",
+        "open list",
+    ],
+)
+def test_a_toml_error_says_what_is_wrong_in_the_file_s_terms(
+    home: Path, text: str, where: tuple[int, int], said: str
+) -> None:
+    """Forty-sixth pass: tomlkit's ``Unexpected character: '\\n'`` (with its place) was
+    all a malformed file heard, whatever was wrong. The error names the file, the line
+    and column, and the problem as the file's lines are read (a table header, a key, its
+    value). (Fails on f647f8e: ``Unexpected character``, ``Control characters``.)"""
+    file = write(home / "cwd" / "config.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert (info.value.path, info.value.line, info.value.column) == (file, *where)
+    assert str(info.value) == f"{file}:{where[0]}:{where[1]}: invalid TOML: {said}"
 
 
 @pytest.mark.parametrize(
