@@ -775,56 +775,61 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         s.queue_wait,
     )
     if snapshot.endpoint is not None:
-        yield from _endpoint_families(snapshot.endpoint)
+        yield from endpoint_families(snapshot.endpoint)
     yield from snapshot.extra
     if snapshot.per_agent:
         for series in _AGENT_SERIES:
             yield _agent_family(series, snapshot.agents)
 
 
-def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
+def endpoint_families(
+    e: EndpointStats, *, prefix: str = "nexus_metrics_", what: str = "the metrics endpoint"
+) -> Iterator[Metric]:
+    """The series of an HTTP endpoint's counters ``e`` (:func:`serve_routes`): each named
+    ``prefix`` + its name, its help naming the endpoint as ``what``. A kernel's scrape has
+    its endpoint's (``nexus_metrics_*``); the ``--workers`` group endpoint its own
+    (``nexus_group_*``)."""
     yield CounterMetricFamily(
-        "nexus_metrics_connections", "Connections the metrics endpoint accepted.", value=e.accepted
+        f"{prefix}connections", f"Connections {what} accepted.", value=e.accepted
     )
     yield GaugeMetricFamily(
-        "nexus_metrics_connections_open",
-        "Connections to the metrics endpoint open now (this scrape's too).",
+        f"{prefix}connections_open",
+        f"Connections to {what} open now (this scrape's too).",
         value=e.open,
     )
     yield CounterMetricFamily(
-        "nexus_metrics_accept_failures",
-        "Connections the metrics endpoint could not accept for lack of file descriptors or"
+        f"{prefix}accept_failures",
+        f"Connections {what} could not accept for lack of file descriptors or"
         " memory (retried every 0.1 s).",
         value=e.accept_failures,
     )
     yield CounterMetricFamily(
-        "nexus_metrics_connections_limited",
-        "Times the metrics endpoint had its maximum of connections open and new ones waited"
+        f"{prefix}connections_limited",
+        f"Times {what} had its maximum of connections open and new ones waited"
         " in the listen backlog.",
         value=e.limited,
     )
     refused = CounterMetricFamily(
-        "nexus_metrics_requests_refused",
-        "Requests the metrics endpoint refused, by the status of its answer"
-        " (400, 404, 405, 431, 505).",
+        f"{prefix}requests_refused",
+        f"Requests {what} refused, by the status of its answer (400, 404, 405, 431, 505).",
         labels=["status"],
     )
     for status, n in sorted(e.refused.items()):
         refused.add_metric([str(status)], n)
     yield refused
     yield CounterMetricFamily(
-        "nexus_metrics_render_failures",
-        "Requests to the metrics endpoint whose render raised (answered 500).",
+        f"{prefix}render_failures",
+        f"Requests to {what} whose render raised (answered 500).",
         value=e.render_failures,
     )
     yield CounterMetricFamily(
-        "nexus_metrics_requests_unanswered",
-        "Requests to the metrics endpoint not answered within 10 s (answered 503).",
+        f"{prefix}requests_unanswered",
+        f"Requests to {what} not answered within 10 s (answered 503).",
         value=e.unanswered,
     )
     yield CounterMetricFamily(
-        "nexus_metrics_request_failures",
-        "Connections to the metrics endpoint that failed otherwise than by the client going away.",
+        f"{prefix}request_failures",
+        f"Connections to {what} that failed otherwise than by the client going away.",
         value=e.request_failures,
     )
 

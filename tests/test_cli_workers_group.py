@@ -886,3 +886,76 @@ async def test_the_group_endpoint_counts_its_requests_unanswered(
     got = _scraped((await endpoint.route("/metrics"))[1].decode())
     assert got["nexus_group_requests_unanswered_total", ()] == 1.0
     assert got["nexus_group_render_failures_total", ()] == 0.0
+
+
+async def test_the_group_endpoint_exports_its_refusals_accept_failures_and_limit(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-sixth pass: the group endpoint's server counted its refused requests, its
+    failed ``accept`` calls and the times it stood at its connection limit, and nothing
+    exported them. They are ``nexus_group_requests_refused_total{status}``,
+    ``nexus_group_accept_failures_total`` and ``nexus_group_connections_limited_total``
+    now (with ``nexus_group_connections_total`` and ``_open``), as a worker's
+    ``nexus_metrics_*``: each provoked here once, then scraped. (Checked on f647f8e's
+    tree: no such series.)"""
+    import errno
+
+    mock_clock.autojump_threshold = 5.0  # (the clock moves when the test says so)
+    real_accept = trio.SocketListener.accept
+    failed: list[int] = []
+
+    async def accept_failing_once(self: trio.SocketListener) -> trio.SocketStream:
+        if not failed:
+            failed.append(errno.EMFILE)
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return await real_accept(self)
+
+    async def settle() -> None:
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked()
+
+    async def answer_to(port: int, request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+        return answer
+
+    monkeypatch.setattr(trio.SocketListener, "accept", accept_failing_once)
+    endpoint = GroupEndpoint(
+        "127.0.0.1", 0, [1], lambda: GroupState(stopping=False, workers=((ENDED, ""),))
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(serve_routes, endpoint=endpoint.endpoint, max_connections=1),
+            endpoint.route,
+            "127.0.0.1",
+            0,
+        )
+        await settle()
+        mock_clock.jump(0.2)  # (past the retry after the failed accept)
+        assert (await answer_to(port, b"NOT HTTP\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        nope = await answer_to(port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert nope.startswith(b"HTTP/1.1 404 ")
+        idle = [trio.socket.socket(), trio.socket.socket()]
+        for sock in idle:
+            await sock.connect(("127.0.0.1", port))
+        await settle()
+        for sock in idle:
+            sock.close()
+        await settle()
+        nursery.cancel_scope.cancel()
+    got = _scraped((await endpoint.route("/metrics"))[1].decode())
+    assert failed == [errno.EMFILE]
+    assert got["nexus_group_accept_failures_total", ()] == 1.0
+    assert got["nexus_group_connections_limited_total", ()] >= 1.0
+    assert got["nexus_group_connections_total", ()] == 4.0
+    refused = {
+        labels[0][1]: value
+        for (name, labels), value in got.items()
+        if name == "nexus_group_requests_refused_total"
+    }
+    assert refused == {"400": 1.0, "404": 1.0, "405": 0.0, "431": 0.0, "505": 0.0}

@@ -32,7 +32,10 @@ it supervises:
   ``nexus_group_render_failures_total`` (its answer raised: 500),
   ``nexus_group_requests_unanswered_total`` (none within 10 s: 503) and
   ``nexus_group_request_failures_total`` (as a worker's ``nexus_metrics_*`` of the same
-  names). The prefix ``nexus_group_`` is the group's: a worker's family named so (a
+  names), and since the forty-sixth pass the rest of its server's counters, as those:
+  ``nexus_group_connections_total``, ``nexus_group_connections_open``,
+  ``nexus_group_accept_failures_total``, ``nexus_group_connections_limited_total`` and
+  ``nexus_group_requests_refused_total{status}``. The prefix ``nexus_group_`` is the group's: a worker's family named so (a
   user's agent, or the worker, exporting one) is left out of the group's scrape, counted
   there and logged once per worker and name, so that it can never clash with the
   group's own.
@@ -65,7 +68,7 @@ import attrs
 import trio
 
 from .._logcall import log_guarded
-from ..metrics import EndpointStats, serve_routes
+from ..metrics import EndpointStats, endpoint_families, serve_routes
 from ._hosts import probe_host, url_host
 
 if TYPE_CHECKING:
@@ -448,22 +451,8 @@ class GroupEndpoint:
         for i in range(len(self.worker_ports)):
             refused.add_metric([f"worker-{i}"], self._families_refused[i])
         yield refused
-        e = self.endpoint
-        yield CounterMetricFamily(
-            "nexus_group_render_failures",
-            "requests to the group endpoint whose answer raised (answered 500)",
-            value=e.render_failures,
-        )
-        yield CounterMetricFamily(
-            "nexus_group_requests_unanswered",
-            "requests to the group endpoint not answered within 10 s (answered 503)",
-            value=e.unanswered,
-        )
-        yield CounterMetricFamily(
-            "nexus_group_request_failures",
-            "connections to the group endpoint that failed otherwise than by the client going away",
-            value=e.request_failures,
-        )
+        # (its server's counters, as a worker's nexus_metrics_* of the same names)
+        yield from endpoint_families(self.endpoint, prefix=GROUP_PREFIX, what="the group endpoint")
 
 
 _METRICS_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
