@@ -1543,8 +1543,11 @@ async def test_a_columnar_batch_with_a_bad_block_loses_that_block_only_the_rest_
     delivered in order, as NXB2 leaves out a single tell that does not decode (until the
     forty-fifth pass the whole batch was dropped, ``malformed_batch``). A block whose
     head's count does not add up to the batch's is still the whole batch's fault
-    (``malformed_batch``, its five tells ``malformed``). The reader goes on: a good
-    columnar batch after them is delivered whole, in order."""
+    (``malformed_batch``, its five tells ``malformed``), and so, since the forty-sixth
+    pass, is one whose head counts more rows than its bytes could hold, even where that
+    count adds up to the batch's (its seven tells ``malformed``; until then its other
+    tells were delivered and the five rows it claimed counted as its loss). The reader
+    goes on: a good columnar batch after them is delivered whole, in order."""
     got: list[Any] = []
 
     @agent(name="col")
@@ -1562,15 +1565,23 @@ async def test_a_columnar_batch_with_a_bad_block_loses_that_block_only_the_rest_
         good = wire.encode_block(rows, [entry], [b"0", b"1", b"2"])
         bad = good[: 6 + 43 + 41] + b"\x00\x01" + good[6 + 43 + 43 :]  # row 1: address 1 of 1
         miscounted = struct.pack(">I", 4) + bad[4:]  # its head says 4 rows of the batch's 3
+        # its head says 5 rows (the batch's 7 less its 2 tells): its bytes hold 3 at most
+        overclaimed = struct.pack(">I", 5) + bad[4:]
+        assert len(overclaimed) < wire.BLOCK_HEAD_SIZE + 5 * wire.ROW_SIZE
         name = b"h"
 
-        def nxb3(first: int, *frames: bytes) -> bytes:
-            head = struct.pack(">4sQQQQIH", b"NXB3", 1, 2, ca.id_prefix, first, 5, len(name))
+        def nxb3(first: int, *frames: bytes, numbered: int = 5) -> bytes:
+            head = struct.pack(">4sQQQQIH", b"NXB3", 1, 2, ca.id_prefix, first, numbered, len(name))
             return head + name + b"".join(frames)
 
         before, after = _tell("col", "before"), _tell("col", "after")
         with trio.fail_after(20):
-            for first, block in ((1, bad), (6, miscounted), (11, good)):
+            for first, block, numbered in (
+                (1, bad, 5),
+                (6, miscounted, 5),
+                (11, overclaimed, 7),
+                (18, good, 5),
+            ):
                 await hostile.publish(
                     "nexus.node.a.batch",
                     nxb3(
@@ -1578,6 +1589,7 @@ async def test_a_columnar_batch_with_a_bad_block_loses_that_block_only_the_rest_
                         _frame(batch.TELL, before),
                         _frame(batch.ROWS, block),
                         _frame(1, after),
+                        numbered=numbered,
                     ),
                 )
             # after them on the same connection: in order behind them
@@ -1586,5 +1598,5 @@ async def test_a_columnar_batch_with_a_bad_block_loses_that_block_only_the_rest_
         assert got == ["before", "after", "before", 0, 1, 2, "after", "end"]
         stats = ca.stats()
         assert stats.disconnects == 0
-        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 3 + 5}
+        assert stats.inbound_dropped == {"malformed_batch": 2, "malformed": 3 + 5 + 7}
         assert stats.lost_in_transit == 0

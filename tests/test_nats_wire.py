@@ -1441,11 +1441,13 @@ def test_a_bad_block_of_rows_is_refused_whole_saying_what_is_wrong(
     with pytest.raises(batch.BatchError, match=re.escape(problem)):
         batch.read_columnar(body, offset, head.numbered, print)
     # as the node reads it (bad_rows, forty-fifth pass): the block left out, its rows
-    # counted, where its head's count is the batch's; else the batch is refused whole
+    # counted, where its head's count is the batch's and (forty-sixth pass) its bytes
+    # could hold that many rows (6 bytes of head, 43 a row); else the batch is refused
+    # whole (the head that says 1000 rows in the bytes of 3 among them)
     changed = change(block)
     rows = struct.unpack_from(">I", changed)[0] if len(changed) >= 4 else 0
     bad: list[tuple[int, str]] = []
-    if 1 <= rows == numbered:
+    if 1 <= rows == numbered and 6 + rows * 43 <= len(changed):
         read, _ = batch.read_columnar(
             body, offset, head.numbered, print, lambda n, e: bad.append((n, str(e)))
         )
@@ -1480,6 +1482,42 @@ def test_a_bad_block_among_good_frames_is_left_out_and_the_rest_read_in_order() 
     assert read == [*msgs, msgs[0]]
     assert len(said) == 2 and isinstance(said[0], MessageDecodeError)
     assert said[1][0] == 3 and "block of rows 1, after 2 tells: row 1: address 2 of 2" in said[1][1]
+
+
+def test_a_block_whose_head_counts_more_rows_than_its_bytes_hold_is_the_batchs_fault() -> None:
+    """A block's head is not taken on its word (forty-sixth pass): one that says more
+    rows than its bytes could hold refuses the batch whole, naming the block, even where
+    its count adds up to the batch's head (a single tell and a block said to hold 5,
+    whose bytes hold 3); no tell of it is delivered and ``bad_rows`` is not called
+    (until then the tell was delivered and the 5 rows handed to ``bad_rows``). One
+    that says exactly as many as its bytes hold, but is bad otherwise, is its rows'
+    loss only."""
+    block, msgs = _good_block()
+    tell = wire.encode_tell(msgs[0])
+
+    def batch_of(part: bytes, numbered: int) -> bytes:
+        link = batch.NodeLink("b", 2, window=100, columnar=True)
+        link.frames += [batch.frame_head(len(tell) + 1, batch.TELL), tell]
+        link.frames += [batch.frame_head(len(part) + 1, batch.ROWS), part]
+        link.tells = numbered
+        return link.seal(b"a", 1, 7)[0]
+
+    bad_json = block[:_JSON_AT] + b"[0,[1],"  # 3 rows, payloads no JSON
+    overclaimed = _patched(bad_json, 0, struct.pack(">I", 5))
+    assert len(overclaimed) < 6 + 5 * 43
+    said: list[Any] = []
+    body = batch_of(overclaimed, 1 + 5)
+    head, offset = batch.read_head(body)
+    with pytest.raises(batch.BatchError, match=re.escape("block of rows 0, after 1 tells: 5 rows")):
+        batch.read_columnar(body, offset, head.numbered, said.append, lambda *a: said.append(a))
+    assert said == []
+    body = batch_of(bad_json, 1 + 3)
+    head, offset = batch.read_head(body)
+    read, _ = batch.read_columnar(
+        body, offset, head.numbered, said.append, lambda n, e: said.append((n, str(e)))
+    )
+    assert read == [msgs[0]] and len(said) == 1 and said[0][0] == 3
+    assert "block of rows 0, after 1 tells: its payloads are no JSON" in said[0][1]
 
 
 def test_a_block_of_rows_is_no_frame_of_an_nxb2_batch() -> None:

@@ -59,8 +59,6 @@ _READ_MAGICS: Final = frozenset((b"NXB1", MAGIC, MAGIC_COLUMNAR))
 _HEAD: Final = struct.Struct(">4sQQQQIH")
 _FRAME: Final = struct.Struct(">IB")
 _CREDIT: Final = struct.Struct(">QQ")
-#: the rows a block's head counts (the first field of ``_wire``'s block head)
-_BLOCK_ROWS: Final = struct.Struct(">I")
 #: the fixed part of a batch, before the node name
 HEAD_SIZE: Final = _HEAD.size
 #: what every frame costs on top of its body
@@ -230,8 +228,10 @@ def read_columnar(
     used, without ``bad_rows``. With it (the node's reading, forty-fifth pass), such a
     block is left out as a single tell that does not decode is: ``bad_rows(rows,
     error)`` with the rows its head counts, in its place in the order, and the batch's
-    other tells are read; only if its head says at least one row and the batch's count
-    (with those rows) is the head's, else the batch is refused whole as before. Its rows
+    other tells are read; only if its head says at least one row, the block's own bytes
+    could hold that many (forty-sixth pass: a head is not taken on its word) and the
+    batch's count (with those rows) is the head's, else the batch is refused whole as
+    before. Its rows
     are one JSON array of payloads and one table of addresses: no row of a bad block is
     read alone (a row's payload cannot be told from its neighbours' in an array that
     does not parse)."""
@@ -249,7 +249,9 @@ def read_columnar(
             msgs = wire.decode_block(body, 0, len(body))
         except ValueError as exc:
             error = BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}")
-            rows = _BLOCK_ROWS.unpack_from(body)[0] if len(body) >= _BLOCK_ROWS.size else 0
+            # its head's count, only if the block's own bytes could hold as many rows:
+            # else no count of it can be trusted, and the batch is refused whole
+            rows = wire.block_rows(body)
             if bad_rows is None or rows < 1:
                 raise error from None
             decoded.append((rows, error))

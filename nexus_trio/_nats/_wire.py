@@ -897,6 +897,16 @@ def encode_block(
     )
 
 
+def block_rows(body: bytes) -> int:
+    """The rows block ``body`` (:func:`encode_block`) stands for, as its head counts
+    them, if its bytes could hold that many rows; 0 if not (or if it is shorter than its
+    head): a hostile or truncated block's count is not taken on its word alone."""
+    if len(body) < BLOCK_HEAD_SIZE:
+        return 0
+    count = _BLOCK_HEAD.unpack_from(body)[0]
+    return count if BLOCK_HEAD_SIZE + count * ROW_SIZE <= len(body) else 0
+
+
 def decode_block(data: bytes, start: int, end: int) -> list[Message]:
     """The messages of the block ``data[start:end]`` (:func:`encode_block`), in order;
     checked whole before any is made (rows against the count, the table's entries
