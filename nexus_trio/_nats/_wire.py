@@ -586,36 +586,40 @@ def tell_payload_json(payload: Any) -> bytes:
     # _flat (the call was 470 of the 6,090 instructions of bench_nats's payload, 1.4% of
     # a tell sent to another kernel; docs/distributed.md, fortieth pass), and a dict's
     # list is walked in place (the common nested value).
+    # (forty-sixth pass: each flat kind returns its JSON where its walk ends, no flag
+    # tested after it, and a dict's list tested before a float, the commoner value:
+    # 377 instructions of 8,194 a call fewer for bench_nats's payload, cachegrind)
     cls = payload.__class__
-    flat = False
-    if cls is dict and len(payload) <= _FLAT_MAX:  # (first: most tells carry a dict)
-        scalars = _NO_FLOAT
-        for key, value in payload.items():
-            if key.__class__ is not str:
-                break
-            cls = value.__class__
-            if cls in scalars:
-                continue
-            if cls is float:
-                if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
-                    continue
-                break
-            if cls is list:
-                if len(value) > _FLAT_MAX:
+    if cls is dict:  # (first: most tells carry a dict)
+        if len(payload) <= _FLAT_MAX:
+            scalars = _NO_FLOAT
+            for key, value in payload.items():
+                if key.__class__ is not str:
                     break
-                for item in value:
-                    cls = item.__class__
-                    if cls not in scalars and not (cls is float and item - item == 0.0):
-                        break
-                else:
+                cls = value.__class__
+                if cls in scalars:
                     continue
-                break
-            if not (cls is dict and _flat(value)):
-                break
-        else:
-            flat = True
+                if cls is list:
+                    if len(value) > _FLAT_MAX:
+                        break
+                    for item in value:
+                        if item.__class__ not in scalars and not (
+                            item.__class__ is float and item - item == 0.0
+                        ):
+                            break
+                    else:
+                        continue
+                    break
+                if cls is float:
+                    if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
+                        continue
+                    break
+                if not (cls is dict and _flat(value)):
+                    break
+            else:
+                return _dumps(payload)
     elif cls in _NO_FLOAT:
-        flat = True
+        return _dumps(payload)
     elif cls is list and len(payload) <= _FLAT_MAX:
         scalars = _NO_FLOAT
         for item in payload:
@@ -625,8 +629,8 @@ def tell_payload_json(payload: Any) -> bytes:
             if not ((cls is list or cls is dict) and _flat(item)):
                 break
         else:
-            flat = True
-    return _dumps(payload) if flat else _payload_json(payload)
+            return _dumps(payload)
+    return _payload_json(payload)
 
 
 def _optional_ids(
