@@ -1242,6 +1242,120 @@ async def test_tells_follow_a_name_that_moves_to_another_node(nats: NatsServer) 
     assert ca.stats().inbound_dropped == {} and cb.stats().inbound_dropped == {}
 
 
+def _routes_of(monkeypatch: pytest.MonkeyPatch, node: str) -> list[str | uuid.UUID]:
+    """The addresses ``node``'s cluster routes the long way (_route), in order: a tell
+    whose route is kept (see Cluster._link_for) is not routed again."""
+    routed: list[str | uuid.UUID] = []
+    route = Cluster._route
+
+    def counting(self: Cluster, msg: Message) -> Any:
+        if self.node == node:
+            routed.append(msg.to)
+        return route(self, msg)
+
+    monkeypatch.setattr(Cluster, "_route", counting)
+    return routed
+
+
+def _counting_to(records: list[Any], name: str, counts: dict[int, trio.Event]) -> Any:
+    """An agent ``name`` that keeps each payload in ``records`` and sets ``counts[n]``
+    once it holds ``n`` of them."""
+
+    async def collect(ctx: Context, msg: Message) -> Any:
+        records.append(msg.payload)
+        event = counts.get(len(records))
+        if event is not None:
+            event.set()
+
+    return agent(name=name)(collect)
+
+
+async def test_a_name_learnt_again_in_place_keeps_its_route_and_a_move_reroutes_only_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name written again where it was (a placement answer, the bucket heard again)
+    keeps the route of the tells to it (was: every route dropped, each name routed the
+    long way again: _route re-ran thousands of times in a slow fan-out); a name that
+    moves drops its own route only, and its next tell goes to where it moved."""
+    routed = _routes_of(monkeypatch, "s")
+    mover_a: list[Any] = []
+    mover_b: list[Any] = []
+    stay: list[Any] = []
+    a_has = {10: trio.Event()}
+    b_has = {5: trio.Event()}
+    stay_has = {n: trio.Event() for n in (5, 10, 15)}
+    async with (
+        _node(nats.url, "s") as (ks, cs),
+        _node(nats.url, "a") as (ka, ca),
+        _node(nats.url, "b") as (kb, cb),
+    ):
+        with trio.fail_after(30):
+            ref_a = ka.spawn(_counting_to(mover_a, "mover", a_has))
+            ka.spawn(_counting_to(stay, "stay", stay_has))
+            await cs.wait_for_name("mover")
+            await cs.wait_for_name("stay")
+            for i in range(5):
+                await ks.send("mover", ["first", i])
+                await ks.send("stay", i)
+            await stay_has[5].wait()
+            assert routed == ["mover", "stay"]
+            for _ in range(3):
+                cs.learn_name("mover", "a", ref_a.id)  # where it is: nothing moved
+            for i in range(5, 10):
+                await ks.send("mover", ["first", i])
+                await ks.send("stay", i)
+            await a_has[10].wait()
+            await stay_has[10].wait()
+            assert routed == ["mover", "stay"]
+            await ka.stop(ref_a, drain=True)
+            ref_b = kb.spawn(_counting_to(mover_b, "mover", b_has))
+            await ca.names_published()
+            await cb.names_published()
+            cs.learn_name("mover", "b", ref_b.id)
+            for i in range(5):
+                await ks.send("mover", ["second", i])
+                await ks.send("stay", 10 + i)
+            await b_has[5].wait()
+            await stay_has[15].wait()
+            assert routed == ["mover", "stay", "mover"]
+    assert mover_a == [["first", i] for i in range(10)]
+    assert mover_b == [["second", i] for i in range(5)]
+    assert stay == list(range(15))
+
+
+async def test_a_member_that_leaves_takes_the_routes_to_it_with_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routes kept for tells to a node's names are dropped when the node leaves: a
+    tell after the leave is routed again (and finds no such name), not sent on the old
+    route; a route to a member that stays is routed again too (the members changed)."""
+    routed = _routes_of(monkeypatch, "s")
+    there: list[Any] = []
+    stay: list[Any] = []
+    there_has = {3: trio.Event()}
+    stay_has = {3: trio.Event(), 4: trio.Event()}
+    async with _node(nats.url, "s") as (ks, cs), _node(nats.url, "b") as (kb, _cb):
+        with trio.fail_after(30):
+            kb.spawn(_counting_to(stay, "stay", stay_has))
+            await cs.wait_for_name("stay")
+            async with _node(nats.url, "a") as (ka, _ca):
+                ka.spawn(_counting_to(there, "there", there_has))
+                await cs.wait_for_name("there")
+                for i in range(3):
+                    await ks.send("there", i)
+                    await ks.send("stay", i)
+                await there_has[3].wait()
+                await stay_has[3].wait()
+                assert routed == ["there", "stay"]
+            await until(lambda: "a" not in cs.members.members)
+            with pytest.raises(AgentNotFound):
+                await ks.send("there", 3)
+            await ks.send("stay", 3)
+            await stay_has[4].wait()
+    assert routed[:3] == ["there", "stay", "there"] and routed[-1] == "stay"
+    assert there == [0, 1, 2] and stay == [0, 1, 2, 3]
+
+
 async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
     nats: NatsServer,
 ) -> None:

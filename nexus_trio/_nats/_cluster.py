@@ -1898,9 +1898,9 @@ class Cluster:
     def _link_for(self, msg: Message, routed: _Routed) -> batch.NodeLink:
         """The node batch of a tell that _route routed; kept for the next tells to the
         same address (routing a tell costs about as much as encoding it). The cache is
-        emptied when the members change (a version of the table), when a name is learnt,
-        moved or dropped (_set_name) or a link dropped (_drop_link), and past
-        _KNOWN_LINKS_MAX addresses."""
+        emptied when the members change (a version of the table) or a link is dropped
+        (_drop_link), and past _KNOWN_LINKS_MAX addresses; a name's own route is
+        dropped when the name is learnt, moved or dropped (_set_name)."""
         stream = routed[3]
         assert isinstance(stream, tuple)
         link = self._links.get(stream) or self._new_link(stream)
@@ -1914,13 +1914,19 @@ class Cluster:
 
     def _set_name(self, name: str, entry: tuple[str, uuid.UUID] | None) -> None:
         """Where ``name`` runs as this node knows it (None: nowhere known). The one way
-        ``_names`` changes: a name learnt, moved or dropped sends every tell the long way
-        again (see _link_for)."""
+        ``_names`` changes: a name learnt, moved or dropped sends its next tell the long
+        way again (see _link_for); an entry written again as it was (a placement answer,
+        the bucket's watch heard again) keeps its route, and no other address's route
+        goes through the name (an id's route is its node's, a type's is never kept)."""
+        names = self._names
         if entry is None:
-            self._names.pop(name, None)
+            if names.pop(name, None) is None:
+                return
+        elif names.get(name) == entry:
+            return
         else:
-            self._names[name] = entry
-        self._known_links.clear()
+            names[name] = entry
+        self._known_links.pop(name, None)
 
     def _drop_link(self, stream: _Stream) -> None:
         """Forget the link of ``stream`` (and the tells' routes, which may name it); a
