@@ -254,7 +254,11 @@ class _FakeJs:
     pending, unacked, pull requests waiting)`` two a page, the stream's message count,
     last sequence and subjects (``page`` a page, sorted, as nats-server pages them).
     ``between``: messages stored on consumers' subjects between the first stream read and
-    the consumers' (their count then holds them, the first read not)."""
+    the consumers' (their count then holds them, the first read not). ``reported``: the
+    subjects its state counts (``num_subjects``; all of ``subjects`` unless said);
+    ``slow``: the seconds a page of subjects takes for each subject counted (a request
+    that waits less than that times out, as nats-py's does). ``waits``: each page
+    request's wait."""
 
     def __init__(
         self,
@@ -263,13 +267,18 @@ class _FakeJs:
         *,
         page: int = 100_000,
         between: int = 0,
+        reported: int | None = None,
+        slow: float = 0.0,
     ):
         self.consumers = consumers
         self.subjects = subjects
         self.page = page
         self.between = between
+        self.reported = len(subjects) if reported is None else reported
+        self.slow = slow
         self.stream_reads = 0
         self.subject_reads: list[int] = []
+        self.waits: list[float] = []
 
     async def stream_info(self, name: str) -> Any:
         assert name == "px-durable"
@@ -292,6 +301,14 @@ class _FakeJs:
 
     async def request(self, subject: str, data: bytes, timeout: float) -> Any:
         assert subject == "$JS.API.STREAM.INFO.px-durable"
+        if not data:  # (the subjects' count)
+            answer = {"state": {"num_subjects": self.reported}}
+            return SimpleNamespace(data=json.dumps(answer).encode())
+        self.waits.append(timeout)
+        taking = self.slow * self.reported
+        await trio.sleep(min(taking, timeout))
+        if taking > timeout:
+            raise nats.errors.TimeoutError
         asked = json.loads(data)
         assert asked["subjects_filter"] == "px.durable.>"
         offset = asked["offset"]
@@ -461,14 +478,18 @@ async def test_a_consumers_read_that_never_ends_is_cut_at_its_bound_and_read_on_
 
 
 class _GarbledJs(_FakeJs):
-    """:class:`_FakeJs` whose answer to the subjects' request is ``answer``, as sent."""
+    """:class:`_FakeJs` whose answer to the subjects' request is ``answer``, as sent (to
+    the count of subjects before it, ``count``'s if said)."""
 
-    def __init__(self, answer: bytes) -> None:
+    def __init__(self, answer: bytes, count: bytes | None = None) -> None:
         super().__init__([("b", 1, 0, 1)], {"px.durable.d.3": 2})
         self.answer = answer
+        self.count = count
 
     async def request(self, subject: str, data: bytes, timeout: float) -> Any:
-        await super().request(subject, data, timeout)
+        fair = await super().request(subject, data, timeout)
+        if not data:
+            return fair if self.count is None else SimpleNamespace(data=self.count)
         return SimpleNamespace(data=self.answer)
 
 
@@ -501,6 +522,70 @@ async def test_a_garbled_answer_to_the_subjects_read_fails_the_sweep_naming_it(
     with pytest.raises(ValueError, match=r"STREAM\.INFO") as failed:
         await _channel(_GarbledJs(answer))._unpulled()
     assert said in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    ("count", "said"),
+    [
+        (b'{"state": {"num_subjects": "many"}}', "its num_subjects is not a count: 'many'"),
+        (b'{"state": {"num_subjects": -1}}', "its num_subjects is not a count: -1"),
+        (b'{"state": {"num_subjects": true}}', "its num_subjects is not a count: True"),
+        (b'{"state": 3}', "its state is not an object: 3"),
+    ],
+)
+async def test_a_garbled_count_of_the_subjects_fails_the_sweep_naming_it(
+    count: bytes, said: str
+) -> None:
+    """The count of the stream's subjects that sizes the pages' wait (see
+    subjects_wait) is checked as the pages are: a ValueError naming the request, no
+    page asked."""
+    js = _GarbledJs(b"{}", count)
+    with pytest.raises(ValueError, match=r"STREAM\.INFO\.px-durable is not") as failed:
+        await _channel(js)._unpulled()
+    assert said in str(failed.value)
+    assert js.subject_reads == []
+
+
+async def test_a_page_of_subjects_waits_in_proportion_to_the_stream_s_subjects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Forty-sixth pass: a page of a real stream of 1,000,000 subjects took nats-server
+    up to 5.1 s at load, past the 5 s every request of the sweep waited: that sweep
+    failed, and every later one (counted in ``durable_sweep_failures`` for ever). The
+    server's time for a page grows with all the stream's subjects, so the stream's count
+    is asked first and a page waits 5 s plus 10 us a subject, at most 30 s: here a
+    server that takes 5.1 s a page of its 1,000,000 subjects (on the mock clock) is
+    waited for, 15 s; a stream of a few subjects waits 5 s as before, one of 10,000,000
+    the bound, and a server slower than that still fails the sweep. (On e5f6d73's
+    _durable.py the first sweep raises TimeoutError after 5 s.)"""
+    subjects = {"px.durable.b.1": 1, "px.durable.d.3": 2}
+    slow = _FakeJs([("b", 1, 0, 1)], subjects, reported=1_000_000, slow=5.1e-6)
+    before = trio.current_time()
+    assert await _unpulled(slow) == {"d"}
+    assert slow.waits == [pytest.approx(15.0)]
+    assert trio.current_time() - before == pytest.approx(5.1)
+    few = _FakeJs([("b", 1, 0, 1)], subjects)
+    assert await _unpulled(few) == {"d"}
+    assert few.waits == [pytest.approx(5.0, abs=1e-3)]
+    huge = _FakeJs([("b", 1, 0, 1)], subjects, reported=10_000_000, slow=2.9e-6)
+    assert await _unpulled(huge) == {"d"}
+    assert huge.waits == [30.0]
+    with pytest.raises(nats.errors.TimeoutError):
+        await _unpulled(_FakeJs([("b", 1, 0, 1)], subjects, reported=10_000_000, slow=3.1e-6))
+
+
+async def test_nats_server_s_count_of_the_subjects_is_the_one_its_pages_total(
+    nats: NatsServer,
+) -> None:
+    """(The count a page's wait is sized by, asked of a real nats-server: its stream
+    state's ``num_subjects``, the ``total`` its pages of subjects say.)"""
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (_ka, ca):
+        with trio.fail_after(30):
+            for i in range(3):
+                await store_for(ca, "nowhere", i, node="ghost")
+            count = await call_aio(ca.durable._subjects_count)
+            page, total = await call_aio(ca.durable._subjects_page, 0, 5.0)
+    assert count == total == len(page) == 3
 
 
 async def test_an_error_answer_to_the_subjects_read_is_nats_own() -> None:

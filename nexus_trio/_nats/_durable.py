@@ -158,6 +158,21 @@ _PULLER_ACTIVITY_WAIT: Final = 2.0
 _SWEEP_COUNTS: Final = 3
 #: seconds a JetStream API request of the sweep waits for its answer (nats-py's own)
 _JS_API_WAIT: Final = 5.0
+#: seconds more a page of the stream's subjects waits, for each subject the stream
+#: holds: nats-server's time for a page grows with all of them, not with the page
+#: (forty-sixth pass, nats-server 2.15.1: about 0.25 s a page at 250,000 subjects, 1.2
+#: to 5.1 s at 1,000,000 at load 2.6-6.4, about 5 us a subject at worst; twice that)
+_SUBJECT_WAIT: Final = 10e-6
+#: the longest a page of subjects waits (a stream of 2,500,000 subjects and more)
+_SUBJECTS_WAIT_MAX: Final = 30.0
+
+
+def subjects_wait(subjects: int | None) -> float:
+    """Seconds a page of the durable stream's subjects waits for its answer, the
+    stream holding ``subjects`` subjects (None: not said: as any request of the sweep)."""
+    if subjects is None:
+        return _JS_API_WAIT
+    return min(_JS_API_WAIT + subjects * _SUBJECT_WAIT, _SUBJECTS_WAIT_MAX)
 
 
 def _forward_headers(jsmsg: NatsMsg) -> dict[str, str]:
@@ -1237,8 +1252,9 @@ class DurableChannel:
             before = after
         head = f"{self.cluster.prefix}.durable."
         offset = self._subjects_from
+        total: int | None = await self._subjects_count()
         for _ in range(SWEEP_SUBJECT_PAGES):
-            page, total = await self._subjects_page(offset)
+            page, total = await self._subjects_page(offset, subjects_wait(total))
             for subject in page:
                 node = subject.removeprefix(head).partition(".")[0]
                 if node not in named:
@@ -1276,16 +1292,23 @@ class DurableChannel:
                 return nodes, named, held, None
         return nodes, named, held, offset
 
-    async def _subjects_page(self, offset: int) -> tuple[dict[str, int], int]:
+    async def _subjects_count(self) -> int | None:
+        """How many subjects the stream holds (its state's ``num_subjects``; None if the
+        answer does not say), asked before its pages are: each page waits for its
+        answer in proportion (see subjects_wait; nats-py's ``stream_info`` drops the
+        count)."""
+        subject = f"$JS.API.STREAM.INFO.{self._stream}"
+        reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
+        return _subjects_count_answer(reply.data, subject)
+
+    async def _subjects_page(self, offset: int, wait: float) -> tuple[dict[str, int], int]:
         """One page of the stream's subjects from ``offset`` (nats-server pages its
         subjects sorted, 100,000 a page) with their counts, and how many subjects it has
-        in all (asyncio side). nats-py's ``stream_info`` asks no offset: its request, with
-        one."""
+        in all (asyncio side), waited for ``wait`` seconds. nats-py's ``stream_info``
+        asks no offset: its request, with one."""
         request = {"subjects_filter": f"{self.cluster.prefix}.durable.>", "offset": offset}
         subject = f"$JS.API.STREAM.INFO.{self._stream}"
-        reply = await self.cluster.nc.request(
-            subject, json.dumps(request).encode(), timeout=_JS_API_WAIT
-        )
+        reply = await self.cluster.nc.request(subject, json.dumps(request).encode(), timeout=wait)
         return _subjects_answer(reply.data, subject, offset)
 
     def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
@@ -2372,39 +2395,60 @@ def _activity(info: Any) -> tuple[int, int, int]:
     )
 
 
-def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
-    """The page of subjects and the total in ``data``, the answer to the request
-    ``subject`` from ``offset`` (:meth:`DurableChannel._subjects_page`): an error
-    nats-server describes raised as nats-py raises it; any other answer that is not what
-    nats-server sends, a ValueError naming the request and what was wrong (a failed
-    read to the sweep, as nats' errors are: counted, swept again at the next period)."""
+def _garbled(subject: str, offset: int | None, problem: str) -> ValueError:
+    at = "" if offset is None else f" (offset {offset})"
+    return ValueError(f"the answer to {subject}{at} is not nats-server's: {problem}")
 
-    def garbled(problem: str) -> ValueError:
-        return ValueError(
-            f"the answer to {subject} (offset {offset}) is not nats-server's: {problem}"
-        )
 
+def _stream_info_answer(
+    data: bytes, subject: str, offset: int | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The answer in ``data`` to the STREAM.INFO request ``subject`` (from ``offset``,
+    for a page of subjects), and its stream state: an error nats-server describes raised
+    as nats-py raises it; any other answer that is not what nats-server sends, a
+    ValueError naming the request and what was wrong (a failed read to the sweep, as
+    nats' errors are: counted, swept again at the next period)."""
     try:
         answer = json.loads(data)
     except ValueError:
-        raise garbled(f"not JSON: {brief(data)}") from None
+        raise _garbled(subject, offset, f"not JSON: {brief(data)}") from None
     if not isinstance(answer, dict):
-        raise garbled(f"not a JSON object: {brief(answer)}")
+        raise _garbled(subject, offset, f"not a JSON object: {brief(answer)}")
     error = answer.get("error")
     if error is not None:
         if isinstance(error, dict) and isinstance(error.get("code"), int):
             with contextlib.suppress(TypeError):  # (a field nats-py does not take)
                 nats.js.errors.APIError.from_error(error)  # (raises the kind's error)
-        raise garbled(f"an error it does not describe: {brief(error)}")
+        raise _garbled(subject, offset, f"an error it does not describe: {brief(error)}")
     state = answer.get("state") or {}
     if not isinstance(state, dict):
-        raise garbled(f"its state is not an object: {brief(state)}")
+        raise _garbled(subject, offset, f"its state is not an object: {brief(state)}")
+    return answer, state
+
+
+def _subjects_count_answer(data: bytes, subject: str) -> int | None:
+    """The stream's ``num_subjects`` in ``data``, the answer to STREAM.INFO ``subject``
+    (:meth:`DurableChannel._subjects_count`); None if it does not say (an answer that is
+    not nats-server's: see _stream_info_answer)."""
+    count = _stream_info_answer(data, subject, None)[1].get("num_subjects")
+    if count is None:
+        return None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise _garbled(subject, None, f"its num_subjects is not a count: {brief(count)}")
+    return count
+
+
+def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
+    """The page of subjects and the total in ``data``, the answer to the request
+    ``subject`` from ``offset`` (:meth:`DurableChannel._subjects_page`; an answer that is
+    not nats-server's: see _stream_info_answer)."""
+    answer, state = _stream_info_answer(data, subject, offset)
     page = state.get("subjects") or {}
     if not isinstance(page, dict) or not all(isinstance(n, int) for n in page.values()):
-        raise garbled(f"its subjects are not an object of counts: {brief(page)}")
+        raise _garbled(subject, offset, f"its subjects are not an object of counts: {brief(page)}")
     total = answer.get("total")
     if total is None:
         return page, offset + len(page)
     if not isinstance(total, int) or isinstance(total, bool):
-        raise garbled(f"its total is not an integer: {brief(total)}")
+        raise _garbled(subject, offset, f"its total is not an integer: {brief(total)}")
     return page, total
