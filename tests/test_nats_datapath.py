@@ -2896,7 +2896,9 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
     send deadline: a send could wait up to two deadlines in all. Its first deadline now
     bounds the whole send, as for a local send. Here three tells wait for credit when a
     hears b's new join (not its leave): two take the new join's window, the third waits
-    again, up to the deadline it had."""
+    again, up to the deadline it had. (The tells start once b has joined again, a deaf
+    to it meanwhile, so that their 2 s deadline covers no join: it was 8 s, covering
+    b's second join at load, and the test waited 8 real seconds.)"""
     gate = trio.Event()
     handled: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
@@ -2915,7 +2917,7 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
     async with open_kernel(_config()) as kb:
         kb.spawn(_gated("stalled", gate, handled))
         kb.spawn(_ping)
-        a = _node(nats.url, "a", send_timeout_ms=8000, heartbeat_interval=30.0, node_window=2)
+        a = _node(nats.url, "a", send_timeout_ms=2000, heartbeat_interval=30.0, node_window=2)
         async with a as (ka, ca), trio.open_nursery() as nursery:
 
             async def tell(n: int) -> None:
@@ -2933,16 +2935,21 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
                     for i in range(4):
                         await ka.send("stalled", i)
                     assert await ka.request("ping", None) == "pong"  # b took 0..3
-                    waits.clear()  # (the sends of 2 and 3 waited for credit too)
-                    for i in range(4, 7):
-                        nursery.start_soon(tell, i)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert not outcomes and len(waits) == 3  # they wait for credit
-                    deaf.append(ca)
+                    deaf.append(ca)  # (no credit from b now: its link stays full)
+                    first = ca._name_revisions["stalled"]
                 kb.spawn(agent(_collector([]), name="marker"))
                 async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
                     await cb2.names_published()
                     await ca.wait_for_name("marker")
+                    # (b's leave dropped the name, its new join wrote it again: heard
+                    # here, so that no tell below looks it up)
+                    await until(lambda: ca._name_revisions.get("stalled", 0) > first)
+                    waits.clear()  # (the sends of 2 and 3 waited for credit too)
+                    for i in range(4, 7):
+                        nursery.start_soon(tell, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                    # they wait for credit, on the link of b's first join
+                    assert not outcomes and len(waits) == 3
                     assert held and not outcomes
                     deaf.clear()
                     with on_loop_of(ca):  # b's new join, heard now
