@@ -50,6 +50,9 @@ from .test_nats import local_node
 
 QUICK = {"server_lost_wait": 0.5, "last_notice_wait": 1.0}
 GHOST = "ghost"
+#: seconds a takeover looks for a puller of a consumer no one pulls, in the tests that
+#: have none (``_PULLER_ACTIVITY_WAIT``, 2 s, was a third of their time)
+_NO_PULLER_WAIT = 0.1
 
 
 async def _past_first_wait(cluster: Cluster) -> None:
@@ -248,6 +251,8 @@ async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and
     the fetched ``keeper-a`` messages to a, and never ends while the drain is held: the
     wait for its end times out.)"""
     patient = attrs.evolve(DURABLE, max_deliver=1000)
+    # (no puller here: the takeover need not wait 2 s to see none)
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
     hold = trio.Event()
     draining = trio.Event()
     handled: list[Any] = []
@@ -321,6 +326,8 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
     real = _durable._poll
     fetched: list[int] = []
     options = attrs.evolve(PATIENT, durable=DURABLE, **QUICK)
+    # (no puller here, a's or b's: a takeover need not wait 2 s to see none, twice)
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
     async with open_kernel(node_config()) as ka:
         async with join_cluster(ka, nats.url, "a", options=options) as ca:
 
