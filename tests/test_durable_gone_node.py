@@ -109,7 +109,7 @@ async def _stored_again(cluster: Cluster, node: str) -> None:
 
 
 async def test_what_is_stored_for_a_gone_node_after_a_look_found_nothing_is_swept_up(
-    nats: NatsServer,
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """b leaves cleanly; a looks, takes the message stored for b over (forwarded), its
     consumer deleted once drained; the look after finds nothing. A sender cut off longer
@@ -117,6 +117,8 @@ async def test_what_is_stored_for_a_gone_node_after_a_look_found_nothing_is_swep
     a's periodic sweep (``SWEEP_LOOKS x last_notice_wait``) finds it, by the stream's
     count beyond its consumers' and its subjects, and takes it over. (Before, it waited
     for ``max_age``, uncounted: checked by running this test on 091c5a6's _durable.py.)"""
+    # (b left, no one pulls its consumer: each takeover need not wait 2 s to see none)
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", 0.1)
     handled: list[tuple[uuid.UUID, Any]] = []
     async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
         ka.spawn(_keeper(handled, "keeper-a"))
