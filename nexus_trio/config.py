@@ -404,6 +404,14 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
         )
     if unexpected == "\x00":
         return "the file ends inside a list [...] or an inline table {...} that is not closed"
+    opened = _open_on_line(text, exc.line)
+    if unexpected is not None and opened is not None:
+        # (a line of a list or inline table written over several lines: an item, not a
+        # key or a table header, whatever it looks like)
+        return (
+            f"`{unexpected}` in the list or inline table opened on line {opened}: its items"
+            " are TOML values (strings in quotes) separated by commas"
+        )
     if header and unexpected is not None:
         close = "]]" if line.startswith("[[") else "]"
         if close not in line:
@@ -438,6 +446,46 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
     if isinstance(exc, tomlkit.exceptions.InvalidNumberError):
         return f"`{value}` (the value of `{key}`) is no valid number"
     return said.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _open_on_line(text: str, line: int) -> int | None:
+    """The line where the innermost list ``[...]`` or inline table ``{...}`` still open
+    at the start of line ``line`` of the TOML ``text`` was opened; None if none is (the
+    line starts a key, a table header, or is blank). Strings and comments are skipped; a
+    ``[`` that is no value (a table header's) opens nothing."""
+    opened: list[int] = []
+    at, now, in_value = 0, 1, False
+    end = len(text)
+    while at < end and now < line:
+        char = text[at]
+        if char == "\n":
+            now += 1
+            in_value = in_value and bool(opened)  # (a value ends with its line, unless open)
+        elif char == "#":
+            newline = text.find("\n", at)
+            at = end if newline < 0 else newline
+            continue
+        elif char in "\"'":
+            quotes = char * 3 if text.startswith(char * 3, at) else char
+            at += len(quotes)
+            while at < end and not text.startswith(quotes, at):
+                if text[at] == "\n":
+                    if len(quotes) == 1:
+                        break  # (not closed on its line: tomlkit said so before)
+                    now += 1
+                elif text[at] == "\\" and char == '"':
+                    at += 1  # (an escape: the next character is the string's)
+                at += 1
+            at += len(quotes) if at < end and text[at] != "\n" else 0
+            continue
+        elif char == "=" and not opened:
+            in_value = True
+        elif char in "[{" and (in_value or opened):
+            opened.append(now)
+        elif char in "]}" and opened:
+            opened.pop()
+        at += 1
+    return opened[-1] if opened else None
 
 
 def _read_file(

@@ -883,6 +883,46 @@ def test_a_toml_error_says_what_is_wrong_in_the_file_s_terms(
     assert str(info.value) == f"{file}:{where[0]}:{where[1]}: invalid TOML: {said}"
 
 
+_ITEMS = "its items are TOML values (strings in quotes) separated by commas"
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "said"),
+    [
+        (
+            '[app]\nspawn = [\n  "a",\n  b,\n]\n',
+            (4, 3),
+            f"`b` in the list or inline table opened on line 2: {_ITEMS}",
+        ),
+        (
+            "[app]\nspawn = [ # ] not this one\n  [1, 2]\n  [3]\n]\n",
+            (4, 3),
+            f"`[` in the list or inline table opened on line 2: {_ITEMS}",
+        ),
+        (
+            '[app]\nspawn = [\n  "]", { a = 1 },\n  1 = 2\n]\n',
+            (4, 5),
+            f"`=` in the list or inline table opened on line 2: {_ITEMS}",
+        ),
+    ],
+    ids=["bare word", "looks like a header", "looks like a key"],
+)
+def test_a_toml_error_inside_a_list_over_several_lines_names_the_list(
+    home: Path, text: str, where: tuple[int, int], said: str
+) -> None:
+    """Forty-sixth pass, review: the line at tomlkit's place was read as a key or a table
+    header even inside a list written over several lines (``b`` was "a key without a
+    value", ``[3]`` "a table header", ``1 = 2`` a bad value of key ``1``): such a line
+    is an item of the list, and the error says so, naming where the list was opened
+    (strings and comments holding brackets skipped). (Fails on 0b0bac6: checked by
+    running this test there, 3 of 3.)"""
+    file = write(home / "cwd" / "config.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert (info.value.line, info.value.column) == where
+    assert str(info.value) == f"{file}:{where[0]}:{where[1]}: invalid TOML: {said}"
+
+
 @pytest.mark.parametrize(
     ("text", "where"),
     [
