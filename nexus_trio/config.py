@@ -402,15 +402,23 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
             "a string is not closed on its line: \"...\" and '...' end on the line they start"
             ' ("""...""" holds text over several lines)'
         )
+    if "\x00" in raw:  # (tomlkit's mark of the file's end: read as one, inside it)
+        return "a NUL character (\\x00) on this line: TOML allows none in a file"
     if unexpected == "\x00":
         return "the file ends inside a list [...] or an inline table {...} that is not closed"
-    opened = _open_on_line(text, exc.line)
-    if unexpected is not None and opened is not None:
-        # (a line of a list or inline table written over several lines: an item, not a
-        # key or a table header, whatever it looks like)
+    # (what is open where the line starts, and at the error: a line of a value written
+    # over several lines is no key and no table header, whatever it looks like)
+    starts = sum(len(before) + 1 for before in text.split("\n")[: exc.line - 1])
+    opened = _open_at(text, starts)
+    if unexpected is not None and opened and opened[-1][0] == "string":
         return (
-            f"`{unexpected}` in the list or inline table opened on line {opened}: its items"
-            " are TOML values (strings in quotes) separated by commas"
+            f"`{unexpected}` after the string opened on line {opened[-1][1]}: one value per"
+            " line, nothing but a comment after it"
+        )
+    if unexpected is not None and opened:
+        return (
+            f"`{unexpected}` in the list or inline table opened on line {opened[-1][1]}: its"
+            " items are TOML values (strings in quotes) separated by commas"
         )
     if header and unexpected is not None:
         close = "]]" if line.startswith("[[") else "]"
@@ -429,7 +437,7 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
             f"`{value}` (the value of `{key}`) is no TOML value: a string is written in"
             f' quotes ("{value}"), true and false in lower case'
         )
-    if unexpected is not None and value[:1] in ("[", "{"):
+    if unexpected is not None and _open_at(text, starts + exc.col):
         return (
             f"`{unexpected}` in the value of `{key}`, `{value}`: a list's or inline"
             " table's items are TOML values (strings in quotes) separated by commas"
@@ -448,44 +456,51 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
     return said.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
-def _open_on_line(text: str, line: int) -> int | None:
-    """The line where the innermost list ``[...]`` or inline table ``{...}`` still open
-    at the start of line ``line`` of the TOML ``text`` was opened; None if none is (the
-    line starts a key, a table header, or is blank). Strings and comments are skipped; a
-    ``[`` that is no value (a table header's) opens nothing."""
-    opened: list[int] = []
+def _open_at(text: str, index: int) -> list[tuple[str, int]]:
+    """What is open at ``text[index]`` in the TOML ``text``: the lists ``[...]`` and
+    inline tables ``{...}`` of a value (``"["``, ``"{"``), innermost last, then
+    ``"string"`` if it is inside a string, each with the line it was opened on.
+    Comments are skipped; a ``[`` that is no value (a table header's) opens nothing; a
+    string not closed on its line ends there (tomlkit says so before)."""
+    opened: list[tuple[str, int]] = []
     at, now, in_value = 0, 1, False
-    end = len(text)
-    while at < end and now < line:
+    index = min(index, len(text))
+    while at < index:
         char = text[at]
         if char == "\n":
             now += 1
             in_value = in_value and bool(opened)  # (a value ends with its line, unless open)
         elif char == "#":
-            newline = text.find("\n", at)
-            at = end if newline < 0 else newline
+            newline = text.find("\n", at, index)
+            at = index if newline < 0 else newline
             continue
         elif char in "\"'":
             quotes = char * 3 if text.startswith(char * 3, at) else char
+            begun = now
             at += len(quotes)
-            while at < end and not text.startswith(quotes, at):
+            while at < len(text):
+                if at >= index:  # (its closing quotes included)
+                    return [*opened, ("string", begun)]
+                if text.startswith(quotes, at):
+                    break
                 if text[at] == "\n":
                     if len(quotes) == 1:
-                        break  # (not closed on its line: tomlkit said so before)
+                        break
                     now += 1
                 elif text[at] == "\\" and char == '"':
                     at += 1  # (an escape: the next character is the string's)
                 at += 1
-            at += len(quotes) if at < end and text[at] != "\n" else 0
+            if at < len(text) and text[at] != "\n":
+                at += len(quotes)
             continue
         elif char == "=" and not opened:
             in_value = True
         elif char in "[{" and (in_value or opened):
-            opened.append(now)
+            opened.append((char, now))
         elif char in "]}" and opened:
             opened.pop()
         at += 1
-    return opened[-1] if opened else None
+    return opened
 
 
 def _read_file(

@@ -904,18 +904,44 @@ _ITEMS = "its items are TOML values (strings in quotes) separated by commas"
             (4, 5),
             f"`=` in the list or inline table opened on line 2: {_ITEMS}",
         ),
+        (
+            "[app]\nspawn = [1, 2] x\n",
+            (2, 16),
+            "`x` after the value of `spawn`: one value per line, nothing but a comment after"
+            " it (several values are a list: [1, 2])",
+        ),
+        (
+            "[logging]\nlevel = '''\ninfo\n''' x\n",
+            (4, 5),
+            "`x` after the string opened on line 2: one value per line, nothing but a"
+            " comment after it",
+        ),
+        (
+            "[kernel]\nbatch_size = 1\x00\n",
+            (2, 16),
+            "a NUL character (\\x00) on this line: TOML allows none in a file",
+        ),
     ],
-    ids=["bare word", "looks like a header", "looks like a key"],
+    ids=[
+        "bare word",
+        "looks like a header",
+        "looks like a key",
+        "after a list on its line",
+        "after a string over several lines",
+        "a NUL",
+    ],
 )
-def test_a_toml_error_inside_a_list_over_several_lines_names_the_list(
+def test_a_toml_error_says_what_is_open_where_it_is(
     home: Path, text: str, where: tuple[int, int], said: str
 ) -> None:
     """Forty-sixth pass, review: the line at tomlkit's place was read as a key or a table
     header even inside a list written over several lines (``b`` was "a key without a
     value", ``[3]`` "a table header", ``1 = 2`` a bad value of key ``1``): such a line
     is an item of the list, and the error says so, naming where the list was opened
-    (strings and comments holding brackets skipped). (Fails on 0b0bac6: checked by
-    running this test there, 3 of 3.)"""
+    (strings and comments holding brackets skipped). Likewise a word after a list on its
+    line was "in" the list, the line closing a string over several lines a key, and a
+    NUL character "the file ends inside a list" (tomlkit's mark of the end). (Fails on
+    0b0bac6: checked by running this test there, 6 of 6.)"""
     file = write(home / "cwd" / "config.toml", text)
     with pytest.raises(ConfigError) as info:
         load(home)
