@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from nexus_trio.bridges import _guardian
+from nexus_trio.bridges import _guardian, _lineage
 
 TOKEN = "4242-owner.child"
 MARKED = f"PATH=/bin\0{_guardian.MARKER}={TOKEN}\0".encode()
@@ -567,3 +567,39 @@ def test_a_live_agent_s_child_is_not_read_for_the_session_s_orphans(clock: Clock
     sweep = _guardian.Sweep("4242-owner.", FakeProc, session=(50, 200), not_ours={91})
     assert sweep.run(0.0, clock.sleep, clock) == []
     assert FakeProc.stat_reads == [90]
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="brands are Linux's")
+def test_a_child_branded_while_orphans_are_reaped_is_left_to_its_own_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty-sixth pass, review: ``reap_orphans`` took the live children's pids before it
+    read the children, so a process agent's child started and branded in between (a
+    restart, in the main thread, while an agent's sweep ran in its worker thread) that
+    exited at once was taken for an escapee and reaped: its ``trio.Process`` (here its
+    ``Popen``) then read exit status 0 (ECHILD), whatever it was. A zombie with a brand of
+    this kernel is asked about after its brand is read. (Fails on 0b0bac6: 1 reaped, exit
+    0 for 3; checked by running this test there.)"""
+    child = subprocess.Popen(["sh", "-c", "read line; exit 3"], stdin=subprocess.PIPE)
+    children = _lineage.Proc.children
+    brands: list[int | None] = []
+
+    class StartedMeanwhile(_lineage.Proc):
+        @staticmethod
+        def children(pid: int) -> list[int] | None:
+            # (the main thread's spawn, between the sweep's start and its read)
+            brands.append(_lineage.brand(child.pid))
+            assert child.stdin is not None
+            child.stdin.close()
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+            return children(pid)
+
+    monkeypatch.setattr(_lineage, "Proc", StartedMeanwhile)
+    try:
+        assert _lineage.reap_orphans() == 0
+        assert brands[0] is not None  # (branded: its zombie carries the kernel's brand)
+        assert child.wait() == 3
+    finally:
+        _lineage.unbrand(child.pid, brands[0] if brands else None)
+        child.kill()
+        child.wait()

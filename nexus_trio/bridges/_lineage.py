@@ -127,7 +127,7 @@ def reap_orphans() -> int:
         return 0
     prefix = brand_prefix(owner())
     with _lock:
-        live = set(_branded)
+        live = set(_branded)  # (their stats not read: up to a thousand, at each exit)
     reaped = 0
     for pid in Proc.children(os.getpid()) or ():
         if pid in live:
@@ -138,6 +138,12 @@ def reap_orphans() -> int:
         found = Proc.brand(pid)
         if found is None or found >> BRAND_BITS != prefix:
             continue
+        with _lock:
+            # (asked again after its brand was read: a child started and branded since
+            # the children were read, and exited, is in _branded from before its brand
+            # landed, and its trio.Process reaps it for its exit status)
+            if pid in _branded:
+                continue
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0]:
                 reaped += 1
