@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -292,6 +293,8 @@ async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and
                 await until(lambda: ka.shutting_down)
                 shutting.set()
                 await until(lambda: GHOST not in ca.durable._takeovers)
+                # (each hand-back counted as its nak is sent)
+                await until(lambda: ca.durable.handed_back_at_leave >= fetched[0])
                 await call_aio(ca.nc.flush)
                 state = (
                     await call_aio(
@@ -451,3 +454,61 @@ async def test_a_join_of_a_config_built_in_python_says_its_doubtful_values_once(
         ),
     ]
     assert not [r for r in caplog.records if "not above" in r.getMessage()]
+
+
+class _ClosingOps:
+    """A settle queue (the seam of ``DurableChannel._ops``) that takes ``room`` items and
+    is closed after: a put then is refused, and what it took is sent only as the test
+    says (the rest dropped unsent with the queue at the leave's close)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.taken: list[tuple[Any, str]] = []
+
+    def put(self, item: tuple[Any, str]) -> bool:
+        if len(self.taken) < self.room:
+            self.taken.append(item)
+            return True
+        return False
+
+
+class _FetchedMsg:
+    """A fetched JetStream message (fake): its naks sent."""
+
+    is_acked = False
+
+    def __init__(self) -> None:
+        self.naks = 0
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.naks += 1
+
+
+class _NoWaiting:
+    def delivered(self, jsmsg: Any) -> None:
+        pass
+
+
+def test_a_hand_back_the_leave_does_not_send_is_counted_unsettled_not_handed_back() -> None:
+    """Forty-sixth pass (review): a takeover's hand-back at a leave counted all it
+    fetched in ``handed_back_at_leave`` as it queued the naks, and each nak the closing
+    queue did not send (refused, the queue closed; or taken and dropped unsent at its
+    close) in ``unsettled_at_leave`` too: a double count. 10 fetched, the queue takes 6
+    and sends 2: 2 handed back (those nakked), 8 unsettled, 10 in all, none in both.
+    (Fails with the old counting put back as a mutant, the nak counted at the queue:
+    handed back 10, unsettled 8, 18 in all.)"""
+    ops = _ClosingOps(room=6)
+    channel = _durable.DurableChannel.__new__(_durable.DurableChannel)
+    channel.cluster = SimpleNamespace(node="a")  # type: ignore[assignment]
+    channel.options = SimpleNamespace(redelivery_delay=1.0)  # type: ignore[assignment]
+    channel._ops = ops  # type: ignore[assignment]
+    channel._settles_queued = channel._settles_sent = 0
+    channel.handed_back_at_leave = channel.unsettled_at_leave = 0
+    fetched = [_FetchedMsg() for _ in range(10)]
+    channel._hand_back_at_leave(GHOST, fetched, _NoWaiting())  # type: ignore[arg-type]
+    trio.run(channel._send_ops, ops.taken[:2])
+    channel._count_unsent()
+    assert (channel.handed_back_at_leave, channel.unsettled_at_leave) == (2, 8)
+    assert [m.naks for m in fetched] == [1, 1] + [0] * 8
+    channel._count_unsent()  # (a second stop counts them not again)
+    assert channel.handed_back_at_leave + channel.unsettled_at_leave == len(fetched)

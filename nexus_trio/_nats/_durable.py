@@ -133,6 +133,9 @@ _DATA: Final = "data"
 _FORWARD: Final = "forward "
 #: likewise, of a forward of a message stored for a lost node (see DurableChannel.take_over)
 _TAKEN: Final = "taken "
+#: an op: a nak handing a takeover's fetched message back at a leave, counted in
+#: ``handed_back_at_leave`` once sent (one the leave does not send is unsettled)
+_HAND_BACK: Final = "hand back"
 #: the periodic sweep of the stream for messages no node pulls (see
 #: DurableChannel._sweeps) comes this many ``last_notice_wait`` apart (72 s by default),
 #: by one live node (the rendezvous owner of this key); the config's warning of a
@@ -611,7 +614,8 @@ class DurableChannel:
         #: messages a takeover had fetched when this node began to leave (its kernel
         #: shutting down, its cluster closing), nakked back to their consumer, not taken:
         #: the next owner's takeover, or the node's own process, gets them (see
-        #: take_over)
+        #: take_over); counted as each nak is sent (one the leave does not send is in
+        #: ``unsettled_at_leave`` instead)
         self.handed_back_at_leave = 0
         # the nodes gone whose stored messages this node looks at later (see _look_later)
         self._looks: dict[str, trio.CancelScope] = {}
@@ -911,6 +915,11 @@ class DurableChannel:
             )
         await self._end_pull_requests(start + timeout / 2 + _PULL_CANCEL_WAIT)
         await self._close_ops(start + timeout)
+        self._count_unsent()
+
+    def _count_unsent(self) -> None:
+        """Leaving, the queue closed: the acks, naks and terms queued and not sent are
+        counted in ``unsettled_at_leave`` (once), logged."""
         unsent = self._settles_queued - self._settles_sent
         if unsent > 0:
             self.unsettled_at_leave += unsent
@@ -1457,16 +1466,18 @@ class DurableChannel:
         to the agents of a node about to stop, or held here until ``ack_wait``): the
         node's next owner, whose takeover starts once this leave is heard, or a process of
         its name gets them, as Akka's shard handoff hands a region's buffered messages
-        back when it stops. Counted (``handed_back_at_leave``), logged."""
+        back when it stops. Logged; each nak counted once: in ``handed_back_at_leave``
+        as it is sent (see _send_ops), in ``unsettled_at_leave`` if the leave does not
+        send it (the queue closed, or cut unsent: see stop), as any other settle."""
         for jsmsg in msgs:
             waiting.delivered(jsmsg)  # (delivered again: it waits here no more)
-            self._settle(jsmsg, "nak")
-        self.handed_back_at_leave += len(msgs)
+            self._settle(jsmsg, _HAND_BACK)
         log_guarded(
             log,
             logging.INFO,
             "node %s: leaving, its takeover of node %r's durable messages ended; the %d"
-            " it had fetched were handed back to that node's consumer (%d so far)",
+            " it had fetched are nakked back to that node's consumer (%d handed back so"
+            " far)",
             self.cluster.node,
             node,
             len(msgs),
@@ -2309,7 +2320,7 @@ class DurableChannel:
             try:
                 if op == "ack":
                     await jsmsg.ack()
-                elif op == "nak":
+                elif op == "nak" or op == _HAND_BACK:
                     await jsmsg.nak(delay=delay)
                 elif op == "wait":  # its agent missing: a delay that grows a delivery
                     await jsmsg.nak(
@@ -2328,6 +2339,8 @@ class DurableChannel:
                 pass
             if op != "progress":
                 self._settles_sent += 1
+                if op == _HAND_BACK:
+                    self.handed_back_at_leave += 1
 
     async def _send_forward(self, jsmsg: NatsMsg, subject: str, *, taken: bool = False) -> None:
         """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then
