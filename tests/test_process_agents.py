@@ -4471,6 +4471,37 @@ async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie() ->
                 os.waitpid(orphan, os.WNOHANG)
 
 
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
+async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-sixth pass (review): a child whose limits the kernel may not set
+    (``prlimit`` refused with ``EPERM``: a set-user-ID program under a kernel that is not
+    root) was left unbranded, counted nowhere and logged nowhere. ``prlimit`` raising
+    ``PermissionError`` stands for it here: the child runs (it answers), is counted in
+    ``children_unbranded`` at each start (``counts()`` too), and said once an agent, at
+    its first. (Fails on the old process.py: no such counter, no line.)"""
+    import resource
+
+    def refused(*args: Any) -> Any:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(resource, "prlimit", refused)
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.children_unbranded) == (1, 1)
+        assert stats.counts()["children_unbranded"] == 1
+        os.kill(await kernel.request(ref, {"op": "pid"}), signal.SIGKILL)
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        assert stats_of(kernel, ref).children_unbranded == 2
+        await kernel.stop(ref)
+    said = [r for r in caplog.records if "could not be branded" in r.getMessage()]
+    assert len(said) == 1
+
+
 class _ExitedAsTheWaitTimedOut:
     """A child that exited just as the wait for it timed out: the wait gave up, the poll
     of ``returncode`` after it reaps it (as trio's ``Process.returncode`` does)."""

@@ -227,6 +227,11 @@ class BridgeStats:
     #: process (the subreaper), reaped at the sweep after a child's exit (this agent's
     #: or another's: counted by the agent whose sweep reaped them)
     descendants_reaped: int = attrs.field(default=0, metadata=_COUNT)
+    #: children started without the kernel's brand (on Linux): their limits not
+    #: settable (a set-user-ID program under a kernel that is not root: ``prlimit``
+    #: refused, ``EPERM``), a hard ``RLIMIT_LOCKS`` below the brand, or the child gone
+    #: before it; their descendants are swept by the rest (mark, session, hold)
+    children_unbranded: int = attrs.field(default=0, metadata=_COUNT)
     #: exit status of the last child that exited (negative: killed by that signal)
     last_exit: int | None = None
 
@@ -236,7 +241,7 @@ class BridgeStats:
         return max(self.starts - 1, 0)
 
     def counts(self) -> dict[str, int]:
-        """Every counter (``starts``, ``lines_in``, ... ``descendants_reaped``) by name: what
+        """Every counter (``starts``, ``lines_in``, ... ``children_unbranded``) by name: what
         the ``nexus run`` summary reports for a spawned program."""
         return {name: getattr(self, name) for name in _COUNTS}
 
@@ -1020,7 +1025,20 @@ class ProcessAgent(Agent):
         self.process = process
         self._tokens[process.pid] = token
         # ... and carry its brand, which even closing every descriptor keeps (_lineage).
-        self._brands[process.pid] = _lineage.brand(process.pid)
+        branded = self._brands[process.pid] = _lineage.brand(process.pid)
+        if branded is None and _lineage.SUPPORTED:
+            stats.children_unbranded += 1
+            if stats.children_unbranded == 1:  # (once an agent: a restart is the same program)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "process agent %s: its child (pid %d) could not be branded (its"
+                    " limits not settable: a set-user-ID program, or a hard RLIMIT_LOCKS"
+                    " below the brand); its descendants are swept by their mark, session"
+                    " and hold only (counted in children_unbranded)",
+                    self.label,
+                    process.pid,
+                )
         if hold is not None:
             self._holds[process.pid] = hold[1]
         _lineage.session_started(process.pid, None if hold is None else hold[1])

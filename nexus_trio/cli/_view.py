@@ -400,6 +400,7 @@ _BRIDGE_PROBLEMS: Final = (
     ("unserialisable", "unserialisable"),
     ("stderr_lines_not_logged", "stderr lines not logged"),
     ("descendants_killed", "descendants killed"),
+    ("children_unbranded", "children unbranded"),
 )
 
 
