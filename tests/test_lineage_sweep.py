@@ -83,8 +83,9 @@ class FakeProc(_guardian.Proc):
         ]
 
     @staticmethod
-    def kill(pid: int) -> None:
+    def kill(pid: int, start: int) -> bool:
         FakeProc.kills.append(pid)
+        return True
 
 
 class Clock:
@@ -601,5 +602,57 @@ def test_a_child_branded_while_orphans_are_reaped_is_left_to_its_own_wait(
         assert child.wait() == 3
     finally:
         _lineage.unbrand(child.pid, brands[0] if brands else None)
+        child.kill()
+        child.wait()
+
+
+class PinnedProc(FakeProc):
+    """:class:`FakeProc` with the real kill's check (``Proc.kill``): the pin of a pid
+    moves its time on (the reads after it are of the later moment), the signal is
+    recorded."""
+
+    @classmethod
+    def kill(cls, pid: int, start: int) -> bool:
+        return super(FakeProc, cls).kill(pid, start)
+
+    @staticmethod
+    def pin(pid: int) -> int | None:
+        FakeProc.reads[pid] = FakeProc.reads.get(pid, 0) + 1
+        return None
+
+    @staticmethod
+    def send_kill(pid: int, pidfd: int | None) -> None:
+        FakeProc.kills.append(pid)
+
+
+def test_a_pid_reused_between_the_read_and_the_kill_is_not_killed(clock: Clock) -> None:
+    """Forty-sixth pass (review): the sweep read a process, then sent a plain
+    ``kill(pid)``: a pid reused between the read and the kill (an unrelated process)
+    was killed. The kill pins the pid (a pidfd), reads its start time again and signals
+    only the process it read: pid 11, marked at the scan (started at 100), is another
+    process by the kill (started at 700, no mark): not killed, counted in ``reused``;
+    10, the same by its kill, is. (Fails with a mutant of ``Proc.kill`` that signals
+    without the check: kills [10, 11].)"""
+    FakeProc.setup(
+        environs={10: [MARKED, MARKED, None], 11: [MARKED, PLAIN]},
+        stats={10: [alive(), alive(), None], 11: [alive(started=100), alive(started=700)]},
+    )
+    sweeper = _guardian.Sweep("4242-owner.", PinnedProc)
+    assert sweeper.run(2.0, clock.sleep, clock) == [10]
+    assert (FakeProc.kills, sweeper.reused) == ([10], [11])
+
+
+def test_the_kill_signals_the_process_read_and_no_other() -> None:
+    """The real ``Proc.kill`` (a pidfd where supported): a process whose start time is
+    not the one read is not signalled; with the one read, it is SIGKILLed."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        stat = _guardian.Proc.stat(child.pid)
+        assert stat is not None
+        assert _guardian.Proc.kill(child.pid, stat[3] + 1) is False
+        assert child.poll() is None
+        assert _guardian.Proc.kill(child.pid, stat[3]) is True
+        assert child.wait(timeout=10) == -9
+    finally:
         child.kill()
         child.wait()

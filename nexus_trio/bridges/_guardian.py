@@ -123,10 +123,47 @@ class Proc:
             pass
         return None
 
+    @classmethod
+    def kill(cls, pid: int, start: int) -> bool:
+        """SIGKILL ``pid`` if it is still the process read as started at ``start`` (clock
+        ticks since boot, its stat's field 22); False, not signalled, if its pid is
+        another process's now (reused since it was read). The process is pinned first
+        (a pidfd, Linux 5.3+), its start read again, and the signal sent through the
+        pidfd: a pid reused after the pin is not signalled. Where pidfds are not
+        supported, a plain kill after the check (the window narrowed to that). A process
+        gone already is left, as before (True: nothing to signal)."""
+        pidfd = cls.pin(pid)
+        try:
+            stat = cls.stat(pid)
+            if stat is not None and stat[3] != start:
+                return False
+            if stat is not None:
+                cls.send_kill(pid, pidfd)
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
     @staticmethod
-    def kill(pid: int) -> None:
+    def pin(pid: int) -> int | None:
+        """A pidfd of ``pid`` (None: gone, or pidfds not supported)."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is None:
+            return None
+        try:
+            fd: int = pidfd_open(pid)
+        except OSError:
+            return None
+        return fd
+
+    @staticmethod
+    def send_kill(pid: int, pidfd: int | None) -> None:
+        """SIGKILL the process ``pidfd`` pins (``pid`` by number without one)."""
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
     @staticmethod
     def stat(pid: int) -> tuple[str, int, int, int, int, int] | None:
@@ -224,6 +261,8 @@ class Sweep:
         self.ours: dict[int, int] = {}
         #: the pids SIGKILLed, in order
         self.killed: list[int] = []
+        #: the pids found ours and not SIGKILLed: another process's by the kill (reused)
+        self.reused: list[int] = []
         self._done: set[tuple[int, int]] = set()
 
     def _read(self, pid: int, environ: bytes | None) -> tuple[_Stat, bool | None] | None:
@@ -351,7 +390,9 @@ class Sweep:
             if key in self._done:
                 continue  # SIGKILLed, not yet gone
             self._done.add(key)
-            self.proc.kill(pid)
+            if not self.proc.kill(pid, key[1]):
+                self.reused.append(pid)  # (not the process read: another's now)
+                continue
             self.killed.append(pid)
             fresh += 1
         return fresh

@@ -41,6 +41,7 @@ from typing import Final
 
 import trio
 
+from .._logcall import log_guarded
 from ._guardian import BRAND_BITS, BRAND_LIMIT, MARKER, SWEEP_FOR, Proc, Sweep, brand_prefix
 from ._guardian import ticks_now as ticks_now  # (process.py reads it here)
 
@@ -418,6 +419,15 @@ def _kill_and_reap_marked(
         not_ours=live,
     )
     killed = sweep.run(SWEEP_FOR)
+    if sweep.reused:
+        log_guarded(
+            log,
+            logging.INFO,
+            "the sweep of %s left pids %s: each another process by the kill (its pid"
+            " reused since it was read), not signalled",
+            token,
+            sweep.reused,
+        )
     _reap(sorted(killed))
     return len(killed), reap_orphans()
 
