@@ -4502,6 +4502,175 @@ async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
     assert len(said) == 1
 
 
+def _nofile_of(pid: int | str) -> tuple[int, int]:
+    """``(soft, hard)`` of the process ``pid``'s ``RLIMIT_NOFILE``, as
+    ``/proc/<pid>/limits`` reads."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit in /proc/{pid}/limits")
+
+
+class _FakeNofile:
+    """``resource.getrlimit``/``setrlimit`` of ``RLIMIT_NOFILE`` at the seam: the
+    kernel's limits as ``limits``, each ``setrlimit`` recorded (others passed on)."""
+
+    def __init__(self, limits: tuple[int, int], refuse: Exception | None = None) -> None:
+        import resource
+
+        self.limits, self.refuse, self.sets = limits, refuse, list[tuple[int, int]]()
+        self._get, self._set = resource.getrlimit, resource.setrlimit
+        self._nofile = resource.RLIMIT_NOFILE
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits if which == self._nofile else self._get(which)
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if which != self._nofile:
+            return self._set(which, limits)
+        self.sets.append(limits)
+        if self.refuse is not None:
+            raise self.refuse
+        self.limits = limits
+        return None
+
+
+def _fake_nofile(monkeypatch: pytest.MonkeyPatch, fake: _FakeNofile) -> _FakeNofile:
+    """Install ``fake`` and make this process's first process agent not yet started."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    monkeypatch.setattr(_lineage, "_nofile_tried", False)
+    monkeypatch.setattr(_lineage, "_nofile_original", None)
+    return fake
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+async def test_the_first_process_agent_raises_the_soft_nofile_and_children_get_it_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-sixth pass: a live process agent holds five descriptors, so a thousand of
+    them failed with EMFILE under the common soft ``RLIMIT_NOFILE`` of 1,024. As Go's
+    runtime does, the first spawn raises the kernel's soft limit to the hard one (once,
+    said once at INFO), and each child gets the original soft limit back. (Fails on the
+    old process.py and _lineage.py: no ``setrlimit``, the soft limit stays 256.)"""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fake = _fake_nofile(monkeypatch, _FakeNofile((256, hard)))
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        assert fake.sets == []  # (not at import, nor at the kernel's start)
+        first = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        second = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        children = [await kernel.request(ref, {"op": "pid"}) for ref in (first, second)]
+        assert fake.sets == [(min(hard, _lineage.NOFILE_CAP), hard)]
+        assert [_nofile_of(pid) for pid in children] == [(256, hard)] * 2
+        await kernel.stop(first)
+        await kernel.stop(second)
+    said = [r for r in caplog.records if "raised the soft RLIMIT_NOFILE" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "from 256 to" in said[0].getMessage()
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+@pytest.mark.parametrize(
+    ("limits", "raised_to"),
+    [
+        ((4096, 4096), None),  # soft == hard: nothing to raise
+        ((3000, 2000), None),  # (a soft limit above the target is never lowered)
+        ((1024, -1), 1 << 20),  # (an unlimited hard limit: the cap, NOFILE_CAP)
+        ((-1, -1), None),  # (an unlimited soft one: kept)
+    ],
+)
+def test_the_soft_nofile_is_only_ever_raised_to_the_capped_hard_limit(
+    monkeypatch: pytest.MonkeyPatch, limits: tuple[int, int], raised_to: int | None
+) -> None:
+    """The raise at the first spawn never lowers a soft limit (a user's own is kept),
+    changes nothing where soft == hard, and stops at ``NOFILE_CAP`` (Linux's default
+    ``fs.nr_open``). (Fails on the old _lineage.py: no ``raise_nofile``.)"""
+    fake = _fake_nofile(monkeypatch, _FakeNofile(limits))
+    _lineage.raise_nofile()
+    _lineage.raise_nofile()
+    assert fake.sets == ([] if raised_to is None else [(raised_to, limits[1])])
+    assert _lineage._nofile_original == (None if raised_to is None else limits)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+@pytest.mark.parametrize("error", [ValueError("not allowed"), PermissionError(1, "EPERM")])
+async def test_a_soft_nofile_that_cannot_be_raised_is_said_once_and_spawns_go_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """A refused raise (``ValueError``, ``OSError``) is logged once at WARNING, tried
+    once, and the process agents start and answer; their children keep the kernel's
+    (unraised) limit. (Fails on the old process.py and _lineage.py: nothing tried, no
+    line.)"""
+    fake = _fake_nofile(monkeypatch, _FakeNofile((256, 4096), refuse=error))
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        refs = [kernel.spawn(process_agent(toy(), shutdown_grace=0.3)) for _ in range(2)]
+        for ref in refs:
+            assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        assert len(fake.sets) == 1
+        assert _lineage._nofile_original is None
+        for ref in refs:
+            await kernel.stop(ref)
+    said = [r for r in caplog.records if "RLIMIT_NOFILE" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING]
+    assert "cannot raise the soft RLIMIT_NOFILE" in said[0].getMessage()
+
+
+NOFILE_KERNEL = """
+import json, sys, trio
+from nexus_trio import Config, open_kernel
+from nexus_trio.bridges import process_agent
+
+def soft_hard(pid):
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            return [int(n) for n in line.split()[3:5]]
+
+async def main():
+    async with open_kernel(Config()) as kernel:
+        before = soft_hard("self")
+        refs = [kernel.spawn(process_agent([sys.executable, sys.argv[1]])) for _ in range(3)]
+        children = [soft_hard(await kernel.request(ref, {"op": "pid"})) for ref in refs]
+        print(json.dumps([before, soft_hard("self"), children]), flush=True)
+        for ref in refs:
+            await kernel.stop(ref)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+def test_a_kernel_started_with_a_low_soft_nofile_raises_it_and_its_children_keep_it(
+    tmp_path: Path,
+) -> None:
+    """A real kernel process started under ``ulimit -Sn 256`` spawns three process
+    agents: before the first its soft limit is 256, after it the hard limit (capped), and
+    each child's ``/proc/<pid>/limits`` shows 256. (Fails on the old process.py and
+    _lineage.py: the kernel stays at 256.)"""
+    path = tmp_path / "kernel.py"
+    path.write_text(NOFILE_KERNEL)
+    result = subprocess.run(
+        ["/bin/sh", "-c", 'ulimit -Sn 256 && exec "$0" "$@"', sys.executable, str(path), TOY],
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,  # (a hang guard, not a timing)
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    before, after, children = json.loads(result.stdout)
+    hard = before[1]
+    assert before == [256, hard]
+    assert after == [min(hard, _lineage.NOFILE_CAP), hard]
+    assert children == [[256, hard]] * 3
+
+
 class _ExitedAsTheWaitTimedOut:
     """A child that exited just as the wait for it timed out: the wait gave up, the poll
     of ``returncode`` after it reaps it (as trio's ``Process.returncode`` does)."""

@@ -111,6 +111,81 @@ def brand(pid: int) -> int | None:
     return value
 
 
+#: the most the kernel process's soft ``RLIMIT_NOFILE`` is raised to (Linux's default
+#: ``fs.nr_open``, the ceiling of a hard limit)
+NOFILE_CAP: Final = 1 << 20
+#: ``(soft, hard)`` ``RLIMIT_NOFILE`` of the kernel process before :func:`raise_nofile`
+#: raised its soft limit, which each child gets back (:func:`give_back_nofile`); None
+#: while not raised (not tried, nothing to raise, or refused)
+_nofile_original: tuple[int, int] | None = None
+_nofile_tried = False
+#: children that kept the kernel's raised soft ``RLIMIT_NOFILE`` (``prlimit`` refused)
+nofile_not_given_back = 0
+
+
+def raise_nofile() -> None:
+    """Once per process, at the first child's start (Linux): raise the kernel process's
+    soft ``RLIMIT_NOFILE`` to its hard limit (at most :data:`NOFILE_CAP`), as Go's runtime
+    does at its start: a live process agent holds five descriptors (three pipes, a pidfd,
+    its hold), so a thousand of them need more than the common soft limit of 1,024. Never
+    lowers it (a soft limit at or above the target, a user's own, is kept). Each child
+    gets the original soft limit back (:func:`give_back_nofile`): programs using
+    ``select()`` break above 1,024. Logged once at INFO; a refusal once at WARNING."""
+    global _nofile_original, _nofile_tried
+    if not SUPPORTED:
+        return
+    with _lock:
+        if _nofile_tried:
+            return
+        _nofile_tried = True
+        import resource
+
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            target = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+            if soft != resource.RLIM_INFINITY and soft < target:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            else:
+                return
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "cannot raise the soft RLIMIT_NOFILE for process agents (%s): each live"
+                " one holds 5 descriptors, so spawns may fail with EMFILE",
+                exc,
+            )
+            return
+        _nofile_original = (soft, hard)
+    log.info(
+        "raised the soft RLIMIT_NOFILE from %d to %d (hard %s) for process agents (5"
+        " descriptors each); their children get %d back",
+        soft,
+        target,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        soft,
+    )
+
+
+def give_back_nofile(pid: int) -> bool:
+    """Give the child ``pid``, just started, the kernel's original soft ``RLIMIT_NOFILE``
+    if :func:`raise_nofile` raised it (one ``prlimit`` right after the start, beside its
+    brand: Go's runtime sets it in the child before the exec, which ``subprocess`` offers
+    only through ``preexec_fn``). False if ``prlimit`` refused (counted in
+    :data:`nofile_not_given_back`)."""
+    global nofile_not_given_back
+    original = _nofile_original
+    if original is None:
+        return True
+    import resource
+
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+    except (OSError, ValueError):
+        with _lock:
+            nofile_not_given_back += 1
+        return False
+    return True
+
+
 def unbrand(pid: int, value: int | None) -> None:
     """The child ``pid`` branded ``value`` is reaped (its exit is swept next)."""
     with _lock:

@@ -841,6 +841,8 @@ class ProcessAgent(Agent):
         self._holds: dict[int, int] = {}
         #: pid -> that child's brand (see _lineage.brand)
         self._brands: dict[int, int | None] = {}
+        #: children that kept the kernel's raised soft RLIMIT_NOFILE (see _lineage)
+        self._nofile_kept = 0
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -984,6 +986,7 @@ class ProcessAgent(Agent):
             env["NEXUS_AGENT_NAME"] = ctx.name
         # Descendants carry this mark: they are killed with the child, whatever they do.
         _lineage.protect()
+        _lineage.raise_nofile()  # (once: five descriptors a live agent; see _lineage)
         token = _lineage.mark(env)
         stats = self.stats
         self._generation += 1
@@ -1036,6 +1039,19 @@ class ProcessAgent(Agent):
                     " limits not settable: a set-user-ID program, or a hard RLIMIT_LOCKS"
                     " below the brand); its descendants are swept by their mark, session"
                     " and hold only (counted in children_unbranded)",
+                    self.label,
+                    process.pid,
+                )
+        # ... and get the soft RLIMIT_NOFILE the kernel had before it raised it (_lineage).
+        if not _lineage.give_back_nofile(process.pid):
+            self._nofile_kept += 1
+            if self._nofile_kept == 1:  # (once an agent, as the brand)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "process agent %s: its child (pid %d) keeps the kernel's raised soft"
+                    " RLIMIT_NOFILE (its limits not settable); a program using select()"
+                    " may fail above 1,024 descriptors",
                     self.label,
                     process.pid,
                 )
