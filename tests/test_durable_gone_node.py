@@ -271,8 +271,11 @@ class _FakeJs:
         between: int = 0,
         reported: int | None = None,
         slow: float = 0.0,
+        consumers_page: int = 2,
     ):
         self.consumers = consumers
+        self.consumers_page = consumers_page
+        self.consumers_asked: list[str] = []
         self.subjects = subjects
         self.page = page
         self.between = between
@@ -290,7 +293,7 @@ class _FakeJs:
         return SimpleNamespace(state=SimpleNamespace(messages=messages, last_seq=1000 + late))
 
     async def consumers_info(self, stream: str, offset: int = 0) -> list[Any]:
-        page = self.consumers[offset : offset + 2]
+        page = self.consumers[offset : offset + self.consumers_page]
         return [
             SimpleNamespace(
                 name=n,
@@ -300,6 +303,13 @@ class _FakeJs:
             )
             for n, p, u, w in page
         ]
+
+    async def consumer_info(self, stream: str, name: str) -> Any:
+        assert stream == "px-durable"
+        self.consumers_asked.append(name)
+        if all(n != name for n, *_ in self.consumers):
+            raise nats.js.errors.NotFoundError
+        return SimpleNamespace(name=name)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> Any:
         assert subject == "$JS.API.STREAM.INFO.px-durable"
@@ -329,6 +339,8 @@ def _channel(js: _FakeJs) -> DurableChannel:
     channel._stream = "px-durable"
     channel._subjects_from = 0
     channel._consumers_from = 0
+    channel._pass_before = None
+    channel._pass_held = {}
     return channel
 
 
@@ -454,10 +466,13 @@ async def test_a_consumers_read_that_never_ends_is_cut_at_its_bound_and_read_on_
     no subject read: d's subject, whose node's consumer may be among those not read, is
     left), and the next reads on from 6. And with 5 consumers (2 a page) and a bound of
     2 pages: the first reads 4 (b, c, d held, e pulled, f not read: cut), the next reads
-    f from 4 to the end, the one after starts over (cut again); none reads the subjects.
-    With a bound of 4 (3 pages and the empty one that ends them), one sweep reads all
-    and, the counts not settled, the subjects: g's, with no consumer. (On f647f8e's _durable.py swapped in:
-    the first asks the endless pages until the fake's 100,000th request fails it.)"""
+    f from 4 to the end, ending the pass: the counts not settled, it reads the subjects
+    against the 5 consumers of the pass and finds g's (with no consumer: asked, as the
+    pass took two sweeps); the one after starts over (cut again). With a bound of 4 (3
+    pages and the empty one that ends them), one sweep reads all and, the counts not
+    settled, the subjects: g's, with no consumer (not asked: one sweep's pass). (On
+    f647f8e's _durable.py swapped in: the first asks the endless pages until the fake's
+    100,000th request fails it.)"""
     monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 3)
     endless = _EndlessJs()
     channel = _channel(endless)
@@ -471,12 +486,69 @@ async def test_a_consumers_read_that_never_ends_is_cut_at_its_bound_and_read_on_
     js = _FakeJs(consumers, subjects)
     many = _channel(js)
     assert await many._unpulled() == ({"b", "c", "d"}, ("consumers", 4, None))
-    assert await many._unpulled() == ({"f"}, None)
+    assert await many._unpulled() == ({"f", "g"}, None)
     assert await many._unpulled() == ({"b", "c", "d"}, ("consumers", 4, None))
-    assert js.subject_reads == []
+    assert (js.subject_reads, js.consumers_asked) == ([0], ["g"])
     monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 4)
     assert await _channel(js)._unpulled() == ({"b", "c", "d", "f", "g"}, None)
-    assert js.subject_reads == [0]
+    assert (js.subject_reads, js.consumers_asked) == ([0, 0], ["g"])
+
+
+async def test_a_pass_over_6000_consumers_takes_three_sweeps_then_reads_the_subjects_once() -> None:
+    """Forty-sixth pass: past a sweep's bound (20 pages; 128 consumers a page here, 2,560
+    a sweep) the sweeps alternated between a cut read and a read-on from the cut, and
+    neither read the subjects: past about 5,120 consumers (nats-server's 256 a page) a
+    subject with no consumer (a gone node's messages) was never found. Now the pass over
+    the consumers is kept across sweeps: 6,000 are read in three (cut at 2,560, at 5,120,
+    then to the end), the third reads the subjects once against all 6,000 and finds
+    zgone's (its consumer asked: none), the fourth starts a new pass. (On b898124's
+    _durable.py swapped in: the third, a read-on from the cut, reads no subjects, zgone
+    not found; the next starts over.)"""
+    consumers = [(f"n{i:04}", 1, 0, 1) for i in range(6000)]
+    subjects = {f"px.durable.n{i:04}.1": 1 for i in range(6000)} | {"px.durable.zgone.1": 2}
+    js = _FakeJs(consumers, subjects, consumers_page=128)
+    channel = _channel(js)
+    assert await channel._unpulled() == (set(), ("consumers", 2560, None))
+    assert await channel._unpulled() == (set(), ("consumers", 5120, None))
+    assert js.subject_reads == []
+    assert await channel._unpulled() == ({"zgone"}, None)
+    assert (js.subject_reads, js.consumers_asked) == ([0], ["zgone"])
+    assert await channel._unpulled() == (set(), ("consumers", 2560, None))
+    assert channel._consumers_from == 2560
+
+
+async def test_a_consumer_created_or_shifted_during_a_pass_of_several_sweeps_is_not_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty-sixth pass: a pass over the consumers that takes several sweeps can miss one:
+    created during it at a place already read (nats-server lists them sorted by name),
+    or shifted out of its page by one deleted before it. Such a node's subject would look
+    as if it had no consumer: each node of a subject with no consumer in such a pass is
+    asked for its consumer, and one that has one now is left (to the next pass). Here
+    (2 a page, 3 pages a sweep) b2 is created after the first sweep read past it, and a
+    and c are deleted (drained) before the second: g shifts into what was read, h is
+    read. The subjects: b2's and g's are not taken (their consumers asked: there),
+    zgone's is. At most 3 asked a sweep (the bound's pages; cut, said, the rest left to
+    the next pass: zgone). (Fails on a mutant that does not ask: b2 and g found.)"""
+    monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 3)
+    consumers = [(n, 1, 0, 1) for n in "abcdefgh"]
+    subjects = {f"px.durable.{n}.1": 1 for n in "abcdefgh"} | {"px.durable.zgone.1": 2}
+    js = _FakeJs(list(consumers), dict(subjects))
+    channel = _channel(js)
+    assert await channel._unpulled() == (set(), ("consumers", 6, None))
+    js.consumers.insert(2, ("b2", 1, 0, 1))  # (created: a, b, b2, c, d, ...)
+    js.consumers.remove(("a", 1, 0, 1))
+    js.consumers.remove(("c", 1, 0, 1))  # (b, b2, d, e, f, g, h: g at 5, read past)
+    js.subjects["px.durable.b2.1"] = 1
+    del js.subjects["px.durable.a.1"], js.subjects["px.durable.c.1"]
+    assert await channel._unpulled() == ({"zgone"}, None)
+    assert (js.subject_reads, js.consumers_asked) == ([0], ["b2", "g", "zgone"])
+    more = {f"px.durable.{n}.1": 1 for n in "wxy"}
+    bound = _FakeJs(consumers, subjects | more)
+    two = _channel(bound)
+    assert await two._unpulled() == (set(), ("consumers", 6, None))
+    assert await two._unpulled() == ({"w", "x", "y"}, ("nodes' consumers", 3, 4))
+    assert bound.consumers_asked == ["w", "x", "y"]
 
 
 class _GarbledJs(_FakeJs):

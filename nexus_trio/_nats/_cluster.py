@@ -741,7 +741,8 @@ class ClusterStats:
     durable_swept: int = 0
     durable_sweep_failures: int = 0
     #: sweeps whose read of the stream's subjects stopped at its bound (2 pages of
-    #: nats-server's 100,000 subjects; the next sweep reads on from there), and takeovers
+    #: nats-server's 100,000 subjects; the next sweep reads on from there), or of its
+    #: consumers (20 pages of 256, or 20 asked one by one), and takeovers
     #: by a look or a sweep of a node no member that ended at once, leaving its consumer
     #: to the pull requests waiting on it (a process of its name whose join was not heard
     #: yet, or another node's takeover; looked at again later)

@@ -148,8 +148,11 @@ _SWEEP_KEY: Final = "durable-sweep"
 SWEEP_SUBJECT_PAGES: Final = 2
 #: likewise, the pages of the stream's consumers (nats-server's pages: 256 consumers,
 #: one per node that ever ran the durable path, about 150 KB of JSON each): past them
-#: the sweep is cut (``sweeps_cut``, said) and the next one reads on from there; an
-#: answer that pages for ever (a server that ignores the offset) ends here too
+#: the sweep is cut (``sweeps_cut``, said) and the next one reads on from there, the
+#: consumers read so far kept (a pass over them may take several sweeps: see
+#: DurableChannel._unpulled); an answer that pages for ever (a server that ignores the
+#: offset) ends here too; and the consumers a sweep asks for one by one (the nodes of
+#: subjects with no consumer in a pass of several sweeps) are as many at most
 SWEEP_CONSUMER_PAGES: Final = 20
 #: seconds a takeover of a node no member waits, its consumer with no pull request
 #: waiting, before it reads the consumer again to see whether someone pulls it (moved
@@ -645,6 +648,10 @@ class DurableChannel:
         self._sweep_cut_log = Throttle(kind="durable.sweep_cut")
         self._subjects_from = 0
         self._consumers_from = 0
+        #: the pass over the stream's consumers under way (see _unpulled): the stream's
+        #: state read at its start, and what each consumer read in it holds
+        self._pass_before: Any = None
+        self._pass_held: dict[str, int] = {}
         #: takeovers by a look or a sweep of a node no member that ended at once, leaving
         #: its consumer to the pull requests that waited on it (a process of its name
         #: whose join is not heard here yet, or another node's takeover; see take_over)
@@ -1174,17 +1181,23 @@ class DurableChannel:
         if cut is not None:
             self.sweeps_cut += 1
             what, read, total = cut
-            pages = SWEEP_SUBJECT_PAGES if what == "subjects" else SWEEP_CONSUMER_PAGES
+            bound = (
+                f"{SWEEP_SUBJECT_PAGES} pages of nats-server's"
+                if what == "subjects"
+                else f"{SWEEP_CONSUMER_PAGES} requests"
+                if what == "nodes' consumers"
+                else f"{SWEEP_CONSUMER_PAGES} pages of nats-server's"
+            )
             self._say(
                 self._sweep_cut_log,
                 "sweeps of the durable stream cut at their bound",
                 logging.WARNING,
-                "node %s: the sweep of the durable stream %s read %s, its bound (%d pages"
-                " of nats-server's); the next sweep reads on from there (%d so far)",
+                "node %s: the sweep of the durable stream %s read %s, its bound (%s); the"
+                " next sweep reads on from there (%d so far)",
                 self.cluster.node,
                 self._stream,
                 f"{read} of its {what}" if total is None else f"{read} of its {total} {what}",
-                pages,
+                bound,
                 self.sweeps_cut,
             )
         nursery = self._nursery
@@ -1221,85 +1234,126 @@ class DurableChannel:
         stream's subjects that have no consumer (a consumer deleted when drained, and
         messages stored for its node after), and, if a read was cut at its bound, what
         was read (``"consumers"``: ``SWEEP_CONSUMER_PAGES``; ``"subjects"``:
-        ``SWEEP_SUBJECT_PAGES``), how far, and of how many (None: not said, as for the
-        consumers).
+        ``SWEEP_SUBJECT_PAGES``; ``"nodes' consumers"``: the nodes of subjects with no
+        consumer asked for one by one, ``SWEEP_CONSUMER_PAGES``), how far, and of how
+        many (None: not said, as for the consumers).
 
-        The consumers are read from where the last sweep's read was cut; a read that
-        did not start at the first consumer, or was cut, knows only some consumers: the
-        nodes found among them are the sweep's, and no subject is read (a node whose
-        consumer was not read would be taken for one with none).
+        The consumers are read in passes: a sweep reads on from where the last one was
+        cut, the consumers read so far kept (their names and what each holds), so a pass
+        over more than a sweep's bound takes several sweeps, each bounded. A sweep whose
+        read is cut knows only some consumers: the nodes found among them are the
+        sweep's, and no subject is read (a node whose consumer was not read would be
+        taken for one with none). The sweep that ends a pass reads the subjects as below,
+        against all the consumers seen in that pass.
 
         The subjects (one per agent addressed) are read only when the stream may hold
         more than its consumers do. JetStream has no request for both counts at once, so
-        the stream's count is read before and after the consumers': the messages stored
-        between (its last sequence's rise) are all that can be in the consumers' count
-        and not in the first, so a count of the consumers at least the first plus those
-        means no message on a subject with no consumer was there at the first read and
-        still is at the second. Not so (messages acknowledged between the reads, on a
-        busy stream): the counts again, at most ``_SWEEP_COUNTS`` times, then the
-        subjects; at once if nothing was stored or acknowledged between (they differ
-        then for sure)."""
+        the stream's count is read before and after the consumers' (at the pass's start
+        and at its end): the messages stored between (its last sequence's rise) are all
+        that can be in the consumers' count and not in the first, so a count of the
+        consumers at least the first plus those means no message on a subject with no
+        consumer was there at the first read and still is at the second (a consumer
+        read twice in a pass, the pages shifted by one created, counts once). Not so
+        (messages acknowledged between the reads, on a busy stream): the counts again,
+        at most ``_SWEEP_COUNTS`` times, then the subjects; at once if nothing was stored
+        or acknowledged between (they differ then for sure), or if the pass took several
+        sweeps (its consumers are not read again).
+
+        A pass of several sweeps may have missed a consumer created (or shifted by one
+        deleted) during it: each node of a subject with no consumer in that pass is
+        asked for its consumer, one request each, at most ``SWEEP_CONSUMER_PAGES`` a
+        sweep; one that has a consumer now, and those past the bound (the sweep cut,
+        said), are left to the next pass."""
         js = self.cluster.data_js
-        before = (await js.stream_info(self._stream)).state
+        if not self._consumers_from or self._pass_before is None:
+            self._consumers_from = 0
+            self._pass_before = (await js.stream_info(self._stream)).state
+            self._pass_held = {}
+        before = self._pass_before
         for _ in range(_SWEEP_COUNTS):
             start = self._consumers_from
-            nodes, named, held, cut = await self._consumers(js, start)
-            if cut is not None:
-                self._consumers_from = cut
-                return nodes, ("consumers", cut, None)
-            self._consumers_from = 0
-            if start:
-                return nodes, None  # (read on from a cut: the next sweep reads them all)
+            nodes, held, stop = await self._consumers(js, start)
+            self._pass_held.update(held)
+            if stop is not None:
+                self._consumers_from = stop
+                return nodes, ("consumers", stop, None)
+            named = self._pass_held
+            self._consumers_from, self._pass_before, self._pass_held = 0, None, {}
             after = (await js.stream_info(self._stream)).state
             stored = (after.last_seq or 0) - (before.last_seq or 0)
             # (a last sequence that fell: the stream made anew between the reads, no
             # measure of what was stored: not settled)
-            if stored >= 0 and (before.messages or 0) + stored <= held:
+            if stored >= 0 and (before.messages or 0) + stored <= sum(named.values()):
                 return nodes, None
-            if stored == 0 and before.messages == after.messages:
-                break  # (nothing moved between the reads: some subject has no consumer)
-            before = after
+            if start or (stored == 0 and before.messages == after.messages):
+                break  # (a pass of several sweeps, or nothing moved between the reads)
+            before = self._pass_before = after
         head = f"{self.cluster.prefix}.durable."
         offset = self._subjects_from
         total: int | None = await self._subjects_count()
+        unnamed: set[str] = set()
+        cut: tuple[str, int, int | None] | None = None
         for _ in range(SWEEP_SUBJECT_PAGES):
             page, total = await self._subjects_page(offset, subjects_wait(total))
             for subject in page:
                 node = subject.removeprefix(head).partition(".")[0]
                 if node not in named:
-                    nodes.add(node)
+                    unnamed.add(node)
             offset += len(page)
             if not page or offset >= total:
-                self._subjects_from = 0
-                return nodes, None
-        # (the subjects past the bound: the next sweep reads on from here; one stored or
-        # gone between two pages shifts the pages by one, found at the next turn)
-        self._subjects_from = offset
-        return nodes, ("subjects", offset, total)
+                break
+        else:
+            # (the subjects past the bound: the next sweep reads on from here; one
+            # stored or gone between two pages shifts the pages by one, found at the
+            # next turn)
+            self._subjects_from = offset
+            cut = ("subjects", offset, total)
+        if cut is None:
+            self._subjects_from = 0
+        if start:
+            asked, unnamed = await self._without_consumer(js, unnamed)
+            cut = cut or asked
+        return nodes | unnamed, cut
 
-    async def _consumers(self, js: Any, offset: int) -> tuple[set[str], set[str], int, int | None]:
+    async def _consumers(self, js: Any, offset: int) -> tuple[set[str], dict[str, int], int | None]:
         """The stream's consumers from ``offset``, read page by page, at most
         ``SWEEP_CONSUMER_PAGES`` (asyncio side): the nodes of those that hold messages
-        with no pull request waiting, the names of all, how many messages they hold in
-        all (pending or unacked), and, if the read stopped at its bound, the offset the
-        next read starts from (None: read to the end)."""
+        with no pull request waiting, how many messages each holds (pending or unacked),
+        and, if the read stopped at its bound, the offset the next read starts from
+        (None: read to the end)."""
         nodes: set[str] = set()
-        named: set[str] = set()
-        held = 0
+        held: dict[str, int] = {}
         for _ in range(SWEEP_CONSUMER_PAGES):
             page = await js.consumers_info(self._stream, offset=offset)
             offset += len(page)
             for info in page:
-                named.add(info.name)
-                count = (info.num_pending or 0) + (info.num_ack_pending or 0)
-                held += count
+                count = held[info.name] = (info.num_pending or 0) + (info.num_ack_pending or 0)
                 # (one with pull requests waiting is pulled: a process of that name whose
                 # join is not heard here yet, or another node's takeover)
                 if count and not info.num_waiting:
                     nodes.add(info.name)
             if not page:
-                return nodes, named, held, None
-        return nodes, named, held, offset
+                return nodes, held, None
+        return nodes, held, offset
+
+    async def _without_consumer(
+        self, js: Any, unnamed: set[str]
+    ) -> tuple[tuple[str, int, int] | None, set[str]]:
+        """Of ``unnamed`` (nodes whose subjects hold messages and whose consumer a pass
+        of several sweeps did not see), those that have no consumer now (asyncio side),
+        asked one by one in their order, at most ``SWEEP_CONSUMER_PAGES``; and, if some
+        were left unasked, how many were asked of how many (the rest, and those with a
+        consumer, are left to the next pass)."""
+        found: set[str] = set()
+        ordered = sorted(unnamed)
+        for node in ordered[:SWEEP_CONSUMER_PAGES]:
+            try:
+                await js.consumer_info(self._stream, node)
+            except nats.js.errors.NotFoundError:
+                found.add(node)
+        if len(ordered) > SWEEP_CONSUMER_PAGES:
+            return ("nodes' consumers", SWEEP_CONSUMER_PAGES, len(ordered)), found
+        return None, found
 
     async def _subjects_count(self) -> int | None:
         """How many subjects the stream holds (its state's ``num_subjects``; None if the

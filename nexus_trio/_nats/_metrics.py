@@ -184,8 +184,8 @@ CLUSTER_COUNTERS: Final = {
     ),
     "durable_sweeps_cut": (
         "nexus_cluster_durable_sweeps_cut",
-        "Sweeps of the durable stream whose read of its subjects stopped at its bound (the"
-        " next reads on from there).",
+        "Sweeps of the durable stream whose read of its subjects or consumers stopped at"
+        " its bound (the next reads on from there).",
     ),
     "durable_left_to_pullers": (
         "nexus_cluster_durable_left_to_pullers",
