@@ -547,7 +547,7 @@ async def test_a_consumer_created_or_shifted_during_a_pass_of_several_sweeps_is_
     bound = _FakeJs(consumers, subjects | more)
     two = _channel(bound)
     assert await two._unpulled() == (set(), ("consumers", 6, None))
-    assert await two._unpulled() == ({"w", "x", "y"}, ("nodes' consumers", 3, 4))
+    assert await two._unpulled() == ({"w", "x", "y"}, (_durable._UNSEEN, 3, 4))
     assert bound.consumers_asked == ["w", "x", "y"]
 
 

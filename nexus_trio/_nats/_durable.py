@@ -154,6 +154,8 @@ SWEEP_SUBJECT_PAGES: Final = 2
 #: offset) ends here too; and the consumers a sweep asks for one by one (the nodes of
 #: subjects with no consumer in a pass of several sweeps) are as many at most
 SWEEP_CONSUMER_PAGES: Final = 20
+#: what a sweep cut while it asks for the consumers of nodes one by one read (said so)
+_UNSEEN: Final = "nodes of subjects with no consumer"
 #: seconds a takeover of a node no member waits, its consumer with no pull request
 #: waiting, before it reads the consumer again to see whether someone pulls it (moved
 #: meanwhile: see DurableChannel._pulled_by_others): a node's pull loop long-polls
@@ -1181,23 +1183,28 @@ class DurableChannel:
         if cut is not None:
             self.sweeps_cut += 1
             what, read, total = cut
-            bound = (
-                f"{SWEEP_SUBJECT_PAGES} pages of nats-server's"
-                if what == "subjects"
-                else f"{SWEEP_CONSUMER_PAGES} requests"
-                if what == "nodes' consumers"
-                else f"{SWEEP_CONSUMER_PAGES} pages of nats-server's"
-            )
+            if what == _UNSEEN:
+                bound, then = (
+                    f"{SWEEP_CONSUMER_PAGES} asked",
+                    "the others are left to the next pass",
+                )
+            else:
+                pages = SWEEP_SUBJECT_PAGES if what == "subjects" else SWEEP_CONSUMER_PAGES
+                bound, then = (
+                    f"{pages} pages of nats-server's",
+                    "the next sweep reads on from there",
+                )
             self._say(
                 self._sweep_cut_log,
                 "sweeps of the durable stream cut at their bound",
                 logging.WARNING,
-                "node %s: the sweep of the durable stream %s read %s, its bound (%s); the"
-                " next sweep reads on from there (%d so far)",
+                "node %s: the sweep of the durable stream %s read %s, its bound (%s); %s"
+                " (%d so far)",
                 self.cluster.node,
                 self._stream,
                 f"{read} of its {what}" if total is None else f"{read} of its {total} {what}",
                 bound,
+                then,
                 self.sweeps_cut,
             )
         nursery = self._nursery
@@ -1234,9 +1241,8 @@ class DurableChannel:
         stream's subjects that have no consumer (a consumer deleted when drained, and
         messages stored for its node after), and, if a read was cut at its bound, what
         was read (``"consumers"``: ``SWEEP_CONSUMER_PAGES``; ``"subjects"``:
-        ``SWEEP_SUBJECT_PAGES``; ``"nodes' consumers"``: the nodes of subjects with no
-        consumer asked for one by one, ``SWEEP_CONSUMER_PAGES``), how far, and of how
-        many (None: not said, as for the consumers).
+        ``SWEEP_SUBJECT_PAGES``; ``_UNSEEN``: the nodes of subjects with no consumer,
+        asked for it one by one, ``SWEEP_CONSUMER_PAGES``), how far, and of how many (None: not said, as for the consumers).
 
         The consumers are read in passes: a sweep reads on from where the last one was
         cut, the consumers read so far kept (their names and what each holds), so a pass
@@ -1352,7 +1358,7 @@ class DurableChannel:
             except nats.js.errors.NotFoundError:
                 found.add(node)
         if len(ordered) > SWEEP_CONSUMER_PAGES:
-            return ("nodes' consumers", SWEEP_CONSUMER_PAGES, len(ordered)), found
+            return (_UNSEEN, SWEEP_CONSUMER_PAGES, len(ordered)), found
         return None, found
 
     async def _subjects_count(self) -> int | None:
