@@ -56,6 +56,12 @@ def brand_prefix(owner: str) -> int:
         return 1 << 42
 
 
+def brand_owner(brand: int) -> int:
+    """The :func:`brand_prefix` of the kernel process that gave ``brand`` (its high bits;
+    the low :data:`BRAND_BITS` number that process's children)."""
+    return brand >> BRAND_BITS
+
+
 class Proc:
     """What the sweeps read of a process in ``/proc`` (the readers are swapped in tests)."""
 
@@ -428,7 +434,7 @@ def sweep(owner: str, sessions: dict[int, int] | None = None, holds: Collection[
         sessions=sessions,
         orphans_here=False,
         holds=lambda: kept,
-        brands=lambda brand: brand >> BRAND_BITS == prefix,
+        brands=lambda brand: brand_owner(brand) == prefix,
     )
     return len(sweeper.run(SWEEP_FOR))
 

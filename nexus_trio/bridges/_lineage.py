@@ -42,7 +42,16 @@ from typing import Final
 import trio
 
 from .._logcall import log_guarded
-from ._guardian import BRAND_BITS, BRAND_LIMIT, MARKER, SWEEP_FOR, Proc, Sweep, brand_prefix
+from ._guardian import (
+    BRAND_BITS,
+    BRAND_LIMIT,
+    MARKER,
+    SWEEP_FOR,
+    Proc,
+    Sweep,
+    brand_owner,
+    brand_prefix,
+)
 from ._guardian import ticks_now as ticks_now  # (process.py reads it here)
 
 log = logging.getLogger("nexus_trio.bridge")
@@ -212,7 +221,7 @@ def reap_orphans() -> int:
         if stat is None or stat[0] != "Z":
             continue
         found = Proc.brand(pid)
-        if found is None or found >> BRAND_BITS != prefix:
+        if found is None or brand_owner(found) != prefix:
             continue
         with _lock:
             # (asked again after its brand was read: a child started and branded since
