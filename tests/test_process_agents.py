@@ -4576,6 +4576,42 @@ async def test_the_first_process_agent_raises_the_soft_nofile_and_children_get_i
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+async def test_a_child_that_keeps_the_raised_soft_nofile_is_counted_and_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forty-sixth pass (final read): a child whose soft ``RLIMIT_NOFILE`` ``prlimit``
+    cannot give back (its limits not settable) keeps the kernel's raised one: counted in
+    ``children_nofile_kept`` at each start (``counts()`` too), said once an agent. (Fails
+    on the merged code, which counted it in a module counter nothing read: no such
+    ``BridgeStats`` field.)"""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    _fake_nofile(monkeypatch, _FakeNofile((256, hard)))
+    real = resource.prlimit
+
+    def refused_for_nofile(pid: int, which: int, *limits: Any) -> Any:
+        if which == resource.RLIMIT_NOFILE and limits:
+            raise PermissionError(1, "Operation not permitted")
+        return real(pid, which, *limits)
+
+    monkeypatch.setattr(resource, "prlimit", refused_for_nofile)
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.children_nofile_kept, stats.children_unbranded) == (1, 1, 0)
+        assert stats.counts()["children_nofile_kept"] == 1
+        os.kill(await kernel.request(ref, {"op": "pid"}), signal.SIGKILL)
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        assert stats_of(kernel, ref).children_nofile_kept == 2
+        await kernel.stop(ref)
+    said = [r for r in caplog.records if "keeps the kernel's raised soft" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
 @pytest.mark.parametrize(
     ("limits", "raised_to"),
     [

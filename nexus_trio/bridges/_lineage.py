@@ -128,8 +128,6 @@ NOFILE_CAP: Final = 1 << 20
 #: while not raised (not tried, nothing to raise, or refused)
 _nofile_original: tuple[int, int] | None = None
 _nofile_tried = False
-#: children that kept the kernel's raised soft ``RLIMIT_NOFILE`` (``prlimit`` refused)
-nofile_not_given_back = 0
 
 
 def raise_nofile() -> None:
@@ -178,9 +176,8 @@ def give_back_nofile(pid: int) -> bool:
     """Give the child ``pid``, just started, the kernel's original soft ``RLIMIT_NOFILE``
     if :func:`raise_nofile` raised it (one ``prlimit`` right after the start, beside its
     brand: Go's runtime sets it in the child before the exec, which ``subprocess`` offers
-    only through ``preexec_fn``). False if ``prlimit`` refused (counted in
-    :data:`nofile_not_given_back`)."""
-    global nofile_not_given_back
+    only through ``preexec_fn``). False if ``prlimit`` refused (its agent counts it:
+    ``BridgeStats.children_nofile_kept``)."""
     original = _nofile_original
     if original is None:
         return True
@@ -189,8 +186,6 @@ def give_back_nofile(pid: int) -> bool:
     try:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
     except (OSError, ValueError):
-        with _lock:
-            nofile_not_given_back += 1
         return False
     return True
 

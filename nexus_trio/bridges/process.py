@@ -232,6 +232,10 @@ class BridgeStats:
     #: refused, ``EPERM``), a hard ``RLIMIT_LOCKS`` below the brand, or the child gone
     #: before it; their descendants are swept by the rest (mark, session, hold)
     children_unbranded: int = attrs.field(default=0, metadata=_COUNT)
+    #: children that kept the kernel's raised soft ``RLIMIT_NOFILE`` (on Linux, once
+    #: the first process agent raised it: see ``_lineage.raise_nofile``): ``prlimit``
+    #: could not give them the original back (their limits not settable)
+    children_nofile_kept: int = attrs.field(default=0, metadata=_COUNT)
     #: exit status of the last child that exited (negative: killed by that signal)
     last_exit: int | None = None
 
@@ -241,7 +245,7 @@ class BridgeStats:
         return max(self.starts - 1, 0)
 
     def counts(self) -> dict[str, int]:
-        """Every counter (``starts``, ``lines_in``, ... ``children_unbranded``) by name: what
+        """Every counter (``starts``, ``lines_in``, ... ``children_nofile_kept``) by name: what
         the ``nexus run`` summary reports for a spawned program."""
         return {name: getattr(self, name) for name in _COUNTS}
 
@@ -841,8 +845,6 @@ class ProcessAgent(Agent):
         self._holds: dict[int, int] = {}
         #: pid -> that child's brand (see _lineage.brand)
         self._brands: dict[int, int | None] = {}
-        #: children that kept the kernel's raised soft RLIMIT_NOFILE (see _lineage)
-        self._nofile_kept = 0
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -1044,14 +1046,14 @@ class ProcessAgent(Agent):
                 )
         # ... and get the soft RLIMIT_NOFILE the kernel had before it raised it (_lineage).
         if not _lineage.give_back_nofile(process.pid):
-            self._nofile_kept += 1
-            if self._nofile_kept == 1:  # (once an agent, as the brand)
+            stats.children_nofile_kept += 1
+            if stats.children_nofile_kept == 1:  # (once an agent, as the brand)
                 log_guarded(
                     log,
                     logging.WARNING,
                     "process agent %s: its child (pid %d) keeps the kernel's raised soft"
                     " RLIMIT_NOFILE (its limits not settable); a program using select()"
-                    " may fail above 1,024 descriptors",
+                    " may fail above 1,024 descriptors (counted in children_nofile_kept)",
                     self.label,
                     process.pid,
                 )

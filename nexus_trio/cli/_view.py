@@ -401,6 +401,7 @@ _BRIDGE_PROBLEMS: Final = (
     ("stderr_lines_not_logged", "stderr lines not logged"),
     ("descendants_killed", "descendants killed"),
     ("children_unbranded", "children unbranded"),
+    ("children_nofile_kept", "children with the raised descriptor limit"),
 )
 
 
