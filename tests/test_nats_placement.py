@@ -1685,6 +1685,22 @@ async def _stopped(events: Any, name: str | None) -> LifecycleEvent:
     raise AssertionError("event stream ended")
 
 
+async def _place_one_on_each(
+    ca: Cluster, cc: Cluster, agent_type: str = "blocking"
+) -> tuple[PlacedAgent, PlacedAgent]:
+    """a places ``agent_type`` as ON_C (it goes to c) and c places one as "on-a", pinned
+    to a; both nodes know both names and records once this returns."""
+    on_c = await ca.spawn(agent_type, name=ON_C)
+    on_a = await cc.spawn(agent_type, name="on-a", node="a")
+    assert (on_c.node, on_a.node) == ("c", "a")
+    await cc.names_published()
+    await ca.names_published()
+    for cluster in (ca, cc):
+        await _learn(cluster, ON_C)
+        await _learn(cluster, "on-a")
+    return on_c, on_a
+
+
 async def test_a_partition_that_heals_leaves_one_incarnation_of_each_placed_name(
     nats: NatsServer,
 ) -> None:
@@ -1703,14 +1719,7 @@ async def test_a_partition_that_heals_leaves_one_incarnation_of_each_placed_name
             cluster.register_type("blocking", BLOCKING)
         _meet(ca, cc)
         with trio.fail_after(30):  # a hang guard
-            on_c = await ca.spawn("blocking", name=ON_C)
-            on_a = await cc.spawn("blocking", name="on-a", node="a")
-            assert (on_c.node, on_a.node) == ("c", "a")
-            await cc.names_published()
-            await ca.names_published()
-            for cluster in (ca, cc):
-                await _learn(cluster, ON_C)
-                await _learn(cluster, "on-a")
+            on_c, on_a = await _place_one_on_each(ca, cc)
             first_on_a = await _name_entry(ca, "on-a")
             # c's copy has one message in its handler and two queued when it is stopped
             await kc.send(ON_C, "block")
@@ -1971,14 +1980,7 @@ async def test_a_copy_whose_name_write_failed_stops_when_its_node_hears_the_hold
     ):
         _meet(ca, cc)
         with trio.fail_after(60):  # a hang guard
-            on_c = await ca.spawn("counter", name=ON_C)
-            on_a = await cc.spawn("counter", name="on-a", node="a")
-            assert (on_c.node, on_a.node) == ("c", "a")
-            await cc.names_published()
-            await ca.names_published()
-            for cluster in (ca, cc):
-                await _learn(cluster, ON_C)
-                await _learn(cluster, "on-a")
+            _, on_a = await _place_one_on_each(ca, cc, "counter")
             assert await kc.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 1}
             outage = _refuse_writes(cc)
             async with ka.events() as events_a, kc.events() as events_c:

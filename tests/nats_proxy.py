@@ -1,0 +1,144 @@
+"""A TCP proxy in front of a nats-server, for the tests that cut one client's connections
+while its process lives (a dropped link, a pulled cable, a NAT that forgot the flow).
+
+Each connection is tagged with the ``name`` its client gives in its ``CONNECT`` (a node's
+are ``nexus:<node>:data`` and ``nexus:<node>:control``), read from the bytes it forwards,
+so a test can cut the connections of one node only (:meth:`NatsProxy.cut`) and refuse
+that node's new ones for a while (:meth:`NatsProxy.refuse`): what a network partition
+between one process and the server does, the server and the other clients untouched.
+Two threads a connection (one a direction, blocking): a slow end holds back its own
+direction only, as TCP does."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+
+
+class _Pair:
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client = client
+        self.server = server
+        self.name: str | None = None  # (from the client's CONNECT)
+        self.closed = False
+
+    def node(self) -> str | None:
+        parts = (self.name or "").split(":")
+        return parts[1] if len(parts) == 3 and parts[0] == "nexus" else None
+
+    def close(self) -> None:
+        self.closed = True
+        for sock in (self.client, self.server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class NatsProxy:
+    """Listens on 127.0.0.1 (``port``, ``url``) and forwards each connection to
+    ``target_port``; :meth:`close` ends it and every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._pairs: set[_Pair] = set()
+        self._refused: set[str] = set()  # (nodes whose connections are closed)
+        self.cuts: dict[str, int] = {}  # node -> its connections cut or refused
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, node: str) -> int:
+        """Close every connection of ``node`` now (both ends: the client reads EOF, the
+        server sees its client gone); how many were cut."""
+        with self._lock:
+            mine = [pair for pair in self._pairs if pair.node() == node]
+            for pair in mine:
+                self._drop(pair)
+            self.cuts[node] = self.cuts.get(node, 0) + len(mine)
+            return len(mine)
+
+    def refuse(self, node: str, refused: bool = True) -> None:
+        """Cut ``node``'s connections and close each new one of it as soon as its CONNECT
+        names it, until ``refuse(node, False)``: a partition between it and the server."""
+        with self._lock:
+            if refused:
+                self._refused.add(node)
+            else:
+                self._refused.discard(node)
+        if refused:
+            self.cut(node)
+
+    def nodes(self) -> list[str | None]:
+        """The node of each connection open now (None: not named yet, or no node's)."""
+        with self._lock:
+            return sorted((p.node() for p in self._pairs), key=str)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            for pair in list(self._pairs):
+                self._drop(pair)
+
+    def _drop(self, pair: _Pair) -> None:
+        self._pairs.discard(pair)
+        pair.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            pair = _Pair(client, server)
+            with self._lock:
+                self._pairs.add(pair)
+            threading.Thread(target=self._pump, args=(pair, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(pair, False), daemon=True).start()
+
+    def _pump(self, pair: _Pair, upstream: bool) -> None:
+        source, sink = (pair.client, pair.server) if upstream else (pair.server, pair.client)
+        head = b""
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._lock:
+                    if not pair.closed:
+                        self._drop(pair)
+                return
+            if upstream and pair.name is None:
+                head += data
+                if b"\r\n" in head:
+                    line = head.split(b"\r\n", 1)[0]
+                    try:
+                        name = json.loads(line.partition(b" ")[2]).get("name")
+                    except (ValueError, AttributeError):
+                        name = None
+                    with self._lock:
+                        pair.name = str(name or "")
+                        node = pair.node()
+                        if node is not None and node in self._refused:
+                            self.cuts[node] = self.cuts.get(node, 0) + 1
+                            self._drop(pair)
+                            return
+            try:
+                sink.sendall(data)
+            except OSError:
+                with self._lock:
+                    if not pair.closed:
+                        self._drop(pair)
+                return
