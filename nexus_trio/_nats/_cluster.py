@@ -68,7 +68,7 @@ from contextlib import (
     suppress,
 )
 from contextvars import ContextVar
-from typing import Any, Final, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 import nats
@@ -184,6 +184,7 @@ def _is_row(fields: tuple[Any, ...]) -> bool:
 
 
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
+_T = TypeVar("_T")
 #: deleted names whose delete's revision a node keeps (then the oldest are forgotten)
 _NAME_DELETES_KEPT: Final = 4096
 #: how long a clean leave waits for a retry of failed bucket writes under way (seconds)
@@ -807,6 +808,25 @@ _LOST_BY_NODE_MAX: Final = 4096
 _decode: Final = wire.decode_message
 
 
+def _record_session(record: bytes) -> int | None:
+    """The session of the join a membership record is of (None: a record without one, of
+    an earlier version); ValueError if it cannot be read."""
+    try:
+        session = wire.read_wire_json(record, "membership record").get("session")
+        return int(session, 16) if isinstance(session, str) else None
+    except (AttributeError, RecursionError) as exc:
+        raise ValueError(f"membership record: {exc!r}") from None
+
+
+def _mark(marks: dict[str, _T], node: str, mark: _T) -> None:
+    """Note ``mark`` of ``node`` in ``marks`` as its last entry, the oldest dropped past
+    _LEFT_STREAMS_MAX."""
+    marks.pop(node, None)
+    marks[node] = mark
+    if len(marks) > _LEFT_STREAMS_MAX:
+        del marks[next(iter(marks))]
+
+
 def _decode_name_entry(value: bytes | None) -> tuple[str, uuid.UUID] | None:
     """``(node, agent id)`` of an entry of the names bucket, None if malformed."""
     try:
@@ -880,6 +900,7 @@ class Cluster:
         "_data_closed",
         "_data_js",
         "_data_up",
+        "_deleted_before_leave",
         "_deliveries",
         "_deliveries_ended",
         "_departed",
@@ -1217,6 +1238,10 @@ class Cluster:
         # watch gave the delete of its record: a record of that join the watch gives
         # meanwhile was written before the leave (see _apply_node_entry)
         self._left_before_delete: dict[str, int] = {}
+        # node -> (the session of its join whose record's delete the nodes bucket's watch
+        # gave before its leave was heard on the core subject, until when): a heartbeat
+        # of that join heard meanwhile was sent before the leave (see _on_heartbeat)
+        self._deleted_before_leave: dict[str, tuple[int, float]] = {}
         self._loss_log = Throttle(kind="cluster.loss")
         self._notice_log = Throttle(kind="cluster.notice")
         #: malformed membership records (anyone on the account can write one, by the
@@ -4779,13 +4804,39 @@ class Cluster:
             if wire.LEFT_HEADER in m.headers:
                 self._on_last_notice(node, m.headers[wire.LEFT_HEADER])
                 return
-            if not self._ends_current_join(node, m.headers.get(wire.SESSION_HEADER)):
+            session = m.headers.get(wire.SESSION_HEADER)
+            deleted = self._deleted_before_leave.get(node)
+            if deleted is not None and session == f"{deleted[0]:016x}":
+                del self._deleted_before_leave[node]  # (its last heartbeat came before)
+            if not self._ends_current_join(node, session):
                 return
         elif m.data:
             # (a heartbeat: live, whatever leave was heard of it; a leaving node sends
             # none after its announcement)
             self._left_before_delete.pop(node, None)
+            if node in self._deleted_before_leave and self._sent_before_leave(node, m.data):
+                return
         self._apply_member_entry(node, m.data, None if m.data else "DEL")
+
+    def _sent_before_leave(self, node: str, record: bytes) -> bool:
+        """Whether a heartbeat of ``node`` was sent before the leave whose delete of its
+        record the watch gave already: of the join that delete ended, within a loss
+        window of it. The watch's entries are applied as they are read, a subject's
+        messages in their turn, so the delete can overtake a heartbeat the server
+        delivered before it; taken for the node's, such a heartbeat made it a member
+        again until its announcement came (its leave logged twice), or for good had the
+        announcement been lost. Only for a loss window: a live node whose record another
+        deleted, and whose writes of it fail meanwhile, is heard again by its heartbeats
+        after that (a record it writes brings it back at once, see _apply_node_entry)."""
+        session, until = self._deleted_before_leave[node]
+        try:
+            sent_in = _record_session(record)
+        except ValueError:
+            sent_in = None  # (malformed: _apply_member_entry says so)
+        if sent_in == session and monotonic() < until:
+            return True
+        del self._deleted_before_leave[node]
+        return False
 
     def _ends_current_join(self, node: str, session: str | int | None) -> bool:
         """Whether the leave of the join of ``node`` with ``session`` (hex text from a
@@ -4824,14 +4875,25 @@ class Cluster:
         sessions = self._record_sessions
         if op in _KV_OPS_DELETED:
             if self._ends_current_join(key, sessions.pop(key, None)):
+                info = self.members.members.get(key)
                 self._apply_member_entry(key, value, op)
+                if (
+                    info is not None
+                    and info.session is not None
+                    and key not in self.members.members
+                ):
+                    # (a delete, not a PURGE: an expired record leaves the member to
+                    # the loss checker)
+                    self._note_deleted_before_leave(key, info.session)
             self._left_before_delete.pop(key, None)  # (what the watch gives next is newer)
             return
         if value:
+            # (a record after the delete: written again, the node lives; its heartbeats
+            # count again)
+            self._deleted_before_leave.pop(key, None)
             try:
-                session = wire.read_wire_json(value, "membership record").get("session")
-                sessions[key] = int(session, 16) if isinstance(session, str) else None
-            except (ValueError, AttributeError, RecursionError):
+                sessions[key] = _record_session(value)
+            except ValueError:
                 sessions.pop(key, None)  # (malformed: _apply_member_entry says so)
             else:
                 left = self._left_before_delete.get(key)
@@ -5012,11 +5074,16 @@ class Cluster:
         delete of its record (when the leave was heard there, at once), the join's
         records it gives are stale (see _apply_node_entry). Kept for the last
         _LEFT_STREAMS_MAX leaves whose delete never came (the leave's delete failed)."""
-        marks = self._left_before_delete
-        marks.pop(node, None)
-        marks[node] = session
-        if len(marks) > _LEFT_STREAMS_MAX:
-            del marks[next(iter(marks))]
+        _mark(self._left_before_delete, node, session)
+
+    def _note_deleted_before_leave(self, node: str, session: int) -> None:
+        """The watch gave the delete of the record of ``node``'s join ``session`` before
+        its leave was heard on the core subject: until its announcement comes (or a
+        record of it written after the delete: the node lives, its record was deleted
+        by another), the join's heartbeats are stale (see _on_heartbeat). Kept for the
+        last _LEFT_STREAMS_MAX such deletes (an announcement that never came), each for
+        one loss window at most."""
+        _mark(self._deleted_before_leave, node, (session, monotonic() + self.members.lost_after))
 
     def _compare_windows(self, info: NodeInfo) -> None:
         """A join heard for the first time: warn if its ``node_window`` is not this
