@@ -1040,3 +1040,50 @@ def test_a_real_split_worker_judged_lost_by_one_and_settled_with_by_another_is_e
         " (written off by it)"
     ]
     assert status == 0, summary
+
+
+def test_a_worker_whose_server_was_lost_as_it_settled_keeps_what_crossed_in_its_books(
+    nats: NatsServer, tmp_path: Any
+) -> None:
+    """Regression: a ``--workers 2`` run whose nats-server was SIGKILLed while the workers
+    settled (kept down past their ``server_lost_wait``) ended, as it should, with each
+    worker's ``NatsServerLost``, and with ``the cluster's books are off by 219654``: a
+    worker whose settle failed had no cluster counts in its summary, so what the other
+    worker had sent it (``forwarded_in``) was summed as sent there too, and the books
+    were off by every tell that crossed (forty-seventh pass; 4 runs of 4). Its node has
+    left when the run ends: its counts are final, and kept now (the same runs: off by
+    the 30 tells in flight through the dead server, or balanced). Here each worker's
+    settle is made to fail with that error once it has settled (a stand-in
+    ``sitecustomize`` the workers import: the server lives, so the books must balance
+    exactly). (Checked on 1242268's ``_run.py``: off by the tells that crossed.)"""
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('NEXUS_WORKER'):\n"
+        "    from nexus_trio.cli import _swarm\n"
+        "    _settle = _swarm.Swarm.settle\n"
+        "    async def settle(self, *args, **kwargs):\n"
+        "        await _settle(self, *args, **kwargs)\n"
+        "        raise _swarm.NatsServerLost(['nats://stand-in'], 'the settle, stood in for')\n"
+        "    _swarm.Swarm.settle = settle\n"
+    )
+    python = tmp_path / "python"
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{tmp_path}:$PYTHONPATH" exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    summary, status = run_workers(
+        2, ["--agents", "30", "--duration", "1"], nats_url=nats.url, python=str(python)
+    )
+    workers = {w["node"]: w for w in summary["per_worker"]}
+    assert status == 1, summary
+    for worker in workers.values():
+        assert worker["error"].startswith("NatsServerLost: "), worker["error"]
+        assert worker["error"].endswith("the settle, stood in for"), worker["error"]
+        assert worker["forwarded_in"] > 0, worker  # (what the other sent it, counted)
+        assert worker["membership"] is not None
+    balance = summary["cluster_balance"]
+    assert balance["forwarded_out_minus_in"] == 0, balance
+    assert balance["sent"] == balance["handled_replied_or_dead"] > 0, balance
+    assert summary["conserved"] is True, summary["why_not_conserved"]

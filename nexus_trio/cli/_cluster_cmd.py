@@ -559,10 +559,24 @@ def _why_not_conserved(
     ended, lost = balance["handled_replied_or_dead"], balance["lost_counted"]
     into_dead = balance["handed_to_dead_workers"]
     if balance["sent"] != ended + lost + into_dead:
+        server_lost = [
+            str(s.get("node"))
+            for s in alive
+            # (_swarm.NatsServerLost, as a worker's summary names its error)
+            if str(s.get("error") or "").startswith("NatsServerLost: ")
+        ]
         why.append(
             f"the cluster's books are off by {balance['sent'] - (ended + lost + into_dead)}:"
             f" sent {balance['sent']}, handled, replied or dead {ended}, lost (counted)"
             f" {lost}, handed to dead workers {into_dead}"
+            + (
+                f"; {', '.join(server_lost)} lost the NATS server as"
+                f" {'it' if len(server_lost) == 1 else 'they'} settled: tells in flight"
+                " through it then are counted by no worker (a receiver counts a gap at its"
+                " sender's next sequence mark, which never came)"
+                if server_lost
+                else ""
+            )
         )
     return why or ["unknown"]
 

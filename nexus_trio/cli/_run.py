@@ -1027,6 +1027,8 @@ async def _run_async(
     #: a join of the cluster that failed: its error says all (the URL, the auth tried,
     #: what the server said), so it is logged without the traceback of the CLI's internals
     join_error: BaseException | None = None
+    #: the swarm's settle failed, its NATS server lost (see NatsServerLost)
+    settle_failed = False
     #: the metrics endpoint that could not listen: said in one line too, with what to change
     listen_error: BaseException | None = None
     kernel: Kernel | None = None
@@ -1101,7 +1103,11 @@ async def _run_async(
                         await _body(state, kernel)
                         if state.swarm is not None:
                             state.phase = "settling"
-                            await state.swarm.settle()
+                            try:
+                                await state.swarm.settle()
+                            except NatsServerLost:
+                                settle_failed = True
+                                raise
                         # Drain here, with the cluster (if any) still attached for
                         # in-flight remote messages; leaving open_kernel then has nothing
                         # left to do. (Also after an agent's shutdown: this waits for it.)
@@ -1118,6 +1124,12 @@ async def _run_async(
                             )
                 finally:
                     state.block_left = True
+                    if settle_failed and cluster is not None and state.swarm is not None:
+                        # Its NATS server lost as it settled: its books still count what
+                        # crossed to and from the other workers, as far as it knows (its
+                        # node left: final), or the parent summed what came from them
+                        # as sent here, and the books were off by all of it.
+                        state.cluster_counts = cluster_counts(cluster, state.swarm.written_off)
         except SupervisorEscalation as exc:
             error = exc
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
