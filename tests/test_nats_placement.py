@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -1871,6 +1872,44 @@ def _refuse_writes(
     if records:
         outage.refuse(cluster.placement._kv, "placed")
     return outage
+
+
+async def test_a_leave_whose_buckets_do_not_answer_says_what_it_could_not_drop_in_a_line_each(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a ``nexus run --workers 2 --nats`` run whose nats-server was SIGKILLed
+    as the workers left logged ``could not drop name 'ring-28': TimeoutError()`` once per
+    name of each worker (forty-seventh pass: 15 lines each for 30 agents; a line per
+    agent, so 50,000 for ``--agents 100000``), and a line per placement record the same
+    way. One line each now: how many, the first few, the first error. (Checked on
+    1242268's ``_cluster.py``, ``_placement.py`` and ``_kvops.py``: 70 lines, 50 + 20.)"""
+    from nats import errors as nats_errors
+
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _node(nats.url, "a") as (ka, ca):
+        with trio.fail_after(60):  # a hang guard
+            for i in range(30):
+                ka.spawn(COUNTING, name=f"plain-{i}")
+            for i in range(20):
+                await ca.spawn("counter", name=f"placed-{i}")
+            await ca.names_published()
+
+        async def no_answer(key: str, *args: Any, **kwargs: Any) -> bool:
+            raise nats_errors.TimeoutError  # (the server gone, or JetStream)
+
+        for kv in (ca._names_kv, ca.placement._kv):
+            kv.delete = no_answer  # type: ignore[method-assign,union-attr]
+    lines = [r.getMessage() for r in caplog.records if "could not drop" in r.getMessage()]
+    assert len(lines) == 2, lines
+    records = next(line for line in lines if "placement record" in line)
+    names = next(line for line in lines if " names: " in line)
+    assert records == (
+        "node a: could not drop 20 placement records: 'placed-0', 'placed-1', 'placed-2',"
+        " 'placed-3', 'placed-4', 'placed-5', 'placed-6', 'placed-7', 'placed-8',"
+        " 'placed-9' and 10 more (TimeoutError())"
+    )
+    assert names.startswith("node a: could not drop 50 names: '"), names
+    assert names.endswith(" and 40 more (TimeoutError())"), names
 
 
 async def test_a_replacement_whose_record_write_failed_is_held_and_its_record_written_later(

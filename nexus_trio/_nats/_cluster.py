@@ -4125,7 +4125,7 @@ class Cluster:
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
         if drops:
-            outcomes = await kvops.delete_names(kv, drops, self._name_not_dropped)
+            outcomes = await kvops.delete_names(kv, drops, self._names_not_dropped)
             for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
                 if isinstance(outcome, Exception):
                     self._drop_name_again(name, dropped_at)
@@ -4357,9 +4357,10 @@ class Cluster:
         return True
 
     def _name_not_dropped(self, name: str, exc: Exception) -> None:
-        log_guarded(
-            log, logging.WARNING, "node %s: could not drop name %r: %r", self.node, name, exc
-        )
+        self._names_not_dropped([(name, exc)])
+
+    def _names_not_dropped(self, failed: Sequence[tuple[str, Exception]]) -> None:
+        kvops.say_not_dropped(self.node, "name", failed)
 
     def _drop_name_again(self, name: str, revision: int) -> None:
         """This node's delete of ``name``'s entry at ``revision`` failed (the bucket
@@ -5892,7 +5893,7 @@ class Cluster:
             await kvops.delete_names(
                 kv,
                 [(name, revision) for name, (_, revision) in self._published_names.items()],
-                self._name_not_dropped,
+                self._names_not_dropped,
             )
 
     async def _announce_leave(self) -> None:

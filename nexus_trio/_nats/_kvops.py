@@ -26,6 +26,7 @@ from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 from .._logcall import log_guarded
+from .._plural import count_of, first_few
 from .._throttle import Throttle
 from . import _direct as direct
 from . import _wire as wire
@@ -61,7 +62,7 @@ async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list
 async def delete_names(
     kv: KeyValue,
     entries: Sequence[tuple[str, int]],
-    not_dropped: Callable[[str, Exception], None] | None = None,
+    not_dropped: Callable[[Sequence[tuple[str, Exception]]], None] | None = None,
     *,
     window: int = WINDOW,
 ) -> list[bool | Exception]:
@@ -71,8 +72,9 @@ async def delete_names(
 
     One outcome per entry, in order: True (deleted), False (the entry changed since, or
     was deleted already), or the exception of a delete that failed (the bucket
-    unreachable), also handed to ``not_dropped(name, exception)`` if given. Never raises
-    for one entry; cancelling the caller cancels the rest.
+    unreachable); those, as ``(name, exception)``, are handed to ``not_dropped`` in one
+    call if given (see :func:`say_not_dropped`). Never raises for one entry; cancelling
+    the caller cancels the rest.
     """
 
     async def one(key: str, revision: int) -> bool | Exception:
@@ -91,11 +93,30 @@ async def delete_names(
     outcomes: list[bool | Exception] = []
     for start in range(0, len(keyed), window):
         outcomes += await call_aio(all_of, keyed[start : start + window])
-    if not_dropped is not None:
-        for (name, _), outcome in zip(entries, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                not_dropped(name, outcome)
+    failed = [
+        (name, outcome)
+        for (name, _), outcome in zip(entries, outcomes, strict=True)
+        if isinstance(outcome, Exception)
+    ]
+    if not_dropped is not None and failed:
+        not_dropped(failed)
     return outcomes
+
+
+def say_not_dropped(node: str, what: str, failed: Sequence[tuple[str, Exception]]) -> None:
+    """One WARNING line for the entries of ``node`` a :func:`delete_names` could not drop
+    (``what``: "name", "placement record"): how many, the first few, the first error.
+    A leave whose bucket did not answer (its server gone) failed every drop, and said a
+    line each: 2,000 lines for 2,000 names (forty-seventh pass)."""
+    log_guarded(
+        log,
+        logging.WARNING,
+        "node %s: could not drop %s: %s (%r)",
+        node,
+        count_of(len(failed), what),
+        first_few([name for name, _ in failed]),
+        failed[0][1],
+    )
 
 
 #: a watch whose replay brings nothing new for this long fails (the server does not deliver)

@@ -999,14 +999,10 @@ class Placement:
             self._not_dropped(name, exc)
 
     def _not_dropped(self, name: str, exc: Exception) -> None:
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: could not drop record %r: %r",
-            self._cluster.node,
-            name,
-            exc,
-        )
+        self._records_not_dropped([(name, exc)])
+
+    def _records_not_dropped(self, failed: Sequence[tuple[str, Exception]]) -> None:
+        kvops.say_not_dropped(self._cluster.node, "placement record", failed)
 
     async def _delete_record(self, name: str, revision: int | None) -> None:
         kv = self._kv
@@ -1545,7 +1541,7 @@ class Placement:
             return
         # (a write whose answer is lost is None: nothing of this node's to drop)
         dropped = [(name, revision) for name, (_, revision) in held.items() if revision is not None]
-        await kvops.delete_names(kv, dropped, self._not_dropped)
+        await kvops.delete_names(kv, dropped, self._records_not_dropped)
 
 
 def _decode_replaces(moved: object) -> tuple[str, uuid.UUID] | None:
