@@ -1087,3 +1087,44 @@ def test_a_worker_whose_server_was_lost_as_it_settled_keeps_what_crossed_in_its_
     assert balance["forwarded_out_minus_in"] == 0, balance
     assert balance["sent"] == balance["handled_replied_or_dead"] > 0, balance
     assert summary["conserved"] is True, summary["why_not_conserved"]
+
+
+def test_a_worker_whose_nats_connections_are_cut_mid_run_reconnects_and_its_losses_are_counted(
+    nats: NatsServer,
+) -> None:
+    """A real ``--workers 2`` run whose worker-1 has its two NATS connections cut once
+    mid-run (a TCP proxy between the workers and the server, tests/nats_proxy.py; the
+    process and the server live on): worker-1 reconnects at once, the tells that were
+    in flight through the cut sockets are counted lost in transit by their receivers
+    (the gap at the sender's next mark), and the run ends well, its books balanced.
+    (Behaved on 1242268 as now; no test had cut a worker's connections. Its runs gave
+    the finding fixed in the forty-seventh pass, a leave logged twice: see
+    ``test_a_heartbeat_read_after_the_watch_gave_the_leave_s_delete_...``.)"""
+    from .nats_proxy import NatsProxy
+
+    cut: list[int] = []
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+
+    def on_record(node: str, record: dict[str, Any]) -> None:
+        stats = record.get("stats") or {}
+        if node == "worker-1" and not cut and stats.get("published", 0) > 0:
+            cut.append(proxy.cut("worker-1"))
+
+    heartbeats = _Heartbeats(nats.port, on_record)
+    try:
+        summary, status = run_workers(2, ["--agents", "30", "--duration", "3"], nats_url=proxy.url)
+    finally:
+        heartbeats.close()
+        proxy.close()
+    assert heartbeats.failure is None
+    assert cut == [2], cut  # (its data and control connections)
+    assert status == 0, summary
+    assert summary["conserved"] is True, summary["why_not_conserved"]
+    workers = {w["node"]: w for w in summary["per_worker"]}
+    assert [workers[n]["exit"] for n in ("worker-0", "worker-1")] == ["exit code 0"] * 2
+    balance = summary["cluster_balance"]
+    in_transit = sum(w["lost_counted_by_kind"]["lost_in_transit"] for w in workers.values())
+    assert balance["lost_counted"] == in_transit > 0, balance  # (6-30 in 16 runs)
+    assert balance["sent"] == balance["handled_replied_or_dead"] + in_transit > 0, balance
+    assert summary["lost_seen"] == []  # (back within the loss window: nobody judged)
