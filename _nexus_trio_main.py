@@ -24,6 +24,10 @@ import signal
 import sys
 import threading
 
+TYPE_CHECKING = False  # (typing's import would be a third of this module's)
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 #: the root's own options, which keep a command line without a command at the root (the
 #: others mean ``run``; tests/test_cli_polish.py checks it against the app's)
 ROOT_OPTIONS = frozenset(
@@ -84,6 +88,50 @@ def command_line() -> list[str] | None:
     return None
 
 
+def interrupted_while_starting(args: list[str]) -> NoReturn:
+    """Say in one line that a Ctrl-C came while ``nexus`` (the command line ``args``)
+    started, before any of its code ran; exit 130: nothing was started."""
+    what = ": the run was not started" if is_a_run(args) else ""
+    sys.stderr.write(f"nexus: interrupted: SIGINT while starting{what}\n")
+    sys.exit(130)
+
+
+def _on_sigint_while_importing(signum: int, frame: object) -> None:
+    """SIGINT while ``python -m nexus_trio.cli`` imports its packages: one line, 130."""
+    interrupted_while_starting(_started_as or [])
+
+
+#: the command line of the ``python -m nexus_trio.cli`` whose imports
+#: :func:`_on_sigint_while_importing` covers (None: it covers none)
+_started_as: list[str] | None = None
+
+
+def say_a_ctrl_c_in_one_line(args: list[str]) -> None:
+    """``python -m nexus_trio.cli``: ``runpy`` imports the package, then ``nexus_trio.cli``
+    (Trio, typer, rich), before the command's ``__main__`` runs, so that a Ctrl-C there
+    reached the top level as Python's ``KeyboardInterrupt`` traceback. Until
+    :func:`imports_done` (which ``__main__`` calls) a SIGINT that would raise it says so
+    in one line and exits 130 instead, as :func:`main` does for the console scripts. Not
+    in a ``--workers`` worker (its run notes the stop signals itself), nor where SIGINT
+    is ignored or someone else's handler."""
+    global _started_as
+    if (
+        threading.current_thread() is threading.main_thread()
+        and not os.environ.get(WORKER_ENV)
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        _started_as = args
+        signal.signal(signal.SIGINT, _on_sigint_while_importing)
+
+
+def imports_done() -> None:
+    """The command's code runs now (``nexus_trio/cli/__main__.py``): SIGINT raises
+    ``KeyboardInterrupt`` again, which the command handles (and Trio's ``run`` takes
+    only from that handler)."""
+    if signal.getsignal(signal.SIGINT) is _on_sigint_while_importing:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
     """The ``nexus`` command (``nexus_trio.cli.main``), imported now: after the signal."""
     try:
@@ -91,12 +139,21 @@ def main() -> None:
     except KeyboardInterrupt:
         # (a Ctrl-C this early: said in one line, as one while the app is imported, not
         # with the import's traceback; nothing was started)
-        what = ": the run was not started" if is_a_run(sys.argv[1:]) else ""
-        sys.stderr.write(f"nexus: interrupted: SIGINT while starting{what}\n")
-        sys.exit(130)
+        interrupted_while_starting(sys.argv[1:])
     command()
 
 
-take_sigint_back(command_line() or [])
+def _on_import() -> None:
+    """What importing this module does: SIGINT back for a run; under ``python -m
+    nexus_trio.cli``, a Ctrl-C while the packages are imported said in one line."""
+    args = command_line()
+    if args is None:
+        return
+    take_sigint_back(args)
+    if sys.argv[0] == "-m":
+        say_a_ctrl_c_in_one_line(args)
 
-__all__ = ["main"]
+
+_on_import()
+
+__all__ = ["imports_done", "main"]

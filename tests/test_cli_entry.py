@@ -258,3 +258,100 @@ def test_python_m_a_run_takes_sigint_back_before_importing_trio(tmp_path: Path) 
     assert seen[:1] == [{"handler": True, "late": False}]
     assert spied_m(tmp_path, "nexus_trio.cli", ["version"])[0] == []
     assert spied_m(tmp_path, "otherapp", ["run", "-n", "2"])[0] == []
+
+
+#: a ``sitecustomize`` that sends its process a SIGINT as the module ``KI_AT`` begins
+#: to be imported (once)
+INTERRUPT_AT = """
+import os, signal, sys
+
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["KI_AT"]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "at", "said"),
+    [
+        (["run", "-d", "5"], "trio", ": the run was not started"),
+        (["-n", "2"], "typer", ": the run was not started"),
+        (["version"], "rich", ""),
+        (["config", "show"], "nexus_trio.cli._app", ""),
+    ],
+    ids=["run-trio", "options-typer", "version-rich", "config-app"],
+)
+def test_python_m_a_ctrl_c_while_the_packages_are_imported_ends_in_one_line(
+    tmp_path: Path, args: list[str], at: str, said: str
+) -> None:
+    """Forty-seventh pass: ``python -m nexus_trio.cli`` imports the package (Trio) and
+    ``nexus_trio.cli`` (typer, rich) before its ``__main__``; a Ctrl-C there ended in
+    Python's ``KeyboardInterrupt`` traceback (the process killed by SIGINT), where the
+    console scripts say it in one line. It is said so now, status 130, as theirs.
+    (Fails on 1242268: a traceback, status -2.)"""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
+    environ["KI_AT"] = at
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", *args],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = f"nexus: interrupted: SIGINT while starting{said}\n"
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", line)
+
+
+#: a ``sitecustomize`` that writes the name of each SIGINT handler set (``SPY_OUT``)
+NAMES_OF_HANDLERS = """
+import atexit, json, os, signal
+
+seen = []
+real = signal.signal
+
+
+def spy(signum, handler):
+    if signum == signal.SIGINT:
+        seen.append(getattr(handler, "__qualname__", str(handler)))
+    return real(signum, handler)
+
+
+signal.signal = spy
+atexit.register(lambda: open(os.environ["SPY_OUT"], "w").write(json.dumps(seen)))
+"""
+
+
+def test_python_m_gives_sigint_back_to_the_command_once_imported(tmp_path: Path) -> None:
+    """The one-line say covers the imports only: the command's own code gets Python's
+    handler back before it runs (Trio's ``run`` takes SIGINT only from that one), and a
+    Ctrl-C in it is the command's. (Fails with ``imports_done()`` taken out of
+    ``nexus_trio/cli/__main__.py``: the run's code starts under the one-line say.)"""
+    (tmp_path / "sitecustomize.py").write_text(NAMES_OF_HANDLERS)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
+    environ["SPY_OUT"] = str(tmp_path / "seen.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "2", "-d", "0.01", "--no-live"],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen[:2] == ["_on_sigint_while_importing", "default_int_handler"], seen
