@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -994,22 +994,37 @@ def durable_max_age_warning(config: Config) -> str | None:
     )
 
 
-#: the configs a load made (by identity), whose warnings the load said (see
-#: :func:`said_by_a_load`)
-_LOADED: weakref.WeakValueDictionary[int, Config] = weakref.WeakValueDictionary()
+#: the sections whose values :func:`config_warnings` reads (a warning names their keys)
+WARNED_SECTIONS: Final = ("nats", "cluster", "durable")
+
+#: each warning a load said, by its words and the identity of each of the loaded
+#: config's sections of :data:`WARNED_SECTIONS`, to that section (see :func:`not_said_by_a_load`)
+_SAID_BY_LOADS: weakref.WeakValueDictionary[tuple[int, str], Any] = weakref.WeakValueDictionary()
 
 
 def mark_said_by_a_load(config: Config) -> None:
     """Remember that ``config``'s load said its warnings (``load_config`` does, also
-    with ``log_warnings=False``: its ``warnings`` hold them for the caller to say)."""
-    _LOADED[id(config)] = config
+    with ``log_warnings=False``: its ``warnings`` hold them for the caller to say), and
+    which of its sections they came with, for as long as those sections live."""
+    for said in config_warnings(config):
+        for name in WARNED_SECTIONS:
+            section = getattr(config, name)
+            _SAID_BY_LOADS[id(section), said] = section
 
 
-def said_by_a_load(config: Config) -> bool:
-    """Whether ``config`` (this object, not one equal to it) came from a load, which
-    said what :func:`config_warnings` says; one built in Python (or evolved from a
-    loaded one) did not."""
-    return _LOADED.get(id(config)) is config
+def not_said_by_a_load(config: Config) -> tuple[str, ...]:
+    """What :func:`config_warnings` says of ``config`` that no load said of it: a warning
+    is said already when a load said the same words (the same keys with the same values)
+    of a config that shares one of these sections with ``config`` (the same object: the
+    config itself, or one ``attrs.evolve`` made of it, which keeps the sections it does
+    not replace). One built in Python on its own, or a value changed so that the words
+    change, is said."""
+    sections = [getattr(config, name) for name in WARNED_SECTIONS]
+    return tuple(
+        said
+        for said in config_warnings(config)
+        if not any(_SAID_BY_LOADS.get((id(section), said)) is section for section in sections)
+    )
 
 
 def config_warnings(config: Config) -> tuple[str, ...]:

@@ -254,6 +254,45 @@ def test_options_built_in_python_with_a_short_server_lost_wait_warn_at_the_users
         assert ClusterOptions.from_config(loaded.config).server_lost_wait == 1.0
 
 
+def test_a_config_evolved_from_a_loaded_one_does_not_say_again_what_its_load_said(
+    tmp_path: Path,
+) -> None:
+    """Forty-seventh pass: a ``Config`` made by ``attrs.evolve`` of a loaded one counted
+    as built in Python, so ``from_config`` (a join without ``options``) said the load's
+    doubtful values again as ``ClusterOptionsWarning``. A warning the load said, in the
+    same words (the same keys and values) of a config that shares a section with the
+    loaded one, is not said again now; new words are (a value the evolve changed), and
+    so is a config built on its own with the same values. (Fails on 1242268: the first
+    evolve warns.)"""
+    text = (
+        "[nats]\nserver_lost_wait = 1\n[cluster]\nreconnect_wait = 2.0\nlast_notice_wait = 20\n"
+        "[durable]\nduplicate_window = 30\nmax_age = 50\n"
+    )
+    loaded = load(tmp_path, text)
+    kernel = attrs.evolve(loaded.kernel, mailbox_capacity=7)
+    with warnings_as_errors():
+        ClusterOptions.from_config(loaded)
+        ClusterOptions.from_config(attrs.evolve(loaded, kernel=kernel))
+        renamed = attrs.evolve(loaded.cluster, prefix="ops")  # (a new [cluster], same words)
+        ClusterOptions.from_config(attrs.evolve(loaded, cluster=renamed))
+        # (the loaded config itself gone: its sections live on in the copy)
+        ClusterOptions.from_config(attrs.evolve(load(tmp_path, text), kernel=kernel))
+    changed = attrs.evolve(loaded.cluster, reconnect_wait=3.0)
+    with pytest.warns(ClusterOptionsWarning) as said:
+        ClusterOptions.from_config(attrs.evolve(loaded, cluster=changed))
+    assert [str(w.message).partition(":")[0] for w in said] == [
+        "[nats] server_lost_wait (1) is not above [cluster] reconnect_wait (3.0)",
+    ]
+    alone = Config(
+        nats=NatsConfig(server_lost_wait=1.0),
+        cluster=ClusterConfig(reconnect_wait=2.0, last_notice_wait=20.0),
+        durable=DurableConfig(duplicate_window=30.0, max_age=50.0),
+    )
+    with pytest.warns(ClusterOptionsWarning) as said:
+        ClusterOptions.from_config(alone)
+    assert len(said) == 2
+
+
 @contextlib.contextmanager
 def warnings_as_errors() -> Iterator[None]:
     with warnings.catch_warnings():

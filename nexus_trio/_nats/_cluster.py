@@ -86,10 +86,9 @@ from .._agent import check_agent_name
 from .._brief import brief
 from .._config import (
     Config,
-    config_warnings,
     loss_window,
     max_age_below_sweep,
-    said_by_a_load,
+    not_said_by_a_load,
     switched_on,
 )
 from .._deadletter import DeadLetterReason
@@ -443,10 +442,10 @@ class ClusterOptions:
         the rules across keys included). What a load would warn of (a short
         ``server_lost_wait`` or ``[durable] max_age``) is said here, once, as a
         :class:`ClusterOptionsWarning` in the config's words, for a config built in
-        Python; a loaded one's load said it."""
-        if not said_by_a_load(config):
-            for said in config_warnings(config):
-                warnings.warn(said, ClusterOptionsWarning, stacklevel=_users_level())
+        Python; a loaded one's load said it, also of a copy ``attrs.evolve`` made of it
+        while the words are the same (``nexus_trio._config.not_said_by_a_load``)."""
+        for said in not_said_by_a_load(config):
+            warnings.warn(said, ClusterOptionsWarning, stacklevel=_users_level())
         section = config.cluster
         given = {
             field.alias: getattr(section, field.alias)
@@ -525,9 +524,10 @@ class ClusterOptionsWarning(UserWarning):
     expire uncounted. Given by :class:`ClusterOptions` built in Python (also by
     ``attrs.evolve``), at the line that built them; options of a loaded config
     (:meth:`ClusterOptions.from_config`, :func:`join_cluster` without ``options``) say
-    nothing, the config's load said it (``load_config``'s warnings, which ``nexus`` logs);
-    those of a ``Config`` built in Python say it at ``from_config`` (so at the join), in
-    the config's words. A warning, as Python's libraries warn of a valid but doubtful
+    nothing, the config's load said it (``load_config``'s warnings, which ``nexus`` logs),
+    nor do those of a copy ``attrs.evolve`` made of a loaded config that the load said it
+    of in the same words; those of a ``Config`` built in Python say it at
+    ``from_config`` (so at the join), in the config's words. A warning, as Python's libraries warn of a valid but doubtful
     argument: filtered, made an error (``-W error::nexus_trio.nats.ClusterOptionsWarning``)
     or recorded (``pytest.warns``) by its category, and said once per line by the default
     filters."""
