@@ -222,26 +222,34 @@ atexit.register(lambda: open(os.environ["SPY_OUT"], "w").write(json.dumps(seen))
 )
 
 
-def spied_m(tmp_path: Path, module: str, args: list[str]) -> tuple[list[dict[str, bool]], int]:
-    """The SIGINT handlers ``python -m module args`` set, started with SIGINT ignored."""
-    (tmp_path / "sitecustomize.py").write_text(SPY)
-    (tmp_path / "otherapp").mkdir(exist_ok=True)
-    (tmp_path / "otherapp" / "__init__.py").write_text("import nexus_trio\n")
-    (tmp_path / "otherapp" / "__main__.py").write_text("print('other')\n")
+def python_m(
+    tmp_path: Path, site: str, module: str, args: list[str], *, ignored: bool = False, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` in ``tmp_path``, with ``site`` as its ``sitecustomize``
+    and ``env``, started with SIGINT ignored if ``ignored``."""
+    (tmp_path / "sitecustomize.py").write_text(site)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
-    environ["SPY_OUT"] = str(tmp_path / "seen.json")
-    proc = subprocess.run(
+    environ.update(env)
+    return subprocess.run(
         [sys.executable, "-m", module, *args],
         env=environ,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None,
     )
+
+
+def spied_m(tmp_path: Path, module: str, args: list[str]) -> tuple[list[dict[str, bool]], int]:
+    """The SIGINT handlers ``python -m module args`` set, started with SIGINT ignored."""
+    (tmp_path / "otherapp").mkdir(exist_ok=True)
+    (tmp_path / "otherapp" / "__init__.py").write_text("import nexus_trio\n")
+    (tmp_path / "otherapp" / "__main__.py").write_text("print('other')\n")
+    proc = python_m(tmp_path, SPY, module, args, ignored=True, SPY_OUT=str(tmp_path / "seen.json"))
     assert proc.returncode == 0, proc.stderr
     return json.loads((tmp_path / "seen.json").read_text()), proc.returncode
 
@@ -296,20 +304,7 @@ def test_python_m_a_ctrl_c_while_the_packages_are_imported_ends_in_one_line(
     Python's ``KeyboardInterrupt`` traceback (the process killed by SIGINT), where the
     console scripts say it in one line. It is said so now, status 130, as theirs.
     (Fails on 1242268: a traceback, status -2.)"""
-    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-    environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
-    environ["KI_AT"] = at
-    proc = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", *args],
-        env=environ,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = python_m(tmp_path, INTERRUPT_AT, "nexus_trio.cli", args, KI_AT=at)
     line = f"nexus: interrupted: SIGINT while starting{said}\n"
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", line)
 
@@ -338,19 +333,9 @@ def test_python_m_gives_sigint_back_to_the_command_once_imported(tmp_path: Path)
     handler back before it runs (Trio's ``run`` takes SIGINT only from that one), and a
     Ctrl-C in it is the command's. (Fails with ``imports_done()`` taken out of
     ``nexus_trio/cli/__main__.py``: the run's code starts under the one-line say.)"""
-    (tmp_path / "sitecustomize.py").write_text(NAMES_OF_HANDLERS)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-    environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
-    environ["SPY_OUT"] = str(tmp_path / "seen.json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "2", "-d", "0.01", "--no-live"],
-        env=environ,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = ["run", "-n", "2", "-d", "0.01", "--no-live"]
+    proc = python_m(
+        tmp_path, NAMES_OF_HANDLERS, "nexus_trio.cli", run, SPY_OUT=str(tmp_path / "seen.json")
     )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads((tmp_path / "seen.json").read_text())
