@@ -8,6 +8,7 @@ failure instead of a stuck test run.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,15 @@ def fault_settings(max_examples: int) -> settings:
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
+
+
+def fault_settings_from(variable: str, default: int) -> settings:
+    """:func:`fault_settings` of ``default`` examples, or of as many as the environment
+    variable ``variable`` says: a long run (``NEXUS_MODEL_EXAMPLES=5000``) draws fresh
+    examples each time, the CI run stays derandomized."""
+    if variable in os.environ:
+        return settings(fault_settings(int(os.environ[variable])), derandomize=False)
+    return fault_settings(default)
 
 
 #: The settings of a property whose examples are slow to draw (recursive JSON documents

@@ -94,17 +94,12 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
+from .hang_guard import fault_settings_from, run_on_mock_clock, tasks_living
 
 #: what a request (or a send) may end with, besides its answer
 DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
-EXAMPLES = int(os.environ.get("NEXUS_MODEL_EXAMPLES", "100"))
 #: a long run draws fresh examples each time (the CI run is derandomized)
-MODEL_SETTINGS = (
-    settings(fault_settings(EXAMPLES), derandomize=False)
-    if "NEXUS_MODEL_EXAMPLES" in os.environ
-    else fault_settings(EXAMPLES)
-)
+MODEL_SETTINGS = fault_settings_from("NEXUS_MODEL_EXAMPLES", 100)
 if os.environ.get("NEXUS_MODEL_SHRINK") == "0":
     MODEL_SETTINGS = settings(MODEL_SETTINGS, phases=[Phase.explicit, Phase.generate])
 

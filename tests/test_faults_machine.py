@@ -1,0 +1,747 @@
+"""Fault injection in the core on a clock the test moves (forty-seventh pass, issue 11).
+
+``test_fault_machine`` draws a whole program first (Trio breaks some scheduling ties at
+random, and what Hypothesis draws may not depend on them: a step picks its target by an
+index into what exists when it runs) and runs it against one kernel on a ``MockClock``
+that never jumps by itself: every step starts as a task, the test waits until every task
+is blocked, and time passes only in an ``advance`` step, timer by timer
+(``seconds_to_next_deadline``), so a stop, a failure, a deadline or the shutdown lands at
+a mock time the program chose, between two of the kernel's timers. It draws what
+``test_kernel_model`` and ``tests/test_tree_properties.py`` do not:
+
+* the same agent or supervisor stopped one to three times at once, by ref and by name,
+  draining or not; an agent stopped together with its supervisor; a stop whose caller
+  gives up (cancelled at once, or after a few mock hundredths of a second);
+* supervisors nested up to three deep, with intensities of 0 to 2 restarts (an
+  exhaustion escalates) and shutdown timeouts, children added to one
+  (``spawn(supervisor=)``) while it runs, restarts or stops, and linked children and
+  linked supervisor trees spawned from handlers, ``on_start``, ``on_stop`` and
+  ``ctx.nursery`` tasks (also from a task's ``finally`` as its run is torn down);
+* one shutdown at a random step, the steps after it running while the kernel drains
+  and stops: ``kernel.shutdown(grace)`` once or twice at once, one cancelled from
+  outside at a random mock time (in the block, or beside it), or one a handler asks for;
+  handler, ``on_start`` and background failures, and restarts, during the drain;
+* monitors and ``demonitor`` from agents, and a watcher that lives until the shutdown.
+
+After every step (every task blocked): conservation (``assert_conserved``), ``stats()``
+against what the test counted (``handled`` handler calls that returned,
+``dead_lettered`` the letters read, ``restarts`` the ``restarted`` events, ``failed``
+the ``handler_error`` letters), ``agents_alive``, no run stopped twice or handling a
+message after its ``on_stop`` began, and no agent left unrouted (being stopped) for 30
+mock seconds. At the end: no task left, nothing in flight, every ``on_start`` that
+returned matched by exactly one ``on_stop``; a linked child's runs started before
+their parent's ``on_stop`` began and stopped before it (unless spawned in it); no run
+started once the tree stops; every message by its own number: each accepted one
+handled or dead-lettered exactly once, never both, none whose send raised handled or
+dead-lettered, the letters by reason equal to ``stats()``'s; every agent and supervisor
+spawned has one ``stopped`` event, its last; a ``kernel.stop`` that returned was
+followed by its ``stopped`` event; a request ended by its deadline; each monitor's
+notice of a stop for good at most once, and exactly once where the watcher asked while
+the target ran, never took it back and lived on until the shutdown.
+
+CI runs 200 derandomized examples; ``NEXUS_MACHINE_EXAMPLES=5000`` runs more, drawn
+afresh each time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+from collections import Counter
+from contextlib import suppress
+from typing import Any
+
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio import (
+    Agent,
+    AgentNotFound,
+    AgentNotRunning,
+    AgentRef,
+    AgentSpec,
+    Backoff,
+    Config,
+    Context,
+    DeadLetter,
+    DeadLetterReason,
+    EventKind,
+    KernelConfig,
+    KernelPhase,
+    KernelShuttingDown,
+    LifecycleEvent,
+    MailboxFull,
+    Message,
+    MessageKind,
+    RequestFailed,
+    RequestTimeout,
+    SupervisionConfig,
+    Supervisor,
+    agent,
+    open_kernel,
+)
+from nexus_trio.testing import assert_conserved
+
+from .hang_guard import fault_settings_from, real_time_limit, tasks_living
+
+#: what a send or a request may end with, besides its answer
+DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
+MACHINE_SETTINGS = fault_settings_from("NEXUS_MACHINE_EXAMPLES", 200)
+
+#: what a message asks its handler to do
+actions = st.one_of(
+    st.sampled_from([("ok",), ("raise",), ("hang",), ("exit",), ("spawn",), ("bg_fail",)]),
+    st.sampled_from([("ok",), ("raise",), ("bg_tell",), ("ok",), ("raise",), ("ok",)]),
+    st.sampled_from(
+        [("ok",), ("bg_spawn_late",), ("bg_tell_late",), ("bg_spawn",), ("spawn_tree",)]
+    ),
+    st.tuples(st.just("sleep"), st.sampled_from([0.001, 0.05, 0.3, 2.0])),
+    st.tuples(st.sampled_from(["stop", "monitor", "demonitor"]), st.integers(0, 31)),
+    st.tuples(st.just("ask"), st.integers(0, 31), st.sampled_from([0.01, 0.5, 3.0])),
+)
+quirks = st.sampled_from(
+    ["none", "none", "none", "start_fails", "stop_fails", "slow_stop", "slow_start", "start_spawns"]
+)
+agent_specs = st.fixed_dictionaries(
+    {
+        "restart": st.sampled_from(["permanent", "transient", "temporary"]),
+        "on_error": st.sampled_from(["resume", "restart", "restart", "stop", "escalate"]),
+        "capacity": st.sampled_from([None, 1, 2]),
+        "overflow": st.sampled_from(["block", "drop_newest", "drop_oldest", "reject"]),
+        "quirk": quirks,
+        "shutdown_timeout": st.sampled_from([None, None, 0.0, 0.5]),
+    }
+)
+trees: st.SearchStrategy[Any] = st.recursive(
+    agent_specs,
+    lambda kids: st.fixed_dictionaries(
+        {
+            "strategy": st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
+            "max_restarts": st.integers(0, 2),
+            "restart": st.sampled_from(["permanent", "transient", "temporary"]),
+            "shutdown_timeout": st.sampled_from([math.inf, math.inf, 0.1]),
+            "children": st.lists(kids, min_size=1, max_size=3),
+        }
+    ),
+    max_leaves=5,
+)
+targets = st.integers(0, 31)
+steps = st.one_of(
+    st.tuples(st.just("spawn"), trees),
+    st.tuples(st.just("add"), targets, agent_specs),
+    st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
+    st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
+    st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
+    st.tuples(st.just("nowait"), targets, actions, st.integers(1, 3)),
+    st.tuples(st.just("nowait"), targets, actions, st.integers(1, 3)),
+    st.tuples(st.just("request"), targets, actions, st.sampled_from([0.01, 0.2, 1.0])),
+    st.tuples(st.just("stop"), targets, st.lists(st.booleans(), min_size=1, max_size=3)),
+    st.tuples(st.just("stop_with_parent"), targets, st.booleans()),
+    st.tuples(st.just("cancelled_stop"), targets, st.booleans(), st.sampled_from([0, 0.01, 0.1])),
+    st.tuples(st.just("advance"), st.sampled_from([0.0005, 0.01, 0.05, 0.3, 1.0, 4.0])),
+    st.tuples(st.just("advance"), st.sampled_from([0.0005, 0.002, 0.01, 0.05])),
+    st.tuples(st.just("watch"), targets, st.sampled_from(["monitor", "monitor", "demonitor"])),
+)
+#: the shutdown a program asks for before its end (at most one; the steps after it run
+#: while the kernel drains and stops): called once or twice at once, cancelled from
+#: outside after a few mock hundredths of a second, or asked by a handler
+shutdowns = st.one_of(
+    st.tuples(st.just("shutdown"), st.sampled_from([0, 0.05, 1.0]), st.integers(1, 2)),
+    st.tuples(st.just("cancelled_shutdown"), st.sampled_from([0, 0.5, 5.0]), st.integers(0, 3)),
+    st.tuples(st.just("handler_shutdown"), st.sampled_from([0, 0.1, 1.0]), targets),
+    st.tuples(st.just("beside_shutdown"), st.sampled_from([0, 0.1, 1.0]), st.integers(0, 3)),
+)
+
+
+class Journal:
+    """What the test saw: runs, messages, monitors, stops."""
+
+    def __init__(self) -> None:
+        self.positions = itertools.count()  # the journal's own order of what it saw
+        self.tokens = itertools.count()
+        self.seqs = itertools.count(1)
+        self.names = itertools.count()
+        # runs, by token (one Probe instance per run)
+        self.entered: dict[int, int] = {}  # token -> journal position of on_start
+        self.returned: set[int] = set()
+        self.stopping: dict[int, int] = {}  # token -> journal position of on_stop's start
+        self.stops: Counter[int] = Counter()
+        self.phase_at_start: dict[int, KernelPhase] = {}
+        self.parent_of: dict[int, tuple[int, bool]] = {}  # child token -> (parent, in on_stop)
+        # messages, by their number
+        self.accepted: set[int] = set()
+        self.raised: set[int] = set()  # sends that raised to their caller
+        self.asked: set[int] = set()  # queries of requests (acceptance not seen)
+        self.entered_msg: Counter[int] = Counter()
+        self.returned_msg: Counter[int] = Counter()
+        self.handled_calls = 0  # handler calls that returned (every agent of the test)
+        self.handled_late: list[int] = []
+        self.letters: list[DeadLetter] = []
+        self.events: list[LifecycleEvent] = []
+        # addressable things: {"name", "ref", "agent", "parent" (a supervisor entry)}
+        self.known: list[dict[str, Any]] = []
+        self.gone: list[AgentRef] = []  # refs whose kernel.stop returned
+        # monitors, by (watcher, target): the notices its handlers got, and the calls
+        # ("monitor" of a live target, "late" of one stopped already, "demonitor")
+        self.notices: dict[tuple[uuid.UUID, uuid.UUID], list[tuple[str, str]]] = {}
+        self.monitor_calls: dict[tuple[uuid.UUID, uuid.UUID], list[str]] = {}
+        self.problems: list[str] = []
+        self.beside: trio.Nursery | None = None
+        #: agents seen unrouted (being stopped), and when first
+        self.unrouted_since: dict[uuid.UUID, float] = {}
+
+    def at(self, index: int) -> dict[str, Any] | None:
+        return self.known[index % len(self.known)] if self.known else None
+
+    def agent_at(self, index: int) -> dict[str, Any] | None:
+        """An agent to send to (a supervisor, which takes no messages, one time in 32)."""
+        if index == 0:
+            return self.at(index)
+        agents = [e for e in self.known if e["agent"]]
+        return agents[index % len(agents)] if agents else None
+
+
+def problem(journal: Journal, text: str) -> None:
+    journal.problems.append(text)
+
+
+@MACHINE_SETTINGS
+@given(data=st.data())
+def test_fault_machine(data: st.DataObject) -> None:
+    journal = Journal()
+    clock = trio.testing.MockClock(autojump_threshold=math.inf)
+
+    class Probe(Agent):
+        """One run of a journaling agent; does what each message says."""
+
+        def __init__(self, facts: dict[str, Any], parent: tuple[int, bool] | None) -> None:
+            self.token = next(journal.tokens)
+            self.facts = facts
+            if parent is not None:
+                journal.parent_of[self.token] = parent
+
+        async def on_start(self, ctx: Context) -> None:
+            journal.entered[self.token] = next(journal.positions)
+            journal.phase_at_start[self.token] = ctx.kernel.phase
+            quirk = self.facts["quirk"]
+            if quirk == "start_spawns":
+                spawn_linked(ctx, self.token, in_stop=False)
+            if quirk == "slow_start":
+                await trio.sleep(0.05)
+            if quirk == "start_fails":
+                raise RuntimeError("on_start fails")
+            journal.returned.add(self.token)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if self.token in journal.stopping:
+                journal.handled_late.append(self.token)
+            return await act(ctx, msg, self.token)
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.stopping[self.token] = next(journal.positions)
+            journal.stops[self.token] += 1
+            quirk = self.facts["quirk"]
+            if quirk == "stop_fails":
+                raise OSError("on_stop fails")
+            if quirk == "slow_stop":
+                await trio.sleep(0.2)
+                spawn_linked(ctx, self.token, in_stop=True)
+
+    def spec_of(facts: dict[str, Any], parent: tuple[int, bool] | None = None) -> AgentSpec:
+        timeout = facts.get("shutdown_timeout")
+        return AgentSpec(
+            factory=lambda: Probe(facts, parent),
+            restart=facts["restart"],
+            on_error=facts["on_error"],
+            mailbox_capacity=facts["capacity"],
+            overflow=facts["overflow"],
+            **({} if timeout is None else {"shutdown_timeout": timeout}),
+        )
+
+    child_facts = {
+        "restart": "transient",
+        "on_error": "restart",
+        "capacity": None,
+        "overflow": "block",
+        "quirk": "none",
+    }
+
+    def spawn_linked(ctx: Context, token: int, *, in_stop: bool, tree: bool = False) -> None:
+        with suppress(KernelShuttingDown, AgentNotRunning):
+            if not tree:
+                ref = ctx.spawn(spec_of(child_facts, (token, in_stop)))
+                journal.known.append({"name": None, "ref": ref, "agent": True, "parent": None})
+                return
+            # a linked supervisor: its whole tree stops before the parent's on_stop
+            facts = {**child_facts, "quirk": "slow_stop", "on_error": "escalate"}
+            ref = ctx.spawn(
+                Supervisor(
+                    strategy="one_for_all",
+                    max_restarts=1,
+                    backoff=Backoff(0.001, 0.01, jitter=0),
+                    children=[spec_of(facts, (token, in_stop)), spec_of(facts, (token, in_stop))],
+                )
+            )
+            entry = {"name": None, "ref": ref, "agent": False, "parent": None}
+            journal.known.append(entry)
+
+    def address(entry: dict[str, Any]) -> Any:
+        return entry["ref"] if entry["ref"] is not None else entry["name"]
+
+    async def act(ctx: Context, msg: Message, token: int | None) -> Any:
+        if msg.kind is MessageKind.EVENT:
+            notice = msg.payload
+            if notice["agent"] is not None:
+                key = (ctx.id, uuid.UUID(notice["agent"]))
+                journal.notices.setdefault(key, []).append((notice["event"], notice["reason"]))
+            journal.handled_calls += 1
+            return None
+        action, seq = msg.payload
+        journal.entered_msg[seq] += 1
+        what = action[0]
+        if what == "raise":
+            raise RuntimeError(f"message {seq} fails")
+        if what == "hang":
+            await trio.sleep_forever()
+        elif what == "sleep":
+            await trio.sleep(action[1])
+        elif what == "exit":
+            ctx.stop()
+        elif what in ("spawn", "spawn_tree") and token is not None:
+            spawn_linked(ctx, token, in_stop=False, tree=what == "spawn_tree")
+        elif what == "bg_fail":
+
+            async def fail_later() -> None:
+                await trio.sleep(0.01)
+                raise RuntimeError("a background task fails")
+
+            ctx.nursery.start_soon(fail_later)
+        elif what == "bg_tell" and journal.known:
+            entry = journal.agent_at(seq)
+            ctx.nursery.start_soon(tell, ctx, address(entry))
+        elif what == "bg_spawn" and token is not None:
+
+            async def spawn_later(token: int) -> None:
+                await trio.sleep(0.02)
+                spawn_linked(ctx, token, in_stop=False)
+
+            ctx.nursery.start_soon(spawn_later, token)
+        elif what in ("bg_spawn_late", "bg_tell_late") and token is not None:
+            # a task of the run that spawns or sends as its run is torn down (shielded)
+            entry = journal.agent_at(seq)
+
+            async def at_its_end(token: int) -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if what == "bg_spawn_late":
+                            spawn_linked(ctx, token, in_stop=False)
+                        elif entry is not None:
+                            await tell(ctx, address(entry))
+
+            ctx.nursery.start_soon(at_its_end, token)
+        elif what == "shutdown":
+            await ctx.kernel.shutdown(action[1])
+        elif what == "stop" and journal.known:
+            entry = journal.known[action[1] % len(journal.known)]
+            with suppress(AgentNotFound, ValueError):
+                await ctx.kernel.stop(address(entry))
+        elif what == "ask" and journal.known:
+            entry = journal.agent_at(action[1])
+            asked = next(journal.seqs)
+            journal.asked.add(asked)
+            start = trio.current_time()
+            with suppress(*DOCUMENTED):
+                answer = await ctx.request(address(entry), (("ok",), asked), timeout=action[2])
+                if answer != {"seq": asked}:
+                    problem(journal, f"request {asked} answered {answer!r}")
+            if trio.current_time() > start + action[2] + 1e-9:
+                problem(journal, f"request {asked} outlived its deadline")
+        elif what in ("monitor", "demonitor") and journal.known:
+            entry = journal.known[action[1] % len(journal.known)]
+            with suppress(AgentNotFound):
+                ref = entry["ref"] or ctx.kernel.lookup(entry["name"])
+                live = ref in ctx.kernel.agents() or not entry["agent"]
+                call = ("monitor" if live else "late") if what == "monitor" else what
+                journal.monitor_calls.setdefault((ctx.id, ref.id), []).append(call)
+                if what == "monitor":
+                    ctx.monitor(ref)
+                else:
+                    ctx.demonitor(ref)
+        journal.returned_msg[seq] += 1
+        journal.handled_calls += 1
+        return {"seq": seq} if msg.kind is MessageKind.QUERY else None
+
+    async def watcher(ctx: Context, msg: Message) -> None:
+        await act(ctx, msg, None)
+
+    async def tell(ctx: Context, to: Any) -> None:
+        seq = next(journal.seqs)
+        try:
+            await ctx.send(to, (("ok",), seq))
+        except DOCUMENTED:
+            journal.raised.add(seq)
+            return
+        except BaseException:
+            journal.raised.add(seq)
+            raise
+        journal.accepted.add(seq)
+
+    def build(tree: dict[str, Any], parent: dict[str, Any] | None) -> Any:
+        name = f"n{next(journal.names)}"
+        if "children" not in tree:
+            journal.known.append({"name": name, "ref": None, "agent": True, "parent": parent})
+            return spec_of(tree).with_options(name=name)
+        entry = {"name": name, "ref": None, "agent": False, "parent": parent}
+        journal.known.append(entry)
+        return Supervisor(
+            name=name,
+            strategy=tree["strategy"],
+            max_restarts=tree["max_restarts"],
+            within=1.0,
+            backoff=Backoff(0.001, 0.01, jitter=0),
+            restart=tree["restart"],
+            shutdown_timeout=tree["shutdown_timeout"],
+            children=[build(c, entry) for c in tree["children"]],
+        )
+
+    config = Config(
+        kernel=KernelConfig(
+            dead_letter_buffer=100_000,
+            shutdown_grace_ms=500,
+            handle_timeout_ms=1000,
+            send_timeout_ms=100,
+            request_timeout_ms=5000,
+        ),
+        supervision=SupervisionConfig(max_restarts=3, backoff_initial_ms=1, backoff_max_ms=10),
+    )
+
+    async def advance(seconds: float) -> None:
+        """Let ``seconds`` of mock time pass, timer by timer."""
+        end = trio.current_time() + seconds
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            now = trio.current_time()
+            wait = trio.lowlevel.current_statistics().seconds_to_next_deadline
+            if now + wait > end:
+                clock.jump(max(0.0, end - now))
+                await trio.testing.wait_all_tasks_blocked()
+                return
+            clock.jump(max(0.0, wait))
+
+    async def send_step(kernel: Any, step: tuple[Any, ...]) -> None:
+        """A tell (one to three in a row, each its own message) or a request."""
+        if step[0] != "request":
+            for _ in range(step[3] - 1):
+                await send_one(kernel, step)
+        await send_one(kernel, step)
+
+    async def send_one(kernel: Any, step: tuple[Any, ...]) -> None:
+        what, index, action = step[0], step[1], step[2]
+        entry = journal.agent_at(index)
+        if entry is None:
+            return
+        seq = next(journal.seqs)
+        payload = (action, seq)
+        start = trio.current_time()
+        try:
+            if what == "tell":
+                await kernel.send(address(entry), payload)
+            elif what == "nowait":
+                kernel.send_nowait(address(entry), payload)
+            else:
+                journal.asked.add(seq)
+                answer = await kernel.request(address(entry), payload, timeout=step[3])
+                if answer != {"seq": seq}:
+                    problem(journal, f"request {seq} answered {answer!r}")
+        except DOCUMENTED:
+            if what != "request":
+                journal.raised.add(seq)
+        except BaseException:
+            if what != "request":
+                journal.raised.add(seq)
+            raise
+        else:
+            if what != "request":
+                journal.accepted.add(seq)
+        if what == "request" and trio.current_time() > start + step[3] + 1e-9:
+            problem(journal, f"request {seq} ended {trio.current_time() - start} s after it began")
+
+    async def stop_one(kernel: Any, target: Any, drain: bool) -> None:
+        try:
+            await kernel.stop(target, drain=drain)
+        except AgentNotFound:
+            return
+        except KernelShuttingDown:
+            return
+        ref = target if isinstance(target, AgentRef) else None
+        if ref is not None:
+            journal.gone.append(ref)
+            if ref in kernel.agents():
+                problem(journal, f"{ref} still an agent after its stop returned")
+
+    def ref_of(kernel: Any, entry: dict[str, Any]) -> AgentRef | None:
+        if entry["ref"] is None:
+            with suppress(AgentNotFound):
+                entry["ref"] = kernel.lookup(entry["name"])
+        return entry["ref"]  # type: ignore[no-any-return]
+
+    async def shut(kernel: Any, grace: float) -> None:
+        await kernel.shutdown(grace)
+        if not kernel.stopped:
+            problem(journal, "shutdown returned before the kernel stopped")
+
+    async def cancelled_shut(kernel: Any, grace: float, after: int) -> None:
+        with trio.move_on_after(after * 0.01):
+            await kernel.shutdown(grace)
+
+    def start_step(kernel: Any, nursery: trio.Nursery, step: tuple[Any, ...]) -> None:
+        what = step[0]
+        if what == "spawn":
+            first = len(journal.known)
+            try:
+                ref = kernel.spawn(build(step[1], None))
+            except KernelShuttingDown:
+                del journal.known[first:]  # (nothing of the tree was spawned)
+            else:
+                journal.known[first]["ref"] = ref
+        elif what == "add":
+            sups = [e for e in journal.known if not e["agent"]]
+            if not sups:
+                return
+            sup = sups[step[1] % len(sups)]
+            name = f"n{next(journal.names)}"
+            with suppress(KernelShuttingDown, AgentNotFound, ValueError):
+                ref = kernel.spawn(
+                    spec_of(step[2]).with_options(name=name), supervisor=address(sup)
+                )
+                journal.known.append({"name": name, "ref": ref, "agent": True, "parent": sup})
+        elif what in ("tell", "nowait", "request"):
+            nursery.start_soon(send_step, kernel, step)
+        elif what == "stop":
+            entry = journal.at(step[1])
+            if entry is None:
+                return
+            ref = ref_of(kernel, entry)
+            # (concurrent stops of one agent, draining or not, by ref and by name)
+            for i, drain in enumerate(step[2]):
+                target = ref if (ref is not None and i % 2 == 0) else entry["name"]
+                if target is not None:
+                    nursery.start_soon(stop_one, kernel, target, drain)
+        elif what == "stop_with_parent":
+            entry = journal.at(step[1])
+            if entry is None or entry["parent"] is None:
+                return
+            for e in (entry, entry["parent"]):
+                ref = ref_of(kernel, e)
+                nursery.start_soon(stop_one, kernel, ref or e["name"], step[2])
+        elif what == "shutdown":
+            for _ in range(step[2]):
+                nursery.start_soon(shut, kernel, step[1])
+        elif what == "cancelled_shutdown":
+            nursery.start_soon(cancelled_shut, kernel, step[1], step[2])
+        elif what == "beside_shutdown":
+            # beside the block (in the nursery around open_kernel), cancelled from there:
+            # the kernel's stop ends the block
+            assert journal.beside is not None
+            journal.beside.start_soon(cancelled_shut, kernel, step[1], step[2])
+        elif what == "cancelled_stop":
+            # a stop whose caller gives up: the stop goes on (the agent is unrouted)
+            entry = journal.at(step[1])
+            if entry is not None:
+                target = ref_of(kernel, entry) or entry["name"]
+
+                async def cancelled_stop(target: Any, drain: bool, after: float) -> None:
+                    with trio.move_on_after(after):
+                        await stop_one(kernel, target, drain)
+
+                nursery.start_soon(cancelled_stop, target, step[2], step[3])
+        elif what == "handler_shutdown":
+            nursery.start_soon(send_step, kernel, ("tell", step[2], ("shutdown", step[1]), 1))
+        elif what == "watch":
+            # the watcher, which lives until the shutdown, monitors (or not) a target
+            with suppress(KernelShuttingDown):
+                kernel.send_nowait("watcher", ((step[2], step[1]), 0))
+
+    def check_midway(kernel: Any) -> None:
+        assert_conserved(kernel)
+        stats = kernel.stats()
+        assert all(n <= 1 for n in journal.stops.values()), "a run stopped twice"
+        assert all(t in journal.entered for t in journal.stops), "on_stop without on_start"
+        assert not journal.handled_late, f"runs {journal.handled_late} handled after on_stop"
+        assert stats.agents_alive >= 0
+        # (every task blocked: the readers of the streams have what was published)
+        assert stats.handled == journal.handled_calls, (stats.handled, journal.handled_calls)
+        assert stats.dead_lettered == len(journal.letters), (stats, len(journal.letters))
+        assert stats.restarts == sum(e.kind is EventKind.RESTARTED for e in journal.events)
+        assert stats.failed == stats.dead_letters_by_reason.get("handler_error", 0), stats
+        if kernel.phase is KernelPhase.RUNNING:
+            assert stats.agents_alive == len(kernel.agents())
+            # an agent being stopped (unrouted) is stopped for good within its bounds
+            # (handlers of 2 s at most, on_stop of 0.2 s, shutdown timeouts): none lives
+            # on unrouted, as a stop whose caller gave up could leave it
+            now = trio.current_time()
+            for ref in kernel.agents():
+                if kernel.is_local(ref):
+                    continue
+                since = journal.unrouted_since.setdefault(ref.id, now)
+                assert now - since < 30, f"{ref} unrouted for {now - since} s, not stopped"
+        assert not journal.problems, journal.problems
+
+    async def scenario() -> Any:
+        baseline = tasks_living()
+        kernel: Any = None
+        with trio.fail_after(3600), trio.CancelScope() as everything:
+            async with trio.open_nursery() as outside:
+                async with open_kernel(config, seed=0) as kernel:
+                    letters = kernel.dead_letters(100_000)
+                    events = kernel.events(100_000)
+
+                    async def collect(stream: Any, into: list[Any]) -> None:
+                        with trio.CancelScope(shield=True):  # the stream ends at shutdown
+                            async for item in stream:
+                                into.append(item)
+
+                    journal.beside = outside
+                    kernel.spawn(agent(watcher, name="watcher", mailbox_capacity=10_000))
+                    outside.start_soon(collect, letters, journal.letters)
+                    outside.start_soon(collect, events, journal.events)
+                    async with trio.open_nursery() as block:
+                        for tree in initial:
+                            start_step(kernel, block, ("spawn", tree))
+                        for at, step in enumerate(program):
+                            if at == shutdown_at:
+                                start_step(kernel, block, shutdown)
+                            if step[0] == "advance":
+                                await advance(step[1])
+                            elif not kernel.stopped:
+                                start_step(kernel, block, step)
+                            await trio.testing.wait_all_tasks_blocked()
+                            check_midway(kernel)
+                        clock.autojump_threshold = 0
+                        if ending == "shutdown":
+                            await kernel.shutdown(end_grace)
+                        elif ending == "cancel":
+                            everything.cancel()
+                        else:
+                            block.cancel_scope.cancel()
+        assert tasks_living() == baseline, "the kernel left tasks behind"
+        return kernel
+
+    # (the whole program is drawn before it runs: Trio breaks some ties at random, and
+    # what Hypothesis draws may not depend on them)
+    initial = data.draw(st.lists(trees, min_size=1, max_size=3), label="initial")
+    program = data.draw(st.lists(steps, min_size=5, max_size=50), label="program")
+    shutdown_at = data.draw(st.integers(0, 60), label="shutdown_at")
+    shutdown = data.draw(shutdowns, label="shutdown")
+    ending = data.draw(st.sampled_from(["leave", "shutdown", "cancel"]), label="ending")
+    end_grace = data.draw(st.sampled_from([0, 0.05, 2.0]), label="end_grace")
+    with real_time_limit(30):
+        kernel = trio.run(scenario, clock=clock)
+    check_end(journal, kernel, ending)
+
+
+def check_end(journal: Journal, kernel: Any, ending: str) -> None:
+    stats = kernel.stats()
+    assert stats.in_flight == stats.sends_waiting == 0, stats
+    assert stats.agents_alive == 0, stats
+    assert_conserved(kernel)
+    assert not journal.problems, journal.problems
+    # runs: every on_start that returned has exactly one on_stop, none handled after it
+    assert all(journal.stops[t] == 1 for t in journal.returned), "an on_start without on_stop"
+    assert all(n == 1 for n in journal.stops.values()), "a run stopped twice"
+    assert not journal.handled_late, journal.handled_late
+    for token, phase in journal.phase_at_start.items():
+        assert phase < KernelPhase.STOPPING, f"run {token} started as the tree stopped"
+    # linked children: stopped before the parent's on_stop (unless spawned in it), and none
+    # started after it began
+    for child, (parent, in_stop) in journal.parent_of.items():
+        if in_stop or parent not in journal.stopping or child not in journal.entered:
+            continue
+        assert journal.entered[child] < journal.stopping[parent], (
+            f"linked child run {child} started after its parent {parent}'s on_stop began"
+        )
+        if child in journal.stopping:
+            assert journal.stopping[child] < journal.stopping[parent], (
+                f"linked child run {child} stopped after its parent {parent}"
+            )
+    # messages: each accepted one handled or dead-lettered, exactly once, never both
+    dead: Counter[int] = Counter()
+    reasons: dict[int, DeadLetterReason] = {}
+    for letter in journal.letters:
+        payload = letter.message.payload
+        if isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[1], int):
+            dead[payload[1]] += 1
+            reasons[payload[1]] = letter.reason
+    for seq in journal.accepted | journal.asked:
+        handled, lettered = journal.returned_msg[seq], dead[seq]
+        assert journal.entered_msg[seq] <= 1, f"message {seq} handled twice"
+        assert handled + lettered <= 1, f"message {seq}: handled {handled}, dead {lettered}"
+        if seq in journal.accepted:
+            assert handled + lettered == 1, f"message {seq} accepted, then lost"
+    for seq in journal.raised:
+        assert not journal.entered_msg[seq] and not dead[seq], (
+            f"message {seq}: its send raised, yet it was handled or dead-lettered"
+            f" ({reasons.get(seq)})"
+        )
+    # the counters agree with what the test counted
+    assert len(journal.letters) == stats.dead_lettered, (len(journal.letters), stats)
+    by_reason = Counter(letter.reason.value for letter in journal.letters)
+    assert by_reason == Counter(stats.dead_letters_by_reason), (by_reason, stats)
+    assert stats.handled == journal.handled_calls, (stats.handled, journal.handled_calls)
+    assert stats.failed == by_reason["handler_error"], stats
+    assert stats.restarts == sum(e.kind is EventKind.RESTARTED for e in journal.events)
+    # events: one stopped event per agent and supervisor, its last
+    kinds: dict[Any, list[EventKind]] = {}
+    for e in journal.events:
+        kinds.setdefault(e.agent_id, []).append(e.kind)
+    for agent_id, seen in kinds.items():
+        assert seen[-1] is EventKind.STOPPED, (agent_id, seen)
+        assert seen.count(EventKind.STOPPED) == 1, (agent_id, seen)
+    stopped = {e.agent_id for e in journal.events if e.kind is EventKind.STOPPED}
+    stopped_names = {e.name for e in journal.events if e.kind is EventKind.STOPPED}
+    for entry in journal.known:
+        # everything spawned stopped for good, once (also what never started: a child
+        # added to a supervisor as it stopped, a linked child of a run as it ended)
+        if entry["ref"] is not None:
+            assert entry["ref"].id in stopped, f"{entry['ref']} spawned, never stopped"
+        else:
+            assert entry["name"] in stopped_names, f"{entry['name']} spawned, never stopped"
+    for ref in journal.gone:
+        assert ref.id in stopped, f"{ref}: its stop returned, no stopped event"
+    # monitors: a notice of a stop for good (not of one before the monitor: "noproc")
+    # at most once for each watcher and target, handled or dead-lettered; exactly once if
+    # the watcher asked while the target ran, never took it back, and lived on until
+    # the shutdown after the target stopped for good
+    stop_event: dict[Any, LifecycleEvent] = {
+        e.agent_id: e for e in journal.events if e.kind is EventKind.STOPPED
+    }
+    order = {e.agent_id: i for i, e in enumerate(journal.events) if e.kind is EventKind.STOPPED}
+    told: Counter[tuple[Any, Any]] = Counter()
+    for pair, notices in journal.notices.items():
+        told[pair] += sum(n == "stopped" and r != "noproc" for n, r in notices)
+    for letter in journal.letters:
+        msg = letter.message
+        if msg.kind is MessageKind.EVENT and isinstance(msg.payload, dict):
+            notice = msg.payload
+            if notice["event"] == "stopped" and notice["reason"] != "noproc":
+                told[(msg.to, uuid.UUID(notice["agent"]))] += 1
+    for pair, n in told.items():
+        assert n <= 1, f"monitor {pair}: {n} notices of its stop"
+    for (watcher, target), calls in journal.monitor_calls.items():
+        noproc = any(r == "noproc" for _, r in journal.notices.get((watcher, target), []))
+        if "demonitor" in calls or "monitor" not in calls or noproc:
+            continue
+        if target not in stop_event or watcher not in stop_event:
+            continue
+        if stop_event[target].reason == "shutdown" or stop_event[watcher].reason != "shutdown":
+            continue
+        if order[target] < order[watcher]:
+            assert told[(watcher, target)] == 1, (
+                f"monitor ({watcher}, {target}): {told[(watcher, target)]} notices of its stop"
+                f" ({stop_event[target].reason})"
+            )
