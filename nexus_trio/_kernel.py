@@ -435,7 +435,8 @@ class Kernel:
         ``name`` overrides the spec's name; names are unique (:class:`NameTaken`; a
         supervisor's tree is spawned whole or not at all). Without ``supervisor`` (the
         address of a spawned supervisor: its ref, id or name) the child goes under the
-        kernel's root supervisor.
+        kernel's root supervisor; a supervisor that ``stop`` is stopping, or one under
+        it, takes no new child (:class:`AgentNotFound`, saying it is being stopped).
         Messages sent right after spawning are queued and handled after ``on_start``.
         An agent's own options (``mailbox_capacity``, ...) go on its spec:
         ``kernel.spawn(agent(handler, mailbox_capacity=...))``.
@@ -474,6 +475,20 @@ class Kernel:
                 f"supervisor={shown} is an agent, not a supervisor: spawn(..., supervisor=)"
                 " takes the address of a spawned Supervisor"
             )
+        # One that ``kernel.stop`` is stopping, or one under it, would never start the
+        # child: it is refused, as a send to an agent being stopped is (a walk up the
+        # tree, on this path only).
+        above: ChildOwner | None = node
+        while isinstance(above, SupervisorNode):
+            if above.stop_asked:
+                whose = "" if above is node else f" with {above.label!r}, a supervisor above it"
+                raise AgentNotFound(
+                    address,
+                    self._router.names,
+                    detail=f"it is being stopped{whose} (kernel.stop): a supervisor being"
+                    " stopped for good takes no new children",
+                )
+            above = above.supervisor
         return node
 
     def _spawn_linked(self, target: Any, name: str | None, parent: Child) -> AgentRef:
@@ -636,6 +651,8 @@ class Kernel:
         # (a supervisor's draining stop drains its children, all at once: see _stop_all)
         node.drain_on_stop = drain
         self._router.unroute(node)
+        if isinstance(node, SupervisorNode):
+            node.stop_asked = True
         owner = node.supervisor
         assert owner is not None
         if self._stop_waits_for_caller(node):

@@ -374,6 +374,7 @@ class SupervisorNode(Child, ChildOwner):
         "host",
         "isolating",
         "spec",
+        "stop_asked",
     )
 
     def __init__(
@@ -383,6 +384,10 @@ class SupervisorNode(Child, ChildOwner):
         self.host = host
         self.spec = spec
         self.isolating = root and not host.escalate_to_kernel
+        #: ``kernel.stop`` asked to stop it for good: ``spawn(supervisor=)`` refuses it
+        #: and what is under it from then on (as OTP's ``start_child``, Akka's
+        #: ``actorOf`` and a Trio nursery closed to new arrivals refuse)
+        self.stop_asked = False
         # Insertion-ordered: start order, O(1) membership and removal (a million agents
         # under one supervisor must not make spawn or shutdown quadratic).
         self.children: dict[Child, None] = {}

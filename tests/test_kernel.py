@@ -2419,6 +2419,45 @@ async def test_spawn_under_a_supervisor_takes_any_address_and_says_what_is_wrong
         assert len(kernel.agents()) == 1
 
 
+async def test_a_spawn_under_a_supervisor_being_stopped_is_refused_saying_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Before (1242268): taken, and the child never started: stopped for good with the
+    # supervisor, its ref an agent that never ran (OTP's start_child, Akka's actorOf and
+    # a Trio nursery closed to new arrivals refuse it).
+    class Slow(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1)
+
+    async with open_kernel(make_config()) as kernel:
+        for top in ("a", "b"):
+            inner = Supervisor(name=f"{top}-inner", children=[agent(Slow, name=f"{top}-slow")])
+            kernel.spawn(Supervisor(name=top, children=[inner]))
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, "a-inner")
+            nursery.start_soon(kernel.stop, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() < 1  # (both stops wait for an on_stop)
+            with pytest.raises(AgentNotFound, match=r"'a-inner' \(it is being stopped \(kernel"):
+                kernel.spawn(echo, name="late-a", supervisor="a-inner")
+            with pytest.raises(
+                AgentNotFound, match="it is being stopped with 'b', a supervisor above it"
+            ):
+                kernel.spawn(echo, name="late-b", supervisor="b-inner")
+            with pytest.raises(AgentNotFound, match="being stopped"):
+                kernel.spawn(echo, name="late-b", supervisor="b")
+            # (a supervisor not being stopped still takes children)
+            late = kernel.spawn(echo, name="late", supervisor="a")
+        assert await kernel.request(late, 1) == {"echo": 1}
+        assert [ref.name for ref in kernel.agents()] == ["late"]
+        stats = kernel.stats()
+        assert stats.agents_alive == 1
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
