@@ -1403,14 +1403,19 @@ def test_sigint_and_sigterm_shut_down_gracefully_with_a_summary(nexus, sig):
     # would outlast the 60 s the run is given to finish (the default 5 s was also the
     # bound of the shutdown's wall time here, which a loaded machine can stretch)
     grace = {"NEXUS_KERNEL__SHUTDOWN_GRACE_MS": "600000"}
-    run = nexus(["run", "-n", "200", "-d", "0", "--json", "-w", "fanout"], env=grace)
+    port = free_port()
+    argv = ["run", "-n", "200", "-d", "0", "--json", "-w", "fanout", "--metrics-port", str(port)]
+    run = nexus(argv, env=grace)
     run.wait_for(r"running fanout workload")
-    time.sleep(0.5)  # let some traffic flow; nothing below depends on how much
+    # the signal comes once traffic flows (its endpoint counted handled messages): the
+    # shutdown drains messages in flight (no fixed wait: the count is what is waited for)
+    wait_for_handled(run, port)
     run.proc.send_signal(sig)
     status, out = run.finish(timeout=60)
     assert status == 0, "".join(run.stderr)
     summary = json.loads(out)
     assert summary["stopped_by"] == sig.name
+    assert summary["handled"] > 0
     assert conserved(summary)
     assert summary["elapsed_s"]["shutdown"] < 60.0  # the drain's end, not the grace's
     assert "shutdown" not in summary["dead_letters_by_reason"]
@@ -1743,6 +1748,21 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def wait_for_handled(run: Nexus, port: int, timeout: float = 60) -> None:
+    """Poll the run's ``/metrics`` on loopback ``port`` until it counted a handled message
+    (``timeout`` seconds at most, the run still running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if scrape(port).get(("nexus_messages_handled_total", ()), 0) > 0:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass  # (not listening yet)
+        assert run.proc.poll() is None, "".join(run.stderr)
+        assert time.monotonic() < deadline, "no handled message counted within the timeout"
+        time.sleep(0.05)  # polling a condition with a deadline, not a fixed wait
 
 
 def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
