@@ -985,8 +985,9 @@ def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books
     worker had not answered (and the replies and queries that came out of it) were
     missing from its books: ``conserved: false``, off by its unanswered queries."""
     duration = 120
+    port = free_ports_in_a_row(3)  # (worker i's endpoint on port + i)
     args = ["run", "-W", "3", "-n", "30", "-d", str(duration), "-w", workload, "--json"]
-    proc = start_nexus(args, tag, tmp_path)
+    proc = start_nexus([*args, "--metrics-port", str(port)], tag, tmp_path)
     try:
         stderr = StderrLines(proc)
         # every worker runs the ring (tokens cross processes at every hop), or requests
@@ -998,7 +999,14 @@ def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books
             if pid in workers_of(tag)
         }
         victim = by_node["worker-1"]
-        time.sleep(1.0)  # let tokens cross to it and back for a while
+        # the kill comes once messages crossed to it and out of it (no fixed wait): its
+        # endpoint counted messages taken in from the others and ones it handed to NATS
+        wait_for_counters(
+            port + 1,
+            ["nexus_cluster_forwarded_in_total", "nexus_messages_forwarded_total"],
+            proc,
+            stderr,
+        )
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         out = read_stdout(proc)  # the summary, at the end (stderr has a reader already)
@@ -3103,6 +3111,38 @@ def free_ports_in_a_row(count: int) -> int:
                 continue
         return first
     raise AssertionError(f"no {count} free ports in a row")
+
+
+def metric_values(port: int) -> dict[str, float]:
+    """The unlabelled samples of GET /metrics on loopback ``port``, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def wait_for_counters(
+    port: int, names: list[str], proc: subprocess.Popen[str], stderr: StderrLines
+) -> None:
+    """Poll /metrics on loopback ``port`` (90 s at most, ``proc`` still running) until
+    each of ``names`` counts above 0."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            values = metric_values(port)
+            if all(values.get(name, 0) > 0 for name in names):
+                return
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+            pass  # (not listening yet)
+        assert proc.poll() is None, stderr.text()
+        assert time.monotonic() < deadline, f"{names} not all above 0: {stderr.text()}"
+        time.sleep(0.05)  # polling a condition with a deadline, not a fixed wait
 
 
 def get_health(port: int) -> int | None:
