@@ -1140,6 +1140,14 @@ async def test_credit_lost_on_its_way_back_is_sent_again_and_the_window_opens(
     assert cb.stats().lost_in_transit == 0 and ka.stats().rejected["mailbox_full"] == 1
 
 
+def _waits_for_credit(cluster: Cluster) -> bool:
+    """A tell of ``cluster``'s waits for a node's credit (a link's room has a waiter)."""
+    return any(
+        link._room is not None and link._room.statistics().tasks_waiting > 0
+        for link in cluster._links.values()
+    )
+
+
 async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdown_starts(
     nats: NatsServer,
 ) -> None:
@@ -1176,11 +1184,9 @@ async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdo
 
             async with trio.open_nursery() as block:
                 block.start_soon(sender)
-                # the window is full once no tell goes for a while: the next one waits
-                count = -1
-                while count != len(sent):
-                    count = len(sent)
-                    await trio.sleep(0.5)
+                # the window is full: the next tell waits for b's credit (its link's
+                # room has a waiter; no fixed wait for the count to settle)
+                await until(lambda: _waits_for_credit(ca))
                 started = trio.current_time()
                 await ka.shutdown()
             release.set()
