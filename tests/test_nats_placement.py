@@ -24,6 +24,7 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.errors import NoRespondersError
 
 from nexus_trio import (
     Agent,
@@ -41,6 +42,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _kvops as kvops
+from nexus_trio._nats import _placement as placement_module
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._held import HeldLines
@@ -2465,8 +2467,15 @@ async def test_a_clean_leave_while_a_name_is_written_on_a_retry_leaves_no_entry_
                 await release.wait()  # its answer, slow to come
                 return revision  # type: ignore[no-any-return]
 
+            c_left = trio.Event()
+
             async def answer_late() -> None:
-                await trio.sleep(1.0)  # well after the leave's own work (real time)
+                # the answer comes once c's leave waits for the retry (or once c left,
+                # had its leave not waited: no fixed wait either way)
+                while True:
+                    if c_left.is_set() or cc._retry_over.statistics().tasks_waiting:
+                        break
+                    await trio.sleep(0.01)
                 release.set()
 
             kv.create = create  # type: ignore[method-assign, assignment]
@@ -2476,6 +2485,7 @@ async def test_a_clean_leave_while_a_name_is_written_on_a_retry_leaves_no_entry_
                 assert outage.failed == ["names:plain"]
                 await landed.wait()  # the retry's write is in the bucket: c leaves now
             nursery.start_soon(answer_late)
+        c_left.set()
         with trio.fail_after(10):  # a hang guard
             assert await _name_revision(ca, "plain") is None
 
@@ -2568,15 +2578,22 @@ async def test_a_placement_on_a_member_heard_before_it_listens_waits_for_it(
                 if "b" in a.live_nodes():
                     break
                 await trio.sleep(0.01)
+        # b listens once a's first request found nobody on the subject (no fixed wait)
+        refused: list[BaseException] = []
 
-        async def listen_soon() -> None:
-            await trio.sleep(0.3)  # a's first request finds nobody on the subject
-            listen.set()
+        async def call_noting_refusals(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await call_aio(fn, *args, **kwargs)
+            except NoRespondersError as exc:
+                refused.append(exc)
+                listen.set()
+                raise
 
-        nursery.start_soon(listen_soon)
+        monkeypatch.setattr(placement_module, "call_aio", call_noting_refusals)
         placed = await a.spawn("counter", name="late-1", node="b", timeout=30)
         assert placed.node == "b"
         assert listen.is_set()
+        assert len(refused) >= 1  # asked again after NATS's "no responders"
         answer = await a.kernel.request("late-1", "hi", timeout=10)
         assert answer == {"name": "late-1", "handled": 1}
         b_left.set()
