@@ -437,7 +437,7 @@ def test_a_flood_of_members_lost_one_by_one_costs_each_loss_a_pass_over_the_othe
     lost member held is decided as before (checked against that rule, written out)."""
     from nexus_trio._nats import _placement as placement_module
 
-    n = 300
+    n = 150
     fakes = [f"f{i:03}" for i in range(n)]
     infos = {
         node: NodeInfo(node, i + 1, 1, "h", 0.0, {"in_flight": 1}, last_seen=0.0)
@@ -478,7 +478,7 @@ def test_a_flood_of_members_lost_one_by_one_costs_each_loss_a_pass_over_the_othe
         a.node_lost(infos[lost])
         monkeypatch.setattr(placement_module, "placement_weight", weight)
     assert a.lost_with_nodes == len(expected) > 0
-    # before: ~n^3 / 3 (9.0 million for 300); a pass over the others now
+    # before: ~n^3 / 3 (1.1 million for 150); a pass over the others now
     assert weights < 4 * n * n, weights
 
 
