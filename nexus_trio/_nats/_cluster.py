@@ -80,6 +80,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
+from nats.js.client import KV_STREAM_TEMPLATE
 from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
@@ -138,6 +139,7 @@ from ._membership import (
 )
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
+from ._stream_caps import StreamCaps
 from ._streams import InboundStream, InboundStreams, new_session, parse_stream_name
 from ._watch import ConnectionWatch
 
@@ -774,6 +776,14 @@ class ClusterStats:
     #: failures to make the durable stream or this node's consumer anew (or bind them
     #: again) after JetStream refused a fetch, each tried again at the next failed fetch
     durable_remake_failures: int = 0
+    #: set-ups of the cluster's JetStream streams (its KV buckets' at the join, the
+    #: durable stream's at the join and at a remake) that left one allowing fewer than
+    #: 2**31 - 1 consumers, each said (a throttled warning naming the stream, its limit
+    #: and why): the account's JetStream limit of consumers is lower (the stream takes
+    #: it), an operator set one, or a stream that sets none could not be updated (the
+    #: server's ``default_max_consumers`` caps it: 1,000 on nats-server 2.15). Past that
+    #: many nodes, a node's join is refused
+    streams_capped: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -1184,6 +1194,8 @@ class Cluster:
         self._type_turn = itertools.count()
         #: what the throttled warnings held back since their last line, said at the leave
         self.held: HeldLines = HeldLines()
+        #: the limits of consumers of the cluster's streams, lifted (see _stream_caps)
+        self.stream_caps = StreamCaps(node, self.held)
         self._inbox: Inbox[NatsMsg | _OpenBatch] = Inbox(options.inbound_limit)
         self._outbox: Outbox[_Outgoing] = Outbox(
             send_one=self._publish_one,
@@ -1514,10 +1526,16 @@ class Cluster:
 
         async def open_bucket() -> KeyValue:
             try:
-                return await self.js.create_key_value(config=config)
+                kv = await self.js.create_key_value(config=config)
             except nats.js.errors.BadRequestError:
-                # Exists with other settings (another node's options): use it as it is.
-                return await self.js.key_value(bucket)
+                # Exists with other settings (another node's options, or its limit of
+                # consumers lifted): use it as it is.
+                kv = await self.js.key_value(bucket)
+            # (nats-py makes a bucket's stream with no limit of consumers of its own:
+            # the server's default_max_consumers caps it; see _stream_caps)
+            stream = KV_STREAM_TEMPLATE.format(bucket=bucket)
+            await self.stream_caps.lift(self.js, await self.js.stream_info(stream))
+            return kv
 
         # A JetStream cluster that is still electing its leader answers with timeouts or
         # "unavailable" for a few seconds: retry within ``join_timeout``.
@@ -6154,6 +6172,7 @@ class Cluster:
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,
             durable_remake_failures=d.remake_failures,
+            streams_capped=self.stream_caps.capped,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

@@ -106,6 +106,7 @@ from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
 from ._direct import flush
 from ._placement import placement_weight
+from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS, within_account
 
 if TYPE_CHECKING:
     from .._config import DurableConfig
@@ -311,6 +312,11 @@ DEAD_REASONS: Final = (
 #: JetStream's error code for a consumer whose max_ack_pending is over the server's or
 #: the account's limit (``jetstream { limits { max_ack_pending } }``)
 _MAX_ACK_PENDING_OVER_LIMIT: Final = 10121
+
+
+class _ConsumersFull(ValueError):
+    """JetStream refused a node's durable consumer: the stream (or its account) is at
+    its limit of consumers (see DurableChannel._setup)."""
 
 
 def max_ack_pending(options: DurableOptions) -> int:
@@ -791,15 +797,22 @@ class DurableChannel:
             max_age=opts.max_age,
             max_msgs=-1 if opts.max_messages is None else opts.max_messages,
             discard=DiscardPolicy.OLD if opts.max_messages is None else DiscardPolicy.NEW,
+            max_consumers=STREAM_MAX_CONSUMERS,
         )
-
-        # It may exist with other settings (another node's options): use it as it is.
-        info = None
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            info = await js.add_stream(config=config)
-        if info is None:
-            info = await js.stream_info(self._stream)
-        psub = await self._subscribe(cluster.node)
+        info = await self._make_stream(js, config)
+        try:
+            psub = await self._subscribe(cluster.node)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != CONSUMERS_OVER_LIMIT:
+                raise
+            raise _ConsumersFull(
+                f"JetStream refuses node {cluster.node!r}'s durable consumer: the durable"
+                f" stream {self._stream!r} is at its limit of consumers, its max_consumers"
+                f" ({info.config.max_consumers}; -1: the server's default_max_consumers,"
+                f" 1,000 on nats-server 2.15) or its account's ({exc.description}); each"
+                " node that ran the durable path keeps a consumer until a takeover drains"
+                " it: raise the limit, or delete the consumers of nodes gone for good"
+            ) from exc
         try:
             held = (await psub.consumer_info()).num_ack_pending or 0
         except (nats.errors.Error, OSError):
@@ -812,6 +825,18 @@ class DurableChannel:
                 await psub.unsubscribe()
             raise
         return psub, info.created, held
+
+    async def _make_stream(self, js: Any, config: StreamConfig) -> Any:
+        """The durable stream's info: made with ``config`` unless it is there; one there
+        with other settings (another node's options) used as it is, its limit of
+        consumers lifted if it sets none (made by an earlier version; see _stream_caps).
+        Asyncio side."""
+        caps = self.cluster.stream_caps
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            info = await within_account(js.add_stream, js, config)
+            caps.check(info)
+            return info
+        return await caps.lift(js, await js.stream_info(self._stream))
 
     async def _subscribe(self, node: str) -> Any:
         """The pull subscription of ``node``'s durable consumer (made if missing, bound if
@@ -856,7 +881,7 @@ class DurableChannel:
         the next failed fetch."""
         try:
             psub, made, held = await call_aio(self._setup)
-        except (nats.errors.Error, OSError) as exc:
+        except (nats.errors.Error, OSError, _ConsumersFull) as exc:
             self.remake_failures += 1
             self._say(
                 self._fetch_log,

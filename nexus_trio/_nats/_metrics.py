@@ -221,6 +221,11 @@ CLUSTER_COUNTERS: Final = {
         "Failures to make the durable stream or this node's consumer anew after a refused"
         " fetch (tried again).",
     ),
+    "streams_capped": (
+        "nexus_cluster_streams_capped",
+        "Set-ups of the cluster's JetStream streams that left one allowing fewer than"
+        " 2**31 - 1 consumers (the account's limit, or not updated).",
+    ),
 }
 
 #: ClusterStats field -> (series name, help): levels (``members`` is a count of a tuple)

@@ -1,0 +1,126 @@
+"""The limit of consumers of the cluster's JetStream streams (forty-seventh pass, issue 14).
+
+Every node that joins watches the cluster's KV buckets (an ordered consumer on each
+bucket's stream while it runs) and, running the durable path, keeps a consumer of its
+own on the durable stream. nats-server 2.15 caps a stream that sets no ``max_consumers``
+(-1 or 0) at the server's ``jetstream { limits { default_max_consumers } }``, 1,000
+unless configured: before, past 1,000 nodes the next one's join was refused
+(``maximum consumers limit reached``). So the streams set their own,
+:data:`STREAM_MAX_CONSUMERS`: the durable stream is made with it, and a stream that sets
+none (made by an earlier version, or by nats-py's ``create_key_value``, which always
+sends -1) is updated to it, its other settings kept. A positive one (another node's, the
+account's limit, an operator's) is never changed, so no two nodes undo each other's
+update. An account whose limit of consumers is below it gives the stream that limit (the
+most the account allows). A stream left with fewer is said (a warning naming the
+stream, its limit and why, at most one a second for each stream) and counted
+(``ClusterStats.streams_capped``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final, final
+
+import nats.errors
+import nats.js.errors
+
+from .._logcall import log_guarded
+from .._throttle import Throttle
+from ._held import HeldLines
+
+log = logging.getLogger("nexus_trio.nats")
+
+#: JetStream's error code for a stream or a consumer past a limit of consumers: the
+#: stream's ``max_consumers`` (for one that sets none, the server's
+#: ``default_max_consumers``) or the account's
+CONSUMERS_OVER_LIMIT: Final = 10026
+
+#: The ``max_consumers`` of the cluster's streams: no cap of their own in practice. Not
+#: -1 (nor 0): nats-server 2.15 gives a stream that sets none its
+#: ``default_max_consumers``, 1,000 unless configured. The largest a Go ``int`` holds on a
+#: 32-bit build of the server.
+STREAM_MAX_CONSUMERS: Final = 2**31 - 1
+
+_BY_LIMIT: Final = "its max_consumers: its account's JetStream limit, or set by hand"
+
+
+def account_consumers(info: Any, replicas: int) -> int:
+    """The limit of consumers of the account whose info (nats-py's ``AccountInfo``) is
+    ``info``, for a stream of ``replicas``: its tier's (``R<n>``) if its limits are
+    tiered, else its own; -1 (or 0): none."""
+    tier = (info.tiers or {}).get(f"R{replicas}")
+    limits = info.limits if tier is None else tier.limits
+    return int(limits.max_consumers or 0)
+
+
+async def within_account(make: Any, js: Any, config: Any) -> Any:
+    """``make`` (``add_stream``, ``update_stream``) with the stream ``config``; if
+    JetStream refuses its ``max_consumers`` as over the account's limit of consumers,
+    with that limit (the most the account lets the stream have). Asyncio side."""
+    try:
+        return await make(config=config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != CONSUMERS_OVER_LIMIT:
+            raise
+        cap = account_consumers(await js.account_info(), config.num_replicas or 1)
+        if not 0 < cap < (config.max_consumers or 0):
+            raise
+    return await make(config=config.evolve(max_consumers=cap))
+
+
+@final
+class StreamCaps:
+    """One node's lifts of its streams' limits of consumers, and how many set-ups left a
+    stream capped (``capped``, each said: a throttled warning)."""
+
+    def __init__(self, node: str, held: HeldLines) -> None:
+        self.node = node
+        self._held = held
+        # a throttle for each stream (the cluster's few): a join says each one
+        self._logs: dict[str, Throttle] = {}
+        #: set-ups (a join's, a remake's) that left one of the cluster's streams with
+        #: fewer than STREAM_MAX_CONSUMERS consumers allowed
+        self.capped = 0
+
+    async def lift(self, js: Any, info: Any) -> Any:
+        """The info of the stream whose info is ``info`` (nats-py's ``StreamInfo``) once
+        its limit of consumers is lifted (see the module doc): updated if it sets none.
+        An update refused (a server that does not change it, a user not allowed to)
+        leaves it as it is, tried again at the next set-up. Asyncio side."""
+        why = _BY_LIMIT
+        if (info.config.max_consumers or 0) <= 0:
+            wanted = info.config.evolve(max_consumers=STREAM_MAX_CONSUMERS)
+            try:
+                info = await within_account(js.update_stream, js, wanted)
+            except (nats.errors.Error, OSError) as exc:
+                why = (
+                    "the server's default_max_consumers, 1,000 on nats-server 2.15: it"
+                    f" sets none, and could not be given its own: {exc}"
+                )
+        self.check(info, why)
+        return info
+
+    def check(self, info: Any, why: str = _BY_LIMIT) -> None:
+        """Say and count the stream whose info is ``info`` if it allows fewer than
+        STREAM_MAX_CONSUMERS consumers (``why``: what caps it)."""
+        cap = info.config.max_consumers or 0
+        if cap >= STREAM_MAX_CONSUMERS:
+            return
+        self.capped += 1
+        name = info.config.name
+        throttle = self._logs.get(name)
+        if throttle is None:
+            throttle = self._logs[name] = Throttle(kind="streams.capped")
+        if self._held.due(
+            throttle, f"set-ups of the stream {name} capped", counted="streams_capped", logger=log
+        ):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: the stream %s takes at most %s consumers (%s): past that many"
+                " nodes, a node's join is refused",
+                self.node,
+                name,
+                cap if cap > 0 else "default_max_consumers",
+                why,
+            )

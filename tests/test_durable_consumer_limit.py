@@ -1,0 +1,166 @@
+"""The durable stream's limit of consumers (forty-seventh pass, issue 14).
+
+Each node that runs the durable path keeps a consumer of its own on the durable stream.
+nats-server 2.15 caps a stream that sets no ``max_consumers`` at the server's
+``jetstream { limits { default_max_consumers } }`` (1,000 unless configured), so before,
+past 1,000 nodes the next one's consumer was refused (its join failed with JetStream's
+bare 400). The stream now sets its own (``STREAM_MAX_CONSUMERS``), one made by an earlier
+version is updated to it, and an account's lower limit is taken, said and counted. These
+tests lower the server's default to 2 (its config key), so a handful of nodes show it.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from nats.js.api import AccountLimits
+
+from nexus_trio._nats import NatsServer
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._stream_caps import STREAM_MAX_CONSUMERS, account_consumers
+
+from .test_nats import local_node
+
+#: a server whose streams that set no max_consumers take at most 2 consumers
+DEFAULT_2 = "jetstream { limits { default_max_consumers: 2 } }"
+
+
+async def _stream(cluster: Any) -> Any:
+    return await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+
+
+async def test_a_third_node_joins_a_server_whose_default_is_two_consumers_a_stream() -> None:
+    """On 1242268's code the third join failed (``BadRequestError``, ``maximum
+    consumers limit reached``): the stream set no max_consumers."""
+    server = NatsServer(config=DEFAULT_2).start()
+    try:
+        async with (
+            local_node(server.url, "a") as (_ka, ca),
+            local_node(server.url, "b"),
+            local_node(server.url, "c") as (_kc, cc),
+        ):
+            info = await _stream(ca)
+            assert info.config.max_consumers == STREAM_MAX_CONSUMERS
+            assert info.state.consumer_count == 3
+            assert (ca.stats().streams_capped, cc.stats().streams_capped) == (0, 0)
+    finally:
+        server.stop()
+
+
+async def test_streams_of_an_earlier_version_are_updated_their_other_settings_kept() -> None:
+    """A durable stream and a bucket's stream that set no max_consumers (as 1242268's
+    code made them, and nats-py makes every bucket's) are given one by the next node's
+    join, the rest of their settings as they were; on 1242268's code nothing updated
+    them and the third node's join was refused."""
+    server = NatsServer(config=DEFAULT_2).start()
+    try:
+        async with local_node(server.url, "a") as (_ka, ca):
+            js, durable = ca.data_js, f"{ca.prefix}-durable"
+            nodes_stream = f"KV_{ca.prefix}-nodes"
+            for name, other in ((durable, {"max_age": 3600.0}), (nodes_stream, {})):
+                info = await call_aio(js.stream_info, name)
+                old = info.config.evolve(max_consumers=-1, **other)
+                assert (await call_aio(js.update_stream, old)).config.max_consumers == -1
+            async with local_node(server.url, "b"), local_node(server.url, "c") as (_kc, cc):
+                after = await _stream(ca)
+                kv = await call_aio(js.stream_info, nodes_stream)
+                assert after.state.consumer_count == 3
+            assert (after.config.max_consumers, after.config.max_age) == (
+                STREAM_MAX_CONSUMERS,
+                3600.0,
+            )
+            assert kv.config.max_consumers == STREAM_MAX_CONSUMERS
+            assert cc.stats().streams_capped == 0
+    finally:
+        server.stop()
+
+
+async def test_a_limit_set_by_hand_is_kept_said_and_counted_and_a_node_past_it_is_refused_by_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No node changes a stream's positive max_consumers (an operator's, another node's
+    fallback): the next join says it and counts it; a node whose durable consumer it
+    refuses fails its join naming the stream and its limit, not with JetStream's bare
+    400 (1242268's code: ``BadRequestError``)."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    server = NatsServer().start()
+    try:
+        async with local_node(server.url, "a") as (_ka, ca):
+            js, durable = ca.data_js, f"{ca.prefix}-durable"
+            info = await call_aio(js.stream_info, durable)
+            await call_aio(js.update_stream, info.config.evolve(max_consumers=2))
+            async with local_node(server.url, "b") as (_kb, cb):
+                assert (await _stream(ca)).config.max_consumers == 2
+                assert cb.stats().streams_capped == 1
+                with pytest.raises(ValueError, match="limit of consumers") as refused:
+                    async with local_node(server.url, "c"):
+                        pass
+    finally:
+        server.stop()
+    said = [r.getMessage() for r in caplog.records if "takes at most" in r.getMessage()]
+    assert said == [
+        f"node {node}: the stream {durable} takes at most 2 consumers (its max_consumers:"
+        " its account's JetStream limit, or set by hand): past that many nodes, a node's"
+        " join is refused"
+        for node in "bc"
+    ]
+    assert str(refused.value) == (
+        f"JetStream refuses node 'c''s durable consumer: the durable stream {durable!r} is"
+        " at its limit of consumers, its max_consumers (2; -1: the server's"
+        " default_max_consumers, 1,000 on nats-server 2.15) or its account's (maximum"
+        " consumers limit reached); each node that ran the durable path keeps a consumer"
+        " until a takeover drains it: raise the limit, or delete the consumers of nodes"
+        " gone for good"
+    )
+
+
+async def test_an_account_limit_below_the_streams_own_gives_them_that_limit_said_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An account whose JetStream limit of consumers is below STREAM_MAX_CONSUMERS
+    refuses a stream asking more: each of the cluster's streams takes the account's
+    limit (the most it allows), said naming the stream and counted; the join goes on
+    (1242268's code made them with none: no ``streams_capped``)."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    server = NatsServer(
+        config="accounts { A { jetstream { max_consumers: 40, max_mem: 1G, max_file: 1G },"
+        " users [ { user: u, password: p } ] } }"
+    ).start()
+    try:
+        async with local_node(f"nats://u:p@127.0.0.1:{server.port}", "a") as (_ka, ca):
+            names = await call_aio(ca.data_js.streams_info)
+            limits = {info.config.name: info.config.max_consumers for info in names}
+            capped = ca.stats().streams_capped
+    finally:
+        server.stop()
+    assert set(limits.values()) == {40} and f"{ca.prefix}-durable" in limits
+    assert capped == len(limits)
+    said = sorted(r.getMessage() for r in caplog.records if "takes at most" in r.getMessage())
+    assert said == sorted(
+        f"node a: the stream {name} takes at most 40 consumers (its max_consumers: its"
+        " account's JetStream limit, or set by hand): past that many nodes, a node's join"
+        " is refused"
+        for name in limits
+    )
+
+
+def test_the_account_limit_is_its_tier_s_if_tiered() -> None:
+    def limits(n: int) -> AccountLimits:
+        return AccountLimits(
+            max_memory=-1,
+            max_storage=-1,
+            max_streams=-1,
+            max_consumers=n,
+            max_ack_pending=-1,
+            memory_max_stream_bytes=-1,
+            storage_max_stream_bytes=-1,
+            max_bytes_required=False,
+        )
+
+    plain = SimpleNamespace(limits=limits(40), tiers=None)
+    tiered = SimpleNamespace(limits=limits(-1), tiers={"R3": SimpleNamespace(limits=limits(7))})
+    assert account_consumers(plain, 1) == 40
+    assert (account_consumers(tiered, 3), account_consumers(tiered, 1)) == (7, -1)
