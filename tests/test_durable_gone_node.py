@@ -313,8 +313,10 @@ class _FakeJs:
 
     async def request(self, subject: str, data: bytes, timeout: float) -> Any:
         assert subject == "$JS.API.STREAM.INFO.px-durable"
-        if not data:  # (the subjects' count)
-            answer = {"state": {"num_subjects": self.reported}}
+        if not data:  # (the stream's counts: a read of the stream, as stream_info's)
+            state = (await self.stream_info("px-durable")).state
+            counts = {"messages": state.messages, "last_seq": state.last_seq}
+            answer = {"state": {**counts, "num_subjects": self.reported}}
             return SimpleNamespace(data=json.dumps(answer).encode())
         self.waits.append(timeout)
         taking = self.slow * self.reported
@@ -387,6 +389,40 @@ async def test_messages_stored_between_a_sweep_s_two_counts_do_not_hide_a_subjec
     quiet = _FakeJs(consumers, {"px.durable.b.1": 3}, between=2)
     assert await _unpulled(quiet) == set()
     assert (quiet.subject_reads, quiet.stream_reads) == ([], 2)
+
+
+async def test_a_sweep_that_reads_the_subjects_reads_the_stream_twice_not_three_times() -> None:
+    """Forty-seventh pass: a sweep that read the subjects asked STREAM.INFO three times,
+    nats-py's ``stream_info`` before and after the consumers (it drops ``num_subjects``)
+    and a raw request for the count that sizes a page's wait. Now each read of the
+    stream is one raw request that says all three counts: two reads, the count the
+    second's (here 1,000,000: the page waits 15 s). (On 1242268's _durable.py: 3 reads,
+    this fake's two ``stream_info`` and the count's request.)"""
+    subjects = {"px.durable.b.1": 1, "px.durable.d.3": 2}
+    js = _FakeJs([("b", 1, 0, 1)], subjects, reported=1_000_000)
+    assert await _unpulled(js) == {"d"}
+    assert (js.stream_reads, js.subject_reads) == (2, [0])
+    assert js.waits == [pytest.approx(15.0)]
+
+
+@pytest.mark.parametrize(
+    ("state", "said"),
+    [
+        ({"messages": "5"}, "its messages is not a count: '5'"),
+        ({"last_seq": -1}, "its last_seq is not a count: -1"),
+        ({"last_seq": 1.5}, "its last_seq is not a count: 1.5"),
+        ({"messages": False}, "its messages is not a count: False"),
+    ],
+)
+async def test_a_garbled_count_of_the_stream_fails_the_sweep_naming_it(
+    state: dict[str, Any], said: str
+) -> None:
+    """The stream's counts (read raw since the forty-seventh pass, nats-py read them
+    before) are checked as the subjects' count is: a ValueError naming the request."""
+    js = _GarbledJs(b"{}", json.dumps({"state": state}).encode())
+    with pytest.raises(ValueError, match=r"STREAM\.INFO\.px-durable is not") as failed:
+        await _channel(js)._unpulled()
+    assert said in str(failed.value)
 
 
 async def test_a_sweep_reads_the_subjects_page_by_page_within_its_bound_and_reads_on_at_the_next(
@@ -657,7 +693,7 @@ async def test_nats_server_s_count_of_the_subjects_is_the_one_its_pages_total(
         with trio.fail_after(30):
             for i in range(3):
                 await store_for(ca, "nowhere", i, node="ghost")
-            count = await call_aio(ca.durable._subjects_count)
+            count = (await call_aio(ca.durable._stream_counts)).subjects
             page, total = await call_aio(ca.durable._subjects_page, 0, 5.0)
     assert count == total == len(page) == 3
 

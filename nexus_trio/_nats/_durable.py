@@ -658,7 +658,7 @@ class DurableChannel:
         self._consumers_from = 0
         #: the pass over the stream's consumers under way (see _unpulled): the stream's
         #: state read at its start, and what each consumer read in it holds
-        self._pass_before: Any = None
+        self._pass_before: _StreamCounts | None = None
         self._pass_held: dict[str, int] = {}
         #: takeovers by a look or a sweep of a node no member that ended at once, leaving
         #: its consumer to the pull requests that waited on it (a process of its name
@@ -1298,7 +1298,7 @@ class DurableChannel:
         js = self.cluster.data_js
         if not self._consumers_from or self._pass_before is None:
             self._consumers_from = 0
-            self._pass_before = (await js.stream_info(self._stream)).state
+            self._pass_before = await self._stream_counts()
             self._pass_held = {}
         before = self._pass_before
         for _ in range(_SWEEP_COUNTS):
@@ -1310,18 +1310,19 @@ class DurableChannel:
                 return nodes, ("consumers", stop, None)
             named = self._pass_held
             self._consumers_from, self._pass_before, self._pass_held = 0, None, {}
-            after = (await js.stream_info(self._stream)).state
-            stored = (after.last_seq or 0) - (before.last_seq or 0)
+            after = await self._stream_counts()
+            stored = after.last_seq - before.last_seq
             # (a last sequence that fell: the stream made anew between the reads, no
             # measure of what was stored: not settled)
-            if stored >= 0 and (before.messages or 0) + stored <= sum(named.values()):
+            if stored >= 0 and before.messages + stored <= sum(named.values()):
                 return nodes, None
             if start or (stored == 0 and before.messages == after.messages):
                 break  # (a pass of several sweeps, or nothing moved between the reads)
             before = self._pass_before = after
         head = f"{self.cluster.prefix}.durable."
         offset = self._subjects_from
-        total: int | None = await self._subjects_count()
+        # (the count of subjects the last read of the stream said: it sizes a page's wait)
+        total = after.subjects
         unnamed: set[str] = set()
         cut: tuple[str, int, int | None] | None = None
         for _ in range(SWEEP_SUBJECT_PAGES):
@@ -1386,14 +1387,15 @@ class DurableChannel:
             return (_UNSEEN, SWEEP_CONSUMER_PAGES, len(ordered)), found
         return None, found
 
-    async def _subjects_count(self) -> int | None:
-        """How many subjects the stream holds (its state's ``num_subjects``; None if the
-        answer does not say), asked before its pages are: each page waits for its
-        answer in proportion (see subjects_wait; nats-py's ``stream_info`` drops the
-        count)."""
+    async def _stream_counts(self) -> _StreamCounts:
+        """The stream's counts (asyncio side): its messages and last sequence, and how
+        many subjects it holds, which sizes a page of subjects' wait (see subjects_wait).
+        One STREAM.INFO request, raw: nats-py's ``stream_info`` drops the subjects'
+        count (a sweep that read the subjects asked three times before the forty-seventh
+        pass: nats-py's before and after the consumers, then the count)."""
         subject = f"$JS.API.STREAM.INFO.{self._stream}"
         reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
-        return _subjects_count_answer(reply.data, subject)
+        return _stream_counts_answer(reply.data, subject)
 
     async def _subjects_page(self, offset: int, wait: float) -> tuple[dict[str, int], int]:
         """One page of the stream's subjects from ``offset`` (nats-server pages its
@@ -2524,16 +2526,30 @@ def _stream_info_answer(
     return answer, state
 
 
-def _subjects_count_answer(data: bytes, subject: str) -> int | None:
-    """The stream's ``num_subjects`` in ``data``, the answer to STREAM.INFO ``subject``
-    (:meth:`DurableChannel._subjects_count`); None if it does not say (an answer that is
-    not nats-server's: see _stream_info_answer)."""
-    count = _stream_info_answer(data, subject, None)[1].get("num_subjects")
-    if count is None:
-        return None
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise _garbled(subject, None, f"its num_subjects is not a count: {brief(count)}")
-    return count
+@attrs.frozen
+class _StreamCounts:
+    """What a read of the durable stream says to a sweep (see DurableChannel._unpulled):
+    its messages, its last sequence, and its subjects (None: the answer does not say)."""
+
+    messages: int
+    last_seq: int
+    subjects: int | None
+
+
+def _stream_counts_answer(data: bytes, subject: str) -> _StreamCounts:
+    """The stream's counts in ``data``, the answer to STREAM.INFO ``subject``
+    (:meth:`DurableChannel._stream_counts`; an answer that is not nats-server's: see
+    _stream_info_answer). A count not said is 0 (nats-py's reading), but the subjects'."""
+    state = _stream_info_answer(data, subject, None)[1]
+    counts: dict[str, int | None] = {}
+    for key in ("messages", "last_seq", "num_subjects"):
+        count = state.get(key)
+        if count is not None and (
+            not isinstance(count, int) or isinstance(count, bool) or count < 0
+        ):
+            raise _garbled(subject, None, f"its {key} is not a count: {brief(count)}")
+        counts[key] = count
+    return _StreamCounts(counts["messages"] or 0, counts["last_seq"] or 0, counts["num_subjects"])
 
 
 def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
