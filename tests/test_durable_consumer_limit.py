@@ -16,16 +16,22 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from nats.js.api import AccountLimits
+import trio
+from nats.js.api import AccountLimits, ConsumerConfig
 
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._stream_caps import STREAM_MAX_CONSUMERS, account_consumers
 
+from .nats_server import until
 from .test_nats import local_node
 
 #: a server whose streams that set no max_consumers take at most 2 consumers
 DEFAULT_2 = "jetstream { limits { default_max_consumers: 2 } }"
+
+
+async def _consumer_names(js: Any, stream: str) -> list[str]:
+    return sorted(info.name for info in await js.consumers_info(stream))
 
 
 async def _stream(cluster: Any) -> Any:
@@ -164,3 +170,33 @@ def test_the_account_limit_is_its_tier_s_if_tiered() -> None:
     tiered = SimpleNamespace(limits=limits(-1), tiers={"R3": SimpleNamespace(limits=limits(7))})
     assert account_consumers(plain, 1) == 40
     assert (account_consumers(tiered, 3), account_consumers(tiered, 1)) == (7, -1)
+
+
+async def test_a_remake_refused_by_the_limit_is_counted_and_tried_again() -> None:
+    """A node whose consumer is deleted under it makes it anew at its next failed fetch;
+    one the stream's limit refuses then is a failed remake (counted in
+    ``durable_remake_failures``; logged naming the stream and its limit, throttled with
+    the failed fetches), tried again at the next failed fetch: once there is room the
+    node pulls on. (A mutant whose remake does not catch the refusal's ValueError ends
+    the node's durable path: its cluster fails.)"""
+    server = NatsServer().start()
+    try:
+        async with local_node(server.url, "a") as (_ka, ca):
+            js, durable = ca.data_js, f"{ca.prefix}-durable"
+            info = await call_aio(js.stream_info, durable)
+            await call_aio(js.update_stream, info.config.evolve(max_consumers=1))
+            await call_aio(js.delete_consumer, durable, "a")
+            await call_aio(js.add_consumer, durable, ConsumerConfig(durable_name="x"))
+            with trio.fail_after(30):
+                await until(lambda: ca.stats().durable_remake_failures >= 1)
+                await call_aio(js.delete_consumer, durable, "x")
+                while True:  # (until its consumer is made anew: the path pulls on)
+                    names = await call_aio(_consumer_names, js, durable)
+                    if "a" in names:
+                        break
+                    await trio.sleep(0.05)
+            stats = ca.stats()
+    finally:
+        server.stop()
+    assert names == ["a"]
+    assert stats.durable_remake_failures >= 1 and stats.streams_capped >= 1
