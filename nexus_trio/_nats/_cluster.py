@@ -1027,6 +1027,7 @@ class Cluster:
         "prefix",
         "record_extra",
         "servers",
+        "stream_caps",
     )
 
     #: :meth:`deliver` is told of a send from outside the agents (``OutsideTold``): the
