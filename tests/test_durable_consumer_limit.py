@@ -34,6 +34,15 @@ async def _consumer_names(js: Any, stream: str) -> list[str]:
     return sorted(info.name for info in await js.consumers_info(stream))
 
 
+async def _limit_by_hand(cluster: Any, limit: int) -> tuple[Any, str]:
+    """The durable stream's max_consumers set to ``limit`` (as an operator would): the
+    cluster's JetStream context and the stream's name."""
+    js, durable = cluster.data_js, f"{cluster.prefix}-durable"
+    info = await call_aio(js.stream_info, durable)
+    await call_aio(js.update_stream, info.config.evolve(max_consumers=limit))
+    return js, durable
+
+
 async def _stream(cluster: Any) -> Any:
     return await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
 
@@ -95,9 +104,7 @@ async def test_a_limit_set_by_hand_is_kept_said_and_counted_and_a_node_past_it_i
     server = NatsServer().start()
     try:
         async with local_node(server.url, "a") as (_ka, ca):
-            js, durable = ca.data_js, f"{ca.prefix}-durable"
-            info = await call_aio(js.stream_info, durable)
-            await call_aio(js.update_stream, info.config.evolve(max_consumers=2))
+            _js, durable = await _limit_by_hand(ca, 2)
             async with local_node(server.url, "b") as (_kb, cb):
                 assert (await _stream(ca)).config.max_consumers == 2
                 assert cb.stats().streams_capped == 1
@@ -182,9 +189,7 @@ async def test_a_remake_refused_by_the_limit_is_counted_and_tried_again() -> Non
     server = NatsServer().start()
     try:
         async with local_node(server.url, "a") as (_ka, ca):
-            js, durable = ca.data_js, f"{ca.prefix}-durable"
-            info = await call_aio(js.stream_info, durable)
-            await call_aio(js.update_stream, info.config.evolve(max_consumers=1))
+            js, durable = await _limit_by_hand(ca, 1)
             await call_aio(js.delete_consumer, durable, "a")
             await call_aio(js.add_consumer, durable, ConsumerConfig(durable_name="x"))
             with trio.fail_after(30):

@@ -14,6 +14,8 @@ update. An account whose limit of consumers is below it gives the stream that li
 most the account allows). A stream left with fewer is said (a warning naming the
 stream, its limit and why, at most one a second for each stream) and counted
 (``ClusterStats.streams_capped``).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations
