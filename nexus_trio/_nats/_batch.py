@@ -247,11 +247,11 @@ def read_columnar(
         body = bodies[place]
         try:
             msgs = wire.decode_block(body, 0, len(body))
-        except ValueError as exc:
+        except wire.BlockError as exc:
             error = BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}")
             # its head's count, only if the block's own bytes could hold as many rows:
             # else no count of it can be trusted, and the batch is refused whole
-            rows = wire.block_rows(body)
+            rows = exc.rows
             if bad_rows is None or rows < 1:
                 raise error from None
             decoded.append((rows, error))

@@ -901,91 +901,99 @@ def encode_block(
     )
 
 
-def block_rows(body: bytes) -> int:
-    """The rows block ``body`` (:func:`encode_block`) stands for, as its head counts
-    them, if its bytes could hold that many rows; 0 if not (or if it is shorter than its
-    head): a hostile or truncated block's count is not taken on its word alone."""
-    if len(body) < BLOCK_HEAD_SIZE:
-        return 0
-    count = _BLOCK_HEAD.unpack_from(body)[0]
-    return count if BLOCK_HEAD_SIZE + count * ROW_SIZE <= len(body) else 0
+class BlockError(ValueError):
+    """A block that does not check (:func:`decode_block`), and ``rows``: the rows its
+    head counts if its bytes could hold that many rows (at least one), else 0: a hostile
+    or truncated block's count is not taken on its word alone."""
+
+    rows: int = 0
 
 
 def decode_block(data: bytes, start: int, end: int) -> list[Message]:
     """The messages of the block ``data[start:end]`` (:func:`encode_block`), in order;
     checked whole before any is made (rows against the count, the table's entries
     against the bytes, the address indexes against the table, the payloads against the
-    rows): ValueError saying what is wrong, no message of it used."""
+    rows): :class:`BlockError` saying what is wrong (with the rows its head counts once
+    its bytes could hold them), no message of it used."""
     if end - start < BLOCK_HEAD_SIZE:
-        raise ValueError(f"a block of {end - start} bytes (at least {BLOCK_HEAD_SIZE})")
+        raise BlockError(f"a block of {end - start} bytes (at least {BLOCK_HEAD_SIZE})")
     count, entries = _BLOCK_HEAD.unpack_from(data, start)
     rows_at = start + BLOCK_HEAD_SIZE
     offset = rows_at + count * ROW_SIZE
     if count < 1 or offset > end:
-        raise ValueError(f"{count} rows of {ROW_SIZE} bytes in its {end - rows_at} bytes")
-    if not 1 <= entries <= count:
-        raise ValueError(f"{entries} addresses for {count} rows")
-    names: list[Address] = []
-    for entry in range(entries):
-        if offset + 2 > end:
-            raise ValueError(f"address {entry} of {entries}: truncated")
-        (length,) = _NAME_LEN.unpack_from(data, offset)
-        offset += 2
-        if offset + (length or 16) > end:
-            raise ValueError(f"address {entry} of {entries}: {length or 16} bytes do not fit")
-        if length:
-            raw = data[offset : offset + length]
-            name = _NAMES.get(raw)
-            if name is None:
-                name = utf8_text(raw, f"address {entry}", offset)
-                if length <= NAME_CACHE_BYTES:
-                    _remember(_NAMES, raw, name)
-            names.append(name)
-            offset += length
-        else:
-            names.append(_agent_from_bytes(data[offset : offset + 16]))
-            offset += 16
-    try:
-        payloads = _read_json(data[offset:end], "payloads", offset)
-    except RecursionError:
-        raise ValueError("its payloads are nested too deeply") from None
+        raise BlockError(f"{count} rows of {ROW_SIZE} bytes in its {end - rows_at} bytes")
+    try:  # (a try costs nothing on 3.11 until it catches)
+        if not 1 <= entries <= count:
+            raise ValueError(f"{entries} addresses for {count} rows")
+        names: list[Address] = []
+        for entry in range(entries):
+            if offset + 2 > end:
+                raise ValueError(f"address {entry} of {entries}: truncated")
+            (length,) = _NAME_LEN.unpack_from(data, offset)
+            offset += 2
+            if offset + (length or 16) > end:
+                raise ValueError(f"address {entry} of {entries}: {length or 16} bytes do not fit")
+            if length:
+                raw = data[offset : offset + length]
+                name = _NAMES.get(raw)
+                if name is None:
+                    name = utf8_text(raw, f"address {entry}", offset)
+                    if length <= NAME_CACHE_BYTES:
+                        _remember(_NAMES, raw, name)
+                names.append(name)
+                offset += length
+            else:
+                names.append(_agent_from_bytes(data[offset : offset + 16]))
+                offset += 16
+        try:
+            payloads = _read_json(data[offset:end], "payloads", offset)
+        except RecursionError:
+            raise ValueError("its payloads are nested too deeply") from None
+        except ValueError as exc:
+            raise ValueError(f"its payloads are no JSON ({exc})") from None
+        if payloads.__class__ is not list or len(payloads) != count:
+            raise ValueError(
+                f"its payloads are a JSON {type(payloads).__name__}"
+                f" of {len(payloads) if isinstance(payloads, list) else 1}, not an array of {count}"
+            )
+        known = _AGENT_BYTES.get
+        agent = _agent_from_bytes
+        kinds = _KIND_LIST
+        try:
+            return [
+                restore_message(
+                    known(sender) or agent(sender),
+                    names[to],
+                    payload,
+                    kinds[kind],
+                    _from_bytes(msg_id),
+                    us,
+                    None,
+                    None,
+                    None,
+                )
+                for (kind, us, msg_id, sender, to), payload in zip(
+                    _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE]),
+                    payloads,
+                    strict=True,
+                )
+            ]
+        except IndexError:
+            # (both unsigned: only past the end) said row by row, once, for the log
+            for row, (kind, _, _, _, to) in enumerate(
+                _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE])
+            ):
+                if to >= entries or kind >= _KIND_COUNT:
+                    raise ValueError(
+                        f"row {row}: address {to} of {entries}, kind code {kind} of {_KIND_COUNT}"
+                    ) from None
+            raise
+
     except ValueError as exc:
-        raise ValueError(f"its payloads are no JSON ({exc})") from None
-    if payloads.__class__ is not list or len(payloads) != count:
-        raise ValueError(
-            f"its payloads are a JSON {type(payloads).__name__}"
-            f" of {len(payloads) if isinstance(payloads, list) else 1}, not an array of {count}"
-        )
-    known = _AGENT_BYTES.get
-    agent = _agent_from_bytes
-    kinds = _KIND_LIST
-    try:
-        return [
-            restore_message(
-                known(sender) or agent(sender),
-                names[to],
-                payload,
-                kinds[kind],
-                _from_bytes(msg_id),
-                us,
-                None,
-                None,
-                None,
-            )
-            for (kind, us, msg_id, sender, to), payload in zip(
-                _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE]), payloads, strict=True
-            )
-        ]
-    except IndexError:
-        # (both unsigned: only past the end) said row by row, once, for the log
-        for row, (kind, _, _, _, to) in enumerate(
-            _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE])
-        ):
-            if to >= entries or kind >= _KIND_COUNT:
-                raise ValueError(
-                    f"row {row}: address {to} of {entries}, kind code {kind} of {_KIND_COUNT}"
-                ) from None
-        raise
+        # (the rows its head counts, checked above: what the block stands for)
+        error = BlockError(str(exc))
+        error.rows = count
+        raise error from None
 
 
 _OPTIONAL_IDS: Final = _CONVERSATION | _REPLY_TO | _TRACE
