@@ -314,9 +314,11 @@ def _lose(cluster: Cluster, node: str, monkeypatch: pytest.MonkeyPatch) -> list[
     deaf = [node]
     apply = Cluster._apply_member_entry
 
-    def heard(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+    def heard(
+        self: Cluster, key: str, value: bytes | None, op: str | None, *, live: bool = False
+    ) -> None:
         if self is not cluster or key not in deaf or op == "DEL" or not value:
-            apply(self, key, value, op)
+            apply(self, key, value, op, live=live)
 
     monkeypatch.setattr(Cluster, "_apply_member_entry", heard)
     info = cluster.members.members[node]

@@ -5290,13 +5290,15 @@ def _deaf_to_bs_leave(
             return
         await original_heartbeat(self, m)
 
-    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+    def applying(
+        self: Cluster, key: str, value: bytes | None, op: str | None, *, live: bool = False
+    ) -> None:
         if deaf and self is deaf[0] and key == "b" and op == "DEL":
             held_deletes.append((key, value, op))
             if len(held_notices) == 2:
                 heard.set()
             return
-        original_apply(self, key, value, op)
+        original_apply(self, key, value, op, live=live)
 
     monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)
     monkeypatch.setattr(Cluster, "_apply_member_entry", applying)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
 import struct
 import uuid
@@ -365,6 +366,79 @@ async def test_a_record_under_a_node_s_own_name_leaves_its_own_entry_alone(
         ]
     else:
         assert ignored == []
+
+
+@pytest.mark.parametrize("joined", ["earlier", "same", "later"])
+async def test_a_second_process_under_a_live_member_s_name_is_counted_and_said(
+    nats: NatsServer, joined: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records heard on ``b``'s heartbeat subject from another process named ``b`` (two
+    processes started with one node name, or a peer on the account speaking for ``b``).
+    One that joined before the ``b`` held was ignored without a word, for as long as it
+    went on; one with the same join time was taken as ``b`` restarted, and ``b``'s own
+    next heartbeat as a restart again (each a loss: its agents re-placed). Now both are
+    ignored, counted in ``records_contested`` and said naming the two processes; one
+    that joined later is a restart (by design), and then ``b``'s own records are the
+    ones counted and said. ``b`` counts the ones under its own name it hears."""
+    async with (
+        _node(nats.url, "b", options=PATIENT) as (_, cb),
+        _node(nats.url, "a", options=PATIENT) as (_, ca),
+        _hostile(nats.url) as hostile,
+    ):
+        with trio.fail_after(20):
+            await _members_heard(ca, "b")
+            held = {info.node: info for info in ca.member_list()}["b"]
+            when = {"earlier": 1.0, "same": held.joined, "later": 1e12}[joined]
+            spoof = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere")
+            spoof = spoof.replace(b'"joined":1.0', b'"joined":' + json.dumps(when).encode())
+            for _ in range(3):
+                await hostile.publish("nexus.hb.b", spoof)
+            # (one connection and one subscription each: heard after the spoofs)
+            await hostile.publish("nexus.hb.marker", _record("marker"))
+            await hostile.flush()
+            await _members_heard(ca, "marker")
+            await _members_heard(cb, "marker")
+            if joined == "later":
+                while ca.stats().records_contested == 0:  # noqa: ASYNC110 (b's next heartbeat)
+                    await trio.sleep(0.02)
+        members = {info.node: info for info in ca.member_list()}
+        said = [
+            r.getMessage()
+            for r in caplog.records
+            if "ignoring a membership record of" in r.getMessage()
+        ]
+        if joined == "later":
+            assert members["b"].id_prefix == 0xEF  # taken for b restarted
+            assert (ca.stats().nodes_lost_by_node or {}).get("b") == 1
+            assert said[0].startswith(
+                f"node a: ignoring a membership record of node 'b' from pid {os.getpid()}"
+                f" on {held.host} (id prefix {cb.id_prefix:016x}, joined {held.joined:.3f}):"
+                " this node holds the process of that name that joined after it (pid 4242"
+                " on elsewhere, id prefix 00000000000000ef, joined 1000000000000.000); two"
+                " live processes named 'b', or a peer on the NATS account speaking for it"
+            )
+            # once the spoof went silent (lost), b's own heartbeats take it back (they
+            # were ignored until the spoof was forgotten, 300 s later by default)
+            with trio.fail_after(20):
+                while not any(  # noqa: ASYNC110 (heard over NATS)
+                    i.node == "b" and i.id_prefix == cb.id_prefix and i.reachable
+                    for i in ca.member_list()
+                ):
+                    await trio.sleep(0.05)
+        else:
+            assert members["b"].id_prefix == cb.id_prefix and members["b"].reachable
+            assert (ca.stats().nodes_lost_by_node or {}).get("b", 0) == 0
+            assert ca.stats().records_contested == 3
+            relation = "after" if joined == "earlier" else "at the same time as"
+            assert said == [
+                f"node a: ignoring a membership record of node 'b' from pid 4242 on elsewhere"
+                f" (id prefix 00000000000000ef, joined {when:.3f}): this node holds the"
+                f" process of that name that joined {relation} it (pid {os.getpid()} on"
+                f" {held.host}, id prefix {cb.id_prefix:016x}, joined {held.joined:.3f});"
+                " two live processes named 'b', or a peer on the NATS account speaking for"
+                " it (1 such records so far)"
+            ]
+        assert cb.stats().records_contested == 3  # under its own name
 
 
 # --- the property: a drawn script of hostile frames against two live nodes ----------------------

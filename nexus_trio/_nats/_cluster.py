@@ -810,6 +810,14 @@ class ClusterStats:
     #: forgotten that join's stream, while it keeps a later join's: delivered, their
     #: numbers not taken (nothing counted lost, no credit), the later stream not retired
     old_session_tells: int = 0
+    #: membership records heard on the heartbeat subjects under the name of a member
+    #: from another process than the one this node holds under it, and ignored: this
+    #: node's own name, or a process that joined before (or with the same join time as)
+    #: the one held. Two live processes started with one node name, or a peer on the
+    #: NATS account speaking for a node (see docs/distributed.md, "Who is trusted");
+    #: logged at most once a second, naming both processes. Not a stale record the
+    #: nodes bucket's watch gives once after a restart (not counted)
+    records_contested: int = 0
 
 
 #: the most node names ``ClusterStats.nodes_lost_by_node`` keeps (then None)
@@ -906,6 +914,7 @@ class Cluster:
         "_cancels_received",
         "_cancels_sent",
         "_closing",
+        "_contested_log",
         "_ctl",
         "_data_closed",
         "_data_js",
@@ -989,6 +998,7 @@ class Cluster:
         "_record_lock",
         "_record_revision",
         "_record_sessions",
+        "_records_contested",
         "_records_refused",
         "_refused_batches",
         "_relaying",
@@ -1264,6 +1274,10 @@ class Cluster:
         self._names_refused = kvops.Refusals("a names bucket entry", self.held)
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle(kind="cluster.own_name")
+        #: records heard live under a member's name from another process than the one
+        #: held, ignored (see _contested)
+        self._records_contested = 0
+        self._contested_log = Throttle(kind="cluster.contested")
         self._drop_log = Throttle(kind="cluster.drop")
         #: undecodable frames from peers (a broken or hostile peer sends them by the
         #: thousand: one line a second, each counted in inbound_dropped["malformed"])
@@ -4836,7 +4850,7 @@ class Cluster:
             self._left_before_delete.pop(node, None)
             if node in self._deleted_before_leave and self._sent_before_leave(node, m.data):
                 return
-        self._apply_member_entry(node, m.data, None if m.data else "DEL")
+        self._apply_member_entry(node, m.data, None if m.data else "DEL", live=True)
 
     def _sent_before_leave(self, node: str, record: bytes) -> bool:
         """Whether a heartbeat of ``node`` was sent before the leave whose delete of its
@@ -4980,13 +4994,16 @@ class Cluster:
                 taken,
             )
 
-    def _apply_member_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+    def _apply_member_entry(
+        self, key: str, value: bytes | None, op: str | None, *, live: bool = False
+    ) -> None:
         """A record or a leave (a delete) of node ``key``, from the nodes bucket's watch or
         the heartbeat subjects. This node's own entry is its own join's records only: a
         delete of its key or a leave on its subject (an earlier process of its name, its
         own leave's delete, anyone on the account) never removes it, and a record under
         its name from another process (another id prefix or session) never replaces it;
-        it is a member of its own table until it leaves."""
+        it is a member of its own table until it leaves. ``live``: heard on the
+        heartbeat subjects (sent just now), not given by the bucket's watch."""
         if op == "DEL":
             if key == self.node:
                 return
@@ -5014,6 +5031,8 @@ class Cluster:
             self.id_prefix,
             self._session,
         ):
+            if live:
+                self._records_contested += 1
             if self.held.due(
                 self._own_name_log,
                 "membership records under this node's name from another process ignored",
@@ -5034,8 +5053,16 @@ class Cluster:
         previous = self.members.members.get(info.node)
         if previous is not None and info.node != self.node:
             if previous.id_prefix != info.id_prefix:
-                if info.joined < previous.joined:
-                    return  # a late record of an older process under that name: stale
+                if info.joined <= previous.joined and (previous.reachable or not live):
+                    # A late record of an older process under that name (stale), or,
+                    # heard live, a process that still runs under it: two of one name,
+                    # or a peer speaking for it. The one held stays while it is heard
+                    # (one with the same join time too: the first heard, not one then
+                    # the other at each heartbeat, each taken for a restart of the
+                    # other); once it went silent, the one heard live is taken back
+                    if live:
+                        self._contested(info, previous)
+                    return
                 if previous.reachable:
                     # A new process under the name (a restart) before the old one's loss
                     # was noticed: the old one is lost all the same (its agents re-placed,
@@ -5088,6 +5115,39 @@ class Cluster:
             self.durable.takeovers_changed()
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
+
+    def _contested(self, info: NodeInfo, held: NodeInfo) -> None:
+        """A record heard live under the name of member ``held`` from a process that
+        joined no later than it (see _apply_member_entry): ignored, counted, and said at
+        most once a second, naming both processes."""
+        self._records_contested += 1
+        if not self.held.due(
+            self._contested_log,
+            "membership records of another process under a member's name ignored",
+            counted="records_contested",
+        ):
+            return
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: ignoring a membership record of node %r from pid %d on %s (id prefix"
+            " %016x, joined %.3f): this node holds the process of that name that joined"
+            " %s it (pid %d on %s, id prefix %016x, joined %.3f); two live processes named"
+            " %r, or a peer on the NATS account speaking for it (%d such records so far)",
+            self.node,
+            info.node,
+            info.pid,
+            info.host,
+            info.id_prefix,
+            info.joined,
+            "after" if info.joined < held.joined else "at the same time as",
+            held.pid,
+            held.host,
+            held.id_prefix,
+            held.joined,
+            info.node,
+            self._records_contested,
+        )
 
     def _note_left_before_delete(self, node: str, session: int) -> None:
         """The leave of ``node``'s join ``session`` was heard: until the watch gives the
@@ -6208,6 +6268,7 @@ class Cluster:
             requests_after_leave=self._requests_after_leave,
             requests_lost_with_nodes=self._requests_lost_with_nodes,
             old_session_tells=self._old_session_tells,
+            records_contested=self._records_contested,
             entries_malformed=(
                 self._records_refused.count
                 + self._names_refused.count

@@ -133,6 +133,10 @@ CLUSTER_COUNTERS: Final = {
         "Late tells of a sending process's earlier join whose stream was forgotten here:"
         " delivered, their numbers not taken.",
     ),
+    "records_contested": (
+        "nexus_cluster_records_contested",
+        "Membership records of another process under a member's name, ignored.",
+    ),
     "entries_malformed": (
         "nexus_cluster_entries_malformed",
         "Membership, placement and names records refused as malformed.",
