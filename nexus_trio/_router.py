@@ -26,6 +26,7 @@ import uuid
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from threading import get_ident
 from typing import Any, Final, Protocol, TypeVar, final
 from uuid import UUID as _UUID
 
@@ -285,10 +286,13 @@ class TransportHandle:
     :meth:`detach`. These hooks are not on the user-facing ``Kernel``.
     """
 
-    __slots__ = ("_router", "transport")
+    __slots__ = ("_router", "_thread", "transport")
 
     def __init__(self, router: Router, transport: Transport) -> None:
         self._router = router
+        #: the thread of the kernel's Trio run (the router's: read once here, for the
+        #: deliveries' check)
+        self._thread = router.thread
         self.transport = transport
 
     async def deliver(self, msg: Message) -> None:
@@ -303,7 +307,9 @@ class TransportHandle:
         False if the recipient's mailbox is full under ``block`` or ``reject`` (the
         transport then waits with :meth:`deliver`). ``AgentNotFound`` for an address not
         of this kernel, ``KernelShuttingDown`` once the kernel drains. Never forwarded
-        again; a refusal is the transport's to count."""
+        again; a refusal is the transport's to count. Not thread-checked (the check
+        costs ~490 machine instructions a call, every request and reply a node takes in:
+        docs/distributed.md, Limits): call it in the kernel's thread only."""
         return self._router.deliver_from_remote_nowait(msg)
 
     def deliver_run_nowait(self, msgs: Sequence[Message], start: int) -> int:
@@ -313,7 +319,10 @@ class TransportHandle:
         which the transport then takes with :meth:`deliver_nowait`, and the rest after it.
         One lookup per run of messages to the same address, not one per message; the
         counts are those :meth:`deliver_nowait` keeps. A fault partway raises
-        :class:`DeliveryRunFailed` saying how far it got."""
+        :class:`DeliveryRunFailed` saying how far it got; a ``RuntimeError`` naming the
+        call, in a thread other than the kernel's Trio run's (nothing taken)."""
+        if get_ident() != self._thread:
+            raise wrong_thread("handle.deliver_run_nowait")
         return self._router.deliver_from_remote_run(msgs, start)
 
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
@@ -463,11 +472,11 @@ def wrong_thread(what: str) -> RuntimeError:
     ``ctx.stop``, ``ctx.monitor``, ``ctx.demonitor``, ``fail_request``, ``fail_query``,
     ``report_event``, ``attach_transport``, ``detach_transport``, ``scan_agents``; a
     transport handle's ``detach``, ``fail_request``, ``cancel_query``, ``relay_nowait``,
-    ``answer_through_transport``) made in a thread other than its Trio run's: it would
-    change the kernel's state under its run and wake tasks from outside it (an agent's
-    first message starts its task there), failing half-way with one of Trio's errors that
-    names neither the call nor the thread, the message counted as accepted and left
-    unhandled."""
+    ``answer_through_transport``, ``deliver_run_nowait``) made in a thread other than its
+    Trio run's: it would change the kernel's state under its run and wake tasks from
+    outside it (an agent's first message starts its task there), failing half-way with
+    one of Trio's errors that names neither the call nor the thread, the message counted
+    as accepted and left unhandled."""
     return RuntimeError(
         f"{what} was called in the thread {threading.current_thread().name!r}, not the"
         " thread of the kernel's Trio run: the kernel is not thread-safe. From a worker"

@@ -3848,6 +3848,39 @@ async def test_a_transport_handle_s_relay_and_answer_routing_from_another_thread
         kernel.detach_transport()
 
 
+async def test_a_transport_handle_s_run_delivery_from_another_thread_is_refused() -> None:
+    """``handle.deliver_run_nowait`` (how a transport takes a node batch's tells in) was
+    not thread-checked: from a worker thread it put the messages in the mailbox and woke
+    the agent's task from outside the Trio run (this test hung). It is refused, naming
+    itself, and takes nothing: nothing accepted or handled; the same call in the
+    kernel's thread delivers. (``deliver_nowait`` stays unchecked: its cost, see
+    docs/distributed.md, Limits.)"""
+    got: list[Any] = []
+
+    async def keep(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        handle = kernel.attach_transport(_Carrier())
+        ref = kernel.spawn(keep, name="keep")
+        tells = [Message(uuid.uuid4(), ref.id, i) for i in range(3)]
+
+        async def refused(call: str, fn: Any) -> None:
+            raised = await trio.to_thread.run_sync(_in_thread_named_work, fn)
+            assert isinstance(raised, RuntimeError), (call, raised)
+            assert str(raised) == _thread_error(call)
+
+        before = kernel.stats().accepted
+        await refused("handle.deliver_run_nowait", lambda: handle.deliver_run_nowait(tells, 0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and kernel.stats().accepted == before
+        assert handle.deliver_nowait(tells[0])  # (in the kernel's thread)
+        assert handle.deliver_run_nowait(tells, 1) == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [0, 1, 2]
+        kernel.detach_transport()
+
+
 async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
     exited after the message) then failed in Trio with ``must be called from async
