@@ -388,7 +388,8 @@ class KernelShuttingDown(NexusError):
     ``"stopped"``: ``KernelPhase``'s names in lower case), named in the message;
     ``"detached"`` for what came from another kernel, or was to go to one, after the
     transport was detached while the kernel runs on (a node that left its cluster);
-    ``""`` when not known (an error frame of an earlier version)."""
+    ``""`` when not known (an error frame of an earlier version), and for a spawn
+    refused as supervision escalates to the kernel, before its shutdown begins."""
 
     def __init__(self, what: str = "send", phase: str = "") -> None:
         self.what = what

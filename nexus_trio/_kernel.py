@@ -435,8 +435,10 @@ class Kernel:
         ``name`` overrides the spec's name; names are unique (:class:`NameTaken`; a
         supervisor's tree is spawned whole or not at all). Without ``supervisor`` (the
         address of a spawned supervisor: its ref, id or name) the child goes under the
-        kernel's root supervisor; a supervisor that ``stop`` is stopping, or one under
-        it, takes no new child (:class:`AgentNotFound`, saying it is being stopped).
+        kernel's root supervisor; a supervisor on its way out (``stop`` stops it, the
+        agent that spawned it stops, it gave up and stops its children), or one under
+        it, takes no new child (:class:`AgentNotFound`, saying it is being stopped and
+        why; :class:`KernelShuttingDown` as the root gives up to the kernel).
         Messages sent right after spawning are queued and handled after ``on_start``.
         An agent's own options (``mailbox_capacity``, ...) go on its spec:
         ``kernel.spawn(agent(handler, mailbox_capacity=...))``.
@@ -455,6 +457,9 @@ class Kernel:
         owner = self._root
         if supervisor is not None:
             owner = self._supervisor_at(supervisor)
+        elif owner.gave_up:
+            # (supervision escalated to the kernel: its shutdown is to come)
+            raise KernelShuttingDown("spawn")
         child = self._build(target, name)
         owner.add(child)
         return AgentRef(child.id, child.name)
@@ -475,18 +480,22 @@ class Kernel:
                 f"supervisor={shown} is an agent, not a supervisor: spawn(..., supervisor=)"
                 " takes the address of a spawned Supervisor"
             )
-        # One that ``kernel.stop`` is stopping, or one under it, would never start the
-        # child: it is refused, as a send to an agent being stopped is (a walk up the
-        # tree, on this path only).
+        # One on its way out (being stopped for good, or stopping its children after it
+        # gave up), or one under it, would never start the child: it is refused, as a
+        # send to an agent being stopped is (a walk up the tree, on this path only).
         above: ChildOwner | None = node
         while isinstance(above, SupervisorNode):
-            if above.stop_asked:
+            why = above.closing or above.gave_up
+            if why:
+                if above is self._root:
+                    # (supervision escalated to the kernel: its shutdown is to come)
+                    raise KernelShuttingDown("spawn")
                 whose = "" if above is node else f" with {above.label!r}, a supervisor above it"
                 raise AgentNotFound(
                     address,
                     self._router.names,
-                    detail=f"it is being stopped{whose} (kernel.stop): a supervisor being"
-                    " stopped for good takes no new children",
+                    detail=f"it is being stopped{whose} ({why}): a supervisor on its way out"
+                    " takes no new children",
                 )
             above = above.supervisor
         return node
@@ -651,8 +660,8 @@ class Kernel:
         # (a supervisor's draining stop drains its children, all at once: see _stop_all)
         node.drain_on_stop = drain
         self._router.unroute(node)
-        if isinstance(node, SupervisorNode):
-            node.stop_asked = True
+        if isinstance(node, SupervisorNode) and not node.closing:
+            node.closing = "kernel.stop"
         owner = node.supervisor
         assert owner is not None
         if self._stop_waits_for_caller(node):

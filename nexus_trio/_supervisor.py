@@ -371,10 +371,11 @@ class SupervisorNode(Child, ChildOwner):
         "_stopped_for_shutdown",
         "_stops_queued",
         "children",
+        "closing",
+        "gave_up",
         "host",
         "isolating",
         "spec",
-        "stop_asked",
     )
 
     def __init__(
@@ -384,10 +385,17 @@ class SupervisorNode(Child, ChildOwner):
         self.host = host
         self.spec = spec
         self.isolating = root and not host.escalate_to_kernel
-        #: ``kernel.stop`` asked to stop it for good: ``spawn(supervisor=)`` refuses it
-        #: and what is under it from then on (as OTP's ``start_child``, Akka's
-        #: ``actorOf`` and a Trio nursery closed to new arrivals refuse)
-        self.stop_asked = False
+        #: why it is being stopped for good (``kernel.stop``; ``parent_stopped`` or
+        #: ``parent_exited``, a linked one with the agent that spawned it), "" until
+        #: then: ``spawn(supervisor=)`` refuses it and what is under it from then on (as
+        #: OTP's ``start_child``, Akka's ``actorOf`` and a Trio nursery closed to new
+        #: arrivals refuse)
+        self.closing = ""
+        #: why it gave up (escalated), while its run stops its children on the way out:
+        #: refused as for ``closing`` (OTP's supervisor refuses ``start_child`` as it
+        #: terminates). Cleared as that run ends, but at the root, whose give-up ends the
+        #: kernel: a child added while its parent decides is held for its next run
+        self.gave_up = ""
         # Insertion-ordered: start order, O(1) membership and removal (a million agents
         # under one supervisor must not make spawn or shutdown quadratic).
         self.children: dict[Child, None] = {}
@@ -466,6 +474,8 @@ class SupervisorNode(Child, ChildOwner):
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
                     self._leaving = False
+                    if self.supervisor is not None:
+                        self.gave_up = ""
                 self._nursery = None
         if escalation is not None:
             raise escalation
@@ -854,6 +864,9 @@ class SupervisorNode(Child, ChildOwner):
         for linked in reversed(list(child.linked_children)):
             if linked.retired:
                 continue
+            if isinstance(linked, SupervisorNode) and not linked.closing:
+                # (stopped for good: it takes no new child from now on)
+                linked.closing = reason
             owner = linked.supervisor
             if owner is self:
                 await self._stop_child(linked)
@@ -988,6 +1001,7 @@ class SupervisorNode(Child, ChildOwner):
         self.host.ledger.event(
             EventKind.ESCALATED, self.id, self.name, f"child {child.label}", last
         )
+        self.gave_up = f"gave up: {why} after {child.label!r} failed"
         raise Escalation(chain, last)
 
     def _stop_timeout(self, child: Child) -> float:

@@ -2419,22 +2419,28 @@ async def test_spawn_under_a_supervisor_takes_any_address_and_says_what_is_wrong
         assert len(kernel.agents()) == 1
 
 
+class _Boom(Agent):
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        raise RuntimeError("boom")
+
+
+class _SlowStop(Agent):
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def on_stop(self, ctx: Context) -> None:
+        await trio.sleep(1)
+
+
 async def test_a_spawn_under_a_supervisor_being_stopped_is_refused_saying_so(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Before (1242268): taken, and the child never started: stopped for good with the
     # supervisor, its ref an agent that never ran (OTP's start_child, Akka's actorOf and
     # a Trio nursery closed to new arrivals refuse it).
-    class Slow(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            pass
-
-        async def on_stop(self, ctx: Context) -> None:
-            await trio.sleep(1)
-
     async with open_kernel(make_config()) as kernel:
         for top in ("a", "b"):
-            inner = Supervisor(name=f"{top}-inner", children=[agent(Slow, name=f"{top}-slow")])
+            inner = Supervisor(name=f"{top}-inner", children=[agent(_SlowStop, name=f"{top}-slow")])
             kernel.spawn(Supervisor(name=top, children=[inner]))
         await trio.testing.wait_all_tasks_blocked()
         async with trio.open_nursery() as nursery:
@@ -2456,6 +2462,92 @@ async def test_a_spawn_under_a_supervisor_being_stopped_is_refused_saying_so(
         assert [ref.name for ref in kernel.agents()] == ["late"]
         stats = kernel.stats()
         assert stats.agents_alive == 1
+
+
+async def test_a_spawn_under_a_supervisor_that_gave_up_is_refused_until_its_run_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Before (1b92de0): taken while 'P' (restart intensity exceeded) stopped its children,
+    # never started there. OTP's supervisor refuses start_child as it terminates. Once
+    # its run is over, a child is held for its next run (here the root restarts it).
+    config = Config(
+        supervision=SupervisionConfig(
+            max_restarts=1, backoff_initial_ms=3000, backoff_max_ms=3000, backoff_jitter=0
+        )
+    )
+    inner = Supervisor(name="S", children=[agent(_SlowStop, name="s1")])
+    async with open_kernel(config) as kernel:
+        kernel.spawn(Supervisor(name="P", max_restarts=0, children=[agent(_Boom, name="c"), inner]))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("c", "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() < 1  # ('P' waits for s1's on_stop)
+        gave_up = r"\(gave up: restart intensity exceeded after 'c' failed\): a supervisor on"
+        with pytest.raises(AgentNotFound, match=r"'P' \(it is being stopped " + gave_up):
+            kernel.spawn(echo, name="late", supervisor="P")
+        with pytest.raises(
+            AgentNotFound, match=r"'S' \(it is being stopped with 'P', a supervisor above it "
+        ):
+            kernel.spawn(echo, name="late", supervisor="S")
+        await trio.sleep(1.5)  # (its run is over: the root restarts it in 3 s)
+        late = kernel.spawn(echo, name="late", supervisor="S")
+        assert await kernel.request(late, 1) == {"echo": 1}
+        assert trio.current_time() >= 3
+        assert sorted(ref.name or "" for ref in kernel.agents()) == ["c", "late", "s1"]
+
+
+async def test_a_spawn_while_supervision_escalates_to_the_kernel_is_kernel_shutting_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Before (1b92de0): taken while the root, giving up, stopped its children, never
+    # started, and stopped for good by the shutdown that followed.
+    config = Config(supervision=SupervisionConfig(max_restarts=0, escalate_to_kernel=True))
+    refused: list[str] = []
+
+    async def escalate() -> None:
+        async with open_kernel(config) as kernel:
+            kernel.spawn(Supervisor(name="S", children=[agent(_SlowStop, name="s1")]))
+            kernel.spawn(agent(_Boom, name="c"))
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send("c", "boom")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not kernel.shutting_down  # (the root stops 'S' first)
+            for under in (None, "S"):
+                with pytest.raises(KernelShuttingDown) as info:
+                    kernel.spawn(echo, name="late", supervisor=under)
+                refused.append(str(info.value))
+            await trio.sleep_forever()
+
+    with pytest.raises(SupervisorEscalation):
+        await escalate()
+    assert refused == ["kernel is shutting down: spawn refused"] * 2
+
+
+async def test_a_spawn_under_a_linked_supervisor_stopped_with_its_parent_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Before (1b92de0): taken while the supervisor an agent spawned (ctx.spawn) stopped
+    # with it, never started, and stopped for good with it.
+    class Parent(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> str:
+            return (
+                ctx.spawn(Supervisor(name="L", children=[agent(_SlowStop, name="l1")])).name or ""
+            )
+
+    async with open_kernel(make_config()) as kernel:
+        parent = kernel.spawn(Parent, name="parent")
+        assert await kernel.request(parent, "go") == "L"
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, parent)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() < 1  # (l1's on_stop runs)
+            with pytest.raises(
+                AgentNotFound,
+                match=r"'L' \(it is being stopped \(parent_stopped\): a supervisor on its way",
+            ):
+                kernel.spawn(echo, name="late", supervisor="L")
+        assert kernel.agents() == []
 
 
 @pytest.mark.parametrize(
