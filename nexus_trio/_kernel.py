@@ -457,7 +457,7 @@ class Kernel:
         owner = self._root
         if supervisor is not None:
             owner = self._supervisor_at(supervisor)
-        elif owner.gave_up:
+        elif owner.closing:
             # (supervision escalated to the kernel: its shutdown is to come)
             raise KernelShuttingDown("spawn")
         child = self._build(target, name)
@@ -485,8 +485,7 @@ class Kernel:
         # send to an agent being stopped is (a walk up the tree, on this path only).
         above: ChildOwner | None = node
         while isinstance(above, SupervisorNode):
-            why = above.closing or above.gave_up
-            if why:
+            if above.closing:
                 if above is self._root:
                     # (supervision escalated to the kernel: its shutdown is to come)
                     raise KernelShuttingDown("spawn")
@@ -494,8 +493,8 @@ class Kernel:
                 raise AgentNotFound(
                     address,
                     self._router.names,
-                    detail=f"it is being stopped{whose} ({why}): a supervisor on its way out"
-                    " takes no new children",
+                    detail=f"it is being stopped{whose} ({above.closing}): a supervisor on its"
+                    " way out takes no new children",
                 )
             above = above.supervisor
         return node
@@ -660,8 +659,8 @@ class Kernel:
         # (a supervisor's draining stop drains its children, all at once: see _stop_all)
         node.drain_on_stop = drain
         self._router.unroute(node)
-        if isinstance(node, SupervisorNode) and not node.closing:
-            node.closing = "kernel.stop"
+        if isinstance(node, SupervisorNode):
+            node.close_for_good("kernel.stop")
         owner = node.supervisor
         assert owner is not None
         if self._stop_waits_for_caller(node):

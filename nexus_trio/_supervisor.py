@@ -362,6 +362,7 @@ class SupervisorNode(Child, ChildOwner):
 
     __slots__ = (
         "_failures_queued",
+        "_for_good",
         "_inbox_send",
         "_last_spawn_gate",
         "_late_terminations",
@@ -372,7 +373,6 @@ class SupervisorNode(Child, ChildOwner):
         "_stops_queued",
         "children",
         "closing",
-        "gave_up",
         "host",
         "isolating",
         "spec",
@@ -385,17 +385,16 @@ class SupervisorNode(Child, ChildOwner):
         self.host = host
         self.spec = spec
         self.isolating = root and not host.escalate_to_kernel
-        #: why it is being stopped for good (``kernel.stop``; ``parent_stopped`` or
-        #: ``parent_exited``, a linked one with the agent that spawned it), "" until
-        #: then: ``spawn(supervisor=)`` refuses it and what is under it from then on (as
-        #: OTP's ``start_child``, Akka's ``actorOf`` and a Trio nursery closed to new
-        #: arrivals refuse)
+        #: why it is on its way out, "" while it takes new children: ``spawn(supervisor=)``
+        #: refuses it and what is under it (as OTP's ``start_child`` to a supervisor
+        #: that terminates, Akka's ``actorOf`` and a Trio nursery closed to new arrivals
+        #: refuse). Stopped for good (:meth:`close_for_good`), or it gave up (escalated)
+        #: and its run stops its children: cleared as that run ends, but at the root,
+        #: whose give-up ends the kernel (a child added while its own supervisor decides
+        #: is held for its next run)
         self.closing = ""
-        #: why it gave up (escalated), while its run stops its children on the way out:
-        #: refused as for ``closing`` (OTP's supervisor refuses ``start_child`` as it
-        #: terminates). Cleared as that run ends, but at the root, whose give-up ends the
-        #: kernel: a child added while its parent decides is held for its next run
-        self.gave_up = ""
+        #: ``closing`` says a stop for good, which no run's end clears
+        self._for_good = False
         # Insertion-ordered: start order, O(1) membership and removal (a million agents
         # under one supervisor must not make spawn or shutdown quadratic).
         self.children: dict[Child, None] = {}
@@ -426,6 +425,13 @@ class SupervisorNode(Child, ChildOwner):
     def request_stop(self) -> None:
         if self._inbox_send is not None:
             self._inbox_send.send_nowait((_SHUTDOWN,))
+
+    def close_for_good(self, why: str) -> None:
+        """It is being stopped for good (``why``: ``kernel.stop``, the reason of a linked
+        stop): it takes no new child from now on."""
+        if not self._for_good:
+            self._for_good = True
+            self.closing = why
 
     def cut_drain(self) -> None:
         super().cut_drain()
@@ -474,8 +480,8 @@ class SupervisorNode(Child, ChildOwner):
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
                     self._leaving = False
-                    if self.supervisor is not None:
-                        self.gave_up = ""
+                    if not self._for_good and self.supervisor is not None:
+                        self.closing = ""
                 self._nursery = None
         if escalation is not None:
             raise escalation
@@ -864,9 +870,8 @@ class SupervisorNode(Child, ChildOwner):
         for linked in reversed(list(child.linked_children)):
             if linked.retired:
                 continue
-            if isinstance(linked, SupervisorNode) and not linked.closing:
-                # (stopped for good: it takes no new child from now on)
-                linked.closing = reason
+            if isinstance(linked, SupervisorNode):
+                linked.close_for_good(reason)
             owner = linked.supervisor
             if owner is self:
                 await self._stop_child(linked)
@@ -1001,7 +1006,8 @@ class SupervisorNode(Child, ChildOwner):
         self.host.ledger.event(
             EventKind.ESCALATED, self.id, self.name, f"child {child.label}", last
         )
-        self.gave_up = f"gave up: {why} after {child.label!r} failed"
+        if not self.closing:
+            self.closing = f"gave up: {why} after {child.label!r} failed"
         raise Escalation(chain, last)
 
     def _stop_timeout(self, child: Child) -> float:
