@@ -4341,6 +4341,41 @@ async def test_a_heartbeat_read_after_the_watch_gave_the_leave_s_delete_does_not
     assert held[0].data and not held[-1].data, held
 
 
+async def test_a_leave_drops_its_own_membership_record_not_one_another_process_wrote_since(
+    nats: NatsServer,
+) -> None:
+    """Regression (review of the forty-seventh pass): a node's clean leave deleted the
+    record under its name in the nodes bucket whoever wrote it. A process that joined
+    under that name while the first was silent (frozen, cut off) and that wrote its
+    record since lost it to the first one's leave: every node's watch gave the delete,
+    dropped the live process as a member that left, and (since the forty-seventh pass)
+    ignored its heartbeats until its next record write was read. The leave now deletes
+    the record at the revision it wrote, or one of its own join read then, and leaves
+    another process's. (Checked on ed677a8's _cluster.py: the record of "another
+    process" was gone after the leave, KeyNotFoundError.)"""
+    quiet = {"heartbeat_interval": 30.0}  # (no periodic write of a's record here)
+    other = encode_record("a", _FAKE_PREFIX, time.time(), {}, session=0x5E5)
+    async with _node(nats.url, "b", **quiet) as (_, cb):
+        kv = cb._nodes_kv
+        assert kv is not None
+        with trio.fail_after(30):  # a hang guard
+            async with _node(nats.url, "a", **quiet) as (_, ca):
+                assert ca._record_revision > 0
+                written = await call_aio(kv.put, "a", other)  # (the other process's)
+            entry = await call_aio(kv.get, "a")
+            assert (entry.value, entry.revision) == (other, written)
+            # its own record, written again (its last write's answer lost: the revision
+            # it holds is stale), is still dropped by its leave (the other's dropped
+            # first: a join under a name a record holds waits for its heartbeats)
+            await call_aio(kv.delete, "a")
+            async with _node(nats.url, "a", **quiet) as (_, ca):
+                stale = ca._record_revision
+                await call_aio(kv.put, "a", ca._record())
+                assert ca._record_revision == stale  # (the bucket is past it)
+            with pytest.raises(KeyNotFoundError):
+                await call_aio(kv.get, "a")
+
+
 async def test_a_record_write_in_flight_as_a_node_leaves_does_not_land_after_its_delete(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5975,6 +5975,32 @@ class Cluster:
                 self._names_not_dropped,
             )
 
+    async def _drop_own_record(self, kv: KeyValue) -> None:
+        """Leaving (asyncio side): delete this node's membership record if it is this
+        join's: at the revision this node last wrote; refused (a write whose answer was
+        lost had landed, or another process wrote under this node's name since), at the
+        revision the bucket holds if the record there is still of this join. A record
+        of another process of this name (one that joined while this one was silent:
+        frozen, cut off, then leaving cleanly) is left to it: deleted, the watch made
+        every node drop that live process as a member that left, and ignore its
+        heartbeats until its next record write was read (see _sent_before_leave)."""
+        if self._record_revision > 0:
+            try:
+                await kv.delete(self.node, last=self._record_revision)
+                return
+            except nats.js.errors.BadRequestError:
+                pass  # ("wrong last sequence": written since, see above)
+        try:
+            entry = await kv.get(self.node)
+        except nats.js.errors.KeyNotFoundError:
+            return  # (deleted or expired already)
+        try:
+            session = _record_session(entry.value or b"")
+        except ValueError:
+            return  # (malformed: no record of this join's)
+        if session == self._session:
+            await kv.delete(self.node, last=entry.revision)
+
     async def _announce_leave(self) -> None:
         """Leaving: announce it; drop this node's membership record."""
         # Heartbeats go on until here: a node silent through a slow leave would be
@@ -5998,7 +6024,7 @@ class Cluster:
             )
         if self._nodes_kv is not None:
             try:
-                await call_aio(self._nodes_kv.delete, self.node)
+                await call_aio(self._drop_own_record, self._nodes_kv)
             except Exception as exc:
                 log_guarded(
                     log,
