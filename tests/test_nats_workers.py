@@ -1125,6 +1125,9 @@ def test_a_worker_whose_nats_connections_are_cut_mid_run_reconnects_and_its_loss
     assert [workers[n]["exit"] for n in ("worker-0", "worker-1")] == ["exit code 0"] * 2
     balance = summary["cluster_balance"]
     in_transit = sum(w["lost_counted_by_kind"]["lost_in_transit"] for w in workers.values())
-    assert balance["lost_counted"] == in_transit > 0, balance  # (6-30 in 16 runs)
+    # (6-30 lost in 16 runs at load; 0 when the cut finds nothing in flight, as in one CI
+    # run on a quiet machine: the books must balance either way, and a receiver that does
+    # not count its gaps unbalances them whenever something was lost)
+    assert balance["lost_counted"] == in_transit >= 0, balance
     assert balance["sent"] == balance["handled_replied_or_dead"] + in_transit > 0, balance
     assert summary["lost_seen"] == []  # (back within the loss window: nobody judged)
