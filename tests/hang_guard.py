@@ -19,6 +19,18 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
 
+from nexus_trio import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    RequestFailed,
+    RequestTimeout,
+)
+
+#: what a send or a request to an agent of one kernel may end with, besides its answer
+#: (the fault-injection properties of the core accept these and no other error)
+DOCUMENTED: Final = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
+
 
 class Hung(Exception):
     """The test made no progress within its real-time limit: something waits forever."""

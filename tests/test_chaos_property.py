@@ -83,7 +83,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
+from .hang_guard import DOCUMENTED, fault_settings, run_on_mock_clock, tasks_living
 
 
 def _is_agent(kernel: Any, ref: AgentRef) -> bool:
@@ -91,8 +91,6 @@ def _is_agent(kernel: Any, ref: AgentRef) -> bool:
     return ref in kernel.agents()
 
 
-#: what a request may end with, besides its answer
-DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
 MOCK_LIMIT = 3600
 
 targets = st.integers(0, 63)

@@ -73,11 +73,8 @@ from nexus_trio import (
     KernelPhase,
     KernelShuttingDown,
     LifecycleEvent,
-    MailboxFull,
     Message,
     MessageKind,
-    RequestFailed,
-    RequestTimeout,
     SupervisionConfig,
     Supervisor,
     agent,
@@ -85,10 +82,8 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import fault_settings_from, real_time_limit, tasks_living
+from .hang_guard import DOCUMENTED, fault_settings_from, real_time_limit, tasks_living
 
-#: what a send or a request may end with, besides its answer
-DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
 MACHINE_SETTINGS = fault_settings_from("NEXUS_MACHINE_EXAMPLES", 200)
 
 #: what a message asks its handler to do

@@ -83,8 +83,6 @@ from nexus_trio import (
     MailboxFull,
     Message,
     MessageKind,
-    RequestFailed,
-    RequestTimeout,
     SupervisionConfig,
     Supervisor,
     agent,
@@ -94,10 +92,8 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import fault_settings_from, run_on_mock_clock, tasks_living
+from .hang_guard import DOCUMENTED, fault_settings_from, run_on_mock_clock, tasks_living
 
-#: what a request (or a send) may end with, besides its answer
-DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
 #: a long run draws fresh examples each time (the CI run is derandomized)
 MODEL_SETTINGS = fault_settings_from("NEXUS_MODEL_EXAMPLES", 100)
 if os.environ.get("NEXUS_MODEL_SHRINK") == "0":
