@@ -1362,6 +1362,46 @@ async def test_a_member_that_leaves_takes_the_routes_to_it_with_it(
     assert there == [0, 1, 2] and stay == [0, 1, 2, 3]
 
 
+async def test_a_dropped_link_takes_only_the_routes_through_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-eighth pass: a link dropped (its node's process joined again unheard, its
+    stream ended, a credit link forgotten) cleared the route kept for every address,
+    so the tells to every other node's agents were routed the long way again too. Now
+    it takes the routes that lead through it: after ``s`` drops its link to ``b``, the
+    next tells to ``b``'s two agents are routed again, once each, and those to ``a``'s
+    two are not; every tell handled. (On 5699b98's _cluster.py ``routed`` gets a's two
+    names again too.)"""
+    routed = _routes_of(monkeypatch, "s")
+    names = ["a1", "a2", "b1", "b2"]
+    got: dict[str, list[Any]] = {name: [] for name in names}
+    has = {name: {4: trio.Event()} for name in names}
+    async with (
+        _node(nats.url, "s") as (ks, cs),
+        _node(nats.url, "a") as (ka, _ca),
+        _node(nats.url, "b") as (kb, cb),
+    ):
+        with trio.fail_after(30):
+            for name in names:
+                kernel = ka if name.startswith("a") else kb
+                kernel.spawn(_counting_to(got[name], name, has[name]))
+                await cs.wait_for_name(name)
+            for i in range(2):
+                for name in names:
+                    await ks.send(name, i)
+            assert routed == names
+            version = cs.members.version
+            cs._drop_link(("b", cb.id_prefix))
+            for i in range(2, 4):
+                for name in names:
+                    await ks.send(name, i)
+            for name in names:
+                await has[name][4].wait()
+            assert cs.members.version == version  # (the drop, not the members, re-routed)
+            assert routed == [*names, "b1", "b2"]
+    assert all(got[name] == [0, 1, 2, 3] for name in names), got
+
+
 async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
     nats: NatsServer,
 ) -> None:

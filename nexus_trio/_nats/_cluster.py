@@ -1957,9 +1957,10 @@ class Cluster:
     def _link_for(self, msg: Message, routed: _Routed) -> batch.NodeLink:
         """The node batch of a tell that _route routed; kept for the next tells to the
         same address (routing a tell costs about as much as encoding it). The cache is
-        emptied when the members change (a version of the table) or a link is dropped
-        (_drop_link), and past _KNOWN_LINKS_MAX addresses; a name's own route is
-        dropped when the name is learnt, moved or dropped (_set_name)."""
+        emptied when the members change (a version of the table) and past
+        _KNOWN_LINKS_MAX addresses; a name's own route is dropped when the name is
+        learnt, moved or dropped (_set_name), and the routes to a link when it is
+        (_drop_link)."""
         stream = routed[3]
         assert isinstance(stream, tuple)
         link = self._links.get(stream) or self._new_link(stream)
@@ -1988,12 +1989,16 @@ class Cluster:
         self._known_links.pop(name, None)
 
     def _drop_link(self, stream: _Stream) -> None:
-        """Forget the link of ``stream`` (and the tells' routes, which may name it); a
-        sender waiting for its credit, which can no longer come, is woken to route its
-        tell again (see deliver)."""
+        """Forget the link of ``stream`` and the tells' routes that lead to it (those of
+        the addresses on its node's process: the routes kept to every other link stay;
+        each value of ``_known_links`` is a link of ``_links``); a sender waiting for its
+        credit, which can no longer come, is woken to route its tell again (see
+        deliver)."""
         link = self._links.pop(stream, None)
-        self._known_links.clear()
         if link is not None:
+            known = self._known_links
+            for key in [key for key, kept in known.items() if kept is link]:
+                del known[key]
             link.wake_waiters()
 
     def _restart_streams(self, node: str, ended: NodeInfo | None = None) -> None:
