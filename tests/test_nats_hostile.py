@@ -12,16 +12,19 @@ docs/distributed.md, "Security", for what such a peer can still do).
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import logging
 import os
 import re
 import struct
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -46,10 +49,11 @@ from nexus_trio import (
 from nexus_trio._message import stored_fields
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
+from nexus_trio._nats import _cluster as cluster_module
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._direct import flush_after_subscribe
-from nexus_trio._nats._membership import NodeInfo, decode_record
+from nexus_trio._nats._membership import NodeInfo, bucket_birth, decode_record, encode_record
 from nexus_trio._nats._placement import PlacementFailed
 
 from .hang_guard import fault_settings, real_time_limit, tasks_living
@@ -439,6 +443,98 @@ async def test_a_second_process_under_a_live_member_s_name_is_counted_and_said(
                 " it (1 such records so far)"
             ]
         assert cb.stats().records_contested == 3  # under its own name
+
+
+async def _crashed_process_of(hostile: Hostile, node: str, id_prefix: int) -> tuple[int, int]:
+    """A process of this version named ``node`` that joined (its first record, then one
+    with its join order, and a heartbeat) and crashed: its join order."""
+    js = hostile.nc.jetstream()
+
+    async def join() -> tuple[int, int]:
+        kv = await js.key_value(f"{hostile.prefix}-nodes")
+        born = bucket_birth((await js.stream_info(f"KV_{hostile.prefix}-nodes")).created)
+        assert born is not None
+        joined = time.time()
+
+        def record(order: tuple[int, int] | None) -> bytes:
+            return encode_record(node, id_prefix, joined, {}, 0x5E5, join_order=order)
+
+        first = await kv.put(node, record(None))
+        order = (born, first)
+        await kv.put(node, record(order))
+        await hostile.nc.publish(f"{hostile.prefix}.hb.{node}", record(order))
+        await hostile.nc.flush()
+        return order
+
+    return await call_aio(join)
+
+
+async def test_a_restart_on_a_host_whose_clock_is_behind_is_taken_at_its_first_heartbeat(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-eighth pass: which of two processes under one name joined later was judged
+    by ``joined``, each host's wall clock. A node restarted on a host whose clock is
+    behind the crashed process's (here 1,000 s: ``time.time`` of the new process's
+    cluster monkeypatched) claimed an earlier join: ``a`` counted and said its
+    heartbeats as contested (two live processes) and kept the crashed one until it was
+    judged lost (a loss window; 10 s for ``a`` here). Joins are now ordered by the nodes
+    bucket (the revision of each join's first record), which no host's clock decides:
+    the restart is taken at its first heartbeat, the crashed process counted lost once,
+    nothing contested. (On 5699b98's _cluster.py and _membership.py swapped in:
+    records_contested is 1 when a first hears the new process, and b still the crashed
+    one.)"""
+    patient_a = attrs.evolve(PATIENT, missed_heartbeats=50)  # (loss window 10 s)
+    async with _node(nats.url, "a", options=patient_a) as (_, ca), _hostile(nats.url) as hostile:
+        crashed = await _crashed_process_of(hostile, "b", 0xEF)
+        await _members_heard(ca, "b")
+        assert ca.members.members["b"].join_order == crashed
+        real_time = time.time
+        with monkeypatch.context() as patch:
+            patch.setattr(cluster_module, "time", SimpleNamespace(time=lambda: real_time() - 1e3))
+            restarted = _node(nats.url, "b", options=PATIENT)
+            _, cb = await restarted.__aenter__()
+        try:
+            with trio.fail_after(20):  # a hang guard
+                while ca.stats().records_contested == 0:
+                    if ca.members.members["b"].id_prefix == cb.id_prefix:
+                        break
+                    await trio.sleep(0.02)
+            assert ca.stats().records_contested == 0
+            b = ca.members.members["b"]
+            assert (b.id_prefix, b.reachable, b.joined) == (cb.id_prefix, True, cb._joined_at)
+            assert b.joined < time.time() - 500  # (its clock: 1,000 s behind)
+            assert b.join_order == cb._join_order and b.join_order > crashed
+            assert (ca.stats().nodes_lost_by_node or {}).get("b") == 1  # the crashed one
+        finally:
+            await restarted.__aexit__(None, None, None)
+
+
+def test_joins_are_ordered_by_the_bucket_where_both_records_say_and_a_hostile_order_is_refused() -> (
+    None
+):
+    """A record's ``join_order`` (the nodes bucket's birth, its join's first revision)
+    orders two joins whatever their hosts' clocks say; a record without one (a join's
+    first, a kernel of an earlier version) is ordered by ``joined`` as before. One that
+    is not two whole numbers in range is refused naming the field."""
+
+    def info(joined: float, order: tuple[int, int] | None) -> NodeInfo:
+        record = encode_record("b", 0xB, joined, {}, join_order=order)
+        return decode_record(record, 0.0, "b")
+
+    early, late = info(2e9, (100, 5)), info(1e9, (100, 9))  # (late's clock is behind)
+    assert late.join_order == (100, 9)
+    assert late.compare_join(early) > 0 and early.compare_join(late) < 0
+    assert info(3e9, (100, 9)).compare_join(late) == 0
+    assert info(0.0, (200, 1)).compare_join(late) > 0  # (a bucket made anew: later)
+    assert info(0.5e9, None).compare_join(late) < 0 and info(3e9, None).compare_join(late) > 0
+    assert info(1e9, None).compare_join(late) == 0
+    body = json.loads(encode_record("b", 0xB, 1.0, {}, join_order=(1, 1)))
+    for bad in ([1], [1, 2, 3], [1, 0], [-1, 1], [1, 1.5], [True, 1], "1:1", {}, [1, 1 << 63]):
+        with pytest.raises(ValueError, match="membership record: bad 'join_order'"):
+            decode_record(json.dumps({**body, "join_order": bad}).encode(), 0.0, "b")
+    born = datetime.datetime(2026, 12, 6, 20, 0, 0, 123456, tzinfo=datetime.UTC)
+    assert bucket_birth(born) == 1796587200123456  # (date -ud ... +%s: 1796587200)
+    assert bucket_birth(None) is None and bucket_birth(born.replace(tzinfo=None)) is None
 
 
 # --- the property: a drawn script of hostile frames against two live nodes ----------------------

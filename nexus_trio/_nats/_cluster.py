@@ -130,6 +130,7 @@ from ._held import HeldLines
 from ._membership import (
     MemberTable,
     NodeInfo,
+    bucket_birth,
     decode_record,
     encode_record,
     hex64,
@@ -907,6 +908,7 @@ class Cluster:
         "_batch_versions",
         "_batches_published",
         "_batches_received",
+        "_births_read",
         "_bucket_births",
         "_buckets_made_again",
         "_buckets_renewed",
@@ -942,6 +944,7 @@ class Cluster:
         "_inbox",
         "_join_batch_subject",
         "_join_mark_subject",
+        "_join_order",
         "_joined_at",
         "_js",
         "_json_requests",
@@ -1139,6 +1142,11 @@ class Cluster:
         # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
         # write that found no bucket); how often they were found gone or made anew
         self._bucket_births: dict[str, object] = {}
+        # the birth of each bucket's stream as its opening read it (see _kv), and this
+        # join's place in the order of joins (NodeInfo.join_order: the nodes bucket's
+        # birth, the revision of the join's first record; set once that record landed)
+        self._births_read: dict[str, object] = {}
+        self._join_order: tuple[int, int] | None = None
         self._buckets_to_check = False
         self._buckets_made_again = 0
         # set (and replaced) when the buckets were found made anew: the watches of the
@@ -1549,7 +1557,9 @@ class Cluster:
             # (nats-py makes a bucket's stream with no limit of consumers of its own:
             # the server's default_max_consumers caps it; see _stream_caps)
             stream = KV_STREAM_TEMPLATE.format(bucket=bucket)
-            await self.stream_caps.lift(self.js, await self.js.stream_info(stream))
+            info = await self.js.stream_info(stream)
+            self._births_read[stream] = info.created
+            await self.stream_caps.lift(self.js, info)
             return kv
 
         # A JetStream cluster that is still electing its leader answers with timeouts or
@@ -4643,6 +4653,7 @@ class Cluster:
             self.placement.types,
             self.durable.options.enabled,
             self._batch_versions,
+            self._join_order,
         )
 
     async def _heartbeat_once(self) -> None:
@@ -5058,7 +5069,7 @@ class Cluster:
         previous = self.members.members.get(info.node)
         if previous is not None and info.node != self.node:
             if previous.id_prefix != info.id_prefix:
-                if info.joined <= previous.joined and (previous.reachable or not live):
+                if info.compare_join(previous) <= 0 and (previous.reachable or not live):
                     # A late record of an older process under that name (stale), or,
                     # heard live, a process that still runs under it: two of one name,
                     # or a peer speaking for it. The one held stays while it is heard
@@ -5138,20 +5149,31 @@ class Cluster:
             "node %s: ignoring a membership record of node %r from pid %d on %s (id prefix"
             " %016x, joined %.3f): this node holds the process of that name that joined"
             " %s it (pid %d on %s, id prefix %016x, joined %.3f); two live processes named"
-            " %r, or a peer on the NATS account speaking for it (%d such records so far)",
+            " %r, or a peer on the NATS account speaking for it (%d such records so far)%s",
             self.node,
             info.node,
             info.pid,
             info.host,
             info.id_prefix,
             info.joined,
-            "after" if info.joined < held.joined else "at the same time as",
+            "after" if info.compare_join(held) < 0 else "at the same time as",
             held.pid,
             held.host,
             held.id_prefix,
             held.joined,
             info.node,
             self._records_contested,
+            (
+                ""
+                if info.join_order is None or held.join_order is None
+                else "; joins ordered by the nodes bucket, not the hosts' clocks: revision"
+                f" {info.join_order[1]} against {held.join_order[1]}"
+                + (
+                    ""
+                    if info.join_order[0] == held.join_order[0]
+                    else " (the held one's in the bucket made anew)"
+                )
+            ),
         )
 
     def _note_left_before_delete(self, node: str, session: int) -> None:
@@ -5702,6 +5724,13 @@ class Cluster:
         await self._claim_the_name(
             functools.partial(call_aio, subscribe), functools.partial(call_aio, unsubscribe)
         )
+        # this join's place among the joins under any name, as the server ordered them
+        # (the bucket's revision of its first record), not this host's clock: every
+        # record from here on says it (the first one cannot: see NodeInfo.join_order)
+        nodes_stream = KV_STREAM_TEMPLATE.format(bucket=f"{self.prefix}-nodes")
+        born = bucket_birth(self._births_read.get(nodes_stream))
+        if born is not None:
+            self._join_order = (born, self._record_revision)
 
         async def subscribe_heartbeats() -> None:
             self._heartbeat_sub = await self._control.subscribe(

@@ -23,6 +23,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -95,6 +96,24 @@ class NodeInfo:
     #: the node-batch versions it reads ("NXB2", "NXB3", see ``_batch``); None in the
     #: record of a kernel of an earlier version, which reads NXB2 only
     batches: frozenset[str] | None = None
+    #: where its join stands in the order of joins, as the NATS server decided it: the
+    #: nodes bucket's birth (microseconds since the epoch, the server's clock, see
+    #: :func:`bucket_birth`) and the revision at which the join's first record landed
+    #: there. None in a join's first record (written before the revision is known), in
+    #: the record of a kernel of an earlier version, and where the server gave no
+    #: birth: then ``joined`` (the host's clock) orders it (see :meth:`compare_join`)
+    join_order: tuple[int, int] | None = None
+
+    def compare_join(self, other: NodeInfo) -> int:
+        """Negative if this process joined before ``other``, 0 at the same time, positive
+        after: by :attr:`join_order` when both records carry one (the bucket orders every
+        write, and a later bucket is a later one: no host's clock decides), else by
+        ``joined``, each host's wall clock (a record of a kernel of an earlier version)."""
+        if self.join_order is not None and other.join_order is not None:
+            mine, theirs = self.join_order, other.join_order
+        else:
+            return (self.joined > other.joined) - (self.joined < other.joined)
+        return (mine > theirs) - (mine < theirs)
 
     def reads_batches(self, version: str) -> bool:
         """Whether a node batch of ``version`` may be written to the node: its record
@@ -138,6 +157,7 @@ def encode_record(
     types: Iterable[str] | None = None,
     durable: bool | None = None,
     batches: Iterable[str] | None = None,
+    join_order: tuple[int, int] | None = None,
 ) -> bytes:
     record: dict[str, Any] = {
         "node": node,
@@ -157,6 +177,8 @@ def encode_record(
         record["durable"] = durable
     if batches is not None:
         record["batches"] = list(batches)
+    if join_order is not None:
+        record["join_order"] = list(join_order)
     return json.dumps(
         record,
         separators=(",", ":"),
@@ -213,7 +235,34 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         types=field("types", _types) if "types" in obj else None,
         durable=field("durable", _flag) if "durable" in obj else None,
         batches=field("batches", _batches) if "batches" in obj else None,
+        join_order=field("join_order", _join_order) if "join_order" in obj else None,
     )
+
+
+def _join_order(value: Any) -> tuple[int, int]:
+    """A record's ``join_order``: a list of two whole numbers, a bucket's birth of at
+    least 0 and a revision of at least 1, each below 2**63; ValueError if not."""
+    if type(value) is not list or len(value) != 2:
+        raise ValueError("not a list of a bucket's birth and a revision")
+    born, revision = value
+    if type(born) is not int or not 0 <= born < 1 << 63:
+        raise ValueError("the bucket's birth is no whole number of at least 0")
+    if type(revision) is not int or not 1 <= revision < 1 << 63:
+        raise ValueError("the revision is no whole number of at least 1")
+    return born, revision
+
+
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def bucket_birth(created: object) -> int | None:
+    """A bucket's birth as a record's :attr:`NodeInfo.join_order` carries it: the
+    ``created`` of its stream's info (the server's time) in microseconds since the
+    epoch; None if the server gave none (or no aware time), or one before the epoch."""
+    if not isinstance(created, datetime.datetime) or created.tzinfo is None:
+        return None
+    born = (created - _EPOCH) // datetime.timedelta(microseconds=1)
+    return born if 0 <= born < 1 << 63 else None
 
 
 def _flag(value: Any) -> bool:
