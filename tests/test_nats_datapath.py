@@ -4381,6 +4381,64 @@ async def test_a_heartbeat_read_after_the_watch_gave_the_leave_s_delete_does_not
     assert held[0].data and not held[-1].data, held
 
 
+async def test_a_restart_within_milliseconds_of_a_leave_is_no_second_live_process(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (forty-seventh pass's loose end): a node restarted as its earlier
+    process left (a new process claiming the name as soon as the leave deleted its
+    record) could be said, once, to be two live processes. The watch gives the leave's
+    delete, then the new process's record, before the earlier process's last heartbeat
+    (sent before its leave) is read on the core subject; the new record ended the
+    window in which the left join's heartbeats are stale, so that heartbeat was taken
+    live, from a process that joined before the one held: contested, counted and said.
+    Only a record of the join that was deleted ends that window now. Here b holds what
+    it hears on a's heartbeat subject from the earlier a's last heartbeat on, until the
+    watch gave the leave's delete and the new a's record, then takes it in its order:
+    nothing contested, the earlier a neither lost nor back, the new one held. (Checked
+    on 5699b98's _cluster.py: records_contested 1, the line said.)"""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    original = Cluster._on_heartbeat
+    held: list[Any] = []
+    hold = _Hold()
+
+    async def on_heartbeat(self: Cluster, m: Any) -> None:
+        if self.node == "b" and m.subject.endswith(".hb.a") and hold.on:
+            held.append(m)
+            if m.data:
+                hold.first.set()
+            return
+        await original(self, m)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", on_heartbeat)
+    with trio.fail_after(30):
+        async with _node(nats.url, "b", missed_heartbeats=50) as (_, cb):
+            async with _node(nats.url, "a") as (_, earlier):
+                await until(lambda: "a" in cb.live_nodes())
+                hold.on = True
+                await hold.first.wait()
+            await until(lambda: "a" not in cb.live_nodes())  # (the watch gave the delete)
+            with monkeypatch.context() as patch:  # (another process: its own id prefix)
+                patch.setattr(cluster_module, "process_id_prefix", lambda: 0xE2)
+                restarted = _node(nats.url, "a")
+                _, later = await restarted.__aenter__()
+            try:
+                await until(lambda: "a" in cb.live_nodes())  # (the watch gave its record)
+                assert cb.members.members["a"].id_prefix == 0xE2
+                hold.on = False
+                for m in held:
+                    with on_loop_of(cb):
+                        await call_aio(original, cb, m)
+                b_saw = cb.members.members["a"]
+                stats = cb.stats()
+            finally:
+                await restarted.__aexit__(None, None, None)
+    said = [r.getMessage() for r in caplog.records if "ignoring a membership" in r.getMessage()]
+    assert (stats.records_contested, said) == (0, [])
+    assert (b_saw.id_prefix, b_saw.session, b_saw.reachable) == (0xE2, later._session, True)
+    assert (stats.nodes_lost_by_node or {}).get("a", 0) == 0  # (the earlier a left)
+    assert held[0].data and earlier._session != later._session
+
+
 async def test_a_leave_drops_its_own_membership_record_not_one_another_process_wrote_since(
     nats: NatsServer,
 ) -> None:

@@ -4879,14 +4879,16 @@ class Cluster:
         deleted, and whose writes of it fail meanwhile, is heard again by its heartbeats
         after that (a record it writes brings it back at once, see _apply_node_entry)."""
         session, until = self._deleted_before_leave[node]
+        if monotonic() >= until:
+            del self._deleted_before_leave[node]
+            return False
         try:
             sent_in = _record_session(record)
         except ValueError:
             sent_in = None  # (malformed: _apply_member_entry says so)
-        if sent_in == session and monotonic() < until:
-            return True
-        del self._deleted_before_leave[node]
-        return False
+        # (another join's heartbeat, a restart's, leaves the window open for the last
+        # heartbeats of the join that left, which may be read after it)
+        return sent_in == session
 
     def _ends_current_join(self, node: str, session: str | int | None) -> bool:
         """Whether the leave of the join of ``node`` with ``session`` (hex text from a
@@ -4938,14 +4940,20 @@ class Cluster:
             self._left_before_delete.pop(key, None)  # (what the watch gives next is newer)
             return
         if value:
-            # (a record after the delete: written again, the node lives; its heartbeats
-            # count again)
-            self._deleted_before_leave.pop(key, None)
             try:
                 sessions[key] = _record_session(value)
             except ValueError:
                 sessions.pop(key, None)  # (malformed: _apply_member_entry says so)
             else:
+                deleted = self._deleted_before_leave.get(key)
+                if deleted is not None and deleted[0] == sessions[key]:
+                    # (a record of the join after its delete: written again, the node
+                    # lives; its heartbeats count again. Not one of another join: the
+                    # process that joined under the name as soon as the leave deleted
+                    # the record (a restart within milliseconds) says nothing of the
+                    # join that left, whose last heartbeats, read on the core subject
+                    # after this, were taken for a second live process of the name)
+                    del self._deleted_before_leave[key]
                 left = self._left_before_delete.get(key)
                 if left is not None and left == sessions[key]:
                     # A record the join wrote before its leave, given by the watch after
