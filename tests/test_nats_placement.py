@@ -1770,6 +1770,12 @@ async def test_a_partition_that_heals_leaves_one_incarnation_of_each_placed_name
             assert await ka.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 1}
             assert await kc.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 2}
             assert (ca.stats().duplicates_stopped, cc.stats().duplicates_stopped) == (1, 1)
+            # each was counted lost once by the other and is a member again as the same
+            # process (Erlang's choice, not Akka's new identity): its join, reachable
+            for seen, other in ((ca, cc), (cc, ca)):
+                assert seen.stats().nodes_lost_by_node == {other.node: 1}
+                back = seen.members.members[other.node]
+                assert (back.session, back.reachable) == (other._session, True)
             # the first entry of "on-a" (a's stopped copy), heard late, changes nothing
             ca._apply_name_entry(*first_on_a)
             assert ca.name_holder("on-a") == winner["on-a"]
