@@ -4277,6 +4277,29 @@ class _Hold:
     last: trio.Event = attrs.Factory(trio.Event)
 
 
+def _hold_heartbeats_of_a(
+    monkeypatch: pytest.MonkeyPatch, hold: _Hold
+) -> tuple[list[Any], Callable[[Cluster, Any], Awaitable[None]]]:
+    """While ``hold`` is on, b keeps what it hears on a's heartbeat subject (``first``
+    set at a heartbeat, ``last`` at a leave's announcement) instead of taking it: the
+    messages held, and what takes one (the unpatched ``_on_heartbeat``)."""
+    original = Cluster._on_heartbeat
+    held: list[Any] = []
+
+    async def on_heartbeat(self: Cluster, m: Any) -> None:
+        if self.node == "b" and m.subject.endswith(".hb.a") and hold.on:
+            held.append(m)
+            if m.data:
+                hold.first.set()
+            elif wire.SESSION_HEADER in (m.headers or {}):
+                hold.last.set()
+            return
+        await original(self, m)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", on_heartbeat)
+    return held, original
+
+
 @asynccontextmanager
 async def _a_leaves_while_b_holds(nats: NatsServer, hold: _Hold) -> AsyncIterator[Cluster]:
     """b (patient) and a joined; once b hears a, ``hold`` is on, and a leaves once b
@@ -4349,21 +4372,8 @@ async def test_a_heartbeat_read_after_the_watch_gave_the_leave_s_delete_does_not
     and its leave is logged once. (Checked on 1242268's _cluster.py: a back as a member
     after the held heartbeat, the leave logged twice.)"""
     caplog.set_level(logging.INFO, logger="nexus_trio.nats")
-    original = Cluster._on_heartbeat
-    held: list[Any] = []
     hold = _Hold()
-
-    async def on_heartbeat(self: Cluster, m: Any) -> None:
-        if self.node == "b" and m.subject.endswith(".hb.a") and hold.on:
-            held.append(m)
-            if m.data:
-                hold.first.set()
-            elif wire.SESSION_HEADER in (m.headers or {}):
-                hold.last.set()
-            return
-        await original(self, m)
-
-    monkeypatch.setattr(Cluster, "_on_heartbeat", on_heartbeat)
+    held, original = _hold_heartbeats_of_a(monkeypatch, hold)
     with trio.fail_after(30):
         # the watch gives the leave's delete: b takes a's leave from it; the first held
         # is a heartbeat of a's, sent before its leave, the last the announcement
@@ -4397,19 +4407,8 @@ async def test_a_restart_within_milliseconds_of_a_leave_is_no_second_live_proces
     nothing contested, the earlier a neither lost nor back, the new one held. (Checked
     on 5699b98's _cluster.py: records_contested 1, the line said.)"""
     caplog.set_level(logging.INFO, logger="nexus_trio.nats")
-    original = Cluster._on_heartbeat
-    held: list[Any] = []
     hold = _Hold()
-
-    async def on_heartbeat(self: Cluster, m: Any) -> None:
-        if self.node == "b" and m.subject.endswith(".hb.a") and hold.on:
-            held.append(m)
-            if m.data:
-                hold.first.set()
-            return
-        await original(self, m)
-
-    monkeypatch.setattr(Cluster, "_on_heartbeat", on_heartbeat)
+    held, original = _hold_heartbeats_of_a(monkeypatch, hold)
     with trio.fail_after(30):
         async with _node(nats.url, "b", missed_heartbeats=50) as (_, cb):
             async with _node(nats.url, "a") as (_, earlier):
