@@ -4762,13 +4762,18 @@ class Cluster:
             (f"{self.prefix}-placed", None),
         )
 
-    async def _read_bucket_births(self) -> dict[str, object]:
-        """When the server made the stream of each bucket (None if it does not say)."""
-        births: dict[str, object] = {}
-        for bucket, _ in self._buckets():
-            stream = f"KV_{bucket}"
-            births[stream] = (await call_aio(self.js.stream_info, stream)).created
-        return births
+    def _births_of_buckets(self) -> dict[str, object]:
+        """When the server made the stream of each bucket (None if it does not say), as
+        the bucket's opening read it (see _kv: its read of the stream's info for the
+        limit of consumers; until the forty-eighth pass each was read again here, one
+        more STREAM.INFO a bucket at each join)."""
+        births = self._births_read
+        return {
+            stream: births.get(stream)
+            for stream in (
+                KV_STREAM_TEMPLATE.format(bucket=bucket) for bucket, _ in self._buckets()
+            )
+        }
 
     async def _check_buckets(self) -> None:
         """After a reconnect (or a bucket write no stream took): are the buckets those
@@ -4793,7 +4798,7 @@ class Cluster:
                 return
             for bucket, ttl in self._buckets():
                 await self._kv(bucket, ttl=ttl)
-            self._bucket_births = await self._read_bucket_births()
+            self._bucket_births = self._births_of_buckets()
         except BaseException:
             self._buckets_to_check = True
             raise
@@ -5756,7 +5761,7 @@ class Cluster:
             self._apply_name_entry,
         )
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
-        self._bucket_births = await self._read_bucket_births()
+        self._bucket_births = self._births_of_buckets()
         nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)
