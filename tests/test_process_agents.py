@@ -4442,22 +4442,40 @@ async def test_a_descendant_that_also_closed_its_descriptors_is_killed_by_the_ch
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
-async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie() -> None:
+@pytest.mark.parametrize("when", ["at_the_stop", "while_the_child_lives"])
+async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
     """Item 2 of the forty-sixth pass: an orphan reparented to the kernel (the subreaper)
     that exits on its own stayed a zombie until the kernel exited: nothing waited for
     it (the old process.py, _lineage.py and _guardian.py swapped back in: a zombie after
     the stop, 0 reaped). It carries its child's brand: the sweep after a child's exit
-    reaps the branded zombies, counted. A child of the kernel's own that exited (a
-    ``subprocess`` of yours) carries no brand: left to its ``Popen``, its status kept."""
+    reaps the branded zombies, counted (``at_the_stop``: the periodic reap put off). A
+    child of the kernel's own that exited (a ``subprocess`` of yours) carries no brand:
+    left to its ``Popen``, its status kept.
+
+    ``while_the_child_lives``, item 2 of the forty-eighth pass: such a zombie was reaped
+    only at the next exit of some agent's child: with long-lived children it stayed a
+    zombie for as long. It is reaped now within ``_REAP_EVERY`` (1 s) while the child
+    lives, counted in the ``descendants_reaped`` of the agent whose child's brand it
+    carries. (Fails on 5699b98, its process.py and _lineage.py swapped in: still a
+    zombie at the 10 s bound.)"""
+    if when == "at_the_stop":
+        monkeypatch.setattr(process_module, "_REAP_EVERY", 3600.0)
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
         orphan = await kernel.request(ref, {"op": "escape_closing_fds"})
         yours = subprocess.Popen(["/bin/sh", "-c", "exit 7"])
         try:
             os.kill(orphan, signal.SIGKILL)  # (it exits: a zombie of the kernel's)
-            os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOWAIT)
             os.waitid(os.P_PID, yours.pid, os.WEXITED | os.WNOWAIT)
-            assert _stat_fields(orphan)[0] == "Z"
+            if when == "at_the_stop":
+                os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOWAIT)
+                assert _stat_fields(orphan)[0] == "Z"
+            else:
+                await wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), "a reap", 10.0)
+                await wait_until(lambda: stats_of(kernel, ref).descendants_reaped == 1, "a count")
+                assert stats_of(kernel, ref).starts == 1  # (no exit of the child)
             await kernel.stop(ref)
             assert not os.path.exists(f"/proc/{orphan}")  # (reaped)
             stats = stopped_bridge_stats(kernel).agents[ref.id]
@@ -4471,6 +4489,97 @@ async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie() ->
                 os.waitpid(orphan, os.WNOHANG)
 
 
+#: the escapee of :func:`test_what_a_child_forks_at_once_carries_its_brand_and_is_taken`,
+#: run by the child's first fork: out of its session, its descriptors closed (no hold),
+#: its streams on /dev/null, its pid written to ``argv[1]``, then ``sleep`` with an empty
+#: environment (no mark); its parent exits at once (it is the kernel's, the subreaper's)
+FIRST_FORK_ESCAPEE = """
+import os, sys
+os.setsid()
+os.closerange(3, 65536)
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+with open(sys.argv[1] + ".part", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(sys.argv[1] + ".part", sys.argv[1])
+os.execve("/bin/sleep", ["sleep", "300"], {})
+"""
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
+@pytest.mark.skipif(_lineage.limits_wrapper() is None, reason="needs util-linux's prlimit(1)")
+async def test_what_a_child_forks_at_once_carries_its_brand_and_is_taken(tmp_path: Path) -> None:
+    """Item 1 of the forty-eighth pass (the window docs/bridges.md named): the brand was
+    set after the child's start returned to the kernel, so what a child forked in its
+    first moment carried none, and a descendant that also left the session, closed its
+    descriptors, cleared its environment and lost its parent outlived the stop. Each of
+    six children here is a shell whose first statement forks that escapee (a subshell's
+    background job, orphaned as the subshell exits), then execs the toy agent. A child is
+    now started through ``prlimit(1)``, which sets the brand before its exec: every
+    escapee carries its child's brand, and the stop of each agent takes its escapee.
+    (Fails on 5699b98, its process.py and _lineage.py swapped in: 8 runs of 8, the
+    escapees without their child's brand 6, 5, 4, 4 and 5 of 6 in the five counted, at
+    load 16-17.)"""
+    agents = 6
+    pidfiles = [tmp_path / f"escapee-{i}.pid" for i in range(agents)]
+    escapees: list[int] = []
+    try:
+        async with bridge_kernel() as kernel:
+            refs = [
+                kernel.spawn(
+                    process_agent(
+                        [
+                            "/bin/sh",
+                            "-c",
+                            f'({sys.executable} -c "$0" "$1" &); exec "$2" "$3"',
+                            FIRST_FORK_ESCAPEE,
+                            str(pidfile),
+                            sys.executable,
+                            TOY,
+                        ],
+                        shutdown_grace=0.3,
+                    )
+                )
+                for pidfile in pidfiles
+            ]
+            children = [await kernel.request(ref, {"op": "pid"}) for ref in refs]
+            await wait_until(lambda: all(p.exists() for p in pidfiles), "the escapees' pids")
+            escapees = [int(p.read_text()) for p in pidfiles]
+            for escapee in escapees:  # (its exec of sleep has set its environment up)
+                await wait_until(
+                    lambda escapee=escapee: _stat_fields(escapee)[47] != "0", "its exec"
+                )
+            brands = [stats_of(kernel, ref) for ref in refs]
+            assert all(stats.children_unbranded == 0 for stats in brands)
+            for child, escapee in zip(children, escapees, strict=True):
+                fields = _stat_fields(escapee)
+                assert int(fields[1]) == os.getpid()  # (orphaned: the kernel's)
+                assert child not in (int(fields[2]), int(fields[3]))  # (its own session)
+                assert Path(f"/proc/{escapee}/environ").read_bytes() == b""
+                assert {
+                    os.readlink(f"/proc/{escapee}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{escapee}/fd")
+                } == {"/dev/null"}
+            assert [_lineage.Proc.brand(e) for e in escapees] == [
+                _lineage.Proc.brand(c) for c in children
+            ]
+            for ref in refs:
+                await kernel.stop(ref)
+            killed = [
+                stopped_bridge_stats(kernel).agents[ref.id].descendants_killed for ref in refs
+            ]
+            assert killed == [1] * agents
+        await wait_until(
+            lambda: not any(os.path.exists(f"/proc/{e}") for e in escapees), "the escapees to go"
+        )
+    finally:
+        for escapee in escapees:
+            with contextlib.suppress(OSError):
+                os.kill(escapee, signal.SIGKILL)
+                os.waitpid(escapee, 0)
+
+
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
 async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -4480,13 +4589,16 @@ async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
     root) was left unbranded, counted nowhere and logged nowhere. ``prlimit`` raising
     ``PermissionError`` stands for it here: the child runs (it answers), is counted in
     ``children_unbranded`` at each start (``counts()`` too), and said once an agent, at
-    its first. (Fails on the old process.py: no such counter, no line.)"""
+    its first. (Fails on the old process.py: no such counter, no line.) Since the
+    forty-eighth pass a child started through ``prlimit(1)`` gets its limits before its
+    exec (a set-user-ID program keeps them): this is the fallback, without it."""
     import resource
 
     def refused(*args: Any) -> Any:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(resource, "prlimit", refused)
+    monkeypatch.setattr(_lineage, "_wrapper", [None])
     caplog.set_level(logging.WARNING, logger="nexus_trio")
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
@@ -4583,11 +4695,12 @@ async def test_a_child_that_keeps_the_raised_soft_nofile_is_counted_and_said_onc
     cannot give back (its limits not settable) keeps the kernel's raised one: counted in
     ``children_nofile_kept`` at each start (``counts()`` too), said once an agent. (Fails
     on the merged code, which counted it in a module counter nothing read: no such
-    ``BridgeStats`` field.)"""
+    ``BridgeStats`` field.) Without ``prlimit(1)``, the fallback (see above)."""
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     _fake_nofile(monkeypatch, _FakeNofile((256, hard)))
+    monkeypatch.setattr(_lineage, "_wrapper", [None])
     real = resource.prlimit
 
     def refused_for_nofile(pid: int, which: int, *limits: Any) -> Any:
@@ -4659,7 +4772,7 @@ async def test_a_soft_nofile_that_cannot_be_raised_is_said_once_and_spawns_go_on
 
 
 NOFILE_KERNEL = """
-import json, sys, trio
+import json, subprocess, sys, trio
 from nexus_trio import Config, open_kernel
 from nexus_trio.bridges import process_agent
 
@@ -4669,11 +4782,18 @@ def soft_hard(pid):
             return [int(n) for n in line.split()[3:5]]
 
 async def main():
+    raise_nofile = sys.argv[2] == "raise"
     async with open_kernel(Config()) as kernel:
         before = soft_hard("self")
-        refs = [kernel.spawn(process_agent([sys.executable, sys.argv[1]])) for _ in range(3)]
+        refs = [
+            kernel.spawn(process_agent([sys.executable, sys.argv[1]], raise_nofile=raise_nofile))
+            for _ in range(3)
+        ]
         children = [soft_hard(await kernel.request(ref, {"op": "pid"})) for ref in refs]
-        print(json.dumps([before, soft_hard("self"), children]), flush=True)
+        yours = subprocess.Popen(["sleep", "30"])
+        print(json.dumps([before, soft_hard("self"), children, soft_hard(yours.pid)]), flush=True)
+        yours.kill()
+        yours.wait()
         for ref in refs:
             await kernel.stop(ref)
 
@@ -4682,17 +4802,29 @@ trio.run(main)
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+@pytest.mark.parametrize("raise_nofile", ["raise", "keep"])
 def test_a_kernel_started_with_a_low_soft_nofile_raises_it_and_its_children_keep_it(
-    tmp_path: Path,
+    tmp_path: Path, raise_nofile: str
 ) -> None:
     """A real kernel process started under ``ulimit -Sn 256`` spawns three process
     agents: before the first its soft limit is 256, after it the hard limit (capped), and
     each child's ``/proc/<pid>/limits`` shows 256. (Fails on the old process.py and
-    _lineage.py: the kernel stays at 256.)"""
+    _lineage.py: the kernel stays at 256.) A ``subprocess`` of your own started after
+    them inherits the raised limit; with ``raise_nofile=False`` (item 3 of the
+    forty-eighth pass) nothing is raised and it gets 256 (fails on 5699b98: no such
+    option, ``TypeError``)."""
     path = tmp_path / "kernel.py"
     path.write_text(NOFILE_KERNEL)
     result = subprocess.run(
-        ["/bin/sh", "-c", 'ulimit -Sn 256 && exec "$0" "$@"', sys.executable, str(path), TOY],
+        [
+            "/bin/sh",
+            "-c",
+            'ulimit -Sn 256 && exec "$0" "$@"',
+            sys.executable,
+            str(path),
+            TOY,
+            raise_nofile,
+        ],
         capture_output=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -4700,11 +4832,41 @@ def test_a_kernel_started_with_a_low_soft_nofile_raises_it_and_its_children_keep
         check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
-    before, after, children = json.loads(result.stdout)
+    before, after, children, yours = json.loads(result.stdout)
     hard = before[1]
     assert before == [256, hard]
-    assert after == [min(hard, _lineage.NOFILE_CAP), hard]
+    raised = [min(hard, _lineage.NOFILE_CAP), hard]
+    assert after == (raised if raise_nofile == "raise" else before)
     assert children == [[256, hard]] * 3
+    assert yours == (raised if raise_nofile == "raise" else before)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the child's limit is set with prlimit")
+async def test_an_agent_with_raise_nofile_off_does_not_raise_the_kernel_s_soft_nofile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Item 3 of the forty-eighth pass: the raise at the first start had no switch, so
+    every ``subprocess`` of yours started after the first process agent inherited the
+    raised soft limit. ``raise_nofile=False``: this agent's starts do not raise it (nor
+    restarts); a later agent without it raises it, once. Anything but a bool is refused,
+    naming the option. (Fails on 5699b98: no such option, ``TypeError``.)"""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fake = _fake_nofile(monkeypatch, _FakeNofile((256, hard)))
+    with pytest.raises(TypeError, match="raise_nofile must be True or False, got 'no'"):
+        process_agent(toy(), raise_nofile="no")  # type: ignore[arg-type]
+    async with bridge_kernel() as kernel:
+        kept = kernel.spawn(process_agent(toy(), shutdown_grace=0.3, raise_nofile=False))
+        os.kill(await kernel.request(kept, {"op": "pid"}), signal.SIGKILL)
+        await wait_until(lambda: stats_of(kernel, kept).starts == 2, "restart")
+        assert await kernel.request(kept, {"op": "echo", "value": 1}) == 1
+        assert (fake.sets, _lineage._nofile_original) == ([], None)
+        raised = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(raised, {"op": "echo", "value": 2}) == 2
+        assert fake.sets == [(min(hard, _lineage.NOFILE_CAP), hard)]
+        await kernel.stop(kept)
+        await kernel.stop(raised)
 
 
 class _ExitedAsTheWaitTimedOut:

@@ -31,11 +31,13 @@ import itertools
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -75,6 +77,8 @@ _holds: dict[int, str] = {}
 #: pid -> brand of each live child branded (:func:`brand`), until the sweep of its exit
 _branded: dict[int, int] = {}
 _brand_numbers = itertools.count(1)
+#: brands given to children being started (:func:`new_brand`), their pids not yet known
+_starting: set[int] = set()
 #: notes the guardian's pipe did not take (full: a guardian that does not read)
 notes_lost = 0
 
@@ -96,18 +100,54 @@ def mark(env: dict[str, str]) -> str:
     return token
 
 
-def brand(pid: int) -> int | None:
+def new_brand() -> int | None:
+    """A brand for a child about to start (None off Linux): a number of this kernel
+    process's own (see :func:`brand`), noted as *starting* until its child's pid is known
+    (:func:`brand_started`) or its start failed (:func:`brand_dropped`): a child started
+    through :func:`wrapped` carries it from its exec on, and until then a zombie with it
+    is its ``trio.Process``'s to reap, not :func:`reap_orphans`'s."""
+    if not SUPPORTED:
+        return None
+    value = (brand_prefix(owner()) << BRAND_BITS) | (next(_brand_numbers) % (1 << BRAND_BITS))
+    with _lock:
+        _starting.add(value)
+    return value
+
+
+def brand_started(pid: int, value: int | None) -> None:
+    """The child ``pid`` started with the brand ``value`` (set before its exec)."""
+    if value is None:
+        return
+    with _lock:
+        _starting.discard(value)
+        _branded[pid] = value
+
+
+def brand_dropped(value: int | None) -> None:
+    """No child carries the brand ``value`` from :func:`new_brand` (its start failed)."""
+    if value is None:
+        return
+    with _lock:
+        _starting.discard(value)
+
+
+def brand(pid: int, value: int | None = None) -> int | None:
     """Brand the child ``pid``, just started: set the soft value of its ``RLIMIT_LOCKS``
-    (not enforced by Linux since 2.4.25) to a number of this kernel process's own, which
-    its descendants inherit whatever they do but reset that limit (``setsid()``, ``env
-    -i``, closing every descriptor: see :class:`._guardian.Sweep`). Its brand, or None
-    (off Linux; a hard limit below it; a child that is gone or changed user)."""
+    (not enforced by Linux since 2.4.25) to a number of this kernel process's own
+    (``value``, from :func:`new_brand`, or a new one), which its descendants inherit
+    whatever they do but reset that limit (``setsid()``, ``env -i``, closing every
+    descriptor: see :class:`._guardian.Sweep`). Its brand, or None (off Linux; a hard
+    limit below it; a child that is gone or changed user). The fallback of a child not
+    started through :func:`wrapped`: what it forks before this lands carries none."""
     if not SUPPORTED:
         return None
     import resource
 
-    value = (brand_prefix(owner()) << BRAND_BITS) | (next(_brand_numbers) % (1 << BRAND_BITS))
+    if value is None:
+        value = new_brand()
+        assert value is not None
     with _lock:
+        _starting.discard(value)
         _branded[pid] = value  # (before it lands: a zombie with it is not ours to reap)
     try:
         hard = resource.prlimit(pid, BRAND_LIMIT)[1]
@@ -190,6 +230,61 @@ def give_back_nofile(pid: int) -> bool:
     return True
 
 
+#: where util-linux's ``prlimit(1)`` is looked for besides the kernel's ``PATH``
+_WRAPPER_DIRS: Final = "/usr/bin:/bin:/usr/sbin:/sbin"
+#: the path of ``prlimit(1)`` (None: none here), looked up once (:func:`limits_wrapper`)
+_wrapper: list[str | None] = []
+
+
+def limits_wrapper() -> str | None:
+    """util-linux's ``prlimit(1)``, which sets its own limits and then execs the
+    command it is given (so the child is the same process, pid and all), or None: not
+    on Linux, not installed, or another program by that name (BusyBox's). Looked up
+    once a process."""
+    if not SUPPORTED:
+        return None
+    if not _wrapper:
+        search = os.pathsep.join(filter(None, [os.environ.get("PATH"), _WRAPPER_DIRS]))
+        found = shutil.which("prlimit", path=search)
+        if found is not None and os.path.basename(os.path.realpath(found)) != "prlimit":
+            found = None  # (a multi-call binary's link: other options, other words)
+        _wrapper[:] = [found]
+    return _wrapper[0]
+
+
+def wrapped(cmd: Sequence[str], value: int | None) -> tuple[list[str], int | None] | None:
+    """``cmd`` started through :func:`limits_wrapper`, which gives it the brand
+    ``value`` (from :func:`new_brand`) and the kernel's original soft ``RLIMIT_NOFILE``
+    (if :func:`raise_nofile` raised it) *before* its program's first instruction: what
+    it forks at once carries both. ``(command line, the brand it sets)`` (the brand None
+    if the kernel's hard ``RLIMIT_LOCKS`` is below it: unbranded, as :func:`brand`
+    would leave it), or None: no wrapper here, or nothing to set."""
+    wrapper = limits_wrapper()
+    if wrapper is None:
+        return None
+    import resource
+
+    options = []
+    hard = resource.getrlimit(BRAND_LIMIT)[1]
+    if value is not None and (hard < 0 or value <= hard):
+        options.append(f"--locks={value}:{_limit_text(hard)}")
+    else:
+        value = None
+    original = _nofile_original
+    if original is not None:
+        # (the hard limit as it is now: one lowered since the raise is not raised back)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        soft = original[0] if hard < 0 else min(original[0], hard)
+        options.append(f"--nofile={soft}:{_limit_text(hard)}")
+    if not options:
+        return None
+    return [wrapper, *options, "--", *cmd], value
+
+
+def _limit_text(limit: int) -> str:
+    return "unlimited" if limit < 0 else str(limit)
+
+
 def unbrand(pid: int, value: int | None) -> None:
     """The child ``pid`` branded ``value`` is reaped (its exit is swept next)."""
     with _lock:
@@ -197,18 +292,18 @@ def unbrand(pid: int, value: int | None) -> None:
             del _branded[pid]
 
 
-def reap_orphans() -> int:
+def reap_orphans() -> list[int]:
     """Reap the zombies among this process's children that carry a brand of its own and
     are no live child of a process agent (those are their ``trio.Process``'s to reap):
     descendants of the children, reparented to it (the subreaper), that exited on their
     own. No other child of it carries such a brand: a ``subprocess`` of yours is never
-    waited for here. Returns how many it reaped."""
+    waited for here. Returns the brand of each one it reaped (its child's)."""
     if not SUPPORTED:
-        return 0
+        return []
     prefix = brand_prefix(owner())
     with _lock:
         live = set(_branded)  # (their stats not read: up to a thousand, at each exit)
-    reaped = 0
+    reaped = []
     for pid in Proc.children(os.getpid()) or ():
         if pid in live:
             continue
@@ -221,13 +316,21 @@ def reap_orphans() -> int:
         with _lock:
             # (asked again after its brand was read: a child started and branded since
             # the children were read, and exited, is in _branded from before its brand
-            # landed, and its trio.Process reaps it for its exit status)
-            if pid in _branded:
+            # landed, or its brand is a starting one (set before its exec, its pid not
+            # known yet), and its trio.Process reaps it for its exit status)
+            if pid in _branded or found in _starting:
                 continue
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0]:
-                reaped += 1
+                reaped.append(found)
     return reaped
+
+
+def children_live() -> bool:
+    """Whether a child of a process agent carries a brand of this process now (started
+    and not yet swept): its descendants may leave branded zombies here."""
+    with _lock:
+        return bool(_branded or _starting)
 
 
 def is_subreaper() -> bool:
@@ -508,7 +611,7 @@ def _kill_and_reap_marked(
             sweep.reused,
         )
     _reap(sorted(killed))
-    return len(killed), reap_orphans()
+    return len(killed), len(reap_orphans())
 
 
 async def kill_descendants(

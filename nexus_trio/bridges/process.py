@@ -52,6 +52,8 @@ import shutil
 import signal
 import subprocess
 import termios
+import threading
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -335,6 +337,73 @@ class _Book:
 
 _books: weakref.WeakKeyDictionary[Kernel, _Book] = weakref.WeakKeyDictionary()
 
+#: how often (seconds) the branded zombies left to the kernel process are reaped while a
+#: process agent's child lives (:func:`_reap_while_children_live`), besides the reap at
+#: each child's exit
+_REAP_EVERY = 1.0
+#: brand -> the counters of the agent whose child carries it and the Trio run they are
+#: counted in, until the child's exit is swept
+_reaped_for: dict[int, tuple[BridgeStats, trio.lowlevel.TrioToken]] = {}
+_reaper_lock = threading.Lock()
+#: the thread of :func:`_reap_while_children_live`, while it runs
+_reaper: threading.Thread | None = None
+
+
+def _keep_reaping() -> None:
+    """A branded child started: make sure the branded zombies left to the kernel process
+    are reaped every :data:`_REAP_EVERY` seconds while such a child lives (one thread a
+    process, whatever the number of agents, kernels and Trio runs)."""
+    global _reaper
+    with _reaper_lock:
+        if _reaper is None:
+            _reaper = threading.Thread(
+                target=_reap_while_children_live, name="nexus_trio.bridge reaper", daemon=True
+            )
+            _reaper.start()
+
+
+def _reap_while_children_live() -> None:
+    """Reap the branded zombies of the kernel process (escapees of process agents'
+    children, reparented to it, that exited on their own: no signal tells of them) at
+    most :data:`_REAP_EVERY` seconds after they exit, each counted in
+    ``descendants_reaped`` of the agent whose child's brand it carries (in that agent's
+    Trio run); end when no branded child lives (the sweep at its exit reaps what it
+    left). A thread, on the real clock: no deadline of Trio's (a mock clock's test sees
+    none), and nothing it meets ends a run."""
+    global _reaper
+    while True:
+        with _reaper_lock:
+            if not _lineage.children_live():
+                _reaper = None
+                return
+        time.sleep(_REAP_EVERY)
+        try:
+            brands = _lineage.reap_orphans()
+        except Exception:  # (logged; the next start begins again)
+            log.exception("cannot reap the branded zombies of process agents")
+            with _reaper_lock:
+                _reaper = None
+            return
+        for value in brands:
+            counted = _reaped_for.get(value)
+            if counted is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    counted[1].run_sync_soon(_count_reaped, counted[0])
+
+
+def _count_reaped(stats: BridgeStats) -> None:
+    stats.descendants_reaped += 1
+
+
+def _forget_reaper() -> None:
+    global _reaper, _reaper_lock
+    # (a forked child has no such thread, maybe a lock held: its first start makes one)
+    _reaper, _reaper_lock = None, threading.Lock()
+
+
+if _lineage.SUPPORTED:
+    os.register_at_fork(after_in_child=_forget_reaper)
+
 
 def _said_by_the_agents(total: int, by_key: str) -> None:
     """(A kind bound's lines held back are said by their agents: see ``_Book.lines_of``.)"""
@@ -436,6 +505,8 @@ class ProcessOptions:
     cancel_grace: float = 1.0
     #: a first run that fails before the child registers stops the agent for good
     first_start_stops: bool = False
+    #: the first start raises the kernel process's soft ``RLIMIT_NOFILE`` (once a process)
+    raise_nofile: bool = True
 
 
 class _Oversized:
@@ -988,7 +1059,8 @@ class ProcessAgent(Agent):
             env["NEXUS_AGENT_NAME"] = ctx.name
         # Descendants carry this mark: they are killed with the child, whatever they do.
         _lineage.protect()
-        _lineage.raise_nofile()  # (once: five descriptors a live agent; see _lineage)
+        if options.raise_nofile:
+            _lineage.raise_nofile()  # (once: five descriptors a live agent; see _lineage)
         token = _lineage.mark(env)
         stats = self.stats
         self._generation += 1
@@ -1005,9 +1077,13 @@ class ProcessAgent(Agent):
         self.cancels = False
         # ... and hold the read end of a pipe of ours, unless they close it (_lineage).
         hold = _lineage.new_hold()
+        # ... and carry its brand, which even closing every descriptor keeps, from its
+        # first instruction: set before its exec by a wrapper, where one is (_lineage).
+        value = _lineage.new_brand()
+        wrapping = _lineage.wrapped(options.cmd, value) if _execs_as_is(options, env) else None
         try:
             process = await trio.lowlevel.open_process(
-                list(options.cmd),
+                list(options.cmd) if wrapping is None else wrapping[0],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -1019,18 +1095,32 @@ class ProcessAgent(Agent):
         except OSError as exc:
             if hold is not None:
                 os.close(hold[1])
+            _lineage.brand_dropped(value)
+            if wrapping is not None and exc.filename == wrapping[0][0]:
+                exc.filename = options.cmd[0]  # (the wrapper's exec failed: the program's)
             raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
         except BaseException:
             if hold is not None:
                 os.close(hold[1])
+            _lineage.brand_dropped(value)
             raise
         finally:
             if hold is not None:
                 _lineage.hold_passed(hold[0])
         self.process = process
         self._tokens[process.pid] = token
-        # ... and carry its brand, which even closing every descriptor keeps (_lineage).
-        branded = self._brands[process.pid] = _lineage.brand(process.pid)
+        if wrapping is not None:
+            branded = wrapping[1]
+            _lineage.brand_started(process.pid, branded)
+            _lineage.brand_dropped(value)  # (a brand above the hard limit: none set)
+            nofile_given = True
+        else:  # (no wrapper: set after the start, what the child forked before has none)
+            branded = _lineage.brand(process.pid, value)
+            nofile_given = _lineage.give_back_nofile(process.pid)
+        self._brands[process.pid] = branded
+        if branded is not None:
+            _reaped_for[branded] = (stats, trio.lowlevel.current_trio_token())
+            _keep_reaping()
         if branded is None and _lineage.SUPPORTED:
             stats.children_unbranded += 1
             if stats.children_unbranded == 1:  # (once an agent: a restart is the same program)
@@ -1045,7 +1135,7 @@ class ProcessAgent(Agent):
                     process.pid,
                 )
         # ... and get the soft RLIMIT_NOFILE the kernel had before it raised it (_lineage).
-        if not _lineage.give_back_nofile(process.pid):
+        if not nofile_given:
             stats.children_nofile_kept += 1
             if stats.children_nofile_kept == 1:  # (once an agent, as the brand)
                 log_guarded(
@@ -1443,6 +1533,8 @@ class ProcessAgent(Agent):
         finally:
             if hold is not None:
                 os.close(hold)
+            if branded is not None:
+                _reaped_for.pop(branded, None)
         await self._close_stdin(process)
         # What the child wrote before it died is read (its last answer, its last words).
         with trio.move_on_after(_READER_DRAIN):
@@ -2554,6 +2646,38 @@ def _interpreter(path: str) -> str | None:
     return name.decode("utf-8", "backslashreplace") or None
 
 
+def _execs_as_is(options: ProcessOptions, env: Mapping[str, str]) -> bool:
+    """Whether the child's program is one the system execs as it is: a binary (ELF), or a
+    script whose ``#!`` line names an executable file (found as ``subprocess`` finds it:
+    the child's ``PATH``, its ``cwd``). Only then is it started through the limits
+    wrapper (:func:`_lineage.wrapped`): for any other its start fails, and fails as
+    before, with the system's error at the start (a wrapper's ``execvp`` would run a
+    script without a ``#!`` line with ``/bin/sh``, and say the rest in its own words).
+    (At each start: a lookup and a read of at most 256 bytes.)"""
+    program, cwd = options.cmd[0], options.cwd or ""
+    if os.sep in program:
+        candidates = [os.path.join(cwd, program)]
+    else:
+        candidates = [os.path.join(cwd, d, program) for d in os.get_exec_path(dict(env))]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            break
+    else:
+        return False
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return False
+    if head == b"\x7fELF":
+        return True
+    interpreter = _interpreter(path) if head.startswith(b"#!") else None
+    if interpreter is None:
+        return False
+    found = os.path.join(cwd, interpreter)
+    return os.path.isfile(found) and os.access(found, os.X_OK)
+
+
 def _start_problem(options: ProcessOptions, env: Mapping[str, str], exc: OSError) -> str:
     """Why the child could not be started, in words that name what is wrong.
 
@@ -2776,6 +2900,7 @@ def process_agent(
     ping_timeout: float = 5.0,
     cancel_grace: float = 1.0,
     first_start_stops: bool = False,
+    raise_nofile: bool = True,
 ) -> AgentSpec:
     """An agent spec that runs ``cmd`` as a child process speaking the NDJSON bridge protocol.
 
@@ -2799,6 +2924,11 @@ def process_agent(
     good instead of restarting it, as an OTP supervisor's start fails with a child whose
     ``init`` fails: its ``failed`` event, then ``stopped`` with reason ``start_failed``;
     the child's exit status stays that of the failure. Later runs restart per ``restart``.
+    On Linux the first start of a process agent raises the kernel process's soft
+    ``RLIMIT_NOFILE`` to its hard limit, once (each live one holds five descriptors), and
+    each child gets the original back; ``raise_nofile=False`` keeps this agent's starts
+    from raising it (your own ``subprocess`` children then inherit the limit unraised;
+    a raise by another agent stands).
 
     Without ``name`` the agent has none: none is derived from ``cmd`` (as ``nexus run
     --spawn`` does), since a spec spawned twice (in a loop) would then fail its second
@@ -2846,6 +2976,8 @@ def process_agent(
         raise TypeError(
             f"process_agent: first_start_stops must be True or False, got {first_start_stops!r}"
         )
+    if not isinstance(raise_nofile, bool):
+        raise TypeError(f"process_agent: raise_nofile must be True or False, got {raise_nofile!r}")
     options = ProcessOptions(
         cmd=command,
         env=dict(env) if env is not None else None,
@@ -2857,6 +2989,7 @@ def process_agent(
         ping_timeout=pong_wait,
         cancel_grace=answer_grace,
         first_start_stops=first_start_stops,
+        raise_nofile=raise_nofile,
     )
     return AgentSpec(
         factory=functools.partial(ProcessAgent, options),
