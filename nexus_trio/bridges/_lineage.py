@@ -15,8 +15,9 @@ child's session (its own: it is started with ``start_new_session``) that started
 it was seen gone, marked or not, those that hold its hold (:func:`new_hold`), and the
 kernel's children that carry its brand (:func:`brand`) with their descendants — and
 reaps those that were reparented to the kernel, and the branded zombies left to it
-(:func:`reap_orphans`). Other platforms get the process-group kill only (see
-docs/bridges.md).
+(:func:`reap_orphans`). The brand is set before the child's exec where util-linux's
+``prlimit(1)`` is installed (:func:`wrapped`), else right after its start. Other
+platforms get the process-group kill only (see docs/bridges.md).
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
