@@ -1131,3 +1131,98 @@ def test_a_worker_whose_nats_connections_are_cut_mid_run_reconnects_and_its_loss
     assert balance["lost_counted"] == in_transit >= 0, balance
     assert balance["sent"] == balance["handled_replied_or_dead"] + in_transit > 0, balance
     assert summary["lost_seen"] == []  # (back within the loss window: nobody judged)
+
+
+#: ``sitecustomize`` of the workers of the test below: worker-1 fails after it joined, as
+#: ``S48_FAIL`` says (stand-ins of each way a worker's run can end after its join)
+_FAILING_WORKER = """\
+import os
+_how = os.environ.get("S48_FAIL")
+if os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "escalation":
+    # every ring message past the 2,000th fails, the agent restarts past the root's
+    # intensity and the root escalates to the kernel: the block is cancelled, then
+    # open_kernel raises SupervisorEscalation
+    os.environ["NEXUS_SUPERVISION__ESCALATE_TO_KERNEL"] = "true"
+    os.environ["NEXUS_SUPERVISION__MAX_RESTARTS"] = "0"
+    from nexus_trio import agent
+    from nexus_trio.cli import _workloads
+    _ring_spec = _workloads.Demo._ring_spec
+    def ring_spec(self):
+        ring = _ring_spec(self).handler
+        seen = [0]
+        async def failing(ctx, msg):
+            seen[0] += 1
+            if seen[0] > 2000:
+                raise RuntimeError("a handler, stood in for")
+            return await ring(ctx, msg)
+        return agent(name="ring", on_error="restart")(failing)
+    _workloads.Demo._ring_spec = ring_spec
+elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "driver":
+    import trio
+    from nexus_trio.cli import _workloads
+    _drive_ring = _workloads.Demo._drive_ring
+    async def drive_ring(self):
+        with trio.move_on_after(0.5):
+            await _drive_ring(self)
+        raise RuntimeError("the workload driver, stood in for")
+    _workloads.Demo._drive_ring = drive_ring
+elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "settle":
+    from nexus_trio.cli import _swarm
+    _settle = _swarm.Swarm.settle
+    async def settle(self, *args, **kwargs):
+        await _settle(self, *args, **kwargs)
+        raise RuntimeError("the settle, stood in for")
+    _swarm.Swarm.settle = settle
+elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "leave":
+    from nexus_trio._nats import _cluster
+    _leave = _cluster.Cluster._leave
+    async def leave(self, *args, **kwargs):
+        await _leave(self, *args, **kwargs)
+        raise RuntimeError("the leave, stood in for")
+    _cluster.Cluster._leave = leave
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("escalation", "SupervisorEscalation: restart intensity exceeded"),
+        ("driver", "RuntimeError: the workload driver, stood in for"),
+        ("settle", "RuntimeError: the settle, stood in for"),
+        ("leave", "RuntimeError: the leave, stood in for"),
+    ],
+)
+def test_a_worker_that_failed_after_it_joined_keeps_what_crossed_in_its_books(
+    how: str, error: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a worker of ``--workers 2`` whose run failed after it joined counted
+    what crossed to and from the other worker only if its settle lost the NATS server
+    (forty-seventh pass): a handler's escalation to the root (its block cancelled), an
+    exception of the workload's driver, a settle that failed otherwise left its summary
+    without cluster counts, its ``forwarded_in`` 0, and the parent's books off by every
+    tell the other worker had sent it ("off by 1999", "off by 8980", "off by 38553" on
+    5699b98). Now every worker that joined counts them, once its node has left (also
+    after a leave that failed, which counted them before its leave), and the books
+    balance exactly, the error said. (Checked: the escalation, driver and settle cases
+    fail on 5699b98's ``_run.py``: forwarded_in 0; the leave case passes there, and
+    fails on a mutant taking the counts only when the block ended well.)"""
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_FAILING_WORKER)
+    python = tmp_path / "python"
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{tmp_path}:$PYTHONPATH" exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    monkeypatch.setenv("S48_FAIL", how)
+    summary, status = run_workers(2, ["--agents", "30", "--duration", "1"], python=str(python))
+    workers = {w["node"]: w for w in summary["per_worker"]}
+    assert status == 1, summary
+    assert workers["worker-1"]["error"].startswith(error), workers["worker-1"]["error"]
+    for worker in workers.values():
+        assert worker["forwarded_in"] > 0, worker  # (what the other sent it, counted)
+        assert worker["membership"] is not None, worker
+    balance = summary["cluster_balance"]
+    assert balance["forwarded_out_minus_in"] == 0, balance
+    assert balance["sent"] == balance["handled_replied_or_dead"] > 0, balance
+    assert summary["conserved"] is True, summary["why_not_conserved"]

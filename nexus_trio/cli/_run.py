@@ -1027,8 +1027,6 @@ async def _run_async(
     #: a join of the cluster that failed: its error says all (the URL, the auth tried,
     #: what the server said), so it is logged without the traceback of the CLI's internals
     join_error: BaseException | None = None
-    #: the swarm's settle failed, its NATS server lost (see NatsServerLost)
-    settle_failed = False
     #: the metrics endpoint that could not listen: said in one line too, with what to change
     listen_error: BaseException | None = None
     kernel: Kernel | None = None
@@ -1103,11 +1101,7 @@ async def _run_async(
                         await _body(state, kernel)
                         if state.swarm is not None:
                             state.phase = "settling"
-                            try:
-                                await state.swarm.settle()
-                            except NatsServerLost:
-                                settle_failed = True
-                                raise
+                            await state.swarm.settle()
                         # Drain here, with the cluster (if any) still attached for
                         # in-flight remote messages; leaving open_kernel then has nothing
                         # left to do. (Also after an agent's shutdown: this waits for it.)
@@ -1115,21 +1109,20 @@ async def _run_async(
                         if state.t_shutdown is None:
                             state.t_shutdown = trio.current_time()
                         await kernel.shutdown()
-                        if cluster is not None:
-                            # (the workers its settle wrote off are lost peers for good,
-                            # also those heard again since: see _swarm)
-                            state.cluster_counts = cluster_counts(
-                                cluster,
-                                state.swarm.written_off if state.swarm is not None else (),
-                            )
                 finally:
                     state.block_left = True
-                    if settle_failed and cluster is not None and state.swarm is not None:
-                        # Its NATS server lost as it settled: its books still count what
-                        # crossed to and from the other workers, as far as it knows (its
-                        # node left: final), or the parent summed what came from them
-                        # as sent here, and the books were off by all of it.
-                        state.cluster_counts = cluster_counts(cluster, state.swarm.written_off)
+                    if cluster is not None:
+                        # Whatever ended the block (its end, an escalation to the root, an
+                        # error of the workload, a settle or a leave that failed, a
+                        # cancel), a worker that joined counts what crossed to and from
+                        # the others, taken once its node has left (final: also what its
+                        # leave lost), or the parent sums what came from them as sent
+                        # here, and the books are off by all of it. (The workers its
+                        # settle wrote off are lost peers for good, also those heard
+                        # again since: see _swarm.)
+                        state.cluster_counts = cluster_counts(
+                            cluster, state.swarm.written_off if state.swarm is not None else ()
+                        )
         except SupervisorEscalation as exc:
             error = exc
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
