@@ -3323,6 +3323,7 @@ BALANCE_FIELDS = {
     "handed_to_dead_workers",
     "came_from_dead_workers",
     "lost_with_nodes_estimate_replaced",
+    "lost_in_dead_server",
 }
 
 
@@ -3333,6 +3334,8 @@ def check_fields(summary: dict) -> None:
     assert isinstance(summary["settled_books"], dict)
     assert isinstance(summary["settled_books_differ"], dict)
     assert type(summary["handed_to_dead_workers"]) is int
+    assert type(summary["lost_in_dead_server"]) is int
+    assert isinstance(summary["lost_in_dead_server_said"], (str, type(None)))
     assert isinstance(summary["stopped_by"], str)
     for worker in summary["per_worker"]:
         for field, allowed in WORKER_FIELDS.items():
@@ -3581,31 +3584,89 @@ def test_a_summary_not_conserved_says_why_naming_the_worker() -> None:
     assert aggregate_summaries([worker("worker-0"), worker("worker-1")])["why_not_conserved"] == []
 
 
-def test_books_off_as_the_workers_lost_their_nats_server_say_why() -> None:
+_SERVER_LOST = (
+    "NatsServerLost: transport unavailable: lost the NATS server nats://127.0.0.1:4222"
+    " (it died or is unreachable): the connection stayed down 5s while this worker"
+    " settled ([nats] server_lost_wait)"
+)
+
+
+def _worker_that_lost_the_server(node: str, **changes: object) -> dict:
+    """A worker's entry of a run whose nats-server died as it settled: 35 of its own and
+    5 of the other's accepted, 20 handled, 20 forwarded to the other (its own books
+    balance; 15 of what each sent the other were in the server as it died)."""
+    counts: dict[str, object] = {"sent": 35, "accepted": 40, "handled": 20, "forwarded_in": 5}
+    counts.update({"forwarded": 20, "forwarded_out": 20, "error": _SERVER_LOST, **changes})
+    return _worker_entry(node, **counts)
+
+
+def test_the_messages_lost_in_a_dead_nats_server_are_counted_from_both_sides() -> None:
     """A ``--workers 2`` run whose nats-server was SIGKILLed while the workers settled
     (kept down past their ``server_lost_wait``): each worker ends with
-    ``NatsServerLost`` and the books are off by the tells that were in flight through the
-    server (30 in 3 real runs of 4, forty-seventh pass): no worker counts them (a gap is
-    counted at the sender's next sequence mark, which never came). The line said only
-    the difference; it says why now. (Checked on 1242268's ``_cluster_cmd.py``: the
-    line without its reason.)"""
+    ``NatsServerLost`` and the books were off by the tells in flight through the server
+    (30 in 3 real runs of 4, forty-seventh pass): no worker counts them (a gap is counted
+    at the sender's next sequence mark, which never came), and the line only said so.
+    Both sides' books are there: what was forwarded out and forwarded in by none, and
+    counted lost by none, is counted now (``lost_in_dead_server``), said in one line,
+    and the books balance. (Checked on 5699b98's ``_cluster_cmd.py``: not conserved,
+    no such count.)"""
     from nexus_trio.cli._cluster_cmd import aggregate_summaries
 
-    error = (
-        "NatsServerLost: transport unavailable: lost the NATS server nats://127.0.0.1:4222"
-        " (it died or is unreachable): the connection stayed down 5s while this worker"
-        " settled ([nats] server_lost_wait)"
+    pair = [_worker_that_lost_the_server(f"worker-{i}") for i in (0, 1)]
+    summary = aggregate_summaries(pair)
+    assert summary["lost_in_dead_server"] == 30
+    assert summary["cluster_balance"]["lost_in_dead_server"] == 30
+    assert summary["conserved"] is True, summary["why_not_conserved"]
+    assert summary["lost_in_dead_server_said"] == (
+        "30 messages forwarded out by a worker and forwarded in by none, counted lost by"
+        " none: in flight through the NATS server as it died (worker-0, worker-1 lost it"
+        " as the run ended); a receiver counts a loss at its sender's next sequence mark,"
+        " which never came"
     )
-    # each: 35 of its own and 5 of the other's accepted, 20 handled, 20 sent across
-    counts = {"sent": 35, "accepted": 40, "handled": 20, "forwarded_in": 5}
-    counts.update({"forwarded": 20, "forwarded_out": 20, "error": error})
-    summary = aggregate_summaries([_worker_entry(f"worker-{i}", **counts) for i in (0, 1)])
-    assert summary["conserved"] is False
-    assert summary["why_not_conserved"] == [
-        "the cluster's books are off by 30: sent 70, handled, replied or dead 40, lost"
-        " (counted) 0, handed to dead workers 0; worker-0, worker-1 lost the NATS server"
-        " as they settled: tells in flight through it then are counted by no worker (a"
-        " receiver counts a gap at its sender's next sequence mark, which never came)"
+    # what a worker counted lost itself is not counted twice
+    pair[1]["lost_counted"] = 4
+    summary = aggregate_summaries(pair)
+    assert (summary["lost_in_dead_server"], summary["conserved"]) == (26, True)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["unbalanced", "no cluster counts", "more counted than missing", "the server lived"],
+)
+def test_a_difference_the_two_sides_do_not_explain_stays_off_and_says_why(why: str) -> None:
+    """The parent counts messages lost in a dead server only where the books make them
+    exact: every worker's own books balance, every one reported its cluster counts, a
+    worker lost the server, and something is missing (an excess counted lost is no
+    loss in transit). Otherwise the books stay off and say by how much, and why, as
+    before. (The unbalanced and no-counts cases fail on a mutant that drops those
+    conditions; the last two on one that counts any difference.)"""
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+
+    pair = [_worker_that_lost_the_server(f"worker-{i}") for i in (0, 1)]
+    if why == "unbalanced":
+        pair[1]["conserved"] = False
+    elif why == "no cluster counts":
+        del pair[1]["lost_counted_by_kind"]
+    elif why == "more counted than missing":
+        pair[1]["lost_counted"] = 31
+    else:
+        pair[0]["error"] = pair[1]["error"] = None
+    summary = aggregate_summaries(pair)
+    assert (summary["lost_in_dead_server"], summary["conserved"]) == (0, False)
+    assert summary["lost_in_dead_server_said"] is None
+    off = [line for line in summary["why_not_conserved"] if "books are off" in line]
+    off_by = -1 if why == "more counted than missing" else 30
+    lost = 31 if why == "more counted than missing" else 0
+    assert off == [
+        f"the cluster's books are off by {off_by}: sent 70, handled, replied or dead 40,"
+        f" lost (counted) {lost}, handed to dead workers 0"
+        + (
+            ""
+            if why == "the server lived"
+            else "; worker-0, worker-1 lost the NATS server as they settled: tells in"
+            " flight through it then are counted by no worker (a receiver counts a gap at"
+            " its sender's next sequence mark, which never came)"
+        )
     ]
 
 

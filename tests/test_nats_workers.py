@@ -144,6 +144,7 @@ def test_the_cluster_books_must_balance_across_workers() -> None:
         "handed_to_dead_workers": 0,  # (no worker died: the fields are there all the same)
         "came_from_dead_workers": 0,
         "lost_with_nodes_estimate_replaced": 0,
+        "lost_in_dead_server": 0,  # (no worker lost the server)
     }
     # the same message lost without anybody counting it: the books do not balance
     uncounted = aggregate_summaries([a, {**b, "lost_counted": 0}])

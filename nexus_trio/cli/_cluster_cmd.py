@@ -404,12 +404,24 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "lost_with_nodes_estimate_replaced": estimated,
         }
     )
+    in_server = _lost_in_dead_server(total, summaries, alive, ended)
+    total["lost_in_dead_server"] = in_server
+    # (said in one line, as lost_seen's: conserved with them, an operator is told)
+    total["lost_in_dead_server_said"] = (
+        f"{count_of(in_server, 'message')} forwarded out by a worker and forwarded in by none,"
+        f" counted lost by none: in flight through the NATS server as it died"
+        f" ({', '.join(_lost_server(summaries))} lost it as the run ended); a receiver"
+        " counts a loss at its sender's next sequence mark, which never came"
+        if in_server
+        else None
+    )
+    total["cluster_balance"]["lost_in_dead_server"] = in_server  # (0 unless it died)
     total["conserved"] = (
         bool(alive or (not_started and not died))
         and len(alive) + len(died) + len(not_started) == len(summaries)
         and all(s.get("conserved") for s in alive)
         and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD, NEVER_JOINED) for s in died)
-        and total["sent"] == ended + total["lost_counted"] + into_dead
+        and total["sent"] == ended + total["lost_counted"] + into_dead + in_server
     )
     total["why_not_conserved"] = (
         [] if total["conserved"] else _why_not_conserved(total, summaries, alive, died, not_started)
@@ -418,6 +430,41 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
     total["per_worker"] = [_without_settled_books(s) for s in summaries]
     return total
+
+
+def _lost_server(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The workers whose run ended as they lost the NATS server (_swarm.NatsServerLost,
+    as a worker's summary names its error)."""
+    return [
+        str(s.get("node"))
+        for s in summaries
+        if str(s.get("error") or "").startswith("NatsServerLost: ")
+    ]
+
+
+def _lost_in_dead_server(
+    total: Mapping[str, Any],
+    summaries: Sequence[Mapping[str, Any]],
+    alive: Sequence[Mapping[str, Any]],
+    ended: int,
+) -> int:
+    """The tells that were in flight through the NATS server as it died, counted by the
+    parent from the two sides' books (0 when they do not allow it). A receiver counts a
+    lost tell at the gap its sender's next sequence number or mark shows; the tells last
+    sent through a server that died have no next mark, and no worker counts them. When
+    every worker reported its books and its cluster counts (none died) and each worker's
+    own books balance (accepted = handled + replies + forwarded out + dead letters), the
+    cluster's difference is exactly what some worker forwarded out and no worker
+    forwarded in, nor counted lost: ``sent - ended - lost = sum(forwarded_out) -
+    sum(forwarded_in) - lost``. Counted as lost in transit only when a worker lost the
+    NATS server (the one cause the receivers cannot see) and the difference is positive;
+    otherwise the books stay off and ``why_not_conserved`` says by how much."""
+    if not _lost_server(summaries) or len(alive) != len(summaries):
+        return 0
+    if not all(s.get("conserved") and "lost_counted_by_kind" in s for s in alive):
+        return 0  # (a worker without its books or its cluster counts: nothing is exact)
+    difference = int(total["sent"]) - ended - int(total["lost_counted"])
+    return max(difference, 0)
 
 
 def _estimates_of_workers(
@@ -559,12 +606,7 @@ def _why_not_conserved(
     ended, lost = balance["handled_replied_or_dead"], balance["lost_counted"]
     into_dead = balance["handed_to_dead_workers"]
     if balance["sent"] != ended + lost + into_dead:
-        server_lost = [
-            str(s.get("node"))
-            for s in alive
-            # (_swarm.NatsServerLost, as a worker's summary names its error)
-            if str(s.get("error") or "").startswith("NatsServerLost: ")
-        ]
+        server_lost = _lost_server(alive)
         why.append(
             f"the cluster's books are off by {balance['sent'] - (ended + lost + into_dead)}:"
             f" sent {balance['sent']}, handled, replied or dead {ended}, lost (counted)"

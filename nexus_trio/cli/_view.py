@@ -309,6 +309,10 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
         table.add_row(f"  {worker.get('node') or 'worker'}", _worker_text(worker))
     for line in summary.get("lost_seen") or ():  # (said conserved or not: see lost_seen)
         table.add_row("  lost seen", Text(str(line), style="yellow"))
+    if summary.get("lost_in_dead_server_said"):
+        table.add_row(
+            "  lost in server", Text(str(summary["lost_in_dead_server_said"]), style="yellow")
+        )
     ok = summary["conserved"]
     law = (
         "every worker: accepted = handled + replies + forwarded out + dead letters;"
@@ -318,6 +322,7 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
             if summary.get("workers_died") or summary.get("workers_written_off")
             else ""
         )
+        + ("+ lost in the dead server " if summary.get("lost_in_dead_server") else "")
         if summary.get("workers")
         else "sent = handled + replies + forwarded + dead letters + in flight "
     )
