@@ -554,3 +554,57 @@ async def test_a_leave_through_a_server_restart_within_server_lost_wait_is_clean
     finally:
         for one in (server, *restarted):
             one.stop()
+
+
+def test_asyncio_s_lines_for_writes_to_a_lost_socket_are_counted_by_their_node_not_printed() -> (
+    None
+):
+    """asyncio drops a write to a socket transport whose connection was lost, silently
+    for the first five, then with ``socket.send() raised exception.`` each, through
+    Python's last-resort handler: a worker's cut printed a few (forty-seventh pass;
+    the control connection's heartbeat and bucket writes, written by nats-py's flusher
+    before its reader saw the loss). Within :func:`closed_writes_counted` (a node's
+    connect: nats-py's tasks of that connection copy its context), and in a task started
+    there, each such line is counted by the node's callback instead, and not printed;
+    the same writes outside print as before. A real socket transport, aborted (lost),
+    written to 8 times: 4 lines. (Fails on 5699b98: no ``closed_writes_counted``.)"""
+    from nexus_trio._nats._aio import CLOSED_SOCKET_WRITE_LINE, closed_writes_counted
+
+    printed: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            printed.append(record.getMessage())
+
+    async def write_to_a_lost_socket(port: int) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.abort()  # (the connection lost, as asyncio's _fatal_error does)
+        for _ in range(8):
+            writer.write(b"PING\r\n")
+        writer.close()
+
+    async def main() -> int:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await write_to_a_lost_socket(port)  # (outside: printed)
+        counted = [0]
+
+        def note() -> None:
+            counted[0] += 1
+
+        with closed_writes_counted(note):
+            task = asyncio.get_running_loop().create_task(write_to_a_lost_socket(port))
+        await task  # (run after the block: the task keeps the context it was made in)
+        server.close()
+        await server.wait_closed()
+        return counted[0]
+
+    keep = Keep()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addHandler(keep)
+    try:
+        counted = asyncio.run(main())
+    finally:
+        asyncio_log.removeHandler(keep)
+    assert printed == [CLOSED_SOCKET_WRITE_LINE] * 4
+    assert counted == 4

@@ -27,7 +27,8 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Any, Generic, TypeVar, final
+from contextvars import ContextVar
+from typing import Any, Final, Generic, TypeVar, final
 
 import trio
 import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
@@ -40,6 +41,59 @@ from ._held import HeldLines
 T = TypeVar("T")
 
 log = logging.getLogger("nexus_trio.nats")
+
+
+#: asyncio's own line for a write to a socket transport whose connection was lost: the
+#: write is dropped, silently for the first few (``LOG_THRESHOLD_FOR_CONNLOST_WRITES``,
+#: 5), then with this line each (``selector_events._SelectorSocketTransport.write``)
+CLOSED_SOCKET_WRITE_LINE: Final = "socket.send() raised exception."
+
+#: who counts asyncio's closed-socket lines in this context (see :func:`closed_writes_counted`)
+_CLOSED_WRITES: ContextVar[Callable[[], None] | None] = ContextVar(
+    "nexus_closed_socket_writes", default=None
+)
+
+
+class _ClosedSocketWrites(logging.Filter):
+    """On the ``asyncio`` logger: asyncio's :data:`CLOSED_SOCKET_WRITE_LINE` logged in
+    the context of a NATS connection of a node goes to that node's count instead of
+    stderr (unlabelled, through Python's last-resort handler); any other record, and
+    that line anywhere else, passes as it came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != CLOSED_SOCKET_WRITE_LINE:
+            return True
+        note = _CLOSED_WRITES.get()
+        if note is None:
+            return True
+        note()
+        return False
+
+
+_CLOSED_SOCKET_FILTER: Final = _ClosedSocketWrites()
+
+
+@contextmanager
+def closed_writes_counted(note: Callable[[], None]) -> Iterator[None]:
+    """Within it (and in every asyncio task started within it, which copies the context:
+    nats-py's reader, flusher and reconnect tasks of a connection opened here), each
+    :data:`CLOSED_SOCKET_WRITE_LINE` of asyncio calls ``note()`` and is not printed.
+
+    nats-py's flusher writes what is pending to the socket transport; once the
+    connection is lost, and before nats-py's reader has seen it and reconnects, asyncio
+    drops those writes, the sixth and later each with that line. What they held is lost
+    as a cut socket loses it: tells, which their receivers count lost in transit at the
+    sender's next sequence mark (see ``Cluster._sequence``), and pings and flushes,
+    which nats-py's reconnect replaces. So the lines are harmless to the books, and say
+    nothing a node's own warnings do not (the connection lost, then back)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _CLOSED_SOCKET_FILTER not in asyncio_log.filters:
+        asyncio_log.addFilter(_CLOSED_SOCKET_FILTER)
+    token = _CLOSED_WRITES.set(note)
+    try:
+        yield
+    finally:
+        _CLOSED_WRITES.reset(token)
 
 
 async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

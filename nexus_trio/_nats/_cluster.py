@@ -123,7 +123,15 @@ from . import _batch as batch
 from . import _direct as direct
 from . import _kvops as kvops
 from . import _wire as wire
-from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
+from ._aio import (
+    Inbox,
+    Outbox,
+    asyncio_loop,
+    call_aio,
+    closed_writes_counted,
+    current_aio_loop,
+    on_loop,
+)
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions, is_finite_seconds
 from ._held import HeldLines
@@ -696,6 +704,11 @@ class ClusterStats:
     #: before this node heard of the leave; if the notice is lost (late), the tells that
     #: node had not confirmed (an upper bound)
     lost_at_leave: int = 0
+    #: asyncio's ``socket.send() raised exception.`` lines of this node's connections:
+    #: writes of nats-py to a socket whose connection was lost, dropped (the sixth and
+    #: later of each loss; tells in them are counted by their receivers in
+    #: ``lost_in_transit``); counted here, said once a loss, not printed each
+    closed_socket_writes: int = 0
     #: durable messages this node's leave left unsettled, which JetStream delivers again
     #: (their handlers see the same ids again): acks, naks and terms it could not send
     #: (or made after it, an answer that came late), and what a pull that did not end in
@@ -915,6 +928,8 @@ class Cluster:
         "_buckets_to_check",
         "_cancels_received",
         "_cancels_sent",
+        "_closed_socket_writes",
+        "_closed_writes_said",
         "_closing",
         "_contested_log",
         "_ctl",
@@ -1240,6 +1255,11 @@ class Cluster:
         )
         self._marks_sent = 0
         self._publish_failures = 0
+        #: asyncio's closed-socket lines of this node's connections (see _closed_write)
+        self._closed_socket_writes = 0
+        #: the connections (roles) whose closed-socket writes were said since they were
+        #: last back: said once a loss of the connection, then counted
+        self._closed_writes_said: set[str] = set()
         # streams to joins that left, ended at their leave as this node heard it (see
         # _restart_streams), with tells not confirmed: (node, id prefix, session) -> what
         # was sent and confirmed, until the join's last notice says what it took (see
@@ -1438,6 +1458,7 @@ class Cluster:
         async def on_reconnect() -> None:
             nonlocal down
             down = False
+            self._closed_writes_said.discard(role)
             self.connections.mark(role, None)
             # the server may be another one, or the same restarted without its store
             self._buckets_to_check = True
@@ -1490,7 +1511,10 @@ class Cluster:
         except ValueError as exc:
             raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc}") from None
         try:
-            with trio.fail_after(limit + 5):
+            with (
+                trio.fail_after(limit + 5),
+                closed_writes_counted(functools.partial(self._closed_write, role)),
+            ):
                 nc = await call_aio(
                     nats.connect,
                     servers=self.servers,
@@ -1531,6 +1555,25 @@ class Cluster:
             # a query, a reply, a batch reach the kernel in the step that read them
             direct.read_inline(nc)
         return nc
+
+    def _closed_write(self, role: str) -> None:
+        """asyncio's ``socket.send() raised exception.`` for a write of this node's
+        ``role`` connection after it was lost (see :func:`._aio.closed_writes_counted`):
+        counted (``closed_socket_writes``), said once a loss of that connection, in
+        this node's words, not printed each."""
+        self._closed_socket_writes += 1
+        if role in self._closed_writes_said:
+            return
+        self._closed_writes_said.add(role)
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: %s connection to NATS lost: the client's writes to its closed socket"
+            " are dropped until it reconnects (asyncio's 'socket.send() raised exception.',"
+            " a line a write: counted in closed_socket_writes, not printed)",
+            self.node,
+            role,
+        )
 
     def _auth_kind(self) -> str:
         """How this node authenticates, for error texts (never the secret itself)."""
@@ -6308,6 +6351,7 @@ class Cluster:
             durable_remake_failures=d.remake_failures,
             streams_capped=self.stream_caps.capped,
             publish_failures=self._publish_failures,
+            closed_socket_writes=self._closed_socket_writes,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),
             members=tuple(i.node for i in self.member_list()),

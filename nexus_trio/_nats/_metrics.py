@@ -98,6 +98,10 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_lost_at_leave",
         "Tells sent to a node that left cleanly which its last notice says it never took.",
     ),
+    "closed_socket_writes": (
+        "nexus_cluster_closed_socket_writes",
+        "Writes to a NATS socket whose connection was lost, dropped (asyncio's lines, counted).",
+    ),
     "cancels_sent": ("nexus_cluster_cancels_sent", "Remote cancel frames sent."),
     "cancels_received": ("nexus_cluster_cancels_received", "Remote cancel frames received."),
     "replies_relayed": (
