@@ -286,7 +286,7 @@ def test_an_integer_flag_names_its_range(isolated, args, said):
         (["run", "-c", "", "-d", "1"], "'--config' / '-c': an empty path names no file"),
         (["run", "--generate-config", ""], "'--generate-config': an empty path names no file"),
         (["config", "show", "-c", ""], "'--config' / '-c': an empty path names no file"),
-        (["config", "init", ""], "'file': an empty path names no file"),
+        (["config", "init", ""], "'FILE': an empty path names no file"),
         (["health", "-c", ""], "'--config' / '-c': an empty path names no file"),
         (["send", "true", "1", "-c", ""], "'--config' / '-c': an empty path names no file"),
     ],

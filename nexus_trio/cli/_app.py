@@ -999,7 +999,7 @@ def config_init(
         typer.Argument(
             help="Where to write the template; - for standard output.",
             parser=file_path,
-            metavar="file",
+            metavar="FILE",
         ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,

@@ -94,11 +94,26 @@ def _help_of(command: Any, ctx: Any) -> Iterator[None]:
 
 class Command(typer.core.TyperCommand):
     """A ``nexus`` command: flags without ``<bool>`` in its help, examples named as the
-    program was run."""
+    program was run, arguments in its usage line as the docs write them."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         with _help_of(self, ctx):
             super().format_help(ctx, formatter)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """The usage line (of ``--help`` and of a usage error's box) as docs/cli.md and
+        the original's ``--help`` write it, ``nexus send [OPTIONS] CMD JSON``: a required
+        argument by its name alone, an optional one in brackets. typer 0.29 puts a
+        required one in braces (``{CMD} {JSON}``), which reads as a choice or a set."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.display_name_raw
+                name = name if param.required else f"[{name}]"
+                pieces.append(name if param.nargs == 1 else f"{name}...")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
 
 class Group(typer.core.TyperGroup):
