@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._commands import Command, whole_number
+from ._commands import Command, file_path, whole_number
 
 
 def _scenario(text: str) -> str:
@@ -22,6 +22,34 @@ def _scenario(text: str) -> str:
     if text not in SCENARIOS:
         raise typer.BadParameter(f"must be one of {', '.join(SCENARIOS)}, got {text!r}")
     return text
+
+
+def _written_file(text: str) -> Path:
+    """The ``parser=`` of ``--json``: a file whose folder exists, else a usage error
+    naming the flag and the folder, before any scenario runs (it was a plain line,
+    outside the usage box every other bad value gets)."""
+    path = file_path(text)
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"folder {str(path.parent)!r} does not exist, got {text!r}")
+    return path
+
+
+def _plot_file(text: str) -> Path:
+    """The ``parser=`` of ``--plot``: as ``--json``'s, and matplotlib must be importable
+    (a usage error naming the flag and what to install, not a plain line)."""
+    path = _written_file(text)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter(
+            "needs matplotlib, which is not installed: pip install 'nexus_trio[plot]' (or"
+            f" pip install matplotlib), got {text!r}"
+        ) from None
+    return path
+
+
+#: the flags that each pick the sizes of the suite, of which one may be given
+_SCALE_FLAGS = ("--quick", "--full", "--smoke")
 
 
 _EPILOG = """\
@@ -49,6 +77,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--scenario",
                 "-s",
+                metavar="<name>",
                 parser=_scenario,
                 help="Run only this scenario (repeatable): fanout, reqrep, scale, load, "
                 "fanin, churn, bridges, goals.",
@@ -75,13 +104,19 @@ def register(app: typer.Typer) -> None:
         ] = None,
         json_file: Annotated[
             Path | None,
-            typer.Option("--json", metavar="FILE", help="Also write the results as JSON to FILE."),
+            typer.Option(
+                "--json",
+                metavar="FILE",
+                parser=_written_file,
+                help="Also write the results as JSON to FILE.",
+            ),
         ] = None,
         plot_file: Annotated[
             Path | None,
             typer.Option(
                 "--plot",
                 metavar="FILE",
+                parser=_plot_file,
                 help="Also draw a PNG bar chart to FILE (needs matplotlib).",
             ),
         ] = None,
@@ -92,9 +127,14 @@ def register(app: typer.Typer) -> None:
         """Benchmark the kernel against raw trio and asyncio baselines, in one process run."""
         from ..bench import run_cli
 
-        if sum((quick, full, smoke)) > 1:
-            typer.echo("--quick, --full and --smoke exclude each other: pick one", err=True)
-            raise typer.Exit(2)
+        given = [flag for flag, on in zip(_SCALE_FLAGS, (quick, full, smoke), strict=True) if on]
+        if len(given) > 1:
+            # (a usage error naming the flag, as a bad value's: it was a plain line)
+            raise typer.BadParameter(
+                f"cannot go with {given[0]}: --quick, --full and --smoke each pick the"
+                " sizes of the suite, give one",
+                param_hint=f"'{given[1]}'",
+            )
         scale = "quick" if quick else "full" if full else "smoke" if smoke else "default"
         status = run_cli(
             scenario or (),
