@@ -25,7 +25,7 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import cattrs
@@ -447,6 +447,43 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
             f"`{unexpected}` after the value of `{key}`: one value per line, nothing but a"
             " comment after it (several values are a list: [1, 2])"
         )
+    if isinstance(exc, tomlkit.exceptions.InvalidControlChar):
+        code = re.search(r"use (\\u[0-9a-f]{4})", said)
+        where = (
+            "a comment" if "comments" in said else "a string" if "strings" in said else "the file"
+        )
+        escape = code.group(1) if code else "\\uXXXX"
+        return (
+            f"a control character ({escape.replace(chr(92) + 'u', 'U+').upper()}) in {where}:"
+            f" TOML allows none there but a tab (in a string, write it as {escape})"
+        )
+    if isinstance(exc, tomlkit.exceptions.InvalidCharInStringError) and "\\" in raw:
+        escape = raw[exc.col - 1 : exc.col + 1]
+        return (
+            f"`{escape}` in a string is no escape: a"
+            ' backslash starts one of \\b \\t \\n \\f \\r \\" \\\\ \\uXXXX \\UXXXXXXXX (a'
+            " backslash itself is \\\\, or write the string in '...', where \\ is itself)"
+        )
+    if isinstance(exc, tomlkit.exceptions.InvalidUnicodeValueError):
+        escape = raw[exc.col - 1 : exc.col + 9].split('"')[0].split("'")[0]
+        return (
+            f"`{escape}` is no unicode escape: \\u takes 4 hexadecimal digits, \\U 8, of a"
+            " character's code point (not D800 to DFFF)"
+        )
+    at_end = _open_at(f"{text} ", len(text))  # (what is open at the end of the file)
+    if isinstance(exc, tomlkit.exceptions.UnexpectedEofError) and at_end:
+        return (
+            f"the file ends inside the string opened on line {at_end[-1][1]}: it is not"
+            " closed (\"\"\" or ''' closes a string over several lines)"
+        )
+    for kind, shape in _DATE_SHAPES.items():
+        if isinstance(exc, kind):
+            return f"`{value}` (the value of `{key}`) is no valid {shape}"
+    if said.startswith("Invalid key "):
+        return (
+            f"`{key}` is no key: a bare key is letters, digits, `-` and `_` (quote any"
+            f' other: "{key}" = ...)'
+        )
     if isinstance(exc, tomlkit.exceptions.EmptyKeyError):
         return f"a key is empty (nothing before `=`, or between two dots) in `{line}`"
     if isinstance(exc, tomlkit.exceptions.EmptyTableNameError):
@@ -454,6 +491,160 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
     if isinstance(exc, tomlkit.exceptions.InvalidNumberError):
         return f"`{value}` (the value of `{key}`) is no valid number"
     return said.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+#: what tomlkit's errors of a date or time value say it should be
+_DATE_SHAPES: Final[dict[type[tomlkit.exceptions.ParseError], str]] = {
+    tomlkit.exceptions.InvalidDateError: "date (YYYY-MM-DD, a day of that month)",
+    tomlkit.exceptions.InvalidTimeError: "time (HH:MM:SS, hours to 23, minutes and seconds to 59)",
+    tomlkit.exceptions.InvalidDateTimeError: (
+        "date and time (YYYY-MM-DDTHH:MM:SS, then Z or an offset +HH:MM, or neither)"
+    ),
+    tomlkit.exceptions.InvalidNumberOrDateError: "number or date",
+}
+
+#: tomlkit's words for a name defined twice (a key, a table), raised with or without a place
+_DEFINED_TWICE = re.compile(r'Key "(.*)" already exists\.|Redefinition of an existing table')
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    return tuple(_bare(name).split("."))
+
+
+def _shown(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def _defined_twice(text: str) -> tuple[int, int, str] | None:
+    """The first name ``text`` defines twice, as ``(line, column, what)``: a key given
+    twice in a table, a table header given twice, a name that is a value in one place
+    and a table in another. tomlkit says ``Key "kernel" already exists.`` for all of
+    them, at the place where it noticed (for a table header: its last key's line), or at
+    no place (an inline table's key). A line-based scan, as :func:`_key_lines`: None
+    where it finds nothing (the error then says tomlkit's words)."""
+    defined: dict[tuple[str, ...], tuple[str, int]] = {}
+    current: tuple[str, ...] = ()
+    start = 0
+    for number, raw in enumerate(text.split("\n"), start=1):
+        at, start = start, start + len(raw) + 1
+        line = raw.strip()
+        if not line or line.startswith("#") or _open_at(text, at):
+            continue  # (a line inside a value written over several lines)
+        column = len(raw) - len(raw.lstrip()) + 1
+        header = _HEADER.match(raw)
+        if header:
+            path = _parts(header.group(1))
+            listed = line.startswith("[[")
+            shown = f"[[{_shown(path)}]]" if listed else f"[{_shown(path)}]"
+            for size in range(1, len(path)):
+                kind, first = defined.setdefault(path[:size], ("super", number))
+                if kind == "value":
+                    return (
+                        number,
+                        column,
+                        (
+                            f"{shown} makes `{_shown(path[:size])}` a table, but it is a key"
+                            f" with a value on line {first}"
+                        ),
+                    )
+            kind, first = defined.get(path, ("", 0))
+            if listed and kind in ("", "list"):
+                for sub in [sub for sub in defined if sub[: len(path)] == path != sub]:
+                    del defined[sub]  # (a new table of the list: its keys anew)
+            elif listed and kind:
+                return (
+                    number,
+                    column,
+                    (
+                        f"{shown} names the table [{_shown(path)}] of line {first}: a name is"
+                        " either a table or a list of tables"
+                    ),
+                )
+            elif kind == "table":
+                return (
+                    number,
+                    column,
+                    (
+                        f"the table {shown} is given twice, on line {first} and here: a table's"
+                        " keys go under one header"
+                    ),
+                )
+            elif kind == "dotted":
+                return (
+                    number,
+                    column,
+                    (
+                        f"the table {shown} is already made by the dotted keys of line {first}"
+                        f" (`{_shown(path[-1:])}.x = ...`): set its keys there, or only here"
+                    ),
+                )
+            elif kind == "value":
+                return (
+                    number,
+                    column,
+                    (
+                        f"{shown} makes `{_shown(path)}` a table, but it is a key with a value"
+                        f" on line {first}"
+                    ),
+                )
+            elif kind == "list":
+                return (
+                    number,
+                    column,
+                    (
+                        f"{shown} names the list of tables [[{_shown(path)}]] of line {first}: a"
+                        " name is either a table or a list of tables"
+                    ),
+                )
+            defined[path] = ("list" if listed else "table", number)
+            current = path
+            continue
+        name, equals, value = raw.partition("=")
+        if not equals:
+            continue
+        keys = _parts(name)
+        where = f" of [{_shown(current)}]" if current else ""
+        for size in range(1, len(keys)):
+            kind, first = defined.setdefault((*current, *keys[:size]), ("dotted", number))
+            if kind == "value":
+                return (
+                    number,
+                    column,
+                    (
+                        f"the dotted key `{_shown(keys)}`{where} makes `{_shown(keys[:size])}` a"
+                        f" table, but it is a key with a value on line {first}"
+                    ),
+                )
+        full = (*current, *keys)
+        if full in defined:
+            kind, first = defined[full]
+            said = "given" if kind == "value" else "a table"
+            return (
+                number,
+                column,
+                (
+                    f"the key `{_shown(keys)}`{where} is given twice, on line {first} and here"
+                    if kind == "value"
+                    else f"the key `{_shown(keys)}`{where} names the table made on line {first}:"
+                    f" a name is either a key with a value or a table ({said})"
+                ),
+            )
+        defined[full] = ("value", number)
+        inline = re.findall(r"[{,]\s*([\w\"'.-]+)\s*=", value) if "{" in value else []
+        seen: set[str] = set()
+        for item in inline:
+            if _bare(item) in seen:
+                found = raw.find(item, raw.find(item, len(name) + 1) + len(item))
+                return (
+                    number,
+                    found + 1,
+                    (
+                        f"the key `{_bare(item)}` is given twice in the inline table of"
+                        f" `{_shown(keys)}`{where}"
+                    ),
+                )
+            seen.add(_bare(item))
+    return None
 
 
 def _open_at(text: str, index: int) -> list[tuple[str, int]]:
@@ -519,31 +710,27 @@ def _read_file(
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
     try:
         document = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as exc:
-        # tomlkit counts columns from 0; FILE:LINE:COL counts them from 1 (editors, gcc,
-        # Python, tomllib), so that a jump to it lands on the bad character
-        raise ConfigError(
-            f"invalid TOML: {_toml_problem(exc, text)}",
-            path=path,
-            line=exc.line,
-            column=exc.col + 1,
-        ) from None
-    except tomlkit.exceptions.KeyAlreadyPresent as exc:
-        duplicate = re.search(r'Key "(.+)" already exists', str(exc))
-        line = None
-        if duplicate:
-            name = duplicate.group(1)
-            lines = [n for s in [None, *SECTIONS] for n in _key_lines(text, s, name)]
-            line = sorted(lines)[1] if len(lines) > 1 else None
-        # tomlkit before 0.15.3 raises this without a place; from 0.15.3 a duplicate is a
-        # ParseError with its line and column (above). The same file gets the same
-        # FILE:LINE:COL from both: the column where the repeated key starts
-        column = None
-        if line is not None:
-            source_line = text.splitlines()[line - 1]
-            column = len(source_line) - len(source_line.lstrip()) + 1
-        raise ConfigError(f"invalid TOML: {exc}", path=path, line=line, column=column) from None
     except tomlkit.exceptions.TOMLKitError as exc:
+        # A name defined twice is said in the file's terms at the place of its second
+        # definition, found in the text: tomlkit says `Key "kernel" already exists.` for a
+        # key, a table header or a key and a table of one name alike, at the place it
+        # noticed (a repeated table header's last key), at none (before 0.15.3, and in an
+        # inline table), or `Redefinition of an existing table`.
+        twice = _defined_twice(text) if _DEFINED_TWICE.search(str(exc)) else None
+        if twice is not None:
+            at, column, problem = twice
+            raise ConfigError(
+                f"invalid TOML: {problem}", path=path, line=at, column=column
+            ) from None
+        if isinstance(exc, tomlkit.exceptions.ParseError):
+            # tomlkit counts columns from 0; FILE:LINE:COL counts them from 1 (editors,
+            # gcc, Python, tomllib), so that a jump to it lands on the bad character
+            raise ConfigError(
+                f"invalid TOML: {_toml_problem(exc, text)}",
+                path=path,
+                line=exc.line,
+                column=exc.col + 1,
+            ) from None
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
     source = f"file {path}"
     data: dict[str, Any] = document.unwrap()
