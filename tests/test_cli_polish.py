@@ -618,3 +618,40 @@ def test_a_command_of_a_group_given_alone_is_named_with_its_group(
     result = invoke(args)
     assert result.exit_code == 2
     assert expected in flat(result.output)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "-d", "1"], ["config", "show"], ["health"], ["send", "true", "1"]],
+    ids=["run", "config show", "health", "send"],
+)
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_a_config_file_given_that_cannot_be_used_is_a_bad_value_of_config(
+    tmp_path: Path, args: list[str], what: str
+) -> None:
+    """Forty-eighth pass, walking every flag with bad values: ``-c FILE`` of a file that
+    is not there said ``nexus: error: FILE: config file not found`` in ``run``, ``config
+    show`` and ``health``, without naming the flag (``send`` named it as ``'--config'``).
+    It is a bad value of ``--config``, in the usage box, as a directory already was (the
+    flag's parser refuses it). (Fails on 5699b98: the old _app.py and _send_cmd.py
+    swapped in, the 4 missing files; the 4 directories pass there.)"""
+    given = tmp_path / "nope.toml" if what == "missing" else tmp_path
+    said = "config file not found" if what == "missing" else "is a directory"
+    result = invoke([*args, "-c", str(given)])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "Usage: nexus" in text and "Traceback" not in text
+    assert "Invalid value for '--config' / '-c': " in text and str(given) in text
+    assert said in text
+
+
+def test_a_demo_flag_the_config_refuses_is_named_in_every_spelling() -> None:
+    """Forty-eighth pass: ``-n 99999999999999999999`` (past the config's bound, not the
+    flag's parser's) was named ``'--agents'`` alone, where ``-n abc`` names ``'--agents'
+    / '-n' / '--num-agents'`` as click does. (Fails on 5699b98: old _app.py swapped in.)"""
+    result = invoke(["run", "-n", "99999999999999999999", "-d", "1"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "Invalid value for '--agents' / '-n' / '--num-agents': [app] agents must be at most"
+        " 100000000 (the most one run takes), got 99999999999999999999"
+    ) in flat(result.output)

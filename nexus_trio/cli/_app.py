@@ -144,6 +144,23 @@ def _fail(message: str, status: int = 2) -> typer.Exit:
     return typer.Exit(status)
 
 
+#: what a config file named by ``--config`` that cannot be used at all says (not a
+#: problem inside it, which names its line)
+_UNUSABLE_FILE = ("config file not found", "config path is not a file", "cannot read config file")
+
+
+def _config_failed(exc: Any, config: Path | None) -> Exception:
+    """The error of a config that did not load (``exc``, a ``ConfigError``): a file given
+    as ``--config`` that is not there, no file or unreadable is a bad value of the flag,
+    in the usage box naming ``'--config' / '-c'`` and the path (as ``nexus send`` said
+    it; ``run``, ``config show`` and ``health`` said ``nexus: error: PATH: config file
+    not found``, without the flag); any other (a line of the file, a variable) names its
+    file, line and key, ``nexus: error: ...``, exit 2."""
+    if config is not None and exc.line is None and exc.message.startswith(_UNUSABLE_FILE):
+        return typer.BadParameter(str(exc), param_hint="'--config' / '-c'")
+    return _fail(str(exc))
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(_version_text())
@@ -483,8 +500,12 @@ def run(
     except ConfigError as exc:
         flag = flag_of.get(exc.key or "") if exc.origin and "override" in exc.origin else None
         if flag is not None:
-            raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
-        raise _fail(str(exc)) from None
+            # (named as click names a flag's bad value: every spelling, '--agents' /
+            # '-n' / '--num-agents', where this said '--agents' alone)
+            spelt = next((p.opts for p in ctx.command.params if flag in p.opts), [flag])
+            hint = " / ".join(f"'{opt}'" for opt in spelt)
+            raise typer.BadParameter(exc.message, param_hint=hint) from None
+        raise _config_failed(exc, config) from None
     _refuse_demo_flags(ctx, loaded, app_ref, types_ref, spawn)
     types_hint = "'--types'" if types_ref is not None else _key_hint(loaded, "app.types")
     app_hint = "'--app'" if app_ref is not None else _key_hint(loaded, "app.app")
@@ -1048,7 +1069,7 @@ def config_show(
     try:
         loaded = load_config(config, log_warnings=False)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise _config_failed(exc, config) from None
     _say_load_warnings(loaded)  # (also printed in the output, as # warning: comments)
     typer.echo(render_effective(loaded), nl=False)
 
@@ -1114,7 +1135,7 @@ def health(
         try:
             loaded = load_config(config, log_warnings=False)
         except ConfigError as exc:
-            raise _fail(str(exc)) from None
+            raise _config_failed(exc, config) from None
         _say_load_warnings(loaded)
         metrics = loaded.config.metrics
         if port is None:

@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         try:
             loaded = load_config(config, overrides={"logging.level": log_level}, log_warnings=False)
         except ConfigError as exc:
-            flag = "'--log-level'" if exc.key == "logging.level" else "'--config'"
+            flag = "'--log-level' / '-l'" if exc.key == "logging.level" else "'--config' / '-c'"
             raise typer.BadParameter(str(exc), param_hint=flag) from None
         from ._spawn import OneLineBridgeErrors, stop_grace
 
