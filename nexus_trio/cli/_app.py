@@ -47,6 +47,7 @@ from ._commands import (
     default_to_run,
     file_path,
     finite_at_least,
+    host_name,
     one_of,
     whole_number,
 )
@@ -532,6 +533,13 @@ def run(
             " a single run serves its own on --metrics-port",
             param_hint="'--group-port'",
         )
+    if given(metrics_host, "metrics_host") is not None and not loaded.config.metrics.port:
+        # (refused, not ignored, as a demo flag with --app: no endpoint listens on it)
+        raise typer.BadParameter(
+            f"{metrics_host!r} is the address of the metrics endpoint, which is off (no"
+            " --metrics-port, [metrics] port 0): give --metrics-port P too, or drop the flag",
+            param_hint="'--metrics-host'",
+        )
     if workers is not None:  # (each worker checks all again; the above must not start them)
         _run_workers(
             ctx,
@@ -562,7 +570,7 @@ def run(
         _check_nats(cfg.nats.url, _key_hint(loaded, "nats.url"))  # (the extra too)
     if node is not None and not (nats or cfg.nats.url):
         raise typer.BadParameter(
-            "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
+            f"{node!r} needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
         )
     if node is not None:  # (refused here, before anything starts, not after the connect)
         from .._nats._wire import check_node_name
@@ -1090,6 +1098,7 @@ def health(
         str | None,
         typer.Option(
             "--host",
+            parser=host_name,
             help="Host of the metrics endpoint; the config's \\[metrics] host if not given"
             " (a wildcard address: this machine's loopback).",
         ),

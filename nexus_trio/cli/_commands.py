@@ -32,6 +32,7 @@ __all__ = [
     "default_to_run",
     "file_path",
     "finite_at_least",
+    "host_name",
 ]
 
 #: names of this program: one leading name on the command line is skipped, so that under
@@ -178,6 +179,14 @@ def file_path(text: Any) -> Path:
     if os.path.isdir(text):
         raise typer.BadParameter(f"file {text!r} is a directory")
     return Path(text)
+
+
+def host_name(text: Any) -> str:
+    """The ``parser=`` of a flag naming a host: not empty nor blank (``--host ""`` asked
+    ``http://:9464/healthz`` and said the name was not known, exit 1, not the flag)."""
+    if not str(text).strip():
+        raise typer.BadParameter(f"must be a host name or an address, got {str(text)!r}")
+    return str(text)
 
 
 def whole_number(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
