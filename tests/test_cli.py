@@ -206,6 +206,17 @@ def test_a_demo_flag_with_agents_of_your_own_is_refused_naming_both(
         assert invoke(args, NEXUS_APP__SPAWN="[]").exit_code == 0
 
 
+def test_send_names_a_bad_variable_not_the_flag_of_its_key(isolated) -> None:
+    """Forty-eighth pass: ``NEXUS_LOGGING__LEVEL=xx nexus send ...`` said ``Invalid value
+    for '--log-level': environment variable NEXUS_LOGGING__LEVEL: ...``, a flag not given.
+    (Fails on 5699b98: its _send_cmd.py swapped in.)"""
+    result = invoke(["send", "true", "{}"], NEXUS_LOGGING__LEVEL="xx")
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert "Invalid value: environment variable NEXUS_LOGGING__LEVEL: [logging] level" in out
+    assert "--log-level" not in out
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [
@@ -225,6 +236,13 @@ def test_a_demo_flag_with_agents_of_your_own_is_refused_naming_both(
         (
             ["send", "true", "{}", "--kind", "Quer"],
             "'--kind' / '-k': must be one of Query, Command, Event, got 'Quer'",
+        ),
+        # (forty-eighth pass: said "'--log-level': override logging.level: [logging] level
+        # must be one of ...", an override the user never wrote; fails on 5699b98)
+        (
+            ["send", "true", "{}", "-l", "verbose"],
+            "'--log-level' / '-l': must be one of trace, debug, info, warn, warning, error,"
+            " critical, got 'verbose'",
         ),
     ],
 )

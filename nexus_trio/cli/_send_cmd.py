@@ -65,6 +65,15 @@ def _no_answer(timeout: float) -> _Failed:
     return _Failed(f"no answer within {timeout:g}s (--timeout gives it longer)")
 
 
+def _log_level(text: str) -> str:
+    """The ``parser=`` of ``--log-level``: one of the levels (in any case), said as ``nexus
+    run -l`` says it; the config's check said ``override logging.level: [logging] level
+    must be one of ...``, naming an override the user never wrote."""
+    if text.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``send`` command to ``app``."""
 
@@ -122,6 +131,7 @@ def register(app: typer.Typer) -> None:
                 "--log-level",
                 "-l",
                 metavar=f"<{'|'.join(LOG_LEVELS)}>",
+                parser=_log_level,
                 help="Log level on stderr.",
             ),
         ] = "warning",
@@ -156,7 +166,10 @@ def register(app: typer.Typer) -> None:
         try:
             loaded = load_config(config, overrides={"logging.level": log_level}, log_warnings=False)
         except ConfigError as exc:
-            flag = "'--log-level' / '-l'" if exc.key == "logging.level" else "'--config' / '-c'"
+            # (a file's problem is --config's; one of a variable names the variable, not
+            # the flag of the key: NEXUS_LOGGING__LEVEL=xx was "Invalid value for
+            # '--log-level'", a flag not given)
+            flag = "'--config' / '-c'" if exc.path is not None else None
             raise typer.BadParameter(str(exc), param_hint=flag) from None
         from ._spawn import OneLineBridgeErrors, stop_grace
 
