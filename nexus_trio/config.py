@@ -402,6 +402,11 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
             "a string is not closed on its line: \"...\" and '...' end on the line they start"
             ' ("""...""" holds text over several lines)'
         )
+    if text.startswith("\ufeff") and exc.line == 1:  # (Notepad's "UTF-8 with BOM")
+        return (
+            "the file starts with a byte order mark (U+FEFF), which TOML does not allow:"
+            " save it as UTF-8 without BOM"
+        )
     if "\x00" in raw:  # (tomlkit's mark of the file's end: read as one, inside it)
         return "a NUL character (\\x00) on this line: TOML allows none in a file"
     if unexpected == "\x00":

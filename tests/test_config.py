@@ -955,6 +955,12 @@ _TWICE = "is given twice, on line"
             " (YYYY-MM-DDTHH:MM:SS, then Z or an offset +HH:MM, or neither)",
         ),
         (
+            "\ufeff[kernel]\nbatch_size = 5\n",
+            (1, 1),
+            "the file starts with a byte order mark (U+FEFF), which TOML does not allow: save"
+            " it as UTF-8 without BOM",
+        ),
+        (
             "[kernel]\nmail box = 1\n",
             (2, 10),
             "`mail box` is no key: a bare key is letters, digits, `-` and `_` (quote any"
@@ -986,6 +992,7 @@ _TWICE = "is given twice, on line"
         "invalid date",
         "invalid time",
         "invalid date and time",
+        "byte order mark",
         "invalid key",
     ],
 )
@@ -1002,8 +1009,9 @@ def test_a_toml_error_says_what_is_wrong_in_the_file_s_terms(
     one name alike, at the place tomlkit noticed it (a repeated table's last key, not
     its header), at no place (an inline table), or `Redefinition of an existing table`;
     an escape, a date, a time, a control character, a key and a file ending in a string
-    over several lines were in tomlkit's words too. (Fails on 5699b98: its config.py
-    swapped in, the 17 new cases fail, the 8 before pass.)"""
+    over several lines were in tomlkit's words too, and a byte order mark was `a key is
+    empty`. (Fails on 5699b98: its config.py swapped in, the 18 new cases fail, the 8
+    before pass.)"""
     file = write(home / "cwd" / "config.toml", text)
     with pytest.raises(ConfigError) as info:
         load(home)
