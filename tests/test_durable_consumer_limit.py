@@ -12,6 +12,8 @@ tests lower the server's default to 2 (its config key), so a handful of nodes sh
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,7 +23,7 @@ from nats.js.api import AccountLimits, ConsumerConfig
 
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats._aio import call_aio
-from nexus_trio._nats._stream_caps import STREAM_MAX_CONSUMERS, account_consumers
+from nexus_trio._nats._stream_caps import FROM_ACCOUNT, STREAM_MAX_CONSUMERS, account_consumers
 
 from .nats_server import until
 from .test_nats import local_node
@@ -205,3 +207,119 @@ async def test_a_remake_refused_by_the_limit_is_counted_and_tried_again() -> Non
         server.stop()
     assert names == ["a"]
     assert stats.durable_remake_failures >= 1 and stats.streams_capped >= 1
+
+
+async def _api_requests(cluster: Any, during: Any) -> list[str]:
+    """The JetStream stream API requests (their subjects, in order) any client made
+    while ``during()`` ran, seen by a subscriber on ``cluster``'s connection; ended by a
+    marker it publishes itself, so all that came before it are in."""
+    seen: list[str] = []
+    end = "$JS.API.STREAM.INFO.nexus-test-end"
+
+    async def record(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    async def watch() -> Any:
+        sub = await cluster.nc.subscribe("$JS.API.STREAM.>", cb=record)
+        await cluster.nc.flush()
+        return sub
+
+    sub = await call_aio(watch)
+    await during()
+    await call_aio(cluster.nc.publish, end, b"")
+    with trio.fail_after(10):
+        await until(lambda: end in seen)
+    await call_aio(sub.unsubscribe)
+    return seen[: seen.index(end)]
+
+
+async def test_a_join_reads_each_bucket_s_stream_once() -> None:
+    """A bucket there (every join but a cluster's first) costs one STREAM.INFO, which
+    the lift of its limit of consumers and its birth read; on 5699b98's code each bucket
+    took four requests: nats-py's create (refused once the limit was lifted: another
+    config), ``key_value``'s info, the lift's, the birth's."""
+    server = NatsServer().start()
+    try:
+        async with local_node(server.url, "a") as (_ka, ca):
+
+            async def join_b() -> None:
+                async with local_node(server.url, "b"):
+                    pass
+
+            seen = await _api_requests(ca, join_b)
+    finally:
+        server.stop()
+    # (the streams' set-up, not the reads of their entries: STREAM.MSG.GET)
+    buckets = [s for s in seen if ".KV_" in s and not s.startswith("$JS.API.STREAM.MSG.")]
+    assert buckets == [
+        f"$JS.API.STREAM.INFO.KV_{ca.prefix}-{bucket}" for bucket in ("nodes", "names", "placed")
+    ]
+
+
+ACCOUNT = (
+    "accounts {{ A {{ jetstream {{ max_consumers: {limit}, max_mem: 1G, max_file: 1G }},"
+    " users [ {{ user: u, password: p }} ] }} }}"
+)
+
+
+async def _raise_account_limit(server: NatsServer, cluster: Any, limit: int) -> None:
+    """The account's limit of consumers raised to ``limit`` (the server's config
+    rewritten and reloaded, as an operator would), until JetStream says so."""
+    (server.log_path.parent / "server.conf").write_text(ACCOUNT.format(limit=limit))
+    os.kill(server.pid, signal.SIGHUP)
+    with trio.fail_after(10):
+        while True:  # (until the reload is in)
+            info = await call_aio(cluster.data_js.account_info)
+            if info.limits.max_consumers == limit:
+                break
+            await trio.sleep(0.05)
+
+
+async def test_a_stream_capped_by_the_account_is_lifted_once_the_account_allows_more() -> None:
+    """A stream given its account's limit of consumers (40) is lifted to the account's
+    new one (100) by the next join once the operator raises it, its metadata naming the
+    new value; a value no node gave (35, set by hand on the durable stream) is kept. On
+    5699b98's code every stream stayed at 40 for good."""
+    server = NatsServer(config=ACCOUNT.format(limit=40)).start()
+    url = f"nats://u:p@127.0.0.1:{server.port}"
+    try:
+        async with local_node(url, "a") as (_ka, ca):
+            js = ca.data_js
+            before = {i.config.name: i.config for i in await call_aio(js.streams_info)}
+            durable = f"{ca.prefix}-durable"
+            await call_aio(js.update_stream, before[durable].evolve(max_consumers=35))
+            await _raise_account_limit(server, ca, 100)
+            async with local_node(url, "b") as (_kb, cb):
+                after = {i.config.name: i.config for i in await call_aio(js.streams_info)}
+                capped = cb.stats().streams_capped
+    finally:
+        server.stop()
+    assert {name: c.max_consumers for name, c in before.items()} == dict.fromkeys(before, 40)
+    assert {c.metadata[FROM_ACCOUNT] for c in before.values()} == {"40"}
+    buckets = [name for name in after if name != durable]
+    assert len(buckets) == 3
+    assert [(after[n].max_consumers, after[n].metadata[FROM_ACCOUNT]) for n in buckets] == [
+        (100, "100")
+    ] * 3
+    assert after[durable].max_consumers == 35
+    assert capped == 4  # (each still below STREAM_MAX_CONSUMERS: said and counted)
+
+
+async def test_a_stream_capped_by_the_account_is_lifted_whole_once_the_account_has_no_limit() -> (
+    None
+):
+    """The account's limit taken away (-1): the next join gives each stream
+    STREAM_MAX_CONSUMERS and drops the metadata's record; nothing is capped then."""
+    server = NatsServer(config=ACCOUNT.format(limit=40)).start()
+    url = f"nats://u:p@127.0.0.1:{server.port}"
+    try:
+        async with local_node(url, "a") as (_ka, ca):
+            await _raise_account_limit(server, ca, -1)
+            async with local_node(url, "b") as (_kb, cb):
+                after = [i.config for i in await call_aio(ca.data_js.streams_info)]
+                capped = cb.stats().streams_capped
+    finally:
+        server.stop()
+    assert [c.max_consumers for c in after] == [STREAM_MAX_CONSUMERS] * 4
+    assert [FROM_ACCOUNT in (c.metadata or {}) for c in after] == [False] * 4
+    assert capped == 0

@@ -80,7 +80,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.client import KV_STREAM_TEMPLATE
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
@@ -921,7 +921,6 @@ class Cluster:
         "_batch_versions",
         "_batches_published",
         "_batches_received",
-        "_births_read",
         "_bucket_births",
         "_buckets_made_again",
         "_buckets_renewed",
@@ -1157,10 +1156,9 @@ class Cluster:
         # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
         # write that found no bucket); how often they were found gone or made anew
         self._bucket_births: dict[str, object] = {}
-        # the birth of each bucket's stream as its opening read it (see _kv), and this
-        # join's place in the order of joins (NodeInfo.join_order: the nodes bucket's
-        # birth, the revision of the join's first record; set once that record landed)
-        self._births_read: dict[str, object] = {}
+        # this join's place in the order of joins (NodeInfo.join_order: the nodes
+        # bucket's birth, the revision of the join's first record; set once that record
+        # landed)
         self._join_order: tuple[int, int] | None = None
         self._buckets_to_check = False
         self._buckets_made_again = 0
@@ -1588,22 +1586,37 @@ class Cluster:
         return f"{kind}, TLS" if a.uses_tls else kind
 
     async def _kv(self, bucket: str, *, ttl: float | None) -> KeyValue:
+        """The KV bucket ``bucket`` (made with ``ttl`` unless it is there), its stream's
+        limit of consumers lifted (see _stream_caps), when its stream was made recorded
+        (``_bucket_births``). A bucket there (every join but a cluster's first) costs one
+        request, its stream's info, which the lift and the birth read: nats-py's
+        ``create_key_value`` (refused once the limit was lifted: another config) then
+        ``key_value`` and this node's own reads made four (forty-eighth pass)."""
         config = KeyValueConfig(bucket=bucket, ttl=ttl, replicas=self.options.kv_replicas)
+        stream = KV_STREAM_TEMPLATE.format(bucket=bucket)
 
         async def open_bucket() -> KeyValue:
+            js = self.js
             try:
-                kv = await self.js.create_key_value(config=config)
-            except nats.js.errors.BadRequestError:
-                # Exists with other settings (another node's options, or its limit of
-                # consumers lifted): use it as it is.
-                kv = await self.js.key_value(bucket)
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                # (made meanwhile by another node, with other settings: used as it is)
+                with suppress(nats.js.errors.BadRequestError):
+                    await js.create_key_value(config=config)
+                info = await js.stream_info(stream)
             # (nats-py makes a bucket's stream with no limit of consumers of its own:
             # the server's default_max_consumers caps it; see _stream_caps)
-            stream = KV_STREAM_TEMPLATE.format(bucket=bucket)
-            info = await self.js.stream_info(stream)
-            self._births_read[stream] = info.created
-            await self.stream_caps.lift(self.js, info)
-            return kv
+            info = await self.stream_caps.lift(js, info)
+            if (info.config.max_msgs_per_subject or 0) < 1:
+                raise nats.js.errors.BadBucketError  # (as nats-py's key_value)
+            self._bucket_births[stream] = info.created
+            return KeyValue(
+                name=bucket,
+                stream=stream,
+                pre=KV_PRE_TEMPLATE.format(bucket=bucket),
+                js=js,
+                direct=bool(info.config.allow_direct),
+            )
 
         # A JetStream cluster that is still electing its leader answers with timeouts or
         # "unavailable" for a few seconds: retry within ``join_timeout``.
@@ -4805,19 +4818,6 @@ class Cluster:
             (f"{self.prefix}-placed", None),
         )
 
-    def _births_of_buckets(self) -> dict[str, object]:
-        """When the server made the stream of each bucket (None if it does not say), as
-        the bucket's opening read it (see _kv: its read of the stream's info for the
-        limit of consumers; until the forty-eighth pass each was read again here, one
-        more STREAM.INFO a bucket at each join)."""
-        births = self._births_read
-        return {
-            stream: births.get(stream)
-            for stream in (
-                KV_STREAM_TEMPLATE.format(bucket=bucket) for bucket, _ in self._buckets()
-            )
-        }
-
     async def _check_buckets(self) -> None:
         """After a reconnect (or a bucket write no stream took): are the buckets those
         this node wrote into? A nats-server restarted without its JetStream store (a new
@@ -4840,8 +4840,7 @@ class Cluster:
             if not gone:
                 return
             for bucket, ttl in self._buckets():
-                await self._kv(bucket, ttl=ttl)
-            self._bucket_births = self._births_of_buckets()
+                await self._kv(bucket, ttl=ttl)  # (its birth recorded anew)
         except BaseException:
             self._buckets_to_check = True
             raise
@@ -5784,7 +5783,7 @@ class Cluster:
         # (the bucket's revision of its first record), not this host's clock: every
         # record from here on says it (the first one cannot: see NodeInfo.join_order)
         nodes_stream = KV_STREAM_TEMPLATE.format(bucket=f"{self.prefix}-nodes")
-        born = bucket_birth(self._births_read.get(nodes_stream))
+        born = bucket_birth(self._bucket_births.get(nodes_stream))
         if born is not None:
             self._join_order = (born, self._record_revision)
 
@@ -5803,8 +5802,8 @@ class Cluster:
             self._names_kv,
             self._apply_name_entry,
         )
+        # (each bucket's birth recorded as _kv opened it)
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
-        self._bucket_births = self._births_of_buckets()
         nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)

@@ -11,7 +11,9 @@ none (made by an earlier version, or by nats-py's ``create_key_value``, which al
 sends -1) is updated to it, its other settings kept. A positive one (another node's, the
 account's limit, an operator's) is never changed, so no two nodes undo each other's
 update. An account whose limit of consumers is below it gives the stream that limit (the
-most the account allows). A stream left with fewer is said (a warning naming the
+most the account allows), recorded in the stream's metadata (:data:`FROM_ACCOUNT`): a
+join that finds the stream still at that value, the account now allowing more, lifts it
+again (forty-eighth pass; a value the metadata does not name is a user's, kept). A stream left with fewer is said (a warning naming the
 stream, its limit and why, at most one a second for each stream) and counted
 (``ClusterStats.streams_capped``).
 
@@ -43,6 +45,11 @@ CONSUMERS_OVER_LIMIT: Final = 10026
 #: 32-bit build of the server.
 STREAM_MAX_CONSUMERS: Final = 2**31 - 1
 
+#: the key of a stream's metadata that names the limit of consumers a node gave it from
+#: its account's (the most the account allowed then): a stream whose ``max_consumers``
+#: still equals it is no user's choice, and is lifted again once the account allows more
+FROM_ACCOUNT: Final = "nexus_trio.max_consumers_from_account"
+
 _BY_LIMIT: Final = "its max_consumers: its account's JetStream limit, or set by hand"
 
 
@@ -58,7 +65,8 @@ def account_consumers(info: Any, replicas: int) -> int:
 async def within_account(make: Any, js: Any, config: Any) -> Any:
     """``make`` (``add_stream``, ``update_stream``) with the stream ``config``; if
     JetStream refuses its ``max_consumers`` as over the account's limit of consumers,
-    with that limit (the most the account lets the stream have). Asyncio side."""
+    with that limit (the most the account lets the stream have), named so in the stream's
+    metadata (:data:`FROM_ACCOUNT`). Asyncio side."""
     try:
         return await make(config=config)
     except nats.js.errors.BadRequestError as exc:
@@ -67,7 +75,29 @@ async def within_account(make: Any, js: Any, config: Any) -> Any:
         cap = account_consumers(await js.account_info(), config.num_replicas or 1)
         if not 0 < cap < (config.max_consumers or 0):
             raise
-    return await make(config=config.evolve(max_consumers=cap))
+    metadata = {**(config.metadata or {}), FROM_ACCOUNT: str(cap)}
+    return await make(config=config.evolve(max_consumers=cap, metadata=metadata))
+
+
+def _given_by_account(config: Any) -> bool:
+    """Whether the stream config ``config``'s limit of consumers is the one a node gave
+    it from its account's (its metadata names that value: see within_account)."""
+    given = (config.metadata or {}).get(FROM_ACCOUNT)
+    return given is not None and given == str(config.max_consumers)
+
+
+async def _account_allows_more(js: Any, config: Any) -> bool:
+    """Whether the stream config ``config`` has a limit of consumers given from its
+    account's (see within_account) below STREAM_MAX_CONSUMERS, and the account now
+    allows more (its limit raised, or none). Asyncio side; a refused read says no."""
+    cap = config.max_consumers or 0
+    if not (0 < cap < STREAM_MAX_CONSUMERS and _given_by_account(config)):
+        return False
+    try:
+        allowed = account_consumers(await js.account_info(), config.num_replicas or 1)
+    except (nats.errors.Error, OSError):
+        return False  # (tried again at the next set-up)
+    return allowed <= 0 or allowed > cap
 
 
 @final
@@ -86,12 +116,15 @@ class StreamCaps:
 
     async def lift(self, js: Any, info: Any) -> Any:
         """The info of the stream whose info is ``info`` (nats-py's ``StreamInfo``) once
-        its limit of consumers is lifted (see the module doc): updated if it sets none.
-        An update refused (a server that does not change it, a user not allowed to)
+        its limit of consumers is lifted (see the module doc): updated if it sets none,
+        or if it has the one a node gave it from its account's and the account now
+        allows more (one ACCOUNT.INFO request a join for such a stream). An update refused (a server that does not change it, a user not allowed to)
         leaves it as it is, tried again at the next set-up. Asyncio side."""
         why = _BY_LIMIT
-        if (info.config.max_consumers or 0) <= 0:
-            wanted = info.config.evolve(max_consumers=STREAM_MAX_CONSUMERS)
+        config = info.config
+        if (config.max_consumers or 0) <= 0 or await _account_allows_more(js, config):
+            metadata = {k: v for k, v in (config.metadata or {}).items() if k != FROM_ACCOUNT}
+            wanted = config.evolve(max_consumers=STREAM_MAX_CONSUMERS, metadata=metadata or None)
             try:
                 info = await within_account(js.update_stream, js, wanted)
             except (nats.errors.Error, OSError) as exc:
