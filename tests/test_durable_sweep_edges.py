@@ -25,6 +25,7 @@ import nats.js.errors
 import pytest
 import trio
 import trio_asyncio
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from nexus_trio import (
     ClusterConfig,
@@ -40,6 +41,7 @@ from nexus_trio import (
 from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._direct import end_fetch, fetched
 from nexus_trio.config import load_config
 from nexus_trio.nats import join_cluster
 
@@ -153,8 +155,9 @@ async def test_a_sweep_under_way_when_the_kernel_begins_to_shut_down_takes_nothi
     assert again == (1, 0)
 
 
+@pytest.mark.parametrize("first_check", ["answered", "not answered"])
 async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them(
-    nats: NatsServer,
+    nats: NatsServer, first_check: str
 ) -> None:
     """A process of the gone node's name (a stand-in here: a pull subscription of its
     consumer) holds a message it fetched and, between two fetches, has no pull request
@@ -163,14 +166,23 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
     sees the request waiting on the consumer, takes nothing and ends
     (``left_to_pullers``), looked at again later. (On f4c2c8f's _durable.py swapped in:
     the takeover pulls beside the process, never ends (the message it holds is never
-    drained), and the wait for its end times out.)"""
+    drained), and the wait for its end times out.)
+
+    Forty-eighth pass, ``not answered``: a check whose read of the consumer failed (not
+    answered once, as at a JetStream leader change) was made no more, and the takeover
+    pulled on beside the process (its messages by id dead at once, by name forwarded,
+    its drained consumer deleted). Now that subscription is dropped and the next one
+    checks: checked twice, nothing taken. (On 5699b98's _durable.py swapped in: checked
+    once; the takeover pulls beside the stand-in and the wait for its end times out.)"""
     async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
         ka.spawn(_keeper([], "keeper-a"))
         stream = f"{ca.prefix}-durable"
         js = ca.data_js
         standin, _held = await _standin_holding(ca)
         real = ca.durable._unpulled
+        real_check = ca.durable._pulled_by_others
         fetching: list[asyncio.Future[Any]] = []
+        checks: list[str] = []
 
         async def between() -> Any:
             found = await real()
@@ -180,7 +192,14 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
                 await asyncio.sleep(0.02)
             return found
 
+        async def check(psub: Any, info: Any) -> str | None:
+            checks.append("asked")
+            if first_check == "not answered" and len(checks) == 1:
+                raise NatsTimeoutError  # (the consumer's read not answered)
+            return await real_check(psub, info)
+
         ca.durable._unpulled = between  # type: ignore[method-assign]
+        ca.durable._pulled_by_others = check  # type: ignore[method-assign]
         with trio.fail_after(20):
             swept = await _swept_and_ended(ca)
             info = await _consumer(ca, GHOST)
@@ -192,7 +211,7 @@ async def test_a_takeover_a_sweep_starts_leaves_a_consumer_someone_pulls_to_them
             await standin.unsubscribe()
 
         await call_aio(stop)
-    assert swept == 1
+    assert (swept, len(checks)) == (1, 1 if first_check == "answered" else 2)
     assert left == 1
     assert (info.num_ack_pending, info.num_waiting, taken) == (1, 1, 0)
 
@@ -313,8 +332,9 @@ async def test_a_takeover_under_way_when_the_kernel_begins_to_shut_down_ends_and
     assert (state.messages, sum((state.subjects or {}).values())) == (40, 40)
 
 
+@pytest.mark.parametrize("held_until", ["the close begins", "the takeover is cancelled"])
 async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fetched(
-    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, held_until: str
 ) -> None:
     """Forty-sixth pass: the cluster's close (its kernel still running) cancelled a
     takeover under way at once, its fetch with it: what that fetch took waited out
@@ -324,7 +344,14 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
     safe point: the fetched batch is handed back (nakked). Node b, joined after with
     ``keeper-a``, sweeps and takes all 20 over at once: each handled once. (On
     f647f8e's _durable.py swapped in: the batch a's fetch took waits out ack_wait, and
-    the wait for all 20 times out.)"""
+    the wait for all 20 times out.)
+
+    Forty-eighth pass, ``the takeover is cancelled``: a fetch still under way at the
+    leave's bound (half of ``stop()``'s; held here until the takeover is cancelled
+    there) was cancelled, and nats-py's fetch keeps what it took so far to itself:
+    dropped, those messages waited out ``ack_wait``. The fetch is now shielded from the
+    cancel and ended, and what it took is nakked back as it returns. (On 5699b98's
+    _durable.py swapped in: nothing handed back, the wait for the 20 times out.)"""
     handled: list[tuple[Any, Any]] = []
     real = _durable._poll
     fetched: list[int] = []
@@ -338,7 +365,9 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
                 got = await real(psub, batch, idle)
                 if got[0] and psub is not ca.durable._psub and not fetched:
                     fetched.append(len(got[0]))
-                    while not ca.closing:  # noqa: ASYNC110 (the cluster's state: no event)
+                    scope = ca.durable._takeovers[GHOST]
+                    close = held_until == "the close begins"
+                    while not (ca.closing if close else scope.cancel_called):  # noqa: ASYNC110 (no event)
                         await asyncio.sleep(0.01)
                 return got
 
@@ -348,7 +377,7 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
                 await _past_first_wait(ca)
                 await ca.durable._sweep(True)
                 await until(lambda: bool(fetched))
-        handed = ca.stats().durable_handed_back_at_leave
+        stats = ca.stats()
         await ka.shutdown()
     async with local_node(nats.url, "b", durable=DURABLE, **QUICK) as (kb, cb):
         kb.spawn(_keeper(handled, "keeper-a"))
@@ -356,7 +385,8 @@ async def test_a_takeover_under_way_at_the_cluster_s_close_hands_back_what_it_fe
             await _past_first_wait(cb)
             await cb.durable._sweep(True)
             await until(lambda: len(handled) >= 20)
-    assert handed == fetched[0] > 0
+    assert stats.durable_handed_back_at_leave == fetched[0] > 0
+    assert stats.durable_unsettled_at_leave == 0
     assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)
 
 
@@ -512,3 +542,87 @@ def test_a_hand_back_the_leave_does_not_send_is_counted_unsettled_not_handed_bac
     assert [m.naks for m in fetched] == [1, 1] + [0] * 8
     channel._count_unsent()  # (a second stop counts them not again)
     assert channel.handed_back_at_leave + channel.unsettled_at_leave == len(fetched)
+
+
+async def test_a_node_s_own_fetch_cancelled_at_its_leave_hands_back_what_it_took(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-eighth pass: the leave's ``stop()`` cancels the node's own pull, its fetch
+    under way too, which dropped what it had taken: those messages waited out
+    ``ack_wait`` (30 s here). 20 messages are stored for a's ``keeper-a``, and a's fetch
+    that took them does not return until its pull is cancelled by a's close. They are
+    nakked back to a's consumer as the fetch returns (``durable_handed_back_at_leave``),
+    and a's next process has each handled once. (On 5699b98's _durable.py swapped in:
+    the next process gets them only after ack_wait: the wait times out.)"""
+    handled: list[tuple[Any, Any]] = []
+    real = _durable._poll
+    fetched: list[int] = []
+    options = attrs.evolve(PATIENT, durable=DURABLE, **QUICK)
+    async with open_kernel(node_config()) as ka:
+        async with join_cluster(ka, nats.url, "a", options=options) as ca:
+
+            async def held(psub: Any, batch: int, idle: bool) -> Any:
+                got = await real(psub, batch, idle)
+                if got[0] and psub is ca.durable._psub and not fetched:
+                    fetched.append(len(got[0]))
+                    scope = ca.durable._pulling
+                    while not scope.cancel_called:  # noqa: ASYNC110 (a Trio scope: no event)
+                        await asyncio.sleep(0.01)
+                return got
+
+            monkeypatch.setattr(_durable, "_poll", held)
+            stored = {(await store_for(ca, "keeper-a", i)).id for i in range(20)}
+            with trio.fail_after(20):
+                await until(lambda: bool(fetched))
+        stats = ca.stats()
+        await ka.shutdown()
+    monkeypatch.setattr(_durable, "_poll", real)
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka2, _ca2):
+        ka2.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(20):
+            await until(lambda: len(handled) >= 20)
+    assert stats.durable_handed_back_at_leave == fetched[0] > 0
+    assert stats.durable_unsettled_at_leave == 0
+    assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)
+
+
+async def test_a_fetch_ended_at_a_leave_returns_what_its_long_poll_took_at_once(
+    nats: NatsServer,
+) -> None:
+    """(What a cancelled fetch's hand-back relies on: ``end_fetch`` ends a nats-py fetch
+    under way at once, with what it took. A fetch of 10 with a 30 s long poll takes the
+    one message stored and waits for more; ended, it returns that message, and one that
+    took nothing returns nothing, well before its poll's end, with no request of its
+    sent after the end. Without the ending the first returned at the poll's end, 30 s:
+    the wait here times out.)"""
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (_ka, ca):
+        stream = f"{ca.prefix}-durable"
+        psub = await call_aio(
+            ca.data_js.pull_subscribe,
+            wire.durable_subject(ca.prefix, GHOST, "*"),
+            durable=GHOST,
+            stream=stream,
+        )
+        stored = await store_for(ca, "keeper-a", "taken by the poll", node=GHOST)
+
+        async def ended(expect_one: bool) -> list[Any]:
+            fetch = asyncio.ensure_future(psub.fetch(10, 30.0))
+            while True:  # (until the poll took the message, or waits with none)
+                info = await ca.data_js.consumer_info(stream, GHOST)
+                if (info.num_ack_pending if expect_one else info.num_waiting) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert end_fetch(psub)
+            return fetched(await fetch)
+
+        with trio.fail_after(10):
+            took = await trio_asyncio.aio_as_trio(ended)(True)
+            none = await trio_asyncio.aio_as_trio(ended)(False)
+            # (the request the poll began with, if any: none sent after the end)
+            await call_aio(ca.nc.flush)
+            left = (await call_aio(ca.data_js.consumer_info, stream, GHOST)).num_waiting
+            await call_aio(took[0].ack)
+            await call_aio(psub.unsubscribe)
+    assert [wire.decode_message(m.data).id for m in took] == [stored.id]
+    assert none == []
+    assert left <= 1

@@ -766,8 +766,10 @@ class ClusterStats:
     durable_sweeps_cut: int = 0
     durable_left_to_pullers: int = 0
     #: messages a takeover had fetched when its node began to leave (its kernel shutting
-    #: down, its cluster closing), nakked back to their consumer rather than taken: the
-    #: next owner's takeover gets them (see ``DurableChannel.take_over``)
+    #: down, its cluster closing), and since the forty-eighth pass those a fetch (a
+    #: takeover's, the node's own) cancelled under way at the leave's ``stop()`` took,
+    #: nakked back to their consumer rather than taken: the next owner's takeover (or the
+    #: node's next process) gets them (see ``DurableChannel.take_over``)
     durable_handed_back_at_leave: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this

@@ -33,16 +33,19 @@ be dropped with the client: :func:`take_unsent` takes those messages out, so tha
 leave counts each of them as it counts what its outbox still held.
 
 And a flush (:func:`flush`) that times out or is cancelled does not leave the client
-deaf, as nats-py's own did.
+deaf, as nats-py's own did; and a durable fetch cancelled at a leave is ended at once
+with what it took (:func:`end_fetch`), which nats-py's fetch keeps to itself.
 
-All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
+All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``,
+``_conn``; ``PullSubscription._sub``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
 ``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``, ``_ps``;
 ``asyncio.StreamReader``'s ``_buffer``, ``_waiter``, ``_eof``, ``_exception``,
 ``_transport``, ``_limit``), checked
 when used: with a nats-py that lacks them, messages take
 the usual way (the reading task, the subscription's task, ``publish``), only later, a
-leave can only log the size of the buffer, and a flush is nats-py's.
+leave can only log the size of the buffer, a flush is nats-py's, and a cancelled fetch
+runs to the end of its long poll.
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -56,6 +59,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import Header as JsHeader
+from nats.js.api import StatusCode as JsStatus
 from nats.protocol import command as _nats_command
 
 from .._logcall import log_guarded
@@ -425,3 +431,45 @@ async def drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
     except asyncio.CancelledError:
         coro.close()
         raise
+
+
+#: the subject of the marker :func:`end_fetch` puts in a fetch's queue (no message of
+#: JetStream's has it: theirs are the stream's subjects)
+_END_SUBJECT: Final = "_nexus.fetch.ended"
+_ENDED: Final = "Request Timeout (ended by the leave)"
+
+
+def end_fetch(psub: Any) -> bool:
+    """End the nats-py fetch under way on the pull subscription ``psub`` now, with what
+    it took so far, where a cancel dropped it: a marker message (see :func:`fetched`)
+    then JetStream's end of a pull request (a ``408 Request Timeout`` status) are put
+    in the subscription's queue. Wherever the fetch waits, it takes the marker as a
+    message and returns at the status (or at once, for a fetch of one, or one whose
+    batch the marker fills), never asking JetStream again: a status alone, read before
+    any message, made it send its long poll's request, which took the next message
+    stored into an inbox the leave then left. What the fetch does not read stays
+    queued: for a subscription that fetches no more (a leave's). False, changing
+    nothing, if ``psub`` does not have the expected shape (the fetch then ends at the
+    end of its long poll). Asyncio side."""
+    sub = getattr(psub, "_sub", None)
+    queue = getattr(sub, "_pending_queue", None)
+    conn = getattr(sub, "_conn", None)
+    if not isinstance(queue, asyncio.Queue) or conn is None:
+        return False
+    queue.put_nowait(Msg(_client=conn, subject=_END_SUBJECT))
+    queue.put_nowait(
+        Msg(
+            _client=conn,
+            subject=_END_SUBJECT,
+            headers={
+                JsHeader.STATUS.value: JsStatus.REQUEST_TIMEOUT.value,
+                JsHeader.DESCRIPTION.value: _ENDED,
+            },
+        )
+    )
+    return True
+
+
+def fetched(msgs: list[Any]) -> list[Any]:
+    """The messages of a fetch ended by :func:`end_fetch`, its marker left out."""
+    return [msg for msg in msgs if msg.subject != _END_SUBJECT]

@@ -70,14 +70,16 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import sys
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -104,7 +106,7 @@ from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
-from ._direct import flush
+from ._direct import end_fetch, fetched, flush
 from ._placement import placement_weight
 from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS, within_account
 
@@ -134,7 +136,8 @@ _DATA: Final = "data"
 _FORWARD: Final = "forward "
 #: likewise, of a forward of a message stored for a lost node (see DurableChannel.take_over)
 _TAKEN: Final = "taken "
-#: an op: a nak handing a takeover's fetched message back at a leave, counted in
+#: an op: a nak handing a takeover's fetched message back at a leave (or one a fetch
+#: cancelled under way at the leave's stop took, see DurableChannel._fetch_shielded), counted in
 #: ``handed_back_at_leave`` once sent (one the leave does not send is unsettled)
 _HAND_BACK: Final = "hand back"
 #: the periodic sweep of the stream for messages no node pulls (see
@@ -622,6 +625,12 @@ class DurableChannel:
         # the event set (then made anew) as one of those takeovers ends (see stop)
         self._takeovers: dict[str, trio.CancelScope] = {}
         self._takeover_ended = trio.Event()
+        #: fetches cancelled under way (the leave's stop) that have not returned yet:
+        #: what each takes is nakked back as it returns (see _fetch_shielded), and the
+        #: event the last of them sets
+        self._fetches_ending: set[asyncio.Future[Any]] = set()
+        self._fetches_ended = trio.Event()
+        self._fetches_abandoned = False  # (said once: see stop)
         #: messages a takeover had fetched when this node began to leave (its kernel
         #: shutting down, its cluster closing), nakked back to their consumer, not taken:
         #: the next owner's takeover, or the node's own process, gets them (see
@@ -903,7 +912,11 @@ class DurableChannel:
         send the acks, naks and terms still queued; within ``timeout`` seconds, at most
         half of it for the pull to end.
 
-        A pull not ended by then (a fetch that outlived its cancel) is abandoned: what it
+        A fetch under way is cancelled and ended at once: what it took is nakked back
+        (``handed_back_at_leave``, see :meth:`_fetch_shielded`; waited for until three
+        quarters of ``timeout``, then cancelled for good, what it took left to
+        JetStream, said once). A pull not ended in its half (its fetch apart: a
+        delivery that outlived its cancel) is abandoned: what it
         fetched and did not hand over is left to JetStream, which delivers it again
         after ``ack_wait``. (That half runs on the clock while the data connection is
         down, unlike the acks' half: ending the pull needs no connection, the fetch's
@@ -924,8 +937,9 @@ class DurableChannel:
         with trio.move_on_at(start + timeout / 2):
             # (the takeovers end at their next safe point, their fetch under way
             # answered: what it took is handed back, see take_over; one still fetching
-            # at the bound, an idle long poll most often, is cancelled, and what its
-            # fetch took, if anything, is delivered again after ack_wait)
+            # at the bound, an idle long poll most often, is cancelled: its fetch is
+            # ended, and what it took, if anything, is nakked back, see _fetch_shielded;
+            # before the forty-eighth pass it waited out ack_wait)
             while self._takeovers:
                 await self._takeover_ended.wait()
         for scope in self._takeovers.values():
@@ -948,6 +962,28 @@ class DurableChannel:
                 self.options.ack_wait,
             )
         await self._end_pull_requests(start + timeout / 2 + _PULL_CANCEL_WAIT)
+        # (the fetches cancelled under way, ended at their cancel, return: what they took
+        # is nakked back before the queue closes; a quarter of the bound is left for the
+        # queue; with a nats-py whose fetch end_fetch cannot end, FETCH_WAIT from their
+        # start)
+        with trio.move_on_at(start + timeout * 3 / 4):
+            while self._fetches_ending:
+                await self._fetches_ended.wait()
+        if self._fetches_ending and not self._fetches_abandoned:  # (once, as the pull's)
+            self._fetches_abandoned = True
+            for task in self._fetches_ending:
+                task.cancel()  # (as before the forty-eighth pass: what it took is dropped)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %d durable fetches cancelled at the leave did not end within"
+                " %gs of its start: cancelled; what they took, if anything, is left to"
+                " JetStream, which delivers it again after ack_wait (%gs)",
+                self.cluster.node,
+                len(self._fetches_ending),
+                timeout * 3 / 4,
+                self.options.ack_wait,
+            )
         await self._close_ops(start + timeout)
         self._count_unsent()
 
@@ -1450,7 +1486,8 @@ class DurableChannel:
         shutdown, its cluster's close: see :meth:`_leaving`) at its next safe point, no
         fetch under way: what the last fetch took is handed back (nakked, see
         :meth:`_hand_back_at_leave`); at the leave's ``stop()``, one still fetching at its
-        bound is cancelled (what that fetch took is delivered again after ``ack_wait``)."""
+        bound is cancelled (what that fetch took is nakked back as it returns, see
+        :meth:`_fetch_shielded`)."""
         cluster = self.cluster
         psub: Any = None
         said = False
@@ -1460,6 +1497,7 @@ class DurableChannel:
         # hold their slots still)
         waiting = self._waits.setdefault(node, _Waiting(0))
         took = False  # (subscribed: a node gone is looked at again after, see _look_later)
+        checked = False  # (the puller check made, or needed none: see _pulled_by_others)
         try:
             with scope:
                 # (no takeover goes on while this node leaves: see _leaving; checked at
@@ -1481,17 +1519,29 @@ class DurableChannel:
                                     "lost" if still else "gone, or running no durable path",
                                 )
                             psub, info = await call_aio(self._subscribe_taken, node)
-                            first, took = not took, True
-                            if first and still is None:
+                            took = True
+                            if not checked and still is None:
                                 # (a node no member whose consumer someone pulls: a
                                 # process of its name whose join this node has not heard
                                 # yet, which the sweep's read found between two of its
                                 # fetches, or another node's takeover; left to them, and
                                 # looked at again later, see the finally)
-                                pulled = await self._pulled_by_others(psub, info)
+                                try:
+                                    pulled = await self._pulled_by_others(psub, info)
+                                except BaseException:
+                                    # (the consumer's read failed, or a cancel: this
+                                    # subscription is dropped, the next one checks)
+                                    dropped, psub = psub, None
+                                    await _unsubscribe_taken(dropped)
+                                    raise
                                 if pulled:
                                     self._left_to_pullers(node, pulled)
                                     return
+                            # (checked, or needed none: no later subscription checks,
+                            # its own fetches and settles would look like a puller's;
+                            # one whose check failed, the consumer's read refused,
+                            # checks at the next, none skipped: forty-eighth pass)
+                            checked = True
                             opts = self.options
                             waiting.bind(
                                 taken_bound(info.config.max_ack_pending or 0, opts),
@@ -1501,7 +1551,14 @@ class DurableChannel:
                             )
                             idle = True
                         msgs, heard = await call_aio_bounded(
-                            _PULL_CANCEL_WAIT, _poll, psub, self.options.max_in_flight, idle
+                            _PULL_CANCEL_WAIT,
+                            self._fetch_shielded,
+                            lambda msgs: self._hand_back_at_leave(node, msgs, waiting),
+                            psub,
+                            _poll,
+                            psub,
+                            self.options.max_in_flight,
+                            idle,
                         )
                         idle = not msgs
                     except (nats.errors.TimeoutError, TimeoutError):
@@ -1540,12 +1597,7 @@ class DurableChannel:
                     # (what a sender with a stale view stores for it after the drain)
                     self._look_later(node)
             if psub is not None:
-                # (the server then drops the fetch requests left: nothing goes to them)
-                with (
-                    trio.CancelScope(shield=True),
-                    contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
-                ):
-                    await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+                await _unsubscribe_taken(psub)
 
     def _hand_back_at_leave(self, node: str, msgs: list[NatsMsg], waiting: _Waiting) -> None:
         """This node began to leave while a takeover of ``node`` fetched ``msgs``: each
@@ -1974,7 +2026,14 @@ class DurableChannel:
                 continue
             asked = trio.current_time()
             try:
-                msgs, heard = await call_aio_bounded(_PULL_CANCEL_WAIT, self._fetch, room)
+                msgs, heard = await call_aio_bounded(
+                    _PULL_CANCEL_WAIT,
+                    self._fetch_shielded,
+                    self._hand_back_cancelled,
+                    self._psub,
+                    self._fetch,
+                    room,
+                )
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
@@ -2009,6 +2068,61 @@ class DurableChannel:
                     self._give_back_held()
                     raise
                 held.popleft()
+
+    async def _fetch_shielded(
+        self,
+        orphans: Callable[[list[NatsMsg]], None],
+        psub: Any,
+        fetch: Callable[..., Coroutine[Any, Any, tuple[list[NatsMsg], bool | None]]],
+        *args: Any,
+    ) -> tuple[list[NatsMsg], bool | None]:
+        """``fetch(*args)`` (a fetch of a durable consumer: see :func:`_poll`), shielded
+        from a cancel: cancelled (the leave's stop), this returns at once, the fetch is
+        ended (see :func:`end_fetch`: nats-py's fetch keeps what it took so far to
+        itself, and a cancel dropped it: those messages waited out ``ack_wait`` in
+        JetStream) and what it took goes to ``orphans`` as it returns (nakked back),
+        kept until then in ``_fetches_ending`` (the stop cancels one that does not end
+        within its bound). ``psub``: the pull subscription the fetch reads. Asyncio
+        side."""
+        task = asyncio.ensure_future(fetch(*args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._fetches_ending.add(task)
+            task.add_done_callback(functools.partial(self._cancelled_fetch_ended, orphans))
+            # (with a nats-py not shaped as expected, it ends at the end of its long poll)
+            end_fetch(psub)
+            raise
+
+    def _cancelled_fetch_ended(
+        self, orphans: Callable[[list[NatsMsg]], None], task: asyncio.Future[Any]
+    ) -> None:
+        """A fetch cancelled under way returned (see :meth:`_fetch_shielded`): what it
+        took to ``orphans`` (nothing if it failed: what it took, if anything, waits out
+        ``ack_wait`` as before)."""
+        self._fetches_ending.discard(task)
+        took = [] if task.cancelled() or task.exception() else fetched(task.result()[0])
+        if took:
+            orphans(took)
+        if not self._fetches_ending:
+            ended, self._fetches_ended = self._fetches_ended, trio.Event()
+            ended.set()
+
+    def _hand_back_cancelled(self, msgs: list[NatsMsg]) -> None:
+        """This node's own fetch was cancelled under way (the leave's stop) and took
+        ``msgs``: each nakked back to its consumer, counted in ``handed_back_at_leave``
+        once sent (in ``unsettled_at_leave`` if the leave does not send it), so a
+        survivor's takeover, or the node's next process, gets it at once. Logged."""
+        for jsmsg in msgs:
+            self._settle(jsmsg, _HAND_BACK)
+        log_guarded(
+            log,
+            logging.INFO,
+            "node %s: leaving, its durable fetch under way was cancelled; the %d messages"
+            " it took are nakked back to its consumer",
+            self.cluster.node,
+            len(msgs),
+        )
 
     async def _fetch(self, batch: int) -> tuple[list[NatsMsg], bool | None]:
         """asyncio side of a fetch of this node's own consumer (see :func:`_poll`)."""
@@ -2482,6 +2596,17 @@ class DurableChannel:
         self.forwarded += 1
         self.taken_over += taken
         await jsmsg.ack()
+
+
+async def _unsubscribe_taken(psub: Any) -> None:
+    """A takeover's pull subscription ``psub`` ended (the server then drops the fetch
+    requests left: nothing goes to them), shielded and bounded; what fails is left to
+    the requests' expiry."""
+    with (
+        trio.CancelScope(shield=True),
+        contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
+    ):
+        await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
 
 
 def _activity(info: Any) -> tuple[int, int, int]:

@@ -202,8 +202,9 @@ CLUSTER_COUNTERS: Final = {
     ),
     "durable_handed_back_at_leave": (
         "nexus_cluster_durable_handed_back_at_leave",
-        "Messages a takeover had fetched when its node began to leave, nakked back to their"
-        " consumer rather than taken (the next owner's takeover gets them).",
+        "Messages a takeover had fetched when its node began to leave, or a fetch cancelled"
+        " under way at the leave took, nakked back to their consumer rather than taken (the"
+        " next owner's takeover gets them).",
     ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
