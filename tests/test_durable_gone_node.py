@@ -23,8 +23,10 @@ import nats.js.errors
 import pytest
 import trio
 import trio_asyncio
+from nats.js.api import ConsumerConfig
 
 from nexus_trio._nats import Cluster, NatsServer, _durable
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import _SWEEP_KEY, DurableChannel, _owner_of
 
@@ -704,3 +706,39 @@ async def test_an_error_answer_to_the_subjects_read_is_nats_own() -> None:
     answer = b'{"error": {"code": 503, "err_code": 10039, "description": "no responders"}}'
     with pytest.raises(nats.js.errors.ServiceUnavailableError):
         await _channel(_GarbledJs(answer))._unpulled()
+
+
+async def test_a_real_server_s_pass_over_its_consumers_past_a_sweep_s_bound_finds_the_subject(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-eighth pass (the forty-sixth's fix, on a real nats-server 2.15): 300 nodes'
+    consumers and a's own, nats-server's 256 a page, the sweep's bound lowered to one
+    page: the first sweep is cut at 256 consumers, the second at 301 (the empty page
+    that ends them is a page too), and neither reads the subjects; the third reads the
+    empty page, ends the pass and finds the one subject with no consumer (its node
+    asked: none). (A mutant whose sweeps read the consumers from the first each time, as
+    b898124's did past its bound, is cut at 256 again: the subject is never found.)"""
+    monkeypatch.setattr(_durable, "SWEEP_CONSUMER_PAGES", 1)
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (_ka, ca):
+        stream = f"{ca.prefix}-durable"
+
+        async def make() -> None:
+            for i in range(300):
+                node = f"n{i:03}"
+                await ca.data_js.add_consumer(
+                    stream,
+                    ConsumerConfig(
+                        durable_name=node,
+                        filter_subject=wire.durable_subject(ca.prefix, node, "*"),
+                    ),
+                )
+
+        with trio.fail_after(60):
+            await call_aio(make)
+            await store_for(ca, "nowhere", 1, node="zgone")
+            sweeps = [await call_aio(ca.durable._unpulled) for _ in range(3)]
+    assert sweeps == [
+        (set(), ("consumers", 256, None)),
+        (set(), ("consumers", 301, None)),
+        ({"zgone"}, None),
+    ]
