@@ -1867,14 +1867,15 @@ async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -
             assert cluster.nc.connected_url.port != victim.port
 
 
-async def test_a_join_reads_each_bucket_s_stream_once(
+async def test_a_join_s_bucket_births_are_those_its_opening_of_the_buckets_read(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forty-eighth pass: a join read the info of each KV bucket's stream twice: once
     opening it (for its limit of consumers) and once more for its birth (what a check
-    after a reconnect compares, see Cluster._check_buckets), three STREAM.INFO requests
-    a join more than needed. The birth is the one the opening read now; the births held
-    are each stream's. (On 5699b98's _cluster.py: each KV stream read twice.)"""
+    after a reconnect compares, see Cluster._check_buckets). The birth is the one the
+    opening read now: a join into buckets another node made reads each stream once, and
+    the births held are each stream's. (On 5699b98's _cluster.py: each read twice. The
+    requests of such a join are counted on the wire in test_durable_consumer_limit.)"""
     from nats.js import JetStreamContext
 
     reads: Counter[str] = Counter()
@@ -1884,19 +1885,24 @@ async def test_a_join_reads_each_bucket_s_stream_once(
         reads[name] += 1
         return await stream_info(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(JetStreamContext, "stream_info", counting)
-    prefix = f"reads{uuid.uuid4().hex[:8]}"  # (buckets made by this join)
+    prefix = f"reads{uuid.uuid4().hex[:8]}"  # (buckets made by a's join)
     streams = [f"KV_{prefix}-{bucket}" for bucket in ("nodes", "names", "placed")]
     async with (
-        open_kernel(node_config()) as kernel,
-        join_cluster(kernel, nats.url, "a", options=PATIENT, prefix=prefix) as cluster,
+        open_kernel(node_config()) as kernel_a,
+        join_cluster(kernel_a, nats.url, "a", options=PATIENT, prefix=prefix),
     ):
-        assert {name: reads[name] for name in streams} == dict.fromkeys(streams, 1)
-        births = cluster._bucket_births
-        assert list(births) == streams
-        for name in streams:
-            assert births[name] == (await call_aio(cluster.js.stream_info, name)).created
-        await kernel.shutdown()
+        monkeypatch.setattr(JetStreamContext, "stream_info", counting)
+        async with (
+            open_kernel(node_config()) as kernel,
+            join_cluster(kernel, nats.url, "b", options=PATIENT, prefix=prefix) as cluster,
+        ):
+            assert {name: reads[name] for name in streams} == dict.fromkeys(streams, 1)
+            births = cluster._bucket_births
+            assert list(births) == streams
+            for name in streams:
+                assert births[name] == (await call_aio(cluster.js.stream_info, name)).created
+            await kernel.shutdown()
+        await kernel_a.shutdown()
 
 
 async def test_a_durable_message_from_a_local_agent_names_it_as_sender_and_is_acked(
