@@ -4581,6 +4581,36 @@ async def test_what_a_child_forks_at_once_carries_its_brand_and_is_taken(tmp_pat
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
+async def test_a_limits_wrapper_gone_since_its_lookup_starts_the_child_without_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Review of the forty-eighth pass: ``prlimit(1)`` is looked up once a process; one
+    removed since (or made unusable) failed every later start of every process agent
+    with the wrapper's error said of the program: ``cannot start <python> ...: No such
+    file or directory: '<python>'``, a program that is there. The child is started
+    without it now (branded after its start, as where none is installed), the wrapper
+    is forgotten and said once, naming it. (Fails on main's 82190617 process.py: the
+    spawn's start fails, ProcessAgentError naming the program.)"""
+    gone = str(tmp_path / "prlimit")  # (found by the lookup, then removed)
+    monkeypatch.setattr(_lineage, "_wrapper", [gone])
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.children_unbranded) == (1, 0)
+        child = await kernel.request(ref, {"op": "pid"})
+        assert _lineage.Proc.brand(child) is not None
+        assert _lineage.limits_wrapper() is None
+        other = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(other, {"op": "echo", "value": 2}) == 2
+        await kernel.stop(ref)
+        await kernel.stop(other)
+    said = [r.getMessage() for r in caplog.records if "cannot execute" in r.getMessage()]
+    assert len(said) == 1 and gone in said[0], said
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
 async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

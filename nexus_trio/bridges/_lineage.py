@@ -253,6 +253,24 @@ def limits_wrapper() -> str | None:
     return _wrapper[0]
 
 
+def wrapper_failed(wrapper: str, exc: OSError) -> None:
+    """The limits wrapper ``wrapper`` could not be executed (``exc``: removed or made
+    unusable since :func:`limits_wrapper` found it), and the program it was to start
+    was started without it: forgotten for this process (the brand is set after each
+    start from now on, see :func:`brand`), said once."""
+    if _wrapper[:1] != [wrapper]:
+        return  # (forgotten already, by another start)
+    _wrapper[:] = [None]
+    log_guarded(
+        log,
+        logging.WARNING,
+        "cannot execute %s (%s): process agents' children are started without it from"
+        " now on, branded after their start (what a child forks at once carries no brand)",
+        wrapper,
+        exc.strerror or exc,
+    )
+
+
 def wrapped(cmd: Sequence[str], value: int | None) -> tuple[list[str], int | None] | None:
     """``cmd`` started through :func:`limits_wrapper`, which gives it the brand
     ``value`` (from :func:`new_brand`) and the kernel's original soft ``RLIMIT_NOFILE``

@@ -1081,23 +1081,35 @@ class ProcessAgent(Agent):
         # first instruction: set before its exec by a wrapper, where one is (_lineage).
         value = _lineage.new_brand()
         wrapping = _lineage.wrapped(options.cmd, value) if _execs_as_is(options, env) else None
+        start = functools.partial(
+            trio.lowlevel.open_process,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=env,
+            cwd=options.cwd,
+            pass_fds=() if hold is None else (hold[0],),
+        )
         try:
-            process = await trio.lowlevel.open_process(
-                list(options.cmd) if wrapping is None else wrapping[0],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env=env,
-                cwd=options.cwd,
-                pass_fds=() if hold is None else (hold[0],),
-            )
+            if wrapping is None:
+                process = await start(list(options.cmd))
+            else:
+                try:
+                    process = await start(wrapping[0])
+                except OSError as exc:
+                    if exc.filename != wrapping[0][0]:
+                        raise
+                    # The wrapper's exec failed (removed or made unusable since it was
+                    # found), not the program's: started without it, and the wrapper
+                    # forgotten if that start succeeds (else the program's error is said).
+                    process = await start(list(options.cmd))
+                    _lineage.wrapper_failed(wrapping[0][0], exc)
+                    wrapping = None
         except OSError as exc:
             if hold is not None:
                 os.close(hold[1])
             _lineage.brand_dropped(value)
-            if wrapping is not None and exc.filename == wrapping[0][0]:
-                exc.filename = options.cmd[0]  # (the wrapper's exec failed: the program's)
             raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
         except BaseException:
             if hold is not None:
