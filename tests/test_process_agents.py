@@ -4461,7 +4461,9 @@ async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie(
     carries. (Fails on 5699b98, its process.py and _lineage.py swapped in: still a
     zombie at the 10 s bound.)"""
     if when == "at_the_stop":
-        monkeypatch.setattr(process_module, "_REAP_EVERY", 3600.0)
+        # (no reaper thread: one sleeping _REAP_EVERY = 3600 s stayed the process's
+        # reaper, and while_the_child_lives, run after it in the same process, timed out)
+        monkeypatch.setattr(process_module, "_keep_reaping", lambda: None)
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
         orphan = await kernel.request(ref, {"op": "escape_closing_fds"})
@@ -4487,6 +4489,51 @@ async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie(
             yours.wait()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(orphan, os.WNOHANG)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of the forty-eighth pass: the reaper thread reaped any branded zombie,
+    also one the sweep after the child's exit had just killed (reparented to the
+    kernel, dead, not yet reaped by the sweep's own ``_reap``), and credited it to the
+    agent, whose entry was dropped only after the sweep: counted in ``descendants_killed``
+    by the sweep and in ``descendants_reaped`` too (a 1 s tick landing in that window).
+    The thread's pass (``_reap_once``) is made here at that worst moment, in the sweep's
+    thread, after the kill and before the sweep's reap: killed 1, reaped 0. (Fails with
+    a mutant of process.py that drops the agent's entry after the sweep again and a
+    ``_reap_once`` that takes every brand, as main's 82190617 did: reaped 1.)"""
+    monkeypatch.setattr(process_module, "_keep_reaping", lambda: None)
+    real_reap = _lineage._reap
+    passes: list[list[int]] = []
+
+    def reaper_first(pids: list[int]) -> None:
+        for pid in pids:  # (each killed one dead: a zombie of the kernel's, or gone)
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline:
+                stat = _lineage.Proc.stat(pid)
+                if stat is None or stat[0] == "Z":
+                    break
+                time.sleep(0.001)
+        passes.append(pids)
+        process_module._reap_once()
+        real_reap(pids)
+
+    monkeypatch.setattr(_lineage, "_reap", reaper_first)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        orphan = await kernel.request(ref, {"op": "escape_closing_fds"})
+        try:
+            await kernel.stop(ref)
+            stats = stopped_bridge_stats(kernel).agents[ref.id]
+            assert passes == [[orphan]]
+            assert (stats.descendants_killed, stats.descendants_reaped) == (1, 0)
+            assert not os.path.exists(f"/proc/{orphan}")
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(orphan, signal.SIGKILL)
+                os.waitpid(orphan, 0)
 
 
 #: the escapee of :func:`test_what_a_child_forks_at_once_carries_its_brand_and_is_taken`,

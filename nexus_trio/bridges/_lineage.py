@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -311,12 +311,13 @@ def unbrand(pid: int, value: int | None) -> None:
             del _branded[pid]
 
 
-def reap_orphans() -> list[int]:
+def reap_orphans(take: Callable[[int], bool] | None = None) -> list[int]:
     """Reap the zombies among this process's children that carry a brand of its own and
     are no live child of a process agent (those are their ``trio.Process``'s to reap):
     descendants of the children, reparented to it (the subreaper), that exited on their
     own. No other child of it carries such a brand: a ``subprocess`` of yours is never
-    waited for here. Returns the brand of each one it reaped (its child's)."""
+    waited for here. With ``take``, only those whose brand it takes (asked after the
+    zombie was seen one). Returns the brand of each one it reaped (its child's)."""
     if not SUPPORTED:
         return []
     prefix = brand_prefix(owner())
@@ -339,6 +340,8 @@ def reap_orphans() -> list[int]:
             # known yet), and its trio.Process reaps it for its exit status)
             if pid in _branded or found in _starting:
                 continue
+        if take is not None and not take(found):
+            continue
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0]:
                 reaped.append(found)

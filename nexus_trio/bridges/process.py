@@ -226,8 +226,9 @@ class BridgeStats:
     #: descendants of children killed after the child exited (left its group, or outlived it)
     descendants_killed: int = attrs.field(default=0, metadata=_COUNT)
     #: descendants of children that had exited on their own, reparented to the kernel
-    #: process (the subreaper), reaped at the sweep after a child's exit (this agent's
-    #: or another's: counted by the agent whose sweep reaped them)
+    #: process (the subreaper), reaped while the child lives (each second, counted by
+    #: the agent whose child's brand they carry) or at the sweep after a child's exit
+    #: (this agent's or another's: counted by the agent whose sweep reaped them)
     descendants_reaped: int = attrs.field(default=0, metadata=_COUNT)
     #: children started without the kernel's brand (on Linux): their limits not
     #: settable (a set-user-ID program under a kernel that is not root: ``prlimit``
@@ -378,17 +379,32 @@ def _reap_while_children_live() -> None:
                 return
         time.sleep(_REAP_EVERY)
         try:
-            brands = _lineage.reap_orphans()
+            _reap_once()
         except Exception:  # (logged; the next start begins again)
             log.exception("cannot reap the branded zombies of process agents")
             with _reaper_lock:
                 _reaper = None
             return
-        for value in brands:
-            counted = _reaped_for.get(value)
-            if counted is not None:
-                with contextlib.suppress(trio.RunFinishedError):
-                    counted[1].run_sync_soon(_count_reaped, counted[0])
+
+
+def _reap_once() -> None:
+    """One reap of :func:`_reap_while_children_live`: only the zombies whose agent has
+    not begun its child's sweep (see ``ProcessAgent._kill_and_reap``), each counted for
+    the agent its brand named as it was taken: one the sweep killed is counted in
+    ``descendants_killed`` by it, not reaped and counted in ``descendants_reaped`` too."""
+    claimed: dict[int, tuple[BridgeStats, trio.lowlevel.TrioToken]] = {}
+
+    def take(value: int) -> bool:
+        counted = _reaped_for.get(value)
+        if counted is None:
+            return False
+        claimed[value] = counted
+        return True
+
+    for value in _lineage.reap_orphans(take):
+        stats, token = claimed[value]
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(_count_reaped, stats)
 
 
 def _count_reaped(stats: BridgeStats) -> None:
@@ -1540,13 +1556,15 @@ class ProcessAgent(Agent):
         hold = self._holds.pop(process.pid, None)
         branded = self._brands.pop(process.pid, None)
         _lineage.unbrand(process.pid, branded)
+        if branded is not None:
+            # (before the sweep: what it kills is counted killed by it, not reaped by the
+            # reaper thread and counted in descendants_reaped as well)
+            _reaped_for.pop(branded, None)
         try:
             await self._sweep_descendants(process, token, hold, branded)
         finally:
             if hold is not None:
                 os.close(hold)
-            if branded is not None:
-                _reaped_for.pop(branded, None)
         await self._close_stdin(process)
         # What the child wrote before it died is read (its last answer, its last words).
         with trio.move_on_after(_READER_DRAIN):
