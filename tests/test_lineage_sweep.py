@@ -9,6 +9,7 @@ not). Nothing else is killed.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from typing import Any, ClassVar
@@ -679,3 +680,41 @@ def test_a_child_that_carries_its_brand_from_its_exec_is_left_to_its_own_wait() 
     finally:
         _lineage.brand_dropped(value)
         child.kill()
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brands and the reaper are Linux's")
+def test_a_fork_while_a_thread_holds_the_lineage_lock_can_start_children() -> None:
+    """Review of the forty-eighth pass: the reaper thread of process agents takes
+    ``_lineage``'s lock each second (``children_live``, ``reap_orphans``), and a process
+    forked by another thread at that moment (``os.fork``, multiprocessing's ``fork``)
+    inherited the lock held by a thread it does not have: its first process agent's
+    start (``owner()``, ``new_brand()``, ``mark()``) hung for good. A forked child gets
+    a lock of its own now. A thread holds the lock across the fork here; the child asks
+    for its owner and a brand under a 10 s alarm. (Fails on ede5896c's _lineage.py:
+    the child is killed by its SIGALRM, exit code -14.)"""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _lineage._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # (the child: never back into pytest)
+            code = 3
+            try:
+                signal.alarm(10)
+                _lineage.owner()
+                _lineage.brand_dropped(_lineage.new_brand())
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0

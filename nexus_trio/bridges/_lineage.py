@@ -600,8 +600,16 @@ def holders_links(write_end: int) -> tuple[str, ...]:
     return (f"pipe:[{os.fstat(write_end).st_ino}]",)
 
 
+def _new_lock() -> None:
+    global _lock
+    # (a process forked while another thread held it, the process agents' reaper each
+    # second: held for good by a thread the child does not have)
+    _lock = threading.Lock()
+
+
 if SUPPORTED:
     os.register_at_fork(after_in_child=_close_unpassed)
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 def _kill_and_reap_marked(
