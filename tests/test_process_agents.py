@@ -4536,6 +4536,53 @@ async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
                 os.waitpid(orphan, 0)
 
 
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_group_member_the_stop_kills_is_not_counted_as_exited_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of the forty-eighth pass: a grandchild in the child's process group that
+    ignores SIGTERM outlives the child's exit at the stop, reparented to the kernel, and
+    is killed by the group's SIGKILL; the reaper thread could reap it (it carries the
+    child's brand, and the agent's entry stood until the sweep) and count it in
+    ``descendants_reaped``, the count of descendants that exited on their own. From the
+    kernel's first signal to the child's group on, the thread leaves that child's zombies
+    to the stop's own reaps (uncounted, as before the thread). The thread's pass is made
+    here in ``reap_group`` after the SIGKILL, the grandchild dead: reaped 0. (Fails on
+    c7be7375's process.py swapped in: reaped 1.)"""
+    monkeypatch.setattr(process_module, "_keep_reaping", lambda: None)
+    real_reap_group = _lineage.reap_group
+    grandchild = 0
+    passes: list[int] = []
+
+    def reaper_first(pgid: int, wait: float = 0.0) -> int:
+        if wait > 0 and grandchild:  # (the reap after the group's SIGKILL)
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline:
+                stat = _lineage.Proc.stat(grandchild)
+                if stat is None or stat[0] == "Z":
+                    break
+                time.sleep(0.001)
+            passes.append(pgid)
+            process_module._reap_once()
+        return real_reap_group(pgid, wait)
+
+    monkeypatch.setattr(_lineage, "reap_group", reaper_first)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        child = await kernel.request(ref, {"op": "pid"})
+        grandchild = await kernel.request(ref, {"op": "grandchild"})
+        try:
+            await kernel.stop(ref)
+            stats = stopped_bridge_stats(kernel).agents[ref.id]
+            assert passes == [child]
+            assert stats.descendants_reaped == 0
+            assert not os.path.exists(f"/proc/{grandchild}")
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(grandchild, signal.SIGKILL)
+                os.waitpid(grandchild, 0)
+
+
 #: the escapee of :func:`test_what_a_child_forks_at_once_carries_its_brand_and_is_taken`,
 #: run by the child's first fork: out of its session, its descriptors closed (no hold),
 #: its streams on /dev/null, its pid written to ``argv[1]``, then ``sleep`` with an empty

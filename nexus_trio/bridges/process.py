@@ -1557,8 +1557,8 @@ class ProcessAgent(Agent):
         branded = self._brands.pop(process.pid, None)
         _lineage.unbrand(process.pid, branded)
         if branded is not None:
-            # (before the sweep: what it kills is counted killed by it, not reaped by the
-            # reaper thread and counted in descendants_reaped as well)
+            # (before the sweep, if no signal to the group did: what it kills is counted
+            # killed by it, not reaped by the reaper thread and counted reaped as well)
             _reaped_for.pop(branded, None)
         try:
             await self._sweep_descendants(process, token, hold, branded)
@@ -1611,9 +1611,14 @@ class ProcessAgent(Agent):
             self.stats.descendants_killed += killed
             self._warn(f"killed {killed} descendant process(es) left behind by the child")
 
-    @staticmethod
-    def _signal_group(process: trio.Process, sig: int) -> bool:
+    def _signal_group(self, process: trio.Process, sig: int) -> bool:
         """Signal the child's process group; False if no process of it is left."""
+        if sig:
+            branded = self._brands.get(process.pid)
+            if branded is not None:
+                # (from the kernel's first signal to the group on, what dies is its
+                # doing: not the reaper thread's to count as exited on its own)
+                _reaped_for.pop(branded, None)
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
