@@ -4491,6 +4491,17 @@ async def test_an_escapee_that_exits_on_its_own_is_reaped_not_left_a_zombie(
                 os.waitpid(orphan, os.WNOHANG)
 
 
+def _dead(pid: int) -> None:
+    """Back once the killed ``pid`` is dead: a zombie of the kernel's, or gone (in a
+    sweep's thread; a hang guard of 10 s)."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        stat = _lineage.Proc.stat(pid)
+        if stat is None or stat[0] == "Z":
+            return
+        time.sleep(0.001)
+
+
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
 async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
     monkeypatch: pytest.MonkeyPatch,
@@ -4509,13 +4520,8 @@ async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
     passes: list[list[int]] = []
 
     def reaper_first(pids: list[int]) -> None:
-        for pid in pids:  # (each killed one dead: a zombie of the kernel's, or gone)
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline:
-                stat = _lineage.Proc.stat(pid)
-                if stat is None or stat[0] == "Z":
-                    break
-                time.sleep(0.001)
+        for pid in pids:
+            _dead(pid)
         passes.append(pids)
         process_module._reap_once()
         real_reap(pids)
@@ -4556,12 +4562,7 @@ async def test_a_group_member_the_stop_kills_is_not_counted_as_exited_on_its_own
 
     def reaper_first(pgid: int, wait: float = 0.0) -> int:
         if wait > 0 and grandchild:  # (the reap after the group's SIGKILL)
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline:
-                stat = _lineage.Proc.stat(grandchild)
-                if stat is None or stat[0] == "Z":
-                    break
-                time.sleep(0.001)
+            _dead(grandchild)
             passes.append(pgid)
             process_module._reap_once()
         return real_reap_group(pgid, wait)
@@ -4674,6 +4675,13 @@ async def test_what_a_child_forks_at_once_carries_its_brand_and_is_taken(tmp_pat
                 os.waitpid(escapee, 0)
 
 
+async def _started_and_answering(kernel: Kernel) -> tuple[AgentRef, BridgeStats]:
+    """A toy agent spawned, answering: its ref and its counters."""
+    ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+    assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+    return ref, stats_of(kernel, ref)
+
+
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brand is a Linux limit")
 async def test_a_limits_wrapper_gone_since_its_lookup_starts_the_child_without_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
@@ -4689,9 +4697,7 @@ async def test_a_limits_wrapper_gone_since_its_lookup_starts_the_child_without_i
     monkeypatch.setattr(_lineage, "_wrapper", [gone])
     caplog.set_level(logging.WARNING, logger="nexus_trio")
     async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
-        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
-        stats = stats_of(kernel, ref)
+        ref, stats = await _started_and_answering(kernel)
         assert (stats.starts, stats.children_unbranded) == (1, 0)
         child = await kernel.request(ref, {"op": "pid"})
         assert _lineage.Proc.brand(child) is not None
@@ -4725,9 +4731,7 @@ async def test_a_child_whose_limits_the_kernel_may_not_set_is_counted_unbranded(
     monkeypatch.setattr(_lineage, "_wrapper", [None])
     caplog.set_level(logging.WARNING, logger="nexus_trio")
     async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
-        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
-        stats = stats_of(kernel, ref)
+        ref, stats = await _started_and_answering(kernel)
         assert (stats.starts, stats.children_unbranded) == (1, 1)
         assert stats.counts()["children_unbranded"] == 1
         os.kill(await kernel.request(ref, {"op": "pid"}), signal.SIGKILL)
