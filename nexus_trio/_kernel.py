@@ -486,18 +486,37 @@ class Kernel:
         above: ChildOwner | None = node
         while isinstance(above, SupervisorNode):
             if above.closing:
-                if above is self._root:
-                    # (supervision escalated to the kernel: its shutdown is to come)
-                    raise KernelShuttingDown("spawn")
-                whose = "" if above is node else f" with {above.label!r}, a supervisor above it"
-                raise AgentNotFound(
-                    address,
-                    self._router.names,
-                    detail=f"it is being stopped{whose} ({above.closing}): a supervisor on its"
-                    " way out takes no new children",
-                )
+                raise self._refused_under(address, node, above)
             above = above.supervisor
         return node
+
+    def _refused_under(
+        self, address: Address, node: SupervisorNode, closing: SupervisorNode
+    ) -> Exception:
+        """Why a spawn under ``node`` is refused: ``closing`` (it, or one above it) is on
+        its way out. The topmost such supervisor is named, the one whose stop, give-up
+        or restart stops the others (on the refusing path only)."""
+        above = closing.supervisor
+        while isinstance(above, SupervisorNode):
+            if above.closing:
+                closing = above
+            above = above.supervisor
+        if closing is self._root:
+            # (supervision escalated to the kernel: its shutdown is to come)
+            return KernelShuttingDown("spawn")
+        whose = "" if closing is node else f" with {closing.label!r}, a supervisor above it"
+        if closing.between_runs:
+            # (OTP's start_child to a supervisor that is down: noproc)
+            why = (
+                f"it is down{whose} (its run is over: {closing.closing}; it waits for its"
+                " supervisor's decision): a supervisor between runs takes no new children"
+            )
+        else:
+            why = (
+                f"it is being stopped{whose} ({closing.closing}): a supervisor on its way"
+                " out takes no new children"
+            )
+        return AgentNotFound(address, self._router.names, detail=why)
 
     def _spawn_linked(self, target: Any, name: str | None, parent: Child) -> AgentRef:
         """``ctx.spawn``: a sibling of ``parent`` that stops before it, and with its run."""

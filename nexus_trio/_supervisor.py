@@ -361,6 +361,7 @@ class SupervisorNode(Child, ChildOwner):
     """
 
     __slots__ = (
+        "_between",
         "_failures_queued",
         "_for_good",
         "_inbox_send",
@@ -387,14 +388,18 @@ class SupervisorNode(Child, ChildOwner):
         self.isolating = root and not host.escalate_to_kernel
         #: why it is on its way out, "" while it takes new children: ``spawn(supervisor=)``
         #: refuses it and what is under it (as OTP's ``start_child`` to a supervisor
-        #: that terminates, Akka's ``actorOf`` and a Trio nursery closed to new arrivals
-        #: refuse). Stopped for good (:meth:`close_for_good`), or it gave up (escalated)
-        #: and its run stops its children: cleared as that run ends, but at the root,
-        #: whose give-up ends the kernel (a child added while its own supervisor decides
-        #: is held for its next run)
+        #: that terminates or is down, ``noproc``, Akka's ``actorOf`` and a Trio nursery
+        #: closed to new arrivals refuse). Set as it is asked to stop (stopped for good,
+        #: :meth:`close_for_good`; by its own supervisor, :meth:`request_stop`, a group
+        #: restart) or gives up, and kept after its run is over, while it waits for its
+        #: supervisor's decision; cleared only as a next run begins (never after a stop
+        #: for good, nor at the root, whose give-up ends the kernel). "" before its first
+        #: run: a child added then starts with it.
         self.closing = ""
-        #: ``closing`` says a stop for good, which no run's end clears
+        #: ``closing`` says a stop for good, which no run clears
         self._for_good = False
+        #: its run is over, and it waits for its supervisor's decision (see ``closing``)
+        self._between = False
         # Insertion-ordered: start order, O(1) membership and removal (a million agents
         # under one supervisor must not make spawn or shutdown quadratic).
         self.children: dict[Child, None] = {}
@@ -423,8 +428,18 @@ class SupervisorNode(Child, ChildOwner):
     # --- the child interface -----------------------------------------------------------
 
     def request_stop(self) -> None:
+        if not self.closing and self.supervisor is not None:
+            # (from now on a spawn under it is refused: nothing queued behind this stop
+            # would start, see _finish_queued)
+            self.closing = "stopped by its supervisor"
         if self._inbox_send is not None:
             self._inbox_send.send_nowait((_SHUTDOWN,))
+
+    @property
+    def between_runs(self) -> bool:
+        """Its run is over, and it waits for its supervisor's decision (a restart, after
+        its backoff, or a stop for good)."""
+        return self._between
 
     def close_for_good(self, why: str) -> None:
         """It is being stopped for good (``why``: ``kernel.stop``, the reason of a linked
@@ -441,6 +456,10 @@ class SupervisorNode(Child, ChildOwner):
     async def run_once(self) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._restart_times.clear()
+        self._between = False
+        if not self._for_good:
+            # (a new run: it takes children again)
+            self.closing = ""
         escalation: Escalation | None = None
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
@@ -480,8 +499,13 @@ class SupervisorNode(Child, ChildOwner):
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
                     self._leaving = False
-                    if not self._for_good and self.supervisor is not None:
-                        self.closing = ""
+                    if self.supervisor is not None:
+                        # Its supervisor decides now (a restart, a stop for good): until
+                        # a next run begins it takes no child (OTP: noproc), which would
+                        # otherwise start only if it is restarted.
+                        self._between = True
+                        if not self.closing:
+                            self.closing = "its run ended"
                 self._nursery = None
         if escalation is not None:
             raise escalation
@@ -954,6 +978,10 @@ class SupervisorNode(Child, ChildOwner):
             group = [c for c in order[order.index(child) :] if not c.retired]
         for other in reversed(group):
             if other is not child and not other.retired:
+                if isinstance(other, SupervisorNode) and not other.closing:
+                    # (a spawn under it is refused until its restart's run begins)
+                    ended = "exited" if error is None else "failed"
+                    other.closing = f"{strategy.value} restart after {child.label!r} {ended}"
                 await self._stop_child(other)
         # Stopping a member stops (for good) what it spawned, which may be in the group;
         # a member whose stop was asked meanwhile is stopped for good, not restarted, and
