@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Final
+from typing import Final, TypeVar
 
+import outcome
 import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
@@ -53,6 +55,80 @@ def real_time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+T = TypeVar("T")
+
+
+def run_guarded(
+    scenario: Callable[[], Awaitable[T]],
+    clock: trio.abc.Clock,
+    real_seconds: float,
+    where: Callable[[], str],
+) -> T:
+    """``trio.run(scenario, clock=clock)`` in a thread of its own, failing with
+    :class:`Hung` after ``real_seconds`` of real time, saying ``where()`` (the step the
+    test was at) and where the run's tasks wait.
+
+    Unlike :func:`real_time_limit`, a hang does not abandon the run halfway through
+    Trio's loop (an exception raised by a signal handler there left the thread's run
+    state set: every later ``trio.run`` in the thread, Hypothesis's replay of the
+    example, said "Attempted to call run() from inside a run()" and the report was a
+    ``FlakyFailure``). The hung run is left blocked in its own (daemon) thread, which
+    holds no CPU; the next run, a replay, starts afresh in a new one."""
+    result: list[outcome.Outcome[T]] = []
+    tokens: list[trio.lowlevel.TrioToken] = []
+
+    async def main() -> T:
+        tokens.append(trio.lowlevel.current_trio_token())
+        return await scenario()
+
+    def target() -> None:
+        result.append(outcome.capture(lambda: trio.run(main, clock=clock)))
+
+    thread = threading.Thread(target=target, name="trio run (hang guard)", daemon=True)
+    thread.start()
+    thread.join(real_seconds)
+    if thread.is_alive():
+        waiting = _tasks_waiting(tokens[0]) if tokens else "(the run never began)"
+        raise Hung(
+            f"no result after {real_seconds} s of real time: the kernel hangs {where()};"
+            f" the run's tasks wait at:\n{waiting}"
+        )
+    return result[0].unwrap()
+
+
+def _tasks_waiting(token: trio.lowlevel.TrioToken, seconds: float = 5.0) -> str:
+    """Where each task of a hung run waits (its innermost frames of the kernel and the
+    tests), asked of the run itself: its loop, blocked, still takes a callback."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def look() -> None:
+        try:
+            root = trio.lowlevel.current_root_task()
+            stack = [] if root is None else [root]
+            while stack:
+                task = stack.pop()
+                for nursery in task.child_nurseries:
+                    stack.extend(nursery.child_tasks)
+                frames = [
+                    f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{line})"
+                    for frame, line in task.iter_await_frames()
+                    if "nexus_trio" in frame.f_code.co_filename
+                    or "tests" in frame.f_code.co_filename
+                ]
+                lines.append(f"  {task.name}: {' <- '.join(reversed(frames[-3:]))}")
+        finally:
+            done.set()
+
+    try:
+        token.run_sync_soon(look)
+    except trio.RunFinishedError:
+        return "(the run has just finished)"
+    if not done.wait(seconds):
+        return "(the run's loop does not answer: it is stuck outside Trio's waits)"
+    return "\n".join(sorted(lines)[:40])
 
 
 def tasks_living() -> int:

@@ -21,7 +21,11 @@ a mock time the program chose, between two of the kernel's timers. It draws what
   and stops: ``kernel.shutdown(grace)`` once or twice at once, one cancelled from
   outside at a random mock time (in the block, or beside it), or one a handler asks for;
   handler, ``on_start`` and background failures, and restarts, during the drain;
-* monitors and ``demonitor`` from agents, and a watcher that lives until the shutdown.
+* monitors and ``demonitor`` from agents, and a watcher that lives until the shutdown;
+* children added under a supervisor (three in four of the adds pick one still in the
+  tree, some of those one not running or one restarted): the answer is asserted exactly,
+  refused while it or one above it is on its way out or between runs, taken otherwise,
+  by the test's own record (:func:`add_refusal_due`).
 
 After every step (every task blocked): conservation (``assert_conserved``), ``stats()``
 against what the test counted (``handled`` handler calls that returned,
@@ -40,7 +44,9 @@ notice of a stop for good at most once, and exactly once where the watcher asked
 the target ran, never took it back and lived on until the shutdown.
 
 CI runs 200 derandomized examples; ``NEXUS_MACHINE_EXAMPLES=5000`` runs more, drawn
-afresh each time.
+afresh each time. A run that hangs fails after 30 s of real time with ``Hung`` naming
+the step it hung at and where its tasks wait (``run_guarded``: the run is in a thread of
+its own, so that Hypothesis's replay starts afresh).
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import DOCUMENTED, fault_settings_from, real_time_limit, tasks_living
+from .hang_guard import DOCUMENTED, fault_settings_from, run_guarded, tasks_living
 
 MACHINE_SETTINGS = fault_settings_from("NEXUS_MACHINE_EXAMPLES", 200)
 
@@ -126,6 +132,8 @@ trees: st.SearchStrategy[Any] = st.recursive(
 targets = st.integers(0, 31)
 steps = st.one_of(
     st.tuples(st.just("spawn"), trees),
+    st.tuples(st.just("add"), targets, agent_specs),
+    st.tuples(st.just("add"), targets, agent_specs),
     st.tuples(st.just("add"), targets, agent_specs),
     st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
     st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
@@ -187,6 +195,11 @@ class Journal:
         self.beside: trio.Nursery | None = None
         #: agents seen unrouted (being stopped), and when first
         self.unrouted_since: dict[uuid.UUID, float] = {}
+        #: the targets of every kernel.stop the test called (refs' ids as text, names): a
+        #: supervisor among them is on its way out for good
+        self.stop_asked: set[str] = set()
+        #: what the program is at (a hang's report names it), and what it raised there
+        self.where = "before its first step"
 
     def at(self, index: int) -> dict[str, Any] | None:
         return self.known[index % len(self.known)] if self.known else None
@@ -201,6 +214,72 @@ class Journal:
 
 def problem(journal: Journal, text: str) -> None:
     journal.problems.append(text)
+
+
+def asked_to_stop(journal: Journal, target: Any) -> None:
+    """The test calls ``kernel.stop(target)``: a supervisor there is on its way out."""
+    journal.stop_asked.add(str(target.id) if isinstance(target, AgentRef) else str(target))
+
+
+def tree_node(kernel: Any, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``describe()`` node of the supervisor ``entry``; None once it has left the
+    tree (stopped for good)."""
+    wanted = str(entry["ref"].id) if entry["ref"] is not None else None
+    found: dict[str, Any] | None = None
+
+    def walk(node: dict[str, Any]) -> None:
+        nonlocal found
+        if node["id"] == wanted or (entry["name"] is not None and node["name"] == entry["name"]):
+            found = None if node["state"] == "stopped" else node
+        for child in node.get("children", ()):
+            walk(child)
+
+    walk(kernel.describe())
+    return found
+
+
+def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> str:
+    """What a ``spawn(x, supervisor=entry)`` must end with, by the test's own record
+    (every task blocked): "shutting_down" once the shutdown began, "not_found" if the
+    supervisor, or one above it below the root, is gone or on its way out, "taken" if
+    not. On its way out: stopped or being stopped (its ``describe()`` state ``stopped``,
+    ``stopping``), a ``kernel.stop`` of it asked (by the test or a handler), it gave up
+    in its current run (an ``escalated`` event of its own, ``child ...``, after its last
+    ``restarted``), or its run is over and it waits for its supervisor's decision
+    (``restarting``, or ``starting`` after such a give-up). A supervisor not started yet
+    (``starting``, no give-up) takes children."""
+    if kernel.phase is not KernelPhase.RUNNING:
+        return "shutting_down"
+    wanted = str(entry["ref"].id) if entry["ref"] is not None else None
+
+    def path_to(node: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if node["id"] == wanted or (entry["name"] is not None and node["name"] == entry["name"]):
+            return [node]
+        for child in node.get("children", ()):
+            found = path_to(child)
+            if found is not None:
+                return [node, *found]
+        return None
+
+    path = path_to(kernel.describe())
+    if path is None:
+        return "not_found"
+    for node in path[1:]:
+        if node["state"] in ("stopped", "stopping", "restarting"):
+            return "not_found"
+        if node["id"] in journal.stop_asked or node["name"] in journal.stop_asked:
+            return "not_found"
+        gave_up = False
+        for event in journal.events:
+            if str(event.agent_id) != node["id"]:
+                continue
+            if event.kind is EventKind.RESTARTED:
+                gave_up = False
+            elif event.kind is EventKind.ESCALATED and event.reason.startswith("child "):
+                gave_up = True
+        if gave_up:
+            return "not_found"
+    return "taken"
 
 
 @MACHINE_SETTINGS
@@ -344,6 +423,7 @@ def test_fault_machine(data: st.DataObject) -> None:
         elif what == "stop" and journal.known:
             entry = journal.known[action[1] % len(journal.known)]
             with suppress(AgentNotFound, ValueError):
+                asked_to_stop(journal, address(entry))
                 await ctx.kernel.stop(address(entry))
         elif what == "ask" and journal.known:
             entry = journal.agent_at(action[1])
@@ -468,6 +548,7 @@ def test_fault_machine(data: st.DataObject) -> None:
 
     async def stop_one(kernel: Any, target: Any, drain: bool) -> None:
         try:
+            asked_to_stop(journal, target)
             await kernel.stop(target, drain=drain)
         except AgentNotFound:
             return
@@ -506,15 +587,39 @@ def test_fault_machine(data: st.DataObject) -> None:
                 journal.known[first]["ref"] = ref
         elif what == "add":
             sups = [e for e in journal.known if not e["agent"]]
+            if step[1] % 4:
+                # (three in four among those still in the tree: gone ones are refused
+                # alike, and those on their way out are what the model must tell; one
+                # in four among those not running, if any: stopping, between runs, not
+                # started yet; one in four among those restarted, if any)
+                live = [(e, tree_node(kernel, e)) for e in sups]
+                sups = [e for e, node in live if node]
+                idle = [e for e, node in live if node and node["state"] != "running"]
+                again = [e for e, node in live if node and node["restarts"]]
+                if step[1] % 4 == 1 and idle:
+                    sups = idle
+                elif step[1] % 4 == 2 and again:
+                    sups = again
             if not sups:
                 return
             sup = sups[step[1] % len(sups)]
             name = f"n{next(journal.names)}"
-            with suppress(KernelShuttingDown, AgentNotFound, ValueError):
+            # (exactly as the model says: refused while the supervisor, or one above it,
+            # is on its way out or between runs, taken otherwise)
+            due = add_refusal_due(journal, kernel, sup)
+            try:
                 ref = kernel.spawn(
                     spec_of(step[2]).with_options(name=name), supervisor=address(sup)
                 )
+            except KernelShuttingDown:
+                got = "shutting_down"
+            except AgentNotFound:
+                got = "not_found"
+            else:
+                got = "taken"
                 journal.known.append({"name": name, "ref": ref, "agent": True, "parent": sup})
+            if got != due:
+                problem(journal, f"add under {address(sup)}: {got}, the model says {due}")
         elif what in ("tell", "nowait", "request"):
             nursery.start_soon(send_step, kernel, step)
         elif what == "stop":
@@ -606,24 +711,39 @@ def test_fault_machine(data: st.DataObject) -> None:
                     outside.start_soon(collect, letters, journal.letters)
                     outside.start_soon(collect, events, journal.events)
                     async with trio.open_nursery() as block:
-                        for tree in initial:
-                            start_step(kernel, block, ("spawn", tree))
-                        for at, step in enumerate(program):
-                            if at == shutdown_at:
-                                start_step(kernel, block, shutdown)
-                            if step[0] == "advance":
-                                await advance(step[1])
-                            elif not kernel.stopped:
-                                start_step(kernel, block, step)
-                            await trio.testing.wait_all_tasks_blocked()
-                            check_midway(kernel)
-                        clock.autojump_threshold = 0
-                        if ending == "shutdown":
-                            await kernel.shutdown(end_grace)
-                        elif ending == "cancel":
-                            everything.cancel()
-                        else:
-                            block.cancel_scope.cancel()
+                        try:
+                            for tree in initial:
+                                start_step(kernel, block, ("spawn", tree))
+                            for at, step in enumerate(program):
+                                journal.where = (
+                                    f"at step {at} of {len(program)}, {step!r}"
+                                    f" (mock time {trio.current_time():g} s)"
+                                )
+                                if at == shutdown_at:
+                                    start_step(kernel, block, shutdown)
+                                if step[0] == "advance":
+                                    await advance(step[1])
+                                elif not kernel.stopped:
+                                    start_step(kernel, block, step)
+                                await trio.testing.wait_all_tasks_blocked()
+                                check_midway(kernel)
+                            journal.where = (
+                                f"in the program's end, {ending!r} (grace {end_grace}),"
+                                f" after its {len(program)} steps"
+                            )
+                            clock.autojump_threshold = 0
+                            if ending == "shutdown":
+                                await kernel.shutdown(end_grace)
+                            elif ending == "cancel":
+                                everything.cancel()
+                            else:
+                                block.cancel_scope.cancel()
+                        except BaseException as exc:
+                            # (a hang while this unwinds is reported with it; the clock
+                            # moves by itself, as at the program's end, for the stop)
+                            journal.where += f", which raised {type(exc).__name__}: {exc}"
+                            clock.autojump_threshold = 0
+                            raise
         assert tasks_living() == baseline, "the kernel left tasks behind"
         return kernel
 
@@ -635,8 +755,7 @@ def test_fault_machine(data: st.DataObject) -> None:
     shutdown = data.draw(shutdowns, label="shutdown")
     ending = data.draw(st.sampled_from(["leave", "shutdown", "cancel"]), label="ending")
     end_grace = data.draw(st.sampled_from([0, 0.05, 2.0]), label="end_grace")
-    with real_time_limit(30):
-        kernel = trio.run(scenario, clock=clock)
+    kernel = run_guarded(scenario, clock, 30, lambda: journal.where)
     check_end(journal, kernel, ending)
 
 
