@@ -238,18 +238,18 @@ def tree_node(kernel: Any, entry: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
-def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> str:
+def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> tuple[str, str]:
     """What a ``spawn(x, supervisor=entry)`` must end with, by the test's own record
     (every task blocked): "shutting_down" once the shutdown began, "not_found" if the
     supervisor, or one above it below the root, is gone or on its way out, "taken" if
     not. On its way out: stopped or being stopped (its ``describe()`` state ``stopped``,
     ``stopping``), a ``kernel.stop`` of it asked (by the test or a handler), it gave up
     in its current run (an ``escalated`` event of its own, ``child ...``, after its last
-    ``restarted``), or its run is over and it waits for its supervisor's decision
+    ``restarted`` or one of a supervisor above it), or its run is over and it waits for its supervisor's decision
     (``restarting``, or ``starting`` after such a give-up). A supervisor not started yet
     (``starting``, no give-up) takes children."""
     if kernel.phase is not KernelPhase.RUNNING:
-        return "shutting_down"
+        return "shutting_down", f"phase {kernel.phase.name}"
     wanted = str(entry["ref"].id) if entry["ref"] is not None else None
 
     def path_to(node: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -263,23 +263,28 @@ def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> str
 
     path = path_to(kernel.describe())
     if path is None:
-        return "not_found"
-    for node in path[1:]:
+        return "not_found", "not in the tree"
+    for depth, node in enumerate(path[1:], 1):
         if node["state"] in ("stopped", "stopping", "restarting"):
-            return "not_found"
+            return "not_found", f"{node['name'] or node['id']} {node['state']}"
         if node["id"] in journal.stop_asked or node["name"] in journal.stop_asked:
-            return "not_found"
+            return "not_found", f"{node['name'] or node['id']} asked to stop"
+        # (a run begins with its own restarted event, or with one of a supervisor above
+        # it, whose new run starts its children afresh)
+        lineage = {n["id"] for n in path[1 : depth + 1]}
         gave_up = False
         for event in journal.events:
-            if str(event.agent_id) != node["id"]:
-                continue
-            if event.kind is EventKind.RESTARTED:
+            if event.kind is EventKind.RESTARTED and str(event.agent_id) in lineage:
                 gave_up = False
-            elif event.kind is EventKind.ESCALATED and event.reason.startswith("child "):
+            elif (
+                event.kind is EventKind.ESCALATED
+                and str(event.agent_id) == node["id"]
+                and event.reason.startswith("child ")
+            ):
                 gave_up = True
         if gave_up:
-            return "not_found"
-    return "taken"
+            return "not_found", f"{node['name'] or node['id']} gave up, {node['state']}"
+    return "taken", " > ".join(f"{n['name']} {n['state']}" for n in path)
 
 
 @MACHINE_SETTINGS
@@ -606,7 +611,7 @@ def test_fault_machine(data: st.DataObject) -> None:
             name = f"n{next(journal.names)}"
             # (exactly as the model says: refused while the supervisor, or one above it,
             # is on its way out or between runs, taken otherwise)
-            due = add_refusal_due(journal, kernel, sup)
+            due, why = add_refusal_due(journal, kernel, sup)
             try:
                 ref = kernel.spawn(
                     spec_of(step[2]).with_options(name=name), supervisor=address(sup)
@@ -619,7 +624,7 @@ def test_fault_machine(data: st.DataObject) -> None:
                 got = "taken"
                 journal.known.append({"name": name, "ref": ref, "agent": True, "parent": sup})
             if got != due:
-                problem(journal, f"add under {address(sup)}: {got}, the model says {due}")
+                problem(journal, f"add under {address(sup)}: {got}, the model says {due} ({why})")
         elif what in ("tell", "nowait", "request"):
             nursery.start_soon(send_step, kernel, step)
         elif what == "stop":
