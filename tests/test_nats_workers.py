@@ -1167,20 +1167,16 @@ elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "driver":
             await _drive_ring(self)
         raise RuntimeError("the workload driver, stood in for")
     _workloads.Demo._drive_ring = drive_ring
-elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "settle":
-    from nexus_trio.cli import _swarm
-    _settle = _swarm.Swarm.settle
-    async def settle(self, *args, **kwargs):
-        await _settle(self, *args, **kwargs)
-        raise RuntimeError("the settle, stood in for")
-    _swarm.Swarm.settle = settle
-elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how == "leave":
+elif os.environ.get("NEXUS_WORKER") == "worker-1" and _how in ("settle", "leave"):
+    # the step runs, then raises
     from nexus_trio._nats import _cluster
-    _leave = _cluster.Cluster._leave
-    async def leave(self, *args, **kwargs):
-        await _leave(self, *args, **kwargs)
-        raise RuntimeError("the leave, stood in for")
-    _cluster.Cluster._leave = leave
+    from nexus_trio.cli import _swarm
+    _cls, _name = (_swarm.Swarm, "settle") if _how == "settle" else (_cluster.Cluster, "_leave")
+    _step = getattr(_cls, _name)
+    async def failing_step(self, *args, **kwargs):
+        await _step(self, *args, **kwargs)
+        raise RuntimeError(f"the {_how}, stood in for")
+    setattr(_cls, _name, failing_step)
 """
 
 
