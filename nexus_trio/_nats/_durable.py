@@ -961,6 +961,12 @@ class DurableChannel:
                 held,
                 self.options.ack_wait,
             )
+        with trio.move_on_at(start + timeout / 2):
+            # (a fetch cancelled under way ends first: one cancelled in its first,
+            # no-wait request can still send its long poll's as it ends, and only a
+            # request the server has before the inbox's unsubscribe is dropped by it)
+            while self._fetches_ending:
+                await self._fetches_ended.wait()
         await self._end_pull_requests(start + timeout / 2 + _PULL_CANCEL_WAIT)
         # (the fetches cancelled under way, ended at their cancel, return: what they took
         # is nakked back before the queue closes; a quarter of the bound is left for the
