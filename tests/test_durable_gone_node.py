@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -456,6 +457,27 @@ async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended
     waited out ack_wait, 60 s here, before anyone could have it: the timeouts of this
     file's periodic-sweep and owner tests at load, 3 of 36 in one run of copies. On
     b7d8920's _durable.py swapped in this test times out at 40 s.)"""
+
+    async def leave(cb: Cluster, store: _Store, _info: _Info) -> Any:
+        await cb.durable.stop()
+        return await store()
+
+    await _b_leaves_as_a_message_is_stored_for_it(nats, "as b leaves", leave)
+
+
+#: stores the message for b, its answer (see _b_leaves_as_a_message_is_stored_for_it)
+_Store = Callable[[], Awaitable[Any]]
+#: reads b's consumer's info
+_Info = Callable[[], Awaitable[Any]]
+
+
+async def _b_leaves_as_a_message_is_stored_for_it(
+    nats: NatsServer, text: str, leave: Callable[[Cluster, _Store, _Info], Awaitable[Any]]
+) -> None:
+    """b's fetch waits on the server (its request's num_waiting); ``leave(cb, store,
+    info)`` stops b's durable path and stores ``text`` for b (``store()``), returning
+    what it stored; then b leaves, and a's agent handles the message, once, within 40 s
+    (ack_wait 60 s: not after a redelivery)."""
     patient = attrs.evolve(DURABLE, ack_wait=60.0)
     handled: list[tuple[uuid.UUID, Any]] = []
     async with local_node(nats.url, "a", durable=patient, **QUICK) as (ka, ca):
@@ -465,17 +487,47 @@ async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended
             async with local_node(nats.url, "b", durable=patient, **QUICK) as (_kb, cb):
                 await until(lambda: "b" in ca.members.members)
 
-                async def waiting() -> bool:
-                    info = await call_aio(ca.data_js.consumer_info, stream, "b")
-                    return bool(info.num_waiting)
+                async def info() -> Any:
+                    return await call_aio(ca.data_js.consumer_info, stream, "b")
 
-                while not await waiting():  # noqa: ASYNC110 (the server's state: no event)
+                while not (await info()).num_waiting:  # noqa: ASYNC110 (the server's state)
                     await trio.sleep(0.02)
-                await cb.durable.stop()
-                sent = await store_for(ca, "keeper-a", "as b leaves", node="b")
+                sent = await leave(cb, lambda: store_for(ca, "keeper-a", text, node="b"), info)
             await until(lambda: len(handled) >= 1)
             await _stream_empty(ca)
-    assert handled == [(sent.id, "as b leaves")]
+    assert handled == [(sent.id, text)]
+
+
+async def test_a_message_its_ended_pull_request_took_before_the_unsubscribe_is_nakked_back(
+    nats: NatsServer,
+) -> None:
+    """Forty-eighth pass, second review: b's fetch ended at its stop (the marker) while
+    its long poll's request still waited on the server, until the inbox's unsubscribe
+    (after the takeovers end: up to half the leave's bound). A message stored for b in
+    between went into the subscription's queue, which nobody read: dropped with the
+    unsubscribe, it waited out ack_wait (60 s here). Here it is stored and delivered to
+    b's inbox right before the unsubscribe; it is nakked back now (handed_back_at_leave
+    1) and a's look takes it over at once. (On cd1132a's _durable.py and _direct.py
+    swapped in: handed_back_at_leave 0, the message left to wait out ack_wait.)"""
+
+    async def leave(cb: Cluster, store: _Store, info: _Info) -> Any:
+        durable = cb.durable
+        end_pull_requests = durable._end_pull_requests
+        sent: list[Any] = []
+
+        async def store_then_end(until_: float) -> None:
+            durable._end_pull_requests = end_pull_requests  # type: ignore[method-assign]
+            sent.append(await store())
+            while not (await info()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.02)  # (delivered to b's inbox)
+            await end_pull_requests(until_)
+
+        durable._end_pull_requests = store_then_end  # type: ignore[method-assign]
+        await durable.stop()
+        assert durable.handed_back_at_leave == 1
+        return sent[0]
+
+    await _b_leaves_as_a_message_is_stored_for_it(nats, "to the ended pull", leave)
 
 
 class _EndlessJs(_FakeJs):

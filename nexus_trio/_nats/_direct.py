@@ -473,3 +473,21 @@ def end_fetch(psub: Any) -> bool:
 def fetched(msgs: list[Any]) -> list[Any]:
     """The messages of a fetch ended by :func:`end_fetch`, its marker left out."""
     return [msg for msg in msgs if msg.subject != _END_SUBJECT]
+
+
+def take_queued(psub: Any) -> list[Any]:
+    """Take the messages still queued in the pull subscription ``psub`` (unsubscribed:
+    nothing reads it any more), its statuses and :func:`end_fetch`'s marker left out:
+    what a pull request that outlived its fetch took after the fetch ended (JetStream
+    holds each for the consumer until it is acked or nakked, or ``ack_wait`` ends).
+    Empty if ``psub`` does not have the expected shape. Asyncio side."""
+    sub = getattr(psub, "_sub", None)
+    queue = getattr(sub, "_pending_queue", None)
+    if not isinstance(queue, asyncio.Queue):
+        return []
+    took = []
+    while not queue.empty():
+        msg = queue.get_nowait()
+        if msg.subject != _END_SUBJECT and not (msg.headers or {}).get(JsHeader.STATUS.value):
+            took.append(msg)
+    return took

@@ -106,7 +106,7 @@ from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
-from ._direct import end_fetch, fetched, flush
+from ._direct import end_fetch, fetched, flush, take_queued
 from ._placement import placement_weight
 from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS, within_account
 
@@ -1042,6 +1042,13 @@ class DurableChannel:
             contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
         ):
             await call_aio_bounded(_PULL_CANCEL_WAIT, unsubscribe)
+        # (what the request took after the fetch ended, before the server had the
+        # unsubscribe, is in the subscription's queue, which nobody reads: nakked back,
+        # not left to wait out ack_wait; second review of the forty-eighth pass)
+        if took := take_queued(psub):
+            self._hand_back_cancelled(
+                took, "its pull's request outlived its fetch until the inbox's unsubscribe"
+            )
 
     async def _close_ops(self, until: float) -> None:
         """Leaving: close the queue of acks, naks and terms (they are sent on the data
@@ -2114,19 +2121,22 @@ class DurableChannel:
             ended, self._fetches_ended = self._fetches_ended, trio.Event()
             ended.set()
 
-    def _hand_back_cancelled(self, msgs: list[NatsMsg]) -> None:
+    def _hand_back_cancelled(
+        self, msgs: list[NatsMsg], how: str = "its durable fetch under way was cancelled"
+    ) -> None:
         """This node's own fetch was cancelled under way (the leave's stop) and took
-        ``msgs``: each nakked back to its consumer, counted in ``handed_back_at_leave``
-        once sent (in ``unsettled_at_leave`` if the leave does not send it), so a
-        survivor's takeover, or the node's next process, gets it at once. Logged."""
+        ``msgs`` (or, ``how`` says, its pull request did after the fetch ended): each
+        nakked back to its consumer, counted in ``handed_back_at_leave`` once sent (in
+        ``unsettled_at_leave`` if the leave does not send it), so a survivor's takeover,
+        or the node's next process, gets it at once. Logged."""
         for jsmsg in msgs:
             self._settle(jsmsg, _HAND_BACK)
         log_guarded(
             log,
             logging.INFO,
-            "node %s: leaving, its durable fetch under way was cancelled; the %d messages"
-            " it took are nakked back to its consumer",
+            "node %s: leaving, %s; the %d messages it took are nakked back to its consumer",
             self.cluster.node,
+            how,
             len(msgs),
         )
 
