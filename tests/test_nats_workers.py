@@ -1090,6 +1090,36 @@ def test_a_worker_whose_server_was_lost_as_it_settled_keeps_what_crossed_in_its_
     assert summary["conserved"] is True, summary["why_not_conserved"]
 
 
+def _run_acting_on_worker_1(
+    nats: NatsServer, duration: str, act: Callable[[Any], int]
+) -> tuple[dict[str, Any], int, list[int], Any]:
+    """A real ``--workers 2`` run (30 agents, ``duration`` seconds) whose workers reach
+    the server through a TCP proxy (tests/nats_proxy.py): ``act(proxy)`` once, as soon
+    as worker-1's heartbeat says it published. The summary, the exit status, what each
+    ``act`` returned (one item: it acted once) and the proxy (closed)."""
+    from .nats_proxy import NatsProxy
+
+    acted: list[int] = []
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+
+    def on_record(node: str, record: dict[str, Any]) -> None:
+        stats = record.get("stats") or {}
+        if node == "worker-1" and not acted and stats.get("published", 0) > 0:
+            acted.append(act(proxy))
+
+    heartbeats = _Heartbeats(nats.port, on_record)
+    try:
+        summary, status = run_workers(
+            2, ["--agents", "30", "--duration", duration], nats_url=proxy.url
+        )
+    finally:
+        heartbeats.close()
+        proxy.close()
+    assert heartbeats.failure is None
+    return summary, status, acted, proxy
+
+
 def test_a_worker_whose_nats_connections_are_cut_mid_run_reconnects_and_its_losses_are_counted(
     nats: NatsServer,
 ) -> None:
@@ -1101,24 +1131,9 @@ def test_a_worker_whose_nats_connections_are_cut_mid_run_reconnects_and_its_loss
     (Behaved on 1242268 as now; no test had cut a worker's connections. Its runs gave
     the finding fixed in the forty-seventh pass, a leave logged twice: see
     ``test_a_heartbeat_read_after_the_watch_gave_the_leave_s_delete_...``.)"""
-    from .nats_proxy import NatsProxy
-
-    cut: list[int] = []
-    assert nats.port is not None
-    proxy = NatsProxy(nats.port)
-
-    def on_record(node: str, record: dict[str, Any]) -> None:
-        stats = record.get("stats") or {}
-        if node == "worker-1" and not cut and stats.get("published", 0) > 0:
-            cut.append(proxy.cut("worker-1"))
-
-    heartbeats = _Heartbeats(nats.port, on_record)
-    try:
-        summary, status = run_workers(2, ["--agents", "30", "--duration", "3"], nats_url=proxy.url)
-    finally:
-        heartbeats.close()
-        proxy.close()
-    assert heartbeats.failure is None
+    summary, status, cut, _proxy = _run_acting_on_worker_1(
+        nats, "3", lambda proxy: proxy.cut("worker-1")
+    )
     assert cut == [2], cut  # (its data and control connections)
     assert status == 0, summary
     assert summary["conserved"] is True, summary["why_not_conserved"]
@@ -1238,27 +1253,13 @@ def test_a_worker_cut_off_from_its_server_says_its_dropped_writes_once_in_its_wo
     ends well, its books balanced. (Checked on 5699b98: the lines printed.)"""
     import threading
 
-    from .nats_proxy import NatsProxy
+    def cut_off(proxy: Any) -> int:
+        proxy.refuse("worker-1")
+        threading.Timer(3.0, proxy.refuse, ("worker-1", False)).start()
+        return 1
 
-    cut: list[int] = []
-    assert nats.port is not None
-    proxy = NatsProxy(nats.port)
-
-    def on_record(node: str, record: dict[str, Any]) -> None:
-        stats = record.get("stats") or {}
-        if node == "worker-1" and not cut and stats.get("published", 0) > 0:
-            proxy.refuse("worker-1")
-            cut.append(1)
-            threading.Timer(3.0, proxy.refuse, ("worker-1", False)).start()
-
-    heartbeats = _Heartbeats(nats.port, on_record)
-    try:
-        summary, status = run_workers(2, ["--agents", "30", "--duration", "6"], nats_url=proxy.url)
-    finally:
-        heartbeats.close()
-        proxy.close()
+    summary, status, cut, proxy = _run_acting_on_worker_1(nats, "6", cut_off)
     err = capfd.readouterr().err
-    assert heartbeats.failure is None
     assert cut == [1]
     # (the last-resort handler prints the bare message)
     assert [line for line in err.splitlines() if line == "socket.send() raised exception."] == []
