@@ -961,20 +961,16 @@ class DurableChannel:
                 held,
                 self.options.ack_wait,
             )
-        with trio.move_on_at(start + timeout / 2):
-            # (a fetch cancelled under way ends first: one cancelled in its first,
-            # no-wait request can still send its long poll's as it ends, and only a
-            # request the server has before the inbox's unsubscribe is dropped by it)
-            while self._fetches_ending:
-                await self._fetches_ended.wait()
+        # (a fetch cancelled under way ends first: one cancelled in its first, no-wait
+        # request can still send its long poll's as it ends, and only a request the
+        # server has before the inbox's unsubscribe is dropped by it)
+        await self._cancelled_fetches_ended(start + timeout / 2)
         await self._end_pull_requests(start + timeout / 2 + _PULL_CANCEL_WAIT)
         # (the fetches cancelled under way, ended at their cancel, return: what they took
         # is nakked back before the queue closes; a quarter of the bound is left for the
         # queue; with a nats-py whose fetch end_fetch cannot end, FETCH_WAIT from their
         # start)
-        with trio.move_on_at(start + timeout * 3 / 4):
-            while self._fetches_ending:
-                await self._fetches_ended.wait()
+        await self._cancelled_fetches_ended(start + timeout * 3 / 4)
         if self._fetches_ending and not self._fetches_abandoned:  # (once, as the pull's)
             self._fetches_abandoned = True
             for task in self._fetches_ending:
@@ -992,6 +988,13 @@ class DurableChannel:
             )
         await self._close_ops(start + timeout)
         self._count_unsent()
+
+    async def _cancelled_fetches_ended(self, until: float) -> None:
+        """Leaving: wait until the fetches cancelled under way have returned (see
+        :meth:`_fetch_shielded`), or ``until``."""
+        with trio.move_on_at(until):
+            while self._fetches_ending:
+                await self._fetches_ended.wait()
 
     def _count_unsent(self) -> None:
         """Leaving, the queue closed: the acks, naks and terms queued and not sent are
