@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -4544,6 +4545,48 @@ async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
             with contextlib.suppress(OSError):
                 os.kill(orphan, signal.SIGKILL)
                 os.waitpid(orphan, 0)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stop 58's CI: the reaper thread reads the process table (a file of ``/proc`` open
+    at a time) once a second while a branded child lives, and one read began just
+    before the last child's exit ran on after the kernel block had ended: the fault
+    round counted 21 open descriptors against 20. The last child's sweep now waits for
+    such a read, and none begins after it. The read is made slow here (it holds a
+    descriptor until no branded child lives, then half a second more): the block ends
+    only after it, with as many descriptors open as before. (Fails without the wait in
+    ``_kill_and_reap``: 1 descriptor more.)"""
+    opened: list[int] = []
+    reading = threading.Event()
+    real = process_module._reap_once
+
+    def slow_read() -> None:
+        held = os.open("/proc/self/stat", os.O_RDONLY)
+        opened.append(held)
+        reading.set()
+        try:
+            deadline = time.monotonic() + 10.0  # (a hang guard)
+            while _lineage.children_live() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.5)
+            real()
+        finally:
+            os.close(held)
+
+    monkeypatch.setattr(process_module, "_REAP_EVERY", 0.01)
+    monkeypatch.setattr(process_module, "_reap_once", slow_read)
+    _lineage.protect()  # the guardian's pipe, opened once per process with the first child
+    before = open_fds()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        await trio.to_thread.run_sync(reading.wait, 10.0)
+        assert reading.is_set()
+    assert open_fds() == before
+    assert opened  # (the read was made, and began while the child lived)
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")

@@ -346,6 +346,10 @@ _REAP_EVERY = 1.0
 #: counted in, until the child's exit is swept
 _reaped_for: dict[int, tuple[BridgeStats, trio.lowlevel.TrioToken]] = {}
 _reaper_lock = threading.Lock()
+#: held by the reaper thread while it reads the process table (files of ``/proc`` open
+#: for a moment): the last child's sweep waits for it (:func:`_reaper_scan_ended`), so
+#: that a kernel whose process agents all ended leaves no such read behind it
+_reaper_scanning = threading.Lock()
 #: the thread of :func:`_reap_while_children_live`, while it runs
 _reaper: threading.Thread | None = None
 
@@ -378,13 +382,32 @@ def _reap_while_children_live() -> None:
                 _reaper = None
                 return
         time.sleep(_REAP_EVERY)
-        try:
-            _reap_once()
-        except Exception:  # (logged; the next start begins again)
-            log.exception("cannot reap the branded zombies of process agents")
-            with _reaper_lock:
-                _reaper = None
-            return
+        with _reaper_scanning:
+            # (asked again under this lock: after the last child's sweep, which waits
+            # for this lock, no read of the process table begins)
+            if not _lineage.children_live():
+                continue
+            try:
+                _reap_once()
+            except Exception:  # (logged; the next start begins again)
+                log.exception("cannot reap the branded zombies of process agents")
+                with _reaper_lock:
+                    _reaper = None
+                return
+
+
+async def _reaper_scan_ended() -> None:
+    """No branded child lives: wait for a read of the process table the reaper thread
+    began before (at most one; none begins after, see :func:`_reap_while_children_live`)."""
+    if _reaper_scanning.acquire(blocking=False):
+        _reaper_scanning.release()
+        return
+
+    def wait_for_the_read() -> None:
+        with _reaper_scanning:
+            pass
+
+    await trio.to_thread.run_sync(wait_for_the_read)
 
 
 def _reap_once() -> None:
@@ -412,9 +435,9 @@ def _count_reaped(stats: BridgeStats) -> None:
 
 
 def _forget_reaper() -> None:
-    global _reaper, _reaper_lock
+    global _reaper, _reaper_lock, _reaper_scanning
     # (a forked child has no such thread, maybe a lock held: its first start makes one)
-    _reaper, _reaper_lock = None, threading.Lock()
+    _reaper, _reaper_lock, _reaper_scanning = None, threading.Lock(), threading.Lock()
 
 
 if _lineage.SUPPORTED:
@@ -1565,6 +1588,8 @@ class ProcessAgent(Agent):
         finally:
             if hold is not None:
                 os.close(hold)
+        if not _lineage.children_live():
+            await _reaper_scan_ended()
         await self._close_stdin(process)
         # What the child wrote before it died is read (its last answer, its last words).
         with trio.move_on_after(_READER_DRAIN):
