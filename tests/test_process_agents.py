@@ -9,6 +9,7 @@ examples. Every test checks that no child process is left behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -4587,6 +4588,111 @@ async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_tabl
         assert reading.is_set()
     assert open_fds() == before
     assert opened  # (the read was made, and began while the child lived)
+
+
+def _in_a_fork(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork this process (from the calling thread) and run ``report`` in the child, which
+    sends back its result as JSON through a pipe and ``os._exit``s (never back into
+    pytest); the child is waited for, under a 60 s alarm of its own."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # (the child)
+        code = 3
+        try:
+            os.close(read_end)
+            signal.alarm(60)
+            said = json.dumps(report()).encode()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(said)
+            code = 0
+        except BaseException as exc:  # (said to the parent, which fails with it)
+            with contextlib.suppress(BaseException):
+                os.write(write_end, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    result = json.loads(said or b"{}")
+    assert os.waitstatus_to_exitcode(status) == 0, result
+    assert isinstance(result, dict)
+    return result
+
+
+def _books_of_a_fork(guardian_pipe: tuple[int, int]) -> dict[str, Any]:
+    """In a forked child: what its lineage books hold (and whether it holds the parent's
+    guardian's pipe, ``(descriptor, inode)``), then what a process agent of its own
+    leaves of them and of its reaper thread once stopped."""
+    fd, inode = guardian_pipe
+    try:
+        holds_guardian_pipe = os.fstat(fd).st_ino == inode
+    except OSError:
+        holds_guardian_pipe = False
+    books: dict[str, Any] = {
+        "guardian_pipe": holds_guardian_pipe,
+        "children_live": _lineage.children_live(),
+        "branded": len(_lineage._branded),
+        "starting": len(_lineage._starting),
+        "sessions": len(_lineage._sessions),
+        "holds": len(_lineage._holds),
+        "reaped_for": len(process_module._reaped_for),
+    }
+
+    async def one_agent() -> None:
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+            assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+            books["guardian"] = _lineage._guardian.pid if _lineage._guardian else None
+
+    trio.run(one_agent)
+    deadline = time.monotonic() + 5.0  # (a pass a second: it ends within one)
+    while process_module._reaper is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    books["reaper_ended"] = process_module._reaper is None
+    books["children_live_after"] = _lineage.children_live()
+    return books
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the brands and the reaper are Linux's")
+async def test_a_process_forked_while_a_child_lives_gets_books_of_its_own() -> None:
+    """A process forked (``os.fork``, multiprocessing's ``fork``) while a process agent's
+    child lives inherited the kernel's lineage books: ``children_live()`` stayed true in it
+    for good, so the reaper thread its first process agent started never ended (a scan of
+    ``/proc`` a second), and the sessions of the kernel's live children were told to the
+    guardian the fork started, which SIGKILLed them at the fork's exit (the kernel's agent
+    was restarted: 2 starts, another pid); and the fork held the parent's guardian's pipe.
+    A fork starts with empty books now, and lets go of that pipe. (Fails on 94b2b0a4's
+    _lineage.py and process.py swapped in: branded, sessions, holds and reaped_for 1,
+    the guardian's pipe held, the reaper thread not ended.)"""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        child = await kernel.request(ref, {"op": "pid"})
+        assert _lineage.children_live()
+        guardian_stdin = _lineage._guardian.stdin if _lineage._guardian else None
+        assert guardian_stdin is not None
+        pipe = (guardian_stdin.fileno(), os.fstat(guardian_stdin.fileno()).st_ino)
+        books = await trio.to_thread.run_sync(_in_a_fork, functools.partial(_books_of_a_fork, pipe))
+        assert "error" not in books, books
+        guardian = books.pop("guardian")
+        assert books == {
+            "guardian_pipe": False,
+            "children_live": False,
+            "branded": 0,
+            "starting": 0,
+            "sessions": 0,
+            "holds": 0,
+            "reaped_for": 0,
+            "reaper_ended": True,
+            "children_live_after": False,
+        }
+        # The fork's guardian (reparented here, the subreaper, at the fork's exit) has
+        # swept what it was told of and gone: the kernel's own child lives on.
+        with contextlib.suppress(ChildProcessError):
+            await trio.to_thread.run_sync(os.waitpid, guardian, 0)
+        assert await kernel.request(ref, {"op": "pid"}) == child
+        assert stats_of(kernel, ref).starts == 1
+        await kernel.stop(ref)
 
 
 @pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")

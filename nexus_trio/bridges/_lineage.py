@@ -607,9 +607,28 @@ def _new_lock() -> None:
     _lock = threading.Lock()
 
 
+def _forget_children() -> None:
+    """In a forked child: none of the kernel process's children is its own. Its books
+    start empty (before, :func:`children_live` stayed true in it for good, so the reaper
+    thread of its first process agent never ended, and a guardian it started was told
+    the parent's live sessions and killed them at its exit), and it lets go of the
+    parent's guardian (its copy of the pipe kept that guardian from seeing the parent's
+    death while the fork lived; its first process agent starts one of its own)."""
+    global _guardian
+    _branded.clear()
+    _starting.clear()
+    _sessions.clear()
+    _holds.clear()
+    guardian, _guardian = _guardian, None
+    if guardian is not None and guardian.stdin is not None:
+        with contextlib.suppress(OSError):
+            guardian.stdin.close()  # (the fork's copy: the parent's stays open)
+
+
 if SUPPORTED:
     os.register_at_fork(after_in_child=_close_unpassed)
     os.register_at_fork(after_in_child=_new_lock)
+    os.register_at_fork(after_in_child=_forget_children)
 
 
 def _kill_and_reap_marked(

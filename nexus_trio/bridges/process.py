@@ -436,8 +436,10 @@ def _count_reaped(stats: BridgeStats) -> None:
 
 def _forget_reaper() -> None:
     global _reaper, _reaper_lock, _reaper_scanning
-    # (a forked child has no such thread, maybe a lock held: its first start makes one)
+    # (a forked child has no such thread, maybe a lock held: its first start makes one;
+    # and no child of the parent's agents is its to count: see _lineage's at-fork hook)
     _reaper, _reaper_lock, _reaper_scanning = None, threading.Lock(), threading.Lock()
+    _reaped_for.clear()
 
 
 if _lineage.SUPPORTED:
