@@ -5706,6 +5706,156 @@ async def test_a_child_that_cannot_be_started_is_said_why(tmp_path: Path, case: 
         assert re.search(r"its largest string is 200,00\d bytes", error.problem)
 
 
+def _elf_interpreter(path: str) -> bytes:
+    """The ``PT_INTERP`` path of the 64-bit little-endian ELF program at ``path``."""
+    data = Path(path).read_bytes()
+    assert data[:6] == b"\x7fELF\x02\x01", f"{path}: no 64-bit little-endian ELF"
+    phoff = int.from_bytes(data[32:40], "little")
+    size, count = int.from_bytes(data[54:56], "little"), int.from_bytes(data[56:58], "little")
+    for at in range(phoff, phoff + size * count, size):
+        if int.from_bytes(data[at : at + 4], "little") == 3:  # PT_INTERP
+            offset = int.from_bytes(data[at + 8 : at + 16], "little")
+            length = int.from_bytes(data[at + 32 : at + 40], "little")
+            return data[offset : offset + length].rstrip(b"\0")
+    raise AssertionError(f"{path}: no ELF interpreter")
+
+
+def _another_machine() -> int:
+    """An ELF ``e_machine`` that is not this system's (aarch64's, or x86-64's on one)."""
+    own = Path("/proc/self/exe").read_bytes()[:20]
+    return 62 if int.from_bytes(own[18:20], "little") == 183 else 183
+
+
+def _exec_fails(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], str, int | None]:
+    """A program that passes the exec check of a start through ``prlimit(1)`` on the code
+    before (or stands for one that passed it: ``_execs_as_is`` made to pass, the file
+    changed after it), the problem its start must fail with (as a start without the
+    wrapper says it), and what must stay open across the start."""
+    program = tmp_path / "agent"
+    held = None
+    not_machine_code = (
+        f"cannot start {program}: [Errno 8] Exec format error: '{program}' (a script"
+        " needs a #! line naming its interpreter; a binary must be built for this system)"
+    )
+    if case == "not machine code":
+        program.write_bytes(b"\x7fELF\x02\x01\x01\0garbage, then a line\necho ran\n")
+        problem = not_machine_code
+    elif case == "another machine's ELF":
+        head = b"\x7fELF\x02\x01\x01" + bytes(9) + (2).to_bytes(2, "little")
+        program.write_bytes(head + _another_machine().to_bytes(2, "little") + bytes(44))
+        problem = not_machine_code
+    elif case == "interpreter removed after the check":
+        program.write_text("#!/no/such/python3 -u\nprint(1)\n")
+        monkeypatch.setattr(process_module, "_execs_as_is", lambda options, env: True)
+        problem = (
+            f"cannot start {program}: [Errno 2] No such file or directory: '{program}'"
+            " (it exists: its interpreter '/no/such/python3', named by its #! line, was"
+            " not found)"
+        )
+    elif case == "interpreter of its interpreter missing":
+        interpreter = tmp_path / "interpreter"
+        interpreter.write_text("#!/no/such/interpreter\n")
+        interpreter.chmod(0o755)
+        program.write_text(f"#!{interpreter}\nprint(1)\n")
+        problem = (
+            f"cannot start {program}: [Errno 2] No such file or directory: '{program}'"
+            f" (it exists: its interpreter '{interpreter}', named by its #! line, names"
+            " '/no/such/interpreter' in its own, which was not found)"
+        )
+    elif case == "ELF interpreter missing":
+        true = shutil.which("true")
+        assert true is not None
+        loader = _elf_interpreter(true)
+        gone = loader[:-1] + (b"X" if loader[-1:] != b"X" else b"Y")
+        program.write_bytes(Path(true).read_bytes().replace(loader, gone))
+        problem = f"cannot start {program}: [Errno 2] No such file or directory: '{program}'"
+    else:
+        assert case == "text file busy"
+        shutil.copy(shutil.which("true") or "/bin/true", program)
+        held = os.open(program, os.O_WRONLY)  # (being written: the system will not exec it)
+        problem = f"cannot start {program}: [Errno 26] Text file busy: '{program}'"
+    program.chmod(0o755)
+    return [str(program)], problem, held
+
+
+@pytest.mark.skipif(_lineage.limits_wrapper() is None, reason="needs util-linux's prlimit(1)")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not machine code",
+        "another machine's ELF",
+        "interpreter removed after the check",
+        "interpreter of its interpreter missing",
+        "ELF interpreter missing",
+        "text file busy",
+    ],
+)
+async def test_a_program_the_limits_wrapper_cannot_exec_fails_its_start_as_without_it(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-ninth pass: a program that passed the exec check of a start through
+    ``prlimit(1)`` and that the system would not exec ran as a child that exited 126 or
+    127 before registering, ``prlimit``'s line its last words, a crash with a pid,
+    instead of the start error of a start without the wrapper; and one the system cannot
+    exec at all (``Exec format error``: an ELF of another machine, or no ELF but its
+    first four bytes; a script whose interpreter is itself a script whose interpreter is
+    missing, which passed the check) was run with ``/bin/sh`` by ``prlimit``'s
+    ``execvp``. Such a start fails now as without the wrapper, naming the program and the
+    system's reason, with no pid. (Fails on 94b2b0a4's process.py swapped in: every case
+    ``exited (status 127) before registering`` (126 for the busy file), with a pid.)"""
+    cmd, problem, held = _exec_fails(tmp_path, case, monkeypatch)
+    try:
+        async with bridge_kernel() as kernel:
+            error = await failed_run(kernel, process_agent(cmd, restart="temporary"))
+    finally:
+        if held is not None:
+            os.close(held)
+    assert (error.problem, error.pid) == (problem, None)
+
+
+@pytest.mark.skipif(_lineage.limits_wrapper() is None, reason="needs util-linux's prlimit(1)")
+@pytest.mark.parametrize(
+    "case",
+    [
+        "exits 127",
+        "its own prlimit fails",
+        "prlimit's words after its own output",
+        "prlimit's words after its own on stderr",
+    ],
+)
+async def test_a_program_that_exits_127_on_its_own_stays_a_crash(tmp_path: Path, case: str) -> None:
+    """Forty-ninth pass: the start error of a program the limits wrapper could not exec
+    (above) is told by ``prlimit``'s line alone on stderr, naming the program, nothing
+    on stdout, and its status; a program that ran and exits 126 or 127 itself (a shell
+    script whose command is missing; one whose own ``prlimit`` fails, naming another
+    program; one that wrote on its stdout or its stderr first) still exits before
+    registering, with its pid and its last words. (Passes on the code before too; each
+    case fails with one of the checks of ``_wrapper_exec_failure`` left out: the line,
+    the program it names, nothing on stdout, nothing else on stderr.)"""
+    program = tmp_path / "agent"
+    wrapper = _lineage.limits_wrapper()
+    said = {
+        "exits 127": "echo 'frobnicate: not found' >&2; exit 127",
+        "its own prlimit fails": f"exec {wrapper} --core=0 -- /no/such/program",
+        "prlimit's words after its own output": (
+            f"echo hello; echo 'prlimit: failed to execute {program}: No such file or"
+            " directory' >&2; exit 127"
+        ),
+        "prlimit's words after its own on stderr": (
+            f"echo starting >&2; echo 'prlimit: failed to execute {program}: No such file or"
+            " directory' >&2; exit 127"
+        ),
+    }[case]
+    program.write_text(f"#!/bin/sh\n{said}\n")
+    program.chmod(0o755)
+    async with bridge_kernel() as kernel:
+        error = await failed_run(kernel, process_agent([str(program)], restart="temporary"))
+    assert error.pid is not None
+    assert error.problem.startswith("exited (status 127) before registering"), error.problem
+
+
 def test_string_command_is_split_like_a_shell() -> None:
     spec = process_agent(f"{sys.executable} {TOY} --protocol 1", name="s")
     assert spec.name == "s"

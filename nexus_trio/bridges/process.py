@@ -57,7 +57,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, NoReturn, final
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, final
 
 import attrs
 import trio
@@ -978,6 +978,10 @@ class ProcessAgent(Agent):
         self._pong = trio.Event()
         #: the current child has sent its register line
         self._child_registered = False
+        #: ``(the limits wrapper, the child's environment)`` of a child started through
+        #: the wrapper (None: started directly), whose exec of the program may fail in it
+        #: (:meth:`_wrapper_exec_failure`)
+        self._wrapped_start: tuple[str, Mapping[str, str]] | None = None
         #: bytes of the unusable line the current child's stdout ended in (no newline: it
         #: died or closed its stdout halfway through writing it), 0 if none
         self._unfinished = 0
@@ -1161,6 +1165,7 @@ class ProcessAgent(Agent):
             if hold is not None:
                 _lineage.hold_passed(hold[0])
         self.process = process
+        self._wrapped_start = None if wrapping is None else (wrapping[0][0], env)
         self._tokens[process.pid] = token
         if wrapping is not None:
             branded = wrapping[1]
@@ -1264,6 +1269,9 @@ class ProcessAgent(Agent):
                 if line is None:
                     code = await self._exit_code(process)
                     words = await self._last_words() if code is not None else ""
+                    failed = self._wrapper_exec_failure(code)
+                    if failed is not None:  # (the program never ran: no pid of its own)
+                        raise ProcessAgentError(self.label, failed)
                     if not (words or skipped or blank or self._unfinished):
                         # (a script that ran to its end, say, as a program that is no
                         # bridge agent does: what it should have written)
@@ -1377,6 +1385,29 @@ class ProcessAgent(Agent):
             f"did not register within {self.options.register_timeout:g}s{said}",
             process.pid,
         )
+
+    def _wrapper_exec_failure(self, code: int | None) -> str | None:
+        """The start error of a child started through the limits wrapper whose program the
+        wrapper could not exec (it passed :func:`_execs_as_is`, then was removed, or is
+        busy being written, or its ELF interpreter is missing): the same as that of a start
+        without the wrapper (:func:`_start_problem`), or None. Told apart from a program
+        that exits 126 or 127 on its own by what only the wrapper leaves: an exit with
+        ``code`` 126 or 127, nothing on stdout, and on stderr its line and nothing else
+        (:func:`_wrapper_exec_failure`); the program never ran, so wrote nothing."""
+        started, stdout, stderr = self._wrapped_start, self._stdout, self._stderr_lines
+        if (
+            started is None
+            or code not in (126, 127)
+            or stdout is None
+            or stdout.received
+            or stderr is None
+            or not self._stderr_done.is_set()
+            or stderr.received != len(self._stderr_last) + 1  # (that line and its newline)
+        ):
+            return None
+        wrapper, env = started
+        exc = _wrapper_exec_failure(wrapper, self.options.cmd[0], self._stderr_last, code)
+        return None if exc is None else _start_problem(self.options, env, exc)
 
     def _flooded(
         self, process: trio.Process, skipped: int, blank: int, noise: int, first: bytes
@@ -2708,14 +2739,33 @@ def _interpreter(path: str) -> str | None:
     return name.decode("utf-8", "backslashreplace") or None
 
 
+def _interpreters(path: str, cwd: str) -> list[str]:
+    """The interpreters the ``#!`` lines from the file at ``path`` name, each that of
+    the one before while it is a file (``cwd`` the child's): up to the first that is not
+    there, at most :data:`_SHEBANG_DEPTH` (no ``#!`` line: none)."""
+    chain: list[str] = []
+    while len(chain) < _SHEBANG_DEPTH:
+        interpreter = _interpreter(path)
+        if interpreter is None:
+            break
+        chain.append(interpreter)
+        path = os.path.join(cwd, interpreter)
+        if not os.path.isfile(path):
+            break
+    return chain
+
+
 def _execs_as_is(options: ProcessOptions, env: Mapping[str, str]) -> bool:
-    """Whether the child's program is one the system execs as it is: a binary (ELF), or a
-    script whose ``#!`` line names an executable file (found as ``subprocess`` finds it:
-    the child's ``PATH``, its ``cwd``). Only then is it started through the limits
-    wrapper (:func:`_lineage.wrapped`): for any other its start fails, and fails as
-    before, with the system's error at the start (a wrapper's ``execvp`` would run a
-    script without a ``#!`` line with ``/bin/sh``, and say the rest in its own words).
-    (At each start: a lookup and a read of at most 256 bytes.)"""
+    """Whether the child's program is one the system execs as it is: a binary (ELF) for
+    this machine, or a script whose ``#!`` line names an executable file that is one
+    (found as ``subprocess`` finds it: the child's ``PATH``, its ``cwd``). Only then is it
+    started through the limits wrapper (:func:`_lineage.wrapped`): for any other its start
+    fails, and fails as before, with the system's error at the start (a wrapper's
+    ``execvp`` would run a file the system cannot exec, ``Exec format error``, with
+    ``/bin/sh``: a script without a ``#!`` line, an interpreter that is no program, an ELF
+    of another machine or no ELF at all but its first four bytes). An exec that fails in
+    the wrapper all the same is told by its line (:func:`_wrapper_exec_failure`). (At each
+    start: a lookup and a read of at most 256 bytes a file of the ``#!`` chain.)"""
     program, cwd = options.cmd[0], options.cwd or ""
     if os.sep in program:
         candidates = [os.path.join(cwd, program)]
@@ -2723,21 +2773,86 @@ def _execs_as_is(options: ProcessOptions, env: Mapping[str, str]) -> bool:
         candidates = [os.path.join(cwd, d, program) for d in os.get_exec_path(dict(env))]
     for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
-            break
-    else:
-        return False
+            return _runs_as_is(path, cwd)
+    return False
+
+
+#: ``#!`` lines Linux follows from a program to the binary that runs it (its
+#: ``BINPRM_MAX_RECURSION``: a script's interpreter may be a script, four deep)
+_SHEBANG_DEPTH: Final = 4
+#: the part of an ELF header that says whether this machine runs it: ``e_ident`` (class,
+#: byte order), ``e_type``, ``e_machine``
+_ELF_HEAD: Final = 20
+
+
+def _runs_as_is(path: str, cwd: str, depth: int = 0) -> bool:
+    """Whether the system execs the file at ``path`` (an executable file) as it is: an
+    ELF program of this machine's kind (:func:`_this_machine`), or a script whose ``#!``
+    line names an executable file that is one (relative to ``cwd``, as the system reads
+    it), at most :data:`_SHEBANG_DEPTH` lines deep."""
     try:
         with open(path, "rb") as file:
-            head = file.read(4)
+            head = file.read(_ELF_HEAD)
     except OSError:
         return False
-    if head == b"\x7fELF":
-        return True
-    interpreter = _interpreter(path) if head.startswith(b"#!") else None
+    if head[:4] == b"\x7fELF":
+        kind, own = _elf_kind(head), _this_machine()
+        return kind is not None and (own is None or kind == own)
+    if not head.startswith(b"#!") or depth >= _SHEBANG_DEPTH:
+        return False
+    interpreter = _interpreter(path)
     if interpreter is None:
         return False
     found = os.path.join(cwd, interpreter)
-    return os.path.isfile(found) and os.access(found, os.X_OK)
+    return (
+        os.path.isfile(found) and os.access(found, os.X_OK) and _runs_as_is(found, cwd, depth + 1)
+    )
+
+
+def _elf_kind(head: bytes) -> tuple[int, int, int] | None:
+    """``(class, byte order, machine)`` of an ELF header's start, or None: no program
+    (``e_type`` neither ``ET_EXEC`` nor ``ET_DYN``) or too short, or an unknown byte order."""
+    if len(head) < _ELF_HEAD or head[5] not in (1, 2):
+        return None
+    order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
+    if int.from_bytes(head[16:18], order) not in (2, 3):
+        return None
+    return head[4], head[5], int.from_bytes(head[18:20], order)
+
+
+@functools.cache
+def _this_machine() -> tuple[int, int, int] | None:
+    """:func:`_elf_kind` of the running Python (``/proc/self/exe``), once a process: what
+    this system surely runs (another kind, a 32-bit program on a 64-bit system, may run
+    too: it is started directly, which fails or not as the system says)."""
+    try:
+        with open("/proc/self/exe", "rb") as file:
+            return _elf_kind(file.read(_ELF_HEAD))
+    except OSError:
+        return None
+
+
+#: error numbers by the system's text for them (``strerror``, as ``prlimit`` says them
+#: in the C locale)
+_ERRNO_BY_TEXT: Final = {os.strerror(number): number for number in sorted(errno.errorcode)}
+
+
+def _wrapper_exec_failure(wrapper: str, program: str, line: bytes, code: int) -> OSError | None:
+    """The error of the exec of ``program`` in the limits wrapper ``wrapper`` (util-linux's
+    ``prlimit``, which says ``prlimit: failed to execute <program>: <the system's text>``
+    on stderr and exits 127 for ``ENOENT``, else 126: util-linux's ``errexec``), read
+    from ``line``, the stderr line of a child that exited with ``code``: as the start
+    without the wrapper raises it, or None if ``line`` is not that line to the letter
+    (another program named, an error text the system has not, a status that does not go
+    with it, or words translated: a ``LANG`` whose ``prlimit`` messages are installed)."""
+    head = f"{os.path.basename(wrapper)}: failed to execute ".encode()
+    head += os.fsencode(program) + b": "
+    if not line.startswith(head):
+        return None
+    number = _ERRNO_BY_TEXT.get(line[len(head) :].decode("utf-8", "replace"))
+    if number is None or code != (127 if number == errno.ENOENT else 126):
+        return None
+    return OSError(number, os.strerror(number), program)
 
 
 def _start_problem(options: ProcessOptions, env: Mapping[str, str], exc: OSError) -> str:
@@ -2763,11 +2878,13 @@ def _start_problem(options: ProcessOptions, env: Mapping[str, str], exc: OSError
             path: str | None = os.path.join(cwd or "", program)
         else:
             path = shutil.which(program, path=env.get("PATH", os.defpath))
-        interpreter = _interpreter(path) if path is not None else None
-        if interpreter is not None:
+        chain = _interpreters(path, cwd or "") if path is not None else []
+        if chain:
+            # (the interpreter of an interpreter that is a script: the one not found)
+            deeper = "".join(f" names {name!r} in its own, which" for name in chain[1:])
             return (
-                f"{said} (it exists: its interpreter {interpreter!r}, named by its #! line,"
-                " was not found)"
+                f"{said} (it exists: its interpreter {chain[0]!r}, named by its #! line,"
+                f"{deeper} was not found)"
             )
     elif exc.errno == errno.ENOEXEC:
         return (
