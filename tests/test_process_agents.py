@@ -9,6 +9,7 @@ examples. Every test checks that no child process is left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -4548,20 +4549,10 @@ async def test_a_descendant_the_sweep_kills_is_counted_killed_not_also_reaped(
                 os.waitpid(orphan, 0)
 
 
-@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
-async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_table(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Stop 58's CI: the reaper thread reads the process table (a file of ``/proc`` open
-    at a time) once a second while a branded child lives, and one read began just
-    before the last child's exit ran on after the kernel block had ended: the fault
-    round counted 21 open descriptors against 20. The last child's sweep now waits for
-    such a read, and none begins after it. The read is made slow here (it holds a
-    descriptor until no branded child lives, then half a second more): the block ends
-    only after it, with as many descriptors open as before. (Fails without the wait in
-    ``_kill_and_reap``: 1 descriptor more.)"""
-    opened: list[int] = []
-    reading = threading.Event()
+def _slow_reaper_pass(opened: list[int], reading: threading.Event) -> Callable[[], None]:
+    """A pass of the reaper thread (``_reap_once``) made slow: it holds a descriptor
+    (noted in ``opened``; ``reading`` set) until no branded child lives, then half a
+    second more, then reaps."""
     real = process_module._reap_once
 
     def slow_read() -> None:
@@ -4577,6 +4568,24 @@ async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_tabl
         finally:
             os.close(held)
 
+    return slow_read
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stop 58's CI: the reaper thread reads the process table (a file of ``/proc`` open
+    at a time) once a second while a branded child lives, and one read began just
+    before the last child's exit ran on after the kernel block had ended: the fault
+    round counted 21 open descriptors against 20. The last child's sweep now waits for
+    such a read, and none begins after it. The read is made slow here (it holds a
+    descriptor until no branded child lives, then half a second more): the block ends
+    only after it, with as many descriptors open as before. (Fails without the wait in
+    ``_kill_and_reap``: 1 descriptor more.)"""
+    opened: list[int] = []
+    reading = threading.Event()
+    slow_read = _slow_reaper_pass(opened, reading)
     monkeypatch.setattr(process_module, "_REAP_EVERY", 0.01)
     monkeypatch.setattr(process_module, "_reap_once", slow_read)
     _lineage.protect()  # the guardian's pipe, opened once per process with the first child
@@ -4588,6 +4597,38 @@ async def test_the_last_childs_exit_waits_for_a_reap_that_reads_the_process_tabl
         assert reading.is_set()
     assert open_fds() == before
     assert opened  # (the read was made, and began while the child lived)
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_failed_start_that_ends_the_last_brand_waits_for_a_reap_under_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of 94b2b0a4 (forty-ninth pass): the last branded child's exit waits for a
+    pass of the reaper thread under way, but a brand ends also with a start that fails
+    (``brand_dropped``): a pass that began while that start was in flight (the thread
+    still in its last period after the previous child's exit: started here by the start
+    itself) ran on after the kernel block had ended, one descriptor more. The start's
+    failure waits for it now. (Fails on 60154458's process.py: 1 descriptor more.)"""
+    opened: list[int] = []
+    reading = threading.Event()
+    slow_read = _slow_reaper_pass(opened, reading)
+
+    async def fails_once_a_pass_reads(*args: Any, **kwargs: Any) -> trio.Process:
+        process_module._keep_reaping()  # (the thread of the child before, still alive)
+        await trio.to_thread.run_sync(reading.wait, 10.0)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", args[0][0])
+
+    monkeypatch.setattr(process_module, "_REAP_EVERY", 0.01)
+    monkeypatch.setattr(process_module, "_reap_once", slow_read)
+    _lineage.protect()  # the guardian's pipe, opened once per process with the first child
+    before = open_fds()
+    async with bridge_kernel() as kernel:
+        monkeypatch.setattr(trio.lowlevel, "open_process", fails_once_a_pass_reads)
+        error = await failed_run(kernel, process_agent(toy(), restart="temporary"))
+        assert error.problem.startswith(f"cannot start {shlex.join(toy())}: [Errno 2]")
+        assert reading.is_set()
+    assert open_fds() == before
+    assert opened  # (the read was made, and began while the start was in flight)
 
 
 def _in_a_fork(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:

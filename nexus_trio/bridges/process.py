@@ -410,6 +410,17 @@ async def _reaper_scan_ended() -> None:
     await trio.to_thread.run_sync(wait_for_the_read)
 
 
+async def _brand_dropped(value: int | None) -> None:
+    """:func:`_lineage.brand_dropped` of a start that failed: if that brand was the last
+    (no branded child lives), wait for a pass of the reaper thread under way, as the last
+    child's exit does (``ProcessAgent._kill_and_reap``): a pass may have begun while the
+    start was in flight. Shielded (a cancelled start too): one read of the process table."""
+    _lineage.brand_dropped(value)
+    if value is not None and not _lineage.children_live():
+        with trio.CancelScope(shield=True):
+            await _reaper_scan_ended()
+
+
 def _reap_once() -> None:
     """One reap of :func:`_reap_while_children_live`: only the zombies whose agent has
     not begun its child's sweep (see ``ProcessAgent._kill_and_reap``), each counted for
@@ -1154,12 +1165,12 @@ class ProcessAgent(Agent):
         except OSError as exc:
             if hold is not None:
                 os.close(hold[1])
-            _lineage.brand_dropped(value)
+            await _brand_dropped(value)
             raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
         except BaseException:
             if hold is not None:
                 os.close(hold[1])
-            _lineage.brand_dropped(value)
+            await _brand_dropped(value)
             raise
         finally:
             if hold is not None:
