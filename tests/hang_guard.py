@@ -170,8 +170,28 @@ def fault_settings_from(variable: str, default: int) -> settings:
 SLOW_DRAWS: Final = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def run_on_mock_clock(scenario: Callable[[], Awaitable[object]], real_seconds: float) -> None:
+def run_on_mock_clock(
+    scenario: Callable[[], Awaitable[T]],
+    real_seconds: float,
+    where: Callable[[], str] | None = None,
+) -> T:
     """``trio.run(scenario)`` on a ``MockClock(autojump_threshold=0)``, failing with
-    :class:`Hung` after ``real_seconds`` of real time."""
+    :class:`Hung` after ``real_seconds`` of real time, saying ``where()`` (by default the
+    scenario's name) and where the run's tasks wait: :func:`run_guarded`, so that a hang
+    under Hypothesis fails as itself, not as a ``FlakyFailure`` of the replay."""
+    name = getattr(scenario, "__qualname__", repr(scenario))
+    return run_guarded(
+        scenario,
+        trio.testing.MockClock(autojump_threshold=0),
+        real_seconds,
+        where or (lambda: f"in {name}"),
+    )
+
+
+def run_on_mock_clock_here(scenario: Callable[[], Awaitable[object]], real_seconds: float) -> None:
+    """:func:`run_on_mock_clock` in the calling thread, under :func:`real_time_limit`: for
+    a scenario that draws from Hypothesis inside the run (``data.draw``), whose build
+    context is the test's thread's (in another thread a draw raises "Cannot make notes
+    outside of a test"). A hang there abandons the run halfway (see :func:`run_guarded`)."""
     with real_time_limit(real_seconds):
         trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))

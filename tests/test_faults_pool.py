@@ -38,7 +38,7 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved, open_test_kernel, test_config
 
 from .full_disk import json_log_on_dev_full
-from .hang_guard import fault_settings, real_time_limit, tasks_living
+from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
 
 
 async def test_a_grow_whose_new_worker_s_first_start_a_sibling_s_restart_cut_short_is_answered(
@@ -243,8 +243,7 @@ def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_lose
                 quiet.append(trio.current_time())
         assert tasks_living() == living, "the kernel left tasks behind"
 
-    with real_time_limit(20):
-        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_on_mock_clock(scenario, 20)
     [kernel] = kernels
     stats = kernel.stats()
     assert stats.in_flight == 0

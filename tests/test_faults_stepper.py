@@ -49,7 +49,7 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
-from .hang_guard import fault_settings, real_time_limit, tasks_living
+from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
 
 
 class Payload:
@@ -431,7 +431,7 @@ def test_a_stop_failure_or_shutdown_at_any_point_of_batches_that_return_tells(
 
     async def scenario() -> None:
         living = tasks_living()
-        with real_time_limit(20), trio.CancelScope() as outside:
+        with trio.CancelScope() as outside:
             async with open_kernel(
                 make_config(
                     batch_size=batch,
@@ -480,7 +480,7 @@ def test_a_stop_failure_or_shutdown_at_any_point_of_batches_that_return_tells(
                     await trio.sleep(3)
         assert tasks_living() == living
 
-    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_on_mock_clock(scenario, 20)
     kernel = box[0]
     assert kernel.stopped
     assert_conserved(kernel)

@@ -6,8 +6,10 @@ import gc
 import time
 
 import pytest
+import trio
+import trio.testing
 
-from tests.hang_guard import Hung, real_time_limit
+from tests.hang_guard import Hung, real_time_limit, run_on_mock_clock
 
 
 # The alarm may land in another gc callback (hypothesis keeps one), which the interpreter
@@ -53,3 +55,30 @@ def test_a_hang_whose_first_alarm_is_swallowed_still_fails() -> None:
         gc.callbacks.remove(callback)
     assert len(swallowed) == 1
     assert ran_for < 5  # a later alarm ended it, not the end of the hang
+
+
+def test_a_hang_under_run_on_mock_clock_fails_naming_where_it_waits_and_leaves_no_run_behind() -> (
+    None
+):
+    # Before the forty-ninth pass run_on_mock_clock raised Hung from SIGALRM inside the
+    # run's loop: the report did not say where the tasks waited, and the loop was left
+    # halfway, so the thread's next trio.run (Hypothesis's replay) said "Attempted to call
+    # run() from inside a run()". It runs in a thread of its own now (run_guarded).
+    async def stuck_in_a_shielded_wait() -> None:
+        with trio.CancelScope(shield=True):
+            await trio.sleep_forever()
+
+    async def scenario() -> None:
+        with trio.fail_after(60):  # (a mock deadline cannot end a shielded wait)
+            await stuck_in_a_shielded_wait()
+
+    with pytest.raises(Hung) as info:
+        run_on_mock_clock(scenario, 0.5)
+    assert "the kernel hangs in " in str(info.value)
+    assert "stuck_in_a_shielded_wait (test_hang_guard.py:" in str(info.value)
+
+    async def next_run() -> str:
+        await trio.sleep(1)
+        return "ran"
+
+    assert trio.run(next_run, clock=trio.testing.MockClock(autojump_threshold=0)) == "ran"

@@ -92,7 +92,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import DOCUMENTED, fault_settings_from, run_on_mock_clock, tasks_living
+from .hang_guard import DOCUMENTED, fault_settings_from, run_on_mock_clock_here, tasks_living
 
 #: a long run draws fresh examples each time (the CI run is derandomized)
 MODEL_SETTINGS = fault_settings_from("NEXUS_MODEL_EXAMPLES", 100)
@@ -682,7 +682,8 @@ def test_kernel_model(data: st.DataObject) -> None:
         assert stats.failed == stats.dead_letters_by_reason.get("handler_error", 0)
         assert stats.timed_out == stats.dead_letters_by_reason.get("handler_timeout", 0)
 
-    run_on_mock_clock(scenario, real_seconds=30)
+    # (in this thread: the scenario draws from Hypothesis inside the run)
+    run_on_mock_clock_here(scenario, real_seconds=30)
 
     assert all(model.stopped[t] == 1 for t in model.returned), "an on_start without on_stop"
     assert all(model.entered[t] == 1 for t in model.stopped), "on_stop without on_start"

@@ -39,7 +39,7 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
-from .hang_guard import fault_settings, real_time_limit
+from .hang_guard import fault_settings, run_on_mock_clock
 
 #: the request timeout is 1 s and the handle timeout 2 s: "slow" sleeps land before,
 #: between and after them
@@ -305,8 +305,7 @@ def test_every_request_gets_its_answer_or_a_documented_error_and_every_query_end
         check_outcomes(kernel, record, outside | record["asked"])
         assert trio.lowlevel.current_statistics().tasks_living == tasks_before
 
-    with real_time_limit(60):
-        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    run_on_mock_clock(scenario, 60)
 
 
 # --- regressions found by the property -----------------------------------------------------
