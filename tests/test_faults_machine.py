@@ -25,7 +25,10 @@ a mock time the program chose, between two of the kernel's timers. It draws what
 * children added under a supervisor (three in four of the adds pick one still in the
   tree, some of those one not running or one restarted): the answer is asserted exactly,
   refused while it or one above it is on its way out or between runs, taken otherwise,
-  by the test's own record (:func:`add_refusal_due`).
+  by the test's own record (:func:`add_refusal_due`); one add step in three first makes
+  a supervisor that runs restart (its agents fail three times each), lets a mock fifth
+  of a second pass, then adds under it (a restarted supervisor that stayed closed
+  refuses it: drawn among the other steps, too seldom for 200 examples).
 
 After every step (every task blocked): conservation (``assert_conserved``), ``stats()``
 against what the test counted (``handled`` handler calls that returned,
@@ -134,7 +137,7 @@ steps = st.one_of(
     st.tuples(st.just("spawn"), trees),
     st.tuples(st.just("add"), targets, agent_specs),
     st.tuples(st.just("add"), targets, agent_specs),
-    st.tuples(st.just("add"), targets, agent_specs),
+    st.tuples(st.just("restart_add"), targets, agent_specs),
     st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
     st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
     st.tuples(st.just("tell"), targets, actions, st.integers(1, 3)),
@@ -513,16 +516,19 @@ def test_fault_machine(data: st.DataObject) -> None:
                 return
             clock.jump(max(0.0, wait))
 
-    async def send_step(kernel: Any, step: tuple[Any, ...]) -> None:
-        """A tell (one to three in a row, each its own message) or a request."""
+    async def send_step(
+        kernel: Any, step: tuple[Any, ...], to: dict[str, Any] | None = None
+    ) -> None:
+        """A tell (one to three in a row, each its own message) or a request, to the
+        agent ``to`` or, without it, to the one the step's index picks."""
         if step[0] != "request":
             for _ in range(step[3] - 1):
-                await send_one(kernel, step)
-        await send_one(kernel, step)
+                await send_one(kernel, step, to)
+        await send_one(kernel, step, to)
 
-    async def send_one(kernel: Any, step: tuple[Any, ...]) -> None:
+    async def send_one(kernel: Any, step: tuple[Any, ...], to: dict[str, Any] | None) -> None:
         what, index, action = step[0], step[1], step[2]
-        entry = journal.agent_at(index)
+        entry = journal.agent_at(index) if to is None else to
         if entry is None:
             return
         seq = next(journal.seqs)
@@ -580,6 +586,43 @@ def test_fault_machine(data: st.DataObject) -> None:
         with trio.move_on_after(after * 0.01):
             await kernel.shutdown(grace)
 
+    def add_under(kernel: Any, sup: dict[str, Any], facts: dict[str, Any]) -> None:
+        """Spawn an agent of ``facts`` under the supervisor ``sup``; the answer exactly as
+        the model says: refused while the supervisor, or one above it, is on its way out
+        or between runs, taken otherwise."""
+        name = f"n{next(journal.names)}"
+        due, why = add_refusal_due(journal, kernel, sup)
+        try:
+            ref = kernel.spawn(spec_of(facts).with_options(name=name), supervisor=address(sup))
+        except KernelShuttingDown:
+            got = "shutting_down"
+        except AgentNotFound:
+            got = "not_found"
+        else:
+            got = "taken"
+            journal.known.append({"name": name, "ref": ref, "agent": True, "parent": sup})
+        if got != due:
+            problem(journal, f"add under {address(sup)}: {got}, the model says {due} ({why})")
+
+    async def restart_then_add(kernel: Any, nursery: trio.Nursery, step: tuple[Any, ...]) -> None:
+        """A supervisor that runs is made to restart, then a child is added under it: each
+        agent right under it is told to fail three times (a ``ctx.nursery`` task that
+        raises: its run fails whatever its ``on_error``), which exceeds its intensity (0
+        to 2) unless the agents are temporary, and its supervisor restarts it (or one
+        above it, whose new run starts it afresh) unless it is temporary; a mock fifth of
+        a second later (backoffs of 1 to 10 ms) the add, answered as the model says. A
+        supervisor whose new run kept it closed refuses it: drawn among the other steps,
+        that sequence came too seldom for 200 examples to see it."""
+        running = [e for e in journal.known if not e["agent"]]
+        running = [e for e in running if (tree_node(kernel, e) or {}).get("state") == "running"]
+        if not running:
+            return
+        sup = running[step[1] % len(running)]
+        for kid in [e for e in journal.known if e["agent"] and e["parent"] is sup]:
+            nursery.start_soon(send_step, kernel, ("tell", 0, ("bg_fail",), 3), kid)
+        await advance(0.2)
+        add_under(kernel, sup, step[2])
+
     def start_step(kernel: Any, nursery: trio.Nursery, step: tuple[Any, ...]) -> None:
         what = step[0]
         if what == "spawn":
@@ -605,26 +648,8 @@ def test_fault_machine(data: st.DataObject) -> None:
                     sups = idle
                 elif step[1] % 4 == 2 and again:
                     sups = again
-            if not sups:
-                return
-            sup = sups[step[1] % len(sups)]
-            name = f"n{next(journal.names)}"
-            # (exactly as the model says: refused while the supervisor, or one above it,
-            # is on its way out or between runs, taken otherwise)
-            due, why = add_refusal_due(journal, kernel, sup)
-            try:
-                ref = kernel.spawn(
-                    spec_of(step[2]).with_options(name=name), supervisor=address(sup)
-                )
-            except KernelShuttingDown:
-                got = "shutting_down"
-            except AgentNotFound:
-                got = "not_found"
-            else:
-                got = "taken"
-                journal.known.append({"name": name, "ref": ref, "agent": True, "parent": sup})
-            if got != due:
-                problem(journal, f"add under {address(sup)}: {got}, the model says {due} ({why})")
+            if sups:
+                add_under(kernel, sups[step[1] % len(sups)], step[2])
         elif what in ("tell", "nowait", "request"):
             nursery.start_soon(send_step, kernel, step)
         elif what == "stop":
@@ -728,6 +753,8 @@ def test_fault_machine(data: st.DataObject) -> None:
                                     start_step(kernel, block, shutdown)
                                 if step[0] == "advance":
                                     await advance(step[1])
+                                elif step[0] == "restart_add" and not kernel.stopped:
+                                    await restart_then_add(kernel, block, step)
                                 elif not kernel.stopped:
                                     start_step(kernel, block, step)
                                 await trio.testing.wait_all_tasks_blocked()
