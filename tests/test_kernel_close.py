@@ -1128,6 +1128,86 @@ async def test_a_drain_waits_for_an_on_start_under_way_that_has_messages_queued(
     assert (stats.handled, stats.dead_lettered, stats.in_flight) == (2, 0, 0)
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("on-start-returns", ["start", "started at 80000", "handled one", "stopped at 80000"]),
+        ("shorter-grace", ["start", "start ended at 80000"]),
+        ("nothing-queued", ["start", "start ended at 0"]),
+        ("own-timeout-inf", ["start", "started at 160000", "stopped at 160000"]),
+    ],
+)
+async def test_a_shutdown_with_an_infinite_grace_waits_for_an_on_start_as_documented(
+    autojump_clock: Any, case: str, expected: list[str]
+) -> None:
+    # shutdown(grace=math.inf) drains "as long as the drain takes", and the shutdown is
+    # shielded from outside cancellation (kernel.md, shutdown). A message queued for an
+    # agent whose on_start is under way is in flight, so the drain waits for that on_start
+    # however long it takes, as an OTP supervisor's shutdown of a child in init waits
+    # (the supervisor is blocked in start_child) and as a shutdown of infinity does: a
+    # million mock seconds later it still drains. Only the on_start's return or a second
+    # shutdown with a shorter grace ends it. With nothing queued the drain does not wait
+    # for the on_start, which is cancelled at once; an agent whose own shutdown_timeout
+    # is math.inf (OTP's infinity) is waited for in the stop, also after a shutdown(0).
+    journal: list[str] = []
+    release = trio.Event()
+
+    class Waits(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.append("start")
+            try:
+                await release.wait()
+            finally:
+                if not release.is_set():
+                    journal.append(f"start ended at {trio.current_time():g}")
+            journal.append(f"started at {trio.current_time():g}")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            journal.append(f"handled {msg.payload}")
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(f"stopped at {trio.current_time():g}")
+
+    own = {"shutdown_timeout": math.inf} if case == "own-timeout-inf" else {}
+    phases: list[KernelPhase] = []
+    async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+        kernel.spawn(agent(Waits, name="waits", **own))
+        await trio.testing.wait_all_tasks_blocked()
+        if case not in ("nothing-queued", "own-timeout-inf"):
+            await kernel.send("waits", "one")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.shutdown, math.inf)
+            await trio.sleep(80_000)  # (a day's less: ASYNC116)
+            phases.append(kernel.phase)
+            if case == "shorter-grace":
+                await kernel.shutdown(0)
+            elif case == "own-timeout-inf":
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(kernel.shutdown, 0)  # (no end to the agent's own infinity)
+                await trio.sleep(80_000)
+                phases.append(kernel.phase)
+                release.set()
+            else:
+                release.set()
+    assert journal == expected
+    assert (
+        phases
+        == {
+            "on-start-returns": [KernelPhase.DRAINING],
+            "shorter-grace": [KernelPhase.DRAINING],
+            "nothing-queued": [KernelPhase.STOPPED],
+            "own-timeout-inf": [KernelPhase.STOPPING, KernelPhase.STOPPING],
+        }[case]
+    )
+    assert kernel.stopped
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+    lettered = {"shutdown": 1} if case == "shorter-grace" else {}
+    assert (stats.handled, stats.dead_letters_by_reason) == (
+        (1, {}) if case == "on-start-returns" else (0, lettered)
+    )
+
+
 @pytest.mark.parametrize("how", ["cancelled-block", "grace-0"])
 async def test_a_hanging_on_start_is_cancelled_at_once_when_there_is_no_grace(
     autojump_clock: Any, how: str
