@@ -286,13 +286,16 @@ class TransportHandle:
     :meth:`detach`. These hooks are not on the user-facing ``Kernel``.
     """
 
-    __slots__ = ("_router", "_thread", "transport")
+    __slots__ = ("_router", "_thread", "_token", "transport")
 
     def __init__(self, router: Router, transport: Transport) -> None:
         self._router = router
         #: the thread of the kernel's Trio run (the router's: read once here, for the
         #: deliveries' check)
         self._thread = router.thread
+        #: the kernel's Trio run (made in it: ``attach_transport`` is thread-checked), for
+        #: :meth:`deliver_threadsafe`
+        self._token = trio.lowlevel.current_trio_token()
         self.transport = transport
 
     async def deliver(self, msg: Message) -> None:
@@ -309,8 +312,31 @@ class TransportHandle:
         of this kernel, ``KernelShuttingDown`` once the kernel drains. Never forwarded
         again; a refusal is the transport's to count. Not thread-checked (the check
         costs ~490 machine instructions a call, every request and reply a node takes in:
-        docs/distributed.md, Limits): call it in the kernel's thread only."""
+        docs/distributed.md, Limits): call it in the kernel's thread only, or, from
+        another thread, :meth:`deliver_threadsafe`."""
         return self._router.deliver_from_remote_nowait(msg)
+
+    def deliver_threadsafe(self, msg: Message) -> bool:
+        """:meth:`deliver_nowait` from a thread other than the kernel's Trio run's (a
+        transport whose I/O runs in a thread of its own, not started by Trio): the call
+        runs in the kernel's thread (``trio.from_thread.run_sync`` with the run's token)
+        while the calling thread waits, and its answer or its error comes back.
+        ``RuntimeError`` naming the call in the kernel's own thread (it would wait for
+        itself: call :meth:`deliver_nowait` there); ``KernelShuttingDown`` once the
+        kernel's run has ended. The way across threads costs what Trio's does (a wake-up
+        of the run and a wait), not the hot path's: :meth:`deliver_nowait` stays
+        unchecked."""
+        if get_ident() == self._thread:
+            raise RuntimeError(
+                "handle.deliver_threadsafe was called in the thread of the kernel's Trio run,"
+                " where it would wait for itself: call handle.deliver_nowait there"
+            )
+        try:
+            return trio.from_thread.run_sync(
+                self._router.deliver_from_remote_nowait, msg, trio_token=self._token
+            )
+        except trio.RunFinishedError:
+            raise KernelShuttingDown("deliver", "stopped") from None
 
     def deliver_run_nowait(self, msgs: Sequence[Message], start: int) -> int:
         """:meth:`deliver_nowait` for ``msgs[start:]`` in order (the tells of a batch), as

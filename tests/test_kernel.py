@@ -4087,6 +4087,87 @@ async def test_a_transport_handle_s_run_delivery_from_another_thread_is_refused(
         kernel.detach_transport()
 
 
+async def test_a_transport_s_own_thread_delivers_through_deliver_threadsafe() -> None:
+    """A transport whose I/O runs in a thread Trio did not start had no way in but
+    ``handle.deliver_nowait``, unchecked (its cost: docs/distributed.md, Limits), which
+    from there changed the kernel's state outside its run. ``deliver_threadsafe`` runs
+    the delivery in the kernel's thread: taken in order and handled, a refusal raised
+    to the thread; in the kernel's own thread it is refused, saying what to call; once
+    the kernel's run has ended, ``KernelShuttingDown``."""
+    import threading
+
+    got: list[Any] = []
+
+    async def keep(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+
+    answers: list[Any] = []
+
+    def in_a_thread_of_its_own(fn: Any) -> threading.Thread:
+        def work() -> None:
+            try:
+                answers.append(fn())
+            except Exception as exc:
+                answers.append(type(exc).__name__)
+
+        thread = threading.Thread(target=work, name="transport io")  # (not Trio's)
+        thread.start()
+        return thread
+
+    def io(handle: Any, to: Any) -> list[Any]:
+        return [handle.deliver_threadsafe(Message(uuid.uuid4(), to, i)) for i in range(3)]
+
+    async with open_kernel(make_config()) as kernel:
+        handle = kernel.attach_transport(_Carrier())
+        ref = kernel.spawn(keep, name="keep")
+        for fn in (
+            lambda: io(handle, ref.id),
+            lambda: handle.deliver_threadsafe(Message(uuid.uuid4(), "nobody", 9)),
+        ):
+            await trio.to_thread.run_sync(in_a_thread_of_its_own(fn).join)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [[True, True, True], "AgentNotFound"]
+        assert got == [0, 1, 2]
+        assert kernel.stats().handled == 3
+        with pytest.raises(RuntimeError, match=r"call handle\.deliver_nowait there"):
+            handle.deliver_threadsafe(Message(uuid.uuid4(), ref.id, 3))
+        kernel.detach_transport()
+    answers.clear()
+    await trio.to_thread.run_sync(
+        in_a_thread_of_its_own(
+            lambda: handle.deliver_threadsafe(Message(uuid.uuid4(), ref.id, 4))
+        ).join
+    )
+    assert got == [0, 1, 2]
+    assert answers == ["KernelShuttingDown"]
+
+
+def test_deliver_threadsafe_after_the_kernel_s_trio_run_ended_says_the_kernel_stopped() -> None:
+    import threading
+
+    async def main() -> Any:
+        async with open_kernel(make_config()) as kernel:
+            handle = kernel.attach_transport(_Carrier())
+            kernel.spawn(_echo, name="echo")
+            kernel.detach_transport()
+        return handle
+
+    handle = trio.run(main)
+    raised: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            handle.deliver_threadsafe(Message(uuid.uuid4(), "echo", 1))
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(10)
+    assert [type(exc) for exc in raised] == [KernelShuttingDown]
+    assert raised[0].phase == "stopped"  # type: ignore[attr-defined]
+
+
 async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
     exited after the message) then failed in Trio with ``must be called from async
