@@ -25,6 +25,7 @@ import nats.js.errors
 import pytest
 import trio
 import trio_asyncio
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from nexus_trio import (
@@ -40,7 +41,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._aio import call_aio, call_aio_bounded
 from nexus_trio._nats._direct import end_fetch, fetched
 from nexus_trio.config import load_config
 from nexus_trio.nats import join_cluster
@@ -626,3 +627,195 @@ async def test_a_fetch_ended_at_a_leave_returns_what_its_long_poll_took_at_once(
     assert [wire.decode_message(m.data).id for m in took] == [stored.id]
     assert none == []
     assert left <= 1
+
+
+async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscribe_is_handed_back(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-ninth pass (a reviewer's find): a's takeover of a gone node, in an idle long
+    poll (30 s here) when a's durable path stops, is cancelled at half the stop's bound;
+    its fetch ends at once, but its request stays on the server until the subscription's
+    unsubscribe. A message stored for that node then is delivered to the takeover's
+    inbox right before the unsubscribe (here: stored, seen unacked in the consumer, and
+    flushed into the subscription's queue, the unsubscribe held until then). It is
+    nakked back now (``handed_back_at_leave`` 1) and a stand-in puller of the gone
+    node's consumer gets it at once (``ack_wait`` 60 s). (On main's _durable.py swapped
+    in: handed_back_at_leave 0, and the stand-in's fetch of 5 s gets nothing: the
+    message waits out ack_wait in the unsubscribed queue.)"""
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
+    # (the takeover's long poll outlasts the stop's wait for it: it is cancelled there)
+    monkeypatch.setattr(_durable, "FETCH_WAIT", 30.0)
+    patient = attrs.evolve(DURABLE, ack_wait=60.0)
+    real_unsubscribe = _durable._unsubscribe_taken
+    handled: list[Any] = []
+    sent: list[Any] = []
+    unsubscribed = trio.Event()
+    async with local_node(nats.url, "a", durable=patient, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        stream = f"{ca.prefix}-durable"
+
+        async def info() -> Any:
+            return await call_aio(ca.data_js.consumer_info, stream, GHOST)
+
+        async def store_then_unsubscribe(psub: Any) -> None:
+            with trio.CancelScope(shield=True):
+                sent.append(await store_for(ca, "keeper-a", "as a leaves", node=GHOST))
+                while not (await info()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                    await trio.sleep(0.02)  # (delivered to the takeover's inbox)
+                await call_aio(ca.nc.flush)  # (in the subscription's queue)
+            await real_unsubscribe(psub)
+            unsubscribed.set()
+
+        with trio.fail_after(30):
+            await _past_first_wait(ca)
+            first = await store_for(ca, "keeper-a", "found by the sweep", node=GHOST)
+            await ca.durable._sweep(True)
+            await until(lambda: len(handled) == 1)
+            while not (await info()).num_waiting:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.02)  # (the takeover's idle long poll)
+            monkeypatch.setattr(_durable, "_unsubscribe_taken", store_then_unsubscribe)
+            await ca.durable.stop(4.0)
+            await unsubscribed.wait()
+            handed_back = ca.durable.handed_back_at_leave
+            standin = await call_aio(
+                ca.data_js.pull_subscribe,
+                wire.durable_subject(ca.prefix, GHOST, "*"),
+                durable=GHOST,
+                stream=stream,
+            )
+            try:
+                got = await call_aio(standin.fetch, 1, 5.0)
+            except NatsTimeoutError:
+                got = []
+            for jsmsg in got:
+                await call_aio(jsmsg.ack)
+            await call_aio(standin.unsubscribe)
+    assert handled == [(first.id, "found by the sweep")]
+    assert handed_back == 1
+    assert [wire.decode_message(jsmsg.data).id for jsmsg in got] == [sent[0].id]
+
+
+async def test_what_a_takeover_s_failed_fetch_left_in_its_subscription_is_taken_not_left(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-ninth pass: a takeover whose fetch failed dropped its pull subscription
+    (``psub = None``) without unsubscribing it. A pull request of it still on the server
+    took the next message stored for the node into its inbox, which nobody read: it
+    waited out ``ack_wait`` (60 s here). Here a's takeover of a gone node (kept after its
+    consumer drained) fails a fetch whose 30 s request stays on the server (the fetch
+    cancelled, then the failure raised), a message for ``keeper-a`` delivered to that
+    request first. The subscription is unsubscribed now and what it holds settled as the
+    takeover settles what it fetches: forwarded to a, handled once; the failure counted.
+    (On main's _durable.py swapped in: the wait for it to be handled times out at 20 s.)"""
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
+    patient = attrs.evolve(DURABLE, ack_wait=60.0)
+    real = _durable._poll
+    handled: list[Any] = []
+    sent: list[Any] = []
+    armed: list[bool] = []
+    async with local_node(nats.url, "a", durable=patient, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        stream = f"{ca.prefix}-durable"
+
+        async def kept(node: str) -> bool:
+            return False  # (the consumer drained, the takeover goes on: no drop)
+
+        ca.durable._dropped_when_drained = kept  # type: ignore[method-assign]
+
+        async def failing(psub: Any, batch: int, idle: bool) -> Any:
+            if psub is ca.durable._psub or armed != [True]:
+                return await real(psub, batch, idle)
+            armed.append(False)
+            fetch = asyncio.ensure_future(psub.fetch(1, 30.0))
+            await asyncio.sleep(0)
+            await ca.nc.flush()
+            fetch.cancel()  # (its request stays on the server)
+            store = trio_asyncio.trio_as_aio(store_for)
+            sent.append(await store(ca, "keeper-a", "into the dropped inbox", node=GHOST))
+            while not (await ca.data_js.consumer_info(stream, GHOST)).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.02)  # (delivered to that request's inbox)
+            await ca.nc.flush()  # (in the subscription's queue)
+            raise NatsError("a refused fetch (the test's)")
+
+        monkeypatch.setattr(_durable, "_poll", failing)
+        with trio.fail_after(20):
+            await _past_first_wait(ca)
+            first = await store_for(ca, "keeper-a", "found by the sweep", node=GHOST)
+            await ca.durable._sweep(True)
+            await until(lambda: len(handled) == 1)
+            armed.append(True)
+            await until(lambda: len(handled) == 2)
+            failures = ca.durable.takeover_fetch_failures
+    assert armed == [True, False]
+    assert handled == [(first.id, "found by the sweep"), (sent[0].id, "into the dropped inbox")]
+    assert failures == 1
+
+
+async def test_a_result_whose_cancel_lands_after_it_returned_goes_to_dropped() -> None:
+    """Forty-ninth pass: ``call_aio_bounded`` dropped the result of an asyncio side that
+    returned as the Trio caller was cancelled (the cancel woke the caller before the
+    task's end did: the task could not be cancelled any more, and its result was never
+    read). Here the asyncio side cancels its caller and returns 42 in one step: the
+    caller is cancelled, and 42 goes to ``dropped``; one cancelled under way gives
+    nothing there. (With the new code's ``dropped(...)`` call left out as a mutant:
+    ``[]`` where ``[42]`` is asserted.)"""
+    got: list[int] = []
+    async with trio_asyncio.open_loop():
+        with trio.CancelScope() as scope:
+
+            async def returns_as_cancelled() -> int:
+                scope.cancel()
+                return 42
+
+            await call_aio_bounded(1.0, returns_as_cancelled, dropped=got.append)
+        assert scope.cancelled_caught
+        assert got == [42]
+        with trio.CancelScope() as scope:
+
+            async def cancelled_under_way() -> int:
+                scope.cancel()
+                await asyncio.sleep(30)  # (cancelled here by the caller's cancel)
+                return 43
+
+            await call_aio_bounded(1.0, cancelled_under_way, dropped=got.append)
+        assert scope.cancelled_caught
+    assert got == [42]
+
+
+async def test_a_fetch_that_returned_as_its_pull_was_cancelled_hands_back_what_it_took(
+    nats: NatsServer,
+) -> None:
+    """Forty-ninth pass: a cancel of a's pull (the leave's stop) that landed after its
+    fetch had returned, before the result reached the pull, dropped the result: the
+    messages it took were neither handed over nor handed back, and waited out
+    ``ack_wait`` (30 s here). Here the first fetch that takes some of the 20 messages
+    stored for ``keeper-a`` cancels the pull as it returns (in the same step: the
+    cancel lands first). What it took is nakked back (``handed_back_at_leave``), and
+    a's next process has each of the 20 handled once. (On main's _durable.py and
+    _aio.py swapped in, or with the new code's ``dropped(...)`` call left out:
+    handed_back_at_leave stays 0, the wait for it times out at 20 s.)"""
+    handled: list[tuple[Any, Any]] = []
+    fetched: list[int] = []
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (_ka, ca):
+        durable = ca.durable
+        real = durable._fetch_shielded
+
+        async def returns_as_cancelled(*args: Any) -> Any:
+            got = await real(*args)
+            if got[0] and not fetched:
+                fetched.append(len(got[0]))
+                durable._pulling.cancel()
+            return got
+
+        durable._fetch_shielded = returns_as_cancelled  # type: ignore[method-assign]
+        stored = {(await store_for(ca, "keeper-a", i)).id for i in range(20)}
+        with trio.fail_after(20):
+            await durable._pull_ended.wait()
+            await until(lambda: durable.handed_back_at_leave >= fetched[0])
+            handed_back = durable.handed_back_at_leave
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka2, _ca2):
+        ka2.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(20):
+            await until(lambda: len(handled) >= 20)
+    assert handed_back == fetched[0] > 0
+    assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)

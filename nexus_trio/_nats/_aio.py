@@ -106,13 +106,22 @@ async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
 
 
 async def call_aio_bounded(
-    cancel_wait: float, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    cancel_wait: float,
+    fn: Callable[..., Coroutine[Any, Any, T]],
+    *args: Any,
+    dropped: Callable[[T], None] | None = None,
+    **kwargs: Any,
 ) -> T:
     """:func:`call_aio`, but a cancel of the Trio caller waits at most ``cancel_wait``
     seconds for the asyncio side to end once cancelled (call_aio waits for it as long as
     it takes): past it, the caller is cancelled all the same and the asyncio task left
     to the loop (its shutdown cancels it again). For a call whose asyncio side may
-    outlive its cancel, which would hold the caller's nursery (a durable fetch)."""
+    outlive its cancel, which would hold the caller's nursery (a durable fetch).
+
+    ``dropped``: given the result of an asyncio side that returned although the caller
+    is cancelled (the cancel landed after it ended, before its end reached the caller,
+    or it did not heed its own cancel): the caller raises ``Cancelled``, so the result
+    would be lost (a fetch's messages: each would wait out its ``ack_wait``)."""
     task = trio_asyncio.current_loop.get().create_task(fn(*args, **kwargs))
     done = trio.Event()
 
@@ -129,6 +138,8 @@ async def call_aio_bounded(
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + cancel_wait
             await done.wait()
+        if dropped is not None and task.done() and not task.cancelled() and not task.exception():
+            dropped(task.result())
         raise
     result: T = task.result()
     return result

@@ -934,14 +934,13 @@ class DurableChannel:
             scope.cancel()
         self._sweeping.cancel()
         self._pulling.cancel()
-        with trio.move_on_at(start + timeout / 2):
-            # (the takeovers end at their next safe point, their fetch under way
-            # answered: what it took is handed back, see take_over; one still fetching
-            # at the bound, an idle long poll most often, is cancelled: its fetch is
-            # ended, and what it took, if anything, is nakked back, see _fetch_shielded;
-            # before the forty-eighth pass it waited out ack_wait)
-            while self._takeovers:
-                await self._takeover_ended.wait()
+        # (the takeovers end at their next safe point, their fetch under way answered:
+        # what it took is handed back, see take_over; one still fetching at the bound,
+        # an idle long poll most often, is cancelled: its fetch is ended, and what it
+        # took, if anything, is nakked back, see _fetch_shielded, and so is what its
+        # request took after that, see _end_taken; before the forty-eighth pass it
+        # waited out ack_wait, before the forty-ninth that request's take did)
+        await self._takeovers_ended(start + timeout / 2)
         for scope in self._takeovers.values():
             scope.cancel()
         with trio.move_on_at(start + timeout / 2):
@@ -971,6 +970,9 @@ class DurableChannel:
         # queue; with a nats-py whose fetch end_fetch cannot end, FETCH_WAIT from their
         # start)
         await self._cancelled_fetches_ended(start + timeout * 3 / 4)
+        # (the takeovers cancelled above unsubscribe, and hand back what their requests
+        # took, once their fetch ended: see _end_taken)
+        await self._takeovers_ended(start + timeout * 3 / 4)
         if self._fetches_ending and not self._fetches_abandoned:  # (once, as the pull's)
             self._fetches_abandoned = True
             for task in self._fetches_ending:
@@ -988,6 +990,13 @@ class DurableChannel:
             )
         await self._close_ops(start + timeout)
         self._count_unsent()
+
+    async def _takeovers_ended(self, until: float) -> None:
+        """Leaving: wait until the takeovers have ended (see :meth:`take_over`), or
+        ``until``."""
+        with trio.move_on_at(until):
+            while self._takeovers:
+                await self._takeover_ended.wait()
 
     async def _cancelled_fetches_ended(self, until: float) -> None:
         """Leaving: wait until the fetches cancelled under way have returned (see
@@ -1566,9 +1575,7 @@ class DurableChannel:
                                 held_at_most(info.config.ack_wait or 0.0, opts),
                             )
                             idle = True
-                        msgs, heard = await call_aio_bounded(
-                            _PULL_CANCEL_WAIT,
-                            self._fetch_shielded,
+                        msgs, heard = await self._fetch_bounded(
                             lambda msgs: self._hand_back_at_leave(node, msgs, waiting),
                             psub,
                             _poll,
@@ -1581,7 +1588,12 @@ class DurableChannel:
                         msgs, heard = [], None
                     except (nats.errors.Error, OSError) as exc:
                         self._takeover_fetch_failed(node, repr(exc))
-                        psub = None
+                        if psub is not None:
+                            # (not only dropped: a pull request of it still on the
+                            # server would take a message into its inbox, which nobody
+                            # reads, to wait out ack_wait; forty-ninth pass)
+                            dropped, psub = psub, None
+                            await self._end_taken(node, dropped, waiting)
                         await trio.sleep(cluster.options.reconnect_wait)
                         continue
                     if msgs and self._leaving():
@@ -1605,15 +1617,41 @@ class DurableChannel:
                     for jsmsg in msgs:
                         self._take(node, jsmsg, waiting)
         finally:
-            if self._takeovers.get(node) is scope:
-                del self._takeovers[node]
-                ended, self._takeover_ended = self._takeover_ended, trio.Event()
-                ended.set()
-                if took and node not in self.cluster.members.members:
-                    # (what a sender with a stale view stores for it after the drain)
-                    self._look_later(node)
-            if psub is not None:
-                await _unsubscribe_taken(psub)
+            # (before the takeover counts as ended: the leave's stop waits for that, so
+            # what this hands back is queued before the settles' queue closes)
+            try:
+                if psub is not None:
+                    await self._end_taken(node, psub, waiting)
+            finally:
+                if self._takeovers.get(node) is scope:
+                    del self._takeovers[node]
+                    ended, self._takeover_ended = self._takeover_ended, trio.Event()
+                    ended.set()
+                    if took and node not in self.cluster.members.members:
+                        # (what a sender with a stale view stores for it after the drain)
+                        self._look_later(node)
+
+    async def _end_taken(self, node: str, psub: Any, waiting: _Waiting) -> None:
+        """A takeover of ``node`` is done with its pull subscription ``psub`` (it ended,
+        or a fetch of it failed): unsubscribed (shielded and bounded, see
+        :func:`_unsubscribe_taken`) once a fetch cancelled under way has ended (bounded
+        by ``_PULL_CANCEL_WAIT``: one cancelled in its first, no-wait request can still
+        send its long poll's as it ends, and only a request the server has before the
+        unsubscribe is dropped by it, as at the node's own pull's end, see
+        :meth:`_end_pull_requests`). What a pull request of it that outlived its fetch
+        took into its queue before the unsubscribe, which nobody reads now, is nakked
+        back to ``node``'s consumer at a leave (:meth:`_hand_back_at_leave`), settled as
+        the takeover settles what it fetches otherwise (:meth:`_take`): before the
+        forty-ninth pass it waited out ``ack_wait``, uncounted."""
+        with trio.CancelScope(shield=True):
+            await self._cancelled_fetches_ended(trio.current_time() + _PULL_CANCEL_WAIT)
+        await _unsubscribe_taken(psub)
+        if took := take_queued(psub):
+            if self._leaving():
+                self._hand_back_at_leave(node, took, waiting)
+                return
+            for jsmsg in took:
+                self._take(node, jsmsg, waiting)
 
     def _hand_back_at_leave(self, node: str, msgs: list[NatsMsg], waiting: _Waiting) -> None:
         """This node began to leave while a takeover of ``node`` fetched ``msgs``: each
@@ -2042,13 +2080,8 @@ class DurableChannel:
                 continue
             asked = trio.current_time()
             try:
-                msgs, heard = await call_aio_bounded(
-                    _PULL_CANCEL_WAIT,
-                    self._fetch_shielded,
-                    self._hand_back_cancelled,
-                    self._psub,
-                    self._fetch,
-                    room,
+                msgs, heard = await self._fetch_bounded(
+                    self._hand_back_cancelled, self._psub, self._fetch, room
                 )
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
@@ -2084,6 +2117,33 @@ class DurableChannel:
                     self._give_back_held()
                     raise
                 held.popleft()
+
+    async def _fetch_bounded(
+        self,
+        orphans: Callable[[list[NatsMsg]], None],
+        psub: Any,
+        fetch: Callable[..., Coroutine[Any, Any, tuple[list[NatsMsg], bool | None]]],
+        *args: Any,
+    ) -> tuple[list[NatsMsg], bool | None]:
+        """:meth:`_fetch_shielded` from the Trio side, a cancel's wait for it bounded
+        (``_PULL_CANCEL_WAIT``, see :func:`call_aio_bounded`): what the fetch took goes to
+        ``orphans`` (nakked back) wherever a cancel lands, also after the fetch returned
+        and before its result reached this task (before the forty-ninth pass the result
+        was dropped there: each message waited out ``ack_wait``)."""
+
+        def dropped(got: tuple[list[NatsMsg], bool | None]) -> None:
+            if got[0]:
+                orphans(got[0])
+
+        return await call_aio_bounded(
+            _PULL_CANCEL_WAIT,
+            self._fetch_shielded,
+            orphans,
+            psub,
+            fetch,
+            *args,
+            dropped=dropped,
+        )
 
     async def _fetch_shielded(
         self,
