@@ -13,6 +13,7 @@ node pulls. Real nats-server, in-process nodes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -528,6 +529,39 @@ async def test_a_message_its_ended_pull_request_took_before_the_unsubscribe_is_n
         return sent[0]
 
     await _b_leaves_as_a_message_is_stored_for_it(nats, "to the ended pull", leave)
+
+
+async def test_a_message_delivered_while_the_unsubscribe_is_on_its_way_is_nakked_back(
+    nats: NatsServer,
+) -> None:
+    """Forty-ninth pass: nats-py's unsubscribe forgets the subscription before its
+    ``UNSUB`` is even written, and drops what the server delivers to it until the server
+    has it: a message b's ended pull request took in that round trip waited out
+    ``ack_wait`` (60 s here), the queue's hand-back finding nothing. Here the ``UNSUB``
+    is held (b's client's ``_send_unsubscribe``, once) until a message stored for b is
+    delivered to that request; the server is now told first, the subscription kept
+    until two flushes say it had the ``UNSUB``: the message is in the queue, nakked back
+    (handed_back_at_leave 1), and a's look takes it over at once. (On 2e0f67de's
+    _durable.py and _direct.py swapped in: handed_back_at_leave 0.)"""
+
+    async def leave(cb: Cluster, store: _Store, info: _Info) -> Any:
+        durable, nc = cb.durable, cb.nc
+        send_unsubscribe = nc._send_unsubscribe
+        sent: list[Any] = []
+
+        async def store_then_send(sid: int, limit: int = 0) -> None:
+            nc._send_unsubscribe = send_unsubscribe  # type: ignore[method-assign]
+            sent.append(await trio_asyncio.trio_as_aio(store)())
+            while not (await trio_asyncio.trio_as_aio(info)()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.02)  # (delivered to b's connection)
+            await send_unsubscribe(sid, limit)
+
+        nc._send_unsubscribe = store_then_send  # type: ignore[method-assign]
+        await durable.stop()
+        assert durable.handed_back_at_leave == 1
+        return sent[0]
+
+    await _b_leaves_as_a_message_is_stored_for_it(nats, "as the unsubscribe goes", leave)
 
 
 class _EndlessJs(_FakeJs):

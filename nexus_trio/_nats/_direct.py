@@ -34,18 +34,20 @@ leave counts each of them as it counts what its outbox still held.
 
 And a flush (:func:`flush`) that times out or is cancelled does not leave the client
 deaf, as nats-py's own did; and a durable fetch cancelled at a leave is ended at once
-with what it took (:func:`end_fetch`), which nats-py's fetch keeps to itself.
+with what it took (:func:`end_fetch`), which nats-py's fetch keeps to itself; and a pull
+subscription ended there keeps what the server sent it until the server had its
+unsubscribe (:func:`unsubscribe_server_first`), which nats-py's unsubscribe drops.
 
 All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``,
-``_conn``; ``PullSubscription._sub``;
+``_conn``, ``_id``; ``PullSubscription._sub``; ``Client._send_unsubscribe``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
 ``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``, ``_ps``;
 ``asyncio.StreamReader``'s ``_buffer``, ``_waiter``, ``_eof``, ``_exception``,
 ``_transport``, ``_limit``), checked
 when used: with a nats-py that lacks them, messages take
 the usual way (the reading task, the subscription's task, ``publish``), only later, a
-leave can only log the size of the buffer, a flush is nats-py's, and a cancelled fetch
-runs to the end of its long poll.
+leave can only log the size of the buffer, a flush is nats-py's, a cancelled fetch
+runs to the end of its long poll, and an unsubscribe is nats-py's.
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -491,3 +493,39 @@ def take_queued(psub: Any) -> list[Any]:
         if msg.subject != _END_SUBJECT and not (msg.headers or {}).get(JsHeader.STATUS.value):
             took.append(msg)
     return took
+
+
+async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
+    """Unsubscribe the pull subscription ``psub`` the server first: its ``UNSUB`` is
+    sent while the subscription still takes what comes into its queue, until two
+    flushes' round trips (bounded by ``timeout`` each; the first PING can overtake the
+    ``UNSUB`` still in the client's buffer, see :func:`flush_after_subscribe`) say the
+    server had it; then it is forgotten here (nats-py's unsubscribe, whose second
+    ``UNSUB`` the server ignores), also when a flush fails. What the server delivered
+    to it before it had the ``UNSUB`` is in its queue then, for :func:`take_queued`.
+    nats-py's unsubscribe forgets the subscription before the ``UNSUB`` is even
+    written: a message the server delivered in that round trip (a pull request's) was
+    dropped by the client, and waited out ``ack_wait`` in JetStream. (nats-py's drain
+    sends first too, but then waits for the queue to be read, which a pull
+    subscription's is not.) nats-py's unsubscribe alone while the client reconnects
+    (nothing is sent then: the server dropped the subscription with the old
+    connection), or with a ``psub`` not of the expected shape. Asyncio side."""
+    sub = getattr(psub, "_sub", None)
+    conn = getattr(sub, "_conn", None)
+    sid = getattr(sub, "_id", None)
+    send = getattr(conn, "_send_unsubscribe", None)
+    if (
+        conn is None
+        or not callable(send)
+        or not isinstance(sid, int)
+        or conn.is_closed
+        or conn.is_reconnecting
+    ):
+        await psub.unsubscribe()
+        return
+    try:
+        await send(sid)
+        await flush(conn, timeout)
+        await flush(conn, timeout)
+    finally:
+        await psub.unsubscribe()

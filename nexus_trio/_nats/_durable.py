@@ -106,7 +106,7 @@ from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
-from ._direct import end_fetch, fetched, flush, take_queued
+from ._direct import end_fetch, fetched, take_queued, unsubscribe_server_first
 from ._placement import placement_weight
 from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS, within_account
 
@@ -1044,19 +1044,18 @@ class DurableChannel:
         if self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size:
             return
         psub = self._psub
-
-        async def unsubscribe() -> None:
-            await psub.unsubscribe()
-            await flush(nc, _PULL_CANCEL_WAIT)
-
         with (
             trio.move_on_at(until),
             contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
         ):
-            await call_aio_bounded(_PULL_CANCEL_WAIT, unsubscribe)
+            await call_aio_bounded(
+                _PULL_CANCEL_WAIT, unsubscribe_server_first, psub, _PULL_CANCEL_WAIT / 2
+            )
         # (what the request took after the fetch ended, before the server had the
         # unsubscribe, is in the subscription's queue, which nobody reads: nakked back,
-        # not left to wait out ack_wait; second review of the forty-eighth pass)
+        # not left to wait out ack_wait; second review of the forty-eighth pass; kept
+        # there until the server had the unsubscribe, see unsubscribe_server_first:
+        # forty-ninth pass)
         if took := take_queued(psub):
             self._hand_back_cancelled(
                 took, "its pull's request outlived its fetch until the inbox's unsubscribe"
@@ -2679,13 +2678,16 @@ class DurableChannel:
 
 async def _unsubscribe_taken(psub: Any) -> None:
     """A takeover's pull subscription ``psub`` ended (the server then drops the fetch
-    requests left: nothing goes to them), shielded and bounded; what fails is left to
-    the requests' expiry."""
+    requests left: nothing goes to them; what it sent before is kept in the
+    subscription's queue, see :func:`unsubscribe_server_first`), shielded and bounded;
+    what fails is left to the requests' expiry."""
     with (
         trio.CancelScope(shield=True),
         contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
     ):
-        await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+        await call_aio_bounded(
+            _PULL_CANCEL_WAIT, unsubscribe_server_first, psub, _PULL_CANCEL_WAIT / 2
+        )
 
 
 def _activity(info: Any) -> tuple[int, int, int]:
