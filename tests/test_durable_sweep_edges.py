@@ -15,6 +15,7 @@ delivering (no request waiting) is left to it too. Real nats-server, in-process 
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -659,6 +660,8 @@ async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscr
 
         async def store_then_unsubscribe(psub: Any) -> None:
             with trio.CancelScope(shield=True):
+                while (await info()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                    await trio.sleep(0.02)  # (the first one's ack)
                 sent.append(await store_for(ca, "keeper-a", "as a leaves", node=GHOST))
                 while not (await info()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
                     await trio.sleep(0.02)  # (delivered to the takeover's inbox)
@@ -702,9 +705,9 @@ async def test_what_a_takeover_s_failed_fetch_left_in_its_subscription_is_taken_
     (``psub = None``) without unsubscribing it. A pull request of it still on the server
     took the next message stored for the node into its inbox, which nobody read: it
     waited out ``ack_wait`` (60 s here). Here a's takeover of a gone node (kept after its
-    consumer drained) fails a fetch whose 30 s request stays on the server (the fetch
-    cancelled, then the failure raised), a message for ``keeper-a`` delivered to that
-    request first. The subscription is unsubscribed now and what it holds settled as the
+    consumer drained) fails a fetch whose 30 s request stays on the server (sent into
+    the subscription's inbox, then the failure raised), a message for ``keeper-a``
+    delivered to that request first. The subscription is unsubscribed now and what it holds settled as the
     takeover settles what it fetches: forwarded to a, handled once; the failure counted.
     (On main's _durable.py swapped in: the wait for it to be handled times out at 20 s.)"""
     monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
@@ -726,10 +729,15 @@ async def test_what_a_takeover_s_failed_fetch_left_in_its_subscription_is_taken_
             if psub is ca.durable._psub or armed != [True]:
                 return await real(psub, batch, idle)
             armed.append(False)
-            fetch = asyncio.ensure_future(psub.fetch(1, 30.0))
-            await asyncio.sleep(0)
+            # (a request of this subscription that outlives its fetch: sent as
+            # test_a_pull_request_the_server_still_holds_when_the_kernel_stops_takes_no_message
+            # sends one, tests/test_nats.py)
+            request = json.dumps({"batch": 1, "expires": 30_000_000_000}).encode()
+            subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{GHOST}"
+            await ca.nc.publish(subject, request, psub._deliver)
             await ca.nc.flush()
-            fetch.cancel()  # (its request stays on the server)
+            while (await ca.data_js.consumer_info(stream, GHOST)).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.02)  # (the first one's ack)
             store = trio_asyncio.trio_as_aio(store_for)
             sent.append(await store(ca, "keeper-a", "into the dropped inbox", node=GHOST))
             while not (await ca.data_js.consumer_info(stream, GHOST)).num_ack_pending:  # noqa: ASYNC110 (the server's state)
