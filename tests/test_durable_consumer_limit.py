@@ -210,10 +210,11 @@ async def test_a_remake_refused_by_the_limit_is_counted_and_tried_again() -> Non
     assert stats.durable_remake_failures >= 1 and stats.streams_capped >= 1
 
 
-async def _api_requests(cluster: Any, during: Any) -> list[str]:
-    """The JetStream stream API requests (their subjects, in order) any client made
-    while ``during()`` ran, seen by a subscriber on ``cluster``'s connection; ended by a
-    marker it publishes itself, so all that came before it are in."""
+async def _api_requests(cluster: Any, during: Any, subjects: str = "$JS.API.STREAM.>") -> list[str]:
+    """The JetStream API requests on ``subjects`` (the stream API's unless told; their
+    subjects, in order) any client made while ``during()`` ran, seen by a subscriber on
+    ``cluster``'s connection; ended by a marker it publishes itself, so all that came
+    before it are in."""
     seen: list[str] = []
     end = "$JS.API.STREAM.INFO.nexus-test-end"
 
@@ -221,7 +222,7 @@ async def _api_requests(cluster: Any, during: Any) -> list[str]:
         seen.append(msg.subject)
 
     async def watch() -> Any:
-        sub = await cluster.nc.subscribe("$JS.API.STREAM.>", cb=record)
+        sub = await cluster.nc.subscribe(subjects, cb=record)
         await cluster.nc.flush()
         return sub
 
@@ -329,3 +330,56 @@ async def test_a_stream_capped_by_the_account_is_lifted_whole_once_the_account_h
     assert [c.max_consumers for c in after] == [STREAM_MAX_CONSUMERS] * 4
     assert [FROM_ACCOUNT in (c.metadata or {}) for c in after] == [False] * 4
     assert capped == 0
+
+
+async def test_a_cluster_s_first_join_reads_each_bucket_s_stream_once() -> None:
+    """A bucket not there costs its info's "not found" and its stream's make, whose
+    answer carries the info, its limit of consumers its own from the start; on 94b2b0a's
+    code each bucket took four requests: the "not found", nats-py's create_key_value
+    (its answer not returned), the info read again and the update to a limit of
+    consumers of its own."""
+    server = NatsServer().start()
+    try:
+        async with local_node(server.url, "a") as (_ka, ca):
+
+            async def first_join() -> None:
+                async with local_node(server.url, "b", prefix="first"):
+                    pass
+
+            seen = await _api_requests(ca, first_join)
+            made = await call_aio(ca.data_js.stream_info, "KV_first-nodes")
+    finally:
+        server.stop()
+    buckets = [s for s in seen if ".KV_first-" in s and not s.startswith("$JS.API.STREAM.MSG.")]
+    assert buckets == [
+        f"$JS.API.STREAM.{request}.KV_first-{bucket}"
+        for bucket in ("nodes", "names", "placed")
+        for request in ("INFO", "CREATE")
+    ]
+    assert made.config.max_consumers == STREAM_MAX_CONSUMERS
+    assert (made.config.max_msgs_per_subject, made.config.max_age) == (1, 2.0)
+
+
+async def test_a_join_reads_what_the_account_allows_once_for_its_streams_held_at_it() -> None:
+    """A join that finds the cluster's four streams held at the account's limit of
+    consumers (40, the account still at 40) asks for the account's info once, not at
+    each stream (on 94b2b0a's code: four ACCOUNT.INFO a join); the streams stay at 40,
+    said and counted as before."""
+    server = NatsServer(config=ACCOUNT.format(limit=40)).start()
+    url = f"nats://u:p@127.0.0.1:{server.port}"
+    try:
+        async with local_node(url, "a") as (_ka, ca):
+            joined: list[Any] = []
+
+            async def join_b() -> None:
+                async with local_node(url, "b") as (_kb, cb):
+                    joined.append([i.config for i in await call_aio(ca.data_js.streams_info)])
+                    joined.append(cb.stats().streams_capped)
+
+            seen = await _api_requests(ca, join_b, "$JS.API.>")
+    finally:
+        server.stop()
+    after, capped = joined
+    assert seen.count("$JS.API.INFO") == 1
+    assert [c.max_consumers for c in after] == [40] * 4
+    assert capped == 4

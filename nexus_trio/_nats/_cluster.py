@@ -148,7 +148,7 @@ from ._membership import (
 )
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
-from ._stream_caps import StreamCaps
+from ._stream_caps import STREAM_MAX_CONSUMERS, StreamCaps
 from ._streams import InboundStream, InboundStreams, new_session, parse_stream_name
 from ._watch import ConnectionWatch
 
@@ -1462,6 +1462,7 @@ class Cluster:
             self.connections.mark(role, None)
             # the server may be another one, or the same restarted without its store
             self._buckets_to_check = True
+            self.stream_caps.account.forget()  # (or one whose limits were reloaded)
             if role == "data":
                 self._reconnects += 1
                 if nc is not None:
@@ -1593,22 +1594,23 @@ class Cluster:
         (``_bucket_births``). A bucket there (every join but a cluster's first) costs one
         request, its stream's info, which the lift and the birth read: nats-py's
         ``create_key_value`` (refused once the limit was lifted: another config) then
-        ``key_value`` and this node's own reads made four (forty-eighth pass)."""
+        ``key_value`` and this node's own reads made four (forty-eighth pass). A bucket
+        not there costs two, its info's "not found" and its stream's make, whose answer
+        carries the info (nats-py's ``create_key_value`` returns none: its stream read
+        again and updated made four, forty-ninth pass)."""
         config = KeyValueConfig(bucket=bucket, ttl=ttl, replicas=self.options.kv_replicas)
         stream = KV_STREAM_TEMPLATE.format(bucket=bucket)
 
         async def open_bucket() -> KeyValue:
             js = self.js
+            caps = self.stream_caps
             try:
-                info = await js.stream_info(stream)
+                info = await caps.lift(js, await js.stream_info(stream))
             except nats.js.errors.NotFoundError:
-                # (made meanwhile by another node, with other settings: used as it is)
-                with suppress(nats.js.errors.BadRequestError):
-                    await js.create_key_value(config=config)
-                info = await js.stream_info(stream)
-            # (nats-py makes a bucket's stream with no limit of consumers of its own:
-            # the server's default_max_consumers caps it; see _stream_caps)
-            info = await self.stream_caps.lift(js, info)
+                # made with a limit of consumers of its own (nats-py's create_key_value
+                # gives none: the server's default_max_consumers caps it, see
+                # _stream_caps); one made meanwhile by another node is used as it is
+                info = await caps.make(js, kvops.bucket_stream(config, STREAM_MAX_CONSUMERS))
             if (info.config.max_msgs_per_subject or 0) < 1:
                 raise nats.js.errors.BadBucketError  # (as nats-py's key_value)
             self._bucket_births[stream] = info.created

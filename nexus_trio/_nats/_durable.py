@@ -108,7 +108,7 @@ from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
 from ._direct import end_fetch, fetched, take_queued, unsubscribe_server_first
 from ._placement import placement_weight
-from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS, within_account
+from ._stream_caps import CONSUMERS_OVER_LIMIT, STREAM_MAX_CONSUMERS
 
 if TYPE_CHECKING:
     from .._config import DurableConfig
@@ -840,12 +840,7 @@ class DurableChannel:
         with other settings (another node's options) used as it is, its limit of
         consumers lifted if it sets none (made by an earlier version; see _stream_caps).
         Asyncio side."""
-        caps = self.cluster.stream_caps
-        with contextlib.suppress(nats.js.errors.BadRequestError):
-            info = await within_account(js.add_stream, js, config)
-            caps.check(info)
-            return info
-        return await caps.lift(js, await js.stream_info(self._stream))
+        return await self.cluster.stream_caps.make(js, config)
 
     async def _subscribe(self, node: str) -> Any:
         """The pull subscription of ``node``'s durable consumer (made if missing, bound if

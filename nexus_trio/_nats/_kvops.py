@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import nats.errors
 import nats.js.errors
 from nats.js import api
+from nats.js.client import KV_STREAM_TEMPLATE
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 from .._logcall import log_guarded
@@ -41,6 +42,37 @@ log = logging.getLogger("nexus_trio.nats")
 
 #: writes in flight at once (each is one JetStream publish and its ack)
 WINDOW: Final = 256
+
+
+def bucket_stream(config: api.KeyValueConfig, max_consumers: int) -> api.StreamConfig:
+    """The stream of the KV bucket ``config``, as nats-py's ``create_key_value`` makes it
+    (its settings copied: nats-py 2.x) but with ``max_consumers``: made so with
+    ``add_stream``, whose answer carries the stream's info (``create_key_value`` returns
+    none, and the stream then had to be read again and updated to a limit of consumers
+    of its own: four requests a bucket at a cluster's first join, two now)."""
+    duplicate_window = 120.0  # (nats-py's: 2 minutes, or the TTL if shorter)
+    if config.ttl and config.ttl < duplicate_window:
+        duplicate_window = config.ttl
+    return api.StreamConfig(
+        name=KV_STREAM_TEMPLATE.format(bucket=config.bucket),
+        description=config.description,
+        subjects=[f"$KV.{config.bucket}.>"],
+        allow_direct=config.direct,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=duplicate_window,
+        max_age=config.ttl,
+        max_bytes=config.max_bytes,
+        max_consumers=max_consumers,
+        max_msg_size=config.max_value_size,
+        max_msgs=-1,
+        max_msgs_per_subject=config.history,
+        num_replicas=config.replicas,
+        storage=config.storage,
+        republish=config.republish,
+    )
 
 
 async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list[int | Exception]:

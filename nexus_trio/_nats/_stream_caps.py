@@ -62,21 +62,66 @@ def account_consumers(info: Any, replicas: int) -> int:
     return int(limits.max_consumers or 0)
 
 
-async def within_account(make: Any, js: Any, config: Any) -> Any:
+@final
+class AccountConsumers:
+    """What the account allows a stream (its ``AccountInfo``), read once for a
+    connection's life: a join that finds its streams held at the account's value asked
+    for it at each stream (four ``ACCOUNT.INFO`` a join, forty-eighth pass), now at the
+    first. Forgotten (read again when next wanted) at a reconnect, where the server may
+    be another, or reloaded with other limits; a value read before a reload is believed
+    until then, and a make refused on it reads it again (see :func:`within_account`)."""
+
+    __slots__ = ("_info", "reads")
+
+    def __init__(self) -> None:
+        self._info: Any = None
+        #: the ACCOUNT.INFO requests made
+        self.reads = 0
+
+    async def limit(self, js: Any, replicas: int, *, fresh: bool = False) -> int:
+        """The account's limit of consumers for a stream of ``replicas`` (see
+        :func:`account_consumers`): read unless known (or if ``fresh``). Asyncio side."""
+        if fresh or self._info is None:
+            self.reads += 1
+            self._info = await js.account_info()
+        return account_consumers(self._info, replicas)
+
+    @property
+    def known(self) -> bool:
+        return self._info is not None
+
+    def forget(self) -> None:
+        self._info = None
+
+
+async def within_account(
+    make: Any, js: Any, config: Any, account: AccountConsumers | None = None
+) -> Any:
     """``make`` (``add_stream``, ``update_stream``) with the stream ``config``; if
     JetStream refuses its ``max_consumers`` as over the account's limit of consumers,
     with that limit (the most the account lets the stream have), named so in the stream's
-    metadata (:data:`FROM_ACCOUNT`). Asyncio side."""
+    metadata (:data:`FROM_ACCOUNT`). The limit is ``account``'s if it knows it (read
+    again if the make is refused on it), else read. Asyncio side."""
     try:
         return await make(config=config)
     except nats.js.errors.BadRequestError as exc:
         if exc.err_code != CONSUMERS_OVER_LIMIT:
             raise
-        cap = account_consumers(await js.account_info(), config.num_replicas or 1)
-        if not 0 < cap < (config.max_consumers or 0):
-            raise
-    metadata = {**(config.metadata or {}), FROM_ACCOUNT: str(cap)}
-    return await make(config=config.evolve(max_consumers=cap, metadata=metadata))
+        refused = exc
+    account = AccountConsumers() if account is None else account
+    fresh = not account.known
+    while True:
+        cap = await account.limit(js, config.num_replicas or 1, fresh=fresh)
+        if 0 < cap < (config.max_consumers or 0):
+            metadata = {**(config.metadata or {}), FROM_ACCOUNT: str(cap)}
+            try:
+                return await make(config=config.evolve(max_consumers=cap, metadata=metadata))
+            except nats.js.errors.BadRequestError as exc:
+                if fresh or exc.err_code != CONSUMERS_OVER_LIMIT:
+                    raise
+        elif fresh:
+            raise refused
+        fresh = True  # (the account's limit known before was not its limit now)
 
 
 def _given_by_account(config: Any) -> bool:
@@ -86,15 +131,16 @@ def _given_by_account(config: Any) -> bool:
     return given is not None and given == str(config.max_consumers)
 
 
-async def _account_allows_more(js: Any, config: Any) -> bool:
+async def _account_allows_more(js: Any, config: Any, account: AccountConsumers) -> bool:
     """Whether the stream config ``config`` has a limit of consumers given from its
     account's (see within_account) below STREAM_MAX_CONSUMERS, and the account now
-    allows more (its limit raised, or none). Asyncio side; a refused read says no."""
+    allows more (its limit raised, or none; ``account``'s, read if unknown). Asyncio
+    side; a refused read says no."""
     cap = config.max_consumers or 0
     if not (0 < cap < STREAM_MAX_CONSUMERS and _given_by_account(config)):
         return False
     try:
-        allowed = account_consumers(await js.account_info(), config.num_replicas or 1)
+        allowed = await account.limit(js, config.num_replicas or 1)
     except (nats.errors.Error, OSError):
         return False  # (tried again at the next set-up)
     return allowed <= 0 or allowed > cap
@@ -113,20 +159,38 @@ class StreamCaps:
         #: set-ups (a join's, a remake's) that left one of the cluster's streams with
         #: fewer than STREAM_MAX_CONSUMERS consumers allowed
         self.capped = 0
+        #: what the account allows, for the data connection's life (see AccountConsumers)
+        self.account = AccountConsumers()
+
+    async def make(self, js: Any, config: Any) -> Any:
+        """The info of the stream of ``config`` (a ``StreamConfig`` asking for
+        STREAM_MAX_CONSUMERS): made so (within the account's limit, see within_account)
+        unless it is there; one there with other settings (another node's options, an
+        earlier version's) read and used as it is, its limit lifted (see :meth:`lift`).
+        One request where the make answers (its answer carries the stream's info).
+        Asyncio side."""
+        try:
+            info = await within_account(js.add_stream, js, config, self.account)
+        except nats.js.errors.BadRequestError:
+            return await self.lift(js, await js.stream_info(config.name))
+        self.check(info)
+        return info
 
     async def lift(self, js: Any, info: Any) -> Any:
         """The info of the stream whose info is ``info`` (nats-py's ``StreamInfo``) once
         its limit of consumers is lifted (see the module doc): updated if it sets none,
         or if it has the one a node gave it from its account's and the account now
-        allows more (one ACCOUNT.INFO request a join for such a stream). An update refused (a server that does not change it, a user not allowed to)
-        leaves it as it is, tried again at the next set-up. Asyncio side."""
+        allows more (what the account allows read once for the connection's life: see
+        AccountConsumers). An update refused (a server that does not change it, a user
+        not allowed to) leaves it as it is, tried again at the next set-up. Asyncio
+        side."""
         why = _BY_LIMIT
         config = info.config
-        if (config.max_consumers or 0) <= 0 or await _account_allows_more(js, config):
+        if (config.max_consumers or 0) <= 0 or await _account_allows_more(js, config, self.account):
             metadata = {k: v for k, v in (config.metadata or {}).items() if k != FROM_ACCOUNT}
             wanted = config.evolve(max_consumers=STREAM_MAX_CONSUMERS, metadata=metadata or None)
             try:
-                info = await within_account(js.update_stream, js, wanted)
+                info = await within_account(js.update_stream, js, wanted, self.account)
             except (nats.errors.Error, OSError) as exc:
                 why = (
                     "the server's default_max_consumers, 1,000 on nats-server 2.15: it"
