@@ -34,6 +34,7 @@ import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.js.api import DeliverPolicy
 
 from nexus_trio import (
     Context,
@@ -505,6 +506,72 @@ async def test_a_restart_on_a_host_whose_clock_is_behind_is_taken_at_its_first_h
             assert b.joined < time.time() - 500  # (its clock: 1,000 s behind)
             assert b.join_order == cb._join_order and b.join_order > crashed
             assert (ca.stats().nodes_lost_by_node or {}).get("b") == 1  # the crashed one
+        finally:
+            await restarted.__aexit__(None, None, None)
+
+
+async def test_a_restart_s_first_record_says_its_join_order_against_a_clock_behind(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-ninth pass: the last pass's restart on a host whose clock is 1,000 s behind
+    the crashed process's, at its first record: the claim written into the nodes bucket
+    (read by a raw consumer of its key) carries the join's order, the bucket's birth
+    and the revision it got, so a peer that compares it with the crashed process's record
+    (the watch's copy, before any heartbeat of the restart) finds the later join, not the
+    clocks' earlier one. The claim expects the bucket's last revision too; ``a`` writes
+    its record every 0.2 s during the restart's 1.4 s wait for the crashed one's
+    heartbeats, so the revision known at the bucket's opening is stale and the first
+    write is refused for it, then made again (``_bucket_moved_on``). (On 94b2b0a's
+    ``_cluster.py`` swapped in: the first record's ``join_order`` is None.)"""
+    patient_a = attrs.evolve(PATIENT, missed_heartbeats=50)  # (loss window 10 s)
+    async with _node(nats.url, "a", options=patient_a) as (_, ca), _hostile(nats.url) as hostile:
+        crashed = await _crashed_process_of(hostile, "b", 0xEF)
+        await _members_heard(ca, "b")
+        held = ca.members.members["b"]
+        assert held.join_order == crashed
+        written: list[tuple[NodeInfo, int]] = []  # (each record stored, its revision)
+
+        async def watch() -> Any:
+            async def take(msg: Any) -> None:
+                written.append((decode_record(msg.data, 0.0, "b"), msg.metadata.sequence.stream))
+
+            return await hostile.nc.jetstream().subscribe(
+                f"$KV.{hostile.prefix}-nodes.b",
+                stream=f"KV_{hostile.prefix}-nodes",
+                cb=take,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW,
+            )
+
+        sub = await call_aio(watch)
+        moved_on: list[int] = []
+        bucket_moved_on = getattr(Cluster, "_bucket_moved_on", None)
+
+        async def counted(self: Cluster, *args: Any) -> int:
+            assert bucket_moved_on is not None
+            moved_on.append(await bucket_moved_on(self, *args))
+            return moved_on[-1]
+
+        real_time = time.time
+        with monkeypatch.context() as patch:
+            patch.setattr(cluster_module, "time", SimpleNamespace(time=lambda: real_time() - 1e3))
+            patch.setattr(Cluster, "_bucket_moved_on", counted, raising=False)
+            restarted = _node(nats.url, "b", options=PATIENT)
+            _, cb = await restarted.__aenter__()
+        try:
+            with trio.fail_after(20):  # a hang guard
+                while not any(info.id_prefix == cb.id_prefix for info, _ in written):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            await call_aio(sub.unsubscribe)
+            first, revision = next(w for w in written if w[0].id_prefix == cb.id_prefix)
+            assert first.join_order is not None and first.join_order == cb._join_order
+            assert first.join_order[1] == revision  # (the revision it got, as it says)
+            assert first.join_order[0] == crashed[0] and first.join_order[1] > crashed[1]
+            assert first.joined < held.joined - 500  # (its clock: 1,000 s behind)
+            assert first.compare_join(held) > 0  # (a later join, whatever the clocks say)
+            assert ca.stats().records_contested == 0
+            # (refused for a stale bucket revision, then written at the one refusal said)
+            assert len(moved_on) >= 1 and first.join_order[1] == moved_on[-1] + 1
         finally:
             await restarted.__aexit__(None, None, None)
 

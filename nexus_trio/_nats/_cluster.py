@@ -78,7 +78,7 @@ import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.api import KeyValueConfig
 from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js.kv import KeyValue
@@ -229,6 +229,14 @@ _DEPARTED_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
 #: it, before it gives up (each refused write: another process wrote under the name)
 _CLAIM_TRIES: Final = 3
+#: writes of a join's first record that expect the nodes bucket's last revision (so the
+#: record can say the revision it gets, see Cluster._claim_in_order) before the claim
+#: is written without that expectation (a bucket others write between each read and
+#: write: the record after it says the order)
+_ORDERED_CLAIM_TRIES: Final = 5
+#: JetStream's "wrong last sequence" (a compare-and-set refused), with and without the
+#: sequence in its text
+_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 #: how often a placed name's claim reads and writes its entry again when another node
 #: wrote it in between (then it is unwritten, retried as any name, see _retry_names)
 _NAME_CLAIM_TRIES: Final = 5
@@ -924,6 +932,7 @@ class Cluster:
         "_batches_published",
         "_batches_received",
         "_bucket_births",
+        "_bucket_last_seqs",
         "_buckets_made_again",
         "_buckets_renewed",
         "_buckets_to_check",
@@ -1158,6 +1167,9 @@ class Cluster:
         # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
         # write that found no bucket); how often they were found gone or made anew
         self._bucket_births: dict[str, object] = {}
+        # each bucket's stream's last sequence when it was opened (where a join's first
+        # record expects the nodes bucket to be, see _claim_in_order)
+        self._bucket_last_seqs: dict[str, int] = {}
         # this join's place in the order of joins (NodeInfo.join_order: the nodes
         # bucket's birth, the revision of the join's first record; set once that record
         # landed)
@@ -1614,6 +1626,7 @@ class Cluster:
             if (info.config.max_msgs_per_subject or 0) < 1:
                 raise nats.js.errors.BadBucketError  # (as nats-py's key_value)
             self._bucket_births[stream] = info.created
+            self._bucket_last_seqs[stream] = info.state.last_seq or 0
             return KeyValue(
                 name=bucket,
                 stream=stream,
@@ -4749,11 +4762,7 @@ class Cluster:
         except nats.js.errors.KeyWrongLastSequenceError:
             if self._leave_announced:
                 return
-        try:
-            last = (await call_aio(kv.get, self.node)).revision or 0
-        except nats.js.errors.KeyNotFoundError as exc:
-            # deleted (the delete marker's revision) or expired, or never written (0)
-            last = (exc.entry.revision or 0) if exc.entry is not None else 0
+        _, last = await self._read_own_record(kv)
         if self._leave_announced:
             return  # (checked after the read: the revision read may be the leave's delete)
         self._record_revision = await call_aio(kv.update, self.node, record, last)
@@ -5783,14 +5792,11 @@ class Cluster:
         await self._claim_the_name(
             functools.partial(call_aio, subscribe), functools.partial(call_aio, unsubscribe)
         )
+
         # this join's place among the joins under any name, as the server ordered them
         # (the bucket's revision of its first record), not this host's clock: every
-        # record from here on says it (the first one cannot: see NodeInfo.join_order)
-        nodes_stream = KV_STREAM_TEMPLATE.format(bucket=f"{self.prefix}-nodes")
-        born = bucket_birth(self._bucket_births.get(nodes_stream))
-        if born is not None:
-            self._join_order = (born, self._record_revision)
-
+        # record says it (the first one too unless the bucket was too busy, see
+        # _claim_in_order)
         async def subscribe_heartbeats() -> None:
             self._heartbeat_sub = await self._control.subscribe(
                 f"{self.prefix}.hb.*", cb=self._on_heartbeat
@@ -5836,33 +5842,71 @@ class Cluster:
         is on core NATS only)."""
         kv = self._nodes_kv
         assert kv is not None
+        held: tuple[bytes | None, int] | None = None
         for _ in range(_CLAIM_TRIES):
-            last = await self._refuse_a_live_namesake()
+            last = await self._refuse_a_live_namesake(held)
             await subscribe()
-            try:
-                self._record_revision = await call_aio(kv.update, self.node, self._record(), last)
+            held = await self._claim_in_order(kv, last)
+            if held is None:
                 return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                # written under the name since it was read: judged again, unsubscribed
-                await unsubscribe()
+            # written under the name since it was read: judged again, unsubscribed
+            await unsubscribe()
         raise ValueError(
             f"node name {self.node!r} is taken: other processes wrote its membership record"
             f" each of the {_CLAIM_TRIES} times this one was about to (two or more nodes"
             " given one name?); give each node its own name"
         )
 
-    async def _refuse_a_live_namesake(self) -> int:
-        """Raise ValueError if another process is a live member under this node's name
-        (two nodes given one name): joining would split the name in two. The nodes
-        bucket holds a record of the name from another process (a live one writes it
-        every heartbeat interval; a dead one's expires after the loss window): if that
-        process's heartbeat is heard within two heartbeat intervals (a second more, for a
-        loaded host; at most the loss window), it lives. A process restarted under its
-        name before its loss was noticed heartbeats no more and joins after that wait.
-        Returns the revision of the record read (its delete's or 0 if none), for the
-        compare-and-set of :meth:`_claim_the_name`."""
-        kv = self._nodes_kv
-        assert kv is not None
+    async def _claim_in_order(self, kv: KeyValue, last: int) -> tuple[bytes | None, int] | None:
+        """Write this join's first record, expecting ``last`` as its name's revision
+        (if the name was written since, not written: what it holds now is returned, see
+        :meth:`_read_own_record`, else None), and set its
+        :attr:`NodeInfo.join_order` (the nodes bucket's birth and the record's revision)
+        in that record too: the write also expects the bucket's last revision (JetStream's
+        ``Nats-Expected-Last-Sequence``), so the revision it gets is that one's next, known
+        before it is written. Refused for that alone (another node wrote into the bucket
+        meanwhile: the name's revision read unchanged), it is tried again expecting the
+        bucket's last revision now, :data:`_ORDERED_CLAIM_TRIES` times in all; then
+        written expecting the name's revision only, the order in the records after it
+        (until the forty-ninth pass, always so: a join's first record had no order, and
+        a peer judged it by the hosts' clocks). A bucket with no birth (a server that
+        gives no ``created``) gives no order."""
+        nodes_stream = KV_STREAM_TEMPLATE.format(bucket=f"{self.prefix}-nodes")
+        born = bucket_birth(self._bucket_births.get(nodes_stream))
+        if born is not None:
+            subject = f"{KV_PRE_TEMPLATE.format(bucket=f'{self.prefix}-nodes')}{self.node}"
+            bucket_last = self._bucket_last_seqs.get(nodes_stream, 0)
+            for _ in range(_ORDERED_CLAIM_TRIES):
+                self._join_order = (born, bucket_last + 1)
+                headers = {
+                    api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last),
+                    api.Header.EXPECTED_LAST_SEQUENCE: str(bucket_last),
+                }
+                try:
+                    ack = await call_aio(self.js.publish, subject, self._record(), headers=headers)
+                except nats.js.errors.APIError as exc:
+                    self._join_order = None
+                    if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                        raise
+                    held = await self._read_own_record(kv)
+                    if held[1] != last:
+                        return held  # (JetStream checks the name's revision first)
+                    bucket_last = await self._bucket_moved_on(nodes_stream, exc)
+                    continue
+                self._record_revision = ack.seq
+                self._join_order = (born, ack.seq)  # (bucket_last + 1: as the record says)
+                return None
+        try:
+            self._record_revision = await call_aio(kv.update, self.node, self._record(), last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self._read_own_record(kv)
+        if born is not None:
+            self._join_order = (born, self._record_revision)
+        return None
+
+    async def _read_own_record(self, kv: KeyValue) -> tuple[bytes | None, int]:
+        """The record under this node's name in the nodes bucket ``kv`` (None if none)
+        and its revision (its delete's, or 0 if never written or expired)."""
 
         async def read() -> tuple[bytes | None, int]:
             try:
@@ -5872,7 +5916,32 @@ class Cluster:
                 return None, (exc.entry.revision or 0) if exc.entry is not None else 0
             return entry.value, entry.revision or 0
 
-        record, revision = await call_aio(read)
+        return await call_aio(read)
+
+    async def _bucket_moved_on(self, stream: str, refusal: nats.js.errors.APIError) -> int:
+        """The nodes bucket's last revision now, after a first record's write expecting
+        it at an earlier one was refused (the name's revision as expected). The refusal
+        says it (nats-server 2.15: ``wrong last sequence: 41``); a server that does not
+        is asked (a STREAM.INFO)."""
+        said = re.fullmatch(r"wrong last sequence: (\d+)", refusal.description or "")
+        if said is not None:
+            return int(said[1])
+        return (await call_aio(self.js.stream_info, stream)).state.last_seq or 0
+
+    async def _refuse_a_live_namesake(self, held: tuple[bytes | None, int] | None = None) -> int:
+        """Raise ValueError if another process is a live member under this node's name
+        (two nodes given one name): joining would split the name in two. The nodes
+        bucket holds a record of the name from another process (a live one writes it
+        every heartbeat interval; a dead one's expires after the loss window): if that
+        process's heartbeat is heard within two heartbeat intervals (a second more, for a
+        loaded host; at most the loss window), it lives. A process restarted under its
+        name before its loss was noticed heartbeats no more and joins after that wait.
+        Returns the revision of the record read (its delete's or 0 if none), for the
+        compare-and-set of :meth:`_claim_the_name`. ``held``: the record and revision a
+        refused claim read already (see :meth:`_read_own_record`), judged unread."""
+        kv = self._nodes_kv
+        assert kv is not None
+        record, revision = await self._read_own_record(kv) if held is None else held
         if not record:
             return revision
         try:

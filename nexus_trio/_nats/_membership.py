@@ -99,9 +99,12 @@ class NodeInfo:
     #: where its join stands in the order of joins, as the NATS server decided it: the
     #: nodes bucket's birth (microseconds since the epoch, the server's clock, see
     #: :func:`bucket_birth`) and the revision at which the join's first record landed
-    #: there. None in a join's first record (written before the revision is known), in
-    #: the record of a kernel of an earlier version, and where the server gave no
-    #: birth: then ``joined`` (the host's clock) orders it (see :meth:`compare_join`)
+    #: there (the first record says it too: written expecting the bucket's last
+    #: revision, see ``Cluster._claim_in_order``). None in the first record of a join
+    #: whose bucket others kept writing into (the write then expects the name's revision
+    #: only), of a join of a kernel before the forty-ninth pass, in the record of a
+    #: kernel of an earlier version, and where the server gave no birth: then ``joined``
+    #: (the host's clock) orders it (see :meth:`compare_join`)
     join_order: tuple[int, int] | None = None
 
     def compare_join(self, other: NodeInfo) -> int:
