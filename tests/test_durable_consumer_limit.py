@@ -20,11 +20,18 @@ from typing import Any
 import nats.js.errors
 import pytest
 import trio
-from nats.js.api import AccountLimits, ConsumerConfig
+from nats.js.api import AccountLimits, ConsumerConfig, StreamConfig
 
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats._aio import call_aio
-from nexus_trio._nats._stream_caps import FROM_ACCOUNT, STREAM_MAX_CONSUMERS, account_consumers
+from nexus_trio._nats._stream_caps import (
+    CONSUMERS_OVER_LIMIT,
+    FROM_ACCOUNT,
+    STREAM_MAX_CONSUMERS,
+    AccountConsumers,
+    account_consumers,
+    within_account,
+)
 
 from .nats_server import until
 from .test_nats import local_node
@@ -383,3 +390,41 @@ async def test_a_join_reads_what_the_account_allows_once_for_its_streams_held_at
     assert seen.count("$JS.API.INFO") == 1
     assert [c.max_consumers for c in after] == [40] * 4
     assert capped == 4
+
+
+def test_what_the_account_allows_is_read_once_and_again_where_a_make_is_refused_on_it() -> None:
+    """``AccountConsumers`` keeps the account's info: a second stream's make refused for
+    its limit uses it, no request; a value known from before (100) that the account no
+    longer allows (40, lowered by a reload) is read again once a make on it is refused,
+    and the stream gets 40; forgotten (a reconnect), it is read at the next refusal."""
+    allowed = [40]
+    made: list[int] = []
+    reads: list[int] = []
+
+    async def account_info() -> Any:
+        reads.append(allowed[0])
+        return SimpleNamespace(tiers=None, limits=SimpleNamespace(max_consumers=allowed[0]))
+
+    async def make(config: Any) -> Any:
+        if config.max_consumers > allowed[0]:
+            raise nats.js.errors.BadRequestError(err_code=CONSUMERS_OVER_LIMIT)
+        made.append(config.max_consumers)
+        return config
+
+    js = SimpleNamespace(account_info=account_info)
+    config = StreamConfig(name="s", num_replicas=1, max_consumers=STREAM_MAX_CONSUMERS)
+    account = AccountConsumers()
+
+    async def main() -> None:
+        for _ in range(2):
+            made_so = await within_account(make, js, config, account)
+            assert made_so.metadata == {FROM_ACCOUNT: "40"}
+        assert (made, reads, account.reads) == ([40, 40], [40], 1)
+        allowed[0] = 100
+        account.forget()
+        assert await account.limit(js, 1) == 100
+        allowed[0] = 40  # (lowered again: the known 100 is stale)
+        await within_account(make, js, config, account)
+        assert (made, reads, account.reads) == ([40, 40, 40], [40, 100, 40], 3)
+
+    trio.run(main)

@@ -510,21 +510,22 @@ async def test_a_restart_on_a_host_whose_clock_is_behind_is_taken_at_its_first_h
             await restarted.__aexit__(None, None, None)
 
 
-async def test_a_restart_s_first_record_says_its_join_order_against_a_clock_behind(
-    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Forty-ninth pass: the last pass's restart on a host whose clock is 1,000 s behind
-    the crashed process's, at its first record: the claim written into the nodes bucket
-    (read by a raw consumer of its key) carries the join's order, the bucket's birth
-    and the revision it got, so a peer that compares it with the crashed process's record
-    (the watch's copy, before any heartbeat of the restart) finds the later join, not the
-    clocks' earlier one. The claim expects the bucket's last revision too; ``a`` writes
-    its record every 0.2 s during the restart's 1.4 s wait for the crashed one's
-    heartbeats, so the revision known at the bucket's opening is stale and the first
-    write is refused for it, then made again (``_bucket_moved_on``). (On 94b2b0a's
-    ``_cluster.py`` swapped in: the first record's ``join_order`` is None.)"""
+@asynccontextmanager
+async def _restart_read_from_the_bucket(
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    moved_on: Any,
+    behind: float,
+) -> AsyncIterator[tuple[Cluster, Cluster, NodeInfo, NodeInfo, int]]:
+    """``a`` holding a crashed process of ``b`` (see _crashed_process_of), then ``b``
+    restarted on a host whose clock is ``behind`` seconds behind, ``moved_on`` standing
+    in for ``Cluster._bucket_moved_on`` (given the real one first: ``moved_on(real)``):
+    ``a``, the restart, the crashed process's record ``a`` held before it, and the
+    restart's first record stored in the nodes bucket (read by a raw
+    ordered consumer of its key: the writes JetStream refused are not in it) with the
+    revision it was stored at."""
     patient_a = attrs.evolve(PATIENT, missed_heartbeats=50)  # (loss window 10 s)
-    async with _node(nats.url, "a", options=patient_a) as (_, ca), _hostile(nats.url) as hostile:
+    async with _node(url, "a", options=patient_a) as (_, ca), _hostile(url) as hostile:
         crashed = await _crashed_process_of(hostile, "b", 0xEF)
         await _members_heard(ca, "b")
         held = ca.members.members["b"]
@@ -544,19 +545,14 @@ async def test_a_restart_s_first_record_says_its_join_order_against_a_clock_behi
             )
 
         sub = await call_aio(watch)
-        moved_on: list[int] = []
-        bucket_moved_on = getattr(Cluster, "_bucket_moved_on", None)
-
-        async def counted(self: Cluster, *args: Any) -> int:
-            assert bucket_moved_on is not None
-            moved_on.append(await bucket_moved_on(self, *args))
-            return moved_on[-1]
-
         real_time = time.time
         with monkeypatch.context() as patch:
-            patch.setattr(cluster_module, "time", SimpleNamespace(time=lambda: real_time() - 1e3))
-            patch.setattr(Cluster, "_bucket_moved_on", counted, raising=False)
-            restarted = _node(nats.url, "b", options=PATIENT)
+            patch.setattr(
+                cluster_module, "time", SimpleNamespace(time=lambda: real_time() - behind)
+            )
+            real = getattr(Cluster, "_bucket_moved_on", None)
+            patch.setattr(Cluster, "_bucket_moved_on", moved_on(real), raising=False)
+            restarted = _node(url, "b", options=PATIENT)
             _, cb = await restarted.__aenter__()
         try:
             with trio.fail_after(20):  # a hang guard
@@ -564,16 +560,76 @@ async def test_a_restart_s_first_record_says_its_join_order_against_a_clock_behi
                     await trio.sleep(0.02)
             await call_aio(sub.unsubscribe)
             first, revision = next(w for w in written if w[0].id_prefix == cb.id_prefix)
-            assert first.join_order is not None and first.join_order == cb._join_order
-            assert first.join_order[1] == revision  # (the revision it got, as it says)
-            assert first.join_order[0] == crashed[0] and first.join_order[1] > crashed[1]
-            assert first.joined < held.joined - 500  # (its clock: 1,000 s behind)
-            assert first.compare_join(held) > 0  # (a later join, whatever the clocks say)
-            assert ca.stats().records_contested == 0
-            # (refused for a stale bucket revision, then written at the one refusal said)
-            assert len(moved_on) >= 1 and first.join_order[1] == moved_on[-1] + 1
+            yield ca, cb, held, first, revision
         finally:
             await restarted.__aexit__(None, None, None)
+
+
+async def test_a_restart_s_first_record_says_its_join_order_against_a_clock_behind(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-ninth pass: the last pass's restart on a host whose clock is 1,000 s behind
+    the crashed process's, at its first record: the claim written into the nodes bucket
+    carries the join's order, the bucket's birth and the revision it got, so a peer that
+    compares it with the crashed process's record (the watch's copy, before any
+    heartbeat of the restart) finds the later join, not the clocks' earlier one. The
+    claim expects the bucket's last revision too; ``a`` writes its record every 0.2 s
+    during the restart's 1.4 s wait for the crashed one's heartbeats, so the revision
+    known at the bucket's opening is stale and the first write is refused for it, then
+    made again (``_bucket_moved_on``). (On 94b2b0a's ``_cluster.py`` swapped in: the
+    first record's ``join_order`` is None.)"""
+    moved_on: list[int] = []
+
+    def counted(real: Any) -> Any:
+        async def moved(self: Cluster, *args: Any) -> int:
+            assert real is not None
+            moved_on.append(await real(self, *args))
+            return moved_on[-1]
+
+        return moved
+
+    restart = _restart_read_from_the_bucket(nats.url, monkeypatch, counted, 1e3)
+    async with restart as (ca, cb, held, first, revision):
+        assert first.join_order is not None and first.join_order == cb._join_order
+        assert first.join_order[1] == revision  # (the revision it got, as it says)
+        assert held.join_order is not None
+        assert first.join_order[0] == held.join_order[0]
+        assert first.join_order[1] > held.join_order[1]
+        assert first.joined < held.joined - 500  # (its clock: 1,000 s behind)
+        assert first.compare_join(held) > 0  # (a later join, whatever the clocks say)
+        assert ca.stats().records_contested == 0
+        # (refused for a stale bucket revision, then written at the one refusal said)
+        assert len(moved_on) >= 1 and first.join_order[1] == moved_on[-1] + 1
+
+
+async def test_a_claim_the_bucket_refuses_five_times_is_written_without_the_order(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket written between every read of its last revision and the claim's write:
+    here the revision each refusal names is replaced by one the bucket is past (0), so
+    each ordered write is refused for it. After five, the claim is written expecting the
+    name's revision only, as before the forty-ninth pass: the join goes on, its first
+    record has no ``join_order``, and the order (the revision it got) is in every record
+    after it. (On 94b2b0a's ``_cluster.py``, which never expects the bucket's revision:
+    no refusal, the count 0.)"""
+    refusals: list[int | None] = []
+
+    def stale(_real: Any) -> Any:
+        async def moved(self: Cluster, stream: str, refusal: Any) -> int:
+            refusals.append(refusal.err_code)
+            return 0
+
+        return moved
+
+    restart = _restart_read_from_the_bucket(nats.url, monkeypatch, stale, 0.0)
+    async with restart as (ca, cb, _held, first, revision):
+        assert refusals == [10071] * 5
+        assert first.join_order is None
+        assert cb._join_order is not None and cb._join_order[1] == revision
+        with trio.fail_after(20):  # (a's table: the restart, from its next records)
+            while ca.members.members["b"].join_order != cb._join_order:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert ca.members.members["b"].id_prefix == cb.id_prefix
 
 
 def test_joins_are_ordered_by_the_bucket_where_both_records_say_and_a_hostile_order_is_refused() -> (
