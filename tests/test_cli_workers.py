@@ -3814,3 +3814,31 @@ def test_losses_past_the_names_a_worker_counts_are_still_said_and_counted() -> N
     ]
     assert lines[1][:2] == lines[0]
     assert lines[1][2].startswith("worker-0 judged nodes lost 1 more time, not kept by name")
+
+
+def test_a_workers_closed_socket_writes_are_in_its_line_and_summed() -> None:
+    """Forty-ninth pass: a worker's ``closed_socket_writes`` (``ClusterStats``, the
+    ``nexus_cluster_closed_socket_writes_total`` metric) was in neither its summary nor
+    its line of the parent's table. Both say it now, beside its other cluster counts, and
+    the total sums it; a worker with none has no such word in its line. (Fails on main:
+    no ``closed-socket writes`` in the line, no key in the total.)"""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    cut = survivor("worker-0", 10, 10, 0, {})
+    cut["closed_socket_writes"] = 7
+    calm = survivor("worker-1", 10, 10, 0, {})
+    calm["closed_socket_writes"] = 0
+    for s in (cut, calm):
+        s.update(accepted=10, forwarded_out=0, forwarded_in=0, in_flight=0, failed=0, timed_out=0)
+        s.update(dead_letters_by_reason={}, rejected={}, restarts=0)
+    total = aggregate_summaries([cut, calm])
+    assert total["closed_socket_writes"] == 7
+    assert [w["closed_socket_writes"] for w in total["per_worker"]] == [7, 0]
+    console = Console(width=300, record=True, no_color=True)
+    console.print(summary_table(total))
+    lines = [" ".join(line.split()) for line in console.export_text().splitlines()]
+    said = [line for line in lines if "closed-socket writes" in line]
+    assert len(said) == 1 and said[0].endswith("lost 0 · closed-socket writes 7"), said

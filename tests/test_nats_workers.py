@@ -1267,5 +1267,23 @@ def test_a_worker_cut_off_from_its_server_says_its_dropped_writes_once_in_its_wo
     # (once a loss of each connection at most: none if no write came after the loss)
     assert all("node worker-1: " in line for line in said), said
     assert len(said) <= 2 * proxy.cuts["worker-1"], said
+    # (counted in its summary too, a write each: at least one a line said; forty-ninth pass)
+    writes = [w["closed_socket_writes"] for w in summary["per_worker"]]
+    assert writes[1] >= len(said) and summary["closed_socket_writes"] == sum(writes), writes
     assert status == 0, summary
     assert summary["conserved"] is True, summary["why_not_conserved"]
+
+
+async def test_a_workers_cluster_counts_have_its_closed_socket_writes(nats: NatsServer) -> None:
+    """Forty-ninth pass: ``cluster_counts`` (a ``--workers`` worker's cluster counts, in
+    its JSON summary) had no ``closed_socket_writes``: a worker cut off from its server
+    counted them in ``ClusterStats`` and the metric only. (Fails on main: KeyError.)"""
+    from nexus_trio.cli._swarm import cluster_counts
+
+    from .test_nats_placement import _node
+
+    async with _node(nats.url, "a") as (_, a):
+        assert cluster_counts(a)["closed_socket_writes"] == 0
+        a._closed_write("control")  # (what _aio.closed_writes_counted calls, a write each)
+        a._closed_write("control")
+        assert cluster_counts(a)["closed_socket_writes"] == 2 == a.stats().closed_socket_writes

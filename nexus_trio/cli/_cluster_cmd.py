@@ -174,6 +174,7 @@ _SUMMED: Final = (
     "forwarded_out",
     "forwarded_in",
     "lost_counted",
+    "closed_socket_writes",
     "dead_letters",
     "in_flight",
     "failed",

@@ -1395,6 +1395,7 @@ def build_summary(
         summary["node"] = remote.get("node")
         summary["lost_counted"] = remote.get("lost_counted", 0)
         summary["lost_counted_by_kind"] = remote.get("lost_counted_by_kind", {})
+        summary["closed_socket_writes"] = remote.get("closed_socket_writes", 0)
         summary["lost_with_nodes_by_node"] = remote.get("lost_with_nodes_by_node")
         summary["membership"] = remote.get("membership", {})
         summary["lost_peers"] = remote.get("lost_peers", {})

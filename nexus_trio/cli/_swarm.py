@@ -492,6 +492,9 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
             "lost_at_leave": s.lost_at_leave,
             "lost_with_nodes": s.lost_with_nodes,
         },
+        # writes of the NATS client to a lost connection's socket, dropped (asyncio's
+        # ``socket.send() raised exception.``, counted instead): no message of the books
+        "closed_socket_writes": s.closed_socket_writes,
         # the same per node (null: too many to keep): by it the parent replaces this
         # worker's estimate of a worker that has books of its own or was counted from
         # outside (see _cluster_cmd.aggregate_summaries)

@@ -363,12 +363,16 @@ def _worker_text(worker: Mapping[str, Any]) -> Text:
 
 
 def _worker_counts(worker: Mapping[str, Any]) -> str:
+    # (writes to a lost connection's socket: said only when there were some, as none is
+    # the usual case and they are no messages of the books)
+    closed = worker.get("closed_socket_writes")
     return (
         f"sent {fmt_count(worker.get('sent', 0))} · handled {fmt_count(worker.get('handled', 0))}"
         f" · fwd in {fmt_count(worker.get('forwarded_in', 0))}"
         f" · fwd out {fmt_count(worker.get('forwarded_out', 0))}"
         f" · dead {fmt_count(worker.get('dead_letters', 0))}"
         f" · lost {fmt_count(worker.get('lost_counted', 0))}"
+        + (f" · closed-socket writes {fmt_count(closed)}" if closed else "")
     )
 
 
