@@ -198,7 +198,8 @@ def test_more_agents_than_the_bound_is_a_usage_error_naming_it_and_starts_nothin
     monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append("run"))
     output = assert_usage_error(["-n", agents, "-d", "0.1"], "--agents")
     assert (
-        f"[app] agents must be at most 100000000 (the most one run takes), got {agents}" in output
+        f"'--num-agents': must be at most 100000000 (the most one run takes), got {agents}"
+        in output
     )
     assert started == []
     # the bound itself is taken

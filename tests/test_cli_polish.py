@@ -652,7 +652,7 @@ def test_a_demo_flag_the_config_refuses_is_named_in_every_spelling() -> None:
     result = invoke(["run", "-n", "99999999999999999999", "-d", "1"])
     assert result.exit_code == 2, result.output
     assert (
-        "Invalid value for '--agents' / '-n' / '--num-agents': [app] agents must be at most"
+        "Invalid value for '--agents' / '-n' / '--num-agents': must be at most"
         " 100000000 (the most one run takes), got 99999999999999999999"
     ) in flat(result.output)
 
@@ -699,3 +699,125 @@ def test_flags_found_taken_or_ignored_by_the_walk_are_refused_naming_flag_and_va
     text = flat(result.output)
     assert "Usage: nexus" in text and "Traceback" not in text
     assert said in text
+
+
+# --- numbers on the command line as the original takes them (forty-ninth pass) ---------------
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["run", "-n", "1_000"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got '1_000' (no"
+            " '_' between digits: write 1000)",
+        ),
+        (
+            ["run", "-n", " 5"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got ' 5' (blanks"
+            " around the number)",
+        ),
+        (
+            ["run", "-n", "0x10"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got '0x10'"
+            " (decimal digits only: no 0x, 0o or 0b)",
+        ),
+        (
+            ["run", "-n", "\uff15"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got '\uff15'"
+            " (digits other than 0-9)",
+        ),
+        (
+            ["run", "-W", "1_0"],
+            "'--workers' / '-W': must be a whole number >= 0, got '1_0' (no '_' between"
+            " digits: write 10)",
+        ),
+        (
+            ["health", "-p", "9_464"],
+            "'--port' / '-p': must be a whole number from 1 to 65535, got '9_464' (no '_'"
+            " between digits: write 9464)",
+        ),
+        (
+            ["run", "-n", "1" + "0" * 5000],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got a number of"
+            " 5001 digits",
+        ),
+    ],
+)
+def test_a_number_flag_takes_the_originals_spelling_not_pythons(isolated, args, said, monkeypatch):
+    """Python's ``int()`` reads ``1_000``, `` 5`` and ``５``, which the original's flags
+    (clap, Rust's ``u64::from_str``) refuse: ``-n 1_000`` ran 1,000 agents. Refused now, saying what in the spelling is not taken; nothing starts.
+    (Fails on main, old _commands.py swapped in: exit 0, a run.)"""
+    from nexus_trio.cli import _run
+
+    started: list[object] = []
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append(a) or 0)
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {said}" in flat(result.output)
+    assert started == []
+
+
+@pytest.mark.parametrize(("spelt", "agents"), [("+5", 5), ("007", 7), ("100000000", 10**8)])
+def test_a_number_flag_still_takes_what_the_original_takes(isolated, spelt, agents, monkeypatch):
+    """A sign and leading zeros are Rust's ``u64::from_str`` spelling too: taken."""
+    from nexus_trio.cli import _run
+
+    started: list[int] = []
+    monkeypatch.setattr(_run, "execute_run", lambda opts, **k: started.append(opts.agents) or 0)
+    result = invoke(["run", "-n", spelt, "-d", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert started == [agents]
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["bench", "--smoke", "-r", "99999999999999999999"],
+            "'--repeat' / '-r': must be a whole number from 1 to 1000, got 99999999999999999999",
+        ),
+        (
+            ["bench", "--smoke", "-r", "1001"],
+            "'--repeat' / '-r': must be a whole number from 1 to 1000, got 1001",
+        ),
+    ],
+)
+def test_a_count_flag_has_an_upper_bound(isolated, args, said, monkeypatch):
+    """``nexus bench -r 99999999999999999999`` was taken and ran (practically) for good.
+    Bounded now (docs/cli.md, Numbers on the command line), refused naming the flag,
+    nothing run; the bound itself is taken. (Fails on main, old _bench_cmd.py swapped in:
+    exit 0, the suite run.)"""
+    import nexus_trio.bench
+
+    ran: list[object] = []
+    monkeypatch.setattr(nexus_trio.bench, "run_cli", lambda *a, **k: ran.append(k["repeat"]) or 0)
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {said}" in flat(result.output)
+    assert ran == []
+    assert invoke(["bench", "--smoke", "-r", "1000"]).exit_code == 0
+    assert ran == [1000]
+
+
+def test_a_value_a_flag_gave_is_refused_in_the_flags_words_a_files_in_the_keys(isolated):
+    """``-n 100000001`` and ``--app -1`` were refused as ``[app] agents must be ...`` and
+    ``[app] app must ...``, a key the user did not write: the flag's words now (the hint
+    names it); the same value from the config file still names the key, file and line.
+    (Fails on main, old _app.py swapped in: the key's words.)"""
+    out = flat(invoke(["run", "-n", "100000001", "-d", "1"]).output)
+    assert (
+        "Invalid value for '--agents' / '-n' / '--num-agents': must be at most 100000000 (the"
+        " most one run takes), got 100000001" in out
+    ), out
+    assert "[app]" not in out
+    out = flat(invoke(["run", "--app", "-1"]).output)
+    assert "Invalid value for '--app': must look like 'package.module:attr', got '-1'" in out
+    assert "[app]" not in out
+    (isolated / "c.toml").write_text("[app]\nagents = 100000001\n")
+    result = invoke(["run", "-c", "c.toml", "-d", "1"])
+    assert result.exit_code == 2
+    assert (
+        "c.toml:2: [app] agents must be at most 100000000 (the most one run takes), got"
+        " 100000001" in flat(result.output)
+    )

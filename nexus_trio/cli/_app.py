@@ -162,6 +162,16 @@ def _config_failed(exc: Any, config: Path | None) -> Exception:
     return _fail(str(exc))
 
 
+def _flag_words(exc: Any) -> str:
+    """The message of a config error (``exc``, a ``ConfigError``) of a value a flag gave:
+    without the key's ``[app] agents`` before it, which the user did not write (the hint
+    names the flag), ``must be at most 100000000 (...), got 99999999999``; a value from
+    the config file keeps the key's wording, with its file and line."""
+    prefix = "[{}] {} ".format(*exc.key.split(".", 1)) if exc.key and "." in exc.key else ""
+    message = str(exc.message)
+    return message[len(prefix) :] if prefix and message.startswith(prefix) else message
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(_version_text())
@@ -505,7 +515,7 @@ def run(
             # '-n' / '--num-agents', where this said '--agents' alone)
             spelt = next((p.opts for p in ctx.command.params if flag in p.opts), [flag])
             hint = " / ".join(f"'{opt}'" for opt in spelt)
-            raise typer.BadParameter(exc.message, param_hint=hint) from None
+            raise typer.BadParameter(_flag_words(exc), param_hint=hint) from None
         raise _config_failed(exc, config) from None
     _refuse_demo_flags(ctx, loaded, app_ref, types_ref, spawn)
     types_hint = "'--types'" if types_ref is not None else _key_hint(loaded, "app.types")

@@ -50,6 +50,10 @@ def _plot_file(text: str) -> Path:
 
 #: the flags that each pick the sizes of the suite, of which one may be given
 _SCALE_FLAGS = ("--quick", "--full", "--smoke")
+#: the most repetitions ``--repeat`` takes: a repetition of the suite at its tiny
+#: ``--smoke`` sizes takes seconds and at its default sizes minutes, so 1,000 are hours to
+#: days, more than a median needs; ``-r 99999999999999999999`` was taken and ran for good
+MAX_REPEAT = 1000
 
 
 _EPILOG = """\
@@ -99,7 +103,8 @@ def register(app: typer.Typer) -> None:
                 "-r",
                 help="Repetitions per scenario (medians are shown).",
                 min=1,
-                parser=whole_number(1),
+                max=MAX_REPEAT,
+                parser=whole_number(1, MAX_REPEAT),
             ),
         ] = None,
         json_file: Annotated[

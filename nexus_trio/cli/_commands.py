@@ -189,6 +189,26 @@ def host_name(text: Any) -> str:
     return str(text)
 
 
+#: a whole number as a flag takes it, as the original's (Rust's ``u64``/``i64``
+#: ``from_str``, through clap) does: an optional sign, then ASCII decimal digits. Python's
+#: ``int()`` also took ``1_000``, `` 5 `` (blanks around) and non-ASCII digits (``５``).
+_WHOLE_NUMBER: Final = re.compile(r"[+-]?[0-9]+")
+
+
+def _why_not(spelt: str) -> str:
+    """What a flag's integer spelling that Python's ``int()`` would read has that the
+    flags refuse: said after the value, so ``1_000`` does not read as a typo."""
+    if spelt != spelt.strip():
+        return " (blanks around the number)"
+    if "_" in spelt:
+        return f" (no '_' between digits: write {spelt.replace('_', '')})"
+    if any(c.isdigit() and not c.isascii() for c in spelt):
+        return " (digits other than 0-9)"
+    if spelt.lstrip("+-")[:2].lower() in ("0x", "0o", "0b"):
+        return " (decimal digits only: no 0x, 0o or 0b)"
+    return ""
+
+
 def whole_number(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
     """The ``parser=`` of an integer flag: a whole number in its range, else a usage error
     naming the flag (click adds it) and the range, ``must be a whole number from 0 to
@@ -206,10 +226,16 @@ def whole_number(minimum: int | None = None, maximum: int | None = None) -> Call
         if isinstance(text, int):
             value = text
         else:
+            spelt = str(text)
+            if not _WHOLE_NUMBER.fullmatch(spelt):
+                raise typer.BadParameter(f"must be {accepted}, got {spelt!r}{_why_not(spelt)}")
             try:
-                value = int(str(text).strip())
-            except ValueError:
-                raise typer.BadParameter(f"must be {accepted}, got {str(text)!r}") from None
+                value = int(spelt)
+            except ValueError:  # (past Python's 4,300 digits: no flag takes it)
+                digits = len(spelt.lstrip("+-"))
+                raise typer.BadParameter(
+                    f"must be {accepted}, got a number of {digits} digits"
+                ) from None
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             raise typer.BadParameter(f"must be {accepted}, got {value}")
         return value
