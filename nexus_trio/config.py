@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import stat
+import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -737,6 +738,7 @@ def _read_file(
                 column=exc.col + 1,
             ) from None
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+    _refuse_beyond_toml_1_0(text, path)
     source = f"file {path}"
     data: dict[str, Any] = document.unwrap()
     _refuse_huge_integers(data, text, path)
@@ -775,6 +777,73 @@ def _read_file(
             sources[f"{section}.{key}"] = source
             if key_lines is not None and line is not None:
                 key_lines[f"{section}.{key}"] = line
+
+
+#: where ``tomllib`` says a document is no TOML 1.0 (Python 3.11 says it in the message)
+_TOMLLIB_PLACE = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)
+
+
+def _refuse_beyond_toml_1_0(text: str, path: Path) -> None:
+    """Refuse what tomlkit reads that TOML 1.0 does not (``tomllib``, Python's strict
+    TOML 1.0 parser, checks the text tomlkit parsed; tomlkit stays for its round-trip
+    edits): an inline table written over several lines or with a comma after its last
+    item, ``a = { x = 1, }``, said in the file's terms naming the key whose value it is;
+    anything else in ``tomllib``'s words, at its place."""
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        said = str(exc)
+        place = _TOMLLIB_PLACE.match(said)
+        if place is None:
+            raise ConfigError(f"invalid TOML: {said}", path=path) from None
+        line, column = int(place.group(2)), int(place.group(3))
+        starts = sum(len(raw) + 1 for raw in text.split("\n")[: line - 1])
+        problem = _inline_table_problem(text, starts + column - 1)
+        raise ConfigError(
+            f"invalid TOML: {problem or place.group(1)}", path=path, line=line, column=column
+        ) from None
+
+
+def _inline_table_problem(text: str, index: int) -> str | None:
+    """What is wrong at ``text[index]`` if it is in an inline table that TOML 1.0 refuses
+    there (tomlkit takes it): a line break (also a comment, which runs to one), or a
+    comma after the last item. None if no inline table is open there."""
+    opened = _open_at(text, index)
+    if not opened or opened[-1][0] != "{":
+        return None
+    begun = opened[-1][1]
+    key = _inline_table_key(text, begun, len(opened))
+    table = f"the inline table of {key} opened on line {begun}" if key else "an inline table"
+    rest = text[index:].lstrip(" \t")
+    if not rest or rest[0] in "\r\n#":
+        return (
+            f"a line break in {table}: TOML 1.0 writes an inline table on one line (a"
+            " [table] of its own takes one key a line)"
+        )
+    if rest[0] == "}" and text[:index].rstrip(" \t").endswith(","):
+        return (
+            f"a comma after the last item of {table}: TOML 1.0 allows none before its `}}`"
+            " (a list takes one, an inline table does not)"
+        )
+    return None
+
+
+def _inline_table_key(text: str, line: int, depth: int) -> str | None:
+    """The key whose value is the inline table opened on ``line`` at ``depth`` (the
+    how-manieth thing open, lists and inline tables), as written, with its table's
+    header if any (``types`` of ``[app]``)."""
+    starts = sum(len(raw) + 1 for raw in text.split("\n")[: line - 1])
+    raw = text.split("\n")[line - 1]
+    for at in range(len(raw) - 1, -1, -1):
+        if raw[at] == "{" and len(_open_at(text, starts + at + 1)) == depth:
+            key = re.search(r"""([A-Za-z0-9_."' -]+?)\s*=\s*$""", raw[:at])
+            if key is None:
+                return None
+            headers = [_HEADER.match(above) for above in text.split("\n")[: line - 1]]
+            section = next((h.group(1) for h in reversed(headers) if h), None)
+            named = f"`{key.group(1).strip()}`"
+            return f"{named} of [{section}]" if section else named
+    return None
 
 
 def _as_toml(value: Any) -> str:
