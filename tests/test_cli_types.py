@@ -135,7 +135,7 @@ CLUSTERS = {"workers": ["-W", "2"], "nats": ["--nats", "nats://127.0.0.1:1"]}
                 " agent, given by its AgentSpec (@agent) or Agent subclass",
             ),
             ("MISSING", "module 'types_app' has no attribute 'MISSING'"),
-            ("", "[app] types must look like 'package.module:attr', got 'types_app:'"),
+            ("", "must look like 'package.module:attr', got 'types_app:'"),
         ]
     ],
 )
