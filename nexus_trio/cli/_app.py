@@ -6,7 +6,8 @@ add theirs with a ``register(app)`` function (``nexus bench``, ``nexus send``, .
 Exit statuses: 0 success; 1 the run failed (the app raised, supervision escalated to the
 kernel, accounting mismatch), ``nexus health`` unhealthy, ``config init`` refused; 2 bad
 usage: an invalid flag value (the message names the flag) or an invalid config file
-(the message names file, line and key); 130 a second Ctrl-C forced the exit.
+(the message names file, line and key); 130 a second Ctrl-C forced the exit, or a
+KeyboardInterrupt of the app ended the run (its summary says `interrupted`).
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """

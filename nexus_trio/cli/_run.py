@@ -87,6 +87,11 @@ PROGRESS_THRESHOLD: Final = 10_000
 PLAIN_INTERVAL: Final = 5.0
 #: exit status of a forced exit (second Ctrl-C), as a shell reports SIGINT
 FORCED_EXIT: Final = 130
+#: ``stopped_by`` of a run that a KeyboardInterrupt or a trio.Cancelled reaching its
+#: kernel block ended (see :func:`_run_async`)
+INTERRUPTED: Final = "interrupted"
+#: what ends a run as :data:`INTERRUPTED` when it reaches its kernel block
+_INTERRUPTS: Final = (KeyboardInterrupt, trio.Cancelled)
 
 
 class AppError(Exception):
@@ -1144,17 +1149,30 @@ async def _run_async(
             )
         except BaseException as exc:
             # sys.exit() in the app's main or in a handler: the run ends as for an error
-            # (summary, accounting), with the status it asked for (see the status below);
-            # anything else (a forced Ctrl-C, a cancellation) goes on as it came
+            # (summary, accounting), with the status it asked for (see the status below).
+            # A KeyboardInterrupt or a trio.Cancelled that no scope of the app took (an
+            # app that turns a signal into KeyboardInterrupt, as sync code does) ends it
+            # too, as interrupted: the summary says so, status 130 as a Ctrl-C's. Until
+            # the forty-ninth pass they went on as they came: a traceback, no summary.
             exited = _unwrap(exc)
             if isinstance(exited, BaseExceptionGroup):
                 # sys.exit() together with errors (tasks of one nursery): the errors are
                 # the outcome (status 1), reported with the summary as a failed run's
-                if exited.split((Exception, SystemExit))[1] is not None:
+                if exited.split((Exception, SystemExit, *_INTERRUPTS))[1] is not None:
                     raise
                 error = exited
                 log_guarded(
                     log, logging.ERROR, "the run failed: %s", _describe(error), exc_info=error
+                )
+            elif isinstance(exited, _INTERRUPTS):
+                error = exited
+                state.request_stop(INTERRUPTED)
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "the run was interrupted: %s reached the run (its summary follows)",
+                    type(exited).__name__,
+                    exc_info=exited,
                 )
             elif not isinstance(exited, SystemExit):
                 raise
@@ -1210,6 +1228,8 @@ async def _run_async(
     status = 0 if error is None and summary["conserved"] else 1
     if isinstance(error, SystemExit) and summary["conserved"]:
         status = _exit_status(error)
+    elif isinstance(error, _INTERRUPTS):
+        status = FORCED_EXIT  # (as a Ctrl-C's: 128 + SIGINT)
     if not summary["conserved"] and kernel is not None:
         log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
@@ -1297,6 +1317,8 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, SystemExit):
         return f"SystemExit: sys.exit({exc.code!r}) in the app's code"
+    if isinstance(exc, _INTERRUPTS) and not str(exc):
+        return type(exc).__name__  # (a bare KeyboardInterrupt: no ': ' of nothing)
     return f"{type(exc).__name__}: {exc}"
 
 
