@@ -3820,7 +3820,8 @@ def test_a_workers_closed_socket_writes_are_in_its_line_and_summed() -> None:
     """Forty-ninth pass: a worker's ``closed_socket_writes`` (``ClusterStats``, the
     ``nexus_cluster_closed_socket_writes_total`` metric) was in neither its summary nor
     its line of the parent's table. Both say it now, beside its other cluster counts, and
-    the total sums it; a worker with none has no such word in its line. (Fails on main:
+    the total sums it (a row of the table when not 0); a worker with none has no such
+    word in its line. (Fails on main:
     no ``closed-socket writes`` in the line, no key in the total.)"""
     from rich.console import Console
 
@@ -3841,4 +3842,6 @@ def test_a_workers_closed_socket_writes_are_in_its_line_and_summed() -> None:
     console.print(summary_table(total))
     lines = [" ".join(line.split()) for line in console.export_text().splitlines()]
     said = [line for line in lines if "closed-socket writes" in line]
-    assert len(said) == 1 and said[0].endswith("lost 0 · closed-socket writes 7"), said
+    # (the total's row, and worker-0's line: not worker-1's, which had none)
+    assert said[0] == "closed-socket writes 7", said
+    assert len(said) == 2 and said[1].endswith("lost 0 · closed-socket writes 7"), said

@@ -257,6 +257,8 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
             )
     elif summary["forwarded"]:
         table.add_row("forwarded", fmt_count(summary["forwarded"]))
+    if summary.get("closed_socket_writes"):  # (none is the usual case: no row then)
+        table.add_row("closed-socket writes", fmt_count(summary["closed_socket_writes"]))
     table.add_row("dead letters", fmt_count(summary["dead_letters"]))
     table.add_row("  by reason", fmt_reasons(summary["dead_letters_by_reason"]))
     table.add_row("in flight", fmt_count(summary["in_flight"]))
