@@ -2225,7 +2225,8 @@ def test_a_worker_asked_to_stop_while_it_starts_is_not_killed_as_not_ready(
     (``_STOP_GRACE``) is the one that holds, as systemd's stop of a unit still starting.
     Deterministic: the stop comes as the worker is started (before it can be ready) and
     the start's grace is 0, so the parent's first look at the deadlines is past it; the
-    worker, not ready, takes the SIGTERM and prints its summary 1 s later."""
+    worker, not ready, takes the SIGTERM and prints its summary 0.2 s later (the old
+    deadline, 0 s, killed it at the parent's first look, before its sleep ended)."""
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_START_GRACE", 0.0, raising=False)
@@ -2239,7 +2240,7 @@ def test_a_worker_asked_to_stop_while_it_starts_is_not_killed_as_not_ready(
         "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM,))\n"
         "while not stopped:\n"
         "    time.sleep(0.01)\n"
-        "time.sleep(1)  # (stopping: the old start deadline had killed it by now)\n"
+        "time.sleep(0.2)  # (stopping: the old start deadline had killed it by now)\n"
         f"print({summary!r}, flush=True)\n"
     )
     python.chmod(0o755)
