@@ -87,11 +87,14 @@ PROGRESS_THRESHOLD: Final = 10_000
 PLAIN_INTERVAL: Final = 5.0
 #: exit status of a forced exit (second Ctrl-C), as a shell reports SIGINT
 FORCED_EXIT: Final = 130
-#: ``stopped_by`` of a run that a KeyboardInterrupt or a trio.Cancelled reaching its
-#: kernel block ended (see :func:`_run_async`)
+#: ``stopped_by`` of a run that a KeyboardInterrupt reaching its kernel block ended (see
+#: :func:`_run_async`)
 INTERRUPTED: Final = "interrupted"
-#: what ends a run as :data:`INTERRUPTED` when it reaches its kernel block
-_INTERRUPTS: Final = (KeyboardInterrupt, trio.Cancelled)
+#: what ends a run as :data:`INTERRUPTED` when it reaches its kernel block. Not a
+#: trio.Cancelled: no app makes one (Trio gives it no public constructor), so one there
+#: is the cancel of a scope around the run, which goes on (Trio's rule: only the scope
+#: cancelled takes it); taken (forty-ninth pass), it was logged as a failed run
+_INTERRUPTS: Final = (KeyboardInterrupt,)
 
 
 class AppError(Exception):
@@ -1150,10 +1153,11 @@ async def _run_async(
         except BaseException as exc:
             # sys.exit() in the app's main or in a handler: the run ends as for an error
             # (summary, accounting), with the status it asked for (see the status below).
-            # A KeyboardInterrupt or a trio.Cancelled that no scope of the app took (an
-            # app that turns a signal into KeyboardInterrupt, as sync code does) ends it
-            # too, as interrupted: the summary says so, status 130 as a Ctrl-C's. Until
-            # the forty-ninth pass they went on as they came: a traceback, no summary.
+            # A KeyboardInterrupt that reached it (an app that turns a signal into one,
+            # as sync code does) ends it too, as interrupted: the summary says so, status
+            # 130 as a Ctrl-C's. Until the forty-ninth pass it went on as it came: a
+            # traceback, no summary. A trio.Cancelled (a scope around the run cancelled,
+            # see _INTERRUPTS) goes on as it came, alone or in a group.
             exited = _unwrap(exc)
             if isinstance(exited, BaseExceptionGroup):
                 # sys.exit() together with errors (tasks of one nursery): the errors are
