@@ -21,6 +21,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
 
+import nexus_trio
 from nexus_trio import (
     AgentNotFound,
     KernelShuttingDown,
@@ -98,6 +99,15 @@ def run_guarded(
     return result[0].unwrap()
 
 
+#: the folders whose frames say where a task waits: the package's and the tests' (by
+#: path, not by name: a checkout in a folder named ``nexus_trio``, as CI's clone is, holds
+#: the virtualenv and Trio's frames too)
+_OURS = (
+    os.path.join(os.path.dirname(os.path.abspath(nexus_trio.__file__)), ""),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), ""),
+)
+
+
 def _tasks_waiting(token: trio.lowlevel.TrioToken, seconds: float = 5.0) -> str:
     """Where each task of a hung run waits (its innermost frames of the kernel and the
     tests), asked of the run itself: its loop, blocked, still takes a callback."""
@@ -115,8 +125,7 @@ def _tasks_waiting(token: trio.lowlevel.TrioToken, seconds: float = 5.0) -> str:
                 frames = [
                     f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{line})"
                     for frame, line in task.iter_await_frames()
-                    if "nexus_trio" in frame.f_code.co_filename
-                    or "tests" in frame.f_code.co_filename
+                    if frame.f_code.co_filename.startswith(_OURS)
                 ]
                 lines.append(f"  {task.name}: {' <- '.join(reversed(frames[-3:]))}")
         finally:
