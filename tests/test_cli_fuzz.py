@@ -262,13 +262,15 @@ def test_minus_zero_is_zero_for_a_float_flag() -> None:
     from nexus_trio.cli._commands import finite_at_least
 
     parse = finite_at_least(0)
-    assert [repr(parse(text)) for text in ("-0", "-0.0", "0", " 2.5 ", "1_000")] == [
+    assert [repr(parse(text)) for text in ("-0", "-0.0", "0", "2.5", "1000")] == [
         "0.0",
         "0.0",
         "0.0",
         "2.5",
         "1000.0",
     ]
+    # (" 2.5 " and "1_000", Python's float() spelling, are refused since the forty-ninth
+    # pass, as the original's flags refuse them: test_cli_polish)
 
 
 def test_health_with_a_timeout_past_a_threads_wait_is_that_wait() -> None:

@@ -195,6 +195,16 @@ def host_name(text: Any) -> str:
 _WHOLE_NUMBER: Final = re.compile(r"[+-]?[0-9]+")
 
 
+#: a number as a float flag takes it, as the original's (Rust's ``f64`` ``from_str``,
+#: through clap) does: an optional sign, ASCII decimal digits with an optional point
+#: (``5``, ``2.5``, ``5.``, ``.5``) and exponent (``1e3``), or ``inf``/``infinity``/``nan``
+#: in any case (refused by the range, with their own words). Python's ``float()`` also took
+#: ``1_000``, blanks around the number and non-ASCII digits.
+_DECIMAL: Final = re.compile(
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:inf|infinity|nan))"
+)
+
+
 def _why_not(spelt: str) -> str:
     """What a flag's integer spelling that Python's ``int()`` would read has that the
     flags refuse: said after the value, so ``1_000`` does not read as a typo."""
@@ -278,6 +288,8 @@ def finite_at_least(minimum: float, meaning: str = "") -> Callable[[Any], float]
     accepted = f"a finite number >= {minimum:g}{f' ({meaning})' if meaning else ''}"
 
     def parse(text: Any) -> float:
+        if isinstance(text, str) and not _DECIMAL.fullmatch(text):
+            raise typer.BadParameter(f"must be {accepted}, got {text!r}{_why_not(text)}")
         try:
             value = float(text)
         except (TypeError, ValueError):
