@@ -704,6 +704,31 @@ def test_flags_found_taken_or_ignored_by_the_walk_are_refused_naming_flag_and_va
 # --- numbers on the command line as the original takes them (forty-ninth pass) ---------------
 
 
+def _refused_and_nothing_started(args: list[str], said: str, monkeypatch) -> None:
+    """``nexus args`` is a usage error (exit 2) saying ``Invalid value for <said>``, and no
+    run starts."""
+    from nexus_trio.cli import _run
+
+    started: list[object] = []
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append(a) or 0)
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {said}" in flat(result.output)
+    assert started == []
+
+
+def _runs_started(args: list[str], monkeypatch) -> list:
+    """The options of the runs ``nexus args`` started (its run stood in for), which
+    exited 0."""
+    from nexus_trio.cli import _run
+
+    started: list = []
+    monkeypatch.setattr(_run, "execute_run", lambda opts, **k: started.append(opts) or 0)
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return started
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [
@@ -748,14 +773,7 @@ def test_a_number_flag_takes_the_originals_spelling_not_pythons(isolated, args, 
     """Python's ``int()`` reads ``1_000``, `` 5`` and ``５``, which the original's flags
     (clap, Rust's ``u64::from_str``) refuse: ``-n 1_000`` ran 1,000 agents. Refused now, saying what in the spelling is not taken; nothing starts.
     (Fails on main, old _commands.py swapped in: exit 0, a run.)"""
-    from nexus_trio.cli import _run
-
-    started: list[object] = []
-    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append(a) or 0)
-    result = invoke(args)
-    assert result.exit_code == 2, result.output
-    assert f"Invalid value for {said}" in flat(result.output)
-    assert started == []
+    _refused_and_nothing_started(args, said, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -789,14 +807,7 @@ def test_a_float_flag_takes_the_originals_spelling_not_pythons(isolated, args, s
     flags (clap, Rust's ``f64::from_str``) refuse; refused, saying what in the spelling is
     not taken, nothing starts. (Fails with the regular expression's check taken out of
     ``finite_at_least``: exit 0, a run of 1,000 s.)"""
-    from nexus_trio.cli import _run
-
-    started: list[object] = []
-    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append(a) or 0)
-    result = invoke(args)
-    assert result.exit_code == 2, result.output
-    assert f"Invalid value for {said}" in flat(result.output)
-    assert started == []
+    _refused_and_nothing_started(args, said, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -814,12 +825,7 @@ def test_a_float_flag_takes_the_originals_spelling_not_pythons(isolated, args, s
 def test_a_float_flag_still_takes_what_the_original_takes(isolated, spelt, seconds, monkeypatch):
     """Rust's ``f64::from_str`` spelling: a sign, a point with digits on either side, an
     exponent in either case: taken (``-0`` is 0)."""
-    from nexus_trio.cli import _run
-
-    started: list[float] = []
-    monkeypatch.setattr(_run, "execute_run", lambda opts, **k: started.append(opts.duration) or 0)
-    result = invoke(["run", "-d", spelt])
-    assert result.exit_code == 0, result.output
+    started = [opts.duration for opts in _runs_started(["run", "-d", spelt], monkeypatch)]
     assert started == [seconds]
     assert repr(started[0]) == repr(seconds)
 
@@ -827,13 +833,8 @@ def test_a_float_flag_still_takes_what_the_original_takes(isolated, spelt, secon
 @pytest.mark.parametrize(("spelt", "agents"), [("+5", 5), ("007", 7), ("100000000", 10**8)])
 def test_a_number_flag_still_takes_what_the_original_takes(isolated, spelt, agents, monkeypatch):
     """A sign and leading zeros are Rust's ``u64::from_str`` spelling too: taken."""
-    from nexus_trio.cli import _run
-
-    started: list[int] = []
-    monkeypatch.setattr(_run, "execute_run", lambda opts, **k: started.append(opts.agents) or 0)
-    result = invoke(["run", "-n", spelt, "-d", "0.1"])
-    assert result.exit_code == 0, result.output
-    assert started == [agents]
+    started = _runs_started(["run", "-n", spelt, "-d", "0.1"], monkeypatch)
+    assert [opts.agents for opts in started] == [agents]
 
 
 @pytest.mark.parametrize(
