@@ -414,7 +414,7 @@ def _toml_problem(exc: tomlkit.exceptions.ParseError, text: str) -> str:
         return "the file ends inside a list [...] or an inline table {...} that is not closed"
     # (what is open where the line starts, and at the error: a line of a value written
     # over several lines is no key and no table header, whatever it looks like)
-    starts = sum(len(before) + 1 for before in text.split("\n")[: exc.line - 1])
+    starts = _line_start(text, exc.line)
     opened = _open_at(text, starts)
     if unexpected is not None and opened and opened[-1][0] == "string":
         return (
@@ -653,6 +653,11 @@ def _defined_twice(text: str) -> tuple[int, int, str] | None:
     return None
 
 
+def _line_start(text: str, line: int) -> int:
+    """The index in ``text`` of the first character of its line ``line`` (from 1)."""
+    return sum(len(before) + 1 for before in text.split("\n")[: line - 1])
+
+
 def _open_at(text: str, index: int) -> list[tuple[str, int]]:
     """What is open at ``text[index]`` in the TOML ``text``: the lists ``[...]`` and
     inline tables ``{...}`` of a value (``"["``, ``"{"``), innermost last, then
@@ -797,8 +802,7 @@ def _refuse_beyond_toml_1_0(text: str, path: Path) -> None:
         if place is None:
             raise ConfigError(f"invalid TOML: {said}", path=path) from None
         line, column = int(place.group(2)), int(place.group(3))
-        starts = sum(len(raw) + 1 for raw in text.split("\n")[: line - 1])
-        problem = _inline_table_problem(text, starts + column - 1)
+        problem = _inline_table_problem(text, _line_start(text, line) + column - 1)
         raise ConfigError(
             f"invalid TOML: {problem or place.group(1)}", path=path, line=line, column=column
         ) from None
@@ -832,7 +836,7 @@ def _inline_table_key(text: str, line: int, depth: int) -> str | None:
     """The key whose value is the inline table opened on ``line`` at ``depth`` (the
     how-manieth thing open, lists and inline tables), as written, with its table's
     header if any (``types`` of ``[app]``)."""
-    starts = sum(len(raw) + 1 for raw in text.split("\n")[: line - 1])
+    starts = _line_start(text, line)
     raw = text.split("\n")[line - 1]
     for at in range(len(raw) - 1, -1, -1):
         if raw[at] == "{" and len(_open_at(text, starts + at + 1)) == depth:
