@@ -206,8 +206,9 @@ _DECIMAL: Final = re.compile(
 
 
 def _why_not(spelt: str) -> str:
-    """What a flag's integer spelling that Python's ``int()`` would read has that the
-    flags refuse: said after the value, so ``1_000`` does not read as a typo."""
+    """What a flag's number spelling that Python's ``int()`` or ``float()`` would read
+    has that the flags refuse: said after the value, so ``1_000`` does not read as a
+    typo."""
     if spelt != spelt.strip():
         return " (blanks around the number)"
     if "_" in spelt:
