@@ -83,6 +83,10 @@ PY_PROBE = """
 import asyncio, os, subprocess, sys, time
 from nexus_trio.bridges.python import NexusAgent
 
+class Unreadable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
 class Probe(NexusAgent):
     default_name = "probe"
 
@@ -110,6 +114,15 @@ class Probe(NexusAgent):
             except TypeError as exc:
                 return str(exc)
             return "sent"
+        if do == "raise_unreadable":  # an exception whose __str__ raises
+            raise Unreadable()
+        if do == "raise_lone_surrogate":  # a file name that is not UTF-8, in the error's text
+            raise ValueError("no file " + b"x\\xff".decode("utf-8", "surrogateescape"))
+        if do == "deep":  # a result nested deeper than the recursion limit
+            result = []
+            for _ in range(100_000):
+                result = [result]
+            return result
         if do == "pair":  # a character outside the BMP: escaped as a valid pair
             return "x\\U0001F600"
         if do == "print":
@@ -174,6 +187,10 @@ class Probe extends NexusAgent {
       case 'none': return undefined;
       case 'raise': throw new RangeError(p.text);
       case 'reject': return Promise.reject(new TypeError(p.text));
+      case 'throw_symbol': throw Symbol('gone'); // String() takes it; a template throws
+      case 'throw_unreadable': throw { toString() { throw new Error('no text'); } };
+      // half of the emoji's surrogate pair, in the error's text
+      case 'raise_lone_surrogate': throw new RangeError(`no file ${'x\\ud83d\\ude00'.slice(0, 2)}`);
       case 'unserialisable': return { ok: 1n };
       case 'nan': return NaN;
       case 'circular': { const o = {}; o.self = o; return o; }
@@ -1016,6 +1033,56 @@ async def test_unserialisable_result_becomes_clear_error_frame(lang: str, tmp_pa
         assert (await child.response_to(message({"do": "echo", "value": 7})))["payload"] == 7
         await child.write(SHUTDOWN)
         assert await child.wait() == 0
+
+
+#: (do, error text, error_type) of handlers whose failure cannot be said as it is
+UNSAYABLE = {
+    "python": [
+        ("raise_unreadable", "<str() of the Unreadable raised RuntimeError>", "Unreadable"),
+        ("raise_lone_surrogate", "no file x\\udcff", "ValueError"),
+        (
+            "deep",
+            "result of handle_message is not JSON serialisable: RecursionError: maximum"
+            " recursion depth exceeded",
+            "TypeError",
+        ),
+    ],
+    "node": [
+        ("throw_symbol", "Symbol(gone)", "symbol"),
+        ("throw_unreadable", "<a thrown object whose text could not be read>", "Object"),
+        ("raise_lone_surrogate", "no file x\\ud83d", "RangeError"),
+    ],
+}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_failure_that_cannot_be_said_as_it_is_is_still_an_error_frame(
+    lang: str, tmp_path: Path
+) -> None:
+    """Regression: a handler's failure whose text could not be read (an exception's
+    ``__str__`` that raises; in JavaScript a thrown Symbol, or an object whose
+    ``toString`` throws) or could not be written (a lone surrogate in its text: a file
+    name that is not UTF-8, a string cut by length), or a Python result nested deeper
+    than the recursion limit, raised in the bridge itself: the agent exited 1 and the
+    kernel restarted it, instead of one error frame and the next message. Now each is an
+    error frame, its text as much as could be read, a lone surrogate as its escape."""
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        for do, text, error_type in UNSAYABLE[lang]:
+            msg = message({"do": do})
+            await child.write(msg)
+            frame = await child.frame()
+            assert frame["type"] == "error", frame
+            payload = frame["payload"]
+            assert (payload["reply_to"], payload["error_type"]) == (str(msg.id), error_type)
+            # (a RecursionError's words go on, as the Python version puts them)
+            assert payload["error"].startswith(text), payload["error"]
+            assert (payload["error"] == text) is (do != "deep")
+        assert (await child.response_to(message({"do": "echo", "value": 7})))["payload"] == 7
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+    failed = [line for line in child.stderr_lines() if "failed:" in line or "not JSON" in line]
+    assert len(failed) == len(UNSAYABLE[lang]), child.stderr_lines()
 
 
 #: what both bridges say of a line after a UTF-8 byte order mark (Python's json's words)

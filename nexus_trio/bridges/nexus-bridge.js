@@ -163,6 +163,53 @@ function typeName(value) {
   return typeof value;
 }
 
+const LONE_SURROGATES = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
+
+/**
+ * `text` with each lone surrogate written as its escape (`\udfff`, as Python's
+ * backslashreplace does): a frame cannot carry one (not Unicode text), and an error's
+ * text may hold one (a string cut by length: 'x😀'.slice(0, 2)).
+ */
+function wellFormed(text) {
+  return text.replace(LONE_SURROGATES, (c) => `\\u${c.charCodeAt(0).toString(16)}`);
+}
+
+/**
+ * What a handler threw, as an error frame says it: { text, errorType, logged } (the
+ * stderr line's text; and isError, message). Never throws: JavaScript throws anything, a Symbol (which
+ * String() refuses in a template), an object whose toString, or an Error whose message,
+ * name or stack getter throws, a Proxy whose every trap does; the error frame is written
+ * all the same, and the agent goes on.
+ */
+function describeThrown(err) {
+  const attempt = (read, fallback) => {
+    try {
+      return read();
+    } catch (inner) {
+      return fallback;
+    }
+  };
+  const kind = typeof err;
+  const isError = attempt(() => err instanceof Error, false);
+  const field = (name) => attempt(() => {
+    const value = err[name];
+    return typeof value === 'string' ? value : undefined;
+  }, undefined);
+  const unreadable = `<a thrown ${kind} whose text could not be read>`;
+  const shown = attempt(() => String(err), unreadable); // (String(symbol) is its description)
+  const name = isError ? field('name') : undefined;
+  const errorType = name && name !== 'Error' ? name : attempt(() => typeName(err), kind);
+  const message = isError ? field('message') : undefined;
+  const text = isError ? message || name || errorType : shown;
+  return {
+    isError,
+    message: message && wellFormed(message),
+    text: wellFormed(text),
+    errorType: wellFormed(errorType),
+    logged: (kind === 'object' || kind === 'function') && err !== null ? field('stack') || shown : shown,
+  };
+}
+
 /** JSON.stringify that refuses what JSON cannot carry instead of silently dropping it. */
 function encode(obj, subject = obj) {
   let text;
@@ -185,7 +232,8 @@ function encode(obj, subject = obj) {
     if (err instanceof TypeError && /circular/i.test(err.message)) {
       throw new NotSerialisable('circular structure');
     }
-    throw new NotSerialisable(`${typeName(err)}: ${err.message}`);
+    const thrown = describeThrown(err); // (the result's own code may throw anything)
+    throw new NotSerialisable(`${thrown.errorType}: ${thrown.text}`);
   }
   // JSON.stringify escapes a lone surrogate ('\ud800', half of a pair: 'x😀'.slice(0, 2))
   // as \ud800, and the kernel refuses such a line (not Unicode text): a response would
@@ -706,16 +754,14 @@ class NexusAgent {
       if (this.cancelled) {
         // The kernel gave up on it: one line, not a stack, and still one answer.
         this.log(`nexus-bridge[${this.name}]: message ${message.id} cancelled`);
-        const text = err instanceof Error && err.message ? err.message : 'cancelled by the kernel';
+        const text = describeThrown(err).message || 'cancelled by the kernel';
         this._sendError(message, text, 'Cancelled');
         return;
       }
-      this.log(`nexus-bridge[${this.name}]: handleMessage failed: ${(err && err.stack) || err}`);
-      const isError = err instanceof Error;
-      const text = isError ? err.message || err.name : String(err);
-      // A subclass of Error keeps name 'Error' unless it sets one: fall back to its class.
-      const errorType = isError && err.name && err.name !== 'Error' ? err.name : typeName(err);
-      this._sendError(message, text, errorType);
+      // (a subclass of Error keeps name 'Error' unless it sets one: its class names it)
+      const thrown = describeThrown(err);
+      this.log(`nexus-bridge[${this.name}]: handleMessage failed: ${thrown.logged}`);
+      this._sendError(message, thrown.text, thrown.errorType);
       return;
     }
     let line;
@@ -725,7 +771,7 @@ class NexusAgent {
     } catch (err) {
       // Only the handler's result can fail to encode: every other field is a string.
       this.failed += 1;
-      const text = `result of handleMessage is not JSON serialisable: ${err.message}`;
+      const text = `result of handleMessage is not JSON serialisable: ${describeThrown(err).text}`;
       this.log(`nexus-bridge[${this.name}]: ${text}`);
       this._sendError(message, text, 'TypeError');
       return;

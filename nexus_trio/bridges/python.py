@@ -444,8 +444,26 @@ def _is_shutdown(raw: bytes) -> bool:
     return isinstance(frame, dict) and frame.get("type") == "shutdown"
 
 
+def _well_formed(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\udcff``): a frame
+    cannot carry one (not Unicode text), and an error's text may hold one (a file name
+    that is not UTF-8, decoded with surrogateescape)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)`` as a frame can carry it; never raises (a ``__str__`` of the handler's
+    exception class may: the error frame is written all the same)."""
+    try:
+        text = str(exc)
+    except Exception as inner:
+        text = f"<str() of the {_well_formed(type(exc).__name__)} raised {type(inner).__name__}>"
+    return _well_formed(text)
+
+
 def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
-    """(text, error_type) for a result json refused to encode."""
+    """(text, error_type) for a result json refused to encode (or whose encoding raised:
+    a result nested deeper than the recursion limit, a mapping whose ``items()`` raises)."""
     if isinstance(exc, _NotSerialisable):
         what = str(exc)
     elif isinstance(exc, ValueError) and "Circular" in str(exc):
@@ -453,7 +471,7 @@ def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
     elif isinstance(exc, ValueError):
         what = "float (NaN or Infinity)"
     else:
-        what = f"{type(exc).__name__}: {exc}"
+        what = f"{_well_formed(type(exc).__name__)}: {_exception_text(exc)}"
     kind = "ValueError" if isinstance(exc, ValueError) else "TypeError"
     return f"result of handle_message is not JSON serialisable: {what}", kind
 
@@ -612,7 +630,7 @@ class NexusAgent:
             frame["trace_id"] = str(trace_id)
         try:
             line = _encode({"type": "send", "payload": frame}, payload)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # (a RecursionError too: a payload nested too deeply)
             text, _ = _describe_unserialisable(exc)
             raise TypeError(text.replace("result of handle_message", "send() payload")) from None
         self._write_line(line)
@@ -964,18 +982,25 @@ class NexusAgent:
                 # The kernel gave up on it: one line, not a traceback, and still one answer.
                 self.failed += 1
                 self.log(f"nexus-bridge[{self.name}]: message {message.get('id')} cancelled")
-                self._send_error(message, str(exc) or "cancelled by the kernel", "Cancelled")
+                self._send_error(
+                    message, _exception_text(exc) or "cancelled by the kernel", "Cancelled"
+                )
                 return
             if isinstance(exc, asyncio.CancelledError):
                 raise  # not ours: as before, it ends the agent
             self.failed += 1
             self.log(f"nexus-bridge[{self.name}]: handle_message failed:\n{traceback.format_exc()}")
-            self._send_error(message, str(exc) or type(exc).__name__, type(exc).__name__)
+            # (its text, or its class's name, may hold a lone surrogate, or its __str__
+            # raise: the error frame is written all the same, and the agent goes on)
+            error_type = _well_formed(type(exc).__name__)
+            self._send_error(message, _exception_text(exc) or error_type, error_type)
             return
         try:
             line = _encode({"type": "response", "payload": self._response(message, result)}, result)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:
             # Only the handler's result can fail to encode: every other field is a string.
+            # (TypeError, ValueError; a RecursionError for a result nested too deeply, or
+            # what the result's own code raised as it was read: an error frame all the same)
             self.failed += 1
             text, error_type = _describe_unserialisable(exc)
             self.log(f"nexus-bridge[{self.name}]: {text}")
