@@ -2180,6 +2180,49 @@ def test_js_reply_without_the_sender_id_says_what_it_takes(tmp_path: Path) -> No
     assert json.loads(lines[3]) == ["me", "a", "Response", {"x": 1}]
 
 
+@pytest.mark.parametrize(
+    ("hook", "thrown", "said"),
+    [
+        ("onStart", "Symbol('no database')", "nexus-bridge[t]: Symbol(no database)"),
+        (
+            "onStop",
+            "{ toString() { throw new Error('no text'); } }",
+            "nexus-bridge[t]: onStop failed: <a thrown object whose text could not be read>",
+        ),
+    ],
+    ids=["on-start-symbol", "on-stop-unreadable"],
+)
+def test_a_node_agent_s_hook_that_throws_what_has_no_text_is_said_with_status_1(
+    tmp_path: Path, hook: str, thrown: str, said: str
+) -> None:
+    """Regression: ``runMain`` and ``onStop``'s report put what was thrown into a
+    template, which throws for a Symbol and for an object whose ``toString`` throws: the
+    last stderr line, the one the kernel quotes for a crash, was the reporter's own
+    ``TypeError: Cannot convert a Symbol value to a string`` (or the ``toString``'s
+    error), not what the hook threw."""
+    script = tmp_path / "hook.js"
+    script.write_text(
+        f"const {{ NexusAgent, runMain }} = require({json.dumps(str(JS_BRIDGE))});\n"
+        "class T extends NexusAgent {\n"
+        f"  {hook}() {{ throw {thrown}; }}\n"
+        "  handleMessage(message) { return message.payload; }\n"
+        "}\n"
+        "T.defaultName = 't';\n"
+        "runMain(T);\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [node_or_skip(), str(script)],
+        input=SHUTDOWN,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["register"]
+    assert result.stderr.decode().splitlines() == [said]
+
+
 def test_original_module_name_imports_the_same_bridge() -> None:
     from nexus_trio.bridges import nexus_bridge, python
 

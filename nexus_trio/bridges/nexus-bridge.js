@@ -470,7 +470,7 @@ class NexusAgent {
           await this.onStop();
           return 0;
         } catch (err) {
-          this.log(`nexus-bridge[${this.name}]: onStop failed: ${(err && err.stack) || err}`);
+          this.log(`nexus-bridge[${this.name}]: onStop failed: ${describeThrown(err).logged}`);
           return 1;
         }
       })();
@@ -850,11 +850,12 @@ function runMain(AgentClass, options = {}) {
   try {
     agent = new AgentClass(options);
   } catch (err) {
-    process.stderr.write(`nexus-bridge: ${err.message}\n`);
+    process.stderr.write(`nexus-bridge: ${describeThrown(err).text}\n`);
     process.exit(2);
   }
   agent.runAgent().catch((err) => {
-    process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
+    // (a Symbol, or a value whose text cannot be read, is said too: not a crash of this line)
+    process.stderr.write(`nexus-bridge[${agent.name}]: ${describeThrown(err).logged}\n`);
     exitFlushed(1);
   });
   return agent;
@@ -866,7 +867,7 @@ function runMain(AgentClass, options = {}) {
  */
 function runAgent(agent) {
   return agent.runAgent().catch((err) => {
-    process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
+    process.stderr.write(`nexus-bridge[${agent.name}]: ${describeThrown(err).logged}\n`);
     exitFlushed(1);
   });
 }
