@@ -740,6 +740,67 @@ async def test_node_agent_run_in_process_releases_its_input_on_shutdown(
     assert child.stderr_lines() == ["runAgent resolved 0"]
 
 
+#: an echo agent fed one long message line in 64 KiB chunks: what Buffer.concat copied
+JS_LONG_LINE = """
+const { Readable, Writable } = require('stream');
+const { EchoAgent } = require(%(bridge)s);
+let copied = 0;
+const concat = Buffer.concat;
+Buffer.concat = (list, length) => {
+  const joined = concat(list, length);
+  copied += joined.length;
+  return joined;
+};
+const line = Buffer.from(`${JSON.stringify({
+  type: 'message',
+  payload: {
+    from: '00000000-0000-0000-0000-000000000001', to: 'echo', kind: 'Query',
+    payload: 'x'.repeat(%(size)d), timestamp: '2026-01-01T00:00:00Z',
+    id: '7d9f4c2e-0000-4000-8000-000000000001',
+  },
+})}\\n`);
+const chunks = [];
+for (let at = 0; at < line.length; at += 65536) chunks.push(line.subarray(at, at + 65536));
+chunks.push(Buffer.from('{"type":"shutdown","payload":{}}\\n'));
+const answers = [];
+const output = new Writable({
+  write(data, encoding, done) {
+    answers.push(String(data));
+    done();
+  },
+});
+const agent = new EchoAgent({ input: Readable.from(chunks), output, protocol: %(protocol)d });
+agent.runAgent().then((code) => {
+  const frames = answers.join('').split('\\n').filter((text) => text).map((text) => JSON.parse(text));
+  const answer = frames[frames.length - 1].payload.payload;
+  console.log(JSON.stringify({ code, line: line.length, copied, answered: answer.length }));
+});
+"""
+
+
+@needs_node
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_a_long_input_line_is_copied_once_by_the_node_bridge(protocol: int, tmp_path: Path) -> None:
+    """Regression: the Node bridge joined a line that spans chunks a chunk at a time
+    (``Buffer.concat([pending, chunk])`` for each 64 KiB read), so a line was copied as
+    many times as it had chunks: quadratic, a 30 MB message took 22 s to be read (a
+    10 MB one 2.4 s; the Python bridge reads either in under 2 s), enough to fail it on
+    its handle timeout. Its chunks are joined once now, when its newline comes."""
+    size = 4 << 20  # 64 chunks
+    script = tmp_path / "long_line.js"
+    script.write_text(
+        JS_LONG_LINE % {"bridge": json.dumps(str(JS_BRIDGE)), "size": size, "protocol": protocol}
+    )
+    result = subprocess.run(
+        [node_or_skip(), str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert (report["code"], report["answered"]) == (0, size)
+    # one join of the line's chunks, its newline left out (before: 64 joins, 134 MiB)
+    assert report["line"] - 1 <= report["copied"] <= report["line"] + 65536, report
+
+
 #: a Python agent given the process's own stdin explicitly (the constructor's ``stdin=``)
 PY_OWN_STDIN = """
 import sys

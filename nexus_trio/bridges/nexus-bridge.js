@@ -520,20 +520,28 @@ class NexusAgent {
 
   /** The input split into lines (Buffers without their newline). */
   async *_rawLines() {
-    let pending = Buffer.alloc(0);
+    // The start of a line that spans chunks, kept as its chunks and joined once, when its
+    // newline comes: only a new chunk can hold it, so a long line is scanned once, and
+    // copied once (joined a chunk at a time, a 30 MB line was copied 460 times: 22 s).
+    let parts = [];
+    let partsLength = 0;
     for await (const data of this._input) {
-      const chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
-      // Only the new chunk can hold the next newline: a long line is scanned once.
+      let chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
       let newline = chunk.indexOf(10);
-      pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
-      if (newline !== -1) newline += pending.length - chunk.length;
       while (newline !== -1) {
-        yield pending.subarray(0, newline);
-        pending = pending.subarray(newline + 1);
-        newline = pending.indexOf(10);
+        const end = chunk.subarray(0, newline);
+        yield parts.length === 0 ? end : Buffer.concat([...parts, end], partsLength + newline);
+        parts = [];
+        partsLength = 0;
+        chunk = chunk.subarray(newline + 1);
+        newline = chunk.indexOf(10);
+      }
+      if (chunk.length > 0) {
+        parts.push(chunk);
+        partsLength += chunk.length;
       }
     }
-    if (pending.length > 0) yield pending;
+    if (partsLength > 0) yield Buffer.concat(parts, partsLength);
   }
 
   async _serve() {
