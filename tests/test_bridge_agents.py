@@ -119,10 +119,13 @@ class Probe(NexusAgent):
         if do == "raise_lone_surrogate":  # a file name that is not UTF-8, in the error's text
             raise ValueError("no file " + b"x\\xff".decode("utf-8", "surrogateescape"))
         if do == "deep":  # a result nested deeper than the recursion limit
-            result = []
-            for _ in range(100_000):
-                result = [result]
-            return result
+            return self._deep()
+        if do == "send_deep":
+            try:
+                self.send(message["from"], self._deep())
+            except TypeError as exc:
+                return str(exc)
+            return "sent"
         if do == "pair":  # a character outside the BMP: escaped as a valid pair
             return "x\\U0001F600"
         if do == "print":
@@ -161,6 +164,12 @@ class Probe(NexusAgent):
         self.log("working")
         await asyncio.sleep(60)
         return "finished"
+
+    def _deep(self):
+        value = []
+        for _ in range(100_000):
+            value = [value]
+        return value
 
     def on_stop(self):
         self.log("probe stopped")
@@ -1390,7 +1399,9 @@ async def test_python_send_of_a_lone_surrogate_is_refused_in_the_caller(tmp_path
     """Regression: json.dumps writes a lone surrogate (a file name that is not UTF-8, read
     with surrogateescape) as an escape the kernel refuses, so a ``send()`` of one wrote a
     line that failed the message being handled; it raises a TypeError saying where in the
-    caller, as the Node bridge does. A character outside the BMP (a valid pair) goes."""
+    caller, as the Node bridge does. A character outside the BMP (a valid pair) goes.
+    So does a payload nested deeper than the recursion limit: its RecursionError went
+    through ``send()`` as it was, not as the TypeError of a payload refused."""
     async with open_child(probe_command("python", tmp_path)) as child:
         await child.register()
         response = await child.response_to(message({"do": "send_lone_surrogate"}))
@@ -1400,6 +1411,10 @@ async def test_python_send_of_a_lone_surrogate_is_refused_in_the_caller(tmp_path
         )
         response = await child.response_to(message({"do": "pair"}))
         assert response["payload"] == "x\U0001f600"
+        response = await child.response_to(message({"do": "send_deep"}))
+        assert response["payload"].startswith(
+            "send() payload is not JSON serialisable: RecursionError: maximum recursion depth"
+        ), response
         await child.close_stdin()
         assert await child.wait() == 0
 
