@@ -13,7 +13,9 @@ The real-server tests run one nats-server on 127.0.0.1; waits are bounded with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,11 +23,13 @@ import attrs
 import nats as nats_py
 import pytest
 import trio
+import trio.testing
+import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import asyncio_loop, call_aio
+from nexus_trio._nats._aio import asyncio_loop, call_aio, call_aio_bounded
 from nexus_trio._nats._cluster import AT_ONCE_TELLS
 from nexus_trio._nats._direct import (
     deliver_inline,
@@ -606,3 +610,46 @@ def test_bytes_held_behind_a_suspended_parse_pause_the_socket_as_a_buffer_does()
         reading.cancel()
 
     asyncio.run(main())
+
+
+async def test_an_asyncio_side_cancelled_under_its_trio_caller_is_a_closed_connection() -> None:
+    """Fiftieth pass: an asyncio side cancelled by asyncio, not by its Trio caller (nats-py
+    closing the connection under a request, the node's asyncio loop ending under a call a
+    task outside the cluster's block still made: a rebalance run on past the node's
+    leave), reached the Trio caller as ``asyncio.CancelledError``, a BaseException no
+    ``except Exception`` takes, which Trio takes for a crash: the node's process exited 1
+    (seen once in ``test_a_node_that_leaves_cleanly_in_the_middle_of_its_rebalance_leaves_no_record_behind``
+    on a loaded machine). It is the error a call on a closed connection raises,
+    ``nats.errors.ConnectionClosedError``, for :func:`call_aio` and
+    :func:`call_aio_bounded` alike; a cancel of the Trio caller is still Trio's
+    ``Cancelled``. (On the code before: ``asyncio.CancelledError`` out of both calls.)"""
+
+    async def closed_under() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # (cancelled by asyncio, as nats-py's close or the loop's end does)
+        asyncio.get_running_loop().call_soon(future.cancel)
+        await future
+
+    waiting: list[asyncio.Future[None]] = []
+
+    async def waits() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append(future)
+        await future
+
+    async def cancelled(call: Callable[..., Awaitable[None]]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, waits)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+        assert scope.cancelled_caught
+
+    async with trio_asyncio.open_loop():
+        for call in (call_aio, functools.partial(call_aio_bounded, 1.0)):
+            with pytest.raises(nats_py.errors.ConnectionClosedError):
+                await call(closed_under)
+            waiting.clear()
+            await cancelled(call)
+            assert len(waiting) == 1
+            assert waiting[0].cancelled()

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any, Final, Generic, TypeVar, final
 
+import nats.errors
 import trio
 import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
@@ -99,10 +100,25 @@ def closed_writes_counted(note: Callable[[], None]) -> Iterator[None]:
 async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Await an asyncio coroutine function from Trio (one scheduled crossing each way).
 
-    Cancelling the Trio caller cancels the asyncio side.
+    Cancelling the Trio caller cancels the asyncio side. An asyncio side cancelled by
+    asyncio instead (see :func:`_closed_under`) raises ``ConnectionClosedError``.
     """
-    result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    try:
+        result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    except asyncio.CancelledError:
+        raise _closed_under(fn) from None
     return result
+
+
+def _closed_under(fn: Callable[..., Any]) -> nats.errors.ConnectionClosedError:
+    """The error of a call whose asyncio side asyncio cancelled, not its Trio caller
+    (whose cancel reaches it as Trio's ``Cancelled``): nats-py closing the connection
+    under a request, or the node's asyncio loop ending under a call a task outside the
+    cluster's block still made. Let through, ``asyncio.CancelledError`` is a
+    BaseException no ``except Exception`` takes, and Trio takes it for a crash of the
+    caller's task; it is what a call on the closed connection raises instead."""
+    log.debug("asyncio cancelled %s under its Trio caller: taken as a closed connection", fn)
+    return nats.errors.ConnectionClosedError()
 
 
 async def call_aio_bounded(
@@ -141,6 +157,8 @@ async def call_aio_bounded(
         if dropped is not None and task.done() and not task.cancelled() and not task.exception():
             dropped(task.result())
         raise
+    if task.cancelled():
+        raise _closed_under(fn)
     result: T = task.result()
     return result
 
