@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -630,6 +631,22 @@ async def test_a_fetch_ended_at_a_leave_returns_what_its_long_poll_took_at_once(
     assert left <= 1
 
 
+async def _taking_over_idle(
+    ca: Cluster, handled: list[Any], info: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Once ``ca``'s path has run its first wait: a message for ``keeper-a`` stored for
+    the gone node (returned), taken over by ``ca``'s sweep and handled (``handled``),
+    and the takeover in its next long poll (its request waits on the consumer ``info()``
+    reads)."""
+    await _past_first_wait(ca)
+    first = await store_for(ca, "keeper-a", "found by the sweep", node=GHOST)
+    await ca.durable._sweep(True)
+    await until(lambda: len(handled) == 1)
+    while not (await info()).num_waiting:  # noqa: ASYNC110 (the server's state)
+        await trio.sleep(0.02)  # (the takeover's idle long poll)
+    return first
+
+
 async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscribe_is_handed_back(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,12 +687,7 @@ async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscr
             unsubscribed.set()
 
         with trio.fail_after(30):
-            await _past_first_wait(ca)
-            first = await store_for(ca, "keeper-a", "found by the sweep", node=GHOST)
-            await ca.durable._sweep(True)
-            await until(lambda: len(handled) == 1)
-            while not (await info()).num_waiting:  # noqa: ASYNC110 (the server's state)
-                await trio.sleep(0.02)  # (the takeover's idle long poll)
+            first = await _taking_over_idle(ca, handled, info)
             monkeypatch.setattr(_durable, "_unsubscribe_taken", store_then_unsubscribe)
             await ca.durable.stop(4.0)
             await unsubscribed.wait()
@@ -696,6 +708,61 @@ async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscr
     assert handled == [(first.id, "found by the sweep")]
     assert handed_back == 1
     assert [wire.decode_message(jsmsg.data).id for jsmsg in got] == [sent[0].id]
+
+
+async def test_a_takeover_whose_unsubscribe_never_returns_ends_within_its_bound(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fiftieth pass (review of the forty-ninth): a takeover's pull subscription ended at
+    a leave was unsubscribed shielded with no bound (``_unsubscribe_taken``): an
+    ``UNSUB`` whose write does not return (nats-py's ``_send_unsubscribe`` waits on its
+    flush queue, which a flusher stuck on a server that reads nothing leaves full) held
+    the takeover's end, and with it the cluster's nursery, the node's leave, for ever.
+    Here a's takeover of a gone node, in an idle long poll (30 s) when a's durable path
+    stops (bound 4 s), meets a ``_send_unsubscribe`` that does not return until the test
+    ends: the takeover ends all the same, within the stop's bound and 2 s
+    (``_PULL_CANCEL_WAIT`` for the unsubscribe, as much for its cancel), and its
+    first message was handled once. (On main's _durable.py swapped in: the takeover
+    has not ended 6 s after the stop, TooSlowError.)"""
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", _NO_PULLER_WAIT)
+    # (the takeover's long poll outlasts the stop's wait for it: it is cancelled there)
+    monkeypatch.setattr(_durable, "FETCH_WAIT", 30.0)
+    handled: list[Any] = []
+    released: list[bool] = []
+    held: list[int] = []
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        stream = f"{ca.prefix}-durable"
+        conn = ca.durable._psub._sub._conn
+        send_unsubscribe = conn._send_unsubscribe
+
+        async def info() -> Any:
+            return await call_aio(ca.data_js.consumer_info, stream, GHOST)
+
+        async def stuck(sid: int, limit: int = 0) -> None:
+            held.append(sid)
+            while not released:  # noqa: ASYNC110 (released by the test's end)
+                await asyncio.sleep(0.02)
+            await send_unsubscribe(sid, limit)
+
+        try:
+            with trio.fail_after(30):
+                first = await _taking_over_idle(ca, handled, info)
+                conn._send_unsubscribe = stuck
+                stopped = trio.current_time()
+                await ca.durable.stop(4.0)
+                with trio.fail_after(6.0):
+                    while ca.durable._takeovers:
+                        await ca.durable._takeover_ended.wait()
+                ended = trio.current_time() - stopped
+        finally:
+            released.append(True)
+            conn._send_unsubscribe = send_unsubscribe
+    # (the takeover's and the node's own pull's, each sent again by nats-py's
+    # unsubscribe as its cut unsubscribe_server_first ends)
+    assert len(set(held)) == 2
+    assert ended < 6.0
+    assert handled == [(first.id, "found by the sweep")]
 
 
 async def test_what_a_takeover_s_failed_fetch_left_in_its_subscription_is_taken_not_left(

@@ -1039,13 +1039,7 @@ class DurableChannel:
         if self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size:
             return
         psub = self._psub
-        with (
-            trio.move_on_at(until),
-            contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
-        ):
-            await call_aio_bounded(
-                _PULL_CANCEL_WAIT, unsubscribe_server_first, psub, _PULL_CANCEL_WAIT / 2
-            )
+        await _unsubscribe_pull(psub, until)
         # (what the request took after the fetch ended, before the server had the
         # unsubscribe, is in the subscription's queue, which nobody reads: nakked back,
         # not left to wait out ack_wait; second review of the forty-eighth pass; kept
@@ -2672,12 +2666,23 @@ class DurableChannel:
 
 
 async def _unsubscribe_taken(psub: Any) -> None:
-    """A takeover's pull subscription ``psub`` ended (the server then drops the fetch
-    requests left: nothing goes to them; what it sent before is kept in the
-    subscription's queue, see :func:`unsubscribe_server_first`), shielded and bounded;
-    what fails is left to the requests' expiry."""
+    """A takeover's pull subscription ``psub`` ended: :func:`_unsubscribe_pull`, within
+    ``_PULL_CANCEL_WAIT`` from now."""
+    await _unsubscribe_pull(psub, trio.current_time() + _PULL_CANCEL_WAIT)
+
+
+async def _unsubscribe_pull(psub: Any, until: float) -> None:
+    """A pull subscription ``psub`` ended (the node's own at its leave, a takeover's):
+    unsubscribed the server first (the server then drops the fetch requests left:
+    nothing goes to them; what it sent before is kept in the subscription's queue, see
+    :func:`unsubscribe_server_first`), shielded from a cancel
+    until ``until``, and cut there (the asyncio side then given ``_PULL_CANCEL_WAIT``
+    more to end, see :func:`call_aio_bounded`); what fails is left to the requests'
+    expiry. (A takeover's was shielded with no bound before the fiftieth pass: an
+    ``UNSUB`` whose write waited on a client that sent nothing, its flusher stuck on a
+    server not reading, held the takeover's end, and the node's leave, for ever.)"""
     with (
-        trio.CancelScope(shield=True),
+        trio.CancelScope(shield=True, deadline=until),
         contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
     ):
         await call_aio_bounded(
