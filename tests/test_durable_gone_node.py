@@ -564,6 +564,48 @@ async def test_a_message_delivered_while_the_unsubscribe_is_on_its_way_is_nakked
     await _b_leaves_as_a_message_is_stored_for_it(nats, "as the unsubscribe goes", leave)
 
 
+async def test_a_message_delivered_as_the_kernel_s_stop_unsubscribes_the_pull_is_nakked_back(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: b's kernel's run ends (its shutdown, b still joined) and its pull
+    loop drops its pull's requests (``_drop_pull_requests``), which used nats-py's
+    unsubscribe: the subscription forgotten before its ``UNSUB`` was written, a message a
+    request still on the server delivered in that round trip was dropped by the client
+    and waited out ``ack_wait`` (60 s here), a delivery used up, counted nowhere. Here a
+    request of b's pull is on the server (sent raw to its inbox, as one that arrived
+    late) and b's client's ``_send_unsubscribe`` is held, once, until a message stored
+    for b was delivered to it; the server is told first now: the message is in the
+    queue, nakked back (handed_back_at_leave 1) and a's look takes it over at once.
+    (On main's _durable.py swapped in: handed_back_at_leave 0, ``assert 0 == 1``.)"""
+
+    async def leave(cb: Cluster, store: _Store, info: _Info) -> Any:
+        durable = cb.durable
+        psub = durable._psub
+        conn = psub._sub._conn
+        send_unsubscribe = conn._send_unsubscribe
+        sent: list[Any] = []
+        request = json.dumps({"batch": 1, "expires": 30_000_000_000}).encode()
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{cb.prefix}-durable.b"
+
+        async def store_then_send(sid: int, limit: int = 0) -> None:
+            conn._send_unsubscribe = send_unsubscribe
+            await conn.publish(subject, request, psub._deliver)
+            sent.append(await trio_asyncio.trio_as_aio(store)())
+            while not (await trio_asyncio.trio_as_aio(info)()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.02)  # (delivered to b's connection)
+            await send_unsubscribe(sid, limit)
+
+        conn._send_unsubscribe = store_then_send
+        await cb.kernel.shutdown()
+        await durable._pull_ended.wait()
+        assert sent, "the pull ended without its kernel's stop unsubscribing it"
+        await durable.stop()  # (the nak sent: counted)
+        assert durable.handed_back_at_leave == 1
+        return sent[0]
+
+    await _b_leaves_as_a_message_is_stored_for_it(nats, "as the kernel stops", leave)
+
+
 class _EndlessJs(_FakeJs):
     """:class:`_FakeJs` whose consumers' pages never end: each answer the same page,
     whatever its offset (a server, or something in its place, that ignores it); the

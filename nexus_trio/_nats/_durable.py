@@ -574,6 +574,9 @@ class DurableChannel:
         # stop() ends the pull before it closes _ops: nothing is fetched after that
         self._pulling = trio.CancelScope()
         self._pull_ended = trio.Event()
+        # the pull's subscription was unsubscribed as the kernel's run ended (see
+        # _drop_pull_requests): the leave's _end_pull_requests does not again
+        self._pull_dropped = False
         # the leave's stop gave up waiting for the pull to end (see stop): what it holds
         # is left to JetStream, counted then
         self._abandoned = False
@@ -1039,7 +1042,8 @@ class DurableChannel:
         if self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size:
             return
         psub = self._psub
-        await _unsubscribe_pull(psub, until)
+        if not self._pull_dropped:  # (else unsubscribed already: its queue is read below)
+            await _unsubscribe_pull(psub, until)
         # (what the request took after the fetch ended, before the server had the
         # unsubscribe, is in the subscription's queue, which nobody reads: nakked back,
         # not left to wait out ack_wait; second review of the forty-eighth pass; kept
@@ -2223,9 +2227,22 @@ class DurableChannel:
         starts first; a loaded machine delays the request), and the server then holds it
         for the fetch's whole wait: the next durable message went to it, a delivery
         nobody handled, that waited out ack_wait and used up one of max_deliver. The
-        server drops a request whose inbox has no subscriber instead."""
-        with contextlib.suppress(nats.errors.Error, OSError, ValueError):
-            await call_aio(self._psub.unsubscribe)
+        server drops a request whose inbox has no subscriber instead.
+
+        Unsubscribed the server first, shielded and bounded, as the leave's
+        :meth:`_end_pull_requests` (see :func:`_unsubscribe_pull`): what a request
+        still on the server delivered until the server had the ``UNSUB`` is in the
+        subscription's queue then, nakked back (``handed_back_at_leave``; the node's
+        next process, or a survivor's takeover, gets it at once). Before the fiftieth
+        pass nats-py's unsubscribe forgot the subscription before the ``UNSUB`` was
+        written, dropping such a message: it waited out ``ack_wait``, a delivery used
+        up, counted nowhere."""
+        psub, self._pull_dropped = self._psub, True
+        await _unsubscribe_pull(psub, trio.current_time() + _PULL_CANCEL_WAIT)
+        if took := take_queued(psub):
+            self._hand_back_cancelled(
+                took, "its kernel's run ended while its pull's request was on the server"
+            )
 
     def _terminate_undecodable(self, jsmsg: NatsMsg, exc: MessageDecodeError) -> None:
         """A body no kernel wrote (a hostile or broken publisher): terminated, counted."""
@@ -2672,10 +2689,10 @@ async def _unsubscribe_taken(psub: Any) -> None:
 
 
 async def _unsubscribe_pull(psub: Any, until: float) -> None:
-    """A pull subscription ``psub`` ended (the node's own at its leave, a takeover's):
-    unsubscribed the server first (the server then drops the fetch requests left:
-    nothing goes to them; what it sent before is kept in the subscription's queue, see
-    :func:`unsubscribe_server_first`), shielded from a cancel
+    """A pull subscription ``psub`` ended (the node's own at its kernel's stop or its
+    leave, a takeover's): unsubscribed the server first (the server then drops the
+    fetch requests left: nothing goes to them; what it sent before is kept in the
+    subscription's queue, see :func:`unsubscribe_server_first`), shielded from a cancel
     until ``until``, and cut there (the asyncio side then given ``_PULL_CANCEL_WAIT``
     more to end, see :func:`call_aio_bounded`); what fails is left to the requests'
     expiry. (A takeover's was shielded with no bound before the fiftieth pass: an
