@@ -606,6 +606,44 @@ async def test_a_message_delivered_as_the_kernel_s_stop_unsubscribes_the_pull_is
     await _b_leaves_as_a_message_is_stored_for_it(nats, "as the kernel stops", leave)
 
 
+async def test_what_the_ended_pull_s_queue_holds_at_a_leave_with_its_server_gone_is_counted(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: at a leave whose data connection is down, ``_end_pull_requests``
+    returned before it read the pull's queue: a message b's ended pull request had
+    taken into it before the server went was neither nakked back nor counted (it waits
+    out ``ack_wait`` in JetStream, whose server is gone here). Here a message stored for
+    b is delivered to b's ended pull request and read into its queue, then the server
+    is killed and the stop goes on once the data connection is down: the message is
+    nakked back, the nak not sent, counted in ``unsettled_at_leave`` (1, nothing handed
+    back). (On main's _durable.py swapped in: 0 and 0.)"""
+    patient = attrs.evolve(DURABLE, ack_wait=60.0)
+    async with local_node(nats.url, "b", durable=patient, **QUICK) as (_kb, cb):
+        durable = cb.durable
+        end_pull_requests = durable._end_pull_requests
+        stored: list[Any] = []
+
+        async def info() -> Any:
+            return await call_aio(cb.data_js.consumer_info, f"{cb.prefix}-durable", "b")
+
+        async def store_then_end(until_: float) -> None:
+            stored.append(await store_for(cb, "keeper-b", "as its server goes", node="b"))
+            while not (await info()).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.02)  # (delivered to b's ended pull request)
+            await call_aio(cb.nc.flush)  # (in the subscription's queue)
+            nats.kill()
+            await until(lambda: cb.connections.down_at("data") is not None)
+            await end_pull_requests(until_)
+
+        with trio.fail_after(30):
+            while not (await info()).num_waiting:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.02)
+            durable._end_pull_requests = store_then_end  # type: ignore[method-assign]
+            await durable.stop(4.0)
+    assert len(stored) == 1
+    assert (durable.handed_back_at_leave, durable.unsettled_at_leave) == (0, 1)
+
+
 class _EndlessJs(_FakeJs):
     """:class:`_FakeJs` whose consumers' pages never end: each answer the same page,
     whatever its offset (a server, or something in its place, that ignores it); the

@@ -512,6 +512,7 @@ class _FetchedMsg:
 
     def __init__(self) -> None:
         self.naks = 0
+        self.reply = f"$JS.ACK.fake.{id(self)}"  # (the subject its nak goes to)
 
     async def nak(self, delay: float | None = None) -> None:
         self.naks += 1
@@ -537,6 +538,7 @@ def test_a_hand_back_the_leave_does_not_send_is_counted_unsettled_not_handed_bac
     channel._ops = ops  # type: ignore[assignment]
     channel._settles_queued = channel._settles_sent = 0
     channel.handed_back_at_leave = channel.unsettled_at_leave = 0
+    channel._handed_back = set()
     fetched = [_FetchedMsg() for _ in range(10)]
     channel._hand_back_at_leave(GHOST, fetched, _NoWaiting())  # type: ignore[arg-type]
     trio.run(channel._send_ops, ops.taken[:2])

@@ -2719,12 +2719,13 @@ class Cluster:
             return []
         prefix, durable = f"{self.prefix}.node.", f"{self.prefix}.durable."
         items: list[_Outgoing] = []
-        settles = 0
+        settles: list[str] = []
         for subject, reply, headers, data in taken:
             if subject.startswith(_JS_ACK):
                 # an ack, nak or term the durable channel counted sent (the client took
                 # it); an in-progress report settles nothing
-                settles += data != _IN_PROGRESS
+                if data != _IN_PROGRESS:
+                    settles.append(subject)
                 continue
             if subject.startswith(("$JS.", durable)):
                 continue

@@ -640,6 +640,10 @@ class DurableChannel:
         #: take_over); counted as each nak is sent (one the leave does not send is in
         #: ``unsettled_at_leave`` instead)
         self.handed_back_at_leave = 0
+        # the ack subjects of the naks counted in handed_back_at_leave (a leave's few): one
+        # taken back out of the client's reconnect buffer is counted unsettled instead
+        # (see unsent_in_client)
+        self._handed_back: set[str] = set()
         # the nodes gone whose stored messages this node looks at later (see _look_later)
         self._looks: dict[str, trio.CancelScope] = {}
         # the other members that ran the durable path when membership last changed: one
@@ -1034,15 +1038,16 @@ class DurableChannel:
         they while the data connection is down, or its client holds unwritten bytes (a
         reconnect under way the watch has not marked yet): the server dropped the inbox
         with a connection that went, and what the client holds is the leave's to count
-        (see ``Cluster._take_client_buffer``), not to be pushed out by this flush."""
+        (see ``Cluster._take_client_buffer``), not to be pushed out by this flush. What
+        the subscription's queue holds is nakked back then too (counted unsettled if the
+        nak is not sent: before the fiftieth pass it was left unread, uncounted)."""
         try:
             nc = self.cluster.nc
         except TransportUnavailable:
             return  # (never connected)
-        if self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size:
-            return
         psub = self._psub
-        if not self._pull_dropped:  # (else unsubscribed already: its queue is read below)
+        down = self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size
+        if not (down or self._pull_dropped):  # (dropped: unsubscribed already)
             await _unsubscribe_pull(psub, until)
         # (what the request took after the fetch ended, before the server had the
         # unsubscribe, is in the subscription's queue, which nobody reads: nakked back,
@@ -1070,12 +1075,18 @@ class DurableChannel:
         with trio.CancelScope(deadline=until) as bound:
             await connections.unless_gone(_DATA, wait, self._ops.close, bound=bound)
 
-    def unsent_in_client(self, settles: int) -> None:
-        """Leaving with the data connection down: ``settles`` acks, naks and terms this
-        channel counted sent (the NATS client took them, into its reconnect buffer) were
-        taken out of that buffer, never sent (see ``Cluster._take_client_buffer``):
-        JetStream delivers their messages again. Counted in ``unsettled_at_leave``,
-        logged."""
+    def unsent_in_client(self, subjects: list[str]) -> None:
+        """Leaving with the data connection down: the acks, naks and terms this channel
+        counted sent (the NATS client took them, into its reconnect buffer) to
+        ``subjects`` (their ``$JS.ACK.`` subjects) were taken out of that buffer, never
+        sent (see ``Cluster._take_client_buffer``): JetStream delivers their messages
+        again. Counted in ``unsettled_at_leave``, logged; a hand-back among them is
+        taken out of ``handed_back_at_leave`` (counted there as the client took it:
+        before the fiftieth pass it stayed there too, the message counted twice)."""
+        settles = len(subjects)
+        back = self._handed_back.intersection(subjects)
+        self._handed_back -= back
+        self.handed_back_at_leave -= len(back)
         self.unsettled_at_leave += settles
         log_guarded(
             log,
@@ -2626,6 +2637,7 @@ class DurableChannel:
                 self._settles_sent += 1
                 if op == _HAND_BACK:
                     self.handed_back_at_leave += 1
+                    self._handed_back.add(jsmsg.reply)
 
     async def _send_forward(self, jsmsg: NatsMsg, subject: str, *, taken: bool = False) -> None:
         """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then
