@@ -3,6 +3,7 @@ frames, membership bookkeeping."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -1307,14 +1308,19 @@ def test_a_batchs_tells_decode_as_one_by_one_with_errors_in_their_order() -> Non
 # --- columnar node batches (NXB3) -------------------------------------------------------------
 
 
-def _frame_kinds(body: bytes) -> list[int]:
+def _frames(body: bytes) -> list[tuple[int, bytes]]:
+    """The frames of a batch as ``(kind, body)``, read here, not by _batch."""
     _head, offset = batch.read_head(body)
-    kinds = []
+    frames = []
     while offset < len(body):
         length, kind = struct.unpack_from(">IB", body, offset)
-        kinds.append(kind)
+        frames.append((kind, body[offset + 5 : offset + 4 + length]))
         offset += 4 + length
-    return kinds
+    return frames
+
+
+def _frame_kinds(body: bytes) -> list[int]:
+    return [kind for kind, _ in _frames(body)]
 
 
 def test_rare_and_common_tells_in_one_columnar_batch_keep_their_order() -> None:
@@ -1357,6 +1363,45 @@ def test_rare_and_common_tells_in_one_columnar_batch_keep_their_order() -> None:
     head, offset = batch.read_head(body)
     read, _ = batch.read_columnar(body, offset, head.numbered, errors.append)
     assert read == msgs[:2] and len(errors) == 1
+
+
+def test_a_block_of_rows_is_read_in_place_from_its_batchs_bytes() -> None:
+    """read_columnar hands each block to decode_block as the batch's own bytes and the
+    block's bounds in them, not as a copy of the block (fiftieth pass: a block is most
+    of a batch); the messages are those sent, in order, and a block refused by a row
+    (its IndexError caught inside decode_block) leaves nothing the garbage collector
+    cannot clear (an iter_unpack of a memoryview there was a segfault on 3.11)."""
+    from .test_wire_fuzz import add_columnar
+
+    me = uuid.UUID(int=9)
+    msgs = [Message(me, "sink", {"n": n}) for n in range(3)]
+    single = Message(me, "sink", 3, conversation_id=uuid.uuid4())  # a single tell
+    link = batch.NodeLink("b", 2, window=100, columnar=True)
+    for msg in [*msgs[:2], single, msgs[2]]:
+        add_columnar(link, msg)
+    body, _ = link.seal(b"a", 1, 7)
+    head, offset = batch.read_head(body)
+    calls: list[tuple[bool, bytes]] = []
+    real_decode = wire.decode_block
+
+    def decode(data: bytes, start: int, end: int) -> list[Message]:
+        calls.append((data is body, bytes(data[start:end])))
+        return real_decode(data, start, end)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "decode_block", decode)
+        read, _ = batch.read_columnar(body, offset, head.numbered, print)
+    assert read == [*msgs[:2], single, msgs[2]]
+    blocks = [frame for kind, frame in _frames(body) if kind == batch.ROWS]
+    assert [same for same, _ in calls] == [True, True]
+    assert [block for _, block in calls] == blocks and len(blocks) == 2
+    block, _ = _good_block()
+    bad = _block_batch(_patched(block, 6 + 2 * 43, b"\x63"), 3)  # a kind code of 99
+    head, offset = batch.parse_head(bad)
+    for _ in range(20):
+        with pytest.raises(batch.BatchError, match="kind code 99"):
+            batch.read_columnar(bad, offset, head.numbered, print)
+        gc.collect()
 
 
 def test_a_block_of_rows_carries_each_rows_sender_and_the_id_drawn_at_its_close() -> None:

@@ -158,7 +158,7 @@ def read_head(data: bytes) -> tuple[BatchHead, int]:
 
 
 def split_frames(
-    data: bytes, offset: int, numbered: int, blocks: list[int] | None = None
+    data: bytes, offset: int, numbered: int, blocks: list[tuple[int, int, int]] | None = None
 ) -> tuple[list[bytes], list[tuple[int, bytes]]]:
     """The batch's frames from ``offset``: the bodies of its tells in order, and its
     control frames (``CANCEL``, ``CREDIT``) as ``(kind, body)`` in order. Checked as a
@@ -171,8 +171,10 @@ def split_frames(
     the stream the other way): a tell costs no tuple here and no kind test later.
 
     ``blocks`` (an NXB3 batch, see :func:`read_columnar`): ``ROWS`` frames are taken too,
-    their bodies among the tells' in order, their places in ``tells`` added to
-    ``blocks``; the count of tells is then the caller's to check.
+    as ``(place, start, end)`` added to ``blocks``: how many single tells come before
+    the block, and where its body is in ``data`` (not copied out: a block is most of a
+    batch's bytes, and :func:`_wire.decode_block` reads it in place, fiftieth pass); the
+    count of tells is then the caller's to check.
     """
     tells: list[bytes] = []
     controls: list[tuple[int, bytes]] = []
@@ -185,29 +187,34 @@ def split_frames(
             end = offset + 4 + length
             if length < 1 or end > size:
                 raise BatchError(
-                    f"frame {len(tells) + len(controls)} at byte {offset}: length {length}"
-                    f" runs past the batch's {size} bytes"
+                    f"frame {_frames(tells, controls, blocks)} at byte {offset}: length"
+                    f" {length} runs past the batch's {size} bytes"
                 )
             if kind == TELL:
                 add_tell(data[offset + FRAME_OVERHEAD : end])
             elif kind in _KINDS:
                 controls.append((kind, data[offset + FRAME_OVERHEAD : end]))
             elif kind == ROWS and blocks is not None:
-                blocks.append(len(tells))
-                add_tell(data[offset + FRAME_OVERHEAD : end])
+                blocks.append((len(tells), offset + FRAME_OVERHEAD, end))
             else:
                 raise BatchError(
-                    f"frame {len(tells) + len(controls)} at byte {offset}: unknown kind {kind}"
+                    f"frame {_frames(tells, controls, blocks)} at byte {offset}:"
+                    f" unknown kind {kind}"
                 )
             offset = end
     except struct.error:
         # fewer than FRAME_OVERHEAD bytes left for a frame's length and kind
         raise BatchError(
-            f"frame {len(tells) + len(controls)} at byte {offset}: truncated length"
+            f"frame {_frames(tells, controls, blocks)} at byte {offset}: truncated length"
         ) from None
     if blocks is None and len(tells) != numbered:
         raise BatchError(f"batch head says {numbered} tells, it holds {len(tells)}")
     return tells, controls
+
+
+def _frames(tells: list[bytes], controls: list[tuple[int, bytes]], blocks: list[Any] | None) -> int:
+    """How many frames :func:`split_frames` took so far (for its errors)."""
+    return len(tells) + len(controls) + (len(blocks) if blocks else 0)
 
 
 def read_columnar(
@@ -235,20 +242,21 @@ def read_columnar(
     are one JSON array of payloads and one table of addresses: no row of a bad block is
     read alone (a row's payload cannot be told from its neighbours' in an array that
     does not parse)."""
-    places: list[int] = []
+    places: list[tuple[int, int, int]] = []
     bodies, controls = split_frames(data, offset, numbered, places)
     if not places:
         if len(bodies) != numbered:
             raise BatchError(f"batch head says {numbered} tells, it holds {len(bodies)}")
         return wire.decode_tells(bodies, undecodable), controls
     decoded: list[list[Message] | tuple[int, BatchError]] = []
-    count = len(bodies) - len(places)
-    for place in places:
-        body = bodies[place]
+    count = len(bodies)
+    for place, start, end in places:
         try:
-            msgs = wire.decode_block(body, 0, len(body))
+            msgs = wire.decode_block(data, start, end)
         except wire.BlockError as exc:
-            error = BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}")
+            # (after its frames before: single tells and blocks)
+            after = place + len(decoded)
+            error = BatchError(f"block of rows {len(decoded)}, after {after} tells: {exc}")
             # its head's count, only if the block's own bytes could hold as many rows:
             # else no count of it can be trusted, and the batch is refused whole
             rows = exc.rows
@@ -264,7 +272,7 @@ def read_columnar(
         raise BatchError(f"batch head says {numbered} tells, it holds {count}{bad}")
     out: list[Message] = []
     start = 0
-    for place, block in zip(places, decoded, strict=True):
+    for (place, _, _), block in zip(places, decoded, strict=True):
         if place > start:
             out += wire.decode_tells(bodies[start:place], undecodable)
         if isinstance(block, tuple):
@@ -272,7 +280,7 @@ def read_columnar(
             bad_rows(*block)
         else:
             out += block
-        start = place + 1
+        start = place
     if start < len(bodies):
         out += wire.decode_tells(bodies[start:], undecodable)
     return out, controls

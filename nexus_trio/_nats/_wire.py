@@ -119,7 +119,7 @@ _KINDS: Final = {kind.value: kind for kind in MessageKind}
 _std_dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _std_loads: Final = json.JSONDecoder().decode
 _dumps: Callable[[Any], bytes]
-_loads: Callable[[bytes], Any]
+_loads: Callable[[bytes | memoryview], Any]
 _FAST_DECODE_ERROR: type[Exception]
 try:
     # msgspec's JSON codec writes the same compact JSON values as the standard library's
@@ -134,8 +134,8 @@ except ImportError:  # pragma: no cover - the ``nats`` extra installs it
     def _dumps(obj: Any) -> bytes:
         return _std_dumps(obj).encode()
 
-    def _loads(data: bytes) -> Any:
-        return _std_loads(data.decode())
+    def _loads(data: bytes | memoryview) -> Any:
+        return _std_loads(str(data, "utf-8"))  # (a view too: see decode_block)
 
     _FAST_DECODE_ERROR = ValueError
 else:
@@ -144,10 +144,12 @@ else:
     _FAST_DECODE_ERROR = msgspec.DecodeError
 
 
-def _read_json(data: bytes, field: str = "<document>", start: int = 0) -> Any:
+def _read_json(data: bytes | memoryview, field: str = "<document>", start: int = 0) -> Any:
     try:
         return _loads(data)
     except _FAST_DECODE_ERROR:
+        if data.__class__ is not bytes:
+            data = bytes(data)  # (a block's view, see decode_block)
         # Not strict JSON for msgspec: maybe Infinity/NaN (see encode_message), which the
         # standard library reads; anything else fails there too, with its own message,
         # but for a lone surrogate ("\ud800"), which it reads into a string that is not
@@ -937,7 +939,7 @@ def decode_block(data: bytes, start: int, end: int) -> list[Message]:
                 raw = data[offset : offset + length]
                 name = _NAMES.get(raw)
                 if name is None:
-                    name = utf8_text(raw, f"address {entry}", offset)
+                    name = utf8_text(raw, f"address {entry}", offset - start)
                     if length <= NAME_CACHE_BYTES:
                         _remember(_NAMES, raw, name)
                 names.append(name)
@@ -945,8 +947,13 @@ def decode_block(data: bytes, start: int, end: int) -> list[Message]:
             else:
                 names.append(_agent_from_bytes(data[offset : offset + 16]))
                 offset += 16
+        # the payloads read in place (a view, not a copy of half the block): the decoder
+        # holds it for the call only, and what it makes (strings, numbers) are new
+        # objects. (Not the rows: an iter_unpack of a view, caught in a traceback's
+        # cycle by a row's IndexError, is a view with an export that the garbage
+        # collector fails to clear, a segfault on 3.11; fiftieth pass.)
         try:
-            payloads = _read_json(data[offset:end], "payloads", offset)
+            payloads = _read_json(memoryview(data)[offset:end], "payloads", offset - start)
         except RecursionError:
             raise ValueError("its payloads are nested too deeply") from None
         except ValueError as exc:
