@@ -19,6 +19,8 @@ less with the machine's load than tells a second.
 (``opcode_count.InstructionCounter``) and print them a crossing tell by function (the
 driver loop, ``Kernel.send``, ``Router.fast``/``send``, ``take_tell``, the seal, nats-py):
 a count that does not move with the load at all (the waits' polls do, a little).
+``--receiver-opcodes``: the same count in the receiving process (its trio thread: the
+batches opened, the tells put in the mailboxes, the sinks' runs; fiftieth pass).
 
 Run from a copy of the repository to measure that copy: the receiver gets this script's
 repository on its ``PYTHONPATH``.
@@ -75,10 +77,22 @@ async def _receiver(url: str, agents: int, patient: bool) -> None:
         nonlocal count
         count += 1
 
+    opcodes: Any = None
+
     @agent(name="count")
     async def counter(ctx: Any, msg: Any) -> Any:
+        nonlocal opcodes
         if msg.payload == "stats":  # (what a drain that did not end says)
             return f"{ctx.kernel.stats()!r:.1500} {cluster_of(ctx.kernel).stats()!r:.2000}"
+        if msg.payload == "opcodes-on":
+            from opcode_count import InstructionCounter
+
+            opcodes = InstructionCounter()
+            opcodes.start()
+            return "on"  # (a handler's None is no reply)
+        if msg.payload == "opcodes-off":
+            opcodes.stop()
+            return _by_function(opcodes)
         return count if msg.payload == "count" else time.process_time()
 
     async with open_kernel(_config()) as kernel:
@@ -92,6 +106,19 @@ async def _receiver(url: str, agents: int, patient: bool) -> None:
             await kernel.shutdown()
 
 
+def _by_function(counter: Any) -> dict[str, tuple[int, int]]:
+    """An InstructionCounter's count by function: ``{name: (opcodes, runs)}``, most first."""
+    by_function: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for (code, offset), hits in counter.hits.items():
+        where = Path(code.co_filename)
+        name = f"{where.parent.name}/{where.name}:{code.co_qualname}"
+        by_function[name] += hits
+        if offset == 0:  # (a code object's first instruction: its runs)
+            calls[name] += hits
+    return {name: (hits, calls[name]) for name, hits in by_function.most_common()}
+
+
 def _callgrind(state: str) -> None:
     """Turn callgrind's count of this process on or off (``--toggle``)."""
     subprocess.run(
@@ -100,7 +127,13 @@ def _callgrind(state: str) -> None:
 
 
 async def _sender(
-    url: str, agents: int, messages: int, opcodes: bool, patient: bool, toggle: bool
+    url: str,
+    agents: int,
+    messages: int,
+    opcodes: bool,
+    patient: bool,
+    toggle: bool,
+    receiver_opcodes: bool = False,
 ) -> dict[str, Any]:
     import trio
 
@@ -163,7 +196,8 @@ async def _sender(
             with trio.move_on_after(120):
                 while count + remote < local_goal + remote_goal - refused():
                     await trio.sleep(0.002)
-                    remote = await kernel.request("count", "count")
+                    # (a receiver counting its opcodes answers ten times slower)
+                    remote = await kernel.request("count", "count", timeout=60)
                 return
             raise RuntimeError(
                 f"handled {count} of {local_goal} here, {remote} of {remote_goal} there,"
@@ -184,6 +218,8 @@ async def _sender(
 
             counter = InstructionCounter()
             counter.start()
+        if receiver_opcodes:
+            await kernel.request("count", "opcodes-on")
         if toggle:
             _callgrind("on")
         cpu_here = time.process_time()
@@ -198,23 +234,22 @@ async def _sender(
             counter.stop()
         cpu_there = await kernel.request("count", "cpu") - cpu_there
         crossing = messages // 2
+        if receiver_opcodes:
+            there = await kernel.request("count", "opcodes-off", timeout=120)
+            result["receiver_opcodes_per_crossing_tell"] = (
+                sum(hits for hits, _ in there.values()) / crossing
+            )
+            result["receiver_by_function"] = {
+                name: (hits / crossing, runs / crossing) for name, (hits, runs) in there.items()
+            }
         result["sender_cpu_us_per_crossing_tell"] = cpu_here / crossing * 1e6
         result["receiver_cpu_us_per_crossing_tell"] = cpu_there / crossing * 1e6
         result["messages_per_s"] = messages / elapsed
         if counter is not None:
-            by_function: collections.Counter[str] = collections.Counter()
-            calls: collections.Counter[str] = collections.Counter()
-            for (code, offset), hits in counter.hits.items():
-                where = Path(code.co_filename)
-                name = f"{where.parent.name}/{where.name}:{code.co_qualname}"
-                by_function[name] += hits
-                if offset == 0:  # (a code object's first instruction: its runs)
-                    calls[name] += hits
-            total = sum(by_function.values())
-            result["opcodes_per_crossing_tell"] = total / crossing
+            here = _by_function(counter)
+            result["opcodes_per_crossing_tell"] = sum(hits for hits, _ in here.values()) / crossing
             result["by_function"] = {
-                name: (hits / crossing, calls[name] / crossing)
-                for name, hits in by_function.most_common()
+                name: (hits / crossing, runs / crossing) for name, (hits, runs) in here.items()
             }
         await kernel.shutdown()
     return result
@@ -230,6 +265,7 @@ def main() -> None:
         action="store_true",
         help="a failure detector that waits a minute (implied by --opcodes; for valgrind)",
     )
+    parser.add_argument("--receiver-opcodes", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument(
         "--toggle",
@@ -251,7 +287,8 @@ def main() -> None:
     with NatsServer() as server:
         receiver = subprocess.Popen(
             [sys.executable, __file__, "--serve", server.url, "--agents", str(args.agents)]
-            + ["--patient"] * (args.patient or args.opcodes or args.toggle),
+            + ["--patient"]
+            * (args.patient or args.opcodes or args.toggle or args.receiver_opcodes),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -267,8 +304,9 @@ def main() -> None:
                 args.agents,
                 args.messages,
                 args.opcodes,
-                args.patient or args.toggle,
+                args.patient or args.toggle or args.receiver_opcodes,
                 args.toggle,
+                args.receiver_opcodes,
             )
         finally:
             assert receiver.stdin is not None
@@ -286,11 +324,13 @@ def main() -> None:
         f" receiver {result['receiver_cpu_us_per_crossing_tell']:.2f},"
         f" {result['messages_per_s']:,.0f} messages/s"
     )
-    if "by_function" in result:
-        print(f"opcodes a crossing tell (sender): {result['opcodes_per_crossing_tell']:.1f}")
-        print("  opcodes   runs  (a crossing tell)")
-        for name, (hits, runs) in list(result["by_function"].items())[: args.top]:
-            print(f"  {hits:7.2f} {runs:6.3f}  {name}")
+    for side, key in (("sender", "by_function"), ("receiver", "receiver_by_function")):
+        if key in result:
+            total = sum(hits for hits, _ in result[key].values())
+            print(f"opcodes a crossing tell ({side}): {total:.1f}")
+            print("  opcodes   runs  (a crossing tell)")
+            for name, (hits, runs) in list(result[key].items())[: args.top]:
+                print(f"  {hits:7.2f} {runs:6.3f}  {name}")
 
 
 if __name__ == "__main__":
