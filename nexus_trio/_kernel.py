@@ -1257,6 +1257,13 @@ def _closed_on(router: Router) -> KernelShuttingDown:
     return KernelShuttingDown("request", phase.name.lower())
 
 
+def _is_cancel(error: BaseException) -> bool:
+    """A ``trio.Cancelled``, also a group of nothing else (a nursery of the block's)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
+
+
 def _is_interrupt(error: BaseException | None) -> bool:
     """A Ctrl-C, also one that reached the block through a nursery of its own (a group)."""
     if isinstance(error, BaseExceptionGroup):
@@ -1406,6 +1413,11 @@ async def open_kernel(
             # that error is the one raised, and it says this one too.
             failing.add_note(f"closing the kernel then raised {type(exc).__name__}: {exc}")
     if body_error is not None:
+        if kernel._escalation is not None and _is_cancel(body_error):
+            # The block was cancelled from outside (a cancel scope around it) while the
+            # root gave up, or after: the tree's failure goes out, not the Cancelled,
+            # which that scope would take (Trio loses no child's error to a cancel).
+            raise kernel._escalation
         raise body_error
     if kernel._interrupt is not None:
         raise kernel._interrupt

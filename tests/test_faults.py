@@ -944,6 +944,18 @@ async def test_an_escalation_during_the_drain_does_not_stop_the_tree_past_the_gr
     assert_conserved(kernel)
 
 
+class BoomOrBusy(Agent):
+    """Raises on ``"boom"``; any other message keeps it busy for 10 s."""
+
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        await trio.sleep(10)
+
+
 async def test_the_shutdown_after_an_escalation_to_the_kernel_does_not_wait_out_the_grace(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -952,26 +964,17 @@ async def test_the_shutdown_after_an_escalation_to_the_kernel_does_not_wait_out_
     that leaving the cancelled block starts then waited out the whole grace (100 s) for
     it."""
 
-    class Busy(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            pass
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            if msg.payload == "boom":
-                raise RuntimeError("boom")
-            await trio.sleep(10)
-
     kernels: list[Any] = []
 
     async def fail_while_running() -> None:
         cfg = config(max_restarts=0, grace_ms=100_000, escalate_to_kernel=True)
         async with open_kernel(cfg) as kernel:
             kernels.append(kernel)
-            busy = kernel.spawn(agent(Busy, name="busy"))
+            busy = kernel.spawn(agent(BoomOrBusy, name="busy"))
             await kernel.send(busy, "b1")
             await kernel.send(busy, "b2")
             await trio.testing.wait_all_tasks_blocked()
-            await kernel.send(kernel.spawn(agent(Busy, name="fails")), "boom")
+            await kernel.send(kernel.spawn(agent(BoomOrBusy, name="fails")), "boom")
             await trio.sleep_forever()
 
     start = trio.current_time()
@@ -982,6 +985,47 @@ async def test_the_shutdown_after_an_escalation_to_the_kernel_does_not_wait_out_
     assert [(d.message.payload, d.reason) for d in dead_letters(kernel)] == [
         ("boom", DeadLetterReason.HANDLER_ERROR),
         ("b2", DeadLetterReason.SHUTDOWN),
+    ]
+    assert_conserved(kernel)
+
+
+async def test_an_escalation_to_the_kernel_goes_out_of_a_block_cancelled_from_outside(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (found by the fault machine with ``escalate_to_kernel``): the root gave
+    up (``fails`` raised) and stopped ``busy``, whose message in hand takes 10 s; at 1 s
+    a cancel scope around the block was cancelled. ``open_kernel`` raised the block's
+    ``Cancelled``, which that scope took: the escalation, the tree's failure, was lost
+    (logged only), where Trio loses no child's error to a cancel. It goes out now, past
+    the cancelled scope, once the kernel has stopped (promptly: no drain)."""
+
+    kernels: list[Any] = []
+    scopes: list[trio.CancelScope] = []
+
+    async def cancelled_while_the_root_gives_up() -> None:
+        cfg = config(max_restarts=0, grace_ms=100_000, escalate_to_kernel=True)
+        with trio.move_on_after(1) as outside:
+            scopes.append(outside)
+            async with open_kernel(cfg) as kernel:
+                kernels.append(kernel)
+                busy = kernel.spawn(agent(BoomOrBusy, name="busy"))
+                await kernel.send(busy, "b1")
+                await trio.testing.wait_all_tasks_blocked()
+                await kernel.send(kernel.spawn(agent(BoomOrBusy, name="fails")), "boom")
+                await trio.sleep_forever()
+
+    start = trio.current_time()
+    with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation) as raised:
+        await cancelled_while_the_root_gives_up()
+    (kernel,) = kernels
+    assert raised.value.chain[-1] == "fails"
+    assert isinstance(raised.value.last_error, RuntimeError)
+    assert scopes[0].cancel_called
+    assert trio.current_time() - start == 1.0  # the cancel's prompt stop, not busy's 10 s
+    assert kernel.stopped
+    assert [(d.message.payload, d.reason) for d in dead_letters(kernel)] == [
+        ("boom", DeadLetterReason.HANDLER_ERROR),
+        ("b1", DeadLetterReason.SHUTDOWN),
     ]
     assert_conserved(kernel)
 
