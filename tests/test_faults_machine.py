@@ -22,6 +22,10 @@ a mock time the program chose, between two of the kernel's timers. It draws what
   outside at a random mock time (in the block, or beside it), or one a handler asks for;
   handler, ``on_start`` and background failures, and restarts, during the drain;
 * monitors and ``demonitor`` from agents, and a watcher that lives until the shutdown;
+* lazy agents (a class without ``on_start``, with or without ``on_stop``: no task until
+  a message comes, see ``AgentSpec.starts_lazily``) among the others, and one program in
+  three with ``escalate_to_kernel`` (the root's give-up shuts the kernel down and
+  ``open_kernel`` raises ``SupervisorEscalation``, which the test journals);
 * children added under a supervisor (three in four of the adds pick one still in the
   tree, some of those one not running or one restarted): the answer is asserted exactly,
   refused while it or one above it is on its way out or between runs, taken otherwise,
@@ -34,14 +38,17 @@ After every step (every task blocked): conservation (``assert_conserved``), ``st
 against what the test counted (``handled`` handler calls that returned,
 ``dead_lettered`` the letters read, ``restarts`` the ``restarted`` events, ``failed``
 the ``handler_error`` letters), ``agents_alive``, no run stopped twice or handling a
-message after its ``on_stop`` began, and no agent left unrouted (being stopped) for 30
-mock seconds. At the end: no task left, nothing in flight, every ``on_start`` that
-returned matched by exactly one ``on_stop``; a linked child's runs started before
+message after its ``on_stop`` began, no agent left unrouted (being stopped) for 30
+mock seconds, no lazy agent idle (no task) with messages queued for it, and no step
+after the root gave up to the kernel (its block is cancelled). At the end: no task
+left, nothing in flight, every ``on_start`` that returned matched by exactly one
+``on_stop``; a linked child's runs started before
 their parent's ``on_stop`` began and stopped before it (unless spawned in it); no run
 started once the tree stops; every message by its own number: each accepted one
 handled or dead-lettered exactly once, never both, none whose send raised handled or
 dead-lettered, the letters by reason equal to ``stats()``'s; every agent and supervisor
-spawned has one ``stopped`` event, its last; a ``kernel.stop`` that returned was
+spawned has one ``stopped`` event, its last; ``SupervisorEscalation`` raised exactly
+when the root gave up; a ``kernel.stop`` that returned was
 followed by its ``stopped`` event; a request ended by its deadline; each monitor's
 notice of a stop for good at most once, and exactly once where the watcher asked while
 the target ran, never took it back and lived on until the shutdown.
@@ -58,8 +65,9 @@ import itertools
 import math
 import uuid
 from collections import Counter
-from contextlib import suppress
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any, ClassVar
 
 import trio
 import trio.testing
@@ -86,6 +94,7 @@ from nexus_trio import (
     MessageKind,
     SupervisionConfig,
     Supervisor,
+    SupervisorEscalation,
     agent,
     open_kernel,
 )
@@ -107,7 +116,18 @@ actions = st.one_of(
     st.tuples(st.just("ask"), st.integers(0, 31), st.sampled_from([0.01, 0.5, 3.0])),
 )
 quirks = st.sampled_from(
-    ["none", "none", "none", "start_fails", "stop_fails", "slow_stop", "slow_start", "start_spawns"]
+    [
+        "none",
+        "none",
+        "none",
+        "start_fails",
+        "stop_fails",
+        "slow_stop",
+        "slow_start",
+        "start_spawns",
+        "lazy",
+        "lazy_quiet",
+    ]
 )
 agent_specs = st.fixed_dictionaries(
     {
@@ -196,6 +216,8 @@ class Journal:
         self.monitor_calls: dict[tuple[uuid.UUID, uuid.UUID], list[str]] = {}
         self.problems: list[str] = []
         self.beside: trio.Nursery | None = None
+        #: what the block raised when the root gave up to the kernel (escalate_to_kernel)
+        self.escalation: SupervisorEscalation | None = None
         #: agents seen unrouted (being stopped), and when first
         self.unrouted_since: dict[uuid.UUID, float] = {}
         #: the targets of every kernel.stop the test called (refs' ids as text, names): a
@@ -241,6 +263,14 @@ def tree_node(kernel: Any, entry: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
+def agent_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The agents of a ``describe()`` tree."""
+    if node.get("kind") == "agent":
+        yield node
+    for child in node.get("children", ()):
+        yield from agent_nodes(child)
+
+
 def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> tuple[str, str]:
     """What a ``spawn(x, supervisor=entry)`` must end with, by the test's own record
     (every task blocked): "shutting_down" once the shutdown began, "not_found" if the
@@ -267,6 +297,10 @@ def add_refusal_due(journal: Journal, kernel: Any, entry: dict[str, Any]) -> tup
     path = path_to(kernel.describe())
     if path is None:
         return "not_found", "not in the tree"
+    root = path[0]["id"]
+    if any(e.kind is EventKind.ESCALATED and str(e.agent_id) == root for e in journal.events):
+        # (the root gave up to the kernel, escalate_to_kernel: its shutdown is to come)
+        return "shutting_down", "the root escalated to the kernel"
     for depth, node in enumerate(path[1:], 1):
         if node["state"] in ("stopped", "stopping", "restarting"):
             return "not_found", f"{node['name'] or node['id']} {node['state']}"
@@ -332,10 +366,44 @@ def test_fault_machine(data: st.DataObject) -> None:
                 await trio.sleep(0.2)
                 spawn_linked(ctx, self.token, in_stop=True)
 
+    class LazyProbe(Agent):
+        """One run of a lazy agent (no ``on_start``: its run starts with its first
+        message), journaled as its run begins (the factory is called then)."""
+
+        facts: ClassVar[dict[str, Any]]
+        parent: ClassVar[tuple[int, bool] | None] = None
+
+        def __init__(self) -> None:
+            self.token = next(journal.tokens)
+            if self.parent is not None:
+                journal.parent_of[self.token] = self.parent
+            journal.entered[self.token] = next(journal.positions)
+            journal.phase_at_start[self.token] = kernel_of[0].phase
+            if self.facts["quirk"] == "lazy":  # (its on_stop is due)
+                journal.returned.add(self.token)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if self.token in journal.stopping:
+                journal.handled_late.append(self.token)
+            return await act(ctx, msg, self.token)
+
+    class LazyStopProbe(LazyProbe):
+        async def on_stop(self, ctx: Context) -> None:
+            journal.stopping[self.token] = next(journal.positions)
+            journal.stops[self.token] += 1
+
+    kernel_of: list[Any] = [None]
+
     def spec_of(facts: dict[str, Any], parent: tuple[int, bool] | None = None) -> AgentSpec:
         timeout = facts.get("shutdown_timeout")
+        factory: Any = lambda: Probe(facts, parent)  # noqa: E731
+        if facts["quirk"] in ("lazy", "lazy_quiet"):
+            # a class of its own (the spec reads its on_start and on_stop to know it lazy)
+            base = LazyStopProbe if facts["quirk"] == "lazy" else LazyProbe
+            factory = type(base.__name__, (base,), {"facts": facts, "parent": parent})
+            assert AgentSpec(factory=factory).starts_lazily
         return AgentSpec(
-            factory=lambda: Probe(facts, parent),
+            factory=factory,
             restart=facts["restart"],
             on_error=facts["on_error"],
             mailbox_capacity=facts["capacity"],
@@ -492,6 +560,8 @@ def test_fault_machine(data: st.DataObject) -> None:
             children=[build(c, entry) for c in tree["children"]],
         )
 
+    # (drawn first: the config is built before the program runs)
+    escalate = data.draw(st.sampled_from([False, False, True]), label="escalate_to_kernel")
     config = Config(
         kernel=KernelConfig(
             dead_letter_buffer=100_000,
@@ -500,7 +570,9 @@ def test_fault_machine(data: st.DataObject) -> None:
             send_timeout_ms=100,
             request_timeout_ms=5000,
         ),
-        supervision=SupervisionConfig(max_restarts=3, backoff_initial_ms=1, backoff_max_ms=10),
+        supervision=SupervisionConfig(
+            max_restarts=3, backoff_initial_ms=1, backoff_max_ms=10, escalate_to_kernel=escalate
+        ),
     )
 
     async def advance(seconds: float) -> None:
@@ -699,6 +771,13 @@ def test_fault_machine(data: st.DataObject) -> None:
 
     def check_midway(kernel: Any) -> None:
         assert_conserved(kernel)
+        # the root gave up to the kernel (escalate_to_kernel): once its run is over (its
+        # children stopped) the block is cancelled at its next checkpoint (the wait
+        # before this check), so it checks no more
+        root = kernel.describe()
+        gave_up = [e for e in journal.events if e.kind is EventKind.ESCALATED]
+        if [e for e in gave_up if str(e.agent_id) == root["id"]]:
+            assert root["state"] == "running", f"the block ran on, the root {root['state']}"
         stats = kernel.stats()
         assert all(n <= 1 for n in journal.stops.values()), "a run stopped twice"
         assert all(t in journal.entered for t in journal.stops), "on_stop without on_start"
@@ -714,6 +793,13 @@ def test_fault_machine(data: st.DataObject) -> None:
             # an agent being stopped (unrouted) is stopped for good within its bounds
             # (handlers of 2 s at most, on_stop of 0.2 s, shutdown timeouts): none lives
             # on unrouted, as a stop whose caller gave up could leave it
+            # a lazy agent left idle (no task) with messages queued for it would hold
+            # them until another one woke it: every task is blocked, so its wake is lost
+            tree = kernel.describe()
+            for node in agent_nodes(tree):
+                if node["state"] == "idle":
+                    queued = node["mailbox_depth"] + node["senders_waiting"]
+                    assert not queued, f"agent {node['name']} idle with {queued} queued"
             now = trio.current_time()
             for ref in kernel.agents():
                 if kernel.is_local(ref):
@@ -722,12 +808,25 @@ def test_fault_machine(data: st.DataObject) -> None:
                 assert now - since < 30, f"{ref} unrouted for {now - since} s, not stopped"
         assert not journal.problems, journal.problems
 
+    @asynccontextmanager
+    async def open_kernel_guarded() -> AsyncIterator[Any]:
+        """``open_kernel``, whose escalation to the kernel (``escalate_to_kernel``: the
+        root gave up) is journaled, not raised."""
+        try:
+            async with open_kernel(config, seed=0) as kernel:
+                yield kernel
+        except SupervisorEscalation as exc:
+            if not escalate:
+                raise
+            journal.escalation = exc
+
     async def scenario() -> Any:
         baseline = tasks_living()
         kernel: Any = None
         with trio.fail_after(3600), trio.CancelScope() as everything:
             async with trio.open_nursery() as outside:
-                async with open_kernel(config, seed=0) as kernel:
+                async with open_kernel_guarded() as kernel:
+                    kernel_of[0] = kernel
                     letters = kernel.dead_letters(100_000)
                     events = kernel.events(100_000)
 
@@ -797,6 +896,12 @@ def check_end(journal: Journal, kernel: Any, ending: str) -> None:
     assert stats.agents_alive == 0, stats
     assert_conserved(kernel)
     assert not journal.problems, journal.problems
+    # the root gave up to the kernel (escalate_to_kernel) exactly when the block raised
+    # SupervisorEscalation
+    root = kernel.describe()["id"]
+    gave_up = [e for e in journal.events if e.kind is EventKind.ESCALATED]
+    gave_up = [e for e in gave_up if str(e.agent_id) == root]
+    assert bool(gave_up) == (journal.escalation is not None), (gave_up, journal.escalation)
     # runs: every on_start that returned has exactly one on_stop, none handled after it
     assert all(journal.stops[t] == 1 for t in journal.returned), "an on_start without on_stop"
     assert all(n == 1 for n in journal.stops.values()), "a run stopped twice"
@@ -845,6 +950,8 @@ def check_end(journal: Journal, kernel: Any, ending: str) -> None:
     kinds: dict[Any, list[EventKind]] = {}
     for e in journal.events:
         kinds.setdefault(e.agent_id, []).append(e.kind)
+    # (the root's only event is its give-up to the kernel: the kernel's, never spawned)
+    kinds.pop(uuid.UUID(root), None)
     for agent_id, seen in kinds.items():
         assert seen[-1] is EventKind.STOPPED, (agent_id, seen)
         assert seen.count(EventKind.STOPPED) == 1, (agent_id, seen)
