@@ -1413,11 +1413,15 @@ async def open_kernel(
             # that error is the one raised, and it says this one too.
             failing.add_note(f"closing the kernel then raised {type(exc).__name__}: {exc}")
     if body_error is not None:
-        if kernel._escalation is not None and _is_cancel(body_error):
-            # The block was cancelled from outside (a cancel scope around it) while the
-            # root gave up, or after: the tree's failure goes out, not the Cancelled,
-            # which that scope would take (Trio loses no child's error to a cancel).
-            raise kernel._escalation
+        if _is_cancel(body_error):
+            # The block was cancelled from outside (a cancel scope around it) as well: a
+            # Ctrl-C the kernel took, or the root's give-up, goes out, not the Cancelled,
+            # which that scope would take (Trio loses no child's error, nor a Ctrl-C, to
+            # a cancel).
+            if kernel._interrupt is not None:
+                raise kernel._interrupt
+            if kernel._escalation is not None:
+                raise kernel._escalation
         raise body_error
     if kernel._interrupt is not None:
         raise kernel._interrupt

@@ -488,6 +488,43 @@ def test_a_ctrl_c_in_an_agent_s_code_shuts_the_kernel_down_gracefully_then_raise
     assert stopped == ["interrupted", "other"]
 
 
+def test_a_ctrl_c_the_kernel_took_goes_out_of_a_block_cancelled_from_outside() -> None:
+    """Regression: an agent's code cancelled a scope around the block and raised
+    KeyboardInterrupt in the same step (a Ctrl-C landing as a deadline around the kernel
+    expires). The kernel took the Ctrl-C (it shuts down gracefully, then raises it), but
+    the block's ``Cancelled`` belonged to that outer scope: ``open_kernel`` raised it,
+    the scope took it, and the Ctrl-C was lost (the run returned normally). The Ctrl-C
+    goes out now, past the scope, as Trio never loses one to a cancel."""
+    outcome: list[BaseException] = []
+    kernels: list[Any] = []
+
+    async def main() -> None:
+        with trio.CancelScope() as outside:
+
+            @agent(name="pressed")
+            async def pressed(ctx: Context, msg: Message) -> None:
+                outside.cancel()
+                raise KeyboardInterrupt
+
+            try:
+                async with open_kernel(make_config()) as kernel:
+                    kernels.append(kernel)
+                    await kernel.send(kernel.spawn(pressed), "x")
+                    await trio.sleep_forever()
+            except BaseException as exc:
+                outcome.append(exc)
+                raise
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    (kernel,) = kernels
+    assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
+    assert kernel.stopped
+    (letter,) = kernel.recent_dead_letters()
+    assert (letter.message.payload, letter.reason.value) == ("x", "shutdown")
+    assert_conserved(kernel)
+
+
 def test_a_ctrl_c_that_lands_in_the_kernel_s_own_code_is_given_to_the_block(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
