@@ -26,6 +26,7 @@ import pytest
 import trio
 import trio_asyncio
 from nats.js.api import ConsumerConfig
+from nats.js.errors import ServiceUnavailableError
 
 from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
@@ -604,6 +605,56 @@ async def test_a_message_delivered_as_the_kernel_s_stop_unsubscribes_the_pull_is
         return sent[0]
 
     await _b_leaves_as_a_message_is_stored_for_it(nats, "as the kernel stops", leave)
+
+
+async def test_what_the_old_pull_subscription_held_when_the_pull_is_set_up_again_is_nakked_back(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: JetStream refused a fetch of b's (a ``nats.js.errors.Error``) and
+    b's pull was set up again (``_set_up_again``), its old subscription dropped with
+    nats-py's unsubscribe, its queue unread: what a request of the old subscription
+    still on the server had delivered (one that outlived its fetch) waited out
+    ``ack_wait`` (60 s here), a delivery used up, counted nowhere. Here a request of the
+    old subscription is on the server (sent raw to its inbox, as a late one), a message
+    stored for b's agent is delivered into the old subscription's queue, and the fetch
+    is refused (ServiceUnavailableError, once); the old subscription is now ended the
+    server first and what it held nakked back (``durable_handed_back_at_remake`` 1):
+    the new subscription gets it at once and b's agent handles it. (On main's
+    _durable.py swapped in: nothing handled within 20 s, ``assert [] == [...]``.)"""
+    patient = attrs.evolve(DURABLE, ack_wait=60.0)
+    handled: list[tuple[uuid.UUID, Any]] = []
+    sent: list[Any] = []
+    async with local_node(nats.url, "a", durable=patient, **QUICK) as (_ka, ca):
+        with trio.fail_after(40):
+            async with local_node(nats.url, "b", durable=patient, **QUICK) as (kb, cb):
+                kb.spawn(_keeper(handled, "keeper-b"))
+                await until(lambda: "b" in ca.members.members)
+                durable = cb.durable
+                old = durable._psub
+                fetch = durable._fetch
+                stream = f"{cb.prefix}-durable"
+                request = json.dumps({"batch": 1, "expires": 30_000_000_000}).encode()
+                subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.b"
+
+                async def refused(batch: int) -> Any:  # (asyncio side)
+                    durable._fetch = fetch  # type: ignore[method-assign]
+                    while (await ca.data_js.consumer_info(stream, "b")).num_waiting:  # noqa: ASYNC110 (the server's state)
+                        await asyncio.sleep(0.02)  # (the last fetch's request expired)
+                    await cb.nc.publish(subject, request, old._deliver)
+                    sent.append(
+                        await trio_asyncio.trio_as_aio(store_for)(ca, "keeper-b", "held", node="b")
+                    )
+                    while old._sub._pending_queue.empty():  # noqa: ASYNC110 (the client's state)
+                        await asyncio.sleep(0.02)  # (delivered into the old queue)
+                    raise ServiceUnavailableError(code=503, description="held")
+
+                durable._fetch = refused  # type: ignore[method-assign]
+                with trio.move_on_after(20):
+                    await until(lambda: len(handled) >= 1)
+                stats = cb.stats()
+    assert handled == [(sent[0].id, "held")]
+    assert (stats.durable_handed_back_at_remake, stats.durable_remake_failures) == (1, 0)
+    assert old is not durable._psub
 
 
 async def test_what_the_ended_pull_s_queue_holds_at_a_leave_with_its_server_gone_is_counted(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -516,6 +517,34 @@ class _FetchedMsg:
 
     async def nak(self, delay: float | None = None) -> None:
         self.naks += 1
+
+
+def test_a_remake_s_hand_back_the_leave_takes_out_of_the_client_is_counted_unsettled_only() -> None:
+    """Fiftieth pass: the naks of what the old pull subscription held when the pull was
+    set up again are counted in ``handed_back_at_remake`` as the client takes them; at
+    a leave with the data connection down those the client still held are taken back
+    out of its reconnect buffer, never sent (``unsent_in_client``): counted in
+    ``unsettled_at_leave`` there, and taken out of ``handed_back_at_remake``, never in
+    both. 7 sent, the subjects of the last 5 kept (``max_ack_pending``: 4 x 1 + 1), 3 of
+    them taken out with one ack: (4, 4). (Fails with the subtraction in
+    unsent_in_client taken out as a mutant: (7, 4).)"""
+    channel = _durable.DurableChannel.__new__(_durable.DurableChannel)
+    channel.cluster = SimpleNamespace(node="a")  # type: ignore[assignment]
+    channel.options = SimpleNamespace(  # type: ignore[assignment]
+        redelivery_delay=1.0, max_in_flight=1, max_waiting=1
+    )
+    channel._settles_sent = 0
+    channel.handed_back_at_leave = channel.unsettled_at_leave = 0
+    channel.handed_back_at_remake = 0
+    channel._handed_back = set()
+    channel._remade_back = OrderedDict()
+    held = [_FetchedMsg() for _ in range(7)]
+    trio.run(channel._send_ops, [(m, _durable._REMADE_BACK) for m in held])
+    assert (channel.handed_back_at_remake, [m.naks for m in held]) == (7, [1] * 7)
+    assert list(channel._remade_back) == [m.reply for m in held[2:]]
+    channel.unsent_in_client([m.reply for m in held[4:]] + ["$JS.ACK.fake.an-ack"])
+    assert (channel.handed_back_at_remake, channel.unsettled_at_leave) == (4, 4)
+    assert list(channel._remade_back) == [m.reply for m in held[2:4]]
 
 
 class _NoWaiting:

@@ -779,6 +779,11 @@ class ClusterStats:
     #: nakked back to their consumer rather than taken: the next owner's takeover (or the
     #: node's next process) gets them (see ``DurableChannel.take_over``)
     durable_handed_back_at_leave: int = 0
+    #: messages the old pull subscription of this node's consumer held when the pull was
+    #: set up again after JetStream refused a fetch, nakked back to the consumer, which
+    #: delivers them to the new subscription at once (before the fiftieth pass they
+    #: were dropped with the old subscription and waited out ``ack_wait``)
+    durable_handed_back_at_remake: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
@@ -6418,6 +6423,7 @@ class Cluster:
             durable_sweeps_cut=d.sweeps_cut,
             durable_left_to_pullers=d.left_to_pullers,
             durable_handed_back_at_leave=d.handed_back_at_leave,
+            durable_handed_back_at_remake=d.handed_back_at_remake,
             durable_dead_reasons=d.dead_reasons(),
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,

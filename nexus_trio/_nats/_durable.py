@@ -140,6 +140,10 @@ _TAKEN: Final = "taken "
 #: cancelled under way at the leave's stop took, see DurableChannel._fetch_shielded), counted in
 #: ``handed_back_at_leave`` once sent (one the leave does not send is unsettled)
 _HAND_BACK: Final = "hand back"
+#: an op: a nak handing back what the old pull subscription's queue held when the pull
+#: was set up again (see DurableChannel._set_up_again), counted in
+#: ``handed_back_at_remake`` once sent (one the leave does not send is unsettled)
+_REMADE_BACK: Final = "hand back remade"
 #: the periodic sweep of the stream for messages no node pulls (see
 #: DurableChannel._sweeps) comes this many ``last_notice_wait`` apart (72 s by default),
 #: by one live node (the rendezvous owner of this key); the config's warning of a
@@ -644,6 +648,15 @@ class DurableChannel:
         # taken back out of the client's reconnect buffer is counted unsettled instead
         # (see unsent_in_client)
         self._handed_back: set[str] = set()
+        #: messages the old pull subscription's queue held when the pull was set up
+        #: again (see _set_up_again), nakked back to the consumer (which delivers them
+        #: to the new subscription at once), counted as each nak is sent (one the leave
+        #: does not send is in ``unsettled_at_leave`` instead)
+        self.handed_back_at_remake = 0
+        # the ack subjects of those naks, the last max_ack_pending of them (no more can
+        # be unsettled at once): one taken back out of the client's reconnect buffer at
+        # the leave is counted unsettled instead (see unsent_in_client)
+        self._remade_back: OrderedDict[str, None] = OrderedDict()
         # the nodes gone whose stored messages this node looks at later (see _look_later)
         self._looks: dict[str, trio.CancelScope] = {}
         # the other members that ran the durable path when membership last changed: one
@@ -906,8 +919,25 @@ class DurableChannel:
             return
         old, self._psub = self._psub, psub
         self._bind_own(made, held)
-        with contextlib.suppress(nats.errors.Error, OSError, ValueError):
-            await call_aio(old.unsubscribe)
+        # (the old subscription ends as the stop's and the leave's do: the server told
+        # first, shielded and bounded, see _unsubscribe_pull; what a request of it still
+        # on the server delivered meanwhile, or since its last fetch ended, is in its
+        # queue, nakked back to the consumer, which delivers it to the new subscription
+        # at once; before the fiftieth pass nats-py's unsubscribe forgot the
+        # subscription first and its queue was dropped: each message waited out
+        # ack_wait, a delivery used up, counted nowhere)
+        await _unsubscribe_pull(old, trio.current_time() + _PULL_CANCEL_WAIT)
+        if took := take_queued(old):
+            for jsmsg in took:
+                self._settle(jsmsg, _REMADE_BACK)
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: the durable pull set up again; the %d messages its old"
+                " subscription held are nakked back to its consumer",
+                self.cluster.node,
+                len(took),
+            )
 
     async def stop(self, timeout: float = math.inf) -> None:
         """Leaving: end the pull (what it fetched and did not hand over is nakked), then
@@ -1082,11 +1112,16 @@ class DurableChannel:
         sent (see ``Cluster._take_client_buffer``): JetStream delivers their messages
         again. Counted in ``unsettled_at_leave``, logged; a hand-back among them is
         taken out of ``handed_back_at_leave`` (counted there as the client took it:
-        before the fiftieth pass it stayed there too, the message counted twice)."""
+        before the fiftieth pass it stayed there too, the message counted twice), and
+        one of a set-up again's out of ``handed_back_at_remake``."""
         settles = len(subjects)
         back = self._handed_back.intersection(subjects)
         self._handed_back -= back
         self.handed_back_at_leave -= len(back)
+        remade = [subject for subject in subjects if subject in self._remade_back]
+        for subject in remade:
+            del self._remade_back[subject]
+        self.handed_back_at_remake -= len(remade)
         self.unsettled_at_leave += settles
         log_guarded(
             log,
@@ -2616,7 +2651,7 @@ class DurableChannel:
             try:
                 if op == "ack":
                     await jsmsg.ack()
-                elif op == "nak" or op == _HAND_BACK:
+                elif op in ("nak", _HAND_BACK, _REMADE_BACK):
                     await jsmsg.nak(delay=delay)
                 elif op == "wait":  # its agent missing: a delay that grows a delivery
                     await jsmsg.nak(
@@ -2638,6 +2673,11 @@ class DurableChannel:
                 if op == _HAND_BACK:
                     self.handed_back_at_leave += 1
                     self._handed_back.add(jsmsg.reply)
+                elif op == _REMADE_BACK:
+                    self.handed_back_at_remake += 1
+                    self._remade_back[jsmsg.reply] = None
+                    if len(self._remade_back) > max_ack_pending(self.options):
+                        self._remade_back.popitem(last=False)
 
     async def _send_forward(self, jsmsg: NatsMsg, subject: str, *, taken: bool = False) -> None:
         """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then

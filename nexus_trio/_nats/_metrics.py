@@ -206,6 +206,11 @@ CLUSTER_COUNTERS: Final = {
         " under way at the leave took, nakked back to their consumer rather than taken (the"
         " next owner's takeover gets them).",
     ),
+    "durable_handed_back_at_remake": (
+        "nexus_cluster_durable_handed_back_at_remake",
+        "Messages the old pull subscription held when the durable pull was set up again"
+        " after a refused fetch, nakked back to the consumer (delivered again at once).",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"
