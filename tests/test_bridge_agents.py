@@ -87,6 +87,18 @@ class Unreadable(Exception):
     def __str__(self):
         raise RuntimeError("no text")
 
+class UnreadableValue(ValueError):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+class NoItems(dict):  # a mapping whose items() raises (as json's encoder reads it)
+    def __init__(self, error):
+        super().__init__(a=1)
+        self.error = error
+
+    def items(self):
+        raise self.error
+
 class Probe(NexusAgent):
     default_name = "probe"
 
@@ -118,6 +130,10 @@ class Probe(NexusAgent):
             raise Unreadable()
         if do == "raise_lone_surrogate":  # a file name that is not UTF-8, in the error's text
             raise ValueError("no file " + b"x\\xff".decode("utf-8", "surrogateescape"))
+        if do == "items_raise":  # a ValueError of the result's own code, not a float's
+            return NoItems(ValueError("no items"))
+        if do == "items_raise_unreadable":
+            return NoItems(UnreadableValue())
         if do == "deep":  # a result nested deeper than the recursion limit
             return self._deep()
         if do == "send_deep":
@@ -198,6 +214,8 @@ class Probe extends NexusAgent {
       case 'reject': return Promise.reject(new TypeError(p.text));
       case 'throw_symbol': throw Symbol('gone'); // String() takes it; a template throws
       case 'throw_unreadable': throw { toString() { throw new Error('no text'); } };
+      // an object whose own 'constructor' field is no class (parsed JSON can hold one)
+      case 'throw_oddly_named': throw { constructor: { name: 42 } };
       // half of the emoji's surrogate pair, in the error's text
       case 'raise_lone_surrogate': throw new RangeError(`no file ${'x\\ud83d\\ude00'.slice(0, 2)}`);
       case 'unserialisable': return { ok: 1n };
@@ -1111,6 +1129,17 @@ UNSAYABLE = {
         ("raise_unreadable", "<str() of the Unreadable raised RuntimeError>", "Unreadable"),
         ("raise_lone_surrogate", "no file x\\udcff", "ValueError"),
         (
+            "items_raise",
+            "result of handle_message is not JSON serialisable: ValueError: no items",
+            "ValueError",
+        ),
+        (
+            "items_raise_unreadable",
+            "result of handle_message is not JSON serialisable: UnreadableValue:"
+            " <str() of the UnreadableValue raised RuntimeError>",
+            "ValueError",
+        ),
+        (
             "deep",
             "result of handle_message is not JSON serialisable: RecursionError: maximum"
             " recursion depth exceeded",
@@ -1120,6 +1149,7 @@ UNSAYABLE = {
     "node": [
         ("throw_symbol", "Symbol(gone)", "symbol"),
         ("throw_unreadable", "<a thrown object whose text could not be read>", "Object"),
+        ("throw_oddly_named", "[object Object]", "Object"),
         ("raise_lone_surrogate", "no file x\\ud83d", "RangeError"),
     ],
 }

@@ -158,7 +158,9 @@ class NotSerialisable extends TypeError {}
 function typeName(value) {
   if (value === null) return 'null';
   if (typeof value === 'object') {
-    return (value.constructor && value.constructor.name) || 'Object';
+    // (a thrown object's own 'constructor' field may name it with anything: a string only)
+    const name = value.constructor && value.constructor.name;
+    return typeof name === 'string' && name ? name : 'Object';
   }
   return typeof value;
 }

@@ -464,14 +464,17 @@ def _exception_text(exc: BaseException) -> str:
 def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
     """(text, error_type) for a result json refused to encode (or whose encoding raised:
     a result nested deeper than the recursion limit, a mapping whose ``items()`` raises)."""
+    # (json's own ValueErrors are told by their words: one the result's code raised, a
+    # mapping's items(), is said as it is, and its text may not be readable)
+    text = _exception_text(exc)
     if isinstance(exc, _NotSerialisable):
-        what = str(exc)
-    elif isinstance(exc, ValueError) and "Circular" in str(exc):
+        what = text
+    elif isinstance(exc, ValueError) and text.startswith("Circular reference"):
         what = "circular reference"
-    elif isinstance(exc, ValueError):
+    elif isinstance(exc, ValueError) and text.startswith("Out of range float"):
         what = "float (NaN or Infinity)"
     else:
-        what = f"{_well_formed(type(exc).__name__)}: {_exception_text(exc)}"
+        what = f"{_well_formed(type(exc).__name__)}: {text}"
     kind = "ValueError" if isinstance(exc, ValueError) else "TypeError"
     return f"result of handle_message is not JSON serialisable: {what}", kind
 
