@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from heapq import heappush, heapreplace
 from threading import get_ident
-from typing import Any, Final, final, overload
+from typing import Any, Final, NoReturn, final, overload
 
 import trio
 
@@ -1264,6 +1264,18 @@ def _is_cancel(error: BaseException) -> bool:
     return isinstance(error, trio.Cancelled)
 
 
+def _raise_held(error: BaseException) -> NoReturn:
+    """Raise ``error``, held by the kernel, in place of the block's ``Cancelled`` with its
+    own ``__context__``: raised while that ``Cancelled`` is handled, Python would chain it
+    there, losing what the Ctrl-C was raised during and printing a cancel it did not come
+    from above it (the escalation, raised nowhere before, has none)."""
+    context = error.__context__
+    try:
+        raise error
+    finally:
+        error.__context__ = context
+
+
 def _is_interrupt(error: BaseException | None) -> bool:
     """A Ctrl-C, also one that reached the block through a nursery of its own (a group)."""
     if isinstance(error, BaseExceptionGroup):
@@ -1419,9 +1431,9 @@ async def open_kernel(
             # which that scope would take (Trio loses no child's error, nor a Ctrl-C, to
             # a cancel).
             if kernel._interrupt is not None:
-                raise kernel._interrupt
+                _raise_held(kernel._interrupt)
             if kernel._escalation is not None:
-                raise kernel._escalation
+                _raise_held(kernel._escalation)
         raise body_error
     if kernel._interrupt is not None:
         raise kernel._interrupt

@@ -1020,6 +1020,10 @@ async def test_an_escalation_to_the_kernel_goes_out_of_a_block_cancelled_from_ou
     (kernel,) = kernels
     assert raised.value.chain[-1] == "fails"
     assert isinstance(raised.value.last_error, RuntimeError)
+    # raised in place of the block's Cancelled, not chained to it (as the escalation of
+    # a block that was not cancelled: it was raised nowhere before)
+    assert raised.value.__context__ is None
+    assert raised.value.__cause__ is None
     assert scopes[0].cancel_called
     assert trio.current_time() - start == 1.0  # the cancel's prompt stop, not busy's 10 s
     assert kernel.stopped

@@ -494,7 +494,9 @@ def test_a_ctrl_c_the_kernel_took_goes_out_of_a_block_cancelled_from_outside() -
     expires). The kernel took the Ctrl-C (it shuts down gracefully, then raises it), but
     the block's ``Cancelled`` belonged to that outer scope: ``open_kernel`` raised it,
     the scope took it, and the Ctrl-C was lost (the run returned normally). The Ctrl-C
-    goes out now, past the scope, as Trio never loses one to a cancel."""
+    goes out now, past the scope, as Trio never loses one to a cancel, with its own
+    context (the fiftieth pass's fix chained it to that ``Cancelled``: the error it was
+    raised while handling was lost, and the traceback showed a cancel above it)."""
     outcome: list[BaseException] = []
     kernels: list[Any] = []
 
@@ -504,7 +506,10 @@ def test_a_ctrl_c_the_kernel_took_goes_out_of_a_block_cancelled_from_outside() -
             @agent(name="pressed")
             async def pressed(ctx: Context, msg: Message) -> None:
                 outside.cancel()
-                raise KeyboardInterrupt
+                try:
+                    raise LookupError("handled as Ctrl-C came")
+                except LookupError:
+                    raise KeyboardInterrupt  # noqa: B904 (its context: the LookupError)
 
             try:
                 async with open_kernel(make_config()) as kernel:
@@ -519,6 +524,9 @@ def test_a_ctrl_c_the_kernel_took_goes_out_of_a_block_cancelled_from_outside() -
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     (kernel,) = kernels
     assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
+    (interrupt,) = outcome
+    assert isinstance(interrupt.__context__, LookupError), repr(interrupt.__context__)
+    assert interrupt.__cause__ is None
     assert kernel.stopped
     (letter,) = kernel.recent_dead_letters()
     assert (letter.message.payload, letter.reason.value) == ("x", "shutdown")
