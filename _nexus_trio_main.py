@@ -124,6 +124,40 @@ def say_a_ctrl_c_in_one_line(args: list[str]) -> None:
         signal.signal(signal.SIGINT, _on_sigint_while_importing)
 
 
+#: the SIGTERMs and SIGHUPs that came while ``nexus run`` started, in order (:func:`hold_stops`)
+_held: list[int] = []
+
+
+def _hold(signum: int, frame: object) -> None:
+    _held.append(signum)
+
+
+def hold_stops(args: list[str]) -> None:
+    """For a run (not a ``--workers`` worker), in the main thread: a SIGTERM or SIGHUP
+    (one with its default action: ``nohup``'s ignored SIGHUP stays ignored) that comes
+    while ``nexus`` starts is noted, each arrival, for the run to take as its stop
+    (``nexus_trio.cli._run.catch_stop_signals_early`` takes them,
+    :func:`stops_while_starting`). One while the interpreter imported nexus_trio, Trio,
+    typer and rich (a second or more on a busy host) ended the process by its default
+    action (status 143, 129): no summary, not a word, where a Ctrl-C there is said in one
+    line and one a moment later is the run's graceful stop."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and not os.environ.get(WORKER_ENV)
+        and is_a_run(args)
+    ):
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _hold)
+
+
+def stops_while_starting() -> list[int]:
+    """The signals :func:`hold_stops` noted so far, in order; they are the caller's now
+    (the next call returns only those noted after)."""
+    held, _held[:] = list(_held), []
+    return held
+
+
 def imports_done() -> None:
     """The command's code runs now (``nexus_trio/cli/__main__.py``): SIGINT raises
     ``KeyboardInterrupt`` again, which the command handles (and Trio's ``run`` takes
@@ -150,10 +184,11 @@ def _on_import() -> None:
     if args is None:
         return
     take_sigint_back(args)
+    hold_stops(args)
     if sys.argv[0] == "-m":
         say_a_ctrl_c_in_one_line(args)
 
 
 _on_import()
 
-__all__ = ["imports_done", "main"]
+__all__ = ["imports_done", "main", "stops_while_starting"]

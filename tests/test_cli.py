@@ -1567,6 +1567,27 @@ def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(
     )
 
 
+def stopped_while_importing(nexus, tmp_path, flag, signum):
+    """Send ``signum`` to ``nexus run`` while it imports the user's (slow) module given
+    by ``flag``: nothing runs, the summary says so, ``stopped_by`` the signal, exit 0."""
+    name = signal.Signals(signum).name
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
+    run = nexus(["run", flag, ref, "--json", *extra])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signum)
+    status, out = run.finish(timeout=30)
+    err = "".join(run.stderr)
+    assert status == 0, err
+    assert "Traceback" not in err
+    not_started = f"stopped while importing '{ref}' ({flag}): the run was not started"
+    assert f"{name}: {not_started}" in flat(err)
+    summary = json.loads(out)
+    assert (summary["stopped_by"], summary["not_started"]) == (name, not_started)
+    assert (summary["sent"], summary["error"], summary["conserved"]) == (0, None, True)
+
+
 @pytest.mark.parametrize("flag", ["--app", "--types"])
 def test_a_hangup_while_the_app_is_imported_stops_the_run_at_once_unstarted(
     nexus, tmp_path, flag, sighup_default
@@ -1576,21 +1597,19 @@ def test_a_hangup_while_the_app_is_imported_stops_the_run_at_once_unstarted(
     then started: the app's ``main`` was called after the hangup, and stopped at once. It
     now interrupts the import as a Ctrl-C does: nothing runs, the summary says so
     (``not_started``), ``stopped_by`` SIGHUP, exit 0 (a stop asked for), no traceback."""
-    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
-    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
-    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
-    run = nexus(["run", flag, ref, "--json", *extra])
-    run.wait_for(r"slow_import: importing")
-    run.proc.send_signal(signal.SIGHUP)
-    status, out = run.finish(timeout=30)
-    err = "".join(run.stderr)
-    assert status == 0, err
-    assert "Traceback" not in err
-    not_started = f"stopped while importing '{ref}' ({flag}): the run was not started"
-    assert f"SIGHUP: {not_started}" in flat(err)
-    summary = json.loads(out)
-    assert (summary["stopped_by"], summary["not_started"]) == ("SIGHUP", not_started)
-    assert (summary["sent"], summary["error"], summary["conserved"]) == (0, None, True)
+    stopped_while_importing(nexus, tmp_path, flag, signal.SIGHUP)
+
+
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_sigterm_while_the_app_is_imported_stops_the_run_at_once_unstarted(nexus, tmp_path, flag):
+    """Regression: a SIGTERM while ``nexus run`` imported the user's module (from the
+    run's start until its signal receiver opened: the config loaded, the module imported,
+    a second or more on a busy host) ended the process by SIGTERM's default action:
+    status -15 (143 in a shell), nothing on stdout, not a word on stderr, where a SIGTERM
+    a moment later was the run's graceful stop with its summary, and a SIGHUP at the same
+    point was one too. It is now taken as a SIGHUP is: the import interrupted, nothing
+    runs, the summary says so (``not_started``), ``stopped_by`` SIGTERM, exit 0."""
+    stopped_while_importing(nexus, tmp_path, flag, signal.SIGTERM)
 
 
 def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):

@@ -309,6 +309,72 @@ def test_python_m_a_ctrl_c_while_the_packages_are_imported_ends_in_one_line(
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", line)
 
 
+#: a ``sitecustomize`` that sends its process the signal ``STOP_SIGNAL`` (a name), ``STOP_TIMES``
+#: times, as the module ``STOP_AT`` begins to be imported (once)
+STOP_AT = """
+import os, signal, sys
+
+
+class Stop:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STOP_AT"]:
+            sys.meta_path.remove(self)
+            for _ in range(int(os.environ["STOP_TIMES"])):
+                os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+        return None
+
+
+sys.meta_path.insert(0, Stop())
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "signame", "at"),
+    [
+        ("-m", "SIGTERM", "trio"),
+        ("-m", "SIGHUP", "typer"),
+        ("script", "SIGTERM", "nexus_trio"),
+        ("script", "SIGHUP", "rich"),
+    ],
+    ids=["m-sigterm-trio", "m-sighup-typer", "script-sigterm", "script-sighup-rich"],
+)
+def test_a_stop_signal_while_nexus_starts_is_the_run_s_graceful_stop(
+    tmp_path: Path, how: str, signame: str, at: str, sighup_default: None
+) -> None:
+    """Fiftieth pass: a SIGTERM or SIGHUP that came while ``nexus run`` started (the
+    interpreter importing nexus_trio, Trio, typer and rich: a second or more on a busy
+    host) ended the process by the signal's default action: status -15 / -1 (143 / 129
+    in a shell), nothing on stdout, not a word on stderr; one a moment later was the
+    run's graceful stop with its summary (measured: ``nexus run -d 0 --json``, SIGTERM
+    1.0, 2.0 and 2.6 s after the exec: -15 each; at 3.2 s: 0 and the summary). The entry
+    now notes them, and the run takes them as its stop once it can: the summary,
+    ``stopped_by`` the signal, exit 0. (Fails with main's ``_nexus_trio_main.py``: status
+    -15 / -1, stdout empty.)"""
+    args = ["run", "-n", "2", "-d", "30", "--json", "--no-live"]
+    env = {"STOP_AT": at, "STOP_SIGNAL": signame, "STOP_TIMES": "1"}
+    module = "nexus_trio.cli"
+    if how == "script":  # the console script's entry, called as the generated script does
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, STOP_AT, module, args, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{signame}: shutting down gracefully" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["stopped_by"], summary["error"], summary["conserved"]) == (signame, None, True)
+
+
+def test_two_sigterms_while_nexus_starts_force_the_exit(tmp_path: Path) -> None:
+    """Each SIGTERM that comes while ``nexus run`` starts counts, as once it runs: a
+    second forces the exit, status 130, no summary (docs/cli.md, Signals). (With main's
+    entry: killed by the first, status -15.)"""
+    args = ["run", "-n", "2", "-d", "30", "--json", "--no-live"]
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": "SIGTERM", "STOP_TIMES": "2"}
+    proc = python_m(tmp_path, STOP_AT, "nexus_trio.cli", args, **env)
+    assert (proc.returncode, proc.stdout) == (130, ""), proc.stderr
+    assert "SIGTERM again: forced exit" in proc.stderr
+
+
 #: a ``sitecustomize`` that writes the name of each SIGINT handler set (``SPY_OUT``)
 NAMES_OF_HANDLERS = """
 import atexit, json, os, signal

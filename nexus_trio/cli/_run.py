@@ -573,10 +573,13 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     through here, once noted instead, and they interrupt the import of the app that
     follows (:func:`stops_interrupt`).
 
-    Elsewhere (a run of its own, the ``--workers`` parent) only SIGHUP: a hangup may come
-    twice (see :func:`_on_stop_signal`), and one more after the run would otherwise end
-    the process by its default action while it writes the summary; one while the app is
-    imported interrupts the import (:func:`stops_interrupt`), as a Ctrl-C does. There, a SIGINT the
+    Elsewhere (a run of its own, the ``--workers`` parent) SIGTERM and SIGHUP: a hangup
+    may come twice (see :func:`_on_stop_signal`), and one more after the run would
+    otherwise end the process by its default action while it writes the summary; one
+    while the app is imported interrupts the import (:func:`stops_interrupt`), as a
+    Ctrl-C does. A SIGTERM until the run's receiver opened (the config loaded, the app
+    imported: a second or more) ended the process by its default action (status 143,
+    no summary, nothing said), where one a moment later was the run's graceful stop. There, a SIGINT the
     process inherited ignored (a background job of a shell without job control, such as
     ``nexus run ... &`` in a script, or some CI runners) gets Python's own handler back:
     the run takes Ctrl-C as its stop whatever it inherited (its receiver does, once it
@@ -588,9 +591,14 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     _interrupts["enabled"] = True
     if not worker and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
+    handled = tuple(s for s in stop_signals() if worker or s != signal.SIGINT)
     for signum in handled:
         signal.signal(signum, _note_early)
+    # (those that came while nexus started, noted by its entry: the run's too)
+    entry = sys.modules.get("_nexus_trio_main")
+    if entry is not None and not worker:
+        for signum in entry.stops_while_starting():
+            _note_early(signum, None)
     # (once per process: it leaves a handler that is not this module's alone)
     atexit.unregister(_ignore_noted_signals)
     atexit.register(_ignore_noted_signals)
