@@ -37,6 +37,7 @@ from nexus_trio import (
     Message,
     NameTaken,
     Supervisor,
+    TransportUnavailable,
     agent,
     open_kernel,
 )
@@ -4091,3 +4092,111 @@ async def test_a_plain_name_registered_again_on_another_node_is_said_on_the_firs
         said = [r.getMessage() for r in caplog.records if "was registered since" in r.getMessage()]
         assert len(said) == 1, said
         assert said[0].startswith("node b: the name 'dup' of agent ") and "by node a" in said[0]
+
+
+async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming_it(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: a's kernel runs on after a's cluster block, and a task outside the
+    block (an app's producer) goes on calling a's cluster. A spawn there ended in
+    asyncio's ``RuntimeError: Event loop is closed`` (a's loop is gone), pinned to c or
+    not, and one a placed itself had spawned its agent first: it ran on in a's kernel,
+    unnamed, unrecorded, its caller told it failed. A lookup of a name a did not know
+    (``wait_for_name``) raised the same. Each is ``TransportUnavailable`` naming a now,
+    before anything is spawned; a name a knew is still answered from what it knew."""
+    async with _node(nats.url, "c", **QUIET) as (kc, cc):
+        async with open_kernel(node_config()) as ka:
+            async with join_cluster(
+                ka,
+                nats.url,
+                "a",
+                options=attrs.evolve(PATIENT, **QUIET),
+                types={"counter": COUNTING},
+            ) as ca:
+                _meet(ca, cc)
+                with trio.fail_after(30):  # a hang guard
+                    on_c = await cc.spawn("counter", name=ON_C, node="c")
+                    await cc.names_published()
+                    assert await ca.wait_for_name(ON_C) == ("c", on_c.id)
+            assert ca.closing
+            errors = []
+            with trio.fail_after(30):
+                for node in ("a", "c", None):
+                    with pytest.raises(TransportUnavailable) as refused:
+                        await ca.spawn("counter", name=f"after-{node}", node=node)
+                    errors.append(str(refused.value))
+                with pytest.raises(TransportUnavailable) as refused:
+                    await ca.wait_for_name("never-placed", timeout=3)
+                errors.append(str(refused.value))
+                assert await ca.wait_for_name(ON_C) == ("c", on_c.id)
+            assert errors == [
+                f"transport unavailable: node 'a' left the cluster (or is leaving): {n!r} not placed"
+                for n in ("after-a", "after-c", "after-None")
+            ] + [
+                "transport unavailable: node 'a' left the cluster (or is leaving):"
+                " 'never-placed' not looked up"
+            ]
+            assert [ref.name for ref in ka.agents()] == []
+        assert not any(ref.name and ref.name.startswith("after-") for ref in kc.agents())
+
+
+async def test_a_placement_whose_request_the_leave_cuts_is_transport_unavailable_naming_the_owner(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: a asks c to place an agent, c holds its answer back, and a leaves
+    the cluster meanwhile (the spawn's caller a task outside a's block). The leave's close
+    of a's connection ended the request with nats' ``ConnectionClosedError`` (since
+    42e0f483; ``asyncio.CancelledError`` before), not the ``TransportUnavailable`` the
+    spawn says for an owner that does not answer: it is that now, naming c, the name and
+    that a left. A lookup of a name it waits for (``wait_for_name``) cut so ended with the
+    same ``ConnectionClosedError``, or with asyncio's ``RuntimeError: Event loop is
+    closed`` in its next lookup: ``TransportUnavailable`` naming a now."""
+    outcomes: dict[str, BaseException] = {}
+    async with _node(nats.url, "c", **QUIET) as (_kc, cc):
+        release = asyncio.Event()
+        asked = trio.Event()
+        answer = cc.placement._place_requested
+
+        async def held(*args: Any) -> None:
+            asked.set()
+            await release.wait()
+            await answer(*args)
+
+        cc.placement._place_requested = held  # type: ignore[method-assign]
+        async with open_kernel(node_config()) as ka, trio.open_nursery() as outer:
+
+            async def outcome(what: str, call: Callable[[], Awaitable[Any]]) -> None:
+                try:
+                    await call()
+                except Exception as exc:
+                    outcomes[what] = exc
+
+            async with join_cluster(
+                ka,
+                nats.url,
+                "a",
+                options=attrs.evolve(PATIENT, **QUIET),
+                types={"counter": COUNTING},
+            ) as ca:
+                _meet(ca, cc)
+                outer.start_soon(
+                    outcome,
+                    "spawn",
+                    partial(ca.spawn, "counter", name="held", node="c", timeout=60),
+                )
+                outer.start_soon(outcome, "lookup", partial(ca.wait_for_name, "nowhere", 60))
+                with trio.fail_after(30):
+                    await asked.wait()
+            release.set()
+        with trio.fail_after(30):
+            await cc.wait_for_name("held")  # (c placed it after all: its answer was lost)
+    spawn = outcomes["spawn"]
+    assert isinstance(spawn, TransportUnavailable), repr(spawn)
+    assert str(spawn).startswith(
+        "transport unavailable: node 'c' did not answer the request to place 'held':"
+    ), str(spawn)
+    assert str(spawn).endswith("(node 'a' left the cluster)"), str(spawn)
+    lookup = outcomes["lookup"]  # (cut in its lookup, or in its wait between two)
+    assert isinstance(lookup, TransportUnavailable), repr(lookup)
+    assert str(lookup).startswith("transport unavailable: node 'a'"), str(lookup)
+    assert str(lookup).endswith(": 'nowhere' not looked up"), str(lookup)

@@ -4174,7 +4174,9 @@ class Cluster:
 
         Useful right after another node spawned it (KV propagation takes milliseconds).
         Raises :class:`AgentNotFound` after ``timeout`` seconds (its text says how long
-        it waited).
+        it waited), :class:`TransportUnavailable` for a name not known here once this
+        node left the cluster (or is leaving it) or its connection closed: no lookup
+        could answer it.
         """
         with trio.move_on_after(timeout):
             while True:
@@ -4183,7 +4185,20 @@ class Cluster:
                 entry = self._names.get(name)
                 if entry is not None:
                     return entry
-                await self._refresh_name(name)
+                if self._closing:
+                    # (its loop closed, a lookup raised asyncio's RuntimeError)
+                    raise TransportUnavailable(
+                        f"node {self.node!r} left the cluster (or is leaving):"
+                        f" {name!r} not looked up"
+                    )
+                try:
+                    await self._refresh_name(name)
+                except nats.errors.ConnectionClosedError:
+                    raise TransportUnavailable(
+                        f"node {self.node!r}'s connection is closed"
+                        + (" (it left the cluster)" if self._closing else "")
+                        + f": {name!r} not looked up"
+                    ) from None
                 if name in self._names:
                     continue
                 await trio.sleep(0.02)

@@ -379,7 +379,9 @@ class Placement:
         :class:`UnknownAgentType` if no reachable member runs the type (its ``node``
         None) or the owner has no spec for it after all,
         :class:`PlacementFailed` with the owner's error otherwise, and
-        :class:`TransportUnavailable` if the owner does not answer within ``timeout``.
+        :class:`TransportUnavailable` if the owner does not answer within ``timeout``
+        (or this node's connection closed under the request), and at once once this
+        node left the cluster or is leaving it.
         A record the owner could not write does not fail it: the agent runs, and the
         write is retried (see :meth:`retry_records`). A ``type_name`` that is no str is
         a TypeError, an empty ``name`` a ValueError, here, before any node is asked.
@@ -393,6 +395,12 @@ class Placement:
         wire.check_token("agent type", type_name)
         check_agent_name(name)
         cluster = self._cluster
+        if cluster.closing:
+            # (its connection and loop go or are gone: no placement starts, as no move
+            # of a rebalance does; an agent spawned here now ran on unnamed, unrecorded)
+            raise TransportUnavailable(
+                f"node {cluster.node!r} left the cluster (or is leaving): {name!r} not placed"
+            )
         if node is not None and node not in cluster.live_nodes():
             live = ", ".join(repr(n) for n in cluster.live_nodes())
             raise AgentNotFound(
@@ -453,8 +461,13 @@ class Placement:
                 error: Exception = exc
             except nats.errors.TimeoutError as exc:
                 error = exc
+            except nats.errors.ConnectionClosedError as exc:
+                # (this node's connection closed under the request or before it: its
+                # leave, or nats-py giving up reconnecting)
+                error = exc
             raise TransportUnavailable(
                 f"node {owner!r} did not answer the request to place {name!r}: {error!r}"
+                + (f" (node {cluster.node!r} left the cluster)" if cluster.closing else "")
             ) from None
         placed, named = _decode_answer(answer.data, name, owner)
         cluster.learn_name(placed.name, placed.node, placed.id, named=named)
