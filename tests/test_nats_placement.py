@@ -4094,6 +4094,23 @@ async def test_a_plain_name_registered_again_on_another_node_is_said_on_the_firs
         assert said[0].startswith("node b: the name 'dup' of agent ") and "by node a" in said[0]
 
 
+def _a_outliving_its_block(ka: Kernel, url: str) -> contextlib.AbstractAsyncContextManager[Cluster]:
+    """Node a joined with kernel ``ka``, which the caller keeps running past a's leave."""
+    return join_cluster(
+        ka, url, "a", options=attrs.evolve(PATIENT, **QUIET), types={"counter": COUNTING}
+    )
+
+
+async def _outcome(
+    outcomes: dict[str, BaseException], what: str, call: Callable[[], Awaitable[Any]]
+) -> None:
+    """Await ``call`` (a task outside a node's block): what it raised, under ``what``."""
+    try:
+        await call()
+    except Exception as exc:
+        outcomes[what] = exc
+
+
 async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming_it(
     nats: NatsServer,
 ) -> None:
@@ -4106,13 +4123,7 @@ async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming
     before anything is spawned; a name a knew is still answered from what it knew."""
     async with _node(nats.url, "c", **QUIET) as (kc, cc):
         async with open_kernel(node_config()) as ka:
-            async with join_cluster(
-                ka,
-                nats.url,
-                "a",
-                options=attrs.evolve(PATIENT, **QUIET),
-                types={"counter": COUNTING},
-            ) as ca:
+            async with _a_outliving_its_block(ka, nats.url) as ca:
                 _meet(ca, cc)
                 with trio.fail_after(30):  # a hang guard
                     on_c = await cc.spawn("counter", name=ON_C, node="c")
@@ -4164,27 +4175,17 @@ async def test_a_placement_whose_request_the_leave_cuts_is_transport_unavailable
 
         cc.placement._place_requested = held  # type: ignore[method-assign]
         async with open_kernel(node_config()) as ka, trio.open_nursery() as outer:
-
-            async def outcome(what: str, call: Callable[[], Awaitable[Any]]) -> None:
-                try:
-                    await call()
-                except Exception as exc:
-                    outcomes[what] = exc
-
-            async with join_cluster(
-                ka,
-                nats.url,
-                "a",
-                options=attrs.evolve(PATIENT, **QUIET),
-                types={"counter": COUNTING},
-            ) as ca:
+            async with _a_outliving_its_block(ka, nats.url) as ca:
                 _meet(ca, cc)
                 outer.start_soon(
-                    outcome,
+                    _outcome,
+                    outcomes,
                     "spawn",
                     partial(ca.spawn, "counter", name="held", node="c", timeout=60),
                 )
-                outer.start_soon(outcome, "lookup", partial(ca.wait_for_name, "nowhere", 60))
+                outer.start_soon(
+                    _outcome, outcomes, "lookup", partial(ca.wait_for_name, "nowhere", 60)
+                )
                 with trio.fail_after(30):
                     await asked.wait()
             release.set()
@@ -4200,3 +4201,48 @@ async def test_a_placement_whose_request_the_leave_cuts_is_transport_unavailable
     assert isinstance(lookup, TransportUnavailable), repr(lookup)
     assert str(lookup).startswith("transport unavailable: node 'a'"), str(lookup)
     assert str(lookup).endswith(": 'nowhere' not looked up"), str(lookup)
+
+
+async def test_a_placement_here_whose_name_claim_the_leave_cuts_stops_its_copy_and_says_so(
+    nats: NatsServer,
+) -> None:
+    """Fiftieth pass: a places an agent on itself (pinned) and its name claim is still
+    on its way when a leaves (the spawn's caller a task outside a's block, a's kernel
+    running on). The leave's close of a's loop cut the claim: the caller got nats'
+    ``ConnectionClosedError`` while the copy ran on in a's kernel, unnamed and
+    unrecorded. The copy is stopped now (a ``stopped`` event saying why) and the caller
+    gets ``TransportUnavailable`` naming a and the name."""
+    outcomes: dict[str, BaseException] = {}
+    async with _node(nats.url, "c", **QUIET) as (kc, cc):
+        async with open_kernel(node_config()) as ka, trio.open_nursery() as outer:
+            async with ka.events() as events:
+                async with _a_outliving_its_block(ka, nats.url) as ca:
+                    _meet(ca, cc)
+                    claim, released, entered = ca.claim_name, asyncio.Event(), trio.Event()
+
+                    async def held_claim(*args: Any, **kwargs: Any) -> Any:
+                        entered.set()
+                        await released.wait()  # still on its way as a leaves
+                        return await claim(*args, **kwargs)
+
+                    ca.claim_name = held_claim  # type: ignore[method-assign]
+                    outer.start_soon(
+                        _outcome,
+                        outcomes,
+                        "spawn",
+                        partial(ca.spawn, "counter", name="mine", node="a"),
+                    )
+                    with trio.fail_after(30):  # a hang guard
+                        await entered.wait()
+                with trio.fail_after(30):
+                    stopped = await _stopped(events, "mine")
+            assert stopped.reason == placement_module.CLOSED_REASON
+            assert [ref.name for ref in ka.agents()] == []
+        assert cc.name_holder("mine") is None
+        assert not kc.is_local("mine")
+    spawn = outcomes["spawn"]
+    assert isinstance(spawn, TransportUnavailable), repr(spawn)
+    assert str(spawn) == (
+        "transport unavailable: the connection of node 'a' closed (it left the cluster)"
+        " under the claim of 'mine': not placed"
+    )

@@ -139,6 +139,10 @@ _NAME_UNWRITTEN: Final = "its name is not in the names bucket yet; written once 
 #: the reason of a copy started for a placement whose name another node claimed first
 #: (see :meth:`Placement._claim`): stopped at once, the placement refused with NameTaken
 REFUSED_REASON: Final = "name held on another node"
+#: the reason of a copy started for a placement whose name claim this node's closed
+#: connection cut (its leave closing the connection and loop under the claim): stopped
+#: at once, the placement refused with TransportUnavailable
+CLOSED_REASON: Final = "its name claim was cut: the node's connection closed"
 #: why the record of a placed agent whose placement's caller was cancelled while the
 #: record was written is written again (it may have landed or not)
 _CALLER_CANCELLED: Final = "its placement's caller was cancelled while it was written"
@@ -483,6 +487,17 @@ class Placement:
         except NameTaken:
             await self._stop_refused(ref.id)
             raise
+        except nats.errors.ConnectionClosedError:
+            # The leave closed the connection and loop under the claim (asyncio cancelled
+            # it, see _aio.call_aio): the copy ran on in the kernel, unnamed and
+            # unrecorded, its caller told the placement failed.
+            with contextlib.suppress(AgentNotFound, KernelShuttingDown):
+                await cluster.kernel.stop(ref.id, reason=CLOSED_REASON)
+            raise TransportUnavailable(
+                f"the connection of node {cluster.node!r} closed"
+                + (" (it left the cluster)" if cluster.closing else "")
+                + f" under the claim of {name!r}: not placed"
+            ) from None
         except trio.Cancelled:
             self._claim_cancelled(name, ref.id, record)
             raise
