@@ -29,7 +29,7 @@ import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ign
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import asyncio_loop, call_aio, call_aio_bounded
+from nexus_trio._nats._aio import asyncio_loop, call_aio, call_aio_bounded, on_loop
 from nexus_trio._nats._cluster import AT_ONCE_TELLS
 from nexus_trio._nats._direct import (
     deliver_inline,
@@ -653,3 +653,26 @@ async def test_an_asyncio_side_cancelled_under_its_trio_caller_is_a_closed_conne
             await cancelled(call)
             assert len(waiting) == 1
             assert waiting[0].cancelled()
+
+
+async def test_a_call_on_a_closed_asyncio_loop_is_a_closed_connection_and_starts_nothing() -> None:
+    """Fiftieth pass: a node's asyncio loop closes with its leave; a task outside the
+    cluster's block calling on (``send_durable`` after the leave, its kernel running
+    on) had trio-asyncio's ``RuntimeError: Event loop is closed``, which no caller takes
+    for a transport's failure (``send_durable`` passed it on as it was). Both calls
+    raise nats' ``ConnectionClosedError`` now, as a call on the closed connection does,
+    before the coroutine function is called (call_aio_bounded made its coroutine first:
+    never awaited). (On the code before: ``RuntimeError`` out of both.)"""
+    called: list[str] = []
+
+    async def side() -> None:
+        called.append("side")
+
+    async with trio_asyncio.open_loop() as loop:
+        pass
+    assert loop.is_closed()
+    with on_loop(loop):
+        for call in (call_aio, functools.partial(call_aio_bounded, 1.0)):
+            with pytest.raises(nats_py.errors.ConnectionClosedError):
+                await call(side)
+    assert called == []

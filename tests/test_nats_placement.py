@@ -4140,6 +4140,8 @@ async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming
                     await ca.wait_for_name("never-placed", timeout=3)
                 errors.append(str(refused.value))
                 assert await ca.wait_for_name(ON_C) == ("c", on_c.id)
+                with pytest.raises(TransportUnavailable, match="ConnectionClosedError"):
+                    await ca.send_durable(ON_C, "after")  # (RuntimeError before)
             assert errors == [
                 f"transport unavailable: node 'a' left the cluster (or is leaving): {n!r} not placed"
                 for n in ("after-a", "after-c", "after-None")

@@ -101,13 +101,28 @@ async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
     """Await an asyncio coroutine function from Trio (one scheduled crossing each way).
 
     Cancelling the Trio caller cancels the asyncio side. An asyncio side cancelled by
-    asyncio instead (see :func:`_closed_under`) raises ``ConnectionClosedError``.
+    asyncio instead (see :func:`_closed_under`) raises ``ConnectionClosedError``, as a
+    call on a loop that is closed already does (see :func:`_check_open`).
     """
+    _check_open(fn)
     try:
         result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
     except asyncio.CancelledError:
         raise _closed_under(fn) from None
     return result
+
+
+def _check_open(fn: Callable[..., Any]) -> None:
+    """Raise ``ConnectionClosedError`` for a call on a node's asyncio loop that is
+    closed: its node left the cluster, and a task outside the cluster's block calls on
+    (a durable send, a placement). trio-asyncio raised ``RuntimeError: Event loop is
+    closed``, which said nothing of the node's connection and no caller takes for a
+    transport's failure; a closed loop is a closed connection (its connections closed
+    with it)."""
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None and loop.is_closed():
+        log.debug("%s called on a closed asyncio loop: taken as a closed connection", fn)
+        raise nats.errors.ConnectionClosedError()
 
 
 def _closed_under(fn: Callable[..., Any]) -> nats.errors.ConnectionClosedError:
@@ -138,6 +153,7 @@ async def call_aio_bounded(
     is cancelled (the cancel landed after it ended, before its end reached the caller,
     or it did not heed its own cancel): the caller raises ``Cancelled``, so the result
     would be lost (a fetch's messages: each would wait out its ``ack_wait``)."""
+    _check_open(fn)
     task = trio_asyncio.current_loop.get().create_task(fn(*args, **kwargs))
     done = trio.Event()
 
