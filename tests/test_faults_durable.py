@@ -16,7 +16,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from nexus_trio import Agent, Context, Message, agent, pool
+from nexus_trio import Agent, Context, Message, TransportUnavailable, agent, pool
 from nexus_trio._nats import DurableOptions, NatsServer
 from nexus_trio._nats._aio import call_aio
 
@@ -214,3 +214,53 @@ async def test_a_durable_message_in_hand_when_the_node_s_consumer_is_deleted_is_
         stats = cluster.stats()
     assert handled == ["held", "after"]
     assert (stats.durable_acked, stats.durable_duplicates, stats.durable_dead) == (2, 1, 0)
+
+
+async def test_an_answer_to_a_message_of_a_deleted_stream_does_not_ack_the_new_stream_s(
+    nats: NatsServer,
+) -> None:
+    """Fifty-first pass: the durable stream deleted (by an operator) while an agent
+    handles its message 1 ("old"), made anew by the node's pull, numbers from 1 again;
+    JetStream acks by stream sequence, and the ack subject of the old delivery names
+    sequence 1 (measured: an old delivery's ack removes the new stream's message 1
+    pending on the new consumer). So the old answer's ack took the new stream's message
+    1 ("new", delivered and in hand) out of the work queue: its handler's failure was
+    nakked to nothing and it was never delivered again, lost, counted nowhere. A settle
+    of a delivery of the stream before it was made anew is sent no more now (counted in
+    ``durable_stale_settles``): "new" fails once, is delivered again and handled.
+    (On main's _durable.py swapped in: ``handled == ["old", "new"]`` after 10 s.)"""
+    handled: list[Any] = []
+    release = trio.Event()
+
+    @agent(name="holds-a")
+    async def holds(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        if msg.payload == "old":
+            await release.wait()
+        elif handled.count("new") == 1:
+            raise RuntimeError("the first try fails")
+        return "ok"
+
+    durable = DurableOptions(ack_wait=60.0, max_deliver=3, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(holds)
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        with trio.fail_after(40):
+            await cluster.send_durable("holds-a", "old")
+            await until(lambda: handled == ["old"])
+            await call_aio(js.delete_stream, stream)
+            while True:  # (the node's pull makes the stream anew at its next fetch)
+                try:
+                    await cluster.send_durable("holds-a", "new", timeout=2)
+                    break
+                except TransportUnavailable:
+                    await trio.sleep(0.1)
+            while (await call_aio(js.consumer_info, stream, cluster.node)).num_ack_pending < 1:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.05)  # ("new" delivered: in hand, behind "old")
+            release.set()
+            with trio.move_on_after(10):
+                await until(lambda: handled.count("new") == 2)
+            stats = cluster.stats()
+    assert handled == ["old", "new", "new"]
+    assert (stats.durable_stale_settles, stats.durable_dead) == (1, 0)

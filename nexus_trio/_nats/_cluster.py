@@ -784,6 +784,13 @@ class ClusterStats:
     #: delivers them to the new subscription at once (before the fiftieth pass they
     #: were dropped with the old subscription and waited out ``ack_wait``)
     durable_handed_back_at_remake: int = 0
+    #: settles (acks, naks, terms, forwards) of deliveries of the durable stream from
+    #: before it was made anew (an operator deleted it), not sent, and messages its old
+    #: pull subscription held then, not nakked: JetStream settles by stream sequence,
+    #: and the new stream numbers from 1 again, so an ack of one removed the new
+    #: stream's message of that sequence (before the fifty-first pass); the old
+    #: stream's messages went with it
+    durable_stale_settles: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
@@ -6439,6 +6446,7 @@ class Cluster:
             durable_left_to_pullers=d.left_to_pullers,
             durable_handed_back_at_leave=d.handed_back_at_leave,
             durable_handed_back_at_remake=d.handed_back_at_remake,
+            durable_stale_settles=d.stale_settles,
             durable_dead_reasons=d.dead_reasons(),
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,

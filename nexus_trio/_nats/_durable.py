@@ -413,7 +413,7 @@ class _Waiting:
             self.others = 0
         return len(self.due) + self.others
 
-    def bind(self, bound: int, made: object, held: int = 0, held_for: float = 0.0) -> None:
+    def bind(self, bound: int, made: object, held: int = 0, held_for: float = 0.0) -> bool:
         """The consumer (re)bound: at most ``bound`` wait; ``made``: when it or its stream
         was made (None: not known). One made anew (an operator deleted the stream: its
         sequences begin at 1 again, what waited went with the old one) forgets what
@@ -429,15 +429,20 @@ class _Waiting:
         stay held, :func:`held_at_most`), so that this puller's waiting ones and theirs
         together leave the consumer's other messages their slots. (Across processes
         no puller sees another's naks after the bind: JetStream's ``max_ack_pending`` is
-        the bound then.)"""
+        the bound then.)
+
+        True if the stream was made anew since the last bind (both times known)."""
         self.bound = bound
+        anew = False
         if made != self._made:
             if self._made is not None:
                 self.due.clear()
                 self._next_due = math.inf
+                anew = made is not None
             self._made = made
         self.others = max(held - len(self.due), 0)
         self._others_until = trio.current_time() + held_for
+        return anew
 
     def delivered(self, jsmsg: NatsMsg) -> None:
         """``jsmsg`` is a delivery of its message: it waits no more (if it did; if it
@@ -653,6 +658,13 @@ class DurableChannel:
         #: to the new subscription at once), counted as each nak is sent (one the leave
         #: does not send is in ``unsettled_at_leave`` instead)
         self.handed_back_at_remake = 0
+        #: settles of deliveries of a stream since made anew, not sent (an ack would
+        #: remove the new stream's message of the same sequence: see _stream_made_anew),
+        #: and messages the old pull subscription held then, not nakked
+        self.stale_settles = 0
+        # the ack subjects of the old stream's deliveries still held then (see
+        # _stream_made_anew), each forgotten as its settle is dropped
+        self._stale: set[str] = set()
         # the ack subjects of those naks, the last max_ack_pending of them (no more can
         # be unsettled at once): one taken back out of the client's reconnect buffer at
         # the leave is counted unsettled instead (see unsent_in_client)
@@ -793,13 +805,14 @@ class DurableChannel:
         nursery.start_soon(self._pull)
         nursery.start_soon(self._sweeps)
 
-    def _bind_own(self, made: object, held: int) -> None:
+    def _bind_own(self, made: object, held: int) -> bool:
         """This node's consumer (re)bound: its waiting ones bounded by ``max_waiting``,
         ``held`` (its unacked slots at the bind) less what this node holds itself counted
-        as other pullers' (see :meth:`_Waiting.bind`)."""
+        as other pullers' (see :meth:`_Waiting.bind`). True if the stream was made anew
+        since the last bind."""
         opts = self.options
         mine = len(self._in_flight) + len(self._held)
-        self._waiting.bind(
+        return self._waiting.bind(
             opts.max_waiting, made, max(held - mine, 0), held_at_most(opts.ack_wait, opts)
         )
 
@@ -918,7 +931,9 @@ class DurableChannel:
             )
             return
         old, self._psub = self._psub, psub
-        self._bind_own(made, held)
+        anew = self._bind_own(made, held)
+        if anew:
+            self._stream_made_anew()
         # (the old subscription ends as the stop's and the leave's do: the server told
         # first, shielded and bounded, see _unsubscribe_pull; what a request of it still
         # on the server delivered meanwhile, or since its last fetch ended, is in its
@@ -927,7 +942,11 @@ class DurableChannel:
         # subscription first and its queue was dropped: each message waited out
         # ack_wait, a delivery used up, counted nowhere)
         await _unsubscribe_pull(old, trio.current_time() + _PULL_CANCEL_WAIT)
-        if took := take_queued(old):
+        if (took := take_queued(old)) and anew:
+            # (the old stream's messages went with it, and a nak of one would reach
+            # the new stream's message of the same sequence: see _stream_made_anew)
+            self.stale_settles += len(took)
+        elif took:
             for jsmsg in took:
                 self._settle(jsmsg, _REMADE_BACK)
             log_guarded(
@@ -937,6 +956,35 @@ class DurableChannel:
                 " subscription held are nakked back to its consumer",
                 self.cluster.node,
                 len(took),
+            )
+
+    def _stream_made_anew(self) -> None:
+        """The pull was set up again on a stream made anew (deleted by an operator, or
+        lost with JetStream's store): its sequences begin at 1 again, and JetStream
+        settles an ack, nak or term by the consumer and stream sequence its subject
+        names, never asking which stream's message it was for. The deliveries of the old
+        stream this node still holds (handed to agents, past ``ack_wait``, fetched and
+        not handed over, their settles queued) are settled nowhere from now on, counted
+        in ``stale_settles`` as each would have been sent (see :meth:`_send_ops`): their
+        messages went with the old stream, and an answer's ack of one removed the new
+        stream's message of its sequence from the work queue, in hand or not, never
+        handled (measured before the fifty-first pass: its handler's failure was nakked
+        to nothing and it was lost)."""
+        stale = {jsmsg.reply for jsmsg, _due, _query in self._in_flight.values()}
+        stale.update(jsmsg.reply for jsmsg, _query in self._late.values())
+        stale.update(jsmsg.reply for jsmsg in self._held)
+        stale.update(jsmsg.reply for jsmsg, _op in self._ops.queued)
+        self._stale = stale
+        if stale:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: the durable stream %s was made anew; the %d deliveries of the"
+                " old one this node still holds are settled nowhere (their messages went"
+                " with it; an ack would remove the new stream's message of its sequence)",
+                self.cluster.node,
+                self._stream,
+                len(stale),
             )
 
     async def stop(self, timeout: float = math.inf) -> None:
@@ -2648,6 +2696,13 @@ class DurableChannel:
     async def _send_ops(self, batch: list[tuple[NatsMsg, str]]) -> None:
         delay = self.options.redelivery_delay
         for jsmsg, op in batch:
+            if self._stale and jsmsg.reply in self._stale:
+                # a delivery of the stream before it was made anew: settled nowhere
+                if op != "progress":
+                    self._stale.discard(jsmsg.reply)
+                    self.stale_settles += 1
+                    self._settles_sent += 1
+                continue
             try:
                 if op == "ack":
                     await jsmsg.ack()

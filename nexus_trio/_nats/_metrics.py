@@ -211,6 +211,11 @@ CLUSTER_COUNTERS: Final = {
         "Messages the old pull subscription held when the durable pull was set up again"
         " after a refused fetch, nakked back to the consumer (delivered again at once).",
     ),
+    "durable_stale_settles": (
+        "nexus_cluster_durable_stale_settles",
+        "Settles of deliveries of the durable stream from before it was made anew, not"
+        " sent (an ack would remove the new stream's message of the same sequence).",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"
