@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
@@ -37,7 +38,9 @@ from nexus_trio._nats._direct import (
     parse_commands,
     publish_at_once,
     read_inline,
+    take_queued,
     take_unsent,
+    unsubscribe_server_first,
 )
 
 from .nats_server import FAST, PATIENT, until
@@ -676,3 +679,68 @@ async def test_a_call_on_a_closed_asyncio_loop_is_a_closed_connection_and_starts
             with pytest.raises(nats_py.errors.ConnectionClosedError):
                 await call(side)
     assert called == []
+
+
+def test_an_unsubscribe_across_a_reconnect_is_said_again_before_it_is_forgotten(
+    nats: NatsServer,
+) -> None:
+    """Fifty-first pass: ``unsubscribe_server_first`` sent the ``UNSUB``, and two flushes
+    said the server had it, but a reconnect done in between (the ``UNSUB`` written into
+    the connection that was cut, never read: emulated here, the first ``UNSUB`` not
+    sent and the connection cut under it) makes the flushes' PONGs the new
+    connection's: nats-py's reconnect had sent the subscription's ``SUB`` again, and the
+    pull request sent before the cut was still on the server. nats-py's unsubscribe then
+    forgot the subscription before its ``UNSUB`` reached the server: a message that
+    request took in that round trip (stored here as the second ``UNSUB`` is about to be
+    sent) was dropped by the client, delivered and held unacked (ack_wait), counted
+    nowhere. The ``UNSUB`` is said again on the new connection now, flushed while the
+    subscription still takes what comes: the message is in its queue, or (the server
+    had the ``UNSUB``) still in the stream, undelivered. (On main's _direct.py swapped
+    in: ``(0, 0, 1)``, delivered into nothing.)"""
+    asyncio.run(_unsubscribe_across_a_reconnect(nats.url))
+
+
+async def _unsubscribe_across_a_reconnect(url: str) -> None:
+    up = asyncio.Event()
+
+    async def reconnected() -> None:
+        up.set()
+
+    nc = await nats_py.connect(url, reconnected_cb=reconnected, reconnect_time_wait=0.05)
+    other = await nats_py.connect(url)
+    try:
+        js, ojs = nc.jetstream(), other.jetstream()
+        await js.add_stream(name="S", subjects=["d.>"], retention="workqueue")
+        psub = await js.pull_subscribe("d.b.*", durable="b", stream="S")
+        request = json.dumps({"batch": 1, "expires": 20_000_000_000}).encode()
+        await nc.publish("$JS.API.CONSUMER.MSG.NEXT.S.b", request, psub._deliver)
+        await nc.flush()
+        send_unsubscribe = nc._send_unsubscribe
+        calls: list[bool] = []
+
+        async def held(sid: int, limit: int = 0) -> None:
+            calls.append(sid in nc._subs)
+            if len(calls) == 1:  # (written into the connection cut: the server never read it)
+                nc._transport._io_writer.transport.abort()
+                await up.wait()  # (nats-py sent the subscription's SUB again)
+                return
+            if sid not in nc._subs:  # nats-py's unsubscribe: forgotten, the UNSUB unsent
+                await ojs.publish("d.b.1", b"taken in the round trip")
+                while True:
+                    info = await ojs.consumer_info("S", "b")
+                    if info.num_ack_pending or info.num_pending:
+                        break
+                    await asyncio.sleep(0.01)
+            await send_unsubscribe(sid, limit)
+
+        nc._send_unsubscribe = held  # type: ignore[method-assign]
+        await unsubscribe_server_first(psub, 2.0)
+        await nc.flush()
+        queued = take_queued(psub)
+        info = await ojs.consumer_info("S", "b")
+    finally:
+        await nc.close()
+        await other.close()
+    assert calls[0] and not calls[-1]
+    outcome = (len(queued), info.num_pending, info.num_ack_pending)
+    assert outcome in {(1, 0, 1), (0, 1, 0)}, outcome

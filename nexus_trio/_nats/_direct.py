@@ -509,7 +509,20 @@ async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
     sends first too, but then waits for the queue to be read, which a pull
     subscription's is not.) nats-py's unsubscribe alone while the client reconnects
     (nothing is sent then: the server dropped the subscription with the old
-    connection), or with a ``psub`` not of the expected shape. Asyncio side."""
+    connection, and nats-py, which forgets it, sends no ``SUB`` of it again), or with a
+    ``psub`` not of the expected shape.
+
+    A reconnect done between the ``UNSUB`` and the flushes' end (nats-py's
+    ``stats["reconnects"]``) proves nothing of the ``UNSUB``: written into the
+    connection that was cut, the server may never have read it, and nats-py's reconnect
+    sent the subscription's ``SUB`` again (it was still subscribed here), and a pull
+    request of it survives its client's reconnect on the server (measured, nats-server
+    2.x: a request sent before the connection was cut delivered into the replayed
+    subscription after it). The ``UNSUB`` is sent again then on the new connection, and
+    flushed, before the subscription is forgotten (once: a second reconnect inside the
+    same wait forgets it as before). Before the fifty-first pass, what that request
+    delivered after nats-py's unsubscribe forgot it, one round trip, was dropped by the
+    client and waited out ``ack_wait``. Asyncio side."""
     sub = getattr(psub, "_sub", None)
     conn = getattr(sub, "_conn", None)
     sid = getattr(sub, "_id", None)
@@ -524,8 +537,28 @@ async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
         await psub.unsubscribe()
         return
     try:
-        await send(sid)
-        await flush(conn, timeout)
-        await flush(conn, timeout)
+        for told_again in (False, True):
+            reconnects = _reconnects(conn)
+            await send(sid)
+            try:
+                await flush(conn, timeout)
+                await flush(conn, timeout)
+            except nats.errors.Error:
+                if told_again or not _reconnected_since(conn, reconnects):
+                    raise
+                continue
+            if told_again or not _reconnected_since(conn, reconnects):
+                break
     finally:
         await psub.unsubscribe()
+
+
+def _reconnects(conn: Any) -> object:
+    """How many times nats-py's client ``conn`` reconnected (None: it does not say)."""
+    stats = getattr(conn, "stats", None)
+    return stats.get("reconnects") if isinstance(stats, dict) else None
+
+
+def _reconnected_since(conn: Any, reconnects: object) -> bool:
+    """``conn`` reconnected since it said ``reconnects`` and is connected now."""
+    return reconnects is not None and _reconnects(conn) != reconnects and bool(conn.is_connected)
