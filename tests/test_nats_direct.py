@@ -744,3 +744,59 @@ async def _unsubscribe_across_a_reconnect(url: str) -> None:
     assert calls[0] and not calls[-1]
     outcome = (len(queued), info.num_pending, info.num_ack_pending)
     assert outcome in {(1, 0, 1), (0, 1, 0)}, outcome
+
+
+class _ReconnectingConn:
+    """A nats-py client (fake) for ``unsubscribe_server_first``: its flushes (nats-py's
+    own, the fake having no ``_send_ping``) fail at the first ``fail`` calls, a reconnect
+    done meanwhile if ``reconnect``; what it was asked, in order."""
+
+    is_closed = False
+    is_reconnecting = False
+    is_connected = True
+
+    def __init__(self, fail: int, reconnect: bool) -> None:
+        self.fail = fail
+        self.reconnect = reconnect
+        self.stats = {"reconnects": 0}
+        self.said: list[str] = []
+
+    async def _send_unsubscribe(self, sid: int, limit: int = 0) -> None:
+        self.said.append(f"UNSUB {sid}")
+
+    async def flush(self, timeout: float) -> None:
+        if self.fail:
+            self.fail -= 1
+            self.stats["reconnects"] += self.reconnect
+            self.said.append("flush failed")
+            raise nats_py.errors.FlushTimeoutError
+        self.said.append("flush")
+
+
+def test_a_flush_failed_by_a_reconnect_is_followed_by_the_unsubscribe_said_again() -> None:
+    """Fifty-first pass: a flush of ``unsubscribe_server_first`` that fails as the client
+    reconnects (its PING's PONG went with the old connection) is no proof the server had
+    the ``UNSUB`` either: sent again on the new connection and flushed, then forgotten;
+    a flush that fails with no reconnect is given up as before (the subscription
+    forgotten, the error raised), and so is a second failure after a reconnect. (On
+    main's _direct.py swapped in, the first case: ``['UNSUB 7', 'flush failed',
+    'forgotten', 'raised']``.)"""
+
+    async def unsubscribe(conn: _ReconnectingConn) -> list[str]:
+        forgotten = conn.said.append
+        psub = SimpleNamespace(
+            _sub=SimpleNamespace(_conn=conn, _id=7),
+            unsubscribe=lambda: asyncio.sleep(0, forgotten("forgotten")),
+        )
+        try:
+            await unsubscribe_server_first(psub, 0.5)
+        except nats_py.errors.FlushTimeoutError:
+            conn.said.append("raised")
+        return conn.said
+
+    told_again = ["UNSUB 7", "flush failed", "UNSUB 7", "flush", "flush", "forgotten"]
+    assert asyncio.run(unsubscribe(_ReconnectingConn(1, reconnect=True))) == told_again
+    given_up = ["UNSUB 7", "flush failed", "forgotten", "raised"]
+    assert asyncio.run(unsubscribe(_ReconnectingConn(1, reconnect=False))) == given_up
+    twice = ["UNSUB 7", "flush failed", "UNSUB 7", "flush failed", "forgotten", "raised"]
+    assert asyncio.run(unsubscribe(_ReconnectingConn(2, reconnect=True))) == twice
