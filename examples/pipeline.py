@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 fail_every=args.fail_every,
                 rounds=args.rounds,
+                max_attempts=args.max_attempts,
             )
         )
     except ValueError as exc:

@@ -131,6 +131,24 @@ def test_pipeline_reports_an_incomplete_result_with_exit_status_1() -> None:
     assert summary["count"] + len(summary["gave_up"]) == 30
 
 
+def test_pipeline_tries_each_task_as_often_as_max_attempts_says() -> None:
+    # The only worker crashes on every task: each task is tried --max-attempts times, each
+    # try a retry and a handler_error dead letter, then given up on.
+    result = run_example(
+        "pipeline.py",
+        *("--tasks", "3", "--workers", "1", "--fail-every", "1", "--max-attempts", "2"),
+        *("--rounds", "10", "--json"),
+    )
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["gave_up"] == [0, 1, 2]
+    assert summary["count"] == 0
+    assert summary["retries"] == 3 * 2
+    assert summary["dead_letters"] == {"handler_error": 3 * 2}
+    assert summary["conserved"]
+    assert result.stderr.count("failed 2 times; giving up") == 3, result.stderr
+
+
 async def test_pipeline_in_process() -> None:
     sys.path.insert(0, str(EXAMPLES))
     try:
