@@ -413,6 +413,23 @@ def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
     assert missing == [], f"flags of nexus run missing from docs/cli.md's table: {missing}"
 
 
+def test_the_flag_table_of_the_cli_page_names_every_value_a_choice_flag_takes() -> None:
+    """Regression: the row of ``-f`` named ``compact``, ``json`` and ``pretty``, not
+    ``full``, which ``nexus run -f full`` takes (the original Nexus's name) and its
+    ``--help`` lists."""
+    from nexus_trio.cli._app import LogFormat, LogLevel, Workload
+
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `-")}
+    missing = [
+        f"{flag} {value.value}"
+        for flag, values in (("-l", LogLevel), ("-f", LogFormat), ("-w", Workload))
+        for value in values
+        if f"`{value.value}`" not in rows[flag]
+    ]
+    assert missing == [], f"values docs/cli.md's flag table does not name: {missing}"
+
+
 @pytest.mark.parametrize("name", ["kernel.md", "concepts.md"])
 def test_the_pages_that_list_the_dead_letter_reasons_list_every_one(name: str) -> None:
     from nexus_trio import DeadLetterReason
@@ -563,3 +580,38 @@ def test_the_summary_the_cli_page_shows_has_the_rows_a_ring_run_prints(tmp_path:
     printed = re.split(r"nexus run summary *\n", console.export_text(), maxsplit=1)[1]
     printed_rows = [line.strip().split("  ")[0] for line in printed.splitlines() if line.strip()]
     assert shown_rows == printed_rows
+
+
+def test_the_frames_the_cli_page_shows_agree_with_its_summary() -> None:
+    """Regression: the last frame of the captured run showed ``max mailbox 0`` where the
+    frame halfway showed 65: the figure is the kernel's high water
+    (``stats().max_mailbox_depth``), which never goes down, so the capture predated it.
+    The last frame shows the summary's figures; its high water is at least the halfway one."""
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    shown = page.split("### A real run: `nexus run --agents 1000 --duration 10`", 1)[1]
+    half_frame, last = re.findall(r"^```\n(.*?)^```", shown, flags=re.M | re.S)[:2]
+    last_frame, summary = re.split(r"^ *nexus run summary *\n", last, maxsplit=1, flags=re.M)
+
+    def cells(frame: str) -> dict[str, str]:
+        pairs = re.findall(r"([A-Za-z][A-Za-z0-9/ ]*?) {2,}([-0-9.,]+(?: [µm]?s| MiB)?)", frame)
+        return {label.strip(): value for label, value in pairs}
+
+    half, final = cells(half_frame), cells(last_frame)
+    rows = {
+        label: value.strip()
+        for label, value in (
+            line.strip().split("  ", 1) for line in summary.splitlines() if "  " in line.strip()
+        )
+    }
+    deepest = [int(frame["max mailbox"].replace(",", "")) for frame in (half, final)]
+    assert deepest[1] >= deepest[0], (half, final)
+    assert final["handled"] == rows["handled"]
+    assert final["sent"] == rows["sent (accepted)"]
+    assert rows["throughput"] == f"{final['msg/s during run']} msg/s during run"
+    assert f"p50 {final['handle p50']} " in rows["handle latency"]
+    assert f"p99 {final['handle p99']} " in rows["handle latency"]
+    assert f"p50 {final['queue wait p50']} " in rows["queue wait"]
+    assert f"p99 {final['queue wait p99']} " in rows["queue wait"]
+    assert final["RSS"] == rows["peak RSS"]
+    assert final["restarts"] == rows["restarts"]
+    assert final["dead letters"] == rows["dead letters"]
