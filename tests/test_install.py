@@ -320,15 +320,22 @@ def test_systemd_unit_verifies() -> None:
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
-def test_deploy_dry_run_plans_install_user_workload_and_unit(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "deploy.sh"), "--dry-run", "--skip-tests"],
+def deploy_dry_run(tmp_path: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """``COMMAND --dry-run --skip-tests`` run from the clone's root (COMMAND: how deploy.sh
+    is started)."""
+    return subprocess.run(
+        [*command, "--dry-run", "--skip-tests"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         env=environment(tmp_path),
         check=False,
     )
+
+
+def test_deploy_dry_run_plans_install_user_workload_and_unit(tmp_path: Path) -> None:
+    result = deploy_dry_run(tmp_path, "bash", str(ROOT / "scripts" / "deploy.sh"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"bash {INSTALL} --system --skip-tests" in out
@@ -345,6 +352,28 @@ def test_deploy_dry_run_plans_install_user_workload_and_unit(tmp_path: Path) -> 
         check=False,
     )
     assert bad.returncode == 2 and "--metrics-port" in bad.stderr
+
+
+def test_the_scripts_the_docs_run_by_their_path_are_executable(tmp_path: Path) -> None:
+    """Regression: docs/deploy.md and deploy.sh's own usage say ``scripts/deploy.sh ...``
+    (as root: ``sudo scripts/deploy.sh``), but git had it as mode 100644 since it was
+    added: run so, it was ``Permission denied`` (root too: execve wants an x bit)."""
+    shown = ["install.sh", "scripts/deploy.sh", ".ci/run"]
+    result = deploy_dry_run(tmp_path, "scripts/deploy.sh")
+    assert result.returncode == 0, result.stderr
+    assert "systemctl restart nexus.service" in result.stdout
+    # What a clone gets is git's mode, not this checkout's.
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(
+            ["git", "ls-files", "-s", "--", *shown],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        modes = {line.split("\t")[1]: line.split()[0] for line in listed.splitlines()}
+        assert modes == dict.fromkeys(shown, "100755")
 
 
 def dockerfile_instructions(stage: int = -1) -> dict[str, list[str]]:
