@@ -430,6 +430,18 @@ def test_the_flag_table_of_the_cli_page_names_every_value_a_choice_flag_takes() 
     assert missing == [], f"values docs/cli.md's flag table does not name: {missing}"
 
 
+def test_the_testing_page_names_every_section_test_config_takes() -> None:
+    """Regression: docs/testing.md listed seven sections for ``test_config(section={...})``;
+    it takes ``cluster=`` and ``durable=`` too (every field of ``Config``)."""
+    from nexus_trio import Config
+
+    page = (DOCS / "testing.md").read_text(encoding="utf-8")
+    listed = re.search(r"for every section \(([^)]*)\)", page)
+    assert listed is not None
+    sections = re.findall(r"`(\w+)`", listed[1])
+    assert sections == [field.name for field in attrs.fields(Config)]
+
+
 @pytest.mark.parametrize("name", ["kernel.md", "concepts.md"])
 def test_the_pages_that_list_the_dead_letter_reasons_list_every_one(name: str) -> None:
     from nexus_trio import DeadLetterReason
