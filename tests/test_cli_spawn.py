@@ -598,6 +598,42 @@ def test_a_line_over_the_limit_says_what_a_send_user_can_do(tmp_path: Path) -> N
     assert LINE_ADVICE in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("kind", ["Query", "Command"])
+def test_nexus_send_waits_as_long_as_its_timeout_says_beyond_the_handle_timeout(
+    kind: str,
+) -> None:
+    """Regression: ``--timeout`` ("seconds to wait for the answer") was cut short by the
+    kernel's handle timeout (``[kernel] handle_timeout_ms``, 30 s by default): ``nexus send
+    CMD JSON -t 60`` to an agent answering after 40 s failed at 30 s with ``the message
+    failed (handler_timeout): handler_timeout``. A handle timeout of 0.5 s here stands for
+    the 30 s; the agent answers after 1.5 s, within -t 20."""
+    toy = Path(__file__).parent / "children" / "toy_agent.py"
+    command = f"{PYTHON} {shlex.quote(str(toy))}"
+    payload = json.dumps({"op": "sleep", "seconds": 1.5})
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env["NEXUS_KERNEL__HANDLE_TIMEOUT_MS"] = "500"
+
+    cli = [sys.executable, "-m", "nexus_trio.cli", "send", command, payload, "--compact"]
+
+    def send(wait: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, "-t", wait, "--kind", kind],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    result = send("20")
+    assert (result.returncode, result.stdout) == (0, '"slept"\n'), result.stderr
+    # A wait that ends before the answer is said in --timeout's words, not the handler's.
+    result = send("0.5")
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last == "nexus send: no answer within 0.5s (--timeout gives it longer)", last
+
+
 #: registers, notes each frame and a SIGTERM in a file, and never answers
 NOTES_ITS_STOP = textwrap.dedent(
     """

@@ -60,6 +60,11 @@ class _Failed(Exception):
     """The exchange failed; the text is for the user."""
 
 
+#: seconds the handler of nexus send's message is given beyond --timeout (its handle
+#: timeout), so that the wait for the answer ends first, in its own words
+SEND_HANDLE_MARGIN = 1.0
+
+
 def _no_answer(timeout: float) -> _Failed:
     """No answer came within ``timeout`` seconds (a request's, or a tell's wait)."""
     return _Failed(f"no answer within {timeout:g}s (--timeout gives it longer)")
@@ -181,6 +186,10 @@ def register(app: typer.Typer) -> None:
                 name=name,
                 restart="temporary",
                 register_timeout=register_timeout,
+                # --timeout is how long the answer is waited for: the kernel's handle
+                # timeout ([kernel] handle_timeout_ms, 30 s) must not cut the handler
+                # short first. A second more, so the wait ends first and says so.
+                handle_timeout=timeout + SEND_HANDLE_MARGIN,
                 shutdown_grace=stop_grace(loaded.config.kernel.shutdown_grace),
             )
         except (TypeError, ValueError) as exc:
