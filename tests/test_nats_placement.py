@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -4140,7 +4141,7 @@ async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming
                     await ca.wait_for_name("never-placed", timeout=3)
                 errors.append(str(refused.value))
                 assert await ca.wait_for_name(ON_C) == ("c", on_c.id)
-                with pytest.raises(TransportUnavailable, match="ConnectionClosedError"):
+                with pytest.raises(TransportUnavailable, match="ConnectionClosedError") as unsent:
                     await ca.send_durable(ON_C, "after")  # (RuntimeError before)
             assert errors == [
                 f"transport unavailable: node 'a' left the cluster (or is leaving): {n!r} not placed"
@@ -4150,6 +4151,14 @@ async def test_a_placement_or_lookup_asked_of_a_node_that_left_is_refused_naming
                 " 'never-placed' not looked up"
             ]
             assert [ref.name for ref in ka.agents()] == []
+            # (fifty-first pass: it named no node, "JetStream did not store durable message
+            # ...: ConnectionClosedError()")
+            assert re.fullmatch(
+                r"transport unavailable: node 'a''s connection is closed \(it left the"
+                rf" cluster\): durable message \S+ to {ON_C!r} not stored"
+                r" \(ConnectionClosedError\(\)\)",
+                str(unsent.value),
+            ), str(unsent.value)
         assert not any(ref.name and ref.name.startswith("after-") for ref in kc.agents())
 
 

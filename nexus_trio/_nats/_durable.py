@@ -1997,6 +1997,8 @@ class DurableChannel:
         ``timeout`` seconds (default: the kernel's send deadline), e.g. during a server
         failover. It may still have been stored then: pass your own ``msg_id`` and send
         again with it to retry without a duplicate (the error text names the id too).
+        Once this node's connection closed (its leave, a caller outside its block) it is
+        :class:`TransportUnavailable` naming the node.
         A payload the wire cannot carry raises ``TypeError`` (not JSON) or ``ValueError``
         (a lone surrogate, nested too deeply) naming the message, its recipient and the
         problem, as a send to another node does; nothing is stored.
@@ -2068,8 +2070,25 @@ class DurableChannel:
                 f" {wire.MSG_ID_HEADER} header included): more than NATS accepts in one"
                 f" message (max_payload {limit} bytes); nothing was stored"
             )
+        closed_before = cluster.nc.is_closed
         try:
             ack = await call_aio(cluster.data_js.publish, subject, data, headers=headers)
+        except nats.errors.ConnectionClosedError as exc:
+            # (this node left the cluster, a caller outside its block sending on, or nats-py
+            # gave up reconnecting: name the node, as a placement or a lookup does)
+            raise TransportUnavailable(
+                f"node {cluster.node!r}'s connection is closed"
+                + (" (it left the cluster)" if cluster.closing else "")
+                + f": durable message {msg.id} to {brief(msg.to, 60)} "
+                + (
+                    "not stored"
+                    if closed_before
+                    else "may or may not be stored (the close cut its publish): resend it"
+                    " with the same msg_id from a node in the cluster to be sure without a"
+                    " duplicate"
+                )
+                + f" ({exc!r})"
+            ) from exc
         except nats.js.errors.NoStreamResponseError as exc:
             # nothing took the subject: the stream was deleted, or lost with JetStream's
             # store (a node's pull makes it anew)
