@@ -393,6 +393,54 @@ async def test_a_tell_to_a_type_no_node_serves_is_counted_not_lost_silently(
         assert cluster.stats().inbound_dropped == {"no_replica": 3}
 
 
+async def test_a_tell_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_is_counted(
+    nats: NatsServer,
+) -> None:
+    """Fifty-first pass: the last replica of a type on a node stops, and the node ends
+    its queue-group subscription with nats-py's ``unsubscribe()``, which forgets the
+    subscription before its ``UNSUB`` is written: a message the server gave this member
+    in that round trip (it would have given it to another member, or answered "no
+    responders", had it had the ``UNSUB``) was dropped by the client, counted nowhere
+    (measured: 20,000 tells to a type served on b and c, b's replica stopped midway:
+    55, 109 and 143 of them in no count of any node). The ``UNSUB`` goes first now
+    (``unsubscribe_server_first``): what comes meanwhile is refused as for no replica,
+    ``inbound_dropped["no_such_agent"]`` (a query: its error frame). Here a tell is put
+    in that round trip by hand: published on the type's subject and flushed (the
+    server's PONG comes after the message) just before the ``UNSUB`` is sent."""
+    async with local_node(nats.url) as (kernel, cluster):
+        seen: list[Any] = []
+
+        @agent(name="last-replica")
+        async def replica(ctx: Context, msg: Message) -> None:
+            seen.append(msg.payload)
+
+        ref = kernel.spawn(replica)
+        await cluster.serve_type("leaving", ref)
+        nc = cluster.nc
+        send_unsubscribe = nc._send_unsubscribe
+        in_round_trip: list[int] = []
+
+        async def tell_first(sid: int, limit: int = 0) -> None:
+            msg = Message(sender=SYSTEM_ID, to=type_address("leaving"), payload="late")
+            subject = wire.type_subject(cluster.prefix, "leaving")
+            await nc.publish(subject, wire.encode_message(msg))
+            await flush_after_subscribe(nc)  # (two PINGs: the first may overtake the PUB)
+            in_round_trip.append(nc.stats["in_msgs"])
+            await send_unsubscribe(sid, limit=limit)
+
+        with trio.fail_after(30):
+            await kernel.send(type_address("leaving"), "early")
+            await until(lambda: seen == ["early"])
+            in_msgs = nc.stats["in_msgs"]
+            nc._send_unsubscribe = tell_first  # type: ignore[method-assign]
+            await kernel.stop(ref.id)
+            await until(lambda: bool(in_round_trip))
+        # (it reached this client, and was taken or dropped, before the flush's PONG)
+        assert in_round_trip[0] >= in_msgs + 1
+        assert seen == ["early"]
+        assert cluster.stats().inbound_dropped == {"no_such_agent": 1}
+
+
 def _nested(levels: int) -> Any:
     deep: Any = []
     for _ in range(levels):

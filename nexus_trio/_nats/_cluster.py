@@ -216,6 +216,9 @@ _LEAVE_TAIL: Final = 3.0
 #: outgoing messages the rest, at least this long
 _LEAVE_RECORD_WAIT: Final = 1.0
 _LEAVE_FLUSH_WAIT: Final = 2.0
+#: seconds each of the two flushes of a type's queue-group unsubscribe waits for the
+#: server's answer (see _forget_replica)
+_TYPE_UNSUBSCRIBE_WAIT: Final = 1.0
 #: a connection down ``ClusterOptions.server_lost_wait`` (from when it went down, before
 #: the leave or during it) is gone for the leave: the steps that need it are skipped or
 #: cut, not waited out (a worker whose server died waited ~3.5 s of the bounds above: see
@@ -4698,7 +4701,11 @@ class Cluster:
                     del self._types[type_name]
                     sub = self._type_subs.pop(type_name, None)
                     if sub is not None:
-                        await call_aio(sub.unsubscribe)
+                        # The server first: a message it gave this member of the queue
+                        # group in the round trip of the UNSUB reaches _decode_for
+                        # (no replica: counted no_such_agent, a query answered with its
+                        # error frame), where nats-py's unsubscribe dropped it uncounted
+                        await call_aio(direct.unsubscribe_server_first, sub, _TYPE_UNSUBSCRIBE_WAIT)
 
     # --- durable -----------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ And a flush (:func:`flush`) that times out or is cancelled does not leave the cl
 deaf, as nats-py's own did; and a durable fetch cancelled at a leave is ended at once
 with what it took (:func:`end_fetch`), which nats-py's fetch keeps to itself; and a pull
 subscription ended there keeps what the server sent it until the server had its
-unsubscribe (:func:`unsubscribe_server_first`), which nats-py's unsubscribe drops.
+unsubscribe (:func:`unsubscribe_server_first`), which nats-py's unsubscribe drops (a
+type's queue group ends so too).
 
 All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``,
 ``_conn``, ``_id``; ``PullSubscription._sub``; ``Client._send_unsubscribe``;
@@ -496,7 +497,8 @@ def take_queued(psub: Any) -> list[Any]:
 
 
 async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
-    """Unsubscribe the pull subscription ``psub`` the server first: its ``UNSUB`` is
+    """Unsubscribe the pull subscription ``psub`` (or a core subscription, such as a
+    type's queue group's) the server first: its ``UNSUB`` is
     sent while the subscription still takes what comes into its queue, until two
     flushes' round trips (bounded by ``timeout`` each; the first PING can overtake the
     ``UNSUB`` still in the client's buffer, see :func:`flush_after_subscribe`) say the
@@ -507,7 +509,10 @@ async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
     written: a message the server delivered in that round trip (a pull request's) was
     dropped by the client, and waited out ``ack_wait`` in JetStream. (nats-py's drain
     sends first too, but then waits for the queue to be read, which a pull
-    subscription's is not.) nats-py's unsubscribe alone while the client reconnects
+    subscription's is not.) A core subscription's callback takes what comes meanwhile,
+    as before its unsubscribe (a queue group's member: the server would have given it
+    to another member had it had the ``UNSUB``; nats-py's unsubscribe dropped it,
+    counted nowhere). nats-py's unsubscribe alone while the client reconnects
     (nothing is sent then: the server dropped the subscription with the old
     connection, and nats-py, which forgets it, sends no ``SUB`` of it again), or with a
     ``psub`` not of the expected shape.
@@ -523,7 +528,7 @@ async def unsubscribe_server_first(psub: Any, timeout: float) -> None:
     same wait forgets it as before). Before the fifty-first pass, what that request
     delivered after nats-py's unsubscribe forgot it, one round trip, was dropped by the
     client and waited out ``ack_wait``. Asyncio side."""
-    sub = getattr(psub, "_sub", None)
+    sub = getattr(psub, "_sub", psub)  # (a pull subscription's core one, or ``psub``)
     conn = getattr(sub, "_conn", None)
     sid = getattr(sub, "_id", None)
     send = getattr(conn, "_send_unsubscribe", None)
