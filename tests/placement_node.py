@@ -164,6 +164,21 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
         KeyValue.put = slow_put  # type: ignore[method-assign]
         return None
+    if op == "hold_answers":
+        # a kill point: every placement this node is asked for from now on spawns its
+        # agent, claims the name and writes the record, then its answer waits for ever
+        # (a test SIGKILLs the node there); answers_held says how many wait
+        record_requested = Placement._record_requested
+
+        async def record_then_hold(self: Placement, *args: Any) -> None:
+            await record_requested(self, *args)
+            answers_held.append(args[0])
+            await asyncio.Event().wait()
+
+        Placement._record_requested = record_then_hold  # type: ignore[method-assign]
+        return None
+    if op == "answers_held":
+        return len(answers_held)
     if op == "records":
         # the names among cmd["names"] that have a placement record, as this node knows
         return sorted(n for n in cmd["names"] if n in cluster.placement.records)
@@ -244,6 +259,8 @@ OUTER: trio.Nursery | None = None
 beyond: dict[str, Any] = {}
 #: the names of the placements this node asked of others since ``slow_asks``
 asks_started: list[str] = []
+#: the names of the placements whose answers wait since ``hold_answers`` (a kill point)
+answers_held: list[str] = []
 #: (name, reason) of every ``restarted`` lifecycle event of this kernel
 restarted: list[tuple[str | None, str]] = []
 

@@ -3508,6 +3508,29 @@ async def test_one_name_pinned_to_two_nodes_at_once_is_placed_once_the_other_ref
             assert await _held_once(nodes, names) == held
 
 
+async def _placed_then_one_joins(
+    url: str, nodes: list[Node], first: str, joiner: str, names: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Nodes ``first`` (one letter each) start, into ``nodes``, and the first of them
+    places ``names`` by hash; then node ``joiner`` joins. Where each name was placed, and
+    those of the first node's that the joiner wins now (what its rebalance moves)."""
+    nodes += await _start_nodes(url, list(first))
+    # (300 at once, half of them asked of b: a loaded machine kept b from answering
+    # some within Cluster.spawn's 5 s; b paused 6 s failed them the same way)
+    placed: dict[str, Any] = await nodes[0].call(
+        "spawn_each", type="counter", names=names, place_timeout=30, timeout=90
+    )
+    assert all(isinstance(p, list) for p in placed.values()), placed
+    nodes.append(await Node(url, joiner).start())
+    members = sorted([*first, joiner])
+    for node in nodes:
+        assert await node.call("wait_live", count=len(members)) == members
+    moving = [
+        n for n in names if placed[n][0] == first[0] and rendezvous_owner(n, members) == joiner
+    ]
+    return placed, moving
+
+
 @pytest.mark.trio
 async def test_a_node_killed_in_the_middle_of_its_rebalance_leaves_each_name_held_once() -> None:
     """a and b hold 300 agents, c joins and a starts moving c's share of its own to c; a
@@ -3520,19 +3543,8 @@ async def test_a_node_killed_in_the_middle_of_its_rebalance_leaves_each_name_hel
     names = [f"move-{i}" for i in range(300)]
     with nats_cluster() as servers:
         async with _stopped_at_end() as nodes:
-            nodes += await _start_nodes(servers[0].url, ["a", "b"])
-            a, b = nodes
-            # (300 at once, half of them asked of b: a loaded machine kept b from answering
-            # some within Cluster.spawn's 5 s; b paused 6 s failed them the same way)
-            placed = await a.call(
-                "spawn_each", type="counter", names=names, place_timeout=30, timeout=90
-            )
-            assert all(isinstance(p, list) for p in placed.values()), placed
-            c = await Node(servers[0].url, "c").start()
-            nodes.append(c)
-            for node in nodes:
-                assert await node.call("wait_live", count=3) == ["a", "b", "c"]
-            moving = [n for n in names if placed[n][0] == "a" and rendezvous_owner(n, "abc") == "c"]
+            placed, moving = await _placed_then_one_joins(servers[0].url, nodes, "ab", "c", names)
+            a, b, c = nodes
             assert 20 <= len(moving) <= 100
             stream = await b.call("stream", to=names, count=6000, batch=50, pause=0.005)
 
@@ -3568,6 +3580,82 @@ async def test_a_node_killed_in_the_middle_of_its_rebalance_leaves_each_name_hel
             result = await b.call("stream_result", stream=stream, timeout=60)
             counts = await _counted(b, [b, c], result["accepted"])
             assert counts["lost"] > 0, counts
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("target", ["killed", "slow"])
+async def test_a_rebalance_target_that_claimed_and_never_answered_leaves_each_name_run_once(
+    target: str,
+) -> None:
+    """Fifty-first pass, a SIGKILL point: a and c hold 60 agents, d joins, and a moves
+    d's share of its own to d; d spawns each, claims its name and writes its record,
+    and its answer waits (``hold_answers``): d is SIGKILLed there (``killed``), or lives
+    on (``slow``). a's moves time out and its copies run on, the copy the move had put
+    in ``_moving`` taken back into ``_held`` with nothing checked again, and d's entry
+    heard meanwhile counted as a plain name taken (``names_taken``). Killed: the names
+    bucket named d, dead, for good: c routed the names to d (30 s on), nothing
+    re-placed them (their owner over the survivors, a, runs them). Slow: each ran twice,
+    on a and on d, for good. Now a checks each such name again: d's newer copy, its node
+    heard, wins (a's is stopped as a duplicate, as the move's doc said); d not heard, a
+    claims the name and the record back for the copy that runs. Each name runs once,
+    routed there from every node, its record in the placed bucket; the rebalance is
+    told (TransportUnavailable naming d)."""
+    names = [f"moved-{i}" for i in range(60)]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            placed, moving = await _placed_then_one_joins(servers[0].url, nodes, "ac", "d", names)
+            a, c, d = nodes
+            assert len(moving) >= 3, moving
+            await d.call("hold_answers")
+            await a.call("rebalance_beyond")
+
+            async def all_held() -> bool:  # (each move at the kill point)
+                return int(await d.call("answers_held")) == len(moving)
+
+            await _until(all_held, timeout=30)
+            on_d: dict[str, str] = await d.call("local", names=moving)
+            assert sorted(on_d) == sorted(moving)
+            if target == "killed":
+                d.kill()
+                await d.process.wait()  # type: ignore[union-attr]
+                survivors = [a, c]
+                expected = {n: ["a", placed[n][1]] for n in moving}
+            else:
+                survivors = nodes
+                expected = {n: ["d", on_d[n]] for n in moving}
+
+            async def settled() -> bool:
+                running: Counter[str] = Counter()
+                for node in survivors:
+                    running.update(list(await node.call("local", names=moving)))
+                if set(running.values()) != {1}:
+                    return False
+                for node in (a, c):
+                    for name in moving:
+                        if await node.call("where", name=name) != expected[name]:
+                            return False
+                return True
+
+            # (d judged lost 2 s after its last heartbeat, a's moves time out after 5 s)
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(settled, timeout=30)
+            held = await _held_once(survivors, names)
+            assert {n: list(held[n]) for n in moving} == expected
+            for node in (a, c):
+                where = {n: await node.call("where", name=n) for n in moving}
+                assert where == expected, node.node
+            assert await c.call("records", names=names) == sorted(names)
+            assert await c.call("names_in_bucket", names=names) == names
+            stats = await a.call("stats")
+            duplicates = 0 if target == "killed" else len(moving)
+            assert (stats["names_taken"], stats["duplicates_stopped"]) == (0, duplicates), stats
+            final = await a.leave()
+            nodes.remove(a)
+            d.kill()  # (its answers wait for ever: its leave would too)
+        assert final["error"].startswith(
+            "TransportUnavailable: transport unavailable: node 'd' did not answer the"
+            " request to place"
+        ), final
 
 
 @pytest.mark.trio

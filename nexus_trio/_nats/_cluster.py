@@ -5627,6 +5627,11 @@ class Cluster:
             return self.node, self.kernel.lookup(name).id
         return self._names.get(name)
 
+    def name_entry(self, name: str) -> tuple[str, uuid.UUID] | None:
+        """``(node, agent id)`` of ``name``'s names-bucket entry as this node knows it
+        (not this kernel's own agent of the name, as :meth:`name_holder` says first)."""
+        return self._names.get(name)
+
     def holds_name(self, name: str, agent_id: uuid.UUID) -> bool:
         """Whether ``name``'s entry in the names bucket is this node's ``agent_id``, as far
         as this node knows: its put landed, and no later entry of the name was heard."""

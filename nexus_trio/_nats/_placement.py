@@ -501,22 +501,29 @@ class Placement:
         except trio.Cancelled:
             self._claim_cancelled(name, ref.id, record)
             raise
+        await self._write_record(name, ref.id, record, named)
+        if replaced_from is not None:
+            self._note_replaced(name, ref.id, replaced_from)
+        return PlacedAgent(name, cluster.node, ref.id)
+
+    async def _write_record(
+        self, name: str, agent_id: uuid.UUID, record: PlacementRecord, named: bool
+    ) -> None:
+        """Write the record of ``agent_id``, running here as ``name``, whose claim of the
+        name just ended (``named``: the bucket took it; if not, the record waits for it)."""
         kv = self._kv
         if kv is not None and not named:
-            self._record_unwritten(name, ref.id, record, _NAME_UNWRITTEN)
+            self._record_unwritten(name, agent_id, record, _NAME_UNWRITTEN)
         elif kv is not None:
             try:
                 revision = await call_aio(kv.put, wire.name_key(name), record.encode())
             except Exception as exc:  # the bucket unreachable: the agent runs all the same
-                self._record_unwritten(name, ref.id, record, exc)
+                self._record_unwritten(name, agent_id, record, exc)
             except trio.Cancelled:  # (written or not: written again on a retry)
-                self._record_unwritten(name, ref.id, record, _CALLER_CANCELLED)
+                self._record_unwritten(name, agent_id, record, _CALLER_CANCELLED)
                 raise
             else:
-                await self._hold(name, ref.id, revision)
-        if replaced_from is not None:
-            self._note_replaced(name, ref.id, replaced_from)
-        return PlacedAgent(name, cluster.node, ref.id)
+                await self._hold(name, agent_id, revision)
 
     def _note_replaced(self, name: str, agent_id: uuid.UUID, replaced_from: str) -> None:
         """``agent_id`` runs here as ``name``, re-placed from the lost ``replaced_from``:
@@ -980,6 +987,65 @@ class Placement:
         self._held[name] = held
         if unwritten is not None:
             self._unwritten[name] = unwritten
+        if self._nursery is not None and not self._leaving():
+            self._nursery.start_soon(self._name_after_undone, name, agent_id)
+
+    async def _name_after_undone(self, name: str, agent_id: uuid.UUID) -> None:
+        """The move of ``agent_id`` (placed ``name``) failed, its copy held here again
+        (see :meth:`_move_undone`), but the new owner may have claimed the name (and
+        written its record) before its answer failed to come. Its copy there, if its node
+        is heard, is the newer one: this one is stopped as a duplicate (see
+        ``Cluster.check_duplicate``), as the move's doc says. If that node is not heard
+        (SIGKILLed after its claim, judged lost), the copy here is the one that runs:
+        its name and record are claimed back for it. Left, the name routed to the dead
+        node for good, and its loss re-placed nothing (the survivors' owner of it was
+        this node, which runs it: it is no lost node's to re-place here). Two claims at
+        once (a survivor re-placing it) end as any: the first writer wins, the other copy
+        is stopped."""
+        cluster = self._cluster
+        held = self._held.get(name)
+        record = self.records.get(name)
+        if (
+            self._leaving()
+            or held is None
+            or held[0] != agent_id
+            or record is None
+            or cluster.holds_name(name, agent_id)
+        ):
+            return
+        entry = cluster.name_entry(name)
+        if entry is not None and entry[0] != cluster.node and entry[0] in cluster.live_nodes():
+            cluster.check_duplicate(name)
+            return
+        try:
+            named = await call_aio(self._claim, name, agent_id, record, None)
+        except NameTaken:
+            cluster.check_duplicate(name)  # (a survivor re-placed it first: it wins)
+            return
+        except (nats.errors.Error, TransportUnavailable) as exc:
+            # (its leave closed the connection, or the bucket failing: the names retry
+            # writes it, see Cluster.claim_name)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: the name of %r (%s), whose move failed, not claimed back: %r",
+                cluster.node,
+                name,
+                agent_id,
+                exc,
+            )
+            return
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: agent %r (%s) runs here after all: its move to node %s failed after"
+            " that node claimed its name; name and record claimed back",
+            cluster.node,
+            name,
+            agent_id,
+            "?" if entry is None else entry[0],
+        )
+        await self._write_record(name, agent_id, record, named)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -1505,7 +1571,10 @@ class Placement:
         cluster = self._cluster
         held = self._held.get(name)
         if held is None or held[0] != agent_id:
-            return False
+            # a copy a rebalance is moving: decided once the move is answered (stopped
+            # here then, or checked again if the move failed, see _name_after_undone)
+            moving = self._moving.get(name)
+            return moving is not None and moving[0][0] == agent_id
         if self._nursery is None or cluster.closing or cluster.kernel.shutting_down:
             return True  # its leave drops the record and the name
         del self._held[name]
