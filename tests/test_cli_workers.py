@@ -243,6 +243,32 @@ def test_nexus_max_workers_overrides_the_bound_and_a_bad_value_is_named(
 
 @pytest.mark.usefixtures("restore_logging", "isolated")
 @pytest.mark.parametrize(
+    ("spelt", "why"),
+    [
+        (" 3", " (blanks around the number)"),
+        ("\uff13", " (digits other than 0-9)"),
+        ("1_0", " (no '_' between digits: write 10)"),
+        ("0x8", " (decimal digits only: no 0x, 0o or 0b)"),
+    ],
+    ids=["blank", "fullwidth-3", "underscore", "hex"],
+)
+def test_nexus_max_workers_is_taken_in_the_flags_spelling_only(
+    monkeypatch: pytest.MonkeyPatch, spelt: str, why: str
+) -> None:
+    """Fifty-first pass: ``NEXUS_MAX_WORKERS`` was read by ``int()``, which took blanks
+    around the number, ``1_0`` and other scripts' digits (``３``), where the docs say a
+    whole number and the flags refuse them (``-W ' 3'``). Refused now as the flags' are,
+    exit 2, naming the variable, its value and what it has. (With main's
+    ``_cluster_cmd.py`` each ran: exit 0, ``run_workers`` asked for 2.)"""
+    asked = cap_run(monkeypatch, cores=2)
+    code, out = invoke_run(["-W", "2", "-d", "1", "--json"], NEXUS_MAX_WORKERS=spelt)
+    assert (code, asked) == (2, [])
+    said = " ".join(f"NEXUS_MAX_WORKERS={spelt} is not a whole number of at least 1{why}".split())
+    assert f"Invalid value for '--workers': {said}" in out
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["--app", "missing.module:x"], "no module named 'missing.module' (in 'missing.module:x')"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -123,6 +124,23 @@ def test_the_swarm_layout_comes_from_the_environment() -> None:
     assert all(layout.worker_of(k) != layout.worker_of(k + 1) for k in range(20))
     with pytest.raises(ValueError, match="this node is 'elsewhere'"):
         layout_from_env("elsewhere", env)
+
+
+@pytest.mark.parametrize("spelt", [" 3", "\uff13", "3_0", "0", "-1", "many"])
+def test_a_swarm_size_not_a_whole_number_of_at_least_1_is_refused_naming_it(spelt: str) -> None:
+    """Fifty-first pass: ``NEXUS_SWARM_SIZE`` was read by ``int()``: `` 3`` and ``３``
+    were a swarm of 3, ``3_0`` one of 30, ``0`` and ``-1`` said ``this node is
+    'worker-0', not worker-0..-1`` and ``many`` raised int()'s own ValueError (``invalid
+    literal for int() with base 10``), naming no variable. Each is refused naming it.
+    (With main's ``_swarm.py``: 3 did not raise, 3 raised without the name.)"""
+    from nexus_trio.cli._swarm import layout_from_env
+
+    said = f"NEXUS_SWARM_SIZE={spelt} is not a whole number of at least 1"
+    with pytest.raises(ValueError, match=re.escape(said)) as raised:
+        layout_from_env("worker-0", {"NEXUS_SWARM_SIZE": spelt})
+    assert str(raised.value).endswith(
+        "it is set by `nexus run --workers` for its workers only; unset it"
+    )
 
 
 def test_the_cluster_books_must_balance_across_workers() -> None:

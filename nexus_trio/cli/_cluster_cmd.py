@@ -210,15 +210,15 @@ def worker_count_problem(count: int, environ: Mapping[str, str] = os.environ) ->
     """Why ``count`` workers are more than this host should run, or None: more than 4
     per core this process may use, at least 8 (each worker is a Python process of about
     60 MB, busy on a core of its own), or than ``NEXUS_MAX_WORKERS`` if set (a value that
-    is not a whole number of at least 1 is the problem then)."""
+    is not a whole number of at least 1, in the flags' spelling, is the problem then)."""
     raw = environ.get(MAX_WORKERS_ENV)
     if raw is not None:
+        from ._commands import env_whole_number
+
         try:
-            bound = int(raw)
-        except ValueError:
-            bound = 0
-        if bound < 1:
-            return f"{MAX_WORKERS_ENV}={raw} is not a whole number of at least 1"
+            bound = env_whole_number(MAX_WORKERS_ENV, raw)
+        except ValueError as exc:
+            return str(exc)
         why = f"the most {MAX_WORKERS_ENV}={raw} allows"
     else:
         cores = default_workers()

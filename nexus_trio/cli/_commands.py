@@ -220,6 +220,23 @@ def _why_not(spelt: str) -> str:
     return ""
 
 
+def env_whole_number(name: str, spelt: str, minimum: int = 1) -> int:
+    """The whole number of at least ``minimum`` that the environment variable ``name``
+    gives as ``spelt``, in the flags' spelling (ASCII digits, an optional sign), else a
+    ValueError naming the variable, its value and what it has that is refused: ``int()``
+    took `` 3``, ``1_0`` and other scripts' digits (``３``)."""
+    problem = f"{name}={spelt} is not a whole number of at least {minimum}"
+    if not _WHOLE_NUMBER.fullmatch(spelt):
+        raise ValueError(problem + _why_not(spelt))
+    try:
+        value = int(spelt)
+    except ValueError:  # (past Python's 4,300 digits)
+        raise ValueError(problem) from None
+    if value < minimum:
+        raise ValueError(problem)
+    return value
+
+
 def whole_number(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
     """The ``parser=`` of an integer flag: a whole number in its range, else a usage error
     naming the flag (click adds it) and the range, ``must be a whole number from 0 to

@@ -136,13 +136,21 @@ class SwarmLayout:
 def layout_from_env(
     node: str | None, environ: Mapping[str, str] = os.environ
 ) -> SwarmLayout | None:
-    """The layout if this process is worker ``node`` of a swarm, else None."""
+    """The layout if this process is worker ``node`` of a swarm, else None. A size that
+    is not a whole number of at least 1 (``int()`` took `` 3`` and ``３``; ``0`` said
+    ``not worker-0..-1``) is a ValueError naming the variable."""
     from ._cluster_cmd import SWARM_ENV
+    from ._commands import env_whole_number
 
     size_text = environ.get(SWARM_ENV)
     if not size_text or node is None:
         return None
-    size = int(size_text)
+    try:
+        size = env_whole_number(SWARM_ENV, size_text)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}: it is set by `nexus run --workers` for its workers only; unset it"
+        ) from None
     for index in range(size):
         if worker_name(index) == node:
             return SwarmLayout(index, size)
