@@ -19,6 +19,7 @@ the other commands keep what they inherited, as before.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -149,6 +150,7 @@ def hold_stops(args: list[str]) -> None:
         for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _hold)
+        atexit.register(end_by_a_stop_not_taken)  # (the first registered: it runs last)
 
 
 def stops_while_starting() -> list[int]:
@@ -156,6 +158,35 @@ def stops_while_starting() -> list[int]:
     (the next call returns only those noted after)."""
     held, _held[:] = list(_held), []
     return held
+
+
+def end_by_a_stop_not_taken() -> None:
+    """At the exit of a ``nexus run`` that ended before any run began (``--help``, a
+    usage error, ``--generate-config``, a config refused), while a SIGTERM or SIGHUP came
+    as it started (:func:`hold_stops`, then ``nexus_trio.cli._run.stops_not_taken``):
+    its output written, the process ends by the first such signal's default action
+    (status 143, 129 in a shell), as a Unix program that catches a signal to finish its
+    work re-raises it (the GNU C library's manual, "Termination in Handler"): its parent
+    (a shell's ``timeout``, a service manager) sees it ended by the signal it sent. Until
+    the fifty-first pass such a signal was noted and dropped: status 0 or 2. A stop
+    that a run took is the run's (its summary, exit 0): nothing is done then."""
+    pending = list(_held)
+    run = sys.modules.get("nexus_trio.cli._run")
+    if run is not None:
+        pending += run.stops_not_taken()
+    if not pending or threading.current_thread() is not threading.main_thread():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # (a reader gone, a stream closed: nothing to keep)
+            pass
+    signum = pending[0]
+    signal.signal(signum, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
 
 
 def imports_done() -> None:
@@ -191,4 +222,4 @@ def _on_import() -> None:
 
 _on_import()
 
-__all__ = ["imports_done", "main", "stops_while_starting"]
+__all__ = ["end_by_a_stop_not_taken", "imports_done", "main", "stops_while_starting"]

@@ -375,6 +375,71 @@ def test_two_sigterms_while_nexus_starts_force_the_exit(tmp_path: Path) -> None:
     assert "SIGTERM again: forced exit" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("how", "signame", "args", "said"),
+    [
+        ("-m", "SIGTERM", ["run", "--help"], ("stdout", "Usage: nexus run [OPTIONS]")),
+        ("script", "SIGTERM", ["run", "-n", "abc"], ("stderr", "Invalid value for '--agents'")),
+        ("-m", "SIGHUP", ["-n", "abc"], ("stderr", "Invalid value for '--agents'")),
+        ("-m", "SIGTERM", ["run", "--generate-config", "made.toml"], ("stdout", "wrote ")),
+        ("script", "SIGHUP", ["run", "-c", "bad.toml"], ("stderr", "nexus: error: ")),
+    ],
+    ids=["help", "usage-error-script", "usage-error-sighup", "generate-config", "bad-config"],
+)
+def test_a_stop_signal_while_nexus_starts_ends_a_command_that_runs_nothing_by_it(
+    tmp_path: Path,
+    how: str,
+    signame: str,
+    args: list[str],
+    said: tuple[str, str],
+    sighup_default: None,
+) -> None:
+    """Fifty-first pass: a SIGTERM or SIGHUP that came while ``nexus run`` started (noted
+    by the entry, fiftieth pass) was dropped when the command ran no run (``--help``, a
+    usage error, ``--generate-config``, a config refused): status 0 or 2, as if it never
+    came, where a ``timeout`` or a service manager that sent it expects the process to
+    end by it. Now its output is written whole, then the process ends by the signal's
+    default action: status -15 / -1 (143 / 129 in a shell). (With main's
+    ``_nexus_trio_main.py`` and ``_run.py``: status 0, 2, 2, 0, 2.)"""
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": signame, "STOP_TIMES": "1"}
+    module = "nexus_trio.cli"
+    if how == "script":  # the console script's entry, called as the generated script does
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, STOP_AT, module, args, **env)
+    assert proc.returncode == -getattr(signal, signame), (proc.returncode, proc.stderr)
+    stream, text = said
+    assert text in getattr(proc, stream), (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    if "--generate-config" in args:
+        assert (tmp_path / "made.toml").read_text().startswith("#")
+
+
+def test_two_sigterms_while_a_workers_parent_starts_with_an_app_force_its_stop(
+    tmp_path: Path,
+) -> None:
+    """Fifty-first pass: two SIGTERMs that came while ``nexus run -W 2 --app ...``
+    started (held by the entry) were one: the first skipped the parent's import of the
+    app, and the second, noted, was dropped with the summary of a run stopped before any
+    worker started: status 0, where a second SIGTERM forces everywhere else, also a
+    moment later in the same parent (``forced by SIGTERM before any worker started``,
+    130). It forces here too now: the summary says so, status 130, nothing started.
+    (With main's ``_app.py``: status 0, ``stopped_by`` without ``forced by``.)"""
+    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
+    args = ["run", "-W", "2", "--app", "myapp:main", "-d", "30", "--json"]
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": "SIGTERM", "STOP_TIMES": "2"}
+    proc = python_m(tmp_path, STOP_AT, "nexus_trio.cli", args, **env)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["stopped_by"] == (
+        "SIGTERM; stopped while importing 'myapp:main' (--app), before any worker started;"
+        " forced by SIGTERM before any worker started"
+    )
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
+
+
 #: a ``sitecustomize`` that writes the name of each SIGINT handler set (``SPY_OUT``)
 NAMES_OF_HANDLERS = """
 import atexit, json, os, signal

@@ -36,10 +36,11 @@ TWICE_APP = """
         await trio.sleep_forever()
 """
 
-#: an app whose process gets one more stop signal once the run is over: while its
-#: summary is written (the first write to standard output), or as the process exits
-#: (an exit function of the app's, which runs before nexus_trio's)
-LATE_APP = """
+#: the start of an app whose process gets one more stop signal once the run is over:
+#: ``signal_late()``, called by its main, sends it while its summary is written (the
+#: first write to standard output), or as the process exits (an exit function of the
+#: app's, which runs before nexus_trio's)
+SIGNAL_LATE = """
     import atexit
     import os
     import signal
@@ -61,15 +62,34 @@ LATE_APP = """
         def __getattr__(self, name):
             return getattr(self.stream, name)
 
-    async def main(kernel):
+    def signal_late():
         if "{when}" == "summary":
             sys.stdout = Signalling(sys.stdout)
         else:
             atexit.register(os.kill, os.getpid(), signal.{sig})
+"""
+
+#: an app whose run is stopped by a first stop signal and gets one more once it is over
+LATE_APP = (
+    SIGNAL_LATE
+    + """
+    async def main(kernel):
+        signal_late()
         await trio.sleep(0.2)
         os.kill(os.getpid(), signal.{sig})
         await trio.sleep_forever()
 """
+)
+
+#: an app whose run ends by itself (its main returns), and whose process gets one stop
+#: signal after
+ENDED_APP = (
+    SIGNAL_LATE
+    + """
+    async def main(kernel):
+        signal_late()
+"""
+)
 
 
 def run_app(
@@ -126,6 +146,27 @@ def test_a_stop_signal_once_the_run_is_over_is_ignored(tmp_path: Path, sig: str,
     assert "KeyboardInterrupt" not in done.stderr
     summary = json.loads(done.stdout)
     assert summary["stopped_by"] == sig
+    assert summary["error"] is None
+    assert conserved(summary)
+
+
+@pytest.mark.parametrize("when", ["summary", "exit"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_first_stop_signal_after_a_run_that_ended_by_itself_leaves_its_summary_and_status(
+    tmp_path: Path, sig: str, when: str, sighup_default: None
+) -> None:
+    """Fifty-first pass, measured: a run that ended by itself (its app's ``main``
+    returned) and then got its first stop signal, while its summary was written or as
+    the process exited: the signal is noted and ignored, the summary is whole and the
+    status the run's, 0, ``stopped_by`` the run's own end (docs/cli.md, Signals): there
+    is nothing left to stop, and the run's status is what its caller reads. (A mutant
+    that re-raises a stop noted after the run at the exit, as one before any run is:
+    status -15 / -1 / -2.)"""
+    done = run_app(tmp_path, ENDED_APP.format(sig=sig, when=when))
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["stopped_by"] == "app finished"
     assert summary["error"] is None
     assert conserved(summary)
 

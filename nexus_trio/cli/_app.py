@@ -24,6 +24,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import urllib.error
@@ -901,7 +902,7 @@ def _run_workers(
             raise typer.BadParameter(
                 f"{exc}; or give --nats URL of a running server", param_hint="'--workers'"
             ) from None
-    from ._run import print_summary, stderr_proxy
+    from ._run import is_hangup, print_summary, stderr_proxy, take_early_signals
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
@@ -911,16 +912,22 @@ def _run_workers(
         # Before the nats-server and any worker: a summary as for any stop before the
         # first worker started (every --workers run prints one), and status 130 for a
         # Ctrl-C; 0 for a hangup (a stop asked for, the import interrupted at once).
+        # The stops noted are this run's: the first interrupted the import, and a
+        # SIGTERM (or SIGINT) after it forces, as once the workers start (a hangup
+        # never does); it was noted and dropped, exit 0.
+        noted = take_early_signals()
+        forcing = [signal.Signals(s).name for s in noted[1:] if not is_hangup(s)]
         if exc.signame is not None:
             stopped_by = f"{exc.signame}; stopped while importing {exc.what}"
         else:
             stopped_by = f"SIGINT; interrupted while importing {exc.what}"
-        summary = not_started_summary(
-            count,
-            private_server=nats is None,
-            stopped_by=f"{stopped_by}, before any worker started",
-        )
+        stopped_by += ", before any worker started"
+        if exc.signame is not None and forcing:
+            stopped_by += f"; forced by {forcing[0]} before any worker started"
+        summary = not_started_summary(count, private_server=nats is None, stopped_by=stopped_by)
         print_summary(summary, json_out=json_out)
+        if exc.signame is not None and forcing:
+            raise typer.Exit(130) from None
         if exc.signame is not None:
             return
         raise _interrupted(exc) from None

@@ -624,9 +624,26 @@ def _ignore_noted_signals() -> None:
 
 def take_early_signals() -> list[int]:
     """The stop signals :func:`catch_stop_signals_early` noted so far, in order; they are
-    the caller's now (the next call returns only those noted after)."""
+    the caller's now (the next call returns only those noted after). The caller is a
+    run's receiver: from now on a stop noted is one after the run began (see
+    :func:`stops_not_taken`)."""
+    _taken["by_a_run"] = True
     early, _early_signals[:] = list(_early_signals), []
     return early
+
+
+#: whether a run's receiver (the run's own, the ``--workers`` parent's) took the stops
+#: noted before it (:func:`take_early_signals`)
+_taken = {"by_a_run": False}
+
+
+def stops_not_taken() -> list[int]:
+    """The stop signals :func:`catch_stop_signals_early` noted that no run took, in order:
+    the command ended before any run began (``--generate-config``, a config or flag
+    refused), which the entry ends the process by at its exit
+    (``_nexus_trio_main.end_by_a_stop_not_taken``). Once a run took them, none: one
+    noted after it is noted and ignored (:func:`note_stops_after_the_run`)."""
+    return [] if _taken["by_a_run"] else list(_early_signals)
 
 
 def _watched_signals() -> list[int]:
