@@ -24,7 +24,6 @@ from typing import Any
 import attrs
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from nexus_trio import SYSTEM_ID, MessageKind
 from nexus_trio.bench import (
@@ -44,6 +43,7 @@ from nexus_trio.bench import (
 )
 from nexus_trio.bench._result import Usage, combine
 from nexus_trio.bench._runner import resolve, run_suite
+from tests.cli_runner import CliRunner
 
 # Smaller still than the smoke scale: the whole file must take seconds.
 TINY = attrs.evolve(

@@ -31,11 +31,11 @@ import trio
 import trio.testing
 import typer
 from prometheus_client.parser import text_string_to_metric_families
-from typer.testing import CliRunner
 
 from nexus_trio import __version__
 from nexus_trio._config import SECTIONS
 from nexus_trio.cli import app
+from tests.cli_runner import CliRunner
 
 from .hang_guard import real_time_limit
 

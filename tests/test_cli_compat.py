@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from nexus_trio.cli import app
 from nexus_trio.cli._app import default_to_run
+from tests.cli_runner import CliRunner
 
 from .test_install import examples_path
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from nexus_trio.cli import _cluster_cmd, _run, app
+from tests.cli_runner import CliRunner
 
 pytestmark = pytest.mark.usefixtures("restore_logging", "isolated")
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1"}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from nexus_trio._plural import fmt_count
 from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import aggregate_summaries
 from nexus_trio.cli._view import summary_table
+from tests.cli_runner import CliRunner
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}

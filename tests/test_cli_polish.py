@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from nexus_trio.cli import app
+from tests.cli_runner import CliRunner
 
 WIDE = {"COLUMNS": "250", "NO_COLOR": "1"}
 BIN = Path(sys.executable).parent

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 import trio
-from typer.testing import CliRunner
 
 from nexus_trio import open_kernel
 from nexus_trio.bridges.process import ProcessAgent, process_agent
 from nexus_trio.cli import app
 from nexus_trio.cli._spawn import agent_names, program_name, register_timeout
+from tests.cli_runner import CliRunner
 from tests.conftest import make_config
 from tests.test_cli import flat
 from tests.test_process_agents import refused
@@ -525,9 +525,8 @@ def test_shell_syntax_in_a_command_string_is_refused_naming_it(
     python3 ...`` said "command 'FOO=1' not found on PATH": no shell runs the command.
     Likewise ``~/agent.py``, ``$HOME``, a glob or backticks reached python3 unexpanded,
     which died with "can't open file '/cwd/~/agent.py'" before registering."""
-    from typer.testing import CliRunner
-
     from nexus_trio.cli import app
+    from tests.cli_runner import CliRunner
 
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
@@ -540,9 +539,8 @@ def test_shell_syntax_in_a_command_string_is_refused_naming_it(
 def test_an_empty_command_for_nexus_send_is_refused_in_the_cli_s_words(cmd: str) -> None:
     """Regression: ``nexus send "" 1`` said "process_agent: empty command []", the words
     of the Python API (and its split) rather than of the command line."""
-    from typer.testing import CliRunner
-
     from nexus_trio.cli import app
+    from tests.cli_runner import CliRunner
 
     result = CliRunner().invoke(app, ["send", cmd, "1"], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output

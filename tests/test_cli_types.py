@@ -22,10 +22,10 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from typer.testing import CliRunner
 
 from nexus_trio import Agent, Context, Message, agent, open_kernel
 from nexus_trio.cli import _cluster_cmd, _run, app
+from tests.cli_runner import CliRunner
 
 from .nats_server import PATIENT, node_config
 from .test_cli_workers import parse_run

@@ -38,10 +38,10 @@ from typing import Any, Final
 import attrs
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import WORKER_ENV, worker_argv
+from tests.cli_runner import CliRunner
 
 RUN = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
 PARENT_SET = {"workers", "nats", "node", "json_out", "live", "metrics_port", "group_port"}

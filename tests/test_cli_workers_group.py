@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from typer.testing import CliRunner
 
 from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import run_workers
@@ -34,6 +33,7 @@ from nexus_trio.cli._group_endpoint import (
     render_group_metrics,
 )
 from nexus_trio.metrics import serve_routes
+from tests.cli_runner import CliRunner
 
 from .test_cli_workers import (
     NO_SERVER,

@@ -5909,9 +5909,9 @@ def test_string_command_is_split_like_a_shell() -> None:
 
 def send_cli(*args: str) -> Any:
     import typer
-    from typer.testing import CliRunner
 
     from nexus_trio.cli._send_cmd import register
+    from tests.cli_runner import CliRunner
 
     app = typer.Typer()
 
