@@ -47,6 +47,17 @@ def pytest_runtest_makereport(
     return report
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``starts_first`` go to the front of the collection, the rest keep their
+    order. pytest-xdist's ``worksteal`` gives each worker a contiguous share of the items
+    and steals from the end of a queue, so an item at the end of a share starts late:
+    ``test_user_install_then_uninstall`` (pip waiting on the index for minutes) was the
+    second to last of its worker's share with ``-n 2`` and ``-n 4``, and with ``-n 2`` it
+    ran last (a replay of the scheduler over a ``--durations`` run: docs/benchmarks-history.md).
+    At the front it waits while the other workers use the CPU."""
+    items.sort(key=lambda item: item.get_closest_marker("starts_first") is None)
+
+
 def make_config(**kernel: object) -> Config:
     """Kernel options in seconds-free TOML units, generous supervision so tests don't escalate."""
     return Config(

@@ -49,6 +49,7 @@ def install(
     )
 
 
+@pytest.mark.starts_first
 def test_user_install_then_uninstall(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -493,6 +494,7 @@ def cached(argv: list[str]) -> list[str]:
     return [a for a in argv if a != "--no-cache-dir"]
 
 
+@pytest.mark.starts_first
 def test_the_image_install_joins_clusters_and_runs_workers(tmp_path: Path) -> None:
     """The image's two pip commands, run outside docker (no daemon in CI): the build stage's
     ``pip wheel`` and the runtime stage's ``pip install --no-index`` from those wheels, into a

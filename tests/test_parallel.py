@@ -62,3 +62,41 @@ def test_a_lone_surrogate_in_captured_output_or_a_failure_does_not_end_the_run(
     assert "1 failed, 1 passed" in out, out
     assert "WARNING  peer:test_surrogates.py:5 agent a\\ud800b" in out  # its log, escaped
     assert "E       ValueError: peer sent \\udfff" in out  # the failure, escaped
+
+
+def test_the_tests_that_wait_on_the_package_index_start_first() -> None:
+    """The install tests are marked ``starts_first``: the collection (the order xdist
+    shares out) begins with them, whatever files come before, and keeps the others'
+    order."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "0",
+            "tests/test_message.py",
+            "tests/test_install.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert ids[:2] == [
+        "tests/test_install.py::test_user_install_then_uninstall",
+        "tests/test_install.py::test_the_image_install_joins_clusters_and_runs_workers",
+    ]
+    rest = ids[2:]
+    assert rest[0].startswith("tests/test_message.py::")
+    assert [i for i in rest if i.startswith("tests/test_install.py::")][:2] == [
+        "tests/test_install.py::test_a_command_it_did_not_install_is_not_replaced_without_force",
+        "tests/test_install.py::test_its_own_links_are_replaced_without_force",
+    ]
