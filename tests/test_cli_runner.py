@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import typer.main
 import typer.testing
 
 from nexus_trio.cli import app
-from tests.cli_runner import CliRunner, command_of
+from tests.cli_runner import OWN_RUNNER, CliRunner, command_of
 
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1"}
 
@@ -58,15 +59,26 @@ def test_the_shared_command_answers_as_typers_runner_does(
     assert again == expected
 
 
-def test_the_command_is_built_once_for_each_app() -> None:
+def test_the_command_is_built_once_for_each_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With typer's own runner (OWN_RUNNER: typer 0.26 and later) two invokes of an app
+    build its command once; with an older typer's each invoke is typer's."""
+    built: list[typer.Typer] = []
+    build = typer.main.get_command
+
+    def counted(typer_app: typer.Typer) -> object:
+        built.append(typer_app)
+        return build(typer_app)
+
+    monkeypatch.setattr(typer.main, "get_command", counted)
     other = typer.Typer()
 
     @other.command()
     def hello(name: str) -> None:
         print(f"hello {name}")
 
-    assert command_of(app) is command_of(app)
-    assert command_of(other) is command_of(other) is not command_of(app)
     result = CliRunner().invoke(other, "world")
     assert (result.exit_code, result.output) == (0, "hello world\n")
     assert CliRunner().invoke(other, ["a", "b"]).exit_code == 2
+    assert built == ([other] if OWN_RUNNER else [])
+    assert command_of(app) is command_of(app)
+    assert command_of(other) is command_of(other) is not command_of(app)
