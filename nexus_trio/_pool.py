@@ -168,6 +168,10 @@ class _WorkerBehaviour:
     * ``in_hand[worker id]`` (least-loaded pools) is 1 while the worker's handler works
       on a message, 0 otherwise, however the handler ends (returns, raises, times out,
       is cancelled); with the worker's mailbox depth it is the worker's load.
+    * ``running`` (least-loaded pools) holds the workers whose ``on_start`` has returned
+      and whose ``on_stop`` has not begun: a worker out of it is starting, or waits out
+      a restart's backoff, and is picked after the running ones (Akka's
+      ``SmallestMailboxPool`` puts a suspended routee last).
     * ``first_starts[worker id]`` (workers added by a grow, until their first start)
       tells the grow how that start went: the first ``on_start`` that returns or raises
       (one cancelled, by a restart of its siblings, say, leaves it to the next). One
@@ -177,7 +181,7 @@ class _WorkerBehaviour:
       workers.
     """
 
-    __slots__ = ("_first_starts", "_in_hand", "_inner", "_started")
+    __slots__ = ("_first_starts", "_in_hand", "_inner", "_running", "_started")
 
     def __init__(
         self,
@@ -185,11 +189,13 @@ class _WorkerBehaviour:
         started: dict[uuid.UUID, trio.Event],
         in_hand: dict[uuid.UUID, int] | None,
         first_starts: dict[uuid.UUID, _FirstStart],
+        running: set[uuid.UUID],
     ) -> None:
         self._inner = inner
         self._started = started
         self._in_hand = in_hand
         self._first_starts = first_starts
+        self._running = running
 
     async def on_start(self, ctx: Context) -> None:
         started = self._started.get(ctx.id)
@@ -199,6 +205,7 @@ class _WorkerBehaviour:
         first = first_starts.get(ctx.id)
         if first is None:
             await self._inner.on_start(ctx)
+            self._now_running(ctx)
             return
         # Taken only once this on_start returned or raised: one cancelled (a restart of
         # its siblings cut it short) leaves the first start to the next run's on_start.
@@ -212,8 +219,18 @@ class _WorkerBehaviour:
             raise  # the run fails with it: a ``failed`` event, then ``stopped``
         first_starts.pop(ctx.id, None)
         first.done.set()
+        self._now_running(ctx)
+
+    def _now_running(self, ctx: Context) -> None:
+        in_hand = self._in_hand
+        # (only while the pool counts it: not a worker it let go of)
+        if in_hand is not None and ctx.id in in_hand:
+            self._running.add(ctx.id)
 
     async def on_stop(self, ctx: Context) -> None:
+        # Its run ends: until its next on_start returns (a restart's backoff, say), the
+        # least-loaded router picks it after the running workers.
+        self._running.discard(ctx.id)
         await self._inner.on_stop(ctx)
 
     async def handle(self, ctx: Context, msg: Message) -> Any:
@@ -326,6 +343,8 @@ class _PoolRouter(Agent):
         #: least-loaded routing: per worker id, 1 while its handler works on a message
         #: (the workers of this run set it, see _WorkerBehaviour)
         self.in_hand: dict[uuid.UUID, int] = {}
+        #: least-loaded routing: the workers that run (started, not between runs)
+        self.running: set[uuid.UUID] = set()
         #: least-loaded routing: the kernel's mailbox_depth (set on start)
         self.depth: Callable[[AgentRef], int] | None = None
         #: least-loaded routing: the workers' mailbox capacity (set on start)
@@ -413,9 +432,10 @@ class _PoolRouter(Agent):
         started = self.started
         in_hand = self.in_hand if self.plan.routing is PoolRouting.LEAST_LOADED else None
         first_starts = self.first_starts
+        running = self.running
 
         def wrapped() -> Behaviour:
-            return _WorkerBehaviour(inner(), started, in_hand, first_starts)
+            return _WorkerBehaviour(inner(), started, in_hand, first_starts, running)
 
         return spec.with_options(factory=wrapped, handler=None, name=worker_name)
 
@@ -434,6 +454,12 @@ class _PoolRouter(Agent):
         self.cursor -= before
         self.workers = [w for w in self.workers if w.id not in ids]
         self._rebuild()
+
+    def _let_go(self, ref: AgentRef) -> None:
+        """Forget what the pool kept on a worker that has left it."""
+        self.in_hand.pop(ref.id, None)
+        self.running.discard(ref.id)
+        self.started.pop(ref.id, None)
 
     def _rebuild(self) -> None:
         if self.ring is not None:
@@ -484,8 +510,7 @@ class _PoolRouter(Agent):
             return
         self._remove(gone)
         for ref in gone:
-            self.in_hand.pop(ref.id, None)
-            self.started.pop(ref.id, None)
+            self._let_go(ref)
         ctx.log.warning(
             "pool %s: workers %s stopped; %d left",
             self.name,
@@ -526,13 +551,18 @@ class _PoolRouter(Agent):
 
     def _least_loaded(self) -> AgentRef:
         """The worker with the fewest messages queued or in hand, the oldest on a tie
-        (Akka's SmallestMailboxPool), one with room before a full one. Read from the mailboxes themselves, so a message
-        dropped by an overflow policy, expired in a mailbox or sent to a worker by its
-        name counts exactly as long as it is there."""
+        (Akka's SmallestMailboxPool): first the running workers with room, then those
+        with room that are starting or wait out a restart's backoff, then the full ones.
+        Read from the mailboxes themselves, so a message dropped by an overflow policy,
+        expired in a mailbox or sent to a worker by its name counts exactly as long as
+        it is there."""
         depth = self.depth
         assert depth is not None
         in_hand = self.in_hand
+        running = self.running
         capacity = self.capacity
+        # more than any load of a worker with room (queued < capacity, 1 in hand)
+        tier = capacity + 2
         best = self.workers[0]
         best_load = -1
         for worker in self.workers:
@@ -540,11 +570,17 @@ class _PoolRouter(Agent):
                 queued = depth(worker)
             except AgentNotFound:
                 return worker  # stopped: the caller drops it and chooses again
-            # A full mailbox counts one more: on a tie with a worker that has room (a
-            # full one waiting out a restart's backoff, say, against a busy one), the
-            # router must not wait for room at the full one (and dead-letter the
-            # message ``mailbox_full`` past send_timeout) while the other could take it.
-            load = queued + in_hand.get(worker.id, 0) + (queued >= capacity)
+            load = queued + in_hand.get(worker.id, 0)
+            if queued >= capacity:
+                # Full, last: the router must not wait for room there (and dead-letter
+                # the message ``mailbox_full`` past send_timeout) while another worker,
+                # even one that is not running yet, could take it.
+                load += 2 * tier
+            elif worker.id not in running:
+                # Starting, or waiting out a restart's backoff: what is sent there waits
+                # for its on_start, while a running worker may be idle (Akka's
+                # SmallestMailboxPool puts a suspended routee last too).
+                load += tier
             if best_load < 0 or load < best_load:
                 best, best_load = worker, load
                 if not load:
@@ -719,8 +755,7 @@ class _PoolRouter(Agent):
             # gone already (stopped by someone else).
             with contextlib.suppress(AgentNotFound):
                 await kernel.stop(ref, drain=True)
-            self.in_hand.pop(ref.id, None)
-            self.started.pop(ref.id, None)
+            self._let_go(ref)
         return True
 
     async def _broadcast(self, ctx: Context, msg: Message, value: Any) -> Any:

@@ -331,7 +331,9 @@ async def test_least_loaded_passes_over_a_full_worker_when_another_of_equal_load
     # /0 waits out a 10 s restart backoff with 2 messages queued (full, load 2) while /1
     # works on one with 1 queued (room for one more, load 2). On that tie the oldest
     # worker was picked: the router waited on the full /0 for send_timeout and the
-    # message was dead-lettered mailbox_full, though /1 had room.
+    # message was dead-lettered mailbox_full, though /1 had room. (Since a worker that
+    # is not running comes after the running ones, the roles turn: the running /1 fills
+    # up first, then the full /1 must come after /0, which is restarting but has room.)
     seen: Record = []
     gate = trio.Event()
 
@@ -353,20 +355,92 @@ async def test_least_loaded_passes_over_a_full_worker_when_another_of_equal_load
         await trio.testing.wait_all_tasks_blocked()
         await kernel.send("workers", "boom")  # -> /0, which fails: restarts in 10 s
         await trio.testing.wait_all_tasks_blocked()
-        for i in range(4):  # loads (0, 1) -> /0, (1, 1) -> /0, (2, 1) -> /1, (2, 2)
+        # queued (0, 0) -> the running /1, (0, 1) -> /1, now full; (0, 2) -> /0, which
+        # restarts but has room, (1, 2) -> /0
+        for i in range(4):
             await kernel.send("workers", i)
             await trio.testing.wait_all_tasks_blocked()
-        # 3 went to /1 at once (it was held by the router, waiting for room at /0)
+        # 2 and 3 went to /0 at once (the router did not wait for room at the full /1)
         assert (kernel.mailbox_depth("workers/0"), kernel.mailbox_depth("workers/1")) == (2, 2)
         gate.set()
         await step_until_idle(kernel)
         assert by_worker(seen) == {
-            "workers/0": ["boom", 0, 1],
-            "workers/1": ["slow", 2, 3],
+            "workers/0": ["boom", 2, 3],
+            "workers/1": ["slow", 0, 1],
         }
         assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
             (DeadLetterReason.HANDLER_ERROR, "boom")
         ]
+
+
+async def test_least_loaded_picks_a_worker_waiting_out_its_restart_after_the_running_ones(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a worker waiting out a restart's backoff counted as idle (nothing
+    queued, nothing in hand), so as the oldest it took every message while /1 stood
+    idle: each waited out the backoff (the first request took 1.0 s, answered by
+    workers/0). A worker that is not running comes after the running ones now, as a
+    suspended routee in Akka's SmallestMailboxPool."""
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        return ctx.name
+
+    supervision = Supervisor(backoff=Backoff(initial=1.0, maximum=1.0, jitter=0.0))
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, routing="least_loaded", supervision=supervision))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers", "boom")  # -> /0 (idle, the oldest): restarts in 1 s
+        await trio.testing.wait_all_tasks_blocked()
+        began = trio.current_time()
+        answers = [await kernel.request("workers", i) for i in range(3)]
+        assert answers == ["workers/1"] * 3
+        assert trio.current_time() == began
+        await step_until_idle(kernel)  # /0 runs again: the oldest of the idle ones
+        assert await kernel.request("workers", "after") == "workers/0"
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.HANDLER_ERROR, "boom")
+        ]
+
+
+async def test_least_loaded_picks_a_grown_worker_still_starting_after_the_running_ones(
+    autojump_clock: Any,
+) -> None:
+    """A worker whose ``on_start`` has not returned (here a grown one that takes 5 s to
+    connect) counts as not running: a message goes to a running worker with one in
+    hand (answered after 0.2 s) rather than to it (before: after 5.1 s, by
+    workers/2)."""
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if ctx.name == "workers/2":
+                await trio.sleep(5)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            await trio.sleep(0.1)
+            return ctx.name if msg.kind is MessageKind.QUERY else None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(Worker, size=2, routing="least_loaded"))
+        await trio.testing.wait_all_tasks_blocked()
+        sizes: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def grow() -> None:
+                sizes.append(await resize_pool(kernel, "workers", 3, timeout=60))
+
+            nursery.start_soon(grow)
+            await trio.testing.wait_all_tasks_blocked()
+            for job in ["a", "b"]:  # one each in hand at /0 and /1
+                await kernel.send("workers", job)
+                await trio.testing.wait_all_tasks_blocked()
+            began = trio.current_time()
+            assert await kernel.request("workers", "x") == "workers/0"
+            assert trio.current_time() - began == pytest.approx(0.2)
+        assert sizes == [3]
+        assert_no_dead_letters(kernel)
 
 
 async def test_least_loaded_forgets_a_message_its_worker_dropped(autojump_clock: Any) -> None:
