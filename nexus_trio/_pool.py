@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import enum
 import hashlib
+import inspect
 import json
 import logging
 import uuid
@@ -305,6 +306,13 @@ def pool(
     if mode is PoolRouting.CONSISTENT_HASH:
         if key is None or not callable(key):
             raise ValueError("consistent_hash routing needs key=, a function of the message")
+        # (an object whose __call__ is async, too)
+        if inspect.iscoroutinefunction(key) or inspect.iscoroutinefunction(type(key).__call__):
+            # (the router calls it and hashes what it returns: a coroutine, never awaited)
+            raise TypeError(
+                f"key= must be a plain function of the message ('def'), not an async one:"
+                f" {getattr(key, '__qualname__', None) or repr(key)} is 'async def'"
+            )
     elif key is not None:
         raise ValueError(f"key= is only used by consistent_hash routing, not {mode.value!r}")
     if isinstance(virtual_nodes, bool) or not isinstance(virtual_nodes, int) or virtual_nodes < 1:
@@ -538,7 +546,7 @@ class _PoolRouter(Agent):
             return self._least_loaded()
         assert self.ring is not None and self.plan.key is not None
         try:
-            data = key_bytes(self.plan.key(msg))
+            data = key_bytes(_plain_key(self.plan.key(msg)))
         except Exception as exc:
             # The message fails, the pool does not (Akka sends unhashable messages to
             # dead letters too): dead letter ``handler_error``, a requester gets
@@ -778,6 +786,20 @@ class _PoolRouter(Agent):
                 # Refused (not accepted), so not a dead letter: counted in rejected.
                 ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
         return {"sent": sent}
+
+
+def _plain_key(key: Any) -> Any:
+    """The key a key function returned; one that returned an awaitable (a plain function
+    that calls an async one) fails its message naming that, the coroutine closed (not
+    left to warn that it was never awaited)."""
+    if inspect.isawaitable(key):
+        if inspect.iscoroutine(key):
+            key.close()
+        raise TypeError(
+            f"the key function returned {type(key).__name__}, an awaitable: it must return"
+            " the key itself (the router does not await it)"
+        )
+    return key
 
 
 def _ran(first: _FirstStart) -> bool:

@@ -675,6 +675,51 @@ async def test_a_key_error_whose_repr_raises_fails_only_its_message(autojump_clo
         assert events.of(EventKind.FAILED) == []
 
 
+async def _async_user_key(msg: Message) -> Any:
+    return msg.payload["user"]
+
+
+class _AsyncKey:
+    async def __call__(self, msg: Message) -> Any:
+        return msg.payload["user"]
+
+
+async def test_an_async_key_function_is_refused_and_an_awaited_key_fails_its_message(
+    autojump_clock: Any,
+) -> None:
+    """Regression: an ``async def`` key function was taken; the router called it and
+    hashed the coroutine it returned, so every message failed (``got coroutine: Object
+    of type coroutine is not JSON serializable``, naming neither the key function nor
+    what to write) and each coroutine warned, when collected, that it was never
+    awaited. ``pool()`` refuses one now, naming it; a plain key function that returns
+    an awaitable fails its message saying so, the coroutine closed (no warning)."""
+    worker = recording_worker([])
+    for key, named in ((_async_user_key, "_async_user_key"), (_AsyncKey(), "_AsyncKey object")):
+        with pytest.raises(TypeError, match=r"key= must be a plain function .*'async def'") as info:
+            pool(worker, routing="consistent_hash", key=key)
+        assert named in str(info.value)
+    made: list[Any] = []
+
+    def calls_async(msg: Message) -> Any:
+        made.append(_async_user_key(msg))
+        return made[-1]
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, routing="consistent_hash", key=calls_async))
+        with pytest.raises(RequestFailed, match="handler_error") as failed:
+            await kernel.request("workers", {"user": "u1"})
+        (coroutine,) = made
+        assert coroutine.cr_frame is None  # closed: it will not warn it was never awaited
+        assert str(failed.value.error) == (
+            "pool 'workers': no consistent-hash key: TypeError('the key function returned"
+            " coroutine, an awaitable: it must return the key itself (the router does not"
+            " await it)')"
+        )
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.HANDLER_ERROR, {"user": "u1"})
+        ]
+
+
 # --- resizing -----------------------------------------------------------------------------------
 
 
