@@ -3,11 +3,13 @@
 ``test_fault_injection_pools_settle_to_their_size_and_count_every_message``: a pool of
 random size, ``max_size`` and routing, directly under the root or beside a sibling under
 a ``one_for_all`` supervisor (whose failure restarts the router, and with it the pool);
-workers whose handlers return, raise, exit, or hang past the handle timeout; tells and
-requests to the pool from outside and from a client agent; ``$resize`` requests and
-tells up, down, to the same size, to 0 and past ``max_size``; ``$workers`` and
-``$broadcast``; a worker stopped from outside; the pool stopped and spawned again; the
-kernel shut down at a random point. Then: no hang, no task left, every accepted message
+workers whose handlers return, raise, exit, or hang past the handle timeout, under a
+``one_for_one``, ``one_for_all`` or ``rest_for_one`` supervisor whose restarts back off
+briefly or for up to 2 s, with a ``block``, ``drop_oldest``, ``drop_newest`` or
+``reject`` mailbox; tells and requests to the pool from outside and from a client agent;
+``$resize`` requests and tells up, down, to the same size, to 0 and past ``max_size``;
+``$workers`` and ``$broadcast``; a worker stopped or drained from outside; the pool
+stopped or drained and spawned again; the kernel shut down at a random point. Then: no hang, no task left, every accepted message
 handled or dead-lettered once (``assert_conserved``), every request answered or failed
 with a documented error, every bad resize refused, and at each settled point the pool's
 ``pool_workers`` are exactly its running workers and a resize gives it the asked number.
@@ -95,11 +97,15 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
     #: failures the workers' supervisor takes before it escalates (and the root
     #: restarts it)
     worker_intensity = rng.choice([0, 2, 100])
+    worker_strategy = rng.choice(["one_for_one", "one_for_one", "one_for_all", "rest_for_one"])
+    #: brief, or long enough that messages meet workers waiting out a restart
+    worker_backoff = rng.choice([Backoff(0.001, 0.01), Backoff(0.001, 0.01), Backoff(0.5, 2.0)])
+    worker_overflow = rng.choice(["block", "block", "drop_oldest", "drop_newest", "reject"])
     # a request's outcome: ("answer", value) or ("error", exception)
     outcomes: list[tuple[str, Any, Any]] = []
     unexpected: list[BaseException] = []
 
-    @agent(restart=worker_restart)
+    @agent(restart=worker_restart, overflow=worker_overflow)
     async def worker(ctx: Context, msg: Message) -> Any:
         op = msg.payload.get("op", "ok") if isinstance(msg.payload, dict) else "ok"
         if op == "raise":
@@ -119,7 +125,10 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
         routing=routing,
         key=work_key if routing == "consistent_hash" else None,
         supervision=Supervisor(
-            max_restarts=worker_intensity, within=5.0, backoff=Backoff(0.001, 0.01)
+            strategy=worker_strategy,
+            max_restarts=worker_intensity,
+            within=5.0,
+            backoff=worker_backoff,
         ),
     )
 
@@ -181,9 +190,9 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
         elif r < 0.73:
             plan.append(("ask", {"$broadcast": work()}))
         elif r < 0.78:
-            plan.append(("stop_worker",))
+            plan.append(("stop_worker", rng.random() < 0.5))
         elif r < 0.8:
-            plan.append(("stop_pool",))
+            plan.append(("stop_pool", rng.random() < 0.5))
         elif r < 0.82:
             plan.append(("respawn_pool",))
         elif r < 0.85 and supervised:
@@ -246,13 +255,13 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
                             if not pending:
                                 quiet.set()
 
-                    async def stop(target: Any) -> None:
+                    async def stop(target: Any, drain: bool) -> None:
                         with suppress(AgentNotFound):
-                            await kernel.stop(target)
+                            await kernel.stop(target, drain=drain)
 
-                    async def stop_pool() -> None:
+                    async def stop_pool(drain: bool) -> None:
                         try:
-                            await kernel.stop("workers")
+                            await kernel.stop("workers", drain=drain)
                         except AgentNotFound:
                             return
                         if not kernel.stopping:
@@ -322,9 +331,9 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
                                 names = sorted(running_workers())
                                 if names:
                                     target = rng.choice(names)
-                                    outside.start_soon(in_background, stop, target)
+                                    outside.start_soon(in_background, stop, target, step[1])
                             elif what == "stop_pool":
-                                outside.start_soon(in_background, stop_pool)
+                                outside.start_soon(in_background, stop_pool, step[1])
                             elif what == "respawn_pool":
                                 # once the stopped pool is gone, a new one under its name
                                 gone = not exists("workers") and not exists("workers/supervisor")
