@@ -43,7 +43,7 @@ from ._agent import (
     as_spec,
     stop_for_good,
 )
-from ._child import enum_member
+from ._child import Directive, enum_member
 from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed, error_repr
 from ._message import Message, MessageKind
@@ -361,6 +361,7 @@ class _PoolRouter(Agent):
         self.started: dict[uuid.UUID, trio.Event] = {}
         #: per worker added by a grow, until its first start: how it went
         self.first_starts: dict[uuid.UUID, _FirstStart] = {}
+        self.on_error = _worker_on_error(plan.worker)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -445,7 +446,9 @@ class _PoolRouter(Agent):
         def wrapped() -> Behaviour:
             return _WorkerBehaviour(inner(), started, in_hand, first_starts, running)
 
-        return spec.with_options(factory=wrapped, handler=None, name=worker_name)
+        return spec.with_options(
+            factory=wrapped, handler=None, name=worker_name, on_error=self.on_error
+        )
 
     def _add(self, ref: AgentRef) -> None:
         self.workers.append(ref)
@@ -786,6 +789,19 @@ class _PoolRouter(Agent):
                 # Refused (not accepted), so not a dead letter: counted in rejected.
                 ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
         return {"sent": sent}
+
+
+def _worker_on_error(
+    spec: AgentSpec,
+) -> Directive | tuple[tuple[type[BaseException], Directive], ...] | None:
+    """The workers' ``on_error``: the worker's own. A worker's spec loses its handler
+    (its behaviour is wrapped, and it must start with its supervisor, not lazily), and
+    a spec without one defaults to ``restart``: a function worker keeps the default of
+    a function agent, ``resume``, as the last of its rules."""
+    on_error = spec.on_error
+    if spec.handler is None or isinstance(on_error, Directive):
+        return on_error
+    return (*(on_error or ()), (BaseException, Directive.RESUME))
 
 
 def _plain_key(key: Any) -> Any:

@@ -382,7 +382,8 @@ async def test_least_loaded_picks_a_worker_waiting_out_its_restart_after_the_run
     workers/0). A worker that is not running comes after the running ones now, as a
     suspended routee in Akka's SmallestMailboxPool."""
 
-    @agent
+    # (restart: its failures are the subject; a function agent resumes by default)
+    @agent(on_error="restart")
     async def worker(ctx: Context, msg: Message) -> Any:
         if msg.payload == "boom":
             raise RuntimeError("boom")
@@ -1021,7 +1022,8 @@ async def test_a_grow_that_partly_starts_keeps_the_started_workers(autojump_cloc
 async def test_a_crashed_worker_is_restarted_under_the_pools_supervisor(
     autojump_clock: Any,
 ) -> None:
-    @agent
+    # (restart: its failures are the subject; a function agent resumes by default)
+    @agent(on_error="restart")
     async def worker(ctx: Context, msg: Message) -> Any:
         if msg.payload == "boom":
             raise RuntimeError("boom")
@@ -1049,8 +1051,52 @@ async def test_a_crashed_worker_is_restarted_under_the_pools_supervisor(
         ]
 
 
+async def test_a_function_worker_resumes_after_its_handler_raised_as_the_agent_alone_does(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a function agent resumes after its handler raised (no state to
+    reset), but in a pool it was restarted: the wrapped worker spec had no handler, so
+    the default of a class, ``restart``, applied. 40 messages, every other one raising:
+    the agent alone handled the 20 others at once; the pool of 2 counted 20 restarts
+    and its messages waited out the backoffs, 45.6 s in all. A worker keeps its
+    agent's directive now, and its ``on_error`` rules (a ``ConnectionError`` here still
+    restarts, as asked)."""
+    handled: list[tuple[str, Any]] = []
+
+    @agent(on_error={ConnectionError: "restart"})
+    async def worker(ctx: Context, msg: Message) -> None:
+        assert ctx.name is not None
+        if msg.payload == "lost":
+            raise ConnectionError("lost")
+        if msg.payload % 2:
+            raise ValueError(f"bad input {msg.payload}")
+        handled.append((ctx.name, msg.payload))
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(worker.with_options(name="alone"))
+        kernel.spawn(pool(worker, size=2))
+        await step_until_idle(kernel)
+        began = trio.current_time()
+        for target in ("alone", "workers"):
+            for i in range(40):
+                await kernel.send(target, i)
+        await step_until_idle(kernel)
+        assert trio.current_time() == began
+        assert kernel.stats().restarts == 0
+        assert sorted(p for name, p in handled if name == "alone") == list(range(0, 40, 2))
+        assert sorted(p for name, p in handled if name != "alone") == list(range(0, 40, 2))
+        letters = dead_letters(kernel)
+        assert len(letters) == 40
+        assert {letter.reason for letter in letters} == {DeadLetterReason.HANDLER_ERROR}
+        async with record_events(kernel) as events:
+            await kernel.send("workers", "lost")  # -> a worker, which restarts
+            await step_until_idle(kernel)
+        assert [e.name for e in events.of(EventKind.RESTARTED)] in (["workers/0"], ["workers/1"])
+
+
 async def test_pool_supervision_options_apply_to_the_workers(autojump_clock: Any) -> None:
-    @agent
+    # (restart: its failures are the subject; a function agent resumes by default)
+    @agent(on_error="restart")
     async def worker(ctx: Context, msg: Message) -> Any:
         raise RuntimeError("always")
 
@@ -1107,7 +1153,8 @@ async def test_a_pool_whose_workers_supervisor_was_given_up_on_fails_and_restart
     fails now, as the page says a pool escalates: the root restarts it, and the pool is
     fresh."""
 
-    @agent
+    # (restart: its failures are the subject; a function agent resumes by default)
+    @agent(on_error="restart")
     async def worker(ctx: Context, msg: Message) -> Any:
         if msg.payload == "bad":
             raise RuntimeError("bad")

@@ -129,7 +129,8 @@ async def test_a_draining_stop_of_a_pool_is_bounded_by_the_routers_shutdown_time
 async def test_a_worker_that_fails_during_the_drain_is_not_restarted(autojump_clock: Any) -> None:
     done: Done = []
 
-    @agent
+    # (restart: its failures are the subject; a function agent resumes by default)
+    @agent(on_error="restart")
     async def worker(ctx: Context, msg: Message) -> None:
         await trio.sleep(1)
         if msg.payload == 2:
