@@ -3,15 +3,16 @@
 ``test_fault_injection_pools_settle_to_their_size_and_count_every_message``: a pool of
 random size, ``max_size`` and routing, directly under the root or beside a sibling under
 a ``one_for_all`` supervisor (whose failure restarts the router, and with it the pool);
-workers whose handlers return, raise, exit, or hang past the handle timeout, under a
-``one_for_one``, ``one_for_all`` or ``rest_for_one`` supervisor whose restarts back off
-briefly or for up to 2 s, with a ``block``, ``drop_oldest``, ``drop_newest`` or
-``reject`` mailbox; tells and requests to the pool from outside and from a client agent;
-``$resize`` requests and tells up, down, to the same size, to 0 and past ``max_size``;
-``$workers`` and ``$broadcast``; a worker stopped or drained from outside; the pool
-stopped or drained and spawned again; the kernel shut down at a random point. Then: no hang, no task left, every accepted message
-handled or dead-lettered once (``assert_conserved``), every request answered or failed
-with a documented error, every bad resize refused, and at each settled point the pool's
+workers whose handlers return, raise (and are restarted, or resume), exit, or hang past
+the handle timeout, under a ``one_for_one``, ``one_for_all`` or ``rest_for_one``
+supervisor whose restarts back off briefly or for up to 2 s, with a ``block``,
+``drop_oldest``, ``drop_newest`` or ``reject`` mailbox; tells and requests to the pool
+from outside and from a client agent; ``$resize`` requests and tells up, down, to the
+same size, to 0 and past ``max_size``; ``$workers`` and ``$broadcast``; a worker stopped
+or drained from outside; the pool stopped or drained and spawned again; the kernel shut
+down at a random point. Then: no hang, no task left, every accepted message handled or
+dead-lettered once (``assert_conserved``), every request answered or failed with a
+documented error, every bad resize refused, and at each settled point the pool's
 ``pool_workers`` are exactly its running workers and a resize gives it the asked number.
 Once the pool has stopped none of its workers runs. The regressions it found follow it,
 made deterministic.
@@ -101,11 +102,13 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
     #: brief, or long enough that messages meet workers waiting out a restart
     worker_backoff = rng.choice([Backoff(0.001, 0.01), Backoff(0.001, 0.01), Backoff(0.5, 2.0)])
     worker_overflow = rng.choice(["block", "block", "drop_oldest", "drop_newest", "reject"])
+    #: a raise restarts the worker, or (a function agent's default) it resumes
+    worker_on_error = rng.choice(["restart", "restart", None])
     # a request's outcome: ("answer", value) or ("error", exception)
     outcomes: list[tuple[str, Any, Any]] = []
     unexpected: list[BaseException] = []
 
-    @agent(restart=worker_restart, overflow=worker_overflow)
+    @agent(restart=worker_restart, overflow=worker_overflow, on_error=worker_on_error)
     async def worker(ctx: Context, msg: Message) -> Any:
         op = msg.payload.get("op", "ok") if isinstance(msg.payload, dict) else "ok"
         if op == "raise":
