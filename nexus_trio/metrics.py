@@ -1259,10 +1259,16 @@ async def _answer_connection(
         endpoint = EndpointStats()  # (counted nowhere: a connection answered on its own)
     text = "text/plain; charset=utf-8"
     answering = False  # a request was read and has no answer yet
+    sent = False  # an answer (or a part of one) was sent
+
+    async def send(data: bytes) -> None:
+        nonlocal sent
+        sent = True
+        await stream.send_all(data)
 
     async def refuse(status: int, body: bytes, *, head: bool = False) -> None:
         endpoint.count_refused(status)
-        await stream.send_all(_response(status, body, text, head=head))
+        await send(_response(status, body, text, head=head))
 
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
@@ -1317,14 +1323,14 @@ async def _answer_connection(
                 endpoint.count_refused(status)
             head_bytes = _response(status, body, content_type, head=True)
             if method == "HEAD":
-                await stream.send_all(head_bytes)
+                await send(head_bytes)
             elif len(body) < _JOIN_BELOW:
-                await stream.send_all(head_bytes + body)  # one segment
+                await send(head_bytes + body)  # one segment
             else:
                 # Not joined: a client that does not read would hold a copy of the text
                 # (the renderer shares one between its scrapes) until the request timeout.
-                await stream.send_all(head_bytes)
-                await stream.send_all(body)
+                await send(head_bytes)
+                await send(body)
         if answering:
             # Said, not a connection closed without a word (the client would not know why).
             endpoint.unanswered += 1
@@ -1341,7 +1347,7 @@ async def _answer_connection(
             body = f"no answer within {_REQUEST_TIMEOUT:g} s (the kernel is busy)\n".encode()
             with trio.move_on_after(1) as scope:
                 scope.shield = True
-                await stream.send_all(_response(503, body, text, head=method == "HEAD"))
+                await send(_response(503, body, text, head=method == "HEAD"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
     except Exception as exc:  # a scrape must never take the kernel down
@@ -1355,9 +1361,15 @@ async def _answer_connection(
             exc_info=exc,
         )
     finally:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await _close_gracefully(stream)
+        if sent:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await _close_gracefully(stream)
+        else:
+            # Nothing sent: no answer to keep from a reset, so no lingering for the
+            # client's end (a silent client held a shutdown, or its slot past the
+            # request timeout, for that 1 s more).
+            await trio.aclose_forcefully(stream)
 
 
 async def _close_gracefully(stream: trio.SocketStream) -> None:

@@ -2228,3 +2228,41 @@ async def test_the_accepted_counter_never_goes_down_when_a_waiting_send_gives_up
         release.set()
     assert seen == [2, 2, 3 if end == "gets_in" else 2]
     assert outcome == {"timeout": ["MailboxFull"], "cancelled": [], "gets_in": ["sent"]}[end]
+
+
+async def test_silent_connections_hold_neither_a_shutdown_nor_their_slot_past_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (fifty-first pass): a connection that was sent nothing is closed at
+    once when it ends, without the 1 s of lingering for the client's end that keeps a
+    sent answer from a reset. The endpoint's end (a kernel's shutdown) with silent
+    clients connected took 1 s, not 0; and a client silent past the 10 s request
+    timeout held its slot (``nexus_metrics_connections_open``) until 11 s."""
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, process=False)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+                )
+            )
+            assert renderer.endpoint is not None
+            slow = await trio.open_tcp_stream("127.0.0.1", port)
+            started = trio.current_time()
+            assert await slow.receive_some(1) == b""  # closed without an answer
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() - started == pytest.approx(10)
+            assert renderer.endpoint.open == 0
+            await slow.aclose()
+
+            silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+            await silent[0].send_all(b"GET /metrics HTTP/1.1\r\n")  # a head cut short
+            await trio.testing.wait_all_tasks_blocked()
+            assert renderer.endpoint.open == 3
+            cancelled = trio.current_time()
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - cancelled == 0
+        assert renderer.endpoint.open == 0
+        for stream in silent:
+            assert await stream.receive_some(1) == b""
+            await stream.aclose()
