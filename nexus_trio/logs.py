@@ -26,6 +26,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -192,7 +193,14 @@ def _extras(record: logging.LogRecord) -> list[tuple[str, Any]]:
         for key, value in attributes.items()
         if key not in _STANDARD and key not in _CONTEXT and not key.startswith("_")
     )
-    return [(key, value) for key, value in pairs if value is not None and value != ""]
+    return [(key, value) for key, value in pairs if not _empty(value)]
+
+
+def _empty(value: Any) -> bool:
+    """Whether ``value`` is None or an empty str, without comparing it: a numpy array's
+    ``!=`` gives an array, whose truth raises, and another type's ``__eq__`` may raise
+    (``value != ""`` lost such a record, with logging's report, uncounted)."""
+    return value is None or (isinstance(value, str) and str.__len__(value) == 0)
 
 
 def _shown(value: Any) -> str:
@@ -257,12 +265,31 @@ class CompactFormatter(_EscapingFormatter):
         return line
 
 
+#: an int of at most these bits has fewer than 640 digits, the least limit of
+#: ``sys.set_int_max_str_digits``
+_FEW_DIGITS_BITS: Final = 2000
+
+
 def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
     """``value`` as JSON types; ``within``: the ids of the containers it is inside of.
 
     A container inside itself (``loop.append(loop)``) is written there as ``repr`` writes
     it, ``[...]`` or ``{...}``, not walked into until the recursion limit."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, float):
+        # NaN and the infinities are no JSON (RFC 8259 6): json.dumps writes them as NaN
+        # and Infinity, which strict parsers (jq, JSON.parse, Go's) refuse, the whole
+        # line with them: written as strings, as str() writes them
+        return value if math.isfinite(value) else repr(float(value))
+    if isinstance(value, int):
+        # an int past the digits str() may write (sys.get_int_max_str_digits, at least
+        # 640) made json.dumps raise, and the record was lost: shown as _shown shows it
+        if value.bit_length() > _FEW_DIGITS_BITS:
+            try:
+                int.__repr__(value)
+            except ValueError:
+                return _shown(value)
         return value
     if isinstance(value, list | tuple | dict):
         if id(value) in within:

@@ -251,6 +251,86 @@ def test_an_extra_whose_str_raises_is_named_and_the_record_written(
     assert "Logging error" not in capsys.readouterr().err
 
 
+class _ArrayLike:
+    """Compares as a numpy array does: ``!=`` gives an array-like, whose truth raises."""
+
+    def __ne__(self, other: object) -> _ArrayLike:  # type: ignore[override]
+        return self
+
+    def __eq__(self, other: object) -> _ArrayLike:  # type: ignore[override]
+        return self
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value of an array with more than one element is ambiguous")
+
+    def __str__(self) -> str:
+        return "[1 2 3]"
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_an_extra_that_compares_as_an_array_does_is_written(
+    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """Regression (fifty-first pass): the formatters left out empty extras with ``value !=
+    ""``; a numpy array's ``!=`` is an array, whose truth raises, so a record with one in
+    ``extra=`` (``ctx.log.info("batch", extra={"weights": arr})``) was lost, with
+    logging's "--- Logging error ---" on standard error and not counted in
+    ``records_lost()``. It is written, the value as ``str()`` shows it; empty strings and
+    None are still left out."""
+    stream = configured(fmt)
+    before = records_lost()
+    logging.getLogger("nexus_trio.x").info(
+        "batch", extra={"weights": _ArrayLike(), "count": 3, "none": None, "empty": ""}
+    )
+    assert flush_logs()
+    text = stream.getvalue()
+    if fmt == "json":
+        (record,) = json_lines(stream)
+        assert (record["msg"], record["weights"], record["count"]) == ("batch", "[1 2 3]", 3)
+        assert "none" not in record and "empty" not in record
+    else:
+        assert len(text.splitlines()) == 1
+        assert 'weights="[1 2 3]"' in text and "count=3" in text
+        assert "none=" not in text and "empty=" not in text
+    assert "Logging error" not in capsys.readouterr().err
+    assert records_lost() == before
+
+
+def test_json_writes_nan_infinities_and_ints_past_the_digit_limit_as_json(
+    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (fifty-first pass): a float extra that is NaN or infinite was written
+    as ``NaN`` / ``Infinity``, which is no JSON (RFC 8259 6): strict parsers (jq,
+    ``JSON.parse``, Go's) refuse the line, and a collector drops it. An int past the
+    digits ``str()`` may write (4,300 by default) made ``json.dumps`` raise: the record
+    was lost with logging's report. Such floats are written as strings (``"nan"``,
+    ``"inf"``, ``"-inf"``, as ``str()``), such an int as ``_shown`` shows what it cannot
+    write; finite floats and other ints stay numbers."""
+    stream = configured("json")
+    logging.getLogger("nexus_trio.x").info(
+        "odd numbers",
+        extra={
+            "ratio": float("nan"),
+            "bounds": [float("-inf"), 0.5, float("inf")],
+            "big": 10**5000,
+            "fine": 10**600,
+        },
+    )
+    assert flush_logs()
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is no JSON")
+
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0], parse_constant=refuse)
+    assert record["ratio"] == "nan"
+    assert record["bounds"] == ["-inf", 0.5, "inf"]
+    assert record["big"] == "<str() failed: ValueError>"
+    assert record["fine"] == 10**600
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_pretty_renders_message_and_extras_with_rich(nexus_logger: logging.Logger) -> None:
     stream = configured("pretty")
     logging.getLogger("nexus_trio.agent").warning("short", extra={"agent_id": "a1"})
