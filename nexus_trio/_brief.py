@@ -12,10 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._errors import error_repr
+
 
 def brief(value: Any, size: int = 120) -> str:
-    """``repr(value)``, cut to about ``size`` characters (``...`` marks the cut)."""
-    text = repr(value)
+    """``repr(value)``, cut to about ``size`` characters (``...`` marks the cut); a value
+    whose ``repr()`` raises (a ``__repr__`` with a bug) is shown as
+    :func:`~nexus_trio._errors.error_repr` shows it, ``<Type, whose repr() raised
+    RuntimeError: ...>``: the error or line that shows a value from outside is still
+    made, not replaced by the ``__repr__``'s exception (a readiness check answering
+    such a value failed every scrape)."""
+    text = error_repr(value)
     return text if len(text) <= size else text[:size] + "..."
 
 

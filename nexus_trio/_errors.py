@@ -16,11 +16,12 @@ from collections.abc import Collection, Iterable
 from typing import Any, Final, final
 
 
-def error_repr(error: BaseException | None) -> str:
+def error_repr(error: object) -> str:
     """``repr(error)``, never raising: an exception a handler raised is user code, and its
     ``__repr__`` may raise (a bug of its own, state that is gone); then its class and what
     the repr raised (``<BadError, whose repr() raised RuntimeError: ...>``), as the
-    traceback module shows an exception whose ``__str__`` raises."""
+    traceback module shows an exception whose ``__str__`` raises. Any value from outside
+    is shown so (:func:`nexus_trio._brief.brief`)."""
     try:
         return repr(error)
     except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
@@ -36,7 +37,7 @@ def failed_repr(error: BaseException) -> str | None:
     return None
 
 
-def _repr_raised(error: BaseException | None, exc: Exception) -> str:
+def _repr_raised(error: object, exc: Exception) -> str:
     try:
         said = f"{type(exc).__name__}: {exc}"
     except Exception:

@@ -70,6 +70,7 @@ from prometheus_client.registry import Collector
 
 from ._brief import brief
 from ._deadletter import DeadLetterReason
+from ._errors import error_repr
 from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
 from ._throttle import Throttle
@@ -411,9 +412,9 @@ def _check_failed(
     log_guarded(
         log,
         logging.ERROR,
-        "readiness check %r %s (the kernel is not ready while it fails; logged again when"
+        "readiness check %s %s (the kernel is not ready while it fails; logged again when"
         " its error changes or it works again; failed calls in a row: %d)",
-        check,
+        error_repr(check),
         what,
         calls,
         exc_info=exc,
@@ -433,15 +434,15 @@ def _check_works(kernel: Kernel, check: Callable[[], str | None]) -> None:
         log_guarded(
             log,
             logging.INFO,
-            "readiness check %r works again after %d failed calls in a row (the last: %s)",
-            check,
+            "readiness check %s works again after %d failed calls in a row (the last: %s)",
+            error_repr(check),
             state[1],
             state[0],
         )
 
 
 def _check_name(check: Callable[[], str | None]) -> str:
-    return escape_control(getattr(check, "__qualname__", None) or repr(check))
+    return escape_control(getattr(check, "__qualname__", None) or error_repr(check))
 
 
 def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:

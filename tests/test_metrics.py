@@ -284,6 +284,56 @@ async def test_readyz_says_the_reasons_of_the_checks_added_in_one_line_until_rem
         assert readiness(kernel) is not None and readiness(kernel).startswith("shutting down; ")
 
 
+class _ReprFails:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr bug")
+
+
+class _CheckWithoutName:
+    """A readiness check object (no ``__qualname__``) that raises and cannot be shown."""
+
+    def __call__(self) -> str | None:
+        raise ValueError("check bug")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr bug")
+
+
+async def test_a_readiness_check_that_cannot_be_shown_makes_the_kernel_not_ready_not_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (fifty-first pass): a check returning a value whose ``repr`` raises (or a
+    check object whose own ``repr`` raises) made ``readiness()`` raise the ``repr``'s
+    error: ``/readyz`` answered 500 and every ``/metrics`` scrape failed whole (its
+    snapshot asks readiness). Such a check makes the kernel not ready, as any failing
+    one, its value or name shown as ``error_repr`` shows it (``<_ReprFails, whose repr()
+    raised RuntimeError: repr bug>``)."""
+
+    def odd() -> str | None:
+        return _ReprFails()  # type: ignore[return-value]
+
+    async with open_test_kernel() as kernel:
+        add_readiness(kernel, odd)
+        add_readiness(kernel, _CheckWithoutName())
+        with caplog.at_level(logging.ERROR, logger="nexus_trio.metrics"):
+            reason = readiness(kernel)
+        name = "test_a_readiness_check_that_cannot_be_shown_makes_the_kernel_not_ready_not_a_500"
+        assert reason == (
+            f"readiness check {name}.<locals>.odd returned a _ReprFails, not a str or None;"
+            " readiness check <_CheckWithoutName, whose repr() raised RuntimeError: repr bug>"
+            " raised ValueError"
+        )
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        assert samples((await renderer.render()).decode())[("nexus_ready", ())] == 0
+    said = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert len(said) == 2
+    assert said[0].startswith("readiness check <function ")
+    assert said[0].endswith(" returned <_ReprFails, whose repr() raised RuntimeError: repr bug>")
+    assert said[1] == (
+        "readiness check <_CheckWithoutName, whose repr() raised RuntimeError: repr bug> raised"
+    )
+
+
 async def test_a_failing_readiness_check_is_logged_as_its_error_changes_not_at_every_probe(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
