@@ -1327,6 +1327,9 @@ async def open_kernel(
     timer = trio.CancelScope(shield=True)
     # (the line of the records not logged in a second: also those of the shutdown)
     unlogged = trio.CancelScope(shield=True)
+    #: what the kernel holds to raise (see below) when a cancel from outside came as its
+    #: close waited for the drain: that Cancelled was taken in its place
+    held_out: BaseException | None = None
 
     async def run_tree(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with tree:
@@ -1387,13 +1390,26 @@ async def open_kernel(
                     timer.cancel()
                     unlogged.cancel()
                     tree.cancel()
+    except BaseException as exc:
+        # A cancel from outside that came while the close waited for the drain (the
+        # block had ended, or the kernel had cancelled it: its Ctrl-C, the root's
+        # give-up) ended the drain and goes on out once the tree has stopped (see
+        # _end_drain_if_cancelled). What the kernel holds to raise goes out in its
+        # place, below, as when the block itself was cancelled: the block's error, a
+        # Ctrl-C it took, the root's give-up (Trio loses none to a cancel). Until the
+        # fifty-first pass that scope took the Cancelled and they were lost.
+        held = body_error if body_error is not None and not _is_cancel(body_error) else None
+        held = held or kernel._interrupt or kernel._escalation
+        if held is None or not _is_cancel(exc):
+            raise
+        held_out = held
     finally:
         # Also when the shutdown itself was interrupted (a second Ctrl-C raises
         # KeyboardInterrupt in it): the streams end and pending requests fail (their
         # timer is gone), or a reader or requester outside the kernel would wait forever
         # for what can no longer come; and what the kernel froze goes back to the
         # collector (the heap is the whole process's, not this kernel's).
-        failing = sys.exc_info()[1]
+        failing = sys.exc_info()[1] or held_out
         router = kernel._router
         try:
             # Each step even if one before it raised.

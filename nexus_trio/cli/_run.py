@@ -1046,14 +1046,41 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
     agent_log = logging.getLogger("nexus_trio.agent")
     quiet = OneLineBridgeErrors()
     agent_log.addFilter(quiet)
+    #: a Ctrl-C the run took (to end as interrupted: its summary, status 130)
+    taken: list[BaseException] = []
     try:
-        return await _run_async(opts, console, quiet.problems)
+        return await _run_async(opts, console, quiet.problems, taken)
+    except BaseException as exc:
+        if not taken or not _only_cancels(exc):
+            raise
+        # A scope around the run was cancelled after the run took a Ctrl-C (in the
+        # drain it began, say): the run's way out (its nursery's exit) raised that
+        # scope's Cancelled in place of (summary, 130), which the scope would take,
+        # its caller going on as if nothing was pressed. Trio loses no
+        # KeyboardInterrupt to a cancel, nor does open_kernel: it goes out instead
+        # (until the fifty-first pass it was lost), with its own context.
+        held = taken[0]
+        context = held.__context__
+        try:
+            raise held
+        finally:
+            held.__context__ = context
     finally:
         agent_log.removeFilter(quiet)
 
 
+def _only_cancels(error: BaseException) -> bool:
+    """A ``trio.Cancelled``, or a group of nothing else (a nursery's)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
+
+
 async def _run_async(
-    opts: RunOptions, console: Console, problems: Mapping[str, str]
+    opts: RunOptions,
+    console: Console,
+    problems: Mapping[str, str],
+    taken: list[BaseException],
 ) -> tuple[dict[str, Any], int]:
     state = _State(opts)
     error: BaseException | None = None
@@ -1195,6 +1222,7 @@ async def _run_async(
                 )
             elif isinstance(exited, _INTERRUPTS):
                 error = exited
+                taken.append(exited)
                 state.request_stop(INTERRUPTED)
                 log_guarded(
                     log,
