@@ -1862,6 +1862,14 @@ class Router:
         self._mark_late(query_id)
         cell = self.local(to)
         if cell is None:
+            # An agent being stopped is unrouted (it takes no new message) but finishes
+            # the one in hand: a handler whose requester gave up is stopped then too, not
+            # left to run out its shutdown timeout for an answer nobody takes (until the
+            # fifty-first pass it was, its answer a late reply and the stop that long).
+            node = self.find(to)
+            if node is not None and node.is_agent:
+                cell = node
+        if cell is None:
             if self.transport is not None:
                 self.transport.cancel_query(query_id, to)
             return False

@@ -1,0 +1,116 @@
+"""Fault hunt, fifty-first pass: a requester that gives up while its agent is stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    Config,
+    Context,
+    DeadLetterReason,
+    KernelConfig,
+    Message,
+    RequestTimeout,
+    agent,
+    open_kernel,
+)
+from nexus_trio.testing import assert_conserved
+
+from .hang_guard import real_time_limit
+
+
+@pytest.fixture(autouse=True)
+def guard_real_time() -> Iterator[None]:
+    with real_time_limit(30):
+        yield
+
+
+@pytest.mark.parametrize("gives_up", ["timeout", "cancel"])
+async def test_a_requester_that_gives_up_stops_the_handler_of_an_agent_being_stopped(
+    autojump_clock: trio.testing.MockClock, gives_up: str
+) -> None:
+    """Found by the fault machine's new request checks: ``slow`` handles a request
+    (10 s of work); at 0.5 s ``kernel.stop(slow)`` begins, which lets the message in
+    hand finish within the shutdown timeout (5 s); at 1 s the requester gives up (its
+    deadline, or a cancel). Without the stop its handler is cancelled then (dead letter
+    ``request_timeout``); with it, the handler ran on to the shutdown timeout, for an
+    answer nobody takes: the stop took 5 s, not 0.5, and the answer was a late reply.
+    ``expire_query`` looked the agent up among the routed ones only, and one being
+    stopped is unrouted. (Fails with main's _router.py: the handler is cancelled at
+    5.5 s, by the stop's shutdown timeout, not at 1 s.)"""
+    journal: list[tuple[str, float]] = []
+
+    @agent(name="slow", handle_timeout=60)
+    async def slow(ctx: Context, msg: Message) -> str:
+        journal.append(("handles", trio.current_time()))
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            journal.append(("cancelled", trio.current_time()))
+            raise
+        journal.append(("answers", trio.current_time()))
+        return "done"
+
+    config = Config(kernel=KernelConfig(dead_letter_buffer=100))
+    outcome: list[tuple[str, float]] = []
+    async with open_kernel(config) as kernel:
+        ref = kernel.spawn(slow)
+
+        async def ask() -> None:
+            try:
+                if gives_up == "timeout":
+                    await kernel.request(ref, "work", timeout=1)
+                else:
+                    with trio.move_on_after(1):
+                        await kernel.request(ref, "work", timeout=60)
+                    outcome.append(("cancelled", trio.current_time()))
+            except RequestTimeout:
+                outcome.append(("timeout", trio.current_time()))
+
+        async def stop() -> None:
+            await trio.sleep(0.5)
+            await kernel.stop(ref)
+            outcome.append(("stopped", trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(stop)
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        stats = kernel.stats()
+    assert journal == [("handles", 0.0), ("cancelled", 1.0)]
+    gave_up = "timeout" if gives_up == "timeout" else "cancelled"
+    assert sorted(outcome) == sorted([(gave_up, 1.0), ("stopped", 1.0)])
+    assert letters == [("work", DeadLetterReason.REQUEST_TIMEOUT)]
+    assert stats.dead_letters_by_reason == {"request_timeout": 1}
+    assert_conserved(kernel)
+
+
+async def test_a_requester_that_gives_up_still_stops_a_routed_agent_s_handler(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same without the stop, as before: the handler is cancelled at the deadline."""
+    journal: list[tuple[str, float]] = []
+
+    @agent(name="slow", handle_timeout=60)
+    async def slow(ctx: Context, msg: Message) -> str:
+        journal.append(("handles", trio.current_time()))
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            journal.append(("cancelled", trio.current_time()))
+            raise
+        return "done"
+
+    async with open_kernel(Config(kernel=KernelConfig(dead_letter_buffer=100))) as kernel:
+        ref = kernel.spawn(slow)
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, "work", timeout=1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert journal == [("handles", 0.0), ("cancelled", 1.0)]
+        assert kernel.stats().dead_letters_by_reason == {"request_timeout": 1}
+        assert kernel.is_local(ref)
+    assert_conserved(kernel)
