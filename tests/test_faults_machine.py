@@ -22,6 +22,9 @@ a mock time the program chose, between two of the kernel's timers. It draws what
   outside at a random mock time (in the block, or beside it), or one a handler asks for;
   handler, ``on_start`` and background failures, and restarts, during the drain;
 * monitors and ``demonitor`` from agents, and a watcher that lives until the shutdown;
+* requests from outside whose caller gives up (cancelled at once, or after up to half a
+  mock second; fifty-first pass), each request journaled (how and when it ended) and
+  checked at the end against its query's fate (:func:`check_requests`);
 * lazy agents (a class without ``on_start``, with or without ``on_stop``: no task until
   a message comes, see ``AgentSpec.starts_lazily``) among the others, and one program in
   three with ``escalate_to_kernel`` (the root's give-up shuts the kernel down and
@@ -65,10 +68,11 @@ import itertools
 import math
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, ClassVar
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given
@@ -90,8 +94,11 @@ from nexus_trio import (
     KernelPhase,
     KernelShuttingDown,
     LifecycleEvent,
+    MailboxFull,
     Message,
     MessageKind,
+    RequestFailed,
+    RequestTimeout,
     SupervisionConfig,
     Supervisor,
     SupervisorEscalation,
@@ -164,6 +171,13 @@ steps = st.one_of(
     st.tuples(st.just("nowait"), targets, actions, st.integers(1, 3)),
     st.tuples(st.just("nowait"), targets, actions, st.integers(1, 3)),
     st.tuples(st.just("request"), targets, actions, st.sampled_from([0.01, 0.2, 1.0])),
+    st.tuples(st.just("cancelled_request"), targets, actions, st.sampled_from([0, 0.01, 0.1, 0.5])),
+    st.tuples(
+        st.just("cancelled_request"),
+        targets,
+        st.sampled_from([("hang",), ("sleep", 0.3), ("sleep", 0.05), ("ok",)]),
+        st.sampled_from([0.01, 0.1]),
+    ),
     st.tuples(st.just("stop"), targets, st.lists(st.booleans(), min_size=1, max_size=3)),
     st.tuples(st.just("stop_with_parent"), targets, st.booleans()),
     st.tuples(st.just("cancelled_stop"), targets, st.booleans(), st.sampled_from([0, 0.01, 0.1])),
@@ -203,9 +217,16 @@ class Journal:
         self.asked: set[int] = set()  # queries of requests (acceptance not seen)
         self.entered_msg: Counter[int] = Counter()
         self.returned_msg: Counter[int] = Counter()
+        self.returned_at: dict[int, float] = {}  # the mock time its handler returned
+        self.entered_at: dict[int, float] = {}
         self.handled_calls = 0  # handler calls that returned (every agent of the test)
         self.handled_late: list[int] = []
         self.letters: list[DeadLetter] = []
+        self.letter_times: list[float] = []  # the mock time each letter was read (published)
+        #: requests by their query's number: start, end (mock times), timeout, the time
+        #: its caller gave up (a cancelled request), outcome ("answer", "failed" with the
+        #: RequestFailed's reason, "timeout", "refused", "closed", "cancelled")
+        self.requests: dict[int, dict[str, Any]] = {}
         self.events: list[LifecycleEvent] = []
         # addressable things: {"name", "ref", "agent", "parent" (a supervisor entry)}
         self.known: list[dict[str, Any]] = []
@@ -451,6 +472,7 @@ def test_fault_machine(data: st.DataObject) -> None:
             return None
         action, seq = msg.payload
         journal.entered_msg[seq] += 1
+        journal.entered_at[seq] = trio.current_time()
         what = action[0]
         if what == "raise":
             raise RuntimeError(f"message {seq} fails")
@@ -507,7 +529,9 @@ def test_fault_machine(data: st.DataObject) -> None:
             journal.asked.add(asked)
             start = trio.current_time()
             with suppress(*DOCUMENTED):
-                answer = await ctx.request(address(entry), (("ok",), asked), timeout=action[2])
+                answer = await journaled(
+                    asked, ctx.request(address(entry), (("ok",), asked), timeout=action[2])
+                )
                 if answer != {"seq": asked}:
                     problem(journal, f"request {asked} answered {answer!r}")
             if trio.current_time() > start + action[2] + 1e-9:
@@ -524,8 +548,37 @@ def test_fault_machine(data: st.DataObject) -> None:
                 else:
                     ctx.demonitor(ref)
         journal.returned_msg[seq] += 1
+        journal.returned_at[seq] = trio.current_time()
         journal.handled_calls += 1
         return {"seq": seq} if msg.kind is MessageKind.QUERY else None
+
+    async def journaled(seq: int, call: Awaitable[Any], gives_up: float = math.inf) -> Any:
+        """Await request ``seq`` (``call``), journaling how and when it ended."""
+        request: dict[str, Any] = {"start": trio.current_time(), "outcome": "other"}
+        request["gives_up"] = request["start"] + gives_up
+        journal.requests[seq] = request
+        try:
+            answer = await call
+        except RequestFailed as exc:
+            request.update(outcome="failed", reason=exc.reason)
+            raise
+        except RequestTimeout as exc:
+            request.update(outcome="timeout", timeout=exc.timeout)
+            raise
+        except (AgentNotFound, MailboxFull):
+            request["outcome"] = "refused"
+            raise
+        except KernelShuttingDown:
+            request["outcome"] = "closed"
+            raise
+        except trio.Cancelled:
+            request["outcome"] = "cancelled"
+            raise
+        else:
+            request["outcome"] = "answer"
+            return answer
+        finally:
+            request["end"] = trio.current_time()
 
     async def watcher(ctx: Context, msg: Message) -> None:
         await act(ctx, msg, None)
@@ -613,7 +666,9 @@ def test_fault_machine(data: st.DataObject) -> None:
                 kernel.send_nowait(address(entry), payload)
             else:
                 journal.asked.add(seq)
-                answer = await kernel.request(address(entry), payload, timeout=step[3])
+                answer = await journaled(
+                    seq, kernel.request(address(entry), payload, timeout=step[3])
+                )
                 if answer != {"seq": seq}:
                     problem(journal, f"request {seq} answered {answer!r}")
         except DOCUMENTED:
@@ -628,6 +683,21 @@ def test_fault_machine(data: st.DataObject) -> None:
                 journal.accepted.add(seq)
         if what == "request" and trio.current_time() > start + step[3] + 1e-9:
             problem(journal, f"request {seq} ended {trio.current_time() - start} s after it began")
+
+    async def cancelled_request(kernel: Any, step: tuple[Any, ...]) -> None:
+        """A request (a deadline of 5 s) whose caller gives up after ``step[3]`` mock
+        seconds (at once for 0): its query is skipped in the queue or its handler
+        cancelled, dead-lettered ``request_timeout``, or it was answered in time."""
+        entry = journal.agent_at(step[1])
+        if entry is None:
+            return
+        seq = next(journal.seqs)
+        journal.asked.add(seq)
+        with trio.move_on_after(step[3]), suppress(*DOCUMENTED):
+            call = kernel.request(address(entry), (step[2], seq), timeout=5.0)
+            answer = await journaled(seq, call, gives_up=step[3])
+            if answer != {"seq": seq}:
+                problem(journal, f"request {seq} answered {answer!r}")
 
     async def stop_one(kernel: Any, target: Any, drain: bool) -> None:
         try:
@@ -724,6 +794,8 @@ def test_fault_machine(data: st.DataObject) -> None:
                 add_under(kernel, sups[step[1] % len(sups)], step[2])
         elif what in ("tell", "nowait", "request"):
             nursery.start_soon(send_step, kernel, step)
+        elif what == "cancelled_request":
+            nursery.start_soon(cancelled_request, kernel, step)
         elif what == "stop":
             entry = journal.at(step[1])
             if entry is None:
@@ -830,14 +902,18 @@ def test_fault_machine(data: st.DataObject) -> None:
                     letters = kernel.dead_letters(100_000)
                     events = kernel.events(100_000)
 
-                    async def collect(stream: Any, into: list[Any]) -> None:
+                    async def collect(
+                        stream: Any, into: list[Any], times: list[float] | None = None
+                    ) -> None:
                         with trio.CancelScope(shield=True):  # the stream ends at shutdown
                             async for item in stream:
                                 into.append(item)
+                                if times is not None:
+                                    times.append(trio.current_time())
 
                     journal.beside = outside
                     kernel.spawn(agent(watcher, name="watcher", mailbox_capacity=10_000))
-                    outside.start_soon(collect, letters, journal.letters)
+                    outside.start_soon(collect, letters, journal.letters, journal.letter_times)
                     outside.start_soon(collect, events, journal.events)
                     async with trio.open_nursery() as block:
                         try:
@@ -890,6 +966,56 @@ def test_fault_machine(data: st.DataObject) -> None:
     check_end(journal, kernel, ending)
 
 
+def check_requests(journal: Journal) -> None:
+    """Each request ended as its query did, and when: its requester told at once when
+    the query was dead-lettered (``RequestFailed`` with that reason, at that mock time,
+    never waiting out its deadline), an answer only for a query handled, a timeout at its
+    deadline, a caller that gave up at its time; and a query dead-lettered
+    ``request_timeout`` only once its requester had stopped waiting."""
+    lettered: dict[int, tuple[str, float]] = {}
+    for letter, when in zip(journal.letters, journal.letter_times, strict=True):
+        payload = letter.message.payload
+        if letter.message.kind is MessageKind.QUERY and isinstance(payload, tuple):
+            lettered[payload[1]] = (letter.reason.value, when)
+    for seq, request in journal.requests.items():
+        start, end, outcome = request["start"], request["end"], request["outcome"]
+        said = f"request {seq} ({outcome}, {start:g} s to {end:g} s)"
+        if seq in lettered:
+            reason, when = lettered[seq]
+            said += f": its query dead-lettered {reason} at {when:g} s"
+            if reason == "request_timeout":
+                assert end <= when, f"{said}, before its requester stopped waiting"
+            else:
+                assert end <= when, f"{said}: its requester was not told then"
+                if end == when and outcome != "cancelled":
+                    assert (outcome, request.get("reason")) in (
+                        ("failed", reason),
+                        ("timeout", None),  # (its deadline came at the same time)
+                    ), said
+        if outcome == "failed":
+            assert lettered.get(seq, ("", -1.0)) == (request["reason"], end), said
+        elif outcome == "answer":
+            assert journal.returned_msg[seq] == 1 and seq not in lettered, said
+        elif outcome == "timeout":
+            assert end - start == pytest.approx(request["timeout"], abs=1e-6), said
+        elif outcome == "cancelled":
+            # (at its time, or before: with its handler, or with the block at the end)
+            assert end <= request["gives_up"] + 1e-9, said
+        if outcome in ("timeout", "cancelled"):
+            # its requester stopped waiting: the query is skipped in the queue, or its
+            # handler cancelled (a handler that returned then answered in time)
+            assert journal.entered_at.get(seq, end) <= end, f"{said}: handled after it"
+            assert journal.returned_at.get(seq, end) <= end, f"{said}: handled on after it"
+            if seq in journal.entered_at and seq not in journal.returned_at and seq in lettered:
+                # (a handler under way then is cancelled then, not left to its timeout;
+                # one that failed by then is dead-lettered for its failure)
+                assert lettered[seq][1] <= end, f"{said}: its handler ran on"
+    # an answer goes to its requester, or is dead-lettered late_reply once nobody waits
+    # for it: never unroutable (the test's handlers answer queries only)
+    unroutable = [d for d in journal.letters if d.reason is DeadLetterReason.UNROUTABLE_REPLY]
+    assert not unroutable, unroutable
+
+
 def check_end(journal: Journal, kernel: Any, ending: str) -> None:
     stats = kernel.stats()
     assert stats.in_flight == stats.sends_waiting == 0, stats
@@ -939,6 +1065,7 @@ def check_end(journal: Journal, kernel: Any, ending: str) -> None:
             f"message {seq}: its send raised, yet it was handled or dead-lettered"
             f" ({reasons.get(seq)})"
         )
+    check_requests(journal)
     # the counters agree with what the test counted
     assert len(journal.letters) == stats.dead_lettered, (len(journal.letters), stats)
     by_reason = Counter(letter.reason.value for letter in journal.letters)
@@ -985,6 +1112,12 @@ def check_end(journal: Journal, kernel: Any, ending: str) -> None:
                 told[(msg.to, uuid.UUID(notice["agent"]))] += 1
     for pair, n in told.items():
         assert n <= 1, f"monitor {pair}: {n} notices of its stop"
+    # a notice of a stop for good says the reason its stopped event says
+    for (watcher, target), notices in journal.notices.items():
+        for event, reason in notices:
+            if event == "stopped" and reason != "noproc":
+                said = stop_event[target].reason if target in stop_event else None
+                assert reason == said, f"monitor ({watcher}, {target}): told {reason!r}, {said!r}"
     for (watcher, target), calls in journal.monitor_calls.items():
         noproc = any(r == "noproc" for _, r in journal.notices.get((watcher, target), []))
         if "demonitor" in calls or "monitor" not in calls or noproc:
