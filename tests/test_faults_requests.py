@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    AgentSpec,
     Config,
     Context,
     DeadLetterReason,
@@ -29,6 +30,23 @@ def guard_real_time() -> Iterator[None]:
         yield
 
 
+def slow_agent(journal: list[tuple[str, float]]) -> AgentSpec:
+    """``slow``: 10 s of work a message, journaled (when it begins, is cancelled, ends)."""
+
+    @agent(name="slow", handle_timeout=60)
+    async def slow(ctx: Context, msg: Message) -> str:
+        journal.append(("handles", trio.current_time()))
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            journal.append(("cancelled", trio.current_time()))
+            raise
+        journal.append(("answers", trio.current_time()))
+        return "done"
+
+    return slow
+
+
 @pytest.mark.parametrize("gives_up", ["timeout", "cancel"])
 async def test_a_requester_that_gives_up_stops_the_handler_of_an_agent_being_stopped(
     autojump_clock: trio.testing.MockClock, gives_up: str
@@ -43,18 +61,7 @@ async def test_a_requester_that_gives_up_stops_the_handler_of_an_agent_being_sto
     stopped is unrouted. (Fails with main's _router.py: the handler is cancelled at
     5.5 s, by the stop's shutdown timeout, not at 1 s.)"""
     journal: list[tuple[str, float]] = []
-
-    @agent(name="slow", handle_timeout=60)
-    async def slow(ctx: Context, msg: Message) -> str:
-        journal.append(("handles", trio.current_time()))
-        try:
-            await trio.sleep(10)
-        except trio.Cancelled:
-            journal.append(("cancelled", trio.current_time()))
-            raise
-        journal.append(("answers", trio.current_time()))
-        return "done"
-
+    slow = slow_agent(journal)
     config = Config(kernel=KernelConfig(dead_letter_buffer=100))
     outcome: list[tuple[str, float]] = []
     async with open_kernel(config) as kernel:
@@ -94,17 +101,7 @@ async def test_a_requester_that_gives_up_still_stops_a_routed_agent_s_handler(
 ) -> None:
     """The same without the stop, as before: the handler is cancelled at the deadline."""
     journal: list[tuple[str, float]] = []
-
-    @agent(name="slow", handle_timeout=60)
-    async def slow(ctx: Context, msg: Message) -> str:
-        journal.append(("handles", trio.current_time()))
-        try:
-            await trio.sleep(10)
-        except trio.Cancelled:
-            journal.append(("cancelled", trio.current_time()))
-            raise
-        return "done"
-
+    slow = slow_agent(journal)
     async with open_kernel(Config(kernel=KernelConfig(dead_letter_buffer=100))) as kernel:
         ref = kernel.spawn(slow)
         with pytest.raises(RequestTimeout):
