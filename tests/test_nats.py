@@ -441,6 +441,51 @@ async def test_a_tell_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_
         assert cluster.stats().inbound_dropped == {"no_such_agent": 1}
 
 
+async def test_a_type_s_last_replica_stopping_while_the_server_is_slow_leaves_the_node_up(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of the fifty-first pass: the queue group of a type whose last replica
+    here stopped is ended the server first (``unsubscribe_server_first``: its ``UNSUB``,
+    then two flushes of at most 1 s each). A flush not answered in that time (a server
+    stalled a second or more, a partition the client has not noticed yet) raised
+    ``FlushTimeoutError`` out of ``_forget_replica`` into the task that follows the
+    kernel's lifecycle events, whose crash took the node's whole nursery down: the
+    ``join_cluster`` block raised ``FlushTimeoutError`` (nats-py's plain unsubscribe,
+    before that pass, waited for nothing). The subscription is forgotten all the same
+    (the server had the ``UNSUB``: a later tell to the type is "no responders"), the
+    cut said in a warning, and the node goes on. Here the server's PONGs to the
+    unsubscribe's PINGs are kept from it: its flushes are never answered."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with local_node(nats.url) as (kernel, cluster):
+
+        @agent(name="slow-server-replica")
+        async def replica(ctx: Context, msg: Message) -> None:
+            return None
+
+        ref = kernel.spawn(replica)
+        await cluster.serve_type("slow-server", ref)
+        nc = cluster.nc
+        send_ping = nc._send_ping
+        unanswered: list[Any] = []
+
+        async def ping_unanswered(future: Any = None) -> None:
+            unanswered.append(future)  # (no PING written: its PONG never comes)
+
+        sid = cluster._type_subs["slow-server"]._id
+        with trio.fail_after(30):
+            nc._send_ping = ping_unanswered  # type: ignore[method-assign]
+            try:
+                await kernel.stop(ref.id)
+                # the first flush's 1 s bound passes, then the subscription is forgotten
+                await until(lambda: "not confirmed by the server" in caplog.text)
+            finally:
+                nc._send_ping = send_ping  # type: ignore[method-assign]
+            assert sid not in nc._subs
+            await kernel.send(type_address("slow-server"), "after")
+            await until(lambda: cluster.stats().inbound_dropped == {"no_replica": 1})
+        assert len(unanswered) == 1  # (the first flush timed out: no second)
+
+
 def _nested(levels: int) -> Any:
     deep: Any = []
     for _ in range(levels):

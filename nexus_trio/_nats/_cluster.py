@@ -4705,7 +4705,26 @@ class Cluster:
                         # group in the round trip of the UNSUB reaches _decode_for
                         # (no replica: counted no_such_agent, a query answered with its
                         # error frame), where nats-py's unsubscribe dropped it uncounted
-                        await call_aio(direct.unsubscribe_server_first, sub, _TYPE_UNSUBSCRIBE_WAIT)
+                        try:
+                            await call_aio(
+                                direct.unsubscribe_server_first, sub, _TYPE_UNSUBSCRIBE_WAIT
+                            )
+                        except (nats.errors.Error, OSError) as exc:
+                            # (a server slow to answer the flushes, or the connection
+                            # closed: forgotten here all the same, as before the
+                            # server-first unsubscribe; raised, it ended this task and
+                            # took the node's nursery down with it)
+                            log_guarded(
+                                log,
+                                logging.WARNING,
+                                "node %s: the unsubscribe of type %r's queue group (its"
+                                " last replica here stopped) not confirmed by the server:"
+                                " %r; a message it gave this node meanwhile is dropped"
+                                " uncounted",
+                                self.node,
+                                type_name,
+                                exc,
+                            )
 
     # --- durable -----------------------------------------------------------------------------
 
