@@ -579,6 +579,84 @@ def test_a_settle_of_a_delivery_of_the_stream_before_it_was_made_anew_is_not_sen
     assert channel.unsettled_at_leave == 0
 
 
+class _StaleForwarded(_FetchedMsg):
+    """A fetched JetStream message (fake) to forward: its acks and terms sent too."""
+
+    data = b"the message"
+    metadata = SimpleNamespace(sequence=SimpleNamespace(stream=1), num_delivered=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers = {wire.MSG_ID_HEADER: "m1"}
+        self.acks = self.terms = 0
+
+    async def ack(self) -> None:
+        self.acks += 1
+
+    async def term(self) -> None:
+        self.terms += 1
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_forward_of_a_delivery_of_the_stream_before_it_was_made_anew_stores_its_copy(
+    stored: bool,
+) -> None:
+    """Review of the fifty-first pass: a forward (the message's agent runs on another
+    node now) of a delivery of the stream before it was made anew was dropped with the
+    rest of its settles: its copy was never stored for the other node, and the message,
+    which this node held, was handled nowhere (counted only as a settle not sent). The
+    copy is stored now, and only its ack is not sent (it would remove the new stream's
+    message of its sequence); a copy JetStream does not take is dead at once
+    (``dead_unforwarded``, in ``durable_dead``), neither nakked nor termed (its stream
+    is gone). (On main's _durable.py: nothing published, forwarded 0.)"""
+    published: list[tuple[str, bytes]] = []
+
+    async def publish(subject: str, data: bytes, headers: dict[str, str]) -> None:
+        if not stored:
+            raise NatsTimeoutError
+        published.append((subject, data))
+
+    channel = _durable.DurableChannel.__new__(_durable.DurableChannel)
+    channel.cluster = SimpleNamespace(  # type: ignore[assignment]
+        node="a", data_js=SimpleNamespace(publish=publish), held=SimpleNamespace(due=_due)
+    )
+    channel.options = SimpleNamespace(redelivery_delay=1.0, max_deliver=5)  # type: ignore[assignment]
+    channel._stream = "nexus-durable"
+    forwarded, taken = _StaleForwarded(), _StaleForwarded()
+    channel._in_flight = {}
+    channel._late = OrderedDict()
+    channel._held = deque()
+    channel._ops = SimpleNamespace(  # type: ignore[assignment]
+        queued=[
+            (forwarded, f"{_durable._FORWARD}nexus.durable.b.x"),
+            (taken, f"{_durable._TAKEN}nexus.durable.c.y"),
+        ]
+    )
+    channel._settles_queued, channel._settles_sent = 2, 0
+    channel.stale_settles = channel.unsettled_at_leave = 0
+    channel.forwarded = channel.taken_over = channel.dead_unforwarded = 0
+    channel._forward_failures = 0
+    channel._unforwarded_log = channel._forward_failed_log = None  # type: ignore[assignment]
+    channel._stream_made_anew()
+    trio.run(channel._send_ops, channel._ops.queued)
+    sent = [(m.acks, m.naks, m.terms) for m in (forwarded, taken)]
+    assert (sent, channel.stale_settles) == ([(0, 0, 0), (0, 0, 0)], 2)
+    if stored:
+        assert published == [
+            ("nexus.durable.b.x", b"the message"),
+            ("nexus.durable.c.y", b"the message"),
+        ]
+        assert (channel.forwarded, channel.taken_over, channel.dead_unforwarded) == (2, 1, 0)
+    else:
+        assert (channel.forwarded, channel.dead_unforwarded, channel._forward_failures) == (0, 2, 0)
+    channel._count_unsent()
+    assert channel.unsettled_at_leave == 0
+
+
+def _due(*args: Any, **kwargs: Any) -> bool:
+    return False  # (a throttle that lets no line through: the fake logs nothing)
+
+
 class _NoWaiting:
     def delivered(self, jsmsg: Any) -> None:
         pass

@@ -2716,11 +2716,16 @@ class DurableChannel:
         delay = self.options.redelivery_delay
         for jsmsg, op in batch:
             if self._stale and jsmsg.reply in self._stale:
-                # a delivery of the stream before it was made anew: settled nowhere
+                # a delivery of the stream before it was made anew: settled nowhere (a
+                # forward's copy is stored all the same, only its ack is not sent)
                 if op != "progress":
                     self._stale.discard(jsmsg.reply)
                     self.stale_settles += 1
                     self._settles_sent += 1
+                    if op.startswith((_FORWARD, _TAKEN)):
+                        taken = op.startswith(_TAKEN)
+                        subject = op[len(_TAKEN if taken else _FORWARD) :]
+                        await self._send_forward(jsmsg, subject, taken=taken, stale=True)
                 continue
             try:
                 if op == "ack":
@@ -2753,7 +2758,9 @@ class DurableChannel:
                     if len(self._remade_back) > max_ack_pending(self.options):
                         self._remade_back.popitem(last=False)
 
-    async def _send_forward(self, jsmsg: NatsMsg, subject: str, *, taken: bool = False) -> None:
+    async def _send_forward(
+        self, jsmsg: NatsMsg, subject: str, *, taken: bool = False, stale: bool = False
+    ) -> None:
         """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then
         ack it here. Its ``Nats-Msg-Id`` is the message id and this copy's stream
         sequence: a redelivery of this copy forwarded again stores nothing new (the
@@ -2761,32 +2768,41 @@ class DurableChannel:
         hops bounded by :data:`FORWARD_HOPS`). A copy JetStream did not take is nakked
         (``redelivery_delay``): forwarded, or delivered here, again; at its last delivery
         (``max_deliver``) it is dead instead, counted and logged (a nak would leave it in
-        the stream, delivered no more)."""
+        the stream, delivered no more).
+
+        ``stale``: ``jsmsg`` is a delivery of the stream before it was made anew (see
+        :meth:`_stream_made_anew`): its copy is stored, but neither acked nor nakked
+        here (either would reach the new stream's message of its sequence), and one
+        JetStream did not take is dead at once (its stream is gone: nothing delivers it
+        again). Before the review of the fifty-first pass its forward was dropped with
+        its ack: the message, which this node held, was handled nowhere."""
         msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
         try:
             await self.cluster.data_js.publish(subject, jsmsg.data, headers=_forward_headers(jsmsg))
         except (nats.errors.Error, OSError) as exc:
             delivered = jsmsg.metadata.num_delivered
-            if delivered >= self.options.max_deliver:
+            if stale or delivered >= self.options.max_deliver:
                 # a nak of its last delivery is delivered no more: it would stay in the
-                # stream, neither handled nor counted
+                # stream, neither handled nor counted (a stale one's stream is gone)
                 self.dead_unforwarded += 1
                 self._say(
                     self._unforwarded_log,
                     "durable messages dead after max_deliver failed forwards",
                     logging.ERROR,
-                    "node %s: durable message %s dead after %d deliveries (last: not"
+                    "node %s: durable message %s dead after %d deliveries%s (last: not"
                     " forwarded to %s, where its agent runs: %r; if JetStream took the"
                     " copy after all, that node handles it) (%d so far)",
                     self.cluster.node,
                     msg_id,
                     delivered,
+                    " (its stream since made anew)" if stale else "",
                     subject,
                     exc,
                     self.dead_unforwarded,
                     counted="durable_dead",
                 )
-                await jsmsg.term()
+                if not stale:
+                    await jsmsg.term()
                 return
             self._forward_failures += 1
             self._say(
@@ -2805,7 +2821,8 @@ class DurableChannel:
             return
         self.forwarded += 1
         self.taken_over += taken
-        await jsmsg.ack()
+        if not stale:
+            await jsmsg.ack()
 
 
 async def _unsubscribe_taken(psub: Any) -> None:
