@@ -40,6 +40,13 @@ PROGRAM_NAMES = frozenset({"nexus", "nexus-runtime"})
 WORKER_ENV = "NEXUS_WORKER"
 
 
+def is_a_worker() -> bool:
+    """Whether this process is a worker of ``nexus run --workers`` (its parent set
+    :data:`WORKER_ENV`; ``nexus_trio.cli._cluster_cmd.worker_node`` once the package is
+    imported, which takes it out of what the process's children inherit)."""
+    return bool(os.environ.get(WORKER_ENV))
+
+
 def is_a_run(args: list[str]) -> bool:
     """Whether the command line (without the program) runs ``nexus run``, as the app
     reads it: ``run ...``, or options that are not the root's (``-n 4 -d 10``), after one
@@ -62,7 +69,7 @@ def take_sigint_back(args: list[str]) -> None:
     thread: Python's own handler back (a KeyboardInterrupt)."""
     if (
         threading.current_thread() is threading.main_thread()
-        and not os.environ.get(WORKER_ENV)
+        and not is_a_worker()
         and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         and is_a_run(args)
     ):
@@ -118,7 +125,7 @@ def say_a_ctrl_c_in_one_line(args: list[str]) -> None:
     global _started_as
     if (
         threading.current_thread() is threading.main_thread()
-        and not os.environ.get(WORKER_ENV)
+        and not is_a_worker()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     ):
         _started_as = args
@@ -144,7 +151,7 @@ def hold_stops(args: list[str]) -> None:
     line and one a moment later is the run's graceful stop."""
     if (
         threading.current_thread() is threading.main_thread()
-        and not os.environ.get(WORKER_ENV)
+        and not is_a_worker()
         and is_a_run(args)
     ):
         for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):

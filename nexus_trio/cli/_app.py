@@ -439,7 +439,7 @@ def run(
     from .._logcall import log_guarded
     from ..config import ConfigError, load_config
     from ..logs import configure_logging, log_calls_failed, output_lock, records_lost
-    from ._cluster_cmd import WORKER_ENV
+    from ._cluster_cmd import worker_node
     from ._run import (
         RunOptions,
         catch_stop_signals_early,
@@ -450,7 +450,7 @@ def run(
     )
 
     # (a worker takes SIGINT/SIGTERM too: the parent's stop may come while it starts)
-    catch_stop_signals_early(worker=bool(os.environ.get(WORKER_ENV)))
+    catch_stop_signals_early(worker=worker_node() is not None)
     if _entry["process"]:
         note_stops_after_the_run()  # (this process ends with the run)
     if generate_config is not None:
@@ -566,7 +566,7 @@ def run(
         return
     cfg = loaded.config
     summary_out, real_stderr = None, sys.stderr
-    if json_out and os.environ.get(WORKER_ENV):
+    if json_out and worker_node() is not None:
         # A worker's stdout carries its JSON summary to the parent, and nothing else: what
         # the app prints (at import too) goes to stderr, which the parent passes through.
         # Whole lines: a print is two writes (the text, then its end), and a log record
@@ -595,7 +595,7 @@ def run(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
-    if not os.environ.get(WORKER_ENV):
+    if worker_node() is None:
         # (a --workers worker loads the file, environment and flags its parent loaded, and
         # the parent said which and their warnings before it started any worker: said by
         # each worker too, a -W N run said the file N times and each warning N + 1 times)
@@ -1493,8 +1493,11 @@ def main(argv: list[str] | None = None) -> None:
     traceback, and exits with status 1; a reader gone (``EPIPE``) ends it quietly, as
     click does.
     """
+    from ._cluster_cmd import keep_from_children
+
     invoked = Path(sys.argv[0]).name
     _entry["process"] = True
+    keep_from_children()  # (a worker's own variables: not for what it starts)
     out, err = _WatchedStream(sys.stdout), _WatchedStream(sys.stderr)
     sys.stdout, sys.stderr = out, err
     try:

@@ -40,8 +40,10 @@ A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
 (``-W 2``, ``-W2``, ``--workers=2``) is gone from it by construction. Workers run with
 ``NEXUS_WORKER`` set and ``nexus run`` refuses ``--workers`` when it is, so a worker can
-never start workers of its own. Workers (and the private nats-server) die with the parent:
-on Linux they ask the kernel for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and
+never start workers of its own; what the parent sets for a worker (:data:`FOR_THE_WORKER`)
+is its own, kept from what its app starts (:func:`keep_from_children`). Workers (and
+the private nats-server) die with the parent: on Linux they ask the kernel for SIGKILL
+when the parent dies (``PR_SET_PDEATHSIG``), and
 on every exit path the parent kills each worker's process group (a worker leads its own
 group, which also keeps a terminal's Ctrl-C from reaching workers twice: once from the
 terminal, once forwarded; the private nats-server leads its own too, so that the Ctrl-C
@@ -107,6 +109,9 @@ SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
 READY_FD_ENV: Final = "NEXUS_READY_FD"
 #: the largest descriptor number (a C int)
 _FD_MAX: Final = 2**31 - 1
+#: the variables the parent of ``--workers`` sets in each worker's environment for that
+#: worker alone (:func:`keep_from_children` keeps them from what the worker starts)
+FOR_THE_WORKER: Final = (WORKER_ENV, SWARM_ENV, READY_FD_ENV)
 #: the most workers ``nexus run --workers`` starts, if set (else :func:`max_workers`)
 MAX_WORKERS_ENV: Final = "NEXUS_MAX_WORKERS"
 #: workers per core this process may use that ``--workers`` allows, and its floor
@@ -302,9 +307,31 @@ def _option_text(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
+def worker_node() -> str | None:
+    """This process's node name if it is a ``--workers`` worker (:data:`WORKER_ENV`, as
+    the process was given it: :func:`keep_from_children` leaves ``os.environ`` as it
+    was), else None. Every part of the command asks this, not the environment."""
+    return os.environ.get(WORKER_ENV) or None
+
+
+def keep_from_children() -> None:
+    """At the start of a ``nexus`` process: :data:`FOR_THE_WORKER`, which its parent set
+    for it alone, are taken out of the process environment that what it starts inherits
+    (a subprocess, ``os.system``, ``os.exec*``, ``trio.run_process``), as systemd's
+    ``sd_listen_fds(unset_environment=1)`` consumes ``LISTEN_FDS`` and ``LISTEN_PID``:
+    a ``nexus run`` that a worker's app starts is a one-process run, not one more
+    worker-0. ``os.environ``, Python's copy of the environment taken as the interpreter
+    started, keeps them: this process and its app read them there as before
+    (:func:`worker_node`); a child given an environment built from ``os.environ``
+    (``env={**os.environ, ...}``) gets them from it."""
+    for name in FOR_THE_WORKER:
+        if name in os.environ:
+            os.unsetenv(name)
+
+
 def refuse_workers_in_a_worker() -> None:
     """Raise :class:`typer.BadParameter` if this process is a ``--workers`` worker."""
-    node = os.environ.get(WORKER_ENV)
+    node = worker_node()
     if node:
         raise typer.BadParameter(
             f"given inside a worker process ({WORKER_ENV}={node} is set): "

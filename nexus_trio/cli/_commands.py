@@ -144,9 +144,9 @@ class RunByDefaultGroup(Group):
             return super().invoke(ctx)
         except typer.TyperException:  # (a usage error: typer vendors its click)
             from ._app import LabelledLines
-            from ._cluster_cmd import WORKER_ENV
+            from ._cluster_cmd import worker_node
 
-            worker = os.environ.get(WORKER_ENV)
+            worker = worker_node()
             if worker and sys.stderr is not None:
                 sys.stderr = LabelledLines(sys.stderr, f"{worker}: ")
             raise

@@ -1333,9 +1333,9 @@ def _worker_label(opts: RunOptions) -> str:
 
 def _is_worker(node: str) -> bool:
     """True in a worker process of ``nexus run --workers`` (the parent names it)."""
-    from ._cluster_cmd import WORKER_ENV
+    from ._cluster_cmd import worker_node
 
-    return os.environ.get(WORKER_ENV) == node
+    return worker_node() == node
 
 
 def _exit_status(exited: SystemExit) -> int:
