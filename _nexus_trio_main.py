@@ -101,7 +101,8 @@ def interrupted_while_starting(args: list[str]) -> NoReturn:
     started, before any of its code ran; exit 130: nothing was started."""
     what = ": the run was not started" if is_a_run(args) else ""
     sys.stderr.write(f"nexus: interrupted: SIGINT while starting{what}\n")
-    sys.exit(130)
+    exiting_with(INTERRUPTED)
+    sys.exit(INTERRUPTED)
 
 
 def _on_sigint_while_importing(signum: int, frame: object) -> None:
@@ -134,6 +135,13 @@ def say_a_ctrl_c_in_one_line(args: list[str]) -> None:
 
 #: the SIGTERMs and SIGHUPs that came while ``nexus run`` started, in order (:func:`hold_stops`)
 _held: list[int] = []
+#: of SIGTERM and SIGHUP, those ignored when ``nexus run`` started (``nohup``, a parent's
+#: ``trap '' TERM``): the process never ends by them (:func:`end_by_a_stop_not_taken`)
+_ignored_at_start: set[int] = set()
+#: the exit status of a Ctrl-C's end (interrupted as it started, or a stop it forced)
+INTERRUPTED = 130
+#: whether the command exits with :data:`INTERRUPTED` (:func:`exiting_with`)
+_exit = {"interrupted": False}
 
 
 def _hold(signum: int, frame: object) -> None:
@@ -155,7 +163,9 @@ def hold_stops(args: list[str]) -> None:
         and is_a_run(args)
     ):
         for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            if signum is not None and signal.getsignal(signum) is signal.SIG_IGN:
+                _ignored_at_start.add(signum)
+            elif signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _hold)
         atexit.register(end_by_a_stop_not_taken)  # (the first registered: it runs last)
 
@@ -176,12 +186,23 @@ def end_by_a_stop_not_taken() -> None:
     work re-raises it (the GNU C library's manual, "Termination in Handler"): its parent
     (a shell's ``timeout``, a service manager) sees it ended by the signal it sent. Until
     the fifty-first pass such a signal was noted and dropped: status 0 or 2. A stop
-    that a run took is the run's (its summary, exit 0): nothing is done then."""
+    that a run took is the run's (its summary, exit 0): nothing is done then. Nor when
+    the command exits interrupted, 130 (:func:`exiting_with`): a Ctrl-C after the stop
+    forced the end, as a second stop forces a run's (one before it ended the command
+    first), and the status said so (``nexus: interrupted: ...``); nor by a signal the
+    process was started with ignored (``nohup``, ``trap '' TERM``), which one that had
+    not caught it would have gone on after: its run takes a SIGTERM all the same, as its
+    stop (docs/cli.md, Signals)."""
     pending = list(_held)
     run = sys.modules.get("nexus_trio.cli._run")
     if run is not None:
         pending += run.stops_not_taken()
-    if not pending or threading.current_thread() is not threading.main_thread():
+    pending = [signum for signum in pending if signum not in _ignored_at_start]
+    if (
+        not pending
+        or _exit["interrupted"]
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -194,6 +215,14 @@ def end_by_a_stop_not_taken() -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
+
+
+def exiting_with(status: object) -> None:
+    """The command exits with ``status`` (a ``SystemExit``'s code, as
+    ``nexus_trio.cli.main`` sees it go): :data:`INTERRUPTED` stands, the stops noted
+    before are not raised again at the exit (:func:`end_by_a_stop_not_taken`)."""
+    if status == INTERRUPTED:
+        _exit["interrupted"] = True
 
 
 def imports_done() -> None:
@@ -229,4 +258,11 @@ def _on_import() -> None:
 
 _on_import()
 
-__all__ = ["end_by_a_stop_not_taken", "imports_done", "main", "stops_while_starting"]
+__all__ = [
+    "INTERRUPTED",
+    "end_by_a_stop_not_taken",
+    "exiting_with",
+    "imports_done",
+    "main",
+    "stops_while_starting",
+]

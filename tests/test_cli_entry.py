@@ -223,10 +223,23 @@ atexit.register(lambda: open(os.environ["SPY_OUT"], "w").write(json.dumps(seen))
 
 
 def python_m(
-    tmp_path: Path, site: str, module: str, args: list[str], *, ignored: bool = False, **env: str
+    tmp_path: Path,
+    site: str,
+    module: str,
+    args: list[str],
+    *,
+    ignored: bool = False,
+    ignoring: tuple[signal.Signals, ...] = (),
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m module args`` in ``tmp_path``, with ``site`` as its ``sitecustomize``
-    and ``env``, started with SIGINT ignored if ``ignored``."""
+    and ``env``, started with SIGINT ignored if ``ignored``, and the signals ``ignoring``."""
+    ignore = (signal.SIGINT,) * ignored + ignoring
+
+    def ignoring_them() -> None:
+        for signum in ignore:
+            signal.signal(signum, signal.SIG_IGN)
+
     (tmp_path / "sitecustomize.py").write_text(site)
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
@@ -240,7 +253,7 @@ def python_m(
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None,
+        preexec_fn=ignoring_them if ignore else None,
     )
 
 
@@ -310,7 +323,8 @@ def test_python_m_a_ctrl_c_while_the_packages_are_imported_ends_in_one_line(
 
 
 #: a ``sitecustomize`` that sends its process the signal ``STOP_SIGNAL`` (a name), ``STOP_TIMES``
-#: times, as the module ``STOP_AT`` begins to be imported (once)
+#: times, as the module ``STOP_AT`` begins to be imported (once); ``STOP_SIGNAL`` may
+#: name several, comma-separated, sent in that order
 STOP_AT = """
 import os, signal, sys
 
@@ -320,7 +334,8 @@ class Stop:
         if name == os.environ["STOP_AT"]:
             sys.meta_path.remove(self)
             for _ in range(int(os.environ["STOP_TIMES"])):
-                os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+                for signame in os.environ["STOP_SIGNAL"].split(","):
+                    os.kill(os.getpid(), getattr(signal, signame))
         return None
 
 
@@ -414,6 +429,92 @@ def test_a_stop_signal_while_nexus_starts_ends_a_command_that_runs_nothing_by_it
     assert "Traceback" not in proc.stderr
     if "--generate-config" in args:
         assert (tmp_path / "made.toml").read_text().startswith("#")
+
+
+#: a ``sitecustomize`` that sends its process the signals ``AFTER_SIGNALS`` (names,
+#: comma-separated, in order) once ``nexus run`` notes SIGTERM itself, past the entry
+#: (``_run.catch_stop_signals_early``: the config not yet loaded)
+AFTER_THE_CATCH = """
+import os, signal
+
+real = signal.signal
+
+
+def spy(signum, handler):
+    old = real(signum, handler)
+    if signum == signal.SIGTERM and getattr(handler, "__name__", "") == "_note_early":
+        signal.signal = real
+        for signame in os.environ["AFTER_SIGNALS"].split(","):
+            os.kill(os.getpid(), getattr(signal, signame))
+    return old
+
+
+signal.signal = spy
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "site", "first"),
+    [
+        ("-m", STOP_AT, "SIGTERM"),
+        ("script", STOP_AT, "SIGHUP"),
+        ("-m", AFTER_THE_CATCH, "SIGTERM"),
+    ],
+    ids=["entry-sigterm", "entry-script-sighup", "after-the-catch"],
+)
+def test_a_ctrl_c_after_a_stop_signal_while_nexus_starts_exits_130(
+    tmp_path: Path, how: str, site: str, first: str, sighup_default: None
+) -> None:
+    """Fifty-first pass, review: a SIGTERM (or SIGHUP) then a Ctrl-C while ``nexus run``
+    started: the Ctrl-C ended the command, 130, ``nexus: interrupted: SIGINT while
+    starting`` (or typer's silent 130 once the run's code notes the stops itself), and
+    then the exit raised the stop noted before it again: status -15 / -1, where a Ctrl-C
+    after a stop forces, 130, as in a run (docs/cli.md, Signals), and as before the
+    re-raise came. (With main's ``_nexus_trio_main.py`` and ``_app.py``: -15, -1, -15.)"""
+    args = ["run", "-n", "2", "-d", "30", "--json", "--no-live"]
+    signals = f"{first},SIGINT"
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": signals, "STOP_TIMES": "1", "AFTER_SIGNALS": signals}
+    module = "nexus_trio.cli"
+    if how == "script":
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, site, module, args, **env)
+    assert (proc.returncode, proc.stdout) == (130, ""), (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    if site == STOP_AT:
+        said = "nexus: interrupted: SIGINT while starting: the run was not started\n"
+        assert proc.stderr == said
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "said"),
+    [
+        (["run", "--generate-config", "made.toml"], 0, ("stdout", "wrote ")),
+        (["run", "-c", "bad.toml"], 2, ("stderr", "nexus: error: ")),
+    ],
+    ids=["generate-config", "bad-config"],
+)
+def test_a_sigterm_ignored_when_nexus_run_started_does_not_end_a_command_that_runs_nothing(
+    tmp_path: Path, args: list[str], status: int, said: tuple[str, str]
+) -> None:
+    """Fifty-first pass, review: a ``nexus run`` started with SIGTERM ignored (a parent's
+    ``trap '' TERM``) that got one once its code noted SIGTERM, and then ran no run, was
+    ended at its exit by SIGTERM's default action (-15): the re-raise is for the end the
+    process would have had without catching the signal, and that was none. Its status
+    is its own now (0, 2). (With main's ``_nexus_trio_main.py``: -15, -15.)"""
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    proc = python_m(
+        tmp_path,
+        AFTER_THE_CATCH,
+        "nexus_trio.cli",
+        args,
+        ignoring=(signal.SIGTERM,),
+        AFTER_SIGNALS="SIGTERM",
+    )
+    assert proc.returncode == status, (proc.returncode, proc.stderr)
+    stream, text = said
+    assert text in getattr(proc, stream), (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
 
 
 def test_two_sigterms_while_a_workers_parent_starts_with_an_app_force_its_stop(

@@ -1502,6 +1502,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout, sys.stderr = out, err
     try:
         app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
+    except SystemExit as exc:
+        # (a Ctrl-C's 130 stands over a stop noted before it that no run took: the
+        # scripts' entry does not end the process by that one at its exit)
+        entry = sys.modules.get("_nexus_trio_main")
+        if entry is not None:
+            entry.exiting_with(exc.code)
+        raise
     except OSError as exc:
         failed = _output_failure(exc, {"standard output": out, "standard error": err})
         if failed is None:
