@@ -1260,12 +1260,13 @@ async def _answer_connection(
         endpoint = EndpointStats()  # (counted nowhere: a connection answered on its own)
     text = "text/plain; charset=utf-8"
     answering = False  # a request was read and has no answer yet
-    sent = False  # an answer (or a part of one) was sent
+    sent = False  # an answer was sent, whole (not one cut short: nothing to keep)
 
     async def send(data: bytes) -> None:
         nonlocal sent
-        sent = True
+        sent = False
         await stream.send_all(data)
+        sent = True
 
     async def refuse(status: int, body: bytes, *, head: bool = False) -> None:
         endpoint.count_refused(status)
@@ -1367,9 +1368,10 @@ async def _answer_connection(
                 scope.shield = True
                 await _close_gracefully(stream)
         else:
-            # Nothing sent: no answer to keep from a reset, so no lingering for the
-            # client's end (a silent client held a shutdown, or its slot past the
-            # request timeout, for that 1 s more).
+            # Nothing sent, or an answer cut short (a client that does not read, past the
+            # request timeout or at the endpoint's end): no answer to keep from a reset,
+            # so no lingering for the client's end (such a client held a shutdown, or its
+            # slot past the request timeout, for that 1 s more).
             await trio.aclose_forcefully(stream)
 
 

@@ -2316,3 +2316,42 @@ async def test_silent_connections_hold_neither_a_shutdown_nor_their_slot_past_th
         for stream in silent:
             assert await stream.receive_some(1) == b""
             await stream.aclose()
+
+
+async def test_a_connection_whose_answer_was_cut_holds_neither_a_shutdown_nor_its_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (fifty-first pass, review): an answer cut short (a client that does
+    not read a 32 MB body: its send blocked) has nothing to keep from a reset either,
+    as a connection sent nothing has not: it is closed at once, not after 1 s of
+    lingering for the client's end. Cut by the 10 s request timeout, its slot was held
+    until 11 s; cut by the endpoint's end (a kernel's shutdown), that end took 1 s."""
+    body = b"x" * (32 << 20)  # more than both sockets' buffers hold
+
+    async def huge(path: str) -> tuple[int, bytes, str]:
+        return 200, body, "text/plain"
+
+    endpoint = EndpointStats()
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(serve_routes, endpoint=endpoint), huge, "127.0.0.1", 0
+        )
+        reader = await trio.open_tcp_stream("127.0.0.1", port)
+        await reader.send_all(request)
+        await trio.testing.wait_all_tasks_blocked()
+        assert endpoint.open == 1  # its send blocked: the client reads nothing
+        await trio.sleep(10.5)  # past the request timeout, not past its 1 s of lingering
+        await trio.testing.wait_all_tasks_blocked()
+        assert endpoint.open == 0
+        await reader.aclose()
+
+        stuck = await trio.open_tcp_stream("127.0.0.1", port)
+        await stuck.send_all(request)
+        await trio.testing.wait_all_tasks_blocked()
+        assert endpoint.open == 1
+        cancelled = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - cancelled == 0
+    assert endpoint.open == 0
+    await stuck.aclose()
