@@ -1861,6 +1861,7 @@ class Router:
         through the transport. True if a local handler was cancelled."""
         self._mark_late(query_id)
         cell = self.local(to)
+        routed = cell is not None
         if cell is None:
             # An agent being stopped is unrouted (it takes no new message) but finishes
             # the one in hand: a handler whose requester gave up is stopped then too, not
@@ -1883,6 +1884,12 @@ class Router:
             at = self._passed_on.pop(query_id.int, None)
             if at is not None:
                 return self.expire_query(query_id, at)
+        if not routed and self.transport is not None:
+            # An agent being stopped, not working on it: the query may have gone through
+            # the transport, to another node's agent of that name (names are unique per
+            # kernel only), while this one is unrouted; it is cancelled there (a query
+            # the transport did not carry is no query of its).
+            self.transport.cancel_query(query_id, to)
         # A query still queued is skipped when it comes out (see AgentCell.run_once).
         return False
 

@@ -148,6 +148,51 @@ async def test_a_remote_request_abandoned_cancels_the_remote_handler(
         assert trio.current_time() < 2.0
 
 
+@pytest.mark.parametrize("how", ["timeout", "requester cancelled"])
+async def test_a_remote_request_abandoned_cancels_the_remote_handler_while_a_local_namesake_stops(
+    mock_clock: trio.testing.MockClock, how: str
+) -> None:
+    """Names are unique per kernel, not across kernels: ``a`` has a ``stuck`` of its own,
+    being stopped (its message in hand for up to its 30 s shutdown timeout), so it is
+    unrouted and ``a``'s request to ``stuck`` goes through the transport to ``b``'s. When
+    the requester gives up, ``b``'s handler must be cancelled as for any remote request.
+    The fifty-first pass's fallback in ``expire_query`` (an agent being stopped is found
+    among the live ones) found ``a``'s local ``stuck``, whose message in hand is not the
+    query, and returned without telling the transport: ``b``'s handler ran on to the
+    request's 60 s (review of the fifty-first pass; fails with that _router.py:
+    ``link_ab.cancelled == []``)."""
+    mock_clock.autojump_threshold = 0
+    link_ab, link_ba = Loopback(), Loopback()
+    async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
+        link_ba.peer = a.attach_transport(link_ab)
+        link_ab.peer = b.attach_transport(link_ba)
+        b.spawn(stuck)
+        local = a.spawn(stuck.with_options(shutdown_timeout=30.0))
+        await a.send(local, "in hand")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.stop, local)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not a.is_local(local)  # being stopped: unrouted
+            if how == "timeout":
+                with pytest.raises(RequestTimeout):
+                    await a.request("stuck", "x", timeout=1.0)
+            else:
+                with trio.move_on_after(1.0):
+                    await a.request("stuck", "x", timeout=60.0)
+            [query] = link_ab.carried
+            assert link_ab.cancelled == [query.id]
+            await trio.testing.wait_all_tasks_blocked()
+            [letter] = b.recent_dead_letters()
+            assert letter.reason is DeadLetterReason.REQUEST_TIMEOUT
+            assert letter.message.id == query.id
+            assert b.stats().in_flight == 0
+            # 1 s, not the request's 60 s: the remote handler stopped when its requester did
+            assert trio.current_time() == pytest.approx(1.0)
+        # the local namesake's message in hand ran out its shutdown timeout, untouched
+        assert trio.current_time() == pytest.approx(30.0)
+
+
 class Capture(Loopback):
     """Keeps what the kernel hands it (a remote peer that never answers by itself)."""
 
