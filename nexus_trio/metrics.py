@@ -442,7 +442,13 @@ def _check_works(kernel: Kernel, check: Callable[[], str | None]) -> None:
 
 
 def _check_name(check: Callable[[], str | None]) -> str:
-    return escape_control(getattr(check, "__qualname__", None) or error_repr(check))
+    # (a check object's __getattr__ is user code: it may raise another error than
+    # AttributeError, which getattr's default does not take, or give no str)
+    try:
+        name = getattr(check, "__qualname__", None)
+    except Exception:
+        name = None
+    return escape_control(name if isinstance(name, str) and name else error_repr(check))
 
 
 def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:

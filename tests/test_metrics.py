@@ -334,6 +334,46 @@ async def test_a_readiness_check_that_cannot_be_shown_makes_the_kernel_not_ready
     )
 
 
+class _CheckOfLookups:
+    """A check object whose attributes are looked up in a dict it holds (``__getattr__``
+    raising ``KeyError``, not ``AttributeError``), or whose ``__qualname__`` is no str."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        self.fields = fields
+
+    def __getattr__(self, name: str) -> object:
+        return self.fields[name]
+
+    def __repr__(self) -> str:
+        return "<check of lookups>"
+
+    def __call__(self) -> str | None:
+        raise RuntimeError("down")
+
+
+async def test_a_failing_readiness_check_whose_name_cannot_be_read_makes_the_kernel_not_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review of the fifty-first pass: a failing check is named by its ``__qualname__``,
+    read with ``getattr(check, "__qualname__", None)``, which lets every exception but
+    ``AttributeError`` through: a check object whose ``__getattr__`` raises ``KeyError``
+    (attributes looked up in a dict) made ``readiness()`` raise it, so ``/readyz``
+    answered 500 and every ``/metrics`` scrape failed whole; one whose ``__qualname__``
+    is no str made it raise ``TypeError``. Such a check is named by its ``repr`` (as
+    ``error_repr`` shows it) and makes the kernel not ready, as any failing one. (Fails
+    with main's metrics.py: ``KeyError: '__qualname__'`` out of ``readiness()``.)"""
+    async with open_test_kernel() as kernel:
+        add_readiness(kernel, _CheckOfLookups({}))
+        add_readiness(kernel, _CheckOfLookups({"__qualname__": 7}))
+        with caplog.at_level(logging.ERROR, logger="nexus_trio.metrics"):
+            reason = readiness(kernel)
+        assert reason == "readiness check <check of lookups> raised RuntimeError"
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        assert samples((await renderer.render()).decode())[("nexus_ready", ())] == 0
+    said = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert said == ["readiness check <check of lookups> raised"] * 2
+
+
 async def test_a_failing_readiness_check_is_logged_as_its_error_changes_not_at_every_probe(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
