@@ -1399,7 +1399,11 @@ async def open_kernel(
         # Ctrl-C it took, the root's give-up (Trio loses none to a cancel). Until the
         # fifty-first pass that scope took the Cancelled and they were lost.
         held = body_error if body_error is not None and not _is_cancel(body_error) else None
-        held = held or kernel._interrupt or kernel._escalation
+        # (by None, not truth: an exception may be false, one with a __len__ of 0)
+        if held is None:
+            held = kernel._interrupt
+        if held is None:
+            held = kernel._escalation
         if held is None or not _is_cancel(exc):
             raise
         held_out = held
