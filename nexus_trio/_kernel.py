@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from heapq import heappush, heapreplace
@@ -1264,6 +1263,19 @@ def _is_cancel(error: BaseException) -> bool:
     return isinstance(error, trio.Cancelled)
 
 
+def _going_out(
+    body_error: BaseException | None,
+    interrupt: BaseException | None,
+    escalation: BaseException | None,
+) -> BaseException | None:
+    """What :func:`open_kernel` raises after its close when nothing else is in flight:
+    the block's error, else a Ctrl-C the kernel took, else the root's give-up (a bare
+    cancel of the block is not one: a close step's error goes out in its place)."""
+    if body_error is not None and not _is_cancel(body_error):
+        return body_error
+    return interrupt if interrupt is not None else escalation
+
+
 def _raise_held(error: BaseException) -> NoReturn:
     """Raise ``error``, held by the kernel, in place of the block's ``Cancelled`` with its
     own ``__context__``: raised while that ``Cancelled`` is handled, Python would chain it
@@ -1330,6 +1342,8 @@ async def open_kernel(
     #: what the kernel holds to raise (see below) when a cancel from outside came as its
     #: close waited for the drain: that Cancelled was taken in its place
     held_out: BaseException | None = None
+    #: what the kernel's nursery raised that goes on out (not taken for ``held_out``)
+    raising: BaseException | None = None
 
     async def run_tree(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with tree:
@@ -1380,6 +1394,13 @@ async def open_kernel(
                     # (shielded: a shutdown asked from inside the tree may be under way)
                     with trio.CancelScope(shield=True):
                         await kernel.shutdown(grace)
+                except Exception as exc:
+                    # The block's error (or what the kernel holds) goes out, not the
+                    # shutdown's, which is said on it (as a close step's, below).
+                    going = _going_out(body_error, kernel._interrupt, kernel._escalation)
+                    if going is None:
+                        raise
+                    going.add_note(f"the kernel's shutdown then raised {type(exc).__name__}: {exc}")
                 finally:
                     closed.set()
                     if kernel._router.phase < KernelPhase.STOPPING:
@@ -1405,6 +1426,7 @@ async def open_kernel(
         if held is None:
             held = kernel._escalation
         if held is None or not _is_cancel(exc):
+            raising = exc
             raise
         held_out = held
     finally:
@@ -1413,7 +1435,14 @@ async def open_kernel(
         # timer is gone), or a reader or requester outside the kernel would wait forever
         # for what can no longer come; and what the kernel froze goes back to the
         # collector (the heap is the whole process's, not this kernel's).
-        failing = sys.exc_info()[1] or held_out
+        # What goes out: the nursery's error, or what the kernel held in its place, or
+        # (with neither) the block's error or what the kernel holds, raised after the
+        # close (below): a close step that raises is said on it, not raised in its
+        # place. (Not ``sys.exc_info()``: in a generator's frame that is also the
+        # caller's exception being handled, the block's own ``Cancelled`` at a Ctrl-C.)
+        failing = raising if raising is not None else held_out
+        if failing is None:
+            failing = _going_out(body_error, kernel._interrupt, kernel._escalation)
         router = kernel._router
         try:
             # Each step even if one before it raised.

@@ -1677,3 +1677,45 @@ def test_a_cancel_that_comes_while_the_close_waits_for_an_endless_drain_ends_it(
 
     run_on_mock_clock(main, real_seconds=30)
     assert left == [pytest.approx(10.0)]
+
+
+class _CtrlC(Agent):
+    """A Ctrl-C landing in its code on any message (the kernel takes it)."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("going_out", ["the block's error", "a Ctrl-C the kernel took"])
+async def test_a_close_step_that_raises_is_said_on_what_goes_out_not_raised_in_its_place(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch, going_out: str
+) -> None:
+    """The close's last steps (the streams' end: a log on a full disk) raising while the
+    block failed, or while the kernel held a Ctrl-C an agent's code took: the block's
+    error (or the Ctrl-C) goes out with notes naming the shutdown's and the close's
+    errors, as a close step's error was said on a shutdown that was failing. Until the
+    fifty-first pass the shutdown's error went out in its place and the block's error, or
+    the Ctrl-C, was lost. (Fails with the fifty-first
+    pass's main before the fix: RuntimeError('log disk full') raised.)"""
+    from nexus_trio._ledger import Ledger
+
+    def broken(self: Ledger) -> None:
+        raise RuntimeError("log disk full")
+
+    monkeypatch.setattr(Ledger, "finish_streams", broken)
+    expected: type[BaseException] = (
+        ValueError if going_out == "the block's error" else KeyboardInterrupt
+    )
+    with pytest.raises(expected) as raised:
+        async with open_kernel() as kernel:
+            if expected is ValueError:
+                raise ValueError("the block's own")
+            await kernel.send(kernel.spawn(agent(_CtrlC, name="c")), "now")
+            await trio.sleep_forever()  # cancelled by the kernel, for its Ctrl-C
+    assert type(raised.value) is expected, repr(raised.value)
+    # (the streams end in the shutdown, and again in the close: both raise here)
+    assert getattr(raised.value, "__notes__", []) == [
+        "the kernel's shutdown then raised RuntimeError: log disk full",
+        "closing the kernel then raised RuntimeError: log disk full",
+    ]
+    assert kernel.stopped
