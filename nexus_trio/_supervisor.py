@@ -935,11 +935,14 @@ class SupervisorNode(Child, ChildOwner):
                 child, "failed" if error is not None else "normal", failure=error is not None
             )
             return
-        stop = self._stops_queued.pop(child, None)
+        stop = self._stops_queued.get(child)
         if stop is not None:
             # Stopped (``kernel.stop``) after this exit, in the same round: it is stopped
-            # for good now, not restarted (its restart would never run).
-            self._retire(child, stop)
+            # for good now, not restarted (its restart would never run); with a drain,
+            # once a run has handled its queue.
+            if not self._drain_instead(child, error):
+                del self._stops_queued[child]
+                self._retire(child, stop)
             return
         if host.stopping():
             # The grace period is over: nothing more is handled, so nothing is restarted
@@ -984,19 +987,45 @@ class SupervisorNode(Child, ChildOwner):
                     other.closing = f"{strategy.value} restart after {child.label!r} {ended}"
                 await self._stop_child(other)
         # Stopping a member stops (for good) what it spawned, which may be in the group;
-        # a member whose stop was asked meanwhile is stopped for good, not restarted, and
-        # so is one whose run the kernel's Ctrl-C ended (for the shutdown).
+        # a member whose stop was asked meanwhile is stopped for good, not restarted (with
+        # a drain, once a run has handled its queue), and so is one whose run the
+        # kernel's Ctrl-C ended (for the shutdown).
+        draining: set[Child] = set()
         for member in group:
-            stop = self._stops_queued.pop(member, None)
+            stop = self._stops_queued.get(member)
             if stop is not None and not member.retired:
-                self._retire(member, stop)
+                if self._drain_instead(member, error):
+                    draining.add(member)
+                else:
+                    del self._stops_queued[member]
+                    self._retire(member, stop)
             elif self._stopped_for_shutdown and member in self._stopped_for_shutdown:
                 self._stopped_for_shutdown.discard(member)
                 self._retire(member, "shutdown", for_shutdown=True)
-        group = [c for c in group if not c.retired and c in self.children]
+        group = [c for c in group if not c.retired and c in self.children and c not in draining]
         for member in group:
             host.restarting(member, delay)
         self._start_in_order(group, delay, error)
+
+    def _drain_instead(self, child: Child, error: BaseException | None) -> bool:
+        """``child``, whose exit (or a group restart that stopped it) is being handled,
+        has a ``kernel.stop(drain=True)`` queued and messages queued: instead of waiting
+        out a restart, a run starts at once (no backoff and no intensity: the stop cuts
+        them short, as it cuts short a backoff under way) to handle them, and the stop
+        still queued ends it once they are handled (see :meth:`_stop_child`). As Akka's
+        ``PoisonPill`` behind messages of an actor its supervisor restarts: the mailbox
+        survives the restart, the new incarnation handles them, then stops. False (the
+        caller retires it now): no drain asked, nothing queued, the grace period over,
+        or a run the kernel's Ctrl-C ended."""
+        if (
+            not self._drains_first(child)
+            or self.host.stopping()
+            or child in self._stopped_for_shutdown
+        ):
+            return False
+        self.host.restarting(child, 0.0)
+        self._start(child, 0.0, None, error)
+        return True
 
     def _give_up(self, child: Child, error: BaseException | None, restarts: int, why: str) -> None:
         """Escalate (raise), or at an isolating root, report giving up on ``child``."""

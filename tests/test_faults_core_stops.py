@@ -1,0 +1,178 @@
+"""Three faults of the core that the pools hunt of the fifty-first pass measured: a draining
+stop asked while its agent's supervisor restarts a group, the name a request's error gives
+for a worker that stopped for good with the query queued (or waiting for room) there, and
+an answer a handler left to its ``ctx.nursery`` while the kernel drains. Each test failed
+on the code before its fix.
+
+Everything runs on a ``MockClock(autojump_threshold=0)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    Agent,
+    Backoff,
+    Context,
+    DeadLetterReason,
+    EventKind,
+    Message,
+    Supervisor,
+    agent,
+    open_kernel,
+    pool,
+)
+from nexus_trio.testing import assert_conserved, record_events
+
+from .conftest import make_config
+
+# --- a draining stop during a group restart --------------------------------------------
+
+
+class Member(Agent):
+    """Fails on "boom", takes half a second over "slow", records the rest by the time."""
+
+    log: ClassVar[list[tuple[str, str, Any]]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        Member.log.append(("start", ctx.name or "?", trio.current_time()))
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        if msg.payload == "slow":
+            await trio.sleep(0.5)
+        Member.log.append(("handle", ctx.name or "?", msg.payload))
+
+    async def on_stop(self, ctx: Context) -> None:
+        Member.log.append(("stop", ctx.name or "?", trio.current_time()))
+
+
+def group(strategy: str) -> Supervisor:
+    return Supervisor(
+        strategy=strategy,
+        children=[agent(Member, name="a"), agent(Member, name="b")],
+        backoff=Backoff(1.0, 1.0, jitter=0),
+        max_restarts=10,
+        name="g",
+    )
+
+
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
+async def test_a_draining_stop_during_a_group_restart_handles_the_queue(
+    autojump_clock: Any, strategy: str
+) -> None:
+    """``a`` fails on ``boom`` with ``x`` and ``y`` queued behind it; its supervisor's
+    group restart stops ``b``, which is busy for 0.5 s, and meanwhile
+    ``kernel.stop("a", drain=True)``. Before: under ``one_for_all`` and
+    ``rest_for_one`` the restart found the stop queued and retired ``a`` at once, ``x``
+    and ``y`` dead-lettered ``agent_stopped``, while ``one_for_one`` handled both. Now
+    every strategy handles them: a run starts at once (the backoff cut short, as for a
+    draining stop during a backoff), drains, runs ``on_stop``, and ``a`` is stopped for
+    good; ``b`` is restarted after its backoff."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(group(strategy))
+            await trio.testing.wait_all_tasks_blocked()
+            a_id = kernel.lookup("a").id
+            await kernel.send("b", "slow")
+            for payload in ("boom", "x", "y"):
+                await kernel.send("a", payload)
+            await trio.testing.wait_all_tasks_blocked()  # a failed; b is busy
+            await kernel.stop("a", drain=True)
+            stopped_at = trio.current_time()
+            await trio.sleep(3)
+            assert kernel.lookup("b")
+        handled = [(name, p) for kind, name, p in Member.log if kind == "handle"]
+        assert [(n, p) for n, p in handled if n == "a"] == [("a", "x"), ("a", "y")]
+        assert ("b", "slow") in handled
+        # the group restart waited for b's message (0.5 s), then a drained at once
+        assert stopped_at == (0.0 if strategy == "one_for_one" else 0.5)
+        a_starts = [t for kind, name, t in Member.log if kind == "start" and name == "a"]
+        assert a_starts == [0.0, stopped_at]
+        assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
+            ("boom", DeadLetterReason.HANDLER_ERROR)
+        ]
+        a_events = [(e.kind, e.reason) for e in recorder.events if e.agent_id == a_id]
+        assert a_events[-1] == (EventKind.STOPPED, "stopped")
+        # the run that drained is a's restart, as after a backoff a draining stop cut
+        # short; b's restart (one_for_all, rest_for_one) is the other
+        assert kernel.stats().restarts == (1 if strategy == "one_for_one" else 2)
+    assert_conserved(kernel)
+
+
+async def test_a_draining_stop_queued_behind_the_exit_it_follows_handles_the_queue(
+    autojump_clock: Any,
+) -> None:
+    """The other branch: ``a``'s exit and its draining stop are both queued while its
+    supervisor is busy (stopping ``b``, whose message takes 0.5 s), so the exit is
+    handled with the stop already queued ("stopped after this exit, in the same
+    round"). Before: ``a`` was retired there and ``x``, ``y`` dead-lettered
+    ``agent_stopped``; now a run handles them at once (no backoff: the stop cuts it
+    short), then ``a`` stops for good."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(group("one_for_one"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("b", "slow")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, "b")  # the supervisor waits for b's message
+            await trio.testing.wait_all_tasks_blocked()
+            for payload in ("boom", "x", "y"):
+                await kernel.send("a", payload)
+            await trio.testing.wait_all_tasks_blocked()  # a's exit queued behind b's stop
+            await kernel.stop("a", drain=True)
+            assert trio.current_time() == 0.5
+        handled = [(name, p) for kind, name, p in Member.log if kind == "handle"]
+        assert handled == [("b", "slow"), ("a", "x"), ("a", "y")]
+        assert kernel.agents() == []
+        assert kernel.stats().restarts == 1  # the run that drained
+        assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
+            ("boom", DeadLetterReason.HANDLER_ERROR)
+        ]
+    assert_conserved(kernel)
+
+
+async def test_a_shrink_during_a_one_for_all_restart_of_the_pool_loses_nothing(
+    autojump_clock: Any,
+) -> None:
+    """The pools hunt's case: a ``one_for_all`` pool of 2, ``workers/1`` fails on
+    ``boom`` with two messages queued behind it while ``workers/0`` is busy for 0.5 s;
+    a shrink to 1 then stops ``workers/1`` with a drain during the group restart.
+    Before: its two messages were dead-lettered ``agent_stopped``, where the docs say a
+    shrink loses nothing queued; now both are handled, and the shrink is answered."""
+    handled: list[tuple[str | None, Any]] = []
+
+    class Worker(Agent):  # (a class: a failure restarts it)
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "boom":
+                raise RuntimeError("boom")
+            if msg.payload == "slow":
+                await trio.sleep(0.5)
+            handled.append((ctx.name, msg.payload))
+
+    supervision = Supervisor(
+        strategy="one_for_all", backoff=Backoff(1.0, 1.0, jitter=0), max_restarts=10
+    )
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(pool(Worker, size=2, name="workers", supervision=supervision))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers/0", "slow")
+        for payload in ("boom", "x", "y"):
+            await kernel.send("workers/1", payload)
+        await trio.testing.wait_all_tasks_blocked()  # workers/1 failed; the restart waits
+        assert await kernel.request("workers", {"$resize": 1}) == {"size": 1}
+        await trio.sleep(3)
+        assert [ref.name for ref in kernel.agents() if ref.name != "workers"] == ["workers/0"]
+    assert sorted(p for name, p in handled if name == "workers/1") == ["x", "y"]
+    assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
+        ("boom", DeadLetterReason.HANDLER_ERROR)
+    ]
+    assert_conserved(kernel)
