@@ -145,10 +145,11 @@ class Ledger:
         self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}
         self._watching: dict[uuid.UUID, set[uuid.UUID]] = {}
         self.now: Callable[[], float] = time.perf_counter
-        #: what a dead Query means for its requester (set by the kernel's router)
-        self.on_dead_query: Callable[[Message, DeadLetterReason, BaseException | None], None] = (
-            lambda msg, reason, error: None
-        )
+        #: what a dead Query means for its requester (set by the kernel's router); its
+        #: last argument is the name of the agent where it was dead-lettered, if known
+        self.on_dead_query: Callable[
+            [Message, DeadLetterReason, BaseException | None, str | None], None
+        ] = lambda msg, reason, error, recipient_name: None
         #: how a monitor notice reaches its watcher (set by the kernel's router)
         self.send_notice: Callable[[Message], None] = lambda msg: None
         #: set when a second has lines not logged: the kernel's task that says them at
@@ -233,7 +234,7 @@ class Ledger:
         self.dead += 1
         self.dead_by_reason[reason.value] += 1
         if msg.kind is MessageKind.QUERY:
-            self.on_dead_query(msg, reason, error)
+            self.on_dead_query(msg, reason, error, recipient_name)
         if dead_letter_log.isEnabledFor(logging.INFO) and self.dead_letter_lines.allowed(
             reason.value
         ):

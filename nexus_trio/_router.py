@@ -1894,43 +1894,53 @@ class Router:
         return False
 
     def _dead_query(
-        self, msg: Message, reason: DeadLetterReason, error: BaseException | None
+        self,
+        msg: Message,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+        recipient_name: str | None,
     ) -> None:
         """Query ``msg`` was dead-lettered here: its requester gets RequestFailed, pending
         in this kernel or, through the transport, on another (e.g. a query a handler here
         forwarded to an agent that does not exist, is full or stopped). Not one that
         stopped waiting (``request_timeout``): nobody waits, and a reply its handler
-        produces anyway stays a late reply."""
+        produces anyway stays a late reply. ``recipient_name``: the name of the agent it
+        was dead-lettered at, if known: one stopped for good is forgotten before its
+        queue (and the sends waiting for room there) is dead-lettered, and the error
+        names it all the same."""
         if self._pending:
             pending = self._pending.pop(id_value(msg), None)
             if pending is not None:
                 # (passed on by a handler, a pool's router: request() names the address
                 # its requester asked as ``to``, and this agent as ``at``)
-                at = self._name_of(msg.to) if pending.at is not None else None
-                name = self.id_name(msg.to)
+                at = self._name_of(msg.to, recipient_name) if pending.at is not None else None
+                name = self.id_name(msg.to, recipient_name)
                 pending.fail(RequestFailed(msg.id, msg.to, reason.value, error, at=at, name=name))
                 return
         if self.transport is not None and reason is not DeadLetterReason.REQUEST_TIMEOUT:
             # (the requester's node names the address it asked as ``to``)
             passed = self._passed_on.pop(msg.id.int, None) if self._passed_on else None
-            at = self._name_of(msg.to) if passed is not None else None
-            name = self.id_name(msg.to) if passed is None else None
+            at = self._name_of(msg.to, recipient_name) if passed is not None else None
+            name = self.id_name(msg.to, recipient_name) if passed is None else None
             self._fail_remote_requester(
                 msg.id, RequestFailed(msg.id, msg.to, reason.value, error, at=at, name=name)
             )
 
-    def id_name(self, address: Address) -> str | None:
+    def id_name(self, address: Address, gone_name: str | None = None) -> str | None:
         """The name of the local agent at ``address`` when that is an id and the agent has
-        a name, for a request's error (None for a name: the error shows it as it is)."""
+        a name, for a request's error (None for a name: the error shows it as it is).
+        ``gone_name``: the name to give if no agent has that id any more (the agent's
+        own, as it stopped for good)."""
         if not isinstance(address, _UUID):
             return None
         node = self.nodes.get(address.int)
-        return None if node is None else node.name
+        return gone_name if node is None else node.name
 
-    def _name_of(self, address: Address) -> Address:
-        """A local agent's name (its address if it has none or is gone), for errors."""
+    def _name_of(self, address: Address, gone_name: str | None = None) -> Address:
+        """A local agent's name (its address if it has none), for errors; ``gone_name``
+        if it is gone (see :meth:`id_name`), else its address."""
         node = self.find(address)
-        name = node.name if node is not None else None
+        name = node.name if node is not None else gone_name
         return name if name is not None else address
 
     def _mark_late(self, query_id: uuid.UUID) -> None:

@@ -22,6 +22,7 @@ from nexus_trio import (
     DeadLetterReason,
     EventKind,
     Message,
+    RequestFailed,
     Supervisor,
     agent,
     open_kernel,
@@ -175,4 +176,76 @@ async def test_a_shrink_during_a_one_for_all_restart_of_the_pool_loses_nothing(
     assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
         ("boom", DeadLetterReason.HANDLER_ERROR)
     ]
+    assert_conserved(kernel)
+
+
+# --- the name of a worker that stopped with the query queued ----------------------------
+
+
+async def test_a_request_queued_or_waiting_for_room_at_a_worker_stopped_names_the_worker(
+    autojump_clock: Any,
+) -> None:
+    """A pool of one worker (mailbox of 1, ``block``) busy with a request, one queued at
+    it and one the router waits to put there; then the worker is stopped for good.
+    Before: the two that had not reached its handler failed ``at UUID('...')``: the
+    worker was forgotten before its queue, and the send waiting for room, were
+    dead-lettered, and the error looked its name up there. Now they name it."""
+
+    @agent(mailbox_capacity=1, overflow="block", shutdown_timeout=10)
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(1)
+        return msg.payload
+
+    outcomes: dict[int, Any] = {}
+    async with open_kernel(make_config(send_timeout_ms=60_000)) as kernel:
+        kernel.spawn(pool(slow, size=1, name="workers"))
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def ask(i: int) -> None:
+            try:
+                outcomes[i] = await kernel.request("workers", i, timeout=30)
+            except RequestFailed as exc:
+                outcomes[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):  # in hand, queued, waiting for room
+                nursery.start_soon(ask, i)
+                await trio.testing.wait_all_tasks_blocked()
+            assert kernel.mailbox_depth("workers/0") == 1
+            assert kernel.stats().sends_waiting == 1
+            await kernel.stop("workers/0")
+    assert outcomes[0] == 0
+    for i in (1, 2):
+        error = outcomes[i]
+        assert isinstance(error, RequestFailed)
+        assert (error.to, error.at, error.reason) == ("workers", "workers/0", "agent_stopped")
+        assert "to 'workers' failed at 'workers/0' (agent_stopped)" in str(error)
+    assert_conserved(kernel)
+
+
+async def test_a_request_by_ref_queued_at_an_agent_stopped_names_it(autojump_clock: Any) -> None:
+    """The same for a request by ref, not passed on: before, its error said ``to
+    UUID(...)`` only (``name`` None), the agent forgotten as its queue was dead-lettered."""
+
+    @agent(name="slowpoke")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(1)
+        return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, "first")  # in hand when the request comes
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                with pytest.raises(RequestFailed) as caught:
+                    await kernel.request(ref, "queued", timeout=30)
+                error = caught.value
+                assert (error.to, error.name, error.reason) == (ref.id, "slowpoke", "agent_stopped")
+                assert f"to 'slowpoke' ({ref.id}) failed (agent_stopped)" in str(error)
+
+            nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(ref)
     assert_conserved(kernel)
