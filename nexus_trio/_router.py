@@ -938,14 +938,21 @@ class Router:
     # --- accounting helpers -------------------------------------------------------------
 
     def check_drained(self) -> None:
-        """Called by idle agents while draining: wake the shutdown once nothing is in flight."""
+        """Called by idle agents while draining: wake the shutdown once nothing is in
+        flight and no request waits for its answer (see :meth:`wait_drained`)."""
         drained = self._drained
-        if drained is not None and self.ledger.in_flight <= 0:
+        if drained is not None and self.ledger.in_flight <= 0 and not self._pending:
             drained.set()
 
     async def wait_drained(self) -> None:
-        """Return once nothing is in flight, or once the tree has stopped (``end_drain``)."""
-        while self.ledger.in_flight > 0 and not self._drain_over:
+        """Return once nothing is in flight and no request here waits for its answer, or
+        once the tree has stopped (``end_drain``). A request whose query was handled
+        without an answer (the handler returned None, to answer later from ``ctx.nursery``
+        with ``ctx.send(msg.reply(...))``: a pool's resize) is work still owed: the drain
+        lets its answer through, within the grace and the request's own timeout, as it
+        lets a query queued or in hand be handled; its requester's end (answered, failed,
+        timed out or cancelled) wakes the drain (see :meth:`request`)."""
+        while (self.ledger.in_flight > 0 or self._pending) and not self._drain_over:
             self._drained = trio.Event()
             await self._drained.wait()
         self._drained = None
@@ -1725,6 +1732,9 @@ class Router:
                     raise
         finally:
             self._pending.pop(key, None)
+            if self._drained is not None:
+                # (a drain waits for the requests still waiting: see wait_drained)
+                self.check_drained()
             # The request is over: its deadline entry is dead weight (it holds the
             # reply). Entries leave the heap when the timer reaches them, which is
             # ``timeout`` later (5 s by default, ``request_timeout_ms``): at thousands

@@ -249,3 +249,95 @@ async def test_a_request_by_ref_queued_at_an_agent_stopped_names_it(autojump_clo
             await trio.testing.wait_all_tasks_blocked()
             await kernel.stop(ref)
     assert_conserved(kernel)
+
+
+# --- an answer a handler left to its ctx.nursery, during the drain -------------------------
+
+
+async def test_a_pool_shrink_during_the_drain_is_answered(autojump_clock: Any) -> None:
+    """A shrink of a pool of 2 asked just before the kernel shuts down (grace 2 s): the
+    removed worker drains its queue (1 s), then the router answers from its
+    ``ctx.nursery``. Before: the drain ended as the last message was handled (nothing
+    was in flight: the resize query counted handled, its answer still to come), and the
+    router's answer was refused "the grace period is over": the requester got
+    ``KernelShuttingDown``. Now the drain waits for a request still waiting for its
+    answer, and the requester gets ``{"size": 1}``; the shutdown still ends at 1 s."""
+    handled: list[tuple[str | None, Any, float]] = []
+
+    @agent
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.5)
+        handled.append((ctx.name, msg.payload, trio.current_time()))
+
+    answers: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+            kernel.spawn(pool(slow, size=2, name="workers"))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(4):
+                await kernel.send("workers", i)
+
+            async def shrink() -> None:
+                try:
+                    answers.append(await kernel.request("workers", {"$resize": 1}, timeout=30))
+                except Exception as exc:  # (what the requester got, to compare)
+                    answers.append(exc)
+
+            nursery.start_soon(shrink)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.stats().in_flight == 4  # in hand and queued at the two workers
+        assert trio.current_time() == 1.0
+    assert answers == [{"size": 1}]
+    assert sorted(p for _, p, _ in handled) == [0, 1, 2, 3]
+    assert kernel.recent_dead_letters() == []
+    assert_conserved(kernel)
+
+
+async def test_a_drain_waits_for_an_answer_a_handler_left_to_its_nursery(
+    autojump_clock: Any,
+) -> None:
+    """The core rule beneath the shrink: a handler that returns None for a query and
+    answers it 0.7 s later from ``ctx.nursery`` (``ctx.send(msg.reply(...))``) while the
+    kernel drains. Before: the drain ended at once (nothing in flight) and the answer
+    was refused; now it comes, and the shutdown ends as it does. A request still waiting
+    holds the drain no longer than the grace (1 s): the one nobody answers fails
+    ``KernelShuttingDown`` (stopping) at the grace's end, as before."""
+
+    @agent(name="later")
+    async def later(ctx: Context, msg: Message) -> None:
+        if msg.payload == "never":
+            return
+
+        async def answer() -> None:
+            await trio.sleep(0.7)
+            await ctx.send(msg.reply(ctx.id, f"done {msg.payload}"))
+
+        ctx.nursery.start_soon(answer)
+
+    outcomes: dict[str, Any] = {}
+
+    async def ask(kernel: Any, payload: str) -> None:
+        try:
+            outcomes[payload] = await kernel.request("later", payload, timeout=30)
+        except Exception as exc:  # (what the requester got, to compare)
+            outcomes[payload] = exc
+
+    for with_never in (False, True):
+        outcomes.clear()
+        async with trio.open_nursery() as nursery:
+            async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+                kernel.spawn(later)
+                nursery.start_soon(ask, kernel, "soon")
+                if with_never:
+                    nursery.start_soon(ask, kernel, "never")
+                await trio.testing.wait_all_tasks_blocked()
+                assert kernel.stats().in_flight == 0
+                start = trio.current_time()
+            took = trio.current_time() - start
+        assert outcomes["soon"] == "done soon"
+        assert took == pytest.approx(1.0 if with_never else 0.7)
+        if with_never:
+            error = outcomes["never"]
+            assert type(error).__name__ == "KernelShuttingDown"
+            assert error.phase == "stopping"
+        assert_conserved(kernel)
