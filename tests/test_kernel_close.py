@@ -1706,12 +1706,19 @@ async def test_a_close_step_that_raises_is_said_on_what_goes_out_not_raised_in_i
     expected: type[BaseException] = (
         ValueError if going_out == "the block's error" else KeyboardInterrupt
     )
-    with pytest.raises(expected) as raised:
+    kernels: list[Kernel] = []
+
+    async def run() -> None:
         async with open_kernel() as kernel:
+            kernels.append(kernel)
             if expected is ValueError:
                 raise ValueError("the block's own")
             await kernel.send(kernel.spawn(agent(_CtrlC, name="c")), "now")
             await trio.sleep_forever()  # cancelled by the kernel, for its Ctrl-C
+
+    with pytest.raises(expected) as raised:
+        await run()
+    (kernel,) = kernels
     assert type(raised.value) is expected, repr(raised.value)
     # (the streams end in the shutdown, and again in the close: both raise here)
     assert getattr(raised.value, "__notes__", []) == [
