@@ -13,6 +13,7 @@ from nexus_trio import (
     AgentNotFound,
     Context,
     DeadLetterReason,
+    Kernel,
     Message,
     MessageFailed,
     MessageKind,
@@ -121,6 +122,25 @@ async def stuck(ctx: Context, msg: Message) -> Any:
     await trio.sleep_forever()
 
 
+async def _abandoned_and_cancelled_there(a: Kernel, b: Kernel, link_ab: Loopback, how: str) -> None:
+    """``a`` asks ``b``'s ``stuck`` and gives up at 1 s (``how``: its timeout, or its
+    caller cancelled); the query's cancel goes over the link and ``b``'s handler is
+    stopped: dead-lettered ``request_timeout``, nothing left in flight."""
+    if how == "timeout":
+        with pytest.raises(RequestTimeout):
+            await a.request("stuck", "x", timeout=1.0)
+    else:
+        with trio.move_on_after(1.0):
+            await a.request("stuck", "x", timeout=60.0)
+    [query] = link_ab.carried
+    assert link_ab.cancelled == [query.id]
+    await trio.testing.wait_all_tasks_blocked()
+    [letter] = b.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.REQUEST_TIMEOUT
+    assert letter.message.id == query.id
+    assert b.stats().in_flight == 0
+
+
 @pytest.mark.parametrize("how", ["timeout", "requester cancelled"])
 async def test_a_remote_request_abandoned_cancels_the_remote_handler(
     mock_clock: trio.testing.MockClock, how: str
@@ -131,19 +151,7 @@ async def test_a_remote_request_abandoned_cancels_the_remote_handler(
         link_ba.peer = a.attach_transport(link_ab)
         link_ab.peer = b.attach_transport(link_ba)
         b.spawn(stuck)
-        if how == "timeout":
-            with pytest.raises(RequestTimeout):
-                await a.request("stuck", "x", timeout=1.0)
-        else:
-            with trio.move_on_after(1.0):
-                await a.request("stuck", "x", timeout=60.0)
-        [query] = link_ab.carried
-        assert link_ab.cancelled == [query.id]
-        await trio.testing.wait_all_tasks_blocked()
-        [letter] = b.recent_dead_letters()
-        assert letter.reason is DeadLetterReason.REQUEST_TIMEOUT
-        assert letter.message.id == query.id
-        assert b.stats().in_flight == 0
+        await _abandoned_and_cancelled_there(a, b, link_ab, how)
         # 1 s, not the request's 60 s: the handler stopped when its requester did.
         assert trio.current_time() < 2.0
 
@@ -174,19 +182,7 @@ async def test_a_remote_request_abandoned_cancels_the_remote_handler_while_a_loc
             nursery.start_soon(a.stop, local)
             await trio.testing.wait_all_tasks_blocked()
             assert not a.is_local(local)  # being stopped: unrouted
-            if how == "timeout":
-                with pytest.raises(RequestTimeout):
-                    await a.request("stuck", "x", timeout=1.0)
-            else:
-                with trio.move_on_after(1.0):
-                    await a.request("stuck", "x", timeout=60.0)
-            [query] = link_ab.carried
-            assert link_ab.cancelled == [query.id]
-            await trio.testing.wait_all_tasks_blocked()
-            [letter] = b.recent_dead_letters()
-            assert letter.reason is DeadLetterReason.REQUEST_TIMEOUT
-            assert letter.message.id == query.id
-            assert b.stats().in_flight == 0
+            await _abandoned_and_cancelled_there(a, b, link_ab, how)
             # 1 s, not the request's 60 s: the remote handler stopped when its requester did
             assert trio.current_time() == pytest.approx(1.0)
         # the local namesake's message in hand ran out its shutdown timeout, untouched
