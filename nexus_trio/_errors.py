@@ -13,7 +13,28 @@ import copyreg
 import traceback
 import uuid
 from collections.abc import Collection, Iterable
-from typing import Any, Final, final
+from typing import Any, Final, NoReturn, final
+
+import trio
+
+
+def only_cancels(error: BaseException) -> bool:
+    """A ``trio.Cancelled``, also a group of nothing else (a nursery's)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
+
+
+def raise_held(error: BaseException) -> NoReturn:
+    """Raise ``error``, held (a Ctrl-C taken, the root's give-up), in place of a
+    ``Cancelled`` with its own ``__context__``: raised while that ``Cancelled`` is
+    handled, Python would chain it there, losing what the Ctrl-C was raised during and
+    printing a cancel it did not come from above it."""
+    context = error.__context__
+    try:
+        raise error
+    finally:
+        error.__context__ = context
 
 
 def error_repr(error: object) -> str:

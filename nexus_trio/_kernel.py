@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from heapq import heappush, heapreplace
 from threading import get_ident
-from typing import Any, Final, NoReturn, final, overload
+from typing import Any, Final, final, overload
 
 import trio
 
@@ -58,6 +58,8 @@ from ._errors import (
     NameTaken,
     RequestFailed,
     SupervisorEscalation,
+    only_cancels,
+    raise_held,
 )
 from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
@@ -1256,13 +1258,6 @@ def _closed_on(router: Router) -> KernelShuttingDown:
     return KernelShuttingDown("request", phase.name.lower())
 
 
-def _is_cancel(error: BaseException) -> bool:
-    """A ``trio.Cancelled``, also a group of nothing else (a nursery of the block's)."""
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(trio.Cancelled)[1] is None
-    return isinstance(error, trio.Cancelled)
-
-
 def _going_out(
     body_error: BaseException | None,
     interrupt: BaseException | None,
@@ -1271,21 +1266,9 @@ def _going_out(
     """What :func:`open_kernel` raises after its close when nothing else is in flight:
     the block's error, else a Ctrl-C the kernel took, else the root's give-up (a bare
     cancel of the block is not one: a close step's error goes out in its place)."""
-    if body_error is not None and not _is_cancel(body_error):
+    if body_error is not None and not only_cancels(body_error):
         return body_error
     return interrupt if interrupt is not None else escalation
-
-
-def _raise_held(error: BaseException) -> NoReturn:
-    """Raise ``error``, held by the kernel, in place of the block's ``Cancelled`` with its
-    own ``__context__``: raised while that ``Cancelled`` is handled, Python would chain it
-    there, losing what the Ctrl-C was raised during and printing a cancel it did not come
-    from above it (the escalation, raised nowhere before, has none)."""
-    context = error.__context__
-    try:
-        raise error
-    finally:
-        error.__context__ = context
 
 
 def _is_interrupt(error: BaseException | None) -> bool:
@@ -1419,13 +1402,13 @@ async def open_kernel(
         # place, below, as when the block itself was cancelled: the block's error, a
         # Ctrl-C it took, the root's give-up (Trio loses none to a cancel). Until the
         # fifty-first pass that scope took the Cancelled and they were lost.
-        held = body_error if body_error is not None and not _is_cancel(body_error) else None
+        held = body_error if body_error is not None and not only_cancels(body_error) else None
         # (by None, not truth: an exception may be false, one with a __len__ of 0)
         if held is None:
             held = kernel._interrupt
         if held is None:
             held = kernel._escalation
-        if held is None or not _is_cancel(exc):
+        if held is None or not only_cancels(exc):
             raising = exc
             raise
         held_out = held
@@ -1474,15 +1457,15 @@ async def open_kernel(
             # that error is the one raised, and it says this one too.
             failing.add_note(f"closing the kernel then raised {type(exc).__name__}: {exc}")
     if body_error is not None:
-        if _is_cancel(body_error):
+        if only_cancels(body_error):
             # The block was cancelled from outside (a cancel scope around it) as well: a
             # Ctrl-C the kernel took, or the root's give-up, goes out, not the Cancelled,
             # which that scope would take (Trio loses no child's error, nor a Ctrl-C, to
             # a cancel).
             if kernel._interrupt is not None:
-                _raise_held(kernel._interrupt)
+                raise_held(kernel._interrupt)
             if kernel._escalation is not None:
-                _raise_held(kernel._escalation)
+                raise_held(kernel._escalation)
         raise body_error
     if kernel._interrupt is not None:
         raise kernel._interrupt

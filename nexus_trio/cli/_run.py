@@ -49,7 +49,13 @@ from rich.live import Live
 from .. import KernelStats
 from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
 from .._config import Config, app_reference_hint
-from .._errors import SupervisorEscalation, TransportUnavailable, nearest
+from .._errors import (
+    SupervisorEscalation,
+    TransportUnavailable,
+    nearest,
+    only_cancels,
+    raise_held,
+)
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._plural import count_of
@@ -1051,7 +1057,7 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
     try:
         return await _run_async(opts, console, quiet.problems, taken)
     except BaseException as exc:
-        if not taken or not _only_cancels(exc):
+        if not taken or not only_cancels(exc):
             raise
         # A scope around the run was cancelled after the run took a Ctrl-C (in the
         # drain it began, say): the run's way out (its nursery's exit) raised that
@@ -1059,21 +1065,9 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
         # its caller going on as if nothing was pressed. Trio loses no
         # KeyboardInterrupt to a cancel, nor does open_kernel: it goes out instead
         # (until the fifty-first pass it was lost), with its own context.
-        held = taken[0]
-        context = held.__context__
-        try:
-            raise held
-        finally:
-            held.__context__ = context
+        raise_held(taken[0])
     finally:
         agent_log.removeFilter(quiet)
-
-
-def _only_cancels(error: BaseException) -> bool:
-    """A ``trio.Cancelled``, or a group of nothing else (a nursery's)."""
-    if isinstance(error, BaseExceptionGroup):
-        return error.split(trio.Cancelled)[1] is None
-    return isinstance(error, trio.Cancelled)
 
 
 async def _run_async(
