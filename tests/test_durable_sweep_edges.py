@@ -20,6 +20,7 @@ import uuid
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -507,14 +508,22 @@ class _ClosingOps:
         return False
 
 
+#: when the durable stream of the fakes below was made anew (JetStream's ``created``),
+#: and when the old one's message, and a new one's, were stored (their ack subjects' time)
+_MADE_ANEW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+_OLD = _MADE_ANEW - timedelta(seconds=1)
+_NEW = _MADE_ANEW + timedelta(milliseconds=1)
+
+
 class _FetchedMsg:
-    """A fetched JetStream message (fake): its naks sent."""
+    """A fetched JetStream message (fake): its naks sent; stored at ``stored``."""
 
     is_acked = False
 
-    def __init__(self) -> None:
+    def __init__(self, stored: datetime = _OLD) -> None:
         self.naks = 0
         self.reply = f"$JS.ACK.fake.{id(self)}"  # (the subject its nak goes to)
+        self.metadata = SimpleNamespace(timestamp=stored)
 
     async def nak(self, delay: float | None = None) -> None:
         self.naks += 1
@@ -539,7 +548,7 @@ def test_a_remake_s_hand_back_the_leave_takes_out_of_the_client_is_counted_unset
     channel.handed_back_at_remake = 0
     channel._handed_back = set()
     channel._remade_back = OrderedDict()
-    channel._stale = set()
+    channel._anew_at = None
     held = [_FetchedMsg() for _ in range(7)]
     trio.run(channel._send_ops, [(m, _durable._REMADE_BACK) for m in held])
     assert (channel.handed_back_at_remake, [m.naks for m in held]) == (7, [1] * 7)
@@ -563,13 +572,15 @@ def test_a_settle_of_a_delivery_of_the_stream_before_it_was_made_anew_is_not_sen
     channel.cluster = SimpleNamespace(node="a")  # type: ignore[assignment]
     channel.options = SimpleNamespace(redelivery_delay=1.0)  # type: ignore[assignment]
     channel._stream = "nexus-durable"
-    old, late, queued, new = (_FetchedMsg() for _ in range(4))
+    old, late, queued = (_FetchedMsg() for _ in range(3))
+    new = _FetchedMsg(_NEW)  # (a delivery of the new stream)
     channel._in_flight = {uuid.uuid4(): (old, 0.0, None)}  # type: ignore[dict-item]
     channel._late = OrderedDict({uuid.uuid4(): (late, None)})  # type: ignore[dict-item]
     channel._held = deque()
     channel._ops = SimpleNamespace(queued=[(queued, "nak")])  # type: ignore[assignment]
     channel._settles_queued, channel._settles_sent = 4, 0
     channel.stale_settles = channel.unsettled_at_leave = 0
+    channel._anew_at = _MADE_ANEW
     channel._stream_made_anew()
     ops = [(old, "nak"), (queued, "nak"), (new, "nak"), (late, "progress"), (late, "nak")]
     trio.run(channel._send_ops, ops)
@@ -579,14 +590,83 @@ def test_a_settle_of_a_delivery_of_the_stream_before_it_was_made_anew_is_not_sen
     assert channel.unsettled_at_leave == 0
 
 
+def _remade_channel() -> _durable.DurableChannel:
+    """A node's durable channel (fake) whose pull holds nothing, its settle queue empty."""
+    channel = _durable.DurableChannel.__new__(_durable.DurableChannel)
+    channel.cluster = SimpleNamespace(node="a")  # type: ignore[assignment]
+    channel.options = SimpleNamespace(redelivery_delay=1.0)  # type: ignore[assignment]
+    channel._stream = "nexus-durable"
+    channel._in_flight = {}
+    channel._late = OrderedDict()
+    channel._held = deque()
+    channel._ops = SimpleNamespace(queued=[])  # type: ignore[assignment]
+    channel._settles_queued = channel._settles_sent = 0
+    channel.stale_settles = channel.unsettled_at_leave = 0
+    return channel
+
+
+def test_a_settle_of_the_new_stream_queued_as_the_pull_finds_it_made_anew_is_sent() -> None:
+    """Fifty-second pass: the stale-settle filter took every settle queued when the
+    pull found the stream made anew, a takeover's settle of a delivery of the new
+    stream too (a takeover fetches through a subscription of its own, which may have
+    bound the new stream first): its nak went nowhere, and its message waited out
+    ``ack_wait``. A delivery is of the old stream now when it was stored before the new
+    one was made (its ack subject's time against JetStream's ``created``): the new
+    stream's nak is sent, the old one's is not. (On main's _durable.py: naks ``[0, 0]``,
+    ``stale_settles`` 2.)"""
+    channel = _remade_channel()
+    old, new = _FetchedMsg(_OLD), _FetchedMsg(_NEW)
+    channel._ops.queued = [(old, "nak"), (new, "nak")]  # type: ignore[attr-defined]
+    channel._settles_queued = 2
+    channel._anew_at = _MADE_ANEW
+    channel._stream_made_anew()
+    trio.run(channel._send_ops, channel._ops.queued)
+    assert ([old.naks, new.naks], channel.stale_settles) == ([0, 1], 1)
+    channel._count_unsent()
+    assert channel.unsettled_at_leave == 0
+
+
+@pytest.mark.parametrize("remakes", [1, 2])
+def test_a_settle_of_the_old_stream_the_settle_task_took_before_the_remake_is_not_sent(
+    remakes: int,
+) -> None:
+    """Fifty-second pass: the stale-settle filter was the set of ack subjects the node
+    held when its pull found the stream made anew: a batch the settle task had taken
+    from the queue already (sent one by one, each nak an await) was in none of them,
+    and a second remake replaced the set with what the node held then, so a settle of
+    the first old stream still under way escaped it. Either escape sent the old
+    delivery's nak to the new stream's message of its sequence. Stored before the
+    newest stream was made, it is settled nowhere now: ``remakes`` 1, the batch taken
+    before the remake; 2, the nak queued at the first remake and taken before the
+    second. (On main's _durable.py: ``[1, 0]`` naks, ``stale_settles`` 1 (the
+    second delivery, in hand at the remake, is filtered), for both.)"""
+    channel = _remade_channel()
+    taken, in_hand = _FetchedMsg(_OLD), _FetchedMsg(_OLD)
+    channel._in_flight = {uuid.uuid4(): (in_hand, 0.0, None)}  # type: ignore[dict-item]
+    if remakes == 2:
+        channel._ops.queued = [(taken, "nak")]  # type: ignore[attr-defined]
+        channel._anew_at = _MADE_ANEW - timedelta(minutes=1)
+        channel._stream_made_anew()
+        channel._ops.queued = []  # type: ignore[attr-defined]  # (the settle task took it)
+    channel._anew_at = _MADE_ANEW
+    channel._stream_made_anew()
+    channel._settles_queued = 2
+    trio.run(channel._send_ops, [(taken, "nak"), (in_hand, "nak")])
+    assert ([taken.naks, in_hand.naks], channel.stale_settles) == ([0, 0], 2)
+    channel._count_unsent()
+    assert channel.unsettled_at_leave == 0
+
+
 class _StaleForwarded(_FetchedMsg):
     """A fetched JetStream message (fake) to forward: its acks and terms sent too."""
 
     data = b"the message"
-    metadata = SimpleNamespace(sequence=SimpleNamespace(stream=1), num_delivered=1)
 
     def __init__(self) -> None:
         super().__init__()
+        self.metadata = SimpleNamespace(
+            sequence=SimpleNamespace(stream=1), num_delivered=1, timestamp=_OLD
+        )
         self.headers = {wire.MSG_ID_HEADER: "m1"}
         self.acks = self.terms = 0
 
@@ -637,6 +717,7 @@ def test_a_forward_of_a_delivery_of_the_stream_before_it_was_made_anew_stores_it
     channel.forwarded = channel.taken_over = channel.dead_unforwarded = 0
     channel._forward_failures = 0
     channel._unforwarded_log = channel._forward_failed_log = None  # type: ignore[assignment]
+    channel._anew_at = _MADE_ANEW
     channel._stream_made_anew()
     trio.run(channel._send_ops, channel._ops.queued)
     sent = [(m.acks, m.naks, m.terms) for m in (forwarded, taken)]
@@ -678,7 +759,7 @@ def test_a_hand_back_the_leave_does_not_send_is_counted_unsettled_not_handed_bac
     channel._settles_queued = channel._settles_sent = 0
     channel.handed_back_at_leave = channel.unsettled_at_leave = 0
     channel._handed_back = set()
-    channel._stale = set()
+    channel._anew_at = None
     fetched = [_FetchedMsg() for _ in range(10)]
     channel._hand_back_at_leave(GHOST, fetched, _NoWaiting())  # type: ignore[arg-type]
     trio.run(channel._send_ops, ops.taken[:2])

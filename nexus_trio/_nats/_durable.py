@@ -80,6 +80,7 @@ import sys
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -662,9 +663,10 @@ class DurableChannel:
         #: remove the new stream's message of the same sequence: see _stream_made_anew),
         #: and messages the old pull subscription held then, not nakked
         self.stale_settles = 0
-        # the ack subjects of the old stream's deliveries still held then (see
-        # _stream_made_anew), each forgotten as its settle is dropped
-        self._stale: set[str] = set()
+        # when the stream this node's pull last found made anew was made (JetStream's
+        # ``created``; None: never in this process): a delivery stored before it is of
+        # a stream gone (see _of_old_stream)
+        self._anew_at: datetime | None = None
         # the ack subjects of those naks, the last max_ack_pending of them (no more can
         # be unsettled at once): one taken back out of the client's reconnect buffer at
         # the leave is counted unsettled instead (see unsent_in_client)
@@ -933,6 +935,7 @@ class DurableChannel:
         old, self._psub = self._psub, psub
         anew = self._bind_own(made, held)
         if anew:
+            self._anew_at = made if isinstance(made, datetime) else None
             self._stream_made_anew()
         # (the old subscription ends as the stop's and the leave's do: the server told
         # first, shielded and bounded, see _unsubscribe_pull; what a request of it still
@@ -969,12 +972,16 @@ class DurableChannel:
         messages went with the old stream, and an answer's ack of one removed the new
         stream's message of its sequence from the work queue, in hand or not, never
         handled (measured before the fifty-first pass: its handler's failure was nakked
-        to nothing and it was lost)."""
-        stale = {jsmsg.reply for jsmsg, _due, _query in self._in_flight.values()}
-        stale.update(jsmsg.reply for jsmsg, _query in self._late.values())
-        stale.update(jsmsg.reply for jsmsg in self._held)
-        stale.update(jsmsg.reply for jsmsg, _op in self._ops.queued)
-        self._stale = stale
+        to nothing and it was lost). Which they are is told at each send by when the
+        delivery's message was stored (:meth:`_of_old_stream`), not by what was held
+        here now: a batch the settle task took already, a takeover's settle of the new
+        stream, a second remake (fifty-second pass: each escaped the set of ack
+        subjects this kept, or was caught by it). Here only said."""
+        held = [jsmsg for jsmsg, _due, _query in self._in_flight.values()]
+        held.extend(jsmsg for jsmsg, _query in self._late.values())
+        held.extend(self._held)
+        held.extend(jsmsg for jsmsg, _op in self._ops.queued)
+        stale = {jsmsg.reply for jsmsg in held if self._of_old_stream(jsmsg)}
         if stale:
             log_guarded(
                 log,
@@ -986,6 +993,15 @@ class DurableChannel:
                 self._stream,
                 len(stale),
             )
+
+    def _of_old_stream(self, jsmsg: NatsMsg) -> bool:
+        """``jsmsg`` is a delivery of a durable stream since made anew: its message was
+        stored before the stream this node's pull last found made anew was made (the
+        time its ack subject carries, JetStream's store time, against the stream's
+        ``created``; both the server's clock). A stream made anew numbers from 1 again,
+        so nothing else in an ack subject tells the two apart."""
+        made = self._anew_at
+        return made is not None and jsmsg.metadata.timestamp < made
 
     async def stop(self, timeout: float = math.inf) -> None:
         """Leaving: end the pull (what it fetched and did not hand over is nakked), then
@@ -2715,11 +2731,10 @@ class DurableChannel:
     async def _send_ops(self, batch: list[tuple[NatsMsg, str]]) -> None:
         delay = self.options.redelivery_delay
         for jsmsg, op in batch:
-            if self._stale and jsmsg.reply in self._stale:
+            if self._of_old_stream(jsmsg):
                 # a delivery of the stream before it was made anew: settled nowhere (a
                 # forward's copy is stored all the same, only its ack is not sent)
                 if op != "progress":
-                    self._stale.discard(jsmsg.reply)
                     self.stale_settles += 1
                     self._settles_sent += 1
                     if op.startswith((_FORWARD, _TAKEN)):
