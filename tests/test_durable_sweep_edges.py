@@ -32,6 +32,7 @@ import trio
 import trio_asyncio
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DiscardPolicy
 
 from nexus_trio import (
     ClusterConfig,
@@ -41,6 +42,7 @@ from nexus_trio import (
     KernelConfig,
     Message,
     NatsConfig,
+    TransportUnavailable,
     agent,
     open_kernel,
 )
@@ -931,6 +933,51 @@ async def test_a_message_a_cancelled_takeover_s_request_took_before_its_unsubscr
     assert handled == [(first.id, "found by the sweep")]
     assert handed_back == 1
     assert [wire.decode_message(jsmsg.data).id for jsmsg in got] == [sent[0].id]
+
+
+@pytest.mark.parametrize(
+    ("limit", "said"),
+    [
+        ({"max_bytes": "stored"}, ("maximum bytes exceeded", "(full: the stream's max_bytes,")),
+        (
+            {"max_msgs_per_subject": 1, "discard_new_per_subject": True},
+            ("maximum messages per subject exceeded", "(full: the stream's max_msgs_per_subject,"),
+        ),
+    ],
+)
+async def test_a_durable_send_past_a_limit_an_operator_set_names_that_limit(
+    nats: NatsServer, limit: dict[str, Any], said: tuple[str, str]
+) -> None:
+    """Fifty-second pass: JetStream refuses a publish past any of a stream's limits with
+    discard new with the one code, 10077 (measured on nats-server: ``maximum bytes
+    exceeded``, ``maximum messages per subject exceeded``, ``maximum messages
+    exceeded``), which ``send_durable`` read as the node's own bound: its error said
+    "full: the stream's max_messages, None if this node made it" for a stream an
+    operator had bounded by its bytes, or by its messages a subject (a node sets
+    neither). It names the limit JetStream says was reached now, and that the kernel
+    sets none of the two; nothing more is stored. (On main's _durable.py: the error ends
+    ``(full: the stream's max_messages, None if this node made it); nothing was
+    stored``.)"""
+    async with local_node(nats.url, "a") as (kernel, cluster):
+        kernel.spawn(_keeper([], "keeper-a"))
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        with trio.fail_after(20):
+            await cluster.durable.stop()  # (nothing pulls: what is stored stays)
+            await cluster.send_durable("keeper-a", "stored")
+            info = await call_aio(js.stream_info, stream)
+            bounds = {k: info.state.bytes if v == "stored" else v for k, v in limit.items()}
+            config = info.config.evolve(discard=DiscardPolicy.NEW, **bounds)
+            await call_aio(js.update_stream, config)
+            with pytest.raises(TransportUnavailable) as refused:
+                await cluster.send_durable("keeper-a", "refused")
+            after = await call_aio(js.stream_info, stream)
+    text = str(refused.value)
+    assert f"stream {stream!r} refused it on subject {cluster.prefix}.durable.a." in text
+    assert all(part in text for part in said)
+    assert "set by an operator: a node sets none); nothing was stored" in text
+    assert "max_messages" not in text
+    assert after.state.messages == 1
 
 
 async def test_a_takeover_whose_unsubscribe_never_returns_ends_within_its_bound(

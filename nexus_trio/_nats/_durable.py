@@ -220,6 +220,12 @@ FETCH_WAIT: Final = 1.0
 FETCH_HEARTBEAT: Final = 0.25
 #: JetStream's error code for a publish past a stream's max_msgs (discard new)
 _MAX_MESSAGES_EXCEEDED: Final = 10077
+#: the limit each description of that code names (nats-server's store errors)
+_LIMITS_SAID: Final = {
+    "maximum messages exceeded": "max_msgs",
+    "maximum bytes exceeded": "max_bytes",
+    "maximum messages per subject exceeded": "max_msgs_per_subject",
+}
 
 
 async def _poll(psub: Any, batch: int, idle: bool) -> tuple[list[NatsMsg], bool | None]:
@@ -1992,6 +1998,22 @@ class DurableChannel:
 
     # --- sending -------------------------------------------------------------------------------
 
+    def _limit_reached(self, exc: nats.js.errors.APIError) -> str:
+        """What ``send`` says of the stream's limit JetStream refused a publish past
+        (``exc``, code 10077: one code for each limit with discard new; its description
+        names the limit, measured on nats-server 2.15): the node's own bound, or one an
+        operator set (a node sets neither max_bytes nor a limit a subject)."""
+        description = exc.description or ""
+        limit = _LIMITS_SAID.get(description)
+        if limit is None:
+            return f" (full: a limit of the stream: {description or 'not said'})"
+        if limit == "max_msgs":
+            return (
+                f" (full: the stream's max_messages, {self.options.max_messages} if this"
+                " node made it)"
+            )
+        return f" (full: the stream's {limit}, set by an operator: a node sets none)"
+
     async def send(
         self,
         to: Any,
@@ -2115,12 +2137,7 @@ class DurableChannel:
             ) from exc
         except nats.js.errors.APIError as exc:
             # (its repr says only its class: ServiceUnavailableError())
-            full = (
-                f" (full: the stream's max_messages, {self.options.max_messages} if this"
-                " node made it)"
-                if exc.err_code == _MAX_MESSAGES_EXCEEDED
-                else ""
-            )
+            full = self._limit_reached(exc) if exc.err_code == _MAX_MESSAGES_EXCEEDED else ""
             raise TransportUnavailable(
                 redact(
                     f"JetStream did not store durable message {msg.id}: stream"
