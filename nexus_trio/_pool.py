@@ -173,7 +173,8 @@ class _WorkerBehaviour:
       and whose ``on_stop`` has not begun: a worker out of it is starting, or waits out
       a restart's backoff, and is picked after the running ones (Akka's
       ``SmallestMailboxPool`` puts a suspended routee last).
-    * ``first_starts[worker id]`` (workers added by a grow, until their first start)
+    * ``first_starts[worker id]`` (workers added by a grow, until their first start;
+      one whose start failed, until it stopped: ``$workers`` leaves them out)
       tells the grow how that start went: the first ``on_start`` that returns or raises
       (one cancelled, by a restart of its siblings, say, leaves it to the next). One
       that fails is stopped for good (``start_failed``) instead of being restarted, as
@@ -213,7 +214,8 @@ class _WorkerBehaviour:
         try:
             await self._inner.on_start(ctx)
         except Exception as exc:
-            first_starts.pop(ctx.id, None)
+            # (left in first_starts: the grow takes it out once this worker has stopped,
+            # so the pool never lists it as one of its workers)
             first.error = exc
             first.done.set()
             await stop_for_good(ctx)
@@ -606,7 +608,12 @@ class _PoolRouter(Agent):
         # leaves n running workers, and the list names only running ones.
         self._forget_stopped(ctx)
         if control == WORKERS:
-            return [{"id": str(w.id), "name": w.name} for w in self.workers]
+            # Not a grown worker whose first on_start has not returned: it is not running
+            # yet, and may never (one that fails to start leaves the pool), as OTP's
+            # which_children shows a child only once start_child (waiting for its init)
+            # returned. It gets messages meanwhile (they wait for its start).
+            starting = self.first_starts
+            return [{"id": str(w.id), "name": w.name} for w in self.workers if w.id not in starting]
         if control == BROADCAST:
             return await self._broadcast(ctx, msg, value)
         try:
@@ -676,6 +683,9 @@ class _PoolRouter(Agent):
             # In spawn order: they start in that order (each after the one before).
             for ref, first in spawned:
                 await _started_or_stopped(kernel, ref, first.done)
+                if first.error is not None:
+                    # (stopped for good, see _WorkerBehaviour: out of the pool as it stops)
+                    await kernel.wait_stopped(ref)
                 self.first_starts.pop(ref.id, None)
                 if first.error is not None:
                     # (its on_start's error is user code: its repr may raise)

@@ -819,12 +819,15 @@ async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_cl
             # /1 and /2 still hold their stalled messages; growing does not reuse names
             nursery.start_soon(grow)
             await trio.testing.wait_all_tasks_blocked()
-            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/3"]
+            # workers/3 is not listed until its first start went through (fifty-second
+            # pass: it was, before it had started)
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
             # the answer waits for workers/3's start, which the pool's supervisor makes
             # once it has stopped /2 and /1 (one at a time, as it does everything)
             assert grown == []
             gate.set()
         assert grown == [2]
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/3"]
         await step_until_idle(kernel)
         assert sorted(p for _, p in seen) == [0, 1, 2]
 
@@ -1415,3 +1418,62 @@ async def test_a_pool_never_stops_an_agent_it_did_not_spawn(autojump_clock: Any)
     stops = [(e.name, e.reason) for e in events if e.kind is EventKind.STOPPED]
     assert ("workers/supervisor", "shutdown") in stops
     assert all(reason == "shutdown" for _, reason in stops), stops
+
+
+async def test_workers_lists_a_grown_worker_only_once_its_first_start_went_through(
+    autojump_clock: Any,
+) -> None:
+    """Regression (fifty-second pass): ``{"$workers": None}`` (``pool_workers``) listed a
+    grown worker as soon as it was spawned, while its ``on_start`` still ran: a worker
+    whose first start then failed was listed, then gone, though it never was one (the
+    grow answered that it failed to start). The list names the running workers, as
+    docs/pools.md says: a grown one once its first ``on_start`` returned, as OTP's
+    ``which_children`` shows a child once ``start_child`` (which waits for its ``init``)
+    returned. (Fails with main's _pool.py: ``['workers/0', 'workers/1']`` listed while
+    workers/1 starts, and workers/2, that fails to start, listed too.)"""
+    gate = trio.Event()
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if ctx.name == "workers/1":
+                await gate.wait()
+            if ctx.name == "workers/2":
+                await trio.sleep(1)
+                raise RuntimeError("no database")
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return ctx.name if msg.kind is MessageKind.QUERY else None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(Worker, size=1))
+        await step_until_idle(kernel)
+        outcomes: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def grow(size: int) -> None:
+                try:
+                    outcomes.append(await resize_pool(kernel, "workers", size, timeout=60))
+                except RequestFailed as exc:
+                    outcomes.append(str(exc.error))
+
+            nursery.start_soon(grow, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes == [2]
+            assert pool_names(await pool_workers(kernel, "workers")) == [
+                "workers/0",
+                "workers/1",
+            ]
+            nursery.start_soon(grow, 3)
+            listed = []
+            while len(outcomes) < 2:
+                listed.append(pool_names(await pool_workers(kernel, "workers")))
+                await trio.sleep(0.25)
+        assert outcomes[1] == (
+            "pool 'workers': grew by 0 to 2 workers, not 3: workers/2 failed to start:"
+            " RuntimeError('no database')"
+        )
+        assert listed and all(names == ["workers/0", "workers/1"] for names in listed)
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
