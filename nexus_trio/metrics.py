@@ -294,6 +294,10 @@ _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
 #: get() cost it 0.08-0.1 us a call, of 0.42 us); an entry is dropped as its check works
 #: or is removed, or as its kernel is collected (a finalizer: see _check_failed)
 _failing: dict[tuple[int, int], list[Any]] = {}
+#: what a failing readiness check or collector is called in its log line, and what its
+#: failure does (see _check_failed)
+_READINESS_CHECK: Final = ("readiness check", "the kernel is not ready while it fails")
+_COLLECTOR: Final = ("metrics collector", "its series are left out of scrapes while it fails")
 _T = TypeVar("_T")
 
 #: what :func:`serve_routes` asks for a request's answer: ``await route(path)`` gives
@@ -323,7 +327,10 @@ def add_collector(kernel: Kernel, collector: Collector) -> None:
     NATS cluster's ``nexus_cluster_*``, added at its join and removed at its leave) without
     the kernel knowing of it. ``collect()`` is called in the kernel's thread when a
     snapshot is taken, with the kernel-wide values (it must be quick and not wait); its
-    families are written after the kernel's. Adding one collector twice is a ValueError."""
+    families are written after the kernel's. One that raises, or yields what is no
+    ``Metric``, is left out of the scrape (the rest is scraped) and logged as it starts
+    failing, as its error changes and once as it works again. Adding one collector twice
+    is a ValueError."""
     _add_to(_added, kernel, collector)
 
 
@@ -331,6 +338,7 @@ def remove_collector(kernel: Kernel, collector: Collector) -> None:
     """Stop exporting ``collector``'s series with ``kernel``'s (from the next snapshot on);
     a collector not added is left alone."""
     _remove_from(_added, kernel, collector)
+    _failing.pop((id(kernel), id(collector)), None)
 
 
 def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
@@ -385,7 +393,9 @@ def readiness(kernel: Kernel) -> str | None:
             elif _failing:
                 _check_works(kernel, check)
         if reason is not None:
-            reason = escape_control(reason.strip()) or "not ready"
+            # (str's own strip: a reason may be a str subclass whose methods raise; what
+            # follows works on the plain str it returns)
+            reason = escape_control(str.strip(reason)) or "not ready"
             if reason not in reasons:
                 reasons.append(reason)
     return "; ".join(reasons) if reasons else None
@@ -393,12 +403,14 @@ def readiness(kernel: Kernel) -> str | None:
 
 def _check_failed(
     kernel: Kernel,
-    check: Callable[[], str | None],
+    check: object,
     reason: str,
     what: str,
     exc: BaseException | None,
+    role: tuple[str, str] = _READINESS_CHECK,
 ) -> None:
-    """``check`` failed (``reason``): logged if its last call did not fail so (the
+    """``check`` (a readiness check, or what ``role`` names: its name and what its
+    failure does) failed (``reason``): logged if its last call did not fail so (the
     traceback of ``exc`` with it), else counted only."""
     key = (id(kernel), id(check))
     state = _failing.get(key)
@@ -412,10 +424,12 @@ def _check_failed(
     log_guarded(
         log,
         logging.ERROR,
-        "readiness check %s %s (the kernel is not ready while it fails; logged again when"
-        " its error changes or it works again; failed calls in a row: %d)",
+        "%s %s %s (%s; logged again when its error changes or it works again; failed"
+        " calls in a row: %d)",
+        role[0],
         error_repr(check),
         what,
+        role[1],
         calls,
         exc_info=exc,
     )
@@ -427,14 +441,15 @@ def _forget_failing(kernel_id: int) -> None:
         del _failing[key]
 
 
-def _check_works(kernel: Kernel, check: Callable[[], str | None]) -> None:
+def _check_works(kernel: Kernel, check: object, role: tuple[str, str] = _READINESS_CHECK) -> None:
     """``check`` answered: the end of its failure (if it failed) is logged, with the count."""
     state = _failing.pop((id(kernel), id(check)), None)
     if state is not None:
         log_guarded(
             log,
             logging.INFO,
-            "readiness check %s works again after %d failed calls in a row (the last: %s)",
+            "%s %s works again after %d failed calls in a row (the last: %s)",
+            role[0],
             error_repr(check),
             state[1],
             state[0],
@@ -452,10 +467,35 @@ def _check_name(check: Callable[[], str | None]) -> str:
 
 
 def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:
+    """The families of the collectors added to ``kernel``. One that raises (at its call
+    or as it yields) or yields what is no ``Metric`` is left out of this scrape, whole,
+    and logged as a failing readiness check is (as it starts failing, as its error
+    changes, and once as it works again): the kernel's series and the other collectors'
+    are still scraped. ``prometheus_client``'s registry fails the scrape with a 500
+    instead; one transport's bug must not blind the kernel's monitoring."""
     collectors = _added.get(kernel)
     if not collectors:
         return ()
-    return tuple(family for collector in collectors for family in collector.collect())
+    families: list[Metric] = []
+    for collector in tuple(collectors):
+        try:
+            got = list(collector.collect())
+        except Exception as exc:
+            _check_failed(
+                kernel, collector, f"raised {type(exc).__name__}", "raised", exc, _COLLECTOR
+            )
+            continue
+        wrong = next((family for family in got if not isinstance(family, Metric)), None)
+        if wrong is not None:
+            what = f"yielded {brief(wrong, 200)}, not a prometheus_client Metric"
+            _check_failed(
+                kernel, collector, f"yielded a {type(wrong).__name__}", what, None, _COLLECTOR
+            )
+            continue
+        if _failing:
+            _check_works(kernel, collector, _COLLECTOR)
+        families += got
+    return tuple(families)
 
 
 def take_snapshot(

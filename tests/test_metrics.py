@@ -16,11 +16,12 @@ import random
 import re
 import select
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import pytest
 import trio
 import trio.testing
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexus_trio import (
@@ -42,9 +43,11 @@ from nexus_trio.metrics import (
     EndpointStats,
     KernelCollector,
     MetricsRenderer,
+    add_collector,
     add_readiness,
     build_registry,
     readiness,
+    remove_collector,
     remove_readiness,
     render_snapshot,
     serve_metrics,
@@ -2395,3 +2398,101 @@ async def test_a_connection_whose_answer_was_cut_holds_neither_a_shutdown_nor_it
     assert trio.current_time() - cancelled == 0
     assert endpoint.open == 0
     await stuck.aclose()
+
+
+class _OddReason(str):
+    """A reason, a ``str`` subclass whose own methods raise (``strip``, ``__eq__``)."""
+
+    def strip(self, chars: str | None = None) -> str:
+        raise RuntimeError("strip bug")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("eq bug")
+
+    __hash__ = str.__hash__
+
+
+async def test_a_readiness_reason_of_a_str_subclass_whose_methods_raise_is_still_said() -> None:
+    """Regression (fifty-second pass): a check's reason is any ``str``, a subclass too,
+    and ``readiness()`` called the reason's own ``strip``: a subclass whose ``strip``
+    raises made ``readiness()`` raise it, so ``/readyz`` answered 500 and every
+    ``/metrics`` scrape failed whole. The reason is read as the text it holds (``str``'s
+    own methods), so the kernel is not ready, saying it. (Fails with main's metrics.py:
+    ``RuntimeError: strip bug`` out of ``readiness()``.)"""
+    async with open_test_kernel() as kernel:
+        add_readiness(kernel, lambda: _OddReason("  nats down\n"))
+        add_readiness(kernel, lambda: _OddReason("nats down"))  # (the same: said once)
+        assert readiness(kernel) == "nats down"
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        assert samples((await renderer.render()).decode())[("nexus_ready", ())] == 0
+
+
+class _FlakyCollector:
+    """A collector (as a transport adds one) that yields one gauge, or fails as told."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fault: str | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, "A series of an added collector.", value=1)
+        if self.fault == "raise":
+            raise RuntimeError("collector bug")
+        if self.fault == "no metric":
+            yield "not a family"  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"<collector {self.name}>"
+
+
+async def test_an_added_collector_that_fails_is_left_out_of_the_scrape_not_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (fifty-second pass): a collector added with ``add_collector`` whose
+    ``collect()`` raised (or yielded what is no ``Metric``) made every snapshot raise:
+    each ``/metrics`` scrape answered 500 (as ``prometheus_client``'s registry does), the
+    kernel's own series lost with it. Its families are left out, whole (not the half it
+    yielded before failing), the kernel's and the other collectors' are scraped, and it
+    is logged as it starts failing, as its error changes and once as it works again, as a
+    failing readiness check is. (Fails with main's metrics.py: ``RuntimeError:
+    collector bug`` out of ``render()``.)"""
+    bad, good = _FlakyCollector("nexus_bad_series"), _FlakyCollector("nexus_good_series")
+    bad.fault = "raise"
+    async with open_test_kernel() as kernel:
+        add_collector(kernel, bad)
+        add_collector(kernel, good)
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        with caplog.at_level(logging.INFO, logger="nexus_trio.metrics"):
+            scraped = [samples((await renderer.render()).decode()) for _ in range(3)]
+            bad.fault = "no metric"
+            scraped.append(samples((await renderer.render()).decode()))
+            bad.fault = None
+            scraped.append(samples((await renderer.render()).decode()))
+            bad.fault = "raise"
+            scraped.append(samples((await renderer.render()).decode()))
+            remove_collector(kernel, bad)
+            add_collector(kernel, bad)  # (taken out and back: its failure said anew)
+            scraped.append(samples((await renderer.render()).decode()))
+    assert [("nexus_bad_series", ()) in got for got in scraped] == [
+        False, False, False, False, True, False, False
+    ]  # fmt: skip
+    assert all(got[("nexus_good_series", ())] == 1 for got in scraped)
+    assert all(got[("nexus_kernel_up", ())] == 1 for got in scraped)
+    lines = [
+        (r.levelname, r.getMessage().split(" (")[0], r.exc_info is not None)
+        for r in caplog.records
+        if "metrics collector" in r.getMessage()
+    ]
+    assert lines == [
+        ("ERROR", "metrics collector <collector nexus_bad_series> raised", True),
+        (
+            "ERROR",
+            "metrics collector <collector nexus_bad_series> yielded 'not a family',"
+            " not a prometheus_client Metric",
+            False,
+        ),
+        ("INFO", "metrics collector <collector nexus_bad_series> works again after 4"
+         " failed calls in a row", False),
+        ("ERROR", "metrics collector <collector nexus_bad_series> raised", True),
+        ("ERROR", "metrics collector <collector nexus_bad_series> raised", True),
+    ]  # fmt: skip
