@@ -10,9 +10,9 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from ._errors import error_repr
+from ._errors import repr_raised
 
 
 def brief(value: Any, size: int = 120) -> str:
@@ -22,8 +22,72 @@ def brief(value: Any, size: int = 120) -> str:
     RuntimeError: ...>``: the error or line that shows a value from outside is still
     made, not replaced by the ``__repr__``'s exception (a readiness check answering
     such a value failed every scrape)."""
-    text = error_repr(value)
+    try:
+        text = _repr_prefix(value, size, set())
+    except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
+        # (as error_repr shows it: an element's repr raised, so the value's does)
+        text = repr_raised(value, exc)
     return text if len(text) <= size else text[:size] + "..."
+
+
+#: how the repr of each container type that :func:`_repr_prefix` walks opens and closes
+_BRACKETS: Final[dict[type, tuple[str, str]]] = {
+    list: ("[", "]"),
+    tuple: ("(", ")"),
+    dict: ("{", "}"),
+    set: ("{", "}"),
+    frozenset: ("frozenset({", "})"),
+}
+
+
+def _repr_prefix(value: Any, limit: int, walking: set[int]) -> str:
+    """``repr(value)`` (raising what it raises), or a start of it longer than
+    ``limit``: the repr of a long value is not built whole to be cut (a 3M-element list
+    took 0.3 s, in the kernel's thread, for a 120-character line). Text, bytes and the
+    built-in containers (not subclasses: their ``__repr__`` may differ) are read only as
+    far as the cut; anything else is ``repr``'d whole, as before. ``reprlib`` is not
+    used: its reprs differ from ``repr`` (sorted dict keys, middle cuts, a depth limit),
+    and a line must show the value's start as ``repr`` does. ``walking`` holds the
+    containers being shown, for a list or dict that holds itself (``[...]``)."""
+    kind = type(value)
+    if kind is str or kind is bytes:
+        if len(value) <= limit:
+            return repr(value)
+        # A start of the value, enough for ``limit`` characters (each takes one or
+        # more), shown with the quotes and escapes ``repr`` chose for the whole: ending
+        # it with the other quote makes ``repr`` choose the same, then that is cut off.
+        start = value[: max(limit, 0) + 1]
+        single, double = ("'", '"') if kind is str else (b"'", b'"')
+        other = single if single in value and double not in value else double
+        return repr(start + other)[:-2]
+    brackets = _BRACKETS.get(kind)
+    if brackets is None or not value:
+        return repr(value)
+    if id(value) in walking:
+        return f"{brackets[0]}...{brackets[1]}"
+    walking.add(id(value))
+    try:
+        parts = [brackets[0]]
+        length = len(brackets[0])
+        for i, item in enumerate(value.items() if kind is dict else value):
+            if i:
+                parts.append(", ")
+                length += 2
+            for n, element in enumerate(item if kind is dict else (item,)):
+                if n:
+                    parts.append(": ")
+                    length += 2
+                piece = _repr_prefix(element, limit - length, walking)
+                parts.append(piece)
+                length += len(piece)
+                if length > limit:
+                    return "".join(parts)
+    finally:
+        walking.discard(id(value))
+    if kind is tuple and len(value) == 1:
+        parts.append(",")
+    parts.append(brackets[1])
+    return "".join(parts)
 
 
 def seconds_text(seconds: float) -> str:

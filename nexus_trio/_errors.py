@@ -46,7 +46,7 @@ def error_repr(error: object) -> str:
     try:
         return repr(error)
     except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
-        return _repr_raised(error, exc)
+        return repr_raised(error, exc)
 
 
 def failed_repr(error: BaseException) -> str | None:
@@ -54,11 +54,12 @@ def failed_repr(error: BaseException) -> str | None:
     try:
         repr(error)
     except Exception as exc:
-        return _repr_raised(error, exc)
+        return repr_raised(error, exc)
     return None
 
 
-def _repr_raised(error: object, exc: Exception) -> str:
+def repr_raised(error: object, exc: Exception) -> str:
+    """How :func:`error_repr` shows ``error`` whose ``repr()`` raised ``exc``."""
     try:
         said = f"{type(exc).__name__}: {exc}"
     except Exception:

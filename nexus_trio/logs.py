@@ -185,14 +185,18 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 def _extras(record: logging.LogRecord) -> list[tuple[str, Any]]:
-    """The ``extra=`` attributes of a record, context fields first; empty ones left out."""
+    """The ``extra=`` attributes of a record, context fields first; empty ones left out.
+    A key of ``extra=`` that is no ``str`` (``{1: ...}``: ``makeRecord`` takes any key)
+    is named by its ``str()`` (as :func:`_shown` gives it): such a key made every
+    formatter raise, and the record was lost."""
     attributes = vars(record)
     pairs = [(key, attributes[key]) for key in _CONTEXT if key in attributes]
-    pairs.extend(
-        (key, value)
-        for key, value in attributes.items()
-        if key not in _STANDARD and key not in _CONTEXT and not key.startswith("_")
-    )
+    for key, value in attributes.items():
+        if type(key) is not str:
+            # (no attribute: never a standard or private one)
+            pairs.append((_shown(key), value))
+        elif key not in _STANDARD and key not in _CONTEXT and not key.startswith("_"):
+            pairs.append((key, value))
     return [(key, value) for key, value in pairs if not _empty(value)]
 
 
@@ -319,6 +323,10 @@ _JSON_ESCAPES: Final = {
 }
 
 
+#: keys a JSON line may have of its own after the extras (the traceback, the stack)
+_JSON_OWN: Final = frozenset({"exc", "stack"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line.
 
@@ -326,8 +334,11 @@ class JsonFormatter(logging.Formatter):
     ``agent_id``, ``agent_name``, ``msg_id``, ``trace_id`` and any other ``extra=``
     attribute when present and not empty, ``exc`` (the formatted traceback) when the
     record carries an exception and ``stack`` for ``stack_info``. Values that are not
-    JSON types are written as strings; an extra attribute whose name is taken is written
-    as ``extra_<name>``. Control characters are ``\\u`` escapes: JSON's own (C0) and also
+    JSON types are written as strings; an extra attribute whose name is taken (by one of
+    these keys, or by an extra before it: ``extra={1: a, "1": b}`` are both named
+    ``"1"``) is written as ``extra_<name>`` (``extra_extra_<name>`` if that is taken too),
+    so no value is lost to a reader that keeps one of two equal keys; a key that is no
+    ``str`` is named by its ``str()``. Control characters are ``\\u`` escapes: JSON's own (C0) and also
     DEL, the C1 controls (NEL U+0085 among them), U+2028, U+2029, the bidirectional
     overrides and lone surrogates, so a record is one line for every reader and any UTF-8
     stream can write it.
@@ -341,7 +352,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in _extras(record):
-            entry[key if key not in entry else f"extra_{key}"] = _json_value(value)
+            # A name taken (by a field of ours, or an extra before it: keys ``1`` and
+            # ``"1"`` are both "1" in JSON) is prefixed until it is free: a reader of
+            # the line keeps only one of two equal keys.
+            while key in entry or key in _JSON_OWN:
+                key = f"extra_{key}"
+            entry[key] = _json_value(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
