@@ -44,6 +44,7 @@ import trio.testing
 
 from ._agent import AgentRef, Context, agent, checked_seconds
 from ._block import async_block
+from ._brief import brief
 from ._child import enum_member
 from ._config import SECTIONS, Config
 from ._deadletter import DeadLetter, DeadLetterReason
@@ -179,6 +180,25 @@ async def open_test_kernel(
     assert_conserved(kernel)
 
 
+def _check_kernel(kernel: object, helper: str, uses: str) -> None:
+    """A :class:`TypeError` naming ``helper`` unless ``kernel`` is a kernel, or a
+    stand-in for one with the method ``uses`` that ``helper`` calls: what else was passed
+    (``None``, a name, the block ``open_kernel()`` returns without ``async with``)
+    failed deep inside with an ``AttributeError`` that named no helper, or, for
+    ``settle``, was taken without a word."""
+    if isinstance(kernel, Kernel) or callable(getattr(type(kernel), uses, None)):
+        return
+    hint = (
+        ": that is the block itself; use 'async with open_test_kernel() as kernel:' and pass kernel"
+        if hasattr(type(kernel), "__aenter__")
+        else " (open_test_kernel(), open_kernel() or the nexus_kernel fixture gives one)"
+    )
+    raise TypeError(
+        f"{helper}: kernel must be a nexus_trio.Kernel, got {type(kernel).__name__}"
+        f" {brief(kernel, 60)}{hint}"
+    )
+
+
 async def _shut_down_if_busy(kernel: Kernel, timeout: float) -> str:
     """Shut ``kernel`` down at once if its tasks never all block within ``timeout`` s of
     real time, and say so (else ``""``, the graceful shutdown left to the block's end).
@@ -225,6 +245,8 @@ async def settle(kernel: Kernel | None = None, *, timeout: float = 60.0) -> None
     seconds of real time (an agent that sends to itself on every message never lets
     them all block), where the wait would go on forever.
     """
+    if kernel is not None:
+        _check_kernel(kernel, "settle", "stats")
     checked_seconds(timeout, "settle's timeout")
     if not await _all_blocked(timeout):
         raise AssertionError(f"tasks not all blocked after {timeout:g} s of real time {_BUSY}")
@@ -274,6 +296,7 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
     is a ``MockClock`` that does not jump (pytest-trio's ``mock_clock``), where it would
     wait forever.
     """
+    _check_kernel(kernel, "step_until_idle", "stats")
     checked_seconds(timeout, "step_until_idle's timeout")
     deadline = trio.current_time() + timeout
     while True:
@@ -380,6 +403,7 @@ async def send_and_wait(
     messages to other agents, dead letters, restarts — has happened when this returns.
     To get an answer back use ``await kernel.request(to, payload)``.
     """
+    _check_kernel(kernel, "send_and_wait", "send")
     checked_seconds(timeout, "send_and_wait's timeout")  # (before the message is sent)
     message = await kernel.send(to, payload, kind=kind, sender=sender)
     await step_until_idle(kernel, timeout=timeout)
@@ -388,6 +412,7 @@ async def send_and_wait(
 
 def dead_letters(kernel: Kernel, reason: DeadLetterReason | str | None = None) -> list[DeadLetter]:
     """Dead letters so far (oldest first), optionally only those with ``reason``."""
+    _check_kernel(kernel, "dead_letters", "recent_dead_letters")
     letters = kernel.recent_dead_letters()
     if reason is None:
         return letters
@@ -403,6 +428,7 @@ def assert_dead_lettered(
     error: type[BaseException] | None = None,
 ) -> DeadLetter:
     """Assert one dead letter matches and return it; the message says what was there instead."""
+    _check_kernel(kernel, "assert_dead_lettered", "recent_dead_letters")
     if error is not None and not (isinstance(error, type) and issubclass(error, BaseException)):
         if isinstance(error, BaseException):
             raise TypeError(
@@ -442,6 +468,7 @@ def assert_dead_lettered(
 
 def assert_no_dead_letters(kernel: Kernel) -> None:
     """Assert that nothing was dead-lettered; the message lists what was."""
+    _check_kernel(kernel, "assert_no_dead_letters", "recent_dead_letters")
     letters = kernel.recent_dead_letters()
     if letters:
         seen = [(d.reason.value, d.message.payload, error_repr(d.error)) for d in letters]
@@ -461,6 +488,7 @@ def assert_conserved(kernel: Kernel) -> None:
     closed): a task that was just woken (a waiting sender whose wait was cancelled, a
     handler whose message was just taken) has not yet done its part of the accounting.
     """
+    _check_kernel(kernel, "assert_conserved", "stats")
     s = kernel.stats()
     total = s.handled + s.replies_delivered + s.forwarded + s.dead_lettered + s.in_flight
     if s.accepted != total or s.in_flight < 0:
@@ -506,6 +534,12 @@ def assert_events(
 
     ``expected`` lists kinds in order, as :class:`EventKind` or their values (``"failed"``).
     """
+    if not isinstance(recorder, EventRecorder):
+        raise TypeError(
+            "assert_events: recorder must be the EventRecorder of 'async with"
+            f" record_events(kernel) as recorder:', got {type(recorder).__name__}"
+            f" {brief(recorder, 60)}"
+        )
     if isinstance(expected, str | EventKind):  # (a str would be gone through letter by letter)
         raise TypeError(
             "assert_events: the expected kinds must be a list of event kinds, got the"
@@ -584,6 +618,7 @@ def _no_such_name(recorder: EventRecorder, name: str | None) -> str:
 async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[EventRecorder]:
     """Collect lifecycle events while the block runs (events are taken as they happen;
     what a full ``buffer`` loses is counted in ``recorder.dropped``)."""
+    _check_kernel(kernel, "record_events", "events")
     recorder = EventRecorder()
     # (the stream first: a bad buffer is its own error, not one of the nursery's group)
     async with kernel.events(buffer) as stream, trio.open_nursery() as nursery:
@@ -653,6 +688,7 @@ def spawn_probe(
     """Spawn a :class:`Probe` named ``name``: it records every message it receives and
     returns ``answer(msg)`` (so a request gets it as its answer; an exception it raises
     fails the message as a handler's would). Without ``answer`` it answers nothing."""
+    _check_kernel(kernel, "spawn_probe", "spawn")
     if answer is not None and not callable(answer):
         raise TypeError(
             "spawn_probe: answer must be a function of the message (answer=lambda msg: ...),"

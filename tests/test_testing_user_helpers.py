@@ -799,3 +799,62 @@ async def test_open_test_kernel_given_a_mapping_points_to_test_config() -> None:
         " {'mailbox_capacity': 8}: test_config(mailbox_capacity=8) builds one"
         " (test_config(supervision={...}) for another section's options)"
     )
+
+
+_NO_KERNEL = " (open_test_kernel(), open_kernel() or the nexus_kernel fixture gives one)"
+
+
+@pytest.mark.parametrize(
+    ("helper", "call", "given"),
+    [
+        ("dead_letters", lambda k: dead_letters(k), "NoneType None"),
+        ("assert_dead_lettered", lambda k: assert_dead_lettered(k), "NoneType None"),
+        ("assert_no_dead_letters", lambda k: assert_no_dead_letters(k), "NoneType None"),
+        ("assert_conserved", lambda k: assert_conserved(k), "NoneType None"),
+        ("spawn_probe", lambda k: spawn_probe(k, "p"), "NoneType None"),
+        ("step_until_idle", lambda k: step_until_idle(k), "NoneType None"),
+        ("send_and_wait", lambda k: send_and_wait(k, "p", 1), "NoneType None"),
+        ("settle", lambda k: settle("kernel"), "str 'kernel'"),
+        ("record_events", lambda k: record_events(k).__aenter__(), "NoneType None"),
+    ],
+)
+async def test_a_helper_given_no_kernel_says_which_helper_and_what_it_got(
+    autojump_clock: Any, helper: str, call: Any, given: str
+) -> None:
+    """Regression (fifty-second pass): a helper given no kernel (``None``, a name)
+    failed inside with an ``AttributeError`` naming no helper (``'NoneType' object has
+    no attribute 'recent_dead_letters'``), and ``settle("kernel")`` was taken without a
+    word (its kernel is optional, and was never looked at). Each says which helper and
+    what it got. (Fails with main's testing.py: those AttributeErrors, and settle
+    returns.)"""
+
+    async def called() -> None:
+        result = call(None)
+        if hasattr(result, "__await__"):
+            await result
+
+    with pytest.raises(TypeError) as info:
+        await called()
+    assert (
+        str(info.value) == f"{helper}: kernel must be a nexus_trio.Kernel, got {given}{_NO_KERNEL}"
+    )
+
+
+async def test_a_helper_given_the_kernel_block_itself_says_to_enter_it(
+    autojump_clock: Any,
+) -> None:
+    """``assert_conserved(open_test_kernel())`` (the block, not entered) is named so, and
+    ``assert_events`` given no recorder names what it takes."""
+    block = open_test_kernel()
+    with pytest.raises(TypeError) as info:
+        assert_conserved(block)  # type: ignore[arg-type]
+    assert str(info.value).startswith("assert_conserved: kernel must be a nexus_trio.Kernel, got")
+    assert str(info.value).endswith(
+        ": that is the block itself; use 'async with open_test_kernel() as kernel:' and pass kernel"
+    )
+    with pytest.raises(TypeError) as info:
+        assert_events(None, None, [])  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "assert_events: recorder must be the EventRecorder of 'async with"
+        " record_events(kernel) as recorder:', got NoneType None"
+    )
