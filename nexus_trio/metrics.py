@@ -53,6 +53,7 @@ Typical use, next to a kernel::
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import re
@@ -486,7 +487,13 @@ def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:
             )
             continue
         wrong = next((family for family in got if not isinstance(family, Metric)), None)
-        if wrong is not None:
+        if wrong is None:
+            try:
+                got = [_utf8_family(family) for family in got]
+            except TypeError as exc:
+                _check_failed(kernel, collector, "yielded no text", str(exc), None, _COLLECTOR)
+                continue
+        else:
             what = f"yielded {brief(wrong, 200)}, not a prometheus_client Metric"
             _check_failed(
                 kernel, collector, f"yielded a {type(wrong).__name__}", what, None, _COLLECTOR
@@ -496,6 +503,45 @@ def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:
             _check_works(kernel, collector, _COLLECTOR)
         families += got
     return tuple(families)
+
+
+def _utf8_family(family: Metric) -> Metric:
+    """``family`` as the text format can write it: a lone surrogate in its name, help,
+    unit, or a sample's name, label name or value (no UTF-8 text holds one: the whole
+    render raised ``UnicodeEncodeError``, a 500) is written as its escape, as in the
+    kernel's own labels (:func:`_label_value`). ``TypeError`` naming the first of them
+    that is no str (the render would raise on it too)."""
+    texts = [family.name, family.documentation, family.unit]
+    for sample in family.samples:
+        texts.append(sample.name)
+        texts += sample.labels
+        texts += sample.labels.values()
+    try:
+        # (one join and one isascii for the usual family, all ASCII: a few us a scrape)
+        if "".join(texts).isascii():
+            return family
+    except TypeError:
+        wrong = next(text for text in texts if not isinstance(text, str))
+        raise TypeError(
+            f"family {brief(family.name, 80)}: a name, help, unit or label is"
+            f" {brief(wrong, 80)}, not a str"
+        ) from None
+    if all(_label_value(text) is text for text in texts):
+        return family  # (nothing to escape, nothing copied)
+    # (a copy, not a new Metric: its constructor would check the name again, and add
+    # the unit to it)
+    fixed = copy.copy(family)
+    fixed.name = _label_value(family.name)
+    fixed.documentation = _label_value(family.documentation)
+    fixed.unit = _label_value(family.unit)
+    fixed.samples = [
+        sample._replace(
+            name=_label_value(sample.name),
+            labels={_label_value(k): _label_value(v) for k, v in sample.labels.items()},
+        )
+        for sample in family.samples
+    ]
+    return fixed
 
 
 def take_snapshot(

@@ -2496,3 +2496,53 @@ async def test_an_added_collector_that_fails_is_left_out_of_the_scrape_not_a_500
         ("ERROR", "metrics collector <collector nexus_bad_series> raised", True),
         ("ERROR", "metrics collector <collector nexus_bad_series> raised", True),
     ]  # fmt: skip
+
+
+class _OddTextCollector:
+    """A collector whose label values hold what the text format must escape: quotes, a
+    newline, a backslash, a lone surrogate (a non-UTF-8 byte of a node's host name
+    decoded with surrogateescape), or, told so, a label value that is no str."""
+
+    def __init__(self) -> None:
+        self.no_str = False
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("nexus_odd_nodes", "Nodes by \udcff name.", labels=["node"])
+        family.add_metric(["host\udcff1"], 1)
+        family.add_metric(['say "hi"\nback\\slash'], 2)
+        if self.no_str:
+            family.add_metric([7], 3)  # type: ignore[list-item]
+        yield family
+        yield GaugeMetricFamily("nexus_odd_plain", "A plain series beside it.", value=4)
+
+
+async def test_an_added_collector_s_label_values_are_escaped_also_lone_surrogates(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (fifty-second pass): a label value (or help text) of an added
+    collector holding a lone surrogate made the whole render raise
+    ``UnicodeEncodeError`` (a 500, every scrape): it is written as its escape
+    (``host\\udcff1``), as the kernel's own ``agent_name`` labels are; quotes,
+    newlines and backslashes are escaped by the text format as before, and the body
+    parses back to the same values. A label value that is no str (the render raised on
+    it too) leaves that collector out, named. (Fails with main's metrics.py:
+    ``UnicodeEncodeError: 'utf-8' codec can't encode character '\\udcff'``.)"""
+    odd = _OddTextCollector()
+    async with open_test_kernel() as kernel:
+        add_collector(kernel, odd)
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        body = (await renderer.render()).decode("utf-8")
+        assert "# HELP nexus_odd_nodes Nodes by \\\\udcff name.\n" in body
+        got = samples(body)
+        assert got[("nexus_odd_nodes", (("node", "host\\udcff1"),))] == 1
+        assert got[("nexus_odd_nodes", (("node", 'say "hi"\nback\\slash'),))] == 2
+        assert got[("nexus_odd_plain", ())] == 4
+        odd.no_str = True
+        with caplog.at_level(logging.ERROR, logger="nexus_trio.metrics"):
+            got = samples((await renderer.render()).decode("utf-8"))
+        assert ("nexus_odd_plain", ()) not in got
+        assert got[("nexus_kernel_up", ())] == 1
+    (said,) = [r.getMessage() for r in caplog.records if "metrics collector" in r.getMessage()]
+    assert said.split(" (")[0].endswith(
+        "family 'nexus_odd_nodes': a name, help, unit or label is 7, not a str"
+    )
