@@ -306,7 +306,9 @@ QUERY_REASONS = {
 
 #: raw JSON put into an answer, and whether the kernel can read the line then
 ODD_VALUES = [
-    ("NaN", False),
+    # NaN is not JSON (RFC 8259; serde_json and JSON.parse refuse it): an invalid line
+    # since the fifty-second pass, no longer an answer holding a float NaN
+    ("NaN", True),
     ("1e999", False),
     ("-1e999", False),
     # a lone surrogate is not Unicode text: the bridge refuses the line (as from_json does)

@@ -3821,14 +3821,10 @@ async def test_a_send_frame_to_its_own_full_mailbox_while_its_message_waits_is_r
     ), warnings
 
 
-async def test_send_frame_with_a_lone_surrogate_is_an_invalid_line_not_a_message(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Regression: the stdout parser took a frame holding a lone surrogate ("\\ud800"),
-    which Message.from_json and the NATS codecs refuse: a send frame so became a message
-    that could be forwarded to no other node nor written to a log file. It is a bad
-    frame now, counted, logged with its start, and routes nothing."""
-    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+async def _send_frame_refused(op: str, said: str) -> None:
+    """The toy's ``op`` writes a send frame to a sink that the kernel cannot use: the
+    message in flight fails ``malformed`` saying ``said``, the line is counted once as
+    invalid and routes nothing (the sink gets only the next message), the child stays."""
     got: list[Any] = []
 
     @agent(name="sink")
@@ -3837,17 +3833,62 @@ async def test_send_frame_with_a_lone_surrogate_is_an_invalid_line_not_a_message
 
     async with bridge_kernel() as kernel:
         kernel.spawn(sink)
-        ref = kernel.spawn(process_agent(toy(), name="surrogates"))
+        ref = kernel.spawn(process_agent(toy(), name="bad-sender"))
         with pytest.raises(RequestFailed) as info:
-            await kernel.request(ref, {"op": "send_lone_surrogate", "to": "sink"})
+            await kernel.request(ref, {"op": op, "to": "sink"})
         assert info.value.reason == "malformed"
-        assert "lone surrogate" in str(info.value.error)
+        assert said in str(info.value.error)
         await kernel.send("sink", "after")
         await wait_until(lambda: got == ["after"], "the sink to take the next message")
         stats = stats_of(kernel, ref)
         assert (stats.invalid_lines, stats.sends_routed, stats.starts) == (1, 0, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
+
+
+async def test_send_frame_with_a_lone_surrogate_is_an_invalid_line_not_a_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the stdout parser took a frame holding a lone surrogate ("\\ud800"),
+    which Message.from_json and the NATS codecs refuse: a send frame so became a message
+    that could be forwarded to no other node nor written to a log file. It is a bad
+    frame now, counted, logged with its start, and routes nothing."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    await _send_frame_refused("send_lone_surrogate", "lone surrogate")
     warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
     assert any("lone surrogate" in w and '"type": "send"' in w for w in warnings), warnings
+
+
+async def test_answer_holding_nan_or_infinity_is_an_invalid_line_not_an_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the stdout parser was plain ``json.loads``, which reads the bare words
+    ``NaN``, ``Infinity`` and ``-Infinity`` that JSON has not (the original's serde_json
+    and Node's JSON.parse refuse them): the requester got ``nan`` as the child's answer.
+    Such a line is not JSON: the message it answers is dead-lettered ``malformed``, the
+    line counted once as invalid, and the child goes on."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="floats"))
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, {"op": "not_finite", "value": value})
+            assert info.value.reason == "malformed"
+            assert "not JSON (JSON has no NaN or Infinity: it holds" in str(info.value.error)
+        assert await kernel.request(ref, {"op": "echo", "value": 1e308}) == 1e308
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.unserialisable, stats.starts) == (3, 0, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any('it holds NaN): {"type": "response"' in w for w in warnings), warnings
+
+
+async def test_send_frame_holding_nan_is_an_invalid_line_not_a_message() -> None:
+    """Regression: a send frame whose payload held ``NaN`` was routed (``sends_routed``)
+    as a message holding a float NaN: a Python agent got ``[nan]``, and a process agent
+    it was sent to dead-lettered it as ``unserialisable``, counted on that agent, which
+    was not at fault. The line is not JSON: it fails the sender's message in flight
+    (``malformed``, as any bad send frame) and routes nothing."""
+    await _send_frame_refused("send_not_finite", "JSON has no NaN or Infinity: it holds NaN")
 
 
 async def test_send_frame_with_a_non_string_conversation_id_is_an_invalid_line() -> None:
@@ -6045,12 +6086,18 @@ def test_nexus_send_holds_an_agent_that_ignores_its_stop_no_longer_than_the_kern
     assert "within 5s of shutdown" not in result.stderr
 
 
-#: a child that answers every message with ``{ANSWER}`` as Python's json writes it
-#: (NaN and Infinity included: what a careless agent sends)
+#: a child that answers every message with the JSON text ``{answer}``, written as it is
+#: (``1e999`` is JSON, which the kernel reads as Infinity; the bare ``NaN`` and
+#: ``Infinity`` Python's json writes by default are not: the kernel refuses that line)
 ANSWERS = """
 emit({{"type": "register", "payload": {{"id": "x", "name": "answers"}}}})
 while True:
-    respond_p1(next_message(), {answer})
+    msg = next_message()
+    frame = {{"type": "response", "payload": {{
+        "from": msg["to"], "to": msg["from"], "kind": "Response", "payload": "@ANSWER@",
+        "timestamp": "2024-01-01T00:00:00Z", "conversation_id": msg.get("conversation_id"),
+    }}}}
+    raw(json.dumps(frame).replace('"@ANSWER@"', {answer!r}).encode() + b"\\n")
 """
 
 
@@ -6061,7 +6108,7 @@ def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
     (json.dumps' default), which is not JSON: ``jq`` and strict parsers refuse it. Nothing
     is printed on stdout now, stderr names each such value by its path in the answer and
     shows the answer as the agent sent it, and the exit status is 3."""
-    answer = '{"result": [1, float("nan"), {"low": -float("inf")}], "more": {"a b": float("inf")}}'
+    answer = '{"result": [1, 1e999, {"low": -1e999}], "more": {"a b": 1e999}}'
     cmd = script(tmp_path, ANSWERS.format(answer=answer))
     for compact in ([], ["--compact"]):
         result = send_cli(shlex.join(cmd), '"hi"', *compact)
@@ -6069,7 +6116,7 @@ def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
         assert result.stdout == ""
         assert (
             "nexus send: the answer is not strict JSON (JSON has no NaN or Infinity): "
-            'NaN at .result[1], -Infinity at .result[2].low, Infinity at .more["a b"]'
+            'Infinity at .result[1], -Infinity at .result[2].low, Infinity at .more["a b"]'
         ) in result.stderr
         shown = result.stderr.split("the answer as the agent sent it:\n", 1)[1]
         assert json.loads(shown)["result"][2] == {"low": -math.inf}  # Python's reader takes it
@@ -6078,13 +6125,14 @@ def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
 @pytest.mark.parametrize(
     ("answer", "places"),
     [
-        ('float("nan")', "NaN at ."),
-        ('[0, float("inf")]', "Infinity at .[1]"),
-        ('{"a b": [float("nan")]}', 'NaN at .["a b"][0]'),
-        ('{"é": float("nan")}', 'NaN at .["é"]'),
+        ("1e999", "Infinity at ."),
+        ("[0, 1e999]", "Infinity at .[1]"),
+        ('{"a b": [-1e999]}', '-Infinity at .["a b"][0]'),
+        ('{"é": 1e999}', 'Infinity at .["é"]'),
         (
-            '[float("nan")] * 8',
-            "NaN at .[0], NaN at .[1], NaN at .[2], NaN at .[3], NaN at .[4] and 3 more",
+            json.dumps([1e999] * 8).replace("Infinity", "1e999"),
+            "Infinity at .[0], Infinity at .[1], Infinity at .[2], Infinity at .[3],"
+            " Infinity at .[4] and 3 more",
         ),
     ],
 )
@@ -6097,10 +6145,22 @@ def test_nexus_send_names_non_finite_numbers_by_their_jq_path(
     assert f"(JSON has no NaN or Infinity): {places}; the answer as" in result.stderr
 
 
+def test_nexus_send_an_answer_holding_bare_nan_is_a_malformed_answer(tmp_path: Path) -> None:
+    """The bare ``NaN`` Python's json writes by default is not JSON: the kernel refuses
+    the line (until the fifty-second pass it took it as a float NaN, and ``nexus send``
+    said ``NaN at .[1]`` with status 3), so the message failed, status 1, naming why."""
+    cmd = script(tmp_path, ANSWERS.format(answer="[1, NaN]"))
+    result = send_cli(shlex.join(cmd), '"hi"')
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert "nexus send: the message failed (malformed): " in result.stderr
+    assert "not JSON (JSON has no NaN or Infinity: it holds NaN)" in result.stderr
+
+
 def test_nexus_send_output_is_strict_json_when_the_answer_has_only_finite_numbers(
     tmp_path: Path,
 ) -> None:
-    cmd = script(tmp_path, ANSWERS.format(answer='{"x": [1.5, -0.0, 1e308, None, "NaN"]}'))
+    cmd = script(tmp_path, ANSWERS.format(answer='{"x": [1.5, -0.0, 1e308, null, "NaN"]}'))
     result = send_cli(shlex.join(cmd), '"hi"', "--compact")
     assert result.exit_code == 0, result.output
     strict = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(name))

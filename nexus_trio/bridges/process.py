@@ -889,6 +889,14 @@ def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
 
 
+def _no_json_constant(word: str) -> NoReturn:
+    """``parse_constant`` for a child's lines: ``NaN``, ``Infinity`` and ``-Infinity``,
+    which Python's ``json`` reads and JSON has not (RFC 8259; the original Nexus's
+    ``serde_json`` and Node's ``JSON.parse`` refuse them): a line holding one is not JSON,
+    not a message that only fails at the next agent it is routed to."""
+    raise ValueError(f"JSON has no NaN or Infinity: it holds {word}")
+
+
 def _clip(text: str, size: int) -> str:
     """``text``, cut to ``size`` characters with a note of how many were cut."""
     if len(text) <= size:
@@ -2216,7 +2224,7 @@ class ProcessAgent(Agent):
         try:
             # Decoded here, not by json.loads: given bytes, it guesses UTF-16 and UTF-32
             # and skips a byte order mark, and frames are UTF-8 (docs/protocol.md).
-            frame = json.loads(line.decode("utf-8"))
+            frame = json.loads(line.decode("utf-8"), parse_constant=_no_json_constant)
         except UnicodeDecodeError as exc:  # (the decode's: json.loads reads a str)
             raise _BadFrame(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
         except ValueError as exc:

@@ -169,6 +169,12 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         emit({"type": "response", "payload": body})
     elif op == "deep":
         emit_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    elif op == "not_finite":
+        # json.dumps writes these as the bare words NaN, Infinity, -Infinity: not JSON
+        respond(args, msg, {"x": [1, float(command["value"])]})
+    elif op == "send_not_finite":
+        emit({"type": "send", "payload": {"to": command["to"], "payload": [float("nan")]}})
+        respond(args, msg, "sent")
     elif op == "lone_surrogate":
         respond(args, msg, "\ud800")  # written as the escape \ud800
     elif op == "raw_surrogate":
