@@ -197,6 +197,8 @@ if __name__ == "__main__":
 JS_PROBE = """
 const fs = require('fs');
 const { NexusAgent, runMain } = require(%(bridge)s);
+// a Proxy whose every trap (get, getPrototypeOf: instanceof) throws another such Proxy
+const hostileProxy = () => new Proxy({}, new Proxy({}, { get() { throw hostileProxy(); } }));
 
 class Probe extends NexusAgent {
   onStart() {
@@ -225,6 +227,9 @@ class Probe extends NexusAgent {
       case 'lone_surrogate': return { cut: ['whole', 'x\\ud83d\\ude00'.slice(0, 2)] };
       case 'send_lone_surrogate':
         this.send('sink', { text: '\\udfff' });
+        return 'sent';
+      case 'send_hostile_proxy':
+        this.send('sink', { a: [hostileProxy()] });
         return 'sent';
       case 'sleep':
         await new Promise((resolve) => setTimeout(resolve, p.ms));
@@ -1101,6 +1106,14 @@ UNSERIALISABLE = {
             "send_lone_surrogate",
             "send() payload is not JSON serialisable: string with a lone surrogate at .text"
             " (half of a surrogate pair: not Unicode text)",
+            "TypeError",
+        ),
+        # (send() threw the Proxy its encoding threw, not the TypeError it promises:
+        # encode's instanceof of the Proxy threw it again)
+        (
+            "send_hostile_proxy",
+            "send() payload is not JSON serialisable: object: <a thrown object whose text"
+            " could not be read>",
             "TypeError",
         ),
     ],

@@ -212,7 +212,19 @@ function describeThrown(err) {
   };
 }
 
-/** JSON.stringify that refuses what JSON cannot carry instead of silently dropping it. */
+/** `value instanceof cls`, false where asking throws (a Proxy's getPrototypeOf trap). */
+function isInstance(value, cls) {
+  try {
+    return value instanceof cls;
+  } catch (err) {
+    return false;
+  }
+}
+
+/**
+ * JSON.stringify that refuses what JSON cannot carry instead of silently dropping it.
+ * Throws NotSerialisable and nothing else.
+ */
 function encode(obj, subject = obj) {
   let text;
   try {
@@ -230,11 +242,13 @@ function encode(obj, subject = obj) {
       return value;
     });
   } catch (err) {
-    if (err instanceof NotSerialisable) throw err;
-    if (err instanceof TypeError && /circular/i.test(err.message)) {
+    // (the result's own code may throw anything, a Proxy whose every trap throws too: an
+    // instanceof of it, or reading its message, throws, so describeThrown reads it)
+    const thrown = describeThrown(err);
+    if (thrown.isError && isInstance(err, NotSerialisable)) throw err;
+    if (thrown.isError && isInstance(err, TypeError) && /circular/i.test(thrown.message || '')) {
       throw new NotSerialisable('circular structure');
     }
-    const thrown = describeThrown(err); // (the result's own code may throw anything)
     throw new NotSerialisable(`${thrown.errorType}: ${thrown.text}`);
   }
   // JSON.stringify escapes a lone surrogate ('\ud800', half of a pair: 'x😀'.slice(0, 2))
