@@ -1219,6 +1219,8 @@ INVALID_LINES: list[tuple[bytes, str]] = [
     # mark and answered it (the Python bridge refused it, as docs/protocol.md says)
     (b"\xef\xbb\xbf" + message_frame(message("after a BOM")), BOM_PROBLEM),
     (b'{"type": "message", "payload": {"from": "x"\n', "not JSON"),
+    # NaN is not JSON: JSON.parse refused the line, the Python bridge handled the message
+    (message_frame(message("x")).replace(b'"payload":"x"', b'"payload":[NaN]'), "not JSON"),
 ]
 
 

@@ -40,7 +40,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 __all__ = [
     "FEATURES",
@@ -433,12 +433,24 @@ def _take_buffered(stream: Any) -> bytes:
     return data or b""
 
 
+def _no_json_constant(word: str) -> NoReturn:
+    """``parse_constant`` for input lines: ``NaN``, ``Infinity`` and ``-Infinity``, which
+    Python's ``json`` reads and JSON has not, make a line not JSON, as ``JSON.parse`` (the
+    JavaScript bridge) and the kernel find it."""
+    raise ValueError(f"JSON has no NaN or Infinity: it holds {word}")
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` of an input line, as strict as JSON (see :func:`_no_json_constant`)."""
+    return json.loads(text, parse_constant=_no_json_constant)
+
+
 def _is_shutdown(raw: bytes) -> bool:
     """Whether input line ``raw`` is a ``shutdown`` frame (the main loop stops at it)."""
     if b'"shutdown"' not in raw:
         return False
     try:
-        frame = json.loads(raw.decode("utf-8"))
+        frame = _loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return False
     return isinstance(frame, dict) and frame.get("type") == "shutdown"
@@ -876,7 +888,7 @@ class NexusAgent:
         try:
             # decoded as _parse decodes (json.loads of bytes would skip a byte order mark
             # and read UTF-16: a cancel the main loop skips would still cancel)
-            frame = json.loads(raw.decode("utf-8"))
+            frame = _loads(raw.decode("utf-8"))
             target = frame["payload"]["message_id"] if frame["type"] == "cancel" else None
         except (ValueError, TypeError, KeyError, RecursionError):
             # Not a usable cancel frame: the main loop reports the line. (A line nested
@@ -899,7 +911,7 @@ class NexusAgent:
         except UnicodeDecodeError as exc:
             raise InvalidFrame(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
-            frame = json.loads(text)
+            frame = _loads(text)
         except ValueError as exc:
             raise InvalidFrame(f"not JSON ({exc}): {text[:_SNIPPET]!r}") from None
         except RecursionError:
