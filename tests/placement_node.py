@@ -177,6 +177,22 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
         Placement._record_requested = record_then_hold  # type: ignore[method-assign]
         return None
+    if op == "hold_records":
+        # a kill point: every placement this node makes from now on (asked by another
+        # node, or its own) spawns its agent and claims the name, then waits for ever
+        # before writing the record (a test SIGKILLs the node there); answers_held says
+        # how many wait
+        async def hold_requested(self: Placement, *args: Any) -> None:
+            answers_held.append(args[0])
+            await asyncio.Event().wait()
+
+        async def hold_own(self: Placement, *args: Any) -> None:
+            answers_held.append(args[0])
+            await trio.sleep_forever()
+
+        Placement._record_requested = hold_requested  # type: ignore[method-assign]
+        Placement._write_record = hold_own  # type: ignore[method-assign]
+        return None
     if op == "answers_held":
         return len(answers_held)
     if op == "records":

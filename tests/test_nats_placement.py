@@ -391,9 +391,18 @@ class _Cluster:
             }
         )
         self.held = HeldLines()
+        #: the agent types the names' entries name (a placed agent's claim)
+        self.placed_types: dict[str, str] = {}
 
     def live_nodes(self) -> list[str]:
         return ["a", "b", "c"]
+
+    def names_held_on(self, nodes: Any) -> list[str]:
+        gone = set(nodes)
+        return [name for name, node in self._holders.items() if node in gone]
+
+    def placed_type(self, name: str) -> str | None:
+        return self.placed_types.get(name)
 
     def member_list(self) -> list[NodeInfo]:
         return []
@@ -617,6 +626,27 @@ def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None
     assert sorted(survivors["a"] + survivors["b"]) == on_c
     assert not set(survivors["a"]) & set(survivors["b"])
     assert survivors["a"] and survivors["b"]  # spread, not all on one
+    for node, names in survivors.items():
+        assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
+
+
+def test_a_lost_node_s_claimed_names_without_a_record_are_replaced_by_their_entry_s_type() -> None:
+    """Fifty-second pass: c claimed 30 names for placed agents (their entries name the
+    type) and wrote the records of only the first 10 before it was lost; two names of c
+    are plain ``kernel.spawn`` ones (no type in their entries). Each of the 30 is
+    re-placed by exactly one survivor, the plain ones by none. (Before: only the 10
+    recorded ones.)"""
+    holders = {f"agent-{i}": "c" for i in range(30)} | {"plain-0": "c", "plain-1": "c"}
+    survivors = {}
+    for node in ("a", "b"):
+        cluster = _Cluster(node, 0, holders)
+        cluster.placed_types = {f"agent-{i}": "counter" for i in range(30)}
+        placement = Placement(cluster)  # type: ignore[arg-type]
+        placement.register("counter", COUNTING)
+        placement.records = {f"agent-{i}": PlacementRecord("counter") for i in range(10)}
+        survivors[node] = placement.to_replace("c", ["a", "b"])
+        assert sorted(placement.records) == sorted(f"agent-{i}" for i in range(30))
+    assert sorted(survivors["a"] + survivors["b"]) == sorted(f"agent-{i}" for i in range(30))
     for node, names in survivors.items():
         assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
 
@@ -3222,7 +3252,7 @@ async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_name
 
         await _until(written, timeout=20)
         assert (await _name_entry(c, "svc-c"))[1] == json.dumps(
-            {"node": "c", "id": str(agent_id)}
+            {"node": "c", "id": str(agent_id), "type": "counter"}
         ).encode()
         assert c.placement.records_held == 1
         assert c.placement.records_unwritten == 0
@@ -3659,6 +3689,93 @@ async def test_a_rebalance_target_that_claimed_and_never_answered_leaves_each_na
 
 
 @pytest.mark.trio
+@pytest.mark.parametrize("asker", ["b", "c"])
+async def test_names_a_node_claimed_and_never_recorded_are_re_placed_once_it_is_lost(
+    asker: str,
+) -> None:
+    """Fifty-second pass, a SIGKILL point: b (or c itself) places 6 agents on c; c spawns
+    each and claims its name, then waits before writing its record (``hold_records``),
+    and is SIGKILLed there. The names bucket named c for each, the placed bucket had no record:
+    every node routed the names to the dead c (each send refused at once) until c was
+    forgotten, 300 s later, and nothing re-placed them. Now the claim names the agent's
+    type, and c's loss re-places those names as recorded ones: each runs once, on its
+    owner over a and b, a new incarnation with a ``restarted`` event saying "re-placed
+    from node c", its record written, and a request to it from every node is answered."""
+    names = [f"claimed-{i}" for i in range(6)]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            await c.call("hold_records")
+            async with trio.open_nursery() as nursery:
+                answers: dict[str, Any] = {}
+
+                async def spawn_each() -> None:
+                    try:
+                        answers.update(
+                            await (b if asker == "b" else c).call(
+                                "spawn_each",
+                                type="counter",
+                                names=names,
+                                node="c",
+                                place_timeout=2.0,
+                                timeout=60,
+                            )
+                        )
+                    except Exception as exc:  # (c asked itself, and was killed)
+                        answers["killed"] = repr(exc)
+
+                nursery.start_soon(spawn_each)
+
+                claimed: dict[str, Any] = {}
+
+                async def all_claimed() -> bool:  # (each at the kill point: no record)
+                    claimed.update({n: await a.call("where", name=n) for n in names})
+                    return all(w is not None and w[0] == "c" for w in claimed.values())
+
+                # (a, not c: c answers one command at a time, and its spawn_each waits)
+                await _until(all_claimed, timeout=30)
+                c.kill()
+                await c.process.wait()  # type: ignore[union-attr]
+            if asker == "b":
+                assert all(answers[n].startswith("TransportUnavailable") for n in names), answers
+            else:
+                assert list(answers) == ["killed"], answers
+            owner = {n: rendezvous_owner(n, ["a", "b"]) for n in names}
+
+            async def re_placed() -> bool:
+                for node in (a, b):
+                    for name in names:
+                        where = await node.call("where", name=name)
+                        if where is None or where[0] != owner[name]:
+                            return False
+                return True
+
+            # (c judged lost 2 s after its last heartbeat; forgotten only after 300 s)
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(re_placed, timeout=20)
+            where = {n: await b.call("where", name=n) for n in names}
+            assert {n: (w or [None])[0] for n, w in where.items()} == owner
+            held = await _held_once([a, b], names)
+            assert {n: held[n][0] for n in names} == owner
+            assert all(held[n][1] != claimed[n][1] for n in names)
+            for node in (a, b):
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert (answer["node"], answer["name"]) == (owner[name], name)
+            events = [e for n in (a, b) for e in await n.call("restarted")]
+            assert sorted(name for name, _ in events) == names
+            assert {reason for _, reason in events} == {"re-placed from node c"}
+            stats = [await n.call("stats") for n in (a, b)]
+            assert sum(s["replaced"] for s in stats) == len(names)
+
+            async def recorded() -> bool:
+                return bool(await a.call("records", names=names) == names)
+
+            await _until(recorded, timeout=10)
+
+
+@pytest.mark.trio
 async def test_placements_asked_of_a_node_that_leaves_cleanly_while_answering() -> None:
     """b asks c to place 40 agents (c's records slow: each write waits 1 s) and c leaves
     cleanly while it answers them; a asks 40 more as the leave starts. Each request is
@@ -3903,7 +4020,7 @@ async def test_a_moved_copy_whose_name_claim_failed_runs_once_after_its_retry(
                 assert not ka.is_local(ON_C)
                 assert c.stats().duplicates_stopped == 0
                 assert (await _name_entry(c, ON_C))[1] == json.dumps(
-                    {"node": "c", "id": str(moved)}
+                    {"node": "c", "id": str(moved), "type": "counter"}
                 ).encode()
                 assert c.stats().names_unwritten == 0
 
@@ -3977,7 +4094,7 @@ async def test_a_move_under_way_when_the_kernel_starts_its_shutdown_ends_cleanly
                 assert kc.is_local(ON_C)
                 await c.names_published()
                 assert (await _name_entry(c, ON_C))[1] == json.dumps(
-                    {"node": "c", "id": str(kc.lookup(ON_C).id)}
+                    {"node": "c", "id": str(kc.lookup(ON_C).id), "type": "counter"}
                 ).encode()
                 assert await _placed_record(c, ON_C) is not None
 

@@ -58,6 +58,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Iterable,
     Mapping,
     Sequence,
 )
@@ -884,6 +885,18 @@ def _mark(marks: dict[str, _T], node: str, mark: _T) -> None:
         del marks[next(iter(marks))]
 
 
+def _name_entry_type(value: bytes | None) -> str | None:
+    """The agent type an entry of the names bucket names (a placed agent's claim, see
+    ``Cluster.placed_type``), None if it names none (or one no type name could be)."""
+    if not value or b'"type"' not in value:
+        return None
+    try:
+        type_name = wire.read_wire_json(value, "names bucket entry").get("type")
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    return type_name if isinstance(type_name, str) and wire.is_token(type_name) else None
+
+
 def _decode_name_entry(value: bytes | None) -> tuple[str, uuid.UUID] | None:
     """``(node, agent id)`` of an entry of the names bucket, None if malformed."""
     try:
@@ -953,6 +966,7 @@ class Cluster:
         "_buckets_to_check",
         "_cancels_received",
         "_cancels_sent",
+        "_claimed_types",
         "_closed_socket_writes",
         "_closed_writes_said",
         "_closing",
@@ -1008,6 +1022,7 @@ class Cluster:
         "_name_ops",
         "_name_ops_recv",
         "_name_revisions",
+        "_name_types",
         "_names",
         "_names_idle",
         "_names_kv",
@@ -1174,6 +1189,13 @@ class Cluster:
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
         # local names as they should be in KV (what was queued for publishing)
         self._local_names: dict[str, uuid.UUID] = {}
+        # local names claimed by placement: name -> (agent id, agent type), the type
+        # written into the name's entry with the node and id (see _name_value)
+        self._claimed_types: dict[str, tuple[uuid.UUID, str]] = {}
+        # name -> the agent type its names-bucket entry names (a placed agent's claim):
+        # a node lost between its claim and its record still has it re-placed (see
+        # placed_type)
+        self._name_types: dict[str, str] = {}
         # local names whose put failed (the bucket unreachable): name -> agent id, to
         # write again (see _retry_names); and how many such writes landed
         self._unwritten_names: dict[str, uuid.UUID] = {}
@@ -2084,6 +2106,7 @@ class Cluster:
             return
         else:
             names[name] = entry
+        self._name_types.pop(name, None)
         self._known_links.pop(name, None)
 
     def _drop_link(self, stream: _Stream) -> None:
@@ -4062,6 +4085,11 @@ class Cluster:
             self._names_refused.refuse(self.node, key, "not a names entry")
             return
         self._set_name(name, entry)
+        type_name = _name_entry_type(value)
+        if type_name is None:
+            self._name_types.pop(name, None)
+        else:
+            self._name_types[name] = type_name
         if revision is not None:
             self._name_revisions[name] = revision
             self._name_deletes.pop(name, None)
@@ -4223,6 +4251,7 @@ class Cluster:
             return
         else:
             self._local_names[name] = agent_id
+        self._claimed_types.pop(name, None)
         self._taken_names.pop(name, None)
         self._unwritten_names.pop(name, None)  # the op queued now decides
         self._replacing.pop(name, None)
@@ -4283,7 +4312,11 @@ class Cluster:
                     self._drop_name_again(name, dropped_at)
         if puts:
             written = await kvops.put_values(
-                kv, [(wire.name_key(name), self._name_value(agent_id)) for name, agent_id in puts]
+                kv,
+                [
+                    (wire.name_key(name), self._name_value(name, agent_id))
+                    for name, agent_id in puts
+                ],
             )
             for (name, agent_id), revision in zip(puts, written, strict=True):
                 if isinstance(revision, Exception):
@@ -4291,11 +4324,14 @@ class Cluster:
                 else:
                     self._name_written(name, agent_id, revision)
 
-    def claiming(self, name: str, agent_id: uuid.UUID) -> None:
+    def claiming(self, name: str, agent_id: uuid.UUID, type_name: str) -> None:
         """Local ``agent_id``, just spawned as ``name`` by placement, has its entry written
         by :meth:`claim_name`, not by the names publisher (whose unconditional put would
-        overwrite another node's claim). Called before anything awaits."""
+        overwrite another node's claim). Called before anything awaits. The entry names
+        ``type_name`` too: a node lost after its claim and before its record was written
+        has the agent re-placed all the same (see :meth:`placed_type`)."""
         self._local_names[name] = agent_id
+        self._claimed_types[name] = (agent_id, type_name)
         self._taken_names.pop(name, None)
         self._unwritten_names.pop(name, None)
         self._replacing.pop(name, None)
@@ -4349,7 +4385,7 @@ class Cluster:
         replaces: tuple[str, uuid.UUID] | None,
     ) -> int:
         """The revision of the entry :meth:`claim_name` wrote (or found its own)."""
-        value = self._name_value(agent_id)
+        value = self._name_value(name, agent_id)
         for _ in range(_NAME_CLAIM_TRIES):
             try:
                 return await kv.create(key, value)
@@ -4375,8 +4411,27 @@ class Cluster:
             " claims of it"
         )
 
-    def _name_value(self, agent_id: uuid.UUID) -> bytes:
-        return json.dumps({"node": self.node, "id": str(agent_id)}).encode()
+    def _name_value(self, name: str, agent_id: uuid.UUID) -> bytes:
+        fields = {"node": self.node, "id": str(agent_id)}
+        claimed = self._claimed_types.get(name)
+        if claimed is not None and claimed[0] == agent_id:
+            fields["type"] = claimed[1]  # (a placed agent's: see placed_type)
+        return json.dumps(fields).encode()
+
+    def placed_type(self, name: str) -> str | None:
+        """The agent type that ``name``'s names-bucket entry (as this node knows it)
+        names: the entry of a placed agent's claim names it, written before the agent's
+        placement record. A node lost between the two (SIGKILLed there) left no record,
+        only the entry: the survivors re-place the agent by this type, as one recorded
+        (see ``Placement.to_replace``). None for a plain ``kernel.spawn`` name, or an
+        entry written by an earlier version."""
+        return self._name_types.get(name)
+
+    def names_held_on(self, nodes: Iterable[str]) -> list[str]:
+        """The names whose names-bucket entry, as this node knows it, names one of
+        ``nodes`` (their agents ran there)."""
+        gone = set(nodes)
+        return [name for name, (node, _) in self._names.items() if node in gone]
 
     def _name_written(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
         """This node's entry of ``name`` (``agent_id``) is in the bucket at ``revision``."""
@@ -4477,7 +4532,7 @@ class Cluster:
                 return None
 
         entry = await call_aio(read)
-        value = self._name_value(agent_id)
+        value = self._name_value(name, agent_id)
         if entry is None:
             revision = await call_aio(kv.create, key, value)
         else:

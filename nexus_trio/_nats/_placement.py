@@ -289,6 +289,10 @@ class Placement:
         #: type): name -> the lost node; re-placed once a member that can joins (or
         #: registers the type), their record kept meanwhile (see :meth:`owners_changed`)
         self._waiting: dict[str, str] = {}
+        #: names in ``records`` whose record no node wrote: noted from the names-bucket
+        #: entry of a node lost between its claim and its record (see
+        #: :meth:`_claimed_unrecorded`); dropped once the placed bucket speaks of them
+        self._unrecorded: set[str] = set()
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -709,7 +713,7 @@ class Placement:
         if spec is None:
             raise UnknownAgentType(type_name, cluster.node)
         ref = cluster.kernel.spawn(spec, name=name)
-        cluster.claiming(name, ref.id)
+        cluster.claiming(name, ref.id, type_name)
         return ref, PlacementRecord(type_name, pinned)
 
     async def _claim(
@@ -1056,6 +1060,7 @@ class Placement:
             # not a key this code writes (the watch of the bucket would end with it)
             self.records_refused.refuse(self._cluster.node, key, str(exc))
             return
+        self._unrecorded.discard(name)
         if op in ("DEL", "PURGE") or not value:
             self.records.pop(name, None)
             self._waiting.pop(name, None)
@@ -1322,6 +1327,7 @@ class Placement:
         but for those it is re-placing already."""
         cluster = self._cluster
         gone = {lost} if isinstance(lost, str) else set(lost)
+        self._claimed_unrecorded(gone)
         owners: dict[str, list[str]] = {}  # by type
         mine = []
         for name, record in self.records.items():
@@ -1339,6 +1345,22 @@ class Placement:
             elif rendezvous_owner(name, of_type) == cluster.node:
                 mine.append(name)
         return mine
+
+    def _claimed_unrecorded(self, gone: set[str]) -> None:
+        """The names that node(s) ``gone`` claimed for a placed agent and wrote no record
+        of (lost between the two: SIGKILLed there) are re-placed as recorded ones: a
+        record of the type their names-bucket entry names (see ``Cluster.placed_type``)
+        is noted here, as the record the lost node would have written. Left, their
+        entries routed the names to the lost node until it was forgotten
+        (``forget_lost_after``, 300 s): every send to them failed meanwhile."""
+        cluster = self._cluster
+        for name in cluster.names_held_on(gone):
+            if name in self.records:
+                continue
+            type_name = cluster.placed_type(name)
+            if type_name is not None:
+                self.records[name] = PlacementRecord(type_name, None)
+                self._unrecorded.add(name)
 
     def _wait(self, name: str, record: PlacementRecord, lost: str) -> None:
         """No reachable member can run ``name``'s type: its record is kept, and it is
@@ -1537,6 +1559,8 @@ class Placement:
         try:
             await call_aio(kv.get, wire.name_key(name))
         except nats.js.errors.KeyNotFoundError:
+            if name in self._unrecorded and self._cluster.placed_type(name) is not None:
+                return True  # claimed by its lost node, no record written: still its entry
             log_guarded(
                 log,
                 logging.INFO,
