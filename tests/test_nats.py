@@ -393,6 +393,22 @@ async def test_a_tell_to_a_type_no_node_serves_is_counted_not_lost_silently(
         assert cluster.stats().inbound_dropped == {"no_replica": 3}
 
 
+async def _last_replica(
+    kernel: Kernel, cluster: Cluster, type_name: str
+) -> tuple[AgentRef, list[Any]]:
+    """The one replica of ``type_name`` (on this node and in the cluster), and the
+    payloads it handles."""
+    seen: list[Any] = []
+
+    @agent(name=f"last-replica-{type_name}")
+    async def replica(ctx: Context, msg: Message) -> None:
+        seen.append(msg.payload)
+
+    ref = kernel.spawn(replica)
+    await cluster.serve_type(type_name, ref)
+    return ref, seen
+
+
 async def test_a_tell_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_is_counted(
     nats: NatsServer,
 ) -> None:
@@ -408,14 +424,7 @@ async def test_a_tell_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_
     in that round trip by hand: published on the type's subject and flushed (the
     server's PONG comes after the message) just before the ``UNSUB`` is sent."""
     async with local_node(nats.url) as (kernel, cluster):
-        seen: list[Any] = []
-
-        @agent(name="last-replica")
-        async def replica(ctx: Context, msg: Message) -> None:
-            seen.append(msg.payload)
-
-        ref = kernel.spawn(replica)
-        await cluster.serve_type("leaving", ref)
+        ref, seen = await _last_replica(kernel, cluster, "leaving")
         nc = cluster.nc
         send_unsubscribe = nc._send_unsubscribe
         in_round_trip: list[int] = []
@@ -439,6 +448,58 @@ async def test_a_tell_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_
         assert in_round_trip[0] >= in_msgs + 1
         assert seen == ["early"]
         assert cluster.stats().inbound_dropped == {"no_such_agent": 1}
+
+
+async def test_a_query_the_server_gives_a_type_s_last_replica_as_it_unsubscribes_is_answered_at_once(
+    nats: NatsServer,
+) -> None:
+    """Fifty-second pass, the query's side of the test above: a query to the type that
+    the server gives this node in its ``UNSUB``'s round trip (put there by hand: published
+    with a reply subject and flushed just before the ``UNSUB`` is sent) is refused as for
+    no replica, and its requester gets its error frame (``no_such_agent``, naming the
+    type's address) at once, not its request's timeout; counted once, in
+    ``errors_replied["no_such_agent"]`` (a query refused is answered, not dropped: not in
+    ``inbound_dropped``). With nats-py's own ``unsubscribe()`` (the subscription
+    forgotten before the ``UNSUB`` is written) the query was dropped by the client: no
+    frame, nothing counted, the requester left to its timeout."""
+    async with local_node(nats.url) as (kernel, cluster):
+        ref, seen = await _last_replica(kernel, cluster, "leaving-q")
+        nc = cluster.nc
+        send_unsubscribe = nc._send_unsubscribe
+        frames: list[tuple[dict[str, str], bytes, float]] = []
+        asked: list[float] = []
+
+        async def on_frame(m: Any) -> None:
+            frames.append((dict(m.headers or {}), m.data, time.monotonic()))
+
+        async def query_first(sid: int, limit: int = 0) -> None:
+            inbox = nc.new_inbox()
+            await nc.subscribe(inbox, cb=on_frame)
+            query = Message(SYSTEM_ID, type_address("leaving-q"), "q", MessageKind.QUERY)
+            subject = wire.type_subject(cluster.prefix, "leaving-q")
+            await nc.publish(subject, wire.encode_message(query), reply=inbox)
+            await flush_after_subscribe(nc)  # (its delivery reached this client first)
+            asked.append(time.monotonic())
+            await send_unsubscribe(sid, limit=limit)
+
+        with trio.fail_after(30):
+            await kernel.send(type_address("leaving-q"), "early")
+            await until(lambda: seen == ["early"])
+            nc._send_unsubscribe = query_first  # type: ignore[method-assign]
+            await kernel.stop(ref.id)
+            await until(lambda: bool(asked))
+        with trio.fail_after(2):  # (a request's timeout would be 5 s or more)
+            await until(lambda: bool(frames))
+        headers, body, answered = frames[0]
+        assert headers[wire.ERROR_HEADER] == "no_such_agent", headers
+        assert json.loads(body)["address"] == str(type_address("leaving-q")), body
+        assert answered - asked[0] < 2.0
+        assert seen == ["early"]
+        stats = cluster.stats()
+        assert (stats.errors_replied, stats.inbound_dropped) == ({"no_such_agent": 1}, {})
+        # (after it, measured: the server's own "no responders" status for the query,
+        # the queue group empty once the UNSUB landed; a requester has its answer by then)
+        assert [h.get("Status") for h, _, _ in frames[1:]] in ([], ["503"]), frames
 
 
 async def test_a_type_s_last_replica_stopping_while_the_server_is_slow_leaves_the_node_up(
