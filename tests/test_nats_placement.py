@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -3773,6 +3774,74 @@ async def test_names_a_node_claimed_and_never_recorded_are_re_placed_once_it_is_
                 return bool(await a.call("records", names=names) == names)
 
             await _until(recorded, timeout=10)
+
+
+@pytest.mark.trio
+async def test_a_node_paused_past_its_loss_then_resumed_rejoins_and_each_name_runs_once() -> None:
+    """Fifty-second pass, membership: c, holding a third of 24 placed agents, is paused
+    (SIGSTOP) until a and b judged it lost and re-placed its agents, then resumed
+    (SIGCONT). c rejoins (every node hears three members again), judges nobody lost
+    itself (its stall guard reads the heartbeats waiting in its socket first), and
+    stops each of its old copies as a duplicate of the survivors' newer incarnation
+    (counted in c's ``duplicates_stopped``, none on a or b): each name runs once, on its
+    owner over a and b, routed there from every node, its record in the placed bucket;
+    a's and b's agents were not touched."""
+    names = [f"paused-{i}" for i in range(24)]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            placed = await a.call("spawn_each", type="counter", names=names, timeout=60)
+            on_c = [n for n in names if placed[n][0] == "c"]
+            assert on_c and all(isinstance(placed[n], list) for n in names), placed
+            assert c.process is not None
+            os.kill(c.process.pid, signal.SIGSTOP)
+            try:
+                for node in (a, b):
+                    assert await node.call("wait_live", count=2) == ["a", "b"]
+
+                async def re_placed() -> bool:
+                    stats = [await n.call("stats") for n in (a, b)]
+                    return sum(s["replaced"] for s in stats) == len(on_c)
+
+                await _until(re_placed, timeout=20)
+            finally:
+                os.kill(c.process.pid, signal.SIGCONT)
+            for node in nodes:
+                assert await node.call("wait_live", count=3) == ["a", "b", "c"]
+            owner = {n: placed[n][0] if n not in on_c else rendezvous_owner(n, "ab") for n in names}
+
+            async def settled() -> bool:
+                if len(await c.call("local", names=on_c)) != 0:
+                    return False
+                for node in nodes:
+                    for name in on_c:
+                        where = await node.call("where", name=name)
+                        if where is None or where[0] != owner[name]:
+                            return False
+                return True
+
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(settled, timeout=20)
+            held = await _held_once(nodes, names)
+            assert {n: held[n][0] for n in names} == owner
+            assert {n: list(held[n]) for n in names if n not in on_c} == {
+                n: placed[n] for n in names if n not in on_c
+            }
+            for node in nodes:
+                where = {n: (await node.call("where", name=n) or [None])[0] for n in names}
+                assert where == owner, node.node
+            for name in on_c:
+                answer = await c.call("request", to=name)
+                assert (answer["node"], answer["name"]) == (owner[name], name)
+            stats = {n.node: await n.call("stats") for n in nodes}
+            assert {k: s["duplicates_stopped"] for k, s in stats.items()} == {
+                "a": 0,
+                "b": 0,
+                "c": len(on_c),
+            }
+            assert stats["c"]["nodes_lost"] == 0, stats["c"]
+            assert await a.call("records", names=names) == sorted(names)
 
 
 @pytest.mark.trio
