@@ -198,9 +198,10 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
     if op == "records":
         # the names among cmd["names"] that have a placement record, as this node knows
         return sorted(n for n in cmd["names"] if n in cluster.placement.records)
-    if op == "names_in_bucket":
-        # the names among cmd["names"] that have an entry in the names bucket now
-        kv = cluster._names_kv
+    if op in ("names_in_bucket", "records_in_bucket"):
+        # the names among cmd["names"] that have an entry in the names bucket (or a
+        # record in the placed bucket) now
+        kv = cluster._names_kv if op == "names_in_bucket" else cluster.placement._kv
         assert kv is not None
 
         async def entries() -> list[str]:

@@ -3845,6 +3845,54 @@ async def test_a_node_paused_past_its_loss_then_resumed_rejoins_and_each_name_ru
 
 
 @pytest.mark.trio
+async def test_a_server_restarted_under_three_nodes_leaves_each_placed_name_routed_once() -> None:
+    """Fifty-second pass, membership: 24 agents placed over a, b and c (3 processes), the
+    nats-server killed and started again on its port without its store (its buckets
+    gone). Every node reconnects and hears the three members again; each name runs on
+    exactly one node, every node routes it there and a request from each node reaches
+    it; every record and name is in the new buckets again (read from the buckets)."""
+    names = [f"restart-{i}" for i in range(24)]
+    server = NatsServer().start()
+    port = server.port
+    restarted: list[NatsServer] = []
+    try:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(server.url, ["a", "b", "c"])
+            a, b, c = nodes
+            placed = await a.call("spawn_each", type="counter", names=names, timeout=60)
+            assert all(isinstance(placed[n], list) for n in names), placed
+            server.kill()
+            await trio.sleep(1.0)  # (the outage)
+            restarted.append(await trio.to_thread.run_sync(NatsServer(port=port).start))
+            for node in nodes:
+                assert await node.call("wait_live", count=3, timeout=40) == ["a", "b", "c"]
+
+            async def settled() -> bool:
+                for node in nodes:
+                    if await node.call("names_in_bucket", names=names) != names:
+                        return False
+                    if await node.call("records_in_bucket", names=names) != names:
+                        return False
+                return True
+
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(settled, timeout=30)
+            held = await _held_once(nodes, names)
+            for node in nodes:
+                where = {n: await node.call("where", name=n) for n in names}
+                assert where == {n: list(held[n]) for n in names}, node.node
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert (answer["node"], answer["name"]) == (held[name][0], name)
+            assert await c.call("names_in_bucket", names=names) == names
+            assert await b.call("records_in_bucket", names=names) == names
+    finally:
+        server.stop()
+        for extra in restarted:
+            extra.stop()
+
+
+@pytest.mark.trio
 async def test_placements_asked_of_a_node_that_leaves_cleanly_while_answering() -> None:
     """b asks c to place 40 agents (c's records slow: each write waits 1 s) and c leaves
     cleanly while it answers them; a asks 40 more as the leave starts. Each request is
