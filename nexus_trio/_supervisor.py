@@ -453,6 +453,12 @@ class SupervisorNode(Child, ChildOwner):
         for child in self.children:
             child.cut_drain()
 
+    def has_queued(self) -> bool:
+        """True if messages wait in the mailbox of a child under it, at any depth (it has
+        none of its own): its draining stop, asked while its run is over (a group restart
+        of its supervisor, its backoff), starts a run to handle them, as an agent's does."""
+        return any(not child.retired and child.has_queued() for child in self.children)
+
     async def run_once(self) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._restart_times.clear()
@@ -465,6 +471,11 @@ class SupervisorNode(Child, ChildOwner):
             self.scope = nursery.cancel_scope
             self._nursery = nursery
             self._inbox_send = send
+            if self.terminating:
+                # A run that begins already stopped (a draining stop asked before it began,
+                # which found no inbox to ask: see _drains_first) starts to drain its
+                # children's queues, then stops as any draining stop does.
+                send.send_nowait((_SHUTDOWN,))
             try:
                 last = self._start_in_order(list(self.children), 0.0)
                 if last is not None:

@@ -17,6 +17,7 @@ import trio.testing
 
 from nexus_trio import (
     Agent,
+    AgentSpec,
     Backoff,
     Context,
     DeadLetterReason,
@@ -54,13 +55,16 @@ class Member(Agent):
         Member.log.append(("stop", ctx.name or "?", trio.current_time()))
 
 
-def group(strategy: str) -> Supervisor:
+def group(
+    strategy: str, children: list[AgentSpec | Supervisor] | None = None, name: str = "g"
+) -> Supervisor:
+    """``children`` (``a``, ``b`` unless given) under ``strategy``, a 1 s backoff."""
     return Supervisor(
         strategy=strategy,
-        children=[agent(Member, name="a"), agent(Member, name="b")],
+        children=children or [agent(Member, name="a"), agent(Member, name="b")],
         backoff=Backoff(1.0, 1.0, jitter=0),
         max_restarts=10,
-        name="g",
+        name=name,
     )
 
 
@@ -341,3 +345,80 @@ async def test_a_drain_waits_for_an_answer_a_handler_left_to_its_nursery(
             assert type(error).__name__ == "KernelShuttingDown"
             assert error.phase == "stopping"
         assert_conserved(kernel)
+
+
+# --- a draining stop of a nested supervisor whose run is over ----------------------------
+
+
+def nested(strategy: str) -> Supervisor:
+    """``b`` first, then ``inner`` (``x``, ``y``): a failure of ``b`` restarts ``inner``
+    under ``one_for_all`` and ``rest_for_one``, not under ``one_for_one``."""
+    inner = Supervisor(name="inner", children=[agent(Member, name="x"), agent(Member, name="y")])
+    return group(strategy, [agent(Member, name="b"), inner], "p")
+
+
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
+async def test_a_draining_stop_of_a_nested_supervisor_during_a_group_restart_drains_it(
+    autojump_clock: Any, strategy: str
+) -> None:
+    """``x`` under ``inner`` is busy for 0.5 s with ``q1``, ``q2`` queued; ``b`` fails,
+    and ``kernel.stop("inner", drain=True)`` is asked while ``p``'s group restart stops
+    ``inner`` (waiting for ``x``). Before: under ``one_for_all`` and ``rest_for_one`` the
+    restart found the stop queued, saw nothing queued for ``inner`` (a supervisor has no
+    mailbox of its own) and retired it, ``q1`` and ``q2`` dead-lettered
+    ``agent_stopped``, where ``one_for_one`` (no group restart) handled them. Now
+    ``inner`` counts what its children have queued: a run starts at once, ``x`` handles
+    both, and ``inner`` is stopped for good with its children."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(nested(strategy))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", "q1", "q2"):
+            await kernel.send("x", payload)
+        await kernel.send("b", "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop("inner", drain=True)
+        assert trio.current_time() == 0.5
+        handled = [(name, p) for kind, name, p in Member.log if kind == "handle"]
+        assert handled == [("x", "slow"), ("x", "q1"), ("x", "q2")]
+        assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
+            ("boom", DeadLetterReason.HANDLER_ERROR)
+        ]
+        assert [ref.name for ref in kernel.agents()] == ["b"]
+        starts = [name for kind, name, _ in Member.log if kind == "start"]
+        stops = [name for kind, name, _ in Member.log if kind == "stop"]
+        assert sorted(starts) == sorted(stops)
+    assert_conserved(kernel)
+
+
+async def test_a_draining_stop_of_a_nested_supervisor_waiting_out_its_backoff_drains_it(
+    autojump_clock: Any,
+) -> None:
+    """``inner`` gives up at ``x``'s first failure and waits out its 1 s backoff under
+    ``p``; meanwhile ``q1``, ``q2`` are queued for ``y`` and ``inner`` is stopped with a
+    drain. Before: its run was called off (nothing queued for the supervisor itself) and
+    both were dead-lettered ``agent_stopped``, where an agent waiting out its backoff
+    handles its queue; now a run starts at once, ``y`` handles them, then all stop."""
+    Member.log = []
+    inner = Supervisor(
+        name="inner", max_restarts=0, children=[agent(Member, name="x"), agent(Member, name="y")]
+    )
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(Supervisor(name="p", backoff=Backoff(1.0, 1.0, jitter=0), children=[inner]))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("x", "boom")
+        await trio.testing.wait_all_tasks_blocked()  # inner gave up, waits 1 s
+        for payload in ("q1", "q2"):
+            await kernel.send("y", payload)
+        await kernel.stop("inner", drain=True)
+        assert trio.current_time() == 0.0  # the backoff cut short
+        handled = [(name, p) for kind, name, p in Member.log if kind == "handle"]
+        assert handled == [("y", "q1"), ("y", "q2")]
+        assert [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()] == [
+            ("boom", DeadLetterReason.HANDLER_ERROR)
+        ]
+        assert kernel.agents() == []
+        starts = [name for kind, name, _ in Member.log if kind == "start"]
+        stops = [name for kind, name, _ in Member.log if kind == "stop"]
+        assert sorted(starts) == sorted(stops)
+    assert_conserved(kernel)
