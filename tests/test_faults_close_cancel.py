@@ -32,7 +32,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
-from nexus_trio.cli._run import RunOptions, run_async
+from nexus_trio.cli._run import RunOptions, load_app, run_async
 from nexus_trio.cli._workloads import Demo
 from nexus_trio.testing import assert_conserved
 
@@ -294,3 +294,99 @@ def test_a_ctrl_c_run_async_took_is_its_status_when_no_scope_is_cancelled(
     assert status == 130
     assert (summary["stopped_by"], summary["error"]) == ("interrupted", "KeyboardInterrupt")
     assert summary["elapsed_s"]["shutdown"] == pytest.approx(5.0)  # the grace, all of it
+
+
+#: an app whose ``main`` ends the run at 1 s while ``busy`` holds the drain (its message
+#: takes 10 s): ``sys.exit(3)`` in its code, or a failure of ``fails``, whose directive
+#: escalates it to the kernel (``escalate_to_kernel``)
+ENDING_APP = """
+import sys
+
+import trio
+
+from nexus_trio import agent
+
+
+@agent(name="busy", shutdown_timeout=5)
+async def busy(ctx, msg):
+    await trio.sleep(10)
+
+
+@agent(name="fails", on_error="escalate")
+async def fails(ctx, msg):
+    raise RuntimeError("upstream reset")
+
+
+async def main_exits(kernel):
+    await kernel.send(kernel.spawn(busy), "work")
+    await trio.sleep(1)
+    sys.exit(3)
+
+
+async def main_escalates(kernel):
+    await kernel.send(kernel.spawn(busy), "work")
+    await trio.sleep(1)
+    await kernel.send(kernel.spawn(fails), "fail")
+    await trio.sleep_forever()
+"""
+
+
+def ending_run(isolated: Any, how: str) -> RunOptions:
+    (isolated / "ending_app.py").write_text(ENDING_APP)
+    app = f"ending_app:main_{how}"
+    return RunOptions(
+        config=config(escalate_to_kernel=how == "escalates"),
+        app=app,
+        target=load_app(app),
+        demo=False,
+        duration=60.0,
+        json=True,
+    )
+
+
+@pytest.mark.parametrize("how", ["exits", "escalates"])
+def test_a_sys_exit_or_escalation_run_async_took_goes_out_of_a_scope_cancelled_as_it_ends(
+    isolated: Any, restore_logging: Any, how: str
+) -> None:
+    """Left by the fifty-first pass: ``run_async`` takes an app's ``sys.exit(3)`` (status
+    3) and an escalation to the kernel (status 1) to return its summary; called in a
+    scope cancelled at 3 s, while the close drains or stops ``busy`` (its message takes
+    10 s, its ``shutdown_timeout`` is 5 s), it raised the scope's ``Cancelled`` on its way
+    out instead, the scope took it, and its caller went on as if the app had neither
+    exited nor failed. As for a Ctrl-C it took (Trio loses no error, and no
+    ``SystemExit``, to a cancel), what it took goes out now, itself, not a group; the
+    return value is lost, as any is to a cancel. (Fails with main's _run.py: nothing
+    raised, the scope caught the cancel.)"""
+    options = ending_run(isolated, how)
+    returned: list[tuple[dict[str, Any], int]] = []
+
+    async def main() -> None:
+        with trio.move_on_after(3.0):  # cancelled as the run ends
+            returned.append(await run_async(options, Console(file=io.StringIO())))
+
+    expected = SystemExit if how == "exits" else SupervisorEscalation
+    with pytest.raises(expected) as raised:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert type(raised.value) is expected, repr(raised.value)
+    if isinstance(raised.value, SystemExit):
+        assert raised.value.code == 3
+    else:
+        assert raised.value.chain[-1] == "fails"
+    assert returned == []
+
+
+@pytest.mark.parametrize("how", ["exits", "escalates"])
+def test_a_sys_exit_or_escalation_run_async_took_is_its_status_with_no_cancel(
+    isolated: Any, restore_logging: Any, how: str
+) -> None:
+    """The same runs with no cancel return the summary and the status as before: 3 for
+    ``sys.exit(3)``, 1 for the escalation (they go out only in place of a cancel)."""
+    options = ending_run(isolated, how)
+
+    async def main() -> tuple[dict[str, Any], int]:
+        with trio.fail_after(MOCK_LIMIT):
+            return await run_async(options, Console(file=io.StringIO()))
+
+    summary, status = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert status == (3 if how == "exits" else 1)
+    assert summary["error"].startswith("SystemExit" if how == "exits" else "SupervisorEscalation")

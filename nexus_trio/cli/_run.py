@@ -1052,19 +1052,23 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
     agent_log = logging.getLogger("nexus_trio.agent")
     quiet = OneLineBridgeErrors()
     agent_log.addFilter(quiet)
-    #: a Ctrl-C the run took (to end as interrupted: its summary, status 130)
+    #: what the run took to return its summary and status (a Ctrl-C: 130, the app's
+    #: ``sys.exit(N)``: N, an escalation to the kernel: 1), to go out in place of a cancel
     taken: list[BaseException] = []
     try:
         return await _run_async(opts, console, quiet.problems, taken)
     except BaseException as exc:
         if not taken or not only_cancels(exc):
             raise
-        # A scope around the run was cancelled after the run took a Ctrl-C (in the
-        # drain it began, say): the run's way out (its nursery's exit) raised that
-        # scope's Cancelled in place of (summary, 130), which the scope would take,
-        # its caller going on as if nothing was pressed. Trio loses no
-        # KeyboardInterrupt to a cancel, nor does open_kernel: it goes out instead
-        # (until the fifty-first pass it was lost), with its own context.
+        # A scope around the run was cancelled after the run took a Ctrl-C, the app's
+        # sys.exit() or an escalation (in the drain it began, say): the run's way out
+        # (its nursery's exit) raised that scope's Cancelled in place of (summary,
+        # status), which the scope would take, its caller going on as if nothing was
+        # pressed, exited or failed. Trio loses no KeyboardInterrupt, SystemExit or
+        # error to a cancel, nor does open_kernel: it goes out instead, with its own
+        # context (until the fifty-first pass a Ctrl-C was lost, until the
+        # fifty-second a sys.exit() or an escalation). The return value is lost, as
+        # any is to a cancel.
         raise_held(taken[0])
     finally:
         agent_log.removeFilter(quiet)
@@ -1179,6 +1183,7 @@ async def _run_async(
                         )
         except SupervisorEscalation as exc:
             error = exc
+            taken.append(exc)
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
         except Exception as exc:
             error = _unwrap(exc)
@@ -1229,6 +1234,7 @@ async def _run_async(
                 raise
             else:
                 error = exited
+                taken.append(exited)
                 state.request_stop("sys.exit")
                 clean = _exit_status(exited) == 0  # a clean exit asked for: no error to trace
                 log_guarded(
