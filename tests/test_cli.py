@@ -1556,6 +1556,12 @@ def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(
         run = nexus(["run", flag, ref, "--json", *extra])
     run.wait_for(r"slow_import: importing")
     run.proc.send_signal(signal.SIGINT)
+    said_interrupted_while_importing(run, ref, flag)
+
+
+def said_interrupted_while_importing(run, ref, flag):
+    """``run`` (of ``nexus run FLAG REF``) ended as a Ctrl-C while it imported REF ends
+    it: one line saying so, exit 130, nothing on stdout, no traceback; its stderr."""
     status, out = run.finish(timeout=30)
     err = "".join(run.stderr)
     assert status == 130, err
@@ -1565,6 +1571,7 @@ def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(
         f"nexus: interrupted: SIGINT while importing '{ref}' ({flag}): the run was not started"
         in flat(err)
     )
+    return err
 
 
 def stopped_while_importing(nexus, tmp_path, flag, signum):
@@ -1610,6 +1617,27 @@ def test_a_sigterm_while_the_app_is_imported_stops_the_run_at_once_unstarted(nex
     point was one too. It is now taken as a SIGHUP is: the import interrupted, nothing
     runs, the summary says so (``not_started``), ``stopped_by`` SIGTERM, exit 0."""
     stopped_while_importing(nexus, tmp_path, flag, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_ctrl_c_then_a_sigterm_while_the_app_is_imported_exits_130(nexus, tmp_path, flag):
+    """Regression (fifty-second pass): a Ctrl-C, then a SIGTERM before the interpreter ran
+    the Ctrl-C's handler (both pending as the process goes on: it is stopped while they
+    are sent, SIGSTOP, then continued), while ``nexus run`` imported the user's module,
+    ended with status 0 and a summary ``stopped_by: "SIGTERM"``: the Ctrl-C's
+    KeyboardInterrupt was replaced by the SIGTERM's interrupt of the import as it went
+    out. A process stopped by signals does not say success: the first signal wins, as
+    everywhere in this CLI, said in one line, exit 130, nothing on stdout."""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
+    run = nexus(["run", flag, ref, "--json", *extra])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signal.SIGSTOP)
+    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(signal.SIGCONT)
+    assert "SIGTERM" not in said_interrupted_while_importing(run, ref, flag)
 
 
 def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):

@@ -269,6 +269,35 @@ def test_nexus_max_workers_is_taken_in_the_flags_spelling_only(
 
 @pytest.mark.usefixtures("restore_logging", "isolated")
 @pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (["-W", "2"], {"NEXUS_MAX_WORKERS": "9" * 4301}, "NEXUS_MAX_WORKERS=" + "9" * 40),
+        (["-W", "2"], {"NEXUS_MAX_WORKERS": "x" * 5000}, "NEXUS_MAX_WORKERS=" + "x" * 40),
+        (["-W", "9" * 4000], {}, "9" * 40),
+        (["-n", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
+        (["-d", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
+    ],
+    ids=["max-4301-digits", "max-5000-letters", "workers-4000-digits", "agents", "duration"],
+)
+def test_a_long_refused_value_is_cut_in_its_error(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str], said: str
+) -> None:
+    """Fifty-second pass: a refused value was echoed whole in its usage error (a
+    ``NEXUS_MAX_WORKERS`` of 4,301 digits, past ``int()``'s limit: 4,301 characters in
+    the error; ``-W`` of 4,000 digits twice). An error shows its first 40 characters and
+    the value's length (``... (4,301 characters)``), still naming the flag or variable."""
+    asked = cap_run(monkeypatch, cores=2)
+    code, out = invoke_run([*args, "--json"], **env)
+    assert (code, asked) == (2, [])
+    longest = max(len(v) for v in [*args, *env.values()])
+    flat = " ".join(out.replace("\u2502", " ").split())  # (the error box's sides out)
+    assert f"{said}... ({longest:,} characters)" in flat
+    assert len(out) < 1000, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["--app", "missing.module:x"], "no module named 'missing.module' (in 'missing.module:x')"),

@@ -25,7 +25,7 @@ from .test_cli_workers import tag as tag  # (the fixture)
 CHILD_STARTING_APP = (
     f"NAMES = {FOR_THE_WORKER!r}\n"
     + """
-import json, os, sys
+import json, os, subprocess, sys
 
 import trio
 
@@ -39,9 +39,17 @@ async def nested(argv):
 
 
 async def main(kernel):
-    seen = {"own": {n: os.environ.get(n) for n in NAMES}}
+    from nexus_trio.cli import worker_node
+
+    seen = {"own": {n: os.environ.get(n) for n in NAMES}, "node": worker_node()}
     child = await trio.run_process([sys.executable, "-c", SHOW], capture_stdout=True)
     seen["child"] = json.loads(child.stdout)
+    copied = await trio.run_process(
+        [sys.executable, "-c", SHOW], capture_stdout=True, env={**os.environ}
+    )
+    seen["copied"] = json.loads(copied.stdout)
+    spawned = subprocess.run([sys.executable, "-c", SHOW], stdout=subprocess.PIPE, close_fds=False)
+    seen["spawned"] = json.loads(spawned.stdout)
     seen["run"] = await nested([*NEXUS, "-n", "10", "-d", "0.2", "--json", "--no-live"])
     seen["usage"] = await nested([*NEXUS, "--no-such-flag"])
     with open(os.environ["SEEN_FILE"], "w") as file:
@@ -58,7 +66,12 @@ def test_what_a_workers_app_starts_inherits_none_of_the_workers_variables(
     started acted as worker-0 (its config line not said, a usage error labelled
     ``worker-0: ``, ``--workers`` refused, ...). A ``nexus`` process takes them out of
     what it passes on as it starts (as systemd's ``sd_listen_fds(unset_environment=1)``);
-    the worker and its app still read them in ``os.environ``."""
+    the worker and its app still read them in ``os.environ``.
+
+    Regression (fifty-second pass): ``os.environ`` kept them, so a child given
+    ``env={**os.environ}`` (or one ``subprocess`` started by ``posix_spawn``, which passes
+    ``os.environ``) got them all the same. They are taken out of ``os.environ`` too now;
+    the app asks ``nexus_trio.cli.worker_node()`` for its worker's name."""
     (tmp_path / "child_starting_app.py").write_text(CHILD_STARTING_APP, encoding="utf-8")
     seen_file = tmp_path / "seen.json"
     given = {WORKER_ENV: "worker-0", SWARM_ENV: "1", READY_FD_ENV: "999"}
@@ -76,8 +89,11 @@ def test_what_a_workers_app_starts_inherits_none_of_the_workers_variables(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["stopped_by"] == "app finished"
     seen = json.loads(seen_file.read_text())
-    assert seen["own"] == given  # the worker's app reads them as before
+    assert seen["node"] == "worker-0"  # the worker's app asks for its name
+    assert seen["own"] == dict.fromkeys(FOR_THE_WORKER)  # gone from os.environ
     assert seen["child"] == dict.fromkeys(FOR_THE_WORKER)  # its child: none of them
+    assert seen["copied"] == dict.fromkeys(FOR_THE_WORKER)  # env={**os.environ}: none
+    assert seen["spawned"] == dict.fromkeys(FOR_THE_WORKER)  # posix_spawn's: none
     run = seen["run"]
     assert run["status"] == 0, run["err"]
     summary = json.loads(run["out"])  # its summary on its stdout, alone
@@ -104,7 +120,9 @@ SHOW = "import os; print(*[os.environ.get(n) for n in " + repr(NAMES) + "])"
 
 async def main(kernel):
     child = await trio.run_process([sys.executable, "-c", SHOW], capture_stdout=True)
-    own = os.environ.get("NEXUS_WORKER")
+    from nexus_trio.cli import worker_node
+
+    own = worker_node()
     sys.stderr.write(f"TEST own {own} child {child.stdout.decode().strip()}\\n")
 """
 )

@@ -7,4 +7,14 @@ from __future__ import annotations
 
 from ._app import app, main
 
-__all__ = ["app", "main"]
+
+def worker_node() -> str | None:
+    """This process's node name (``worker-<i>``) if it is a worker of ``nexus run
+    --workers N``, else None: what its parent set in ``NEXUS_WORKER``, which the command
+    takes out of the environment as it starts (docs/cli.md, Several processes)."""
+    from ._cluster_cmd import worker_node as node
+
+    return node()
+
+
+__all__ = ["app", "main", "worker_node"]

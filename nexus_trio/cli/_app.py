@@ -728,8 +728,28 @@ def _loaded(
                 )
         raise typer.BadParameter(str(exc) + where, param_hint=hint) from None
     except KeyboardInterrupt as exc:
-        signame = exc.signame if isinstance(exc, StoppedWhileImporting) else None
+        first = _first_interrupt(exc)
+        signame = first.signame if isinstance(first, StoppedWhileImporting) else None
         raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
+
+
+def _first_interrupt(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The first of the interrupts that ended an import: ``exc``, or the earliest
+    KeyboardInterrupt it was raised while handling (``__context__``). A Ctrl-C then a
+    SIGTERM as the app is imported (or both pending at once: CPython runs SIGINT's
+    handler first) raise the Ctrl-C's KeyboardInterrupt, then, as it goes out, the
+    SIGTERM's ``StoppedWhileImporting`` in its place: the run was taken as stopped by the
+    SIGTERM, its summary, exit 0. The first signal wins (a Ctrl-C's 130), as the run's
+    second stop forces its end."""
+    first: KeyboardInterrupt = exc
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, KeyboardInterrupt):
+            first = link
+        link = link.__context__
+    return first
 
 
 def _loaded_app(reference: str | None, hint: str, loaded: LoadedConfig | None = None) -> Any:
@@ -1497,11 +1517,11 @@ def main(argv: list[str] | None = None) -> None:
 
     invoked = Path(sys.argv[0]).name
     _entry["process"] = True
-    keep_from_children()  # (a worker's own variables: not for what it starts)
     out, err = _WatchedStream(sys.stdout), _WatchedStream(sys.stderr)
     sys.stdout, sys.stderr = out, err
     try:
-        app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
+        with keep_from_children():  # (a worker's own variables: not for what it starts)
+            app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
     except SystemExit as exc:
         # (a Ctrl-C's 130 stands over a stop noted before it that no run took: the
         # scripts' entry does not end the process by that one at its exit)

@@ -67,7 +67,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -216,25 +216,25 @@ def worker_count_problem(count: int, environ: Mapping[str, str] = os.environ) ->
     per core this process may use, at least 8 (each worker is a Python process of about
     60 MB, busy on a core of its own), or than ``NEXUS_MAX_WORKERS`` if set (a value that
     is not a whole number of at least 1, in the flags' spelling, is the problem then)."""
+    from ._commands import env_whole_number, shown
+
     raw = environ.get(MAX_WORKERS_ENV)
     if raw is not None:
-        from ._commands import env_whole_number
-
         try:
             bound = env_whole_number(MAX_WORKERS_ENV, raw)
         except ValueError as exc:
             return str(exc)
-        why = f"the most {MAX_WORKERS_ENV}={raw} allows"
+        why = f"the most {MAX_WORKERS_ENV}={shown(raw)} allows"
     else:
         cores = default_workers()
         bound = max(_WORKERS_PER_CORE * cores, _MIN_WORKERS_BOUND)
         why = (
             f"the most this host runs ({_WORKERS_PER_CORE} per CPU core, "
             f"{count_of(cores, 'core')}; at least {_MIN_WORKERS_BOUND}): set "
-            f"{MAX_WORKERS_ENV}={count} to run them anyway"
+            f"{MAX_WORKERS_ENV}={shown(str(count))} to run them anyway"
         )
     if count > bound:
-        return f"{count} is more than {bound}, {why}"
+        return f"{shown(str(count))} is more than {shown(str(bound))}, {why}"
     return None
 
 
@@ -307,26 +307,55 @@ def _option_text(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
+#: :data:`FOR_THE_WORKER` as :func:`keep_from_children` took them out of ``os.environ``
+#: (the worker's own, read here: :func:`given_to_this_worker`)
+_given: dict[str, str] = {}
+
+
+def given_to_this_worker(name: str) -> str | None:
+    """The value of ``name`` (one of :data:`FOR_THE_WORKER`) the parent of ``--workers``
+    gave this process: in ``os.environ`` if set there (not yet taken, or set by a test),
+    else as :func:`keep_from_children` took it, else None."""
+    value = os.environ.get(name)
+    return _given.get(name) if value is None else value
+
+
+def take_given(name: str) -> str | None:
+    """:func:`given_to_this_worker`, once: no later call (nor child) sees it."""
+    value = os.environ.pop(name, None)
+    given = _given.pop(name, None)
+    return given if value is None else value
+
+
 def worker_node() -> str | None:
     """This process's node name if it is a ``--workers`` worker (:data:`WORKER_ENV`, as
-    the process was given it: :func:`keep_from_children` leaves ``os.environ`` as it
-    was), else None. Every part of the command asks this, not the environment."""
-    return os.environ.get(WORKER_ENV) or None
+    the process was given it: :func:`given_to_this_worker`), else None. Every part of the
+    command asks this, not the environment; an app that picks its role by its worker's
+    name asks it too (``nexus_trio.cli.worker_node``)."""
+    return given_to_this_worker(WORKER_ENV) or None
 
 
-def keep_from_children() -> None:
-    """At the start of a ``nexus`` process: :data:`FOR_THE_WORKER`, which its parent set
-    for it alone, are taken out of the process environment that what it starts inherits
-    (a subprocess, ``os.system``, ``os.exec*``, ``trio.run_process``), as systemd's
-    ``sd_listen_fds(unset_environment=1)`` consumes ``LISTEN_FDS`` and ``LISTEN_PID``:
-    a ``nexus run`` that a worker's app starts is a one-process run, not one more
-    worker-0. ``os.environ``, Python's copy of the environment taken as the interpreter
-    started, keeps them: this process and its app read them there as before
-    (:func:`worker_node`); a child given an environment built from ``os.environ``
-    (``env={**os.environ, ...}``) gets them from it."""
+@contextlib.contextmanager
+def keep_from_children() -> Iterator[None]:
+    """For a ``nexus`` process's command: :data:`FOR_THE_WORKER`, which its parent set
+    for it alone, are taken out of the environment, both Python's ``os.environ`` and the
+    process environment (``os.environ.pop`` unsets it too), so that nothing it starts
+    inherits them (a subprocess, ``os.system``, ``os.exec*``, ``trio.run_process``, or a
+    child given ``env={**os.environ, ...}``), as systemd's
+    ``sd_listen_fds(unset_environment=1)`` consumes ``LISTEN_FDS`` and ``LISTEN_PID``: a
+    ``nexus run`` that a worker's app starts is a one-process run, not one more
+    worker-0. The command reads them where they were kept (:func:`given_to_this_worker`)
+    until it ends; then they are forgotten (a test's next command in the same process
+    is not a worker by them)."""
+    _given.clear()
     for name in FOR_THE_WORKER:
-        if name in os.environ:
-            os.unsetenv(name)
+        value = os.environ.pop(name, None)
+        if value is not None:
+            _given[name] = value
+    try:
+        yield
+    finally:
+        _given.clear()
 
 
 def refuse_workers_in_a_worker() -> None:
@@ -1610,7 +1639,7 @@ def notify_parent_ready() -> None:
     the parent did not start so. The variable is removed, so that no program this worker
     starts says it for it. A value that is no descriptor number (set by something else
     than the parent) is a ValueError naming the variable."""
-    value = os.environ.pop(READY_FD_ENV, None)
+    value = take_given(READY_FD_ENV)
     if value is None:
         return
     fd = _ready_fd(value)

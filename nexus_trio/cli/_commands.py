@@ -185,7 +185,9 @@ def host_name(text: Any) -> str:
     """The ``parser=`` of a flag naming a host: not empty nor blank (``--host ""`` asked
     ``http://:9464/healthz`` and said the name was not known, exit 1, not the flag)."""
     if not str(text).strip():
-        raise typer.BadParameter(f"must be a host name or an address, got {str(text)!r}")
+        raise typer.BadParameter(
+            f"must be a host name or an address, got {shown(str(text), quoted=True)}"
+        )
     return str(text)
 
 
@@ -203,6 +205,21 @@ _WHOLE_NUMBER: Final = re.compile(r"[+-]?[0-9]+")
 _DECIMAL: Final = re.compile(
     r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:inf|infinity|nan))"
 )
+
+
+#: the most characters of a refused value that an error shows (a longer one is cut)
+SHOWN_MAX: Final = 40
+
+
+def shown(text: str, *, quoted: bool = False) -> str:
+    """``text`` as an error shows it (``repr`` if ``quoted``): whole up to
+    :data:`SHOWN_MAX` characters, else its first :data:`SHOWN_MAX` and its length. A
+    value of 4,301 digits (past ``int()``'s limit) was echoed whole: 4,300 characters
+    of digits in one error line."""
+    if len(text) <= SHOWN_MAX:
+        return repr(text) if quoted else text
+    head = repr(text[:SHOWN_MAX]) if quoted else text[:SHOWN_MAX]
+    return f"{head}... ({len(text):,} characters)"
 
 
 def _why_not(spelt: str) -> str:
@@ -225,7 +242,7 @@ def env_whole_number(name: str, spelt: str, minimum: int = 1) -> int:
     gives as ``spelt``, in the flags' spelling (ASCII digits, an optional sign), else a
     ValueError naming the variable, its value and what it has that is refused: ``int()``
     took `` 3``, ``1_0`` and other scripts' digits (``３``)."""
-    problem = f"{name}={spelt} is not a whole number of at least {minimum}"
+    problem = f"{name}={shown(spelt)} is not a whole number of at least {minimum}"
     if not _WHOLE_NUMBER.fullmatch(spelt):
         raise ValueError(problem + _why_not(spelt))
     try:
@@ -256,7 +273,9 @@ def whole_number(minimum: int | None = None, maximum: int | None = None) -> Call
         else:
             spelt = str(text)
             if not _WHOLE_NUMBER.fullmatch(spelt):
-                raise typer.BadParameter(f"must be {accepted}, got {spelt!r}{_why_not(spelt)}")
+                raise typer.BadParameter(
+                    f"must be {accepted}, got {shown(spelt, quoted=True)}{_why_not(spelt)}"
+                )
             try:
                 value = int(spelt)
             except ValueError:  # (past Python's 4,300 digits: no flag takes it)
@@ -265,7 +284,7 @@ def whole_number(minimum: int | None = None, maximum: int | None = None) -> Call
                     f"must be {accepted}, got a number of {digits} digits"
                 ) from None
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise typer.BadParameter(f"must be {accepted}, got {value}")
+            raise typer.BadParameter(f"must be {accepted}, got {shown(str(value))}")
         return value
 
     return parse
@@ -288,7 +307,9 @@ def one_of(choices: type[_E]) -> Callable[[Any], _E]:
             return text
         found = by_value.get(str(text).lower())
         if found is None:
-            raise typer.BadParameter(f"must be one of {listed}, got {str(text)!r}")
+            raise typer.BadParameter(
+                f"must be one of {listed}, got {shown(str(text), quoted=True)}"
+            )
         return found
 
     return parse
@@ -307,18 +328,22 @@ def finite_at_least(minimum: float, meaning: str = "") -> Callable[[Any], float]
 
     def parse(text: Any) -> float:
         if isinstance(text, str) and not _DECIMAL.fullmatch(text):
-            raise typer.BadParameter(f"must be {accepted}, got {text!r}{_why_not(text)}")
+            raise typer.BadParameter(
+                f"must be {accepted}, got {shown(text, quoted=True)}{_why_not(text)}"
+            )
         try:
             value = float(text)
         except (TypeError, ValueError):
-            raise typer.BadParameter(f"must be {accepted}, got {text!r}") from None
+            raise typer.BadParameter(
+                f"must be {accepted}, got {shown(str(text), quoted=True)}"
+            ) from None
         if not (math.isfinite(value) and value >= minimum):
             spelt = str(text).strip()
             if math.isfinite(value) or spelt.lower().lstrip("+-") in ("inf", "infinity", "nan"):
-                shown = spelt
+                said = shown(spelt)
             else:  # (1e999)
-                shown = f"{spelt} (read as {value!r})"
-            raise typer.BadParameter(f"must be {accepted}, got {shown}")
+                said = f"{shown(spelt)} (read as {value!r})"
+            raise typer.BadParameter(f"must be {accepted}, got {said}")
         return value + 0.0  # (-0.0 is 0.0)
 
     return parse

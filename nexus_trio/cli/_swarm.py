@@ -57,7 +57,6 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -134,15 +133,15 @@ class SwarmLayout:
 
 
 def layout_from_env(
-    node: str | None, environ: Mapping[str, str] = os.environ
+    node: str | None, environ: Mapping[str, str] | None = None
 ) -> SwarmLayout | None:
     """The layout if this process is worker ``node`` of a swarm, else None. A size that
     is not a whole number of at least 1 (``int()`` took `` 3`` and ``３``; ``0`` said
     ``not worker-0..-1``) is a ValueError naming the variable."""
-    from ._cluster_cmd import SWARM_ENV
+    from ._cluster_cmd import SWARM_ENV, given_to_this_worker
     from ._commands import env_whole_number
 
-    size_text = environ.get(SWARM_ENV)
+    size_text = given_to_this_worker(SWARM_ENV) if environ is None else environ.get(SWARM_ENV)
     if not size_text or node is None:
         return None
     try:
