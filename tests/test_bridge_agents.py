@@ -1932,6 +1932,34 @@ def test_bridge_program_prints_its_usage_for_help_and_runs_no_agent(lang: str, f
         assert "require('./nexus-bridge.js')" in text and "handleMessage(message)" in text
 
 
+def test_python_bridge_run_by_dash_m_names_itself_so_in_its_usage() -> None:
+    """Regression (fifty-second pass): ``python3 -m nexus_trio.bridges.python --help`` (as
+    its own help says to run it) said ``usage: python.py [-h] ...``, argparse's program
+    name from the file, as did its usage errors. It names the command it was run by now;
+    run as a file it keeps the file's name (the test above)."""
+    python = os.path.basename(sys.executable)
+    for args, status, stream in [(["--help"], 0, "stdout"), (["--protocol", "9"], 2, "stderr")]:
+        done = subprocess.run(
+            [sys.executable, "-m", "nexus_trio.bridges.python", *args],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == status, done.stderr
+        said = " ".join(getattr(done, stream).split())
+        usage = (
+            f"usage: {python} -m nexus_trio.bridges.python [-h] [--name NAME] [--protocol {{1,2}}]"
+        )
+        assert said.startswith(usage), said
+        assert "python.py" not in said
+    assert said.endswith(
+        f"{python} -m nexus_trio.bridges.python: error: argument --protocol: invalid choice:"
+        " '9' (choose from '1', '2')"
+    )
+
+
 #: what both bridge programs say of ``--name ""`` (it fell back to the default name)
 EMPTY_NAME = (
     "argument --name: must not be empty (leave it out for the default: NEXUS_AGENT_NAME or 'echo')"

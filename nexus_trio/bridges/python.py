@@ -1136,10 +1136,25 @@ def _agent_name(text: str) -> str:
     return text
 
 
+def _program_name() -> str | None:
+    """The program's name in ``--help``'s usage line: ``python3 -m
+    nexus_trio.bridges.python`` when run by ``-m`` (argparse before Python 3.14 said
+    ``usage: python.py``, the file's name, which no one can type from where they
+    are), else None: argparse's own (the file's name, ``python.py`` or
+    ``nexus_bridge.py``, run as a script)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if not name:
+        return None
+    python = os.path.basename(sys.executable) or "python3"
+    return f"{python} -m {name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run an :class:`EchoAgent` (``python3 python.py [--name N] [--protocol 1|2]``);
     ``--help`` says so, and how to use the file as a library (as nexus-bridge.js does)."""
     parser = argparse.ArgumentParser(
+        prog=_program_name(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_ECHO_DESCRIPTION,
         epilog=_LIBRARY_USE,
