@@ -27,6 +27,7 @@ import threading
 
 TYPE_CHECKING = False  # (typing's import would be a third of this module's)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 #: the root's own options, which keep a command line without a command at the root (the
@@ -193,6 +194,13 @@ def end_by_a_stop_not_taken() -> None:
     process was started with ignored (``nohup``, ``trap '' TERM``), which one that had
     not caught it would have gone on after: its run takes a SIGTERM all the same, as its
     stop (docs/cli.md, Signals)."""
+    signum = _stop_not_taken()
+    if signum is not None:
+        _end_by(signum)
+
+
+def _stop_not_taken() -> int | None:
+    """The signal :func:`end_by_a_stop_not_taken` ends the process by, or None."""
     pending = list(_held)
     run = sys.modules.get("nexus_trio.cli._run")
     if run is not None:
@@ -203,18 +211,40 @@ def end_by_a_stop_not_taken() -> None:
         or _exit["interrupted"]
         or threading.current_thread() is not threading.main_thread()
     ):
-        return
+        return None
+    return pending[0]
+
+
+def _end_by(signum: int) -> None:
+    """The output flushed, the process ends by ``signum``'s default action."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):  # (a reader gone, a stream closed: nothing to keep)
             pass
-    signum = pending[0]
     signal.signal(signum, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
+
+
+def end_at_the_command_s_end() -> None:
+    """Where the command ends (its ``SystemExit`` goes out of ``nexus_trio.cli.main``, in
+    :func:`main` and ``nexus_trio/cli/__main__.py``): when :func:`end_by_a_stop_not_taken`
+    would end the process by a signal, it does so now, after every exit function
+    (``atexit``) ran, also those registered before this module's (a ``sitecustomize``'s,
+    coverage's), which as exit functions of their own would run after
+    :func:`end_by_a_stop_not_taken`, and so never ran: CPython's own exit by an unhandled
+    Ctrl-C runs its finalization, the exit functions in it, before it ends itself by
+    SIGINT (``Modules/main.c``, ``exit_sigint``). Exit functions registered while the
+    exit functions run are not run (as at an ordinary exit)."""
+    signum = _stop_not_taken()
+    if signum is None:
+        return
+    atexit.unregister(end_by_a_stop_not_taken)
+    atexit._run_exitfuncs()
+    _end_by(signum)
 
 
 def exiting_with(status: object) -> None:
@@ -241,7 +271,18 @@ def main() -> None:
         # (a Ctrl-C this early: said in one line, as one while the app is imported, not
         # with the import's traceback; nothing was started)
         interrupted_while_starting(sys.argv[1:])
-    command()
+    run_command(command)
+
+
+def run_command(command: Callable[[], object]) -> None:
+    """``command()`` (``nexus_trio.cli.main``), then, as it returns or exits
+    (``SystemExit``), :func:`end_at_the_command_s_end`."""
+    try:
+        command()
+    except SystemExit:
+        end_at_the_command_s_end()
+        raise
+    end_at_the_command_s_end()
 
 
 def _on_import() -> None:
@@ -260,9 +301,11 @@ _on_import()
 
 __all__ = [
     "INTERRUPTED",
+    "end_at_the_command_s_end",
     "end_by_a_stop_not_taken",
     "exiting_with",
     "imports_done",
     "main",
+    "run_command",
     "stops_while_starting",
 ]

@@ -431,6 +431,47 @@ def test_a_stop_signal_while_nexus_starts_ends_a_command_that_runs_nothing_by_it
         assert (tmp_path / "made.toml").read_text().startswith("#")
 
 
+#: :data:`STOP_AT` with an exit function registered before ``nexus``'s code, as coverage's
+#: or a ``sitecustomize``'s is: it writes ``ran`` to ``$ATEXIT_FILE``
+ATEXIT_BEFORE = (
+    """
+import atexit, os
+
+
+def said():
+    with open(os.environ["ATEXIT_FILE"], "a") as file:
+        file.write("ran\\n")
+
+
+atexit.register(said)
+"""
+    + STOP_AT
+)
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_an_exit_function_registered_before_nexus_runs_before_a_stop_ends_it(
+    tmp_path: Path, how: str
+) -> None:
+    """Fifty-second pass: the end by a SIGTERM that came as ``nexus run --help`` started
+    (status -15, the test above) was done in an exit function of the entry's, which
+    runs before those registered earlier (``atexit`` runs them last first): a
+    ``sitecustomize``'s or coverage's never ran (measured: the file below not written).
+    The exit functions all run first now, once each, as CPython's own end by an unhandled
+    Ctrl-C runs them before it ends the process by SIGINT."""
+    ran = tmp_path / "atexit.txt"
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": "SIGTERM", "STOP_TIMES": "1"}
+    module = "nexus_trio.cli"
+    if how == "script":
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, ATEXIT_BEFORE, module, ["run", "--help"], ATEXIT_FILE=str(ran), **env)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert "Usage: " in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert ran.read_text() == "ran\n"
+
+
 #: a ``sitecustomize`` that sends its process the signals ``AFTER_SIGNALS`` (names,
 #: comma-separated, in order) once ``nexus run`` notes SIGTERM itself, past the entry
 #: (``_run.catch_stop_signals_early``: the config not yet loaded)

@@ -15,4 +15,7 @@ if __name__ == "__main__":
     entry = sys.modules.get("_nexus_trio_main")
     if entry is not None:
         entry.imports_done()
-    main()
+        # (a stop noted as it started that no run took ends it, after the exit functions)
+        entry.run_command(main)
+    else:
+        main()
