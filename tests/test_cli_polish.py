@@ -888,3 +888,40 @@ def test_a_value_a_flag_gave_is_refused_in_the_flags_words_a_files_in_the_keys(i
         "c.toml:2: [app] agents must be at most 100000000 (the most one run takes), got"
         " 100000001" in flat(result.output)
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("x..y", "got 'x..y' (label empty or too long)"),
+        ("x" * 64, "got '" + "x" * 40 + "'... (64 characters) (label too long)"),
+        ("a\udcffb", "got 'a\\udcffb' (Invalid character '\\udcff')"),
+    ],
+    ids=["empty-label", "label-of-64", "not-utf-8"],
+)
+def test_health_refuses_a_host_no_resolver_takes_naming_the_flag(host: str, why: str) -> None:
+    """Fifty-second pass, walking the flags with bad values: ``health --host x..y`` (an
+    empty label), a label past 63 characters or a byte that is not UTF-8 (``$'a\\xffb'``,
+    ``a\\udcffb`` to Python) raised ``UnicodeError`` (IDNA) in the check's thread: a
+    traceback, then ``unreachable: no whole answer within 3s``, exit 1. Refused now as a
+    bad value of ``--host``, exit 2, saying why; an address (``::1``, ``[::1]``) and an
+    international name are taken."""
+    result = invoke(["health", "--host", host, "-p", "9"])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "Usage: nexus" in text and "Traceback" not in text
+    assert f"Invalid value for '--host': must be a host name or an address, {why}" in text
+
+
+def test_health_of_a_config_host_no_resolver_takes_is_one_line_at_once() -> None:
+    """Fifty-second pass: the same host from the config (``[metrics] host``, not checked
+    there) raised in the check's thread, a traceback, and the check waited out its
+    timeout (``no whole answer within 3s``). It says why in one line now, exit 1."""
+    result = CliRunner().invoke(
+        app, ["health", "-p", "9", "--timeout", "5"], env={"NEXUS_METRICS__HOST": "x..y"}
+    )
+    assert result.exit_code == 1, result.output
+    text = flat(result.output)
+    assert "Traceback" not in text and "no whole answer" not in text
+    assert "http://x..y:9/healthz: unreachable: " in text
+    assert "label empty or too long" in text

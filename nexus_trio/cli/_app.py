@@ -1270,6 +1270,8 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
                 outcome.append((None, "", f"unreachable: {reason}"))
         except http.client.HTTPException as exc:
             outcome.append((None, "", f"bad answer: {type(exc).__name__}: {exc}"))
+        except ValueError as exc:  # (a host no resolver takes, [metrics] host = "x..y")
+            outcome.append((None, "", f"unreachable: {exc}"))
 
     thread = threading.Thread(target=get, name="nexus health", daemon=True)
     thread.start()

@@ -13,6 +13,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -183,12 +184,35 @@ def file_path(text: Any) -> Path:
 
 def host_name(text: Any) -> str:
     """The ``parser=`` of a flag naming a host: not empty nor blank (``--host ""`` asked
-    ``http://:9464/healthz`` and said the name was not known, exit 1, not the flag)."""
-    if not str(text).strip():
-        raise typer.BadParameter(
-            f"must be a host name or an address, got {shown(str(text), quoted=True)}"
-        )
-    return str(text)
+    ``http://:9464/healthz`` and said the name was not known, exit 1, not the flag), and
+    an address or a name the resolver can be asked (IDNA: labels of 1 to 63 characters,
+    no byte that is not text). ``x..y``, a 64-character label or a non-UTF-8 byte
+    (``a\udcffb``) raised ``UnicodeError`` in the check's thread: a traceback, then
+    ``unreachable: no whole answer within 3s``, exit 1."""
+    spelt = str(text)
+    got = f"must be a host name or an address, got {shown(spelt, quoted=True)}"
+    if not spelt.strip():
+        raise typer.BadParameter(got)
+    problem = _host_problem(spelt)
+    if problem is not None:
+        raise typer.BadParameter(f"{got} ({problem})")
+    return spelt
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` (not an IP address) cannot be looked up, or None."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        return str(cause) if cause is not None and str(cause) else "not a host name"
+    return None
 
 
 #: a whole number as a flag takes it, as the original's (Rust's ``u64``/``i64``
