@@ -2032,6 +2032,7 @@ def test_a_failed_join_is_one_error_line_without_a_traceback(nexus):
         ("flag", "--metrics-port", "a free port"),
         ("env", "[metrics] port (env NEXUS_METRICS__PORT)", "a free port"),
         ("host", "--metrics-host", "an address of this host"),
+        ("host-name", "--metrics-host", "an address of this host"),
     ],
 )
 def test_a_metrics_endpoint_that_cannot_listen_fails_in_one_line_naming_what_to_change(
@@ -2040,7 +2041,8 @@ def test_a_metrics_endpoint_that_cannot_listen_fails_in_one_line_naming_what_to_
     """Regression: a metrics port another process listens on (or a host that is no
     address of this one) failed the run with a 40-line traceback of the CLI's and Trio's
     internals after its error line, which named the address but not the flag or key that
-    gave it, nor what to do."""
+    gave it, nor what to do. (Fifty-second pass: a host no resolver takes, ``x..y``, raised
+    the IDNA codec's UnicodeError: the same traceback, ``host-name``.)"""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -2051,8 +2053,10 @@ def test_a_metrics_endpoint_that_cannot_listen_fails_in_one_line_naming_what_to_
         args += ["--metrics-port", str(port)]
     elif where == "env":
         env["NEXUS_METRICS__PORT"] = str(port)
-    else:  # TEST-NET-1 (RFC 5737): no address of this host
+    elif where == "host":  # TEST-NET-1 (RFC 5737): no address of this host
         args += ["--metrics-port", str(free_port()), "--metrics-host", "192.0.2.1"]
+    else:  # an empty label: no resolver takes it
+        args += ["--metrics-port", str(free_port()), "--metrics-host", "x..y"]
     try:
         result = invoke(args, **env)
     finally:
@@ -2066,7 +2070,9 @@ def test_a_metrics_endpoint_that_cannot_listen_fails_in_one_line_naming_what_to_
     assert len(failed) == 1, result.stderr
     assert hint in failed[0]
     assert advice in failed[0]
-    if where != "host":
+    if where == "host-name":
+        assert "cannot listen on 'x..y': no host name (" in failed[0]
+    elif where != "host":
         assert f"127.0.0.1:{port}: Address already in use" in failed[0]
         assert "or 0 for no metrics endpoint" in failed[0]
 

@@ -1111,7 +1111,7 @@ async def _run_async(
                         await outer.start(
                             serve_metrics, kernel, opts.metrics_host, opts.metrics_port
                         )
-                    except OSError as exc:
+                    except (OSError, UnicodeError) as exc:  # (a host no resolver takes)
                         listen_error = _cannot_listen(exc, opts)
                         raise listen_error from exc
                 outer.start_soon(_watch, state, kernel, _title(opts))
@@ -1352,11 +1352,19 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _cannot_listen(exc: OSError, opts: RunOptions) -> OSError:
+def _cannot_listen(exc: OSError | UnicodeError, opts: RunOptions) -> OSError:
     """The metrics endpoint's failure to listen (``exc`` names the address), with the flag
     or config key to change: a port in use is a common mistake, not a failure of the CLI
-    to show with its traceback."""
+    to show with its traceback. A host that no resolver takes (``x..y``: the IDNA codec's
+    UnicodeError) is said so too, with the host."""
     port, host = opts.metrics_port_hint, opts.metrics_host_hint
+    if isinstance(exc, UnicodeError):
+        return OSError(
+            errno.EINVAL,
+            f"the metrics server cannot listen on {opts.metrics_host!r}: no host name ({exc});"
+            f" give {host} an address of this host (127.0.0.1; 0.0.0.0 for all of them), or"
+            f" {port} 0 for no metrics endpoint",
+        )
     if exc.errno == errno.EADDRINUSE:
         advice = f"another process listens there: give {port} a free port, or 0"
     elif exc.errno == errno.EACCES:
