@@ -1281,7 +1281,8 @@ def test_a_worker_no_survivor_ever_heard_from_is_counted_as_never_joined() -> No
 
 DIES_AT_IMPORT_IN_WORKER_1 = """
 import os
-if os.environ.get("NEXUS_WORKER") == "worker-1":
+from nexus_trio.cli import worker_node
+if worker_node() == "worker-1":
     os._exit(3)
 
 async def main(kernel):
@@ -2887,8 +2888,9 @@ def test_a_hangup_while_the_parent_imports_the_app_stops_it_at_once_with_a_summa
 WORKERS_SLOW_IMPORT = """
 import os, sys, time
 from nexus_trio import Agent
+from nexus_trio.cli import worker_node
 
-if os.environ.get("NEXUS_WORKER"):  # (the parent's check of the app is quick)
+if worker_node():  # (the parent's check of the app is quick)
     try:  # (the line in it: a stop that comes as soon as it is written is caught here)
         print("slow_import: importing", file=sys.stderr, flush=True)
         for _ in range(36000):  # (in steps: see PARENT_SLOW_IMPORT)

@@ -11,7 +11,7 @@ from ._app import app, main
 def worker_node() -> str | None:
     """This process's node name (``worker-<i>``) if it is a worker of ``nexus run
     --workers N``, else None: what its parent set in ``NEXUS_WORKER``, which the command
-    takes out of the environment as it starts (docs/cli.md, Several processes)."""
+    takes out of the environment as it starts (docs/cli.md, `--workers N`)."""
     from ._cluster_cmd import worker_node as node
 
     return node()
