@@ -276,8 +276,18 @@ def test_nexus_max_workers_is_taken_in_the_flags_spelling_only(
         (["-W", "9" * 4000], {}, "9" * 40),
         (["-n", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
         (["-d", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
+        (["bench", "-s", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
+        (["bench", "--json", "d/" * 2000 + "x.json"], {}, "got '" + "d/" * 20 + "'"),
     ],
-    ids=["max-4301-digits", "max-5000-letters", "workers-4000-digits", "agents", "duration"],
+    ids=[
+        "max-4301-digits",
+        "max-5000-letters",
+        "workers-4000-digits",
+        "agents",
+        "duration",
+        "bench-scenario",
+        "bench-json",
+    ],
 )
 def test_a_long_refused_value_is_cut_in_its_error(
     monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str], said: str
@@ -287,7 +297,11 @@ def test_a_long_refused_value_is_cut_in_its_error(
     the error; ``-W`` of 4,000 digits twice). An error shows its first 40 characters and
     the value's length (``... (4,301 characters)``), still naming the flag or variable."""
     asked = cap_run(monkeypatch, cores=2)
-    code, out = invoke_run([*args, "--json"], **env)
+    if args[0] == "bench":
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        code, out = result.exit_code, " ".join(result.output.split())
+    else:
+        code, out = invoke_run([*args, "--json"], **env)
     assert (code, asked) == (2, [])
     longest = max(len(v) for v in [*args, *env.values()])
     flat = " ".join(out.replace("\u2502", " ").split())  # (the error box's sides out)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ._commands import Command, file_path, whole_number
+from ._commands import Command, file_path, shown, whole_number
 
 
 def _scenario(text: str) -> str:
@@ -20,7 +20,8 @@ def _scenario(text: str) -> str:
     from ..bench import SCENARIOS  # (the suite is imported when a bench runs, not before)
 
     if text not in SCENARIOS:
-        raise typer.BadParameter(f"must be one of {', '.join(SCENARIOS)}, got {text!r}")
+        listed = ", ".join(SCENARIOS)
+        raise typer.BadParameter(f"must be one of {listed}, got {shown(text, quoted=True)}")
     return text
 
 
@@ -30,7 +31,10 @@ def _written_file(text: str) -> Path:
     outside the usage box every other bad value gets)."""
     path = file_path(text)
     if not path.parent.is_dir():
-        raise typer.BadParameter(f"folder {str(path.parent)!r} does not exist, got {text!r}")
+        raise typer.BadParameter(
+            f"folder {shown(str(path.parent), quoted=True)} does not exist,"
+            f" got {shown(text, quoted=True)}"
+        )
     return path
 
 
@@ -43,7 +47,7 @@ def _plot_file(text: str) -> Path:
     except ImportError:
         raise typer.BadParameter(
             "needs matplotlib, which is not installed: pip install 'nexus_trio[plot]' (or"
-            f" pip install matplotlib), got {text!r}"
+            f" pip install matplotlib), got {shown(text, quoted=True)}"
         ) from None
     return path
 
