@@ -3,8 +3,8 @@ alone, not inherited by what the worker's app starts (a tool, a nested ``nexus``
 
 Played by hand, as the other worker tests do: a one-process ``nexus run`` with the
 worker's variables set, whose app starts a child that prints them and nested ``nexus
-run`` commands. The worker's own reads (``nexus_trio.cli._cluster_cmd.worker_node``, its
-app's ``os.environ``) keep them.
+run`` commands. The worker's own reads (``nexus_trio.cli.worker_node``, its app's
+``os.environ``) keep its name and the swarm's size.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def test_what_a_workers_app_starts_inherits_none_of_the_workers_variables(
     started acted as worker-0 (its config line not said, a usage error labelled
     ``worker-0: ``, ``--workers`` refused, ...). A ``nexus`` process takes them out of
     what it passes on as it starts (as systemd's ``sd_listen_fds(unset_environment=1)``);
-    the worker and its app still read them in ``os.environ``.
-
-    Regression (fifty-second pass): ``os.environ`` kept them, so a child given
-    ``env={**os.environ}`` (or one ``subprocess`` started by ``posix_spawn``, which passes
-    ``os.environ``) got them all the same. They are taken out of ``os.environ`` too now;
-    the app asks ``nexus_trio.cli.worker_node()`` for its worker's name."""
+    the worker and its app still read its name and the swarm's size in ``os.environ``
+    (docs/cli.md's contract: an app that picks its role by ``NEXUS_WORKER``), or ask
+    ``nexus_trio.cli.worker_node()``. A child given an environment built from
+    ``os.environ`` (``env={**os.environ}``, or ``subprocess``'s ``posix_spawn`` path,
+    taken with ``close_fds=False``, which passes ``os.environ``) gets those two from it, as
+    documented; ``NEXUS_READY_FD`` (internal) is out of ``os.environ`` too."""
     (tmp_path / "child_starting_app.py").write_text(CHILD_STARTING_APP, encoding="utf-8")
     seen_file = tmp_path / "seen.json"
     given = {WORKER_ENV: "worker-0", SWARM_ENV: "1", READY_FD_ENV: "999"}
@@ -90,10 +90,11 @@ def test_what_a_workers_app_starts_inherits_none_of_the_workers_variables(
     assert json.loads(proc.stdout)["stopped_by"] == "app finished"
     seen = json.loads(seen_file.read_text())
     assert seen["node"] == "worker-0"  # the worker's app asks for its name
-    assert seen["own"] == dict.fromkeys(FOR_THE_WORKER)  # gone from os.environ
+    kept = {WORKER_ENV: "worker-0", SWARM_ENV: "1", READY_FD_ENV: None}
+    assert seen["own"] == kept  # os.environ keeps the two an app may read
     assert seen["child"] == dict.fromkeys(FOR_THE_WORKER)  # its child: none of them
-    assert seen["copied"] == dict.fromkeys(FOR_THE_WORKER)  # env={**os.environ}: none
-    assert seen["spawned"] == dict.fromkeys(FOR_THE_WORKER)  # posix_spawn's: none
+    assert seen["copied"] == kept  # env={**os.environ}: what os.environ holds
+    assert seen["spawned"] == kept  # posix_spawn's: os.environ too
     run = seen["run"]
     assert run["status"] == 0, run["err"]
     summary = json.loads(run["out"])  # its summary on its stdout, alone
@@ -123,7 +124,8 @@ async def main(kernel):
     from nexus_trio.cli import worker_node
 
     own = worker_node()
-    sys.stderr.write(f"TEST own {own} child {child.stdout.decode().strip()}\\n")
+    read = os.environ.get("NEXUS_WORKER")
+    sys.stderr.write(f"TEST own {own} environ {read} child {child.stdout.decode().strip()}\\n")
 """
 )
 
@@ -140,5 +142,8 @@ def test_a_real_workers_app_sees_its_name_and_its_child_sees_none(tag: str, tmp_
     assert proc.returncode == 0, err
     assert json.loads(out)["stopped_by"] == "app finished"
     said = sorted(line.partition("TEST ")[2] for line in err.splitlines() if "TEST own" in line)
-    assert said == ["own worker-0 child None None None", "own worker-1 child None None None"]
+    assert said == [  # os.environ["NEXUS_WORKER"] is the worker's name (docs/cli.md)
+        "own worker-0 environ worker-0 child None None None",
+        "own worker-1 environ worker-1 child None None None",
+    ]
     assert tagged_processes(tag) == {}

@@ -10,8 +10,10 @@ from ._app import app, main
 
 def worker_node() -> str | None:
     """This process's node name (``worker-<i>``) if it is a worker of ``nexus run
-    --workers N``, else None: what its parent set in ``NEXUS_WORKER``, which the command
-    takes out of the environment as it starts (docs/cli.md, `--workers N`)."""
+    --workers N``, else None: what its parent set in ``NEXUS_WORKER`` (which
+    ``os.environ`` also keeps; the command takes it out of the process environment that
+    what it starts without ``env=`` inherits: docs/cli.md, `--workers N`). The preferred
+    way for an app to ask."""
     from ._cluster_cmd import worker_node as node
 
     return node()

@@ -307,14 +307,15 @@ def _option_text(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-#: :data:`FOR_THE_WORKER` as :func:`keep_from_children` took them out of ``os.environ``
+#: :data:`READY_FD_ENV` as :func:`keep_from_children` took it out of ``os.environ``
 #: (the worker's own, read here: :func:`given_to_this_worker`)
 _given: dict[str, str] = {}
 
 
 def given_to_this_worker(name: str) -> str | None:
     """The value of ``name`` (one of :data:`FOR_THE_WORKER`) the parent of ``--workers``
-    gave this process: in ``os.environ`` if set there (not yet taken, or set by a test),
+    gave this process: in ``os.environ`` if set there (:data:`WORKER_ENV` and
+    :data:`SWARM_ENV` stay there; :data:`READY_FD_ENV` until taken, or set by a test),
     else as :func:`keep_from_children` took it, else None."""
     value = os.environ.get(name)
     return _given.get(name) if value is None else value
@@ -330,28 +331,40 @@ def take_given(name: str) -> str | None:
 def worker_node() -> str | None:
     """This process's node name if it is a ``--workers`` worker (:data:`WORKER_ENV`, as
     the process was given it: :func:`given_to_this_worker`), else None. Every part of the
-    command asks this, not the environment; an app that picks its role by its worker's
-    name asks it too (``nexus_trio.cli.worker_node``)."""
+    command asks this; an app that picks its role by its worker's name is best to ask it
+    too (``nexus_trio.cli.worker_node``), though ``os.environ["NEXUS_WORKER"]`` still
+    holds it."""
     return given_to_this_worker(WORKER_ENV) or None
+
+
+#: what :func:`keep_from_children` takes out of ``os.environ`` as well (internal: no app
+#: reads it); :data:`WORKER_ENV` and :data:`SWARM_ENV` stay there (a documented contract)
+_TAKEN_FROM_OS_ENVIRON: Final = (READY_FD_ENV,)
 
 
 @contextlib.contextmanager
 def keep_from_children() -> Iterator[None]:
     """For a ``nexus`` process's command: :data:`FOR_THE_WORKER`, which its parent set
-    for it alone, are taken out of the environment, both Python's ``os.environ`` and the
-    process environment (``os.environ.pop`` unsets it too), so that nothing it starts
-    inherits them (a subprocess, ``os.system``, ``os.exec*``, ``trio.run_process``, or a
-    child given ``env={**os.environ, ...}``), as systemd's
-    ``sd_listen_fds(unset_environment=1)`` consumes ``LISTEN_FDS`` and ``LISTEN_PID``: a
-    ``nexus run`` that a worker's app starts is a one-process run, not one more
-    worker-0. The command reads them where they were kept (:func:`given_to_this_worker`)
-    until it ends; then they are forgotten (a test's next command in the same process
-    is not a worker by them)."""
+    for it alone, are taken out of the process (C) environment, so that what it starts
+    without an ``env=`` does not inherit them (``os.system``, ``os.exec*``, a
+    ``subprocess`` or ``trio.run_process`` with their default ``close_fds=True``), as
+    systemd's ``sd_listen_fds(unset_environment=1)`` consumes ``LISTEN_FDS`` and
+    ``LISTEN_PID``: a ``nexus run`` that a worker's app starts is a one-process run, not
+    one more worker-0. ``os.environ``, Python's copy of the environment as the
+    interpreter started, keeps :data:`WORKER_ENV` and :data:`SWARM_ENV`: an app that
+    picks its role by ``os.environ["NEXUS_WORKER"]`` works as documented (a child given
+    ``env={**os.environ, ...}`` gets them from it: leave them out there).
+    :data:`READY_FD_ENV`, internal, leaves ``os.environ`` too and is read where it was
+    kept (:func:`given_to_this_worker`) until the command ends; then it is forgotten (a
+    test's next command in the same process is not told to say ready by it)."""
     _given.clear()
     for name in FOR_THE_WORKER:
-        value = os.environ.pop(name, None)
-        if value is not None:
-            _given[name] = value
+        if name in _TAKEN_FROM_OS_ENVIRON:
+            value = os.environ.pop(name, None)  # (unsets the C environment too)
+            if value is not None:
+                _given[name] = value
+        elif name in os.environ:
+            os.unsetenv(name)  # (os.environ keeps it)
     try:
         yield
     finally:
