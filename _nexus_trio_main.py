@@ -238,11 +238,22 @@ def end_at_the_command_s_end() -> None:
     :func:`end_by_a_stop_not_taken`, and so never ran: CPython's own exit by an unhandled
     Ctrl-C runs its finalization, the exit functions in it, before it ends itself by
     SIGINT (``Modules/main.c``, ``exit_sigint``). Exit functions registered while the
-    exit functions run are not run (as at an ordinary exit)."""
+    exit functions run are not run (as at an ordinary exit). As that finalization does,
+    the non-daemon threads are waited for first, after ``threading``'s own exit hooks
+    (``concurrent.futures``' workers are told to end there): the kill came before them,
+    a thread's last writes lost (until the fifty-second pass's entry ran the kill as an
+    exit function, after the interpreter joined them). The signal's default action is
+    back before that wait: a second such signal while a thread or an exit function hangs
+    ends the process at once, as it would one that never caught it (it was noted and
+    dropped, the process left to hang)."""
     signum = _stop_not_taken()
     if signum is None:
         return
     atexit.unregister(end_by_a_stop_not_taken)
+    signal.signal(signum, signal.SIG_DFL)  # (a second one now: the end, at once)
+    shutdown = getattr(threading, "_shutdown", None)  # (what Py_FinalizeEx calls first)
+    if callable(shutdown):
+        shutdown()
     atexit._run_exitfuncs()
     _end_by(signum)
 

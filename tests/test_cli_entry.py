@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -470,6 +471,98 @@ def test_an_exit_function_registered_before_nexus_runs_before_a_stop_ends_it(
     assert "Usage: " in proc.stdout
     assert "Traceback" not in proc.stderr
     assert ran.read_text() == "ran\n"
+
+
+#: :data:`ATEXIT_BEFORE` with a non-daemon thread that writes ``thread`` to
+#: ``$ATEXIT_FILE`` once the main thread is over (as the interpreter's exit marks it), as a
+#: flusher does
+THREAD_BEFORE = (
+    """
+import threading, time
+
+
+def flusher():
+    deadline = time.monotonic() + 60
+    while threading.main_thread().is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(os.environ["ATEXIT_FILE"], "a") as file:
+        file.write("thread\\n")
+
+
+threading.Thread(target=flusher).start()
+"""
+    + ATEXIT_BEFORE
+)
+
+
+def test_a_non_daemon_thread_ends_before_a_stop_ends_a_command_that_ran_no_run(
+    tmp_path: Path,
+) -> None:
+    """Fifty-second pass: :func:`_nexus_trio_main.end_at_the_command_s_end` ran the exit
+    functions, then the kill, but not what the interpreter's own exit does before them:
+    wait for the non-daemon threads (and ``threading``'s exit hooks, which tell
+    ``concurrent.futures``' workers to end). Measured on that code: the file held
+    ``ran`` alone (the thread killed); before it (the kill an exit function, after the
+    interpreter's join) the thread wrote. Now: the thread, then the exit functions, then
+    the end by the SIGTERM."""
+    ran = tmp_path / "atexit.txt"
+    env = {"STOP_AT": "trio", "STOP_SIGNAL": "SIGTERM", "STOP_TIMES": "1"}
+    proc = python_m(
+        tmp_path, THREAD_BEFORE, "nexus_trio.cli", ["run", "--help"], ATEXIT_FILE=str(ran), **env
+    )
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert "Usage: " in proc.stdout
+    assert ran.read_text() == "thread\nran\n"
+
+
+#: :data:`STOP_AT` with an exit function that says so in ``$ATEXIT_FILE``, then hangs
+HANGING_AT_EXIT = (
+    """
+import atexit, os, time
+
+
+def hangs():
+    with open(os.environ["ATEXIT_FILE"], "a") as file:
+        file.write("hanging\\n")
+    time.sleep(120)
+
+
+atexit.register(hangs)
+"""
+    + STOP_AT
+)
+
+
+def test_a_second_sigterm_ends_a_command_whose_exit_function_hangs(tmp_path: Path) -> None:
+    """Fifty-second pass: a SIGTERM as ``nexus run --help`` started ends it after the exit
+    functions; one of them hung, and a second SIGTERM was noted by the entry's handler
+    and dropped (measured: the process lived on until the function's end), where one that
+    never caught SIGTERM ends at once. Now the signal's default action is back before
+    the exit functions run."""
+    ran = tmp_path / "atexit.txt"
+    (tmp_path / "sitecustomize.py").write_text(HANGING_AT_EXIT)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    paths = [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")]
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-such-dir")
+    environ.update(STOP_AT="trio", STOP_SIGNAL="SIGTERM", STOP_TIMES="1", ATEXIT_FILE=str(ran))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "--help"],
+        env=environ,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60  # (a real process: polled, as it starts)
+        while not (ran.exists() and ran.read_text() == "hanging\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 #: a ``sitecustomize`` that sends its process the signals ``AFTER_SIGNALS`` (names,
