@@ -278,6 +278,8 @@ def test_nexus_max_workers_is_taken_in_the_flags_spelling_only(
         (["-d", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
         (["bench", "-s", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
         (["bench", "--json", "d/" * 2000 + "x.json"], {}, "got '" + "d/" * 20 + "'"),
+        (["--nats", "x" * 4000], {}, "got '" + "x" * 40 + "'"),
+        (["send", "--log-level", "x" * 4000, "cat", "1"], {}, "got '" + "x" * 40 + "'"),
     ],
     ids=[
         "max-4301-digits",
@@ -287,6 +289,8 @@ def test_nexus_max_workers_is_taken_in_the_flags_spelling_only(
         "duration",
         "bench-scenario",
         "bench-json",
+        "nats",
+        "send-log-level",
     ],
 )
 def test_a_long_refused_value_is_cut_in_its_error(
@@ -295,9 +299,11 @@ def test_a_long_refused_value_is_cut_in_its_error(
     """Fifty-second pass: a refused value was echoed whole in its usage error (a
     ``NEXUS_MAX_WORKERS`` of 4,301 digits, past ``int()``'s limit: 4,301 characters in
     the error; ``-W`` of 4,000 digits twice). An error shows its first 40 characters and
-    the value's length (``... (4,301 characters)``), still naming the flag or variable."""
+    the value's length (``... (4,301 characters)``), still naming the flag or variable.
+    (``--nats`` and ``nexus send --log-level`` were left out: echoed whole, 4,000
+    characters, where ``nexus run --log-level`` was cut.)"""
     asked = cap_run(monkeypatch, cores=2)
-    if args[0] == "bench":
+    if args[0] in ("bench", "send"):
         result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
         code, out = result.exit_code, " ".join(result.output.split())
     else:

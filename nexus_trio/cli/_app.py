@@ -53,6 +53,7 @@ from ._commands import (
     one_of,
     whole_number,
 )
+from ._commands import shown as cut
 from ._encoding import stand_ins
 from ._hosts import probe_host, url_host
 from ._warnings import log_load
@@ -1031,7 +1032,7 @@ def _check_nats(url: str | None, hint: str = "'--nats'") -> None:
     names the flag or config key (with its source) the URL or the need came from."""
     if url is not None and "://" not in url:
         if hint.startswith("'--"):
-            got = repr(url)
+            got = cut(url, quoted=True)  # (as every refused flag value)
         else:  # a config key: shown as TOML writes it
             with values_as_toml():
                 got = shown(url)

@@ -22,7 +22,7 @@ import typer
 
 from .._config import LOG_LEVELS
 from .._logcall import log_guarded
-from ._commands import Command, file_path, finite_at_least, one_of
+from ._commands import Command, file_path, finite_at_least, one_of, shown
 from ._encoding import encodes
 from ._warnings import log_config_warnings
 
@@ -75,7 +75,9 @@ def _log_level(text: str) -> str:
     run -l`` says it; the config's check said ``override logging.level: [logging] level
     must be one of ...``, naming an override the user never wrote."""
     if text.lower() not in LOG_LEVELS:
-        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+        raise typer.BadParameter(
+            f"must be one of {', '.join(LOG_LEVELS)}, got {shown(text, quoted=True)}"
+        )
     return text
 
 
