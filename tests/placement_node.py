@@ -193,6 +193,26 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         Placement._record_requested = hold_requested  # type: ignore[method-assign]
         Placement._write_record = hold_own  # type: ignore[method-assign]
         return None
+    if op == "hold_name_drops":
+        # a kill point: from now on this node's drops of names-bucket entries (an agent
+        # stopped: its entry's delete) wait for ever; its placement records' drops land
+        # (a test SIGKILLs the node between the two)
+        from nexus_trio._nats import _kvops as kvops
+
+        delete_names = kvops.delete_names
+
+        async def held_drops(kv: Any, *args: Any, **kw: Any) -> Any:
+            if kv._name.endswith("-names"):
+                await trio.sleep_forever()
+            return await delete_names(kv, *args, **kw)
+
+        kvops.delete_names = held_drops  # type: ignore[assignment]
+        return None
+    if op == "stop":
+        # each of cmd["names"], an agent of this kernel, stopped for good
+        for name in cmd["names"]:
+            await kernel.stop(kernel.lookup(name).id)
+        return None
     if op == "answers_held":
         return len(answers_held)
     if op == "records":

@@ -405,6 +405,9 @@ class _Cluster:
     def placed_type(self, name: str) -> str | None:
         return self.placed_types.get(name)
 
+    def record_dropped(self, name: str) -> None:
+        self.placed_types.pop(name, None)
+
     def member_list(self) -> list[NodeInfo]:
         return []
 
@@ -650,6 +653,31 @@ def test_a_lost_node_s_claimed_names_without_a_record_are_replaced_by_their_entr
     assert sorted(survivors["a"] + survivors["b"]) == sorted(f"agent-{i}" for i in range(30))
     for node, names in survivors.items():
         assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
+
+
+def test_a_lost_node_s_agents_stopped_for_good_whose_name_drop_did_not_land_stay_stopped() -> None:
+    """Fifty-second pass, review: c stopped 10 placed agents for good; their records'
+    drops reached the survivors (the placed bucket's watch), their names' drops did not
+    (c SIGKILLed between the two: the stop writes both at once), so their entries still
+    name c and the type. None of them is re-placed; the 10 claimed and never recorded
+    are, each by one survivor. (Before: the 10 stopped ones came back too, as claims
+    without a record.)"""
+    stopped = [f"stopped-{i}" for i in range(10)]
+    claimed = [f"claimed-{i}" for i in range(10)]
+    holders = dict.fromkeys(stopped + claimed, "c")
+    survivors = {}
+    for node in ("a", "b"):
+        cluster = _Cluster(node, 0, holders)
+        cluster.placed_types = dict.fromkeys(stopped + claimed, "counter")
+        placement = Placement(cluster)  # type: ignore[arg-type]
+        placement.register("counter", COUNTING)
+        for name in stopped:
+            key = wire.name_key(name)
+            placement._apply_record(key, PlacementRecord("counter").encode(), None)
+            placement._apply_record(key, None, "DEL")
+        survivors[node] = placement.to_replace("c", ["a", "b"])
+        assert sorted(placement.records) == sorted(claimed)
+    assert sorted(survivors["a"] + survivors["b"]) == sorted(claimed)
 
 
 def test_a_lost_node_s_agents_go_only_to_survivors_that_run_their_type() -> None:
@@ -2218,6 +2246,34 @@ async def test_a_put_heard_after_the_name_s_delete_does_not_map_it_again(
             assert ca.name_holder("plain") is None
 
 
+async def test_a_placed_name_s_entry_heard_again_after_its_record_dropped_names_no_type(
+    nats: NatsServer,
+) -> None:
+    """Fifty-second pass, review: a placed agent's entry names its type (a claim whose
+    record may be pending); once the placed bucket dropped its record (its agent stopped
+    for good), the type asks for no re-placement (``placed_type`` None), also when the
+    same entry is heard again (a watch's replay, a read racing it). (Before: the type
+    came back with the entry heard again, and the node's loss re-placed the stopped
+    agent.)"""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            placed = await ca.spawn("counter", name="typed", node="c")
+            assert placed.node == "c"
+            await _learn_name(ca, "typed")
+            entry = await _name_entry(ca, "typed")
+            assert json.loads(entry[1] or b"")["type"] == "counter"
+            assert ca.placed_type("typed") == "counter"
+            ca.record_dropped("typed")
+            assert ca.placed_type("typed") is None
+            ca._apply_name_entry(*entry)  # the same entry, heard again
+            assert ca.placed_type("typed") is None
+            assert ca.name_holder("typed") == ("c", placed.id)
+
+
 async def test_a_delete_read_while_a_later_put_was_heard_does_not_drop_the_name(
     nats: NatsServer,
 ) -> None:
@@ -3774,6 +3830,61 @@ async def test_names_a_node_claimed_and_never_recorded_are_re_placed_once_it_is_
                 return bool(await a.call("records", names=names) == names)
 
             await _until(recorded, timeout=10)
+
+
+@pytest.mark.trio
+async def test_agents_stopped_for_good_on_a_node_killed_before_their_names_dropped_stay_stopped() -> (
+    None
+):
+    """Fifty-second pass, review, a SIGKILL point: a places 8 agents on c; c stops 6 of
+    them for good, their records' drops land, their names' drops wait (``hold_name_drops``:
+    the stop writes both at once), and c is SIGKILLed there. The 2 running ones are
+    re-placed on their owners over a and b; the 6 stopped ones are not (their entries
+    name the type, but the placed bucket dropped their records): no ``restarted`` event
+    for them, none runs on a or b, ``replaced`` counts 2. (Before: the 6 came back,
+    re-placed as claims never recorded.)"""
+    stopped = [f"stopped-{i}" for i in range(6)]
+    running = ["running-0", "running-1"]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            placed = await a.call(
+                "spawn_each", type="counter", names=stopped + running, node="c", timeout=60
+            )
+            assert all(placed[n][0] == "c" for n in stopped + running), placed
+
+            async def recorded() -> bool:
+                in_bucket = await a.call("records_in_bucket", names=stopped + running)
+                return bool(in_bucket == stopped + running)
+
+            await _until(recorded)
+            await c.call("hold_name_drops")
+            await c.call("stop", names=stopped)
+
+            async def records_dropped() -> bool:  # (the names' drops held)
+                for node in (a, b):
+                    if await node.call("records", names=stopped) != []:
+                        return False
+                return bool(await a.call("names_in_bucket", names=stopped) == stopped)
+
+            await _until(records_dropped)
+            c.kill()
+            await c.process.wait()  # type: ignore[union-attr]
+            owner = {n: rendezvous_owner(n, ["a", "b"]) for n in running}
+
+            async def re_placed() -> bool:
+                events = [e for n in (a, b) for e in await n.call("restarted")]
+                where = [(await b.call("where", name=n) or [None])[0] for n in running]
+                return len(events) >= len(running) and where == [owner[n] for n in running]
+
+            await _until(re_placed, timeout=20)
+            events = [e for n in (a, b) for e in await n.call("restarted")]
+            assert sorted(name for name, _ in events) == running
+            for node in (a, b):
+                assert await node.call("local", names=stopped) == {}
+            stats = [await n.call("stats") for n in (a, b)]
+            assert sum(s["replaced"] for s in stats) == len(running)
 
 
 @pytest.mark.trio

@@ -4084,11 +4084,12 @@ class Cluster:
         if entry is None:
             self._names_refused.refuse(self.node, key, "not a names entry")
             return
+        heard_again = revision is not None and self._name_revisions.get(name) == revision
         self._set_name(name, entry)
         type_name = _name_entry_type(value)
         if type_name is None:
             self._name_types.pop(name, None)
-        else:
+        elif not heard_again:  # (the same entry heard again keeps record_dropped's word)
             self._name_types[name] = type_name
         if revision is not None:
             self._name_revisions[name] = revision
@@ -4426,6 +4427,14 @@ class Cluster:
         (see ``Placement.to_replace``). None for a plain ``kernel.spawn`` name, or an
         entry written by an earlier version."""
         return self._name_types.get(name)
+
+    def record_dropped(self, name: str) -> None:
+        """``name``'s placement record was dropped from the placed bucket (its agent
+        stopped for good): the type its names-bucket entry names no longer asks for a
+        re-placement (see :meth:`placed_type`). The stop drops the record and the entry
+        concurrently; a node SIGKILLed between the two left the entry alone, and its
+        loss re-placed the stopped agent from the entry's type."""
+        self._name_types.pop(name, None)
 
     def names_held_on(self, nodes: Iterable[str]) -> list[str]:
         """The names whose names-bucket entry, as this node knows it, names one of

@@ -1062,6 +1062,9 @@ class Placement:
             return
         self._unrecorded.discard(name)
         if op in ("DEL", "PURGE") or not value:
+            # (stopped for good: its name's entry, if its delete did not land, is no
+            # claim to re-place)
+            self._cluster.record_dropped(name)
             self.records.pop(name, None)
             self._waiting.pop(name, None)
             return
