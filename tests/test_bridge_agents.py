@@ -2034,6 +2034,39 @@ def test_python_bridge_in_process_with_explicit_streams() -> None:
         NexusAgent().send("someone", 1)
 
 
+def test_python_bridge_reads_its_lines_with_one_decoder_made_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty-second pass, review: the Python bridge's reader of its input lines,
+    ``json.loads`` given ``parse_constant`` (to refuse NaN), made a ``json.JSONDecoder``
+    for every line (+1.8 us a line). One decoder, made once, reads them; a line holding
+    NaN is still reported and skipped."""
+    import io
+
+    from nexus_trio.bridges.python import EchoAgent
+
+    made: list[object] = []
+    init = json.JSONDecoder.__init__
+
+    def counted(self: json.JSONDecoder, *args: Any, **kwargs: Any) -> None:
+        made.append(kwargs.get("parse_constant"))
+        init(self, *args, **kwargs)
+
+    frames = b"".join(message_frame(message({"i": i})) for i in range(20))
+    nan = b'{"type":"ping","payload":NaN}\n'
+    stdin = io.BytesIO(frames + nan + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = EchoAgent(stdin=stdin, stdout=stdout, stderr=stderr)
+    monkeypatch.setattr(json.JSONDecoder, "__init__", counted)
+    assert agent.run_agent() == 0
+    monkeypatch.undo()
+    assert made == []
+    answers = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [f["type"] for f in answers] == ["register"] + ["response"] * 20
+    assert (agent.handled, agent.invalid_lines) == (20, 1)
+    assert "JSON has no NaN or Infinity: it holds NaN" in stderr.getvalue()
+
+
 def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
     import io
 

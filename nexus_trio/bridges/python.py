@@ -440,9 +440,16 @@ def _no_json_constant(word: str) -> NoReturn:
     raise ValueError(f"JSON has no NaN or Infinity: it holds {word}")
 
 
+#: made once: ``json.loads`` given ``parse_constant`` makes a decoder on every call (+1.8
+#: us a line; shared by threads as ``json.loads``'s own default decoder is)
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_json_constant)
+
+
 def _loads(text: str) -> Any:
     """``json.loads`` of an input line, as strict as JSON (see :func:`_no_json_constant`)."""
-    return json.loads(text, parse_constant=_no_json_constant)
+    if text.startswith("\ufeff"):  # (what json.loads says of it)
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _STRICT_JSON.decode(text)
 
 
 def _is_shutdown(raw: bytes) -> bool:
