@@ -1771,6 +1771,70 @@ async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_no
         ]
 
 
+#: a child whose second start (a replacement) does not register for a minute
+SLOW_REPLACEMENT = """
+import time
+marker = sys.argv[1]
+if os.path.exists(marker):
+    time.sleep(60)
+open(marker, "w").close()
+emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "slow", "protocol": 2}})
+while True:
+    msg = next_message()
+    if msg["payload"] != "hang":
+        emit({"type": "response", "payload": {"from": msg["to"], "to": msg["from"],
+              "kind": "Response", "payload": msg["payload"], "reply_to": msg["id"]}})
+"""
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "cancel", "kernel.stop"])
+async def test_a_stop_during_a_replacement_s_handshake_gives_it_up(
+    tmp_path: Path, stop: str
+) -> None:
+    """Regression (fifty-second pass): the replacement of a stuck child was started
+    shielded until it registered, so a kernel shutdown (its drain over), a cancelled
+    kernel (Ctrl-C) or ``kernel.stop`` waited up to ``register_timeout`` for a child it
+    would not use (6.8 s for a child that registers after 7 s, of a 2 s grace), and only
+    then dead-lettered the message due. Now the handshake is given up at the stop
+    request, as the first start's is: the replacement is stopped and reaped, the message
+    dead-lettered once."""
+    tag = new_tag()
+    cmd = [*script(tmp_path, SLOW_REPLACEMENT), str(tmp_path / "started"), tag]
+    with trio.CancelScope() as scope:
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(
+                process_agent(cmd, handle_timeout=0.3, register_timeout=30, shutdown_grace=0.3)
+            )
+            assert await kernel.request(ref, "first") == "first"
+            kernel.send_nowait(ref, "hang")  # not answered: the child is stuck
+            kernel.send_nowait(ref, "due")  # needs a replacement, which does not register
+            await wait_until(lambda: stats_of(kernel, ref).starts == 2, "the replacement")
+            replacement = stats_of(kernel, ref).pid
+            assert replacement in live_processes(tag)
+            start = trio.current_time()
+            if stop == "shutdown":
+                await kernel.shutdown(grace=0.2)
+            elif stop == "cancel":
+                scope.cancel()
+                await trio.sleep_forever()
+            else:
+                await kernel.stop(ref)
+                assert live_processes(tag) == []
+                await kernel.shutdown()
+    elapsed = trio.current_time() - start
+    assert_conserved(kernel)
+    assert elapsed < 5, elapsed  # (was register_timeout: 30 s)
+    assert live_processes(tag) == []
+    reason = "agent_stopped" if stop == "kernel.stop" else "shutdown"
+    assert [(d.message.payload, d.reason.value) for d in dead_letters(kernel)] == [
+        ("hang", "handler_timeout"),
+        ("due", reason),
+    ]
+    stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert (stats.starts, stats.replaced, stats.pid) == (2, 1, replacement)
+    assert stats.last_exit == -signal.SIGTERM  # (SIGTERM at once: no shutdown frame)
+
+
 async def test_child_lost_as_its_message_times_out_is_replaced_for_the_next_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1056,7 +1056,7 @@ class ProcessAgent(Agent):
         # the child does not speak the protocol yet) instead of after the agent's long
         # shutdown_timeout, which is the stop sequence's; the run then ends as a stop.
         watch = trio.CancelScope()
-        ctx.nursery.start_soon(self._give_up_start_on_stop, ctx, watch)
+        ctx.nursery.start_soon(self._give_up_start_on_stop, ctx, watch, ctx.nursery.cancel_scope)
         try:
             await self._start_child()
             ctx.nursery.start_soon(self._give_up_answers_at_shutdown, ctx)
@@ -1081,10 +1081,14 @@ class ProcessAgent(Agent):
             watch.cancel()
 
     @staticmethod
-    async def _give_up_start_on_stop(ctx: Context, watch: trio.CancelScope) -> None:
+    async def _give_up_start_on_stop(
+        ctx: Context, watch: trio.CancelScope, start: trio.CancelScope
+    ) -> None:
+        """Cancel ``start`` (a child's start: the run's, or a replacement's) at the stop
+        request, unless ``watch`` is cancelled first."""
         with watch:
             await ctx.wait_stop_requested()
-            ctx.nursery.cancel_scope.cancel()
+            start.cancel()
 
     async def _give_up_answers_at_shutdown(self, ctx: Context) -> None:
         """At a kernel shutdown whose grace is over, a message the child still works on
@@ -1908,9 +1912,10 @@ class ProcessAgent(Agent):
         """The child did not answer a message that timed out: replace it before going on.
 
         Not once the kernel is stopping (its drain is over, while this agent's own
-        ``shutdown_timeout`` still runs): no process is started then. The message now due
-        is dead-lettered (``shutdown``, never written) and the child is left to
-        ``on_stop``, which stops and reaps it.
+        ``shutdown_timeout`` still runs) or the agent's stop is asked: no process is
+        started then. The message now due is dead-lettered (``shutdown``, or
+        ``agent_stopped``; never written) and the child is left to ``on_stop``, which
+        stops and reaps it.
         """
         self._refuse_if_stopping(problem)
         stats = self.stats
@@ -1931,21 +1936,52 @@ class ProcessAgent(Agent):
             # message (there is none once stopping, but) would have to replace it.
             self._lost_unreported = True
             self._refuse_if_stopping(problem)
-            with trio.fail_after(self.options.register_timeout + 1.0):
-                await self._start_child()
+            await self._start_replacement(problem)
 
-    def _refuse_if_stopping(self, problem: str) -> None:
-        """Fail the message now due (``shutdown``) if the kernel is stopping: no new child."""
+    async def _start_replacement(self, problem: str) -> None:
+        """Start the replacement child, bounded by the register timeout whatever the
+        handle deadline. Its handshake is given up at the agent's stop request (the
+        kernel's drain over, Ctrl-C, ``kernel.stop``), as the run's first one is: the new
+        child, which does not speak the protocol yet, is left to ``on_stop`` (SIGTERM, no
+        shutdown frame, then SIGKILL; reaped) and the message now due, never written, is
+        dead-lettered (:meth:`_refuse_if_stopping`). Until the fifty-second pass the start
+        was shielded until the child registered: a shutdown waited up to
+        ``register_timeout`` for a child it would not use."""
         ctx = self._ctx
         assert ctx is not None
-        if not ctx.kernel.stopping:
-            return
+        handshake, watch = trio.CancelScope(), trio.CancelScope()
+        ctx.nursery.start_soon(self._give_up_start_on_stop, ctx, watch, handshake)
+        try:
+            with handshake, trio.fail_after(self.options.register_timeout + 1.0):
+                await self._start_child()
+        finally:
+            watch.cancel()
+        if handshake.cancelled_caught:
+            self._refuse(problem, "its replacement is given up before it registered")
+
+    def _refuse_if_stopping(self, problem: str) -> None:
+        """Fail the message now due if the kernel is stopping or the agent's stop was
+        asked: no new child (see :meth:`_refuse`)."""
+        ctx = self._ctx
+        assert ctx is not None
+        if ctx.kernel.stopping or ctx.stop_requested:
+            self._refuse(problem, "not replaced")
+
+    def _refuse(self, problem: str, given_up: str) -> NoReturn:
+        """Fail the message now due, never written: dead-lettered ``shutdown`` in a
+        kernel's shutdown, else ``agent_stopped`` (as the kernel does the messages an
+        agent stopped leaves in its mailbox)."""
+        ctx = self._ctx
+        assert ctx is not None
+        whom = "the kernel" if ctx.kernel.stopping else "the agent"
         message = ctx.message
         what = f"message {message.id}" if message is not None else "the message"
-        self._warn(f"{problem}; not replaced, the kernel is stopping: {what} is not written")
+        self._warn(f"{problem}; {given_up}, {whom} is stopping: {what} is not written")
         raise MessageFailed(
-            f"process agent {self.label} {problem}; not replaced while the kernel stops",
-            reason=DeadLetterReason.SHUTDOWN,
+            f"process agent {self.label} {problem}; not replaced while {whom} stops",
+            reason=DeadLetterReason.SHUTDOWN
+            if ctx.kernel.shutting_down
+            else DeadLetterReason.AGENT_STOPPED,
         )
 
     async def _write(
