@@ -1835,6 +1835,47 @@ async def test_a_stop_during_a_replacement_s_handshake_gives_it_up(
     assert stats.last_exit == -signal.SIGTERM  # (SIGTERM at once: no shutdown frame)
 
 
+async def test_a_child_replaced_as_the_kernel_stops_is_reaped_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (fifty-second pass): a stuck child killed for its replacement, whose
+    replacement the kernel's stop then refused (its drain over during the kill), stayed
+    the agent's child: on_stop killed and reaped it again, its process group signalled
+    anew and its exit logged twice. The hook only fixes that interleaving: the shutdown,
+    with no grace, is asked as the kill ends, and its drain is over before the start."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    original = ProcessAgent._kill_and_reap
+    reaped: list[int] = []
+
+    async def kill_then_shut_down(self: ProcessAgent, process: trio.Process) -> None:
+        reaped.append(process.pid)
+        await original(self, process)
+        if len(reaped) == 1:
+            assert self._ctx is not None
+            kernel = self._ctx.kernel
+            await kernel.shutdown(grace=0)
+            await wait_until(lambda: kernel.stopping, "the drain's end")
+
+    monkeypatch.setattr(ProcessAgent, "_kill_and_reap", kill_then_shut_down)
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), handle_timeout=0.3, shutdown_grace=0.3))
+        pid = await kernel.request(ref, {"op": "pid"})
+        kernel.send_nowait(ref, {"op": "hang"})  # not answered: the child is stuck
+        kernel.send_nowait(ref, {"op": "echo", "value": 1})  # replaces it: refused
+        await kernel.wait_shutting_down()
+    assert live_processes(tag) == []
+    assert reaped == [pid]
+    exits = [r.getMessage() for r in caplog.records if " exited with status" in r.getMessage()]
+    assert [m.split(": ", 1)[1] for m in exits] == [f"child {pid} exited with status -9"]
+    assert [(d.message.payload, d.reason.value) for d in dead_letters(kernel)] == [
+        ({"op": "hang"}, "handler_timeout"),
+        ({"op": "echo", "value": 1}, "shutdown"),
+    ]
+    stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert (stats.starts, stats.replaced) == (1, 1)
+
+
 async def test_child_lost_as_its_message_times_out_is_replaced_for_the_next_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

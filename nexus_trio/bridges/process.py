@@ -1932,6 +1932,10 @@ class ProcessAgent(Agent):
             self._tells.clear()
             if old is not None:
                 await self._kill_and_reap(old)
+                # Reaped: nothing for on_stop to stop, should the start be refused below
+                # (until the fifty-second pass it was killed and reaped a second time:
+                # its group signalled again, its exit logged twice).
+                self.process = None
             # The kill may have outlasted the drain: the old child is gone, so a later
             # message (there is none once stopping, but) would have to replace it.
             self._lost_unreported = True
