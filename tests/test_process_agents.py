@@ -4037,6 +4037,31 @@ async def test_send_frame_with_a_non_string_conversation_id_is_an_invalid_line()
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
 
 
+async def test_a_tell_still_written_to_an_original_child_is_given_up_when_the_drain_ends() -> None:
+    """Regression (fifty-second pass): at a shutdown whose drain was over, only a message
+    waiting for its answer was given up; a protocol-1 tell (no answer waited for) still
+    being written to a child that stopped reading held the shutdown through the agent's
+    shutdown_timeout: 6.8 s for a 0.3 s grace. It is given up with the drain's end now,
+    as a protocol-2 one is (dead letter ``shutdown``), and the child gets SIGTERM."""
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(
+            process_agent(toy("--protocol", "1", "--no-read", tag=tag), shutdown_grace=2)
+        )
+        await wait_until(lambda: stats_of(kernel, ref).protocol == 1, "the register")
+        kernel.send_nowait(ref, {"op": "echo", "value": "x" * 1_000_000})  # fills the pipe
+        await wait_until(lambda: kernel.mailbox_depth(ref) == 0, "the handler to take it")
+        await trio.sleep(0.2)  # (real time: the write blocks on the full pipe)
+        start = trio.current_time()
+        await kernel.shutdown(grace=0.3)
+        elapsed = trio.current_time() - start
+    assert elapsed < 2, elapsed  # (was the agent's shutdown_timeout: 6.5 s)
+    assert live_processes(tag) == []
+    assert [d.reason.value for d in dead_letters(kernel)] == ["shutdown"]
+    stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert (stats.lines_out, stats.abandoned, stats.last_exit) == (0, 1, -signal.SIGTERM)
+
+
 async def test_child_that_stops_reading_is_bounded_by_the_send_timeout() -> None:
     tag = new_tag()
     async with bridge_kernel(send_timeout_ms=300) as kernel:

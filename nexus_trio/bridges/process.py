@@ -1011,6 +1011,9 @@ class ProcessAgent(Agent):
         self._unfinished = 0
         #: a message waits for the child to answer a cancelled one (:meth:`_stuck`)
         self._in_grace = False
+        #: a protocol-1 tell is being written (:meth:`_write_tell`): a message the child
+        #: is still given at a shutdown, as one waiting in ``_inflight`` is answered
+        self._telling = False
         #: per-line warnings by kind (:meth:`_warn_line`)
         self._floods: dict[str, _Flood] = {}
         #: which stderr lines of the children of this run are logged (:meth:`_copy_stderr`)
@@ -1097,11 +1100,13 @@ class ProcessAgent(Agent):
         handlers of agents that have no ``shutdown_timeout`` of their own. The agent's
         long one is the stop sequence's (shutdown frame, grace, SIGTERM, grace): the
         answer was waited for that long on top of the grace, 17.5 s of a 5 s grace
-        (``nexus send`` to a silent child, Ctrl-C). A stop of this agent alone
+        (``nexus send`` to a silent child, Ctrl-C). So is a protocol-1 tell still being
+        written to a child that stopped reading (since the fifty-second pass: before, the
+        shutdown waited for it through that timeout). A stop of this agent alone
         (``kernel.stop``) still lets the message finish, within that timeout."""
         await ctx.wait_stop_requested()
-        if ctx.kernel.phase >= KernelPhase.STOPPING and any(
-            not slot.abandoned for slot in self._inflight.values()
+        if ctx.kernel.phase >= KernelPhase.STOPPING and (
+            self._telling or any(not slot.abandoned for slot in self._inflight.values())
         ):
             ctx.nursery.cancel_scope.cancel()
 
@@ -1892,9 +1897,11 @@ class ProcessAgent(Agent):
         tell = _Tell(msg, conversation)
         # Remembered before writing: the answer may be read before the write returns.
         self._tells.append(tell)
+        self._telling = True
         try:
             # Bounded by the handle timeout, not the send timeout: a busy child reading
-            # tells slowly is backpressure, not a failure.
+            # tells slowly is backpressure, not a failure. (At a shutdown, by its grace:
+            # _give_up_answers_at_shutdown.)
             await self._write(frame, bounded=False, entry=tell)
         except trio.Cancelled:
             if tell.written:
@@ -1907,6 +1914,8 @@ class ProcessAgent(Agent):
             with contextlib.suppress(ValueError):
                 self._tells.remove(tell)
             raise
+        finally:
+            self._telling = False
 
     async def _replace_child(self, problem: str = "did not answer a timed-out message") -> None:
         """The child did not answer a message that timed out: replace it before going on.
