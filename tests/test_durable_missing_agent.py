@@ -575,6 +575,7 @@ async def test_each_kind_of_dead_durable_message_has_a_counter_of_its_own(
         "wait_full": 0,
         "lost_node": 0,
         "unforwarded": 0,
+        "consumer_max_deliver": 0,
     }
     assert sum(stats.durable_dead_reasons.values()) == stats.durable_dead == 4
     samples = families["nexus_cluster_durable_dead_reasons"].samples

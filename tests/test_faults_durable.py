@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -264,3 +265,44 @@ async def test_an_answer_to_a_message_of_a_deleted_stream_does_not_ack_the_new_s
             stats = cluster.stats()
     assert handled == ["old", "new", "new"]
     assert (stats.durable_stale_settles, stats.durable_dead) == (1, 0)
+
+
+@pytest.mark.parametrize("answers", ["raises", "never"])
+async def test_a_message_an_operator_s_lower_max_deliver_stops_is_dead_and_deleted(
+    nats: NatsServer, answers: str
+) -> None:
+    """An operator lowers the node's consumer's ``max_deliver`` to 2 under the node's 4
+    (``nats consumer edit``) while it runs; the handler always raises (its 2nd delivery
+    nakked as one of 4), or never answers (its 2nd delivery's ``ack_wait`` runs out).
+    JetStream delivers the message twice and no more; the node hears JetStream's
+    ``MAX_DELIVERIES`` advisory for it and dead-letters it: counted once in
+    ``durable_dead`` (reason ``consumer_max_deliver``), logged, and deleted from the
+    stream. Before the fix: handled twice, ``durable_dead`` 0, and the message stayed in
+    the stream with nothing pending, delivered no more (docs/distributed.md's known
+    limit of the fifty-second pass)."""
+    handled: list[int] = []
+
+    async def handler(ctx: Context, msg: Message) -> Any:
+        handled.append(len(handled))
+        if answers == "raises":
+            raise RuntimeError("always")
+
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(agent(handler, name="edited"))
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        info = await call_aio(js.consumer_info, stream, cluster.node)
+        await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=2))
+        with trio.fail_after(15):
+            await cluster.send_durable("edited", "work")
+            await until(lambda: cluster.stats().durable_dead >= 1)
+            while (await call_aio(js.stream_info, stream)).state.messages:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.02)
+        await trio.sleep(1.5)  # (past an ack_wait: a second count would show here)
+        counts = await call_aio(js.stream_info, stream)
+        stats = cluster.stats()
+    assert handled == [0, 1]
+    assert stats.durable_dead == 1
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+    assert counts.state.messages == 0

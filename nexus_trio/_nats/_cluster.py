@@ -803,7 +803,9 @@ class ClusterStats:
     #: ``ack_wait`` on the last), ``wait_full`` (``durable_wait_full``: this node's
     #: consumer's and the takeovers'), ``lost_node`` (taken over from a lost node: by
     #: agent id, or a name that ran nowhere within ``max_deliver``), ``unforwarded`` (its
-    #: forward to where its name runs failed on the last delivery)
+    #: forward to where its name runs failed on the last delivery), ``consumer_max_deliver``
+    #: (JetStream delivered it no more before this node's ``max_deliver`` said it was dead:
+    #: an operator lowered its consumer's; deleted from the stream)
     durable_dead_reasons: dict[str, int] = attrs.field(factory=dict)
     #: forwards of durable messages to where their name runs now that JetStream did not
     #: take (each nakked and tried again; dead on the last delivery, ``unforwarded``
@@ -6525,7 +6527,7 @@ class Cluster:
             outbox_direct=self._outbox.direct,
             durable_acked=d.acked,
             durable_redelivered=d.redelivered,
-            durable_dead=d.dead + d.dead_unforwarded,
+            durable_dead=d.dead + d.dead_unforwarded + d.dead_lowered,
             durable_duplicates=d.duplicates,
             durable_unsettled_at_leave=d.unsettled_at_leave,
             durable_agent_missing=d.agent_missing,

@@ -321,7 +321,12 @@ DEAD_REASONS: Final = (
     "wait_full",
     "lost_node",
     "unforwarded",
+    "consumer_max_deliver",
 )
+
+#: JetStream's advisory that a consumer delivers a message no more (its max_deliver
+#: reached), for the stream and consumer named after it
+_MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 #: JetStream's error code for a consumer whose max_ack_pending is over the server's or
 #: the account's limit (``jetstream { limits { max_ack_pending } }``)
@@ -751,6 +756,12 @@ class DurableChannel:
         self._too_big_log = Throttle(kind="durable.too_big")
         self._too_big = 0
         self._unforwarded_log = Throttle(kind="durable.unforwarded")
+        self._lowered_log = Throttle(kind="durable.consumer_max_deliver")
+        self._advisory_log = Throttle(kind="durable.max_deliveries_advisory")
+        #: messages JetStream delivered no more before this node's ``max_deliver`` said
+        #: they were dead (an operator lowered its consumer's): deleted from the stream,
+        #: counted here (in ``ClusterStats.durable_dead``; see _max_deliveries)
+        self.dead_lowered = 0
         self._forward_failed_log = Throttle(kind="durable.forward_failed")
         self._forward_failures = 0
         #: deliveries by name whose agent this node did not have, terminated (dead)
@@ -771,6 +782,7 @@ class DurableChannel:
             self.wait_full,
             self._with_node_dead - taken,
             self.dead_unforwarded,
+            self.dead_lowered,
         )
         return dict(zip(DEAD_REASONS, counts, strict=True))
 
@@ -807,6 +819,26 @@ class DurableChannel:
                 " max_waiting (or max_in_flight)"
             ) from exc
         self._bind_own(made, held)
+        # (JetStream's advisories of messages its consumer delivers no more: see
+        # _max_deliveries; the subscription ends with the data connection at the leave,
+        # not at the stop: an UNSUB can wait on a stuck flusher, and the stop is bounded)
+        try:
+            await call_aio(
+                self.cluster.nc.subscribe,
+                f"{_MAX_DELIVERIES_ADVISORY}.{self._stream}.{self.cluster.node}",
+                cb=self._max_deliveries,
+            )
+        except (nats.errors.Error, OSError) as exc:
+            # (the path works without it: only a consumer an operator edits strands)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: could not subscribe to JetStream's max deliveries advisories"
+                " (%r): a message its consumer delivers no more before this node's"
+                " max_deliver (an operator lowered the consumer's) stays in the stream",
+                self.cluster.node,
+                exc,
+            )
         await self._ops.start()
         self._nursery = nursery
         self._started = trio.current_time()
@@ -2789,6 +2821,80 @@ class DurableChannel:
                     self._remade_back[jsmsg.reply] = None
                     if len(self._remade_back) > max_ack_pending(self.options):
                         self._remade_back.popitem(last=False)
+
+    async def _max_deliveries(self, advisory: NatsMsg) -> None:
+        """asyncio side: JetStream's advisory that this node's consumer delivers a
+        message no more (``MAX_DELIVERIES``, sent as it would deliver it again: at the
+        nak, or the ``ack_wait``, of its last delivery). One whose deliveries are under
+        this node's ``max_deliver`` was given up before the node said it was dead: an
+        operator lowered the consumer's (``nats consumer edit``: the node puts its own
+        back only when it binds the consumer), and the node nakked a delivery it took for
+        one of more. Such a message would stay in the stream for good, delivered no more,
+        counted nowhere (measured before the fifty-second pass's fix: ``max_deliver`` 2
+        under the node's 4, a handler that always failed, handled twice, the stream kept
+        it). It is deleted from the stream and counted dead (``consumer_max_deliver``),
+        logged: by whoever deletes it, so once also when two processes of the node hear
+        it (the second finds it gone). One at the node's own ``max_deliver`` or past it
+        is the node's to count (its last delivery failed, went unanswered, and so on)."""
+        try:
+            said = json.loads(advisory.data)
+            seq, deliveries = said["stream_seq"], said["deliveries"]
+            if type(seq) is not int or type(deliveries) is not int:
+                raise TypeError(f"stream_seq {seq!r}, deliveries {deliveries!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._say(
+                self._advisory_log,
+                "garbled max deliveries advisories",
+                logging.WARNING,
+                "node %s: a JetStream advisory on %s is garbled (%s), left alone: %s",
+                self.cluster.node,
+                advisory.subject,
+                exc,
+                brief(advisory.data, 200),
+            )
+            return
+        if deliveries >= self.options.max_deliver:
+            return
+        js = self.cluster.data_js
+        try:
+            stored = await js.get_msg(self._stream, seq)
+            msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
+            deleted = await js.delete_msg(self._stream, seq)
+        except nats.js.errors.NotFoundError:
+            return  # gone already: deleted by another process of this node, or expired
+        except (nats.errors.Error, OSError) as exc:
+            self._say(
+                self._advisory_log,
+                "durable messages its consumer delivers no more, not deleted",
+                logging.WARNING,
+                "node %s: durable message at stream sequence %d is delivered no more after"
+                " %d deliveries (its consumer's max_deliver, under this node's %d), and"
+                " could not be deleted: %r; it stays in the stream %s",
+                self.cluster.node,
+                seq,
+                deliveries,
+                self.options.max_deliver,
+                exc,
+                self._stream,
+            )
+            return
+        if not deleted:
+            return
+        self.dead_lowered += 1
+        self._say(
+            self._lowered_log,
+            "durable messages dead at their consumer's lower max_deliver",
+            logging.ERROR,
+            "node %s: durable message %s dead after %d deliveries: its consumer delivers it"
+            " no more (its max_deliver was lowered under this node's %d: by an operator?"
+            " change DurableOptions.max_deliver instead); deleted from the stream (%d so far)",
+            self.cluster.node,
+            msg_id,
+            deliveries,
+            self.options.max_deliver,
+            self.dead_lowered,
+            counted="durable_dead",
+        )
 
     async def _send_forward(
         self, jsmsg: NatsMsg, subject: str, *, taken: bool = False, stale: bool = False

@@ -330,7 +330,7 @@ CLUSTER_BREAKDOWNS: Final = {
         "nexus_cluster_durable_dead_reasons",
         "reason",
         "Durable messages given up (durable_dead), by why: undecodable, agent_gone, failed,"
-        " unanswered, wait_full, lost_node, unforwarded.",
+        " unanswered, wait_full, lost_node, unforwarded, consumer_max_deliver.",
         frozenset(DEAD_REASONS),
     ),
 }
