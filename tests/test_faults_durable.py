@@ -11,11 +11,14 @@ message is delivered again and acked once.
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from nats.aio.msg import Msg as NatsMsg
 
 from nexus_trio import Agent, Context, Message, TransportUnavailable, agent, pool
 from nexus_trio._nats import DurableOptions, NatsServer
@@ -306,3 +309,60 @@ async def test_a_message_an_operator_s_lower_max_deliver_stops_is_dead_and_delet
     assert stats.durable_dead == 1
     assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
     assert counts.state.messages == 0
+
+
+async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JetStream's ``MAX_DELIVERIES`` advisory as two processes of one node hear it (or
+    one hears it twice): the first deletes the message and counts it dead, the second
+    finds it gone (at its read; or at its delete, the other's delete between the two:
+    JetStream answers a delete of a missing message with a 500, code 10057, "no message
+    found") and says nothing: counted once, no ``WARNING``. One at
+    the node's own ``max_deliver`` is the node's to count (its last delivery failed or
+    went unanswered): nothing deleted. A garbled one is logged and left alone."""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(nats.url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        stored = await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
+        seq = (await call_aio(js.stream_info, stream)).state.last_seq
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{cluster.node}"
+
+        async def heard(data: bytes) -> tuple[int, int]:
+            advisory = NatsMsg(_client=cluster.nc, subject=subject, data=data)
+            await call_aio(cluster.durable._max_deliveries, advisory)
+            left = (await call_aio(js.stream_info, stream)).state.messages
+            return cluster.stats().durable_dead_reasons["consumer_max_deliver"], left
+
+        def said(deliveries: int) -> bytes:
+            return json.dumps({"stream_seq": seq, "deliveries": deliveries}).encode()
+
+        caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+        assert await heard(said(4)) == (0, 1)
+        assert await heard(said(2)) == (1, 0)
+        assert await heard(said(2)) == (1, 0)
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert warned == []
+        dead = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(dead) == 1
+        assert f"durable message {stored.id} dead after 2 deliveries" in dead[0]
+        # (the other process deletes it between this one's read and its delete)
+        await store_for(cluster, "nobody", "y", node="ghost")
+        seq = (await call_aio(js.stream_info, stream)).state.last_seq
+        read = js.get_msg
+
+        async def read_then_gone(name: str, at: int) -> Any:
+            got = await read(name, at)
+            await js.delete_msg(name, at)
+            return got
+
+        monkeypatch.setattr(js, "get_msg", read_then_gone)
+        assert await heard(said(2)) == (1, 0)
+        assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+        assert await heard(b'{"stream_seq": "1"}') == (1, 0)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1
+        assert "is garbled (KeyError('deliveries')), left alone" in warned[0]
+        assert cluster.stats().durable_dead == 1

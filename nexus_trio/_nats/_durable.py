@@ -324,6 +324,8 @@ DEAD_REASONS: Final = (
     "consumer_max_deliver",
 )
 
+#: JetStream's error code for a message delete that failed (its description says why)
+_MSG_DELETE_FAILED: Final = 10057
 #: JetStream's advisory that a consumer delivers a message no more (its max_deliver
 #: reached), for the stream and consumer named after it
 _MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
@@ -758,6 +760,7 @@ class DurableChannel:
         self._unforwarded_log = Throttle(kind="durable.unforwarded")
         self._lowered_log = Throttle(kind="durable.consumer_max_deliver")
         self._advisory_log = Throttle(kind="durable.max_deliveries_advisory")
+        self._undeleted_log = Throttle(kind="durable.consumer_max_deliver_undeleted")
         #: messages JetStream delivered no more before this node's ``max_deliver`` said
         #: they were dead (an operator lowered its consumer's): deleted from the stream,
         #: counted here (in ``ClusterStats.durable_dead``; see _max_deliveries)
@@ -2846,7 +2849,7 @@ class DurableChannel:
                 self._advisory_log,
                 "garbled max deliveries advisories",
                 logging.WARNING,
-                "node %s: a JetStream advisory on %s is garbled (%s), left alone: %s",
+                "node %s: a JetStream advisory on %s is garbled (%r), left alone: %s",
                 self.cluster.node,
                 advisory.subject,
                 exc,
@@ -2856,15 +2859,20 @@ class DurableChannel:
         if deliveries >= self.options.max_deliver:
             return
         js = self.cluster.data_js
+        failure: Exception | None = None
         try:
             stored = await js.get_msg(self._stream, seq)
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             deleted = await js.delete_msg(self._stream, seq)
-        except nats.js.errors.NotFoundError:
-            return  # gone already: deleted by another process of this node, or expired
+        except nats.js.errors.APIError as exc:
+            if _gone_already(exc):
+                return  # deleted by another process of this node (counted there), expired
+            failure = exc
         except (nats.errors.Error, OSError) as exc:
+            failure = exc
+        if failure is not None:
             self._say(
-                self._advisory_log,
+                self._undeleted_log,
                 "durable messages its consumer delivers no more, not deleted",
                 logging.WARNING,
                 "node %s: durable message at stream sequence %d is delivered no more after"
@@ -2874,7 +2882,7 @@ class DurableChannel:
                 seq,
                 deliveries,
                 self.options.max_deliver,
-                exc,
+                failure,
                 self._stream,
             )
             return
@@ -2961,6 +2969,15 @@ class DurableChannel:
         self.taken_over += taken
         if not stale:
             await jsmsg.ack()
+
+
+def _gone_already(exc: nats.js.errors.APIError) -> bool:
+    """JetStream's answer to a read or a delete of a stream's message says it has no such
+    message (a read: 404, code 10037; a delete: 500, code 10057, whose other causes say
+    otherwise; nats-server 2.15.1)."""
+    return isinstance(exc, nats.js.errors.NotFoundError) or (
+        exc.err_code == _MSG_DELETE_FAILED and exc.description == "no message found"
+    )
 
 
 async def _unsubscribe_taken(psub: Any) -> None:
