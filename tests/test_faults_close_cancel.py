@@ -328,6 +328,12 @@ async def main_escalates(kernel):
     await trio.sleep(1)
     await kernel.send(kernel.spawn(fails), "fail")
     await trio.sleep_forever()
+
+
+async def main_fails(kernel):
+    await kernel.send(kernel.spawn(busy), "work")
+    await trio.sleep(1)
+    raise LookupError("the app's own bug")
 """
 
 
@@ -375,7 +381,31 @@ def test_a_sys_exit_or_escalation_run_async_took_goes_out_of_a_scope_cancelled_a
     assert returned == []
 
 
-@pytest.mark.parametrize("how", ["exits", "escalates"])
+def test_an_app_error_run_async_took_goes_out_of_a_scope_cancelled_as_it_ends(
+    isolated: Any, restore_logging: Any
+) -> None:
+    """Left by the fifty-second pass's core hunt: the app's ``main`` raising an ordinary
+    error (``LookupError``) at 1 s, which ``run_async`` takes to return its summary and
+    status 1, was lost as its exit and escalation were: called in a scope cancelled at
+    3 s, while the close drains ``busy`` (its message takes 10 s), it raised the scope's
+    ``Cancelled``, the scope took it and its caller went on as if the app had not failed.
+    By Trio's rule (no error is lost to a cancel) the error goes out itself, not a group.
+    (Fails with main's _run.py: DID NOT RAISE.)"""
+    options = ending_run(isolated, "fails")
+    returned: list[tuple[dict[str, Any], int]] = []
+
+    async def main() -> None:
+        with trio.move_on_after(3.0):  # cancelled as the run ends
+            returned.append(await run_async(options, Console(file=io.StringIO())))
+
+    with pytest.raises(LookupError) as raised:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert type(raised.value) is LookupError, repr(raised.value)
+    assert str(raised.value) == "the app's own bug"
+    assert returned == []
+
+
+@pytest.mark.parametrize("how", ["exits", "escalates", "fails"])
 def test_a_sys_exit_or_escalation_run_async_took_is_its_status_with_no_cancel(
     isolated: Any, restore_logging: Any, how: str
 ) -> None:
@@ -389,4 +419,5 @@ def test_a_sys_exit_or_escalation_run_async_took_is_its_status_with_no_cancel(
 
     summary, status = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert status == (3 if how == "exits" else 1)
-    assert summary["error"].startswith("SystemExit" if how == "exits" else "SupervisorEscalation")
+    first = {"exits": "SystemExit", "escalates": "SupervisorEscalation", "fails": "LookupError"}
+    assert summary["error"].startswith(first[how]), summary["error"]

@@ -1053,7 +1053,8 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
     quiet = OneLineBridgeErrors()
     agent_log.addFilter(quiet)
     #: what the run took to return its summary and status (a Ctrl-C: 130, the app's
-    #: ``sys.exit(N)``: N, an escalation to the kernel: 1), to go out in place of a cancel
+    #: ``sys.exit(N)``: N, an escalation to the kernel or an error of the run: 1), to go
+    #: out in place of a cancel
     taken: list[BaseException] = []
     try:
         return await _run_async(opts, console, quiet.problems, taken)
@@ -1061,14 +1062,14 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
         if not taken or not only_cancels(exc):
             raise
         # A scope around the run was cancelled after the run took a Ctrl-C, the app's
-        # sys.exit() or an escalation (in the drain it began, say): the run's way out
+        # sys.exit(), an escalation or an error (in the drain it began, say): the run's way out
         # (its nursery's exit) raised that scope's Cancelled in place of (summary,
         # status), which the scope would take, its caller going on as if nothing was
         # pressed, exited or failed. Trio loses no KeyboardInterrupt, SystemExit or
         # error to a cancel, nor does open_kernel: it goes out instead, with its own
         # context (until the fifty-first pass a Ctrl-C was lost, until the
-        # fifty-second a sys.exit() or an escalation). The return value is lost, as
-        # any is to a cancel.
+        # fifty-second a sys.exit(), an escalation or an error). The return value is
+        # lost, as any is to a cancel.
         raise_held(taken[0])
     finally:
         agent_log.removeFilter(quiet)
@@ -1187,6 +1188,7 @@ async def _run_async(
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
         except Exception as exc:
             error = _unwrap(exc)
+            taken.append(error)
             log_guarded(
                 log,
                 logging.ERROR,
@@ -1216,6 +1218,7 @@ async def _run_async(
                 if exited.split((Exception, SystemExit, *_INTERRUPTS))[1] is not None:
                     raise
                 error = exited
+                taken.append(exited)
                 log_guarded(
                     log, logging.ERROR, "the run failed: %s", _describe(error), exc_info=error
                 )
