@@ -556,6 +556,7 @@ class Router:
         "_kernel_high",
         "_last_agent",
         "_late",
+        "_late_reasons",
         "_now",
         "_outside_senders",
         "_outside_waits",
@@ -646,6 +647,10 @@ class Router:
         #: (``id_value(msg) in late_queries``); the set is never replaced, so a serve
         #: loop keeps it in a local. Only the router changes it.
         self.late_queries: set[int] = set()
+        #: of those, the ones whose requesters the shutdown cancelled (a handler it
+        #: stopped waiting for its request): the query is dead-lettered ``shutdown``, not
+        #: ``request_timeout`` (no timeout ran out); the rest are ``request_timeout``
+        self._late_reasons: dict[int, DeadLetterReason] = {}
         #: where a handler here passed on a query with no requester pending here (a
         #: pool's router returning a remote requester's query for a worker, same id), by
         #: the query id's 128-bit value, the last _LATE_MEMORY of them (oldest first): the
@@ -972,13 +977,13 @@ class Router:
         dead_letter = self.ledger.dead_letter
         for msg in messages:
             if msg.kind is MessageKind.QUERY and id_value(msg) in self.late_queries:
-                dead_letter(
-                    msg,
-                    DeadLetterReason.REQUEST_TIMEOUT,
-                    recipient.id,
-                    recipient.name,
-                    detail="the requester stopped waiting before it was handled",
-                )
+                if self._late_reasons.get(id_value(msg)) is DeadLetterReason.SHUTDOWN:
+                    why = DeadLetterReason.SHUTDOWN
+                    detail = "the shutdown cancelled the requester before it was handled"
+                else:
+                    why = DeadLetterReason.REQUEST_TIMEOUT
+                    detail = "the requester stopped waiting before it was handled"
+                dead_letter(msg, why, recipient.id, recipient.name, detail=detail)
             else:
                 dead_letter(msg, reason, recipient.id, recipient.name, detail=detail)
 
@@ -1726,9 +1731,18 @@ class Router:
                         await trio.lowlevel.wait_task_rescheduled(pending.abort)
                 except trio.Cancelled:
                     # The requester itself was cancelled: its handler stops too, as on
-                    # a timeout (a reply that comes anyway is a late reply).
+                    # a timeout (a reply that comes anyway is a late reply). Cancelled
+                    # once the kernel stops (a handler the shutdown's end cancelled, a
+                    # task beside the block cancelled with it), it gave up for the
+                    # shutdown: the query's letter says ``shutdown``, as it would had
+                    # the requester waited on, no timeout having run out.
                     if pending.reply is _NO_REPLY and pending.error is None:
-                        self.expire_query(query.id, pending.at or query.to)
+                        why = (
+                            DeadLetterReason.SHUTDOWN
+                            if self.phase >= _STOPPING
+                            else DeadLetterReason.REQUEST_TIMEOUT
+                        )
+                        self.expire_query(query.id, pending.at or query.to, why)
                     raise
         finally:
             self._pending.pop(key, None)
@@ -1865,11 +1879,17 @@ class Router:
             self._timer_deadline = -math.inf
             self._now = trio.current_time
 
-    def expire_query(self, query_id: uuid.UUID, to: Address) -> bool:
+    def expire_query(
+        self,
+        query_id: uuid.UUID,
+        to: Address,
+        reason: DeadLetterReason = DeadLetterReason.REQUEST_TIMEOUT,
+    ) -> bool:
         """The requester of a query stopped waiting: cancel the handler working on it,
         or skip it in the queue; a query that went to a remote kernel is cancelled there
-        through the transport. True if a local handler was cancelled."""
-        self._mark_late(query_id)
+        through the transport. True if a local handler was cancelled. ``reason``: the
+        query's dead letter here (``shutdown`` for a requester the shutdown cancelled)."""
+        self._mark_late(query_id, reason)
         cell = self.local(to)
         routed = cell is not None
         if cell is None:
@@ -1886,14 +1906,14 @@ class Router:
             return False
         current = cell.current
         if current is not None and current.id == query_id:
-            return bool(cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT))
+            return bool(cell.cancel_current(reason))
         if self._passed_on:
             # A remote requester's cancel names the address it asked: a handler there
             # passed the query on (a pool's router to its worker), so the handler to
             # stop is where it went.
             at = self._passed_on.pop(query_id.int, None)
             if at is not None:
-                return self.expire_query(query_id, at)
+                return self.expire_query(query_id, at, reason)
         if not routed and self.transport is not None:
             # An agent being stopped, not working on it: the query may have gone through
             # the transport, to another node's agent of that name (names are unique per
@@ -1953,15 +1973,23 @@ class Router:
         name = node.name if node is not None else gone_name
         return name if name is not None else address
 
-    def _mark_late(self, query_id: uuid.UUID) -> None:
+    def _mark_late(
+        self, query_id: uuid.UUID, reason: DeadLetterReason = DeadLetterReason.REQUEST_TIMEOUT
+    ) -> None:
         """Nobody waits for query ``query_id`` any more: a reply that comes anyway is
-        dead-lettered ``late_reply`` (see _deliver_reply), the last _LATE_MEMORY of them."""
+        dead-lettered ``late_reply`` (see _deliver_reply), the last _LATE_MEMORY of them;
+        the query itself, still queued, ``reason`` (see discard_queued)."""
         key = query_id.int
         if key not in self.late_queries:
             self._late.append(key)
             self.late_queries.add(key)
+            if reason is not DeadLetterReason.REQUEST_TIMEOUT:
+                self._late_reasons[key] = reason
             if len(self._late) > _LATE_MEMORY:
-                self.late_queries.discard(self._late.popleft())
+                old = self._late.popleft()
+                self.late_queries.discard(old)
+                if self._late_reasons:
+                    self._late_reasons.pop(old, None)
 
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
         pending = self._pending.pop(request_id.int, None)

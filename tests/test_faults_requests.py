@@ -111,3 +111,42 @@ async def test_a_requester_that_gives_up_still_stops_a_routed_agent_s_handler(
         assert kernel.stats().dead_letters_by_reason == {"request_timeout": 1}
         assert kernel.is_local(ref)
     assert_conserved(kernel)
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "in_hand"])
+async def test_a_query_whose_requester_the_shutdown_cancels_is_dead_lettered_shutdown(
+    autojump_clock: trio.testing.MockClock, queued: bool
+) -> None:
+    """Left by the fifty-second pass's core hunt: ``asker``'s handler requests ``slow``
+    (timeout 60 s) and the shutdown's grace (1 s) ends while it waits; the shutdown
+    cancels that handler, and with it the request. No timeout ran out, yet the query was
+    dead-lettered ``request_timeout`` ("the requester stopped waiting"): queued behind
+    ``slow``'s first message, or cancelled in hand (with a longer grace the same query
+    was ``shutdown``). A requester the shutdown cancels gave up for the shutdown: its
+    query is dead-lettered ``shutdown``, in the queue or in hand, and nothing is
+    ``request_timeout``. (Fails with main's _router.py: its letter says
+    ``request_timeout``.)"""
+    journal: list[tuple[str, float]] = []
+    slow = slow_agent(journal)
+
+    @agent(name="asker", handle_timeout=600)
+    async def asker(ctx: Context, msg: Message) -> None:
+        await ctx.request("slow", "query", timeout=60)
+
+    config = Config(kernel=KernelConfig(dead_letter_buffer=100, shutdown_grace_ms=1000))
+    async with open_kernel(config) as kernel:
+        kernel.spawn(slow)
+        ask = kernel.spawn(asker)
+        if queued:
+            await kernel.send("slow", "first")  # in hand: the query waits behind it
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ask, "go")
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.5)
+        await kernel.shutdown()  # its grace ends at 1.5 s, the handlers are cancelled
+        letters = [(dl.message.payload, dl.reason) for dl in kernel.recent_dead_letters()]
+        assert_conserved(kernel)
+    expected = [("query", DeadLetterReason.SHUTDOWN), ("go", DeadLetterReason.SHUTDOWN)]
+    if queued:
+        expected.insert(0, ("first", DeadLetterReason.SHUTDOWN))
+    assert sorted(letters, key=repr) == sorted(expected, key=repr), letters
