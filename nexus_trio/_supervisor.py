@@ -854,16 +854,7 @@ class SupervisorNode(Child, ChildOwner):
         """Process one event; True means this supervisor must stop."""
         kind = event[0]
         if kind == _ADD:
-            child = event[1]
-            # (run 0: not started since it was added; a group restart handled before
-            # this event may have taken it along already, and a second run would race it)
-            if child.run == 0 and child in self.children and not child.retired:
-                after = self._last_spawn_gate
-                if after is not None and after.is_set():
-                    after = None
-                gate = self._start(child, 0.0, after)
-                if gate is not None:
-                    self._last_spawn_gate = gate
+            self._start_added(event[1])
         elif kind == _TERMINATE:
             _, child, reason = event
             self._stops_queued.pop(child, None)
@@ -886,6 +877,18 @@ class SupervisorNode(Child, ChildOwner):
                 self.host.failed(child, error)
         return False
 
+    def _start_added(self, child: Child) -> None:
+        """Start ``child``, added to this running supervisor, unless it has started since."""
+        # (run 0: not started since it was added; a group restart handled before this
+        # event may have taken it along already, and a second run would race it)
+        if child.run == 0 and child in self.children and not child.retired:
+            after = self._last_spawn_gate
+            if after is not None and after.is_set():
+                after = None
+            gate = self._start(child, 0.0, after)
+            if gate is not None:
+                self._last_spawn_gate = gate
+
     def _unreported(self, exit_event: tuple[Any, ...]) -> bool:
         """Whether the failure of this exit is still to be reported (and now taken)."""
         _, child, run, error = exit_event
@@ -902,6 +905,8 @@ class SupervisorNode(Child, ChildOwner):
 
     async def _stop_linked(self, child: Child, reason: str) -> None:
         """Stop, for good, the agents ``child`` spawned (they die with its run)."""
+        if child.drain_on_stop and reason == "parent_stopped":
+            self._drain_linked(child)
         for linked in reversed(list(child.linked_children)):
             if linked.retired:
                 continue
@@ -1103,6 +1108,21 @@ class SupervisorNode(Child, ChildOwner):
             linked.drain_on_stop = child.drain_on_stop
             linked.stop_deadline = min(linked.stop_deadline, deadline)
 
+    def _drain_linked(self, child: Child) -> None:
+        """A draining stop of ``child`` stops what it spawned: they drain their queues,
+        all at once, within its stop's deadline, before they stop. Also those the
+        messages its drain handled spawned, which this supervisor's loop, busy with the
+        stop, has not started yet (their add waits behind it): they start now, as a
+        child spawned by any message does (until the fifty-second pass they never
+        started, and what their parent sent them was dead-lettered ``agent_stopped``)."""
+        for linked in child.linked_children:
+            if linked.retired:
+                continue
+            linked.drain_on_stop = True
+            linked.stop_deadline = min(linked.stop_deadline, child.stop_deadline)
+            if linked.supervisor is self and self._nursery is not None:
+                self._start_added(linked)
+
     @contextlib.contextmanager
     def _stop_wait(self, child: Child, deadline: float) -> Iterator[trio.CancelScope]:
         """The wait of ``child``'s stop, until ``deadline``; for a child the end of the
@@ -1151,6 +1171,9 @@ class SupervisorNode(Child, ChildOwner):
                 # timeout)
                 child.request_stop()
                 timeout = self._stop_timeout(child)
+                if child.drain_on_stop:
+                    # (it bounds the drain of what it spawns meanwhile: _drain_linked)
+                    child.stop_deadline = min(child.stop_deadline, trio.current_time() + timeout)
                 if timeout > 0:
                     with self._stop_wait(child, trio.current_time() + timeout):
                         await done.wait()

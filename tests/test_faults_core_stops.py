@@ -422,3 +422,82 @@ async def test_a_draining_stop_of_a_nested_supervisor_waiting_out_its_backoff_dr
         stops = [name for kind, name, _ in Member.log if kind == "stop"]
         assert sorted(starts) == sorted(stops)
     assert_conserved(kernel)
+
+
+# --- children spawned by the messages a draining stop handles ---------------------------
+
+
+class Kid(Agent):
+    """A linked child with an ``on_start`` (so it does not start dormant, unless
+    ``quiet``), journaled in ``Spawner.log``."""
+
+    async def on_start(self, ctx: Context) -> None:
+        Spawner.log.append(("kid start", ctx.name or "?"))
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.1)
+        Spawner.log.append(("kid handles", msg.payload))
+
+    async def on_stop(self, ctx: Context) -> None:
+        Spawner.log.append(("kid stop", ctx.name or "?"))
+
+
+class QuietKid(Agent):
+    """A linked child with no ``on_start`` nor ``on_stop``: it starts on its first message."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.1)
+        Spawner.log.append(("kid handles", msg.payload))
+
+
+class Spawner(Agent):
+    """On ``"spawn N"``: ``ctx.spawn`` a linked child ``kN`` and send it two messages; on
+    ``"old"``: an elder linked child, spawned before the stop."""
+
+    log: ClassVar[list[tuple[str, Any]]] = []
+    kid: ClassVar[type[Agent]] = Kid
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Spawner.log.append(("spawner handles", msg.payload))
+        name = str(msg.payload).split()[-1]
+        ref = ctx.spawn(agent(Spawner.kid, name=name))
+        await ctx.send(ref, f"{name}.1")
+        await ctx.send(ref, f"{name}.2")
+
+
+@pytest.mark.parametrize("elder", [False, True], ids=["no_elder", "elder"])
+@pytest.mark.parametrize("quiet", [False, True], ids=["on_start", "quiet"])
+async def test_children_spawned_by_the_messages_a_draining_stop_handles_drain_theirs(
+    autojump_clock: Any, elder: bool, quiet: bool
+) -> None:
+    """Left by the fifty-second pass's core hunt: ``kernel.stop(spawner, drain=True)``
+    with ``"spawn k1"`` queued (and, ``elder``, a child ``k0`` spawned before the stop,
+    busy with its own two messages). The message the drain handles spawns ``k1`` and
+    sends it two messages; docs/kernel.md promises that in a parent's draining stop its
+    linked children "drain theirs". Before: ``k1`` never started, its two messages
+    dead-lettered ``agent_stopped`` (``parent_stopped``). As Akka handles the messages
+    before a ``PoisonPill`` as any other (an actor spawned then is a child like the
+    others), a child spawned by the drain's messages starts and drains its queue with
+    its elder siblings, within the parent's stop timeout, then stops before its parent:
+    nothing is dead-lettered."""
+    Spawner.log = []
+    Spawner.kid = QuietKid if quiet else Kid
+    async with open_kernel(make_config()) as kernel:
+        spawner = kernel.spawn(agent(Spawner, name="spawner", shutdown_timeout=30))
+        if elder:
+            await kernel.send(spawner, "spawn k0")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(spawner, "spawn k1")
+        await kernel.stop(spawner, drain=True)
+        assert kernel.agents() == []
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        handled = [p for kind, p in Spawner.log if kind == "kid handles"]
+        assert_conserved(kernel)
+    assert letters == []
+    # each child in its own order; siblings drain at once, interleaved
+    assert [p for p in handled if p.startswith("k1")] == ["k1.1", "k1.2"]
+    assert [p for p in handled if p.startswith("k0")] == (["k0.1", "k0.2"] if elder else [])
+    assert len(handled) == (4 if elder else 2)
+    if not quiet:
+        assert ("kid start", "k1") in Spawner.log
+        assert Spawner.log.index(("kid start", "k1")) < Spawner.log.index(("kid stop", "k1"))
