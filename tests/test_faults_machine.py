@@ -52,7 +52,10 @@ handled or dead-lettered exactly once, never both, none whose send raised handle
 dead-lettered, the letters by reason equal to ``stats()``'s; every agent and supervisor
 spawned has one ``stopped`` event, its last; ``SupervisorEscalation`` raised exactly
 when the root gave up; a ``kernel.stop`` that returned was
-followed by its ``stopped`` event; a request ended by its deadline; each monitor's
+followed by its ``stopped`` event; a draining stop that returned while the kernel ran,
+within every shutdown timeout under it, with no other stop under way and no give-up
+meanwhile, left no ``agent_stopped`` letter of a stop under it (:func:`check_drained_stops`,
+fifty-second pass); a request ended by its deadline; each monitor's
 notice of a stop for good at most once, and exactly once where the watcher asked while
 the target ran, never took it back and lived on until the shutdown.
 
@@ -223,6 +226,8 @@ class Journal:
         self.handled_late: list[int] = []
         self.letters: list[DeadLetter] = []
         self.letter_times: list[float] = []  # the mock time each letter was read (published)
+        self.letter_positions: list[int] = []  # and its journal position then
+        self.event_positions: list[int] = []  # each event's journal position as read
         #: requests by their query's number: start, end (mock times), timeout, the time
         #: its caller gave up (a cancelled request), outcome ("answer", "failed" with the
         #: RequestFailed's reason, "timeout", "refused", "closed", "cancelled")
@@ -244,6 +249,20 @@ class Journal:
         #: the targets of every kernel.stop the test called (refs' ids as text, names): a
         #: supervisor among them is on its way out for good
         self.stop_asked: set[str] = set()
+        #: every kernel.stop called (the test's and the handlers'), in order: its target,
+        #: drain, mock start and end (None until it returned), and, for the test's draining
+        #: stops, the ids under the target when asked and the phase when it returned (see
+        #: check_drained_stops)
+        self.stop_calls: list[dict[str, Any]] = []
+        #: draining stops check_drained_stops checked
+        self.drained_checked = 0
+        #: the journal position where the program's shutdown step began (None: none did)
+        self.shutdown_at: int | None = None
+        #: linked children (ctx.spawn): the child's id -> its parent agent's id
+        self.linked_parent: dict[str, str] = {}
+        #: the shutdown timeouts of the agents and supervisors named by the test (None: the
+        #: agent's default, the kernel's grace)
+        self.timeouts: dict[str, float | None] = {}
         #: what the program is at (a hang's report names it), and what it raised there
         self.where = "before its first step"
 
@@ -444,6 +463,7 @@ def test_fault_machine(data: st.DataObject) -> None:
         with suppress(KernelShuttingDown, AgentNotRunning):
             if not tree:
                 ref = ctx.spawn(spec_of(child_facts, (token, in_stop)))
+                journal.linked_parent[str(ref.id)] = str(ctx.id)
                 journal.known.append({"name": None, "ref": ref, "agent": True, "parent": None})
                 return
             # a linked supervisor: its whole tree stops before the parent's on_stop
@@ -456,6 +476,7 @@ def test_fault_machine(data: st.DataObject) -> None:
                     children=[spec_of(facts, (token, in_stop)), spec_of(facts, (token, in_stop))],
                 )
             )
+            journal.linked_parent[str(ref.id)] = str(ctx.id)
             entry = {"name": None, "ref": ref, "agent": False, "parent": None}
             journal.known.append(entry)
 
@@ -520,9 +541,14 @@ def test_fault_machine(data: st.DataObject) -> None:
             await ctx.kernel.shutdown(action[1])
         elif what == "stop" and journal.known:
             entry = journal.known[action[1] % len(journal.known)]
-            with suppress(AgentNotFound, ValueError):
-                asked_to_stop(journal, address(entry))
-                await ctx.kernel.stop(address(entry))
+            call = {"target": str(address(entry)), "drain": False, "at": next(journal.positions)}
+            journal.stop_calls.append(call)
+            try:
+                with suppress(AgentNotFound, ValueError):
+                    asked_to_stop(journal, address(entry))
+                    await ctx.kernel.stop(address(entry))
+            finally:
+                call["done"] = next(journal.positions)
         elif what == "ask" and journal.known:
             entry = journal.agent_at(action[1])
             asked = next(journal.seqs)
@@ -597,6 +623,7 @@ def test_fault_machine(data: st.DataObject) -> None:
 
     def build(tree: dict[str, Any], parent: dict[str, Any] | None) -> Any:
         name = f"n{next(journal.names)}"
+        journal.timeouts[name] = tree.get("shutdown_timeout")
         if "children" not in tree:
             journal.known.append({"name": name, "ref": None, "agent": True, "parent": parent})
             return spec_of(tree).with_options(name=name)
@@ -700,6 +727,11 @@ def test_fault_machine(data: st.DataObject) -> None:
                 problem(journal, f"request {seq} answered {answer!r}")
 
     async def stop_one(kernel: Any, target: Any, drain: bool) -> None:
+        key = str(target.id) if isinstance(target, AgentRef) else str(target)
+        call: dict[str, Any] = {"target": key, "drain": drain, "start": trio.current_time()}
+        call["at"] = next(journal.positions)
+        call["under"] = subtree_ids(kernel.describe(), key)
+        journal.stop_calls.append(call)
         try:
             asked_to_stop(journal, target)
             await kernel.stop(target, drain=drain)
@@ -707,6 +739,11 @@ def test_fault_machine(data: st.DataObject) -> None:
             return
         except KernelShuttingDown:
             return
+        finally:
+            call["end"] = trio.current_time()
+            call["done"] = next(journal.positions)
+        call["returned"] = True
+        call["phase"] = kernel.phase
         ref = target if isinstance(target, AgentRef) else None
         if ref is not None:
             journal.gone.append(ref)
@@ -733,6 +770,7 @@ def test_fault_machine(data: st.DataObject) -> None:
         the model says: refused while the supervisor, or one above it, is on its way out
         or between runs, taken otherwise."""
         name = f"n{next(journal.names)}"
+        journal.timeouts[name] = facts.get("shutdown_timeout")
         due, why = add_refusal_due(journal, kernel, sup)
         try:
             ref = kernel.spawn(spec_of(facts).with_options(name=name), supervisor=address(sup))
@@ -903,18 +941,28 @@ def test_fault_machine(data: st.DataObject) -> None:
                     events = kernel.events(100_000)
 
                     async def collect(
-                        stream: Any, into: list[Any], times: list[float] | None = None
+                        stream: Any,
+                        into: list[Any],
+                        positions: list[int],
+                        times: list[float] | None = None,
                     ) -> None:
                         with trio.CancelScope(shield=True):  # the stream ends at shutdown
                             async for item in stream:
                                 into.append(item)
+                                positions.append(next(journal.positions))
                                 if times is not None:
                                     times.append(trio.current_time())
 
                     journal.beside = outside
                     kernel.spawn(agent(watcher, name="watcher", mailbox_capacity=10_000))
-                    outside.start_soon(collect, letters, journal.letters, journal.letter_times)
-                    outside.start_soon(collect, events, journal.events)
+                    outside.start_soon(
+                        collect,
+                        letters,
+                        journal.letters,
+                        journal.letter_positions,
+                        journal.letter_times,
+                    )
+                    outside.start_soon(collect, events, journal.events, journal.event_positions)
                     async with trio.open_nursery() as block:
                         try:
                             for tree in initial:
@@ -925,6 +973,7 @@ def test_fault_machine(data: st.DataObject) -> None:
                                     f" (mock time {trio.current_time():g} s)"
                                 )
                                 if at == shutdown_at:
+                                    journal.shutdown_at = next(journal.positions)
                                     start_step(kernel, block, shutdown)
                                 if step[0] == "advance":
                                     await advance(step[1])
@@ -934,6 +983,8 @@ def test_fault_machine(data: st.DataObject) -> None:
                                     start_step(kernel, block, step)
                                 await trio.testing.wait_all_tasks_blocked()
                                 check_midway(kernel)
+                            if journal.shutdown_at is None:
+                                journal.shutdown_at = next(journal.positions)
                             journal.where = (
                                 f"in the program's end, {ending!r} (grace {end_grace}),"
                                 f" after its {len(program)} steps"
@@ -964,6 +1015,92 @@ def test_fault_machine(data: st.DataObject) -> None:
     end_grace = data.draw(st.sampled_from([0, 0.05, 2.0]), label="end_grace")
     kernel = run_guarded(scenario, clock, 30, lambda: journal.where)
     check_end(journal, kernel, ending)
+
+
+def subtree_ids(tree: dict[str, Any], target: str) -> dict[str, str | None]:
+    """The nodes of the ``describe()`` subtree of ``target`` (an id or a name), by id
+    (their names as values): empty if it is not in the tree."""
+    found: dict[str, str | None] = {}
+
+    def walk(node: dict[str, Any], inside: bool) -> None:
+        inside = inside or target in (node["id"], node["name"])
+        if inside:
+            found[node["id"]] = node["name"]
+        for child in node.get("children", ()):
+            walk(child, inside)
+
+    walk(tree, False)
+    return found
+
+
+#: the machine's kernel grace (``shutdown_grace_ms``): an agent's shutdown timeout by default
+GRACE = 0.5
+
+
+def check_drained_stops(journal: Journal, kernel: Any) -> None:
+    """A draining stop loses nothing by itself (fifty-second pass): one the test asked
+    that returned while the kernel ran and within every shutdown timeout under it (none
+    could cut its drain short), with no other stop under way meanwhile (the test's or a
+    handler's, plain or draining, of anything), leaves no ``agent_stopped`` letter for a
+    stop (detail ``agent stopped (stopped)`` or ``(parent_stopped)``) at its target or at
+    anything under it (its supervisor subtree, and the agents those spawned with
+    ``ctx.spawn``, at any depth): its queue, and theirs, were handled. The letters
+    counted are those read from the stop's start until the next stop call, the
+    program's shutdown or a give-up (``escalated`` event), whichever comes first (the
+    dead-letter stream is read by a task of its own, after the stop may have returned).
+    Conservation alone lets such a letter pass: it has a reason."""
+    calls = journal.stop_calls
+    for call in calls:
+        if not call["drain"] or not call.get("returned") or not call["under"]:
+            continue
+        if call["phase"] is not KernelPhase.RUNNING:
+            continue
+        begun, done = call["at"], call["done"]
+        if any(c is not call and c["at"] < done and c.get("done", math.inf) > begun for c in calls):
+            continue  # another stop under way meanwhile
+        until = min(
+            [c["at"] for c in calls if c["at"] > done]
+            + [
+                p
+                for e, p in zip(journal.events, journal.event_positions, strict=True)
+                if e.kind is EventKind.ESCALATED and p > begun
+            ]
+            + ([journal.shutdown_at] if journal.shutdown_at is not None else [])
+            + [math.inf]
+        )
+        if until < done:
+            continue  # (a give-up, or the shutdown, while it ran)
+        bound = min(
+            (
+                GRACE if (t := journal.timeouts.get(name or "")) is None else t
+                for name in call["under"].values()
+            ),
+            default=GRACE,
+        )
+        under = set(call["under"])
+        grown = True
+        while grown:
+            grown = False
+            for child, parent in journal.linked_parent.items():
+                if parent in under and child not in under:
+                    under.add(child)
+                    bound = min(bound, GRACE)  # (a linked child's: the default)
+                    grown = True
+        if call["end"] - call["start"] >= bound:
+            continue
+        journal.drained_checked += 1
+        lost = [
+            (letter.message.payload, letter.detail)
+            for letter, at in zip(journal.letters, journal.letter_positions, strict=True)
+            if letter.reason is DeadLetterReason.AGENT_STOPPED
+            and letter.detail in ("agent stopped (stopped)", "agent stopped (parent_stopped)")
+            and str(letter.recipient) in under
+            and begun <= at < until
+        ]
+        assert not lost, (
+            f"the draining stop of {call['target']} ({call['start']:g} s to {call['end']:g} s)"
+            f" left agent_stopped letters under it: {lost}"
+        )
 
 
 def check_requests(journal: Journal) -> None:
@@ -1066,6 +1203,7 @@ def check_end(journal: Journal, kernel: Any, ending: str) -> None:
             f" ({reasons.get(seq)})"
         )
     check_requests(journal)
+    check_drained_stops(journal, kernel)
     # the counters agree with what the test counted
     assert len(journal.letters) == stats.dead_lettered, (len(journal.letters), stats)
     by_reason = Counter(letter.reason.value for letter in journal.letters)
