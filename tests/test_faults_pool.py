@@ -22,20 +22,27 @@ from nexus_trio import (
     Agent,
     AgentNotFound,
     AgentSpec,
+    Config,
     Context,
+    EventKind,
     Kernel,
+    KernelConfig,
     KernelShuttingDown,
     MailboxFull,
     Message,
     MessageKind,
     RequestFailed,
     RequestTimeout,
+    SupervisionConfig,
     Supervisor,
+    SupervisorEscalation,
+    agent,
     open_kernel,
     pool,
     pool_workers,
+    resize_pool,
 )
-from nexus_trio.testing import assert_conserved, open_test_kernel, test_config
+from nexus_trio.testing import assert_conserved, open_test_kernel, record_events, test_config
 
 from .full_disk import json_log_on_dev_full
 from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
@@ -368,3 +375,57 @@ async def test_one_key_s_messages_keep_their_order_across_a_worker_restart_not_a
     assert by_worker == {"workers/1": [10, 11, 12, 13], "workers/0": [20, 21, 22, 23]}
     assert handled[0][2] == handled[1][2]
     assert dict(stats.dead_letters_by_reason) == {"handler_error": 1}
+
+
+@pytest.mark.parametrize("shrink_at", [0.0, 0.5], ids=["during_its_message", "as_it_fails"])
+async def test_an_escalating_worker_failing_in_a_shrink_s_stop_is_reported_not_escalated(
+    autojump_clock: Any, shrink_at: float
+) -> None:
+    """Measured for the fifty-second pass (the pool demo with ``escalate_to_kernel``):
+    worker ``p/1`` (directive ``escalate``) takes 0.5 s over ``"fail"``, then raises.
+    A shrink to 1 asked at 0 s stops ``p/1`` (newest first) with a drain while that
+    message is in hand: its failure comes while it is being stopped, and is reported
+    (``failed`` event) but neither restarts nor escalates, as OTP's supervisor that
+    terminates a child only logs its abnormal exit (``shutdown_error``); the kernel runs
+    on. A shrink asked at 0.5 s, after the failure was handled, finds the escalation
+    under way: the root gives up and ``open_kernel`` raises ``SupervisorEscalation``.
+    Deterministic on the mock clock (a guard: the same on the code before)."""
+
+    @agent(name="w", on_error="escalate")
+    async def worker(ctx: Context, msg: Message) -> None:
+        if msg.payload == "fail":
+            await trio.sleep(0.5)
+            raise RuntimeError("worker fails")
+
+    config = Config(
+        kernel=KernelConfig(dead_letter_buffer=100),
+        supervision=SupervisionConfig(
+            max_restarts=0, backoff_initial_ms=0, backoff_max_ms=0, escalate_to_kernel=True
+        ),
+    )
+    chains: list[list[str]] = []
+    try:
+        async with open_kernel(config) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(pool(worker, size=2, name="p"))
+                await trio.testing.wait_all_tasks_blocked()
+                await kernel.send("p", "ok")  # p/0
+                await kernel.send("p", "fail")  # p/1
+                await trio.sleep(shrink_at)
+                assert await resize_pool(kernel, "p", 1) == 1
+                await trio.sleep(20)
+                assert_conserved(kernel)
+    except SupervisorEscalation as exc:
+        chains.append(list(exc.chain))
+    seen = [
+        (e.kind.value, e.name, e.time)
+        for e in recorder.events
+        if (e.kind is EventKind.FAILED and e.name == "p/1") or e.kind is EventKind.ESCALATED
+    ]
+    assert ("failed", "p/1", 0.5) in seen
+    if shrink_at == 0.0:
+        assert chains == []
+        assert [k for k, _, _ in seen] == ["failed"]
+    else:
+        assert [chain[-1] for chain in chains] == ["p/1"]
+        assert [k for k, _, _ in seen].count("escalated") == 2  # p/supervisor, the root
