@@ -584,6 +584,42 @@ def test_what_a_lost_node_heard_again_took_after_all_is_no_longer_counted_lost()
     assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (4, 38)
 
 
+def test_what_a_node_lost_in_the_same_check_held_is_taken_back_when_it_is_heard_again() -> None:
+    """Regression (fifty-second pass): b hears neither a nor c for the loss window (a
+    nats-server restarted under three nodes: every node judges the others lost in one
+    check, ``Members.newly_lost`` marking both unreachable before each is judged in
+    turn). Judging a first, b finds c among the members lost earlier, whose count a
+    owned over {a, b}, and counts what c held at its last heartbeat, before c's own loss
+    is judged here; heard again, c took it after all, and it was never taken back: 7
+    counted both handled on c and lost on b (``tests/test_cluster_conservation.py``,
+    the server restart: unaccounted -7, b's ``lost_with_nodes_by_node`` {'c': 7})."""
+    assert rendezvous_owner("loss:c", ["a", "b"]) == "a"  # (what the case needs)
+    c = _lost_c({"b.62": 10}, in_flight=5, held=2)
+    infos = {"a": NodeInfo("a", 0xA, 1, "host", 0.0, {}, last_seen=0.0), "c": c}
+
+    class _Both(_Cluster):
+        def live_nodes(self) -> list[str]:
+            return sorted(["b", *(n for n, i in infos.items() if i.reachable)])
+
+        def member_list(self) -> list[NodeInfo]:
+            return list(infos.values())
+
+    b = Placement(_Both("b", sent_to_c=10, holders={}))  # type: ignore[arg-type]
+    judged = [infos["a"], infos["c"]]
+    for node in ("a", "c"):
+        infos[node] = attrs.evolve(infos[node], reachable=False)
+    for info in judged:
+        b.node_lost(info)
+    assert (b.lost_with_nodes, b.lost_with_node) == (7, {"c": 7})  # (counted once)
+    b.heard_from(_lost_c({"b.62": 10}, in_flight=0, held=0))
+    assert (b.lost_with_nodes, b.lost_with_nodes_taken_back, b.lost_with_node) == (0, 7, {})
+    # lost again: what it holds then is counted again, and taken back again
+    b.node_lost(_lost_c({"b.62": 10}, in_flight=3, held=0))
+    assert b.lost_with_nodes == 3
+    b.heard_from(_lost_c({"b.62": 10}, in_flight=0, held=0))
+    assert (b.lost_with_nodes, b.lost_with_nodes_taken_back) == (0, 10)
+
+
 def test_what_is_counted_lost_with_nodes_is_kept_per_node_too(monkeypatch) -> None:
     """``lost_with_node`` (``ClusterStats.lost_with_nodes_by_node``) follows
     ``lost_with_nodes`` per node through a loss, what is taken back, a loss again and

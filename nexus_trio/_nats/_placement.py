@@ -269,6 +269,10 @@ class Placement:
         self._counted: set[tuple[str, int]] = set()
         #: per node judged lost, what its loss counted here (see :meth:`heard_from`)
         self._loss_counts: dict[str, _LossCount] = {}
+        #: what this node counted as held by a lost process whose own loss it had not
+        #: judged yet (lost in the same check as the node that owned its count): taken
+        #: into that loss's count when it is judged (see :meth:`_count_held`)
+        self._held_before_loss: dict[tuple[str, int], int] = {}
         #: messages counted in ``lost_with_nodes`` that their node, heard again, took or
         #: still held after all: taken back out of it (see :meth:`heard_from`)
         self.lost_with_nodes_taken_back = 0
@@ -1155,7 +1159,11 @@ class Placement:
             self._take_back_confirmed(earlier_loss, info)
             self._count_lost(info.node, earlier_loss.taken - earlier_loss.unconfirmed)
         self._loss_counts[info.node] = _LossCount(
-            info.id_prefix, info.session, confirmed, unconfirmed
+            info.id_prefix,
+            info.session,
+            confirmed,
+            unconfirmed,
+            held=self._held_before_loss.pop((info.node, info.id_prefix), 0),
         )
         if unconfirmed:
             self._count_lost(info.node, unconfirmed)
@@ -1232,6 +1240,15 @@ class Placement:
         loss = self._loss_counts.get(info.node)
         if loss is not None and loss.same_process(info):
             loss.held = held  # (taken back if it is heard again)
+        elif held:
+            # a member lost earlier whose own loss is not judged here yet: lost in the
+            # same check as the node just judged (``Members.newly_lost`` marks every
+            # silent member unreachable before each is judged), which owned its count.
+            # Its loss, judged next, keeps this to take it back if it is heard again:
+            # before, nothing did, and what it held was counted both there and here
+            for gone in [k for k in self._held_before_loss if k not in live]:
+                del self._held_before_loss[gone]  # (forgotten: bounded by the members)
+            self._held_before_loss[key] = held
         if held:
             self._count_lost(info.node, held)
             log_guarded(
