@@ -6,17 +6,23 @@ only to send), prints ``READY <node>`` and then answers one
 JSON line on stdout for each command line on stdin (see :func:`_command`). A ``counter``
 counts the tells it handled in this incarnation and acknowledges each one to the
 ``collector`` of the node whose name is in the tell, so a test can tell handled
-messages from lost ones even after the counter's node was SIGKILLed.
+messages from lost ones even after the counter's node was SIGKILLed. With ``--ledger
+PATH`` the node also writes a line per streamed tell handled (``H <sender>``) or
+dead-lettered (``D <sender> <reason>``) here, as it happens, which a SIGKILL does not
+lose: the cluster-wide books of ``tests/test_cluster_conservation.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +51,36 @@ class Counter(Agent):
         if msg.kind is MessageKind.QUERY:
             return {"node": NODE, "handled": self.handled, "name": ctx.name}
         self.handled += 1
-        await ctx.send(f"collector-{msg.payload['ack']}", msg.payload["seq"])
+        if HANDLE_DELAY:
+            await trio.sleep(HANDLE_DELAY)
+        _ledger(f"H {msg.payload['ack']}")
+        if ACKS:
+            await ctx.send(f"collector-{msg.payload['ack']}", msg.payload["seq"])
         return None
+
+
+#: seconds each counter takes over a tell (``slow_handlers``: its mailbox holds some)
+HANDLE_DELAY = 0.0
+#: acknowledge each handled tell to the sender's collector (off: ``no_acks``, so that
+#: the only tells between nodes are the streams' own)
+ACKS = True
+#: the file descriptor of this node's ledger (``--ledger``): a line per streamed tell
+#: handled (``H <sender>``) or dead-lettered (``D <sender> <reason>``) here, written
+#: as it happens (one ``os.write`` each), so that it survives a SIGKILL of the node
+LEDGER = -1
+
+
+def _ledger(line: str) -> None:
+    if LEDGER >= 0:
+        os.write(LEDGER, line.encode() + b"\n")
+
+
+def read_ledger(path: Path) -> dict[str, int]:
+    """A node's ledger summed: ``H <sender>`` and ``D <sender> <reason>`` -> count."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        counts[line] = counts.get(line, 0) + 1
+    return counts
 
 
 NODE = ""
@@ -260,7 +294,10 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
     if op == "stream":
         # tells to the named counters, round robin, paced; counts the ones accepted
         done = trio.Event()
-        result = {"accepted": 0, "refused": 0}
+        # (with cmd["why"]: the refused ones by their error's type too)
+        result: dict[str, Any] = {"accepted": 0, "refused": 0}
+        if cmd.get("why"):
+            result["refused_by"] = {}
 
         async def stream() -> None:
             names = cmd["to"]
@@ -268,8 +305,11 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
                 try:
                     await kernel.send(names[i % len(names)], {"seq": i, "ack": NODE})
                     result["accepted"] += 1
-                except Exception:
+                except Exception as exc:
                     result["refused"] += 1
+                    if "refused_by" in result:
+                        kind = type(exc).__name__
+                        result["refused_by"][kind] = result["refused_by"].get(kind, 0) + 1
                 if i % cmd.get("batch", 50) == 0:
                     await trio.sleep(cmd.get("pause", 0.005))
             done.set()
@@ -284,12 +324,42 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return result
     if op == "acks":
         return len(acks)
+    if op == "no_acks":
+        global ACKS
+        ACKS = False
+        return None
+    if op == "slow_handlers":
+        global HANDLE_DELAY
+        HANDLE_DELAY = cmd["delay"]
+        return None
+    if op == "ask_stream":
+        # requests to the named counters, round robin, paced: the answers, and the
+        # requests that failed by their error's type (each request ends once)
+        done = trio.Event()
+        result = {"sent": 0, "answered": 0, "failed": {}}
+
+        async def ask_stream() -> None:
+            names = cmd["to"]
+            for i in range(cmd["count"]):
+                result["sent"] += 1
+                try:
+                    await kernel.request(names[i % len(names)], "report", timeout=2)
+                    result["answered"] += 1
+                except Exception as exc:
+                    kind = type(exc).__name__
+                    result["failed"][kind] = result["failed"].get(kind, 0) + 1
+                await trio.sleep(cmd.get("pause", 0.01))
+            done.set()
+
+        nursery.start_soon(ask_stream)
+        streams.append((done, result))
+        return len(streams) - 1
     if op == "stats":
         return attrs.asdict(cluster.stats())
     raise ValueError(f"unknown op {op!r}")
 
 
-streams: list[tuple[trio.Event, dict[str, int]]] = []
+streams: list[tuple[trio.Event, dict[str, Any]]] = []
 #: the nursery around the cluster block (see ``rebalance_beyond``), and what that
 #: rebalance returned or raised (in the node's last line, see ``Node.leave``)
 OUTER: trio.Nursery | None = None
@@ -310,11 +380,28 @@ async def _follow_events(kernel: Any, task_status: trio.TaskStatus[None]) -> Non
                 restarted.append((event.name, event.reason))
 
 
+async def _follow_dead_letters(kernel: Any, task_status: trio.TaskStatus[None]) -> None:
+    async with kernel.dead_letters(buffer=1_000_000) as letters:
+        task_status.started()
+        async for letter in letters:
+            payload = letter.message.payload
+            if (
+                letter.message.kind is not MessageKind.QUERY
+                and isinstance(payload, dict)
+                and "seq" in payload
+                and "ack" in payload
+            ):
+                _ledger(f"D {payload['ack']} {letter.reason.value}")
+
+
 class Node:
     """``tests.placement_node`` in a child process, one JSON command at a time."""
 
-    def __init__(self, url: str, node: str, *, types: bool = True) -> None:
+    def __init__(
+        self, url: str, node: str, *, types: bool = True, ledger: Path | None = None
+    ) -> None:
         self.node = node
+        self.ledger = ledger
         self.url = url
         self.types = types
         self.process: trio.Process | None = None
@@ -330,6 +417,7 @@ class Node:
             "--node",
             self.node,
             *([] if self.types else ["--no-types"]),
+            *([] if self.ledger is None else ["--ledger", str(self.ledger)]),
         ]
         self.process = await trio.lowlevel.open_process(
             argv,
@@ -382,6 +470,44 @@ class Node:
         await process.wait()
 
 
+async def until(check: Any, timeout: float = 15.0) -> None:
+    """Poll a child's state (it lives in another process: no Trio event to wait on)."""
+    with trio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def stopped_at_end() -> AsyncIterator[list[Node]]:
+    """A list for the child nodes a test starts: each one stopped at the end, whatever
+    happened (a clean leave, a kill if it does not end in 10 s)."""
+    nodes: list[Node] = []
+    try:
+        yield nodes
+    finally:
+        with trio.CancelScope(shield=True):
+            for node in nodes:
+                await node.stop()
+
+
+async def pause_past_loss(paused: Node, survivors: list[Node], replaced: int) -> None:
+    """SIGSTOP ``paused`` until ``survivors`` re-placed ``replaced`` of its agents
+    (judged it lost), then SIGCONT it (also when the wait fails)."""
+    assert paused.process is not None
+    os.kill(paused.process.pid, signal.SIGSTOP)
+    try:
+        with trio.fail_after(20):
+            while True:  # (other processes: polled, bounded)
+                stats = [await n.call("stats") for n in survivors]
+                if sum(s["replaced"] for s in stats) == replaced:
+                    break
+                await trio.sleep(0.05)
+    finally:
+        os.kill(paused.process.pid, signal.SIGCONT)
+
+
 async def _main(url: str, node: str, with_types: bool) -> None:
     global NODE, JOINED_IN, OUTER
     NODE = node
@@ -399,6 +525,7 @@ async def _main(url: str, node: str, with_types: bool) -> None:
         # agent as soon as they hear it, before join_cluster returns here)
         async with trio.open_nursery() as follower:
             await follower.start(_follow_events, kernel)
+            await follower.start(_follow_dead_letters, kernel)
             async with join_cluster(kernel, url, node, options=options, types=types) as cluster:
                 JOINED_IN = trio.current_time() - joining
                 await cluster.names_published()
@@ -432,6 +559,10 @@ async def _main(url: str, node: str, with_types: bool) -> None:
         "forwarded": stats.forwarded,
         "dead_lettered": stats.dead_lettered,
         "in_flight": stats.in_flight,
+        # the cluster's counts after the leave, and what each stream and ask_stream came
+        # to (cut by the end of the commands)
+        "cluster": attrs.asdict(cluster.stats()),
+        "streams": [result for _, result in streams],
         **beyond,
     }
     print(json.dumps({"final": final}), flush=True)
@@ -442,5 +573,8 @@ if __name__ == "__main__":
     parser.add_argument("--url", required=True)
     parser.add_argument("--node", required=True)
     parser.add_argument("--no-types", action="store_true")
+    parser.add_argument("--ledger")
     args = parser.parse_args(sys.argv[1:])
+    if args.ledger:
+        LEDGER = os.open(args.ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     trio.run(_main, args.url, args.node, not args.no_types)

@@ -61,7 +61,7 @@ from nexus_trio._nats._placement import (
 
 from .hang_guard import SLOW_DRAWS
 from .nats_server import FAST, PATIENT, nats_cluster, node_config, on_loop_of
-from .placement_node import Node
+from .placement_node import Node, stopped_at_end, until
 
 #: (the ``nats`` fixture hides the module inside the tests that take it)
 _NatsTimeout = nats.errors.TimeoutError
@@ -155,13 +155,7 @@ async def _start_nodes(url: str, names: list[str]) -> list[Node]:
     return nodes
 
 
-async def _until(check: Any, timeout: float = 15.0) -> None:
-    """Poll a child's state (it lives in another process: no Trio event to wait on)."""
-    with trio.fail_after(timeout):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
+_until = until
 
 
 async def _counted(sender: Node, survivors: list[Node], accepted: int) -> dict[str, int]:
@@ -3512,17 +3506,7 @@ async def test_a_placement_answered_during_a_clean_leave_whose_record_drop_fails
         assert outcome == [PlacedAgent("svc-x", "c", kc.lookup("svc-x").id)]
 
 
-@asynccontextmanager
-async def _stopped_at_end() -> AsyncIterator[list[Node]]:
-    """A list for the child nodes a test starts: each one stopped at the end, whatever
-    happened (a clean leave, a kill if it does not end in 10 s)."""
-    nodes: list[Node] = []
-    try:
-        yield nodes
-    finally:
-        with trio.CancelScope(shield=True):
-            for node in nodes:
-                await node.stop()
+_stopped_at_end = stopped_at_end
 
 
 async def _spawn_each_at_once(nodes: list[Node], names: list[str], **args: Any) -> list[Any]:
