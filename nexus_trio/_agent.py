@@ -915,6 +915,14 @@ class Context:
         returns then): e.g. by its supervisor, which stops what it spawned first."""
         return bool(self._cell.exit_requested)
 
+    @property
+    def stop_drains(self) -> bool:
+        """True while this agent's stop asks it to handle its queue first
+        (``kernel.stop(ref, drain=True)``, Akka's ``PoisonPill``); False before a stop, for
+        one without drain, and once such a stop cuts a draining one short."""
+        cell = self._cell
+        return bool(cell.exit_requested and cell.drain_before_exit)
+
     async def wait_stop_requested(self) -> None:
         """Return once this agent's run is asked to stop (``kernel.stop``, its supervisor,
         the kernel's shutdown once its grace is over, ``ctx.stop()``).

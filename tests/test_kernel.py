@@ -1589,6 +1589,38 @@ async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
     assert kernel.stats().in_flight == 0
 
 
+async def test_ctx_stop_drains_says_whether_the_stop_asked_handles_the_queue(
+    autojump_clock: Any,
+) -> None:
+    """``ctx.stop_drains``: False before a stop, True during a draining one, False again
+    once a stop without drain cuts it short (``stop_requested`` stays True); each read
+    by the handler of a message the stop finds in hand."""
+    seen: list[tuple[bool, bool]] = []
+    release = {1: trio.Event(), 2: trio.Event()}
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        seen.append((ctx.stop_requested, ctx.stop_drains))
+        await release[msg.payload].wait()
+        seen.append((ctx.stop_requested, ctx.stop_drains))
+
+    async with open_kernel(make_config()) as kernel, trio.open_nursery() as nursery:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, 1)
+        await kernel.send(ref, 2)
+        await kernel.send(ref, 3)  # (dead-lettered by the stop without drain)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(partial(kernel.stop, ref, drain=True))
+        await trio.testing.wait_all_tasks_blocked()
+        release[1].set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(kernel.stop, ref)  # cuts the drain short: 2 finishes
+        await trio.testing.wait_all_tasks_blocked()
+        release[2].set()
+    assert reasons(kernel) == [(3, DeadLetterReason.AGENT_STOPPED)]
+    assert seen == [(False, False), (True, True), (True, True), (True, False)]
+
+
 @pytest.mark.parametrize("drain", [False, True])
 async def test_a_draining_stop_right_after_the_sends_that_woke_a_lazy_agent_handles_them(
     autojump_clock: Any, drain: bool

@@ -1771,12 +1771,12 @@ async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_no
         ]
 
 
-#: a child whose second start (a replacement) does not register for a minute
+#: a child whose second start (a replacement) registers only after ``sys.argv[2]`` seconds
 SLOW_REPLACEMENT = """
 import time
 marker = sys.argv[1]
 if os.path.exists(marker):
-    time.sleep(60)
+    time.sleep(float(sys.argv[2]))
 open(marker, "w").close()
 emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "slow", "protocol": 2}})
 while True:
@@ -1799,7 +1799,7 @@ async def test_a_stop_during_a_replacement_s_handshake_gives_it_up(
     request, as the first start's is: the replacement is stopped and reaped, the message
     dead-lettered once."""
     tag = new_tag()
-    cmd = [*script(tmp_path, SLOW_REPLACEMENT), str(tmp_path / "started"), tag]
+    cmd = [*script(tmp_path, SLOW_REPLACEMENT), str(tmp_path / "started"), "60", tag]
     with trio.CancelScope() as scope:
         async with bridge_kernel() as kernel:
             ref = kernel.spawn(
@@ -1833,6 +1833,73 @@ async def test_a_stop_during_a_replacement_s_handshake_gives_it_up(
     stats = stopped_bridge_stats(kernel).agents[ref.id]
     assert (stats.starts, stats.replaced, stats.pid) == (2, 1, replacement)
     assert stats.last_exit == -signal.SIGTERM  # (SIGTERM at once: no shutdown frame)
+
+
+@pytest.mark.parametrize("when", ["during the handshake", "before the replacement"])
+async def test_a_draining_stop_during_a_replacement_handles_the_queue(
+    tmp_path: Path, when: str
+) -> None:
+    """Regression (fifty-second pass): giving up a replacement's handshake at the stop
+    request took a draining stop (``kernel.stop(ref, drain=True)``, Akka's
+    ``PoisonPill``) for one that drops the queue: the message due and every one queued
+    behind it were dead-lettered ``agent_stopped`` instead of handled, asked during the
+    replacement's handshake or before it started (the stuck message still in hand). A
+    draining stop lets the replacement register and serve the queue, within the agent's
+    ``shutdown_timeout``, as it did before that pass."""
+    tag = new_tag()
+    delay = "0.5" if when == "during the handshake" else "0"
+    cmd = [*script(tmp_path, SLOW_REPLACEMENT), str(tmp_path / "started"), delay, tag]
+    answers: dict[str, Any] = {}
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(
+            process_agent(cmd, handle_timeout=2, register_timeout=30, shutdown_grace=2)
+        )
+        assert await kernel.request(ref, "first") == "first"
+        kernel.send_nowait(ref, "hang")  # not answered: the child is stuck
+        await wait_until(lambda: stats_of(kernel, ref).lines_out == 2, "the stuck message written")
+        async with trio.open_nursery() as nursery:
+            for queued, payload in enumerate(("due", "more"), 1):
+                nursery.start_soon(ask, kernel, ref, payload, answers)
+                await wait_until(lambda n=queued: kernel.mailbox_depth(ref) == n, payload)
+            if when == "during the handshake":
+                await wait_until(lambda: stats_of(kernel, ref).starts == 2, "the replacement")
+            await kernel.stop(ref, drain=True)
+        assert live_processes(tag) == []
+    assert answers == {"due": "due", "more": "more"}
+    assert [(d.message.payload, d.reason.value) for d in dead_letters(kernel)] == [
+        ("hang", "handler_timeout")
+    ]
+    stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert (stats.starts, stats.replaced) == (2, 1)
+
+
+async def test_a_draining_stop_during_the_first_handshake_handles_the_queue(
+    tmp_path: Path,
+) -> None:
+    """A draining stop asked while the child's first start waits for its register: the
+    handshake was given up at it as at any stop, and the queue, which that stop promises
+    to handle (an agent whose run has not started yet starts it to drain its queue, see
+    kernel.md), was dead-lettered ``agent_stopped``. It is waited for now, within the
+    agent's ``shutdown_timeout``, and the queue answered."""
+    tag = new_tag()
+    marker = tmp_path / "started"
+    marker.touch()  # (the first start is the slow one)
+    cmd = [*script(tmp_path, SLOW_REPLACEMENT), str(marker), "0.5", tag]
+    answers: dict[str, Any] = {}
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, register_timeout=30, shutdown_grace=2))
+        await wait_until(lambda: stats_of(kernel, ref).starts == 1, "the start")
+        async with trio.open_nursery() as nursery:
+            for queued, payload in enumerate(("due", "more"), 1):
+                nursery.start_soon(ask, kernel, ref, payload, answers)
+                await wait_until(lambda n=queued: kernel.mailbox_depth(ref) == n, payload)
+            assert not stats_of(kernel, ref).registered
+            await kernel.stop(ref, drain=True)
+        assert live_processes(tag) == []
+    assert answers == {"due": "due", "more": "more"}
+    assert dead_letters(kernel) == []
+    stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert (stats.starts, stats.replaced) == (1, 0)
 
 
 async def test_a_child_replaced_as_the_kernel_stops_is_reaped_once(

@@ -1088,10 +1088,13 @@ class ProcessAgent(Agent):
         ctx: Context, watch: trio.CancelScope, start: trio.CancelScope
     ) -> None:
         """Cancel ``start`` (a child's start: the run's, or a replacement's) at the stop
-        request, unless ``watch`` is cancelled first."""
+        request, unless ``watch`` is cancelled first. Not at a draining stop
+        (``kernel.stop(ref, drain=True)``): the queue is to be handled, by the child being
+        started, within the agent's ``shutdown_timeout``, which cancels the run."""
         with watch:
             await ctx.wait_stop_requested()
-            start.cancel()
+            if not ctx.stop_drains:
+                start.cancel()
 
     async def _give_up_answers_at_shutdown(self, ctx: Context) -> None:
         """At a kernel shutdown whose grace is over, a message the child still works on
@@ -1954,8 +1957,8 @@ class ProcessAgent(Agent):
     async def _start_replacement(self, problem: str) -> None:
         """Start the replacement child, bounded by the register timeout whatever the
         handle deadline. Its handshake is given up at the agent's stop request (the
-        kernel's drain over, Ctrl-C, ``kernel.stop``), as the run's first one is: the new
-        child, which does not speak the protocol yet, is left to ``on_stop`` (SIGTERM, no
+        kernel's drain over, Ctrl-C, ``kernel.stop``; not a draining stop, see
+        :meth:`_give_up_start_on_stop`), as the run's first one is: the new child, which does not speak the protocol yet, is left to ``on_stop`` (SIGTERM, no
         shutdown frame, then SIGKILL; reaped) and the message now due, never written, is
         dead-lettered (:meth:`_refuse_if_stopping`). Until the fifty-second pass the start
         was shielded until the child registered: a shutdown waited up to
@@ -1974,10 +1977,12 @@ class ProcessAgent(Agent):
 
     def _refuse_if_stopping(self, problem: str) -> None:
         """Fail the message now due if the kernel is stopping or the agent's stop was
-        asked: no new child (see :meth:`_refuse`)."""
+        asked: no new child (see :meth:`_refuse`). Not for a draining stop, which promises
+        to handle the queue (the fifty-second pass refused it: the queue was dead-lettered
+        ``agent_stopped``)."""
         ctx = self._ctx
         assert ctx is not None
-        if ctx.kernel.stopping or ctx.stop_requested:
+        if ctx.kernel.stopping or (ctx.stop_requested and not ctx.stop_drains):
             self._refuse(problem, "not replaced")
 
     def _refuse(self, problem: str, given_up: str) -> NoReturn:
