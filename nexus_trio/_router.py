@@ -1729,17 +1729,21 @@ class Router:
                     else:
                         pending.task = trio.lowlevel.current_task()
                         await trio.lowlevel.wait_task_rescheduled(pending.abort)
-                except trio.Cancelled:
+                except trio.Cancelled as cancelled:
                     # The requester itself was cancelled: its handler stops too, as on
                     # a timeout (a reply that comes anyway is a late reply). Cancelled
                     # once the kernel stops (a handler the shutdown's end cancelled, a
                     # task beside the block cancelled with it), it gave up for the
                     # shutdown: the query's letter says ``shutdown``, as it would had
-                    # the requester waited on, no timeout having run out.
+                    # the requester waited on, no timeout having run out. A deadline
+                    # that ran out then (the requester's own ``move_on_after``, its
+                    # handler's ``handle_timeout``: the shutdown's cancels are explicit)
+                    # is a timeout still (Trio 0.31+ says which: ``Cancelled.source``).
                     if pending.reply is _NO_REPLY and pending.error is None:
                         why = (
                             DeadLetterReason.SHUTDOWN
                             if self.phase >= _STOPPING
+                            and getattr(cancelled, "source", None) != "deadline"
                             else DeadLetterReason.REQUEST_TIMEOUT
                         )
                         self.expire_query(query.id, pending.at or query.to, why)

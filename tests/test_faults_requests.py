@@ -150,3 +150,45 @@ async def test_a_query_whose_requester_the_shutdown_cancels_is_dead_lettered_shu
     if queued:
         expected.insert(0, ("first", DeadLetterReason.SHUTDOWN))
     assert sorted(letters, key=repr) == sorted(expected, key=repr), letters
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "in_hand"])
+async def test_a_requester_whose_own_deadline_runs_out_while_the_kernel_stops_is_a_timeout(
+    autojump_clock: trio.testing.MockClock, queued: bool
+) -> None:
+    """Found reviewing the fifty-second pass: a task beside the block requests ``slow``
+    (whose ``shutdown_timeout`` of 10 s lets its handler run on once the grace is over)
+    under its own ``move_on_after(2.5)``; the grace ends at 1.5 s and the requester's own
+    deadline runs out at 2.5 s, the kernel stopping. The shutdown cancelled nothing of the
+    requester's, yet its query was dead-lettered ``shutdown`` (any cancel once the kernel
+    stops was taken for the shutdown's): it stopped waiting on its own, so its query,
+    queued or in hand, is ``request_timeout``, as before the grace ended. (Fails with
+    main's _router.py: its letter says ``shutdown``.)"""
+
+    @agent(name="slow", handle_timeout=60, shutdown_timeout=10.0)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(10)
+
+    gave_up: list[float] = []
+    config = Config(kernel=KernelConfig(dead_letter_buffer=100, shutdown_grace_ms=1000))
+    async with trio.open_nursery() as beside:
+        async with open_kernel(config) as kernel:
+            kernel.spawn(slow)
+            if queued:
+                await kernel.send("slow", "first")  # the query waits behind it
+                await trio.testing.wait_all_tasks_blocked()
+
+            async def requester() -> None:
+                with trio.move_on_after(2.5):
+                    await kernel.request("slow", "query", timeout=60)
+                gave_up.append(trio.current_time())
+
+            beside.start_soon(requester)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.5)
+            await kernel.shutdown()  # its grace ends at 1.5 s; slow's stop runs on
+            letters = [(dl.message.payload, dl.reason) for dl in kernel.recent_dead_letters()]
+            assert_conserved(kernel)
+    assert gave_up == [2.5]
+    # (queued: ``first``, in hand, is handled by 10 s, within slow's shutdown timeout)
+    assert letters == [("query", DeadLetterReason.REQUEST_TIMEOUT)], letters
