@@ -1115,12 +1115,16 @@ class SupervisorNode(Child, ChildOwner):
         stop, has not started yet (their add waits behind it): they start now, as a
         child spawned by any message does (until the fifty-second pass they never
         started, and what their parent sent them was dead-lettered ``agent_stopped``)."""
+        # (not once its run is over: one spawned in its ``on_stop`` would start after the
+        # code that released what it depends on; it is stopped unstarted, as in any stop)
+        done = child.done
+        start = self._nursery is not None and done is not None and not done.is_set()
         for linked in child.linked_children:
             if linked.retired:
                 continue
             linked.drain_on_stop = True
             linked.stop_deadline = min(linked.stop_deadline, child.stop_deadline)
-            if linked.supervisor is self and self._nursery is not None:
+            if start and linked.supervisor is self:
                 self._start_added(linked)
 
     @contextlib.contextmanager

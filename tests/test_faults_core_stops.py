@@ -501,3 +501,48 @@ async def test_children_spawned_by_the_messages_a_draining_stop_handles_drain_th
     if not quiet:
         assert ("kid start", "k1") in Spawner.log
         assert Spawner.log.index(("kid start", "k1")) < Spawner.log.index(("kid stop", "k1"))
+
+
+class OnStopSpawner(Spawner):
+    """A ``Spawner`` whose ``on_stop`` spawns a linked child ``late`` and sends it one."""
+
+    async def on_stop(self, ctx: Context) -> None:
+        Spawner.log.append(("spawner stop", ctx.name or "?"))
+        ref = ctx.spawn(agent(Spawner.kid, name="late"))
+        await ctx.send(ref, "late.1")
+
+
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "no_drain"])
+async def test_a_child_spawned_in_on_stop_of_a_draining_stop_is_stopped_unstarted(
+    autojump_clock: Any, drain: bool
+) -> None:
+    """Found reviewing the fifty-second pass: ``kernel.stop(spawner, drain=True)`` with
+    ``"spawn k1"`` queued, and ``spawner``'s ``on_stop`` spawns ``late`` and sends it
+    ``late.1``. The pass's start of the children a drain's messages spawn (_drain_linked)
+    ran again after the run was over, and started ``late`` too: its ``on_start`` and its
+    handler ran after its parent's ``on_stop``, which had released what it depends on
+    (supervision.md: one spawned in ``on_stop`` "is stopped once on_stop has returned").
+    As in a stop without drain (and before the pass), ``late`` is stopped unstarted, its
+    message dead-lettered ``agent_stopped``; ``k1``, spawned by the drain, still drains.
+    (Fails with main's _supervisor.py: ``late`` starts and handles ``late.1``.)"""
+    Spawner.log = []
+    Spawner.kid = Kid
+    async with open_kernel(make_config()) as kernel:
+        spawner = kernel.spawn(agent(OnStopSpawner, name="spawner", shutdown_timeout=30))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(spawner, "spawn k1")
+        if not drain:
+            await trio.testing.wait_all_tasks_blocked()  # k1 is spawned, its two queued
+        await kernel.stop(spawner, drain=drain)
+        assert kernel.agents() == []
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        assert_conserved(kernel)
+    assert ("kid start", "late") not in Spawner.log, Spawner.log
+    assert ("late.1", DeadLetterReason.AGENT_STOPPED) in letters, letters
+    handled = [p for kind, p in Spawner.log if kind == "kid handles"]
+    if drain:
+        assert letters == [("late.1", DeadLetterReason.AGENT_STOPPED)], letters
+        assert handled == ["k1.1", "k1.2"]
+        assert Spawner.log.index(("kid stop", "k1")) < Spawner.log.index(
+            ("spawner stop", "spawner")
+        )
