@@ -1574,15 +1574,18 @@ def said_interrupted_while_importing(run, ref, flag):
     return err
 
 
-def stopped_while_importing(nexus, tmp_path, flag, signum):
+def stopped_while_importing(
+    nexus, tmp_path, flag, signum, source=SLOW_IMPORT, ready=r"slow_import: importing"
+):
     """Send ``signum`` to ``nexus run`` while it imports the user's (slow) module given
-    by ``flag``: nothing runs, the summary says so, ``stopped_by`` the signal, exit 0."""
+    by ``flag`` (``source``, once it said ``ready``): nothing runs, the summary says so,
+    ``stopped_by`` the signal, exit 0."""
     name = signal.Signals(signum).name
-    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(source))
     ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
     extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
     run = nexus(["run", flag, ref, "--json", *extra])
-    run.wait_for(r"slow_import: importing")
+    run.wait_for(ready)
     run.proc.send_signal(signum)
     status, out = run.finish(timeout=30)
     err = "".join(run.stderr)
@@ -1638,6 +1641,151 @@ def test_a_ctrl_c_then_a_sigterm_while_the_app_is_imported_exits_130(nexus, tmp_
     run.proc.send_signal(signal.SIGTERM)
     run.proc.send_signal(signal.SIGCONT)
     assert "SIGTERM" not in said_interrupted_while_importing(run, ref, flag)
+
+
+#: An import that raises and catches a KeyboardInterrupt of its own, and is slow in its
+#: ``except`` block (steps of 0.1 s, as SLOW_IMPORT's).
+OWN_KEYBOARD_INTERRUPT = """
+import sys, time
+try:
+    raise KeyboardInterrupt
+except KeyboardInterrupt:
+    print("slow_import: handling its own KeyboardInterrupt", file=sys.stderr, flush=True)
+    for _ in range(1200):
+        time.sleep(0.1)
+
+async def main(kernel):
+    pass
+
+TYPES = {}
+"""
+
+
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_sigterm_while_the_app_handles_its_own_keyboard_interrupt_is_its_stop(
+    nexus, tmp_path, flag
+):
+    """Fifty-second pass, review: a SIGTERM that came while the imported module handled a
+    KeyboardInterrupt it raised itself (in its ``except`` block) ended ``nexus run``
+    ``interrupted: SIGINT``, 130, though no SIGINT came: the import's interrupt was
+    judged by the earliest KeyboardInterrupt in the exception chain, which was the
+    app's own. The signals' arrival decides now: the SIGTERM was the only stop, the
+    run's graceful stop unstarted, ``stopped_by`` SIGTERM, exit 0. (With main's
+    ``_app.py`` and ``_run.py``: 130.)"""
+    stopped_while_importing(
+        nexus,
+        tmp_path,
+        flag,
+        signal.SIGTERM,
+        source=OWN_KEYBOARD_INTERRUPT,
+        ready=r"slow_import: handling its own KeyboardInterrupt",
+    )
+
+
+#: An import whose cleanup (a ``finally``) is slow: a stop interrupts the import, and a
+#: second one comes while the cleanup runs. (Each line is said inside the block it names:
+#: a signal sent once it is read lands there.)
+SLOW_CLEANUP = """
+import sys, time
+try:
+    print("slow_import: importing", file=sys.stderr, flush=True)
+    for _ in range(1200):
+        time.sleep(0.1)
+finally:
+    print("slow_import: cleaning up", file=sys.stderr, flush=True)
+    for _ in range(1200):
+        time.sleep(0.1)
+
+async def main(kernel):
+    pass
+
+TYPES = {}
+"""
+
+
+def sigterm_then_ctrl_c_while_importing(nexus, tmp_path, flag, *extra):
+    """``nexus run FLAG REF --json EXTRA``, sent a SIGTERM while it imports REF, then a
+    Ctrl-C while the import's cleanup runs: its status, stdout and stderr."""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_CLEANUP))
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    run = nexus(["run", flag, ref, "--json", *extra])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait_for(r"slow_import: cleaning up")
+    run.proc.send_signal(signal.SIGINT)
+    status, out = run.finish(timeout=30)
+    return status, out, "".join(run.stderr)
+
+
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_sigterm_then_a_ctrl_c_while_the_app_is_imported_forces_130(nexus, tmp_path, flag):
+    """Fifty-second pass, review: a SIGTERM, then a Ctrl-C while the imported module
+    still unwound (its ``finally``), ended ``nexus run`` with the SIGTERM's summary,
+    exit 0: the Ctrl-C's KeyboardInterrupt was replaced by the SIGTERM's interrupt as
+    the import ended, and dropped. A second stop forces, 130, as in a run: the SIGTERM
+    was the first (said so), the Ctrl-C forced the exit (no summary). (With main's
+    ``_app.py`` and ``_run.py``: status 0 and the summary.)"""
+    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
+    status, out, err = sigterm_then_ctrl_c_while_importing(nexus, tmp_path, flag, *extra)
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    assert (status, out) == (130, ""), err
+    assert "Traceback" not in err
+    said = f"SIGTERM: stopped while importing '{ref}' ({flag}): the run was not started"
+    assert said in flat(err)
+    assert "SIGINT again: forced exit" in err
+    assert "nexus: interrupted" not in err
+
+
+def test_a_sigterm_then_a_ctrl_c_while_a_workers_parent_imports_the_app_forces_130(nexus, tmp_path):
+    """The same in a ``--workers`` parent, which imports the app before any worker
+    starts: it said ``stopped_by`` SIGTERM, exit 0; the Ctrl-C forces now, as a second
+    SIGTERM there does: the summary says so, 130. (With main's ``_app.py`` and
+    ``_run.py``: status 0, no ``forced by``.)"""
+    status, out, err = sigterm_then_ctrl_c_while_importing(nexus, tmp_path, "--app", "-W", "2")
+    assert status == 130, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["stopped_by"] == (
+        "SIGTERM; stopped while importing 'slow_import:main' (--app), before any worker"
+        " started; forced by SIGINT before any worker started"
+    )
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
+
+
+#: An import that catches a Ctrl-C and goes on importing (steps of 0.1 s, as SLOW_IMPORT's;
+#: its first line said inside the ``try``, as SLOW_CLEANUP's, its second after the
+#: ``except``: a signal sent once it is read lands outside of it).
+SWALLOWS_A_CTRL_C = """
+import sys, time
+try:
+    print("slow_import: importing", file=sys.stderr, flush=True)
+    for _ in range(1200):
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    pass
+print("slow_import: went on", file=sys.stderr, flush=True)
+for _ in range(1200):
+    time.sleep(0.1)
+
+async def main(kernel):
+    pass
+"""
+
+
+def test_a_ctrl_c_the_app_catches_then_a_sigterm_while_it_is_imported_exits_130(nexus, tmp_path):
+    """Fifty-second pass, review: a Ctrl-C that the imported module caught (and went on
+    importing), then a SIGTERM, ended ``nexus run`` with the SIGTERM's summary, exit 0:
+    the caught KeyboardInterrupt was in no exception chain. The first signal to come
+    wins, as for a Ctrl-C then a SIGTERM: one line, 130, no summary; the SIGTERM still
+    interrupts the import at once (the module's 120 s go unwaited). (With main's
+    ``_app.py`` and ``_run.py``: status 0 and the summary.)"""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SWALLOWS_A_CTRL_C))
+    run = nexus(["run", "--app", "slow_import:main", "--json"])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signal.SIGINT)
+    run.wait_for(r"slow_import: went on")
+    run.proc.send_signal(signal.SIGTERM)
+    assert "SIGTERM" not in said_interrupted_while_importing(run, "slow_import:main", "--app")
 
 
 def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):

@@ -729,28 +729,9 @@ def _loaded(
                 )
         raise typer.BadParameter(str(exc) + where, param_hint=hint) from None
     except KeyboardInterrupt as exc:
-        first = _first_interrupt(exc)
-        signame = first.signame if isinstance(first, StoppedWhileImporting) else None
+        # (the first stop decides, by the signals' arrival: see _run.stops_interrupt)
+        signame = exc.signame if isinstance(exc, StoppedWhileImporting) else None
         raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
-
-
-def _first_interrupt(exc: KeyboardInterrupt) -> KeyboardInterrupt:
-    """The first of the interrupts that ended an import: ``exc``, or the earliest
-    KeyboardInterrupt it was raised while handling (``__context__``). A Ctrl-C then a
-    SIGTERM as the app is imported (or both pending at once: CPython runs SIGINT's
-    handler first) raise the Ctrl-C's KeyboardInterrupt, then, as it goes out, the
-    SIGTERM's ``StoppedWhileImporting`` in its place: the run was taken as stopped by the
-    SIGTERM, its summary, exit 0. The first signal wins (a Ctrl-C's 130), as the run's
-    second stop forces its end."""
-    first: KeyboardInterrupt = exc
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        if isinstance(link, KeyboardInterrupt):
-            first = link
-        link = link.__context__
-    return first
 
 
 def _loaded_app(reference: str | None, hint: str, loaded: LoadedConfig | None = None) -> Any:

@@ -483,8 +483,12 @@ _early_signals: list[int] = []
 #: summary there may fail (see :func:`print_summary`)
 _hangups: list[int] = []
 #: [the stop signals noted early interrupt the import of the app (:func:`stops_interrupt`),
-#: and (while one is under way) whether they raise where the main thread is]
-_interrupts: dict[str, bool] = {"enabled": False, "armed": False}
+#: whether they raise where the main thread is, and whether an import is under way]
+_interrupts: dict[str, bool] = {"enabled": False, "armed": False, "importing": False}
+#: the stop signals that came while the app was imported (:func:`stops_interrupt`), in
+#: the order they came: those :func:`_note_early` notes, and a Ctrl-C outside a worker
+#: (:func:`_interrupt_import`)
+_import_stops: list[int] = []
 
 
 def stop_signals() -> tuple[int, ...]:
@@ -531,11 +535,25 @@ def _note_early(signum: int, _frame: object) -> None:
     if is_hangup(signum):
         note_hangup()
     _early_signals.append(signum)
+    if _interrupts["importing"]:
+        _import_stops.append(signum)
     if _interrupts["armed"]:
         # Once: disarmed here, not by the code it interrupts (the exception may land in
         # the line that would), and a second stop is noted only (the run forces it).
         _interrupts["armed"] = False
         raise _stopped_while_importing()
+
+
+def _interrupt_import(signum: int, _frame: object) -> None:
+    """SIGINT's handler while the app is imported outside a worker, in place of Python's:
+    it raises KeyboardInterrupt as Python's does, at each Ctrl-C, and notes when it came
+    among the stops (:func:`stops_interrupt` decides by that order). A Ctrl-C after a
+    stop signal of this import (a SIGTERM, a SIGHUP) is that stop's second: noted too,
+    for the run to force it, as a second stop forces a run's."""
+    if _import_stops and _import_stops[0] != signal.SIGINT:
+        _early_signals.append(signum)
+    _import_stops.append(signum)
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -549,20 +567,41 @@ def stops_interrupt() -> Iterator[None]:
     returned, or the import caught ``BaseException`` and went on, or made another
     error of it) raises it as the block ends, in place of what it returned or raised:
     a stop noted until then always means not started. The signals stay noted (the run
-    would take them). Outside a worker, a SIGINT is Python's KeyboardInterrupt there (see
-    :func:`catch_stop_signals_early`). Before :func:`catch_stop_signals_early`, it does
-    nothing."""
+    would take them). Before :func:`catch_stop_signals_early`, it does nothing.
+
+    Outside a worker, a SIGINT is Python's KeyboardInterrupt there (see
+    :func:`catch_stop_signals_early`), raised by :func:`_interrupt_import` while the
+    block runs, which notes when it came: the first stop to come decides how the block
+    ends, not the exception that went out last. A Ctrl-C first ends it by a
+    KeyboardInterrupt (a SIGTERM after it still interrupts an import that went on, as
+    before); a SIGTERM or SIGHUP first by :class:`StoppedWhileImporting`, and a Ctrl-C
+    after it is noted as its second stop (the run forces it). An app that raises and
+    catches a KeyboardInterrupt of its own is no Ctrl-C: a SIGTERM that comes while it
+    handles it is the first stop."""
     if not _interrupts["enabled"]:
         yield
         return
     _interrupts["armed"] = True  # (before the look at those noted: none slips between)
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    previous = signal.signal(signal.SIGINT, _interrupt_import) if ours else None
+    _import_stops.clear()
+    _interrupts["importing"] = True
     try:
         if _early_signals:  # a stop before: no import
             raise _stopped_while_importing()
         yield
     finally:
-        _interrupts["armed"] = False
+        _interrupts["armed"] = _interrupts["importing"] = False
+        # (Python's back, unless the import set SIGINT's handler of its own)
+        if previous is not None and signal.getsignal(signal.SIGINT) is _interrupt_import:
+            signal.signal(signal.SIGINT, previous)
+        ctrl_c_first = ours and _import_stops[:1] == [signal.SIGINT]
         if _early_signals:  # (whatever the block ended with: not started)
+            if ctrl_c_first:
+                raise KeyboardInterrupt
             raise _stopped_while_importing()
 
 
