@@ -2067,6 +2067,32 @@ def test_python_bridge_reads_its_lines_with_one_decoder_made_once(
     assert "JSON has no NaN or Infinity: it holds NaN" in stderr.getvalue()
 
 
+def test_python_bridge_refuses_a_number_out_of_range_as_not_json() -> None:
+    """Fifty-second pass, review: a message frame holding ``1e999`` (JSON, too large for
+    a double) was handled by the Python bridge, its handler given ``inf``, which no answer
+    can hold. The line is not JSON now, as for the kernel (and serde_json: "number out
+    of range"): reported once and skipped; ``1e-999`` (read as 0) is handled."""
+    import io
+
+    from nexus_trio.bridges.python import EchoAgent
+
+    big = message_frame(message("x")).replace(b'"payload":"x"', b'"payload":[-1e999]')
+    small = message(["tiny"])
+    tiny = message_frame(small).replace(b'["tiny"]', b"[1e-999]")
+    stdin = io.BytesIO(big + tiny + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = EchoAgent(stdin=stdin, stdout=stdout, stderr=stderr)
+    assert agent.run_agent() == 0
+    answers = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [f["type"] for f in answers] == ["register", "response"]
+    assert answers[1]["payload"]["payload"] == [0.0]
+    assert answers[1]["payload"]["reply_to"] == str(small.id)
+    assert (agent.handled, agent.invalid_lines) == (1, 1)
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert "skipped input line 1: not JSON (number out of range: -1e999)" in lines[0]
+
+
 def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
     import io
 

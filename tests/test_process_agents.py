@@ -36,6 +36,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
     AgentRef,
     AgentSpec,
     Config,
@@ -4054,6 +4055,33 @@ async def test_answer_holding_nan_or_infinity_is_an_invalid_line_not_an_answer(
     assert any('it holds NaN): {"type": "response"' in w for w in warnings), warnings
 
 
+async def test_answer_holding_a_number_out_of_range_is_an_invalid_line_not_an_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fifty-second pass, review: a number too large for a double (``1e999``), which
+    Python's json reads as infinity, was taken: the requester got ``inf``, an answer no
+    other process agent could be given (the original's serde_json refuses the line,
+    "number out of range"). It is an invalid line now, as NaN is; a number that only
+    underflows (``1e-999``, read as 0) and an integer of 400 digits are read as before."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="big"))
+        for text in ("1e999", "-1e400", "1" * 400 + ".5"):
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, {"op": "number", "text": text})
+            assert info.value.reason == "malformed"
+            said = f"not JSON (number out of range: {text[:40]}"
+            assert said in str(info.value.error), info.value.error
+        assert await kernel.request(ref, {"op": "number", "text": "1e-999"}) == {"x": [1, 0.0]}
+        huge = await kernel.request(ref, {"op": "number", "text": "9" * 400})
+        assert huge == {"x": [1, 10**400 - 1]}
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.unserialisable, stats.starts) == (3, 0, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any('out of range: 1e999): {"type": "response"' in w for w in warnings), warnings
+
+
 async def test_a_child_s_lines_are_read_by_one_decoder_made_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -4085,6 +4113,14 @@ async def test_send_frame_holding_nan_is_an_invalid_line_not_a_message() -> None
     was not at fault. The line is not JSON: it fails the sender's message in flight
     (``malformed``, as any bad send frame) and routes nothing."""
     await _send_frame_refused("send_not_finite", "JSON has no NaN or Infinity: it holds NaN")
+
+
+async def test_send_frame_holding_a_number_out_of_range_is_an_invalid_line_not_a_message() -> None:
+    """Fifty-second pass, review: a send frame holding ``[1e999]`` was routed
+    (``sends_routed``): a Python agent got ``[inf]``, and a process agent it was sent to
+    dead-lettered it ``unserialisable`` ("Out of range float"), counted on that agent,
+    not at fault. The line is not JSON, as one holding NaN is: it routes nothing."""
+    await _send_frame_refused("send_number", "number out of range: 1e999")
 
 
 async def test_send_frame_with_a_non_string_conversation_id_is_an_invalid_line() -> None:
@@ -6308,8 +6344,8 @@ def test_nexus_send_holds_an_agent_that_ignores_its_stop_no_longer_than_the_kern
 
 
 #: a child that answers every message with the JSON text ``{answer}``, written as it is
-#: (``1e999`` is JSON, which the kernel reads as Infinity; the bare ``NaN`` and
-#: ``Infinity`` Python's json writes by default are not: the kernel refuses that line)
+#: (the bare ``NaN`` and ``Infinity`` Python's json writes by default are not JSON, nor is
+#: ``1e999``, too large for a double: the kernel refuses that line)
 ANSWERS = """
 emit({{"type": "register", "payload": {{"id": "x", "name": "answers"}}}})
 while True:
@@ -6322,22 +6358,45 @@ while True:
 """
 
 
+def answered_in_python(monkeypatch: pytest.MonkeyPatch, answer: Any) -> None:
+    """``nexus send``'s agent is a Python-function agent answering ``answer`` (the CLI and
+    its kernel as they are; its spec, not its child, stood in): no child's answer can hold
+    a non-finite number since the kernel refuses ``NaN``, ``Infinity`` and ``1e999``."""
+
+    class Answers(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            """(So that it starts before its first message, as a process agent does: nexus
+            send waits for its ``started`` event, which a lazy agent's first message makes.)"""
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return answer
+
+    def python_agent(cmd: Any, *, name: str | None = None, **options: Any) -> AgentSpec:
+        return agent(Answers, name=name or "answers", restart=options["restart"])
+
+    monkeypatch.setattr(process_module, "process_agent", python_agent)
+
+
 def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
-    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Regression: an answer holding NaN or Infinity was printed as ``NaN`` / ``Infinity``
     (json.dumps' default), which is not JSON: ``jq`` and strict parsers refuse it. Nothing
     is printed on stdout now, stderr names each such value by its path in the answer and
-    shows the answer as the agent sent it, and the exit status is 3."""
-    answer = '{"result": [1, 1e999, {"low": -1e999}], "more": {"a b": 1e999}}'
-    cmd = script(tmp_path, ANSWERS.format(answer=answer))
+    shows the answer as the agent sent it, and the exit status is 3. (A child's answer
+    can no longer hold one, the kernel refuses the line: a Python agent answers here.)"""
+    inf = math.inf
+    answered_in_python(
+        monkeypatch, {"result": [1, inf, {"low": -inf}], "more": {"a b": inf, "n": math.nan}}
+    )
     for compact in ([], ["--compact"]):
-        result = send_cli(shlex.join(cmd), '"hi"', *compact)
+        result = send_cli(shlex.join([sys.executable]), '"hi"', *compact)
         assert result.exit_code == 3, result.output
         assert result.stdout == ""
         assert (
             "nexus send: the answer is not strict JSON (JSON has no NaN or Infinity): "
-            'Infinity at .result[1], -Infinity at .result[2].low, Infinity at .more["a b"]'
+            "Infinity at .result[1], -Infinity at .result[2].low, "
+            'Infinity at .more["a b"], NaN at .more.n'
         ) in result.stderr
         shown = result.stderr.split("the answer as the agent sent it:\n", 1)[1]
         assert json.loads(shown)["result"][2] == {"low": -math.inf}  # Python's reader takes it
@@ -6346,36 +6405,46 @@ def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
 @pytest.mark.parametrize(
     ("answer", "places"),
     [
-        ("1e999", "Infinity at ."),
-        ("[0, 1e999]", "Infinity at .[1]"),
-        ('{"a b": [-1e999]}', '-Infinity at .["a b"][0]'),
-        ('{"é": 1e999}', 'Infinity at .["é"]'),
+        (math.inf, "Infinity at ."),
+        ([0, math.inf], "Infinity at .[1]"),
+        ({"a b": [-math.inf]}, '-Infinity at .["a b"][0]'),
+        ({"é": math.inf}, 'Infinity at .["é"]'),
         (
-            json.dumps([1e999] * 8).replace("Infinity", "1e999"),
+            [math.inf] * 8,
             "Infinity at .[0], Infinity at .[1], Infinity at .[2], Infinity at .[3],"
             " Infinity at .[4] and 3 more",
         ),
     ],
 )
 def test_nexus_send_names_non_finite_numbers_by_their_jq_path(
-    tmp_path: Path, answer: str, places: str
+    monkeypatch: pytest.MonkeyPatch, answer: Any, places: str
 ) -> None:
-    cmd = script(tmp_path, ANSWERS.format(answer=answer))
-    result = send_cli(shlex.join(cmd), '"hi"')
+    answered_in_python(monkeypatch, answer)
+    result = send_cli(shlex.join([sys.executable]), '"hi"')
     assert result.exit_code == 3, result.output
     assert f"(JSON has no NaN or Infinity): {places}; the answer as" in result.stderr
 
 
-def test_nexus_send_an_answer_holding_bare_nan_is_a_malformed_answer(tmp_path: Path) -> None:
-    """The bare ``NaN`` Python's json writes by default is not JSON: the kernel refuses
-    the line (until the fifty-second pass it took it as a float NaN, and ``nexus send``
-    said ``NaN at .[1]`` with status 3), so the message failed, status 1, naming why."""
-    cmd = script(tmp_path, ANSWERS.format(answer="[1, NaN]"))
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ("[1, NaN]", "not JSON (JSON has no NaN or Infinity: it holds NaN)"),
+        ("[1, -1e999]", "not JSON (number out of range: -1e999)"),
+    ],
+)
+def test_nexus_send_an_answer_holding_bare_nan_is_a_malformed_answer(
+    tmp_path: Path, answer: str, said: str
+) -> None:
+    """The bare ``NaN`` Python's json writes by default is not JSON, nor to the kernel is
+    ``1e999`` (too large for a double): the kernel refuses the line (until the
+    fifty-second pass it took them as a float NaN or infinity, and ``nexus send`` said
+    ``NaN at .[1]`` with status 3), so the message failed, status 1, naming why."""
+    cmd = script(tmp_path, ANSWERS.format(answer=answer))
     result = send_cli(shlex.join(cmd), '"hi"')
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert "nexus send: the message failed (malformed): " in result.stderr
-    assert "not JSON (JSON has no NaN or Infinity: it holds NaN)" in result.stderr
+    assert said in result.stderr
 
 
 def test_nexus_send_output_is_strict_json_when_the_answer_has_only_finite_numbers(

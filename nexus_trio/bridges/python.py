@@ -440,9 +440,20 @@ def _no_json_constant(word: str) -> NoReturn:
     raise ValueError(f"JSON has no NaN or Infinity: it holds {word}")
 
 
+def _finite_float(literal: str) -> float:
+    """``parse_float`` for input lines: a number too large for a double (``1e999``), which
+    Python's ``json`` reads as infinity, makes a line not JSON, as the kernel finds it (and
+    the original Nexus's ``serde_json``: "number out of range"). ``1e-999`` reads as 0."""
+    value = float(literal)
+    if not math.isfinite(value):
+        shown = literal if len(literal) <= 40 else f"{literal[:40]}..."
+        raise ValueError(f"number out of range: {shown}")
+    return value
+
+
 #: made once: ``json.loads`` given ``parse_constant`` makes a decoder on every call (+1.8
 #: us a line; shared by threads as ``json.loads``'s own default decoder is)
-_STRICT_JSON = json.JSONDecoder(parse_constant=_no_json_constant)
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_json_constant, parse_float=_finite_float)
 
 
 def _loads(text: str) -> Any:

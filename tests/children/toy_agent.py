@@ -33,10 +33,17 @@ out = sys.stdout.buffer
 history: list[Any] = []
 
 
-def emit(obj: Any, *, surrogatepass: bool = False) -> None:
+#: where ``emit(..., number=...)`` writes its number literal, as given
+NUMBER = "@NUMBER@"
+
+
+def emit(obj: Any, *, surrogatepass: bool = False, number: str | None = None) -> None:
     if surrogatepass:
         # a lone surrogate as its UTF-8 bytes, not the \u escape (JSON readers take both)
         out.write(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+    elif number is not None:
+        # a number literal as written, not as json.dumps would write it (1e999: Infinity)
+        out.write(json.dumps(obj).replace(json.dumps(NUMBER), number).encode() + b"\n")
     else:
         out.write(json.dumps(obj).encode() + b"\n")
     out.flush()
@@ -48,7 +55,12 @@ def emit_raw(data: bytes) -> None:
 
 
 def respond(
-    args: argparse.Namespace, msg: dict[str, Any], payload: Any, *, surrogatepass: bool = False
+    args: argparse.Namespace,
+    msg: dict[str, Any],
+    payload: Any,
+    *,
+    surrogatepass: bool = False,
+    number: str | None = None,
 ) -> None:
     body: dict[str, Any] = {
         "from": msg["to"],
@@ -60,7 +72,7 @@ def respond(
     if args.protocol >= 2:
         body["id"] = str(uuid.uuid4())
         body["reply_to"] = msg["id"]
-    emit({"type": "response", "payload": body}, surrogatepass=surrogatepass)
+    emit({"type": "response", "payload": body}, surrogatepass=surrogatepass, number=number)
 
 
 def fail(args: argparse.Namespace, msg: dict[str, Any], text: str) -> None:
@@ -174,6 +186,14 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         respond(args, msg, {"x": [1, float(command["value"])]})
     elif op == "send_not_finite":
         emit({"type": "send", "payload": {"to": command["to"], "payload": [float("nan")]}})
+        respond(args, msg, "sent")
+    elif op == "number":
+        # the number literal "text" as written: 1e999 is JSON, too large for a double
+        respond(args, msg, {"x": [1, NUMBER]}, number=command["text"])
+    elif op == "send_number":
+        emit(
+            {"type": "send", "payload": {"to": command["to"], "payload": [NUMBER]}}, number="1e999"
+        )
         respond(args, msg, "sent")
     elif op == "lone_surrogate":
         respond(args, msg, "\ud800")  # written as the escape \ud800
