@@ -372,6 +372,7 @@ class SupervisorNode(Child, ChildOwner):
         "_restart_times",
         "_stopped_for_shutdown",
         "_stops_queued",
+        "_stops_waiting",
         "children",
         "closing",
         "host",
@@ -415,6 +416,10 @@ class SupervisorNode(Child, ChildOwner):
         #: children whose stop (``terminate``) is queued, and its reason: an exit handled
         #: before it does not restart them
         self._stops_queued: dict[Child, str] = {}
+        #: draining stops of children asked while this supervisor does not run (before
+        #: its first run, between runs): asked of its next run, which handles their
+        #: queues first (see terminate)
+        self._stops_waiting: list[tuple[Child, str]] = []
         #: children whose run the kernel's shutdown ended (a Ctrl-C in their code; see
         #: StoppedForShutdown) while this supervisor stopped them for a group restart, or
         #: with their exit still queued behind one: that restart stops them for the
@@ -476,6 +481,11 @@ class SupervisorNode(Child, ChildOwner):
                 # which found no inbox to ask: see _drains_first) starts to drain its
                 # children's queues, then stops as any draining stop does.
                 send.send_nowait((_SHUTDOWN,))
+            waiting, self._stops_waiting = self._stops_waiting, []
+            for child, reason in waiting:
+                if not child.retired and child in self.children:
+                    self._stops_queued[child] = reason
+                    send.send_nowait((_TERMINATE, child, reason))
             try:
                 last = self._start_in_order(list(self.children), 0.0)
                 if last is not None:
@@ -588,7 +598,16 @@ class SupervisorNode(Child, ChildOwner):
             return
         if self._inbox_send is None:
             # Not running (starting, or waiting to be restarted): none of its children
-            # runs either. Retire at once, before any schedule point lets it start one.
+            # runs either.
+            if child.drain_on_stop and child.has_queued() and not self._for_good:
+                # A draining stop: asked of its next run, which starts the child to
+                # handle its queue, then stops it for good (as Akka's PoisonPill waits
+                # in the mailbox across its supervisor's restart). A plain stop meanwhile,
+                # or this supervisor stopped for good, retires it at once.
+                self._stops_waiting.append((child, reason))
+                await child.wait_retired()
+                return
+            # Retire at once, before any schedule point lets it start one.
             self._retire_with_linked(child, reason)
             await trio.lowlevel.checkpoint()
             return

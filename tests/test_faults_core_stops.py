@@ -546,3 +546,69 @@ async def test_a_child_spawned_in_on_stop_of_a_draining_stop_is_stopped_unstarte
         assert Spawner.log.index(("kid stop", "k1")) < Spawner.log.index(
             ("spawner stop", "spawner")
         )
+
+
+# --- a draining stop of an agent whose supervisor does not run -------------------------
+
+
+class SlowStart(Agent):
+    """Takes a second over its ``on_start``: a younger sibling starts after that."""
+
+    async def on_start(self, ctx: Context) -> None:
+        await trio.sleep(1.0)
+
+
+def idle_inner(case: str) -> Supervisor:
+    """``inner`` (``x``, ``y``) under ``p``, not running at 0 s for a second: waiting out
+    its 1 s backoff after it gave up at ``x``'s failure (``backoff``), or waiting for its
+    elder sibling's 1 s ``on_start`` before its first run (``starting``)."""
+    inner = Supervisor(
+        name="inner", max_restarts=0, children=[agent(Member, name="x"), agent(Member, name="y")]
+    )
+    children: list[Any] = [inner] if case == "backoff" else [agent(SlowStart, name="s"), inner]
+    return Supervisor(name="p", backoff=Backoff(1.0, 1.0, jitter=0), children=children)
+
+
+@pytest.mark.parametrize("case", ["backoff", "starting"])
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "plain"])
+async def test_a_draining_stop_of_an_agent_whose_supervisor_does_not_run_waits_for_it(
+    autojump_clock: Any, case: str, drain: bool
+) -> None:
+    """``y``, under ``inner``, which does not run for a second (``idle_inner``), has
+    ``q1``, ``q2`` queued and is stopped. Before (fifty-second pass): ``terminate``
+    retired it at once, drain or not, both dead-lettered ``agent stopped (stopped)``. Now
+    a draining stop is asked of ``inner``'s next run (at 1 s): ``y`` starts, handles
+    both, runs ``on_stop`` and is stopped for good, then the call returns; ``x`` runs on.
+    A plain stop is as before: at once, both dead-lettered."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(idle_inner(case))
+        await trio.testing.wait_all_tasks_blocked()
+        if case == "backoff":
+            await kernel.send("x", "boom")
+            await trio.testing.wait_all_tasks_blocked()  # inner gave up, waits 1 s
+        y_id = kernel.lookup("y").id
+        for payload in ("q1", "q2"):
+            await kernel.send("y", payload)
+        await kernel.stop("y", drain=drain)
+        assert trio.current_time() == (1.0 if drain else 0.0)
+        await trio.sleep(1)
+        handled = [(name, p) for kind, name, p in Member.log if kind == "handle"]
+        letters = [
+            (d.message.payload, d.detail)
+            for d in kernel.recent_dead_letters()
+            if d.recipient == y_id
+        ]
+        if drain:
+            assert handled == [("y", "q1"), ("y", "q2")]
+            assert letters == []
+            assert ("stop", "y", 1.0) in Member.log
+        else:
+            assert handled == []
+            assert letters == [
+                ("q1", "agent stopped (stopped)"),
+                ("q2", "agent stopped (stopped)"),
+            ]
+        assert [ref.name for ref in kernel.agents() if ref.name in ("x", "y")] == ["x"]
+        assert [n["state"] for n in kernel.describe()["children"]] == ["running"]
+    assert_conserved(kernel)
