@@ -35,7 +35,7 @@ from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 from nexus_trio._throttle import Throttle
 
-from .nats_server import PATIENT, NodeProcess, until
+from .nats_server import PATIENT, NodeProcess, consumer_settled, until
 from .test_durable_missing_agent import ONE_SLOT_LONG_WAIT, store_for
 from .test_durable_moved_name import DURABLE, _stream_empty
 from .test_nats import local_node
@@ -332,7 +332,7 @@ async def test_messages_waiting_on_a_lost_node_s_consumer_leave_slots_to_its_oth
                 sent = await store_for(ca, "keeper-a", "not held up", node="c")
                 await until(lambda: len(handled) >= 1)
                 await until(lambda: ca.stats().durable_taken_over >= 2)
-                consumer = await call_aio(ca.data_js.consumer_info, stream, "c")
+                consumer = await consumer_settled(ca, stream, "c", 3)
             stats = ca.stats()
     finally:
         if child is not None:
@@ -449,7 +449,7 @@ async def test_a_takeover_counts_the_slots_the_lost_node_held_against_its_waitin
             ca.durable.takeovers_changed()
             await until(lambda: len(handled) >= 1)
             await until(lambda: ca.stats().durable_taken_over >= 2)
-            consumer = await call_aio(ca.data_js.consumer_info, f"{ca.prefix}-durable", "c")
+            consumer = await consumer_settled(ca, f"{ca.prefix}-durable", "c", 3)
         stats = ca.stats()
     assert len(held) == 1
     assert handled == [(sent.id, "not held up")]

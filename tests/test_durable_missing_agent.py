@@ -33,7 +33,7 @@ from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import missing_agent_delay
 
-from .nats_server import until
+from .nats_server import consumer_settled, until
 from .test_nats import local_node
 
 #: 4 unacknowledged slots in JetStream (``max_in_flight`` 1), 3 of them may wait; no
@@ -263,9 +263,7 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
             gone = [await store_for(cluster, "gone-a", n) for n in range(4)]
             await store_for(cluster, "here-a", "not held up")
             await until(lambda: cluster.stats().durable_acked >= 1)
-            consumer = await call_aio(
-                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
-            )
+            consumer = await consumer_settled(cluster, f"{cluster.prefix}-durable", cluster.node, 3)
         stats = cluster.stats()
     assert cluster.durable.wait_bound == 3
     # handled while three wait, once the fourth was terminated
@@ -321,7 +319,7 @@ async def test_messages_that_waited_in_a_deleted_stream_hold_no_room_in_the_one_
                     cluster.stats().durable_agent_missing + cluster.stats().durable_wait_full >= 4
                 )
             )
-            consumer = await call_aio(cluster.data_js.consumer_info, stream, cluster.node)
+            consumer = await consumer_settled(cluster, stream, cluster.node, 1)
         stats = cluster.stats()
     assert (stats.durable_agent_missing, stats.durable_wait_full, stats.durable_dead) == (4, 0, 0)
     assert (consumer.num_ack_pending, consumer.num_pending) == (1, 0)
@@ -478,9 +476,7 @@ async def test_messages_an_earlier_process_of_the_node_left_waiting_count_agains
                 await store_for(cluster, "gone-a", f"again {n}")
             await store_for(cluster, "here-a", "not held up")
             await until(lambda: cluster.stats().durable_acked >= 1)
-            consumer = await call_aio(
-                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
-            )
+            consumer = await consumer_settled(cluster, f"{cluster.prefix}-durable", cluster.node, 4)
         stats = cluster.stats()
     assert (consumer.num_ack_pending, consumer.num_pending) == (4, 0)
     assert _own_counts(stats) == {
