@@ -2093,6 +2093,43 @@ def test_python_bridge_refuses_a_number_out_of_range_as_not_json() -> None:
     assert "skipped input line 1: not JSON (number out of range: -1e999)" in lines[0]
 
 
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_number_out_of_range_is_not_json_to_either_bridge(lang: str) -> None:
+    """Fifty-third pass: the JavaScript bridge read ``1e999`` as ``Infinity`` (JSON.parse
+    does) and handed it to the handler, where the kernel and the Python bridge refuse the
+    line ("number out of range"). Both bridges refuse it now, naming the literal, each line
+    counted once; ``1e-999`` (read as 0) and the string ``"1e999"`` are handled. A number
+    with 400 digits is an int to Python (kept whole) and too large for a double to
+    JavaScript (refused there)."""
+    refused = ["-1e999", "1E+400", "1" * 250 + "e99"]
+    if lang == "node":
+        refused.append("1" + "0" * 400)
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        for literal in refused:
+            frame = message_frame(message("x")).replace(
+                b'"payload":"x"', b'"payload":[7,%s]' % literal.encode()
+            )
+            await child.write(frame)
+        tiny = message(["tiny"])
+        await child.write(message_frame(tiny).replace(b'["tiny"]', b'[1e-999,"1e999"]'))
+        response = await child.frame()
+        assert response["type"] == "response", response
+        assert (response["payload"]["reply_to"], response["payload"]["payload"]) == (
+            str(tiny.id),
+            [0, "1e999"],
+        )
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    lines = child.stderr_lines()
+    assert len(lines) == len(refused), lines
+    for number, (line, literal) in enumerate(zip(lines, refused, strict=True), 1):
+        shown = literal if len(literal) <= 40 else f"{literal[:40]}..."
+        said = f"skipped input line {number}: not JSON (number out of range: {shown})"
+        assert said in line, (said, line)
+
+
 def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
     import io
 
