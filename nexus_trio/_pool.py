@@ -43,10 +43,12 @@ from ._agent import (
     as_spec,
     stop_for_good,
 )
+from ._brief import brief
 from ._child import Directive, enum_member
 from ._deadletter import DeadLetterReason
-from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed, error_repr
+from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
+from ._plural import FEW, fmt_count
 from ._router import KernelPhase
 from ._supervisor import Supervisor
 
@@ -59,6 +61,10 @@ log = logging.getLogger("nexus_trio.pool")
 
 #: control payloads the router answers itself instead of forwarding
 RESIZE: Final = "$resize"
+#: how much of a user's exception (a key function's, a worker's ``on_start``) a pool's
+#: error shows (:func:`~nexus_trio._brief.brief`: the repr, cut; as a process agent's)
+ERROR_TEXT: Final = 200
+
 #: the most workers a pool grows to by default (see :func:`pool`'s ``max_size``)
 DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
@@ -556,9 +562,9 @@ class _PoolRouter(Agent):
             # The message fails, the pool does not (Akka sends unhashable messages to
             # dead letters too): dead letter ``handler_error``, a requester gets
             # RequestFailed naming the problem.
-            # (the key function's error is user code: its repr may raise)
+            # (the key function's error is user code: its repr may raise, or be long)
             raise MessageFailed(
-                f"pool {self.name!r}: no consistent-hash key: {error_repr(exc)}"
+                f"pool {self.name!r}: no consistent-hash key: {brief(exc, ERROR_TEXT)}"
             ) from exc
         return self.ring.owner(data)
 
@@ -660,12 +666,18 @@ class _PoolRouter(Agent):
             ctx.log.info("pool %s: grew to %d workers", self.name, len(self.workers))
             ctx.nursery.start_soon(self._answer_grow, ctx, request, spawned, size, refused)
         elif refused:
-            raise MessageFailed(self._grew(0, size, [refused]))
+            raise MessageFailed(self._grew(0, size, [], refused))
 
-    def _grew(self, added: int, size: int, problems: list[str]) -> str:
+    def _grew(self, added: int, size: int, problems: list[str], refused: str = "") -> str:
+        # (the first few workers' problems, the rest counted: a grow by a thousand workers
+        # that all fail is one line; then why the spawning stopped short, if it did)
+        more = len(problems) - FEW
+        said = problems[:FEW] + ([f"and {fmt_count(more)} more"] if more > 0 else [])
+        if refused:
+            said.append(refused)
         return (
             f"pool {self.name!r}: grew by {added} to {len(self.workers)} workers, "
-            f"not {size}: {'; '.join(problems)}"
+            f"not {size}: {'; '.join(said)}"
         )
 
     async def _answer_grow(
@@ -688,8 +700,8 @@ class _PoolRouter(Agent):
                     await kernel.wait_stopped(ref)
                 self.first_starts.pop(ref.id, None)
                 if first.error is not None:
-                    # (its on_start's error is user code: its repr may raise)
-                    problems.append(f"{ref.name} failed to start: {error_repr(first.error)}")
+                    # (its on_start's error is user code: its repr may raise, or be long)
+                    problems.append(f"{ref.name} failed to start: {brief(first.error, ERROR_TEXT)}")
                 elif not first.done.is_set():
                     problems.append(f"{ref.name} stopped before it started")
             answered = True
@@ -699,11 +711,9 @@ class _PoolRouter(Agent):
                     self.first_starts.pop(ref.id, None)
                 self._fail_unanswered(ctx, request)
         self._forget_stopped(ctx)  # those that failed to start
-        if refused:
-            problems.append(refused)
-        if problems:
+        if problems or refused:
             added = len(spawned) - sum(1 for _, first in spawned if not _ran(first))
-            text = self._grew(added, size, problems)
+            text = self._grew(added, size, problems, refused)
             ctx.log.warning("%s", text)
             if request.kind is MessageKind.QUERY:
                 kernel.fail_query(

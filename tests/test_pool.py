@@ -987,6 +987,51 @@ async def test_a_grow_whose_workers_cannot_start_fails_and_keeps_the_pool(
         assert_conserved(kernel)
 
 
+class _StartsWithALongError(StartsUpTo):
+    """Fails ``on_start`` as :class:`StartsUpTo`, with a 100,000-character error text."""
+
+    async def on_start(self, ctx: Context) -> None:
+        assert ctx.name is not None
+        if int(ctx.name.rsplit("/", 1)[1]) >= self.limit:
+            raise RuntimeError(f"cannot start {ctx.name}: " + "x" * 100_000)
+
+
+def _long_key(msg: Message) -> Any:
+    raise KeyError("k" * 100_000)
+
+
+async def test_a_pool_error_shows_a_users_long_exception_cut(autojump_clock: Any) -> None:
+    """Fifty-third pass: a pool's errors showed a user's exception whole (``error_repr``):
+    a key function's 100,000-character KeyError made a 100,000-character MessageFailed
+    (in the requester's error and the dead letter), and a grow of 30 workers whose
+    ``on_start`` raised such an error a 3,000,000-character one, logged as a warning. Each
+    exception is shown as other lines show a value from outside (``brief``: its repr cut
+    to 200 characters), and a grow's error names the first 10 failed workers and counts
+    the rest."""
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(_StartsWithALongError, size=2, routing="consistent_hash", key=_long_key))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request("workers", "x")
+        text = str(info.value.error)
+        assert text == f"pool 'workers': no consistent-hash key: KeyError('{'k' * 190}..."
+        with pytest.raises(RequestFailed) as info:
+            await resize_pool(kernel, "workers", 32)
+        text = str(info.value.error)
+        shown = [
+            f"workers/{n} failed to start: RuntimeError('cannot start workers/{n}: "
+            for n in range(2, 12)
+        ]
+        problems = text.split("; ")
+        assert len(problems) == 11, len(text)
+        assert problems[0].startswith("pool 'workers': grew by 0 to 2 workers, not 32: ")
+        problems[0] = problems[0].removeprefix("pool 'workers': grew by 0 to 2 workers, not 32: ")
+        for said, start in zip(problems[:10], shown, strict=True):
+            assert said.startswith(start) and said.endswith("xxx..."), said[:80]
+        assert [len(said) - said.index(": ") - 2 for said in problems[:10]] == [203] * 10
+        assert problems[10] == "and 20 more"
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+
+
 async def test_a_grow_that_partly_starts_keeps_the_started_workers(autojump_clock: Any) -> None:
     """Of a grow by 3 (to workers/1..3) only workers/1 can start: it stays in the pool
     and gets messages; the error says how far the grow got. What was routed to a worker
