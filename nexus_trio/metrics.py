@@ -74,7 +74,7 @@ from ._deadletter import DeadLetterReason
 from ._errors import error_repr
 from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
-from ._throttle import Throttle
+from ._throttle import Throttle, count_dropped
 from .logs import escape_control, log_calls_failed, log_lines_dropped, records_lost
 
 if TYPE_CHECKING:
@@ -288,13 +288,27 @@ _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
 )
 #: the checks that failed at their last call (raised, or returned what is no reason), by
 #: the ids of their kernel and of the check (both held meanwhile: the check in _checks,
-#: the kernel by whoever calls readiness): the reason said and the failed calls in a
-#: row. A failure is logged as it starts and as its reason changes, and its end once with
-#: the count: not at every probe, every few seconds, while it lasts. A plain dict, for a
+#: the kernel by whoever calls readiness): the reason said, the failed calls in a row
+#: and whether a line of this failure was said (see _said). A failure is logged as it
+#: starts and as its reason changes, and its end once with the count: not at every
+#: probe, every few seconds, while it lasts. A plain dict, for a
 #: ready kernel's readiness() tests it empty in a few nanoseconds (a weak one's len() or
 #: get() cost it 0.08-0.1 us a call, of 0.42 us); an entry is dropped as its check works
 #: or is removed, or as its kernel is collected (a finalizer: see _check_failed)
 _failing: dict[tuple[int, int], list[Any]] = {}
+#: the failure lines said of each check or collector (by the same key as _failing, kept
+#: while it works: one that fails at every other call starts a failure at every other
+#: call): the Throttle that opens a window of FLAP_WINDOW seconds, the lines said in the
+#: window, the lines held back since the last one said. Dropped as the check is removed
+#: or its kernel collected.
+_said: dict[tuple[int, int], list[Any]] = {}
+#: a check's failure lines (its failure starting, or its error changing) said in a window
+#: of FLAP_WINDOW seconds: one that fails and works again at every other scrape or probe
+#: says the first few, then the rest are counted (kind ``metrics.check_failure``) and said
+#: by its next failure line. The line of its working again comes only after a failure
+#: line said (so at most as often).
+FLAP_LINES: Final = 3
+FLAP_WINDOW: Final = 600.0
 #: what a failing readiness check or collector is called in its log line, and what its
 #: failure does (see _check_failed)
 _READINESS_CHECK: Final = ("readiness check", "the kernel is not ready while it fails")
@@ -340,6 +354,7 @@ def remove_collector(kernel: Kernel, collector: Collector) -> None:
     a collector not added is left alone."""
     _remove_from(_added, kernel, collector)
     _failing.pop((id(kernel), id(collector)), None)
+    _said.pop((id(kernel), id(collector)), None)
 
 
 def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
@@ -364,6 +379,7 @@ def remove_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
     """Take ``check`` out of ``kernel``'s readiness; a check not added is left alone."""
     _remove_from(_checks, kernel, check)
     _failing.pop((id(kernel), id(check)), None)
+    _said.pop((id(kernel), id(check)), None)
 
 
 def readiness(kernel: Kernel) -> str | None:
@@ -419,33 +435,70 @@ def _check_failed(
         state[1] += 1
         return
     calls = 1 if state is None else state[1] + 1
-    if state is None and all(held[0] != key[0] for held in _failing):
+    if key not in _said and all(said[0] != key[0] for said in _said):
         weakref.finalize(kernel, _forget_failing, key[0])
-    _failing[key] = [reason, calls]
+    held = _may_say(key)
+    # (the third item: whether a line of this failure was said, for its end to be said)
+    _failing[key] = [reason, calls, held is not None or (state is not None and state[2])]
+    if held is None:
+        return
     log_guarded(
         log,
         logging.ERROR,
         "%s %s %s (%s; logged again when its error changes or it works again; failed"
-        " calls in a row: %d)",
+        " calls in a row: %d%s)",
         role[0],
         error_repr(check),
         what,
         role[1],
         calls,
+        held,
         exc_info=exc,
     )
+
+
+def _may_say(key: tuple[int, int]) -> str | None:
+    """Whether a line of the check of ``key`` may be said now: None if not (it is
+    counted), else what the line adds of the lines held back before it ("" if none)."""
+    said = _said.get(key)
+    if said is None:
+        said = _said[key] = [Throttle(FLAP_WINDOW, clock=_now), 0, 0]
+    if said[0].due():
+        said[1] = 0
+    if said[1] >= FLAP_LINES:
+        said[2] += 1
+        count_dropped("metrics.check_failure")
+        return None
+    said[1] += 1
+    held, said[2] = said[2], 0
+    return (
+        f"; {held:,} failures of it not logged before this one: more than {FLAP_LINES} in"
+        f" {FLAP_WINDOW / 60:g} minutes"
+        if held
+        else ""
+    )
+
+
+def _now() -> float:
+    """Trio's clock in a Trio run (a MockClock's in tests), else the monotonic clock."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def _forget_failing(kernel_id: int) -> None:
     """A kernel with checks failing was collected: their entries go (an id is reused)."""
     for key in [key for key in _failing if key[0] == kernel_id]:
         del _failing[key]
+    for key in [key for key in _said if key[0] == kernel_id]:
+        del _said[key]
 
 
 def _check_works(kernel: Kernel, check: object, role: tuple[str, str] = _READINESS_CHECK) -> None:
     """``check`` answered: the end of its failure (if it failed) is logged, with the count."""
     state = _failing.pop((id(kernel), id(check)), None)
-    if state is not None:
+    if state is not None and state[2]:  # (if none of its failure's lines was said: nor this)
         log_guarded(
             log,
             logging.INFO,

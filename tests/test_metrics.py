@@ -2498,6 +2498,45 @@ async def test_an_added_collector_that_fails_is_left_out_of_the_scrape_not_a_500
     ]  # fmt: skip
 
 
+async def test_a_collector_failing_every_other_scrape_logs_a_few_lines_then_counts(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Fifty-third pass: a collector (or readiness check) that failed at every other
+    scrape logged a line at every scrape: its failure with a traceback, then that it
+    works again, 60 lines in 15 minutes of 15 s scrapes. Its failure lines are at most 3
+    in 10 minutes (``FLAP_LINES``, ``FLAP_WINDOW``), each followed by its working again;
+    the failures past them are counted (``metrics.check_failure``) and said by its next
+    failure line. Each scrape still leaves out its series while it fails."""
+    bad = _FlakyCollector("nexus_bad_series")
+    before = log_lines_dropped().get("metrics.check_failure", 0)
+    async with open_test_kernel() as kernel:
+        add_collector(kernel, bad)
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        scraped = []
+        with caplog.at_level(logging.INFO, logger="nexus_trio.metrics"):
+            for scrape in range(60):  # at 0, 15, ..., 885 s: failing at 0, 30, ..., 870
+                bad.fault = "raise" if scrape % 2 == 0 else None
+                scraped.append(
+                    ("nexus_bad_series", ()) in samples((await renderer.render()).decode())
+                )
+                await trio.sleep(15)
+    assert scraped == [False, True] * 30
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "collector" in r.getMessage()]
+    name = "metrics collector <collector nexus_bad_series>"
+    failed = (
+        f"{name} raised (its series are left out of scrapes while it fails; logged again"
+        " when its error changes or it works again; failed calls in a row: 1"
+    )
+    said = "; 17 failures of it not logged before this one: more than 3 in 10 minutes"
+    works = (
+        "INFO",
+        f"{name} works again after 1 failed calls in a row (the last: raised RuntimeError)",
+    )
+    expected = [("ERROR", f"{failed})"), works] * 3 + [("ERROR", f"{failed}{said})"), works]
+    assert lines == expected + [("ERROR", f"{failed})"), works] * 2, lines
+    assert log_lines_dropped()["metrics.check_failure"] - before == 17 + 7
+
+
 class _OddTextCollector:
     """A collector whose label values hold what the text format must escape: quotes, a
     newline, a backslash, a lone surrogate (a non-UTF-8 byte of a node's host name
