@@ -2130,6 +2130,35 @@ async def test_a_number_out_of_range_is_not_json_to_either_bridge(lang: str) -> 
         assert said in line, (said, line)
 
 
+def test_python_bridge_says_how_deep_a_line_too_deep_for_json_is() -> None:
+    """Fifty-third pass: an input line nested deeper than Python's JSON reader goes was
+    said as ``JSON nested too deeply: '[[[...'``, in words of its own (the other lines
+    that are no JSON say ``not JSON (...)``) and naming no depth. Now it is ``not JSON
+    (nested 100,000 levels deep, ...)``, the brackets in its strings not counted; each
+    such line counted once, the next message handled."""
+    import io
+
+    from nexus_trio.bridges.python import EchoAgent
+
+    deep = b"[" * 100_000 + b"]" * 100_000 + b"\n"
+    nested = b'{"a": "[[[{{", "b": ' + b'{"c": ' * 3_000 + b"1" + b"}" * 3_001 + b"\n"
+    after = message("after")
+    stdin = io.BytesIO(deep + nested + message_frame(after) + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = EchoAgent(stdin=stdin, stdout=stdout, stderr=stderr)
+    assert agent.run_agent() == 0
+    answers = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [f["type"] for f in answers] == ["register", "response"]
+    assert answers[1]["payload"]["reply_to"] == str(after.id)
+    assert (agent.handled, agent.invalid_lines) == (1, 2)
+    past = "levels deep, past the JSON reader's recursion limit"
+    assert stderr.getvalue().splitlines() == [
+        f"nexus-bridge[echo]: skipped input line 1: not JSON (nested 100,000 {past}): {'[' * 60!r}",
+        f"nexus-bridge[echo]: skipped input line 2: not JSON (nested 3,001 {past}): "
+        f"{nested.decode()[:60]!r}",
+    ]
+
+
 def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
     import io
 

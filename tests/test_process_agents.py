@@ -4082,6 +4082,29 @@ async def test_answer_holding_a_number_out_of_range_is_an_invalid_line_not_an_an
     assert any('out of range: 1e999): {"type": "response"' in w for w in warnings), warnings
 
 
+async def test_a_line_nested_too_deeply_is_not_json_naming_its_depth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fifty-third pass: a child's line nested deeper than Python's JSON reader goes (a
+    100,000-deep ``[[[...]]]``, its RecursionError) was said as ``JSON nested too
+    deeply``, in words of its own and naming no depth. It is ``not JSON (nested 100,000
+    levels deep, ...)`` now, as other lines that are no JSON are (and as the Python bridge
+    says it of its input); the message it was read for is dead-lettered ``malformed`` and
+    the agent goes on."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="deep"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "deep"})
+        assert info.value.reason == "malformed"
+        said = "not JSON (nested 100,000 levels deep, past the JSON reader's recursion limit)"
+        assert said in str(info.value.error), info.value.error
+        assert await kernel.request(ref, {"op": "echo", "value": "ok"}) == "ok"
+        assert (stats_of(kernel, ref).invalid_lines, stats_of(kernel, ref).starts) == (1, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert sum(said in w for w in warnings) == 1, warnings
+
+
 async def test_a_child_s_lines_are_read_by_one_decoder_made_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

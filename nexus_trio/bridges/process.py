@@ -2303,7 +2303,11 @@ class ProcessAgent(Agent):
         except ValueError as exc:
             raise _BadFrame(f"not JSON ({exc})") from None
         except RecursionError:
-            raise _BadFrame("JSON nested too deeply") from None
+            # (the agent side's words; imported only for such a line: the bridge module
+            # brings asyncio, 87 ms, which a kernel that reads no such line does without)
+            from .python import too_deep
+
+            raise _BadFrame(f"not JSON ({too_deep(text)})") from None
         if not isinstance(frame, dict):
             raise _BadFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
         frame_type = frame.get("type")

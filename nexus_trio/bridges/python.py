@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import select
 import sys
 import threading
@@ -162,6 +163,25 @@ class Message(dict[str, Any]):
 
 
 _SNIPPET = 60
+
+#: a JSON string (skipped when :func:`too_deep` counts brackets) and what is no bracket
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def too_deep(text: str) -> str:
+    """What a JSON line nested deeper than the JSON reader goes is (its RecursionError),
+    naming how deep it nests its arrays and objects (its strings skipped). Only such a
+    line is walked (100,000 levels: 10 ms). The kernel says it in these words too."""
+    depth = deepest = 0
+    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return f"nested {deepest:,} levels deep, past the JSON reader's recursion limit"
 
 
 class InvalidFrame(ValueError):
@@ -933,7 +953,7 @@ class NexusAgent:
         except ValueError as exc:
             raise InvalidFrame(f"not JSON ({exc}): {text[:_SNIPPET]!r}") from None
         except RecursionError:
-            raise InvalidFrame(f"JSON nested too deeply: {text[:_SNIPPET]!r}") from None
+            raise InvalidFrame(f"not JSON ({too_deep(text)}): {text[:_SNIPPET]!r}") from None
         if not isinstance(frame, dict):
             raise InvalidFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
         kind = frame.get("type")
