@@ -369,6 +369,15 @@ class _PoolRouter(Agent):
         self.started: dict[uuid.UUID, trio.Event] = {}
         #: per worker added by a grow, until its first start: how it went
         self.first_starts: dict[uuid.UUID, _FirstStart] = {}
+        #: grows whose answer waits for their workers' first starts; ``settled`` is set
+        #: when none does
+        self.grows = 0
+        self.settled = trio.Event()
+        self.settled.set()
+        #: resizes that came while a grow's workers were starting, waiting their turn
+        #: (in arrival order: ``resize_turn`` is a fair lock)
+        self.resizes_waiting = 0
+        self.resize_turn = trio.Lock()
         self.on_error = _worker_on_error(plan.worker)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -630,6 +639,50 @@ class _PoolRouter(Agent):
             raise MessageFailed(
                 f"pool {self.name!r}: {RESIZE} to {size} is past its max_size, {self.plan.max_size}"
             )
+        if self.grows or self.resizes_waiting:
+            # A grow's workers are starting: how many of them the pool keeps is not known
+            # until their first on_start returned (one that fails leaves it), so this
+            # resize waits for that, as a call to an OTP supervisor waits while its
+            # start_child runs a child's init. Counting them made a resize to n answer n
+            # and leave fewer (test_a_resize_while_grown_workers_start_waits_for_their_starts).
+            self.resizes_waiting += 1
+            ctx.nursery.start_soon(self._resize_when_settled, ctx, msg, size)
+            return None
+        return self._resize(ctx, msg, size)
+
+    async def _resize_when_settled(self, ctx: Context, request: Message, size: int) -> None:
+        """Resize to ``size`` once no grow's workers are starting, after the resizes that
+        came before this one; answered as :meth:`_resize` answers."""
+        answered = False
+        reply: Any = None
+        try:
+            async with self.resize_turn:
+                while self.grows:
+                    await self.settled.wait()
+                self._forget_stopped(ctx)  # those whose first start failed
+                try:
+                    reply = self._resize(ctx, request, size)
+                except MessageFailed as exc:
+                    self._fail_resize(ctx, request, str(exc))
+                answered = True
+        finally:
+            self.resizes_waiting -= 1
+            if not answered:
+                self._fail_unanswered(ctx, request)
+        if reply is not None:
+            await self._answer_resize(ctx, request, reply)
+
+    async def _answer_resize(self, ctx: Context, request: Message, answer: Any) -> None:
+        """Answer a resize done after its message was handled (a told one: no answer)."""
+        if request.kind is MessageKind.QUERY:
+            try:
+                await ctx.send(request.reply(ctx.id, answer))
+            except NexusError as exc:
+                log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+
+    def _resize(self, ctx: Context, msg: Message, size: int) -> Any:
+        """Grow or shrink to ``size``: the answer, or None when it comes later (once the
+        new workers started, or the removed ones stopped)."""
         if size > len(self.workers):
             self._grow(ctx, msg, size)
             return None  # answered once the new workers have started (or failed to)
@@ -664,6 +717,9 @@ class _PoolRouter(Agent):
         if spawned:
             self._rebuild()
             ctx.log.info("pool %s: grew to %d workers", self.name, len(self.workers))
+            if not self.grows:
+                self.settled = trio.Event()
+            self.grows += 1
             ctx.nursery.start_soon(self._answer_grow, ctx, request, spawned, size, refused)
         elif refused:
             raise MessageFailed(self._grew(0, size, [], refused))
@@ -710,30 +766,34 @@ class _PoolRouter(Agent):
                 for ref, _ in spawned:
                     self.first_starts.pop(ref.id, None)
                 self._fail_unanswered(ctx, request)
+            self.grows -= 1
+            if not self.grows:
+                self.settled.set()
         self._forget_stopped(ctx)  # those that failed to start
         if problems or refused:
             added = len(spawned) - sum(1 for _, first in spawned if not _ran(first))
-            text = self._grew(added, size, problems, refused)
-            ctx.log.warning("%s", text)
-            if request.kind is MessageKind.QUERY:
-                kernel.fail_query(
-                    request.id,
-                    RequestFailed(
-                        request.id,
-                        request.to,
-                        DeadLetterReason.HANDLER_ERROR.value,
-                        MessageFailed(text),
-                        name=ctx.name,
-                    ),
-                )
+            self._fail_resize(ctx, request, self._grew(added, size, problems, refused))
             return
+        # (as a shrink's: the size it made, whatever happened to the workers since they
+        # started)
+        await self._answer_resize(ctx, request, {"size": size})
+
+    def _fail_resize(self, ctx: Context, request: Message, text: str) -> None:
+        """A resize answered after its message was handled failed (``text``): logged (a
+        warning: a told one has no other answer), and a requester gets it as the
+        handler's error."""
+        ctx.log.warning("%s", text)
         if request.kind is MessageKind.QUERY:
-            try:
-                # (as a shrink's: the size it made, whatever happened to the workers
-                # since they started)
-                await ctx.send(request.reply(ctx.id, {"size": size}))
-            except NexusError as exc:
-                log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+            ctx.kernel.fail_query(
+                request.id,
+                RequestFailed(
+                    request.id,
+                    request.to,
+                    DeadLetterReason.HANDLER_ERROR.value,
+                    MessageFailed(text),
+                    name=ctx.name,
+                ),
+            )
 
     def _fail_unanswered(self, ctx: Context, request: Message) -> None:
         """The pool stops (or its supervisor restarts it) before a resize is done: no
@@ -758,12 +818,8 @@ class _PoolRouter(Agent):
         finally:
             if not stopped:
                 self._fail_unanswered(ctx, request)
-        if not stopped or request.kind is not MessageKind.QUERY:
-            return
-        try:
-            await ctx.send(request.reply(ctx.id, {"size": size}))
-        except NexusError as exc:
-            log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+        if stopped:
+            await self._answer_resize(ctx, request, {"size": size})
 
     async def _stop_removed(self, ctx: Context, removed: list[AgentRef]) -> bool:
         """Stop the removed workers, newest first, after their queues; False if the pool

@@ -1032,6 +1032,63 @@ async def test_a_pool_error_shows_a_users_long_exception_cut(autojump_clock: Any
         assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
 
 
+class _SlowFirstStart(StartsUpTo):
+    """A worker whose ``on_start`` takes 10 s for every worker numbered 2 or more, then
+    fails for those numbered ``limit`` or more (:class:`StartsUpTo`)."""
+
+    async def on_start(self, ctx: Context) -> None:
+        assert ctx.name is not None
+        if int(ctx.name.rsplit("/", 1)[1]) >= 2:
+            await trio.sleep(10)
+        await super().on_start(ctx)
+
+
+async def test_a_resize_while_grown_workers_start_waits_for_their_starts(
+    autojump_clock: Any,
+) -> None:
+    """Fifty-third pass: a ``$resize`` that came while a grow's workers were in their
+    first ``on_start`` counted them as workers. A second resize to 4 was answered
+    ``{"size": 4}`` at once, and the pool ended with 2 workers when their starts failed;
+    a resize to 3 stopped a worker still starting, and the grow that had spawned it
+    failed (``workers/3 stopped before it started``) though the pool got to 3. A resize
+    now waits until no grow's workers are starting (as a call to an OTP supervisor waits
+    while its ``start_child`` runs a child's init), in the order the resizes came, and
+    then counts the workers the pool kept."""
+    for limit, then, answers, kept in [
+        # the grown workers fail: the second grow to 4 spawns its own, which fail too
+        (2, 4, ["grew by 0 to 2 workers, not 4", "grew by 0 to 2 workers, not 4"], 2),
+        # they start: the resize to 3 then takes one of them away, both answered
+        (5, 3, [{"size": 4}, {"size": 3}], 3),
+        # workers/3 fails: the second resize is to the 3 the pool kept
+        (3, 3, ["grew by 1 to 3 workers, not 4", {"size": 3}], 3),
+    ]:
+        StartsUpTo.limit = limit
+        try:
+            async with open_test_kernel() as kernel:
+                kernel.spawn(pool(_SlowFirstStart, size=2))
+                got: list[Any] = [None, None]
+
+                async def ask(got: list[Any], index: int, size: int) -> None:
+                    try:
+                        got[index] = await kernel.request("workers", {"$resize": size}, timeout=60)
+                    except RequestFailed as exc:
+                        got[index] = str(exc.error).split(": ")[1]
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask, got, 0, 4)
+                    await trio.sleep(1)  # workers/2 and workers/3 in their on_start
+                    nursery.start_soon(ask, got, 1, then)
+                assert got == answers, (limit, then, got)
+                workers = await pool_workers(kernel, "workers")
+                assert len(workers) == kept, (limit, then, pool_names(workers))
+                assert [await kernel.request("workers", i) for i in range(kept)] == [
+                    w.name for w in workers
+                ]
+                assert_no_dead_letters(kernel)
+        finally:
+            StartsUpTo.limit = 2
+
+
 async def test_a_grow_that_partly_starts_keeps_the_started_workers(autojump_clock: Any) -> None:
     """Of a grow by 3 (to workers/1..3) only workers/1 can start: it stays in the pool
     and gets messages; the error says how far the grow got. What was routed to a worker
