@@ -76,6 +76,7 @@ from ._supervisor import Supervisor as Supervisor
 from ._transport import OutsideTold as OutsideTold
 from ._transport import QueryFailing as QueryFailing
 from ._transport import QueryGivingUp as QueryGivingUp
+from ._transport import StopsTold as StopsTold
 from ._transport import TakesTells as TakesTells
 from ._transport import Transport as Transport
 from .logs import configure_logging as configure_logging
@@ -133,6 +134,7 @@ __all__ = [
     "OutsideTold",
     "QueryFailing",
     "QueryGivingUp",
+    "StopsTold",
     "TakesTells",
     "Transport",
     "TransportHandle",

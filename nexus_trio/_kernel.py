@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from heapq import heappush, heapreplace
 from threading import get_ident
 from typing import Any, Final, final, overload
@@ -683,6 +683,9 @@ class Kernel:
             node.close_for_good("kernel.stop")
         owner = node.supervisor
         assert owner is not None
+        # (a transport that keeps records of this kernel's agents drops the agent's first:
+        # see StopsTold)
+        stopping = getattr(self._router.transport, "agent_stopping", None)
         if self._stop_waits_for_caller(node):
             # Called from inside what it stops (the handler of its own agent, the
             # on_stop of an agent it spawned, an agent under the supervisor stopped):
@@ -690,16 +693,25 @@ class Kernel:
             # shutdown timeout cancels the caller. As shutdown() from inside the tree
             # (and Akka's context.stop(self)): the stop starts, the call returns.
             assert self._nursery is not None
-            self._nursery.start_soon(self._terminate, owner, node, reason)
+            self._nursery.start_soon(self._terminate, owner, node, reason, stopping)
             await trio.lowlevel.checkpoint()
             return
+        if stopping is not None:
+            await stopping(node.id, node.name)
         await owner.terminate(node, reason)
 
     @staticmethod
     @trio.lowlevel.enable_ki_protection
-    async def _terminate(owner: ChildOwner, node: Child, reason: str) -> None:
+    async def _terminate(
+        owner: ChildOwner,
+        node: Child,
+        reason: str,
+        stopping: Callable[[uuid.UUID, str | None], Awaitable[None]] | None,
+    ) -> None:
         """A stop asked from inside what it stops, in the kernel's nursery (protected
         from Ctrl-C as the kernel's own code is)."""
+        if stopping is not None:
+            await stopping(node.id, node.name)
         await owner.terminate(node, reason)
 
     def _stop_waits_for_caller(self, node: Child) -> bool:

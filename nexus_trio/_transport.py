@@ -122,3 +122,20 @@ class QueryGivingUp(Protocol):
         acked by its answer): its delivery failed. Must not wait or raise; a query the
         transport does not know is left alone."""
         ...
+
+
+class StopsTold(Protocol):
+    """What a transport may add to :class:`Transport` (the kernel looks for it at each
+    ``kernel.stop``; a transport without it keeps working): it is told that an agent of
+    this kernel is being stopped for good, before its stop begins, and is awaited. The
+    NATS cluster drops a placed agent's placement record there, so that a node
+    SIGKILLed at any point of the stop leaves either the agent running (the record kept:
+    it is re-placed) or nothing placed: dropped after the stop, the record of an agent
+    stopped already was re-placed from on the node's loss."""
+
+    async def agent_stopping(self, agent_id: uuid.UUID, name: str | None) -> None:
+        """Agent (or supervisor) ``agent_id`` (``name``, None for an unnamed one) is
+        stopped for good by ``kernel.stop``: it is out of the routing table already (new
+        sends to it fail), its stop (its queue, ``on_stop``) begins once this returns.
+        Must not raise; should not wait long (the stop waits for it)."""
+        ...

@@ -58,6 +58,17 @@ class Counter(Agent):
             await ctx.send(f"collector-{msg.payload['ack']}", msg.payload["seq"])
         return None
 
+    async def on_stop(self, ctx: Context) -> None:
+        on_stops.append(ctx.name)
+        if HOLD_ON_STOP:  # a kill point (``hold_on_stop``): the stop under way
+            await trio.sleep_forever()
+
+
+#: the names of the counters whose ``on_stop`` ran (began) here
+on_stops: list[str | None] = []
+#: ``hold_on_stop``: each counter's ``on_stop`` waits for ever (a test SIGKILLs the node)
+HOLD_ON_STOP = False
+
 
 #: seconds each counter takes over a tell (``slow_handlers``: its mailbox holds some)
 HANDLE_DELAY = 0.0
@@ -242,6 +253,32 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
         kvops.delete_names = held_drops  # type: ignore[assignment]
         return None
+    if op == "hold_record_drops":
+        # a kill point: from now on this node's drops of its placement records (an agent
+        # stopped for good) wait for ever (a test SIGKILLs the node there); drops_held
+        # says how many wait
+        async def held_drop(self: Placement, name: str, *args: Any) -> None:
+            drops_held.append(name)
+            await trio.sleep_forever()
+
+        Placement._delete_record = held_drop  # type: ignore[method-assign]
+        return None
+    if op == "hold_on_stop":
+        # a kill point: from now on each counter's on_stop waits for ever (its stop under
+        # way: a test SIGKILLs the node there); on_stops says how many began
+        global HOLD_ON_STOP
+        HOLD_ON_STOP = True
+        return None
+    if op == "drops_held":
+        return len(drops_held)
+    if op == "on_stops":
+        return sorted(n for n in on_stops if n is not None)
+    if op == "stop_soon":
+        # each of cmd["names"], an agent of this kernel, stopped for good, in the
+        # background (the stops wait at a kill point)
+        for name in cmd["names"]:
+            nursery.start_soon(kernel.stop, kernel.lookup(name).id)
+        return None
     if op == "stop":
         # each of cmd["names"], an agent of this kernel, stopped for good
         for name in cmd["names"]:
@@ -368,6 +405,8 @@ beyond: dict[str, Any] = {}
 asks_started: list[str] = []
 #: the names of the placements whose answers wait since ``hold_answers`` (a kill point)
 answers_held: list[str] = []
+#: the names whose record drops wait since ``hold_record_drops`` (a kill point)
+drops_held: list[str] = []
 #: (name, reason) of every ``restarted`` lifecycle event of this kernel
 restarted: list[tuple[str | None, str]] = []
 

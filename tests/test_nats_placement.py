@@ -139,8 +139,15 @@ def test_no_member_is_an_error_that_names_the_agent() -> None:
 
 
 def test_records_round_trip() -> None:
-    for record in (PlacementRecord("counter"), PlacementRecord("counter", "worker-2")):
+    for record in (
+        PlacementRecord("counter"),
+        PlacementRecord("counter", "worker-2"),
+        PlacementRecord("counter", None, uuid.UUID(int=7)),
+    ):
         assert PlacementRecord.decode(record.encode()) == record
+    # (the id of the agent it is written for: a record of an earlier version has none)
+    written = json.loads(PlacementRecord("counter").encode(uuid.UUID(int=7)))
+    assert written == {"type": "counter", "pinned": None, "id": str(uuid.UUID(int=7))}
 
 
 # --- three kernels in three processes --------------------------------------------------------
@@ -399,7 +406,7 @@ class _Cluster:
     def placed_type(self, name: str) -> str | None:
         return self.placed_types.get(name)
 
-    def record_dropped(self, name: str) -> None:
+    def record_dropped(self, name: str, agent_id: uuid.UUID | None = None) -> None:
         self.placed_types.pop(name, None)
 
     def member_list(self) -> list[NodeInfo]:
@@ -683,6 +690,43 @@ def test_a_lost_node_s_claimed_names_without_a_record_are_replaced_by_their_entr
     assert sorted(survivors["a"] + survivors["b"]) == sorted(f"agent-{i}" for i in range(30))
     for node, names in survivors.items():
         assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
+
+
+def test_a_lost_node_of_an_earlier_version_s_unrecorded_names_are_counted_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fifty-third pass: c, a kernel of an earlier version (its membership record names
+    no types, its names entries no type), is lost holding 25 names with no placement
+    record (plain names, or claims it never recorded: they cannot be told apart) and 3
+    recorded ones. The 25 are not re-placed: each survivor counts them in
+    ``untyped_names_lost`` and says so in one warning naming c and 20 of them ("and 5
+    more"); the 3 recorded ones are re-placed as before. A lost node of this version
+    (``types`` named) counts nothing: its untyped names are plain ones. (Before: nothing
+    counted or said; the names were refused until c was forgotten, 300 s later.)"""
+    unrecorded = [f"old-{i:02}" for i in range(25)]
+    recorded = ["placed-0", "placed-1", "placed-2"]
+    holders = dict.fromkeys(unrecorded + recorded, "c")
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    for node in ("a", "b"):
+        cluster = _Cluster(node, 0, holders)
+        placement = Placement(cluster)  # type: ignore[arg-type]
+        placement.register("counter", COUNTING)
+        placement.records = dict.fromkeys(recorded, PlacementRecord("counter"))
+        placement.node_lost(_lost_c({}, in_flight=0, held=0))
+        assert placement.untyped_names_lost == len(unrecorded)
+        said = [r.getMessage() for r in caplog.records if "earlier version" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith(f"node {node}: node 'c', of an earlier version"), said
+        assert "with 25 name(s) that have no placement record: 'old-00'," in said[0]
+        assert "'old-19' and 5 more; not re-placed" in said[0]
+        caplog.clear()
+        assert sorted(placement.to_replace("c", ["a", "b"])) == sorted(
+            n for n in recorded if rendezvous_owner(n, ["a", "b"]) == node
+        )
+        current = Placement(cluster)  # type: ignore[arg-type]
+        current.node_lost(attrs.evolve(_lost_c({}, 0, 0), types=frozenset({"counter"})))
+        assert current.untyped_names_lost == 0
+        assert not [r for r in caplog.records if "earlier version" in r.getMessage()]
 
 
 def test_a_lost_node_s_agents_stopped_for_good_whose_name_drop_did_not_land_stay_stopped() -> None:
@@ -2304,6 +2348,52 @@ async def test_a_placed_name_s_entry_heard_again_after_its_record_dropped_names_
             assert ca.name_holder("typed") == ("c", placed.id)
 
 
+async def test_an_earlier_incarnation_s_record_drop_heard_after_a_later_claim_keeps_its_type(
+    nats: NatsServer,
+) -> None:
+    """Fifty-third pass: the names bucket and the placed bucket are watched apart, so a
+    node may hear a later claim of a name (a new incarnation's entry, naming its type)
+    before the drop of the earlier incarnation's record. That drop is not the later
+    claim's: its type stays (``placed_type``), so that the claim is re-placed if its
+    node is lost before it writes its record. A record names the agent it was written
+    for (``"id"``); the drop of the record of the agent the entry names still forgets the
+    type. (Before: any record drop forgot the type, and such a claim's name was refused,
+    not re-placed, until its node was forgotten, 300 s later.)"""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            first = await ca.spawn("counter", name="typed", node="c")
+            same = await ca.spawn("counter", name="same", node="c")
+            await _learn_name(ca, "typed")
+            await _learn_name(ca, "same")
+
+            async def recorded() -> bool:  # a's watch of the placed bucket
+                records = ca.placement.records
+                return all(
+                    n in records and records[n].agent_id == p.id
+                    for n, p in (("typed", first), ("same", same))
+                )
+
+            await _until(recorded)
+            key, value, op, revision = await _name_entry(ca, "typed")
+            later = uuid.uuid4()
+            claim = json.loads(value or b"")
+            assert claim == {"node": "c", "id": str(first.id), "type": "counter"}
+            claim["id"] = str(later)
+            # the later incarnation's claim, heard first; then the earlier one's drop
+            ca._apply_name_entry(key, json.dumps(claim).encode(), op, revision + 1)
+            ca.placement._apply_record(key, None, "DEL")
+            assert ca.name_entry("typed") == ("c", later)
+            assert ca.placed_type("typed") == "counter"
+            # the drop of the record of the agent the entry names forgets the type
+            assert ca.placed_type("same") == "counter"
+            ca.placement._apply_record(wire.name_key("same"), None, "DEL")
+            assert ca.placed_type("same") is None
+
+
 async def test_a_delete_read_while_a_later_put_was_heard_does_not_drop_the_name(
     nats: NatsServer,
 ) -> None:
@@ -3905,6 +3995,122 @@ async def test_agents_stopped_for_good_on_a_node_killed_before_their_names_dropp
                 assert await node.call("local", names=stopped) == {}
             stats = [await n.call("stats") for n in (a, b)]
             assert sum(s["replaced"] for s in stats) == len(running)
+
+
+async def _placed_on_c(a: Node, names: list[str]) -> None:
+    """a places each of ``names`` on c, asks each once (its run starts: a counter has no
+    ``on_start``, and waits for its first message with no task, so its stop would run no
+    ``on_stop``), and waits until their records are in the bucket."""
+    placed = await a.call("spawn_each", type="counter", names=names, node="c", timeout=60)
+    assert all(placed[n][0] == "c" for n in names), placed
+    for name in names:
+        assert (await a.call("request", to=name))["node"] == "c"
+
+    async def recorded() -> bool:
+        return bool(await a.call("records_in_bucket", names=names) == names)
+
+    await _until(recorded)
+
+
+async def _re_placed_after_kill(survivors: list[Node], running: list[str]) -> list[tuple[str, str]]:
+    """Wait until each of ``running`` (the agents of the SIGKILLed c to come back) runs on
+    its owner over the survivors, routed there; the ``restarted`` events of the survivors."""
+    owner = {n: rendezvous_owner(n, [s.node for s in survivors]) for n in running}
+
+    async def re_placed() -> bool:
+        events = [e for n in survivors for e in await n.call("restarted")]
+        where = [(await survivors[-1].call("where", name=n) or [None])[0] for n in running]
+        return len(events) >= len(running) and where == [owner[n] for n in running]
+
+    await _until(re_placed, timeout=20)
+    return [(e[0], e[1]) for n in survivors for e in await n.call("restarted")]
+
+
+@pytest.mark.trio
+async def test_agents_whose_stop_was_under_way_on_a_node_killed_stay_stopped() -> None:
+    """Fifty-third pass, a SIGKILL point: a places 8 agents on c; c stops 6 of them for
+    good, the first stop held in its ``on_stop`` (``hold_on_stop``; the others wait
+    behind it), and c is SIGKILLed there. Each stop drops its record before it begins:
+    at the kill the 6 records are gone from the placed bucket (before: they stayed
+    while the stops were under way), and c's loss re-places the 2 running agents only
+    (``replaced`` 2, no ``restarted`` event for the 6, none runs on a or b). (Before: the
+    record was dropped once the agent had stopped; killed in the middle of the stop,
+    its record was in the bucket, and the stopped agent came back on a survivor.)"""
+    stopped = [f"stopping-{i}" for i in range(6)]
+    running = ["running-0", "running-1"]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            await _placed_on_c(a, stopped + running)
+            await c.call("hold_on_stop")
+            await c.call("stop_soon", names=stopped)
+
+            async def stopping() -> bool:  # (the root stops its children one at a time)
+                return bool(await c.call("on_stops"))
+
+            await _until(stopping)
+
+            async def dropped() -> bool:  # (each stop's drop lands before its stop begins)
+                return bool(await a.call("records_in_bucket", names=stopped + running) == running)
+
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(dropped)
+            assert await a.call("records_in_bucket", names=stopped + running) == running
+            assert set(await c.call("on_stops")) <= set(stopped)
+            c.kill()
+            await c.process.wait()  # type: ignore[union-attr]
+            events = await _re_placed_after_kill([a, b], running)
+            assert sorted(name for name, _ in events) == running
+            for node in (a, b):
+                assert await node.call("local", names=stopped) == {}
+                assert await node.call("records", names=stopped) == []
+            stats = [await n.call("stats") for n in (a, b)]
+            assert sum(s["replaced"] for s in stats) == len(running)
+
+
+@pytest.mark.trio
+async def test_agents_whose_record_drop_did_not_land_before_their_node_was_killed_run_on() -> None:
+    """Fifty-third pass, a SIGKILL point: a places 8 agents on c; c stops 6 of them for
+    good, their records' drops held (``hold_record_drops``), and c is SIGKILLed there.
+    The stop waits for the drop before it begins: no ``on_stop`` ran, the agents were
+    running at the kill, so c's loss re-places all 8, each once, on its owner over a and
+    b, reachable under its name (the stops never took effect). (Before: the stop ran
+    first and the drop after it; killed in between, the 6 agents had stopped on c and
+    came back on a survivor.)"""
+    stopped = [f"unstopped-{i}" for i in range(6)]
+    running = ["running-0", "running-1"]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            await _placed_on_c(a, stopped + running)
+            await c.call("hold_record_drops")
+            await c.call("stop_soon", names=stopped)
+
+            async def drop_held() -> bool:
+                return bool(await c.call("drops_held"))
+
+            async def drops_held() -> bool:  # (each stop's drop, at once)
+                return bool(await c.call("drops_held") == len(stopped))
+
+            await _until(drop_held)
+            assert await c.call("on_stops") == []  # (no stop began)
+            await _until(drops_held)
+            assert await c.call("on_stops") == []
+            assert await a.call("records_in_bucket", names=stopped + running) == stopped + running
+            c.kill()
+            await c.process.wait()  # type: ignore[union-attr]
+            events = await _re_placed_after_kill([a, b], stopped + running)
+            assert sorted(name for name, _ in events) == sorted(stopped + running)
+            held = await _held_once([a, b], stopped + running)
+            owner = {n: rendezvous_owner(n, ["a", "b"]) for n in stopped + running}
+            assert {n: held[n][0] for n in owner} == owner
+            for name in stopped:
+                answer = await a.call("request", to=name)
+                assert (answer["node"], answer["name"]) == (owner[name], name)
+            stats = [await n.call("stats") for n in (a, b)]
+            assert sum(s["replaced"] for s in stats) == len(stopped) + len(running)
 
 
 @pytest.mark.trio

@@ -702,6 +702,10 @@ class ClusterStats:
     #: placed bucket unreachable), and such records written later, on a retry
     records_unwritten: int = 0
     records_written_late: int = 0
+    #: names of lost members of an earlier version (their entries name no agent type)
+    #: that had no placement record: not re-placed, refused until the member is
+    #: forgotten; counted by each node that judged it lost
+    untyped_names_lost: int = 0
     #: times this node found the cluster's KV buckets gone or made anew after a reconnect
     #: (a nats-server restarted without its JetStream store), made them if need be and
     #: wrote its membership record, names and placement records again
@@ -4430,13 +4434,38 @@ class Cluster:
         entry written by an earlier version."""
         return self._name_types.get(name)
 
-    def record_dropped(self, name: str) -> None:
+    def record_dropped(self, name: str, agent_id: uuid.UUID | None = None) -> None:
         """``name``'s placement record was dropped from the placed bucket (its agent
         stopped for good): the type its names-bucket entry names no longer asks for a
         re-placement (see :meth:`placed_type`). The stop drops the record and the entry
         concurrently; a node SIGKILLed between the two left the entry alone, and its
-        loss re-placed the stopped agent from the entry's type."""
+        loss re-placed the stopped agent from the entry's type.
+
+        ``agent_id``: the agent the dropped record was written for (None: not known, a
+        record of an earlier version or not heard). An entry of another agent is a later
+        claim (the two buckets' watches are not ordered with each other: it may be heard
+        before the earlier incarnation's record's drop) and keeps its type: forgotten,
+        that claim was not re-placed if its node was lost before its record was written,
+        and its name was refused until the node was forgotten (``forget_lost_after``)."""
+        if agent_id is not None:
+            entry = self._names.get(name)
+            if entry is not None and entry[1] != agent_id:
+                return
         self._name_types.pop(name, None)
+
+    async def agent_stopping(self, agent_id: uuid.UUID, name: str | None) -> None:
+        """The kernel is about to stop agent ``agent_id`` for good (``kernel.stop``; see
+        ``nexus_trio.StopsTold``): a placed agent's record is dropped first,
+        so that this node SIGKILLed at any point of the stop leaves the agent running
+        (its record kept: re-placed on the loss) or nothing placed; dropped once the
+        agent had stopped, a kill before the drop landed had the stopped agent re-placed
+        on a survivor. Shielded: the caller's cancel does not leave the agent running
+        with its record half dropped. A drop the bucket refuses is logged, and the stop
+        goes on."""
+        if name is None or self._closing:
+            return
+        with trio.CancelScope(shield=True), on_loop(self._aio_loop):
+            await self.placement.agent_stopped(name, agent_id)
 
     def names_held_on(self, nodes: Iterable[str]) -> list[str]:
         """The names whose names-bucket entry, as this node knows it, names one of
@@ -6576,6 +6605,7 @@ class Cluster:
             names_written_late=self._names_written_late,
             records_unwritten=self.placement.records_unwritten,
             records_written_late=self.placement.records_written_late,
+            untyped_names_lost=self.placement.untyped_names_lost,
             buckets_made_again=self._buckets_made_again,
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,

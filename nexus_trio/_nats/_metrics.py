@@ -128,6 +128,10 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_records_written_late",
         "Placement records written on a retry (the placed bucket was unreachable).",
     ),
+    "untyped_names_lost": (
+        "nexus_cluster_untyped_names_lost",
+        "Names of lost members of an earlier version with no placement record (not re-placed).",
+    ),
     "buckets_made_again": (
         "nexus_cluster_buckets_made_again",
         "Times the cluster's KV buckets were found gone after a reconnect and made again.",

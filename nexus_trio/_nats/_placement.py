@@ -128,6 +128,8 @@ DEFAULT_PLACE_TIMEOUT: Final = 5.0
 _ASK_AGAIN_AFTER: Final = 0.05
 #: the least wait given to a request (nats-py takes no timeout of 0)
 _MIN_WAIT: Final = 0.001
+#: names a warning lists (the rest counted: "and N more")
+_NAMES_SHOWN: Final = 20
 #: the reason (``stopped`` event, dead letters' detail) of a placed agent stopped because
 #: another incarnation of its name won (see :meth:`Placement.superseded`)
 DUPLICATE_REASON: Final = "duplicate after partition"
@@ -222,15 +224,30 @@ class PlacementRecord:
     type_name: str
     #: the node it was pinned to, None if placed by hash
     pinned: str | None = None
+    #: the id of the agent it was written for, as read from the bucket (None: not read
+    #: yet, or written by a kernel of an earlier version, whose records name no agent)
+    agent_id: uuid.UUID | None = None
 
-    def encode(self) -> bytes:
-        return json.dumps({"type": self.type_name, "pinned": self.pinned}).encode()
+    def encode(self, agent_id: uuid.UUID | None = None) -> bytes:
+        """The record written for agent ``agent_id`` (None: :attr:`agent_id`; neither
+        known, no ``"id"``): the id tells a drop of this incarnation's record from the
+        claim of a later one (see ``Cluster.record_dropped``)."""
+        fields: dict[str, str | None] = {"type": self.type_name, "pinned": self.pinned}
+        written_for = self.agent_id if agent_id is None else agent_id
+        if written_for is not None:
+            fields["id"] = str(written_for)
+        return json.dumps(fields).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> PlacementRecord:
         obj = wire.read_wire_json(data, "placement record")
         pinned = obj.get("pinned")
-        return cls(str(obj["type"]), None if pinned is None else str(pinned))
+        agent_id = obj.get("id")
+        return cls(
+            str(obj["type"]),
+            None if pinned is None else str(pinned),
+            None if agent_id is None else uuid.UUID(agent_id),
+        )
 
 
 @final
@@ -261,6 +278,9 @@ class Placement:
         self._subject = f"{cluster.prefix}.place.{cluster.node}"
         #: agents this node re-spawned after their node was lost
         self.replaced = 0
+        #: names of lost nodes of an earlier version with no record (see
+        #: :meth:`_untyped_names_lost`)
+        self.untyped_names_lost = 0
         #: messages counted as lost with lost nodes (see :meth:`node_lost`)
         self.lost_with_nodes = 0
         #: the same, per node (see :attr:`lost_with_node`)
@@ -524,7 +544,7 @@ class Placement:
             self._record_unwritten(name, agent_id, record, _NAME_UNWRITTEN)
         elif kv is not None:
             try:
-                revision = await call_aio(kv.put, wire.name_key(name), record.encode())
+                revision = await call_aio(kv.put, wire.name_key(name), record.encode(agent_id))
             except Exception as exc:  # the bucket unreachable: the agent runs all the same
                 self._record_unwritten(name, agent_id, record, exc)
             except trio.Cancelled:  # (written or not: written again on a retry)
@@ -672,7 +692,7 @@ class Placement:
             if not cluster.holds_name(name, agent_id):
                 continue
             try:
-                revision = await call_aio(kv.put, wire.name_key(name), record.encode())
+                revision = await call_aio(kv.put, wire.name_key(name), record.encode(agent_id))
             except Exception as exc:
                 log_guarded(
                     log,
@@ -858,7 +878,7 @@ class Placement:
             return
         try:
             async with self._writing:
-                revision = await kv.put(wire.name_key(name), record.encode())
+                revision = await kv.put(wire.name_key(name), record.encode(agent_id))
         except Exception as exc:  # the bucket unreachable: the agent runs
             self._record_unwritten(name, agent_id, record, exc)
             return
@@ -1067,9 +1087,9 @@ class Placement:
         self._unrecorded.discard(name)
         if op in ("DEL", "PURGE") or not value:
             # (stopped for good: its name's entry, if its delete did not land, is no
-            # claim to re-place)
-            self._cluster.record_dropped(name)
-            self.records.pop(name, None)
+            # claim to re-place; the entry of a later claim, heard first, is)
+            dropped = self.records.pop(name, None)
+            self._cluster.record_dropped(name, None if dropped is None else dropped.agent_id)
             self._waiting.pop(name, None)
             return
         try:
@@ -1178,6 +1198,8 @@ class Placement:
             )
         earlier = self._lost_earlier(info.node)
         if survivors:
+            if info.types is None:
+                self._untyped_names_lost(info.node)
             if rendezvous_owner(f"loss:{info.node}", survivors) == cluster.node:
                 self._count_held(info)
             if earlier and cluster.node in survivors:
@@ -1207,6 +1229,40 @@ class Placement:
             return  # leaving: this node's agents are not to be re-placed, nor re-placed here
         gone = [info.node, *(other.node for other in earlier)]
         self._start_replacing(self.to_replace(gone, survivors), info.node)
+
+    def _untyped_names_lost(self, node: str) -> None:
+        """Lost ``node`` is a kernel of an earlier version (its membership record names no
+        agent types): its names-bucket entries name no type, so a name of it with no
+        placement record is not re-placed. It may be a plain ``kernel.spawn`` name, or a
+        placed agent it claimed and did not record (SIGKILLed between the two): the two
+        cannot be told apart. Such names go on routing to ``node`` (each send refused at
+        once) until it is forgotten (``forget_lost_after``); counted here
+        (``untyped_names_lost``) and said in one warning, not left silent."""
+        cluster = self._cluster
+        names = sorted(
+            name
+            for name in cluster.names_held_on([node])
+            if name not in self.records and cluster.placed_type(name) is None
+        )
+        if not names:
+            return
+        self.untyped_names_lost += len(names)
+        shown = ", ".join(repr(name) for name in names[:_NAMES_SHOWN])
+        more = len(names) - _NAMES_SHOWN
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: node %r, of an earlier version (its names entries name no agent"
+            " type), was lost with %d name(s) that have no placement record: %s%s; not"
+            " re-placed (plain kernel.spawn names, or placements it claimed and never"
+            " recorded, which cannot be told apart): sends to them are refused until"
+            " it is forgotten (forget_lost_after)",
+            cluster.node,
+            node,
+            len(names),
+            shown,
+            f" and {more} more" if more > 0 else "",
+        )
 
     def member_left(self, node: str) -> None:
         """``node`` left the cluster cleanly: its agents are not re-placed, but it may have
@@ -1378,8 +1434,9 @@ class Placement:
             if name in self.records:
                 continue
             type_name = cluster.placed_type(name)
-            if type_name is not None:
-                self.records[name] = PlacementRecord(type_name, None)
+            holder = cluster.name_holder(name)
+            if type_name is not None and holder is not None:
+                self.records[name] = PlacementRecord(type_name, None, holder[1])
                 self._unrecorded.add(name)
 
     def _wait(self, name: str, record: PlacementRecord, lost: str) -> None:
