@@ -14,6 +14,7 @@ once. Real nats-server; the lost node is a child process, SIGKILLed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
+import nats.errors
 import nats.js.errors
 import pytest
 import trio
@@ -42,6 +45,7 @@ from .test_nats import local_node
 
 #: (the ``nats`` fixture hides the module inside the tests that take it)
 _NotFound = nats.js.errors.NotFoundError
+_FetchTimeout = nats.errors.TimeoutError
 
 
 async def _store_for_id(cluster: Cluster, node: str, agent_id: uuid.UUID) -> Message:
@@ -504,3 +508,95 @@ def test_a_taken_over_consumer_of_few_slots_keeps_one_for_the_messages_that_do_n
     options = DurableOptions(max_in_flight=1, max_waiting=0)
     bounds = [taken_bound(slots, options) for slots in (1, 2, 3, 4, 5, 8)]
     assert bounds == [0, 1, 2, 3, 1, 4]
+
+
+#: quick redeliveries of a message whose name runs nowhere: JetStream gives it up within
+#: a second once its consumer's max_deliver is lowered under the node's 4
+_QUICK_WAITS = attrs.evolve(
+    SLOW_MISSING, ack_wait=1.0, missing_agent_delay=0.1, missing_agent_delay_max=0.2
+)
+
+
+async def _once_dead(cluster: Cluster, stream: str) -> tuple[Any, int]:
+    """``cluster``'s stats once it counted a message dead (waited for at most 10 s: the
+    code before the fix counts none), and how many messages the stream keeps then."""
+    with trio.move_on_after(10):
+        await until(lambda: cluster.stats().durable_dead >= 1)
+    left = (await call_aio(cluster.data_js.stream_info, stream)).state.messages
+    return cluster.stats(), left
+
+
+async def test_a_message_a_lost_node_s_consumer_gave_up_unheard_is_dead_at_its_takeover(
+    nats: NatsServer,
+) -> None:
+    """Fifty-third pass: c's consumer gave a message up (its ``max_deliver`` lowered to 1,
+    its one delivery nakked) while no one listened for JetStream's ``MAX_DELIVERIES``
+    advisory (c's process gone); the takeover of lost c puts a's ``max_deliver`` back on
+    the consumer, which delivers it no more: it stayed in the stream, counted nowhere. The
+    takeover looks at the consumer's state as it binds it now: dead
+    (``consumer_max_deliver``), deleted. (On main's _durable.py swapped in:
+    ``durable_dead`` 0 after 10 s, the stream kept it.)"""
+    async with local_node(nats.url, "a", durable=_QUICK_WAITS) as (_ka, ca):
+        stream = f"{ca.prefix}-durable"
+        js = ca.data_js
+        try:
+            with trio.fail_after(10):
+                psub = await call_aio(ca.durable._subscribe, "c")
+                info = await call_aio(js.consumer_info, stream, "c")
+                await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=1))
+                await store_for(ca, "nowhere-a", "given up", node="c")
+                (delivery,) = await call_aio(psub.fetch, 1, timeout=5.0)
+                await call_aio(delivery.nak)
+                with pytest.raises(_FetchTimeout):  # (given up, not redelivered)
+                    await call_aio(psub.fetch, 1, timeout=0.5)
+                await call_aio(psub.unsubscribe)
+                given_up = await consumer_settled(ca, stream, "c", 0)
+                ca.members.members["c"] = _lost_record()
+                ca.durable.takeovers_changed()
+                await until(lambda: "c" in ca.durable._takeovers)
+            stats, left = await _once_dead(ca, stream)
+        finally:
+            ca.members.members.pop("c", None)
+    assert (given_up.num_pending, given_up.num_ack_pending) == (0, 0)
+    assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"], left) == (
+        1,
+        1,
+        0,
+    )
+
+
+async def test_a_max_deliveries_advisory_of_a_consumer_taken_over_is_heard_by_its_taker(
+    nats: NatsServer,
+) -> None:
+    """Fifty-third pass: a takes lost c's consumer over; an operator lowers its
+    ``max_deliver`` to 2 under a's 4, and a message for a name that runs nowhere waits
+    (nakked with the missing-agent delay) twice: JetStream gives it up and sends its
+    ``MAX_DELIVERIES`` advisory for c's consumer, which only c's own process listened
+    for: the message stayed in the stream, counted nowhere. The taker listens for the
+    consumers it takes over too: dead (``consumer_max_deliver``), deleted. (On main's
+    _durable.py swapped in: ``durable_agent_missing`` 2, ``durable_dead`` 0 after 10 s,
+    the stream kept it.)"""
+    async with local_node(nats.url, "a", durable=_QUICK_WAITS) as (_ka, ca):
+        stream = f"{ca.prefix}-durable"
+        js = ca.data_js
+        try:
+            with trio.fail_after(10):
+                ca.members.members["c"] = _lost_record()
+                ca.durable.takeovers_changed()
+                while True:  # (the takeover's pull request waits on c's consumer)
+                    with contextlib.suppress(_NotFound):
+                        info = await call_aio(js.consumer_info, stream, "c")
+                        if info.num_waiting:
+                            break
+                    await trio.sleep(0.05)
+                await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=2))
+                await store_for(ca, "nowhere-a", "waits", node="c")
+            stats, left = await _once_dead(ca, stream)
+        finally:
+            ca.members.members.pop("c", None)
+    assert stats.durable_agent_missing == 2
+    assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"], left) == (
+        1,
+        1,
+        0,
+    )

@@ -15,6 +15,7 @@ import json
 import logging
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 import pytest
 import trio
@@ -23,9 +24,10 @@ from nats.aio.msg import Msg as NatsMsg
 
 from nexus_trio import Agent, Context, Message, TransportUnavailable, agent, pool
 from nexus_trio._nats import DurableOptions, NatsServer
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
-from .nats_server import until
+from .nats_server import consumer_settled, until
 from .test_nats import local_node, nodes
 
 
@@ -379,3 +381,78 @@ async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
         assert len(warned) == 1
         assert "is garbled (KeyError('deliveries')), left alone" in warned[0]
         assert cluster.stats().durable_dead == 1
+
+
+async def _given_up_unheard(url: str, stream: str, node: str, name: str) -> Message:
+    """A message for ``name`` stored on ``node``'s subject, delivered once by its consumer
+    (``max_deliver`` lowered to 1 by an operator) and nakked, while no process of the node
+    runs: JetStream gives it up, and its ``MAX_DELIVERIES`` advisory goes to no one. Done
+    through a process whose durable path is off (it takes nothing over). The stored
+    message, once the server shows it given up (nothing pending, still stored)."""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(url, "op", durable=DurableOptions(enabled=False)) as (_kernel, op):
+        js = op.data_js
+        info = await call_aio(js.consumer_info, stream, node)
+        await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=1))
+        stored = await store_for(op, name, "work", node=node)
+        psub = await call_aio(
+            js.pull_subscribe,
+            wire.durable_subject(op.prefix, node, "*"),
+            durable=node,
+            stream=stream,
+        )
+        (delivery,) = await call_aio(psub.fetch, 1, timeout=5)
+        await call_aio(delivery.nak)
+        with pytest.raises(nats.errors.TimeoutError):  # (its redelivery: given up instead)
+            await call_aio(psub.fetch, 1, timeout=0.5)
+        await call_aio(psub.unsubscribe)
+        given_up = await consumer_settled(op, stream, node, 0)
+        kept = (await call_aio(js.stream_info, stream)).state.messages
+    assert (given_up.num_pending, given_up.num_ack_pending, kept) == (0, 0, 1)
+    return stored
+
+
+async def test_a_message_given_up_while_no_process_of_its_node_listened_is_dead_at_its_next_start(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty-third pass: JetStream's ``MAX_DELIVERIES`` advisory is not stored, and one
+    sent while no process of the node listened (restarting, cut off) was missed: the
+    message stayed in the stream for good, delivered no more (the node's next run puts
+    its ``max_deliver`` back on the consumer: not delivered again), counted nowhere. The
+    node's start now looks at its consumer's state for such messages (still stored at or
+    under the last one delivered, none pending): dead (``consumer_max_deliver``), logged
+    and deleted, once. (On main's _durable.py swapped in: ``durable_dead`` 0 after 10 s,
+    the stream kept it.)"""
+    handled: list[Any] = []
+
+    async def handler(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return "ok"
+
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+    stored = await _given_up_unheard(nats.url, stream, "a", "work")
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(agent(handler, name="work"))
+        js = cluster.data_js
+        with trio.move_on_after(10):
+            await until(lambda: cluster.stats().durable_dead >= 1)
+        with trio.fail_after(10):
+            await cluster.send_durable("work", "after")  # (the path works on)
+            await until(lambda: cluster.stats().durable_acked >= 1)
+        left = await call_aio(js.stream_info, stream)
+        with trio.move_on_after(5):
+            while left.state.messages:  # (the ack applied: the server's state)
+                await trio.sleep(0.05)
+                left = await call_aio(js.stream_info, stream)
+        stats = cluster.stats()
+    assert (stats.durable_dead, stats.durable_acked) == (1, 1)
+    assert left.state.messages == 0
+    assert handled == ["after"]
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+    dead = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(dead) == 1
+    assert f"durable message {stored.id} dead found at node 'a'" in dead[0]

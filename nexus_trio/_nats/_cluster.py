@@ -809,7 +809,8 @@ class ClusterStats:
     #: agent id, or a name that ran nowhere within ``max_deliver``), ``unforwarded`` (its
     #: forward to where its name runs failed on the last delivery), ``consumer_max_deliver``
     #: (JetStream delivered it no more before this node's ``max_deliver`` said it was dead:
-    #: an operator lowered its consumer's; deleted from the stream)
+    #: an operator lowered its consumer's; or found given up, uncounted, at this node's
+    #: start or a takeover's bind: see docs/distributed.md; deleted from the stream)
     durable_dead_reasons: dict[str, int] = attrs.field(factory=dict)
     #: forwards of durable messages to where their name runs now that JetStream did not
     #: take (each nakked and tried again; dead on the last delivery, ``unforwarded``

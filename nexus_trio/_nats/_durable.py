@@ -822,13 +822,14 @@ class DurableChannel:
                 " max_waiting (or max_in_flight)"
             ) from exc
         self._bind_own(made, held)
-        # (JetStream's advisories of messages its consumer delivers no more: see
-        # _max_deliveries; the subscription ends with the data connection at the leave,
-        # not at the stop: an UNSUB can wait on a stuck flusher, and the stop is bounded)
+        # (JetStream's advisories of messages a consumer delivers no more: this node's,
+        # and those of the lost nodes it takes over, see _max_deliveries; the
+        # subscription ends with the data connection at the leave, not at the stop: an
+        # UNSUB can wait on a stuck flusher, and the stop is bounded)
         try:
             await call_aio(
                 self.cluster.nc.subscribe,
-                f"{_MAX_DELIVERIES_ADVISORY}.{self._stream}.{self.cluster.node}",
+                f"{_MAX_DELIVERIES_ADVISORY}.{self._stream}.*",
                 cb=self._max_deliveries,
             )
         except (nats.errors.Error, OSError) as exc:
@@ -847,6 +848,7 @@ class DurableChannel:
         self._started = trio.current_time()
         nursery.start_soon(self._pull)
         nursery.start_soon(self._sweeps)
+        nursery.start_soon(self._find_stranded, self.cluster.node)
 
     def _bind_own(self, made: object, held: int) -> bool:
         """This node's consumer (re)bound: its waiting ones bounded by ``max_waiting``,
@@ -1666,6 +1668,7 @@ class DurableChannel:
         waiting = self._waits.setdefault(node, _Waiting(0))
         took = False  # (subscribed: a node gone is looked at again after, see _look_later)
         checked = False  # (the puller check made, or needed none: see _pulled_by_others)
+        looked = False  # (for what its consumer delivers no more: see _find_stranded)
         try:
             with scope:
                 # (no takeover goes on while this node leaves: see _leaving; checked at
@@ -1718,6 +1721,11 @@ class DurableChannel:
                                 held_at_most(info.config.ack_wait or 0.0, opts),
                             )
                             idle = True
+                            if not looked:
+                                # (once a takeover: this node holds none of its messages
+                                # yet, none of them counted here twice)
+                                looked = True
+                                await self._find_stranded(node)
                         msgs, heard = await self._fetch_bounded(
                             lambda msgs: self._hand_back_at_leave(node, msgs, waiting),
                             psub,
@@ -2826,19 +2834,25 @@ class DurableChannel:
                         self._remade_back.popitem(last=False)
 
     async def _max_deliveries(self, advisory: NatsMsg) -> None:
-        """asyncio side: JetStream's advisory that this node's consumer delivers a
-        message no more (``MAX_DELIVERIES``, sent as it would deliver it again: at the
-        nak, or the ``ack_wait``, of its last delivery). One whose deliveries are under
-        this node's ``max_deliver`` was given up before the node said it was dead: an
+        """asyncio side: JetStream's advisory that a consumer delivers a message no more
+        (``MAX_DELIVERIES``, sent as it would deliver it again: at the nak, or the
+        ``ack_wait``, of its last delivery), heard for this node's consumer and for those
+        of the lost nodes it takes over (its subject names the consumer; others' are left
+        to their nodes and takers). One whose deliveries are under this node's
+        ``max_deliver`` was given up before the node said it was dead: an
         operator lowered the consumer's (``nats consumer edit``: the node puts its own
         back only when it binds the consumer), and the node nakked a delivery it took for
         one of more. Such a message would stay in the stream for good, delivered no more,
         counted nowhere (measured before the fifty-second pass's fix: ``max_deliver`` 2
         under the node's 4, a handler that always failed, handled twice, the stream kept
         it). It is deleted from the stream and counted dead (``consumer_max_deliver``),
-        logged: by whoever deletes it, so once also when two processes of the node hear
-        it (the second finds it gone). One at the node's own ``max_deliver`` or past it
-        is the node's to count (its last delivery failed, went unanswered, and so on)."""
+        logged: see :meth:`_delete_given_up`. One at the node's own ``max_deliver`` or past
+        it is the node's to count (its last delivery failed, went unanswered, and so on).
+        One sent while no process heard it is found at the consumer's next bind (see
+        :meth:`_stranded`)."""
+        consumer = advisory.subject.rpartition(".")[2]
+        if consumer != self.cluster.node and consumer not in self._takeovers:
+            return
         try:
             said = json.loads(advisory.data)
             seq, deliveries = said["stream_seq"], said["deliveries"]
@@ -2858,15 +2872,27 @@ class DurableChannel:
             return
         if deliveries >= self.options.max_deliver:
             return
+        await self._delete_given_up(seq, f"after {deliveries} deliveries")
+
+    async def _delete_given_up(self, seq: int, how: str) -> bool:
+        """asyncio side: the message at stream sequence ``seq`` is one its consumer
+        delivers no more (``how``: what says so): deleted from the stream and counted dead
+        (``dead_lowered``, reason ``consumer_max_deliver``), logged, by whoever deletes it
+        (so once also when two processes of the node, or the node and its taker, hear
+        it: the second finds it gone). True if this counted it dead; False if it is gone
+        already, or could not be read or deleted (logged then: it stays in the stream)."""
         js = self.cluster.data_js
         failure: Exception | None = None
+        msg_id: uuid.UUID | str = ""
         try:
             stored = await js.get_msg(self._stream, seq)
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
+            with contextlib.suppress(MessageDecodeError):
+                msg_id = wire.decode_message(stored.data or b"").id
             deleted = await js.delete_msg(self._stream, seq)
         except nats.js.errors.APIError as exc:
             if _gone_already(exc):
-                return  # deleted by another process of this node (counted there), expired
+                return False  # (deleted by another process, or its ack; expired)
             failure = exc
         except (nats.errors.Error, OSError) as exc:
             failure = exc
@@ -2875,34 +2901,102 @@ class DurableChannel:
                 self._undeleted_log,
                 "durable messages its consumer delivers no more, not deleted",
                 logging.WARNING,
-                "node %s: durable message at stream sequence %d is delivered no more after"
-                " %d deliveries (its consumer's max_deliver, under this node's %d), and"
-                " could not be deleted: %r; it stays in the stream %s",
+                "node %s: durable message at stream sequence %d is delivered no more %s"
+                " (its consumer's max_deliver, under this node's %d), and could not be"
+                " deleted: %r; it stays in the stream %s",
                 self.cluster.node,
                 seq,
-                deliveries,
+                how,
                 self.options.max_deliver,
                 failure,
                 self._stream,
             )
-            return
+            return False
         if not deleted:
-            return
+            return False
         self.dead_lowered += 1
         self._say(
             self._lowered_log,
             "durable messages dead at their consumer's lower max_deliver",
             logging.ERROR,
-            "node %s: durable message %s dead after %d deliveries: its consumer delivers it"
-            " no more (its max_deliver was lowered under this node's %d: by an operator?"
-            " change DurableOptions.max_deliver instead); deleted from the stream (%d so far)",
+            "node %s: durable message %s dead %s: its consumer delivers it no more (its"
+            " max_deliver was lowered under this node's %d: by an operator? change"
+            " DurableOptions.max_deliver instead); deleted from the stream (%d so far)",
             self.cluster.node,
             msg_id,
-            deliveries,
+            how,
             self.options.max_deliver,
             self.dead_lowered,
             counted="durable_dead",
         )
+        return True
+
+    async def _find_stranded(self, node: str) -> None:
+        """Look for the messages ``node``'s consumer (this node's, at its start; a lost
+        node's, as this node takes it over) delivers no more while nothing counted them
+        (see :meth:`_stranded`); what JetStream does not answer is logged, looked for
+        again at the next bind."""
+        try:
+            found = await call_aio(self._stranded, node)
+        except (nats.errors.Error, OSError) as exc:
+            self._say(
+                self._advisory_log,
+                "failed looks for durable messages delivered no more",
+                logging.WARNING,
+                "node %s: could not look for the durable messages node %r's consumer"
+                " delivers no more: %r (looked for again at its next bind)",
+                self.cluster.node,
+                node,
+                exc,
+            )
+            return
+        if found:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %d durable messages node %r's consumer delivered no more while no"
+                " process heard JetStream's advisory: dead, deleted from the stream",
+                self.cluster.node,
+                found,
+                node,
+            )
+
+    async def _stranded(self, node: str) -> int:
+        """asyncio side of :meth:`_find_stranded`: how many it deleted and counted dead.
+
+        JetStream's ``MAX_DELIVERIES`` advisory is not stored: one sent while no process
+        of the node heard it (the node restarting, or cut off; a lost node's, before its
+        taker listened) left its message in the stream for good, counted nowhere
+        (measured before the fifty-third pass's fix, ``max_deliver`` 1 on the consumer:
+        the node's next run had ``durable_dead`` 0 and the stream kept it). JetStream
+        lists no such message, but its consumer's state tells them (measured on
+        nats-server 2.15.1): a work queue keeps a message until it is acked or
+        terminated, a message given up leaves the consumer's pending ones, and the
+        consumer delivers the stream in order; so a message of the consumer's subjects
+        still stored at or under its ack floor, or at or under the last one it
+        delivered while none is pending, is one it delivers no more (putting a higher
+        ``max_deliver`` back does not deliver it again: measured in the fifty-second
+        pass). Each is deleted and counted as the advisory's (:meth:`_delete_given_up`).
+        One given up above the ack floor while others are pending is found at a later
+        bind."""
+        js = self.cluster.data_js
+        info = await js.consumer_info(self._stream, node)
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        last = info.delivered.stream_seq if info.delivered is not None else 0
+        upto = floor if info.num_ack_pending else max(floor, last)
+        subject = wire.durable_subject(self.cluster.prefix, node, "*")
+        seq, found = 1, 0
+        while seq <= upto:
+            try:
+                stored = await js.get_msg(self._stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            if stored.seq is None or stored.seq > upto:
+                break
+            if await self._delete_given_up(stored.seq, f"found at node {node!r}'s consumer's bind"):
+                found += 1
+            seq = stored.seq + 1
+        return found
 
     async def _send_forward(
         self, jsmsg: NatsMsg, subject: str, *, taken: bool = False, stale: bool = False
