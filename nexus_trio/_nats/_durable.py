@@ -586,6 +586,9 @@ class DurableChannel:
         # may come beyond the one that acks (kept apart from _done, which forgets an id
         # after _DONE_MEMORY later acks, and only these ids get a second answer)
         self._answers_due: OrderedDict[uuid.UUID, int] = OrderedDict()
+        # counted dead as their consumer gave them up while a delivery of them was in
+        # an agent's hands (see _forget_delivery): a later answer of it is dropped
+        self._dead_answers: OrderedDict[uuid.UUID, None] = OrderedDict()
         # fetched and not handed over yet, in order (the first may wait for room): kept
         # in progress in JetStream by _keep_held every ack_wait / 2 (the last time: _tick)
         self._held: deque[NatsMsg] = deque()
@@ -2643,6 +2646,18 @@ class DurableChannel:
             jsmsg = entry[0]
         elif late is not None:
             jsmsg = late[0]
+        elif msg_id in self._dead_answers:
+            del self._dead_answers[msg_id]
+            # (counted dead already: its consumer gave it up, the message deleted, while
+            # this handler ran past ack_wait; see _forget_delivery)
+            log_guarded(
+                log,
+                logging.INFO,
+                "durable message %s answered after its consumer gave it up (counted dead,"
+                " deleted): the answer is dropped",
+                msg_id,
+            )
+            return True
         elif msg_id in self._answers_due or msg_id in self._done:
             # a redelivery handed over before the first answer acked it: answered twice,
             # the second answer goes nowhere (its sender asked for none)
@@ -2880,7 +2895,15 @@ class DurableChannel:
         (``dead_lowered``, reason ``consumer_max_deliver``), logged, by whoever deletes it
         (so once also when two processes of the node, or the node and its taker, hear
         it: the second finds it gone). True if this counted it dead; False if it is gone
-        already, or could not be read or deleted (logged then: it stays in the stream)."""
+        already, or could not be read or deleted (logged then: it stays in the stream).
+
+        A delivery of it this node handed to an agent is forgotten as it is counted dead:
+        an answer of that handler that comes after (it ran past ``ack_wait`` on the last
+        delivery JetStream made) is dropped, not counted in ``acked`` too (see
+        :meth:`completed`): a message is counted once, by what was decided first, as an
+        answer after the node's own ``max_deliver`` made it dead is. One this node acked
+        already (its answer came first, the ack not applied yet when JetStream gave it
+        up) is deleted and counted nowhere more: ``acked`` has it."""
         js = self.cluster.data_js
         failure: Exception | None = None
         msg_id: uuid.UUID | str = ""
@@ -2914,6 +2937,10 @@ class DurableChannel:
             return False
         if not deleted:
             return False
+        if isinstance(msg_id, uuid.UUID):
+            if msg_id in self._done:
+                return False  # (handled: its answer came first, counted in acked)
+            self._forget_delivery(msg_id, seq)
         self.dead_lowered += 1
         self._say(
             self._lowered_log,
@@ -2930,6 +2957,23 @@ class DurableChannel:
             counted="durable_dead",
         )
         return True
+
+    def _forget_delivery(self, msg_id: uuid.UUID, seq: int) -> None:
+        """Message ``msg_id`` (stream sequence ``seq``) is counted dead: a delivery of it
+        handed to an agent here is forgotten, and an answer of it that comes later is
+        dropped (see :meth:`completed`)."""
+        entry = self._in_flight.get(msg_id)
+        late = self._late.get(msg_id)
+        if entry is not None and entry[0].metadata.sequence.stream == seq:
+            del self._in_flight[msg_id]
+            self._room.set()
+        elif late is not None and late[0].metadata.sequence.stream == seq:
+            del self._late[msg_id]
+        else:
+            return
+        self._dead_answers[msg_id] = None
+        if len(self._dead_answers) > _DONE_MEMORY:
+            self._dead_answers.popitem(last=False)
 
     async def _find_stranded(self, node: str) -> None:
         """Look for the messages ``node``'s consumer (this node's, at its start; a lost
