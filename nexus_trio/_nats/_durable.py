@@ -851,7 +851,6 @@ class DurableChannel:
         self._started = trio.current_time()
         nursery.start_soon(self._pull)
         nursery.start_soon(self._sweeps)
-        nursery.start_soon(self._find_stranded, self.cluster.node)
 
     def _bind_own(self, made: object, held: int) -> bool:
         """This node's consumer (re)bound: its waiting ones bounded by ``max_waiting``,
@@ -1365,6 +1364,9 @@ class DurableChannel:
         every = SWEEP_LOOKS * self.cluster.options.last_notice_wait
         periodic = trio.current_time() + every
         with self._sweeping:
+            # (first what this node's consumer gave up while no process of it heard: see
+            # _find_stranded; here, so that the stop's cancel ends it as it ends a sweep)
+            await self._find_stranded(self.cluster.node)
             while True:
                 self._sweep_asked = trio.Event()
                 with trio.move_on_at(min(periodic, self._sweep_due)):
