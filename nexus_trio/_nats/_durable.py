@@ -764,6 +764,7 @@ class DurableChannel:
         self._lowered_log = Throttle(kind="durable.consumer_max_deliver")
         self._advisory_log = Throttle(kind="durable.max_deliveries_advisory")
         self._undeleted_log = Throttle(kind="durable.consumer_max_deliver_undeleted")
+        self._stranded_log = Throttle(kind="durable.given_up_look")
         #: messages JetStream delivered no more before this node's ``max_deliver`` said
         #: they were dead (an operator lowered its consumer's): deleted from the stream,
         #: counted here (in ``ClusterStats.durable_dead``; see _max_deliveries)
@@ -2986,7 +2987,7 @@ class DurableChannel:
             found = await call_aio(self._stranded, node)
         except (nats.errors.Error, OSError) as exc:
             self._say(
-                self._advisory_log,
+                self._stranded_log,
                 "failed looks for durable messages delivered no more",
                 logging.WARNING,
                 "node %s: could not look for the durable messages node %r's consumer"
