@@ -41,6 +41,7 @@ from ._events import EventKind
 from ._logcall import log_guarded
 from ._mailbox import HighWater, Mailbox
 from ._message import SYSTEM_ID, Message, MessageKind, id_value
+from ._plural import count_of
 from ._router import KernelPhase, Router
 from ._step import DONE as _DONE
 from ._step import FAILED as _FAILED
@@ -668,7 +669,20 @@ class AgentCell(Child):
             reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
         )
         dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
-        self.router.discard_queued(queued, dl_reason, self, f"agent stopped ({reason})")
+        detail = f"agent stopped ({reason})"
+        ended = self.drain_ended
+        if ended is not None and not shutting_down:
+            # Its run ended by itself while its draining stop waited for the queue (see
+            # SupervisorNode._stop_child): said in each letter, and logged once.
+            detail = f"{detail}: {ended}"
+            log.warning(
+                "agent %s stopped: %s; %s dead-lettered",
+                self.label,
+                ended,
+                count_of(len(queued), "queued message"),
+                extra=log_extra(self),
+            )
+        self.router.discard_queued(queued, dl_reason, self, detail)
 
     def stops_quietly(self) -> bool:
         return self.spec.stops_quietly

@@ -157,6 +157,7 @@ class Seldom:
 
     __slots__ = (
         "cancel_reason",
+        "drain_ended",
         "exit_directive",
         "failed",
         "idle",
@@ -188,6 +189,8 @@ class Seldom:
         self.failed = 0
         self.timed_out = 0
         self.run_failures = 0
+        #: how a run being stopped with a drain ended before its queue was handled
+        self.drain_ended: str | None = None
 
 
 _V = TypeVar("_V")
@@ -339,6 +342,9 @@ class Child:
     exit_directive = SeldomField[Directive | None]("exit_directive", None)
     #: restart times of this child alone (the root supervisor isolates its children)
     restart_times = SeldomField[deque[float] | None]("restart_times", None)
+    #: how its run ended by itself, before its queue was handled, while a draining stop
+    #: waited for it (``ctx.stop()``, a failure): what is left is dead-lettered saying so
+    drain_ended = SeldomField[str | None]("drain_ended", None)
 
     def add_linked(self, child: Child) -> None:
         """``child`` was spawned from this one (it dies with this one's run)."""

@@ -841,9 +841,15 @@ class SupervisorNode(Child, ChildOwner):
             # It failed while being stopped (or while this supervisor stops): nothing is
             # restarted, but the failure is reported as at any other time (event, monitors).
             self.host.failed(child, error)
-            if isinstance(error, StoppedForShutdown) and self._inbox_send is not None:
-                # (a group restart that stopped it must not bring it back)
-                self._stopped_for_shutdown.add(child)
+            if isinstance(error, StoppedForShutdown):
+                if self._inbox_send is not None:
+                    # (a group restart that stopped it must not bring it back)
+                    self._stopped_for_shutdown.add(child)
+            elif child.drain_on_stop and child.has_queued():
+                # (what its draining stop leaves queued is dead-lettered saying so)
+                child.drain_ended = (
+                    f"its run failed during its draining stop ({type(error).__name__})"
+                )
 
     async def _handle_queued(self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> bool:
         while True:
@@ -1204,6 +1210,17 @@ class SupervisorNode(Child, ChildOwner):
                     if child.scope is not None:
                         child.scope.cancel()
                     await done.wait()
+                elif (
+                    child.drain_on_stop
+                    and child.has_queued()
+                    and child.drain_ended is None
+                    and not self.host.stopping()
+                ):
+                    # Its run ended by itself (``ctx.stop()``, an ``on_start`` that gave
+                    # up) before its queue was handled, the drain not cut short by a plain
+                    # stop nor by its timeout: as Akka's actor that stops itself with a
+                    # ``PoisonPill`` still queued, what is left is dead-lettered, saying so.
+                    child.drain_ended = "it ended its own run during its draining stop"
         if child.linked_children:
             # What it spawned while it stopped (finishing its message, in ``on_stop``), or
             # while the stop above waited for its linked children (its run may have ended

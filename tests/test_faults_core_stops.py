@@ -612,3 +612,96 @@ async def test_a_draining_stop_of_an_agent_whose_supervisor_does_not_run_waits_f
         assert [ref.name for ref in kernel.agents() if ref.name in ("x", "y")] == ["x"]
         assert [n["state"] for n in kernel.describe()["children"]] == ["running"]
     assert_conserved(kernel)
+
+
+# --- a run that ends by itself while its draining stop is under way --------------------
+
+
+class EndsItself(Agent):
+    """Takes a second over each message; on ``end`` it ends its run as ``case`` says:
+    ``ctx.stop()``, a handler's failure, a failing ``ctx.nursery`` task; ``on_start``
+    fails after a second in the case ``on_start``."""
+
+    case: ClassVar[str] = ""
+    handled: ClassVar[list[str]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        if EndsItself.case == "on_start":
+            await trio.sleep(1)
+            raise RuntimeError("on_start gave up")
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        EndsItself.handled.append(msg.payload)
+        if msg.payload != "end":
+            return
+        if EndsItself.case == "ctx_stop":
+            ctx.stop()
+        elif EndsItself.case == "raise":
+            raise RuntimeError("the handler failed")
+        elif EndsItself.case == "nursery":
+
+            async def fail() -> None:
+                await trio.sleep(0.5)
+                raise RuntimeError("a background task failed")
+
+            ctx.nursery.start_soon(fail)
+
+
+@pytest.mark.parametrize("case", ["ctx_stop", "raise", "nursery", "on_start"])
+async def test_a_run_that_ends_itself_during_its_draining_stop_says_so(
+    autojump_clock: Any, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``n`` (permanent) has ``end``, ``x``, ``y`` queued and is stopped with a drain; its
+    run ends by itself during the drain (``case``). Before (fifty-third pass): what was
+    left was dead-lettered ``agent stopped (stopped)``, as a plain stop's queue, with
+    nothing to tell that the agent ended its run itself. Now, as Akka dead-letters what is
+    behind a stop its actor made itself, it is still dead-lettered ``agent_stopped`` (not
+    restarted: the agent is being stopped), each letter saying how the run ended, one
+    WARNING line for all; a failure is reported as one (a ``failed`` event, counted)."""
+    EndsItself.case = case
+    EndsItself.handled = []
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(AgentSpec(factory=EndsItself, name="n", restart="permanent"))
+            n_id = kernel.lookup("n").id
+            for payload in ("end", "x", "y"):
+                await kernel.send("n", payload)
+            await kernel.stop("n", drain=True)
+        stats = kernel.stats()
+        letters = [
+            (d.message.payload, d.reason, d.detail)
+            for d in kernel.recent_dead_letters()
+            if d.recipient == n_id
+        ]
+    stopped = DeadLetterReason.AGENT_STOPPED
+    failed = "agent stopped (stopped): its run failed during its draining stop (RuntimeError)"
+    if case == "ctx_stop":
+        ended = "agent stopped (stopped): it ended its own run during its draining stop"
+        assert letters == [("x", stopped, ended), ("y", stopped, ended)]
+    elif case == "raise":
+        assert letters == [
+            ("end", DeadLetterReason.HANDLER_ERROR, ""),
+            ("x", stopped, failed),
+            ("y", stopped, failed),
+        ]
+    elif case == "nursery":
+        # (``x`` was in hand when the task failed: its handler was cancelled)
+        assert letters == [("x", stopped, "cancelled while being handled"), ("y", stopped, failed)]
+    else:
+        assert letters == [("end", stopped, failed), ("x", stopped, failed), ("y", stopped, failed)]
+    assert EndsItself.handled == ([] if case == "on_start" else ["end"])
+    kinds = [e.kind for e in recorder.events if e.agent_id == n_id]
+    # Not restarted: it was being stopped; a failure is reported as one all the same.
+    assert EventKind.RESTARTED not in kinds
+    assert kinds.count(EventKind.FAILED) == (0 if case == "ctx_stop" else 1)
+    assert kinds.count(EventKind.STOPPED) == 1
+    assert stats.failed + stats.run_failures == (0 if case == "ctx_stop" else 1)
+    warnings = [
+        r.getMessage() for r in caplog.records if "during its draining stop" in r.getMessage()
+    ]
+    left = 3 if case == "on_start" else 2 if case != "nursery" else 1
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("agent n stopped: ")
+    assert warnings[0].endswith(f"{left} queued message{'s' if left > 1 else ''} dead-lettered")
+    assert_conserved(kernel)

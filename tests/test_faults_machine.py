@@ -11,7 +11,10 @@ a mock time the program chose, between two of the kernel's timers. It draws what
 
 * the same agent or supervisor stopped one to three times at once, by ref and by name,
   draining or not; an agent stopped together with its supervisor; a stop whose caller
-  gives up (cancelled at once, or after a few mock hundredths of a second);
+  gives up (cancelled at once, or after a few mock hundredths of a second); a draining
+  stop of busy agents, each with a sleep, then ``ok``, ``ctx.stop()``, a failure or a
+  failing background task, then ``ok`` queued (``busy_drain``, fifty-third pass: runs
+  that end by themselves during their drain);
 * supervisors nested up to three deep, with intensities of 0 to 2 restarts (an
   exhaustion escalates) and shutdown timeouts, children added to one
   (``spawn(supervisor=)``) while it runs, restarts or stops, and linked children and
@@ -55,7 +58,9 @@ when the root gave up; a ``kernel.stop`` that returned was
 followed by its ``stopped`` event; a draining stop that returned while the kernel ran,
 within every shutdown timeout under it, with no other stop under way and no give-up
 meanwhile, left no ``agent_stopped`` letter of a stop under it (:func:`check_drained_stops`,
-fifty-second pass); a request ended by its deadline; each monitor's
+fifty-second pass), and a letter saying a run ended by itself during its draining stop
+came under a draining stop, after a ``failed`` event where it says the run failed
+(fifty-third pass); a request ended by its deadline; each monitor's
 notice of a stop for good at most once, and exactly once where the watcher asked while
 the target ran, never took it back and lived on until the shutdown.
 
@@ -182,6 +187,12 @@ steps = st.one_of(
         st.sampled_from([0.01, 0.1]),
     ),
     st.tuples(st.just("stop"), targets, st.lists(st.booleans(), min_size=1, max_size=3)),
+    st.tuples(
+        st.just("busy_drain"),
+        targets,
+        st.sampled_from([0.01, 0.05, 0.2]),
+        st.sampled_from([("ok",), ("exit",), ("raise",), ("bg_fail",)]),
+    ),
     st.tuples(st.just("stop_with_parent"), targets, st.booleans()),
     st.tuples(st.just("cancelled_stop"), targets, st.booleans(), st.sampled_from([0, 0.01, 0.1])),
     st.tuples(st.just("advance"), st.sampled_from([0.0005, 0.01, 0.05, 0.3, 1.0, 4.0])),
@@ -256,6 +267,8 @@ class Journal:
         self.stop_calls: list[dict[str, Any]] = []
         #: draining stops check_drained_stops checked
         self.drained_checked = 0
+        #: letters of runs that ended by themselves during their draining stop (ditto)
+        self.self_ended_checked = 0
         #: the journal position where the program's shutdown step began (None: none did)
         self.shutdown_at: int | None = None
         #: linked children (ctx.spawn): the child's id -> its parent agent's id
@@ -803,6 +816,25 @@ def test_fault_machine(data: st.DataObject) -> None:
         await advance(0.2)
         add_under(kernel, sup, step[2])
 
+    async def busy_drain(kernel: Any, nursery: trio.Nursery, step: tuple[Any, ...]) -> None:
+        """Each agent under the target (it, or its supervisor subtree; named ones) is told
+        to sleep ``step[2]`` mock seconds, then ``step[3]`` (``exit``: ``ctx.stop()``,
+        ``raise``, ``bg_fail``: a run that may end by itself during the drain), then
+        ``ok``; once they are queued, the target is stopped with a drain, and a mock tenth
+        of a second more than the sleep passes, for the stop to return before the next
+        step (fifty-third pass: see check_drained_stops)."""
+        entry = journal.at(step[1])
+        if entry is None:
+            return
+        target = ref_of(kernel, entry) or entry["name"]
+        key = str(target.id) if isinstance(target, AgentRef) else str(target)
+        named = [n for n in subtree_ids(kernel.describe(), key).values() if n is not None]
+        for kid in [e for e in journal.known if e["agent"] and e["name"] in named]:
+            for action in (("sleep", step[2]), step[3], ("ok",)):
+                await send_one(kernel, ("nowait", 0, action), kid)
+        nursery.start_soon(stop_one, kernel, target, True)
+        await advance(step[2] + 0.1)
+
     def start_step(kernel: Any, nursery: trio.Nursery, step: tuple[Any, ...]) -> None:
         what = step[0]
         if what == "spawn":
@@ -979,6 +1011,8 @@ def test_fault_machine(data: st.DataObject) -> None:
                                     await advance(step[1])
                                 elif step[0] == "restart_add" and not kernel.stopped:
                                     await restart_then_add(kernel, block, step)
+                                elif step[0] == "busy_drain" and not kernel.stopped:
+                                    await busy_drain(kernel, block, step)
                                 elif not kernel.stopped:
                                     start_step(kernel, block, step)
                                 await trio.testing.wait_all_tasks_blocked()
@@ -1101,6 +1135,22 @@ def check_drained_stops(journal: Journal, kernel: Any) -> None:
             f"the draining stop of {call['target']} ({call['start']:g} s to {call['end']:g} s)"
             f" left agent_stopped letters under it: {lost}"
         )
+    # A run that ended by itself during its draining stop (``ctx.stop()``, a failure) has
+    # what it left dead-lettered saying so (fifty-third pass): only under a draining stop
+    # begun before, and a failure said there was reported as one too (a ``failed`` event
+    # of that agent: read by a task of its own, in no order with the letters), not folded
+    # into the stop.
+    drains = [c["at"] for c in calls if c["drain"]]
+    failed = {str(e.agent_id) for e in journal.events if e.kind is EventKind.FAILED}
+    for letter, at in zip(journal.letters, journal.letter_positions, strict=True):
+        if "during its draining stop" not in letter.detail:
+            continue
+        journal.self_ended_checked += 1
+        said = f"{letter.message.payload} to {letter.recipient}: {letter.detail!r}"
+        assert letter.reason is DeadLetterReason.AGENT_STOPPED, said
+        assert any(begun < at for begun in drains), f"{said}, with no draining stop asked"
+        if "its run failed" in letter.detail:
+            assert str(letter.recipient) in failed, f"{said}, its failure not reported"
 
 
 def check_requests(journal: Journal) -> None:
