@@ -769,6 +769,23 @@ class SupervisorNode(Child, ChildOwner):
                     await trio.sleep(plan.delay)
                 if plan.after is not None:
                     await plan.after.wait()
+            after = plan.after
+            if (
+                after is not None
+                and plan.delay == 0
+                and not after.is_set()
+                and not self._called_off(child)
+            ):
+                # A draining stop cut short the wait of a child added (not restarted:
+                # a backoff cut short starts at once) for its turn, and the run starts
+                # to handle its queue: still after its elder sibling's start (which that
+                # stop, in reverse start order, has not reached yet), so that siblings
+                # start in spawn order, as without the stop; its timeout cancels this.
+                with trio.CancelScope() as child.scope:
+                    await after.wait()
+                if child.scope.cancelled_caught:
+                    child.scope = None
+                    return False
             child.scope = None
             if self._called_off(child):
                 return False
