@@ -1785,6 +1785,12 @@ class Router:
                     node=error.node,
                     name=self.id_name(query.to),
                 )
+            elif isinstance(error, KernelShuttingDown) and enqueued and self.phase >= _STOPPING:
+                # Failed as the kernel closes (fail_all_pending): the requester stops
+                # waiting for the shutdown, and its query is cancelled where it went, as
+                # a cancelled requester's is (a handler on another node is stopped, not
+                # left to run out its deadline for an answer nobody takes).
+                self.expire_query(query.id, pending.at or query.to, DeadLetterReason.SHUTDOWN)
             raise error
         detail = ""
         if enqueued:

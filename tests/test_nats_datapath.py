@@ -4672,6 +4672,45 @@ async def test_a_cancelled_remote_requester_cancels_the_handler(nats: NatsServer
     assert cb.stats().cancels_received == 1
 
 
+async def test_a_requester_whose_kernel_shuts_down_cancels_the_remote_handler(
+    nats: NatsServer,
+) -> None:
+    """``a`` asks ``slow`` on ``b`` (a handler that waits for ever) and shuts down while
+    it waits. Before (fifty-third pass): the request failed ``KernelShuttingDown`` on
+    ``a`` and no cancel frame went out: the handler on ``b`` ran on (8 s measured, to its
+    own ``handle_timeout``) for an answer nobody takes. Now the query is cancelled where
+    it went, as a cancelled requester's is: ``b``'s handler is cancelled and its query
+    dead-lettered ``request_timeout`` there (the requester stopped waiting; ``b`` is not
+    shutting down, and the frame carries no reason)."""
+    started, cancelled = trio.Event(), trio.Event()
+    failed: list[BaseException] = []
+    async with _node(nats.url, "b") as (kb, cb):
+        kb.spawn(agent(_cancellable(started, cancelled), name="slow"))
+        await cb.names_published()
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                async with _node(nats.url, "a") as (ka, ca):
+                    await ca.wait_for_name("slow")
+
+                    async def ask() -> None:
+                        try:
+                            await ka.request("slow", "work", timeout=20)
+                        except KernelShuttingDown as exc:
+                            failed.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(ask)
+                        await started.wait()
+                        await ka.shutdown(1.0)
+                    sent = ca.stats().cancels_sent
+                await cancelled.wait()  # the handler on b saw Cancelled
+                letter = await anext(aiter(letters))
+    assert [type(e) for e in failed] == [KernelShuttingDown]
+    assert letter.reason.value == "request_timeout"
+    assert letter.message.payload == "work"
+    assert sent == 1 and cb.stats().cancels_received == 1
+
+
 def _stubborn(gate: trio.Event) -> Any:
     async def handle(ctx: Context, msg: Message) -> Any:
         with trio.CancelScope(shield=True):  # ignores the cancellation
