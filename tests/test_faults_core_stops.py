@@ -1,8 +1,10 @@
 """Three faults of the core that the pools hunt of the fifty-first pass measured: a draining
 stop asked while its agent's supervisor restarts a group, the name a request's error gives
 for a worker that stopped for good with the query queued (or waiting for room) there, and
-an answer a handler left to its ``ctx.nursery`` while the kernel drains. Each test failed
-on the code before its fix.
+an answer a handler left to its ``ctx.nursery`` while the kernel drains; the draining
+stops the fifty-second and fifty-third passes mended (nested supervisors, children a
+drain's messages spawn and their start order, a run that ends by itself during its
+drain). Each test failed on the code before its fix.
 
 Everything runs on a ``MockClock(autojump_threshold=0)``.
 """
