@@ -2100,17 +2100,31 @@ async def test_a_number_out_of_range_is_not_json_to_either_bridge(lang: str) -> 
     line ("number out of range"). Both bridges refuse it now, naming the literal, each line
     counted once; ``1e-999`` (read as 0) and the string ``"1e999"`` are handled. A number
     with 400 digits is an int to Python (kept whole) and too large for a double to
-    JavaScript (refused there)."""
+    JavaScript (refused there). The JavaScript bridge, which has read such a ``message``
+    frame whole, also answers it with an ``error`` frame, as one with bad fields (the
+    Python bridge's reader stops at the number: it has no frame to answer)."""
     refused = ["-1e999", "1E+400", "1" * 250 + "e99"]
     if lang == "node":
         refused.append("1" + "0" * 400)
+    ids: list[str] = []
     async with open_child(echo_command(lang)) as child:
         await child.register()
         for literal in refused:
-            frame = message_frame(message("x")).replace(
+            msg = message("x")
+            ids.append(str(msg.id))
+            frame = message_frame(msg).replace(
                 b'"payload":"x"', b'"payload":[7,%s]' % literal.encode()
             )
             await child.write(frame)
+        if lang == "node":
+            for msg_id, literal in zip(ids, refused, strict=True):
+                error = await child.frame()
+                assert error["type"] == "error", error
+                assert error["payload"]["reply_to"] == msg_id, error
+                assert error["payload"]["error_type"] == "InvalidFrame", error
+                shown = literal if len(literal) <= 40 else f"{literal[:40]}..."
+                said = f"not JSON (number out of range: {shown}): "
+                assert error["payload"]["error"].startswith(said), error
         tiny = message(["tiny"])
         await child.write(message_frame(tiny).replace(b'["tiny"]', b'[1e-999,"1e999"]'))
         response = await child.frame()
@@ -2128,6 +2142,36 @@ async def test_a_number_out_of_range_is_not_json_to_either_bridge(lang: str) -> 
         shown = literal if len(literal) <= 40 else f"{literal[:40]}..."
         said = f"skipped input line {number}: not JSON (number out of range: {shown})"
         assert said in line, (said, line)
+
+
+async def test_a_js_agent_answers_a_message_holding_an_integer_no_double_holds() -> None:
+    """Fifty-third pass review: the kernel writes a Python int of 400 digits as it is
+    (valid JSON, which the Python bridge reads whole), and the JavaScript bridge, refusing
+    it since this pass (no double holds it), skipped the line unanswered: the request
+    waited out the handle timeout (``handler_timeout``), and the child, which never saw
+    the message, did not answer its cancel and was replaced (killed). It now answers an
+    ``error`` frame, as for a message frame with bad fields: the message fails at once
+    (``handler_error``, naming the number) and the same child serves the next one."""
+    node_or_skip()
+    from nexus_trio import DeadLetterReason, RequestFailed, open_kernel
+    from nexus_trio.bridges.process import bridge_stats, process_agent
+    from nexus_trio.testing import dead_letters
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(
+                process_agent(echo_command("node"), name="echo", handle_timeout=TIMEOUT / 2)
+            )
+            assert await kernel.request("echo", [1]) == [1]
+            with trio.fail_after(TIMEOUT / 4), pytest.raises(RequestFailed) as failed:
+                await kernel.request("echo", [7, 10**400])
+            assert failed.value.reason == "handler_error"
+            said = "InvalidFrame: not JSON (number out of range: 1" + "0" * 39 + "...): "
+            assert said in str(failed.value.error), failed.value.error
+            assert await kernel.request("echo", [2]) == [2]
+            stats = bridge_stats(kernel)[ref.id]
+            assert (stats.starts, stats.replaced, stats.cancels_sent) == (1, 0, 0)
+            assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR]
 
 
 def test_python_bridge_says_how_deep_a_line_too_deep_for_json_is() -> None:

@@ -123,9 +123,19 @@ function parseJSON(text) {
         break;
       }
     }
-    throw new SyntaxError(`number out of range: ${shown}`);
+    const error = new SyntaxError(`number out of range: ${shown}`);
+    // (what JSON.parse read, for a message frame to be answered: see messagePayload)
+    error.parsed = value;
+    throw error;
   }
   return value;
+}
+
+/** The payload of what JSON.parse read if it is a `message` frame's object payload, else null. */
+function messagePayload(frame) {
+  if (frame === null || typeof frame !== 'object' || frame.type !== 'message') return null;
+  const payload = frame.payload;
+  return payload !== null && typeof payload === 'object' && !Array.isArray(payload) ? payload : null;
 }
 
 /** Message kinds, spelled as on the wire (the original bridge's MessageKind). */
@@ -750,7 +760,14 @@ class NexusAgent {
     try {
       frame = parseJSON(line);
     } catch (err) {
-      throw new InvalidFrame(`not JSON (${err.message}): ${JSON.stringify(line.slice(0, SNIPPET))}`);
+      // A message frame read whole but for a number no double holds (an integer of 400
+      // digits, which the kernel writes for a Python int) is answered, as one with bad
+      // fields is: skipped unanswered, its message waited out the handle timeout, and the
+      // child, which never saw it, was replaced for not answering its cancel.
+      throw new InvalidFrame(
+        `not JSON (${err.message}): ${JSON.stringify(line.slice(0, SNIPPET))}`,
+        messagePayload(err.parsed),
+      );
     }
     if (frame === null || typeof frame !== 'object' || Array.isArray(frame)) {
       throw new InvalidFrame(`a frame must be a JSON object, got ${Array.isArray(frame) ? 'array' : typeName(frame)}`);
