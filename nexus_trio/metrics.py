@@ -433,10 +433,21 @@ def _check_failed(
     state = _failing.get(key)
     if state is not None and state[0] == reason:
         state[1] += 1
-        return
-    calls = 1 if state is None else state[1] + 1
-    if key not in _said and all(said[0] != key[0] for said in _said):
-        weakref.finalize(kernel, _forget_failing, key[0])
+        if state[2]:
+            return
+        # A failure none of whose lines was said (held back: FLAP_LINES in the window)
+        # that lasts is said as the window ends: else the last line of a check that
+        # flapped, then failed for good, stayed its "works again" for as long as it failed.
+        said = _said.get(key)
+        if said is None or not said[0].due():
+            return
+        said[1] = 0
+        said[2] -= 1  # (its start, held back, is said now)
+        calls = state[1]
+    else:
+        calls = 1 if state is None else state[1] + 1
+        if key not in _said and all(said[0] != key[0] for said in _said):
+            weakref.finalize(kernel, _forget_failing, key[0])
     held = _may_say(key)
     # (the third item: whether a line of this failure was said, for its end to be said)
     _failing[key] = [reason, calls, held is not None or (state is not None and state[2])]

@@ -2537,6 +2537,41 @@ async def test_a_collector_failing_every_other_scrape_logs_a_few_lines_then_coun
     assert log_lines_dropped()["metrics.check_failure"] - before == 17 + 7
 
 
+async def test_a_check_that_flapped_then_fails_for_good_is_said_as_its_window_ends(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Fifty-third pass review: a collector (or readiness check) that flapped 3 times in
+    10 minutes, then failed for good, had its lasting failure's start held back (the 4th
+    failure line in the window) and nothing said of it after: the log's last line of it
+    said it worked again while it failed for 13 minutes. A failure whose lines were all
+    held back is said at its first call after the window (with its failed calls in a
+    row), and so is its end."""
+    bad = _FlakyCollector("nexus_bad_series")
+    before = log_lines_dropped().get("metrics.check_failure", 0)
+    async with open_test_kernel() as kernel:
+        add_collector(kernel, bad)
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        with caplog.at_level(logging.INFO, logger="nexus_trio.metrics"):
+            for scrape in range(61):  # at 0, 15, ..., 900 s: flapping, then failing at 90 s
+                bad.fault = None if scrape in (1, 3, 5, 60) else "raise"
+                await renderer.render()
+                await trio.sleep(15)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "collector" in r.getMessage()]
+    name = "metrics collector <collector nexus_bad_series>"
+    failed = (
+        f"{name} raised (its series are left out of scrapes while it fails; logged again"
+        " when its error changes or it works again; failed calls in a row:"
+    )
+    works = f"{name} works again after %d failed calls in a row (the last: raised RuntimeError)"
+    # (scrape 40, at 600 s, the first after the window: the 35th failed call from scrape 6)
+    expected = [("ERROR", f"{failed} 1)"), ("INFO", works % 1)] * 3 + [
+        ("ERROR", f"{failed} 35)"),
+        ("INFO", works % 54),
+    ]
+    assert lines == expected, lines
+    assert log_lines_dropped()["metrics.check_failure"] - before == 1
+
+
 class _OddTextCollector:
     """A collector whose label values hold what the text format must escape: quotes, a
     newline, a backslash, a lone surrogate (a non-UTF-8 byte of a node's host name
