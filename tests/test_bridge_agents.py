@@ -2203,6 +2203,32 @@ def test_python_bridge_says_how_deep_a_line_too_deep_for_json_is() -> None:
     ]
 
 
+async def test_a_too_deep_line_ending_in_escaped_quotes_is_said_at_once() -> None:
+    """Fifty-third pass review: what a line too deep for the JSON reader is (its depth,
+    its strings skipped) was found with a regex that, failing on an unterminated string,
+    tried again from each quote after it, the escaped ones too: ``[`` 2,000 times, then
+    ``"\\`` 100,000 times (``"\\"\\"\\...``, 200 KB) took the Python bridge's reader (and the
+    kernel's event loop, which says a child's such line with the same function) minutes
+    to hours (quadratic: 15 s for 34 KB). It is said at once now, an unterminated string's
+    brackets not counted, and the next message answered."""
+    deep = b"[" * 2_000 + b'"\\' * 100_000 + b"\n"
+    open_string = b"[" * 3_000 + b'"[[[[' + b"\n"
+    after = message("after")
+    async with open_child(echo_command("python")) as child:
+        await child.register()
+        await child.write(deep + open_string + message_frame(after))
+        response = await child.frame()  # (the harness's step: TIMEOUT)
+        assert (response["type"], response["payload"]["reply_to"]) == ("response", str(after.id))
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    past = "levels deep, past the JSON reader's recursion limit"
+    lines = child.stderr_lines()
+    assert len(lines) == 2, lines
+    assert f"skipped input line 1: not JSON (nested 2,000 {past})" in lines[0], lines[0]
+    assert f"skipped input line 2: not JSON (nested 3,000 {past})" in lines[1], lines[1]
+
+
 def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
     import io
 
