@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime
 import enum
+import ipaddress
 import json
 import math
 import re
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any, Final
@@ -100,14 +101,36 @@ def values_as_toml() -> AbstractContextManager[None]:
     return switched_on(_AS_TOML)
 
 
+#: the most characters of a refused value (or name) that an error shows: a longer one is cut
+SHOWN_MAX: Final = 40
+
+
+def cut(text: str, spell: Callable[[str], str] = str) -> str:
+    """``text`` as an error shows it, spelt by ``spell`` (``repr``, TOML's): whole up to
+    :data:`SHOWN_MAX` characters, else its first :data:`SHOWN_MAX` and its length, so
+    that a 10 kB value is one line of an error, not 10 kB of it."""
+    if len(text) <= SHOWN_MAX:
+        return spell(text)
+    return f"{spell(text[:SHOWN_MAX])}... ({len(text):,} characters)"
+
+
 def shown(value: Any) -> str:
     """A bad value in an error: its ``repr``, or its TOML spelling inside
-    :func:`values_as_toml` (``true``, ``"text"``, ``inf``, ``[1, "a"]``, ``{ a = 1 }``)."""
+    :func:`values_as_toml` (``true``, ``"text"``, ``inf``, ``[1, "a"]``, ``{ a = 1 }``).
+    A long string is cut (:func:`cut`), and so is a long TOML array or table, to the
+    first characters of its spelling: a 10 kB value in a config key or a ``NEXUS_*``
+    variable was echoed whole. (An object given to ``Config(...)`` in Python is shown
+    whole, as its ``repr``: what was passed, as Python's own errors show it.)"""
     if isinstance(value, int) and not isinstance(value, bool):
         return _shown(value)
     if not _AS_TOML.get():
-        return repr(value)
-    return _toml(value)
+        return cut(value, repr) if isinstance(value, str) else repr(value)
+    if isinstance(value, str):
+        return cut(value, _toml)
+    spelt = _toml(value)
+    if len(spelt) <= 2 * SHOWN_MAX:  # (a short array or table: whole)
+        return spelt
+    return f"{spelt[:SHOWN_MAX]}... ({len(spelt):,} characters)"
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -499,11 +522,79 @@ def _boolean(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
+def unbracketed(host: str) -> str:
+    """``host`` as a socket takes it: an IPv6 address without the brackets a URL writes
+    it in (``[::1]`` is ``::1``); any other ``host`` as it is."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+    try:
+        if isinstance(ipaddress.ip_address(inner), ipaddress.IPv6Address):
+            return inner
+    except ValueError:
+        pass
+    return host
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL or a ``Host`` header names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+#: what a host name has that a resolver is never asked for, and why (``--metrics-host
+#: 0.0.0.0:9100`` wrote the port in it, ``http://x`` a URL)
+_NOT_IN_A_HOST_NAME: Final = (
+    ("/", "a host, not a URL"),
+    ("[", "brackets are for an IPv6 address"),
+    ("]", "brackets are for an IPv6 address"),
+    (":", "a host name has no ':' (an IPv6 address has)"),
+)
+_WITH_A_PORT: Final = "a host, without its port: the port is given on its own"
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is no address (IPv4, or IPv6 with or without brackets) nor a name a
+    resolver can be asked, or None: blank; a ``:``, ``/``, bracket or blank in a name;
+    a label that IDNA refuses (``x..y``, 64 characters, a byte that is not text), which
+    raised ``UnicodeError`` in the thread that looked it up."""
+    if not host.strip():
+        return "blank"
+    try:
+        ipaddress.ip_address(unbracketed(host))
+    except ValueError:
+        pass
+    else:
+        return None
+    head, colon, tail = host.rpartition(":")
+    if colon and tail.isdigit() and (":" not in head or unbracketed(head) != head):
+        return _WITH_A_PORT  # (0.0.0.0:9100, [::1]:9100)
+    for character, why in _NOT_IN_A_HOST_NAME:
+        if character in host:
+            return why
+    if any(c.isspace() for c in host):
+        return "a host name has no blanks"
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        return str(cause) if cause is not None and str(cause) else "not a host name"
+    return None
+
+
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {shown(value)}"
         )
+    problem = host_problem(value)
+    if problem is not None:
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be an address or a host name,"
+            f" got {shown(value)} ({problem})"
+        )
+
+
+def _unbracketed(value: Any) -> Any:
+    # (a converter: it sees any value, which the validator then checks)
+    return unbracketed(value) if isinstance(value, str) else value
 
 
 @attrs.frozen
@@ -523,6 +614,7 @@ class MetricsConfig:
     )
     host: str = attrs.field(
         default="127.0.0.1",
+        converter=_unbracketed,
         validator=_check_host,
         metadata=_doc("address the metrics endpoint listens on"),
     )
@@ -587,7 +679,7 @@ def app_reference_hint(value: str) -> str:
     guess = f"{module}:{attr}"
     if guess == value or not _APP_REFERENCE.fullmatch(guess):
         return ""
-    hint = f"; did you mean {guess!r}?"
+    hint = f"; did you mean {cut(guess, repr)}?"
     if not as_file:
         return hint + (" (NAME: the object in it to run)" if placeholder else "")
     hint += " (a module name, as 'python -m' takes it, not a file"

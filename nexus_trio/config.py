@@ -38,6 +38,7 @@ from ._config import (
     Config,
     CrossKeyError,
     config_warnings,
+    cut,
     derived_when_unset,
     mark_said_by_a_load,
     shown,
@@ -170,23 +171,23 @@ def _unknown_key_text(section: str, key: str) -> str:
     known = list(_fields(section))
     match = nearest(key, known)
     hint = f"did you mean {match}?" if match else f"known keys: {', '.join(known)}"
-    return f"unknown key [{section}] {key} ({hint})"
+    return f"unknown key [{section}] {cut(key)} ({hint})"
 
 
 def _unknown_section_text(section: str) -> str:
     match = nearest(section, SECTIONS)
     hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
-    return f"unknown section [{section}] ({hint})"
+    return f"unknown section [{cut(section)}] ({hint})"
 
 
 def _unknown_top_level_text(key: str) -> str:
     owners = [section for section in SECTIONS if key in _fields(section)]
     if owners:
-        hint = f"did you mean [{owners[0]}] {key}?"
+        hint = f"did you mean [{owners[0]}] {key}?"  # (a known key: short)
     else:
         match = nearest(key, SECTIONS)
         hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
-    return f"unknown top-level key {key} ({hint})"
+    return f"unknown top-level key {cut(key)} ({hint})"
 
 
 def _check_value(section: str, key: str, value: Any, *, toml: bool = True) -> Any:
@@ -332,7 +333,7 @@ def _allow_unknown_from_env(env: Mapping[str, str]) -> bool:
     if allow is not None:
         return allow
     raise ConfigError(
-        f"must be 1, true, yes or on (or 0, false, no, off), got {env[ALLOW_UNKNOWN_ENV]!r}",
+        f"must be 1, true, yes or on (or 0, false, no, off), got {cut(env[ALLOW_UNKNOWN_ENV], repr)}",
         origin=f"environment variable {ALLOW_UNKNOWN_ENV}",
     )
 
@@ -928,7 +929,7 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
         if is_list:
             raise ValueError(
                 f"[{section}] {field.name} starts with [ but is not a TOML array (write"
-                f' ["one command", "another"], or one command without the [), got {raw!r}'
+                f' ["one command", "another"], or one command without the [), got {cut(raw, repr)}'
             ) from None
         return raw
     unwrap = getattr(item, "unwrap", None)
@@ -946,7 +947,7 @@ def _read_env(
             # joined by one underscore, is an override mistyped: said, not ignored.
             if (meant := _one_underscore_override(name)) is not None:
                 found.unknown_name(
-                    f"environment variable {name}: not read: a section and its key are"
+                    f"environment variable {cut(name)}: not read: a section and its key are"
                     f" joined by two underscores ({meant})"
                 )
             continue
@@ -954,11 +955,15 @@ def _read_env(
         section, key = section_part.lower(), key_part.lower()
         origin = f"environment variable {name}"
         if section not in SECTIONS:
-            found.unknown_name(f"{origin}: {_unknown_section_text(section)}")
+            found.unknown_name(
+                f"environment variable {cut(name)}: {_unknown_section_text(section)}"
+            )
             continue
         known = _fields(section)
         if key not in known:
-            found.unknown_name(f"{origin}: {_unknown_key_text(section, key)}")
+            found.unknown_name(
+                f"environment variable {cut(name)}: {_unknown_key_text(section, key)}"
+            )
             continue
         earlier = sources.get(f"{section}.{key}", "")
         if earlier.startswith("env ") and env[earlier.removeprefix("env ")] != env[name]:
@@ -967,8 +972,9 @@ def _read_env(
             other = earlier.removeprefix("env ")
             found.bad_value(
                 ConfigError(
-                    f"[{section}] {key} is set twice, differently: {other}={env[other]!r}"
-                    f" and {name}={env[name]!r} (one key in any case: keep one)",
+                    f"[{section}] {key} is set twice, differently:"
+                    f" {other}={cut(env[other], repr)} and {name}={cut(env[name], repr)}"
+                    " (one key in any case: keep one)",
                     origin=origin,
                     key=f"{section}.{key}",
                 )

@@ -70,6 +70,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ._brief import brief
+from ._config import unbracketed, url_host
 from ._deadletter import DeadLetterReason
 from ._errors import error_repr
 from ._ledger import REJECTION_REASONS
@@ -1621,16 +1622,18 @@ async def serve_routes(
         raise TypeError(f"max_connections must be an integer, got {max_connections!r}")
     if max_connections < 1:
         raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+    # (an IPv6 address is taken with or without a URL's brackets, and written in them)
+    host = unbracketed(host)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         # Said with the address: a bare "Address already in use" names neither.
         raise OSError(
             exc.errno,
-            f"the {what} server cannot listen on {host}:{port}: {exc.strerror or exc}",
+            f"the {what} server cannot listen on {url_host(host)}:{port}: {exc.strerror or exc}",
         ) from exc
     bound = listeners[0].socket.getsockname()[1]
-    log_guarded(log, logging.INFO, "%s on http://%s:%d/metrics", what, host, bound)
+    log_guarded(log, logging.INFO, "%s on http://%s:%d/metrics", what, url_host(host), bound)
     if endpoint is None:
         endpoint = EndpointStats()
     counts = endpoint

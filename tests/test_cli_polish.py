@@ -913,15 +913,115 @@ def test_health_refuses_a_host_no_resolver_takes_naming_the_flag(host: str, why:
     assert f"Invalid value for '--host': must be a host name or an address, {why}" in text
 
 
-def test_health_of_a_config_host_no_resolver_takes_is_one_line_at_once() -> None:
+def test_health_of_a_config_host_no_resolver_takes_is_refused_at_load() -> None:
     """Fifty-second pass: the same host from the config (``[metrics] host``, not checked
     there) raised in the check's thread, a traceback, and the check waited out its
-    timeout (``no whole answer within 3s``). It says why in one line now, exit 1."""
+    timeout (``no whole answer within 3s``); then it was said in one line, exit 1, as
+    unreachable. Fifty-third pass: ``[metrics] host`` is checked as the config loads, so
+    it is a config error naming the key and where it was set, exit 2, before any
+    check (and before a run: ``nexus run`` with the endpoint off took it silently)."""
     result = CliRunner().invoke(
         app, ["health", "-p", "9", "--timeout", "5"], env={"NEXUS_METRICS__HOST": "x..y"}
     )
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     text = flat(result.output)
     assert "Traceback" not in text and "no whole answer" not in text
-    assert "http://x..y:9/healthz: unreachable: " in text
-    assert "label empty or too long" in text
+    assert "unreachable" not in text
+    assert (
+        "environment variable NEXUS_METRICS__HOST: [metrics] host must be an address or a"
+        ' host name, got "x..y" (label empty or too long)' in text
+    )
+
+
+# --- long values cut, hosts as URLs write them (fifty-third pass) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reference", "said"),
+    [
+        ("a" * 3000, "must look like 'package.module:attr', got 'A'... (3,000 characters)"),
+        ("a" * 3000 + ":x", "no module named 'A'... (3,000 characters) (in 'A'... (3,002"),
+        ("os:" + "a" * 3000, "module 'os' has no attribute 'A'... (3,000 characters)"),
+    ],
+    ids=["shape", "module", "attribute"],
+)
+def test_a_long_app_reference_is_cut_in_its_error(reference: str, said: str) -> None:
+    """Fifty-third pass: an ``--app`` reference of 3,000 characters was echoed whole in
+    its error (twice: ``no module named '...' (in '...')``), where every flag's error cuts
+    a refused value to its first 40 characters and its length. Cut now, the flag named."""
+    result = invoke(["run", "--app", reference, "-d", "1"])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert f"Invalid value for '--app': {said.replace('A', 'a' * 40)}" in text
+    assert "a" * 41 not in text
+    assert len(result.output) < 2000
+
+
+def test_a_long_nats_url_of_a_config_file_is_cut_in_its_error(isolated: Path) -> None:
+    """The same for a config key checked by ``nexus run`` (``[nats] url`` of 10 kB)."""
+    (isolated / "c.toml").write_text(f'[nats]\nurl = "{"a" * 10_000}"\n')
+    result = invoke(["run", "-c", "c.toml", "-d", "1"])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert f'expected a URL like nats://127.0.0.1:4222, got "{"a" * 40}"... (10,000' in text
+    assert "a" * 41 not in text
+
+
+def _free_port_of(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_metrics_host_takes_an_ipv6_address_with_or_without_brackets(host: str) -> None:
+    """Fifty-third pass: ``--metrics-host ::1`` logged ``http://::1:9100/metrics`` (no
+    URL: a reader cannot tell the port from the address), and ``--metrics-host [::1]``
+    (as a URL writes it, and as ``nexus health --host [::1]`` took it) failed the run,
+    exit 1: ``cannot listen on [::1]:P: Name or service not known``. Both listen on
+    ``::1`` now and log ``http://[::1]:P/metrics``; ``health`` takes both the same."""
+    port = _free_port_of("::1")
+    args = ["run", "-n", "2", "-d", "0.2", "--metrics-port", str(port), "--metrics-host", host]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert f"metrics on http://[::1]:{port}/metrics" in result.output
+    checked = invoke(["health", "--host", host, "-p", str(port), "--timeout", "2"])
+    assert checked.exit_code == 1
+    assert flat(checked.output).startswith(f"http://[::1]:{port}/healthz: unreachable: ")
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("0.0.0.0:9100", "a host, without its port: the port is given on its own"),
+        ("[::1]:9100", "a host, without its port: the port is given on its own"),
+        ("http://localhost", "a host, not a URL"),
+        ("[localhost]", "brackets are for an IPv6 address"),
+        ("local host", "a host name has no blanks"),
+        ("x..y", "label empty or too long"),
+    ],
+)
+def test_a_bad_metrics_host_is_refused_naming_the_flag_or_the_key(
+    isolated: Path, host: str, why: str
+) -> None:
+    """Fifty-third pass: ``[metrics] host`` was checked only as not blank: a host with
+    its port (``0.0.0.0:9100``), a URL or ``x..y`` failed the run late (``cannot listen
+    on ...: Name or service not known``, exit 1), or was taken without a word while the
+    endpoint was off. Refused as the config loads now, naming the key and the file's
+    line (exit 2), and as a value of ``--metrics-host``, naming the flag."""
+    (isolated / "c.toml").write_text(f'[metrics]\nhost = "{host}"\n')
+    result = invoke(["run", "-c", "c.toml", "-n", "2", "-d", "0.2"])
+    assert result.exit_code == 2, result.output
+    assert (
+        f'c.toml:2: [metrics] host must be an address or a host name, got "{host}" ({why}'
+        in flat(result.output)
+    )
+    port = str(_free_port_of("127.0.0.1"))
+    result = invoke(["run", "-n", "2", "-d", "0.2", "--metrics-port", port, "--metrics-host", host])
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Invalid value for '--metrics-host': must be an address or a host name, got"
+        f" '{host}' ({why}" in flat(result.output)
+    )

@@ -2203,14 +2203,17 @@ def test_a_bad_ready_descriptor_is_an_error_naming_its_variable(
     ``ValueError: invalid literal``, a number past a C int raised ``OverflowError`` in
     ``os.write``, and ``-1`` was passed over without a word. Each is now a ValueError
     naming the variable and its value (the run then fails in one line, as a failed join
-    does); the variable is gone from the environment all the same."""
+    does); the variable is gone from the environment all the same. A value of more than
+    40 characters is cut to its first 40 and its length, as the flags' are (5,000
+    digits were echoed whole)."""
     from nexus_trio.cli._cluster_cmd import READY_FD_ENV, notify_parent_ready
 
     monkeypatch.setenv(READY_FD_ENV, value)
     with pytest.raises(ValueError, match=r"^NEXUS_READY_FD=") as raised:
         notify_parent_ready()
+    said = repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value):,} characters)"
     assert str(raised.value) == (
-        f"NEXUS_READY_FD={value!r} is not a file descriptor number (0..2147483647): it is"
+        f"NEXUS_READY_FD={said} is not a file descriptor number (0..2147483647): it is"
         " set by `nexus run --workers` for its workers only; unset it"
     )
     assert READY_FD_ENV not in os.environ

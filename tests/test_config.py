@@ -1704,3 +1704,110 @@ def test_the_original_s_logging_format_full_is_taken_as_compact(home: Path) -> N
     assert loaded.config.logging.format == "full"
     env = env_for(home, NEXUS_LOGGING__FORMAT="full")
     assert load(home, env=env).config.logging == LoggingConfig(format="full")
+
+
+# --- long values and names are cut in errors (fifty-third pass) --------------------------------
+
+LONG = "a" * 10_000
+#: how an error shows LONG: its first 40 characters and its length
+LONG_CUT = "a" * 40 + "... (10,000 characters)"
+#: how an error shows LONG as a TOML string: quoted, then cut
+LONG_SAID = '"' + "a" * 40 + '"... (10,000 characters)'
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            f'[app]\nworkload = "{LONG}"\n',
+            "config.toml:2: [app] workload must be one of ring, fanout, request, pool, got"
+            f" {LONG_SAID}",
+        ),
+        (f'[app]\nagents = "{LONG}"\n', f"[app] agents must be an integer, got {LONG_SAID}"),
+        (
+            f'[app]\napp = "{LONG}"\n',
+            f"[app] app must look like 'package.module:attr', got {LONG_SAID}; did you mean",
+        ),
+        (f"[app]\n{LONG} = 1\n", f"config.toml:2: unknown key [app] {LONG_CUT} (known keys: "),
+        (f"[{LONG}]\nx = 1\n", f"config.toml:1: unknown section [{LONG_CUT}] (known sections: "),
+        (
+            f"[app]\nagents = [{', '.join(['1'] * 3000)}]\n",
+            "[app] agents must be an integer, got [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"
+            " ... (9,000 characters)",
+        ),
+    ],
+    ids=["value", "number-key", "app", "key", "section", "array"],
+)
+def test_a_long_value_or_name_in_a_config_file_is_cut_in_its_error(
+    home: Path, text: str, said: str
+) -> None:
+    """Fifty-third pass: the config loader's errors echoed a bad value (a 10 kB string in
+    a key, a 3,000-item array) or an unknown key's or section's name whole, 10 kB in one
+    error line, where the flags' errors cut it to its first 40 characters and its length.
+    Cut the same way now, the key and the file's line still named."""
+    write(home / "cwd" / "config.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    message = str(info.value)
+    assert said in message
+    assert "a" * 41 not in message
+    assert len(message) < 400, message
+
+
+def test_a_long_value_of_a_variable_is_cut_in_its_error(home: Path) -> None:
+    """The same from a ``NEXUS_*`` variable (the value, and a variable's unknown key)."""
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, NEXUS_APP__WORKLOAD=LONG))
+    assert str(info.value) == (
+        "environment variable NEXUS_APP__WORKLOAD: [app] workload must be one of ring,"
+        f" fanout, request, pool, got {LONG_SAID}"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, NEXUS_APP__WORKLOAD="ring", nexus_app__workload=LONG))
+    assert str(info.value) == (
+        "environment variable nexus_app__workload: [app] workload is set twice, differently:"
+        f" NEXUS_APP__WORKLOAD='ring' and nexus_app__workload='{LONG_CUT[:40]}'... (10,000"
+        " characters) (one key in any case: keep one)"
+    )
+    variable = "NEXUS_APP__" + "X" * 100
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, **{variable: "1"}))
+    assert str(info.value).startswith(
+        f"environment variable {variable[:40]}... (111 characters): unknown key [app]"
+        f" {'x' * 40}... (100 characters) (known keys: "
+    )
+    # a variable's name of 41 characters, of a known key, is not cut
+    with pytest.raises(
+        ConfigError, match=r"^environment variable NEXUS_SUPERVISION__BACKOFF_RESET"
+    ):
+        load(home, env=env_for(home, NEXUS_SUPERVISION__BACKOFF_RESET_AFTER_MS="inf"))
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("0.0.0.0:9100", "a host, without its port: the port is given on its own"),
+        ("[::1]:9100", "a host, without its port: the port is given on its own"),
+        ("http://localhost", "a host, not a URL"),
+        ("[localhost]", "brackets are for an IPv6 address"),
+        ("[::1", "brackets are for an IPv6 address"),
+        ("local host", "a host name has no blanks"),
+        ("x..y", "label empty or too long"),
+    ],
+)
+def test_a_metrics_host_is_checked_as_the_config_loads(home: Path, host: str, why: str) -> None:
+    """Fifty-third pass: ``[metrics] host`` was checked only as not blank, so a host with
+    its port, a URL or ``x..y`` loaded, and failed the run late (or was taken unused with
+    the endpoint off). Refused at load now, naming the file's line and the key; an IPv6
+    address is taken with or without brackets, kept without them (what a socket takes)."""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).startswith(
+        f'{file}:2: [metrics] host must be an address or a host name, got "{host}" ({why}'
+    )
+    assert info.value.key == "metrics.host"
+    for taken, kept in [("[::1]", "::1"), ("::", "::"), ("[::]", "::"), ("localhost", "localhost")]:
+        file.write_text(f'[metrics]\nhost = "{taken}"\n')
+        assert load(home).config.metrics.host == kept
+    assert MetricsConfig(host="[::1]").host == "::1"

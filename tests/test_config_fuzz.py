@@ -236,6 +236,8 @@ def documented_valid(dotted: str, value: Any) -> bool:
         return isinstance(value, bool)
     if rule == "non-empty string":
         return isinstance(value, str) and bool(value.strip())
+    if rule == "address or host name":
+        return isinstance(value, str) and _is_address_or_host_name(value)
     if rule == '`"package.module:attr"`':
         return isinstance(value, str) and APP_REFERENCE.fullmatch(value) is not None
     if rule.startswith("list of non-empty strings"):
@@ -247,6 +249,28 @@ def documented_valid(dotted: str, value: Any) -> bool:
     if not isinstance(value, str):
         return False
     return (value.lower() if "any case" in rule else value) in choices
+
+
+def _is_address_or_host_name(value: str) -> bool:
+    """docs/config.md's "address or host name": an IP address (IPv6 also in brackets), or
+    a name of labels of 1 to 63 characters (IDNA) without blanks, ``/``, ``:`` or brackets."""
+    import ipaddress
+
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else None
+    for text, family in ((value, None), (inner, ipaddress.IPv6Address)):
+        try:
+            address = ipaddress.ip_address(text) if text is not None else None
+        except ValueError:
+            continue
+        if address is not None and (family is None or isinstance(address, family)):
+            return True
+    if not value.strip() or any(c.isspace() or c in "/:[]" for c in value):
+        return False
+    try:
+        value.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 #: docs/config.md's rules across keys ("Rules across keys"): the first key at least (or
@@ -432,6 +456,8 @@ def valid_for(dotted: str) -> st.SearchStrategy[Any]:
         return st.booleans()
     if rule == "non-empty string":
         return st.text(min_size=1, max_size=8).filter(str.strip)
+    if rule == "address or host name":
+        return st.sampled_from(["127.0.0.1", "0.0.0.0", "::1", "[::1]", "::", "localhost"])
     if rule == '`"package.module:attr"`':
         return st.sampled_from(["pkg.mod:attr", "a:b.c"])
     if rule.startswith("list of non-empty strings"):

@@ -1247,6 +1247,26 @@ async def test_a_metrics_port_in_use_is_an_error_naming_the_address() -> None:
     assert "in use" in text
 
 
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+async def test_an_ipv6_metrics_host_is_written_in_brackets_with_or_without_them(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty-third pass: ``serve_metrics(kernel, "::1", P)`` logged ``metrics on
+    http://::1:P/metrics`` and its error said ``cannot listen on ::1:P``, where the port
+    cannot be told from the address; ``"[::1]"`` (a URL's spelling) could not listen at
+    all (``Name or service not known``). Both listen on ``::1`` and write ``[::1]:P``."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.metrics")
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, host, 0)
+        stream = await trio.open_tcp_stream("::1", port)
+        await stream.aclose()
+        assert f"metrics on http://[::1]:{port}/metrics" in caplog.messages
+        with pytest.raises(OSError, match="in use") as caught:
+            await nursery.start(serve_metrics, kernel, host, port)
+        assert f"the metrics server cannot listen on [::1]:{port}: " in str(caught.value)
+        nursery.cancel_scope.cancel()
+
+
 async def test_accept_failing_for_lack_of_descriptors_is_counted_retried_and_logged_once_a_second(
     mock_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,

@@ -549,7 +549,7 @@ def run(
     if given(metrics_host, "metrics_host") is not None and not loaded.config.metrics.port:
         # (refused, not ignored, as a demo flag with --app: no endpoint listens on it)
         raise typer.BadParameter(
-            f"{metrics_host!r} is the address of the metrics endpoint, which is off (no"
+            f"{cut(metrics_host, quoted=True)} is the address of the metrics endpoint, which is off (no"
             " --metrics-port, [metrics] port 0): give --metrics-port P too, or drop the flag",
             param_hint="'--metrics-host'",
         )
@@ -724,14 +724,16 @@ def _loaded(
             found, base = _beside_the_config(loaded, key, [f"{top}.py", f"{top}/"])
             if found is not None:
                 where = (
-                    f"; {found.rstrip('/')} is beside the config file, in {base}: run"
+                    f"; {cut(found.rstrip('/'))} is beside the config file, in {base}: run"
                     " nexus from there (systemd: WorkingDirectory=), or put it on PYTHONPATH"
                 )
         raise typer.BadParameter(str(exc) + where, param_hint=hint) from None
     except KeyboardInterrupt as exc:
         # (the first stop decides, by the signals' arrival: see _run.stops_interrupt)
         signame = exc.signame if isinstance(exc, StoppedWhileImporting) else None
-        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
+        raise _ImportInterrupted(
+            f"{cut(reference, quoted=True)} ({hint.strip(chr(39))})", signame
+        ) from None
 
 
 def _loaded_app(reference: str | None, hint: str, loaded: LoadedConfig | None = None) -> Any:

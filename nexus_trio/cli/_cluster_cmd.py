@@ -1678,8 +1678,10 @@ def _ready_fd(value: str) -> int:
         and int(digits) <= _FD_MAX
     ):
         return int(digits)
+    from ._commands import shown  # (cut: 5,000 digits were echoed whole)
+
     raise ValueError(
-        f"{READY_FD_ENV}={value!r} is not a file descriptor number (0..{_FD_MAX}): it is"
+        f"{READY_FD_ENV}={shown(value, quoted=True)} is not a file descriptor number (0..{_FD_MAX}): it is"
         " set by `nexus run --workers` for its workers only; unset it"
     )
 

@@ -13,7 +13,6 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 import os
 import re
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import typer.core
+
+from .._config import cut, host_problem, unbracketed
 
 __all__ = [
     "PROGRAM_NAMES",
@@ -183,36 +184,21 @@ def file_path(text: Any) -> Path:
 
 
 def host_name(text: Any) -> str:
-    """The ``parser=`` of a flag naming a host: not empty nor blank (``--host ""`` asked
-    ``http://:9464/healthz`` and said the name was not known, exit 1, not the flag), and
-    an address or a name the resolver can be asked (IDNA: labels of 1 to 63 characters,
-    no byte that is not text). ``x..y``, a 64-character label or a non-UTF-8 byte
-    (``a\udcffb``) raised ``UnicodeError`` in the check's thread: a traceback, then
-    ``unreachable: no whole answer within 3s``, exit 1."""
+    """The ``parser=`` of a flag naming a host (``health --host``, ``run --metrics-host``):
+    an address, an IPv6 one with or without brackets (given without them: ``[::1]`` is
+    ``::1``, which a URL brackets again), or a name the resolver can be asked
+    (:func:`nexus_trio._config.host_problem`). ``--host ""`` asked ``http://:9464/healthz``
+    and said the name was not known, exit 1, not the flag; ``x..y``, a 64-character label
+    or a non-UTF-8 byte (``a\udcffb``) raised ``UnicodeError`` in the check's thread: a
+    traceback, then ``unreachable: no whole answer within 3s``, exit 1."""
     spelt = str(text)
     got = f"must be a host name or an address, got {shown(spelt, quoted=True)}"
     if not spelt.strip():
         raise typer.BadParameter(got)
-    problem = _host_problem(spelt)
+    problem = host_problem(spelt)
     if problem is not None:
         raise typer.BadParameter(f"{got} ({problem})")
-    return spelt
-
-
-def _host_problem(host: str) -> str | None:
-    """Why ``host`` (not an IP address) cannot be looked up, or None."""
-    try:
-        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        pass
-    else:
-        return None
-    try:
-        host.encode("idna")
-    except UnicodeError as exc:
-        cause = exc.__cause__ or exc.__context__
-        return str(cause) if cause is not None and str(cause) else "not a host name"
-    return None
+    return unbracketed(spelt)
 
 
 #: a whole number as a flag takes it, as the original's (Rust's ``u64``/``i64``
@@ -231,19 +217,12 @@ _DECIMAL: Final = re.compile(
 )
 
 
-#: the most characters of a refused value that an error shows (a longer one is cut)
-SHOWN_MAX: Final = 40
-
-
 def shown(text: str, *, quoted: bool = False) -> str:
-    """``text`` as an error shows it (``repr`` if ``quoted``): whole up to
-    :data:`SHOWN_MAX` characters, else its first :data:`SHOWN_MAX` and its length. A
-    value of 4,301 digits (past ``int()``'s limit) was echoed whole: 4,300 characters
-    of digits in one error line."""
-    if len(text) <= SHOWN_MAX:
-        return repr(text) if quoted else text
-    head = repr(text[:SHOWN_MAX]) if quoted else text[:SHOWN_MAX]
-    return f"{head}... ({len(text):,} characters)"
+    """``text`` as an error shows it (``repr`` if ``quoted``): whole up to 40 characters
+    (``nexus_trio._config.SHOWN_MAX``), else its first 40 and its length. A value of
+    4,301 digits (past ``int()``'s limit) was echoed whole: 4,300 characters of digits
+    in one error line."""
+    return cut(text, repr if quoted else str)
 
 
 def _why_not(spelt: str) -> str:

@@ -6,6 +6,10 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+from .._config import url_host
+
+__all__ = ["probe_host", "url_host"]
+
 
 def probe_host(bound: str) -> str:
     """Where to reach an endpoint bound to ``bound``: a wildcard address (all interfaces)
@@ -15,8 +19,3 @@ def probe_host(bound: str) -> str:
     if bound == "::":
         return "::1"
     return bound
-
-
-def url_host(host: str) -> str:
-    """``host`` as a URL or a ``Host`` header names it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -48,7 +48,7 @@ from rich.live import Live
 
 from .. import KernelStats
 from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
-from .._config import Config, app_reference_hint
+from .._config import Config, app_reference_hint, cut
 from .._errors import (
     SupervisorEscalation,
     TransportUnavailable,
@@ -312,18 +312,18 @@ def load_types(reference: str) -> dict[str, Any]:
     obj = _import_reference(reference)
     if not isinstance(obj, Mapping):
         raise AppError(
-            f"{reference} must be a mapping of agent type names to AgentSpecs (@agent) or"
+            f"{cut(reference)} must be a mapping of agent type names to AgentSpecs (@agent) or"
             f" Agent subclasses, e.g. {{'counter': Counter}}; got {type(obj).__name__}"
             f" {obj!r:.60}"
         )
     if not obj:
-        raise AppError(f"{reference} is an empty mapping: no agent type to register")
+        raise AppError(f"{cut(reference)} is an empty mapping: no agent type to register")
     types: dict[str, Any] = {}
     for type_name, spec in obj.items():
         try:
             check_agent_type(type_name, spec)  # what cluster.register_type refuses
         except (TypeError, ValueError) as exc:
-            raise AppError(f"{reference}: {exc}") from None
+            raise AppError(f"{cut(reference)}: {exc}") from None
         types[type_name] = spec
     return types
 
@@ -332,7 +332,7 @@ def _import_reference(reference: str) -> Any:
     """The object ``package.module:attr`` names (the current directory is importable)."""
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
-        raise AppError(f"expected 'package.module:attr', got {reference!r}")
+        raise AppError(f"expected 'package.module:attr', got {cut(reference, repr)}")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -347,13 +347,16 @@ def _import_reference(reference: str) -> Any:
                 " installed packages"
             )
             raise AppError(
-                f"no module named {module_name!r} (in {reference!r}){where}",
+                f"no module named {cut(module_name, repr)} (in {cut(reference, repr)}){where}",
                 missing=None if where.startswith("; did you mean") else module_name,
             ) from None
-        raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
+        raise AppError(
+            f"importing {cut(module_name, repr)} failed at {_where(exc)}: {exc}"
+        ) from exc
     except Exception as exc:
         raise AppError(
-            f"importing {module_name!r} failed at {_where(exc)}: {type(exc).__name__}: {exc}"
+            f"importing {cut(module_name, repr)} failed at {_where(exc)}:"
+            f" {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
     parts = attr.split(".")
@@ -365,8 +368,11 @@ def _import_reference(reference: str) -> Any:
             # (the closest, written as --app takes it)
             hint = ""
             if near is not None:
-                hint = f"; did you mean {module_name + ':' + '.'.join([*parts[:index], near])!r}?"
-            raise AppError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
+                meant = module_name + ":" + ".".join([*parts[:index], near])
+                hint = f"; did you mean {cut(meant, repr)}?"
+            raise AppError(
+                f"module {cut(module_name, repr)} has no attribute {cut(attr, repr)}{hint}"
+            ) from None
     return obj
 
 
