@@ -276,20 +276,45 @@ def imports_done() -> None:
 
 def main() -> None:
     """The ``nexus`` command (``nexus_trio.cli.main``), imported now: after the signal."""
-    try:
-        from nexus_trio.cli import main as command  # (this import is the window)
-    except KeyboardInterrupt:
-        # (a Ctrl-C this early: said in one line, as one while the app is imported, not
-        # with the import's traceback; nothing was started)
-        interrupted_while_starting(sys.argv[1:])
-    run_command(command)
+    run_command(None)
 
 
-def run_command(command: Callable[[], object]) -> None:
-    """``command()`` (``nexus_trio.cli.main``), then, as it returns or exits
-    (``SystemExit``), :func:`end_at_the_command_s_end`."""
+#: whether the command's own code took Ctrl-C over (:func:`command_began`)
+_began = {"yes": False}
+
+
+def command_began() -> None:
+    """The command's own code handles a Ctrl-C from here on (click's, then the run's:
+    ``nexus_trio.cli._commands.RunByDefaultGroup.parse_args`` says so, the first of it
+    that runs inside click's handling of ``KeyboardInterrupt``)."""
+    _began["yes"] = True
+
+
+def run_command(command: Callable[[], object] | None) -> None:
+    """``command()`` (``nexus_trio.cli.main``; None: imported here), then, as it returns
+    or exits (``SystemExit``), :func:`end_at_the_command_s_end`.
+
+    Python's SIGINT handler is put back (:func:`imports_done`) inside the block that says
+    a Ctrl-C in one line (:func:`interrupted_while_starting`, 130) until the command's
+    own code takes it over (:func:`command_began`), and so is the import of the command
+    (console scripts): no bytecode is left between them where a Ctrl-C raised a bare
+    ``KeyboardInterrupt`` with its traceback. It was so after ``imports_done()`` (``python
+    -m``, a handler swapped, then the command called), after the import's ``except`` (the
+    scripts) and in ``nexus_trio.cli.main``'s lines before click's ``try``."""
     try:
-        command()
+        try:
+            imports_done()
+            if command is None:
+                from nexus_trio.cli import main as imported  # (this import is the window)
+
+                command = imported
+            command()
+        except KeyboardInterrupt:
+            if _began["yes"]:
+                raise  # (the command's own, let out: as before)
+            # (a Ctrl-C this early: said in one line, as one while the app is imported,
+            # not with a traceback; nothing was started)
+            interrupted_while_starting(command_line() or sys.argv[1:])
     except SystemExit:
         end_at_the_command_s_end()
         raise
@@ -312,6 +337,7 @@ _on_import()
 
 __all__ = [
     "INTERRUPTED",
+    "command_began",
     "end_at_the_command_s_end",
     "end_by_a_stop_not_taken",
     "exiting_with",

@@ -706,3 +706,61 @@ def test_python_m_gives_sigint_back_to_the_command_once_imported(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen[:2] == ["_on_sigint_while_importing", "default_int_handler"], seen
+
+
+#: a ``sitecustomize`` that sends this process a SIGINT at a point of its start:
+#: ``KILL_AT=swap``, as Python's SIGINT handler is put back for the command
+#: (``imports_done``, ``python -m``); ``KILL_AT=main``, as ``nexus_trio.cli.main`` is
+#: called (its lines before click's ``try``)
+CTRL_C_AT = """
+import os, signal, sys
+
+real = signal.signal
+
+
+def spy(signum, handler):
+    old = real(signum, handler)
+    if signum == signal.SIGINT and handler is signal.default_int_handler:
+        signal.signal = real
+        os.kill(os.getpid(), signal.SIGINT)
+    return old
+
+
+def at_main(frame, event, arg):
+    code = frame.f_code
+    if event == "call" and code.co_name == "main" and code.co_filename.endswith("_app.py"):
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+if os.environ["KILL_AT"] == "swap":
+    signal.signal = spy
+else:
+    sys.setprofile(at_main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "at"), [("-m", "swap"), ("-m", "main"), ("script", "main")], ids=str
+)
+def test_a_ctrl_c_as_the_command_takes_sigint_over_is_said_in_one_line(
+    tmp_path: Path, how: str, at: str
+) -> None:
+    """Fifty-third pass: a Ctrl-C in the bytecodes between the entry's one-line say and
+    the command's own handling (click's, then the run's) raised a bare
+    ``KeyboardInterrupt``, its traceback printed: right after ``imports_done()`` gave
+    SIGINT back to Python (``python -m``), and in ``nexus_trio.cli.main``'s lines before
+    click's ``try`` (both entries). Said in one line now, status 130, nothing started.
+    (With main's ``_nexus_trio_main.py``, ``cli/__main__.py`` and ``_commands.py``:
+    ``Traceback ... KeyboardInterrupt``, status -2: Python's own end by SIGINT.)"""
+    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
+    args = ["run", "--app", "myapp:main", "-d", "0.1", "--no-live", "--json"]
+    module = "nexus_trio.cli"
+    if how == "script":  # the console script's entry, called as the generated script does
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, CTRL_C_AT, module, args, KILL_AT=at)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == "nexus: interrupted: SIGINT while starting: the run was not started\n"
+    assert proc.stdout == ""

@@ -132,6 +132,11 @@ class RunByDefaultGroup(Group):
     """The root group: options without a command mean ``run`` (:func:`default_to_run`)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # (inside click's handling of KeyboardInterrupt from here on: the scripts' entry
+        # stops saying a Ctrl-C as one while starting, _nexus_trio_main.run_command)
+        entry = sys.modules.get("_nexus_trio_main")
+        if entry is not None:
+            entry.command_began()
         root_options = frozenset(
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
