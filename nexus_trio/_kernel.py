@@ -696,9 +696,10 @@ class Kernel:
             self._nursery.start_soon(self._terminate, owner, node, reason, stopping)
             await trio.lowlevel.checkpoint()
             return
-        if stopping is not None:
-            await stopping(node.id, node.name)
-        await owner.terminate(node, reason)
+        if stopping is None:
+            await owner.terminate(node, reason)
+        else:
+            await self._terminate(owner, node, reason, stopping)
 
     @staticmethod
     @trio.lowlevel.enable_ki_protection
@@ -708,11 +709,18 @@ class Kernel:
         reason: str,
         stopping: Callable[[uuid.UUID, str | None], Awaitable[None]] | None,
     ) -> None:
-        """A stop asked from inside what it stops, in the kernel's nursery (protected
-        from Ctrl-C as the kernel's own code is)."""
-        if stopping is not None:
-            await stopping(node.id, node.name)
-        await owner.terminate(node, reason)
+        """A stop told to the transport first (see StopsTold), and a stop asked from
+        inside what it stops, in the kernel's nursery (protected from Ctrl-C as the
+        kernel's own code is). The stop is carried out whatever the transport's call
+        ended with: the caller cancelled there (a ``move_on_after`` around
+        ``kernel.stop``, a shutdown starting), or the transport raising, left the agent
+        running out of the routing table, never stopped."""
+        try:
+            if stopping is not None:
+                await stopping(node.id, node.name)
+        finally:
+            # (its first step, before any checkpoint, commits the stop)
+            await owner.terminate(node, reason)
 
     def _stop_waits_for_caller(self, node: Child) -> bool:
         """Whether the stop of ``node`` waits for the current task: it runs in the run of

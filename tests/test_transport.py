@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
     AgentNotFound,
     Context,
     DeadLetterReason,
@@ -973,3 +974,59 @@ async def test_tells_and_requests_a_detached_transports_left_takes_stay_in_the_m
         text = generate_latest(build_registry(kernel, process=False)).decode()
         assert "\nnexus_tells_after_detach_total 2.0\n" in text
         assert "\nnexus_requests_after_detach_total 1.0\n" in text
+
+
+class _StopsTold(_Nowhere):
+    """A transport told of each ``kernel.stop`` (``StopsTold``) that takes a while over
+    it, without shielding itself from the caller's cancel (``seconds``), or raises."""
+
+    def __init__(self, seconds: float, error: Exception | None = None) -> None:
+        self.seconds = seconds
+        self.error = error
+        self.told: list[str | None] = []
+
+    async def agent_stopping(self, agent_id: uuid.UUID, name: str | None) -> None:
+        self.told.append(name)
+        await trio.sleep(self.seconds)
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.mark.parametrize("how", ["cancelled", "raises"])
+async def test_a_stop_whose_agent_stopping_is_cancelled_or_raises_still_stops_the_agent(
+    autojump_clock: Any, how: str
+) -> None:
+    """The kernel awaits ``agent_stopping`` (``StopsTold``) after the agent left the
+    routing table and before its stop begins. A caller cancelled there (a
+    ``move_on_after`` around ``kernel.stop``), or a transport that raises, still has the
+    agent stopped (its ``on_stop`` run, its ``stopped`` event, gone from ``agents()``),
+    as a cancel after the stop began has: before the fifty-third pass's review the
+    agent ran on, out of the routing table (every send refused, 'being stopped') and
+    never stopped."""
+    stopped: list[str] = []
+
+    class Held(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append("on_stop")
+
+    transport = _StopsTold(10.0, None if how == "cancelled" else RuntimeError("told badly"))
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        ref = kernel.spawn(Held, name="held")
+        await kernel.send(ref, "wake")  # (a lazy agent's run starts with its first message)
+        await trio.testing.wait_all_tasks_blocked()
+        if how == "cancelled":
+            with trio.move_on_after(1.0) as scope:
+                await kernel.stop(ref)
+            assert scope.cancelled_caught
+        else:
+            with pytest.raises(RuntimeError, match="told badly"):
+                await kernel.stop(ref)
+        await trio.testing.wait_all_tasks_blocked()
+        assert transport.told == ["held"]
+        assert stopped == ["on_stop"]
+        assert kernel.agents() == []
+        kernel.detach_transport()
