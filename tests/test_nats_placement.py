@@ -729,6 +729,92 @@ def test_a_lost_node_of_an_earlier_version_s_unrecorded_names_are_counted_and_sa
         assert not [r for r in caplog.records if "earlier version" in r.getMessage()]
 
 
+def test_a_record_s_id_of_an_earlier_version_or_hostile_is_read_as_none_or_refused() -> None:
+    """Fifty-third pass, review: a record names its agent (``"id"``). One of an earlier
+    version has none: read, its ``agent_id`` None, and its drop takes back the type
+    whatever the names entry names (as before). One whose id is no agent id (a hostile
+    bucket writer: a number, a list, an object, a bool, a string that is no UUID) is
+    refused and counted, the watcher not raising, and the record held before is kept."""
+    cluster = _Cluster("a", 0, {})
+    cluster.placed_types = {"old": "counter", "p": "counter"}
+    placement = Placement(cluster)  # type: ignore[arg-type]
+    old, key = wire.name_key("old"), wire.name_key("p")
+    placement._apply_record(old, b'{"type": "counter", "pinned": null}', None)
+    assert placement.records["old"] == PlacementRecord("counter", None, None)
+    placement._apply_record(old, None, "DEL")
+    assert "old" not in cluster.placed_types
+    good = PlacementRecord("counter", None, uuid.UUID(int=9))
+    placement._apply_record(key, good.encode(), None)
+    hostile = [
+        "5",
+        "[1]",
+        '{"a": 1}',
+        "true",
+        '"not-a-uuid"',
+        '""',
+        "1e400",
+        '"' + "f" * 5000 + '"',
+    ]
+    for value in hostile:
+        body = '{"type": "counter", "pinned": null, "id": ' + value + "}"
+        placement._apply_record(key, body.encode(), None)
+    assert placement.records_refused.count == len(hostile)
+    assert placement.records == {"p": good}
+    placement._apply_record(key, None, "DEL")
+    assert "p" not in cluster.placed_types
+
+
+@pytest.mark.parametrize("second", ["same agent", "another agent"])
+def test_a_second_stop_of_a_placed_agent_waits_for_the_first_stop_s_record_drop(
+    monkeypatch: pytest.MonkeyPatch, second: str
+) -> None:
+    """Fifty-third pass, review: ``kernel.stop`` of a placed agent waits for its record's
+    drop (``Cluster.agent_stopping`` -> ``Placement.agent_stopped``) before the stop
+    begins. A second ``kernel.stop`` of the same agent while the first's drop is in
+    flight (or a stop from inside it) found no record held any more and returned at
+    once: its stop began (``on_stop`` under way) while the record was still in the
+    bucket, and a SIGKILL then re-placed the stopped agent, what the first stop waits to
+    prevent. The second now waits for that drop to land too; a stop of another agent
+    (of the same name, a later incarnation) does not."""
+    aid, other = uuid.UUID(int=5), uuid.UUID(int=6)
+    order: list[str] = []
+    landed = trio.Event()
+
+    async def held_delete(self: Placement, name: str, revision: int | None) -> None:
+        order.append(f"drop {name} {revision}")
+        await landed.wait()
+        order.append("landed")
+
+    monkeypatch.setattr(Placement, "_delete_record", held_delete)
+    placement = Placement(_Cluster("a", 0, {}))  # type: ignore[arg-type]
+    placement._held["p"] = (aid, 3)
+    placement.records["p"] = PlacementRecord("counter", None, aid)
+
+    async def stop(who: str, agent_id: uuid.UUID) -> None:
+        await placement.agent_stopped("p", agent_id)
+        order.append(f"{who} stop begins")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop, "first", aid)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(stop, "second", aid if second == "same agent" else other)
+            await trio.testing.wait_all_tasks_blocked()
+            if second == "same agent":
+                assert order == ["drop p 3"]
+            else:
+                assert order == ["drop p 3", "second stop begins"]
+            landed.set()
+        if second == "same agent":
+            assert order == ["drop p 3", "landed", "first stop begins", "second stop begins"]
+        else:
+            assert order == ["drop p 3", "second stop begins", "landed", "first stop begins"]
+        # (a drop under way is no longer waited for once it landed)
+        await placement.agent_stopped("p", aid)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_a_lost_node_s_agents_stopped_for_good_whose_name_drop_did_not_land_stay_stopped() -> None:
     """Fifty-second pass, review: c stopped 10 placed agents for good; their records'
     drops reached the survivors (the placed bucket's watch), their names' drops did not

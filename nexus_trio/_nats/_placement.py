@@ -268,6 +268,9 @@ class Placement:
         #: here): out of ``_held`` meanwhile, their entry and record to write again as
         #: they were there; dropped by a clean leave, or by their stop, as ``_held``'s
         self._moving: dict[str, tuple[tuple[uuid.UUID, int | None], PlacementRecord | None]] = {}
+        #: the record drops of stopped agents under way: name -> (agent id, set once the
+        #: drop landed or failed; see :meth:`agent_stopped`)
+        self._dropping: dict[str, tuple[uuid.UUID, trio.Event]] = {}
         #: records written on a retry (see :meth:`retry_records`)
         self.records_written_late = 0
         #: records of the placed bucket refused: a key this code does not write, a body
@@ -1100,7 +1103,15 @@ class Placement:
     async def agent_stopped(self, name: str, agent_id: uuid.UUID) -> None:
         """A placed agent of this node stopped for good: drop its record (it is not
         re-placed if this node is lost later), also while a rebalance moves it (only if it
-        is still this node's: the new owner's record is kept)."""
+        is still this node's: the new owner's record is kept). A second call for the
+        agent while its drop is under way (a second ``kernel.stop`` of it, or one from
+        inside it) returns once that drop landed (or failed): returning at once, its
+        stop began with the record still in the bucket, and a SIGKILL then had the
+        stopped agent re-placed."""
+        dropping = self._dropping.get(name)
+        if dropping is not None and dropping[0] == agent_id:
+            await dropping[1].wait()
+            return
         held = self._held.get(name)
         if held is not None and held[0] == agent_id:
             del self._held[name]
@@ -1114,7 +1125,14 @@ class Placement:
                 return
             del self._moving[name]
             held = moving[0]
-        await self._drop_record(name, held[1])
+        done = trio.Event()
+        self._dropping[name] = (agent_id, done)
+        try:
+            await self._drop_record(name, held[1])
+        finally:
+            done.set()
+            if self._dropping.get(name) == (agent_id, done):
+                del self._dropping[name]
 
     async def _drop_record(self, name: str, revision: int | None) -> None:
         """Drop ``name``'s record (see _delete_record); one the bucket refuses (the KV
