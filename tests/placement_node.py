@@ -371,7 +371,8 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return None
     if op == "ask_stream":
         # requests to the named counters, round robin, paced: the answers, and the
-        # requests that failed by their error's type (each request ends once)
+        # requests that failed by their error's type (each request ends once); one the
+        # end of the commands (a clean leave) cut in flight ended so: "Cancelled"
         done = trio.Event()
         result = {"sent": 0, "answered": 0, "failed": {}}
 
@@ -380,11 +381,15 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
             for i in range(cmd["count"]):
                 result["sent"] += 1
                 try:
-                    await kernel.request(names[i % len(names)], "report", timeout=2)
+                    await kernel.request(
+                        names[i % len(names)], "report", timeout=cmd.get("timeout", 2)
+                    )
                     result["answered"] += 1
-                except Exception as exc:
+                except (Exception, trio.Cancelled) as exc:
                     kind = type(exc).__name__
                     result["failed"][kind] = result["failed"].get(kind, 0) + 1
+                    if isinstance(exc, trio.Cancelled):
+                        raise
                 await trio.sleep(cmd.get("pause", 0.01))
             done.set()
 
