@@ -541,3 +541,37 @@ async def test_a_max_deliveries_advisory_of_a_message_acked_here_deletes_it_coun
         stats = cluster.stats()
     assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"]) == (0, 0)
     assert left == 0
+
+
+async def test_a_garbled_max_deliveries_advisory_raises_nothing_and_deletes_nothing(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of the fifty-third pass: every node hears every consumer's
+    ``MAX_DELIVERIES`` advisories now (``<stream>.*``). One for this node's consumer that
+    is garbled is left alone, logged as garbled (throttled), nothing deleted or counted
+    dead: JSON nested past the recursion limit (before: ``RecursionError`` out of the
+    handler, into nats-py's error callback), and a ``stream_seq`` that is no stream
+    sequence (0, negative, past a uint64: before, sent to JetStream, which refused the
+    read, logged as a message that "could not be deleted" and "stays in the stream")."""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(nats.url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
+        seq = (await call_aio(js.stream_info, stream)).state.last_seq
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{cluster.node}"
+        caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+        garbled = [b"[" * 100_000] + [
+            json.dumps({"stream_seq": bad, "deliveries": 1}).encode()
+            for bad in (0, -seq, 2**64 + seq)
+        ]
+        for data in garbled:
+            advisory = NatsMsg(_client=cluster.nc, subject=subject, data=data)
+            await call_aio(cluster.durable._max_deliveries, advisory)
+        left = (await call_aio(js.stream_info, stream)).state.messages
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        stats = cluster.stats()
+    assert (left, stats.durable_dead) == (1, 0)
+    assert warned, "a garbled advisory is logged"
+    assert all(" is garbled (" in line and "left alone" in line for line in warned), warned

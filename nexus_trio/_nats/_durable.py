@@ -329,6 +329,8 @@ _MSG_DELETE_FAILED: Final = 10057
 #: JetStream's advisory that a consumer delivers a message no more (its max_deliver
 #: reached), for the stream and consumer named after it
 _MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+#: one past the highest stream sequence JetStream has (a uint64)
+_SEQ_END: Final = 2**64
 
 #: JetStream's error code for a consumer whose max_ack_pending is over the server's or
 #: the account's limit (``jetstream { limits { max_ack_pending } }``)
@@ -2876,7 +2878,12 @@ class DurableChannel:
             seq, deliveries = said["stream_seq"], said["deliveries"]
             if type(seq) is not int or type(deliveries) is not int:
                 raise TypeError(f"stream_seq {seq!r}, deliveries {deliveries!r}")
-        except (ValueError, KeyError, TypeError) as exc:
+            if not 0 < seq < _SEQ_END:
+                raise ValueError(f"stream_seq {seq} is no stream sequence")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # (RecursionError: JSON nested deeper than the interpreter's recursion limit;
+            # a stream_seq out of a sequence's range would only make JetStream refuse the
+            # read, logged as a message that stays in the stream)
             self._say(
                 self._advisory_log,
                 "garbled max deliveries advisories",
