@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 import nats.errors
+import nats.js.client
 import nats.js.errors
 import pytest
 import trio
@@ -400,6 +402,18 @@ async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
         assert cluster.stats().durable_dead == 1
 
 
+async def _given_up_now(op: Cluster, psub: Any, stream: str, node: str) -> tuple[Any, int]:
+    """``psub`` (a bare pull of ``node``'s consumer) nakked its last deliveries: a fetch
+    makes JetStream give them up (no redelivery comes), then the pull ends. The
+    consumer's info once nothing of it is pending, and how many messages the stream
+    keeps."""
+    with pytest.raises(nats.errors.TimeoutError):  # (the redelivery: given up instead)
+        await call_aio(psub.fetch, 1, timeout=0.5)
+    await call_aio(psub.unsubscribe)
+    given_up = await consumer_settled(op, stream, node, 0)
+    return given_up, (await call_aio(op.data_js.stream_info, stream)).state.messages
+
+
 async def _given_up_unheard(url: str, stream: str, node: str, name: str) -> Message:
     """A message for ``name`` stored on ``node``'s subject, delivered once by its consumer
     (``max_deliver`` lowered to 1 by an operator) and nakked, while no process of the node
@@ -421,11 +435,7 @@ async def _given_up_unheard(url: str, stream: str, node: str, name: str) -> Mess
         )
         (delivery,) = await call_aio(psub.fetch, 1, timeout=5)
         await call_aio(delivery.nak)
-        with pytest.raises(nats.errors.TimeoutError):  # (its redelivery: given up instead)
-            await call_aio(psub.fetch, 1, timeout=0.5)
-        await call_aio(psub.unsubscribe)
-        given_up = await consumer_settled(op, stream, node, 0)
-        kept = (await call_aio(js.stream_info, stream)).state.messages
+        given_up, kept = await _given_up_now(op, psub, stream, node)
     assert (given_up.num_pending, given_up.num_ack_pending, kept) == (0, 0, 1)
     return stored
 
@@ -575,3 +585,82 @@ async def test_a_garbled_max_deliveries_advisory_raises_nothing_and_deletes_noth
     assert (left, stats.durable_dead) == (1, 0)
     assert warned, "a garbled advisory is logged"
     assert all(" is garbled (" in line and "left alone" in line for line in warned), warned
+
+
+async def _given_up_at_max(url: str, stream: str, node: str, count: int) -> set[uuid.UUID]:
+    """``count`` messages stored on ``node``'s subject, each delivered ``max_deliver`` (4,
+    the node's own) times to a process of the node that nakked each delivery and then
+    died (here: a bare puller of a process whose durable path is off), while no process
+    heard JetStream's advisories. Their ids, once the server shows them given up (nothing
+    pending, still stored)."""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(url, "op", durable=DurableOptions(enabled=False)) as (_kernel, op):
+        js = op.data_js
+        ids = {(await store_for(op, "work", n, node=node)).id for n in range(count)}
+        psub = await call_aio(
+            js.pull_subscribe,
+            wire.durable_subject(op.prefix, node, "*"),
+            durable=node,
+            stream=stream,
+        )
+        for attempt in range(1, 5):
+            got: list[NatsMsg] = []
+            with trio.fail_after(10):
+                while len(got) < count:
+                    got += await call_aio(psub.fetch, count - len(got), timeout=5)
+            assert {delivery.metadata.num_delivered for delivery in got} == {attempt}
+            for delivery in got:
+                await call_aio(delivery.nak)
+        given_up, kept = await _given_up_now(op, psub, stream, node)
+    assert (given_up.num_ack_pending, kept) == (0, count)
+    return ids
+
+
+def _reads_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each ``JetStreamContext.get_msg`` call from now on, appended (a JetStream request)."""
+    reads: list[int] = []
+    get_msg = nats.js.client.JetStreamContext.get_msg
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return await get_msg(self, *args, **kwargs)
+
+    monkeypatch.setattr(nats.js.client.JetStreamContext, "get_msg", counted)
+    return reads
+
+
+async def test_messages_given_up_at_the_node_s_own_max_deliver_unheard_are_found_in_two_requests_each(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the fifty-third pass: three messages on a node's subject delivered its
+    own ``max_deliver`` (4) times by a process of the node that then died (here: a bare
+    puller nakking each delivery), while no process heard JetStream's advisories. The
+    node's next start finds them: each counted dead once, deleted, and logged without
+    blaming an operator (the consumer's ``max_deliver`` was never lowered: the found
+    ones' deliveries are not known; before, the line said "its max_deliver was lowered
+    under this node's 4: by an operator?"). The look reads each stored message once
+    (``MSG.GET`` next by subject), plus one read that finds none left: 4 reads, where
+    each found one was read a second time before its delete (7)."""
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+    ids = await _given_up_at_max(nats.url, stream, "a", 3)
+    reads = _reads_counted(monkeypatch)
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
+        with trio.move_on_after(10):
+            await until(lambda: cluster.stats().durable_dead >= 3)
+        with trio.move_on_after(5):
+            while (left := await call_aio(cluster.data_js.stream_info, stream)).state.messages:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.05)
+        stats = cluster.stats()
+    assert (stats.durable_dead, left.state.messages) == (3, 0)
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 3
+    assert len(reads) == 4
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    dead = [line for line in lines if " dead found at node 'a'" in line]
+    assert len(dead) == 1  # (throttled: the others held, said at the leave)
+    assert any(f"durable message {msg_id} dead found at node 'a'" in dead[0] for msg_id in ids)
+    assert "no process of the node heard" in dead[0]
+    assert "lowered under this node's" not in dead[0]

@@ -329,6 +329,14 @@ _MSG_DELETE_FAILED: Final = 10057
 #: JetStream's advisory that a consumer delivers a message no more (its max_deliver
 #: reached), for the stream and consumer named after it
 _MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+#: why a message found given up at a consumer's bind was (see DurableChannel._stranded):
+#: its deliveries are not known then, so not whether an operator lowered the consumer's
+#: max_deliver or a process of the node died in the message's last delivery
+_FOUND_WHY: Final = (
+    "its max_deliver reached while no process of the node heard JetStream's advisory: a"
+    " process of the node stopped or died during its last delivery, or an operator"
+    " lowered the consumer's max_deliver"
+)
 #: one past the highest stream sequence JetStream has (a uint64)
 _SEQ_END: Final = 2**64
 
@@ -2897,11 +2905,20 @@ class DurableChannel:
             return
         if deliveries >= self.options.max_deliver:
             return
-        await self._delete_given_up(seq, f"after {deliveries} deliveries")
+        await self._delete_given_up(
+            seq,
+            f"after {deliveries} deliveries",
+            f"its max_deliver was lowered under this node's {self.options.max_deliver}: by"
+            " an operator? change DurableOptions.max_deliver instead",
+        )
 
-    async def _delete_given_up(self, seq: int, how: str) -> bool:
+    async def _delete_given_up(
+        self, seq: int, how: str, why: str, stored: Any | None = None
+    ) -> bool:
         """asyncio side: the message at stream sequence ``seq`` is one its consumer
-        delivers no more (``how``: what says so): deleted from the stream and counted dead
+        delivers no more (``how``: what says so; ``why``: why it did, as far as this node
+        can tell; ``stored``: the message as read already, else read here): deleted from
+        the stream and counted dead
         (``dead_lowered``, reason ``consumer_max_deliver``), logged, by whoever deletes it
         (so once also when two processes of the node, or the node and its taker, hear
         it: the second finds it gone). True if this counted it dead; False if it is gone
@@ -2918,7 +2935,8 @@ class DurableChannel:
         failure: Exception | None = None
         msg_id: uuid.UUID | str = ""
         try:
-            stored = await js.get_msg(self._stream, seq)
+            if stored is None:
+                stored = await js.get_msg(self._stream, seq)
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             with contextlib.suppress(MessageDecodeError):
                 msg_id = wire.decode_message(stored.data or b"").id
@@ -2935,12 +2953,11 @@ class DurableChannel:
                 "durable messages its consumer delivers no more, not deleted",
                 logging.WARNING,
                 "node %s: durable message at stream sequence %d is delivered no more %s"
-                " (its consumer's max_deliver, under this node's %d), and could not be"
-                " deleted: %r; it stays in the stream %s",
+                " (%s), and could not be deleted: %r; it stays in the stream %s",
                 self.cluster.node,
                 seq,
                 how,
-                self.options.max_deliver,
+                why,
                 failure,
                 self._stream,
             )
@@ -2956,13 +2973,12 @@ class DurableChannel:
             self._lowered_log,
             "durable messages dead at their consumer's lower max_deliver",
             logging.ERROR,
-            "node %s: durable message %s dead %s: its consumer delivers it no more (its"
-            " max_deliver was lowered under this node's %d: by an operator? change"
-            " DurableOptions.max_deliver instead); deleted from the stream (%d so far)",
+            "node %s: durable message %s dead %s: its consumer delivers it no more (%s);"
+            " deleted from the stream (%d so far)",
             self.cluster.node,
             msg_id,
             how,
-            self.options.max_deliver,
+            why,
             self.dead_lowered,
             counted="durable_dead",
         )
@@ -3039,6 +3055,7 @@ class DurableChannel:
         last = info.delivered.stream_seq if info.delivered is not None else 0
         upto = floor if info.num_ack_pending else max(floor, last)
         subject = wire.durable_subject(self.cluster.prefix, node, "*")
+        where = f"node {node!r}'s consumer's bind"
         seq, found = 1, 0
         while seq <= upto:
             try:
@@ -3047,7 +3064,8 @@ class DurableChannel:
                 break
             if stored.seq is None or stored.seq > upto:
                 break
-            if await self._delete_given_up(stored.seq, f"found at node {node!r}'s consumer's bind"):
+            # (the message as read goes on: read again, each would cost a third request)
+            if await self._delete_given_up(stored.seq, f"found at {where}", _FOUND_WHY, stored):
                 found += 1
             seq = stored.seq + 1
         return found
