@@ -345,6 +345,17 @@ async def test_a_message_an_operator_s_lower_max_deliver_stops_is_dead_and_delet
     assert counts.state.messages == 0
 
 
+def _taking_over(monkeypatch: pytest.MonkeyPatch, cluster: Cluster, stream: str, node: str) -> str:
+    """``cluster`` counts ``node``'s consumer among those it takes over (it acts on their
+    advisories), no takeover running: the caller takes it out before the node leaves
+    (whose stop waits for its takeovers to end). The subject of the consumer's
+    ``MAX_DELIVERIES`` advisories. (JetStream names only a consumer's own messages, and a
+    node acts on an advisory naming another subject's message no more: these tests store
+    theirs on ``node``'s subject, which no node pulls.)"""
+    monkeypatch.setitem(cluster.durable._takeovers, node, trio.CancelScope())
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{node}"
+
+
 async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
     nats: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,7 +373,7 @@ async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
         js = cluster.data_js
         stored = await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
         seq = (await call_aio(js.stream_info, stream)).state.last_seq
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{cluster.node}"
+        subject = _taking_over(monkeypatch, cluster, stream, "ghost")
 
         async def heard(data: bytes) -> tuple[int, int]:
             advisory = NatsMsg(_client=cluster.nc, subject=subject, data=data)
@@ -400,6 +411,7 @@ async def test_a_max_deliveries_advisory_heard_twice_counts_its_message_once(
         assert len(warned) == 1
         assert "is garbled (KeyError('deliveries')), left alone" in warned[0]
         assert cluster.stats().durable_dead == 1
+        monkeypatch.delitem(cluster.durable._takeovers, "ghost")  # (none runs: see _taking_over)
 
 
 async def _given_up_now(op: Cluster, psub: Any, stream: str, node: str) -> tuple[Any, int]:
@@ -527,7 +539,7 @@ async def test_an_answer_after_its_consumer_gave_the_message_up_is_not_counted_h
 
 
 async def test_a_max_deliveries_advisory_of_a_message_acked_here_deletes_it_counting_nothing(
-    nats: NatsServer,
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fifty-third pass: the node's handler answered a message (counted in
     ``durable_acked``, its ack published, not applied yet) as JetStream gave it up: the
@@ -543,12 +555,13 @@ async def test_a_max_deliveries_advisory_of_a_message_acked_here_deletes_it_coun
         stored = await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
         seq = (await call_aio(js.stream_info, stream)).state.last_seq
         cluster.durable._done[stored.id] = None
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{cluster.node}"
+        subject = _taking_over(monkeypatch, cluster, stream, "ghost")
         said = json.dumps({"stream_seq": seq, "deliveries": 2}).encode()
         advisory = NatsMsg(_client=cluster.nc, subject=subject, data=said)
         await call_aio(cluster.durable._max_deliveries, advisory)
         left = (await call_aio(js.stream_info, stream)).state.messages
         stats = cluster.stats()
+        monkeypatch.delitem(cluster.durable._takeovers, "ghost")  # (none runs: see _taking_over)
     assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"]) == (0, 0)
     assert left == 0
 
@@ -562,7 +575,10 @@ async def test_a_garbled_max_deliveries_advisory_raises_nothing_and_deletes_noth
     dead: JSON nested past the recursion limit (before: ``RecursionError`` out of the
     handler, into nats-py's error callback), and a ``stream_seq`` that is no stream
     sequence (0, negative, past a uint64: before, sent to JetStream, which refused the
-    read, logged as a message that "could not be deleted" and "stays in the stream")."""
+    read, logged as a message that "could not be deleted" and "stays in the stream"), and
+    one naming a message of another node's subject (JetStream names only its consumer's
+    messages; before, that message, which its own consumer would deliver, was deleted and
+    counted dead: ``(0, 1)``)."""
     from .test_durable_missing_agent import store_for
 
     async with local_node(nats.url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
@@ -574,7 +590,7 @@ async def test_a_garbled_max_deliveries_advisory_raises_nothing_and_deletes_noth
         caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
         garbled = [b"[" * 100_000] + [
             json.dumps({"stream_seq": bad, "deliveries": 1}).encode()
-            for bad in (0, -seq, 2**64 + seq)
+            for bad in (0, -seq, 2**64 + seq, seq)  # (seq: a message of node ghost's)
         ]
         for data in garbled:
             advisory = NatsMsg(_client=cluster.nc, subject=subject, data=data)

@@ -2907,15 +2907,16 @@ class DurableChannel:
             return
         await self._delete_given_up(
             seq,
+            consumer,
             f"after {deliveries} deliveries",
             f"its max_deliver was lowered under this node's {self.options.max_deliver}: by"
             " an operator? change DurableOptions.max_deliver instead",
         )
 
     async def _delete_given_up(
-        self, seq: int, how: str, why: str, stored: Any | None = None
+        self, seq: int, node: str, how: str, why: str, stored: Any | None = None
     ) -> bool:
-        """asyncio side: the message at stream sequence ``seq`` is one its consumer
+        """asyncio side: the message at stream sequence ``seq`` is one ``node``'s consumer
         delivers no more (``how``: what says so; ``why``: why it did, as far as this node
         can tell; ``stored``: the message as read already, else read here): deleted from
         the stream and counted dead
@@ -2937,6 +2938,8 @@ class DurableChannel:
         try:
             if stored is None:
                 stored = await js.get_msg(self._stream, seq)
+            if not self._of_consumer(stored, node):
+                return False
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             with contextlib.suppress(MessageDecodeError):
                 msg_id = wire.decode_message(stored.data or b"").id
@@ -2983,6 +2986,30 @@ class DurableChannel:
             counted="durable_dead",
         )
         return True
+
+    def _of_consumer(self, stored: Any, node: str) -> bool:
+        """Whether ``stored`` (a message read from the stream) is one of ``node``'s
+        consumer's subjects; if not, it is left alone, and the advisory that named it
+        logged as garbled: JetStream names only its consumer's messages, and anything
+        that may publish on the advisories' subjects could name another node's message,
+        pending there, which a delete would lose (before the review of the fifty-third
+        pass it was deleted and counted dead)."""
+        subject = stored.subject or ""
+        filtered = wire.durable_subject(self.cluster.prefix, node, "*")  # (its filter)
+        if f"{subject.rpartition('.')[0]}.*" == filtered:
+            return True
+        self._say(
+            self._advisory_log,
+            "garbled max deliveries advisories",
+            logging.WARNING,
+            "node %s: a JetStream advisory for node %r's consumer is garbled (its stream_seq"
+            " %s names a message of %s, not of that consumer's subjects), left alone",
+            self.cluster.node,
+            node,
+            stored.seq,
+            brief(subject, 200),
+        )
+        return False
 
     def _forget_delivery(self, msg_id: uuid.UUID, seq: int) -> None:
         """Message ``msg_id`` (stream sequence ``seq``) is counted dead: a delivery of it
@@ -3065,7 +3092,9 @@ class DurableChannel:
             if stored.seq is None or stored.seq > upto:
                 break
             # (the message as read goes on: read again, each would cost a third request)
-            if await self._delete_given_up(stored.seq, f"found at {where}", _FOUND_WHY, stored):
+            if await self._delete_given_up(
+                stored.seq, node, f"found at {where}", _FOUND_WHY, stored
+            ):
                 found += 1
             seq = stored.seq + 1
         return found
