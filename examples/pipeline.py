@@ -118,6 +118,9 @@ def make_planner(workers: list[str], max_attempts: int) -> Any:
                 try:
                     result = await ctx.request(worker, task, timeout=30.0)
                 except (RequestFailed, RequestTimeout) as exc:
+                    if attempt + 1 == max_attempts:  # the last try: no retry follows
+                        ctx.log.info("task %s failed on %s (%s)", task["id"], worker, exc)
+                        continue
                     retries += 1
                     ctx.log.info("task %s failed on %s (%s); retrying", task["id"], worker, exc)
                     continue
@@ -126,7 +129,8 @@ def make_planner(workers: list[str], max_attempts: int) -> Any:
                     "aggregator", {"job": job, "id": result["id"], "value": result["value"]}
                 )
                 return
-            ctx.log.error("task %s failed %d times; giving up", task["id"], max_attempts)
+            times = "1 time" if max_attempts == 1 else f"{max_attempts} times"
+            ctx.log.error("task %s failed %s; giving up", task["id"], times)
             gave_up.append(task["id"])
 
         # The tasks run concurrently; each worker still handles its own queue one at a time.

@@ -133,7 +133,8 @@ def test_pipeline_reports_an_incomplete_result_with_exit_status_1() -> None:
 
 def test_pipeline_tries_each_task_as_often_as_max_attempts_says() -> None:
     # The only worker crashes on every task: each task is tried --max-attempts times, each
-    # try a retry and a handler_error dead letter, then given up on.
+    # try a handler_error dead letter, each but the last followed by a retry, then given up
+    # on (until the fifty-third pass the last try counted as a retry too: 3 * 2).
     result = run_example(
         "pipeline.py",
         *("--tasks", "3", "--workers", "1", "--fail-every", "1", "--max-attempts", "2"),
@@ -143,10 +144,27 @@ def test_pipeline_tries_each_task_as_often_as_max_attempts_says() -> None:
     summary = json.loads(result.stdout)
     assert summary["gave_up"] == [0, 1, 2]
     assert summary["count"] == 0
-    assert summary["retries"] == 3 * 2
+    assert summary["retries"] == 3 * (2 - 1)
     assert summary["dead_letters"] == {"handler_error": 3 * 2}
     assert summary["conserved"]
     assert result.stderr.count("failed 2 times; giving up") == 3, result.stderr
+
+
+def test_pipeline_counts_no_retry_after_a_task_s_last_try() -> None:
+    """Regression: with ``--max-attempts 1`` no task is tried twice, yet the summary said
+    ``3 retried`` beside ``gave up on [0, 1, 2]``, and each failure was logged ``retrying``
+    before ``failed 1 times; giving up``: the last try's failure counted as a retry."""
+    result = run_example(
+        "pipeline.py",
+        *("--tasks", "3", "--workers", "1", "--fail-every", "1", "--max-attempts", "1"),
+        *("--rounds", "10"),
+    )
+    assert result.returncode == 1, result.stderr
+    summary_line = result.stdout.splitlines()[0]
+    assert summary_line.startswith("0/3 tasks aggregated, total 0, 0 retried, "), summary_line
+    assert summary_line.endswith(", gave up on [0, 1, 2], per worker {'worker-0': 0}")
+    assert "retrying" not in result.stderr, result.stderr
+    assert result.stderr.count("failed 1 time; giving up") == 3, result.stderr
 
 
 async def test_pipeline_in_process() -> None:
