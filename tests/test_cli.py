@@ -2778,3 +2778,17 @@ def test_the_fanout_drivers_sends_go_round_robin_and_skip_a_refused_one() -> Non
     with pytest.raises(RuntimeError, match="broken"):
         trio.run(send_round_robin, send, ["a", "broken"], "z", 0, 4)
     assert sent[-1] == ("a", "z")
+
+
+def test_every_field_of_the_json_summary_has_a_row_in_the_docs(nexus):
+    """Regression: ``nexus run --json`` wrote ``dead_letter_lines_not_logged`` and
+    ``failure_lines_not_logged``, which docs/cli.md's table of the summary's fields (The
+    summary) left out: a user reading the JSON found no word on them there."""
+    run = nexus(["run", "-n", "10", "-d", "0.5", "--json"])
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = page.split("### The summary\n", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert sorted(set(json.loads(out)) - documented) == []
