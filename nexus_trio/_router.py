@@ -1277,6 +1277,19 @@ class Router:
         except Exception as exc:
             self._dead_undeliverable(msg, exc)
 
+    def _unroutable_reply(self, msg: Message) -> str:
+        """What an ``unroutable_reply`` letter says (the failing path only): whose answer
+        it is, and to what. Its recipient alone (SYSTEM_ID for a tell from outside any
+        agent, the README's first sample) named no agent of the user's."""
+        node = self.find(msg.sender)
+        who = repr(node.name) if node is not None and node.name else f"agent {msg.sender}"
+        if msg.to == SYSTEM_ID:
+            return (
+                f"the answer of {who} to a message sent from outside any agent"
+                " (kernel.send): nothing waits for it"
+            )
+        return f"the answer of {who}: its recipient is no agent here"
+
     def _accept_dead(
         self,
         msg: Message,
@@ -1289,12 +1302,12 @@ class Router:
 
     def _dead_undeliverable(self, msg: Message, exc: Exception) -> None:
         if isinstance(exc, AgentNotFound):
-            reason = (
-                DeadLetterReason.UNROUTABLE_REPLY
-                if msg.kind is MessageKind.RESPONSE
-                else DeadLetterReason.NO_SUCH_AGENT
-            )
-            self._accept_dead(msg, reason)
+            if msg.kind is MessageKind.RESPONSE:
+                self._accept_dead(
+                    msg, DeadLetterReason.UNROUTABLE_REPLY, self._unroutable_reply(msg)
+                )
+            else:
+                self._accept_dead(msg, DeadLetterReason.NO_SUCH_AGENT)
         elif isinstance(exc, MailboxFull):
             self._accept_dead(
                 msg, DeadLetterReason.MAILBOX_FULL, f"still full after {self.send_timeout:g}s"

@@ -1260,6 +1260,29 @@ async def test_reply_to_a_non_agent_without_pending_request_is_dead_lettered() -
     assert letter.message.to == SYSTEM_ID
 
 
+async def test_an_unroutable_reply_s_dead_letter_names_the_agent_that_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (README's first sample, run by a new user): the answer to a tell from
+    outside any agent was logged ``dead letter <id> to 00000000-...: unroutable_reply``
+    with ``agent_id=00000000-...``, naming neither the agent that answered nor why no one
+    took it. The line (and the letter's ``detail``) now says both."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.dead_letters")
+    async with open_kernel(make_config()) as kernel:
+        e = kernel.spawn(echo, name="echo")
+        await kernel.send(e, "tell, not ask")
+        await trio.testing.wait_all_tasks_blocked()
+    [letter] = kernel.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.UNROUTABLE_REPLY
+    said = (
+        "the answer of 'echo' to a message sent from outside any agent (kernel.send):"
+        " nothing waits for it"
+    )
+    assert letter.detail == said
+    [line] = [r.getMessage() for r in caplog.records if "unroutable_reply" in r.getMessage()]
+    assert line == f"dead letter {letter.message.id} to {SYSTEM_ID}: unroutable_reply ({said})"
+
+
 async def test_returned_message_to_a_full_mailbox_waits_the_deadline_then_dead_letters(
     autojump_clock: Any,
 ) -> None:
