@@ -621,6 +621,41 @@ def test_a_command_of_a_group_given_alone_is_named_with_its_group(
 
 
 @pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["run", "myagents:app", "-d", "1"],
+            "Got unexpected extra argument(s) (myagents:app); did you mean --app"
+            " myagents:app? (nexus run takes no argument: your agents are given as --app"
+            " MODULE:ATTR)",
+        ),
+        (
+            ["run", "pkg.agents:main", "app.py"],
+            "Got unexpected extra argument(s) (pkg.agents:main app.py); did you mean --app"
+            " pkg.agents:main?",
+        ),
+        (["run", "-n", "5", "stray"], "Got unexpected extra argument(s) (stray)"),
+        (["run", "a\x01b:c"], "Got unexpected extra argument(s) (a\\x01b:c)"),
+    ],
+    ids=["app-reference", "two-arguments", "no-reference", "control-character"],
+)
+def test_an_app_reference_given_to_run_as_an_argument_is_told_to_be_app(
+    args: list[str], expected: str
+) -> None:
+    """Regression: ``nexus run myagents:app`` (as uvicorn takes an app) was refused with
+    ``Got unexpected extra argument(s) (myagents:app)`` alone, naming no flag; so was
+    docs/deploy.md's pod, ``args: ["run", "app:main", ...]``. A word that reads as
+    ``module:attr`` is now told to be ``--app``; other extra arguments are refused as
+    before, their control characters escaped as click escapes them."""
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    said = flat(result.output)
+    assert expected in said, said
+    if "did you mean" not in expected:
+        assert "did you mean" not in said
+
+
+@pytest.mark.parametrize(
     "args",
     [["run", "-d", "1"], ["config", "show"], ["health"], ["send", "true", "1"]],
     ids=["run", "config show", "health", "send"],

@@ -627,3 +627,20 @@ def test_the_frames_the_cli_page_shows_agree_with_its_summary() -> None:
     assert final["RSS"] == rows["peak RSS"]
     assert final["restarts"] == rows["restarts"]
     assert final["dead letters"] == rows["dead letters"]
+
+
+def test_the_kubernetes_args_on_the_deploy_page_are_a_nexus_run_that_parses() -> None:
+    """Regression: docs/deploy.md's pod gave the image ``args: ["run", "app:main", ...]``;
+    ``nexus run`` takes no positional argument (``Got unexpected extra argument(s)
+    (app:main)``, exit 2), so the container exited at once. The app is ``--app``."""
+    import typer
+
+    from nexus_trio.cli import app
+
+    page = (DOCS / "deploy.md").read_text(encoding="utf-8")
+    [line] = [line for line in page.splitlines() if line.strip().startswith("args: [")]
+    args = json.loads(line.split("args:", 1)[1])
+    assert args[0] == "run"
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    params = run.make_context("run", args[1:]).params  # a usage error raises here
+    assert params["app_ref"] == "app:main" and params["metrics_port"] == 9464

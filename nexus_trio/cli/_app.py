@@ -46,6 +46,7 @@ from ._commands import (
     Command,
     Group,
     RunByDefaultGroup,
+    RunCommand,
     default_to_run,
     file_path,
     finite_at_least,
@@ -247,7 +248,7 @@ _RUN_EPILOG = (
 )
 
 
-@app.command(cls=Command, epilog=_RUN_EPILOG)
+@app.command(cls=RunCommand, epilog=_RUN_EPILOG)
 def run(
     ctx: typer.Context,
     config: Annotated[

@@ -119,6 +119,39 @@ class Command(typer.core.TyperCommand):
         return pieces
 
 
+#: an argument that reads as an app reference, ``package.module:attr``
+_APP_REFERENCE: Final = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+#: what click escapes in an unexpected argument it shows (terminal control characters)
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class RunCommand(Command):
+    """``nexus run``: an argument that reads as an app reference (``nexus run
+    myagents:app``, as uvicorn and gunicorn take one) is told to be given as ``--app``.
+    It was refused as ``Got unexpected extra argument(s) (myagents:app)`` alone, naming
+    no flag (docs/deploy.md's pod had ``args: ["run", "app:main", ...]``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if ctx.allow_extra_args or ctx.resilient_parsing:
+            return list(super().parse_args(ctx, args))
+        ctx.allow_extra_args = True  # (the extra arguments are refused below)
+        try:
+            rest = list(super().parse_args(ctx, args))
+        finally:
+            ctx.allow_extra_args = False
+        if rest:
+            extra = " ".join(_CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", a) for a in rest)
+            references = [arg for arg in rest if _APP_REFERENCE.fullmatch(arg)]
+            hint = (
+                f"; did you mean --app {references[0]}? (nexus run takes no argument: your"
+                " agents are given as --app MODULE:ATTR)"
+                if references
+                else ""
+            )
+            ctx.fail(f"Got unexpected extra argument(s) ({extra}){hint}")
+        return rest
+
+
 class Group(typer.core.TyperGroup):
     """A ``nexus`` command group: flags without ``<bool>`` in its help, examples named
     as the program was run."""
