@@ -711,13 +711,16 @@ class Kernel:
     ) -> None:
         """A stop told to the transport first (see StopsTold), and a stop asked from
         inside what it stops, in the kernel's nursery (protected from Ctrl-C as the
-        kernel's own code is). The stop is carried out whatever the transport's call
-        ended with: the caller cancelled there (a ``move_on_after`` around
-        ``kernel.stop``, a shutdown starting), or the transport raising, left the agent
-        running out of the routing table, never stopped."""
+        kernel's own code is). The transport's call is shielded from the caller's cancel
+        (the agent is unrouted already: a caller that gives up there, a ``move_on_after``
+        around ``kernel.stop`` or a shutdown starting, must not leave the transport's
+        work half done), and the stop is carried out whatever it ended with: a transport
+        that raised left the agent running out of the routing table, never stopped (its
+        error reaches the caller once the stop began)."""
         try:
             if stopping is not None:
-                await stopping(node.id, node.name)
+                with trio.CancelScope(shield=True):
+                    await stopping(node.id, node.name)
         finally:
             # (its first step, before any checkpoint, commits the stop)
             await owner.terminate(node, reason)

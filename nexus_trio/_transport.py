@@ -137,7 +137,8 @@ class StopsTold(Protocol):
         """Agent (or supervisor) ``agent_id`` (``name``, None for an unnamed one) is
         stopped for good by ``kernel.stop``: it is out of the routing table already (new
         sends to it fail), its stop (its queue, ``on_stop``) begins once this returns.
-        Must not raise; should not wait long (the stop waits for it). The stop is carried
-        out whatever this ends with (the caller cancelled here, or an error, raised to
-        the caller once the stop began): shield what must complete."""
+        Must not raise; should not wait long (the stop waits for it). The kernel shields
+        the call from its caller's cancel (the agent is unrouted already), and the stop is
+        carried out whatever this ends with (an error is raised to the caller once the
+        stop began)."""
         ...

@@ -12,6 +12,7 @@ import trio.testing
 from nexus_trio import (
     Agent,
     AgentNotFound,
+    AgentSpec,
     Context,
     DeadLetterReason,
     Kernel,
@@ -1030,3 +1031,48 @@ async def test_a_stop_whose_agent_stopping_is_cancelled_or_raises_still_stops_th
         assert stopped == ["on_stop"]
         assert kernel.agents() == []
         kernel.detach_transport()
+
+
+async def test_a_stop_whose_caller_gives_up_while_the_transport_hears_of_it_still_stops(
+    autojump_clock: Any,
+) -> None:
+    """``agent_stopping`` (``StopsTold``, optional) is awaited before the stop begins,
+    the agent already out of the routing table. A transport that waits there without a
+    shield of its own (the NATS cluster has one) and a caller that gives up meanwhile:
+    until the fifty-third pass the cancel ended the stop there, and the agent ran on,
+    unrouted (a send to it went to the transport), never stopped; a stop whose caller
+    gives up goes on (kernel.md), so the kernel shields the call itself."""
+    told: list[tuple[uuid.UUID, str | None]] = []
+
+    class Telling(_Nowhere):
+        async def agent_stopping(self, agent_id: uuid.UUID, name: str | None) -> None:
+            told.append((agent_id, name))
+            await trio.sleep(1)
+
+    stopped: list[str] = []
+
+    class Quiet(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(5)
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append(ctx.name or "?")
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(Telling())
+        ref = kernel.spawn(AgentSpec(factory=Quiet, name="w"))
+        for payload in ("a", "b"):
+            await kernel.send("w", payload)
+        with trio.move_on_after(0.5) as gave_up:
+            await kernel.stop("w")
+        assert gave_up.cancelled_caught
+        assert told == [(ref.id, "w")]
+        await trio.sleep(10)
+        assert stopped == ["w"]
+        assert [r.name for r in kernel.agents()] == []
+        with pytest.raises(AgentNotFound, match="it was stopped for good by kernel"):
+            await kernel.stop("w")
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        assert letters == [("b", DeadLetterReason.AGENT_STOPPED)]
+        kernel.detach_transport()
+    assert told == [(ref.id, "w")]
