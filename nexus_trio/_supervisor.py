@@ -1224,6 +1224,11 @@ class SupervisorNode(Child, ChildOwner):
                     with self._stop_wait(child, trio.current_time() + timeout):
                         await done.wait()
                 if not done.is_set():
+                    if not child.running:
+                        # Its time is up before its run began (waiting for its elder
+                        # sibling's start: see _wait_to_start): the run is called off,
+                        # not left to wait on for a start that may never come.
+                        child.drain_on_stop = False
                     if child.scope is not None:
                         child.scope.cancel()
                     await done.wait()

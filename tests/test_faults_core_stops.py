@@ -753,3 +753,61 @@ def test_children_spawned_by_a_draining_stop_s_messages_start_in_spawn_order() -
         stops = [n for kind, n in Spawner.log if kind == "kid stop"]
         assert starts == names, starts
         assert stops == names[::-1], stops
+
+
+class SlowToStart(Agent):
+    """A linked child whose ``on_start`` never returns when it is named ``e`` (until it
+    is cancelled), journaled in ``Spawner.log``."""
+
+    async def on_start(self, ctx: Context) -> None:
+        Spawner.log.append(("start", ctx.name or "?"))
+        if ctx.name == "e":
+            await trio.sleep_forever()
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Spawner.log.append(("handles", msg.payload))
+
+
+class TwoKids(Agent):
+    """On any message: ``ctx.spawn`` the linked children ``e`` then ``y`` (``SlowToStart``,
+    a 5 s ``shutdown_timeout`` each), each sent one message."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        for name in ("e", "y"):
+            ref = ctx.spawn(agent(SlowToStart, name=name, shutdown_timeout=5))
+            await ctx.send(ref, f"{name}.1")
+
+
+async def test_a_drain_waiting_for_an_elder_whose_start_never_comes_ends_at_its_timeout(
+    autojump_clock: Any,
+) -> None:
+    """``kernel.stop(p, drain=True)`` with one message queued, which spawns ``e`` (its
+    ``on_start`` never returns) and ``y``: they start for the drain, ``y`` after ``e``'s
+    start (spawn order), and stop in reverse order, ``y`` first, within 5 s each. Before
+    (fifty-third pass, the spawn-order fix): ``y``'s stop, its 5 s up, cancelled ``y``'s
+    wait for ``e``'s start, and ``y`` waited again for it in a new scope that nothing
+    cancelled: ``y``'s stop waited for ``e``'s start, and ``e``'s stop, which would cancel
+    that ``on_start``, comes after ``y``'s: the stop never returned (measured: a 100 s
+    ``on_start`` held it 100 s). Now a stop whose time is up before the run began calls
+    the run off: ``y`` never starts, ``e`` is cancelled 5 s later, both messages are
+    dead-lettered ``agent_stopped``. Five kernels (Trio's scheduling varies)."""
+    for _ in range(5):
+        Spawner.log = []
+        async with open_kernel(make_config()) as kernel:
+            p = kernel.spawn(agent(TwoKids, name="p", shutdown_timeout=30))
+            await trio.testing.wait_all_tasks_blocked()
+            kernel.send_nowait(p, "go")
+            begun = trio.current_time()
+            with trio.move_on_after(60):
+                await kernel.stop(p, drain=True)
+            assert trio.current_time() - begun == 10, "the draining stop hung"
+            letters = [
+                (d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()
+            ]
+            stopped = DeadLetterReason.AGENT_STOPPED
+            assert letters == [
+                ("y.1", stopped, "agent stopped (parent_stopped)"),
+                ("e.1", stopped, "agent stopped (parent_stopped)"),
+            ]
+        assert Spawner.log == [("start", "e")]
+        assert_conserved(kernel)
