@@ -653,6 +653,11 @@ class SupervisorNode(Child, ChildOwner):
     ) -> trio.Event | None:
         """Start a run of ``child`` (``restart``: see :meth:`_start_in_order`)."""
         assert self._nursery is not None
+        if not isinstance(restart, _NotRestart):
+            # How a run ended during a draining stop is that run's (see _stop_child): a
+            # run that starts for the rest of the drain (_drain_instead) or any restart
+            # does not carry it into its own letters.
+            child.drain_ended = None
         if delay <= 0 and self._park(child):
             # No task until there is work: an idle agent costs no task, nursery or frames.
             if not isinstance(restart, _NotRestart):

@@ -811,3 +811,54 @@ async def test_a_drain_waiting_for_an_elder_whose_start_never_comes_ends_at_its_
             ]
         assert Spawner.log == [("start", "e")]
         assert_conserved(kernel)
+
+
+class Paced(Agent):
+    """``wait N``: sleeps N s; ``boom``: fails; anything else: a second, journaled in
+    ``Member.log``."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        what = str(msg.payload)
+        if what == "boom":
+            raise RuntimeError("boom")
+        await trio.sleep(float(what.split()[1]) if what.startswith("wait ") else 1)
+        Member.log.append(("handle", ctx.name or "?", what))
+
+
+async def test_a_drain_s_rerun_after_a_failure_does_not_carry_its_letters_detail(
+    autojump_clock: Any,
+) -> None:
+    """``c`` fails; the ``one_for_all`` restart stops ``b`` (busy 0.5 s), then ``a``, whose
+    draining stop was asked meanwhile (1.5 s ``shutdown_timeout``): ``a`` drains, fails on
+    ``boom`` (``x``, ``y``, ``z`` still queued), and, its stop queued, a run starts at once
+    for the rest (see the test above); that run's stop runs out of time at ``y``. Before
+    (fifty-third pass): the first run's failure, kept on the agent (``drain_ended``), was
+    put in the letter of ``z``, which the second run's timeout left (``...: its run failed
+    during its draining stop (RuntimeError)``); a letter of a drain cut by its timeout
+    says ``agent stopped (stopped)``, as any such stop's. Now the detail is reset when a
+    run starts for the drain."""
+    Member.log = []
+    children = [
+        agent(Paced, name="a", shutdown_timeout=1.5),
+        agent(Paced, name="b"),
+        agent(Paced, name="c"),
+    ]
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(group("one_for_all", children))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("wait 1", "boom", "x", "y", "z"):
+            await kernel.send("a", payload)
+        await kernel.send("b", "wait 0.5")
+        await kernel.send("c", "boom")
+        await trio.testing.wait_all_tasks_blocked()  # c failed; b is busy
+        await kernel.stop("a", drain=True)
+        letters = [(d.message.payload, d.detail) for d in kernel.recent_dead_letters()]
+    handled = [p for kind, name, p in Member.log if kind == "handle" and name == "a"]
+    assert handled == ["wait 1", "x"]
+    assert letters == [
+        ("boom", ""),
+        ("boom", ""),
+        ("y", "cancelled while being handled"),
+        ("z", "agent stopped (stopped)"),
+    ]
+    assert_conserved(kernel)
