@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._child import Child, ChildOwner, Directive, SeldomField, StoppedForShutdown, log_extra
+from ._child import (
+    Child,
+    ChildOwner,
+    Directive,
+    RestartType,
+    SeldomField,
+    StoppedForShutdown,
+    log_extra,
+)
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed, error_repr, failed_repr
 from ._events import EventKind
@@ -979,6 +987,10 @@ class AgentCell(Child):
                 failure = self._run_failure(exc)
         finally:
             self._end_run(failure)
+            if self.name is not None and self._ends_for_good(failure, False):
+                # (its end is decided whatever its on_stop does: told before it, as
+                # kernel.stop tells, see StopsTold)
+                await self._tell_stopping()
             if self.linked_children:
                 # What this run spawned stops before its on_stop, however the run ended
                 # (a stop by its supervisor has stopped them already, but for those
@@ -990,6 +1002,9 @@ class AgentCell(Child):
                 # on_start was cancelled by its stop (see ``started``); one that raised
                 # or was interrupted (Ctrl-C) still gets it.
                 failure = await self._call_on_stop(behaviour, failure)
+            if self.name is not None and self._ends_for_good(failure, True):
+                # (a normal exit of a transient agent: decided once its on_stop returned)
+                await self._tell_stopping()
         if failure is not None:
             self._count_run_failure(failure)
             # Raised, not kept by this frame, which its traceback keeps (with the failed
@@ -1047,6 +1062,47 @@ class AgentCell(Child):
         if stop_scope.cancel_called:
             self._on_stop_cut()
         return failure
+
+    def _ends_for_good(self, failure: BaseException | None, stopped: bool) -> bool:
+        """Whether this run, ending by itself with ``failure`` (None: a normal exit), ends
+        the agent for good, decided now: before its ``on_stop`` (``stopped`` False), a
+        ``temporary`` agent's run or one whose handler's directive is ``stop`` (no
+        ``on_stop`` changes that); once its ``on_stop`` returned (``stopped`` True), a
+        normal exit of a ``transient`` one (an ``on_stop`` that raised makes it a
+        failure, restarted: as OTP's ``terminate`` that crashes). Not a run its
+        supervisor or ``kernel.stop`` ends (told there, or not for good), nor one of a
+        kernel that is shutting down (its records are the leave's: no call per agent)."""
+        if (
+            self.terminating
+            or self.router.phase is not KernelPhase.RUNNING
+            or isinstance(failure, StoppedForShutdown)
+        ):
+            return False
+        if stopped:
+            return failure is None and self.restart is RestartType.TRANSIENT
+        return self.restart is RestartType.TEMPORARY or self.exit_directive is Directive.STOP
+
+    async def _tell_stopping(self) -> None:
+        """Tell the transport that this agent ends for good, before its stop goes on (see
+        ``StopsTold``: the NATS cluster drops a placed agent's record there, so that a
+        node SIGKILLed meanwhile does not have an agent that ended re-placed). Shielded
+        (the run ends whatever cancels it meanwhile); an error is logged, and the run
+        ends all the same."""
+        stopping = getattr(self.router.transport, "agent_stopping", None)
+        if stopping is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await stopping(self.id, self.name)
+            except Exception as exc:
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "agent %s: the transport's agent_stopping raised; it stops all the same",
+                    self.label,
+                    exc_info=exc,
+                    extra=log_extra(self),
+                )
 
     # --- a run's bookkeeping: each group protected from KeyboardInterrupt as a whole ----
 

@@ -137,6 +137,10 @@ class StopsTold(Protocol):
         """Agent (or supervisor) ``agent_id`` (``name``, None for an unnamed one) is
         stopped for good by ``kernel.stop``: it is out of the routing table already (new
         sends to it fail), its stop (its queue, ``on_stop``) begins once this returns.
+        Also a named agent whose run ends by itself for good (``temporary``, or its
+        handler's directive ``stop``: before its ``on_stop``; a ``transient`` one's normal
+        exit: once its ``on_stop`` returned), from its own run, before its ``stopped``
+        event; not during the kernel's shutdown.
         Must not raise; should not wait long (the stop waits for it). The kernel shields
         the call from its caller's cancel (the agent is unrouted already), and the stop is
         carried out whatever this ends with (an error is raised to the caller once the

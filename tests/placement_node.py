@@ -2,7 +2,7 @@
 
 ``python -m tests.placement_node --url URL --node NAME`` joins the cluster with the
 agent type ``counter`` (and nothing else; none with ``--no-types``: a member that joined
-only to send), prints ``READY <node>`` and then answers one
+only to send; ``temporary`` counters with ``--temporary``), prints ``READY <node>`` and then answers one
 JSON line on stdout for each command line on stdin (see :func:`_command`). A ``counter``
 counts the tells it handled in this incarnation and acknowledges each one to the
 ``collector`` of the node whose name is in the tell, so a test can tell handled
@@ -50,6 +50,12 @@ class Counter(Agent):
     async def handle(self, ctx: Context, msg: Message) -> Any:
         if msg.kind is MessageKind.QUERY:
             return {"node": NODE, "handled": self.handled, "name": ctx.name}
+        end = msg.payload.get("end") if isinstance(msg.payload, dict) else None
+        if end == "raise":  # (``end``: its run ends by itself, for good if temporary)
+            raise RuntimeError("ends by itself")
+        if end == "stop":
+            ctx.stop()
+            return None
         self.handled += 1
         if HANDLE_DELAY:
             await trio.sleep(HANDLE_DELAY)
@@ -279,6 +285,13 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         for name in cmd["names"]:
             nursery.start_soon(kernel.stop, kernel.lookup(name).id)
         return None
+    if op == "end":
+        # each of cmd["names"], an agent of this kernel, told to end its run by itself
+        # (cmd["how"]: "raise" or "stop", ``ctx.stop()``); for good if it is temporary
+        # (``--temporary``)
+        for name in cmd["names"]:
+            await kernel.send(kernel.lookup(name), {"end": cmd["how"]})
+        return None
     if op == "stop":
         # each of cmd["names"], an agent of this kernel, stopped for good
         for name in cmd["names"]:
@@ -442,9 +455,16 @@ class Node:
     """``tests.placement_node`` in a child process, one JSON command at a time."""
 
     def __init__(
-        self, url: str, node: str, *, types: bool = True, ledger: Path | None = None
+        self,
+        url: str,
+        node: str,
+        *,
+        types: bool = True,
+        ledger: Path | None = None,
+        temporary: bool = False,
     ) -> None:
         self.node = node
+        self.temporary = temporary
         self.ledger = ledger
         self.url = url
         self.types = types
@@ -461,6 +481,7 @@ class Node:
             "--node",
             self.node,
             *([] if self.types else ["--no-types"]),
+            *(["--temporary"] if self.temporary else []),
             *([] if self.ledger is None else ["--ledger", str(self.ledger)]),
         ]
         self.process = await trio.lowlevel.open_process(
@@ -552,7 +573,7 @@ async def pause_past_loss(paused: Node, survivors: list[Node], replaced: int) ->
         os.kill(paused.process.pid, signal.SIGCONT)
 
 
-async def _main(url: str, node: str, with_types: bool) -> None:
+async def _main(url: str, node: str, with_types: bool, restart: str) -> None:
     global NODE, JOINED_IN, OUTER
     NODE = node
     async with open_kernel(node_config()) as kernel, trio.open_nursery() as OUTER:
@@ -564,7 +585,7 @@ async def _main(url: str, node: str, with_types: bool) -> None:
         # the test process took longer than that to connect (the server is up here)
         joining = trio.current_time()
         options = attrs.evolve(PATIENT, connect_timeout=10.0)
-        types = {"counter": agent(Counter, name="counter")} if with_types else None
+        types = {"counter": agent(Counter, name="counter", restart=restart)} if with_types else None
         # (events followed from before the join: the others may ask this node to place an
         # agent as soon as they hear it, before join_cluster returns here)
         async with trio.open_nursery() as follower:
@@ -618,7 +639,9 @@ if __name__ == "__main__":
     parser.add_argument("--node", required=True)
     parser.add_argument("--no-types", action="store_true")
     parser.add_argument("--ledger")
+    parser.add_argument("--temporary", action="store_true")  # (temporary counters)
     args = parser.parse_args(sys.argv[1:])
     if args.ledger:
         LEDGER = os.open(args.ledger, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    trio.run(_main, args.url, args.node, not args.no_types)
+    restart = "temporary" if args.temporary else "permanent"
+    trio.run(_main, args.url, args.node, not args.no_types, restart)

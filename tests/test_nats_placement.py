@@ -4112,6 +4112,42 @@ async def _re_placed_after_kill(survivors: list[Node], running: list[str]) -> li
     return [(e[0], e[1]) for n in survivors for e in await n.call("restarted")]
 
 
+async def _killed_re_placing_only(
+    c: Node, survivors: list[Node], ended: list[str], running: list[str]
+) -> None:
+    """c is SIGKILLed; its loss re-places ``running`` only, each once: none of ``ended``
+    (whose records were dropped) runs on the survivors or has a record."""
+    c.kill()
+    await c.process.wait()  # type: ignore[union-attr]
+    events = await _re_placed_after_kill(survivors, running)
+    assert sorted(name for name, _ in events) == running
+    for node in survivors:
+        assert await node.call("local", names=ended) == {}
+        assert await node.call("records", names=ended) == []
+    stats = [await n.call("stats") for n in survivors]
+    assert sum(s["replaced"] for s in stats) == len(running)
+
+
+async def _killed_re_placing_all(
+    c: Node, survivors: list[Node], unended: list[str], running: list[str]
+) -> None:
+    """c is SIGKILLed; its loss re-places all of ``unended`` and ``running``, each once on
+    its owner over the survivors, each of ``unended`` reachable under its name."""
+    c.kill()
+    await c.process.wait()  # type: ignore[union-attr]
+    names = unended + running
+    events = await _re_placed_after_kill(survivors, names)
+    assert sorted(name for name, _ in events) == sorted(names)
+    held = await _held_once(survivors, names)
+    owner = {n: rendezvous_owner(n, [s.node for s in survivors]) for n in names}
+    assert {n: held[n][0] for n in owner} == owner
+    for name in unended:
+        answer = await survivors[0].call("request", to=name)
+        assert (answer["node"], answer["name"]) == (owner[name], name)
+    stats = [await n.call("stats") for n in survivors]
+    assert sum(s["replaced"] for s in stats) == len(names)
+
+
 @pytest.mark.trio
 async def test_agents_whose_stop_was_under_way_on_a_node_killed_stay_stopped() -> None:
     """Fifty-third pass, a SIGKILL point: a places 8 agents on c; c stops 6 of them for
@@ -4144,15 +4180,7 @@ async def test_agents_whose_stop_was_under_way_on_a_node_killed_stay_stopped() -
                 await _until(dropped)
             assert await a.call("records_in_bucket", names=stopped + running) == running
             assert set(await c.call("on_stops")) <= set(stopped)
-            c.kill()
-            await c.process.wait()  # type: ignore[union-attr]
-            events = await _re_placed_after_kill([a, b], running)
-            assert sorted(name for name, _ in events) == running
-            for node in (a, b):
-                assert await node.call("local", names=stopped) == {}
-                assert await node.call("records", names=stopped) == []
-            stats = [await n.call("stats") for n in (a, b)]
-            assert sum(s["replaced"] for s in stats) == len(running)
+            await _killed_re_placing_only(c, [a, b], stopped, running)
 
 
 @pytest.mark.trio
@@ -4185,18 +4213,81 @@ async def test_agents_whose_record_drop_did_not_land_before_their_node_was_kille
             await _until(drops_held)
             assert await c.call("on_stops") == []
             assert await a.call("records_in_bucket", names=stopped + running) == stopped + running
-            c.kill()
-            await c.process.wait()  # type: ignore[union-attr]
-            events = await _re_placed_after_kill([a, b], stopped + running)
-            assert sorted(name for name, _ in events) == sorted(stopped + running)
-            held = await _held_once([a, b], stopped + running)
-            owner = {n: rendezvous_owner(n, ["a", "b"]) for n in stopped + running}
-            assert {n: held[n][0] for n in owner} == owner
-            for name in stopped:
-                answer = await a.call("request", to=name)
-                assert (answer["node"], answer["name"]) == (owner[name], name)
-            stats = [await n.call("stats") for n in (a, b)]
-            assert sum(s["replaced"] for s in stats) == len(stopped) + len(running)
+            await _killed_re_placing_all(c, [a, b], stopped, running)
+
+
+async def _temporaries_ended_on_c(
+    url: str, nodes: list[Node], hold: str, ended: list[str], running: list[str]
+) -> tuple[Node, Node, Node]:
+    """a, b and c (whose counters are ``temporary``: ``--temporary``), added to ``nodes``
+    as they start; a places ``ended`` and ``running`` on c, c takes the kill point
+    ``hold``, and the runs of ``ended`` end by themselves (the first half raise, the
+    others call ``ctx.stop()``)."""
+    for node in (Node(url, "a"), Node(url, "b"), Node(url, "c", temporary=True)):
+        nodes.append(node)
+        await node.start()
+    for node in nodes:
+        assert await node.call("wait_live", count=3) == ["a", "b", "c"]
+    a, b, c = nodes
+    await _placed_on_c(a, ended + running)
+    await c.call(hold)
+    half = len(ended) // 2
+    await c.call("end", names=ended[:half], how="raise")
+    await c.call("end", names=ended[half:], how="stop")
+    return a, b, c
+
+
+@pytest.mark.trio
+async def test_temporary_agents_that_ended_by_themselves_on_a_node_killed_stay_ended() -> None:
+    """Fifty-third pass, a SIGKILL point: a places 8 ``temporary`` agents on c; 6 of them
+    end their runs by themselves (3 raise, 3 call ``ctx.stop()``: never restarted, as
+    OTP's temporary child), each held in its ``on_stop`` (``hold_on_stop``), and c is
+    SIGKILLed there. Each one's record is dropped before its ``on_stop``, as a
+    ``kernel.stop``'s: at the kill the 6 records are gone from the placed bucket, and
+    c's loss re-places the 2 running agents only. (Before: the record was dropped on the
+    ``stopped`` event, once the agent had stopped; killed in between, the agent that
+    had ended came back on a survivor.)"""
+    ended = [f"ending-{i}" for i in range(6)]
+    running = ["running-0", "running-1"]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            a, b, c = await _temporaries_ended_on_c(
+                servers[0].url, nodes, "hold_on_stop", ended, running
+            )
+
+            async def ending() -> bool:
+                return bool(await c.call("on_stops") == ended)
+
+            await _until(ending)
+            assert await a.call("records_in_bucket", names=ended + running) == running
+            await _killed_re_placing_only(c, [a, b], ended, running)
+
+
+@pytest.mark.trio
+async def test_temporary_agents_whose_record_drop_did_not_land_before_the_kill_run_on() -> None:
+    """Fifty-third pass, a SIGKILL point: a places 8 ``temporary`` agents on c; 6 of them
+    end their runs by themselves (3 raise, 3 ``ctx.stop()``), their records' drops held
+    (``hold_record_drops``), and c is SIGKILLed there. The end waits for the drop before
+    its ``on_stop``: no ``on_stop`` ran at the kill, and c's loss re-places all 8, each
+    once (their end never took effect). (Before: the ``on_stop`` ran first, the drop
+    after the ``stopped`` event.)"""
+    ended = [f"unended-{i}" for i in range(6)]
+    running = ["running-0", "running-1"]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            a, b, c = await _temporaries_ended_on_c(
+                servers[0].url, nodes, "hold_record_drops", ended, running
+            )
+
+            async def drops_held() -> bool:
+                return bool(await c.call("drops_held") == len(ended))
+
+            with contextlib.suppress(trio.TooSlowError):
+                await _until(drops_held)
+            assert await c.call("on_stops") == []
+            assert await c.call("drops_held") == len(ended)
+            assert await a.call("records_in_bucket", names=ended + running) == ended + running
+            await _killed_re_placing_all(c, [a, b], ended, running)
 
 
 @pytest.mark.trio

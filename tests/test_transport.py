@@ -15,6 +15,7 @@ from nexus_trio import (
     AgentSpec,
     Context,
     DeadLetterReason,
+    EventKind,
     Kernel,
     Message,
     MessageFailed,
@@ -1076,3 +1077,76 @@ async def test_a_stop_whose_caller_gives_up_while_the_transport_hears_of_it_stil
         assert letters == [("b", DeadLetterReason.AGENT_STOPPED)]
         kernel.detach_transport()
     assert told == [(ref.id, "w")]
+
+
+class _EndsTold(_Nowhere):
+    """A transport told of each agent that ends for good (``StopsTold``), which takes a
+    second over it and then notes it in ``seen`` (with the agents' ``on_stop`` and
+    ``stopped`` events)."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    async def agent_stopping(self, agent_id: uuid.UUID, name: str | None) -> None:
+        await trio.sleep(1.0)
+        self.seen.append(f"told {name}")
+
+
+@pytest.mark.parametrize(
+    ("restart", "on_error", "how", "expected"),
+    [
+        # decided whatever on_stop does: told before it
+        ("temporary", "restart", "raise", ["told end", "on_stop end", "stopped end"]),
+        ("temporary", "restart", "ctx.stop", ["told end", "on_stop end", "stopped end"]),
+        ("permanent", "stop", "raise", ["told end", "on_stop end", "stopped end"]),
+        # a transient's normal exit: decided once its on_stop returned
+        ("transient", "restart", "ctx.stop", ["on_stop end", "told end", "stopped end"]),
+        # restarted: not told
+        ("transient", "restart", "raise", ["on_stop end"]),
+        ("permanent", "restart", "ctx.stop", ["on_stop end"]),
+    ],
+)
+async def test_an_agent_that_ends_by_itself_for_good_is_told_to_the_transport_before_it_stops(
+    autojump_clock: Any, restart: str, on_error: str, how: str, expected: list[str]
+) -> None:
+    """Fifty-third pass: an agent whose run ends by itself for good (a ``temporary`` one
+    that raises or calls ``ctx.stop()``, a handler's directive ``stop``, a ``transient``
+    one's normal exit) is told to the transport's ``agent_stopping`` as ``kernel.stop``
+    is, before its ``on_stop`` where its end is decided without it, and in any case
+    before its ``stopped`` event (the NATS cluster drops a placed agent's record there:
+    dropped after the agent had stopped, a SIGKILL in between had it re-placed). One
+    that is restarted is not told; nor an unnamed one (no call at all)."""
+    seen: list[str] = []
+
+    class Ending(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "end":
+                if how == "raise":
+                    raise RuntimeError("ends")
+                ctx.stop()
+
+        async def on_stop(self, ctx: Context) -> None:
+            seen.append(f"on_stop {ctx.name}")
+
+    async def follow(events: Any) -> None:
+        async for event in events:
+            if event.kind is EventKind.STOPPED:
+                seen.append(f"stopped {event.name}")
+
+    spec = agent(Ending, restart=restart, on_error=on_error)
+    async with open_kernel(make_config()) as kernel, trio.open_nursery() as nursery:
+        kernel.attach_transport(_EndsTold(seen))
+        async with kernel.events() as events:
+            nursery.start_soon(follow, events)
+            ref = kernel.spawn(spec, name="end")
+            unnamed = kernel.spawn(spec)
+            for target in (ref, unnamed):
+                await kernel.send(target, "end")
+            await trio.sleep(5.0)  # (a told agent's stop waits a second: MockClock)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert [s for s in seen if s.endswith(" end")] == expected
+        assert "told None" not in seen  # (unnamed: no call)
+        assert "on_stop None" in seen
+        assert ("end" in [a.name for a in kernel.agents()]) is (len(expected) == 1)
+        kernel.detach_transport()
