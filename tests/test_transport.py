@@ -1150,3 +1150,35 @@ async def test_an_agent_that_ends_by_itself_for_good_is_told_to_the_transport_be
         assert "on_stop None" in seen
         assert ("end" in [a.name for a in kernel.agents()]) is (len(expected) == 1)
         kernel.detach_transport()
+
+
+async def test_an_agent_that_ends_for_good_whose_agent_stopping_raises_still_stops(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transport whose ``agent_stopping`` raises as a ``temporary`` agent's run ends by
+    itself (told from the run, before its ``on_stop``): the error is logged, naming the
+    agent, and the agent stops all the same (its ``on_stop`` runs, it is gone from
+    ``agents()``)."""
+    stopped: list[str] = []
+
+    class Ending(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ctx.stop()
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append("on_stop")
+
+    transport = _StopsTold(1.0, RuntimeError("told badly"))
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        ref = kernel.spawn(agent(Ending, restart="temporary"), name="ending")
+        await kernel.send(ref, "end")
+        await trio.sleep(5.0)
+        assert transport.told == ["ending"]
+        assert stopped == ["on_stop"]
+        assert kernel.agents() == []
+        kernel.detach_transport()
+    said = [r for r in caplog.records if "agent_stopping raised" in r.getMessage()]
+    assert [r.getMessage() for r in said] == [
+        "agent ending: the transport's agent_stopping raised; it stops all the same"
+    ]
