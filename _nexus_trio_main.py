@@ -100,6 +100,7 @@ def command_line() -> list[str] | None:
 def interrupted_while_starting(args: list[str]) -> NoReturn:
     """Say in one line that a Ctrl-C came while ``nexus`` (the command line ``args``)
     started, before any of its code ran; exit 130: nothing was started."""
+    _exit["said"] = True
     what = ": the run was not started" if is_a_run(args) else ""
     sys.stderr.write(f"nexus: interrupted: SIGINT while starting{what}\n")
     exiting_with(INTERRUPTED)
@@ -107,8 +108,11 @@ def interrupted_while_starting(args: list[str]) -> NoReturn:
 
 
 def _on_sigint_while_importing(signum: int, frame: object) -> None:
-    """SIGINT while ``python -m nexus_trio.cli`` imports its packages: one line, 130."""
-    interrupted_while_starting(_started_as or [])
+    """SIGINT while ``nexus`` starts (``python -m nexus_trio.cli`` imports its packages,
+    the command begins): one line, 130. A second one while the first is said is the same
+    stop: nothing more (it raised a second ``KeyboardInterrupt``, its traceback printed)."""
+    if not _exit["said"]:
+        interrupted_while_starting(_started_as or [])
 
 
 #: the command line of the ``python -m nexus_trio.cli`` whose imports
@@ -120,10 +124,10 @@ def say_a_ctrl_c_in_one_line(args: list[str]) -> None:
     """``python -m nexus_trio.cli``: ``runpy`` imports the package, then ``nexus_trio.cli``
     (Trio, typer, rich), before the command's ``__main__`` runs, so that a Ctrl-C there
     reached the top level as Python's ``KeyboardInterrupt`` traceback. Until
-    :func:`imports_done` (which ``__main__`` calls) a SIGINT that would raise it says so
-    in one line and exits 130 instead, as :func:`main` does for the console scripts. Not
-    in a ``--workers`` worker (its run notes the stop signals itself), nor where SIGINT
-    is ignored or someone else's handler."""
+    :func:`imports_done` (which :func:`command_began` calls, as click's handling begins)
+    a SIGINT that would raise it says so in one line and exits 130 instead; the console
+    scripts set it in :func:`run_command`. Not in a ``--workers`` worker (its run notes
+    the stop signals itself), nor where SIGINT is ignored or someone else's handler."""
     global _started_as
     if (
         threading.current_thread() is threading.main_thread()
@@ -142,7 +146,8 @@ _ignored_at_start: set[int] = set()
 #: the exit status of a Ctrl-C's end (interrupted as it started, or a stop it forced)
 INTERRUPTED = 130
 #: whether the command exits with :data:`INTERRUPTED` (:func:`exiting_with`)
-_exit = {"interrupted": False}
+#: and whether a Ctrl-C while it started was said (:func:`interrupted_while_starting`)
+_exit = {"interrupted": False, "said": False}
 
 
 def _hold(signum: int, frame: object) -> None:
@@ -267,7 +272,7 @@ def exiting_with(status: object) -> None:
 
 
 def imports_done() -> None:
-    """The command's code runs now (``nexus_trio/cli/__main__.py``): SIGINT raises
+    """The command's code handles a Ctrl-C now (:func:`command_began`): SIGINT raises
     ``KeyboardInterrupt`` again, which the command handles (and Trio's ``run`` takes
     only from that handler)."""
     if signal.getsignal(signal.SIGINT) is _on_sigint_while_importing:
@@ -286,7 +291,13 @@ _began = {"yes": False}
 def command_began() -> None:
     """The command's own code handles a Ctrl-C from here on (click's, then the run's:
     ``nexus_trio.cli._commands.RunByDefaultGroup.parse_args`` says so, the first of it
-    that runs inside click's handling of ``KeyboardInterrupt``)."""
+    that runs inside click's handling of ``KeyboardInterrupt``): Python's SIGINT handler
+    is given back (:func:`imports_done`); one that comes as it is given back is still
+    said in one line."""
+    try:
+        imports_done()
+    except KeyboardInterrupt:
+        interrupted_while_starting(command_line() or sys.argv[1:])
     _began["yes"] = True
 
 
@@ -294,16 +305,19 @@ def run_command(command: Callable[[], object] | None) -> None:
     """``command()`` (``nexus_trio.cli.main``; None: imported here), then, as it returns
     or exits (``SystemExit``), :func:`end_at_the_command_s_end`.
 
-    Python's SIGINT handler is put back (:func:`imports_done`) inside the block that says
-    a Ctrl-C in one line (:func:`interrupted_while_starting`, 130) until the command's
-    own code takes it over (:func:`command_began`), and so is the import of the command
-    (console scripts): no bytecode is left between them where a Ctrl-C raised a bare
-    ``KeyboardInterrupt`` with its traceback. It was so after ``imports_done()`` (``python
-    -m``, a handler swapped, then the command called), after the import's ``except`` (the
-    scripts) and in ``nexus_trio.cli.main``'s lines before click's ``try``."""
+    Until the command's own code takes a Ctrl-C over (:func:`command_began`, which gives
+    Python's handler back), SIGINT has the handler that says it in one line
+    (:func:`interrupted_while_starting`, 130): ``python -m``'s since the packages'
+    import (:func:`say_a_ctrl_c_in_one_line`), the scripts' from here, over the import of
+    the command and ``nexus_trio.cli.main``'s lines before click's ``try``. A bare
+    ``KeyboardInterrupt`` raised there printed its traceback (after ``imports_done()``,
+    ``python -m``; after the import's ``except``, the scripts); and while such a one was
+    said, the block below, a second Ctrl-C did (the fifty-third pass): the handler, run
+    again, only exits (130)."""
     try:
         try:
-            imports_done()
+            args = command_line()
+            say_a_ctrl_c_in_one_line(sys.argv[1:] if args is None else args)
             if command is None:
                 from nexus_trio.cli import main as imported  # (this import is the window)
 

@@ -764,3 +764,74 @@ def test_a_ctrl_c_as_the_command_takes_sigint_over_is_said_in_one_line(
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr == "nexus: interrupted: SIGINT while starting: the run was not started\n"
     assert proc.stdout == ""
+
+
+#: a ``sitecustomize`` that sends this process a SIGINT in ``nexus_trio.cli.main``'s lines
+#: before click's handling of a Ctrl-C (as it reads its program's name: not from a profile
+#: or trace function, in which Python traces nothing), then ``SECOND`` (a signal's name)
+#: as the entry says the first in one line: at ``AT``, ``call`` of
+#: ``interrupted_while_starting``, or ``said``, its line written (at ``exiting_with``)
+TWO_SIGNALS = """
+import os, pathlib, signal, sys
+
+real = pathlib.PurePath.name
+
+
+def name(self):
+    caller = sys._getframe(1).f_code
+    if caller.co_name == "main" and caller.co_filename.endswith("_app.py"):
+        pathlib.PurePath.name = real
+        sys.settrace(at_saying)
+        os.kill(os.getpid(), signal.SIGINT)
+    return real.fget(self)
+
+
+def second():
+    sys.settrace(None)
+    os.kill(os.getpid(), getattr(signal, os.environ["SECOND"]))
+
+
+def at_said(frame, event, arg):
+    line = open(frame.f_code.co_filename).read().splitlines()[frame.f_lineno - 1]
+    if event == "line" and "exiting_with(" in line:
+        second()
+    return at_said
+
+
+def at_saying(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "interrupted_while_starting":
+        if os.environ["AT"] == "call":
+            second()
+        return at_said
+    return None
+
+
+pathlib.PurePath.name = property(name)
+"""
+
+
+@pytest.mark.parametrize(
+    ("second", "at"), [("SIGINT", "call"), ("SIGINT", "said"), ("SIGTERM", "call")]
+)
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_a_second_signal_as_a_ctrl_c_while_starting_is_said_is_the_same_stop(
+    tmp_path: Path, how: str, second: str, at: str
+) -> None:
+    """Fifty-third pass (review): a second Ctrl-C (the terminal's and a parent's, or a
+    user's twice) while the entry said the first in one line, after the fifty-third
+    pass widened that block to ``nexus_trio.cli.main``'s lines, raised a second bare
+    ``KeyboardInterrupt`` from inside its ``except``: both tracebacks printed, status -2.
+    Until click's handling begins the entry's own SIGINT handler says it now (as while
+    ``python -m`` imports the packages), which a second Ctrl-C only runs again: one
+    line, 130. A SIGTERM there is noted for the run, which a Ctrl-C's 130 stands over."""
+    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
+    args = ["run", "--app", "myapp:main", "-d", "0.1", "--no-live", "--json"]
+    module = "nexus_trio.cli"
+    if how == "script":  # the console script's entry, called as the generated script does
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    proc = python_m(tmp_path, TWO_SIGNALS, module, args, SECOND=second, AT=at)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr == "nexus: interrupted: SIGINT while starting: the run was not started\n"
+    assert proc.stdout == ""

@@ -14,9 +14,9 @@ if __name__ == "__main__":
     # instructions of a start's 1,060 M against 0.39 M, callgrind)
     entry = sys.modules.get("_nexus_trio_main")
     if entry is not None:
-        # (SIGINT given back to Python inside it, imports_done(), so that a Ctrl-C from
-        # here until the command's code takes it is said in one line too; a stop noted
-        # as it started that no run took ends it, after the exit functions)
+        # (a Ctrl-C from here until click's handling begins, entry.command_began(), is
+        # said in one line too; a stop noted as it started that no run took ends it,
+        # after the exit functions)
         entry.run_command(main)
     else:
         main()
