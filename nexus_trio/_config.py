@@ -548,13 +548,18 @@ _NOT_IN_A_HOST_NAME: Final = (
     (":", "a host name has no ':' (an IPv6 address has)"),
 )
 _WITH_A_PORT: Final = "a host, without its port: the port is given on its own"
+#: the most characters of a host name, without a trailing dot (RFC 1035's 255 bytes of a
+#: name as DNS sends it): a longer one no resolver looks up
+HOST_NAME_MAX: Final = 253
 
 
 def host_problem(host: str) -> str | None:
     """Why ``host`` is no address (IPv4, or IPv6 with or without brackets) nor a name a
     resolver can be asked, or None: blank; a ``:``, ``/``, bracket or blank in a name;
     a label that IDNA refuses (``x..y``, 64 characters, a byte that is not text), which
-    raised ``UnicodeError`` in the thread that looked it up."""
+    raised ``UnicodeError`` in the thread that looked it up; a name past
+    :data:`HOST_NAME_MAX` characters as DNS spells it (``a.`` 2,000 times: each label
+    taken, the run failed late, the whole name echoed in its error)."""
     if not host.strip():
         return "blank"
     try:
@@ -572,10 +577,13 @@ def host_problem(host: str) -> str | None:
     if any(c.isspace() for c in host):
         return "a host name has no blanks"
     try:
-        host.encode("idna")
+        spelt = host.encode("idna")
     except UnicodeError as exc:
         cause = exc.__cause__ or exc.__context__
         return str(cause) if cause is not None and str(cause) else "not a host name"
+    length = len(spelt.removesuffix(b"."))
+    if length > HOST_NAME_MAX:
+        return f"a host name has at most {HOST_NAME_MAX} characters, this one {length:,}"
     return None
 
 

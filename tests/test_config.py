@@ -1811,3 +1811,48 @@ def test_a_metrics_host_is_checked_as_the_config_loads(home: Path, host: str, wh
         file.write_text(f'[metrics]\nhost = "{taken}"\n')
         assert load(home).config.metrics.host == kept
     assert MetricsConfig(host="[::1]").host == "::1"
+
+
+#: a host name of 253 characters (four labels), the most DNS takes
+_NAME_253 = f"{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}"
+
+
+@pytest.mark.parametrize(
+    ("host", "length"),
+    [(_NAME_253 + "d", "254"), ("a." * 2000 + "b", "4,001")],
+    ids=["254", "4001"],
+)
+def test_a_metrics_host_longer_than_a_host_name_is_refused_at_load(
+    home: Path, host: str, length: str
+) -> None:
+    """Review of the fifty-third pass: the check at load took any name whose labels IDNA
+    takes, also one past the 253 characters of a DNS name (``a.`` 2,000 times), which
+    then failed the run late, exit 1, echoing the whole name: 4,389 bytes of error for
+    4,001 characters. Refused at load now, cut; a name of 253 characters (254 with a
+    trailing dot) and the original's hosts are taken as they were."""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == (
+        f'{file}:2: [metrics] host must be an address or a host name, got "{host[:40]}"...'
+        f" ({len(host):,} characters) (a host name has at most 253 characters, this one"
+        f" {length})"
+    )
+    assert info.value.key == "metrics.host"
+    taken = [
+        _NAME_253,
+        _NAME_253 + ".",
+        "host.",
+        "localhost",
+        "0.0.0.0",
+        "::",
+        "bücher.example",
+        "fe80::1%eth0",
+    ]
+    for name in taken:
+        file.write_text(f'[metrics]\nhost = "{name}"\n')
+        assert load(home).config.metrics.host == name
+    file.write_text('[metrics]\nhost = "[fe80::1%eth0]"\n')
+    assert load(home).config.metrics.host == "fe80::1%eth0"
+    with pytest.raises(ConfigError, match=r"^environment variable NEXUS_METRICS__HOST: .* 253"):
+        load(home, env=env_for(home, NEXUS_METRICS__HOST=host))

@@ -253,7 +253,8 @@ def documented_valid(dotted: str, value: Any) -> bool:
 
 def _is_address_or_host_name(value: str) -> bool:
     """docs/config.md's "address or host name": an IP address (IPv6 also in brackets), or
-    a name of labels of 1 to 63 characters (IDNA) without blanks, ``/``, ``:`` or brackets."""
+    a name of labels of 1 to 63 characters (IDNA) without blanks, ``/``, ``:`` or brackets,
+    of at most 253 characters as DNS spells it (without a trailing dot)."""
     import ipaddress
 
     inner = value[1:-1] if value.startswith("[") and value.endswith("]") else None
@@ -267,10 +268,10 @@ def _is_address_or_host_name(value: str) -> bool:
     if not value.strip() or any(c.isspace() or c in "/:[]" for c in value):
         return False
     try:
-        value.encode("idna")
+        spelt = value.encode("idna")
     except UnicodeError:
         return False
-    return True
+    return len(spelt.removesuffix(b".")) <= 253
 
 
 #: docs/config.md's rules across keys ("Rules across keys"): the first key at least (or
