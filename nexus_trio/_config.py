@@ -592,12 +592,30 @@ def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {shown(value)}"
         )
-    problem = host_problem(value)
+    problem = host_problem(value) or _listen_problem(value)
     if problem is not None:
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be an address or a host name,"
             f" got {shown(value)} ({problem})"
         )
+
+
+def _listen_problem(host: str) -> str | None:
+    """Why Trio, which the metrics endpoint listens with, cannot look ``host`` up, where
+    :func:`host_problem` (Python's IDNA 2003 codec, what ``nexus health``'s request asks)
+    took it: an international name IDNA 2008 refuses (``☃.net``: ``U+2603 ... not
+    allowed``), which loaded and failed the run, exit 1. Trio encodes a name that is
+    not ASCII with the ``idna`` package (its dependency), UTS 46 mapping on
+    (``trio.socket.getaddrinfo``); so is it asked here."""
+    if host.isascii():
+        return None
+    import idna  # (Trio's own import of it, not a second one: Trio is imported first)
+
+    try:
+        idna.encode(host, uts46=True)
+    except UnicodeError as exc:  # (idna.IDNAError is one)
+        return str(exc) or "not a host name"
+    return None
 
 
 def _unbracketed(value: Any) -> Any:

@@ -1856,3 +1856,23 @@ def test_a_metrics_host_longer_than_a_host_name_is_refused_at_load(
     assert load(home).config.metrics.host == "fe80::1%eth0"
     with pytest.raises(ConfigError, match=r"^environment variable NEXUS_METRICS__HOST: .* 253"):
         load(home, env=env_for(home, NEXUS_METRICS__HOST=host))
+
+
+@pytest.mark.parametrize("host", ["☃.net", "ü_b.example"])
+def test_a_metrics_host_that_trio_cannot_look_up_is_refused_at_load(home: Path, host: str) -> None:
+    """Review of the fifty-third pass: the check at load asked Python's IDNA 2003 codec,
+    which takes ``☃.net``; Trio, which the endpoint listens with, encodes an international
+    name by IDNA 2008 (the ``idna`` package), which refuses it: the name loaded and the run
+    failed, exit 1 (``cannot listen on '☃.net': no host name (Codepoint U+2603 ...``).
+    Refused at load now, naming the key; an international name both take is taken."""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).startswith(
+        f'{file}:2: [metrics] host must be an address or a host name, got "{host}" (Codepoint U+'
+    )
+    assert " not allowed)" in str(info.value)
+    assert info.value.key == "metrics.host"
+    for name in ["bücher.example", "Bücher.example", "ß.de", "a_b.example"]:
+        file.write_text(f'[metrics]\nhost = "{name}"\n')
+        assert load(home).config.metrics.host == name

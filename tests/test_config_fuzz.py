@@ -254,8 +254,11 @@ def documented_valid(dotted: str, value: Any) -> bool:
 def _is_address_or_host_name(value: str) -> bool:
     """docs/config.md's "address or host name": an IP address (IPv6 also in brackets), or
     a name of labels of 1 to 63 characters (IDNA) without blanks, ``/``, ``:`` or brackets,
-    of at most 253 characters as DNS spells it (without a trailing dot)."""
+    of at most 253 characters as DNS spells it (without a trailing dot), and one that is not
+    ASCII as IDNA 2008 takes it (``☃.net`` is not)."""
     import ipaddress
+
+    import idna
 
     inner = value[1:-1] if value.startswith("[") and value.endswith("]") else None
     for text, family in ((value, None), (inner, ipaddress.IPv6Address)):
@@ -269,6 +272,8 @@ def _is_address_or_host_name(value: str) -> bool:
         return False
     try:
         spelt = value.encode("idna")
+        if not value.isascii():  # (as Trio, which listens on it, encodes it: IDNA 2008)
+            idna.encode(value, uts46=True)
     except UnicodeError:
         return False
     return len(spelt.removesuffix(b".")) <= 253
