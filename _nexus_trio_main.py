@@ -313,7 +313,7 @@ def run_command(command: Callable[[], object] | None) -> None:
     ``KeyboardInterrupt`` raised there printed its traceback (after ``imports_done()``,
     ``python -m``; after the import's ``except``, the scripts); and while such a one was
     said, the block below, a second Ctrl-C did (the fifty-third pass): the handler, run
-    again, only exits (130)."""
+    again while the first is said, adds nothing (one line, 130)."""
     try:
         try:
             args = command_line()
