@@ -683,12 +683,15 @@ def _to_commands(value: Any) -> Any:
     return value
 
 
-def app_reference_hint(value: str) -> str:
-    """What to append to an error about ``value``, a ``package.module:attr`` reference that
-    did not work: the reference it likely meant, if there is one (``myagents.py:app``,
-    ``./pkg/agents.py:app`` written as a file; ``myagents.app``, a dot for the colon;
-    ``myagents:app `` with a stray space; ``myagents.py`` alone, a file without the
-    object: ``myagents:NAME``, and ``myagents`` alone, a module without it), else ''."""
+def is_app_reference(text: str) -> bool:
+    """Whether ``text`` reads as a ``package.module:attr`` reference, as ``--app`` and
+    ``[app] app`` take one."""
+    return _APP_REFERENCE.fullmatch(text) is not None
+
+
+def _meant_app_reference(value: str) -> tuple[str, bool, bool] | None:
+    """The reference ``value`` likely meant (see :func:`app_reference_hint`), whether
+    ``value`` was written as a file, and whether the object is a placeholder (``NAME``)."""
     text = value.strip()
     placeholder = ":" not in text and (_is_file(text) or text.isidentifier())
     if placeholder:
@@ -697,14 +700,34 @@ def app_reference_hint(value: str) -> str:
     else:
         module, sep, attr = text.rpartition(":") if ":" in text else text.rpartition(".")
     if not sep:
-        return ""
+        return None
     as_file = _is_file(module)
     if as_file:
         module = module.removesuffix(".py").replace("\\", "/")
         module = ".".join(part for part in module.split("/") if part not in ("", "."))
     guess = f"{module}:{attr}"
     if guess == value or not _APP_REFERENCE.fullmatch(guess):
+        return None
+    return guess, as_file, placeholder
+
+
+def meant_app_reference(value: str) -> str | None:
+    """The ``package.module:attr`` reference ``value`` likely meant, one that names its
+    object (``myagents.py:app``: ``myagents:app``), else None."""
+    meant = _meant_app_reference(value)
+    return None if meant is None or meant[2] else meant[0]
+
+
+def app_reference_hint(value: str) -> str:
+    """What to append to an error about ``value``, a ``package.module:attr`` reference that
+    did not work: the reference it likely meant, if there is one (``myagents.py:app``,
+    ``./pkg/agents.py:app`` written as a file; ``myagents.app``, a dot for the colon;
+    ``myagents:app `` with a stray space; ``myagents.py`` alone, a file without the
+    object: ``myagents:NAME``, and ``myagents`` alone, a module without it), else ''."""
+    meant = _meant_app_reference(value)
+    if meant is None:
         return ""
+    guess, as_file, placeholder = meant
     hint = f"; did you mean {cut(guess, repr)}?"
     if not as_file:
         return hint + (" (NAME: the object in it to run)" if placeholder else "")

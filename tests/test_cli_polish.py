@@ -656,6 +656,55 @@ def test_an_app_reference_given_to_run_as_an_argument_is_told_to_be_app(
 
 
 @pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["run", "x" * 5000],
+            f"Got unexpected extra argument(s) ({'x' * 40}... (5,000 characters))",
+        ),
+        (
+            ["run", "pkg:Agents.spec"],
+            "Got unexpected extra argument(s) (pkg:Agents.spec); did you mean --app"
+            " pkg:Agents.spec?",
+        ),
+        (
+            ["run", "myagents.py:app"],
+            "Got unexpected extra argument(s) (myagents.py:app); did you mean --app myagents:app?",
+        ),
+        (
+            ["run", "--app", "x:y", "extra:z"],
+            "Got unexpected extra argument(s) (extra:z); --app is given ('x:y') and takes"
+            " one MODULE:ATTR, which may name a list of agents (nexus run takes no argument)",
+        ),
+        (
+            ["myagents:app"],
+            "No such command 'myagents:app'. Did you mean 'run --app myagents:app'?",
+        ),
+        (
+            ["nexus-runtime", "pkg.agents:main"],
+            "No such command 'pkg.agents:main'. Did you mean 'run --app pkg.agents:main'?",
+        ),
+    ],
+    ids=["long", "dotted-attribute", "file", "app-given", "no-run", "no-run-program-name"],
+)
+def test_an_argument_given_to_run_is_shown_cut_and_told_the_app_it_reads_as(
+    args: list[str], expected: str
+) -> None:
+    """Regression (review of the hint above): a 5,000-character extra argument was echoed
+    whole (twice with the hint), where every other value of an error is cut to its first
+    40 characters and its length; ``pkg:Agents.spec``, which ``--app`` takes, got no hint;
+    ``myagents.py:app`` was told ``--app myagents.py:app``, which ``--app`` refuses in
+    turn; with ``--app x:y`` given, ``extra:z`` was told ``did you mean --app extra:z?``;
+    and ``nexus myagents:app`` (no ``run``, as ``uvicorn myagents:app``) said ``No such
+    command 'myagents:app'.`` alone."""
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    said = flat(result.output)
+    assert expected in said, said
+    assert said.count("x" * 40) <= 1, said
+
+
+@pytest.mark.parametrize(
     "args",
     [["run", "-d", "1"], ["config", "show"], ["health"], ["send", "true", "1"]],
     ids=["run", "config show", "health", "send"],

@@ -24,13 +24,15 @@ from typing import Any, Final, TypeVar
 
 import typer.core
 
-from .._config import cut, host_problem, unbracketed
+from .._config import cut, host_problem, is_app_reference, meant_app_reference, unbracketed
 
 __all__ = [
     "PROGRAM_NAMES",
     "Command",
     "Group",
     "RunByDefaultGroup",
+    "RunCommand",
+    "as_app_reference",
     "default_to_run",
     "file_path",
     "finite_at_least",
@@ -119,17 +121,26 @@ class Command(typer.core.TyperCommand):
         return pieces
 
 
-#: an argument that reads as an app reference, ``package.module:attr``
-_APP_REFERENCE: Final = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 #: what click escapes in an unexpected argument it shows (terminal control characters)
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def as_app_reference(arg: str) -> str | None:
+    """The ``--app`` reference that ``arg``, a word given where ``nexus run`` takes none,
+    reads as: ``myagents:app`` and ``pkg:Agents.spec`` as written, ``myagents.py:app``
+    (a file) as ``myagents:app``, which ``--app`` takes; None for a word with no colon."""
+    if ":" not in arg:
+        return None
+    meant = meant_app_reference(arg)  # (first: ``app.py:main`` reads as a reference too)
+    return meant if meant is not None else arg if is_app_reference(arg) else None
 
 
 class RunCommand(Command):
     """``nexus run``: an argument that reads as an app reference (``nexus run
     myagents:app``, as uvicorn and gunicorn take one) is told to be given as ``--app``.
     It was refused as ``Got unexpected extra argument(s) (myagents:app)`` alone, naming
-    no flag (docs/deploy.md's pod had ``args: ["run", "app:main", ...]``)."""
+    no flag (docs/deploy.md's pod had ``args: ["run", "app:main", ...]``). The arguments
+    are shown cut as the other errors' values are (:func:`nexus_trio._config.cut`)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if ctx.allow_extra_args or ctx.resilient_parsing:
@@ -140,14 +151,20 @@ class RunCommand(Command):
         finally:
             ctx.allow_extra_args = False
         if rest:
-            extra = " ".join(_CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", a) for a in rest)
-            references = [arg for arg in rest if _APP_REFERENCE.fullmatch(arg)]
-            hint = (
-                f"; did you mean --app {references[0]}? (nexus run takes no argument: your"
-                " agents are given as --app MODULE:ATTR)"
-                if references
-                else ""
-            )
+            extra = _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", cut(" ".join(rest)))
+            references = [ref for ref in map(as_app_reference, rest) if ref is not None]
+            given = ctx.params.get("app_ref")
+            hint = ""
+            if given is not None and references:
+                hint = (
+                    f"; --app is given ({cut(given, repr)}) and takes one MODULE:ATTR, which"
+                    " may name a list of agents (nexus run takes no argument)"
+                )
+            elif references:
+                hint = (
+                    f"; did you mean --app {cut(references[0])}? (nexus run takes no"
+                    " argument: your agents are given as --app MODULE:ATTR)"
+                )
             ctx.fail(f"Got unexpected extra argument(s) ({extra}){hint}")
         return rest
 
@@ -197,6 +214,12 @@ class RunByDefaultGroup(Group):
         init``) says ``Did you mean 'config init'?``, where it said no more than ``No
         such command 'init'.``."""
         if args and args[0] not in self.commands:
+            reference = as_app_reference(args[0])
+            if reference is not None:  # (``nexus myagents:app``, as ``uvicorn`` takes one)
+                ctx.fail(
+                    f"No such command {cut(args[0], repr)}. Did you mean"
+                    f" 'run --app {cut(reference)}'?"
+                )
             nested = [
                 f"{name} {args[0]}"
                 for name, command in self.commands.items()
