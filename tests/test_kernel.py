@@ -1283,6 +1283,26 @@ async def test_an_unroutable_reply_s_dead_letter_names_the_agent_that_answered(
     assert line == f"dead letter {letter.message.id} to {SYSTEM_ID}: unroutable_reply ({said})"
 
 
+async def test_an_unroutable_reply_of_an_unnamed_agent_or_to_no_agent_says_so() -> None:
+    """Review of the detail above: an agent without a name is named by its id, and an
+    answer to an address that is no agent (a sender gone, or none) says that, not
+    ``kernel.send``."""
+    nobody = uuid.uuid4()
+    async with open_kernel(make_config()) as kernel:
+        e = kernel.spawn(echo)
+        await kernel.send(e, "from outside")
+        await kernel.send(Message(sender=nobody, to=e.id, payload="from nobody"))
+        await trio.testing.wait_all_tasks_blocked()
+    letters = kernel.recent_dead_letters()
+    assert [d.reason for d in letters] == [DeadLetterReason.UNROUTABLE_REPLY] * 2
+    assert [d.detail for d in letters] == [
+        f"the answer of agent {e.id} to a message sent from outside any agent"
+        " (kernel.send): nothing waits for it",
+        f"the answer of agent {e.id}: its recipient is no agent here",
+    ]
+    assert [d.message.to for d in letters] == [SYSTEM_ID, nobody]
+
+
 async def test_returned_message_to_a_full_mailbox_waits_the_deadline_then_dead_letters(
     autojump_clock: Any,
 ) -> None:
