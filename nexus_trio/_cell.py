@@ -1086,12 +1086,14 @@ class AgentCell(Child):
         """Tell the transport that this agent ends for good, before its stop goes on (see
         ``StopsTold``: the NATS cluster drops a placed agent's record there, so that a
         node SIGKILLed meanwhile does not have an agent that ended re-placed). Shielded
-        (the run ends whatever cancels it meanwhile); an error is logged, and the run
-        ends all the same."""
+        (the run ends whatever cancels it meanwhile) and bounded, as its ``on_stop`` is,
+        by its ``shutdown_timeout`` (a transport that does not return would hold the
+        run's end, and a shutdown's stop of it, for as long); an error or the timeout is
+        logged, and the run ends all the same."""
         stopping = getattr(self.router.transport, "agent_stopping", None)
         if stopping is None:
             return
-        with trio.CancelScope(shield=True):
+        with self._stop_scope() as scope:
             try:
                 await stopping(self.id, self.name)
             except Exception as exc:
@@ -1103,6 +1105,16 @@ class AgentCell(Child):
                     exc_info=exc,
                     extra=log_extra(self),
                 )
+        if scope.cancelled_caught:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "agent %s: the transport's agent_stopping did not return within its"
+                " shutdown_timeout (%gs): cancelled; it stops all the same",
+                self.label,
+                self.shutdown_timeout,
+                extra=log_extra(self),
+            )
 
     # --- a run's bookkeeping: each group protected from KeyboardInterrupt as a whole ----
 

@@ -140,7 +140,8 @@ class StopsTold(Protocol):
         Also a named agent whose run ends by itself for good (``temporary``, or its
         handler's directive ``stop``: before its ``on_stop``; a ``transient`` one's normal
         exit: once its ``on_stop`` returned), from its own run, before its ``stopped``
-        event; not during the kernel's shutdown.
+        event; not during the kernel's shutdown. That call is shielded and bounded by the
+        agent's ``shutdown_timeout`` (then cancelled, a WARNING logged).
         Must not raise; should not wait long (the stop waits for it). The kernel shields
         the call from its caller's cancel (the agent is unrouted already), and the stop is
         carried out whatever this ends with (an error is raised to the caller once the

@@ -1182,3 +1182,44 @@ async def test_an_agent_that_ends_for_good_whose_agent_stopping_raises_still_sto
     assert [r.getMessage() for r in said] == [
         "agent ending: the transport's agent_stopping raised; it stops all the same"
     ]
+
+
+async def test_an_agent_that_ends_for_good_whose_agent_stopping_hangs_stops_within_its_timeout(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transport whose ``agent_stopping`` does not return (a third-party one that waits
+    on a peer gone silent; the protocol asks it not to wait long) as a ``temporary``
+    agent's run ends by itself: the call is bounded by the agent's ``shutdown_timeout``
+    as its ``on_stop`` is, said in a WARNING line, and the agent stops all the same.
+    Until the review of the fifty-third pass the shielded call held the run's end for
+    as long as the transport did (here 10,000 s: the agent's ``on_stop`` ran then, and
+    the kernel's shutdown waited for it, its stop's cancel shielded off)."""
+    stopped: list[float] = []
+
+    class Ending(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ctx.stop()
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append(trio.current_time())
+
+    transport = _StopsTold(10_000.0)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        start = trio.current_time()
+        ref = kernel.spawn(agent(Ending, restart="temporary", shutdown_timeout=2.0), name="ending")
+        await kernel.send(ref, "end")
+        await trio.sleep(5.0)
+        assert transport.told == ["ending"]
+        assert [t - start for t in stopped] == [pytest.approx(2.0)]
+        assert kernel.agents() == []
+        kernel.detach_transport()
+    assert trio.current_time() - start < 100
+    said = [r for r in caplog.records if "agent_stopping did not return" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        (
+            "WARNING",
+            "agent ending: the transport's agent_stopping did not return within its"
+            " shutdown_timeout (2s): cancelled; it stops all the same",
+        )
+    ]
