@@ -829,7 +829,10 @@ async def test_a_drain_s_rerun_after_a_failure_does_not_carry_its_letters_detail
     autojump_clock: Any,
 ) -> None:
     """``c`` fails; the ``one_for_all`` restart stops ``b`` (busy 0.5 s), then ``a``, whose
-    draining stop was asked meanwhile (1.5 s ``shutdown_timeout``): ``a`` drains, fails on
+    draining stop was asked meanwhile (1.75 s ``shutdown_timeout``, its deadline at 2.25 s,
+    not in the tick ``x`` ends, 2.0 s: at 1.5 s both fell in one tick, and Trio's
+    scheduling order, shuffled per run, had ``x`` cut in about half the runs, whatever
+    MockClock): ``a`` drains, fails on
     ``boom`` (``x``, ``y``, ``z`` still queued), and, its stop queued, a run starts at once
     for the rest (see the test above); that run's stop runs out of time at ``y``. Before
     (fifty-third pass): the first run's failure, kept on the agent (``drain_ended``), was
@@ -839,7 +842,7 @@ async def test_a_drain_s_rerun_after_a_failure_does_not_carry_its_letters_detail
     run starts for the drain."""
     Member.log = []
     children = [
-        agent(Paced, name="a", shutdown_timeout=1.5),
+        agent(Paced, name="a", shutdown_timeout=1.75),
         agent(Paced, name="b"),
         agent(Paced, name="c"),
     ]
