@@ -1047,7 +1047,7 @@ class AgentCell(Child):
         """The run's ``on_stop`` in its shielded scope; what the run ends with after it."""
         ctx = self.ctx
         assert ctx is not None  # built by the run's start
-        with self._stop_scope() as stop_scope:
+        with self.shutdown_scope() as stop_scope:
             try:
                 await behaviour.on_stop(ctx)
             except Exception as exc:
@@ -1093,7 +1093,7 @@ class AgentCell(Child):
         stopping = getattr(self.router.transport, "agent_stopping", None)
         if stopping is None:
             return
-        with self._stop_scope() as scope:
+        with self.shutdown_scope() as scope:
             try:
                 await stopping(self.id, self.name)
             except Exception as exc:
@@ -1251,14 +1251,6 @@ class AgentCell(Child):
                 )
             finally:
                 self._handler_scope = None
-
-    @trio.lowlevel.enable_ki_protection
-    def _stop_scope(self) -> trio.CancelScope:
-        """The shielded scope of ``on_stop``, with the agent's shutdown timeout."""
-        scope = trio.CancelScope(shield=True)
-        if math.isfinite(self.shutdown_timeout):
-            scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
-        return scope
 
     @trio.lowlevel.enable_ki_protection
     def _on_stop_cut(self) -> None:

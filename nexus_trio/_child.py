@@ -367,6 +367,15 @@ class Child:
     def label(self) -> str:
         return self.name or str(self.id)
 
+    def shutdown_scope(self) -> trio.CancelScope:
+        """A shielded scope whose deadline is this child's ``shutdown_timeout`` from now
+        (none for an infinite one; a timeout of 0 cancels at the first checkpoint):
+        ``on_stop``'s, and the transport's ``agent_stopping`` of its stop."""
+        scope = trio.CancelScope(shield=True)
+        if math.isfinite(self.shutdown_timeout):
+            scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
+        return scope
+
     def signal_started(self) -> None:
         """This run has started: release the sibling waiting to start after it."""
         gate = self.start_gate

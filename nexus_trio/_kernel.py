@@ -714,13 +714,24 @@ class Kernel:
         kernel's own code is). The transport's call is shielded from the caller's cancel
         (the agent is unrouted already: a caller that gives up there, a ``move_on_after``
         around ``kernel.stop`` or a shutdown starting, must not leave the transport's
-        work half done), and the stop is carried out whatever it ended with: a transport
-        that raised left the agent running out of the routing table, never stopped (its
+        work half done), bounded by the agent's ``shutdown_timeout`` (a transport that
+        does not return held the caller, and the stop, for as long: then cancelled,
+        said), and the stop is carried out whatever it ended with: a transport that
+        raised left the agent running out of the routing table, never stopped (its
         error reaches the caller once the stop began)."""
         try:
             if stopping is not None:
-                with trio.CancelScope(shield=True):
+                with node.shutdown_scope() as told:
                     await stopping(node.id, node.name)
+                if told.cancelled_caught:
+                    log_guarded(
+                        log,
+                        logging.WARNING,
+                        "stop of %s: the transport's agent_stopping did not return within"
+                        " its shutdown_timeout (%gs): cancelled; the stop goes on",
+                        node.label,
+                        node.shutdown_timeout,
+                    )
         finally:
             # (its first step, before any checkpoint, commits the stop)
             await owner.terminate(node, reason)

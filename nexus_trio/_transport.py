@@ -143,7 +143,8 @@ class StopsTold(Protocol):
         event; not during the kernel's shutdown. That call is shielded and bounded by the
         agent's ``shutdown_timeout`` (then cancelled, a WARNING logged).
         Must not raise; should not wait long (the stop waits for it). The kernel shields
-        the call from its caller's cancel (the agent is unrouted already), and the stop is
+        the call from its caller's cancel (the agent is unrouted already), bounded by the
+        agent's ``shutdown_timeout`` (then cancelled, a WARNING logged), and the stop is
         carried out whatever this ends with (an error is raised to the caller once the
         stop began)."""
         ...

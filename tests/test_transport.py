@@ -1014,7 +1014,11 @@ async def test_a_stop_whose_agent_stopping_is_cancelled_or_raises_still_stops_th
         async def on_stop(self, ctx: Context) -> None:
             stopped.append("on_stop")
 
-    transport = _StopsTold(10.0, None if how == "cancelled" else RuntimeError("told badly"))
+    # (one that raises does so within the agent's shutdown_timeout, 5 s: past it, the
+    # call is cancelled, see the test below)
+    transport = (
+        _StopsTold(10.0) if how == "cancelled" else _StopsTold(1.0, RuntimeError("told badly"))
+    )
     async with open_kernel(make_config()) as kernel:
         kernel.attach_transport(transport)
         ref = kernel.spawn(Held, name="held")
@@ -1221,5 +1225,50 @@ async def test_an_agent_that_ends_for_good_whose_agent_stopping_hangs_stops_with
             "WARNING",
             "agent ending: the transport's agent_stopping did not return within its"
             " shutdown_timeout (2s): cancelled; it stops all the same",
+        )
+    ]
+
+
+async def test_a_stop_whose_agent_stopping_hangs_goes_on_after_the_agent_s_shutdown_timeout(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``kernel.stop`` shields the transport's ``agent_stopping`` from its caller's cancel
+    (the agent is unrouted already), bounded by the agent's ``shutdown_timeout``: a
+    transport that does not return is cancelled then (a WARNING line), the stop goes on,
+    and a caller that gave up (``move_on_after(1)``) has its call back then. Until the
+    review of the fifty-third pass the shield had no deadline: the caller's
+    ``move_on_after(1)`` came back at 10,000 s, when the transport did, and the agent's
+    stop (its ``on_stop``) waited as long."""
+    stopped: list[float] = []
+
+    class Held(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append(trio.current_time())
+
+    transport = _StopsTold(10_000.0)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        ref = kernel.spawn(agent(Held, shutdown_timeout=2.0), name="held")
+        await kernel.send(ref, "wake")
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        with trio.move_on_after(1.0) as gave_up:
+            await kernel.stop(ref)
+        assert gave_up.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert transport.told == ["held"]
+        assert [t - start for t in stopped] == [pytest.approx(2.0)]
+        assert kernel.agents() == []
+        kernel.detach_transport()
+    said = [r for r in caplog.records if "agent_stopping did not return" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        (
+            "WARNING",
+            "stop of held: the transport's agent_stopping did not return within its"
+            " shutdown_timeout (2s): cancelled; the stop goes on",
         )
     ]
