@@ -4064,6 +4064,11 @@ def _refuse_batches(monkeypatch: pytest.MonkeyPatch, how: str) -> Any:
             command = pub_cmd(subject, reply, data)
             self.nc._pending.append(command)
             self.nc._pending_data_size += len(command)
+            # and the client reconnecting from here on, as the buffer says: its writers
+            # (nats-py's flusher, a direct publish) write nothing meanwhile; with the
+            # connection up they wrote the buffer out at the flusher's next turn, and b
+            # handled 5..7 (a CI run under load: publish_failures 0, the batch sent)
+            self.nc._status = type(self.nc).RECONNECTING
 
         return refused() if how == "refuse" else buffered()
 
