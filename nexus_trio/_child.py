@@ -367,6 +367,7 @@ class Child:
     def label(self) -> str:
         return self.name or str(self.id)
 
+    @trio.lowlevel.enable_ki_protection
     def shutdown_scope(self) -> trio.CancelScope:
         """A shielded scope whose deadline is this child's ``shutdown_timeout`` from now
         (none for an infinite one; a timeout of 0 cancels at the first checkpoint):

@@ -29,6 +29,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio import _cell as cell_module
+from nexus_trio import _child as child_module
 from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
@@ -1389,20 +1390,27 @@ async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_th
 
 def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     """A ``sys.settrace`` function that gives a Ctrl-C to the line of ``nexus_trio/_cell.py``
-    that starts with ``text``, the first time it runs in ``run_once`` (or ``_call_on_start``
+    (or ``_child.py``: the scope of ``on_stop`` is ``Child.shutdown_scope``) that starts with
+    ``text``, the first time it runs in ``run_once`` (or ``_call_on_start``
     or ``_call_on_stop``, its on_start and on_stop parts) or in a function that one of
     them calls, as the signal machinery
     would: Trio's SIGINT handler is called with the frame that runs it, raises
     KeyboardInterrupt there if that frame is not protected, and gives it to the run's main
     task otherwise (``fired`` gets the function's name)."""
-    path = cell_module.__file__
-    with open(path, encoding="utf-8") as source:
-        lines = {n for n, line in enumerate(source, 1) if line.strip().startswith(text)}
+    lines: set[tuple[str, int]] = set()
+    for module in (cell_module, child_module):  # (and the Child methods the cell's runs call)
+        path = module.__file__
+        assert path is not None
+        with open(path, encoding="utf-8") as source:
+            lines |= {
+                (path, n) for n, line in enumerate(source, 1) if line.strip().startswith(text)
+            }
     assert lines, text
+    paths = {path for path, _ in lines}
     runs = ("run_once", "_call_on_start", "_call_on_stop")
 
     def at_line(frame: types.FrameType, event: str, arg: Any) -> Any:
-        if fired or event != "line" or frame.f_lineno not in lines:
+        if fired or event != "line" or (frame.f_code.co_filename, frame.f_lineno) not in lines:
             return at_line
         caller = frame.f_back
         if frame.f_code.co_name not in runs and (
@@ -1418,7 +1426,7 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
         return None
 
     def on_call(frame: types.FrameType, event: str, arg: Any) -> Any:
-        return at_line if frame.f_code.co_filename == path else None
+        return at_line if frame.f_code.co_filename in paths else None
 
     return on_call
 
