@@ -740,6 +740,18 @@ else:
 """
 
 
+def _run_an_app_by(tmp_path: Path, how: str) -> tuple[str, list[str]]:
+    """The module to run (``python -m``'s, or the console script's entry as the generated
+    script calls it, for ``how == "script"``) and the arguments of a short ``nexus run``
+    of an app that does nothing, both written into ``tmp_path``."""
+    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
+    args = ["run", "--app", "myapp:main", "-d", "0.1", "--no-live", "--json"]
+    if how != "script":
+        return "nexus_trio.cli", args
+    (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+    return "nexus_script", args
+
+
 @pytest.mark.parametrize(
     ("how", "at"), [("-m", "swap"), ("-m", "main"), ("script", "main")], ids=str
 )
@@ -753,12 +765,7 @@ def test_a_ctrl_c_as_the_command_takes_sigint_over_is_said_in_one_line(
     click's ``try`` (both entries). Said in one line now, status 130, nothing started.
     (With main's ``_nexus_trio_main.py``, ``cli/__main__.py`` and ``_commands.py``:
     ``Traceback ... KeyboardInterrupt``, status -2: Python's own end by SIGINT.)"""
-    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
-    args = ["run", "--app", "myapp:main", "-d", "0.1", "--no-live", "--json"]
-    module = "nexus_trio.cli"
-    if how == "script":  # the console script's entry, called as the generated script does
-        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
-        module = "nexus_script"
+    module, args = _run_an_app_by(tmp_path, how)
     proc = python_m(tmp_path, CTRL_C_AT, module, args, KILL_AT=at)
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -824,12 +831,7 @@ def test_a_second_signal_as_a_ctrl_c_while_starting_is_said_is_the_same_stop(
     Until click's handling begins the entry's own SIGINT handler says it now (as while
     ``python -m`` imports the packages), which a second Ctrl-C only runs again: one
     line, 130. A SIGTERM there is noted for the run, which a Ctrl-C's 130 stands over."""
-    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
-    args = ["run", "--app", "myapp:main", "-d", "0.1", "--no-live", "--json"]
-    module = "nexus_trio.cli"
-    if how == "script":  # the console script's entry, called as the generated script does
-        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
-        module = "nexus_script"
+    module, args = _run_an_app_by(tmp_path, how)
     proc = python_m(tmp_path, TWO_SIGNALS, module, args, SECOND=second, AT=at)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 130, (proc.returncode, proc.stderr)
