@@ -1501,13 +1501,15 @@ def main(argv: list[str] | None = None) -> None:
     click does.
     """
     from ._cluster_cmd import keep_from_children
+    from ._sdnotify import take_notify_socket
 
     invoked = Path(sys.argv[0]).name
     _entry["process"] = True
     out, err = _WatchedStream(sys.stdout), _WatchedStream(sys.stderr)
     sys.stdout, sys.stderr = out, err
     try:
-        with keep_from_children():  # (a worker's own variables: not for what it starts)
+        # (a worker's own variables, and systemd's NOTIFY_SOCKET: not for what it starts)
+        with keep_from_children(), take_notify_socket():
             app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
     except SystemExit as exc:
         # (a Ctrl-C's 130 stands over a stop noted before it that no run took: the

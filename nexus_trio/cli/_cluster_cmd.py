@@ -76,6 +76,7 @@ import typer
 from .._logcall import log_guarded
 from .._plural import count_of
 from ..logs import output_lock
+from ._sdnotify import notify
 
 if TYPE_CHECKING:
     from .._nats import NatsServer
@@ -1326,6 +1327,7 @@ def run_workers(
                 target=lambda: ended.put((_SERVER, watched.wait())), daemon=True
             ).start()
         running_workers = len(procs)
+        workers_ready = 0
         while running_workers:
             try:  # a signal's handler still runs while this waits
                 i, code = ended.get(timeout=until_overdue())
@@ -1333,6 +1335,12 @@ def run_workers(
                 kill_overdue()  # (its end is queued by its watch)
                 continue
             if i == _READY:
+                workers_ready += 1
+                if workers_ready == workers and not stops_asked():
+                    # (Type=notify: the unit has started once every worker joined)
+                    failure = notify(f"READY=1\nSTATUS=running: {workers} workers joined")
+                    if failure is not None:
+                        log_guarded(log, logging.WARNING, "%s", failure)
                 continue
             if i == _SERVER:
                 assert server is not None

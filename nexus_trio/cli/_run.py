@@ -1007,6 +1007,16 @@ async def _spawn_demo(state: _State, kernel: Kernel, body: trio.Nursery) -> None
         body.start_soon(demo.drive)
 
 
+def _tell_systemd(state: str) -> None:
+    """sd_notify ``state`` when systemd gave the command a ``NOTIFY_SOCKET``; a failure
+    is logged, the run goes on (as sd_notify's callers do)."""
+    from ._sdnotify import notify
+
+    failure = notify(state)
+    if failure is not None:
+        log_guarded(log, logging.WARNING, "%s", failure)
+
+
 async def _first_of(*events: trio.Event) -> None:
     """Return once any of ``events`` is set."""
     async with trio.open_nursery() as nursery:
@@ -1064,9 +1074,11 @@ async def _body(state: _State, kernel: Kernel) -> None:
                 _title(opts).translate(ascii_marks or {}),
                 f"{opts.duration:g} s" if opts.duration else "ever",
             )
+            _tell_systemd("READY=1\nSTATUS=running")  # (Type=notify: the unit has started)
         with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
             await state.stop_event.wait()
         state.request_stop("duration")
+        _tell_systemd(f"STOPPING=1\nSTATUS=stopping ({state.stopped_by})")
         state.note_stop(kernel)
         state.phase = "stopping"
         if state.demo is not None:

@@ -1,0 +1,66 @@
+"""systemd's readiness protocol (sd_notify(3)) for ``nexus run`` under a unit of
+``Type=notify``.
+
+systemd gives the service the path of a datagram socket in ``NOTIFY_SOCKET`` and waits
+for ``READY=1`` on it before it counts the unit started (``systemctl start`` returns,
+units ordered ``After=`` it start); ``STOPPING=1`` says the stop began. ``nexus`` takes the
+variable out of its environment as its command starts (what sd_notify's
+``unset_environment`` does), so that nothing the run starts (a ``--spawn`` program, a
+``--workers`` worker, an app's subprocess) inherits it and speaks for the service. A run
+says ``READY=1`` as its workload starts running (when ``/readyz`` stops saying
+``starting``): a single run once its agents are spawned (and, with ``--nats``, its node
+joined), the parent of ``--workers`` once every worker said it joined. Without the
+variable nothing is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Final
+
+#: the variable systemd sets for a unit of ``Type=notify`` (and ``NotifyAccess=``)
+NOTIFY_ENV: Final = "NOTIFY_SOCKET"
+
+#: the value taken out of the environment for the command that runs now
+_taken: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def take_notify_socket() -> Iterator[None]:
+    """For a ``nexus`` process's command: :data:`NOTIFY_ENV` leaves the environment (and
+    ``os.environ``) and is kept for :func:`notify` until the command ends."""
+    _taken.clear()
+    value = os.environ.pop(NOTIFY_ENV, None)
+    if value:
+        _taken[NOTIFY_ENV] = value
+    try:
+        yield
+    finally:
+        _taken.clear()
+
+
+def notify(state: str) -> str | None:
+    """Send ``state`` (``"READY=1"``, ``"STOPPING=1"``, lines of ``KEY=VALUE``) to systemd's
+    socket, if this command was given one. None when sent or when there is none; else why
+    it could not be sent, naming the variable (for the caller to log)."""
+    path = _taken.get(NOTIFY_ENV)
+    if path is None:
+        return None
+    if path.startswith("@"):
+        address = "\0" + path[1:]  # (an abstract socket, as sd_notify reads it)
+    elif path.startswith("/"):
+        address = path
+    else:
+        return (
+            f"{NOTIFY_ENV}={path!r} is no socket path (/...) nor abstract name (@...):"
+            f" systemd was not told {state.splitlines()[0]}"
+        )
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        return f"cannot tell systemd {state.splitlines()[0]} on {NOTIFY_ENV}={path!r}: {exc}"
+    return None

@@ -1,0 +1,142 @@
+"""``nexus run`` under a systemd unit of ``Type=notify``: ``READY=1`` on ``NOTIFY_SOCKET``
+once the workload runs, ``STOPPING=1`` at the stop, nothing from what the run starts.
+
+Real processes (real time, generous bounds), a real datagram socket in systemd's place.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .test_cli_workers import (
+    StderrLines,
+    pytestmark_linux,
+    signal_and_collect,
+    start_nexus,
+    tagged_processes,
+)
+from .test_cli_workers import tag as tag  # (the fixture)
+
+pytestmark = pytestmark_linux
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket bound where systemd's would be (an abstract name, as systemd's
+    own ``/run/systemd/notify`` is a path: both are taken) and ``NOTIFY_SOCKET``'s value."""
+    name = f"@nexus-test-notify-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])
+        yield sock, name
+
+
+def receive(sock: socket.socket, timeout: float) -> bytes | None:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(4096)
+    except TimeoutError:
+        return None
+
+
+APP = textwrap.dedent(
+    """
+    import os
+    import subprocess
+    import sys
+
+    import trio
+
+
+    async def main(kernel):
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.environ.get('NOTIFY_SOCKET'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        with open("seen.txt", "w") as f:
+            f.write(f"{os.environ.get('NOTIFY_SOCKET')} {child.stdout.strip()}")
+        await trio.sleep_forever()
+    """
+)
+
+
+def test_a_run_tells_systemd_it_is_ready_then_stopping_and_its_children_cannot(
+    tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, name = notify_socket
+    (tmp_path / "notifyapp.py").write_text(APP)
+    proc = start_nexus(["run", "--app", "notifyapp:main"], tag, tmp_path, NOTIFY_SOCKET=name)
+    try:
+        stderr = StderrLines(proc)
+        ready = receive(sock, 60)
+        assert ready == b"READY=1\nSTATUS=running", stderr.text()
+        # said as the workload runs: the run's line before it
+        assert "running app notifyapp:main" in stderr.text()
+        # neither the app (os.environ) nor its subprocess got the socket to speak for the unit
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "seen.txt").exists():
+            assert time.monotonic() < deadline, stderr.text()
+            time.sleep(0.1)
+        time.sleep(0.2)  # (its one write)
+        assert (tmp_path / "seen.txt").read_text() == "None None"
+        _, err = signal_and_collect(proc, stderr, signal.SIGTERM, 60)
+        assert proc.returncode == 0, err
+        assert receive(sock, 5) == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
+        assert receive(sock, 0.5) is None  # once each
+        assert "systemd" not in err  # (no failure to tell it)
+    finally:
+        proc.kill()
+
+
+def test_the_workers_parent_alone_tells_systemd_once_every_worker_joined(
+    tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    sock, name = notify_socket
+    args = ["run", "-W", "2", "-n", "10", "-d", "0", "--json"]
+    proc = start_nexus(args, tag, tmp_path, NOTIFY_SOCKET=name)
+    try:
+        stderr = StderrLines(proc)
+        ready = receive(sock, 120)
+        assert ready == b"READY=1\nSTATUS=running: 2 workers joined", stderr.text()
+        workers = {
+            env["NEXUS_WORKER"]: env
+            for env in tagged_processes(tag).values()
+            if "NEXUS_WORKER" in env
+        }
+        assert sorted(workers) == ["worker-0", "worker-1"]
+        assert all("NOTIFY_SOCKET" not in env for env in workers.values())
+        assert receive(sock, 1) is None  # (no worker said it too)
+        _, err = signal_and_collect(proc, stderr, signal.SIGTERM, 120)
+        assert proc.returncode == 0, err
+        assert receive(sock, 0.5) is None
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("notify.sock", "NOTIFY_SOCKET='notify.sock' is no socket path (/...) nor abstract name"),
+        ("/nonexistent-dir/notify", "cannot tell systemd READY=1 on NOTIFY_SOCKET="),
+    ],
+)
+def test_a_notify_socket_that_cannot_be_told_is_named_and_the_run_goes_on(
+    tag: str, tmp_path: Path, value: str, said: str
+) -> None:
+    proc = start_nexus(["run", "-n", "10", "-d", "1"], tag, tmp_path, NOTIFY_SOCKET=value)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert said in err
+    assert "stopped by" in out and "duration" in out
