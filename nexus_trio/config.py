@@ -168,9 +168,16 @@ def _fields(section: str) -> dict[str, attrs.Attribute[Any]]:
 
 
 def _unknown_key_text(section: str, key: str) -> str:
+    # A key of another section first (docs/distributed.md listed [nats] server_lost_wait
+    # among the [cluster] options: written there it was refused with "did you mean
+    # forget_lost_after?"), as a top-level key names its section.
+    owners = [other for other in SECTIONS if other != section and key in _fields(other)]
     known = list(_fields(section))
     match = nearest(key, known)
-    hint = f"did you mean {match}?" if match else f"known keys: {', '.join(known)}"
+    if owners:
+        hint = f"it is a key of [{owners[0]}]: did you mean [{owners[0]}] {key}?"
+    else:
+        hint = f"did you mean {match}?" if match else f"known keys: {', '.join(known)}"
     return f"unknown key [{section}] {cut(key)} ({hint})"
 
 

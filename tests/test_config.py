@@ -1364,6 +1364,28 @@ def test_a_top_level_key_of_a_section_suggests_the_section(home: Path) -> None:
     assert loaded.config == Config()
 
 
+def test_a_key_of_another_section_names_that_section(home: Path) -> None:
+    """``server_lost_wait`` is a ``[nats]`` key: written under ``[cluster]`` (where the
+    cluster's other options are) it was refused with ``did you mean forget_lost_after?``,
+    a key of another meaning. The section that has it is named, in a file and in a
+    variable, as a top-level key's is."""
+    file = write(home / "cwd" / "config.toml", "[cluster]\nserver_lost_wait = 7\n")
+    expected = (
+        f"{file}:2: unknown key [cluster] server_lost_wait"
+        " (it is a key of [nats]: did you mean [nats] server_lost_wait?)"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).splitlines()[0] == expected
+    env = env_for(home, NEXUS_KERNEL__PORT="9464")
+    with pytest.raises(ConfigError) as info:
+        load(home, path=write(home / "other.toml", ""), env=env)
+    assert str(info.value).splitlines()[0] == (
+        "environment variable NEXUS_KERNEL__PORT: unknown key [kernel] port"
+        " (it is a key of [metrics]: did you mean [metrics] port?)"
+    )
+
+
 # --- who may have written the file ---------------------------------------------------------------
 
 
