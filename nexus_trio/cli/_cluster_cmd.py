@@ -1202,7 +1202,24 @@ def run_workers(
             group_state,
             max_connections=max_connections,
         )
+
+    def dump(_signum: int, _frame: FrameType | None) -> None:
+        # SIGUSR1: each worker that is ready (its own SIGUSR1 watched: it joined) writes
+        # its agent tree, relayed as its log lines; the parent has no kernel of its own.
+        # Not while the run stops: a worker past its run would take the default action.
+        # (Unhandled here until the fifty-fourth pass, its default action ended the parent,
+        # status 138: `kill -USR1` on the service's process stopped the service.)
+        if stops_asked() or usr1 is None:
+            return
+        for proc in procs:
+            if proc.pid not in start_deadlines and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, usr1)
+
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if usr1 is not None:
+        previous[usr1] = signal.signal(usr1, dump)
     for signum in take_early_signals():  # (as the command started: a SIGHUP)
         forward(signum, None)
     try:
