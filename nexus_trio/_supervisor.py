@@ -1229,6 +1229,9 @@ class SupervisorNode(Child, ChildOwner):
                     with self._stop_wait(child, trio.current_time() + timeout):
                         await done.wait()
                 if not done.is_set():
+                    cut = None
+                    if child.drain_on_stop:
+                        cut = "its run began" if not child.running else "its queue was handled"
                     if not child.running:
                         # Its time is up before its run began (waiting for its elder
                         # sibling's start: see _wait_to_start): the run is called off,
@@ -1237,6 +1240,16 @@ class SupervisorNode(Child, ChildOwner):
                     if child.scope is not None:
                         child.scope.cancel()
                     await done.wait()
+                    if (
+                        cut is not None
+                        and child.has_queued()
+                        and child.drain_ended is None
+                        and not self.host.stopping()
+                    ):
+                        # What its draining stop's timeout left queued is dead-lettered
+                        # saying so, as OTP's report of a child killed at its shutdown
+                        # timeout (``killed``) tells it from one that stopped in time.
+                        child.drain_ended = f"its draining stop's time ran out before {cut}"
                 elif (
                     child.drain_on_stop
                     and child.has_queued()

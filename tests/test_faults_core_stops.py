@@ -790,7 +790,9 @@ async def test_a_drain_waiting_for_an_elder_whose_start_never_comes_ends_at_its_
     that ``on_start``, comes after ``y``'s: the stop never returned (measured: a 100 s
     ``on_start`` held it 100 s). Now a stop whose time is up before the run began calls
     the run off: ``y`` never starts, ``e`` is cancelled 5 s later, both messages are
-    dead-lettered ``agent_stopped``. Five kernels (Trio's scheduling varies)."""
+    dead-lettered ``agent_stopped``, saying that the drain's time ran out (fifty-fourth
+    pass: before, ``agent stopped (parent_stopped)``, as a plain stop's). Five kernels
+    (Trio's scheduling varies)."""
     for _ in range(5):
         Spawner.log = []
         async with open_kernel(make_config()) as kernel:
@@ -805,9 +807,10 @@ async def test_a_drain_waiting_for_an_elder_whose_start_never_comes_ends_at_its_
                 (d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()
             ]
             stopped = DeadLetterReason.AGENT_STOPPED
+            cut = "agent stopped (parent_stopped): its draining stop's time ran out before"
             assert letters == [
-                ("y.1", stopped, "agent stopped (parent_stopped)"),
-                ("e.1", stopped, "agent stopped (parent_stopped)"),
+                ("y.1", stopped, f"{cut} its run began"),
+                ("e.1", stopped, f"{cut} its queue was handled"),
             ]
         assert Spawner.log == [("start", "e")]
         assert_conserved(kernel)
@@ -837,9 +840,10 @@ async def test_a_drain_s_rerun_after_a_failure_does_not_carry_its_letters_detail
     for the rest (see the test above); that run's stop runs out of time at ``y``. Before
     (fifty-third pass): the first run's failure, kept on the agent (``drain_ended``), was
     put in the letter of ``z``, which the second run's timeout left (``...: its run failed
-    during its draining stop (RuntimeError)``); a letter of a drain cut by its timeout
-    says ``agent stopped (stopped)``, as any such stop's. Now the detail is reset when a
-    run starts for the drain."""
+    during its draining stop (RuntimeError)``). Now the detail is reset when a run
+    starts for the drain: ``z``'s letter says the second run's drain ran out of time (as
+    any drain cut so, since the fifty-fourth pass:
+    ``test_a_drain_cut_by_its_timeout_says_so``)."""
     Member.log = []
     children = [
         agent(Paced, name="a", shutdown_timeout=1.75),
@@ -862,6 +866,58 @@ async def test_a_drain_s_rerun_after_a_failure_does_not_carry_its_letters_detail
         ("boom", ""),
         ("boom", ""),
         ("y", "cancelled while being handled"),
-        ("z", "agent stopped (stopped)"),
+        (
+            "z",
+            "agent stopped (stopped): its draining stop's time ran out before its queue was handled",
+        ),
     ]
+    assert_conserved(kernel)
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_a_drain_cut_by_its_timeout_says_so(
+    autojump_clock: Any, drain: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``a`` (``shutdown_timeout`` 1.5 s) has ``wait 1``, ``x`` (1 s) and ``y``, ``z``
+    queued and is stopped: with a drain, ``wait 1`` is handled, ``x`` is cancelled at
+    1.5 s, and ``y``, ``z`` are dead-lettered ``agent_stopped`` saying that the drain's
+    time ran out, with one WARNING line for both, as OTP's supervisor reports a child
+    killed at its shutdown timeout (``killed``) apart from one that stopped in time.
+    Before (fifty-third pass) they said ``agent stopped (stopped)``, as the queue of a
+    stop without drain, which still says only that (``wait 1`` finishes, the rest is
+    dead-lettered at once)."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Paced, name="a", shutdown_timeout=1.5))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("wait 1", "x", "y", "z"):
+            await kernel.send("a", payload)
+        await trio.testing.wait_all_tasks_blocked()  # "wait 1" in hand
+        begun = trio.current_time()
+        await kernel.stop("a", drain=drain)
+        took = trio.current_time() - begun
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    stopped = DeadLetterReason.AGENT_STOPPED
+    handled = [p for kind, name, p in Member.log if kind == "handle" and name == "a"]
+    assert handled == ["wait 1"]
+    warnings = [r.getMessage() for r in caplog.records if "time ran out" in r.getMessage()]
+    if drain:
+        cut = (
+            "agent stopped (stopped): its draining stop's time ran out before its queue was handled"
+        )
+        assert took == 1.5
+        assert letters == [
+            ("x", stopped, "cancelled while being handled"),
+            ("y", stopped, cut),
+            ("z", stopped, cut),
+        ]
+        assert warnings == [
+            "agent a stopped: its draining stop's time ran out before its queue was"
+            " handled; 2 queued messages dead-lettered"
+        ]
+    else:
+        assert took == 1
+        plain = "agent stopped (stopped)"
+        assert letters == [("x", stopped, plain), ("y", stopped, plain), ("z", stopped, plain)]
+        assert warnings == []
     assert_conserved(kernel)

@@ -1127,7 +1127,10 @@ def check_drained_stops(journal: Journal, kernel: Any) -> None:
             (letter.message.payload, letter.detail)
             for letter, at in zip(journal.letters, journal.letter_positions, strict=True)
             if letter.reason is DeadLetterReason.AGENT_STOPPED
-            and letter.detail in ("agent stopped (stopped)", "agent stopped (parent_stopped)")
+            and (
+                letter.detail in ("agent stopped (stopped)", "agent stopped (parent_stopped)")
+                or "its draining stop's time ran out" in letter.detail
+            )
             and str(letter.recipient) in under
             and begun <= at < until
         ]
