@@ -826,6 +826,13 @@ class SupervisorNode(Child, ChildOwner):
             self.host.heap.run_ended()
         child.running = False
         child.run_task = None
+        if child.drain_on_stop and child.is_agent and child.done is done:
+            # The run of its draining stop is over (its queue handled, or its run cut or
+            # ended): nothing handles a message to it any more, so none is taken, as
+            # for an agent ``kernel.stop`` drains (a supervisor's draining stop, or its
+            # parent's, retires it only in its turn: until then a send was taken, then
+            # dead-lettered ``agent_stopped``).
+            self.host.router.unroute(child)
         gate = None if plan is None else plan.gate
         if gate is not None:
             gate.set()

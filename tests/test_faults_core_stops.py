@@ -20,6 +20,7 @@ import trio.testing
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     AgentSpec,
     Backoff,
     Context,
@@ -921,3 +922,53 @@ async def test_a_drain_cut_by_its_timeout_says_so(
         assert letters == [("x", stopped, plain), ("y", stopped, plain), ("z", stopped, plain)]
         assert warnings == []
     assert_conserved(kernel)
+
+
+class SlowStop(Agent):
+    """Journals what it handles and its ``on_stop`` in ``Member.log``; ``b``'s ``on_stop``
+    takes a second."""
+
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Member.log.append(("handle", ctx.name or "?", msg.payload))
+
+    async def on_stop(self, ctx: Context) -> None:
+        Member.log.append(("stop", ctx.name or "?", trio.current_time()))
+        if ctx.name == "b":
+            await trio.sleep(1)
+
+
+async def test_a_child_whose_drain_is_over_takes_no_new_message(autojump_clock: Any) -> None:
+    """``kernel.stop("s", drain=True)`` of a supervisor of ``a`` and ``b``: both drain at
+    once; ``a``'s queue is done at once (its ``on_stop`` has run), ``b``'s ``on_stop``
+    takes a second. A send to ``a`` at 0.5 s, before ``s`` retires it: before (fifty-third
+    pass) it was taken, and dead-lettered ``agent stopped (stopped)`` when ``a`` was
+    retired, though no run of ``a`` would come to handle it (the sender was told nothing).
+    Now it is refused at once (``AgentNotFound``, ``it is being stopped``), as a send to
+    an agent ``kernel.stop`` drains is. In a stop without drain ``a`` runs until its turn,
+    and handles it."""
+    for drain in (True, False):
+        Member.log = []
+        async with open_kernel(make_config()) as kernel:
+            kernel.spawn(
+                Supervisor(
+                    name="s", children=[agent(SlowStop, name="a"), agent(SlowStop, name="b")]
+                )
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send("a", "before")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(kernel.stop, "s", drain=drain))
+                await trio.sleep(0.5)
+                if drain:
+                    with pytest.raises(AgentNotFound, match="it is being stopped"):
+                        await kernel.send("a", "during")
+                else:
+                    await kernel.send("a", "during")
+            letters = [(d.message.payload, d.detail) for d in kernel.recent_dead_letters()]
+        handled = [p for kind, name, p in Member.log if kind == "handle"]
+        assert handled == (["before"] if drain else ["before", "during"])
+        assert letters == []
+        assert_conserved(kernel)
