@@ -599,11 +599,17 @@ class SupervisorNode(Child, ChildOwner):
         if self._inbox_send is None:
             # Not running (starting, or waiting to be restarted): none of its children
             # runs either.
-            if child.drain_on_stop and child.has_queued() and not self._for_good:
+            if (
+                child.drain_on_stop
+                and child.has_queued()
+                and (not self._for_good or self.drain_on_stop)
+            ):
                 # A draining stop: asked of its next run, which starts the child to
                 # handle its queue, then stops it for good (as Akka's PoisonPill waits
-                # in the mailbox across its supervisor's restart). A plain stop meanwhile,
-                # or this supervisor stopped for good, retires it at once.
+                # in the mailbox across its supervisor's restart). So also when this
+                # supervisor is stopped for good by a draining stop, which starts the
+                # run that takes it (_drains_first). A plain stop meanwhile, or this
+                # supervisor stopped for good without a drain, retires it at once.
                 self._stops_waiting.append((child, reason))
                 await child.wait_retired()
                 return
