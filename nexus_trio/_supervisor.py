@@ -1228,6 +1228,11 @@ class SupervisorNode(Child, ChildOwner):
                 child.scope.cancel()
             if not child.running and not self._drains_first(child):
                 # Nothing to be graceful about: its run is called off.
+                if child.drain_on_stop and child.is_agent:
+                    # (in a draining stop nothing will handle what is sent to it from
+                    # now on, as once its drain's run is over: see _run_over; the run's
+                    # end, which says so there, may come a round after a send)
+                    self.host.router.unroute(child)
                 await done.wait()
             else:
                 # (also a draining stop of a child whose run has not started: the run
