@@ -987,6 +987,11 @@ class AgentCell(Child):
                 failure = self._run_failure(exc)
         finally:
             self._end_run(failure)
+            if self.drain_on_stop:
+                # Its draining stop's run is over: nothing handles a message to it any
+                # more, so none is taken while its on_stop runs (a supervisor's draining
+                # stop retires it only in its turn; see SupervisorNode._run_over).
+                self.router.unroute(self)
             if self.name is not None and self._ends_for_good(failure, False):
                 # (its end is decided whatever its on_stop does: told before it, as
                 # kernel.stop tells, see StopsTold)

@@ -1058,3 +1058,47 @@ async def test_a_child_whose_run_a_draining_stop_calls_off_takes_no_new_message(
         assert letters == []
         assert Relay.log in ([("a", "m"), ("b", "from a")], [("a", "m"), ("a", "refused")])
         assert_conserved(kernel)
+
+
+class LongStop(Agent):
+    """``a``'s ``on_stop`` takes a second; both journal what they handle."""
+
+    log: ClassVar[list[tuple[str, Any]]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        LongStop.log.append((ctx.name or "?", msg.payload))
+
+    async def on_stop(self, ctx: Context) -> None:
+        if ctx.name == "a":
+            await trio.sleep(1)
+
+
+async def test_a_child_in_the_on_stop_of_its_drain_takes_no_new_message(
+    autojump_clock: Any,
+) -> None:
+    """``kernel.stop("s", drain=True)`` of ``s`` [``a``, ``b``]: ``a`` has nothing
+    queued, its drain is over at once and its ``on_stop`` takes a second. A send to ``a``
+    at 0.5 s, during that ``on_stop``: before (fifty-third pass, and with the branch's
+    previous commit, which unroutes it only when its run is over) it was taken, and
+    dead-lettered as ``a``'s run ended, saying ``agent stopped (stopped): it ended its
+    own run during its draining stop``, which it had not. Now it is refused
+    (``AgentNotFound``, it is being stopped), as a send to an agent ``kernel.stop``
+    drains is: its draining stop's run is over once its queue is."""
+    LongStop.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(
+            Supervisor(name="s", children=[agent(LongStop, name="a"), agent(LongStop, name="b")])
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(kernel.stop, "s", drain=True))
+            await trio.sleep(0.5)
+            with pytest.raises(AgentNotFound, match="it is being stopped"):
+                await kernel.send("a", "during")
+        letters = [(d.message.payload, d.detail) for d in kernel.recent_dead_letters()]
+    assert letters == []
+    assert LongStop.log == []
+    assert_conserved(kernel)
