@@ -5,7 +5,10 @@ Each connection is tagged with the ``name`` its client gives in its ``CONNECT`` 
 are ``nexus:<node>:data`` and ``nexus:<node>:control``), read from the bytes it forwards,
 so a test can cut the connections of one node only (:meth:`NatsProxy.cut`) and refuse
 that node's new ones for a while (:meth:`NatsProxy.refuse`): what a network partition
-between one process and the server does, the server and the other clients untouched.
+between one process and the server does, the server and the other clients untouched;
+or stall one direction of one of its connections, mid-write, without closing it
+(:meth:`NatsProxy.stall`, :meth:`NatsProxy.resume`): a link that stops carrying bytes
+one way (a congested or flapping path) and then carries them again.
 Two threads a connection (one a direction, blocking): a slow end holds back its own
 direction only, as TCP does."""
 
@@ -28,6 +31,11 @@ class _Pair:
         parts = (self.name or "").split(":")
         return parts[1] if len(parts) == 3 and parts[0] == "nexus" else None
 
+    def role(self) -> str | None:
+        """``data`` or ``control`` for a node's connection (None: not named yet)."""
+        parts = (self.name or "").split(":")
+        return parts[2] if len(parts) == 3 and parts[0] == "nexus" else None
+
     def close(self) -> None:
         self.closed = True
         for sock in (self.client, self.server):
@@ -49,6 +57,11 @@ class NatsProxy:
         self._pairs: set[_Pair] = set()
         self._refused: set[str] = set()  # (nodes whose connections are closed)
         self.cuts: dict[str, int] = {}  # node -> its connections cut or refused
+        #: (node, role, upstream) of the directions stalled now, and how many bytes each
+        #: stalled direction held back at its stall (the rest of the chunk it cut in two)
+        self._stalled: set[tuple[str, str, bool]] = set()
+        self._resumed = threading.Condition(self._lock)
+        self.held_back: dict[tuple[str, str, bool], int] = {}
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -72,6 +85,37 @@ class NatsProxy:
                 self._refused.discard(node)
         if refused:
             self.cut(node)
+
+    def stall(self, node: str, role: str = "data", *, upstream: bool = True) -> None:
+        """Stop forwarding one direction of ``node``'s ``role`` connection (``upstream``:
+        what the node writes to the server; else what the server writes to it) until
+        :meth:`resume`, without closing it: the next chunk read that way is cut in two,
+        its first half forwarded (so a NATS message, e.g. a batch, is left half written)
+        and the rest held with everything after it; the other direction flows."""
+        with self._lock:
+            self._stalled.add((node, role, upstream))
+            self.held_back.pop((node, role, upstream), None)
+
+    def resume(self, node: str, role: str = "data", *, upstream: bool = True) -> None:
+        """Forward a direction :meth:`stall` stopped again, what it held first."""
+        with self._lock:
+            self._stalled.discard((node, role, upstream))
+            self._resumed.notify_all()
+
+    def _hold(self, pair: _Pair, upstream: bool, data: bytes, sink: socket.socket) -> bytes:
+        """The rest of ``data`` to forward once the direction is no longer stalled (at
+        once if it is not): half of it goes now, the rest waits."""
+        key = (pair.node() or "", pair.role() or "", upstream)
+        with self._lock:
+            if key not in self._stalled:
+                return data
+        half = len(data) // 2
+        sink.sendall(data[:half])
+        with self._lock:
+            self.held_back[key] = len(data) - half
+            while key in self._stalled and not pair.closed and not self._closed:
+                self._resumed.wait(0.05)
+        return data[half:]
 
     def nodes(self) -> list[str | None]:
         """The node of each connection open now (None: not named yet, or no node's)."""
@@ -136,6 +180,8 @@ class NatsProxy:
                             self._drop(pair)
                             return
             try:
+                if self._stalled:
+                    data = self._hold(pair, upstream, data, sink)
                 sink.sendall(data)
             except OSError:
                 with self._lock:
