@@ -7,6 +7,7 @@ the minority side of a partition from the server cannot."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import trio
@@ -15,7 +16,7 @@ from nexus_trio import EventKind, Kernel
 from nexus_trio._nats import Cluster, NatsServer
 
 from .nats_proxy import NatsProxy
-from .nats_server import until
+from .nats_server import NodeProcess, collector, until
 from .test_fault_monitors import buffered
 from .test_nats_placement import BLOCKING, DUPLICATE, ON_C, _node, _place_one_on_each, _replaced
 
@@ -101,4 +102,66 @@ async def test_a_real_partition_of_a_node_from_the_server_heals_to_one_incarnati
             await kc.shutdown()
             await ka.shutdown()
     finally:
+        proxy.close()
+
+
+async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_its_name_to_the_new_one(
+    nats: NatsServer,
+) -> None:
+    """b (this process, through the proxy) is cut off from the server until a counts it
+    lost; a new process is started under the name b meanwhile (an orchestrator's
+    restart: ``tests.nats_server``'s child node, its own id prefix) and joins; then the
+    old b is let through again, alive: its heartbeats are ignored by a (the later join
+    holds the name) and by the new b. Both processes hold the wildcard subscription of
+    the name, and both run an agent ``collector-b``. The tells and queries a sends to
+    ``collector-b`` go to the new process only: the old one leaves every batch and every
+    agent or reply message numbered for, or addressed to an id of, the later process
+    of its name (before, it handled each tell a second time, 20 of 20, and answered the
+    queries to the name itself, or refused them AgentNotFound, the first answer to come
+    winning: ``['before']`` for the new process's 20 tells in an exploratory run)."""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    old: list[Any] = []
+    later = NodeProcess(nats.url, "b")
+    try:
+        async with _node(nats.url, "a") as (ka, ca), _node(proxy.url, "b") as (kb, cb):
+            kb.spawn(collector(old), name="collector-b")
+            with trio.fail_after(60):  # a hang guard (the child's imports are slow)
+                await cb.names_published()
+                await ca.wait_for_name("collector-b")
+                await ka.send("collector-b", "before")
+                await until(lambda: old == ["before"])
+                async with ka.events() as events:
+                    proxy.refuse("b")
+                    async for event in events:
+                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
+                            break
+                await later.start()
+                await until(lambda: ca.member_list()[1].id_prefix != cb.id_prefix)
+                await until(lambda: ca.member_list()[1].reachable)
+                contested = cb.stats().records_contested
+                proxy.refuse("b", False)
+                # the old b is back: it hears the later process's heartbeats (ignored)
+                await until(lambda: cb.stats().records_contested >= contested + 2)
+                assert ca.name_holder("collector-b") == ("b", uuid.UUID(later.ids["collector-b"]))
+                taken = kb.stats().accepted
+                for i in range(20):
+                    await ka.send("collector-b", i)
+                for _ in range(3):
+                    dump = await ka.request("collector-b", "dump", timeout=5)
+                    if len(dump) == 20:
+                        break
+                    await trio.sleep(0.2)
+                assert dump == list(range(20))
+                assert await ka.request("collector-b", "dump", timeout=5) == list(range(20))
+            assert old == ["before"]
+            assert kb.stats().accepted == taken  # no tell, no query of the later process's
+            assert kb.is_local("collector-b")  # (it runs on: its process was not told to stop)
+            assert cb.stats().inbound_dropped == {}
+            assert [(i.node, i.id_prefix) for i in ca.member_list()] == [
+                ("a", ca.id_prefix),
+                ("b", uuid.UUID(later.ids["collector-b"]).int >> 64),
+            ]
+    finally:
+        await later.stop()
         proxy.close()

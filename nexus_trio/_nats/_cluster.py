@@ -227,6 +227,8 @@ _TYPE_UNSUBSCRIBE_WAIT: Final = 1.0
 #: connection was down (the ``--workers`` settle asks the same option)
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
+#: later processes under this node's name remembered (see Cluster._successors)
+_SUCCESSORS_MAX: Final = 64
 #: members that left the member table (a leave, or forgotten) whose last record this
 #: node keeps (see Cluster.departed); then the oldest are let go
 _DEPARTED_MAX: Final = 4096
@@ -1078,6 +1080,7 @@ class Cluster:
         "_seq_marked",
         "_seq_out",
         "_session",
+        "_successors",
         "_taken_names",
         "_tells_after_leave",
         "_type_queries",
@@ -1358,6 +1361,10 @@ class Cluster:
         self._names_refused = kvops.Refusals("a names bucket entry", self.held)
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle(kind="cluster.own_name")
+        #: the id prefixes of the processes under this node's name that joined after this
+        #: one, heard live (their heartbeats): this process was cut off or paused past its
+        #: loss and its name restarted meanwhile (see _on_other_batch); the last 64
+        self._successors: OrderedDict[int, None] = OrderedDict()
         #: records heard live under a member's name from another process than the one
         #: held, ignored (see _contested)
         self._records_contested = 0
@@ -2882,6 +2889,8 @@ class Cluster:
             self._on_other_batch(subject, m.data)
             return
         self._received += 1
+        if self._successors and self._for_successor(subject):
+            return
         data = m.data
         if data[:4] == wire.NUMBERED_PREFIX:
             end = data.find(b'"', 4)
@@ -2952,6 +2961,24 @@ class Cluster:
                 head, _ = batch.read_head(data)
             except batch.BatchError:
                 head = None  # counted as malformed below
+            if head is not None and head.dest_prefix in self._successors:
+                # For a later process of this node name, alive (its heartbeats are
+                # heard): the members route the name to it, and it takes this batch
+                # itself (its subscription is the same wildcard). Taken here too, every
+                # tell to a name both processes run was handled twice.
+                self._batches_received += 1
+                log_guarded(
+                    log,
+                    logging.DEBUG,
+                    "node %s: left a batch of %d tells from %r to the later process of"
+                    " this node name it was numbered for (id prefix %016x, %s)",
+                    self.node,
+                    head.numbered,
+                    head.node,
+                    head.dest_prefix,
+                    subject,
+                )
+                return
             if head is not None and head.dest_prefix == self.id_prefix:
                 self._batches_received += 1
                 log_guarded(
@@ -2966,6 +2993,41 @@ class Cluster:
                 )
                 return
         self._on_batch(data)
+
+    def _for_successor(self, subject: str) -> bool:
+        """Whether ``subject`` is an agent's or a reply subject of this node name whose id
+        (the agent's, the query's) was made by a later process of the name, alive (see
+        _successors): that process takes the message itself (the same wildcard
+        subscription); taken here too, a query to a name both processes run was
+        answered by this stale one, or refused ``AgentNotFound`` in a race with the
+        right answer, and its requester took whichever came first."""
+        rest = subject[len(self._node_subject_prefix) :]
+        kind, _, text = rest.partition(".")
+        if kind not in ("agent", "reply") or not subject.startswith(self._node_subject_prefix):
+            return False
+        try:
+            made_by = uuid.UUID(text).int >> 64
+        except ValueError:
+            return False  # (counted as malformed where it is read)
+        if made_by not in self._successors:
+            return False
+        log_guarded(
+            log,
+            logging.DEBUG,
+            "node %s: left %s to the later process of this node name (id prefix %016x)",
+            self.node,
+            subject,
+            made_by,
+        )
+        return True
+
+    def _joined_before(self, info: NodeInfo) -> bool:
+        """Whether this join came before the process whose record is ``info`` (by the
+        bucket's join order where both have one, else by the wall clocks' ``joined``, as
+        :meth:`NodeInfo.compare_join` orders two records)."""
+        if self._join_order is not None and info.join_order is not None:
+            return self._join_order < info.join_order
+        return self._joined_at < info.joined
 
     def _open_batch(self, data: bytes) -> _OpenBatch | None:
         self._batches_received += 1
@@ -5267,6 +5329,11 @@ class Cluster:
         ):
             if live:
                 self._records_contested += 1
+                if info.id_prefix != self.id_prefix and self._joined_before(info):
+                    self._successors[info.id_prefix] = None
+                    self._successors.move_to_end(info.id_prefix)
+                    if len(self._successors) > _SUCCESSORS_MAX:
+                        self._successors.popitem(last=False)
             if self.held.due(
                 self._own_name_log,
                 "membership records under this node's name from another process ignored",
