@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -29,6 +30,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats import _direct as direct
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import asyncio_loop, call_aio
 
 from .nats_server import FAST, PATIENT, nats_cluster, until
@@ -816,5 +818,54 @@ async def test_after_a_server_restarted_without_its_store_a_node_s_watches_follo
                         "b",
                         kb.lookup("before-29").id,
                     )
+    finally:
+        server.stop()
+
+
+async def test_a_stop_before_its_name_is_written_again_in_a_new_bucket_drops_no_other_entry() -> (
+    None
+):
+    """Regression: after a nats-server restarted without its store, the revisions a node
+    had of its own names-bucket entries were the old bucket's, kept until each name was
+    written again; a named agent stopped in that window had its entry deleted "only if
+    still at" its old revision, which in the new bucket (numbered from 1 again) could be
+    another node's entry of the name at the same number: deleted, and that live agent
+    was AgentNotFound on every node that had not cached it, for good (seen: a rebalance
+    under a restart left 1 or 2 of 16 names so, 2 of 11 runs). The node now drops its
+    entries' old revisions with the buckets: a stop before the name is written again
+    deletes nothing. Here the window is held open (the node's retries of names never
+    run) and another writer's entry of the name is put at the old revision."""
+    server = NatsServer().start()
+    port = server.port
+    try:
+        async with local_node(server.url, "b") as (kb, cb):
+            ref = kb.spawn(_echo, name="x")
+            await cb.names_published()
+            old_revision = cb._published_names["x"][1]
+
+            async def retry_names() -> bool:
+                return False  # (the bucket "still unreachable": x is not written again)
+
+            cb._retry_names = retry_names  # type: ignore[method-assign]
+            await trio.to_thread.run_sync(server.stop)  # (removes its store)
+            server = await trio.to_thread.run_sync(NatsServer(port=port).start)
+            with trio.fail_after(30):
+                await until(lambda: cb.stats().buckets_made_again == 1)
+                other = b'{"node": "c", "id": "%s"}' % str(uuid.uuid4()).encode()
+                async with _raw_client(server.url) as nc:
+                    js = nc.jetstream()
+                    kv = await call_aio(js.key_value, "nexus-names")
+                    for i in range(old_revision - 1):  # (the new bucket's numbers up to it)
+                        await call_aio(kv.put, f"filler-{i}", b"{}")
+                    written = await call_aio(kv.put, wire.name_key("x"), other)
+                    assert written == old_revision  # another writer's entry, at that number
+                    await kb.stop(ref.id)
+                    await until(lambda: "x" not in cb._local_names)  # (its drop queued)
+                    await cb.names_published()
+                    try:
+                        entry = await call_aio(kv.get, wire.name_key("x"))
+                    except nats_py.js.errors.KeyNotFoundError:
+                        pytest.fail("b's stop of its x deleted the other writer's entry of x")
+                    assert entry.value == other
     finally:
         server.stop()

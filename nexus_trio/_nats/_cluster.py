@@ -5077,6 +5077,14 @@ class Cluster:
         # hold and following them.
         self._name_revisions.clear()
         self._name_deletes.clear()
+        # This node's own entries' revisions (and those of the deletes it retries) are
+        # the old buckets' too: a delete "only if still at" one of them, for an agent
+        # stopped before its name is written again, could match another node's entry
+        # of the name at the same number in the new bucket and drop it (fifty-fourth
+        # pass). Nothing of this node is in the new bucket until written again, which
+        # records the new revisions.
+        self._published_names.clear()
+        self._names_of_forgotten.clear()
         renewed, self._buckets_renewed = self._buckets_renewed, trio.Event()
         renewed.set()
         for name, agent_id in self._local_names.items():
