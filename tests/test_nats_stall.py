@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import trio
 
-from nexus_trio import Context, Message, RequestTimeout, agent
+from nexus_trio import (
+    AgentNotFound,
+    Context,
+    EventKind,
+    MailboxFull,
+    Message,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+)
 from nexus_trio._nats import NatsServer
 
 from .nats_proxy import NatsProxy
@@ -110,3 +119,89 @@ async def test_a_data_link_stalled_one_way_mid_batch_loses_nothing_once_it_flows
             assert proxy.cuts == {}
     finally:
         proxy.close()
+
+
+def _counted_a_to_c(ca: Any, cc: Any) -> int:
+    """Tells a sent c counted lost on either side (c: lost in transit, refused on
+    arrival; a: failed publishes, lost with c, net of what c took after all)."""
+    sa, sc = ca.stats(), cc.stats()
+    return (
+        sc.lost_in_transit
+        + sum(sc.inbound_dropped.values())
+        + sa.publish_failures
+        + sa.lost_with_nodes
+    )
+
+
+async def test_a_node_back_under_its_name_right_after_its_loss_leaves_every_tell_counted_once(
+    nats: NatsServer,
+) -> None:
+    """c is cut off from the server (its connections cut and refused) while a sends to
+    it without pause, until a judges c lost, and let through at once: c comes back
+    under its name, the same process and join. Every tell a accepted for c is then
+    handled by c or counted lost on exactly one side, c's collector holds no
+    duplicate, both nodes hear each other again, and a's window to c opens again."""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    records: list[Any] = []
+    try:
+        async with (
+            _node(nats.url, "a", node_window=64) as (ka, ca),
+            _node(proxy.url, "c", node_window=64) as (kc, cc),
+        ):
+            kc.spawn(collector(records), name="col-c")
+            with trio.fail_after(40):  # a hang guard
+                await cc.names_published()
+                await ca.wait_for_name("col-c")
+                accepted = refused = 0
+                target, reached = 300, trio.Event()
+
+                async def produce() -> None:
+                    nonlocal accepted, refused, target, reached
+                    number = 0
+                    while True:
+                        try:
+                            await ka.send("col-c", number)
+                            accepted += 1
+                        except (TransportUnavailable, MailboxFull, AgentNotFound):
+                            refused += 1
+                            await trio.sleep(0.01)
+                        number += 1
+                        if accepted >= target:
+                            reached.set()
+                        if number % 16 == 0:
+                            await trio.lowlevel.checkpoint()
+
+                async with trio.open_nursery() as nursery, ka.events() as events:
+                    nursery.start_soon(produce)
+                    await reached.wait()
+                    proxy.refuse("c")
+                    async for event in events:
+                        if event.kind is EventKind.UNREACHABLE and event.name == "node:c":
+                            break
+                    proxy.refuse("c", False)
+                    await until(
+                        lambda: all(
+                            info.reachable for cluster in (ca, cc) for info in cluster.member_list()
+                        )
+                    )
+                    target, reached = accepted + 1000, trio.Event()
+                    await reached.wait()
+                    nursery.cancel_scope.cancel()
+                await until(lambda: len(records) + _counted_a_to_c(ca, cc) >= accepted)
+                await until(lambda: _c_confirmed_all(ca))
+            sa, sc = ca.stats(), cc.stats()
+            counted = _counted_a_to_c(ca, cc)
+            assert len(records) + counted == accepted, (len(records), counted, accepted, sa, sc)
+            assert records == sorted(set(records))  # in order, no duplicates
+            assert sa.nodes_lost >= 1
+            assert sc.lost_in_transit == 0 or sa.lost_with_nodes == 0, (sa, sc)
+    finally:
+        proxy.close()
+
+
+def _c_confirmed_all(ca: Any) -> bool:
+    """c took every number a gave it, and a heard so in c's record."""
+    info = ca.members.members["c"]
+    numbered = ca._seq_out.get(("c", info.id_prefix), 0)
+    return bool(info.confirmed(ca.stream_name) == numbered > 0)
