@@ -831,7 +831,7 @@ async def test_a_stop_before_its_name_is_written_again_in_a_new_bucket_drops_no_
     still at" its old revision, which in the new bucket (numbered from 1 again) could be
     another node's entry of the name at the same number: deleted, and that live agent
     was AgentNotFound on every node that had not cached it, for good (seen: a rebalance
-    under a restart left 1 or 2 of 16 names so, 2 of 11 runs). The node now drops its
+    under a restart left 1 or 2 of 16 names so, 4 of 10 runs). The node now drops its
     entries' old revisions with the buckets: a stop before the name is written again
     deletes nothing. Here the window is held open (the node's retries of names never
     run) and another writer's entry of the name is put at the old revision."""
