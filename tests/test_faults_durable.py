@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -452,6 +453,31 @@ async def _given_up_unheard(url: str, stream: str, node: str, name: str) -> Mess
     return stored
 
 
+async def _stream_made(url: str, durable: DurableOptions) -> str:
+    """The durable stream's name, once node ``a`` ran with ``durable`` (its stream and
+    consumer made) and left."""
+    async with local_node(url, durable=durable) as (_kernel, cluster):
+        return f"{cluster.prefix}-durable"
+
+
+def _found_once(caplog: pytest.LogCaptureFixture, msg_id: uuid.UUID) -> None:
+    """One ``ERROR`` line was logged: message ``msg_id`` found given up by a look at node
+    ``a``'s consumer's state, dead."""
+    dead = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(dead) == 1
+    assert f"durable message {msg_id} dead found at node 'a'" in dead[0]
+
+
+def _answering(handled: list[Any]) -> Any:
+    """An agent named ``work`` that keeps each payload in ``handled`` and answers it."""
+
+    async def handler(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return "ok"
+
+    return agent(handler, name="work")
+
+
 async def test_a_message_given_up_while_no_process_of_its_node_listened_is_dead_at_its_next_start(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -464,18 +490,12 @@ async def test_a_message_given_up_while_no_process_of_its_node_listened_is_dead_
     and deleted, once. (On main's _durable.py swapped in: ``durable_dead`` 0 after 10 s,
     the stream kept it.)"""
     handled: list[Any] = []
-
-    async def handler(ctx: Context, msg: Message) -> Any:
-        handled.append(msg.payload)
-        return "ok"
-
     durable = DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05)
-    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
-        stream = f"{cluster.prefix}-durable"
+    stream = await _stream_made(nats.url, durable)
     stored = await _given_up_unheard(nats.url, stream, "a", "work")
     caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
-        kernel.spawn(agent(handler, name="work"))
+        kernel.spawn(_answering(handled))
         js = cluster.data_js
         with trio.move_on_after(10):
             await until(lambda: cluster.stats().durable_dead >= 1)
@@ -492,9 +512,21 @@ async def test_a_message_given_up_while_no_process_of_its_node_listened_is_dead_
     assert left.state.messages == 0
     assert handled == ["after"]
     assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
-    dead = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(dead) == 1
-    assert f"durable message {stored.id} dead found at node 'a'" in dead[0]
+    _found_once(caplog, stored.id)
+
+
+def _fails_then_waits(handled: list[int], release: trio.Event) -> Any:
+    """A handler that keeps each try's number in ``handled``: the first raises, the
+    next ones wait for ``release`` (past ``ack_wait``), then answer."""
+
+    async def handler(ctx: Context, msg: Message) -> Any:
+        handled.append(len(handled))
+        if len(handled) == 1:
+            raise RuntimeError("the first try fails")
+        await release.wait()
+        return "late"
+
+    return handler
 
 
 async def test_an_answer_after_its_consumer_gave_the_message_up_is_not_counted_handled_too(
@@ -510,13 +542,7 @@ async def test_an_answer_after_its_consumer_gave_the_message_up_is_not_counted_h
     _durable.py swapped in: ``(durable_dead, durable_acked) == (1, 1)``.)"""
     handled: list[int] = []
     release = trio.Event()
-
-    async def handler(ctx: Context, msg: Message) -> Any:
-        handled.append(len(handled))
-        if len(handled) == 1:
-            raise RuntimeError("the first try fails")
-        await release.wait()
-        return "late"
+    handler = _fails_then_waits(handled, release)
 
     def answered() -> bool:
         dropped = any("answered after its consumer" in r.getMessage() for r in caplog.records)
@@ -538,6 +564,31 @@ async def test_an_answer_after_its_consumer_gave_the_message_up_is_not_counted_h
     assert left == 0
 
 
+async def _advisory_of_settled(
+    url: str, monkeypatch: pytest.MonkeyPatch, settled: Callable[[Cluster, Message, int], None]
+) -> tuple[Any, int]:
+    """A message stored on node ghost's subject (no node pulls it), marked by ``settled``
+    as settled by the node (given the message and its stream sequence), then JetStream's
+    ``MAX_DELIVERIES`` advisory of it at 2 deliveries of the node's 4, heard by the node
+    as ghost's taker: the node's stats, and how many messages the stream keeps."""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        stored = await store_for(cluster, "nobody", "x", node="ghost")
+        seq = (await call_aio(js.stream_info, stream)).state.last_seq
+        settled(cluster, stored, seq)
+        subject = _taking_over(monkeypatch, cluster, stream, "ghost")
+        said = json.dumps({"stream_seq": seq, "deliveries": 2}).encode()
+        advisory = NatsMsg(_client=cluster.nc, subject=subject, data=said)
+        await call_aio(cluster.durable._max_deliveries, advisory)
+        left = (await call_aio(js.stream_info, stream)).state.messages
+        stats = cluster.stats()
+        monkeypatch.delitem(cluster.durable._takeovers, "ghost")  # (none runs: see _taking_over)
+    return stats, left
+
+
 async def test_a_max_deliveries_advisory_of_a_message_acked_here_deletes_it_counting_nothing(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -547,21 +598,11 @@ async def test_a_max_deliveries_advisory_of_a_message_acked_here_deletes_it_coun
     It is deleted and counted nowhere more now. (The ack held back by hand: the id marked
     answered here, as :meth:`completed` marks it. A mutant without the check of answered
     ids: ``consumer_max_deliver`` 1.)"""
-    from .test_durable_missing_agent import store_for
 
-    async with local_node(nats.url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
-        stream = f"{cluster.prefix}-durable"
-        js = cluster.data_js
-        stored = await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
-        seq = (await call_aio(js.stream_info, stream)).state.last_seq
-        cluster.durable._done[stored.id] = None
-        subject = _taking_over(monkeypatch, cluster, stream, "ghost")
-        said = json.dumps({"stream_seq": seq, "deliveries": 2}).encode()
-        advisory = NatsMsg(_client=cluster.nc, subject=subject, data=said)
-        await call_aio(cluster.durable._max_deliveries, advisory)
-        left = (await call_aio(js.stream_info, stream)).state.messages
-        stats = cluster.stats()
-        monkeypatch.delitem(cluster.durable._takeovers, "ghost")  # (none runs: see _taking_over)
+    def answered(cluster: Cluster, msg: Message, _seq: int) -> None:
+        cluster.durable._done[msg.id] = None
+
+    stats, left = await _advisory_of_settled(nats.url, monkeypatch, answered)
     assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"]) == (0, 0)
     assert left == 0
 
@@ -633,6 +674,20 @@ async def _given_up_at_max(url: str, stream: str, node: str, count: int) -> set[
     return ids
 
 
+async def _counted_dead(
+    cluster: Cluster, stream: str, dead: int, *, within: float
+) -> tuple[Any, int]:
+    """``cluster``'s stats once it counted ``dead`` durable messages dead (or ``within``
+    seconds passed) and the stream is empty (or 5 s more passed; the server's state, no
+    event), and how many messages the stream keeps then."""
+    with trio.move_on_after(within):
+        await until(lambda: cluster.stats().durable_dead >= dead)
+    with trio.move_on_after(5):
+        while (left := await call_aio(cluster.data_js.stream_info, stream)).state.messages:  # noqa: ASYNC110 (the server's state)
+            await trio.sleep(0.05)
+    return cluster.stats(), left.state.messages
+
+
 def _reads_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Each ``JetStreamContext.get_msg`` call from now on, appended (a JetStream request)."""
     reads: list[int] = []
@@ -665,13 +720,8 @@ async def test_messages_given_up_at_the_node_s_own_max_deliver_unheard_are_found
     reads = _reads_counted(monkeypatch)
     caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
     async with local_node(nats.url, durable=durable) as (_kernel, cluster):
-        with trio.move_on_after(10):
-            await until(lambda: cluster.stats().durable_dead >= 3)
-        with trio.move_on_after(5):
-            while (left := await call_aio(cluster.data_js.stream_info, stream)).state.messages:  # noqa: ASYNC110 (the server's state)
-                await trio.sleep(0.05)
-        stats = cluster.stats()
-    assert (stats.durable_dead, left.state.messages) == (3, 0)
+        stats, left = await _counted_dead(cluster, stream, 3, within=10)
+    assert (stats.durable_dead, left) == (3, 0)
     assert stats.durable_dead_reasons["consumer_max_deliver"] == 3
     assert len(reads) == 4
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -680,3 +730,141 @@ async def test_messages_given_up_at_the_node_s_own_max_deliver_unheard_are_found
     assert any(f"durable message {msg_id} dead found at node 'a'" in dead[0] for msg_id in ids)
     assert "no process of the node heard" in dead[0]
     assert "lowered under this node's" not in dead[0]
+
+
+#: a fetch that got nothing (the tests' ``nats`` fixture hides the module's name)
+_FETCH_TIMEOUT = nats.errors.TimeoutError
+
+
+async def test_a_message_given_up_while_the_node_is_cut_off_is_dead_once_it_is_back(
+    nats: NatsServer,
+) -> None:
+    """Fifty-fourth pass: JetStream's ``MAX_DELIVERIES`` advisory sent while the node's
+    connections are cut (a partition between it and the server, which runs on) reaches
+    no one, and nats-py does not replay it: the message (its consumer's ``max_deliver``
+    lowered to 2 by an operator, its 2nd delivery in a handler past ``ack_wait``, given up
+    at another puller's request) stayed
+    in the stream, delivered no more, counted nowhere until the node's next start. The
+    node now looks at its consumer's state after each reconnect of its data connection:
+    dead (``consumer_max_deliver``), deleted, once. (On main's _durable.py and
+    _cluster.py swapped in: ``durable_dead`` 0 and the stream kept it, 8 s after the
+    reconnect.)"""
+    from .nats_proxy import NatsProxy
+
+    handled: list[int] = []
+    release = trio.Event()
+    handler = _fails_then_waits(handled, release)
+
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    op_durable = DurableOptions(enabled=False)
+    try:
+        async with (
+            local_node(proxy.url, durable=_EDITED, server_lost_wait=30.0) as (kernel, cluster),
+            local_node(nats.url, "op", durable=op_durable) as (_op_kernel, op),
+        ):
+            stream = await _lowered(kernel, cluster, agent(handler, name="slow"))
+            with trio.fail_after(30):
+                await cluster.send_durable("slow", "work")
+                await until(lambda: len(handled) == 2)
+                heard = trio.Event()
+
+                async def op_heard(_advisory: NatsMsg) -> None:
+                    heard.set()
+
+                subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.a"
+                await call_aio(op.nc.subscribe, subject, cb=op_heard)
+                proxy.refuse("a")
+                # (JetStream gives it up as it would deliver it again, at a pull
+                # request: a's own still on the server did so in 4 of 6 runs, measured;
+                # here op's, as another process of a's would; its advisory heard by op
+                # alone)
+                psub = await call_aio(
+                    op.data_js.pull_subscribe,
+                    wire.durable_subject(op.prefix, "a", "*"),
+                    durable="a",
+                    stream=stream,
+                )
+                with pytest.raises(_FETCH_TIMEOUT):
+                    await call_aio(psub.fetch, 1, timeout=3)
+                await call_aio(psub.unsubscribe)
+                await heard.wait()
+                proxy.refuse("a", False)
+                await until(lambda: cluster.stats().reconnects >= 1)
+            stats, left = await _counted_dead(cluster, stream, 1, within=8)
+            release.set()
+    finally:
+        proxy.close()
+    assert handled == [0, 1]
+    assert (stats.durable_dead, left) == (1, 0)
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+
+
+async def test_a_message_given_up_above_one_still_pending_is_dead_without_a_restart(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty-fourth pass: of two messages a process of node ``a`` fetched while no process
+    heard JetStream's advisories (its consumer's ``max_deliver`` lowered to 1), the 2nd
+    nakked (given up), the 1st left pending (the process died): the node's next start
+    can tell only what lies under its consumer's ack floor, and the 1st, pending, holds
+    the floor under the 2nd. The 1st is delivered again (``ack_wait`` 3 s later) and
+    handled; the 2nd was found only at a start after that, counted nowhere till then.
+    The node looks again every ``SWEEP_LOOKS x last_notice_wait`` (here 4 x 1.5 s) until a
+    look reaches what its consumer had delivered at the start: dead
+    (``consumer_max_deliver``), deleted, once. (On main's _durable.py swapped in:
+    ``durable_dead`` 0 after 15 s, the stream kept it.)"""
+    from .test_durable_missing_agent import store_for
+
+    handled: list[Any] = []
+    durable = DurableOptions(ack_wait=3.0, max_deliver=4, redelivery_delay=0.05)
+    stream = await _stream_made(nats.url, durable)
+    async with local_node(nats.url, "op", durable=DurableOptions(enabled=False)) as (_k, op):
+        js = op.data_js
+        info = await call_aio(js.consumer_info, stream, "a")
+        await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=1))
+        await store_for(op, "work", "pending", node="a")
+        given_up = await store_for(op, "work", "given up", node="a")
+        psub = await call_aio(
+            js.pull_subscribe, wire.durable_subject(op.prefix, "a", "*"), durable="a", stream=stream
+        )
+        _pending, second = await call_aio(psub.fetch, 2, timeout=5)
+        await call_aio(second.nak)
+        with pytest.raises(_FETCH_TIMEOUT):  # (its redelivery: given up instead)
+            await call_aio(psub.fetch, 1, timeout=0.5)
+        await call_aio(psub.unsubscribe)
+        # (its max_deliver put back, as the node's start does: the 1st, pending, is
+        # delivered again after its ack_wait, not given up too)
+        await call_aio(js.add_consumer, stream, config=info.config)
+        held = await call_aio(js.consumer_info, stream, "a")
+    assert (held.num_ack_pending, held.delivered.stream_seq, held.ack_floor.stream_seq) == (1, 2, 0)
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+    # (looks 6 s apart)
+    async with local_node(
+        nats.url, durable=durable, server_lost_wait=1.0, last_notice_wait=1.5
+    ) as (kernel, cluster):
+        kernel.spawn(_answering(handled))
+        stats, left = await _counted_dead(cluster, stream, 1, within=15)
+    assert handled == ["pending"]
+    assert (stats.durable_dead, stats.durable_acked, left) == (1, 1, 0)
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+    _found_once(caplog, given_up.id)
+
+
+async def test_a_look_that_finds_a_message_terminated_here_deletes_it_counting_nothing(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fourth pass: the node terminated a message at its own ``max_deliver`` and
+    counted it dead (its last delivery's ``ack_wait`` over, unanswered), as JetStream gave
+    it up (delivered no more: the term not applied yet); a look at the consumer's state
+    now runs in a running node (after a reconnect, and again until it reaches what was
+    delivered), and finding it there counted it dead a second time. It is deleted and
+    counted nowhere more. (Its term held back by hand: its stream sequence marked
+    terminated here, as :meth:`_terminate` marks it. A mutant without that check:
+    ``consumer_max_deliver`` 1.)"""
+
+    def terminated(cluster: Cluster, _msg: Message, seq: int) -> None:
+        cluster.durable._dead_seqs[seq] = None
+
+    stats, left = await _advisory_of_settled(nats.url, monkeypatch, terminated)
+    assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"]) == (0, 0)
+    assert left == 0

@@ -1532,6 +1532,8 @@ class Cluster:
                     direct.read_inline(nc)  # (nats-py read the new socket with a new reader)
                 self._outbox.resume()
                 self._data_up.set()
+                # (JetStream's advisories sent meanwhile reached no one: see reconnected)
+                self.durable.reconnected()
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
             log_guarded(
                 log,
