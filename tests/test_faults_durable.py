@@ -868,3 +868,35 @@ async def test_a_look_that_finds_a_message_terminated_here_deletes_it_counting_n
     stats, left = await _advisory_of_settled(nats.url, monkeypatch, terminated)
     assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"]) == (0, 0)
     assert left == 0
+
+
+async def test_the_start_s_look_for_given_up_messages_holds_up_no_sweep(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fourth pass: the start's look for messages the node's consumer gave up
+    unheard ran at the head of the sweeper's task, and the sweeps waited on it (measured,
+    3,000 found on a loaded 2-core machine: the first sweep, due 6 s after the start,
+    made at 15.7 s and 24.7 s, as the look ended; 6.0 s now; the first durable message
+    handled at 0.02 s both ways: the pull never waited). The look runs in a task of its
+    own: here one that never ends (held by hand), and the periodic sweep is made all the
+    same. (On main's _durable.py swapped in: ``sweeps`` 0 after 15 s.)"""
+    looked: list[str] = []
+
+    async def held(self: Any, node: str) -> bool:
+        looked.append(node)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    from nexus_trio._nats import _durable
+
+    monkeypatch.setattr(_durable.DurableChannel, "_find_stranded", held)
+    async with local_node(
+        nats.url,
+        server_lost_wait=1.0,
+        last_notice_wait=1.5,  # (sweeps 6 s apart)
+    ) as (_kernel, cluster):
+        with trio.move_on_after(15):
+            await until(lambda: cluster.durable.sweeps >= 1)
+        sweeps = cluster.durable.sweeps
+    assert looked == ["a"]
+    assert sweeps >= 1
