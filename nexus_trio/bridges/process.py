@@ -2307,7 +2307,7 @@ class ProcessAgent(Agent):
             # brings asyncio, 87 ms, which a kernel that reads no such line does without)
             from .python import too_deep
 
-            raise _BadFrame(f"not JSON ({too_deep(text)})") from None
+            raise _BadFrame(f"not JSON ({too_deep(line)})") from None
         if not isinstance(frame, dict):
             raise _BadFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
         frame_type = frame.get("type")
