@@ -531,9 +531,59 @@ def _exception_text(exc: BaseException) -> str:
     return _well_formed(text)
 
 
-def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
+def _nesting(value: Any) -> int | None:
+    """How deep ``value`` nests its dicts, lists and tuples (``[]`` is 1), or None if it
+    holds itself. Without recursion (it is asked of a value too deep for the JSON
+    encoder's), each container entered once, read as ``json`` reads it, no code of the
+    value's run (a subclass's ``__iter__``): the walk of a value the handler built."""
+    containers = (dict, list, tuple)
+    if not isinstance(value, containers):
+        return 0
+    path: list[Iterator[Any]] = [_items(value)]
+    on_path = {id(value)}
+    ids = [id(value)]
+    done: set[int] = set()
+    deepest = 1
+    while path:
+        for item in path[-1]:
+            if not isinstance(item, containers) or id(item) in done:
+                continue
+            if id(item) in on_path:
+                return None
+            on_path.add(id(item))
+            ids.append(id(item))
+            path.append(_items(item))
+            deepest = max(deepest, len(path))
+            break
+        else:
+            path.pop()
+            left = ids.pop()
+            on_path.discard(left)
+            done.add(left)
+    return deepest
+
+
+def _items(container: Any) -> Iterator[Any]:
+    if isinstance(container, dict):
+        return iter(dict.values(container))
+    return iter(
+        list.__iter__(container) if isinstance(container, list) else tuple.__iter__(container)
+    )
+
+
+def _describe_unserialisable(exc: Exception, subject: Any = None) -> tuple[str, str]:
     """(text, error_type) for a result json refused to encode (or whose encoding raised:
-    a result nested deeper than the recursion limit, a mapping whose ``items()`` raises)."""
+    a result nested deeper than the recursion limit, a mapping whose ``items()`` raises).
+    ``subject`` is the result (or payload sent): a RecursionError is said as how deep it
+    nests, in the words the bridges and the kernel use of a line nested too deeply."""
+    if isinstance(exc, RecursionError):
+        depth = _nesting(subject)
+        if depth is None:  # (as json says of one it finds before the limit)
+            return "result of handle_message is not JSON serialisable: circular reference", (
+                "ValueError"
+            )
+        what = f"nested {depth:,} levels deep, past the JSON writer's recursion limit"
+        return f"result of handle_message is not JSON serialisable: {what}", "TypeError"
     # (json's own ValueErrors are told by their words: one the result's code raised, a
     # mapping's items(), is said as it is, and its text may not be readable)
     text = _exception_text(exc)
@@ -704,7 +754,7 @@ class NexusAgent:
         try:
             line = _encode({"type": "send", "payload": frame}, payload)
         except Exception as exc:  # (a RecursionError too: a payload nested too deeply)
-            text, _ = _describe_unserialisable(exc)
+            text, _ = _describe_unserialisable(exc, payload)
             raise TypeError(text.replace("result of handle_message", "send() payload")) from None
         self._write_line(line)
 
@@ -1075,7 +1125,7 @@ class NexusAgent:
             # (TypeError, ValueError; a RecursionError for a result nested too deeply, or
             # what the result's own code raised as it was read: an error frame all the same)
             self.failed += 1
-            text, error_type = _describe_unserialisable(exc)
+            text, error_type = _describe_unserialisable(exc, result)
             self.log(f"nexus-bridge[{self.name}]: {text}")
             self._send_error(message, text, error_type)
             return
