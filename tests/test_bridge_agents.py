@@ -2258,6 +2258,49 @@ def test_naming_the_depth_of_a_too_deep_line_takes_no_python_step_per_byte() -> 
         assert steps < len(line) // 100, (depth, steps, len(line))
 
 
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_a_message_frame_too_deep_for_json_is_answered_at_once(protocol: int) -> None:
+    """Fifty-fourth pass: a ``message`` frame whose payload nests deeper than the Python
+    bridge's JSON reader goes (a kernel whose recursion limit is higher wrote it) was
+    skipped unanswered: no id could be read, and the kernel waited out the handle
+    timeout, then replaced the child. Its fields beside the payload are read as the kernel
+    writes them (``from`` first, then ``to``, ``payload``, ``kind``, ``id``, ...), and
+    it is answered at once with an ``error`` (``InvalidFrame``, its depth said); in
+    protocol 1 the error response carries the conversation id the kernel matches by."""
+    import io
+
+    from nexus_trio.bridges.python import EchoAgent
+
+    deep = message("DEEP", conversation_id=uuid.uuid4(), trace_id=uuid.uuid4())
+    # (a dict in the payload has a "kind" and an "id" too: not taken for the frame's)
+    inner = b'{"kind":"Event","id":"not-it","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    frame = message_frame(deep).replace(b'"payload":"DEEP"', b'"payload":[' + inner + b"]")
+    after = message("after")
+    stdin = io.BytesIO(frame + message_frame(after) + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = EchoAgent(protocol=protocol, stdin=stdin, stdout=stdout, stderr=stderr)
+    assert agent.run_agent() == 0
+    answers = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    said = "not JSON (nested 100,004 levels deep, past the JSON reader's recursion limit)"
+    assert (agent.handled, agent.invalid_lines) == (1, 1)
+    if protocol == 2:
+        assert [f["type"] for f in answers] == ["register", "error", "response"]
+        error = answers[1]["payload"]
+        assert (error["reply_to"], error["error_type"]) == (str(deep.id), "InvalidFrame")
+        assert error["error"].startswith(said), error
+        assert answers[2]["payload"]["reply_to"] == str(after.id)
+    else:
+        assert [f["type"] for f in answers] == ["register", "response", "response"]
+        error = answers[1]["payload"]
+        assert error["to"] == str(KERNEL_ID)
+        assert error["conversation_id"] == str(deep.conversation_id)
+        assert error["trace_id"] == str(deep.trace_id)
+        assert error["payload"]["error_type"] == "InvalidFrame"
+        assert error["payload"]["error"].startswith(said), error
+        assert answers[2]["payload"]["payload"] == "after"
+    assert stderr.getvalue().count(said) == 1, stderr.getvalue()
+
+
 async def test_a_too_deep_line_ending_in_escaped_quotes_is_said_at_once() -> None:
     """Fifty-third pass review: what a line too deep for the JSON reader is (its depth,
     its strings skipped) was found with a regex that, failing on an unterminated string,

@@ -4105,6 +4105,35 @@ async def test_a_line_nested_too_deeply_is_not_json_naming_its_depth(
     assert sum(said in w for w in warnings) == 1, warnings
 
 
+async def test_a_payload_too_deep_for_the_python_bridge_s_reader_fails_at_once() -> None:
+    """Fifty-fourth pass: a kernel whose recursion limit is higher than its Python child's
+    wrote a payload 5,000 deep, which the child's JSON reader could not take: the bridge
+    skipped the line unanswered (no id read), and the request waited out the handle
+    timeout (30 s here), then the child was replaced. The bridge reads the frame's id
+    beside its payload now and answers at once: the request fails with the depth said,
+    and the child goes on."""
+    deep: Any = 0
+    for _ in range(5_000):
+        deep = [deep]
+    bridge = [sys.executable, str(ROOT / "nexus_trio" / "bridges" / "python.py")]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(process_agent(bridge, name="echo", handle_timeout=30.0))
+            assert await kernel.request(ref, "up") == "up"
+            started = time.monotonic()
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, deep)
+            assert time.monotonic() - started < 15, "waited for the handle timeout"
+            said = "not JSON (nested 5,002 levels deep, past the JSON reader's recursion limit)"
+            assert said in str(info.value.error), info.value.error
+            assert await kernel.request(ref, "after") == "after"
+            assert (stats_of(kernel, ref).starts, stats_of(kernel, ref).replaced) == (1, 0)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 async def test_a_child_s_lines_are_read_by_one_decoder_made_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import select
 import sys
 import threading
@@ -202,6 +203,32 @@ def too_deep(line: str | bytes) -> str:
             deepest = max(deepest, depth + opens)
         depth += opens - closes
     return f"nested {deepest:,} levels deep, past the JSON reader's recursion limit"
+
+
+#: how the kernel writes a message frame (docs/protocol.md): its ``from`` first, then
+#: ``to`` and ``payload``, then the rest of its fields (``kind``, ``id``, ...), none nested
+_MESSAGE_HEAD = re.compile(r'\{"type":"message","payload":\{"from":("(?:[^"\\]|\\.)*")')
+_AFTER_PAYLOAD = ',"kind":'
+
+
+def _fields_beside_payload(text: str) -> dict[str, Any] | None:
+    """The fields of a ``message`` frame too deep for the JSON reader, all but its
+    ``payload`` (the part nested too deeply), read as the kernel writes the frame: its
+    ``from``, then what follows the payload (``"kind":...``, ``"id":...``, scalars) up to
+    the frame's end. None for a line not so written. Two small reads, not a walk."""
+    head = _MESSAGE_HEAD.match(text)
+    end = text.rstrip("\r\n")
+    tail = end.rfind(_AFTER_PAYLOAD)
+    if head is None or tail < head.end() or not end.endswith("}}"):
+        return None
+    try:
+        fields = _loads("{" + end[tail + 1 : -2] + "}")
+        sender = _loads(head.group(1))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict) or "payload" in fields:
+        return None
+    return {"from": sender, **fields}
 
 
 class InvalidFrame(ValueError):
@@ -1023,7 +1050,11 @@ class NexusAgent:
         except ValueError as exc:
             raise InvalidFrame(f"not JSON ({exc}): {text[:_SNIPPET]!r}") from None
         except RecursionError:
-            raise InvalidFrame(f"not JSON ({too_deep(line)}): {text[:_SNIPPET]!r}") from None
+            # A message frame still gets its answer (the kernel waits for one per message
+            # it wrote): its fields beside the payload are read without it.
+            raise InvalidFrame(
+                f"not JSON ({too_deep(line)}): {text[:_SNIPPET]!r}", _fields_beside_payload(text)
+            ) from None
         if not isinstance(frame, dict):
             raise InvalidFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
         kind = frame.get("type")
