@@ -645,6 +645,15 @@ class _PoolRouter(Agent):
             # resize waits for that, as a call to an OTP supervisor waits while its
             # start_child runs a child's init. Counting them made a resize to n answer n
             # and leave fewer (test_a_resize_while_grown_workers_start_waits_for_their_starts).
+            # The router took it out of its mailbox (routing goes on): it waits as if it
+            # were still there, so no more wait than the mailbox holds (unbounded, each a
+            # task: a flood of resizes from any sender grew the router without end).
+            room = ctx.kernel.config.kernel.mailbox_capacity
+            if self.resizes_waiting >= room:
+                raise MessageFailed(
+                    f"pool {self.name!r}: {RESIZE} to {size} refused: {room} resizes already"
+                    " wait for a grow's workers to start (as many as the pool's mailbox holds)"
+                )
             self.resizes_waiting += 1
             ctx.nursery.start_soon(self._resize_when_settled, ctx, msg, size)
             return None

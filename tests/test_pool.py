@@ -51,6 +51,7 @@ from nexus_trio.testing import (
     open_test_kernel,
     record_events,
     step_until_idle,
+    test_config,
 )
 
 Record = list[tuple[str, Any]]
@@ -1087,6 +1088,53 @@ async def test_a_resize_while_grown_workers_start_waits_for_their_starts(
                 assert_no_dead_letters(kernel)
         finally:
             StartsUpTo.limit = 2
+
+
+async def test_resizes_waiting_for_a_grow_are_no_more_than_the_mailbox_holds(
+    autojump_clock: Any,
+) -> None:
+    """Fifty-fourth pass: ``$resize`` messages that came while a grow's workers were in
+    their first ``on_start`` each waited in a task of the router's, taken out of its
+    mailbox so that routing goes on: a flood of them (any sender may resize) grew the
+    router without bound. As many wait as the mailbox holds (``mailbox_capacity``, 4
+    here); one more is refused at once, naming why: its requester gets the error, and it
+    is dead-lettered ``handler_error`` as any refused resize. Those that waited are done
+    in order, as before."""
+    StartsUpTo.limit = 5
+    try:
+        async with open_test_kernel(test_config(mailbox_capacity=4)) as kernel:
+            kernel.spawn(pool(_SlowFirstStart, size=2))
+            got: list[Any] = []
+
+            async def grow() -> None:
+                got.append(await kernel.request("workers", {"$resize": 4}, timeout=60))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(grow)
+                await trio.sleep(1)  # workers/2 and workers/3 in their on_start
+                for size in (3, 3, 2, 3):
+                    await kernel.send("workers", {"$resize": size})
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                with pytest.raises(RequestFailed) as info:
+                    await kernel.request("workers", {"$resize": 5}, timeout=60)
+                assert trio.current_time() == started, "it waited for the grow"
+            assert str(info.value.error) == (
+                "pool 'workers': $resize to 5 refused: 4 resizes already wait for a grow's"
+                " workers to start (as many as the pool's mailbox holds)"
+            )
+            assert got == [{"size": 4}]
+            await trio.sleep(30)  # (the told ones: workers/4's start, 10 s)
+            workers = await pool_workers(kernel, "workers")
+            assert pool_names(workers) == ["workers/0", "workers/1", "workers/4"]
+            letters = dead_letters(kernel)
+            assert [(d.reason, d.message.payload) for d in letters] == [
+                (DeadLetterReason.HANDLER_ERROR, {"$resize": 5})
+            ]
+            # none waits now: a resize is taken again
+            assert await resize_pool(kernel, "workers", 1) == 1
+    finally:
+        StartsUpTo.limit = 2
 
 
 async def test_a_grow_that_partly_starts_keeps_the_started_workers(autojump_clock: Any) -> None:
