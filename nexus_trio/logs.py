@@ -274,11 +274,21 @@ class CompactFormatter(_EscapingFormatter):
 _FEW_DIGITS_BITS: Final = 2000
 
 
+#: how deep a JSON line writes an extra's lists, tuples and dicts; one deeper is written
+#: as its ``str`` (as the text format writes every extra)
+_JSON_DEPTH: Final = 100
+
+
 def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
     """``value`` as JSON types; ``within``: the ids of the containers it is inside of.
 
     A container inside itself (``loop.append(loop)``) is written there as ``repr`` writes
-    it, ``[...]`` or ``{...}``, not walked into until the recursion limit."""
+    it, ``[...]`` or ``{...}``, not walked into until the recursion limit. One
+    :data:`_JSON_DEPTH` containers deep is written as :func:`_shown` writes it (its
+    ``str``; ``<str() failed: RecursionError>`` for one too deep for that): an extra
+    nested 5,000 deep raised RecursionError here, and the record was lost."""
+    if len(within) >= _JSON_DEPTH and isinstance(value, list | tuple | dict):
+        return _shown(value)
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, float):

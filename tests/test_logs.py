@@ -227,6 +227,36 @@ def test_json_writes_an_extra_that_contains_itself_as_repr_does(
     assert record["twice"] == {"a": [3], "b": [3]}
 
 
+def test_json_writes_an_extra_nested_too_deeply_cut_at_100_levels(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Fifty-fourth pass: an extra nested 5,000 lists deep (no cycle) raised
+    RecursionError out of the log call with the json format (the compact format writes
+    ``<str() failed: RecursionError>``), and the record was lost. A JSON line writes 100
+    levels of an extra's containers; the one below is written as its ``str``, as the
+    compact format writes an extra (so a shallow one is kept whole)."""
+    stream = configured("json")
+    deep: Any = "bottom"
+    for _ in range(5_000):
+        deep = [deep]
+    shallow: Any = {"k": 1}
+    for _ in range(99):
+        shallow = [shallow]
+    logging.getLogger("nexus_trio.x").info("deep", extra={"deep": deep, "shallow": shallow})
+    (record,) = json_lines(stream)
+    assert record["msg"] == "deep"
+    value, levels = record["deep"], 0
+    while isinstance(value, list):
+        (value,) = value
+        levels += 1
+    assert (levels, value) == (100, "<str() failed: RecursionError>")
+    value, levels = record["shallow"], 0
+    while isinstance(value, list):
+        (value,) = value
+        levels += 1
+    assert (levels, value) == (99, {"k": 1})
+
+
 class _Unprintable:
     def __str__(self) -> str:
         raise RuntimeError("str boom")
