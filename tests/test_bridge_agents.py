@@ -230,6 +230,12 @@ class Probe extends NexusAgent {
       case 'unserialisable': return { ok: 1n };
       case 'nan': return NaN;
       case 'circular': { const o = {}; o.self = o; return o; }
+      case 'deep': { let v = []; for (let i = 0; i < 100000; i++) v = [v]; return v; }
+      case 'deep_circular': {
+        const top = {}; let inner = top;
+        for (let i = 0; i < 50000; i++) { inner.next = [{}]; inner = inner.next[0]; }
+        inner.top = top; return top;
+      }
       // half of the emoji's surrogate pair: what cutting a string by length does
       case 'lone_surrogate': return { cut: ['whole', 'x\\ud83d\\ude00'.slice(0, 2)] };
       case 'send_lone_surrogate':
@@ -1176,6 +1182,17 @@ UNSAYABLE = {
         ("throw_unreadable", "<a thrown object whose text could not be read>", "Object"),
         ("throw_oddly_named", "[object Object]", "Object"),
         ("raise_lone_surrogate", "no file x\\ud83d", "RangeError"),
+        (
+            "deep",
+            "result of handleMessage is not JSON serialisable: nested 100,001 levels deep,"
+            " past the JSON writer's recursion limit",
+            "TypeError",
+        ),
+        (
+            "deep_circular",
+            "result of handleMessage is not JSON serialisable: circular structure",
+            "TypeError",
+        ),
     ],
 }
 

@@ -284,6 +284,43 @@ function isInstance(value, cls) {
  * JSON.stringify that refuses what JSON cannot carry instead of silently dropping it.
  * Throws NotSerialisable and nothing else.
  */
+/**
+ * How deep `value` nests its arrays and objects (`[]` is 1), without recursion (it is
+ * asked of a value that overflowed JSON.stringify's stack), each entered once; null if
+ * it holds itself, undefined if it could not be read (a Proxy whose traps throw).
+ */
+function nesting(value) {
+  const isContainer = (item) => item !== null && typeof item === 'object';
+  try {
+    if (!isContainer(value)) return 0;
+    const path = [Object.values(value)[Symbol.iterator]()];
+    const onPath = [value];
+    const inPath = new Set(onPath);
+    const done = new Set();
+    let deepest = 1;
+    while (path.length > 0) {
+      const step = path[path.length - 1].next();
+      if (step.done) {
+        path.pop();
+        const left = onPath.pop();
+        inPath.delete(left);
+        done.add(left);
+        continue;
+      }
+      const item = step.value;
+      if (!isContainer(item) || done.has(item)) continue;
+      if (inPath.has(item)) return null;
+      inPath.add(item);
+      onPath.push(item);
+      path.push(Object.values(item)[Symbol.iterator]());
+      deepest = Math.max(deepest, path.length);
+    }
+    return deepest;
+  } catch (err) {
+    return undefined;
+  }
+}
+
 function encode(obj, subject = obj) {
   let text;
   try {
@@ -307,6 +344,15 @@ function encode(obj, subject = obj) {
     if (thrown.isError && isInstance(err, NotSerialisable)) throw err;
     if (thrown.isError && isInstance(err, TypeError) && /circular/i.test(thrown.message || '')) {
       throw new NotSerialisable('circular structure');
+    }
+    if (thrown.isError && isInstance(err, RangeError) && /call stack/i.test(thrown.message || '')) {
+      // (the stack overflowed: said as the Python bridge says a result nested too deeply)
+      const depth = nesting(subject);
+      if (depth === null) throw new NotSerialisable('circular structure');
+      if (depth !== undefined) {
+        const levels = depth.toLocaleString('en-US');
+        throw new NotSerialisable(`nested ${levels} levels deep, past the JSON writer's recursion limit`);
+      }
     }
     throw new NotSerialisable(`${thrown.errorType}: ${thrown.text}`);
   }
