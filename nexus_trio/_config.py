@@ -114,6 +114,15 @@ def cut(text: str, spell: Callable[[str], str] = str) -> str:
     return f"{spell(text[:SHOWN_MAX])}... ({len(text):,} characters)"
 
 
+def cut_name(name: str) -> str:
+    """A name (a config key, a section, a ``NEXUS_*`` variable) as an error shows it: as
+    written when each of its characters is printable, else as a TOML basic string
+    (``"a\\u001bb"``, quoted also where the cut leaves the control out), so that an
+    escape sequence or a newline in a name reaches the terminal as text, not as a
+    control; cut as :func:`cut` cuts."""
+    return cut(name) if name.isprintable() else cut(name, _toml)
+
+
 def shown(value: Any) -> str:
     """A bad value in an error: its ``repr``, or its TOML spelling inside
     :func:`values_as_toml` (``true``, ``"text"``, ``inf``, ``[1, "a"]``, ``{ a = 1 }``).

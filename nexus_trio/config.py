@@ -39,6 +39,7 @@ from ._config import (
     CrossKeyError,
     config_warnings,
     cut,
+    cut_name,
     derived_when_unset,
     mark_said_by_a_load,
     shown,
@@ -178,13 +179,13 @@ def _unknown_key_text(section: str, key: str) -> str:
         hint = f"it is a key of [{owners[0]}]: did you mean [{owners[0]}] {key}?"
     else:
         hint = f"did you mean {match}?" if match else f"known keys: {', '.join(known)}"
-    return f"unknown key [{section}] {cut(key)} ({hint})"
+    return f"unknown key [{section}] {cut_name(key)} ({hint})"
 
 
 def _unknown_section_text(section: str) -> str:
     match = nearest(section, SECTIONS)
     hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
-    return f"unknown section [{cut(section)}] ({hint})"
+    return f"unknown section [{cut_name(section)}] ({hint})"
 
 
 def _unknown_top_level_text(key: str) -> str:
@@ -194,7 +195,7 @@ def _unknown_top_level_text(key: str) -> str:
     else:
         match = nearest(key, SECTIONS)
         hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
-    return f"unknown top-level key {cut(key)} ({hint})"
+    return f"unknown top-level key {cut_name(key)} ({hint})"
 
 
 def _check_value(section: str, key: str, value: Any, *, toml: bool = True) -> Any:
@@ -954,7 +955,7 @@ def _read_env(
             # joined by one underscore, is an override mistyped: said, not ignored.
             if (meant := _one_underscore_override(name)) is not None:
                 found.unknown_name(
-                    f"environment variable {cut(name)}: not read: a section and its key are"
+                    f"environment variable {cut_name(name)}: not read: a section and its key are"
                     f" joined by two underscores ({meant})"
                 )
             continue
@@ -963,13 +964,13 @@ def _read_env(
         origin = f"environment variable {name}"
         if section not in SECTIONS:
             found.unknown_name(
-                f"environment variable {cut(name)}: {_unknown_section_text(section)}"
+                f"environment variable {cut_name(name)}: {_unknown_section_text(section)}"
             )
             continue
         known = _fields(section)
         if key not in known:
             found.unknown_name(
-                f"environment variable {cut(name)}: {_unknown_key_text(section, key)}"
+                f"environment variable {cut_name(name)}: {_unknown_key_text(section, key)}"
             )
             continue
         earlier = sources.get(f"{section}.{key}", "")
@@ -1016,10 +1017,15 @@ def _apply_overrides(
     for dotted, value in overrides.items():
         origin = f"override {dotted}"
         section, _, key = dotted.partition(".")
-        if section not in SECTIONS:
-            raise ConfigError(_unknown_section_text(section), origin=origin, key=dotted)
-        if key not in _fields(section):
-            raise ConfigError(_unknown_key_text(section, key), origin=origin, key=dotted)
+        unknown = (
+            _unknown_section_text(section)
+            if section not in SECTIONS
+            else _unknown_key_text(section, key)
+            if key not in _fields(section)
+            else None
+        )
+        if unknown is not None:  # (a name of no key: shown escaped, cut)
+            raise ConfigError(unknown, origin=f"override {cut_name(dotted)}", key=dotted)
         if value is None:
             continue  # a flag that was not given
         try:

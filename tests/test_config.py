@@ -1805,6 +1805,54 @@ def test_a_long_value_of_a_variable_is_cut_in_its_error(home: Path) -> None:
         load(home, env=env_for(home, NEXUS_SUPERVISION__BACKOFF_RESET_AFTER_MS="inf"))
 
 
+def test_a_name_with_a_control_character_is_escaped_in_its_error(home: Path) -> None:
+    """Fifty-fourth pass: values were escaped in errors, the names of unknown keys,
+    sections and ``NEXUS_*`` variables were not: an ESC or a newline in a TOML key or a
+    variable's name reached the terminal raw (``unknown key [kernel] ab<ESC>[31mc``,
+    which colours the terminal red). A name with a character that is not printable is
+    shown as a TOML basic string now, escaped, and cut as a long one is."""
+    write(
+        home / "cwd" / "config.toml",
+        '[kernel]\n"ab\\u001b[31mc\\nd" = 1\n["s\\u001b"]\nk = 1\n'
+        f'[app]\n"{"y" * 50}\\u0007" = 1\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith(
+        'config.toml: unknown key [kernel] "ab\\u001b[31mc\\nd" (known keys:'
+        + lines[0].split("(known keys:")[1]
+    )
+    assert 'unknown section ["s\\u001b"] (known sections:' in lines[1]
+    assert f'unknown key [app] "{"y" * 40}"... (51 characters) (known keys:' in lines[2]
+    assert len(lines) == 4  # (three names and the hint: no newline of a name splits one)
+    for variable, said in [
+        (
+            "NEXUS_KERNEL__A\x1bB",
+            'environment variable "NEXUS_KERNEL__A\\u001bB": unknown key'
+            ' [kernel] "a\\u001bb" (known keys: ',
+        ),
+        (
+            "NEXUS_KERNEL__MAILBOX_CAPACITY\n",
+            "environment variable"
+            ' "NEXUS_KERNEL__MAILBOX_CAPACITY\\n": unknown key [kernel] "mailbox_capacity\\n"'
+            " (did you mean mailbox_capacity?)",
+        ),
+        (
+            "NEXUS_X\x1b__Y",
+            'environment variable "NEXUS_X\\u001b__Y": unknown section'
+            ' ["x\\u001b"] (known sections: ',
+        ),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load(home / "elsewhere", env=env_for(home, **{variable: "1"}))
+        assert str(info.value).startswith(said), str(info.value)
+        assert "\x1b" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={}, cwd=home / "elsewhere", overrides={"kernel.\x1b": 1})
+    assert str(info.value).startswith('override "kernel.\\u001b": unknown key [kernel] "\\u001b"')
+
+
 @pytest.mark.parametrize(
     ("host", "why"),
     [
