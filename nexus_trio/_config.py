@@ -557,6 +557,7 @@ _NOT_IN_A_HOST_NAME: Final = (
     (":", "a host name has no ':' (an IPv6 address has)"),
 )
 _WITH_A_PORT: Final = "a host, without its port: the port is given on its own"
+_WILDCARD: Final = "a wildcard is no host: all interfaces are 0.0.0.0, or :: for IPv6 too"
 #: the most characters of a host name, without a trailing dot (RFC 1035's 255 bytes of a
 #: name as DNS sends it): a longer one no resolver looks up
 HOST_NAME_MAX: Final = 253
@@ -585,6 +586,13 @@ def host_problem(host: str) -> str | None:
             return why
     if any(c.isspace() for c in host):
         return "a host name has no blanks"
+    if "*" in host:
+        # (glibc's resolver takes a lone `*` as all interfaces, others look it up as a
+        # name; the original had no metrics endpoint to be compatible with)
+        return _WILDCARD
+    odd = next((c for c in host if c.isascii() and not (c.isalnum() or c in "-_.")), None)
+    if odd is not None:
+        return f"a host name is letters, digits, '-', '_' and dots, not {odd!r}"
     try:
         spelt = host.encode("idna")
     except UnicodeError as exc:

@@ -1004,6 +1004,23 @@ def test_health_refuses_a_host_no_resolver_takes_naming_the_flag(host: str, why:
     assert f"Invalid value for '--host': must be a host name or an address, {why}" in text
 
 
+@pytest.mark.parametrize("flag", [["health", "--host"], ["run", "-d", "1", "--metrics-host"]])
+def test_a_wildcard_host_flag_is_refused_naming_the_flag(flag: list[str]) -> None:
+    """Fifty-fourth pass: ``run --metrics-host '*'`` ran (glibc took ``*`` as all
+    interfaces) and logged ``metrics on http://*:PORT/metrics``; ``health --host '*'``
+    asked ``http://*:PORT/healthz``, exit 1, ``unreachable``. Refused now as a bad
+    value of the flag, exit 2, with the address to write."""
+    result = invoke([*flag, "*", "-p" if flag[0] == "health" else "--metrics-port", "9"])
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "Traceback" not in text
+    assert (
+        f"Invalid value for '{flag[-1]}': must be " in text
+        and "got '*' (a wildcard is no host: all interfaces are 0.0.0.0, or :: for IPv6 too)"
+        in text
+    ), text
+
+
 def test_health_of_a_config_host_no_resolver_takes_is_refused_at_load() -> None:
     """Fifty-second pass: the same host from the config (``[metrics] host``, not checked
     there) raised in the check's thread, a traceback, and the check waited out its

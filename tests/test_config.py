@@ -1883,6 +1883,35 @@ def test_a_metrics_host_is_checked_as_the_config_loads(home: Path, host: str, wh
     assert MetricsConfig(host="[::1]").host == "::1"
 
 
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("*", "a wildcard is no host: all interfaces are 0.0.0.0, or :: for IPv6 too"),
+        ("*.example", "a wildcard is no host: all interfaces are 0.0.0.0, or :: for IPv6 too"),
+        ("a@b", "a host name is letters, digits, '-', '_' and dots, not '@'"),
+        ("a,b", "a host name is letters, digits, '-', '_' and dots, not ','"),
+    ],
+)
+def test_a_wildcard_or_a_character_no_host_name_has_is_refused_at_load(
+    home: Path, host: str, why: str
+) -> None:
+    """Fifty-fourth pass: ``[metrics] host = "*"`` loaded; glibc's resolver took it as
+    all interfaces, another looks it up as a name, and the run logged
+    ``metrics on http://*:9464/metrics`` (no URL) while ``nexus health`` asked for
+    ``http://*:9464/healthz``; ``a@b`` loaded and failed the run late, exit 1
+    (``cannot listen on a@b``). The original had no metrics endpoint, so ``*`` means
+    nothing to it: refused at load, naming the key, saying the address to write."""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == (
+        f'{file}:2: [metrics] host must be an address or a host name, got "{host}" ({why})'
+    )
+    assert info.value.key == "metrics.host"
+    with pytest.raises(ConfigError, match=r"^environment variable NEXUS_METRICS__HOST: .*"):
+        load(home / "elsewhere", env=env_for(home, NEXUS_METRICS__HOST=host))
+
+
 #: a host name of 253 characters (four labels), the most DNS takes
 _NAME_253 = f"{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}"
 
