@@ -601,7 +601,7 @@ def host_problem(host: str) -> str | None:
     length = len(spelt.removesuffix(b"."))
     if length > HOST_NAME_MAX:
         return f"a host name has at most {HOST_NAME_MAX} characters, this one {length:,}"
-    return None
+    return _idna_2008_problem(host)
 
 
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -609,7 +609,7 @@ def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {shown(value)}"
         )
-    problem = host_problem(value) or _listen_problem(value)
+    problem = host_problem(value)
     if problem is not None:
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be an address or a host name,"
@@ -617,13 +617,14 @@ def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
-def _listen_problem(host: str) -> str | None:
+def _idna_2008_problem(host: str) -> str | None:
     """Why Trio, which the metrics endpoint listens with, cannot look ``host`` up, where
-    :func:`host_problem` (Python's IDNA 2003 codec, what ``nexus health``'s request asks)
-    took it: an international name IDNA 2008 refuses (``☃.net``: ``U+2603 ... not
-    allowed``), which loaded and failed the run, exit 1. Trio encodes a name that is
-    not ASCII with the ``idna`` package (its dependency), UTS 46 mapping on
-    (``trio.socket.getaddrinfo``); so is it asked here."""
+    Python's IDNA 2003 codec took it: an international name IDNA 2008 refuses
+    (``☃.net``: ``U+2603 ... not allowed``), which loaded and failed the run, exit 1,
+    and which ``nexus health --host`` asked for and called ``unreachable``. Trio encodes
+    a name that is not ASCII with the ``idna`` package (its dependency), UTS 46 mapping
+    on (``trio.socket.getaddrinfo``); so is it asked here, and so does
+    :func:`ascii_host` spell it for a request."""
     if host.isascii():
         return None
     import idna  # (Trio's own import of it, not a second one: Trio is imported first)
@@ -633,6 +634,23 @@ def _listen_problem(host: str) -> str | None:
     except UnicodeError as exc:  # (idna.IDNAError is one)
         return str(exc) or "not a host name"
     return None
+
+
+def ascii_host(host: str) -> str:
+    """``host`` as a request asks for it: an international name in its ASCII form, as
+    Trio encodes it to listen (IDNA 2008, UTS 46: ``bücher.example`` is
+    ``xn--bcher-kva.example``, ``ß.de`` is ``xn--zca.de``, where Python's IDNA 2003
+    codec, which ``urllib`` uses, asks for ``ss.de``); an address or an ASCII name as
+    it is. ``host`` is one :func:`host_problem` took."""
+    if host.isascii():
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        import idna
+
+        return str(idna.encode(host, uts46=True), "ascii")
+    return host  # (an IPv6 address with a zone that is not ASCII: fe80::1%é)
 
 
 def _unbracketed(value: Any) -> Any:

@@ -2569,13 +2569,18 @@ def test_health_escapes_what_the_endpoint_sent(answer, status, expected):
 
 
 @contextlib.contextmanager
-def _answering(answers: dict[str, tuple[int, bytes]]) -> Iterator[int]:
+def _answering(
+    answers: dict[str, tuple[int, bytes]], hosts: list[str] | None = None
+) -> Iterator[int]:
     """A web server on a free loopback port (yielded) answering each path of ``answers``
-    with its status and body (read at each request), others 404."""
+    with its status and body (read at each request), others 404; each request's ``Host``
+    header is added to ``hosts`` if given."""
     import http.server
 
     class Endpoint(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if hosts is not None:
+                hosts.append(str(self.headers.get("Host")))
             status, body = answers.get(self.path, (404, b"not found\n"))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
@@ -2594,6 +2599,44 @@ def _answering(answers: dict[str, tuple[int, bytes]]) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=30)
+
+
+def test_health_asks_an_international_host_in_its_idna_2008_ascii_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty-fourth pass: ``nexus health --host bücher.example`` asked urllib for the
+    name as typed: the resolver got it by Python's IDNA 2003 codec (``ß.de`` as
+    ``ss.de``, another host than Trio's endpoint listens on, ``xn--zca.de``), and the
+    ``Host`` header as Latin-1 (``☃``: ``unreachable: 'latin-1' codec can't encode``,
+    exit 1). The name is asked in its ASCII form now, IDNA 2008 as Trio encodes it; one
+    IDNA 2008 refuses (``☃.net``) is a bad ``--host``, exit 2."""
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return real("127.0.0.1" if str(host).startswith("xn--") else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    hosts: list[str] = []
+    with _answering({"/healthz": (200, b"ok\n")}, hosts) as port:
+        results = [
+            invoke(["health", "--host", name, "--port", str(port), "--timeout", "10"])
+            for name in ["bücher.example", "ß.de"]
+        ]
+    assert [result.exit_code for result in results] == [0, 0], [r.output for r in results]
+    assert [result.stdout for result in results] == [
+        f"http://xn--bcher-kva.example:{port}/healthz: 200 ok\n",
+        f"http://xn--zca.de:{port}/healthz: 200 ok\n",
+    ]
+    assert asked == ["xn--bcher-kva.example", "xn--zca.de"]
+    assert hosts == [f"xn--bcher-kva.example:{port}", f"xn--zca.de:{port}"]
+    refused = invoke(["health", "--host", "☃.net", "--port", "9"])
+    assert refused.exit_code == 2, refused.output
+    assert (
+        "Invalid value for '--host': must be a host name or an address, got '☃.net'"
+        " (Codepoint U+2603 at position 1 of '☃' not allowed)"
+    ) in flat(refused.output)
 
 
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():

@@ -56,7 +56,7 @@ from ._commands import (
 )
 from ._commands import shown as cut
 from ._encoding import stand_ins
-from ._hosts import probe_host, url_host
+from ._hosts import ascii_host, probe_host, url_host
 from ._warnings import log_load
 
 if TYPE_CHECKING:
@@ -1180,7 +1180,9 @@ def health(
         if host is None:
             host = probe_host(metrics.host)
     path = "/readyz" if ready else "/healthz"
-    url = f"http://{url_host(host)}:{port}{path}"
+    # (an international name as the endpoint's listener looked it up: urllib sent it in
+    # the Host header as is, which took no character past Latin-1: `unreachable`)
+    url = f"http://{url_host(ascii_host(host))}:{port}{path}"
     status, body, problem = _probe_health(url, timeout)
     from ..logs import escape_control
 

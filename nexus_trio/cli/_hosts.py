@@ -6,16 +6,17 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
-from .._config import url_host
+from .._config import ascii_host, url_host
 
-__all__ = ["probe_host", "url_host"]
+__all__ = ["ascii_host", "probe_host", "url_host"]
 
 
 def probe_host(bound: str) -> str:
     """Where to reach an endpoint bound to ``bound``: a wildcard address (all interfaces)
-    is reached on this machine's loopback of the same family."""
+    is reached on this machine's loopback of the same family; an international name in
+    its ASCII form, as the endpoint's listener looked it up (:func:`ascii_host`)."""
     if bound in ("", "0.0.0.0"):
         return "127.0.0.1"
     if bound == "::":
         return "::1"
-    return bound
+    return ascii_host(bound)
