@@ -773,6 +773,49 @@ def test_a_ctrl_c_as_the_command_takes_sigint_over_is_said_in_one_line(
     assert proc.stdout == ""
 
 
+#: a ``sitecustomize`` that sends this process a SIGINT as the function whose qualified
+#: name is ``KILL_IN`` is called: inside click's handling of a Ctrl-C, before the command
+CTRL_C_IN = """
+import os, signal, sys
+
+
+def at(frame, event, arg):
+    if event == "call" and frame.f_code.co_qualname == os.environ["KILL_IN"]:
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.setprofile(at)
+"""
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+@pytest.mark.parametrize(
+    ("where", "args", "said"),
+    [
+        ("default_to_run", [], ": the run was not started"),
+        ("RunCommand.parse_args", [], ": the run was not started"),
+        ("finite_at_least.<locals>.parse", ["health", "--timeout", "1"], ""),
+    ],
+    ids=["root-parse", "run-parse", "health-flag"],
+)
+def test_a_ctrl_c_as_click_parses_the_command_line_is_said_in_one_line(
+    tmp_path: Path, how: str, where: str, args: list[str], said: str
+) -> None:
+    """Fifty-fourth pass: a Ctrl-C inside click's handling, before the command's own code
+    ran (the command line parsed, a flag's value checked), ended as click's ``Aborted!``,
+    exit 1 (typer before 0.26, which ``typer>=0.15.4`` allows), or, with typer 0.29,
+    silently, exit 130: not the one line every other early Ctrl-C says. Said in one line
+    now, 130, by both entries."""
+    module, run = _run_an_app_by(tmp_path, how)
+    proc = python_m(tmp_path, CTRL_C_IN, module, args or run, KILL_IN=where)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        130,
+        "",
+        f"nexus: interrupted: SIGINT while starting{said}\n",
+    )
+
+
 #: a ``sitecustomize`` that sends this process a SIGINT in ``nexus_trio.cli.main``'s lines
 #: before click's handling of a Ctrl-C (as it reads its program's name: not from a profile
 #: or trace function, in which Python traces nothing), then ``SECOND`` (a signal's name)

@@ -97,9 +97,31 @@ def _help_of(command: Any, ctx: Any) -> Iterator[None]:
         command.epilog = written
 
 
+#: ``ctx.meta`` key (one dict for a command line's contexts): the command's own code runs,
+#: and handles a Ctrl-C itself (:meth:`Command.invoke`)
+_COMMAND_RUNS: Final = "nexus_trio.cli.command_runs"
+
+#: the exit status of a Ctrl-C's end, as Python's (128 + SIGINT)
+_INTERRUPTED: Final = 130
+
+
+def _interrupted_while_starting(run: bool) -> typer.Exit:
+    """Say in one line that a Ctrl-C came inside click's handling, before the command's
+    own code ran (its command line parsed, a flag's value checked): status 130, as the
+    entry's own window says it (``_nexus_trio_main.interrupted_while_starting``), where
+    click said ``Aborted!``, exit 1 (typer before 0.26), or typer nothing, exit 130."""
+    what = ": the run was not started" if run else ""
+    typer.echo(f"nexus: interrupted: SIGINT while starting{what}", err=True)
+    return typer.Exit(_INTERRUPTED)
+
+
 class Command(typer.core.TyperCommand):
     """A ``nexus`` command: flags without ``<bool>`` in its help, examples named as the
     program was run, arguments in its usage line as the docs write them."""
+
+    def invoke(self, ctx: Any) -> Any:
+        ctx.meta[_COMMAND_RUNS] = True  # (a Ctrl-C from here on is the command's own)
+        return super().invoke(ctx)
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         with _help_of(self, ctx):
@@ -192,13 +214,31 @@ class RunByDefaultGroup(Group):
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
 
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        """As click's; a Ctrl-C as the command line is parsed is said in one line, 130
+        (:func:`_interrupted_while_starting`)."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            options = frozenset(name for param in self.params for name in param.opts)
+            run = default_to_run(list(args), options)[:1] == ["run"]
+            raise _interrupted_while_starting(run) from None
+
     def invoke(self, ctx: Any) -> Any:
         """As click's; in a worker of ``nexus run --workers``, a usage error's box (which
         typer prints to ``sys.stderr`` after this returns) has each of its lines labelled
         with the worker's name (:class:`._app.LabelledLines`), as the worker's own log lines
-        are: N workers' boxes in the parent's standard error read as one, the parent's."""
+        are: N workers' boxes in the parent's standard error read as one, the parent's.
+        A Ctrl-C before the command's own code runs (as its flags are parsed and checked)
+        is said in one line, 130; one after is the command's (a run's summary)."""
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if ctx.meta.get(_COMMAND_RUNS):
+                raise
+            raise _interrupted_while_starting(ctx.invoked_subcommand == "run") from None
         except typer.TyperException:  # (a usage error: typer vendors its click)
             from ._app import LabelledLines
             from ._cluster_cmd import worker_node
