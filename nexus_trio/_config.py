@@ -60,8 +60,6 @@ LOG_FORMATS = ("compact", "full", "json", "pretty")
 #: Built-in demo workloads of ``nexus run`` (``[app] workload``).
 WORKLOADS = ("ring", "fanout", "request", "pool")
 
-_APP_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
 
 def _section_of(inst: Any) -> str:
     return str(getattr(type(inst), "_section", type(inst).__name__))
@@ -721,7 +719,12 @@ def _to_commands(value: Any) -> Any:
 def is_app_reference(text: str) -> bool:
     """Whether ``text`` reads as a ``package.module:attr`` reference, as ``--app`` and
     ``[app] app`` take one."""
-    return _APP_REFERENCE.fullmatch(text) is not None
+    module, colon, attr = text.partition(":")
+    # (Python's identifiers, as ``import`` takes them: also ``é``, ``日本``, where an ASCII
+    # pattern refused them, though ``python -c "import é"`` imports ``é.py``)
+    return bool(colon) and all(
+        name.isidentifier() for name in (*module.split("."), *attr.split("."))
+    )
 
 
 def _meant_app_reference(value: str) -> tuple[str, bool, bool] | None:
@@ -741,7 +744,7 @@ def _meant_app_reference(value: str) -> tuple[str, bool, bool] | None:
         module = module.removesuffix(".py").replace("\\", "/")
         module = ".".join(part for part in module.split("/") if part not in ("", "."))
     guess = f"{module}:{attr}"
-    if guess == value or not _APP_REFERENCE.fullmatch(guess):
+    if guess == value or not is_app_reference(guess):
         return None
     return guess, as_file, placeholder
 
@@ -778,7 +781,7 @@ def _is_file(module: str) -> bool:
 def _check_app(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
-    if not isinstance(value, str) or not _APP_REFERENCE.fullmatch(value):
+    if not isinstance(value, str) or not is_app_reference(value):
         hint = app_reference_hint(value) if isinstance(value, str) else ""
         raise ValueError(
             f"[app] {attribute.name} must look like 'package.module:attr', got {shown(value)}{hint}"

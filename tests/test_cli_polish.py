@@ -704,6 +704,37 @@ def test_an_argument_given_to_run_is_shown_cut_and_told_the_app_it_reads_as(
     assert said.count("x" * 40) <= 1, said
 
 
+def test_an_app_reference_of_python_identifiers_that_are_not_ascii_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fourth pass: a reference was checked against an ASCII pattern
+    (``[A-Za-z_]\\w*``), where Python's identifiers are Unicode's: ``nexus run é:main``
+    got no ``--app`` hint (``Got unexpected extra argument(s) (é:main)`` alone), and
+    ``--app é:main`` or ``[app] app = "é:main"`` was refused (``must look like
+    'package.module:attr'``) though ``import é`` imports ``é.py``. Taken now as Python
+    takes them (``str.isidentifier`` for each dotted name); ``1a:b``, ``a:b-c`` and
+    ``a::b`` are still refused."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "é.py", "async def main(kernel):\n    print('ran é')\n")
+    hinted = invoke(["run", "é:main"])
+    assert hinted.exit_code == 2, hinted.output
+    assert "(é:main); did you mean --app é:main?" in flat(hinted.output)
+    ran = invoke(["run", "--app", "é:main", "-d", "0.05", "--no-live"])
+    assert ran.exit_code == 0, ran.output
+    assert "ran é" in ran.stdout
+    (tmp_path / "config.toml").write_text('[app]\napp = "日本.モジュール:main"\n')
+    shown = invoke(["config", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert '"日本.モジュール:main"' in shown.stdout
+    for bad in ["1a:b", "a:b-c", "a::b", "é:"]:
+        refused = invoke(["run", "--app", bad, "-d", "0.05"])
+        assert refused.exit_code == 2, refused.output
+        assert (
+            f"Invalid value for '--app': must look like 'package.module:attr', got '{bad}'"
+            in flat(refused.output)
+        ), flat(refused.output)
+
+
 @pytest.mark.parametrize(
     "args",
     [["run", "-d", "1"], ["config", "show"], ["health"], ["send", "true", "1"]],
