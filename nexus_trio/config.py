@@ -19,6 +19,7 @@ which :func:`render_effective` prints.
 from __future__ import annotations
 
 import ast
+import errno
 import logging
 import os
 import re
@@ -723,6 +724,16 @@ def _read_file(
 ) -> None:
     """Read ``path``'s keys into ``values`` (``key_lines``: each key's line is put there)."""
     try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # (the read below says why it cannot)
+    if size > CONFIG_FILE_MAX:
+        raise ConfigError(
+            f"a config file has at most {CONFIG_FILE_MAX:,} bytes (1 MiB), this one {size:,}:"
+            " is it the config file?",
+            path=path,
+        )
+    try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text: {exc.reason}", path=path) from None
@@ -1044,6 +1055,27 @@ def _looked_up(path: Path, test: Callable[[Path], bool]) -> bool:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
 
 
+def _not_found(file: Path) -> str:
+    """Why ``file``, which does not exist, is not found: a symbolic link that loops (said
+    "not found" alone, as for a name nothing has) or one to a missing file is named so."""
+    try:
+        file.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"config file not found: a symbolic link on its path loops ({exc.strerror})"
+    try:
+        target = os.readlink(file)
+    except OSError:  # (no link: a name nothing has)
+        return "config file not found"
+    return f"config file not found: it is a symbolic link to {cut_name(target)}, which is not there"
+
+
+#: the most bytes of a config file: a config is a few kB, and tomlkit reads about 0.6 MB
+#: a second here (a 30 MB file took 51 s to say nothing): a larger one is another file
+#: given as the config (a log, a data file), refused before it is read
+CONFIG_FILE_MAX: Final = 1024 * 1024
+
+
 def load_config(
     path: Path | str | None = None,
     *,
@@ -1089,7 +1121,7 @@ def load_config(
     if path is not None:
         file = (base / Path(path).expanduser()).absolute()
         if not _looked_up(file, Path.exists):
-            raise ConfigError("config file not found", path=file)
+            raise ConfigError(_not_found(file), path=file)
         if not _looked_up(file, Path.is_file):
             raise ConfigError("config path is not a file", path=file)
     else:

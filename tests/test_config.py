@@ -1219,6 +1219,53 @@ def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
         load(home)
 
 
+def test_a_config_file_past_one_mib_is_refused_before_it_is_read(home: Path) -> None:
+    """Fifty-fourth pass: a file of any size was read whole and parsed: tomlkit reads
+    about 0.6 MB a second here, so a 30 MB file given as ``-c`` (a log, a data file)
+    took 51 s to load. Refused now past 1 MiB, naming the file and its size, before a
+    byte is read; the search path's ``./config.toml`` too."""
+    file = home / "cwd" / "config.toml"
+    file.write_text("#" * config_module.CONFIG_FILE_MAX + "\n")
+    said = (
+        f"{file}: a config file has at most 1,048,576 bytes (1 MiB), this one 1,048,577:"
+        " is it the config file?"
+    )
+    for path in [file, None]:
+        with pytest.raises(ConfigError) as info:
+            load(home, path)
+        assert str(info.value) == said
+        assert info.value.path == file
+    file.write_text("[kernel]\nbatch_size = 5\n")
+    assert load(home).config.kernel.batch_size == 5
+
+
+def test_a_config_path_that_is_a_looping_or_dangling_link_says_so(home: Path) -> None:
+    """Fifty-fourth pass: ``-c`` naming a symbolic link that loops, or one to a missing
+    file, said ``config file not found`` alone, as for a name nothing has. The link is
+    named now; a link to a file is read as the file."""
+    cwd = home / "cwd"
+    (cwd / "one.toml").symlink_to("two.toml")
+    (cwd / "two.toml").symlink_to("one.toml")
+    (cwd / "dangling.toml").symlink_to("nowhere.toml")
+    with pytest.raises(ConfigError) as info:
+        load(home, "one.toml")
+    assert str(info.value) == (
+        f"{cwd / 'one.toml'}: config file not found: a symbolic link on its path loops"
+        " (Too many levels of symbolic links)"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home, "dangling.toml")
+    assert str(info.value) == (
+        f"{cwd / 'dangling.toml'}: config file not found: it is a symbolic link to"
+        " nowhere.toml, which is not there"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home, "missing.toml")
+    assert str(info.value) == f"{cwd / 'missing.toml'}: config file not found"
+    (cwd / "nowhere.toml").write_text("[kernel]\nbatch_size = 7\n")
+    assert load(home, "dangling.toml").config.kernel.batch_size == 7
+
+
 # --- unknown keys ------------------------------------------------------------------------------
 
 
