@@ -736,7 +736,16 @@ def _read_file(
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text: {exc.reason}", path=path) from None
+        # (at the first byte that is not UTF-8, as a TOML error is at its character: a
+        # Latin-1 `é` in a comment of a long file was found by bisecting it)
+        raw, at = bytes(exc.object), exc.start
+        start = raw.rfind(b"\n", 0, at) + 1
+        raise ConfigError(
+            f"not UTF-8 text: at byte 0x{raw[at]:02x} ({exc.reason}); save the file as UTF-8",
+            path=path,
+            line=raw.count(b"\n", 0, at) + 1,
+            column=len(raw[start:at].decode("utf-8")) + 1,
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
     try:

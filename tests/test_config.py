@@ -1213,10 +1213,23 @@ def test_a_section_that_is_not_a_table_is_an_error(home: Path) -> None:
 
 
 def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
+    """Fifty-fourth pass: the error named the file alone (``FILE: not UTF-8 text:
+    invalid start byte``); it names the line and column of the first byte that is not
+    UTF-8 now (the column in characters, as a TOML error's), and the byte."""
     file = home / "cwd" / "config.toml"
     file.write_bytes(b"[kernel]\nbatch_size = 5 # \xff\n")
-    with pytest.raises(ConfigError, match=rf"^{file}: not UTF-8 text"):
+    with pytest.raises(ConfigError) as info:
         load(home)
+    assert str(info.value) == (
+        f"{file}:2:18: not UTF-8 text: at byte 0xff (invalid start byte); save the file as UTF-8"
+    )
+    assert (info.value.line, info.value.column) == (2, 18)
+    file.write_bytes("[app]\n# café\nspawn = ['caf".encode() + b"\xe9']\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).startswith(
+        f"{file}:3:14: not UTF-8 text: at byte 0xe9 (invalid continuation byte)"
+    )
 
 
 def test_a_config_file_past_one_mib_is_refused_before_it_is_read(home: Path) -> None:
