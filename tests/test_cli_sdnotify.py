@@ -9,12 +9,15 @@ from __future__ import annotations
 import signal
 import socket
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from nexus_trio.cli._sdnotify import SEND_TIMEOUT, notify, take_notify_socket
 
 from .test_cli_workers import (
     StderrLines,
@@ -44,6 +47,18 @@ def receive(sock: socket.socket, timeout: float) -> bytes | None:
         return sock.recv(4096)
     except TimeoutError:
         return None
+
+
+def fill(name: str) -> int:
+    """Datagrams sent to the abstract socket ``name`` until its queue is full: how many."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        for queued in range(100_000):
+            try:
+                filler.sendto(b"X=1", "\0" + name[1:])
+            except BlockingIOError:
+                return queued
+    raise AssertionError("the socket's queue never filled")
 
 
 APP = textwrap.dedent(
@@ -140,3 +155,31 @@ def test_a_notify_socket_that_cannot_be_told_is_named_and_the_run_goes_on(
     assert proc.returncode == 0, err
     assert said in err
     assert "stopped by" in out and "duration" in out
+
+
+def test_a_notify_socket_whose_queue_is_full_delays_the_run_at_most_its_bound(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd's reader fallen behind: its socket's queue full (``max_dgram_qlen``), a
+    ``sendto`` blocks. From the run's event loop it froze the run for good (measured:
+    still blocked 5 s on); it now gives up after ``SEND_TIMEOUT`` and says why."""
+    sock, name = notify_socket
+    queued = fill(name)
+    assert queued > 0
+    monkeypatch.setenv("NOTIFY_SOCKET", name)
+    said: list[str | None] = []
+
+    def tell() -> None:
+        with take_notify_socket():
+            said.append(notify("READY=1\nSTATUS=running"))
+
+    teller = threading.Thread(target=tell, daemon=True)
+    started = time.monotonic()
+    teller.start()
+    teller.join(30)  # (far above the bound: a loaded machine)
+    assert not teller.is_alive(), "the notification still blocks"
+    assert time.monotonic() - started >= SEND_TIMEOUT * 0.9
+    assert said == [f"cannot tell systemd READY=1 on NOTIFY_SOCKET={name!r}: timed out"]
+    # (what was queued is systemd's to read, untouched; nothing of ours joined it)
+    received = [sock.recv(64) for _ in range(queued)]
+    assert set(received) == {b"X=1"}

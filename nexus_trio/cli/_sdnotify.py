@@ -11,6 +11,12 @@ says ``READY=1`` as its workload starts running (when ``/readyz`` stops saying
 ``starting``): a single run once its agents are spawned (and, with ``--nats``, its node
 joined), the parent of ``--workers`` once every worker said it joined. Without the
 variable nothing is sent.
+
+A send waits at most :data:`SEND_TIMEOUT` for room on the socket: a datagram socket whose
+reader has fallen behind (its queue full: ``net.unix.max_dgram_qlen``, 10 by default)
+blocks the sender, and a blocked ``sendto`` in the run's event loop froze the whole run
+for good (a SIGTERM could not stop it: the call is retried after the handler). The
+notification is then logged as not sent, and the run goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Final
 
 #: the variable systemd sets for a unit of ``Type=notify`` (and ``NotifyAccess=``)
 NOTIFY_ENV: Final = "NOTIFY_SOCKET"
+
+#: the longest a notification waits for room on the socket (seconds)
+SEND_TIMEOUT: Final = 2.0
 
 #: the value taken out of the environment for the command that runs now
 _taken: dict[str, str] = {}
@@ -60,6 +69,7 @@ def notify(state: str) -> str | None:
         )
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(SEND_TIMEOUT)  # (a full queue: see the module's docstring)
             sock.sendto(state.encode(), address)
     except OSError as exc:
         return f"cannot tell systemd {state.splitlines()[0]} on {NOTIFY_ENV}={path!r}: {exc}"
