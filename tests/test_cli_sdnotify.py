@@ -132,9 +132,33 @@ def test_the_workers_parent_alone_tells_systemd_once_every_worker_joined(
         assert receive(sock, 1) is None  # (no worker said it too)
         _, err = signal_and_collect(proc, stderr, signal.SIGTERM, 120)
         assert proc.returncode == 0, err
+        # the parent's stop, as a single run's (once, though each worker stopped too)
+        assert receive(sock, 5) == b"STOPPING=1\nSTATUS=stopping (SIGTERM)"
         assert receive(sock, 0.5) is None
     finally:
         proc.kill()
+
+
+def test_the_workers_parent_tells_systemd_it_stops_as_its_workers_end_by_themselves(
+    tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """``--duration``: no stop is passed on, the workers end on their own; the parent
+    says ``STOPPING=1`` as the first ends (as a single run says it at its duration)."""
+    sock, name = notify_socket
+    args = ["run", "-W", "2", "-n", "10", "-d", "3", "--json"]
+    proc = start_nexus(args, tag, tmp_path, NOTIFY_SOCKET=name)
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert receive(sock, 5) == b"READY=1\nSTATUS=running: 2 workers joined", err
+    stopping = receive(sock, 5)
+    assert stopping in (
+        b"STOPPING=1\nSTATUS=stopping (worker-0 ended)",
+        b"STOPPING=1\nSTATUS=stopping (worker-1 ended)",
+    ), err
+    assert receive(sock, 0.5) is None  # (once, though both ended)
 
 
 @pytest.mark.parametrize(

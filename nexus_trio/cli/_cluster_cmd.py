@@ -1047,8 +1047,33 @@ def run_workers(
         )
         return len(signals_seen) + (1 if stopped_by_the_run else 0)
 
+    #: whether systemd was told STOPPING=1 (once: the first stop, or the first end)
+    told_stopping = False
+
+    def say_stopping(why: str) -> None:
+        # (Type=notify: as a single run says it at its stop; the workers cannot, they
+        # were not given NOTIFY_SOCKET)
+        nonlocal told_stopping
+        if told_stopping:
+            return
+        told_stopping = True
+        failure = notify(f"STOPPING=1\nSTATUS=stopping ({why})")
+        if failure is not None:
+            log_guarded(log, logging.WARNING, "%s", failure)
+
     def pass_on() -> None:
         nonlocal forced_by
+        say_stopping(
+            signals_seen[0]
+            if signals_seen
+            else f"{stopped_for_death} died"
+            if stopped_for_death
+            else f"{stopped_for_failure} failed"
+            if stopped_for_failure
+            else f"{stopped_for_start} was not ready"
+            if stopped_for_start
+            else "the private nats-server died"
+        )
         level = stops_asked()
         if level > 1 and not procs:  # (a second signal before any worker started)
             forced_by = forced_by or signals_seen[-1]
@@ -1353,7 +1378,7 @@ def run_workers(
                 continue
             if i == _READY:
                 workers_ready += 1
-                if workers_ready == workers and not stops_asked():
+                if workers_ready == workers and not stops_asked() and not told_stopping:
                     # (Type=notify: the unit has started once every worker joined)
                     failure = notify(f"READY=1\nSTATUS=running: {workers} workers joined")
                     if failure is not None:
@@ -1399,6 +1424,7 @@ def run_workers(
                     )
                     stopped_for_failure = f"worker-{i}"
                     pass_on()
+                say_stopping(f"worker-{i} ended")  # (its --duration: the others end too)
                 kill_the_lost()
                 continue
             # It ended without its summary: it died (a crash, a signal from outside), or

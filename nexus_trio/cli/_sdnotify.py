@@ -9,7 +9,8 @@ variable out of its environment as its command starts (what sd_notify's
 ``--workers`` worker, an app's subprocess) inherits it and speaks for the service. A run
 says ``READY=1`` as its workload starts running (when ``/readyz`` stops saying
 ``starting``): a single run once its agents are spawned (and, with ``--nats``, its node
-joined), the parent of ``--workers`` once every worker said it joined. Without the
+joined), the parent of ``--workers`` once every worker said it joined (and ``STOPPING=1``
+once, at its first stop or its first worker's end). Without the
 variable nothing is sent.
 
 A send waits at most :data:`SEND_TIMEOUT` for room on the socket: a datagram socket whose
