@@ -959,3 +959,56 @@ async def test_the_group_endpoint_exports_its_refusals_accept_failures_and_limit
         if name == "nexus_group_requests_refused_total"
     }
     assert refused == {"400": 1.0, "404": 1.0, "405": 0.0, "431": 0.0, "505": 0.0}
+
+
+SLOW_WORKER_1 = """
+import os
+import time
+
+import trio
+
+if os.environ.get("NEXUS_WORKER") == "worker-1":  # (its import holds it: not ready)
+    deadline = time.monotonic() + 150
+    while not os.path.exists("go") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+async def main(kernel):
+    await trio.sleep_forever()
+"""
+
+
+@pytestmark_linux
+def test_the_group_readyz_names_the_worker_still_starting_not_the_one_ready(
+    tag: str, tmp_path: Path
+) -> None:
+    """worker-0 ready, worker-1 still importing its app: the group's /readyz says
+    ``worker-1: starting`` and asks worker-0's own. The parent read every worker's
+    state off the last worker started (a name left from a later loop): it said
+    ``worker-0: starting`` too (and with worker-1 ready and worker-0 not, asked worker-0's
+    port as running)."""
+    (tmp_path / "slowapp.py").write_text(SLOW_WORKER_1)
+    port = free_ports_in_a_row(3)
+    args = ["run", "-W", "2", "--app", "slowapp:main", "--json", "--metrics-port", str(port)]
+    proc = start_nexus([*args, "--group-port", str(port + 2)], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        wait_until(
+            lambda: "running app slowapp:main" in stderr.text(),
+            "worker-0 never ran",
+            proc,
+            stderr,
+        )
+        answer = get(port + 2, "/readyz")
+        assert answer is not None, stderr.text()
+        status, body = answer
+        assert status == 503, body
+        assert "worker-1: starting" in body, body
+        assert "worker-0: starting" not in body, body
+        (tmp_path / "go").write_text("")
+        wait_until(lambda: get(port + 2, "/readyz") == (200, "ready\n"), "not ready", proc, stderr)
+        _, err = signal_and_collect(proc, stderr, signal.SIGTERM, 120)
+        assert proc.returncode == 0, err
+    finally:
+        kill_tagged(tag)
+        proc.kill()

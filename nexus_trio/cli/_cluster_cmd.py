@@ -1209,11 +1209,12 @@ def run_workers(
             if i >= len(procs):
                 states.append((NOT_STARTED, ""))
                 continue
-            code = _end_of(procs[i])
+            worker = procs[i]  # (each its own: not a name a later loop leaves behind)
+            code = _end_of(worker)
             if code is not None:
                 states.append((ENDED, _how_it_ended(code)))
             else:
-                states.append((STARTING if p.pid in start_deadlines else RUNNING, ""))
+                states.append((STARTING if worker.pid in start_deadlines else RUNNING, ""))
         return GroupState(stopping=bool(stops_asked() or forced_by), workers=tuple(states))
 
     group: GroupEndpoint | None = None
