@@ -77,8 +77,9 @@ APP = textwrap.dedent(
             text=True,
             check=True,
         )
-        with open("seen.txt", "w") as f:
+        with open("seen.tmp", "w") as f:
             f.write(f"{os.environ.get('NOTIFY_SOCKET')} {child.stdout.strip()}")
+        os.replace("seen.tmp", "seen.txt")  # (whole when the test sees it)
         await trio.sleep_forever()
     """
 )
@@ -101,7 +102,6 @@ def test_a_run_tells_systemd_it_is_ready_then_stopping_and_its_children_cannot(
         while not (tmp_path / "seen.txt").exists():
             assert time.monotonic() < deadline, stderr.text()
             time.sleep(0.1)
-        time.sleep(0.2)  # (its one write)
         assert (tmp_path / "seen.txt").read_text() == "None None"
         _, err = signal_and_collect(proc, stderr, signal.SIGTERM, 60)
         assert proc.returncode == 0, err
