@@ -1248,6 +1248,7 @@ class SupervisorNode(Child, ChildOwner):
                         await done.wait()
                 if not done.is_set():
                     cut = None
+                    began = child.running
                     if child.drain_on_stop:
                         cut = "its run began" if not child.running else "its queue was handled"
                     if not child.running:
@@ -1267,7 +1268,11 @@ class SupervisorNode(Child, ChildOwner):
                         # What its draining stop's timeout left queued is dead-lettered
                         # saying so, as OTP's report of a child killed at its shutdown
                         # timeout (``killed``) tells it from one that stopped in time.
-                        child.drain_ended = f"its draining stop's time ran out before {cut}"
+                        self._drain_cut(
+                            child,
+                            f"its draining stop's time ran out before {cut}",
+                            began=began,
+                        )
                 elif (
                     child.drain_on_stop
                     and child.has_queued()
@@ -1284,6 +1289,21 @@ class SupervisorNode(Child, ChildOwner):
             # while the stop above waited for its linked children (its run may have ended
             # meanwhile), dies with the run too, as an OTP link takes it down with the exit.
             await self._stop_linked(child, "parent_stopped")
+
+    @staticmethod
+    def _drain_cut(child: Child, why: str, *, began: bool) -> None:
+        """``child``'s draining stop was cut (``why``): said in the letters of what it
+        left queued. A supervisor has no queue of its own: when its time ran out before
+        its run began (waiting for an elder sibling's start), none of the agents under
+        it ran, and those at any depth that hold messages say it. (One whose run began
+        stopped its agents in it, each saying how its own stop ended; and it may run
+        again for the rest of the drain, see _drain_instead, whose agents' letters must
+        not carry this.)"""
+        child.drain_ended = why
+        if not began and isinstance(child, SupervisorNode):
+            for under in child.children:
+                if not under.retired and under.has_queued() and under.drain_ended is None:
+                    SupervisorNode._drain_cut(under, why, began=False)
 
     async def _stop_all(self) -> None:
         """Stop every child in reverse start order.

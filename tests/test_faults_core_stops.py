@@ -1102,3 +1102,65 @@ async def test_a_child_in_the_on_stop_of_its_drain_takes_no_new_message(
     assert letters == []
     assert LongStop.log == []
     assert_conserved(kernel)
+
+
+class NeverStarts(Agent):
+    """``x``'s ``on_start`` never returns; the others journal what they handle."""
+
+    log: ClassVar[list[tuple[str, Any]]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        if ctx.name == "x":
+            await trio.sleep_forever()
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        NeverStarts.log.append((ctx.name or "?", msg.payload))
+
+
+async def test_a_nested_supervisor_s_drain_cut_before_its_run_began_says_so(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``outer`` [``x`` (its ``on_start`` never returns, 1 s ``shutdown_timeout``),
+    ``inner`` (2 s) [``a``]]: ``inner`` waits for ``x``'s start, and ``m`` is queued for
+    ``a``. ``kernel.stop("outer", drain=True)``: ``inner``'s drain waits for the start,
+    its time runs out at 2 s before its run began, and ``m`` is dead-lettered saying so,
+    with one WARNING line, as an agent's own drain cut so says
+    (``test_a_drain_cut_by_its_timeout_says_so``). Before (fifty-fourth pass) the words
+    were kept on ``inner``, which has no queue, and ``m``'s letter said only ``agent
+    stopped (stopped)``, as a stop without drain. Five kernels (Trio's scheduling
+    varies)."""
+    for _ in range(5):
+        NeverStarts.log = []
+        caplog.clear()
+        async with open_kernel(make_config()) as kernel:
+            inner = Supervisor(
+                name="inner", children=[agent(NeverStarts, name="a")], shutdown_timeout=2
+            )
+            kernel.spawn(
+                Supervisor(
+                    name="outer",
+                    children=[agent(NeverStarts, name="x", shutdown_timeout=1), inner],
+                )
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send("a", "m")
+            begun = trio.current_time()
+            await kernel.stop("outer", drain=True)
+            assert trio.current_time() - begun == 2
+            letters = [
+                (d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()
+            ]
+        assert NeverStarts.log == []
+        assert letters == [
+            (
+                "m",
+                DeadLetterReason.AGENT_STOPPED,
+                "agent stopped (stopped): its draining stop's time ran out before its run began",
+            )
+        ]
+        warnings = [r.getMessage() for r in caplog.records if "time ran out" in r.getMessage()]
+        assert warnings == [
+            "agent a stopped: its draining stop's time ran out before its run began;"
+            " 1 queued message dead-lettered"
+        ]
+        assert_conserved(kernel)
