@@ -870,6 +870,58 @@ async def test_a_look_that_finds_a_message_terminated_here_deletes_it_counting_n
     assert left == 0
 
 
+async def test_a_message_the_node_terminated_unanswered_then_found_by_a_look_is_dead_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the fifty-fourth pass: the flow the test above marks by hand. The
+    node's handler does not answer the message's last delivery (``max_deliver`` 1)
+    within ``ack_wait``: the node counts it dead (``unanswered``) and terminates it; its
+    term held back (as one not applied yet when JetStream gives it up), JetStream gives
+    it up at the node's next pull request and it stays in the stream. A look after a
+    reconnect finds it there (none pending, the last delivered): deleted, counted
+    nowhere more. (A mutant without :meth:`_terminate`'s mark of the stream sequence:
+    ``durable_dead`` 2, ``consumer_max_deliver`` 1.)"""
+    from nexus_trio._nats import _durable
+
+    held: list[str] = []
+    settle = _durable.DurableChannel._settle
+
+    def no_term(self: Any, jsmsg: NatsMsg, op: str) -> None:
+        if op == "term":
+            held.append(op)
+            return
+        settle(self, jsmsg, op)
+
+    monkeypatch.setattr(_durable.DurableChannel, "_settle", no_term)
+    release = trio.Event()
+
+    async def silent(_ctx: Context, _msg: Message) -> Any:
+        await release.wait()
+
+    durable = DurableOptions(ack_wait=1.0, max_deliver=1, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(agent(silent, name="silent"))
+        stream = f"{cluster.prefix}-durable"
+        with trio.fail_after(20):
+            await cluster.send_durable("silent", "work")
+            await until(lambda: held == ["term"])
+            # (JetStream gives it up at the node's next pull request after its ack_wait)
+            while (await call_aio(cluster.data_js.consumer_info, stream, "a")).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.05)
+        assert (await call_aio(cluster.data_js.stream_info, stream)).state.messages == 1
+        cluster.durable.reconnected()
+        with trio.move_on_after(5):
+            while (await call_aio(cluster.data_js.stream_info, stream)).state.messages:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # (a second count, had there been one, would follow the delete)
+        stats = cluster.stats()
+        left = (await call_aio(cluster.data_js.stream_info, stream)).state.messages
+        release.set()
+    assert (stats.durable_dead, left) == (1, 0)
+    assert stats.durable_dead_reasons["unanswered"] == 1
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 0
+
+
 async def test_the_start_s_look_for_given_up_messages_holds_up_no_sweep(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
