@@ -869,3 +869,57 @@ async def test_a_stop_before_its_name_is_written_again_in_a_new_bucket_drops_no_
                     assert entry.value == other
     finally:
         server.stop()
+
+
+async def test_a_stop_before_its_name_is_written_again_drops_the_entry_it_wrote_in_the_new_bucket() -> (
+    None
+):
+    """Regression: after a nats-server restarted without its store, a node forgets the
+    revisions of its own names-bucket entries with the old buckets; but a name it wrote
+    into the new bucket before it noticed the restart (another node made the buckets
+    anew first) was forgotten too. Its agent stopped before the name was written again
+    deleted nothing: the entry stayed, naming a stopped agent of a live node, and a
+    send to the name was refused AgentNotFound by its node, for good. The stop now
+    deletes the entry if it is this node's, read from the bucket at its revision.
+    Here c makes the buckets anew while b's check waits; b then spawns y (written into
+    the new bucket), checks, and stops y with its retries of names held off."""
+    server = NatsServer().start()
+    port = server.port
+    try:
+        async with local_node(server.url, "b") as (kb, cb), local_node(server.url, "c") as (_, cc):
+            kb.spawn(_echo, name="x")
+            await cb.names_published()
+            gate = trio.Event()
+            check = cb._check_buckets
+
+            async def held_check() -> None:
+                await gate.wait()
+                await check()
+
+            async def retry_names() -> bool:
+                return False  # (the bucket "still unreachable": nothing written again)
+
+            cb._check_buckets = held_check  # type: ignore[method-assign]
+            cb._retry_names = retry_names  # type: ignore[method-assign]
+            await trio.to_thread.run_sync(server.stop)  # (removes its store)
+            server = await trio.to_thread.run_sync(NatsServer(port=port).start)
+            with trio.fail_after(30):
+                await until(lambda: cc.stats().buckets_made_again == 1)
+                ref = kb.spawn(_echo, name="y")
+                await cb.names_published()
+                async with _raw_client(server.url) as nc:
+                    kv = await call_aio(nc.jetstream().key_value, "nexus-names")
+                    entry = await call_aio(kv.get, wire.name_key("y"))
+                    assert b'"node": "b"' in entry.value  # b's y, in the new bucket
+                    gate.set()
+                    await until(lambda: cb.stats().buckets_made_again == 1)
+                    await kb.stop(ref.id)
+                    await until(lambda: "y" not in cb._local_names)  # (its drop queued)
+                    await cb.names_published()
+                    try:
+                        left = await call_aio(kv.get, wire.name_key("y"))
+                    except nats_py.js.errors.KeyNotFoundError:
+                        left = None
+                    assert left is None, f"b's stop of y left its entry: {left.value!r}"
+    finally:
+        server.stop()

@@ -1089,6 +1089,7 @@ class Cluster:
         "_type_tells",
         "_type_turn",
         "_types",
+        "_unsure_drops",
         "_unwritten_names",
         "_write_now",
         "auth",
@@ -1210,6 +1211,11 @@ class Cluster:
         # write again (see _retry_names); and how many such writes landed
         self._unwritten_names: dict[str, uuid.UUID] = {}
         self._names_written_late = 0
+        # local names stopped while unwritten: name -> the stopped agent's id. Its entry
+        # may be in the bucket all the same (a put whose answer was lost, or one that
+        # landed in a bucket made anew before this node noticed, see _check_buckets):
+        # the stop deletes it if the bucket holds this node's entry of that agent
+        self._unsure_drops: dict[str, uuid.UUID] = {}
         # the streams of the cluster's KV buckets and when the server made them (see
         # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
         # write that found no bucket); how often they were found gone or made anew
@@ -4325,7 +4331,11 @@ class Cluster:
             self._local_names[name] = agent_id
         self._claimed_types.pop(name, None)
         self._taken_names.pop(name, None)
-        self._unwritten_names.pop(name, None)  # the op queued now decides
+        unwritten = self._unwritten_names.pop(name, None)  # the op queued now decides
+        if agent_id is None and unwritten is not None:
+            self._unsure_drops[name] = unwritten
+        else:
+            self._unsure_drops.pop(name, None)
         self._replacing.pop(name, None)
         if self._names_pending == 0:
             self._names_idle = trio.Event()
@@ -4373,10 +4383,13 @@ class Cluster:
         puts = [(name, agent_id) for name, agent_id in ops if agent_id is not None]
         drops = []
         for name, agent_id in ops:
+            unsure = self._unsure_drops.pop(name, None) if agent_id is None else None
             if agent_id is None and name in self._local_names:
                 continue  # a later agent holds the name here: its own write replaces the entry
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
+            elif unsure is not None and (at := await self._own_entry(kv, name, unsure)):
+                drops.append((name, at))
         if drops:
             outcomes = await kvops.delete_names(kv, drops, self._names_not_dropped)
             for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
@@ -4395,6 +4408,26 @@ class Cluster:
                     self._name_unwritten(name, agent_id, revision)
                 else:
                     self._name_written(name, agent_id, revision)
+
+    async def _own_entry(self, kv: KeyValue, name: str, agent_id: uuid.UUID) -> int | None:
+        """The revision of ``name``'s entry in the bucket if it is this node's of
+        ``agent_id`` (a stop of an agent whose name was unwritten, see _unsure_drops),
+        else None; None too, logged as a drop not made, if the bucket does not answer."""
+
+        async def read() -> Any:
+            try:
+                return await kv.get(wire.name_key(name))
+            except nats.js.errors.KeyNotFoundError:
+                return None
+
+        try:
+            entry = await call_aio(read)
+        except Exception as exc:
+            self._names_not_dropped([(name, exc)])
+            return None
+        if entry is None or _decode_name_entry(entry.value) != (self.node, agent_id):
+            return None
+        return int(entry.revision)
 
     def claiming(self, name: str, agent_id: uuid.UUID, type_name: str) -> None:
         """Local ``agent_id``, just spawned as ``name`` by placement, has its entry written
