@@ -724,21 +724,22 @@ def _read_file(
 ) -> None:
     """Read ``path``'s keys into ``values`` (``key_lines``: each key's line is put there)."""
     try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0  # (the read below says why it cannot)
-    if size > CONFIG_FILE_MAX:
+        raw, size = _read_at_most(path, CONFIG_FILE_MAX)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+    if raw is None:
         raise ConfigError(
-            f"a config file has at most {CONFIG_FILE_MAX:,} bytes (1 MiB), this one {size:,}:"
-            " is it the config file?",
+            f"a config file has at most {CONFIG_FILE_MAX:,} bytes (1 MiB), this one"
+            f" {f'{size:,}' if size > CONFIG_FILE_MAX else 'more'}: is it the config file?",
             path=path,
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        # (newlines as a text file's read takes them: \r\n and \r are \n)
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
         # (at the first byte that is not UTF-8, as a TOML error is at its character: a
         # Latin-1 `é` in a comment of a long file was found by bisecting it)
-        raw, at = bytes(exc.object), exc.start
+        at = exc.start
         start = raw.rfind(b"\n", 0, at) + 1
         raise ConfigError(
             f"not UTF-8 text: at byte 0x{raw[at]:02x} ({exc.reason}); save the file as UTF-8",
@@ -746,8 +747,6 @@ def _read_file(
             line=raw.count(b"\n", 0, at) + 1,
             column=len(raw[start:at].decode("utf-8")) + 1,
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
     try:
         document = tomlkit.parse(text)
     except tomlkit.exceptions.TOMLKitError as exc:
@@ -1062,6 +1061,20 @@ def _looked_up(path: Path, test: Callable[[Path], bool]) -> bool:
         return test(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+
+
+def _read_at_most(path: Path, limit: int) -> tuple[bytes | None, int]:
+    """``(content, size)`` of the file at ``path``, or ``(None, size)`` where it has more
+    than ``limit`` bytes: its size as its stat says, refused before a byte is read, and
+    at most ``limit`` + 1 bytes read all the same, so that a file that grew after that
+    stat (a log written to) or whose stat says no size is not read whole (until the
+    review of the fifty-fourth pass the check was a stat, then the whole file read)."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limit:
+            return None, size
+        raw = file.read(limit + 1)
+    return (None, size) if len(raw) > limit else (raw, len(raw))
 
 
 def _not_found(file: Path) -> str:

@@ -1252,6 +1252,70 @@ def test_a_config_file_past_one_mib_is_refused_before_it_is_read(home: Path) -> 
     assert load(home).config.kernel.batch_size == 5
 
 
+@pytest.mark.parametrize("grows", ["as-it-is-opened", "after-its-size-is-read"])
+def test_a_config_file_that_grows_past_one_mib_as_it_is_read_is_not_read_whole(
+    home: Path, monkeypatch: pytest.MonkeyPatch, grows: str
+) -> None:
+    """Review of the fifty-fourth pass: the 1 MiB limit was a stat of the path, then the
+    whole file read: one that grew in between (a log given as ``-c`` as it is written
+    to) was read whole and parsed, however large. The size is the open file's own now,
+    and at most 1 MiB + 1 bytes of it are read: past that it is refused all the same."""
+    file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n")
+    limit = config_module.CONFIG_FILE_MAX
+    read: list[int] = []
+
+    def grow() -> None:
+        with open(file, "ab") as appended:  # (2 MiB more: one comment line)
+            appended.write(b"#" * (2 * limit) + b"\n")
+
+    class Counted:
+        """The opened config file, each read's length noted in ``read``."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __enter__(self) -> Counted:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.close()
+
+        def fileno(self) -> int:
+            return int(self.inner.fileno())
+
+        def read(self, *size: int) -> Any:
+            data = self.inner.read(*size)
+            read.append(len(data))
+            return data
+
+    real_open, real_fstat = Path.open, os.fstat
+
+    def opening(self: Path, *args: Any, **kwargs: Any) -> Any:
+        opened = real_open(self, *args, **kwargs)
+        if self != file:
+            return opened
+        if grows == "as-it-is-opened":
+            grow()
+        return Counted(opened)
+
+    def fstat(fd: int) -> os.stat_result:
+        result = real_fstat(fd)
+        if grows == "after-its-size-is-read" and os.path.samestat(result, os.stat(file)):
+            grow()
+        return result
+
+    monkeypatch.setattr(Path, "open", opening)
+    monkeypatch.setattr(os, "fstat", fstat)
+    with pytest.raises(ConfigError) as info:
+        load(home, file)
+    size = f"{24 + 2 * limit + 1:,}" if grows == "as-it-is-opened" else "more"
+    assert str(info.value) == (
+        f"{file}: a config file has at most 1,048,576 bytes (1 MiB), this one {size}:"
+        " is it the config file?"
+    )
+    assert read == ([] if grows == "as-it-is-opened" else [limit + 1])
+
+
 def test_a_config_path_that_is_a_looping_or_dangling_link_says_so(home: Path) -> None:
     """Fifty-fourth pass: ``-c`` naming a symbolic link that loops, or one to a missing
     file, said ``config file not found`` alone, as for a name nothing has. The link is

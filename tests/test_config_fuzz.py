@@ -725,14 +725,15 @@ def test_files_that_cannot_be_config_files_are_errors_naming_them(
         unreadable: "cannot read config file: Permission denied",
         home / "cwd" / "missing.toml": "config file not found",
     }
-    real_read_text = Path.read_text
+    real_open = Path.open
 
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+    def opening(self: Path, *args: Any, **kwargs: Any) -> Any:
         if self == unreadable:  # (chmod 000 does not stop root, who may run the tests)
             raise PermissionError(13, "Permission denied", str(self))
-        return real_read_text(self, *args, **kwargs)
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    # (Path.open: the loader reads the file through it, as Path.read_text did)
+    monkeypatch.setattr(Path, "open", opening)
     for path, reason in expected.items():
         with pytest.raises(ConfigError) as info:
             load(home, path)
