@@ -816,6 +816,19 @@ def test_a_ctrl_c_as_click_parses_the_command_line_is_said_in_one_line(
     )
 
 
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_a_ctrl_c_in_the_command_s_own_code_stays_the_command_s(tmp_path: Path, how: str) -> None:
+    """Review of the fifty-fourth pass: the one line of a Ctrl-C as click parses the
+    command line is said only before the command's own code runs (``Command.invoke``
+    marks the start of it); a Ctrl-C in that code (here ``nexus health``'s request) ends
+    it as before, 130, without a word about starting. No test held the mark: with it
+    taken out, ``test_cli_entry.py`` and ``test_cli_late_signals.py`` passed (66)."""
+    module, _ = _run_an_app_by(tmp_path, how)
+    args = ["health", "--port", "9", "--timeout", "1"]
+    proc = python_m(tmp_path, CTRL_C_IN, module, args, KILL_IN="_probe_health")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+
+
 #: a ``sitecustomize`` that sends this process a SIGINT in ``nexus_trio.cli.main``'s lines
 #: before click's handling of a Ctrl-C (as it reads its program's name: not from a profile
 #: or trace function, in which Python traces nothing), then ``SECOND`` (a signal's name)
