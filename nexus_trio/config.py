@@ -741,8 +741,13 @@ def _read_file(
         # Latin-1 `é` in a comment of a long file was found by bisecting it)
         at = exc.start
         start = raw.rfind(b"\n", 0, at) + 1
+        # (a UTF-16 file, as Windows' Notepad "Unicode" and PowerShell 5's `>` write one,
+        # is said so by its byte order mark, where "at byte 0xff" was all it said)
+        utf16 = next((name for mark, name in _UTF16_MARKS if raw.startswith(mark)), None)
+        what = f"it is {utf16} (it starts with its byte order mark)" if utf16 else ""
         raise ConfigError(
-            f"not UTF-8 text: at byte 0x{raw[at]:02x} ({exc.reason}); save the file as UTF-8",
+            f"not UTF-8 text: {what or f'at byte 0x{raw[at]:02x} ({exc.reason})'};"
+            " save the file as UTF-8",
             path=path,
             line=raw.count(b"\n", 0, at) + 1,
             column=len(raw[start:at].decode("utf-8")) + 1,
@@ -1061,6 +1066,13 @@ def _looked_up(path: Path, test: Callable[[Path], bool]) -> bool:
         return test(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+
+
+#: the byte order marks of UTF-16, and its names (a config file in it is said so)
+_UTF16_MARKS: Final = (
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+)
 
 
 def _read_at_most(path: Path, limit: int) -> tuple[bytes | None, int]:

@@ -1232,6 +1232,26 @@ def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("encoding", "said"),
+    [("utf-16", "UTF-16 (little-endian)"), ("utf-16-be", "UTF-16 (big-endian)")],
+)
+def test_a_utf16_config_file_is_said_to_be_utf16(home: Path, encoding: str, said: str) -> None:
+    """Review of the fifty-fourth pass: a UTF-16 file (Windows' Notepad "Unicode",
+    PowerShell 5's ``nexus config init > config.toml`` writes one) was said as ``not
+    UTF-8 text: at byte 0xff (invalid start byte)``: said as UTF-16 now, by its byte
+    order mark, at 1:1."""
+    file = home / "cwd" / "config.toml"
+    bom = "\ufeff" if encoding == "utf-16-be" else ""  # (Python's utf-16 writes its own)
+    file.write_bytes(f"{bom}[kernel]\nbatch_size = 5\n".encode(encoding))
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == (
+        f"{file}:1:1: not UTF-8 text: it is {said} (it starts with its byte order mark);"
+        " save the file as UTF-8"
+    )
+
+
 def test_a_config_file_past_one_mib_is_refused_before_it_is_read(home: Path) -> None:
     """Fifty-fourth pass: a file of any size was read whole and parsed: tomlkit reads
     about 0.6 MB a second here, so a 30 MB file given as ``-c`` (a log, a data file)
