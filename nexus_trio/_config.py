@@ -117,8 +117,10 @@ def cut_name(name: str) -> str:
     written when each of its characters is printable, else as a TOML basic string
     (``"a\\u001bb"``, quoted also where the cut leaves the control out), so that an
     escape sequence or a newline in a name reaches the terminal as text, not as a
-    control; cut as :func:`cut` cuts."""
-    return cut(name) if name.isprintable() else cut(name, _toml)
+    control; cut as :func:`cut` cuts. An empty name, or one with a blank (``"" = 1``,
+    ``" " = 1``), is quoted too: as written it was nothing in the error."""
+    plain = name.isprintable() and name != "" and not any(c.isspace() for c in name)
+    return cut(name) if plain else cut(name, _toml)
 
 
 def shown(value: Any) -> str:

@@ -1949,6 +1949,27 @@ def test_a_long_value_of_a_variable_is_cut_in_its_error(home: Path) -> None:
         load(home, env=env_for(home, NEXUS_SUPERVISION__BACKOFF_RESET_AFTER_MS="inf"))
 
 
+def test_an_empty_or_blank_name_is_quoted_in_its_error(home: Path) -> None:
+    """Review of the fifty-fourth pass: a printable name was shown as written, so an
+    empty or blank key or section (TOML takes ``"" = 1``, ``" " = 1``) was nothing in
+    its error: ``unknown key [kernel]  (known keys: ...)``. Quoted now, as TOML writes
+    it; a bare name is shown as written, as before."""
+    write(
+        home / "cwd" / "config.toml",
+        '[kernel]\n"" = 1\n" " = 2\n"a b" = 3\nab = 4\n[" "]\nk = 1\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    said = [line.split(": ", 1)[1].split(" (")[0] for line in str(info.value).splitlines()[:5]]
+    assert said == [
+        'unknown key [kernel] ""',
+        'unknown key [kernel] " "',
+        'unknown key [kernel] "a b"',
+        "unknown key [kernel] ab",
+        'unknown section [" "]',
+    ]
+
+
 def test_a_name_with_a_control_character_is_escaped_in_its_error(home: Path) -> None:
     """Fifty-fourth pass: values were escaped in errors, the names of unknown keys,
     sections and ``NEXUS_*`` variables were not: an ESC or a newline in a TOML key or a
