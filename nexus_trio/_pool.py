@@ -647,8 +647,9 @@ class _PoolRouter(Agent):
             # and leave fewer (test_a_resize_while_grown_workers_start_waits_for_their_starts).
             # The router took it out of its mailbox (routing goes on): it waits as if it
             # were still there, so no more wait than the mailbox holds (unbounded, each a
-            # task: a flood of resizes from any sender grew the router without end).
-            room = ctx.kernel.config.kernel.mailbox_capacity
+            # task: a flood of resizes from any sender grew the router without end). The
+            # router's own mailbox: pool(...).with_options(mailbox_capacity=...) sets it.
+            room = ctx.kernel.mailbox_statistics(ctx.id).capacity
             if self.resizes_waiting >= room:
                 raise MessageFailed(
                     f"pool {self.name!r}: {RESIZE} to {size} refused: {room} resizes already"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
+from functools import partial
 from typing import Any
 
 import pytest
@@ -1133,6 +1134,40 @@ async def test_resizes_waiting_for_a_grow_are_no_more_than_the_mailbox_holds(
             ]
             # none waits now: a resize is taken again
             assert await resize_pool(kernel, "workers", 1) == 1
+    finally:
+        StartsUpTo.limit = 2
+
+
+async def test_resizes_waiting_for_a_grow_are_no_more_than_the_router_s_own_mailbox_holds(
+    autojump_clock: Any,
+) -> None:
+    """Fifty-fourth pass review: the cap on ``$resize`` messages waiting for a grow was
+    the kernel's ``mailbox_capacity`` (1,024 here), not the router's own mailbox, which
+    ``pool(...).with_options(mailbox_capacity=4)`` sets: a 5th resize waited, and the
+    error said "as many as the pool's mailbox holds" of a number that was not. Now the
+    router's own capacity bounds them (4 here): the 5th is refused at once."""
+    StartsUpTo.limit = 5
+    try:
+        async with open_test_kernel(test_config(mailbox_capacity=1024)) as kernel:
+            ref = kernel.spawn(pool(_SlowFirstStart, size=2).with_options(mailbox_capacity=4))
+            assert kernel.mailbox_statistics(ref).capacity == 4
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(resize_pool, kernel, "workers", 4, timeout=60))
+                await trio.sleep(1)  # workers/2 and workers/3 in their on_start
+                for size in (3, 3, 2, 3):
+                    await kernel.send("workers", {"$resize": size})
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                with pytest.raises(RequestFailed) as info:
+                    await kernel.request("workers", {"$resize": 5}, timeout=60)
+                assert trio.current_time() == started, "it waited for the grow"
+            assert "refused: 4 resizes already wait" in str(info.value.error)
+            await trio.sleep(30)
+            assert pool_names(await pool_workers(kernel, "workers")) == [
+                "workers/0",
+                "workers/1",
+                "workers/4",
+            ]
     finally:
         StartsUpTo.limit = 2
 
