@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexus_trio import Message, MessageKind
 from nexus_trio._message import decode_message
@@ -2273,6 +2275,66 @@ def test_naming_the_depth_of_a_too_deep_line_takes_no_python_step_per_byte() -> 
         assert text == f"nested {depth:,} {past}", text
         assert text == too_deep(line.decode()), "said differently of the line as text"
         assert steps < len(line) // 100, (depth, steps, len(line))
+
+
+def _depth_by_a_plain_walk(line: bytes) -> int:
+    """How deep ``line`` nests, byte by byte as a JSON reader takes it: outside a string
+    a quote opens one and brackets count; inside, a backslash escapes the next byte and a
+    quote closes it (one left open runs to the end)."""
+    depth = deepest = 0
+    inside = escaped = False
+    for byte in line:
+        if inside:
+            if escaped:
+                escaped = False
+            elif byte == ord("\\"):
+                escaped = True
+            elif byte == ord('"'):
+                inside = False
+        elif byte == ord('"'):
+            inside = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+#: pieces of a JSON-shaped line: brackets, what is between them, and strings as a JSON
+#: writer writes them (escaped quotes and backslashes, brackets, \u0022, any Unicode),
+#: one with bytes that are not UTF-8 in it, one left open at the end of the line
+_JSON_PIECES = st.one_of(
+    st.sampled_from([b"[", b"]", b"{", b"}", b",", b":", b"1", b" ", b"[[", b"]]"]),
+    st.text(alphabet=st.sampled_from('"\\[]{}a,é\u2028\U0001f600'), max_size=8).map(
+        lambda text: json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    ),
+    st.sampled_from([b'"\\u0022[\\\\"', b'"\xff[\xc3"', b'"\\\\\\"]"', b'",\\"kind\\":["']),
+)
+_JSON_SHAPED = st.tuples(
+    st.lists(_JSON_PIECES, max_size=40).map(b"".join),
+    st.sampled_from([b"", b'"', b'"[\\', b'"[{\\"']),
+).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(line=_JSON_SHAPED, deep=st.integers(0, 5_000))
+def test_too_deep_says_the_depth_a_plain_walk_finds(line: bytes, deep: int) -> None:
+    """Fifty-fourth pass review: :func:`too_deep` (C passes over the bytes, runs of 4,096
+    brackets) says the depth that a plain byte-by-byte walk of a JSON reader's states
+    finds, for JSON-shaped lines: strings with escaped quotes and backslashes (``\\\\``
+    before a quote), brackets and ``\\u0022`` inside strings, any Unicode, bytes not
+    UTF-8 inside a string, a string left open at the end; and the same of the line as
+    text. (A line with a backslash outside a string, no JSON, may be said otherwise:
+    docs/protocol.md.)"""
+    from nexus_trio.bridges.python import too_deep
+
+    line = b"[" * deep + line
+    said = too_deep(line)
+    expected = _depth_by_a_plain_walk(line)
+    assert said == f"nested {expected:,} levels deep, past the JSON reader's recursion limit"
+    with contextlib.suppress(UnicodeDecodeError):
+        assert too_deep(line.decode("utf-8")) == said
 
 
 @pytest.mark.parametrize("protocol", [1, 2])
