@@ -238,6 +238,10 @@ class Probe extends NexusAgent {
         for (let i = 0; i < 50000; i++) { inner.next = [{}]; inner = inner.next[0]; }
         inner.top = top; return top;
       }
+      // shallow, but its toJSON gives a new object holding it again, without end
+      case 'to_json_recursing': return { toJSON() { return { again: this }; } };
+      // shallow, but a getter gives a new object with the getter, without end
+      case 'getter_recursing': { const make = () => ({ get again() { return make(); } }); return make(); }
       // half of the emoji's surrogate pair: what cutting a string by length does
       case 'lone_surrogate': return { cut: ['whole', 'x\\ud83d\\ude00'.slice(0, 2)] };
       case 'send_lone_surrogate':
@@ -1193,6 +1197,18 @@ UNSAYABLE = {
         (
             "deep_circular",
             "result of handleMessage is not JSON serialisable: circular structure",
+            "TypeError",
+        ),
+        (
+            "getter_recursing",
+            "result of handleMessage is not JSON serialisable: RangeError: Maximum call stack"
+            " size exceeded",
+            "TypeError",
+        ),
+        (
+            "to_json_recursing",
+            "result of handleMessage is not JSON serialisable: RangeError: Maximum call stack"
+            " size exceeded",
             "TypeError",
         ),
     ],

@@ -284,15 +284,25 @@ function isInstance(value, cls) {
  * JSON.stringify that refuses what JSON cannot carry instead of silently dropping it.
  * Throws NotSerialisable and nothing else.
  */
+/** The most arrays and objects `nesting` enters before it gives up (undefined). */
+const NESTING_WALK_LIMIT = 200_000;
+
 /**
  * How deep `value` nests its arrays and objects (`[]` is 1), without recursion (it is
  * asked of a value that overflowed JSON.stringify's stack), each entered once; null if
- * it holds itself, undefined if it could not be read (a Proxy whose traps throw).
+ * it holds itself, undefined if it could not be read (a Proxy whose traps throw) or is
+ * not what JSON.stringify wrote: one with a toJSON method (JSON.stringify writes what it
+ * returns, which may hold the object again without end), or one past NESTING_WALK_LIMIT
+ * arrays and objects (a getter or Proxy trap that gives a new object each time: until
+ * the fifty-fourth pass's review walked until the heap ran out, 43 s to a crash at a
+ * 512 MB heap; 2 s to give up now). JSON.stringify overflows near 4,200 levels.
  */
 function nesting(value) {
   const isContainer = (item) => item !== null && typeof item === 'object';
   try {
     if (!isContainer(value)) return 0;
+    if (typeof value.toJSON === 'function') return undefined;
+    let entered = 1;
     const path = [Object.values(value)[Symbol.iterator]()];
     const onPath = [value];
     const inPath = new Set(onPath);
@@ -310,6 +320,8 @@ function nesting(value) {
       const item = step.value;
       if (!isContainer(item) || done.has(item)) continue;
       if (inPath.has(item)) return null;
+      entered += 1;
+      if (typeof item.toJSON === 'function' || entered > NESTING_WALK_LIMIT) return undefined;
       inPath.add(item);
       onPath.push(item);
       path.push(Object.values(item)[Symbol.iterator]());
