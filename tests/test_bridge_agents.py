@@ -238,6 +238,14 @@ class Probe extends NexusAgent {
         for (let i = 0; i < 50000; i++) { inner.next = [{}]; inner = inner.next[0]; }
         inner.top = top; return top;
       }
+      // a part 5,001 levels deep held at the top and 50 levels down: 5,052 there
+      case 'deep_shared': {
+        const shared = []; let inner = shared;
+        for (let i = 0; i < 5000; i++) { inner.push([]); inner = inner[0]; }
+        const top = [shared]; inner = top;
+        for (let i = 0; i < 50; i++) { inner.push([]); inner = inner[inner.length - 1]; }
+        inner.push(shared); return top;
+      }
       // shallow, but its toJSON gives a new object holding it again, without end
       case 'to_json_recursing': return { toJSON() { return { again: this }; } };
       // shallow, but a getter gives a new object with the getter, without end
@@ -1197,6 +1205,12 @@ UNSAYABLE = {
         (
             "deep_circular",
             "result of handleMessage is not JSON serialisable: circular structure",
+            "TypeError",
+        ),
+        (
+            "deep_shared",
+            "result of handleMessage is not JSON serialisable: nested 5,052 levels deep,"
+            " past the JSON writer's recursion limit",
             "TypeError",
         ),
         (
@@ -2351,6 +2365,43 @@ def test_too_deep_says_the_depth_a_plain_walk_finds(line: bytes, deep: int) -> N
     assert said == f"nested {expected:,} levels deep, past the JSON reader's recursion limit"
     with contextlib.suppress(UnicodeDecodeError):
         assert too_deep(line.decode("utf-8")) == said
+
+
+def test_python_bridge_says_the_depth_of_a_shared_part_where_it_is_deepest() -> None:
+    """Fifty-fourth pass review: the depth said of a result too deep for the JSON writer
+    was found entering each list, dict and tuple once, and one met again (a part the
+    result holds in two places) was skipped: a part 2,001 deep held at the top and 50
+    levels down was said ``nested 2,002 levels deep``, as the JSON writer writes it
+    there, it is 2,052. Each part's depth is kept and counted where it is met again."""
+    import io
+
+    from nexus_trio.bridges.python import NexusAgent
+
+    class Shared(NexusAgent):
+        def handle_message(self, message: Any) -> Any:
+            shared: list[Any] = []
+            inner = shared
+            for _ in range(2_000):
+                inner.append([])
+                inner = inner[0]
+            result: list[Any] = [shared]
+            inner = result
+            for _ in range(50):
+                inner.append([])
+                inner = inner[-1]
+            inner.append(shared)
+            return result
+
+    stdin = io.BytesIO(message_frame(message("x")) + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = Shared(name="shared", stdin=stdin, stdout=stdout, stderr=stderr)
+    assert agent.run_agent() == 0
+    answers = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [f["type"] for f in answers] == ["register", "error"]
+    assert answers[1]["payload"]["error"] == (
+        "result of handle_message is not JSON serialisable: nested 2,052 levels deep,"
+        " past the JSON writer's recursion limit"
+    )
 
 
 @pytest.mark.parametrize("protocol", [1, 2])

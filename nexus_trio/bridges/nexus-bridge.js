@@ -306,28 +306,36 @@ function nesting(value) {
     const path = [Object.values(value)[Symbol.iterator]()];
     const onPath = [value];
     const inPath = new Set(onPath);
-    const done = new Set();
-    let deepest = 1;
+    // the levels each one walked holds ([] is 1), kept: one met again (held in two
+    // places) is as deep under each place as JSON.stringify writes it there
+    const height = new Map();
+    const below = [0]; // for each one on the path: the most levels of one inside it
     while (path.length > 0) {
       const step = path[path.length - 1].next();
       if (step.done) {
         path.pop();
         const left = onPath.pop();
         inPath.delete(left);
-        done.add(left);
+        const levels = below.pop() + 1;
+        height.set(left, levels);
+        if (below.length > 0) below[below.length - 1] = Math.max(below[below.length - 1], levels);
         continue;
       }
       const item = step.value;
-      if (!isContainer(item) || done.has(item)) continue;
+      if (!isContainer(item)) continue;
+      if (height.has(item)) {
+        below[below.length - 1] = Math.max(below[below.length - 1], height.get(item));
+        continue;
+      }
       if (inPath.has(item)) return null;
       entered += 1;
       if (typeof item.toJSON === 'function' || entered > NESTING_WALK_LIMIT) return undefined;
       inPath.add(item);
       onPath.push(item);
       path.push(Object.values(item)[Symbol.iterator]());
-      deepest = Math.max(deepest, path.length);
+      below.push(0);
     }
-    return deepest;
+    return height.get(value);
   } catch (err) {
     return undefined;
   }

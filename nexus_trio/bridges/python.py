@@ -569,25 +569,32 @@ def _nesting(value: Any) -> int | None:
     path: list[Iterator[Any]] = [_items(value)]
     on_path = {id(value)}
     ids = [id(value)]
-    done: set[int] = set()
-    deepest = 1
+    # how many levels each container walked holds (``[]``: 1), kept: one met again (a
+    # shared one) is as deep under each place it is at, as the JSON writer writes it there
+    height: dict[int, int] = {}
+    below = [0]  # for each container on the path: the most levels of one inside it
     while path:
         for item in path[-1]:
-            if not isinstance(item, containers) or id(item) in done:
+            if not isinstance(item, containers):
+                continue
+            if id(item) in height:
+                below[-1] = max(below[-1], height[id(item)])
                 continue
             if id(item) in on_path:
                 return None
             on_path.add(id(item))
             ids.append(id(item))
             path.append(_items(item))
-            deepest = max(deepest, len(path))
+            below.append(0)
             break
         else:
             path.pop()
             left = ids.pop()
             on_path.discard(left)
-            done.add(left)
-    return deepest
+            height[left] = levels = below.pop() + 1
+            if below:
+                below[-1] = max(below[-1], levels)
+    return height[id(value)]
 
 
 def _items(container: Any) -> Iterator[Any]:
