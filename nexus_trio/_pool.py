@@ -26,6 +26,7 @@ import inspect
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
@@ -374,10 +375,12 @@ class _PoolRouter(Agent):
         self.grows = 0
         self.settled = trio.Event()
         self.settled.set()
-        #: resizes that came while a grow's workers were starting, waiting their turn
-        #: (in arrival order: ``resize_turn`` is a fair lock)
+        #: resizes that came while a grow's workers were starting, waiting their turn in
+        #: arrival order, done by one task (``resizing``) at a time; ``resizes_waiting``
+        #: counts them with the one in hand
+        self.resizes_queued: deque[tuple[Message, int]] = deque()
         self.resizes_waiting = 0
-        self.resize_turn = trio.Lock()
+        self.resizing = False
         self.on_error = _worker_on_error(plan.worker)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -656,31 +659,47 @@ class _PoolRouter(Agent):
                     " wait for a grow's workers to start (as many as the pool's mailbox holds)"
                 )
             self.resizes_waiting += 1
-            ctx.nursery.start_soon(self._resize_when_settled, ctx, msg, size)
+            self.resizes_queued.append((msg, size))
+            if not self.resizing:
+                # One task does them all, in the order they came: a task each, taking a
+                # fair lock, took it in the order Trio first ran them, which reverses a
+                # batch at random (a 3, 3, 2, 3 ended at 2 workers in 4 runs of 15).
+                self.resizing = True
+                ctx.nursery.start_soon(self._resizes_when_settled, ctx)
             return None
         return self._resize(ctx, msg, size)
 
-    async def _resize_when_settled(self, ctx: Context, request: Message, size: int) -> None:
-        """Resize to ``size`` once no grow's workers are starting, after the resizes that
-        came before this one; answered as :meth:`_resize` answers."""
-        answered = False
-        reply: Any = None
+    async def _resizes_when_settled(self, ctx: Context) -> None:
+        """Do the waiting resizes in the order they came, each once no grow's workers are
+        starting (one of them may start a grow the next waits for); each answered as
+        :meth:`_resize` answers. Those still waiting when the pool stops are told so."""
         try:
-            async with self.resize_turn:
+            while self.resizes_queued:
                 while self.grows:
                     await self.settled.wait()
-                self._forget_stopped(ctx)  # those whose first start failed
+                request, size = self.resizes_queued.popleft()
+                reply: Any = None
+                answered = False
                 try:
-                    reply = self._resize(ctx, request, size)
-                except MessageFailed as exc:
-                    self._fail_resize(ctx, request, str(exc))
-                answered = True
+                    self._forget_stopped(ctx)  # those whose first start failed
+                    try:
+                        reply = self._resize(ctx, request, size)
+                    except MessageFailed as exc:
+                        self._fail_resize(ctx, request, str(exc))
+                    answered = True
+                finally:
+                    self.resizes_waiting -= 1
+                    if not answered:
+                        self._fail_unanswered(ctx, request)
+                if reply is not None:
+                    # (not awaited here: the next resize does not wait for this answer)
+                    ctx.nursery.start_soon(self._answer_resize, ctx, request, reply)
         finally:
-            self.resizes_waiting -= 1
-            if not answered:
+            self.resizing = False
+            while self.resizes_queued:
+                request, _ = self.resizes_queued.popleft()
+                self.resizes_waiting -= 1
                 self._fail_unanswered(ctx, request)
-        if reply is not None:
-            await self._answer_resize(ctx, request, reply)
 
     async def _answer_resize(self, ctx: Context, request: Message, answer: Any) -> None:
         """Answer a resize done after its message was handled (a told one: no answer)."""
