@@ -18,6 +18,8 @@ reader has fallen behind (its queue full: ``net.unix.max_dgram_qlen``, 10 by def
 blocks the sender, and a blocked ``sendto`` in the run's event loop froze the whole run
 for good (a SIGTERM could not stop it: the call is retried after the handler). The
 notification is then logged as not sent, and the run goes on.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations
