@@ -297,11 +297,17 @@ class _TaskFailed(_Carrier):
     """Carries an exception whose ``repr()`` raises out of a task in ``ctx.nursery``."""
 
 
-async def _carry_failure(coro: Coroutine[Any, Any, object]) -> object:
+async def _carry_failure(
+    coro: Coroutine[Any, Any, object], take: Callable[[KeyboardInterrupt], object]
+) -> object:
     """Runs a task of ``ctx.nursery``: an exception whose ``repr()`` raises leaves it in a
-    carrier (others as they are, for Trio to show in its cancel reasons)."""
+    carrier (others as they are, for Trio to show in its cancel reasons); a Ctrl-C is
+    given to ``take`` as it goes out (see CellRuntime._take_at_once)."""
     try:
         return await coro
+    except KeyboardInterrupt as exc:
+        take(exc)
+        raise
     except Exception as exc:
         if failed_repr(exc) is None:
             raise
@@ -313,7 +319,9 @@ async def _carry_failure(coro: Coroutine[Any, Any, object]) -> object:
         raise _TaskFailed(foreign) from None
 
 
-def _carrying(async_fn: Callable[..., Any]) -> Callable[..., Any]:
+def _carrying(
+    async_fn: Callable[..., Any], take: Callable[[KeyboardInterrupt], object]
+) -> Callable[..., Any]:
     """``async_fn`` as Trio's nurseries call it, its coroutine run by _carry_failure;
     what is no coroutine goes to Trio as it is, for Trio's own error naming it."""
 
@@ -321,13 +329,13 @@ def _carrying(async_fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         coro = async_fn(*args, **kwargs)
         if isinstance(coro, Coroutine):
-            return _carry_failure(coro)
+            return _carry_failure(coro, take)
         return coro
 
     return call
 
 
-def _guard(nursery: trio.Nursery) -> trio.Nursery:
+def _guard(nursery: trio.Nursery, take: Callable[[KeyboardInterrupt], object]) -> trio.Nursery:
     """The run's nursery as ``ctx.nursery`` hands it out: its ``start_soon`` and ``start``
     run each task through :func:`_carry_failure` (set on the nursery itself, so that it
     stays a ``trio.Nursery`` for whatever the agent passes it to); ``start`` raises a
@@ -341,7 +349,7 @@ def _guard(nursery: trio.Nursery) -> trio.Nursery:
         if not callable(async_fn):  # a coroutine object, say: Trio's error names it
             start_soon(async_fn, *args, name=name)
             return
-        start_soon(_carrying(async_fn), *args, name=async_fn if name is None else name)
+        start_soon(_carrying(async_fn, take), *args, name=async_fn if name is None else name)
 
     async def guarded_start(
         async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
@@ -349,7 +357,9 @@ def _guard(nursery: trio.Nursery) -> trio.Nursery:
         if not callable(async_fn):
             return await start(async_fn, *args, name=name)
         try:
-            return await start(_carrying(async_fn), *args, name=async_fn if name is None else name)
+            return await start(
+                _carrying(async_fn, take), *args, name=async_fn if name is None else name
+            )
         except _TaskFailed as carried:
             error = carried.error
         # raised outside the except clause: the caller's error keeps its own context
@@ -1040,6 +1050,9 @@ class AgentCell(Child):
             await behaviour.on_start(self._enter_run())
         except (Exception, trio.Cancelled) as exc:
             raise _start_failure(exc) from None
+        except KeyboardInterrupt as exc:
+            self._take_at_once(exc)
+            raise
 
     # Not protected from KeyboardInterrupt: it runs the agent's on_stop. A
     # method of its own: what it needs (its scope, the stack of a ``with`` around a
@@ -1143,7 +1156,7 @@ class AgentCell(Child):
         if nursery is not None:
             own = getattr(nursery, "__dict__", None)
             if own is not None and "start_soon" not in own:
-                _guard(nursery)
+                _guard(nursery, self._take_at_once)
         return nursery
 
     @trio.lowlevel.enable_ki_protection
@@ -1172,6 +1185,15 @@ class AgentCell(Child):
             self.signal_started()
         self.defaults.ledger.event(_STARTED, self.id, self.name)
         return True
+
+    @trio.lowlevel.enable_ki_protection
+    def _take_at_once(self, interrupt: KeyboardInterrupt) -> None:
+        """A Ctrl-C raised in ``on_start`` or a ``ctx.nursery`` task, as it goes out: the
+        kernel takes it now (cancels the block, shuts down gracefully), not once the
+        run's nursery is done (a sibling task's shielded ``finally`` can hold it open),
+        or a shutdown begun meanwhile made it a second Ctrl-C and the exit was forced.
+        Where it ends the run (see _run_failure) the kernel takes it again: the same."""
+        self.router.interrupt(interrupt)
 
     @trio.lowlevel.enable_ki_protection
     def _stopped_by(

@@ -641,6 +641,66 @@ def test_a_second_ctrl_c_in_an_agent_s_code_while_the_kernel_drains_forces_the_e
     assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
 
 
+@pytest.mark.parametrize("where", ["on_start", "background"])
+def test_a_ctrl_c_whose_run_ends_after_the_shutdown_began_still_goes_out_alone(
+    where: str,
+) -> None:
+    # A Ctrl-C in on_start or in a ctx.nursery task ends the run only once the run's
+    # nursery is done, here 1 s later (a sibling task's shielded finally). Before: the
+    # kernel took it only then; a shutdown() the block began meanwhile (at 0.7 s) made
+    # it a second Ctrl-C, the exit was forced and open_kernel raised a BaseExceptionGroup
+    # three deep. Now the kernel takes it where it is raised: the block is cancelled at
+    # once (it never reaches its shutdown()), the kernel shuts down gracefully and
+    # open_kernel raises the KeyboardInterrupt itself.
+    outcome: list[BaseException] = []
+    said: list[tuple[str, float]] = []
+
+    class Interrupted(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.slow_to_end)
+            if where == "background":
+                ctx.nursery.start_soon(self.background)
+            else:
+                await self.background()
+
+        async def background(self) -> None:
+            await trio.sleep(0.5)
+            _ctrl_c()
+
+        async def slow_to_end(self) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(1)
+                said.append(("finally done", trio.current_time()))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            said.append(("on_stop", trio.current_time()))
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=5000)) as kernel:
+                    kernel.spawn(agent(Interrupted, name="interrupted"))
+                    await trio.sleep(0.7)
+                    said.append(("shutdown asked", trio.current_time()))
+                    await kernel.shutdown()
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        assert kernel.stopped and kernel.stats().agents_alive == 0
+
+    _run_with_ctrl_c(main)
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
+    # the block was cancelled at 0.5 s; the run ended once its sibling's finally was done
+    assert said == [("finally done", pytest.approx(1.5)), ("on_stop", pytest.approx(1.5))]
+
+
 async def _what_the_kernel_said(kernel: Kernel, events: Any) -> dict[str, Any]:
     """After a Ctrl-C's shutdown: when it ended (mock time), its events (kind, name,
     reason), its statistics and its dead letters (reason, payload, detail)."""
