@@ -1172,7 +1172,12 @@ class AgentCell(Child):
     def _end_background(self) -> None:
         """The run is over: its background work ends with it. (Most runs have none, and
         Trio's cancel() formats the task's repr for its reason: about a tenth of
-        stopping an agent.)"""
+        stopping an agent.)
+        Under a draining stop its serving is over: nothing handles a message to it any
+        more, so none is taken from now on (the run's end, which says so too, comes
+        only once its nursery is done, a round or more later)."""
+        if self.drain_on_stop:
+            self.router.unroute(self)
         nursery = self.nursery
         assert nursery is not None
         if nursery.child_tasks:

@@ -1222,17 +1222,24 @@ class SupervisorNode(Child, ChildOwner):
                 await self._drain_before_linked(child)
             await self._stop_linked(child, "parent_stopped")
         done = self._mark_stopping(child)
+        if done is None and child.drain_on_stop and not child.has_queued():
+            # No run to drain, none to start (its supervisor's run began, its own has
+            # not): nothing will handle what is sent to it from now on, retired only in
+            # its supervisor's turn (a send meanwhile was taken, then dead-lettered).
+            self._unroute_tree(child)
         if done is not None:
             if not child.running and child.scope is not None:
                 # Still waiting out a backoff or its turn to start: cut short.
                 child.scope.cancel()
             if not child.running and not self._drains_first(child):
                 # Nothing to be graceful about: its run is called off.
-                if child.drain_on_stop and child.is_agent:
+                if child.drain_on_stop:
                     # (in a draining stop nothing will handle what is sent to it from
                     # now on, as once its drain's run is over: see _run_over; the run's
-                    # end, which says so there, may come a round after a send)
-                    self.host.router.unroute(child)
+                    # end, which says so there, may come a round after a send; nor to
+                    # an agent under a supervisor called off, retired only once its
+                    # run is over)
+                    self._unroute_tree(child)
                 await done.wait()
             else:
                 # (also a draining stop of a child whose run has not started: the run
@@ -1399,6 +1406,16 @@ class SupervisorNode(Child, ChildOwner):
         if parent is not None:
             parent.remove_linked(child)
         self.host.retired(child, reason, for_shutdown=for_shutdown, failure=failure)
+
+    def _unroute_tree(self, child: Child) -> None:
+        """New messages to ``child``, or to any agent under it, fail with
+        ``AgentNotFound`` from now on (its run is called off: nothing will handle them)."""
+        if isinstance(child, SupervisorNode):
+            for under in child.children:
+                if not under.retired:
+                    self._unroute_tree(under)
+        elif child.is_agent:
+            self.host.router.unroute(child)
 
     def retire_all(self, reason: str, *, failure: bool = False) -> None:
         """Retire every child, depth first (used once the tree has stopped; ``failure``:

@@ -1163,4 +1163,63 @@ async def test_a_nested_supervisor_s_drain_cut_before_its_run_began_says_so(
             "agent a stopped: its draining stop's time ran out before its run began;"
             " 1 queued message dead-lettered"
         ]
+
+
+class Gated(Agent):
+    """``g``'s ``on_start`` waits for ``gate``; every agent journals what it handles."""
+
+    gate: ClassVar[trio.Event]
+    log: ClassVar[list[tuple[str, str]]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        if ctx.name == "g":
+            await Gated.gate.wait()
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Gated.log.append((ctx.name or "?", str(msg.payload)))
+
+
+@pytest.mark.parametrize(
+    ("where", "rounds"),
+    [("waiting", 3), ("waiting", 4), ("begun", 3), ("begun", 4), ("begun", 5)],
+)
+async def test_agents_under_a_supervisor_whose_draining_stop_finds_no_run_take_no_new_message(
+    autojump_clock: Any, where: str, rounds: int
+) -> None:
+    """``kernel.stop("s", drain=True)`` of ``s`` [``a``] before ``a`` has a run, nothing
+    queued: ``s`` waits for its elder ``g``'s start (``waiting``: ``o`` [``g``, ``s``
+    [``a``]], ``g``'s ``on_start`` waits), and its run is called off; or ``s`` has just
+    been spawned (``begun``: its run begins, ``a``'s is not made yet, and ``s``'s stop
+    finds none to drain). ``rounds`` scheduling rounds later, a send to ``a``. Before
+    (fifty-fourth pass: the fuzz driver's seeds 873, 1219, 1572), ``a`` stayed routed
+    until ``s`` retired it: the send was taken, then dead-lettered ``agent stopped
+    (stopped)`` (measured: 5 and 2 of 8 schedules in ``waiting`` at 3 and 4 rounds, 13,
+    6 and 1 of 20 in ``begun`` at 3, 4, 5). Now nothing under ``s`` takes a new message
+    from the stop on, as for an agent whose draining stop calls its run off: the send
+    is handled if it came first, else refused. Twenty kernels each (Trio's scheduling
+    varies)."""
+    for _ in range(20):
+        Gated.gate = trio.Event()
+        Gated.log = []
+        outcome = "?"
+        async with open_kernel(make_config()) as kernel:
+            inner = Supervisor(name="s", children=[agent(Gated, name="a")])
+            if where == "waiting":
+                kernel.spawn(Supervisor(name="o", children=[agent(Gated, name="g"), inner]))
+                await trio.testing.wait_all_tasks_blocked()
+            else:
+                kernel.spawn(inner)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(kernel.stop, "s", drain=True))
+                for _ in range(rounds):
+                    await trio.lowlevel.checkpoint()
+                try:
+                    kernel.send_nowait("a", "m")
+                    outcome = "taken"
+                except AgentNotFound:
+                    outcome = "refused"
+                Gated.gate.set()
+            letters = [(d.message.payload, d.detail) for d in kernel.recent_dead_letters()]
+        assert letters == []
+        assert (outcome, Gated.log) in (("taken", [("a", "m")]), ("refused", []))
         assert_conserved(kernel)
