@@ -574,6 +574,12 @@ class AgentCell(Child):
         self._wake_idle()  # a draining stop waiting for this queue goes on
 
     def request_exit(self, *, drain: bool = False) -> None:
+        if drain and self.running and self.exit_requested and not self.drain_before_exit:
+            # This run already asked to end without handling its queue (``ctx.stop()``,
+            # or a stop without drain that cut a drain short): a draining stop asked
+            # after it does not bring the queue back, as Akka's actor that stopped itself
+            # leaves its mailbox to the dead letters whatever comes next.
+            return
         self.exit_requested = True
         self.drain_before_exit = drain
         self.interrupted = True

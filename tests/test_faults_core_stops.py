@@ -12,6 +12,7 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, ClassVar
 
 import pytest
@@ -1223,3 +1224,46 @@ async def test_agents_under_a_supervisor_whose_draining_stop_finds_no_run_take_n
         assert letters == []
         assert (outcome, Gated.log) in (("taken", [("a", "m")]), ("refused", []))
         assert_conserved(kernel)
+
+
+class StopsThenWaits(Agent):
+    """On ``exit``: ``ctx.stop()``, then 1 s more in the handler; journals the others."""
+
+    handled: ClassVar[list[Any]] = []
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        if msg.payload == "exit":
+            ctx.stop()
+            await trio.sleep(1)
+        StopsThenWaits.handled.append(msg.payload)
+
+
+async def test_a_draining_stop_after_ctx_stop_does_not_handle_the_rest(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``a`` has ``exit``, ``z`` queued; ``exit``'s handler calls ``ctx.stop()`` and is
+    still in hand when ``kernel.stop("a", drain=True)`` comes (0.5 s). The run asked to
+    end before the drain was asked: ``z`` is dead-lettered saying so, as when
+    ``ctx.stop()`` comes during the drain (``test_a_run_that_ends_itself_during_its_draining_stop_says_so``).
+    Before (fifty-fourth pass) the draining stop's request overwrote the run's own exit
+    without drain, and ``z`` was handled: which of the two came first decided it."""
+    StopsThenWaits.handled = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(StopsThenWaits, name="a", shutdown_timeout=5))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("a", "exit")
+        await kernel.send("a", "z")
+        await trio.sleep(0.5)
+        begun = trio.current_time()
+        await kernel.stop("a", drain=True)
+        assert trio.current_time() - begun == 0.5
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert StopsThenWaits.handled == ["exit"]
+    ended = "agent stopped (stopped): it ended its own run during its draining stop"
+    assert letters == [("z", DeadLetterReason.AGENT_STOPPED, ended)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "agent a stopped: it ended its own run during its draining stop; "
+        "1 queued message dead-lettered"
+    ]
+    assert_conserved(kernel)
