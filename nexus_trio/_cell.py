@@ -714,6 +714,10 @@ class AgentCell(Child):
     def has_queued(self) -> bool:
         return self.mailbox.depth > 0
 
+    def ends_itself(self) -> bool:
+        # (a drain's request does not undo it: see request_exit)
+        return self.running and self.exit_requested and not self.drain_before_exit
+
     def starts_quietly(self) -> bool:
         return self.lazy
 

@@ -432,6 +432,11 @@ class Child:
         """True if messages wait in this child's mailbox (a supervisor has none)."""
         return False
 
+    def ends_itself(self) -> bool:
+        """True if its run asked to end without handling its queue (an agent's
+        ``ctx.stop()``), which a draining stop asked after it does not undo."""
+        return False
+
     def starts_quietly(self) -> bool:
         """True if starting runs no user code: nobody waits for its start."""
         return False

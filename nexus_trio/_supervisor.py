@@ -1256,6 +1256,10 @@ class SupervisorNode(Child, ChildOwner):
                 if not done.is_set():
                     cut = None
                     began = child.running
+                    # Its run asked to end by itself (``ctx.stop()``) before the cut, its
+                    # end a round away (a timeout already spent: no wait saw it): it is
+                    # that run's end, as when the wait sees it (below).
+                    ended_itself = child.drain_on_stop and child.ends_itself()
                     if child.drain_on_stop:
                         cut = "its run began" if not child.running else "its queue was handled"
                     if not child.running:
@@ -1277,7 +1281,9 @@ class SupervisorNode(Child, ChildOwner):
                         # timeout (``killed``) tells it from one that stopped in time.
                         self._drain_cut(
                             child,
-                            f"its draining stop's time ran out before {cut}",
+                            "it ended its own run during its draining stop"
+                            if ended_itself
+                            else f"its draining stop's time ran out before {cut}",
                             began=began,
                         )
                 elif (

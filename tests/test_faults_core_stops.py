@@ -1238,6 +1238,24 @@ class StopsThenWaits(Agent):
         StopsThenWaits.handled.append(msg.payload)
 
 
+async def _stop_after_ctx_stop(timeout: float) -> list[tuple[Any, DeadLetterReason, str]]:
+    """``a`` (``StopsThenWaits``, ``shutdown_timeout=timeout``) has ``exit``, ``z``
+    queued; ``kernel.stop("a", drain=True)`` at 0.5 s, ``exit`` in hand: its letters."""
+    StopsThenWaits.handled = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(StopsThenWaits, name="a", shutdown_timeout=timeout))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("a", "exit")
+        await kernel.send("a", "z")
+        await trio.sleep(0.5)
+        begun = trio.current_time()
+        await kernel.stop("a", drain=True)
+        assert trio.current_time() - begun == min(timeout, 0.5)
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    return letters
+
+
 async def test_a_draining_stop_after_ctx_stop_does_not_handle_the_rest(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1247,17 +1265,7 @@ async def test_a_draining_stop_after_ctx_stop_does_not_handle_the_rest(
     ``ctx.stop()`` comes during the drain (``test_a_run_that_ends_itself_during_its_draining_stop_says_so``).
     Before (fifty-fourth pass) the draining stop's request overwrote the run's own exit
     without drain, and ``z`` was handled: which of the two came first decided it."""
-    StopsThenWaits.handled = []
-    async with open_kernel(make_config()) as kernel:
-        kernel.spawn(agent(StopsThenWaits, name="a", shutdown_timeout=5))
-        await trio.testing.wait_all_tasks_blocked()
-        await kernel.send("a", "exit")
-        await kernel.send("a", "z")
-        await trio.sleep(0.5)
-        begun = trio.current_time()
-        await kernel.stop("a", drain=True)
-        assert trio.current_time() - begun == 0.5
-        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    letters = await _stop_after_ctx_stop(5)
     assert StopsThenWaits.handled == ["exit"]
     ended = "agent stopped (stopped): it ended its own run during its draining stop"
     assert letters == [("z", DeadLetterReason.AGENT_STOPPED, ended)]
@@ -1266,4 +1274,27 @@ async def test_a_draining_stop_after_ctx_stop_does_not_handle_the_rest(
         "agent a stopped: it ended its own run during its draining stop; "
         "1 queued message dead-lettered"
     ]
-    assert_conserved(kernel)
+
+
+async def test_a_run_ended_by_itself_before_a_drain_with_no_time_left_says_so(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ``test_a_draining_stop_after_ctx_stop_does_not_handle_the_rest``, but ``a``'s
+    ``shutdown_timeout`` is 0: the stop does not wait, cancels ``exit``'s handler, and
+    finds the run's end, which ``ctx.stop()`` asked before, a round away. ``z``'s letter
+    says how the run ended first, as when the stop's wait sees that end. Before (fifty-
+    fourth pass) it said ``its draining stop's time ran out before its queue was
+    handled``, as in the fault of a drain's rerun whose agent's time was spent (its
+    ``exit`` handled, ``z``'s letter saying the time ran out)."""
+    letters = await _stop_after_ctx_stop(0)
+    assert StopsThenWaits.handled == []
+    ended = "agent stopped (stopped): it ended its own run during its draining stop"
+    assert letters == [
+        ("exit", DeadLetterReason.AGENT_STOPPED, "cancelled while being handled"),
+        ("z", DeadLetterReason.AGENT_STOPPED, ended),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "agent a stopped: it ended its own run during its draining stop; "
+        "1 queued message dead-lettered"
+    ]
