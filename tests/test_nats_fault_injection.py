@@ -923,3 +923,55 @@ async def test_a_stop_before_its_name_is_written_again_drops_the_entry_it_wrote_
                     assert left is None, f"b's stop of y left its entry: {left.value!r}"
     finally:
         server.stop()
+
+
+async def test_stops_of_unwritten_names_read_their_entries_at_once_and_say_what_was_not_dropped_in_a_line(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a stop of a named agent whose name was unwritten reads the name's
+    entry before deleting it (it may have landed: see _unsure_drops). The names
+    publisher read those entries one at a time, each waiting out its own timeout with
+    the names lock held (nats-py's 5 s: a round of 256 such stops with the bucket
+    unreachable took ~21 minutes), and each read that failed logged a WARNING line of
+    its own (the fault of the forty-seventh pass: a line per name). Here b's 30 names
+    are unwritten (puts refused), the bucket's reads time out, and the 30 stops queue up
+    behind the names lock: their reads are now in flight together, and said in a line a
+    round of the publisher (two at most: the first op it took before the lock)."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with local_node(nats.url, "b") as (kb, cb):
+        kv = cb._names_kv
+        assert kv is not None
+        reads = {"in_flight": 0, "most": 0}
+
+        async def no_answer(*args: Any, **kwargs: Any) -> Any:
+            raise nats_py.errors.TimeoutError
+
+        async def late_no_answer(*args: Any, **kwargs: Any) -> Any:
+            reads["in_flight"] += 1
+            reads["most"] = max(reads["most"], reads["in_flight"])
+            try:
+                await asyncio.sleep(0.05)
+            finally:
+                reads["in_flight"] -= 1
+            raise nats_py.errors.TimeoutError
+
+        kv.put = no_answer  # type: ignore[method-assign]
+        kv.get = late_no_answer  # type: ignore[method-assign]
+        names = [f"u-{i}" for i in range(30)]
+        with trio.fail_after(60):
+            refs = [kb.spawn(_echo, name=name) for name in names]
+            await cb.names_published()
+            assert cb.stats().names_unwritten == 30
+            async with cb._names_lock:  # (the publisher waits: the stops queue up)
+                for ref in refs:
+                    await kb.stop(ref.id)
+                await until(lambda: not any(name in cb._local_names for name in names))
+                reads["most"] = 0  # (the retries' reads, one at a time, before)
+            await cb.names_published()
+        assert cb.stats().names_unwritten == 0
+        lines = [r.getMessage() for r in caplog.records if "could not drop" in r.getMessage()]
+        counts = [re.match(r"node b: could not drop (\d+) names?: ", line) for line in lines]
+        assert all(counts), lines
+        assert sum(int(m.group(1)) for m in counts if m) == 30, lines
+        assert len(lines) <= 2, lines
+        assert reads["most"] >= 15, reads

@@ -4382,14 +4382,17 @@ class Cluster:
         """Write the puts and deletes of ``ops`` (each name once) concurrently."""
         puts = [(name, agent_id) for name, agent_id in ops if agent_id is not None]
         drops = []
+        unsure = []
         for name, agent_id in ops:
-            unsure = self._unsure_drops.pop(name, None) if agent_id is None else None
+            stopped = self._unsure_drops.pop(name, None) if agent_id is None else None
             if agent_id is None and name in self._local_names:
                 continue  # a later agent holds the name here: its own write replaces the entry
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
-            elif unsure is not None and (at := await self._own_entry(kv, name, unsure)):
-                drops.append((name, at))
+            elif stopped is not None:
+                unsure.append((name, stopped))
+        if unsure:
+            drops += await self._own_entries(kv, unsure)
         if drops:
             outcomes = await kvops.delete_names(kv, drops, self._names_not_dropped)
             for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
@@ -4409,25 +4412,26 @@ class Cluster:
                 else:
                     self._name_written(name, agent_id, revision)
 
-    async def _own_entry(self, kv: KeyValue, name: str, agent_id: uuid.UUID) -> int | None:
-        """The revision of ``name``'s entry in the bucket if it is this node's of
-        ``agent_id`` (a stop of an agent whose name was unwritten, see _unsure_drops),
-        else None; None too, logged as a drop not made, if the bucket does not answer."""
-
-        async def read() -> Any:
-            try:
-                return await kv.get(wire.name_key(name))
-            except nats.js.errors.KeyNotFoundError:
-                return None
-
-        try:
-            entry = await call_aio(read)
-        except Exception as exc:
-            self._names_not_dropped([(name, exc)])
-            return None
-        if entry is None or _decode_name_entry(entry.value) != (self.node, agent_id):
-            return None
-        return int(entry.revision)
+    async def _own_entries(
+        self, kv: KeyValue, stopped: Sequence[tuple[str, uuid.UUID]]
+    ) -> list[tuple[str, int]]:
+        """``(name, revision)`` of each entry of ``stopped`` (``(name, agent id)``: stops of
+        agents whose names were unwritten, see _unsure_drops) that the bucket holds as
+        this node's of that agent. Read all at once, and the reads the bucket did not
+        answer logged as drops not made in one line: read one at a time, each waited out
+        its own timeout (nats-py's 5 s: a round of 256 such stops held the names lock
+        ~21 minutes), and each logged a line of its own."""
+        entries = await kvops.read_names(kv, [name for name, _ in stopped])
+        own = []
+        failed = []
+        for (name, agent_id), entry in zip(stopped, entries, strict=True):
+            if isinstance(entry, Exception):
+                failed.append((name, entry))
+            elif entry is not None and _decode_name_entry(entry.value) == (self.node, agent_id):
+                own.append((name, int(entry.revision)))
+        if failed:
+            self._names_not_dropped(failed)
+        return own
 
     def claiming(self, name: str, agent_id: uuid.UUID, type_name: str) -> None:
         """Local ``agent_id``, just spawned as ``name`` by placement, has its entry written

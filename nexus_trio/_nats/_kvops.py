@@ -91,6 +91,25 @@ async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list
     return await call_aio(all_of)
 
 
+async def read_names(kv: KeyValue, names: Sequence[str]) -> list[Any | Exception | None]:
+    """Read the entry of each of ``names`` (its key :func:`_wire.name_key`), all at once:
+    one outcome per name, in order, the entry, None if there is none (or it was
+    deleted), or the exception of a read that failed (the bucket unreachable)."""
+
+    async def one(key: str) -> Any | Exception | None:
+        try:
+            return await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except Exception as exc:
+            return exc
+
+    async def all_of() -> list[Any | Exception | None]:
+        return list(await asyncio.gather(*(one(wire.name_key(name)) for name in names)))
+
+    return await call_aio(all_of)
+
+
 async def delete_names(
     kv: KeyValue,
     entries: Sequence[tuple[str, int]],
