@@ -975,3 +975,55 @@ async def test_stops_of_unwritten_names_read_their_entries_at_once_and_say_what_
         assert sum(int(m.group(1)) for m in counts if m) == 30, lines
         assert len(lines) <= 2, lines
         assert reads["most"] >= 15, reads
+
+
+async def test_a_stop_whose_entry_could_not_be_read_drops_it_with_the_retries(
+    nats: NatsServer,
+) -> None:
+    """Regression: a stop of a named agent whose name was unwritten reads the name's
+    entry and deletes it if it is this node's of that agent (a put whose answer was
+    lost may have landed). A read the bucket did not answer was logged and given up:
+    the entry that had landed stayed, naming a stopped agent of a live node (refused
+    ``AgentNotFound`` there for good, the name claimed), as a delete that failed did
+    before ``_drop_name_again``. Here b's put of y lands but its answer is lost, the
+    bucket's reads time out while y is stopped, then answer again: the retries read the
+    entry again and delete it."""
+    async with local_node(nats.url, "b") as (kb, cb):
+        kv = cb._names_kv
+        assert kv is not None
+        put = kv.put
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+            await put(*args, **kwargs)
+            raise nats_py.errors.TimeoutError
+
+        async def no_answer(*args: Any, **kwargs: Any) -> Any:
+            raise nats_py.errors.TimeoutError
+
+        kv.put = answer_lost  # type: ignore[method-assign]
+        kv.get = no_answer  # type: ignore[method-assign]
+        async with _raw_client(nats.url) as nc:
+            raw = await call_aio(nc.jetstream().key_value, "nexus-names")
+
+            async def entry_of_y() -> Any:
+                try:
+                    return await call_aio(raw.get, wire.name_key("y"))
+                except nats_py.js.errors.KeyNotFoundError:
+                    return None
+
+            with trio.fail_after(60):
+                ref = kb.spawn(_echo, name="y")
+                await cb.names_published()
+                assert cb.stats().names_unwritten == 1
+                landed = await entry_of_y()
+                assert landed is not None and b'"node": "b"' in landed.value
+                await kb.stop(ref.id)
+                await until(lambda: "y" not in cb._local_names)  # (its drop queued)
+                await cb.names_published()
+                assert await entry_of_y() is not None  # (its read not answered: kept)
+                del kv.get  # (the bucket answers again)
+            left = landed
+            with trio.move_on_after(15):  # (a retry each heartbeat interval)
+                while (left := await entry_of_y()) is not None:  # noqa: ASYNC110 (the server's)
+                    await trio.sleep(0.1)
+            assert left is None, f"b's stop of y left its entry: {left.value!r}"

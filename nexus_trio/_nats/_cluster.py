@@ -1089,6 +1089,7 @@ class Cluster:
         "_type_tells",
         "_type_turn",
         "_types",
+        "_unread_drops",
         "_unsure_drops",
         "_unwritten_names",
         "_write_now",
@@ -1216,6 +1217,9 @@ class Cluster:
         # landed in a bucket made anew before this node noticed, see _check_buckets):
         # the stop deletes it if the bucket holds this node's entry of that agent
         self._unsure_drops: dict[str, uuid.UUID] = {}
+        # those of them whose entry the bucket did not answer a read of: read again (and
+        # deleted if this node's of that agent) with the retries, see _own_entries
+        self._unread_drops: dict[str, uuid.UUID] = {}
         # the streams of the cluster's KV buckets and when the server made them (see
         # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
         # write that found no bucket); how often they were found gone or made anew
@@ -4392,7 +4396,7 @@ class Cluster:
             elif stopped is not None:
                 unsure.append((name, stopped))
         if unsure:
-            drops += await self._own_entries(kv, unsure)
+            drops += await self._own_entries(kv, unsure, self._names_not_dropped)
         if drops:
             outcomes = await kvops.delete_names(kv, drops, self._names_not_dropped)
             for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
@@ -4413,25 +4417,67 @@ class Cluster:
                     self._name_written(name, agent_id, revision)
 
     async def _own_entries(
-        self, kv: KeyValue, stopped: Sequence[tuple[str, uuid.UUID]]
+        self,
+        kv: KeyValue,
+        stopped: Sequence[tuple[str, uuid.UUID]],
+        not_read: Callable[[Sequence[tuple[str, Exception]]], None],
     ) -> list[tuple[str, int]]:
         """``(name, revision)`` of each entry of ``stopped`` (``(name, agent id)``: stops of
         agents whose names were unwritten, see _unsure_drops) that the bucket holds as
         this node's of that agent. Read all at once, and the reads the bucket did not
         answer logged as drops not made in one line: read one at a time, each waited out
         its own timeout (nats-py's 5 s: a round of 256 such stops held the names lock
-        ~21 minutes), and each logged a line of its own."""
+        ~21 minutes), and each logged a line of its own. Those not read are handed to
+        ``not_read`` in one call and read again with the retries (_unread_drops): given
+        up, an entry that had landed named a stopped agent for good, as a delete that
+        failed did before :meth:`_drop_name_again`."""
         entries = await kvops.read_names(kv, [name for name, _ in stopped])
         own = []
         failed = []
+        unread = self._unread_drops
         for (name, agent_id), entry in zip(stopped, entries, strict=True):
             if isinstance(entry, Exception):
                 failed.append((name, entry))
-            elif entry is not None and _decode_name_entry(entry.value) == (self.node, agent_id):
+                unread[name] = agent_id
+                continue
+            if unread.get(name) == agent_id:
+                del unread[name]
+            if entry is not None and _decode_name_entry(entry.value) == (self.node, agent_id):
                 own.append((name, int(entry.revision)))
         if failed:
-            self._names_not_dropped(failed)
+            # (read again by the next heartbeat interval's retry; not _retry_wanted,
+            # which set here had the retries read a bucket that never answers at once)
+            not_read(failed)
         return own
+
+    async def _drop_unread_names(self) -> None:
+        """The retries' share of :meth:`_own_entries`: the stops whose entries the bucket
+        did not answer a read of, read again; those still not answered wait for the next
+        retry (said at DEBUG: the stop said it, as a forgotten node's names are)."""
+        kv = self._names_kv
+        if kv is None:
+            return
+        async with self._names_lock:
+            if self._closing:
+                return
+            drops = await self._own_entries(
+                kv, list(self._unread_drops.items()), self._names_not_dropped_yet
+            )
+            outcomes = await kvops.delete_names(kv, drops, self._names_not_dropped)
+            for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    self._drop_name_again(name, dropped_at)
+
+    def _names_not_dropped_yet(self, failed: Sequence[tuple[str, Exception]]) -> None:
+        log_guarded(
+            log,
+            logging.DEBUG,
+            "node %s: %s of stopped agents not read yet: %s (%r)",
+            self.node,
+            count_of(len(failed), "name"),
+            first_few([name for name, _ in failed]),
+            failed[0][1],
+        )
 
     def claiming(self, name: str, agent_id: uuid.UUID, type_name: str) -> None:
         """Local ``agent_id``, just spawned as ``name`` by placement, has its entry written
@@ -5159,6 +5205,8 @@ class Cluster:
             try:
                 if self._unwritten_names and not await self._retry_names():
                     continue
+                if self._unread_drops:
+                    await self._drop_unread_names()
                 if self._names_of_forgotten:
                     await self._drop_names_of_forgotten()
                 await self.placement.retry_records()

@@ -91,10 +91,12 @@ async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list
     return await call_aio(all_of)
 
 
-async def read_names(kv: KeyValue, names: Sequence[str]) -> list[Any | Exception | None]:
-    """Read the entry of each of ``names`` (its key :func:`_wire.name_key`), all at once:
-    one outcome per name, in order, the entry, None if there is none (or it was
-    deleted), or the exception of a read that failed (the bucket unreachable)."""
+async def read_names(
+    kv: KeyValue, names: Sequence[str], *, window: int = WINDOW
+) -> list[Any | Exception | None]:
+    """Read the entry of each of ``names`` (its key :func:`_wire.name_key`), ``window``
+    at a time: one outcome per name, in order, the entry, None if there is none (or it
+    was deleted), or the exception of a read that failed (the bucket unreachable)."""
 
     async def one(key: str) -> Any | Exception | None:
         try:
@@ -104,10 +106,13 @@ async def read_names(kv: KeyValue, names: Sequence[str]) -> list[Any | Exception
         except Exception as exc:
             return exc
 
-    async def all_of() -> list[Any | Exception | None]:
-        return list(await asyncio.gather(*(one(wire.name_key(name)) for name in names)))
+    async def all_of(chunk: Sequence[str]) -> list[Any | Exception | None]:
+        return list(await asyncio.gather(*(one(wire.name_key(name)) for name in chunk)))
 
-    return await call_aio(all_of)
+    outcomes: list[Any | Exception | None] = []
+    for start in range(0, len(names), window):
+        outcomes += await call_aio(all_of, names[start : start + window])
+    return outcomes
 
 
 async def delete_names(
