@@ -4069,6 +4069,11 @@ def _refuse_batches(monkeypatch: pytest.MonkeyPatch, how: str) -> Any:
             # connection up they wrote the buffer out at the flusher's next turn, and b
             # handled 5..7 (a CI run under load: publish_failures 0, the batch sent)
             self.nc._status = type(self.nc).RECONNECTING
+            # and its flusher ended, as nats-py's _attempt_reconnect ends it: one already
+            # woken (by a's durable pull request, in the buffer just before the batch)
+            # reads the status only before it waits, and wrote the buffer out all the same
+            # (b handled 5..7: 7 of 48 copies run 4 at a time under load)
+            self.nc._flusher_task.cancel()
 
         return refused() if how == "refuse" else buffered()
 
