@@ -298,11 +298,12 @@ class _TaskFailed(_Carrier):
 
 
 async def _carry_failure(
-    coro: Coroutine[Any, Any, object], take: Callable[[KeyboardInterrupt], object]
+    coro: Coroutine[Any, Any, object], take: Callable[[BaseException], object]
 ) -> object:
     """Runs a task of ``ctx.nursery``: an exception whose ``repr()`` raises leaves it in a
     carrier (others as they are, for Trio to show in its cancel reasons); a Ctrl-C is
-    given to ``take`` as it goes out (see CellRuntime._take_at_once)."""
+    given to ``take`` as it goes out, also in the group of a nursery the task opened
+    (see AgentCell._take_at_once)."""
     try:
         return await coro
     except KeyboardInterrupt as exc:
@@ -312,6 +313,9 @@ async def _carry_failure(
         if failed_repr(exc) is None:
             raise
         raise _TaskFailed(exc) from None
+    except BaseExceptionGroup as group:  # (not an ExceptionGroup: taken above)
+        take(group)
+        raise
     except trio.Cancelled as exc:
         foreign = _foreign_cancel(exc)
         if foreign is None:
@@ -320,7 +324,7 @@ async def _carry_failure(
 
 
 def _carrying(
-    async_fn: Callable[..., Any], take: Callable[[KeyboardInterrupt], object]
+    async_fn: Callable[..., Any], take: Callable[[BaseException], object]
 ) -> Callable[..., Any]:
     """``async_fn`` as Trio's nurseries call it, its coroutine run by _carry_failure;
     what is no coroutine goes to Trio as it is, for Trio's own error naming it."""
@@ -335,7 +339,7 @@ def _carrying(
     return call
 
 
-def _guard(nursery: trio.Nursery, take: Callable[[KeyboardInterrupt], object]) -> trio.Nursery:
+def _guard(nursery: trio.Nursery, take: Callable[[BaseException], object]) -> trio.Nursery:
     """The run's nursery as ``ctx.nursery`` hands it out: its ``start_soon`` and ``start``
     run each task through :func:`_carry_failure` (set on the nursery itself, so that it
     stays a ``trio.Nursery`` for whatever the agent passes it to); ``start`` raises a
@@ -390,6 +394,19 @@ def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | 
                 return found
         elif not isinstance(exc, trio.Cancelled):
             return exc
+    return None
+
+
+def _interrupt_in(raised: BaseException) -> KeyboardInterrupt | None:
+    """``raised`` if it is a KeyboardInterrupt, else the first one in it if it is a group
+    (depth first, as _first_failure looks)."""
+    if isinstance(raised, KeyboardInterrupt):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        for exc in raised.exceptions:
+            found = _interrupt_in(exc)
+            if found is not None:
+                return found
     return None
 
 
@@ -1060,7 +1077,8 @@ class AgentCell(Child):
             await behaviour.on_start(self._enter_run())
         except (Exception, trio.Cancelled) as exc:
             raise _start_failure(exc) from None
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+            # (a group: of a nursery on_start opened, a Ctrl-C in one of its tasks)
             self._take_at_once(exc)
             raise
 
@@ -1202,13 +1220,17 @@ class AgentCell(Child):
         return True
 
     @trio.lowlevel.enable_ki_protection
-    def _take_at_once(self, interrupt: KeyboardInterrupt) -> None:
-        """A Ctrl-C raised in ``on_start`` or a ``ctx.nursery`` task, as it goes out: the
-        kernel takes it now (cancels the block, shuts down gracefully), not once the
-        run's nursery is done (a sibling task's shielded ``finally`` can hold it open),
-        or a shutdown begun meanwhile made it a second Ctrl-C and the exit was forced.
-        Where it ends the run (see _run_failure) the kernel takes it again: the same."""
-        self.router.interrupt(interrupt)
+    def _take_at_once(self, raised: BaseException) -> None:
+        """A Ctrl-C raised in ``on_start`` or a ``ctx.nursery`` task, as it goes out (or
+        the first one in the group of a nursery they opened, a Ctrl-C in one of its
+        tasks: the one _run_failure finds first): the kernel takes it now (cancels the
+        block, shuts down gracefully), not once the run's nursery is done (a sibling
+        task's shielded ``finally`` can hold it open), or a shutdown begun meanwhile made
+        it a second Ctrl-C and the exit was forced. Where it ends the run (see
+        _run_failure) the kernel takes it again: the same."""
+        interrupt = _interrupt_in(raised)
+        if interrupt is not None:
+            self.router.interrupt(interrupt)
 
     @trio.lowlevel.enable_ki_protection
     def _stopped_by(

@@ -203,7 +203,7 @@ class Kernel:
         cancelled, the kernel shuts down gracefully and ``open_kernel`` raises it). False
         once the kernel is shutting down, or for a second one before it began: it goes on
         up, forcing the exit. True again for the one taken (a run takes it where it is
-        raised, and once more where it ends the run: see CellRuntime._take_at_once)."""
+        raised, and once more where it ends the run: see AgentCell._take_at_once)."""
         if exc is self._interrupt:
             return True
         if self._router.phase is not KernelPhase.RUNNING or self._interrupt is not None:

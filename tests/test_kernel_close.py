@@ -641,9 +641,10 @@ def test_a_second_ctrl_c_in_an_agent_s_code_while_the_kernel_drains_forces_the_e
     assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["bare", "in-a-nursery-of-its-own"])
 @pytest.mark.parametrize("where", ["on_start", "background"])
 def test_a_ctrl_c_whose_run_ends_after_the_shutdown_began_still_goes_out_alone(
-    where: str,
+    where: str, nested: bool
 ) -> None:
     # A Ctrl-C in on_start or in a ctx.nursery task ends the run only once the run's
     # nursery is done, here 1 s later (a sibling task's shielded finally). Before: the
@@ -651,7 +652,10 @@ def test_a_ctrl_c_whose_run_ends_after_the_shutdown_began_still_goes_out_alone(
     # it a second Ctrl-C, the exit was forced and open_kernel raised a BaseExceptionGroup
     # three deep. Now the kernel takes it where it is raised: the block is cancelled at
     # once (it never reaches its shutdown()), the kernel shuts down gracefully and
-    # open_kernel raises the KeyboardInterrupt itself.
+    # open_kernel raises the KeyboardInterrupt itself. ``nested``: it lands in a task of
+    # a nursery that on_start or the ctx.nursery task opened, and leaves them in that
+    # nursery's group (until the review of the fifty-fourth pass only a bare
+    # KeyboardInterrupt was taken there: open_kernel raised a group four deep).
     outcome: list[BaseException] = []
     said: list[tuple[str, float]] = []
 
@@ -664,6 +668,13 @@ def test_a_ctrl_c_whose_run_ends_after_the_shutdown_began_still_goes_out_alone(
                 await self.background()
 
         async def background(self) -> None:
+            if nested:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.pressed)
+            else:
+                await self.pressed()
+
+        async def pressed(self) -> None:
             await trio.sleep(0.5)
             _ctrl_c()
 
