@@ -140,6 +140,7 @@ from ._membership import (
     MemberTable,
     NodeInfo,
     bucket_birth,
+    compare_joins,
     decode_record,
     encode_record,
     hex64,
@@ -3037,9 +3038,7 @@ class Cluster:
         """Whether this join came before the process whose record is ``info`` (by the
         bucket's join order where both have one, else by the wall clocks' ``joined``, as
         :meth:`NodeInfo.compare_join` orders two records)."""
-        if self._join_order is not None and info.join_order is not None:
-            return self._join_order < info.join_order
-        return self._joined_at < info.joined
+        return compare_joins(self._join_order, self._joined_at, info.join_order, info.joined) < 0
 
     def _open_batch(self, data: bytes) -> _OpenBatch | None:
         self._batches_received += 1

@@ -64,6 +64,22 @@ def node_uuid(id_prefix: int) -> uuid.UUID:
     return uuid.UUID(int=id_prefix << 64)
 
 
+def compare_joins(
+    order: tuple[int, int] | None,
+    joined: float,
+    other_order: tuple[int, int] | None,
+    other_joined: float,
+) -> int:
+    """Negative if the join of ``(order, joined)`` came before the other's, 0 at the same
+    time, positive after: by the join orders when both are known (the bucket orders every
+    write, and a later bucket is a later one: no host's clock decides), else by the wall
+    clocks' ``joined`` (a record of a kernel of an earlier version). The one rule of
+    :meth:`NodeInfo.compare_join` and of a node comparing its own join with a record's."""
+    if order is not None and other_order is not None:
+        return (order > other_order) - (order < other_order)
+    return (joined > other_joined) - (joined < other_joined)
+
+
 @final
 @attrs.frozen
 class NodeInfo:
@@ -112,11 +128,7 @@ class NodeInfo:
         after: by :attr:`join_order` when both records carry one (the bucket orders every
         write, and a later bucket is a later one: no host's clock decides), else by
         ``joined``, each host's wall clock (a record of a kernel of an earlier version)."""
-        if self.join_order is not None and other.join_order is not None:
-            mine, theirs = self.join_order, other.join_order
-        else:
-            return (self.joined > other.joined) - (self.joined < other.joined)
-        return (mine > theirs) - (mine < theirs)
+        return compare_joins(self.join_order, self.joined, other.join_order, other.joined)
 
     def reads_batches(self, version: str) -> bool:
         """Whether a node batch of ``version`` may be written to the node: its record
