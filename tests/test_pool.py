@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -1091,6 +1092,25 @@ async def test_a_resize_while_grown_workers_start_waits_for_their_starts(
             StartsUpTo.limit = 2
 
 
+async def _a_resize_past_four_waiting(
+    kernel: Kernel, grow: Callable[[], Awaitable[Any]]
+) -> RequestFailed:
+    """``grow`` (to 4: workers/2 and workers/3 in their 10 s first ``on_start``), four
+    told resizes that wait for it, then one more asked: refused at once (no time passes
+    for it); its error, once the grow is done."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(grow)
+        await trio.sleep(1)  # workers/2 and workers/3 in their on_start
+        for size in (3, 3, 2, 3):
+            await kernel.send("workers", {"$resize": size})
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request("workers", {"$resize": 5}, timeout=60)
+        assert trio.current_time() == started, "it waited for the grow"
+    return info.value
+
+
 async def test_resizes_waiting_for_a_grow_are_no_more_than_the_mailbox_holds(
     autojump_clock: Any,
 ) -> None:
@@ -1110,17 +1130,8 @@ async def test_resizes_waiting_for_a_grow_are_no_more_than_the_mailbox_holds(
             async def grow() -> None:
                 got.append(await kernel.request("workers", {"$resize": 4}, timeout=60))
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(grow)
-                await trio.sleep(1)  # workers/2 and workers/3 in their on_start
-                for size in (3, 3, 2, 3):
-                    await kernel.send("workers", {"$resize": size})
-                await trio.testing.wait_all_tasks_blocked()
-                started = trio.current_time()
-                with pytest.raises(RequestFailed) as info:
-                    await kernel.request("workers", {"$resize": 5}, timeout=60)
-                assert trio.current_time() == started, "it waited for the grow"
-            assert str(info.value.error) == (
+            refused = await _a_resize_past_four_waiting(kernel, grow)
+            assert str(refused.error) == (
                 "pool 'workers': $resize to 5 refused: 4 resizes already wait for a grow's"
                 " workers to start (as many as the pool's mailbox holds)"
             )
@@ -1151,17 +1162,9 @@ async def test_resizes_waiting_for_a_grow_are_no_more_than_the_router_s_own_mail
         async with open_test_kernel(test_config(mailbox_capacity=1024)) as kernel:
             ref = kernel.spawn(pool(_SlowFirstStart, size=2).with_options(mailbox_capacity=4))
             assert kernel.mailbox_statistics(ref).capacity == 4
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(resize_pool, kernel, "workers", 4, timeout=60))
-                await trio.sleep(1)  # workers/2 and workers/3 in their on_start
-                for size in (3, 3, 2, 3):
-                    await kernel.send("workers", {"$resize": size})
-                await trio.testing.wait_all_tasks_blocked()
-                started = trio.current_time()
-                with pytest.raises(RequestFailed) as info:
-                    await kernel.request("workers", {"$resize": 5}, timeout=60)
-                assert trio.current_time() == started, "it waited for the grow"
-            assert "refused: 4 resizes already wait" in str(info.value.error)
+            grow = partial(resize_pool, kernel, "workers", 4, timeout=60)
+            refused = await _a_resize_past_four_waiting(kernel, grow)
+            assert "refused: 4 resizes already wait" in str(refused.error)
             await trio.sleep(30)
             assert pool_names(await pool_workers(kernel, "workers")) == [
                 "workers/0",
