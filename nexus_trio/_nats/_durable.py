@@ -81,7 +81,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import attrs
 import nats.errors
@@ -118,6 +118,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nexus_trio.nats.durable")
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+#: how many entries each of a durable channel's bounded memories keeps (the ids acked,
+#: the answers due, the late deliveries, the answers of dead ones, the sequences
+#: terminated): past it the oldest is forgotten (see _keep)
 _DONE_MEMORY: Final = 65536
 #: seconds a cancelled fetch is waited for to end (its asyncio side may outlive the
 #: cancel): past it the pull ends all the same, and the node's nursery with it (a fetch
@@ -2061,9 +2067,7 @@ class DurableChannel:
         ``what``: the rest said with their count, see ``HeldLines``)."""
         self.dead += 1
         self._say(throttle, what, logging.ERROR, line, *args, counted="durable_dead")
-        self._dead_seqs[jsmsg.metadata.sequence.stream] = None
-        if len(self._dead_seqs) > _DONE_MEMORY:
-            self._dead_seqs.popitem(last=False)
+        _keep(self._dead_seqs, jsmsg.metadata.sequence.stream, None)
         self._settle(jsmsg, "term")
 
     def _say(
@@ -2508,9 +2512,7 @@ class DurableChannel:
         # completed), and kept it would stay (with its payload) once the message is dead
         if earlier is not None or self._late.pop(msg.id, None) is not None:
             # that one's handler may answer too: its answer is a duplicate, not a message
-            self._answers_due[msg.id] = self._answers_due.pop(msg.id, 0) + 1
-            if len(self._answers_due) > _DONE_MEMORY:
-                self._answers_due.popitem(last=False)
+            _keep(self._answers_due, msg.id, self._answers_due.pop(msg.id, 0) + 1)
         # JetStream's ack_wait for this delivery runs from its fetch (or from the last
         # in-progress report: see below)
         self._in_flight[msg.id] = (jsmsg, fetched + self.options.ack_wait, query)
@@ -2666,9 +2668,7 @@ class DurableChannel:
                 )
             else:
                 self._late.pop(msg_id, None)  # an older delivery's: this one is newer
-                self._late[msg_id] = (jsmsg, query)
-                if len(self._late) > _DONE_MEMORY:
-                    self._late.popitem(last=False)
+                _keep(self._late, msg_id, (jsmsg, query))
 
     def completed(self, msg_id: uuid.UUID) -> bool:
         """The handler answered durable message ``msg_id``: ack it. False if not durable."""
@@ -2704,9 +2704,7 @@ class DurableChannel:
             return True
         else:
             return False
-        self._done[msg_id] = None
-        if len(self._done) > _DONE_MEMORY:
-            self._done.popitem(last=False)
+        _keep(self._done, msg_id, None)
         self.acked += 1
         self._settle(jsmsg, "ack")
         self._room.set()
@@ -3047,9 +3045,7 @@ class DurableChannel:
             del self._late[msg_id]
         else:
             return
-        self._dead_answers[msg_id] = None
-        if len(self._dead_answers) > _DONE_MEMORY:
-            self._dead_answers.popitem(last=False)
+        _keep(self._dead_answers, msg_id, None)
 
     def reconnected(self) -> None:
         """The data connection is back (the cluster's reconnect callback): JetStream's
@@ -3232,6 +3228,15 @@ class DurableChannel:
         self.taken_over += taken
         if not stale:
             await jsmsg.ack()
+
+
+def _keep(memory: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+    """``memory[key] = value`` (an entry there keeps its place), the oldest entry then
+    forgotten past :data:`_DONE_MEMORY`: the one bound of a durable channel's memories of
+    what it settled, so that a node that runs for months holds none without end."""
+    memory[key] = value
+    if len(memory) > _DONE_MEMORY:
+        memory.popitem(last=False)
 
 
 def _gone_already(exc: nats.js.errors.APIError) -> bool:
