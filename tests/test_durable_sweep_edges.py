@@ -1164,3 +1164,46 @@ async def test_a_fetch_that_returned_as_its_pull_was_cancelled_hands_back_what_i
             await until(lambda: len(handled) >= 20)
     assert handed_back == fetched[0] > 0
     assert sorted(msg_id for msg_id, _ in handled) == sorted(stored)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"{oops", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"ack_floor": {"stream_seq": -1}}', "its ack_floor is not a sequence"),
+        (b'{"delivered": 3}', "its delivered is not a sequence"),
+        (b'{"num_ack_pending": true}', "its num_ack_pending is not a count"),
+        (b'{"ts": "yesterday"}', "its ts is no time: 'yesterday'"),
+        (b'{"ts": 5}', "its ts is no time: 5"),
+        (b'{"ts": "2026-12-07T15:58:19"}', "its ts names no time zone"),
+    ],
+)
+def test_a_garbled_consumer_state_for_a_look_names_the_request_and_what_is_wrong(
+    answer: bytes, said: str
+) -> None:
+    """Fifty-fifth pass: a look reads its consumer's state raw (for the answer's ``ts``,
+    which nats-py drops); an answer that is not nats-server's is a ValueError naming the
+    request and the field (the look logs it and looks again later), an error answer is
+    raised as nats-py raises it, and a good one is read as nats-py reads it (nanoseconds
+    cut to microseconds, as nats-py cuts a stored message's time)."""
+    subject = "$JS.API.CONSUMER.INFO.px-durable.a"
+    with pytest.raises(
+        ValueError,
+        match=rf"^the answer to \$JS\.API\.CONSUMER\.INFO\.px-durable\.a is not nats-server's: {said}",
+    ):
+        _durable._consumer_state_answer(answer, subject)
+    gone = b'{"error": {"code": 404, "err_code": 10014, "description": "consumer not found"}}'
+    with pytest.raises(nats.js.errors.NotFoundError):
+        _durable._consumer_state_answer(gone, subject)
+    good = {
+        "ack_floor": {"consumer_seq": 1, "stream_seq": 4},
+        "delivered": {"consumer_seq": 3, "stream_seq": 9},
+        "num_ack_pending": 2,
+        "ts": "2026-12-07T15:58:19.599742579Z",
+    }
+    state = _durable._consumer_state_answer(json.dumps(good).encode(), subject)
+    at = datetime(2026, 12, 7, 15, 58, 19, 599742, tzinfo=UTC)
+    assert (state.floor, state.last, state.pending, state.at) == (4, 9, 2, at)
+    none_yet = _durable._consumer_state_answer(b'{"num_ack_pending": 0}', subject)
+    assert (none_yet.floor, none_yet.last, none_yet.pending, none_yet.at) == (0, 0, 0, None)

@@ -11,6 +11,7 @@ message is delivered again and acked once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -953,3 +954,92 @@ async def test_the_start_s_look_for_given_up_messages_holds_up_no_sweep(
         sweeps = cluster.durable.sweeps
     assert looked == ["a"]
     assert sweeps >= 1
+
+
+async def test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_new_one_s(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fifth pass: a look for given-up messages reads its consumer's state, then the
+    stream's messages up to the bound that state gave (here 1: "first" acked, "held" in
+    its agent's hands). The stream was deleted after the read and made anew by the
+    node's pull, and "x" stored in it for the same agent (stream sequence 1 again, in the
+    node's hands, behind "held"): the look went on reading the new stream against the old
+    bound, deleted "x" and counted it dead (``consumer_max_deliver`` 1; its answer then
+    dropped), and kept the old stream's target (2), a later look due every period for
+    good. A look now reads no message stored after the consumer's state it read (the
+    answer's ``ts``), and a stream made anew while it ran drops its target. (On main's
+    _durable.py swapped in: ``consumer_max_deliver`` 1, ``acked`` 2, the look's last
+    word ``True``.)"""
+    from nexus_trio._nats import _durable
+
+    looks: list[bool] = []
+    find = _durable.DurableChannel._find_stranded
+
+    async def recorded(self: Any, node: str) -> bool:
+        again = await find(self, node)
+        looks.append(again)
+        return again
+
+    monkeypatch.setattr(_durable.DurableChannel, "_find_stranded", recorded)
+    handled: list[Any] = []
+    release = trio.Event()
+
+    async def work(_ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        if msg.payload == "held":
+            await release.wait()
+        return "ok"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(agent(work, name="work"))
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        with trio.fail_after(20):
+            await until(lambda: len(looks) == 1)  # (the start's)
+            await cluster.send_durable("work", "first")
+            await until(lambda: cluster.stats().durable_acked == 1)
+            await cluster.send_durable("work", "held")
+            await until(lambda: handled == ["first", "held"])
+            await consumer_settled(cluster, stream, "a", 1)
+            state = await call_aio(js.consumer_info, stream, "a")
+        assert (state.ack_floor.stream_seq, state.delivered.stream_seq) == (1, 2)
+        read = js.get_msg
+        remade: list[str] = []
+
+        async def made_anew_first(*args: Any, **kwargs: Any) -> Any:
+            if not remade:
+                remade.append("deleted")
+                await js.delete_stream(stream)
+                for _ in range(400):  # (the node's pull makes it anew: a failed fetch)
+                    if cluster.durable._anew_at is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                msg = Message(sender=uuid.uuid4(), to="work", payload="x")
+                await js.publish(
+                    wire.durable_subject(cluster.prefix, "a", uuid.uuid4()),
+                    wire.encode_message(msg),
+                    headers={wire.MSG_ID_HEADER: str(msg.id)},
+                )
+                for _ in range(400):  # (delivered to the node: pending, behind "held")
+                    if (await js.consumer_info(stream, "a")).num_ack_pending:
+                        break
+                    await asyncio.sleep(0.05)
+                remade.append("x stored")
+            return await read(*args, **kwargs)
+
+        monkeypatch.setattr(js, "get_msg", made_anew_first)
+        cluster.durable.reconnected()
+        with trio.fail_after(30):
+            await until(lambda: len(looks) == 2)
+        release.set()
+        with trio.move_on_after(10):
+            await until(lambda: handled == ["first", "held", "x"])
+            await until(lambda: cluster.stats().durable_acked >= 3)
+        await trio.sleep(0.5)  # (a count after the answers, had there been one)
+        stats = cluster.stats()
+    assert remade == ["deleted", "x stored"]
+    assert handled == ["first", "held", "x"]
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 0
+    assert (stats.durable_acked, stats.durable_dead) == (3, 0)
+    assert looks == [False, False]

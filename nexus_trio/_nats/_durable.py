@@ -81,7 +81,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, final
 
 import attrs
 import nats.errors
@@ -784,12 +784,15 @@ class DurableChannel:
         # the looks for what this node's consumer gave up unheard (see _given_up_looks):
         # their task's scope (ended at stop), the event that asks one now (a reconnect),
         # whether the next look is a fresh one (at the start, after a reconnect: it
-        # reaches on to the last message delivered then), and the stream sequence the
-        # looks must reach still (0: none: the last look reached it)
+        # reaches on to the last message delivered then), the stream sequence the
+        # looks must reach still (0: none: the last look reached it), and how many times
+        # this node's pull found the stream made anew (a look that ran across one keeps
+        # no target: it was the old stream's sequence, see _find_stranded)
         self._looking = trio.CancelScope()
         self._look_asked = trio.Event()
         self._look_fresh = True
         self._look_reach = 0
+        self._made_anew = 0
         # the stream sequences of the messages this node terminated, counted dead (see
         # _terminate): one its consumer gave up as the term went (its last delivery's
         # ack_wait over) is deleted by a look and counted nowhere more (see
@@ -1016,6 +1019,7 @@ class DurableChannel:
             # (the looks for given-up messages reach on from the new stream's sequences,
             # and the old stream's terms name none of its messages)
             self._look_reach = 0
+            self._made_anew += 1
             self._dead_seqs.clear()
             self._stream_made_anew()
         # (the old subscription ends as the stop's and the leave's do: the server told
@@ -3081,11 +3085,12 @@ class DurableChannel:
         own = node == self.cluster.node
         fresh = self._look_fresh or not own
         reach = self._look_reach if own else 0
+        made_anew = self._made_anew
         if own:
             self._look_fresh = False
         try:
             found, reach = await call_aio(self._stranded, node, reach, fresh)
-        except (nats.errors.Error, OSError) as exc:
+        except (nats.errors.Error, OSError, ValueError) as exc:
             if own:
                 self._look_fresh = self._look_fresh or fresh
             self._say(
@@ -3101,7 +3106,10 @@ class DurableChannel:
             )
             return own
         if own:
-            self._look_reach = reach
+            # (a stream made anew while it ran: its target was a sequence of the old
+            # one, which the new one's consumer may take long to pass, or never; kept,
+            # it cost a look, two requests, every period until then: fifty-fifth pass)
+            self._look_reach = reach if self._made_anew == made_anew else 0
         if found:
             log_guarded(
                 log,
@@ -3112,7 +3120,7 @@ class DurableChannel:
                 found,
                 node,
             )
-        return own and (reach > 0 or self._look_fresh)
+        return own and (self._look_reach > 0 or self._look_fresh)
 
     async def _stranded(self, node: str, reach: int, fresh: bool) -> tuple[int, int]:
         """asyncio side of :meth:`_find_stranded`: how many it deleted and counted dead,
@@ -3137,12 +3145,19 @@ class DurableChannel:
         look, once the floor is past it (see :meth:`_given_up_looks`). A message this
         node holds is pending, never under the floor, so no look counts one twice: one
         JetStream gave up in an agent's hands is forgotten there as the advisory's is,
-        and one this node terminated is counted nowhere more."""
+        and one this node terminated is counted nowhere more.
+
+        Only what was stored by the time the consumer's state was read (the server's
+        time of its answer, ``ts``) is of the stream that state bounds: one stored after
+        it is of a stream made anew since (deleted by an operator while the look ran:
+        its sequences begin at 1 again, under the old bound), pending there, and ends
+        the look (before the fifty-fifth pass it was deleted and counted dead, never
+        handled); the look is due again then (its target kept, unless this node's pull
+        found the stream made anew meanwhile: see :meth:`_find_stranded`)."""
         js = self.cluster.data_js
-        info = await js.consumer_info(self._stream, node)
-        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-        last = info.delivered.stream_seq if info.delivered is not None else 0
-        upto = floor if info.num_ack_pending else max(floor, last)
+        state = await self._consumer_state(node)
+        floor, last = state.floor, state.last
+        upto = floor if state.pending else max(floor, last)
         if fresh:
             reach = max(reach, last)
         subject = wire.durable_subject(self.cluster.prefix, node, "*")
@@ -3155,6 +3170,8 @@ class DurableChannel:
                 break
             if stored.seq is None or stored.seq > upto:
                 break
+            if state.at is not None and stored.time is not None and stored.time > state.at:
+                return found, max(reach, upto)  # (a stream made anew: not the one read)
             # (the message as read goes on: read again, each would cost a third request)
             if await self._delete_given_up(
                 stored.seq, node, f"found at {where}", _FOUND_WHY, stored
@@ -3162,6 +3179,16 @@ class DurableChannel:
                 found += 1
             seq = stored.seq + 1
         return found, reach if upto < reach else 0
+
+    async def _consumer_state(self, node: str) -> _ConsumerState:
+        """``node``'s consumer's state as a look reads it (asyncio side): one
+        CONSUMER.INFO request, raw: nats-py's ``consumer_info`` drops the answer's ``ts``,
+        the server's time of it, which bounds what the look may take for its consumer's
+        (see :meth:`_stranded`; ``delivered.last_active`` would not do: a server
+        restarted says none)."""
+        subject = f"$JS.API.CONSUMER.INFO.{self._stream}.{node}"
+        reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
+        return _consumer_state_answer(reply.data, subject)
 
     async def _send_forward(
         self, jsmsg: NatsMsg, subject: str, *, taken: bool = False, stale: bool = False
@@ -3339,6 +3366,50 @@ def _stream_counts_answer(data: bytes, subject: str) -> _StreamCounts:
             raise _garbled(subject, None, f"its {key} is not a count: {brief(count)}")
         counts[key] = count
     return _StreamCounts(counts["messages"] or 0, counts["last_seq"] or 0, counts["num_subjects"])
+
+
+@attrs.frozen
+class _ConsumerState:
+    """What a look reads of a consumer (see DurableChannel._stranded): the stream
+    sequences of its ack floor and of the last message it delivered, how many of its
+    deliveries are pending, and the server's time of the answer (None: not said)."""
+
+    floor: int
+    last: int
+    pending: int
+    at: datetime | None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    """``value`` is a count nats-server could send: a whole number >= 0 (no bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _consumer_state_answer(data: bytes, subject: str) -> _ConsumerState:
+    """The consumer's state in ``data``, the answer to CONSUMER.INFO ``subject``
+    (:meth:`DurableChannel._consumer_state`; an error nats-server describes raised as
+    nats-py raises it, another answer that is not nats-server's a ValueError: see
+    _stream_info_answer). A sequence or count not said is 0, as nats-py reads it."""
+    answer = _stream_info_answer(data, subject, None)[0]
+    seqs: list[int] = []
+    for key in ("ack_floor", "delivered"):
+        said = answer.get(key) or {}
+        seq = said.get("stream_seq", 0) if isinstance(said, dict) else None
+        if not _is_count(seq):
+            raise _garbled(subject, None, f"its {key} is not a sequence: {brief(said)}")
+        seqs.append(seq)
+    pending = answer.get("num_ack_pending") or 0
+    if not _is_count(pending):
+        raise _garbled(subject, None, f"its num_ack_pending is not a count: {brief(pending)}")
+    at: datetime | None = None
+    if (ts := answer.get("ts")) is not None:
+        try:
+            at = datetime.fromisoformat(ts)
+        except (TypeError, ValueError):
+            raise _garbled(subject, None, f"its ts is no time: {brief(ts)}") from None
+        if at.tzinfo is None:
+            raise _garbled(subject, None, f"its ts names no time zone: {brief(ts)}")
+    return _ConsumerState(seqs[0], seqs[1], pending, at)
 
 
 def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
