@@ -1043,3 +1043,48 @@ async def test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_n
     assert stats.durable_dead_reasons["consumer_max_deliver"] == 0
     assert (stats.durable_acked, stats.durable_dead) == (3, 0)
     assert looks == [False, False]
+
+
+async def test_a_look_that_fails_again_and_again_is_said_at_the_first_and_then_by_its_count(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fifth pass: a look of the node's consumer for given-up messages that JetStream
+    refuses for good (a NATS user without the permission) is made again every period
+    (72 s at the defaults) and said a WARNING each time, the same line for good (the 1 s
+    throttle lets each through; here the looks come at once, so it held back all but
+    the first). It is said at the first failure in a row, then at each 50 more with the
+    count, and once a look answers again, one INFO line with the count; each failed look
+    is still due again. (On main's _durable.py swapped in: 1 WARNING, no count, no INFO
+    line.)"""
+    from nexus_trio._nats import _durable
+
+    refused = [True]
+    stranded = _durable.DurableChannel._stranded
+
+    async def refusing(self: Any, node: str, reach: int, fresh: bool) -> tuple[int, int]:
+        if refused[0]:
+            raise _FETCH_TIMEOUT  # (a permission violation: no answer)
+        return await stranded(self, node, reach, fresh)
+
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats.durable")
+    monkeypatch.setattr(_durable.DurableChannel, "_stranded", refusing)
+    async with local_node(nats.url) as (_kernel, cluster):
+        with trio.fail_after(10):  # (the start's look: the 1st failure)
+            await until(lambda: any("could not look" in r.getMessage() for r in caplog.records))
+        agains = [await cluster.durable._find_stranded("a") for _ in range(100)]
+        refused[0] = False
+        answered = await cluster.durable._find_stranded("a")
+    assert agains == [True] * 100
+    assert answered is False
+    said = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if "looks in a row" in r.getMessage() or "could not look" in r.getMessage()
+    ]
+    assert [level for level, _line in said] == [logging.WARNING] * 3 + [logging.INFO]
+    assert "could not look for the durable messages its consumer delivers no more" in said[0][1]
+    assert "TimeoutError" in said[0][1]
+    assert "said again at 51 failures in a row" in said[0][1]
+    assert said[1][1].startswith("node a: 51 looks in a row for the durable messages")
+    assert said[2][1].startswith("node a: 101 looks in a row")
+    assert said[3][1].endswith("again, after 101 failed looks in a row")

@@ -118,6 +118,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nexus_trio.nats.durable")
 
+#: a look of this node's consumer for given-up messages that fails again and again (a
+#: permission its NATS user lacks, JetStream down): said at its first failure, then at
+#: each this many more in a row (an hour at the default period of 72 s; see
+#: DurableChannel._look_failed), with the count
+_LOOK_FAILURES_SAID: Final = 50
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -793,6 +799,7 @@ class DurableChannel:
         self._look_fresh = True
         self._look_reach = 0
         self._made_anew = 0
+        self._look_failures = 0  # (in a row: see _look_failed)
         # the stream sequences of the messages this node terminated, counted dead (see
         # _terminate): one its consumer gave up as the term went (its last delivery's
         # ack_wait over) is deleted by a look and counted nowhere more (see
@@ -3093,19 +3100,30 @@ class DurableChannel:
         except (nats.errors.Error, OSError, ValueError) as exc:
             if own:
                 self._look_fresh = self._look_fresh or fresh
+                self._look_failed(exc)
+                return True
             self._say(
                 self._stranded_log,
                 "failed looks for durable messages delivered no more",
                 logging.WARNING,
                 "node %s: could not look for the durable messages node %r's consumer"
-                " delivers no more: %r (looked for again %s)",
+                " delivers no more: %r (looked for again at its next takeover)",
                 self.cluster.node,
                 node,
                 exc,
-                "later" if own else "at its next takeover",
             )
-            return own
+            return False
         if own:
+            if self._look_failures:
+                log_guarded(
+                    log,
+                    logging.INFO,
+                    "node %s: looked for the durable messages its consumer delivers no"
+                    " more again, after %d failed looks in a row",
+                    self.cluster.node,
+                    self._look_failures,
+                )
+                self._look_failures = 0
             # (a stream made anew while it ran: its target was a sequence of the old
             # one, which the new one's consumer may take long to pass, or never; kept,
             # it cost a look, two requests, every period until then: fifty-fifth pass)
@@ -3121,6 +3139,43 @@ class DurableChannel:
                 node,
             )
         return own and (self._look_reach > 0 or self._look_fresh)
+
+    def _look_failed(self, exc: BaseException) -> None:
+        """A look of this node's consumer failed (``exc``): looked for again a period
+        later (see :meth:`_given_up_looks`), said at the first failure in a row and at
+        each :data:`_LOOK_FAILURES_SAID` more, with the count (a look refused for good,
+        a permission the node's NATS user lacks, said a WARNING every period, about
+        1,200 a day at the default period, the same line). Not given up after some
+        count, with one ERROR: nothing tells a refusal for good from an outage that
+        outlasts the count (a permission violation reaches a request as no answer, as an
+        outage does), and a node that stopped looking would leave what its consumer
+        gives up unheard uncounted for good, once JetStream answers again."""
+        self._look_failures += 1
+        failures = self._look_failures
+        if failures == 1:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: could not look for the durable messages its consumer delivers no"
+                " more: %r; looked for again every %gs (said again at %d failures in a"
+                " row: a NATS user without JetStream's API on the durable stream %s?)",
+                self.cluster.node,
+                exc,
+                SWEEP_LOOKS * self.cluster.options.last_notice_wait,
+                _LOOK_FAILURES_SAID + 1,
+                self._stream,
+            )
+        elif failures % _LOOK_FAILURES_SAID == 1:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %d looks in a row for the durable messages its consumer delivers"
+                " no more failed (last: %r); looked for again every %gs",
+                self.cluster.node,
+                failures,
+                exc,
+                SWEEP_LOOKS * self.cluster.options.last_notice_wait,
+            )
 
     async def _stranded(self, node: str, reach: int, fresh: bool) -> tuple[int, int]:
         """asyncio side of :meth:`_find_stranded`: how many it deleted and counted dead,
