@@ -1088,3 +1088,62 @@ async def test_a_look_that_fails_again_and_again_is_said_at_the_first_and_then_b
     assert said[1][1].startswith("node a: 51 looks in a row for the durable messages")
     assert said[2][1].startswith("node a: 101 looks in a row")
     assert said[3][1].endswith("again, after 101 failed looks in a row")
+
+
+async def test_a_message_given_up_in_an_agent_s_hands_found_by_a_look_first_is_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fifth pass, a conservation check: a message at its last delivery
+    (``max_deliver`` 1) in a handler past ``ack_wait``, given up by JetStream, and found
+    by a look before the node's own ``ack_wait`` timer (held back here) says it
+    unanswered: counted dead once (``consumer_max_deliver``, not ``unanswered``): the look
+    forgets the delivery, so the timer, let go, finds nothing, and the handler's late
+    answer is dropped, not counted in ``durable_acked``. (A mutant without
+    ``_delete_given_up``'s ``_forget_delivery``: ``durable_dead`` 2, ``unanswered`` 1.)"""
+    from nexus_trio._nats import _durable
+
+    hold = [True]
+    expired: list[int] = []
+    expire = _durable.DurableChannel._expire
+
+    def held_expire(self: Any) -> None:
+        if not hold[0]:
+            expired.append(len(self._in_flight))
+            expire(self)
+
+    monkeypatch.setattr(_durable.DurableChannel, "_expire", held_expire)
+    release = trio.Event()
+    answered: list[Any] = []
+
+    async def slow(_ctx: Context, msg: Message) -> Any:
+        answered.append(msg.payload)
+        await release.wait()
+        return "late"
+
+    durable = DurableOptions(ack_wait=1.0, max_deliver=1, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(agent(slow, name="slow"))
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        with trio.fail_after(20):
+            await cluster.send_durable("slow", "work")
+            await until(lambda: answered == ["work"])
+            # (JetStream gives it up at the node's next pull request after its ack_wait)
+            while (await call_aio(js.consumer_info, stream, "a")).num_ack_pending:  # noqa: ASYNC110 (the server's state)
+                await trio.sleep(0.05)
+        assert (await call_aio(js.stream_info, stream)).state.messages == 1
+        cluster.durable.reconnected()
+        with trio.fail_after(20):
+            await until(lambda: cluster.stats().durable_dead >= 1)
+        hold[0] = False
+        with trio.fail_after(30):  # (the pull loop's next turn: after its fetch's wait)
+            await until(lambda: bool(expired))
+        release.set()
+        await trio.sleep(0.5)  # (the answer, and a count had there been one)
+        stats = cluster.stats()
+        left = (await call_aio(js.stream_info, stream)).state.messages
+    assert answered == ["work"]
+    assert expired[0] == 0  # (the timer, let go, found nothing in hand)
+    assert (stats.durable_dead, stats.durable_acked, left) == (1, 0, 0)
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+    assert stats.durable_dead_reasons["unanswered"] == 0
