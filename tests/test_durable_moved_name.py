@@ -212,3 +212,68 @@ async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_i
     held = DURABLE.max_deliver - 1  # (each delivery but the first)
     tail = f"node a: {held} more durable messages too big to forward after the last line"
     assert len([line for line in lines if line.startswith(tail)]) == 1, lines
+
+
+async def test_a_forward_the_full_stream_refuses_waits_for_room_and_says_which_limit(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty-fifth pass: a forward's copy needs a place in the stream before the message
+    it copies leaves; a stream full to its ``max_messages`` (discard new) refused it, and
+    the message was nakked for ``redelivery_delay``: its ``max_deliver`` deliveries used up
+    in a tenth of a second, dead (``unforwarded``) though the stream had room as soon as
+    another message was handled, the lines saying only ``ServiceUnavailableError()``
+    (measured: ``max_messages`` 2, two messages for a name that moved, both dead in
+    0.09 s). A refused copy is now nakked with a missing agent's growing delay (here 1 s,
+    then 2 s), and the lines say the limit. Here the stream holds 2 of 2: one in the
+    hands of an agent on b until half a second after the first refusal, one for a name
+    that moved to b. (On main's _durable.py swapped in: ``durable_dead`` 1, forwarded 0,
+    the line without the limit.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    durable = DurableOptions(
+        ack_wait=30.0,
+        max_deliver=3,
+        redelivery_delay=0.01,
+        max_messages=2,
+        missing_agent_delay=1.0,
+        missing_agent_delay_max=15.0,
+    )
+    release = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="moved-a")
+    async def moved(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return "ok"
+
+    @agent(name="holds-b")
+    async def holds(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        handled.append(msg.payload)
+        return "ok"
+
+    async with (
+        local_node(nats.url, "a", durable=durable) as (_ka, ca),
+        local_node(nats.url, "b", durable=durable) as (kb, cb),
+    ):
+        with trio.fail_after(20):
+            await _running_on_b(ca, kb, cb, holds, "holds-b")
+            await _running_on_b(ca, kb, cb, moved, "moved-a")
+            await ca.send_durable("holds-b", "held")
+            await store_for(ca, "moved-a", "moved")
+            await until(lambda: ca.stats().durable_forward_failures >= 1)
+        with trio.move_on_after(0.5):  # (the old naks: all deliveries used up by then)
+            await until(lambda: ca.stats().durable_dead >= 1)
+        release.set()
+        with trio.move_on_after(20):
+            await until(lambda: cb.stats().durable_acked >= 2 or ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+        a, b = ca.stats(), cb.stats()
+    assert sorted(handled) == ["held", "moved"]
+    assert (a.durable_dead, a.durable_forwarded, b.durable_acked) == (0, 1, 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    refused = [line for line in lines if "(nakked: tried again)" in line]
+    assert refused, lines
+    assert (
+        "ServiceUnavailableError() (full: the stream's max_messages, 2 if this node made it)"
+        in refused[0]
+    )

@@ -3262,11 +3262,27 @@ class DurableChannel:
         here (either would reach the new stream's message of its sequence), and one
         JetStream did not take is dead at once (its stream is gone: nothing delivers it
         again). Before the review of the fifty-first pass its forward was dropped with
-        its ack: the message, which this node held, was handled nowhere."""
+        its ack: the message, which this node held, was handled nowhere.
+
+        A copy the stream refused past a limit of its own (full: its ``max_messages``
+        with discard new, or an operator's ``max_bytes``; the copy needs a place
+        before the message it copies leaves) is nakked with the growing delay of a
+        missing agent's message (:func:`missing_agent_delay`), and its lines say which
+        limit: until the fifty-fifth pass it was tried again after ``redelivery_delay``,
+        its ``max_deliver`` deliveries used up in a tenth of a second and the message
+        dead (``unforwarded``) though the stream had room a moment later, the lines
+        saying only ``ServiceUnavailableError()`` (measured: ``max_messages`` 2, two
+        messages for a name that moved, both dead in 0.09 s)."""
         msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
         try:
             await self.cluster.data_js.publish(subject, jsmsg.data, headers=_forward_headers(jsmsg))
         except (nats.errors.Error, OSError) as exc:
+            full = (
+                self._limit_reached(exc)
+                if isinstance(exc, nats.js.errors.APIError)
+                and exc.err_code == _MAX_MESSAGES_EXCEEDED
+                else ""
+            )
             delivered = jsmsg.metadata.num_delivered
             if stale or delivered >= self.options.max_deliver:
                 # a nak of its last delivery is delivered no more: it would stay in the
@@ -3277,7 +3293,7 @@ class DurableChannel:
                     "durable messages dead after max_deliver failed forwards",
                     logging.ERROR,
                     "node %s: durable message %s dead after %d deliveries%s (last: not"
-                    " forwarded to %s, where its agent runs: %r; if JetStream took the"
+                    " forwarded to %s, where its agent runs: %r%s; if JetStream took the"
                     " copy after all, that node handles it) (%d so far)",
                     self.cluster.node,
                     msg_id,
@@ -3285,6 +3301,7 @@ class DurableChannel:
                     " (its stream since made anew)" if stale else "",
                     subject,
                     exc,
+                    full,
                     self.dead_unforwarded,
                     counted="durable_dead",
                 )
@@ -3296,15 +3313,21 @@ class DurableChannel:
                 self._forward_failed_log,
                 "failed forwards of durable messages",
                 logging.WARNING,
-                "node %s: durable message %s not forwarded to %s: %r (nakked: tried again)"
-                " (%d so far)",
+                "node %s: durable message %s not forwarded to %s: %r%s (nakked: tried"
+                " again) (%d so far)",
                 self.cluster.node,
                 msg_id,
                 subject,
                 exc,
+                full,
                 self._forward_failures,
             )
-            await jsmsg.nak(delay=self.options.redelivery_delay)
+            # (a full stream has room again once a message leaves it: given the time a
+            # missing agent's message gets, not a tenth of a second for all deliveries)
+            delay = self.options.redelivery_delay
+            if full:
+                delay = max(delay, missing_agent_delay(self.options, delivered))
+            await jsmsg.nak(delay=delay)
             return
         self.forwarded += 1
         self.taken_over += taken
