@@ -28,6 +28,7 @@ import trio_asyncio
 from nats.js.api import ConsumerConfig
 from nats.js.errors import ServiceUnavailableError
 
+from nexus_trio import Message
 from nexus_trio._nats import Cluster, NatsServer, _durable
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
@@ -964,3 +965,48 @@ async def test_a_real_server_s_pass_over_its_consumers_past_a_sweep_s_bound_find
         (set(), ("consumers", 301, None)),
         ({"zgone"}, None),
     ]
+
+
+async def test_a_gone_node_s_message_too_big_for_the_forward_s_headers_waits_and_closes_nothing(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fifth pass: a message that fit in ``max_payload`` with its own header, stored
+    for node b (gone), for a name that runs on a. A's takeover forwarded it with the
+    forward's longer headers: the server closed a's data connection (Maximum Payload
+    Violation, which nats-py closes for good), a's own pull and the takeover failed every
+    fetch after, nothing counted (measured: ``is_connected`` False, ``durable_dead`` 0,
+    nothing handled). Its own consumer's forward asked first, the takeover's did not; now
+    it waits as it would there: counted ``too_big`` at each delivery, dead after
+    ``max_deliver``, counted (``lost_node``), and the connection and the path go on. (On
+    main's _durable.py swapped in: the connection closed, ``durable_dead`` 0.)"""
+    monkeypatch.setattr(_durable, "_PULLER_ACTIVITY_WAIT", 0.1)  # (b left: no puller)
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(30):
+            async with local_node(nats.url, "b", durable=DURABLE, **QUICK):
+                await until(lambda: "b" in ca.members.members)
+            await until(lambda: "b" not in ca.members.members)
+            big = Message(sender=uuid.uuid4(), to="keeper-a", payload="")
+            headers = {wire.MSG_ID_HEADER: str(big.id)}
+            room = ca.max_payload() - wire.header_bytes(headers) - len(wire.encode_message(big))
+            big = big.evolve(payload="x" * room)
+            await call_aio(
+                ca.data_js.publish,
+                wire.durable_subject(ca.prefix, "b", uuid.uuid4()),
+                wire.encode_message(big),
+                headers=headers,
+            )
+        with trio.move_on_after(20):
+            await until(lambda: ca.stats().durable_dead >= 1 or not ca.nc.is_connected)
+        connected = ca.nc.is_connected
+        after = None
+        if connected:  # (the path goes on)
+            with trio.move_on_after(20):
+                after = (await ca.send_durable("keeper-a", "after", timeout=5)).id
+                await until(lambda: len(handled) >= 1)
+        stats, too_big = ca.stats(), ca.durable.too_big
+    assert connected
+    assert handled == [(after, "after")]
+    assert (stats.durable_dead, stats.durable_dead_reasons["lost_node"]) == (1, 1)
+    assert too_big == DURABLE.max_deliver

@@ -2020,15 +2020,23 @@ class DurableChannel:
             self._dead_with_node(jsmsg, msg.id, dead_by_id(to, node, info))
             return
         where = self._runs_now(jsmsg, to)
-        if where is not None:
+        # (one too big with the forward's headers waits as its own node's does: sent, the
+        # server closed this node's data connection for good, nothing counted; measured
+        # before the fifty-fifth pass, see _too_big_to_forward)
+        too_big = where is not None and self._too_big_to_forward(jsmsg, msg.id, to, where[0])
+        if where is not None and not too_big:
             subject = wire.durable_subject(self.cluster.prefix, *where)
             self._settle(jsmsg, f"{_TAKEN}{subject}")
         elif jsmsg.metadata.num_delivered >= self.options.max_deliver:
             self._dead_with_node(
                 jsmsg,
                 msg.id,
-                f"its name {to!r} ran on no reachable member within {self.options.max_deliver}"
-                f" deliveries since node {node!r} was lost",
+                f"its name {to!r} ran where it could not be forwarded, too big with the"
+                f" forward's headers, for {self.options.max_deliver} deliveries since node"
+                f" {node!r} was lost"
+                if too_big
+                else f"its name {to!r} ran on no reachable member within"
+                f" {self.options.max_deliver} deliveries since node {node!r} was lost",
             )
         elif waiting.room(jsmsg, self.options):
             # re-placed soon, or waiting for a member that runs its type
@@ -2603,34 +2611,46 @@ class DurableChannel:
         entry = self._in_flight.get(query.id)
         if moved is None or entry is None or entry[0] is not jsmsg:
             return False
-        size = len(jsmsg.data) + wire.header_bytes(_forward_headers(jsmsg))
-        limit = self.cluster.max_payload()
-        if size > limit:
-            # Its forward's headers made it too big: sent, the server would close this
-            # node's data connection (Maximum Payload Violation), which nats-py then closes
-            # for good; it waits here instead (dead after max_deliver, counted)
-            self._too_big += 1
-            self._say(
-                self._too_big_log,
-                "durable messages too big to forward",
-                logging.WARNING,
-                "node %s: durable message %s for %r not forwarded to node %s, where its"
-                " agent runs: %d bytes with the forward's headers, more than NATS takes"
-                " in one message (max_payload %d bytes); it waits here (%d so far)",
-                self.cluster.node,
-                query.id,
-                query.to,
-                moved[0],
-                size,
-                limit,
-                self._too_big,
-            )
+        if self._too_big_to_forward(jsmsg, query.id, query.to, moved[0]):
             return False
         del self._in_flight[query.id]
         self._room.set()
         node, agent_id = moved
         subject = wire.durable_subject(self.cluster.prefix, node, agent_id)
         self._settle(jsmsg, f"{_FORWARD}{subject}")
+        return True
+
+    def _too_big_to_forward(self, jsmsg: NatsMsg, msg_id: uuid.UUID, to: Any, node: str) -> bool:
+        """Whether ``jsmsg``'s forward to ``node`` (where ``to`` runs) would be too big:
+        its forward's headers (a longer ``Nats-Msg-Id``, ``Nexus-Forwards``) put a message
+        that fit in ``max_payload`` with its own header past it. Sent, the server closes
+        this node's data connection (Maximum Payload Violation), which nats-py then
+        closes for good; such a message waits where it is instead (dead after
+        ``max_deliver``, counted), counted in ``too_big`` and logged here. Both forwards
+        ask: this node's own consumer's (:meth:`_forward`) and a takeover's
+        (:meth:`_take`; before the fifty-fifth pass it did not, measured: a lost node's
+        such message closed its taker's data connection, its durable path failed every
+        fetch after, nothing counted)."""
+        size = len(jsmsg.data) + wire.header_bytes(_forward_headers(jsmsg))
+        limit = self.cluster.max_payload()
+        if size <= limit:
+            return False
+        self._too_big += 1
+        self._say(
+            self._too_big_log,
+            "durable messages too big to forward",
+            logging.WARNING,
+            "node %s: durable message %s for %r not forwarded to node %s, where its"
+            " agent runs: %d bytes with the forward's headers, more than NATS takes"
+            " in one message (max_payload %d bytes); it waits here (%d so far)",
+            self.cluster.node,
+            msg_id,
+            to,
+            node,
+            size,
+            limit,
+            self._too_big,
+        )
         return True
 
     def _gone_for_good(self, to: Any) -> str | None:
