@@ -1162,6 +1162,11 @@ class SupervisorNode(Child, ChildOwner):
         what is left is dead-lettered ``agent_stopped``."""
         with self._stop_wait(child, trio.current_time() + self._stop_timeout(child)) as wait:
             await child.wait_idle()
+            # Its queue is handed on and what it spawned is to stop: nothing more reaches
+            # it (a send fails with ``AgentNotFound``, "being stopped"), as Akka's router
+            # stops before its routees; what came in before that is handed on too.
+            self._unroute_tree(child)
+            await child.wait_idle()
         deadline = wait.deadline
         for linked in child.linked_children:
             # (a second stop without drain may have cut the drain short meanwhile)
@@ -1345,7 +1350,7 @@ class SupervisorNode(Child, ChildOwner):
         # children[:asked] that stop quietly have been asked to stop
         asked = 0
         for i, child in enumerate(children):
-            if child.retired:
+            if child.retired or (self.drain_on_stop and self._stops_with_parent(child)):
                 continue
             if quiet[i] and i >= asked:
                 # The first of a run of quiet children, or of its next share: asked at
@@ -1379,6 +1384,16 @@ class SupervisorNode(Child, ChildOwner):
                 # now, a hundred thousand at a shutdown).
                 continue
             await self._stop_child(child)
+
+    def _stops_with_parent(self, child: Child) -> bool:
+        """``child`` was spawned by another child of this supervisor still to be stopped
+        (a pool's workers' supervisor, by its router): in a draining stop it is stopped
+        in that one's turn (:meth:`_drain_before_linked`), after that one's queue, not
+        before it in reverse start order (the router would take messages with no
+        workers left, and fail them)."""
+        seldom = child.seldom
+        parent = None if seldom is None else seldom.linked_parent
+        return parent is not None and not parent.retired and parent.supervisor is self
 
     def _retire_with_linked(self, child: Child, reason: str) -> None:
         """Retire a child that is not running, and what it spawned, at once."""

@@ -374,3 +374,42 @@ async def test_a_draining_stop_of_a_supervisor_drains_its_children_at_once(
         assert sorted((name, p) for name, p, _ in done) == [("a", 0), ("b", 0)]
         assert took == pytest.approx(1.0)
         assert sorted(letter.message.payload for letter in stopped) == [1, 1, 2, 2]
+
+
+async def test_a_pool_in_a_supervisor_s_draining_stop_stops_its_workers_after_its_router(
+    autojump_clock: Any,
+) -> None:
+    """Regression (gentle fuzz seed 424 of the fifty-fourth pass): a pool under a
+    supervisor stopped with ``drain=True``, its sibling ``z`` busy for 3 s. The workers'
+    supervisor, spawned by the router, came first in reverse start order: its idle workers
+    stopped at once while the router stayed routed, took the messages sent to the pool
+    during ``z``'s drain and failed each ``handler_error`` (no workers left). As Akka's
+    router stops before its routees, the router's queue is handed on first, then its
+    workers drain: every message sent meanwhile is handled, none dead-lettered; once the
+    workers drain, a send to the pool fails with ``AgentNotFound`` at once."""
+    done: Done = []
+    async with open_test_kernel() as kernel:
+        children = [
+            pool(slow_worker(done), size=2, name="p"),
+            slow_worker(done).with_options(name="z"),
+        ]
+        kernel.spawn(Supervisor(children=children, name="sup"))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send("z", i)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(kernel.stop, "sup", drain=True))
+            for i in range(5):
+                await trio.sleep(0.5)
+                await kernel.send("p", f"late{i}")
+            # 3.25 s: ``z`` is done, the router's queue handed on, ``p/0`` has ``late4``
+            # in hand: the pool takes no new message while its workers drain
+            await trio.sleep(0.75)
+            with pytest.raises(AgentNotFound, match="it is being stopped"):
+                await kernel.send("p", "during")
+        stats = kernel.stats()
+    assert sorted(p for name, p, _ in done if name.startswith("p/")) == [
+        f"late{i}" for i in range(5)
+    ]
+    assert [p for name, p, _ in done if name == "z"] == [0, 1, 2]
+    assert stats.dead_lettered == 0
