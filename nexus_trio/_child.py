@@ -169,6 +169,7 @@ class Seldom:
         "run_failures",
         "started_at",
         "stop_deadline",
+        "stopped_plainly",
         "timed_out",
     )
 
@@ -191,6 +192,8 @@ class Seldom:
         self.run_failures = 0
         #: how a run being stopped with a drain ended before its queue was handled
         self.drain_ended: str | None = None
+        #: a stop without drain was asked (``kernel.stop``): no later drain undoes it
+        self.stopped_plainly = False
 
 
 _V = TypeVar("_V")
@@ -345,6 +348,10 @@ class Child:
     #: how its run ended by itself, before its queue was handled, while a draining stop
     #: waited for it (``ctx.stop()``, a failure): what is left is dead-lettered saying so
     drain_ended = SeldomField[str | None]("drain_ended", None)
+    #: ``kernel.stop`` without drain was asked of it: a draining stop asked after it (a
+    #: second ``kernel.stop``, its supervisor's, that of the agent that spawned it) does
+    #: not bring its queue back, as Akka's PoisonPill queued behind ``context.stop``
+    stopped_plainly = SeldomField[bool]("stopped_plainly", False)
 
     def add_linked(self, child: Child) -> None:
         """``child`` was spawned from this one (it dies with this one's run)."""

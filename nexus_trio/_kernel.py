@@ -650,7 +650,9 @@ class Kernel:
         New sends to it fail with :class:`AgentNotFound` at once. The message being
         handled is finished (within the agent's ``shutdown_timeout``, then cancelled);
         with ``drain=True`` the messages already queued are handled first, otherwise
-        they are dead-lettered (``agent_stopped``, their detail naming ``reason``).
+        they are dead-lettered (``agent_stopped``, their detail naming ``reason``); a
+        stop without drain while a draining one is under way cuts it short, and a
+        draining stop after one without drain does not bring the queue back.
         ``on_stop`` runs. Agents it spawned stop before it. ``reason`` is also the
         ``stopped`` event's. Returns when it has stopped for good — also when something
         else (a stop of its supervisor, the kernel's shutdown) stopped it meanwhile.
@@ -675,10 +677,16 @@ class Kernel:
             )
         if node is self._root:
             raise ValueError("the root supervisor is stopped by shutdown(), not stop()")
-        if not drain and node.drain_on_stop:
-            # A stop without drain cuts a draining stop under way short, the drain of the
-            # agents it spawned (a pool's workers), or of a supervisor's children, too.
-            node.cut_drain()
+        if drain and node.stopped_plainly:
+            # A stop without drain came first: it stands (what is queued is not handled),
+            # as Akka's PoisonPill behind ``context.stop``, and its letters say so.
+            drain = False
+        if not drain:
+            if node.drain_on_stop:
+                # A stop without drain cuts a draining stop under way short, the drain of
+                # the agents it spawned (a pool's workers), or of a supervisor's children.
+                node.cut_drain()
+            node.stopped_plainly = True
         # (a supervisor's draining stop drains its children, all at once: see _stop_all)
         node.drain_on_stop = drain
         self._router.unroute(node)

@@ -1298,3 +1298,55 @@ async def test_a_run_ended_by_itself_before_a_drain_with_no_time_left_says_so(
         "agent a stopped: it ended its own run during its draining stop; "
         "1 queued message dead-lettered"
     ]
+
+
+# --- a stop without drain, then a draining stop -----------------------------------------
+
+
+@pytest.mark.parametrize("when", ["same_round", "after", "a_moment_after"])
+@pytest.mark.parametrize("timeout", [5.0, 0.25])
+async def test_a_draining_stop_after_a_plain_stop_leaves_the_plain_stop_standing(
+    autojump_clock: Any, when: str, timeout: float
+) -> None:
+    """``a`` has ``slow`` (0.5 s), 1, 2 queued; ``kernel.stop("a")`` comes, then
+    ``kernel.stop("a", drain=True)``: in the same round, once the first waits, or 0.1 s
+    later. The stop without drain came first and stands, as Akka's PoisonPill queued
+    behind ``context.stop``: 0 is finished (or cancelled at a 0.25 s ``shutdown_timeout``),
+    1 and 2 are dead-lettered as by a plain stop. Before (fifty-fourth pass) the drain's
+    request overwrote the plain one: in the same round all three were handled; later,
+    the letters said ``it ended its own run during its draining stop`` (or ``its
+    draining stop's time ran out``), neither of which happened."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Member, name="a", shutdown_timeout=timeout))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", 1, 2):
+            await kernel.send("a", payload)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            if when == "same_round":
+                # (the plain stop's call runs first; the draining one's task after it)
+                nursery.start_soon(functools.partial(kernel.stop, "a", drain=True))
+                await kernel.stop("a")
+            else:
+                nursery.start_soon(kernel.stop, "a")
+                if when == "after":
+                    await trio.testing.wait_all_tasks_blocked()
+                else:
+                    await trio.sleep(0.1)
+                await kernel.stop("a", drain=True)
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    handled = [entry[2] for entry in Member.log if entry[0] == "handle"]
+    stopped = "agent stopped (stopped)"
+    rest = [
+        (1, DeadLetterReason.AGENT_STOPPED, stopped),
+        (2, DeadLetterReason.AGENT_STOPPED, stopped),
+    ]
+    if timeout > 0.5:
+        assert handled == ["slow"]
+        assert letters == rest
+    else:
+        assert handled == []
+        cancelled = ("slow", DeadLetterReason.AGENT_STOPPED, "cancelled while being handled")
+        assert letters == [cancelled, *rest]
