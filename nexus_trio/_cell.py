@@ -709,9 +709,20 @@ class AgentCell(Child):
         shutting_down = for_shutdown or (
             reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
         )
-        dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
         detail = f"agent stopped ({reason})"
         ended = self.drain_ended
+        if (
+            not shutting_down
+            and self.drain_on_stop
+            and ended is None
+            and self.router.phase >= KernelPhase.STOPPING
+        ):
+            # A draining stop whose queue the kernel's shutdown left unhandled (its grace
+            # ran out: nothing more is handled): the shutdown's letters, not the stop's
+            # (which would have handled them), as the other agents' queued messages.
+            shutting_down = True
+            detail = f"{detail}: the kernel's shutdown ended its draining stop"
+        dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
         if ended is not None and not shutting_down:
             # Its run ended by itself while its draining stop waited for the queue (see
             # SupervisorNode._stop_child): said in each letter, and logged once.

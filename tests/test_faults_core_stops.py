@@ -1350,3 +1350,45 @@ async def test_a_draining_stop_after_a_plain_stop_leaves_the_plain_stop_standing
         assert handled == []
         cancelled = ("slow", DeadLetterReason.AGENT_STOPPED, "cancelled while being handled")
         assert letters == [cancelled, *rest]
+
+
+# --- a draining stop that the kernel's shutdown ends ---------------------------------------
+
+
+@pytest.mark.parametrize("stopped", ["agent", "its_supervisor", "agent_without_drain"])
+@pytest.mark.parametrize("grace", [0.0, 0.1])
+async def test_what_a_draining_stop_left_when_the_shutdown_ended_it_is_dead_lettered_shutdown(
+    autojump_clock: Any, stopped: str, grace: float
+) -> None:
+    """``a`` has ``slow`` (0.5 s), 1, 2 queued; ``kernel.stop`` of ``a`` (or of its
+    supervisor ``g``) with ``drain=True``; at 0.25 s ``kernel.shutdown(grace)``, its grace
+    over before ``slow`` is done. The drain would have handled 1 and 2: the shutdown left
+    them, and they are dead-lettered ``shutdown``, as every other agent's queue is then,
+    their detail saying the shutdown ended the draining stop. Before (fifty-fourth pass,
+    gentle fuzz seed 1966 with ``grace=0``) they said ``agent_stopped``, ``agent stopped
+    (stopped)``, as if the stop had dropped them. A stop without drain dead-letters them
+    ``agent_stopped`` whatever the shutdown does, as before."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(group("one_for_one", [agent(Member, name="a", shutdown_timeout=5)]))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", 1, 2):
+            await kernel.send("a", payload)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            target = "g" if stopped == "its_supervisor" else "a"
+            drain = stopped != "agent_without_drain"
+            nursery.start_soon(functools.partial(kernel.stop, target, drain=drain))
+            await trio.sleep(0.25)
+            await kernel.shutdown(grace=grace)
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert [entry[2] for entry in Member.log if entry[0] == "handle"] == ["slow"]
+    if drain:
+        left = (
+            DeadLetterReason.SHUTDOWN,
+            "agent stopped (stopped): the kernel's shutdown ended its draining stop",
+        )
+    else:
+        left = (DeadLetterReason.AGENT_STOPPED, "agent stopped (stopped)")
+    assert letters == [(1, *left), (2, *left)]
