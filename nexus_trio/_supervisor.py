@@ -659,10 +659,13 @@ class SupervisorNode(Child, ChildOwner):
     ) -> trio.Event | None:
         """Start a run of ``child`` (``restart``: see :meth:`_start_in_order`)."""
         assert self._nursery is not None
-        if not isinstance(restart, _NotRestart):
-            # How a run ended during a draining stop is that run's (see _stop_child): a
-            # run that starts for the rest of the drain (_drain_instead) or any restart
-            # does not carry it into its own letters.
+        # How a run ended during a draining stop is that run's (see _stop_child): a run
+        # that starts for the rest of the drain (_drain_instead), any restart, or the first
+        # run of a new run of its supervisor (which a drain restarted: until the fifty-
+        # fifth pass an agent under it kept the words of its last run's cut, its letters
+        # saying the time ran out where the new run ended by itself) does not carry it
+        # into its own letters.
+        if child.seldom is not None:
             child.drain_ended = None
         if delay <= 0 and self._park(child):
             # No task until there is work: an idle agent costs no task, nursery or frames.
@@ -1222,6 +1225,12 @@ class SupervisorNode(Child, ChildOwner):
         if child.drain_on_stop and not child.running and self._stop_timeout(child) <= 0:
             # (no time to drain: a run not started yet is not started for it)
             child.drain_on_stop = False
+            if child.has_queued() and child.drain_ended is None and not self.host.stopping():
+                # (what it holds is dead-lettered saying so, as when its time runs out
+                # while its run waits for its turn to begin, below)
+                self._drain_cut(
+                    child, "its draining stop's time ran out before its run began", began=False
+                )
         if child.linked_children:
             if child.drain_on_stop and child.running:
                 await self._drain_before_linked(child)
