@@ -271,6 +271,11 @@ def _serve_batches(
         got = msg = result = None
 
 
+#: the reasons of a retirement that is the shutdown's once the kernel is stopping: its
+#: own, and an agent's stopped with the agent that spawned it (see Cell.on_retired)
+_SHUTDOWN_REASONS: Final = frozenset({"shutdown", "parent_stopped"})
+
+
 class _Carrier(Exception):
     """Carries a user's exception out of a nursery: Trio formats the repr of what leaves
     a nursery or one of its tasks (its cancel reason), and a user's exception whose
@@ -705,9 +710,12 @@ class AgentCell(Child):
             return
         # The kernel's own "shutdown" retirements come once it is stopping, or earlier for
         # a run its shutdown ended (``for_shutdown``); a user's stop may give any reason,
-        # "shutdown" included, and is a stop.
+        # "shutdown" included, and is a stop. An agent another one spawned (a pool's
+        # worker) is retired with its parent's stop, ``parent_stopped``: once the kernel
+        # is stopping, that is the shutdown's too (its grace is over: nothing more is
+        # handled), and what it held says so, as every other agent's queue.
         shutting_down = for_shutdown or (
-            reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
+            reason in _SHUTDOWN_REASONS and self.router.phase >= KernelPhase.STOPPING
         )
         detail = f"agent stopped ({reason})"
         ended = self.drain_ended

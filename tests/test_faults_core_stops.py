@@ -1460,3 +1460,45 @@ async def test_a_drain_s_cut_does_not_lend_its_words_to_the_next_run_of_its_supe
             assert letters[2:] == [("z", ended)]
         else:
             assert letters[2:] == [("exit", not_begun), ("z", not_begun)]
+
+
+class SpawnsKid(Agent):
+    """Spawns ``kid`` (a ``Member``) in its ``on_start``."""
+
+    async def on_start(self, ctx: Context) -> None:
+        ctx.spawn(agent(Member, name="kid"))
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        return None
+
+
+@pytest.mark.parametrize("spawned", ["pool_worker", "ctx_spawn"])
+@pytest.mark.parametrize("grace", [0.0, 0.25])
+async def test_what_a_spawned_agent_held_when_the_shutdown_s_grace_ran_out_says_shutdown(
+    autojump_clock: Any, spawned: str, grace: float
+) -> None:
+    """A pool's worker (or an agent ``ctx.spawn`` started) has ``slow`` (0.5 s), 1, 2
+    queued when ``kernel.shutdown(grace)`` comes; the grace runs out before ``slow`` is
+    done. What it held is the shutdown's, dead-lettered ``shutdown`` as any other agent's
+    queue then. Before (fifty-fifth pass's gentle fuzz, seed 2250) it said
+    ``agent_stopped`` (``parent_stopped``): the agent was retired with the agent that
+    spawned it, which the shutdown stopped."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        if spawned == "pool_worker":
+            kernel.spawn(pool(agent(Member, shutdown_timeout=5), size=1, name="p"))
+            target = "p/0"
+        else:
+            kernel.spawn(agent(SpawnsKid, name="parent"))
+            target = "kid"
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", 1, 2):
+            await kernel.send(target, payload)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.shutdown(grace=grace)
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert [(p, reason) for p, reason in letters if p != "slow"] == [
+        (1, DeadLetterReason.SHUTDOWN),
+        (2, DeadLetterReason.SHUTDOWN),
+    ]
