@@ -662,7 +662,11 @@ class Probe:
 
     def _receive(self, msg: Message) -> None:
         self.messages.append(msg)
+        # Every waiter waits on the event of the moment it looked: each is woken, and the
+        # next message sets a new one (a waiter that made an event of its own left one
+        # waiting, on the event another waiter had replaced, past a message it could take).
         self._arrived.set()
+        self._arrived = trio.Event()
 
     async def expect(self, timeout: float = 3.0) -> Message:
         """The next message ``expect`` has not returned yet, waiting for it up to
@@ -671,7 +675,6 @@ class Probe:
         checked_seconds(timeout, "expect's timeout", zero=True)
         with trio.move_on_after(timeout):
             while self._taken == len(self.messages):
-                self._arrived = trio.Event()
                 await self._arrived.wait()
             self._taken += 1
             return self.messages[self._taken - 1]

@@ -858,3 +858,28 @@ async def test_a_helper_given_the_kernel_block_itself_says_to_enter_it(
         "assert_events: recorder must be the EventRecorder of 'async with"
         " record_events(kernel) as recorder:', got NoneType None"
     )
+
+
+async def test_a_probe_waited_on_by_two_tasks_gives_each_a_message(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: each ``expect`` made an event of its own to wait on, replacing the one
+    another waiter was waiting on: of two tasks waiting, the message went to the second,
+    and the first waited on an event no message set any more, past the second message,
+    then failed saying ``(2 received so far, all taken by expect: [1, 2])``."""
+    probe = spawn_probe(nexus_kernel, "probe")
+    got: dict[str, Any] = {}
+
+    async def take(task: str) -> None:
+        got[task] = (await probe.expect(timeout=10)).payload
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "first")
+        await settle()
+        nursery.start_soon(take, "second")
+        await settle()
+        await nexus_kernel.send(probe.ref, 1)
+        await settle()
+        await nexus_kernel.send(probe.ref, 2)
+    assert sorted(got.values()) == [1, 2]
+    assert trio.current_time() == 0  # neither waited out its timeout
