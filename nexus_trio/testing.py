@@ -411,7 +411,9 @@ async def send_and_wait(
 
 
 def dead_letters(kernel: Kernel, reason: DeadLetterReason | str | None = None) -> list[DeadLetter]:
-    """Dead letters so far (oldest first), optionally only those with ``reason``."""
+    """Dead letters so far (oldest first), optionally only those with ``reason``: the
+    last ``[kernel] dead_letter_buffer`` the kernel keeps (100,000 with :func:`test_config`);
+    ``kernel.stats().dead_lettered`` counts them all."""
     _check_kernel(kernel, "dead_letters", "recent_dead_letters")
     letters = kernel.recent_dead_letters()
     if reason is None:
@@ -462,8 +464,24 @@ def assert_dead_lettered(
             if value is not unset
         ]
         wanted = f" with {' '.join(given)}" if given else " at all"
-        raise AssertionError(f"no dead letter{wanted}; dead letters: {seen}")
+        total = _dead_lettered(kernel, len(seen))
+        looked = (
+            f" among the last {len(seen):,} of {total:,} (the kernel keeps the last [kernel]"
+            f" dead_letter_buffer: the {total - len(seen):,} before them were let go, not looked at)"
+            if total > len(seen)
+            else ""
+        )
+        raise AssertionError(f"no dead letter{wanted}{looked}; dead letters: {seen}")
     return matching[0]
+
+
+def _dead_lettered(kernel: Kernel, kept: int) -> int:
+    """How many messages ``kernel`` dead-lettered in all: more than the ``kept`` its ring
+    of recent dead letters (``[kernel] dead_letter_buffer``) holds once it let the oldest
+    go, which the dead-letter helpers say (a letter let go read as one never
+    dead-lettered). A stand-in for a kernel without ``stats`` is taken as keeping all."""
+    stats = getattr(kernel, "stats", None)
+    return max(stats().dead_lettered, kept) if callable(stats) else kept
 
 
 def assert_no_dead_letters(kernel: Kernel) -> None:
@@ -472,7 +490,14 @@ def assert_no_dead_letters(kernel: Kernel) -> None:
     letters = kernel.recent_dead_letters()
     if letters:
         seen = [(d.reason.value, d.message.payload, error_repr(d.error)) for d in letters]
-        raise AssertionError(f"expected no dead letters, got {len(letters)}: {seen}")
+        total = _dead_lettered(kernel, len(letters))
+        count = (
+            f"{total:,} (the last {len(letters):,} shown: the kernel keeps the last [kernel]"
+            " dead_letter_buffer)"
+            if total > len(letters)
+            else str(total)
+        )
+        raise AssertionError(f"expected no dead letters, got {count}: {seen}")
 
 
 def assert_conserved(kernel: Kernel) -> None:

@@ -883,3 +883,39 @@ async def test_a_probe_waited_on_by_two_tasks_gives_each_a_message(
         await nexus_kernel.send(probe.ref, 2)
     assert sorted(got.values()) == [1, 2]
     assert trio.current_time() == 0  # neither waited out its timeout
+
+
+async def test_the_dead_letter_assertions_say_when_the_kernel_let_older_letters_go(
+    autojump_clock: Any,
+) -> None:
+    """Regression: the helpers look at the ring of recent dead letters, which keeps the
+    last ``[kernel] dead_letter_buffer``: with more, ``assert_dead_lettered`` said ``no dead
+    letter with payload=0`` of a message that was dead-lettered, and
+    ``assert_no_dead_letters`` ``got 2`` of 4, as if the others had never been."""
+
+    @agent(name="bad")
+    async def bad(ctx: Context, msg: Message) -> None:
+        raise ValueError(msg.payload)
+
+    async with open_test_kernel(test_config(dead_letter_buffer=2)) as kernel:
+        ref = kernel.spawn(bad)
+        for n in range(4):
+            await send_and_wait(kernel, ref, n)
+        assert [d.message.payload for d in dead_letters(kernel)] == [2, 3]
+        assert kernel.stats().dead_lettered == 4
+        kept = "[('handler_error', 2, 'ValueError(2)'), ('handler_error', 3, 'ValueError(3)')]"
+        with pytest.raises(AssertionError) as info:
+            assert_dead_lettered(kernel, payload=0)
+        assert str(info.value) == (
+            "no dead letter with payload=0 among the last 2 of 4 (the kernel keeps the last"
+            " [kernel] dead_letter_buffer: the 2 before them were let go, not looked at);"
+            f" dead letters: {kept}"
+        )
+        with pytest.raises(AssertionError) as info:
+            assert_no_dead_letters(kernel)
+        assert str(info.value) == (
+            "expected no dead letters, got 4 (the last 2 shown: the kernel keeps the last"
+            f" [kernel] dead_letter_buffer): {kept}"
+        )
+        # What the ring holds is found as before.
+        assert assert_dead_lettered(kernel, payload=3).message.payload == 3
