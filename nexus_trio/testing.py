@@ -646,25 +646,35 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
     _check_kernel(kernel, "record_events", "events")
     recorder = EventRecorder()
     # (the stream first: a bad buffer is its own error, not one of the nursery's group)
-    async with kernel.events(buffer) as stream, trio.open_nursery() as nursery:
+    async with kernel.events(buffer) as stream:
 
         async def collect() -> None:
             async for event in stream:
                 recorder.events.append(event)
 
-        nursery.start_soon(collect)
         try:
-            yield recorder
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(collect)
+                try:
+                    yield recorder
+                finally:
+                    try:
+                        # Bounded: with an agent that keeps itself busy, take what came
+                        # within it. (Raises at once in a block cancelled from outside.)
+                        await _all_blocked(60.0)
+                    finally:
+                        nursery.cancel_scope.cancel()
         finally:
-            # Bounded: with an agent that keeps itself busy, take what came within it.
-            await _all_blocked(60.0)
+            # What the stream holds still, taken once ``collect`` has ended (it appends
+            # an event it was handed before its cancel first: the order kept), also
+            # when the block was cancelled: an ``await`` here raised at once then, and
+            # the events of the block's last moments were lost, not counted as dropped.
             while True:
                 try:
                     recorder.events.append(stream.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             recorder.dropped = stream.dropped
-            nursery.cancel_scope.cancel()
 
 
 @attrs.define(eq=False)

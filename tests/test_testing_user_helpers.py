@@ -919,3 +919,30 @@ async def test_the_dead_letter_assertions_say_when_the_kernel_let_older_letters_
         )
         # What the ring holds is found as before.
         assert assert_dead_lettered(kernel, payload=3).message.payload == 3
+
+
+async def test_a_record_events_block_cancelled_from_outside_keeps_what_came_within_it(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: the block's end awaited all tasks blocked before taking what the stream
+    held; in a block cancelled from outside (a ``move_on_after`` around it, a cancelled
+    scope) that ``await`` raised at once, and the events not collected yet were lost,
+    not counted in ``dropped``: here all three, ``[]`` with ``dropped == 0``."""
+
+    @agent
+    async def idle(ctx: Context, msg: Message) -> None:
+        return None
+
+    with trio.CancelScope() as scope:
+        async with record_events(nexus_kernel) as events:
+            for name in ("a", "b", "c"):
+                nexus_kernel.spawn(idle, name=name)
+            scope.cancel()
+            await trio.sleep_forever()
+    assert [(e.name, e.kind.value) for e in events.events] == [
+        ("a", "spawned"),
+        ("b", "spawned"),
+        ("c", "spawned"),
+    ]
+    assert events.dropped == 0
+    assert_events(events, None, ["spawned", "spawned", "spawned"])
