@@ -210,7 +210,11 @@ class Ledger:
         # more a sample). Both values are finite: differences of clock reads.
         handle, wait = self.handle_latency, self.queue_wait
         handle.defer(self.now() - started)
-        wait.defer((time.time_ns() // 1000 - msg.timestamp) / 1e6)
+        # From the message's timestamp, taken by its sender: one whose clock is ahead of
+        # this one's (another node's, a bridge agent's) gave a negative wait, which made
+        # the summary's sum fall (Prometheus takes a fall for a reset): it waited 0.
+        waited = time.time_ns() // 1000 - msg.timestamp
+        wait.defer(waited / 1e6 if waited > 0 else 0.0)
         if len(wait.unfolded) >= FOLD_AT:
             handle.fold()
             wait.fold()

@@ -263,3 +263,19 @@ async def test_an_agent_scan_walks_the_agents_live_at_its_start_whatever_stops_o
             assert [a.id for a in scan.chosen] == [ref.id for ref in live if ref.id in started], (
                 seed
             )
+
+
+def test_a_message_stamped_ahead_of_this_clock_is_sampled_as_waiting_no_time() -> None:
+    """Regression: the queue wait is measured from the message's timestamp, taken by its
+    sender: a message from a node whose clock is an hour ahead (or a bridge agent's) was
+    sampled as waiting -3,600 s, and ``nexus_queue_wait_seconds_sum`` fell by that much
+    (Prometheus takes a summary's falling sum for a reset): total -3599.99... before."""
+    ledger = Ledger(16)
+    ahead = time.time_ns() // 1000 + 3_600_000_000
+    ledger.record_latency(time.perf_counter(), Message(SYSTEM_ID, SYSTEM_ID, "x", timestamp=ahead))
+    behind = time.time_ns() // 1000 - 2_000_000
+    ledger.record_latency(time.perf_counter(), Message(SYSTEM_ID, SYSTEM_ID, "y", timestamp=behind))
+    wait = ledger.queue_wait.snapshot()
+    assert wait.count == 2
+    assert 2.0 <= wait.total < 3.0  # the message 2 s old counts; the one ahead, 0
+    assert 2.0 <= wait.maximum < 3.0
