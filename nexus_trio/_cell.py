@@ -175,7 +175,9 @@ def _serve_batches(
             # read costs about as much as a no-op handler. Sampled by the count before
             # this message (``+ 1`` would build an int per message). (``ledger.now``: the
             # kernel sets its clock there once it runs, after this generator is made.)
-            start = ledger.now() if not ledger.handled & mask else 0.0
+            # Not sampled: -1.0 (a clock's time is never negative; 0.0, which it was, is
+            # a MockClock's until it moves: no message of a test was sampled then).
+            start = ledger.now() if not ledger.handled & mask else -1.0
             try:
                 result = yield from handler(ctx, msg)
             except GeneratorExit as exc:
@@ -203,7 +205,7 @@ def _serve_batches(
                 cell.current = None
                 cell.handled += 1
                 ledger.handled += 1
-                if start and not (ledger.handled - 1) & mask:
+                if start >= 0.0 and not (ledger.handled - 1) & mask:
                     # Sampled by the kernel-wide count (agents that handle few messages
                     # are seen too): recording costs more than a no-op handler.
                     ledger.record_latency(start, msg)
@@ -217,7 +219,7 @@ def _serve_batches(
             cell.current = None
             cell.handled += 1
             ledger.handled += 1
-            if start and not (ledger.handled - 1) & mask:
+            if start >= 0.0 and not (ledger.handled - 1) & mask:
                 ledger.record_latency(start, msg)
             # something returned, or the handler suspended
             if cell._suspended:

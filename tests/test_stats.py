@@ -279,3 +279,29 @@ def test_a_message_stamped_ahead_of_this_clock_is_sampled_as_waiting_no_time() -
     assert wait.count == 2
     assert 2.0 <= wait.total < 3.0  # the message 2 s old counts; the one ahead, 0
     assert 2.0 <= wait.maximum < 3.0
+
+
+def test_latency_is_sampled_before_a_mock_clock_has_moved() -> None:
+    """Regression: a sampled message's start time was also its mark of being sampled (0.0:
+    not sampled), and a ``MockClock`` starts at 0: in a test whose clock had not moved, no
+    message was sampled, ``stats().handle_latency.count`` and ``queue_wait.count`` stayed
+    0 after nine messages, where a kernel on the real clock samples the first and the
+    ninth (one in eight)."""
+
+    @agent(name="quick")
+    async def quick(ctx: Context, msg: Message) -> None:
+        if msg.payload:
+            await trio.lowlevel.checkpoint()  # a handler that suspends: the other path
+
+    async def main() -> None:
+        async with open_test_kernel() as kernel:
+            ref = kernel.spawn(quick)
+            for n in range(9):
+                await kernel.send(ref, n % 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == 0.0
+            stats = kernel.stats()
+            assert stats.handled == 9
+            assert stats.handle_latency.count == stats.queue_wait.count == 2
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
