@@ -946,3 +946,26 @@ async def test_a_record_events_block_cancelled_from_outside_keeps_what_came_with
     ]
     assert events.dropped == 0
     assert_events(events, None, ["spawned", "spawned", "spawned"])
+
+
+async def test_assert_events_inside_the_block_fails_once_the_recorder_missed_events(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: ``dropped`` was set only when the ``record_events`` block ended, so an
+    ``assert_events`` inside it (as docs/testing.md's lazy-agent example does) compared
+    what the recorder kept, and passed: ten spawns into a buffer of 2 passed as
+    ``["spawned", "spawned"]``, ``dropped == 0`` until the block ended with 8."""
+
+    @agent
+    async def idle(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with record_events(nexus_kernel, buffer=2) as events:
+        for n in range(10):
+            nexus_kernel.spawn(idle, name=f"a{n}")
+        await settle()
+        assert len(events.events) == 2
+        assert events.dropped == 8
+        with pytest.raises(AssertionError, match="the recorder missed 8 events"):
+            assert_events(events, None, ["spawned", "spawned"])
+    assert events.dropped == 8
