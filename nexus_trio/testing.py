@@ -318,7 +318,7 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
             waiting = f", agents restarting: {restarting}" if restarting else ""
             raise AssertionError(
                 f"kernel not idle after {timeout:g} s: {in_flight} message(s) still in flight"
-                f"{waiting}{_in_hand(kernel)}{_on_the_mock_clock(timeout)};"
+                f"{waiting}{_in_hand(kernel)}{_on_the_mock_clock(kernel, timeout)};"
                 f" agents: {kernel.describe()}"
             )
         _check_time_can_pass()
@@ -335,16 +335,36 @@ def _in_hand(kernel: Kernel) -> str:
     return f", being handled by {', '.join(busy)}" if busy else ""
 
 
-def _on_the_mock_clock(timeout: float) -> str:
+def _on_the_mock_clock(kernel: Kernel, timeout: float) -> str:
     """What ``timeout`` counted on a mock clock that jumps: its seconds, not real ones,
-    so a handler, sleep or backoff meant to take longer needs a larger one."""
+    so a handler, sleep or backoff meant to take longer needs a larger one; with process
+    agents, that they work in real time, which such a clock does not wait for (a larger
+    timeout would not help)."""
     clock = trio.lowlevel.current_clock()
     if not (isinstance(clock, trio.testing.MockClock) and clock.rate == 0):
         return ""
+    processes = _process_agents(kernel)
+    if processes:
+        return (
+            f" (process agents {', '.join(map(repr, processes))} work in real time, which"
+            " a mock clock that jumps does not wait for: it jumps whenever every task waits,"
+            " for a child process's answer too, so no timeout= helps; test them on a real"
+            " clock, see docs/testing.md)"
+        )
     return (
         f" ({timeout:g} s of the mock clock, which took no real time: a handler, sleep or"
         f" backoff meant to take longer needs a larger timeout=, e.g. timeout=3600)"
     )
+
+
+def _process_agents(kernel: Kernel) -> list[str]:
+    """The names (else ids) of ``kernel``'s live process agents (``process_agent``)."""
+    if not isinstance(kernel, Kernel):
+        return []
+    from .bridges import bridge_stats  # (here: a test without process agents needs none)
+
+    ids = {str(agent_id) for agent_id in bridge_stats(kernel)}
+    return sorted(node.get("name") or node["id"] for node in _nodes(kernel) if node["id"] in ids)
 
 
 def _until_next_wakeup() -> float:

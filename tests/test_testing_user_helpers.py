@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from nexus_trio import (
     Supervisor,
     agent,
 )
+from nexus_trio.bridges import process_agent
 from nexus_trio.testing import (
     assert_conserved,
     assert_dead_lettered,
@@ -969,3 +972,28 @@ async def test_assert_events_inside_the_block_fails_once_the_recorder_missed_eve
         with pytest.raises(AssertionError, match="the recorder missed 8 events"):
             assert_events(events, None, ["spawned", "spawned"])
     assert events.dropped == 8
+
+
+def test_step_until_idle_on_the_mock_clock_says_process_agents_run_in_real_time() -> None:
+    """A process agent on the ``autojump_clock``: the clock jumps while the child process
+    works, and ``step_until_idle`` failed saying its timeout counted mock seconds, so a
+    larger ``timeout=`` was needed, e.g. 3600, which does not help (the clock jumps past
+    any). It now names the process agents and says to test them on a real clock."""
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py")
+
+    async def main() -> None:
+        with real_time_limit(60):
+            async with open_test_kernel() as kernel:
+                kernel.spawn(process_agent([sys.executable, example], name="calc"))
+                await kernel.send("calc", {"operation": "add", "a": 1, "b": 2})
+                with pytest.raises(AssertionError) as info:
+                    await step_until_idle(kernel, timeout=5)
+        message = str(info.value)
+        assert "1 message(s) still in flight" in message
+        assert (
+            "(process agents 'calc' work in real time, which a mock clock that jumps does not"
+            " wait for" in message
+        )
+        assert "e.g. timeout=3600" not in message
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
