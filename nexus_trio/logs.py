@@ -45,10 +45,13 @@ from ._logcall import log_calls_failed as log_calls_failed
 from ._throttle import lines_dropped
 
 __all__ = [
+    "FIELD_LIMIT",
     "FLUSH_TIMEOUT",
+    "TRACEBACK_LIMIT",
     "CompactFormatter",
     "JsonFormatter",
     "configure_logging",
+    "cut_field",
     "escape_control",
     "flush_logs",
     "install_default_logging",
@@ -137,45 +140,67 @@ def _escape_lines(text: str) -> str:
     return "\n".join(escape_control(line) for line in text.split("\n"))
 
 
-def _escape_exception_texts(exc: traceback.TracebackException, seen: set[int]) -> None:
+def _escape_exception_texts(
+    exc: traceback.TracebackException, seen: set[int], rewrite: Callable[[str], str] | None = None
+) -> None:
     """Escape the messages (and notes) of ``exc`` and its causes, contexts and group members.
 
     The frames of a traceback are lines on their own, but an exception's message is
     arbitrary text written into the traceback's last line: escaped here, a newline in it
-    cannot start a line of its own. ``TracebackException`` keeps the message in ``_str``
-    (CPython 3.11 to 3.13); without it the lines are still escaped one by one.
+    cannot start a line of its own; cut at :data:`FIELD_LIMIT` first (:func:`cut_field`:
+    a 10 MB message cost 0.5 s to escape, and was written whole). ``rewrite``: what is done
+    to each text instead (the JSON format's: cut only, JSON escapes it).
+    ``TracebackException`` keeps the message in ``_str`` (CPython 3.11 to 3.13); without it
+    the lines are still escaped one by one.
     """
+    if rewrite is None:
+        rewrite = _escape_cut
     if id(exc) in seen:
         return
     seen.add(id(exc))
     message = getattr(exc, "_str", None)
     if isinstance(message, str):
-        setattr(exc, "_str", escape_control(message))  # noqa: B010 - see the docstring
+        setattr(exc, "_str", rewrite(message))  # noqa: B010 - see the docstring
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
-        exc.__notes__ = [escape_control(str(note)) for note in notes]
+        exc.__notes__ = [rewrite(str(note)) for note in notes]
     syntax_message = getattr(exc, "msg", None)  # a SyntaxError's message
     if isinstance(syntax_message, str):
-        setattr(exc, "msg", escape_control(syntax_message))  # noqa: B010
+        setattr(exc, "msg", rewrite(syntax_message))  # noqa: B010
     for linked in (exc.__cause__, exc.__context__):
         if linked is not None:
-            _escape_exception_texts(linked, seen)
+            _escape_exception_texts(linked, seen, rewrite)
     for member in getattr(exc, "exceptions", None) or ():
-        _escape_exception_texts(member, seen)
+        _escape_exception_texts(member, seen, rewrite)
 
 
-def _format_exception_escaped(exc_info: _ExcInfo) -> str:
+def _escape_cut(text: str) -> str:
+    return escape_control(cut_field(text))
+
+
+def _format_exception_cut(exc_info: _ExcInfo) -> str:
+    """The traceback of ``exc_info`` as ``logging`` writes it, each exception's message
+    and note cut at :data:`FIELD_LIMIT` (the JSON format's: JSON escapes the rest)."""
+    return _format_exception_escaped(exc_info, cut_field)
+
+
+def _format_exception_escaped(
+    exc_info: _ExcInfo, rewrite: Callable[[str], str] | None = None
+) -> str:
     """The traceback of ``exc_info`` as ``logging`` writes it, with control characters escaped.
 
     Line breaks between the lines of the traceback stay; any other control character,
     including a line break inside an exception's message, is escaped (:func:`escape_control`).
+    With ``rewrite``, that is done to each exception's message instead, and the lines are
+    not escaped.
     """
     exc_type, exc_value, exc_tb = exc_info
     if exc_type is None or exc_value is None:
         return "NoneType: None"
     formatted = traceback.TracebackException(exc_type, exc_value, exc_tb, compact=True)
-    _escape_exception_texts(formatted, set())
-    return _escape_lines("".join(formatted.format()).rstrip("\n"))
+    _escape_exception_texts(formatted, set(), rewrite)
+    text = "".join(formatted.format()).rstrip("\n")
+    return text if rewrite is not None else _escape_lines(text)
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -217,8 +242,27 @@ def _shown(value: Any) -> str:
         return f"<str() failed: {type(exc).__name__}>"
 
 
+#: the most characters a log line writes of one text: its message, an extra's value (a
+#: string, or the ``str`` of one that is no JSON type; each string in an extra's lists
+#: and dicts, and each key; an exception's message). The rest is cut, and the cut said:
+#: ``...[10,469,376 bytes cut]`` (its UTF-8 bytes): a 10 MB extra was written whole
+FIELD_LIMIT: Final = 16_384
+#: the most characters a log line writes of a traceback or a stack (each exception's
+#: message and note in it cut at :data:`FIELD_LIMIT` first, so its last line is kept)
+TRACEBACK_LIMIT: Final = 4 * FIELD_LIMIT
+
+
+def cut_field(text: str, limit: int = FIELD_LIMIT) -> str:
+    """``text``, its characters past ``limit`` cut and counted (in UTF-8 bytes)."""
+    if len(text) <= limit:
+        return text
+    rest = text[limit:]
+    cut = len(rest) if rest.isascii() else len(rest.encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}...[{cut:,} bytes cut]"
+
+
 def _text(value: Any) -> str:
-    text = _shown(value)
+    text = cut_field(_shown(value))
     if not text or any(c.isspace() or c in "\"'=" for c in text):
         # json.dumps escapes C0 controls; escape_control then takes the C1 ones and U+2028.
         return escape_control(json.dumps(text, ensure_ascii=False))
@@ -238,9 +282,9 @@ class _EscapingFormatter(logging.Formatter):
         # Formatted here rather than read from record.exc_text, which another handler's
         # formatter may have filled in unescaped.
         if record.exc_info:
-            return self.formatException(record.exc_info)
+            return cut_field(self.formatException(record.exc_info), TRACEBACK_LIMIT)
         if record.exc_text:
-            return _escape_lines(record.exc_text)
+            return _escape_lines(cut_field(record.exc_text, TRACEBACK_LIMIT))
         return None
 
 
@@ -257,15 +301,17 @@ class CompactFormatter(_EscapingFormatter):
             _timestamp(record),
             f"{record.levelname:<8}",
             escape_control(record.name),
-            escape_control(record.getMessage()),
+            escape_control(cut_field(record.getMessage())),
         ]
-        parts.extend(f"{escape_control(key)}={_text(value)}" for key, value in _extras(record))
+        parts.extend(
+            f"{escape_control(cut_field(key))}={_text(value)}" for key, value in _extras(record)
+        )
         line = " ".join(parts)
         exc_text = self._exception_text(record)
         if exc_text:
             line = f"{line}\n{exc_text}"
         if record.stack_info:
-            line = f"{line}\n{self.formatStack(record.stack_info)}"
+            line = f"{line}\n{self.formatStack(cut_field(record.stack_info, TRACEBACK_LIMIT))}"
         return line
 
 
@@ -288,9 +334,11 @@ def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
     ``str``; ``<str() failed: RecursionError>`` for one too deep for that): an extra
     nested 5,000 deep raised RecursionError here, and the record was lost."""
     if len(within) >= _JSON_DEPTH and isinstance(value, list | tuple | dict):
-        return _shown(value)
-    if value is None or isinstance(value, bool | str):
+        return cut_field(_shown(value))
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return cut_field(value)
     if isinstance(value, float):
         # NaN and the infinities are no JSON (RFC 8259 6): json.dumps writes them as NaN
         # and Infinity, which strict parsers (jq, JSON.parse, Go's) refuse, the whole
@@ -303,16 +351,18 @@ def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
             try:
                 int.__repr__(value)
             except ValueError:
-                return _shown(value)
+                return cut_field(_shown(value))
         return value
     if isinstance(value, list | tuple | dict):
         if id(value) in within:
             return "{...}" if isinstance(value, dict) else "[...]"
         inside = within | {id(value)}
         if isinstance(value, dict):
-            return {_shown(key): _json_value(item, inside) for key, item in value.items()}
+            return {
+                cut_field(_shown(key)): _json_value(item, inside) for key, item in value.items()
+            }
         return [_json_value(item, inside) for item in value]
-    return _shown(value)
+    return cut_field(_shown(value))
 
 
 # Characters JSON allows raw inside strings but that split lines for some readers (U+2028
@@ -359,9 +409,10 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": cut_field(record.getMessage()),
         }
-        for key, value in _extras(record):
+        for name, value in _extras(record):
+            key = cut_field(name)
             # A name taken (by a field of ours, or an extra before it: keys ``1`` and
             # ``"1"`` are both "1" in JSON) is prefixed until it is free: a reader of
             # the line keeps only one of two equal keys.
@@ -371,18 +422,23 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            entry["exc"] = record.exc_text
+            entry["exc"] = cut_field(record.exc_text, TRACEBACK_LIMIT)
         if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
+            entry["stack"] = cut_field(self.formatStack(record.stack_info), TRACEBACK_LIMIT)
         return json.dumps(entry, ensure_ascii=False).translate(_JSON_ESCAPES)
+
+    def formatException(self, ei: Any) -> str:
+        return _format_exception_cut(ei)
 
 
 class _PrettyFormatter(_EscapingFormatter):
     """The message and its ``key=value`` extras; rich draws time, level and traceback."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{escape_control(key)}={_text(value)}" for key, value in _extras(record))
-        message = escape_control(record.getMessage())
+        extras = " ".join(
+            f"{escape_control(cut_field(key))}={_text(value)}" for key, value in _extras(record)
+        )
+        message = escape_control(cut_field(record.getMessage()))
         return f"{message}  {extras}" if extras else message
 
     def format(self, record: logging.LogRecord) -> str:
@@ -396,8 +452,8 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
     def escape_trace(trace: Trace) -> None:
         for stack in trace.stacks:
             stack.exc_type = escape_control(stack.exc_type)
-            stack.exc_value = escape_control(stack.exc_value)
-            stack.notes = [escape_control(note) for note in stack.notes]
+            stack.exc_value = escape_control(cut_field(stack.exc_value))
+            stack.notes = [escape_control(cut_field(note)) for note in stack.notes]
             for frame in stack.frames:
                 frame.filename = escape_control(frame.filename)
                 frame.name = escape_control(frame.name)

@@ -25,10 +25,13 @@ from hypothesis import strategies as st
 from nexus_trio import Context, Kernel, LoggingConfig, Message, agent, open_kernel
 from nexus_trio._brief import brief
 from nexus_trio.logs import (
+    FIELD_LIMIT,
     FLUSH_TIMEOUT,
+    TRACEBACK_LIMIT,
     CompactFormatter,
     JsonFormatter,
     configure_logging,
+    cut_field,
     flush_logs,
     level_number,
     records_lost,
@@ -1573,8 +1576,10 @@ read_end, write_end = os.pipe()
 stream = open(write_end, "w", encoding="utf-8")
 configure_logging(LoggingConfig(), stream=stream)  # a queue of 10,000 records
 log = logging.getLogger("nexus_trio.test")
+# (1 MB a record in 64 extras: one text is cut at 16,384 characters, FIELD_LIMIT)
+extra = {f"x{j:02}": "x" * 15_625 for j in range(64)}
 for i in range(40):  # 40 MB: the pipe takes 64 KiB of them
-    log.info("big %03d %s", i, "x" * 1_000_000)
+    log.info("big %03d", i, extra=extra)
 lost = records_lost()
 received = []
 reader = threading.Thread(target=lambda: received.extend(iter(lambda: os.read(read_end, 1 << 20), b"")))
@@ -1778,3 +1783,45 @@ def test_brief_of_a_value_whose_element_repr_raises_is_shown_as_error_repr_shows
     assert brief([1, _ReprBug()]) == "<list, whose repr() raised RuntimeError: repr bug>"
     assert brief({"a": (_ReprBug(),)}) == "<dict, whose repr() raised RuntimeError: repr bug>"
     assert brief(["x" * 200, _ReprBug()]) == "['" + "x" * 118 + "..."
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+def test_a_huge_field_is_cut_at_the_field_limit_saying_how_many_bytes(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-fifth pass: a 10 MB ``extra=`` string (or message, or exception text) was
+    written whole, a 10 MB log line. Each text of a line is cut at ``FIELD_LIMIT``
+    characters (a traceback at ``TRACEBACK_LIMIT``, its exception's message at
+    ``FIELD_LIMIT`` first, so its last line is kept), the cut said in UTF-8 bytes; a JSON
+    line stays JSON, a compact record one line plus its traceback."""
+    stream = configured(fmt)
+    big = "x" * 10_000_000
+    wide = "é" * 20_000  # (two UTF-8 bytes each: the cut is said in bytes)
+    try:
+        raise ValueError(big)
+    except ValueError:
+        logging.getLogger("nexus_trio.x").exception(
+            big, extra={"big": big, "wide": wide, "nested": [{"k": big}], "small": "s"}
+        )
+    text = stream.getvalue()
+    assert len(text) < 8 * FIELD_LIMIT, len(text)
+    said = f"{'x' * FIELD_LIMIT}...[{10_000_000 - FIELD_LIMIT:,} bytes cut]"
+    wide_said = f"{'é' * FIELD_LIMIT}...[{2 * (20_000 - FIELD_LIMIT):,} bytes cut]"
+    if fmt == "json":
+        (record,) = json_lines(stream)
+        assert record["msg"] == said
+        assert record["big"] == said
+        assert record["wide"] == wide_said
+        assert record["nested"] == [{"k": said}]
+        assert record["small"] == "s"
+        assert record["exc"].startswith("Traceback (most recent call last):")
+        assert record["exc"].endswith(f"\nValueError: {said}")
+    else:
+        first, *traceback_lines = text.splitlines()
+        assert f' {said} big="{said}" wide="{wide_said}" nested=' in first
+        assert first.endswith(" small=s")
+        assert traceback_lines[0] == "Traceback (most recent call last):"
+        assert traceback_lines[-1] == f"ValueError: {said}"
+    short = "x" * FIELD_LIMIT
+    assert cut_field(short) is short
+    assert len(cut_field("x" * (TRACEBACK_LIMIT + 1), TRACEBACK_LIMIT)) == TRACEBACK_LIMIT + 16
