@@ -25,7 +25,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -4082,18 +4082,19 @@ async def test_answer_holding_a_number_out_of_range_is_an_invalid_line_not_an_an
     assert any('out of range: 1e999): {"type": "response"' in w for w in warnings), warnings
 
 
+@pytest.mark.parametrize("protocol", ["1", "2"])
 async def test_a_line_nested_too_deeply_is_not_json_naming_its_depth(
-    caplog: pytest.LogCaptureFixture,
+    protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Fifty-third pass: a child's line nested deeper than Python's JSON reader goes (a
     100,000-deep ``[[[...]]]``, its RecursionError) was said as ``JSON nested too
     deeply``, in words of its own and naming no depth. It is ``not JSON (nested 100,000
     levels deep, ...)`` now, as other lines that are no JSON are (and as the Python bridge
     says it of its input); the message it was read for is dead-lettered ``malformed`` and
-    the agent goes on."""
+    the agent goes on. (Fifty-fifth pass: in protocol 1 too.)"""
     caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
     async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(toy(), name="deep"))
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), name="deep"))
         with pytest.raises(RequestFailed) as info:
             await kernel.request(ref, {"op": "deep"})
         assert info.value.reason == "malformed"
@@ -4105,6 +4106,48 @@ async def test_a_line_nested_too_deeply_is_not_json_naming_its_depth(
     assert sum(said in w for w in warnings) == 1, warnings
 
 
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_a_payload_too_deep_to_write_is_named_by_its_depth_in_both_protocols(
+    protocol: str,
+) -> None:
+    """Fifty-fifth pass (a check, no change): the protocol-1 encoder re-reads a message's
+    JSON (``json.loads``, to stamp its conversation id) and catches no RecursionError.
+    It cannot reach one: ``Message.to_json`` refuses a payload first, its walk taking
+    three frames a level (330 levels at the top of a stack whose limit is 1,000) where
+    the reader takes one (994). A too-deep payload fails with its depth named in
+    protocol 1 as in 2 (``unserialisable``), unwritten, and the agent goes on."""
+    deep = nested_in_lists(0, 2_000)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), name="deep"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "echo", "value": deep})
+        assert info.value.reason == "unserialisable"
+        said = "payload is nested more than 1,000 levels deep, past this interpreter's"
+        assert said in str(info.value.error), info.value.error
+        assert await kernel.request(ref, {"op": "echo", "value": "ok"}) == "ok"
+        stats = stats_of(kernel, ref)
+        assert (stats.unserialisable, stats.invalid_lines, stats.starts) == (1, 0, 1)
+
+
+def nested_in_lists(value: Any, depth: int) -> Any:
+    """``value`` inside ``depth`` lists, one in another."""
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@contextlib.contextmanager
+def recursion_limit(limit: int) -> Iterator[None]:
+    """This interpreter's recursion limit set to ``limit`` for the block (a kernel that
+    writes what a child's JSON reader cannot take)."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
 async def test_a_payload_too_deep_for_the_python_bridge_s_reader_fails_at_once() -> None:
     """Fifty-fourth pass: a kernel whose recursion limit is higher than its Python child's
     wrote a payload 5,000 deep, which the child's JSON reader could not take: the bridge
@@ -4112,13 +4155,9 @@ async def test_a_payload_too_deep_for_the_python_bridge_s_reader_fails_at_once()
     timeout (30 s here), then the child was replaced. The bridge reads the frame's id
     beside its payload now and answers at once: the request fails with the depth said,
     and the child goes on."""
-    deep: Any = 0
-    for _ in range(5_000):
-        deep = [deep]
+    deep = nested_in_lists(0, 5_000)
     bridge = [sys.executable, str(ROOT / "nexus_trio" / "bridges" / "python.py")]
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(20_000)
-    try:
+    with recursion_limit(20_000):
         async with bridge_kernel() as kernel:
             ref = kernel.spawn(process_agent(bridge, name="echo", handle_timeout=30.0))
             assert await kernel.request(ref, "up") == "up"
@@ -4130,8 +4169,50 @@ async def test_a_payload_too_deep_for_the_python_bridge_s_reader_fails_at_once()
             assert said in str(info.value.error), info.value.error
             assert await kernel.request(ref, "after") == "after"
             assert (stats_of(kernel, ref).starts, stats_of(kernel, ref).replaced) == (1, 0)
-    finally:
-        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_the_kernel_writes_a_message_s_kind_right_after_its_payload(
+    protocol: str, tmp_path: Path
+) -> None:
+    """Fifty-fifth pass: the Python bridge answers a message frame too deep for its reader
+    by reading the fields written after the payload (the frame's last ``,"kind":``), so it
+    relies on the kernel writing ``kind`` right after ``payload`` and only scalars after
+    it. Pinned here on the kernel's own frames, in both protocols (protocol 1 re-encodes
+    the message to stamp its conversation id: the keys keep their order): the frame's keys
+    are ``from, to, payload, kind, id, timestamp, conversation_id, reply_to, trace_id``, and
+    a payload 5,000 deep (a dict in it with its own ``kind`` and ``id``) is answered at
+    once, its depth said, not at the handle timeout."""
+    deep = nested_in_lists({"kind": "Event", "id": "not-it", "x": 0}, 5_000)
+    # (the child's stdin, as the kernel wrote it, kept by tee)
+    stdin = tmp_path / "stdin"
+    bridge = shlex.join([sys.executable, str(ROOT / "nexus_trio" / "bridges" / "python.py")])
+    command = ["sh", "-c", f"tee {shlex.quote(str(stdin))} | {bridge} --protocol {protocol}"]
+    with recursion_limit(20_000):
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(process_agent(command, name="echo", handle_timeout=30.0))
+            assert await kernel.request(ref, "up") == "up"
+            started = time.monotonic()
+            said = "not JSON (nested 5,003 levels deep, past the JSON reader's recursion limit)"
+            if protocol == "1":  # (an error is an answer's payload in protocol 1)
+                answer = await kernel.request(ref, deep, trace_id=uuid.uuid4())
+                assert answer["error_type"] == "InvalidFrame", answer
+                assert answer["error"].startswith(said), answer
+            else:
+                with pytest.raises(RequestFailed) as info:
+                    await kernel.request(ref, deep, trace_id=uuid.uuid4())
+                assert said in str(info.value.error), info.value.error
+            assert time.monotonic() - started < 15, "waited for the handle timeout"
+            assert await kernel.request(ref, "after") == "after"
+            assert (stats_of(kernel, ref).starts, stats_of(kernel, ref).replaced) == (1, 0)
+        keys = [
+            [key for key, _ in json.loads(line, object_pairs_hook=list)[1][1]]
+            for line in stdin.read_bytes().splitlines()
+            if line.startswith(b'{"type":"message",')
+        ]
+    fields = ["from", "to", "payload", "kind", "id", "timestamp"]
+    fields += ["conversation_id", "reply_to", "trace_id"]
+    assert keys == [fields] * 3, keys
 
 
 async def test_a_child_s_lines_are_read_by_one_decoder_made_once(
