@@ -116,6 +116,8 @@ class Probe(NexusAgent):
             return None
         if do == "raise":
             raise ValueError(p["text"])
+        if do == "raise_huge":
+            raise ValueError(p["text"] * p["times"])
         if do == "unserialisable":
             return {"ok": {1, 2}}
         if do == "nan":
@@ -222,6 +224,7 @@ class Probe extends NexusAgent {
       case 'echo': return p.value;
       case 'none': return undefined;
       case 'raise': throw new RangeError(p.text);
+      case 'raise_huge': throw p.text.repeat(p.times); // (a string: no Error)
       case 'reject': return Promise.reject(new TypeError(p.text));
       case 'throw_symbol': throw Symbol('gone'); // String() takes it; a template throws
       case 'throw_unreadable': throw { toString() { throw new Error('no text'); } };
@@ -2625,6 +2628,39 @@ async def test_bridges_under_the_kernel_answer_fail_and_send(lang: str, tmp_path
         assert [(m.sender, m.kind, m.payload) for m in received] == [
             (ref.id, MessageKind.EVENT, {"n": 1})
         ]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("protocol", [1, 2])
+async def test_a_handler_error_with_a_huge_text_is_its_error_cut_not_an_unusable_line(
+    lang: str, protocol: int, tmp_path: Path
+) -> None:
+    """Fifty-fifth pass: a handler that raised (threw, in JavaScript: a string, no Error)
+    with a 5 MB text made an error frame over the kernel's line limit (1 MiB): the line
+    was discarded and the message failed ``malformed`` (``stdout line of 5,000,115 bytes
+    exceeds the limit``), not with the handler's error. The bridges cut an error's text
+    at 16,384 characters, saying how many were cut; the kernel keeps the start of it."""
+    from nexus_trio import RequestFailed, open_kernel
+    from nexus_trio.bridges.process import bridge_stats, process_agent
+
+    env = {**os.environ, "NEXUS_PROTOCOL": str(protocol)}
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(process_agent(probe_command(lang, tmp_path), name="probe", env=env))
+            huge = {"do": "raise_huge", "text": "éx", "times": 2_500_000}
+            if protocol == 1:  # (an error is an answer's payload in protocol 1)
+                answer = await kernel.request("probe", huge)
+                error = answer["error"]
+                assert error.endswith(f"... ({5_000_000 - 16_384:,} characters cut)"), error[-80:]
+                assert error[:16_384] == "éx" * 8_192
+            else:
+                with pytest.raises(RequestFailed) as failed:
+                    await kernel.request("probe", huge)
+                assert failed.value.reason == "handler_error", failed.value
+                assert "éxéx" in str(failed.value.error)
+            assert await kernel.request("probe", {"do": "echo", "value": 1}) == 1
+            stats = bridge_stats(kernel)[ref.id]
+            assert (stats.oversized_lines, stats.invalid_lines, stats.starts) == (0, 0, 1)
 
 
 #: stderr lines a handler writes at once: ~0.5 MB, eight times what a pipe holds

@@ -31,6 +31,10 @@ const KINDS = ['Command', 'Event', 'Query', 'Response'];
 const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const SNIPPET = 60;
+// characters (UTF-16 units) of an error's text written in an `error` frame (or a
+// protocol-1 error response); the rest is cut, and the cut said. The kernel keeps 4,096
+// of them; a frame this long stays under its 1 MiB line limit.
+const ERROR_TEXT_LIMIT = 16384;
 // what a line after a UTF-8 byte order mark is, in the Python bridge's words
 const BOM_PROBLEM = 'Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)';
 
@@ -960,6 +964,15 @@ class NexusAgent {
   }
 
   _sendError(message, text, errorType) {
+    if (text.length > ERROR_TEXT_LIMIT) {
+      // (a 5 MB thrown text made a frame over the kernel's line limit: the message failed
+      // "malformed", the line discarded, not with the handler's error). Not between the
+      // two halves of a surrogate pair: a lone one is refused by the kernel.
+      let end = ERROR_TEXT_LIMIT;
+      const last = text.charCodeAt(end - 1);
+      if (last >= 0xd800 && last <= 0xdbff) end -= 1;
+      text = `${text.slice(0, end)}... (${(text.length - end).toLocaleString('en-US')} characters cut)`;
+    }
     if (this.protocol >= 2) {
       const msgId = message && message.id !== undefined ? message.id : null;
       this._writeFrame('error', { reply_to: msgId, error: text, error_type: errorType });

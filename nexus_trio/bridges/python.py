@@ -166,6 +166,11 @@ class Message(dict[str, Any]):
 
 _SNIPPET = 60
 
+#: characters of an error's text written in an ``error`` frame (or a protocol-1 error
+#: response); the rest is cut, and the cut said. The kernel keeps 4,096 of them; a frame
+#: this long (at most 6 bytes a character, escaped) stays under its 1 MiB line limit
+ERROR_TEXT_LIMIT = 16_384
+
 #: what ``too_deep`` keeps of a line once its strings are out: ``{`` as ``[``, ``}`` as ``]``,
 #: every other byte deleted (one C pass over the bytes, not a regex: 16 ms for 1 MiB)
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
@@ -1235,6 +1240,11 @@ class NexusAgent:
         return response
 
     def _send_error(self, message: Any, text: str, error_type: str) -> None:
+        if len(text) > ERROR_TEXT_LIMIT:
+            # (a 5 MB exception text made a frame over the kernel's line limit: the message
+            # failed "malformed", the line discarded, not with the handler's error)
+            cut = len(text) - ERROR_TEXT_LIMIT
+            text = f"{text[:ERROR_TEXT_LIMIT]}... ({cut:,} characters cut)"
         if self.protocol >= 2:
             msg_id = message.get("id") if isinstance(message, dict) else None
             self._write_frame(
