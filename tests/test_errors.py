@@ -30,6 +30,7 @@ from nexus_trio import (
 from nexus_trio._child import StoppedForShutdown
 from nexus_trio._config import CrossKeyError
 from nexus_trio._errors import AgentStopped
+from nexus_trio._nats._cluster import NodeReplaced
 from nexus_trio._nats._placement import PlacementFailed, UnknownAgentType
 from nexus_trio._nats._wire import RemoteError
 from nexus_trio._router import DeliveryRunFailed
@@ -73,6 +74,7 @@ ERRORS: list[BaseException] = [
     UnknownAgentType("counter", "node-b"),
     UnknownAgentType("counter", None),
     PlacementFailed("c-1", "node-b", "ValueError: boom"),
+    NodeReplaced("b", 4242, "h1", 0xEF),
     ProcessAgentError("calc", "exited (status 3)", 4321),
     ProcessAgentError("calc", "did not start"),
     InvalidFrame("no type", {"type": "message", "payload": 1}),

@@ -977,6 +977,50 @@ async def test_stops_of_unwritten_names_read_their_entries_at_once_and_say_what_
         assert reads["most"] >= 15, reads
 
 
+async def test_a_names_bucket_that_refuses_every_put_logs_a_line_a_second_not_one_a_name(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each local name whose put failed logged a WARNING line of its own
+    (``name 'u-0' (...) not written to the names bucket``): a bucket refusing every put
+    with 10,000 names wrote 10,000 lines. Now at most one a second, with the count
+    unwritten so far, and the lines held back said in one line by the leave. Here b's
+    puts all fail (no answer) for 500 names: on the code before, 500 such lines."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with local_node(nats.url, "b") as (kb, cb):
+        kv = cb._names_kv
+        assert kv is not None
+
+        async def no_answer(*args: Any, **kwargs: Any) -> Any:
+            raise nats_py.errors.TimeoutError
+
+        kv.put = no_answer  # type: ignore[method-assign]
+        kv.create = no_answer  # type: ignore[method-assign]
+        names = [f"u-{i}" for i in range(500)]
+        with trio.fail_after(60):
+            for name in names:
+                kb.spawn(_echo, name=name)
+            await cb.names_published()
+            assert cb.stats().names_unwritten == 500
+        lines = [
+            r.getMessage() for r in caplog.records if "not written to the names" in r.getMessage()
+        ]
+        assert 1 <= len(lines) <= 3, len(lines)
+        assert re.search(r"\(\d+ unwritten now, counted in names_unwritten", lines[0]), lines[0]
+        del kv.put, kv.create
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "more names not written to the names bucket" in r.getMessage()
+    ]
+    # (the leave says what the throttle held back: the rest of the 500, whatever the
+    # retries wrote meanwhile)
+    assert len(said) == 1, said
+    held = re.search(r"node b: ([\d,]+) more names", said[0])
+    last = re.search(r"\((\d+) unwritten now", lines[-1])
+    assert held is not None and last is not None, said
+    assert int(last.group(1)) + int(held.group(1).replace(",", "")) == 500, (lines, said)
+
+
 async def test_a_stop_whose_entry_could_not_be_read_drops_it_with_the_retries(
     nats: NatsServer,
 ) -> None:

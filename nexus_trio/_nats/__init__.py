@@ -36,6 +36,7 @@ from ._cluster import Cluster as Cluster
 from ._cluster import ClusterOptions as ClusterOptions
 from ._cluster import ClusterOptionsWarning as ClusterOptionsWarning
 from ._cluster import ClusterStats as ClusterStats
+from ._cluster import NodeReplaced as NodeReplaced
 from ._cluster import cluster_of as cluster_of
 from ._cluster import default_node_name as default_node_name
 from ._cluster import join_cluster as join_cluster
@@ -63,6 +64,7 @@ __all__ = [
     "NatsServer",
     "NatsServerError",
     "NodeInfo",
+    "NodeReplaced",
     "PlacedAgent",
     "PlacementFailed",
     "RemoteError",

@@ -559,6 +559,27 @@ class ClusterOptionsWarning(UserWarning):
     filters."""
 
 
+class NodeReplaced(NexusError):
+    """Out of :func:`join_cluster`'s block: this process was cut off or paused past its
+    loss, a later process joined under its node name meanwhile (an orchestrator took
+    this one for dead), and this one, heard again, left the cluster to it: Akka
+    Cluster's quarantine of an old incarnation of an address (it must restart to join
+    again), Erlang's refusal of a second node of one name. ``node`` is the name,
+    ``pid``, ``host`` and ``id_prefix`` the later process's."""
+
+    def __init__(self, node: str, pid: int, host: str, id_prefix: int) -> None:
+        self.node = node
+        self.pid = pid
+        self.host = host
+        self.id_prefix = id_prefix
+        super().__init__(
+            f"node {node!r} was replaced: a later process joined under its name (pid {pid}"
+            f" on {host}, id prefix {id_prefix:016x}) while this one was cut off or paused"
+            " past its loss; this process left the cluster to it (its agents are not"
+            " reachable from the members any more): stop it, or join under another name"
+        )
+
+
 #: set while options are made from a config, whose load says what they would warn of
 _FROM_A_LOAD: ContextVar[bool] = ContextVar("_FROM_A_LOAD", default=False)
 
@@ -969,6 +990,7 @@ class Cluster:
         "_batch_versions",
         "_batches_published",
         "_batches_received",
+        "_body_scope",
         "_bucket_births",
         "_bucket_last_seqs",
         "_buckets_made_again",
@@ -1070,6 +1092,7 @@ class Cluster:
         "_records_refused",
         "_refused_batches",
         "_relaying",
+        "_replaced",
         "_replacing",
         "_replies_relayed",
         "_reply_routes",
@@ -1081,6 +1104,7 @@ class Cluster:
         "_seq_marked",
         "_seq_out",
         "_session",
+        "_successor_heard",
         "_successors",
         "_taken_names",
         "_tells_after_leave",
@@ -1092,6 +1116,7 @@ class Cluster:
         "_types",
         "_unread_drops",
         "_unsure_drops",
+        "_unwritten_log",
         "_unwritten_names",
         "_write_now",
         "auth",
@@ -1376,6 +1401,14 @@ class Cluster:
         #: one, heard live (their heartbeats): this process was cut off or paused past its
         #: loss and its name restarted meanwhile (see _on_other_batch); the last 64
         self._successors: OrderedDict[int, None] = OrderedDict()
+        #: set as a later process of this node's name is heard live: the task of
+        #: _leave_if_replaced reads the nodes bucket to confirm it holds the name
+        self._successor_heard = trio.Event()
+        #: the record of the later process this one left the cluster to (see
+        #: _leave_if_replaced), None while it was not replaced
+        self._replaced: NodeInfo | None = None
+        #: the scope of join_cluster's block, cancelled once this process is replaced
+        self._body_scope: trio.CancelScope | None = None
         #: records heard live under a member's name from another process than the one
         #: held, ignored (see _contested)
         self._records_contested = 0
@@ -1391,6 +1424,9 @@ class Cluster:
         #: see _node_lost
         self._requests_lost_with_nodes = 0
         self._after_leave_log = Throttle(kind="cluster.after_leave")
+        #: local names whose put failed (see _name_unwritten): a bucket that refuses
+        #: every put failed each of 10,000 names, one line each
+        self._unwritten_log = Throttle(kind="cluster.name_unwritten")
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         #: when each connection ("data", "control") went down, while it is down (closed:
@@ -4645,15 +4681,22 @@ class Cluster:
         if self._local_names.get(name) != agent_id:
             return  # stopped or replaced since: the op queued for that decides
         self._unwritten_names[name] = agent_id
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: name %r (%s) not written to the names bucket: %r; retried",
-            self.node,
-            name,
-            agent_id,
-            exc,
-        )
+        if self.held.due(
+            self._unwritten_log,
+            "names not written to the names bucket",
+            counted="names_unwritten",
+        ):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: name %r (%s) not written to the names bucket: %r; retried (%d"
+                " unwritten now, counted in names_unwritten; logged at most once a second)",
+                self.node,
+                name,
+                agent_id,
+                exc,
+                len(self._unwritten_names),
+            )
         self.check_duplicate(name)  # a holder heard already wins
 
     async def _retry_names(self) -> bool:
@@ -5428,6 +5471,7 @@ class Cluster:
                     self._successors.move_to_end(info.id_prefix)
                     if len(self._successors) > _SUCCESSORS_MAX:
                         self._successors.popitem(last=False)
+                    self._successor_heard.set()  # (judged by _leave_if_replaced)
             if self.held.due(
                 self._own_name_log,
                 "membership records under this node's name from another process ignored",
@@ -6136,10 +6180,65 @@ class Cluster:
         nursery.start_soon(self._check_members)
         nursery.start_soon(self._publish_names)
         nursery.start_soon(self._retry_writes)
+        nursery.start_soon(self._leave_if_replaced)
         await nursery.start(self._follow_kernel)
         await nursery.start(self._follow_dead_letters)
         await self.durable.start(nursery)
         await self.names_published()
+
+    async def _leave_if_replaced(self) -> None:
+        """Leave the cluster once a later process of this node's name holds it: heard
+        live (its heartbeats, see _apply_member_entry) and its record the one the nodes
+        bucket holds under the name (its join's compare-and-set wrote it; this one's
+        writes are refused since). This process was cut off or paused past its loss and
+        its name restarted meanwhile: it cancels join_cluster's block, which leaves (its
+        durable consumer pulled no more, its names and record left to the later process
+        where that one wrote them: compare-and-set drops) and raises
+        :class:`NodeReplaced`. Akka Cluster quarantines an old incarnation of an address,
+        which must restart to join again; Erlang refuses a second node of one name. A
+        record heard on the heartbeat subject only (a peer on the account speaking for
+        the name) is counted as contested and changes nothing: the bucket must say it
+        too. A read that fails is tried again at the successor's next heartbeat."""
+        kv = self._nodes_kv
+        assert kv is not None
+        while True:
+            await self._successor_heard.wait()
+            self._successor_heard = trio.Event()
+            if self._closing:
+                return
+            try:
+                record, _ = await self._read_own_record(kv)
+            except Exception as exc:
+                log_guarded(
+                    log,
+                    logging.DEBUG,
+                    "node %s: could not read its name's record to judge a later process: %r",
+                    self.node,
+                    exc,
+                )
+                continue
+            try:
+                holder = decode_record(record or b"", monotonic(), self.node)
+            except ValueError:
+                continue  # (none, or not a kernel's: this one's own writes go on)
+            if holder.id_prefix not in self._successors or self._closing:
+                continue
+            self._replaced = holder
+            log_guarded(
+                log,
+                logging.ERROR,
+                "node %s: replaced: a later process of this node name holds it (pid %d on"
+                " %s, id prefix %016x; this one, id prefix %016x, was cut off or paused past"
+                " its loss); leaving the cluster to it: join_cluster raises NodeReplaced",
+                self.node,
+                holder.pid,
+                holder.host,
+                holder.id_prefix,
+                self.id_prefix,
+            )
+            if self._body_scope is not None:
+                self._body_scope.cancel()
+            return
 
     async def _claim_the_name(
         self,
@@ -6912,8 +7011,13 @@ async def join_cluster(
                     collector = ClusterCollector(cluster.stats)
                     metrics.add_collector(kernel, collector)
                     try:
-                        yield cluster
+                        # (cancelled once a later process holds the name: see
+                        # Cluster._leave_if_replaced; NodeReplaced raised below)
+                        with trio.CancelScope() as body:
+                            cluster._body_scope = body
+                            yield cluster
                     finally:
+                        cluster._body_scope = None
                         cluster._ready_phase = "leaving"
                         metrics.remove_collector(kernel, collector)
                         _joined.pop(kernel, None)
@@ -6922,6 +7026,13 @@ async def join_cluster(
                         )
                         await cluster._leave()
                         nursery.cancel_scope.cancel()
+                replaced = cluster._replaced
+                if replaced is not None:
+                    # (the block ended, by the cancel above or by itself: not by an error,
+                    # which goes out as it came)
+                    raise NodeReplaced(
+                        cluster.node, replaced.pid, replaced.host, replaced.id_prefix
+                    )
             finally:
                 try:
                     await cluster._disconnect()

@@ -61,6 +61,7 @@ from .._events import EventKind, LifecycleEvent
 from .._logcall import log_guarded
 from .._plural import count_of, first_few
 from .._supervisor import Supervisor
+from .._throttle import Throttle
 from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import call_aio
@@ -264,6 +265,8 @@ class Placement:
         self._held: dict[str, tuple[uuid.UUID, int | None]] = {}
         #: the records to write again (their agents' revision in ``_held`` is None)
         self._unwritten: dict[str, PlacementRecord] = {}
+        #: records whose write failed (see :meth:`_record_unwritten`): one line a second
+        self._unwritten_log = Throttle(kind="placement.record_unwritten")
         #: placed agents a rebalance is moving (asked of their new owner, not yet stopped
         #: here): out of ``_held`` meanwhile, their entry and record to write again as
         #: they were there; dropped by a clean leave, or by their stop, as ``_held``'s
@@ -628,16 +631,23 @@ class Placement:
             return
         self._held[name] = (agent_id, None)
         self._unwritten[name] = record
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: placement record of %r (%s) not written: %r; the agent runs, the"
-            " write is retried",
-            cluster.node,
-            name,
-            agent_id,
-            exc,
-        )
+        if cluster.held.due(
+            self._unwritten_log,
+            "placement records not written",
+            counted="records_unwritten",
+        ):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: placement record of %r (%s) not written: %r; the agent runs, the"
+                " write is retried (%d unwritten now, counted in records_unwritten; logged"
+                " at most once a second)",
+                cluster.node,
+                name,
+                agent_id,
+                exc,
+                len(self._unwritten),
+            )
         # placed now: a holder of its name heard already wins (its name unwritten, the
         # check at its claim found nothing held to stop)
         cluster.check_duplicate(name)
