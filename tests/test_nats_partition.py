@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from nexus_trio import EventKind, Kernel, open_kernel
+from nexus_trio import Context, EventKind, Kernel, Message, agent, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, NodeReplaced, join_cluster
 
 from .nats_proxy import NatsProxy
@@ -30,6 +30,18 @@ def _ready(clusters: tuple[Cluster, ...]) -> bool:
         and all("blocking" in (info.types or ()) for info in cluster.member_list())
         for cluster in clusters
     )
+
+
+def _keeper(records: list[Any]) -> Any:
+    """An agent that keeps each payload in ``records`` and answers "ok" (a durable
+    message is acked by its handler's answer)."""
+
+    @agent(name="keeper")
+    async def keep(ctx: Context, msg: Message) -> Any:
+        records.append(msg.payload)
+        return "ok"
+
+    return keep
 
 
 def _one_incarnation(name: str, nodes: dict[str, tuple[Kernel, Cluster]]) -> bool:
@@ -118,19 +130,21 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
     it: its ``join_cluster`` block is cancelled and raises ``NodeReplaced`` naming the
     later process, with one ERROR line (Akka's quarantine of an old incarnation). Its
     kernel runs on (leaving never shuts it down), its ``collector-b`` with it, out of
-    the cluster. Then the tells, queries and durable messages a sends to
-    ``collector-b`` all reach the new process: the old one pulls the name's durable
-    consumer (shared: the consumer is the node name's) no more. Before (fifty-fourth
-    pass code), the old b stayed joined until its operator stopped it, unreachable, and
+    the cluster. Then the tells and queries a sends to ``collector-b`` all reach the new
+    process, and so do its durable messages to ``flaky-b`` (which both processes run:
+    the old one a keeper that answers "ok"): the old one pulls the node name's durable
+    consumer (shared: the consumer is the name's) no more. Before (fifty-fourth pass
+    code), the old b stayed joined until its operator stopped it, unreachable, and
     pulled the shared durable consumer as the new one did: in a run of this test with
     the leave's task not started (the code before, but for the unused error class), the
-    old b was still joined 15 s after it was back, its agent handled 7 of a's 10
-    durable messages to ``collector-b`` (3 of them twice), the new one's 7 (3 twice), 4
-    by both; in another run the new one's had 37 entries for the 30 sent."""
+    old b was still joined 15 s after it was back, and its agent took 8 of a's 10
+    durable messages to ``flaky-b`` (2 of them redelivered to it after the new one's
+    first delivery failed), the new one's 2."""
     caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
     assert nats.port is not None
     proxy = NatsProxy(nats.port)
     old: list[Any] = []
+    old_durable: list[Any] = []  # (what the old b's flaky-b took)
     later = NodeProcess(nats.url, "b")
     raised: list[BaseException] = []
     clusters: list[Cluster] = []
@@ -154,6 +168,7 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
             trio.open_nursery() as nursery,
         ):
             kb.spawn(collector(old), name="collector-b")
+            kb.spawn(_keeper(old_durable), name="flaky-b")
             nursery.start_soon(old_b, kb)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
                 await joined.wait()
@@ -179,18 +194,25 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
                 taken = kb.stats().accepted
                 for i in range(20):
                     await ka.send("collector-b", i)
-                for i in range(10):
-                    await ca.send_durable("collector-b", f"d{i}")
+                sent = [await ca.send_durable("flaky-b", f"d{i}") for i in range(10)]
                 dump: list[Any] = []
                 for _ in range(50):
                     dump = await ka.request("collector-b", "dump", timeout=5)
-                    if len(dump) == 30:
+                    report = await ka.request("flaky-b", "report", timeout=5)
+                    if len(dump) == 20 and len(report["applied"]) == 10:
                         break
                     await trio.sleep(0.2)
-                durable_on_old = [x for x in old if isinstance(x, str) and x != "before"]
-                assert (len(dump), durable_on_old, left.is_set()) == (30, [], True)
-                assert [x for x in dump if isinstance(x, int)] == list(range(20))
-                assert sorted(x for x in dump if isinstance(x, str)) == [f"d{i}" for i in range(10)]
+                await trio.sleep(3.0)  # (3 x ack_wait: a delivery unacked comes again)
+                report = await ka.request("flaky-b", "report", timeout=5)
+                applied = sorted(report["applied"])
+                assert (applied, old_durable, left.is_set()) == (
+                    [f"d{i}" for i in range(10)],
+                    [],
+                    True,
+                )
+                # (flaky-b fails each message's first delivery by design, applies the second)
+                assert report["attempts"] == {str(m.id): 2 for m in sent}
+                assert dump == list(range(20))
             assert old == ["before"]
             assert kb.stats().accepted == taken  # nothing of the later process's
             assert kb.is_local("collector-b")  # (its kernel runs on, out of the cluster)
