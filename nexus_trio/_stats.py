@@ -39,11 +39,19 @@ _BIAS: Final = (1022 + _EMIN) * _SUB
 _TOP_HALF: Final = 3 if sys.byteorder == "little" else 0
 #: deferred samples kept before they are folded into the buckets (see Histogram.defer)
 FOLD_AT: Final = 1024
+#: at most this many deferred samples are folded one by one (more: in bulk)
+FOLD_ONE_BY_ONE: Final = 16
 
 
 def _bucket_upper(index: int) -> float:
     exponent, sub = divmod(index, _SUB)
     return math.ldexp(0.5 + (sub + 1) / (2 * _SUB), exponent + _EMIN)
+
+
+#: every bucket's upper bound, computed once: a quantile is an index into it
+_UPPER: Final = tuple(_bucket_upper(index) for index in range(_SLOTS))
+#: the quantiles of a snapshot (p50, p90, p99, p999)
+_SNAPSHOT_QS: Final = (0.5, 0.9, 0.99, 0.999)
 
 
 @final
@@ -69,10 +77,22 @@ class Histogram:
     """A fixed-size latency histogram with O(1) recording.
 
     It remembers the lowest and highest bucket used, so a snapshot scans only that
-    range once for all its quantiles (``Kernel.stats()`` stays cheap).
+    range once for all its quantiles, and keeps its last snapshot until a sample comes
+    in (``Kernel.stats()`` stays cheap: a kernel with no new sample since the last call
+    copies nothing of its histograms).
     """
 
-    __slots__ = ("_count", "_counts", "_hi", "_lo", "_maximum", "_total", "defer", "unfolded")
+    __slots__ = (
+        "_count",
+        "_counts",
+        "_hi",
+        "_kept",
+        "_lo",
+        "_maximum",
+        "_total",
+        "defer",
+        "unfolded",
+    )
 
     def __init__(self) -> None:
         self._counts = [0] * _SLOTS
@@ -81,6 +101,8 @@ class Histogram:
         self._count = 0
         self._total = 0.0
         self._maximum = 0.0
+        #: the last snapshot, until the buckets change (a fold, a record, a merge)
+        self._kept: HistogramSnapshot | None = None
         #: samples taken by :attr:`defer`, not in the buckets yet: every reader folds
         #: them first (their owner folds them when :data:`FOLD_AT` are kept)
         self.unfolded: list[float] = []
@@ -112,6 +134,15 @@ class Histogram:
         raw = self.unfolded
         if not raw:
             return
+        self._kept = None
+        if len(raw) <= FOLD_ONE_BY_ONE:
+            # A few (a stats() call soon after the last): one by one, as record() adds
+            # them (the bulk's arrays and Counter cost more than a few of these).
+            add = self._add
+            for seconds in raw:
+                add(seconds)
+            raw.clear()
+            return
         self._count += len(raw)
         # Added one by one in order, as record() does (``sum`` could round differently).
         self._total = reduce(operator.add, raw, self._total)
@@ -137,6 +168,10 @@ class Histogram:
     def record(self, seconds: float) -> None:
         if self.unfolded:
             self.fold()  # (the total is added in order)
+        self._kept = None
+        self._add(seconds)
+
+    def _add(self, seconds: float) -> None:
         self._count += 1
         self._total += seconds
         if seconds > self._maximum:
@@ -163,9 +198,13 @@ class Histogram:
                 raise ValueError(f"quantile must be within [0, 1], got {q}")
         if self.unfolded:
             self.fold()
-        if self._count == 0:
+        return self._quantiles(qs)
+
+    def _quantiles(self, qs: tuple[float, ...]) -> list[float]:
+        # (the samples folded, ``qs`` checked)
+        count = self._count
+        if count == 0:
             return [0.0] * len(qs)
-        ranks = [max(1, math.ceil(q * self._count)) for q in qs]
         # Running totals over the used buckets and a binary search per quantile: both in
         # C (a Python loop over a few hundred buckets was most of a stats() call).
         lo = self._lo
@@ -173,9 +212,14 @@ class Histogram:
         last = len(running)
         maximum = self._maximum
         out: list[float] = []
-        for rank in ranks:
+        for q in qs:
+            rank = math.ceil(q * count) or 1
             index = bisect_left(running, rank)
-            out.append(min(_bucket_upper(lo + index), maximum) if index < last else maximum)
+            if index < last:
+                upper = _UPPER[lo + index]
+                out.append(maximum if maximum < upper else upper)  # min(upper, maximum)
+            else:
+                out.append(maximum)
         return out
 
     def quantile(self, q: float) -> float:
@@ -185,6 +229,7 @@ class Histogram:
     def merge(self, other: Histogram) -> None:
         self.fold()
         other.fold()
+        self._kept = None
         for index in range(other._lo, other._hi + 1):
             n = other._counts[index]
             if n:
@@ -196,16 +241,22 @@ class Histogram:
         self._maximum = max(self._maximum, other._maximum)
 
     def snapshot(self) -> HistogramSnapshot:
-        p50, p90, p99, p999 = self.quantiles((0.5, 0.9, 0.99, 0.999))
-        return HistogramSnapshot(
-            count=self.count,
-            total=self.total,
-            maximum=self.maximum,
-            p50=p50,
-            p90=p90,
-            p99=p99,
-            p999=p999,
-        )
+        """A frozen view; the same one while no sample comes in (it is immutable)."""
+        if self.unfolded:
+            self.fold()
+        kept = self._kept
+        if kept is None:
+            p50, p90, p99, p999 = self._quantiles(_SNAPSHOT_QS)
+            kept = self._kept = HistogramSnapshot(
+                count=self._count,
+                total=self._total,
+                maximum=self._maximum,
+                p50=p50,
+                p90=p90,
+                p99=p99,
+                p999=p999,
+            )
+        return kept
 
 
 @final

@@ -15,9 +15,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_trio import SYSTEM_ID, Context, Message, Supervisor, agent
+from nexus_trio import SYSTEM_ID, Context, Message, Supervisor, _stats, agent
 from nexus_trio._ledger import Ledger
-from nexus_trio._stats import FOLD_AT, Histogram, HistogramSnapshot
+from nexus_trio._stats import FOLD_AT, FOLD_ONE_BY_ONE, Histogram, HistogramSnapshot
 from nexus_trio.testing import open_test_kernel
 
 
@@ -108,6 +108,37 @@ def test_deferred_samples_folded_in_bulk_read_as_recorded_ones_to_the_bit(
     assert deferred.unfolded == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.one_of(_samples, st.sampled_from([0.1, 0.2, 0.3, 7e-4])), max_size=40),
+        max_size=12,
+    ),
+    st.sampled_from([0, 1, 3, FOLD_ONE_BY_ONE, 10**9]),
+)
+def test_few_deferred_samples_folded_one_by_one_read_as_a_bulk_fold_to_the_bit(
+    batches: list[list[float]], one_by_one: int
+) -> None:
+    """A fold of at most FOLD_ONE_BY_ONE samples adds them one by one (cheaper than the
+    bulk's arrays for a few, e.g. a stats() call soon after the last); whichever way
+    each batch is folded, readers see what the bulk fold alone gives, to the bit."""
+    bulk, mixed = Histogram(), Histogram()
+    saved = _stats.FOLD_ONE_BY_ONE
+    try:
+        for batch in batches:
+            for value in batch:
+                bulk.defer(value)
+                mixed.defer(value)
+            _stats.FOLD_ONE_BY_ONE = 0
+            bulk.fold()
+            _stats.FOLD_ONE_BY_ONE = one_by_one
+            mixed.fold()
+            assert bulk.unfolded == mixed.unfolded == []
+    finally:
+        _stats.FOLD_ONE_BY_ONE = saved
+    assert _seen(mixed) == _seen(bulk)
+
+
 def test_every_reader_sees_the_deferred_samples() -> None:
     """Each reader folds first: count, total, maximum, quantiles, snapshot, and merge
     (on both sides) see samples deferred and never folded."""
@@ -135,6 +166,72 @@ def test_every_reader_sees_the_deferred_samples() -> None:
     expected.merge(recorded)
     assert into.snapshot() == expected.snapshot()
     assert into.count == 5 and into.quantiles(qs) == expected.quantiles(qs)
+
+
+def test_a_snapshot_is_kept_until_a_sample_comes_in_whatever_way_it_comes() -> None:
+    """``snapshot()`` builds its quantiles once and returns the same frozen snapshot
+    while the buckets stay as they are; a deferred sample (read or folded), a recorded
+    one or a merge gives a new one that counts it (what keeps a quiet kernel's
+    ``stats()`` cheap)."""
+    histogram = _recorded((0.001, 0.002, 0.004))
+    first = histogram.snapshot()
+    assert histogram.snapshot() is first
+    assert histogram.quantiles((0.5,)) == [first.p50]
+    assert histogram.snapshot() is first  # a read changes nothing
+    seen = [first]
+
+    def changed(expected_count: int) -> HistogramSnapshot:
+        snap = histogram.snapshot()
+        assert snap is not seen[-1] and snap.count == expected_count
+        assert snap == _recorded(tuple(values)).snapshot()
+        seen.append(snap)
+        return snap
+
+    values = [0.001, 0.002, 0.004]
+    histogram.defer(2.0)
+    values.append(2.0)
+    assert changed(4).maximum == 2.0 and histogram.snapshot() is seen[-1]
+    histogram.defer(3.0)
+    histogram.fold()
+    values.append(3.0)
+    assert changed(5).maximum == 3.0
+    histogram.record(0.5)
+    values.append(0.5)
+    assert changed(6).maximum == 3.0
+    other = _recorded((5.0, 6.0))
+    histogram.merge(other)
+    values += [5.0, 6.0]
+    assert changed(8).maximum == 6.0 and histogram.snapshot() is seen[-1]
+    # Merging an empty histogram in changes no bucket but still gives a fresh snapshot
+    # (cheap, and never a stale one).
+    histogram.merge(Histogram())
+    assert changed(8) == seen[-2]
+
+
+async def test_stats_of_a_quiet_kernel_keep_their_latency_snapshots() -> None:
+    """Two ``stats()`` calls with no message handled between them share their histogram
+    snapshots (nothing recomputed); a handled message's sample gives new ones."""
+    async with open_test_kernel() as kernel:
+
+        @agent
+        async def noop(ctx: Context, msg: Message) -> None:
+            return None
+
+        ref = kernel.spawn(noop)
+        for i in range(8):  # one in eight is sampled
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        before, again = kernel.stats(), kernel.stats()
+        assert before.handle_latency.count == before.queue_wait.count == 1
+        assert again.handle_latency is before.handle_latency
+        assert again.queue_wait is before.queue_wait
+        assert again == before
+        for i in range(8):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        after = kernel.stats()
+        assert after.handle_latency.count == after.queue_wait.count == 2
+        assert after.handle_latency is not before.handle_latency
 
 
 def _recorded(values: tuple[float, ...]) -> Histogram:
