@@ -57,6 +57,7 @@ TINY = attrs.evolve(
     goals_agents=60,
     goals_million=80,
     message_constructions=500,
+    message_timings=2,
 )
 
 
@@ -187,6 +188,44 @@ def test_message_construction_baseline_takes_the_same_keywords() -> None:
         MessageKind.COMMAND,
     )
     assert _goals.construction_us(_goals.BareMessage, 100, repeat=2) > 0
+
+
+def test_message_rows_take_the_best_of_alternated_timings_with_the_collector_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each class is timed with the cycle collector on (as in real use; ``timeit`` turns
+    it off), and the two rows are the best of ``timings`` timings of each class, taken in
+    turn (M B, B M, ...), so a loaded minute slows both or neither."""
+    collector_on: list[bool] = []
+
+    class Probe:
+        __slots__ = ()
+
+        def __init__(self, sender: object, to: object, payload: object) -> None:
+            collector_on.append(gc.isenabled())
+
+    assert _goals.construction_us(Probe, 3, repeat=2) > 0
+    assert collector_on == [True] * 6
+    order: list[str] = []
+    times = {
+        _goals.Message: iter([0.9, 0.5, 0.7, 0.6]),
+        _goals.BareMessage: iter([0.4, 0.3, 0.8, 0.2]),
+    }
+
+    def fake(cls: type[Any], number: int, repeat: int = 5) -> float:
+        assert (number, repeat) == (7, 1)
+        order.append(cls.__name__)
+        return next(times[cls])
+
+    monkeypatch.setattr(_goals, "construction_us", fake)
+    assert _goals.construction_rows_us(7, 4) == (0.5, 0.2)
+    assert order == ["Message", "BareMessage", "BareMessage", "Message"] * 2
+
+
+def test_stats_are_timed_as_the_best_of_timings_of_many_calls_with_the_collector_on() -> None:
+    calls: list[bool] = []
+    assert _scale.time_stats(lambda: calls.append(gc.isenabled()), number=4, repeat=3) >= 0
+    assert calls == [True] * 12
 
 
 def test_latency_under_load_handles_everything_offered() -> None:
