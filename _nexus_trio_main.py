@@ -176,6 +176,30 @@ def hold_stops(args: list[str]) -> None:
         atexit.register(end_by_a_stop_not_taken)  # (the first registered: it runs last)
 
 
+def _usr1_unwatched(signum: int, frame: object) -> None:
+    """SIGUSR1 while no run's handler is in place (:func:`hold_usr1`): no tree to write."""
+
+
+def hold_usr1(args: list[str]) -> None:
+    """For a run (a ``--workers`` worker too), in the main thread: a SIGUSR1 (asks for the
+    agent tree) that has its default action gets a handler that does nothing, from the
+    entry's first lines to the process's exit. Its default action ended the process (status 138, no summary, nothing said) while it started (the
+    imports, the config, the app's import), and once the run's own handler was gone:
+    the summary being written, the ``--workers`` parent's after its handlers were put
+    back, a worker that ended by itself and was not reaped yet when the parent passed a
+    SIGUSR1 on. The run's handler (``nexus_trio.cli._run``) takes over while the run
+    runs and puts this one back after. A Python handler, not ``SIG_IGN``: a program the
+    run starts (``--spawn``) gets SIGUSR1's default action back at its ``exec``, as it
+    would have had (an ignored signal stays ignored across ``exec``)."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and hasattr(signal, "SIGUSR1")
+        and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        and is_a_run(args)
+    ):
+        signal.signal(signal.SIGUSR1, _usr1_unwatched)
+
+
 def stops_while_starting() -> list[int]:
     """The signals :func:`hold_stops` noted so far, in order; they are the caller's now
     (the next call returns only those noted after)."""
@@ -341,6 +365,7 @@ def _on_import() -> None:
     args = command_line()
     if args is None:
         return
+    hold_usr1(args)
     take_sigint_back(args)
     hold_stops(args)
     if sys.argv[0] == "-m":

@@ -432,6 +432,57 @@ def test_a_stop_signal_while_nexus_starts_ends_a_command_that_runs_nothing_by_it
         assert (tmp_path / "made.toml").read_text().startswith("#")
 
 
+#: a ``sitecustomize`` that sends its process a SIGUSR1 from its last exit function (the
+#: first registered), after the run's handlers are put back and its summary written
+USR1_AT_EXIT = """
+import atexit, os, signal
+
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGUSR1))
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "at", "workers"),
+    [
+        ("-m", "trio", 0),
+        ("script", "nexus_trio", 0),
+        ("-m", "myapp", 0),
+        ("-m", "exit", 0),
+        ("-m", "exit", 1),
+    ],
+    ids=["m-trio", "script-nexus-trio", "app-import", "at-exit", "workers-at-exit"],
+)
+def test_a_sigusr1_while_no_run_handler_is_in_place_is_harmless(
+    tmp_path: Path, how: str, at: str, workers: int
+) -> None:
+    """Fifty-fifth pass: a SIGUSR1 (``kill -USR1``, the agent tree) that came while ``nexus
+    run`` started (the imports, the config, the app's import) or once the run's handler
+    was put back (the summary written, at the exit; with ``--workers`` the parent's and
+    each worker's, which the parent passes it on to) ended the process by its default
+    action: status -10 (138 in a shell), no summary. The entry now gives it a handler
+    that does nothing from its first lines: the run goes on, its summary and status 0.
+    (With main's ``_nexus_trio_main.py``: -10 in each case, stdout empty but for
+    ``at-exit``, whose summary was written before.)"""
+    (tmp_path / "myapp.py").write_text("async def main(kernel):\n    pass\n")
+    args = ["run", "-d", "0.2", "--json", "--no-live"]
+    args += ["--app", "myapp:main"] if at == "myapp" else ["-n", "2"]
+    if workers:
+        args += ["-W", str(workers)]
+    env = {"STOP_AT": at, "STOP_SIGNAL": "SIGUSR1", "STOP_TIMES": "1"}
+    module = "nexus_trio.cli"
+    if how == "script":  # the console script's entry, called as the generated script does
+        (tmp_path / "nexus_script.py").write_text("from _nexus_trio_main import main\nmain()\n")
+        module = "nexus_script"
+    site = USR1_AT_EXIT if at == "exit" else STOP_AT
+    proc = python_m(tmp_path, site, module, args, **env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["error"], summary["conserved"]) == (None, True)
+    if workers:
+        assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0"]
+
+
 #: :data:`STOP_AT` with an exit function registered before ``nexus``'s code, as coverage's
 #: or a ``sitecustomize``'s is: it writes ``ran`` to ``$ATEXIT_FILE``
 ATEXIT_BEFORE = (
