@@ -937,11 +937,15 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
     For text keys the raw string is the value unless it is quoted, so that
     ``NEXUS_LOGGING__LEVEL=info`` and ``NEXUS_METRICS__HOST=0.0.0.0`` mean what they say.
     For a list key a value starting with ``[`` is an array: ValueError if it is not one
-    (``[1``), rather than a one-item list of that text.
+    (``[1``), rather than a one-item list of that text; an empty or blank value is the
+    empty list (it was the one-item list ``[""]``, refused: a command that is no command).
     """
     text = raw.strip()
     if text == "" and field.default is None:
         return None
+    is_list = _type_name(field).startswith("list")
+    if text == "" and is_list:
+        return []  # (NEXUS_APP__SPAWN= clears the file's list, as = unsets an optional key)
     if _is_textual(field) and not text.startswith(('"', "'")):
         return raw
     if _type_name(field) == "bool":
@@ -952,7 +956,6 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
         raise ValueError(
             f"[{section}] {field.name} must be true or false ({_ENV_BOOLEAN_WORDS}), got {got}"
         )
-    is_list = _type_name(field).startswith("list")
     if is_list and not text.startswith("["):
         return raw
     try:

@@ -239,6 +239,19 @@ def test_a_single_spawn_command_may_be_a_plain_string(home: Path) -> None:
     assert load(home, file, allow_unknown=True).config.app.spawn == ["node a.js"]
 
 
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_an_empty_list_variable_is_the_empty_list(home: Path, raw: str) -> None:
+    """Fifty-fifth pass: ``NEXUS_APP__SPAWN=`` (a compose file's or a unit's way to clear a
+    value) was refused as the one command ``""``: ``[app] spawn must be a list of non-empty
+    command strings, got [""]``. An empty or blank value of a list key is the empty list,
+    over the file's, as an empty value unsets an optional key. (With main's config.py:
+    ConfigError.)"""
+    file = write(home / "x.toml", '[app]\nspawn = ["node a.js"]\n')
+    loaded = load(home, file, env=env_for(home, NEXUS_APP__SPAWN=raw))
+    assert loaded.config.app.spawn == []
+    assert loaded.sources["app.spawn"] == "env NEXUS_APP__SPAWN"
+
+
 def test_dotted_and_inline_tables_work_too(home: Path) -> None:
     file = write(
         home / "c.toml",
