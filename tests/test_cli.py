@@ -2835,3 +2835,35 @@ def test_every_field_of_the_json_summary_has_a_row_in_the_docs(nexus):
     rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
     documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
     assert sorted(set(json.loads(out)) - documented) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "said"),
+    [
+        (["run", "--json", "-n", "abc"], "usage error", "Invalid value for '--agents'"),
+        (["--json", "--bogus"], "usage error", "No such option: --bogus"),
+        (["run", "--json", "myapp:main"], "usage error", "did you mean --app myapp:main?"),
+        (["run", "--json", "-c", "missing.toml"], "usage error", "config file not found"),
+        (["run", "--json", "-c", "bad.toml"], "config error", "bad.toml:1:1: invalid TOML"),
+    ],
+    ids=["bad-value", "no-such-option", "extra-argument", "no-config-file", "bad-config"],
+)
+def test_run_json_refused_before_it_runs_writes_one_json_object_naming_the_error(
+    isolated: Path, args: list[str], kind: str, said: str
+) -> None:
+    """Fifty-fifth pass: ``nexus run --json`` refused by a usage error (its box on
+    standard error) or a config error (``nexus: error: ...``), status 2, wrote nothing on
+    standard output: a script that parses it (``| jq .error``) got nothing to parse. It
+    writes one JSON object naming the error now, status 2 still; without ``--json``
+    standard output stays empty. (With main's _commands.py and _app.py: stdout empty.)"""
+    (isolated / "bad.toml").write_text("x = [\n")
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    said_json = json.loads(result.stdout)
+    assert (said_json["stopped_by"], said_json["exit_status"]) == (kind, 2)
+    assert said_json["started"] is False
+    assert said_json["error"].startswith(f"{kind}: ")
+    assert said in said_json["error"]
+    assert said in flat(result.stderr)
+    result = invoke([arg for arg in args if arg != "--json"])
+    assert (result.exit_code, result.stdout) == (2, "")

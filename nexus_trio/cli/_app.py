@@ -52,6 +52,7 @@ from ._commands import (
     finite_at_least,
     host_name,
     one_of,
+    say_refused_as_json,
     whole_number,
 )
 from ._commands import shown as cut
@@ -520,7 +521,11 @@ def run(
             spelt = next((p.opts for p in ctx.command.params if flag in p.opts), [flag])
             hint = " / ".join(f"'{opt}'" for opt in spelt)
             raise typer.BadParameter(_flag_words(exc), param_hint=hint) from None
-        raise _config_failed(exc, config) from None
+        failed = _config_failed(exc, config)
+        if json_out and worker_node() is None and not isinstance(failed, typer.BadParameter):
+            # (a usage error's is said so by the root group: RunByDefaultGroup.invoke)
+            say_refused_as_json("config error", str(exc), 2)
+        raise failed from None
     _refuse_demo_flags(ctx, loaded, app_ref, types_ref, spawn)
     types_hint = "'--types'" if types_ref is not None else _key_hint(loaded, "app.types")
     app_hint = "'--app'" if app_ref is not None else _key_hint(loaded, "app.app")

@@ -13,6 +13,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import re
@@ -200,6 +201,35 @@ class Group(typer.core.TyperGroup):
             super().format_help(ctx, formatter)
 
 
+#: ``ctx.meta`` key: the command line as the root group parses it (:func:`default_to_run`)
+_COMMAND_LINE: Final = "nexus_trio.cli.command_line"
+
+
+def _asks_json(args: list[str]) -> bool:
+    """Whether the command line (:func:`default_to_run`'s) is a ``nexus run`` given
+    ``--json`` (before a ``--``)."""
+    if args[:1] != ["run"]:
+        return False
+    flags = args[1 : args.index("--")] if "--" in args else args[1:]
+    return "--json" in flags
+
+
+def say_refused_as_json(kind: str, message: str, status: int) -> None:
+    """``nexus run --json`` refused before any run began (``kind``: a ``"usage error"``,
+    its box on standard error, or a ``"config error"``, ``nexus: error: ...``; exit
+    ``status``, 2): one JSON object on standard output naming the error, as a run's
+    failure is named in its summary, for a script that reads standard output (it read
+    nothing at all). ``stopped_by`` is ``kind``; ``started`` false: no run began."""
+    said = {
+        "stopped_by": kind,
+        "error": f"{kind}: {message}",
+        "exit_status": status,
+        "started": False,
+    }
+    sys.stdout.write(json.dumps(said, indent=2) + "\n")
+    sys.stdout.flush()
+
+
 class RunByDefaultGroup(Group):
     """The root group: options without a command mean ``run`` (:func:`default_to_run`)."""
 
@@ -212,7 +242,9 @@ class RunByDefaultGroup(Group):
         root_options = frozenset(
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
-        return super().parse_args(ctx, default_to_run(args, root_options))
+        args = default_to_run(args, root_options)
+        ctx.meta[_COMMAND_LINE] = list(args)
+        return super().parse_args(ctx, args)
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
@@ -239,13 +271,15 @@ class RunByDefaultGroup(Group):
             if ctx.meta.get(_COMMAND_RUNS):
                 raise
             raise _interrupted_while_starting(ctx.invoked_subcommand == "run") from None
-        except typer.TyperException:  # (a usage error: typer vendors its click)
+        except typer.TyperException as exc:  # (a usage error: typer vendors its click)
             from ._app import LabelledLines
             from ._cluster_cmd import worker_node
 
             worker = worker_node()
             if worker and sys.stderr is not None:
                 sys.stderr = LabelledLines(sys.stderr, f"{worker}: ")
+            elif not worker and _asks_json(ctx.meta.get(_COMMAND_LINE, [])):
+                say_refused_as_json("usage error", exc.format_message(), exc.exit_code)
             raise
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
