@@ -61,6 +61,19 @@ def fill(name: str) -> int:
     raise AssertionError("the socket's queue never filled")
 
 
+def run_to_its_end(
+    args: list[str], tag: str, tmp_path: Path, notify_name: str, timeout: float
+) -> tuple[int, str]:
+    """``nexus ARGS`` with ``NOTIFY_SOCKET=notify_name``, until it ends: its status and
+    standard error."""
+    proc = start_nexus(args, tag, tmp_path, NOTIFY_SOCKET=notify_name)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 APP = textwrap.dedent(
     """
     import os
@@ -112,6 +125,32 @@ def test_a_run_tells_systemd_it_is_ready_then_stopping_and_its_children_cannot(
         proc.kill()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run", "-c", "bad.toml"], "nexus: error: "),
+        (["run", "--spawn", "/no/such/program", "-d", "1"], "Invalid value for '--spawn'"),
+        (["run", "-W", "2", "-c", "bad.toml"], "nexus: error: "),
+    ],
+    ids=["bad-config", "no-such-spawn-program", "workers-bad-config"],
+)
+def test_a_run_that_fails_at_its_start_tells_systemd_nothing(
+    tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str], args: list[str], said: str
+) -> None:
+    """Fifty-fifth pass, checked: a run refused at its start (a bad config, a ``--spawn``
+    program not found; exit 2) sends neither ``READY=1`` nor ``STOPPING=1``: for a unit of
+    ``Type=notify`` a main process that exits before ``READY=1`` is a failed start
+    (systemd.service(5), ``Type=notify``), which ``Restart=on-failure`` restarts; a
+    ``STOPPING=1`` there would say a started service stopped. (Mutant checked: a
+    ``notify("READY=1")`` as ``take_notify_socket`` takes the socket fails each case.)"""
+    sock, name = notify_socket
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    status, err = run_to_its_end(args, tag, tmp_path, name, 120)
+    assert status == 2, err
+    assert said in err
+    assert receive(sock, 0.5) is None
+
+
 def test_the_workers_parent_alone_tells_systemd_once_every_worker_joined(
     tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
@@ -146,12 +185,8 @@ def test_the_workers_parent_tells_systemd_it_stops_as_its_workers_end_by_themsel
     says ``STOPPING=1`` as the first ends (as a single run says it at its duration)."""
     sock, name = notify_socket
     args = ["run", "-W", "2", "-n", "10", "-d", "3", "--json"]
-    proc = start_nexus(args, tag, tmp_path, NOTIFY_SOCKET=name)
-    try:
-        _, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    status, err = run_to_its_end(args, tag, tmp_path, name, 180)
+    assert status == 0, err
     assert receive(sock, 5) == b"READY=1\nSTATUS=running: 2 workers joined", err
     stopping = receive(sock, 5)
     assert stopping in (

@@ -321,6 +321,20 @@ def test_systemd_unit_verifies() -> None:
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
+def test_the_unit_waits_for_a_start_longer_than_the_workers_parent_waits() -> None:
+    """Fifty-fifth pass: the unit (``Type=notify``) had systemd's default
+    ``TimeoutStartSec`` of 90 s, below the 120 s a ``--workers`` parent gives its workers
+    to join before it says ``READY=1``: systemd killed a slow but healthy start first.
+    (With main's scripts/nexus.service: no ``TimeoutStartSec`` line.)"""
+    from nexus_trio.cli._cluster_cmd import start_grace
+
+    unit = (ROOT / "scripts" / "nexus.service").read_text()
+    assert "Type=notify" in unit
+    found = re.search(r"^TimeoutStartSec=(\d+)$", unit, re.M)
+    assert found is not None, "no TimeoutStartSec: systemd's default is 90 s"
+    assert int(found[1]) > start_grace() == 120
+
+
 def deploy_dry_run(tmp_path: Path, *command: str) -> subprocess.CompletedProcess[str]:
     """``COMMAND --dry-run --skip-tests`` run from the clone's root (COMMAND: how deploy.sh
     is started)."""
