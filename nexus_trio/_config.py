@@ -544,8 +544,22 @@ def unbracketed(host: str) -> str:
 
 
 def url_host(host: str) -> str:
-    """``host`` as a URL or a ``Host`` header names it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    """``host`` as a URL or a ``Host`` header names it: an IPv6 address in brackets, its
+    zone after ``%25`` (RFC 6874: ``%`` begins an escape in a URL), ``[fe80::1%25eth0]``,
+    which ``urllib`` reads back as the zone ``eth0`` (it wrote ``[fe80::1%eth0]``, a URL
+    that RFC 3986 and a browser or ``curl`` refuse)."""
+    if ":" not in host or host.startswith("["):
+        return host
+    address, percent, zone = host.partition("%")
+    return f"[{address}%25{zone}]" if percent else f"[{host}]"
+
+
+def header_host(host: str) -> str:
+    """``host`` as a ``Host`` header names it: as a URL does (:func:`url_host`), without an
+    IPv6 zone, which means nothing to the server (RFC 6874 section 4: it is not sent;
+    ``curl`` and ``http.client`` leave it out). ``urllib`` sent the URL's, which the
+    metrics endpoint refused: ``400 bad request: the Host header is not a host[:port]``."""
+    return url_host(host.partition("%")[0] if ":" in host else host)
 
 
 #: what a host name has that a resolver is never asked for, and why (``--metrics-host
@@ -573,11 +587,11 @@ def host_problem(host: str) -> str | None:
     if not host.strip():
         return "blank"
     try:
-        ipaddress.ip_address(unbracketed(host))
+        address = ipaddress.ip_address(unbracketed(host))
     except ValueError:
         pass
     else:
-        return None
+        return _zone_problem(address)
     head, colon, tail = host.rpartition(":")
     if colon and tail.isdigit() and (":" not in head or unbracketed(head) != head):
         return _WITH_A_PORT  # (0.0.0.0:9100, [::1]:9100)
@@ -602,6 +616,23 @@ def host_problem(host: str) -> str | None:
     if length > HOST_NAME_MAX:
         return f"a host name has at most {HOST_NAME_MAX} characters, this one {length:,}"
     return _idna_2008_problem(host)
+
+
+#: what an IPv6 zone (``fe80::1%eth0``) is: an interface's name or index, ASCII without
+#: blanks; a URL writes it after ``%25`` (RFC 6874)
+_ZONE: Final = re.compile(r"[!-~]+")
+
+
+def _zone_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why the zone of an IPv6 ``address`` is none, or None: ``ipaddress`` takes any text
+    after the ``%`` (``fe80::1%☃``, ``fe80::1%a b``), which the run's listener then failed
+    to look up, late (``Name or service not known``); an interface's name or index is
+    ASCII without blanks (Linux's are at most 15 bytes, none of them ``/`` or a blank)."""
+    zone = getattr(address, "scope_id", None)
+    if zone is None or _ZONE.fullmatch(zone):
+        return None
+    odd = next(c for c in zone if not _ZONE.fullmatch(c))
+    return f"an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd!r}"
 
 
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

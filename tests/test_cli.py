@@ -2867,3 +2867,44 @@ def test_run_json_refused_before_it_runs_writes_one_json_object_naming_the_error
     assert said in flat(result.stderr)
     result = invoke([arg for arg in args if arg != "--json"])
     assert (result.exit_code, result.stdout) == (2, "")
+
+
+def test_health_of_an_ipv6_address_with_a_zone_writes_it_as_a_url_does(isolated, monkeypatch):
+    """Fifty-fifth pass: ``nexus health --host fe80::1%eth0`` wrote the URL
+    ``http://[fe80::1%eth0]:P/healthz``, where RFC 6874 writes the zone after ``%25`` (a
+    browser and ``curl`` refuse the former), and sent urllib's ``Host: [fe80::1%eth0]:P``,
+    which the metrics endpoint refuses (measured against a run on this VM's link-local
+    address: ``400 bad request: the Host header is not a host[:port]``, where ``curl``,
+    which leaves the zone out, got ``ok``). The URL says ``%25eth0`` now, the connection
+    still goes to the zone ``eth0``, and the ``Host`` header has no zone. (Here the
+    connection is redirected to a local server that records the request; with main's
+    _config.py and _app.py: the URL with ``%lo``, the Host header with the zone.)"""
+    import http.client
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    asked: list[tuple[str, int]] = []
+    request: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request.append(conn.recv(4096))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    create_connection = socket.create_connection
+
+    def connect(address, *args, **kwargs):
+        asked.append(address)
+        return create_connection(listener.getsockname(), *args, **kwargs)
+
+    monkeypatch.setattr(http.client.socket, "create_connection", connect)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = invoke(["health", "--host", "fe80::1%lo", "--port", "9464", "--timeout", "10"])
+    finally:
+        listener.close()
+        thread.join(timeout=30)
+    assert (result.exit_code, result.stdout) == (0, "http://[fe80::1%25lo]:9464/healthz: 200 ok\n")
+    assert asked == [("fe80::1%lo", 9464)]
+    assert b"\r\nHost: [fe80::1]:9464\r\n" in request[0], request

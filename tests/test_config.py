@@ -2135,6 +2135,36 @@ def test_a_metrics_host_longer_than_a_host_name_is_refused_at_load(
         load(home, env=env_for(home, NEXUS_METRICS__HOST=host))
 
 
+@pytest.mark.parametrize(
+    ("host", "odd"),
+    [
+        ("fe80::1%☃", "'☃'"),
+        ("[fe80::1%é]", "'é'"),
+        ("fe80::1%a b", "' '"),
+        ("fe80::1%e\u200b", "'\\u200b'"),
+    ],
+)
+def test_an_ipv6_zone_that_is_no_interface_name_is_refused_at_load(
+    home: Path, host: str, odd: str
+) -> None:
+    """Fifty-fifth pass: ``ipaddress`` takes any text after an IPv6 address's ``%``, and so
+    did the check: ``fe80::1%☃`` loaded, and the listener's lookup failed the run late
+    (``Name or service not known``). A zone is an interface's name or index, ASCII without
+    blanks: refused at load, naming the key and the character. (With main's _config.py:
+    loaded.)"""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).startswith(f"{file}:2: [metrics] host must be an address or a host name")
+    assert str(info.value).endswith(
+        f"(an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd})"
+    )
+    assert info.value.key == "metrics.host"
+    for taken in ["fe80::1%eth0", "fe80::1%2", "fe80::1%br-1a2b.100"]:
+        file.write_text(f'[metrics]\nhost = "{taken}"\n')
+        assert load(home).config.metrics.host == taken
+
+
 @pytest.mark.parametrize("host", ["☃.net", "ü_b.example"])
 def test_a_metrics_host_that_trio_cannot_look_up_is_refused_at_load(home: Path, host: str) -> None:
     """Review of the fifty-third pass: the check at load asked Python's IDNA 2003 codec,

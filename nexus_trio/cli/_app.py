@@ -57,7 +57,7 @@ from ._commands import (
 )
 from ._commands import shown as cut
 from ._encoding import stand_ins
-from ._hosts import ascii_host, probe_host, url_host
+from ._hosts import ascii_host, header_host, probe_host, url_host
 from ._warnings import log_load
 
 if TYPE_CHECKING:
@@ -1188,7 +1188,7 @@ def health(
     # (an international name as the endpoint's listener looked it up: urllib sent it in
     # the Host header as is, which took no character past Latin-1: `unreachable`)
     url = f"http://{url_host(ascii_host(host))}:{port}{path}"
-    status, body, problem = _probe_health(url, timeout)
+    status, body, problem = _probe_health(url, timeout, f"{header_host(ascii_host(host))}:{port}")
     from ..logs import escape_control
 
     # what the endpoint sent is outside text: escaped, so that it can neither drive the
@@ -1222,8 +1222,9 @@ _HEALTH_BODY_LIMIT = 64 * 1024
 _HEALTH_SHOWN = 120
 
 
-def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
-    """``(status, body, "")`` of a GET of ``url``, or ``(None, "", problem)``.
+def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str, str]:
+    """``(status, body, "")`` of a GET of ``url`` with the ``Host`` header ``host``
+    (:func:`header_host`), or ``(None, "", problem)``.
 
     ``timeout`` bounds the whole check, not each read: an endpoint that answers without
     end, or a byte at a time, gets no more (the request runs in a daemon thread that is
@@ -1244,7 +1245,8 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
 
     def get() -> None:
         try:
-            with opener.open(url, timeout=timeout) as response:
+            request = urllib.request.Request(url, headers={"Host": host})
+            with opener.open(request, timeout=timeout) as response:
                 body = response.read(_HEALTH_BODY_LIMIT + 1)
                 if len(body) > _HEALTH_BODY_LIMIT:
                     limit = _HEALTH_BODY_LIMIT // 1024

@@ -69,7 +69,7 @@ import trio
 
 from .._logcall import log_guarded
 from ..metrics import EndpointStats, endpoint_families, serve_routes
-from ._hosts import probe_host, url_host
+from ._hosts import header_host, probe_host, url_host
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -145,7 +145,9 @@ async def ask(host: str, port: int, path: str, *, timeout: float, limit: int) ->
     ``timeout`` seconds or answers something else than HTTP/1.x or more than ``limit``
     bytes."""
     where = url_host(host)
-    request = f"GET {path} HTTP/1.1\r\nHost: {where}:{port}\r\nConnection: close\r\n\r\n"
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {header_host(host)}:{port}\r\nConnection: close\r\n\r\n"
+    )
     data = bytearray()
     with trio.move_on_after(timeout):
         try:

@@ -6,9 +6,9 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
-from .._config import ascii_host, url_host
+from .._config import ascii_host, header_host, url_host
 
-__all__ = ["ascii_host", "probe_host", "url_host"]
+__all__ = ["ascii_host", "header_host", "probe_host", "url_host"]
 
 
 def probe_host(bound: str) -> str:
