@@ -145,6 +145,12 @@ def shown(value: Any) -> str:
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _escaped(character: str) -> str:
+    """``character`` as a TOML basic string escapes it: ``\\u200b``, ``\\U000e0001``."""
+    code = ord(character)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -157,8 +163,12 @@ def _toml(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        # a basic string (JSON's escapes are TOML's; TOML escapes DEL too)
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+        # a basic string (JSON's escapes are TOML's), every character that is not
+        # printable escaped too: DEL, C1 controls, and those that show as nothing or as
+        # a blank (U+200B ZERO WIDTH SPACE, U+00A0, a bidi mark), which were written as
+        # they are, the name in quotes that looked like the one meant
+        spelt = json.dumps(value, ensure_ascii=False)
+        return "".join(c if c.isprintable() else _escaped(c) for c in spelt)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
     if isinstance(value, dict):

@@ -733,6 +733,15 @@ def _read_file(
             f" {f'{size:,}' if size > CONFIG_FILE_MAX else 'more'}: is it the config file?",
             path=path,
         )
+    unmarked = _utf16_without_mark(raw)
+    if unmarked is not None:
+        raise ConfigError(
+            f"not UTF-8 text: it is {unmarked} without a byte order mark (a NUL byte beside"
+            " each ASCII character); save the file as UTF-8",
+            path=path,
+            line=1,
+            column=1,
+        )
     try:
         # (newlines as a text file's read takes them: \r\n and \r are \n)
         text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
@@ -1076,6 +1085,26 @@ _UTF16_MARKS: Final = (
     (b"\xff\xfe", "UTF-16 (little-endian)"),
     (b"\xfe\xff", "UTF-16 (big-endian)"),
 )
+
+
+def _utf16_without_mark(raw: bytes) -> str | None:
+    """The name of UTF-16 that ``raw`` reads as, when it has no byte order mark, or None:
+    the first 128 characters' bytes, a NUL in the high byte of three in four of them
+    (ASCII text, as a config is) and never in their low byte. Such a file is UTF-8 to
+    Python (a NUL is a character), and was said as TOML's ``a NUL character (\\x00) on
+    this line``, naming no encoding (``iconv -t UTF-16LE``, .NET's ``Encoding.Unicode``
+    without its preamble write one)."""
+    head = raw[: min(len(raw), 256) // 2 * 2]
+    pairs = len(head) // 2
+    if pairs < 2 or b"\x00" not in head or head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None  # (a mark: said so, where UTF-8 fails to decode it)
+    nul_first = head[0::2].count(0)
+    nul_second = head[1::2].count(0)
+    if nul_second * 4 >= pairs * 3 and nul_first == 0:
+        return "UTF-16 (little-endian)"
+    if nul_first * 4 >= pairs * 3 and nul_second == 0:
+        return "UTF-16 (big-endian)"
+    return None
 
 
 def _read_at_most(path: Path, limit: int) -> tuple[bytes | None, int]:
