@@ -2535,6 +2535,47 @@ async def _learn_name(cluster: Cluster, name: str) -> None:
     await cluster._refresh_name(name)
 
 
+async def test_a_placed_bucket_that_refuses_every_put_logs_a_line_a_second_not_one_a_record(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (the placement half of the fifty-fifth pass's throttle): each placed
+    agent whose record's write failed logged a WARNING line of its own (``placement
+    record of 'p-0' (...) not written``): a placed bucket refusing every put wrote one
+    line per placement. Now at most one a second, with the count unwritten so far, and
+    the lines held back said in one line by the leave. Here a's record puts all fail (no
+    answer) for 60 placements: on the code before, 60 such lines."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    count = 60
+    async with _node(nats.url, "a", missed_heartbeats=1000) as (_, ca):
+        kv = ca.placement._kv
+        assert kv is not None
+
+        async def no_answer(*args: Any, **kwargs: Any) -> Any:
+            raise _NatsTimeout
+
+        kv.put = no_answer  # type: ignore[method-assign]
+        started = trio.current_time()
+        with trio.fail_after(60):  # a hang guard
+            for i in range(count):
+                await ca.spawn("counter", name=f"p-{i}")
+            assert ca.stats().records_unwritten == count
+        took = trio.current_time() - started
+        lines = [r.getMessage() for r in caplog.records if "not written: " in r.getMessage()]
+        # (one a second at most: the first, then one per second the placements took)
+        assert 1 <= len(lines) <= 2 + int(took), (len(lines), took)
+        assert len(lines) < count // 2, (len(lines), took)  # (before: one per placement)
+        assert lines[0].startswith("node a: placement record of 'p-0' ("), lines[0]
+        assert "(1 unwritten now, counted in records_unwritten" in lines[0], lines[0]
+        del kv.put
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "more placement records not written" in r.getMessage()
+    ]
+    assert len(said) == 1, said
+    assert re.match(r"node a: \d+ more placement records not written", said[0]), said
+
+
 async def test_a_record_written_late_for_a_stopped_agent_whose_drop_fails_keeps_the_node_up(
     nats: NatsServer,
 ) -> None:
