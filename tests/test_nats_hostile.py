@@ -48,11 +48,11 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio._message import stored_fields
-from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
+from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, NodeReplaced, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _cluster as cluster_module
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._direct import flush_after_subscribe
 from nexus_trio._nats._membership import NodeInfo, bucket_birth, decode_record, encode_record
 from nexus_trio._nats._placement import PlacementFailed
@@ -444,6 +444,63 @@ async def test_a_second_process_under_a_live_member_s_name_is_counted_and_said(
                 " it (1 such records so far)"
             ]
         assert cb.stats().records_contested == 3  # under its own name
+
+
+async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begins(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later process of ``b``'s name heard live, its record the one the nodes bucket
+    holds under ``b`` (written here by a raw client, as the later join's compare-and-set
+    does), while ``b``'s join is at its last step (its names published): ``b`` judged
+    itself replaced then, before ``join_cluster``'s block had a scope to cancel, and the
+    block ran on joined for ever (no NodeReplaced; here: TooSlowError after 20 s). Now the
+    block begins cancelled, ``b`` leaves, and ``join_cluster`` raises ``NodeReplaced``
+    itself (no group) naming the later process."""
+    published = Cluster.names_published
+    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    at_last_step = trio.Event()
+
+    async def replaced_meanwhile(self: Cluster) -> None:
+        at_last_step.set()
+        while self._replaced is None:  # noqa: ASYNC110 (judged over NATS)
+            await trio.sleep(0.02)
+        await published(self)
+
+    monkeypatch.setattr(Cluster, "names_published", replaced_meanwhile)
+    entered: list[Cluster] = []
+    raised: list[BaseException] = []
+
+    async def join(kb: Kernel) -> None:
+        try:
+            async with join_cluster(kb, nats.url, "b", options=PATIENT) as cb:
+                entered.append(cb)
+                await trio.sleep_forever()
+        except NodeReplaced as exc:
+            raised.append(exc)
+
+    async with (
+        open_kernel(node_config()) as kb,
+        asyncio_loop(),
+        _hostile(nats.url) as hostile,
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(20):
+            nursery.start_soon(join, kb)
+            await at_last_step.wait()
+            await hostile.put("nodes", "b", later)
+            await hostile.publish("nexus.hb.b", later)
+            await hostile.flush()
+            while not raised:  # noqa: ASYNC110 (the join's task ends by it)
+                await trio.sleep(0.02)
+    (replaced,) = raised
+    assert isinstance(replaced, NodeReplaced)
+    assert (replaced.node, replaced.pid, replaced.host, replaced.id_prefix) == (
+        "b",
+        4242,
+        "elsewhere",
+        0xEF,
+    )
+    assert len(entered) == 1 and entered[0].readiness() is not None  # (it left)
 
 
 async def _crashed_process_of(hostile: Hostile, node: str, id_prefix: int) -> tuple[int, int]:

@@ -7015,6 +7015,10 @@ async def join_cluster(
                         # Cluster._leave_if_replaced; NodeReplaced raised below)
                         with trio.CancelScope() as body:
                             cluster._body_scope = body
+                            if cluster._replaced is not None:
+                                # (judged replaced during the join, before the block had a
+                                # scope to cancel: the block begins cancelled)
+                                body.cancel()
                             yield cluster
                     finally:
                         cluster._body_scope = None
