@@ -2146,6 +2146,39 @@ def test_two_demo_runs_on_one_cluster_are_independent_as_the_page_says(nexus, na
     assert "two independent rings" in " ".join(page.split())
 
 
+def test_a_run_replaced_under_its_node_name_says_so_in_one_line_and_exits_4(nexus, nats_url):
+    """A run paused past its loss while a second run joined under its node name (an
+    orchestrator took it for dead) leaves the cluster to the later one once it is back
+    (``NodeReplaced``). It ended with status 1 and the error's traceback through the
+    CLI's and the NATS layer's internals; now one line naming the later process, no
+    traceback, the summary, and status 4 (docs/cli.md#exit-statuses: a supervisor told
+    not to restart on it leaves the name to the later process)."""
+    env = {"NEXUS_CLUSTER__HEARTBEAT_INTERVAL": "0.2"}  # (lost after 1 s)
+    argv = ["run", "--nats", nats_url, "--node", "b", "-n", "10", "-d", "0", "--json"]
+    old = nexus(argv, env=env)
+    old.wait_for(r"running ring workload")
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        new = nexus(argv, env=env)  # (joins once the old one's record is judged dead)
+        new.wait_for(r"running ring workload")
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    status, out = old.finish(timeout=120)
+    err = "".join(old.stderr)
+    assert status == 4, err
+    summary = json.loads(out)
+    assert summary["error"].startswith("NodeReplaced: node 'b' was replaced"), summary
+    assert conserved(summary)
+    assert "Traceback" not in err
+    failed = [line for line in err.splitlines() if "the run failed" in line]
+    assert len(failed) == 1, err
+    assert f"(pid {new.proc.pid} on " in failed[0], failed
+    new.proc.send_signal(signal.SIGTERM)
+    status, out = new.finish(timeout=120)
+    assert status == 0, "".join(new.stderr)  # (the later one runs on as the node)
+    assert conserved(json.loads(out))
+
+
 def test_run_with_an_unreachable_nats_fails_naming_the_url(nexus):
     url = f"nats://127.0.0.1:{free_port()}"
     run = nexus(["run", "--nats", url, "-n", "10", "-d", "1", "--json"])

@@ -93,6 +93,12 @@ PROGRESS_THRESHOLD: Final = 10_000
 PLAIN_INTERVAL: Final = 5.0
 #: exit status of a forced exit (second Ctrl-C), as a shell reports SIGINT
 FORCED_EXIT: Final = 130
+#: exit status of a run whose node was replaced in the cluster (``NodeReplaced``: a later
+#: process joined under its node name while this one was cut off or paused past its
+#: loss). Not 1: a supervisor told not to restart on it (systemd's
+#: ``RestartPreventExitStatus=4``) leaves the name to the later process; one that
+#: restarts it starts a process whose join is refused while the later one lives
+REPLACED_EXIT: Final = 4
 #: ``stopped_by`` of a run that a KeyboardInterrupt reaching its kernel block ended (see
 #: :func:`_run_async`)
 INTERRUPTED: Final = "interrupted"
@@ -1145,6 +1151,9 @@ async def _run_async(
     join_error: BaseException | None = None
     #: the metrics endpoint that could not listen: said in one line too, with what to change
     listen_error: BaseException | None = None
+    #: NodeReplaced, once the join imported it (the nats layer is loaded by a join only):
+    #: said in one line too, exit status REPLACED_EXIT
+    replaced_type: type[Exception] | None = None
     kernel: Kernel | None = None
     async with trio.open_nursery() as outer:
         state.outer = outer
@@ -1182,8 +1191,10 @@ async def _run_async(
                             # stopped as it started (a worker the parent stopped): no join
                             log_guarded(log, logging.INFO, "stopped before joining the cluster")
                         elif nats_url:
-                            from .._nats import default_node_name, join_cluster
+                            from .._nats import NodeReplaced, default_node_name, join_cluster
                             from .._nats._auth import redact
+
+                            replaced_type = NodeReplaced
 
                             node = opts.node or default_node_name()
                             try:
@@ -1257,6 +1268,8 @@ async def _run_async(
                     if error is join_error
                     or error is listen_error
                     or isinstance(error, NatsServerLost)
+                    # (replaced: its message names the later process and what to do)
+                    or (replaced_type is not None and isinstance(error, replaced_type))
                     else error
                 ),
             )
@@ -1347,6 +1360,8 @@ async def _run_async(
         status = _exit_status(error)
     elif isinstance(error, _INTERRUPTS):
         status = FORCED_EXIT  # (as a Ctrl-C's: 128 + SIGINT)
+    elif replaced_type is not None and isinstance(error, replaced_type) and summary["conserved"]:
+        status = REPLACED_EXIT  # (its own: see REPLACED_EXIT; a mismatch is 1, as ever)
     if not summary["conserved"] and kernel is not None:
         log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
