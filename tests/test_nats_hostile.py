@@ -503,6 +503,66 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
     assert len(entered) == 1 and entered[0].readiness() is not None  # (it left)
 
 
+async def test_a_replacement_whose_record_could_not_be_read_is_judged_at_the_next_heartbeat(
+    nats: NatsServer,
+) -> None:
+    """The nodes bucket unreadable as ``b`` hears a later process of its name: ``b``
+    cannot tell a replacement from a peer speaking for the name, so it does nothing then
+    and reads again at the later process's next heartbeat, which finds that process's
+    record: ``b`` leaves and ``join_cluster`` raises ``NodeReplaced``. (Checked against
+    the mutant that gives up after a failed read, ``continue`` -> ``return`` in
+    ``_leave_if_replaced``: no NodeReplaced, TooSlowError.)"""
+    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    raised: list[BaseException] = []
+    reads: list[bool] = []  # (each read of b's key while the bucket fails them: False)
+    failing = True
+
+    async def join(kb: Kernel, joined: trio.Event) -> None:
+        try:
+            async with join_cluster(kb, nats.url, "b", options=PATIENT) as cb:
+                kv = cb._nodes_kv
+                assert kv is not None
+                get = kv.get
+
+                async def unreadable(key: str, *args: Any, **kwargs: Any) -> Any:
+                    if key == "b":
+                        reads.append(not failing)
+                        if failing:
+                            raise nats_py.errors.TimeoutError
+                    return await get(key, *args, **kwargs)
+
+                kv.get = unreadable  # type: ignore[method-assign]
+                joined.set()
+                await trio.sleep_forever()
+        except NodeReplaced as exc:
+            raised.append(exc)
+
+    async with (
+        open_kernel(node_config()) as kb,
+        asyncio_loop(),
+        _hostile(nats.url) as hostile,
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(20):
+            joined = trio.Event()
+            nursery.start_soon(join, kb, joined)
+            await joined.wait()
+            await hostile.put("nodes", "b", later)
+            await hostile.publish("nexus.hb.b", later)
+            await hostile.flush()
+            while not reads:  # noqa: ASYNC110 (b's read, over NATS)
+                await trio.sleep(0.02)
+            failing = False
+            await hostile.publish("nexus.hb.b", later)  # the later process's next heartbeat
+            await hostile.flush()
+            while not raised:  # noqa: ASYNC110 (the join's task ends by it)
+                await trio.sleep(0.02)
+    (replaced,) = raised
+    assert isinstance(replaced, NodeReplaced)
+    assert (replaced.pid, replaced.id_prefix) == (4242, 0xEF)
+    assert reads[0] is False and True in reads, reads
+
+
 async def _crashed_process_of(hostile: Hostile, node: str, id_prefix: int) -> tuple[int, int]:
     """A process of this version named ``node`` that joined (its first record, then one
     with its join order, and a heartbeat) and crashed: its join order."""
