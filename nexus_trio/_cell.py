@@ -175,9 +175,10 @@ def _serve_batches(
             # read costs about as much as a no-op handler. Sampled by the count before
             # this message (``+ 1`` would build an int per message). (``ledger.now``: the
             # kernel sets its clock there once it runs, after this generator is made.)
-            # Not sampled: -1.0 (a clock's time is never negative; 0.0, which it was, is
-            # a MockClock's until it moves: no message of a test was sampled then).
-            start = ledger.now() if not ledger.handled & mask else -1.0
+            # Not sampled: None, no time (0.0, which it was, is a MockClock's until it
+            # moves; -1.0, which it was next, a custom clock's may be below: Trio's
+            # Clock.current_time is any float. No message was sampled then).
+            start = ledger.now() if not ledger.handled & mask else None
             try:
                 result = yield from handler(ctx, msg)
             except GeneratorExit as exc:
@@ -205,7 +206,7 @@ def _serve_batches(
                 cell.current = None
                 cell.handled += 1
                 ledger.handled += 1
-                if start >= 0.0 and not (ledger.handled - 1) & mask:
+                if start is not None and not (ledger.handled - 1) & mask:
                     # Sampled by the kernel-wide count (agents that handle few messages
                     # are seen too): recording costs more than a no-op handler.
                     ledger.record_latency(start, msg)
@@ -219,7 +220,7 @@ def _serve_batches(
             cell.current = None
             cell.handled += 1
             ledger.handled += 1
-            if start >= 0.0 and not (ledger.handled - 1) & mask:
+            if start is not None and not (ledger.handled - 1) & mask:
                 ledger.record_latency(start, msg)
             # something returned, or the handler suspended
             if cell._suspended:

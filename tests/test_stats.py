@@ -402,3 +402,49 @@ def test_latency_is_sampled_before_a_mock_clock_has_moved() -> None:
             assert stats.handle_latency.count == stats.queue_wait.count == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class _ClockBelowZero(trio.abc.Clock):
+    """A custom clock (Trio's ``Clock.current_time`` is any float) that reads a
+    ``MockClock`` an hour earlier: its time is negative, and jumps as the mock one does."""
+
+    def __init__(self) -> None:
+        self.mock = trio.testing.MockClock(autojump_threshold=0)
+
+    def start_clock(self) -> None:
+        self.mock.start_clock()
+
+    def current_time(self) -> float:
+        return self.mock.current_time() - 3600.0
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return self.mock.deadline_to_sleep_time(deadline + 3600.0)
+
+
+def test_latency_is_sampled_on_a_clock_whose_time_is_negative() -> None:
+    """Regression: not sampled was marked with a start time of -1.0, tested ``>= 0.0``
+    (the clock's time taken never to be negative); on a custom clock that reads below 0
+    (Trio's ``Clock`` allows any float) no message was sampled: ``handle_latency.count``
+    and ``queue_wait.count`` 0 after nine messages, where any other clock samples the
+    first and the ninth. Each end of a handler: returning None, suspending, returning a
+    value (an answer nobody waits for, dead-lettered ``unroutable_reply``)."""
+
+    @agent(name="quick")
+    async def quick(ctx: Context, msg: Message) -> str | None:
+        if msg.payload == 1:
+            await trio.lowlevel.checkpoint()  # a handler that suspends
+        return "answer" if msg.payload == 2 else None
+
+    async def main() -> None:
+        async with open_test_kernel() as kernel:
+            ref = kernel.spawn(quick)
+            for n in range(9):
+                await kernel.send(ref, n % 3)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == -3600.0
+            stats = kernel.stats()
+            assert stats.handled == 9
+            assert stats.handle_latency.count == stats.queue_wait.count == 2
+            assert 0.0 <= stats.handle_latency.total < 1.0
+
+    trio.run(main, clock=_ClockBelowZero())
