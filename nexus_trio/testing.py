@@ -358,13 +358,25 @@ def _on_the_mock_clock(kernel: Kernel, timeout: float) -> str:
 
 
 def _process_agents(kernel: Kernel) -> list[str]:
-    """The names (else ids) of ``kernel``'s live process agents (``process_agent``)."""
+    """The names (else ids) of ``kernel``'s live process agents (``process_agent``) that
+    hold a message in flight (queued, waiting for room, or in hand): one idle beside an
+    agent whose handler sleeps an hour is none of the cause, and the larger timeout= is
+    what helps then."""
     if not isinstance(kernel, Kernel):
         return []
     from .bridges import bridge_stats  # (here: a test without process agents needs none)
 
     ids = {str(agent_id) for agent_id in bridge_stats(kernel)}
-    return sorted(node.get("name") or node["id"] for node in _nodes(kernel) if node["id"] in ids)
+    return sorted(
+        node.get("name") or node["id"]
+        for node in _nodes(kernel)
+        if node["id"] in ids
+        and (
+            node.get("mailbox_depth", 0)
+            or node.get("senders_waiting", 0)
+            or node.get("handling") is not None
+        )
+    )
 
 
 def _until_next_wakeup() -> float:

@@ -997,3 +997,31 @@ def test_step_until_idle_on_the_mock_clock_says_process_agents_run_in_real_time(
         assert "e.g. timeout=3600" not in message
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_step_until_idle_names_process_agents_only_when_they_hold_the_messages() -> None:
+    """Regression: with any live process agent, ``step_until_idle`` on the mock clock said
+    that no ``timeout=`` helps, also when the message in flight was another agent's, a
+    handler sleeping an hour, for which ``timeout=3600`` is the answer: the process agent,
+    idle, is now named only when it holds a message (queued or in hand)."""
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py")
+
+    @agent(name="sleepy")
+    async def sleepy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(3600)
+
+    async def main() -> None:
+        with real_time_limit(60):
+            async with open_test_kernel() as kernel:
+                kernel.spawn(process_agent([sys.executable, example], name="calc"))
+                kernel.spawn(sleepy)
+                await kernel.send("sleepy", 1)
+                with pytest.raises(AssertionError) as info:
+                    await step_until_idle(kernel, timeout=5)
+                await kernel.shutdown(0)
+        message = str(info.value)
+        assert "1 message(s) still in flight, being handled by 'sleepy'" in message
+        assert "e.g. timeout=3600" in message
+        assert "process agents" not in message
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
