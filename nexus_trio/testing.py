@@ -678,6 +678,10 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
     what a full ``buffer`` loses is counted in ``recorder.dropped``)."""
     _check_kernel(kernel, "record_events", "events")
     recorder = EventRecorder()
+    #: the block's own error, raised as it is: not in the group of the collecting
+    #: task's nursery, which the block runs in (as open_kernel's block's)
+    body_error: BaseException | None = None
+    alone: BaseException | None = None
     # (the stream first: a bad buffer is its own error, not one of the nursery's group)
     async with kernel.events(buffer) as stream:
 
@@ -693,6 +697,9 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
                 nursery.start_soon(collect)
                 try:
                     yield recorder
+                except BaseException as exc:
+                    body_error = exc
+                    raise
                 finally:
                     try:
                         # Bounded: with an agent that keeps itself busy, take what came
@@ -700,6 +707,10 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
                         await _all_blocked(60.0)
                     finally:
                         nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if body_error is None or list(group.exceptions) != [body_error]:
+                raise
+            alone = body_error
         finally:
             # What the stream holds still, taken once ``collect`` has ended (it appends
             # an event it was handed before its cancel first: the order kept), also
@@ -711,6 +722,9 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             recorder.dropped = stream.dropped
+    if alone is not None:
+        # (raised after the handler: its context is its own, not the group around it)
+        raise alone
 
 
 @attrs.define(eq=False)

@@ -27,6 +27,7 @@ from nexus_trio import (
 )
 from nexus_trio.bridges import process_agent
 from nexus_trio.testing import (
+    EventRecorder,
     assert_conserved,
     assert_dead_lettered,
     assert_events,
@@ -1025,3 +1026,32 @@ def test_step_until_idle_names_process_agents_only_when_they_hold_the_messages()
         assert "process agents" not in message
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_an_error_in_a_record_events_block_goes_out_as_it_is(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: the block runs in the nursery of the task that collects the events, and
+    its error went out in that nursery's group, ``ExceptionGroup('Exceptions from Trio
+    nursery', [AssertionError('boom')])``: a ``pytest.raises(AssertionError)`` or an
+    ``except AssertionError`` around the block did not take it (``open_kernel``'s block
+    raises its error as it is). The events of the block are kept."""
+
+    @agent
+    async def idle(ctx: Context, msg: Message) -> None:
+        return None
+
+    recorders: list[EventRecorder] = []
+
+    async def block() -> None:
+        async with record_events(nexus_kernel) as events:
+            recorders.append(events)
+            nexus_kernel.spawn(idle, name="a")
+            raise AssertionError("boom")
+
+    with pytest.raises(AssertionError) as info:
+        await block()
+    assert type(info.value) is AssertionError
+    assert str(info.value) == "boom"
+    assert info.value.__context__ is None
+    assert [(e.name, e.kind.value) for e in recorders[0].events] == [("a", "spawned")]
