@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final
@@ -178,7 +179,13 @@ def _serve_batches(
             # Not sampled: None, no time (0.0, which it was, is a MockClock's until it
             # moves; -1.0, which it was next, a custom clock's may be below: Trio's
             # Clock.current_time is any float. No message was sampled then).
-            start = ledger.now() if not ledger.handled & mask else None
+            if ledger.handled & mask:
+                start = None
+            else:
+                start = ledger.now()
+                # (the wall clock, as the message's timestamp: its wait ends here, at
+                # the start, not after the handler, whose time it counted too)
+                begun = time.time_ns()
             try:
                 result = yield from handler(ctx, msg)
             except GeneratorExit as exc:
@@ -209,7 +216,7 @@ def _serve_batches(
                 if start is not None and not (ledger.handled - 1) & mask:
                     # Sampled by the kernel-wide count (agents that handle few messages
                     # are seen too): recording costs more than a no-op handler.
-                    ledger.record_latency(start, msg)
+                    ledger.record_latency(start, msg, begun)
                 continue
             if type(result) is _Coroutine:
                 box[1] = cell._unawaited(result)
@@ -221,7 +228,7 @@ def _serve_batches(
             cell.handled += 1
             ledger.handled += 1
             if start is not None and not (ledger.handled - 1) & mask:
-                ledger.record_latency(start, msg)
+                ledger.record_latency(start, msg, begun)
             # something returned, or the handler suspended
             if cell._suspended:
                 # done with: the serve loop disarms its deadline, then answers or

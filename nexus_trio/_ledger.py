@@ -196,8 +196,10 @@ class Ledger:
             key = "mailbox_full"
         self.rejected[key] += 1
 
-    def record_latency(self, started: float, msg: Message) -> None:
-        """Record one sampled message's handling time and time in the mailbox.
+    def record_latency(self, started: float, msg: Message, begun: int | None = None) -> None:
+        """Record one sampled message's handling time and time in the mailbox: from its
+        timestamp to ``begun`` (``time.time_ns()`` read as its handling began; without
+        it, now).
 
         Sampling is by the kernel-wide count of handled messages, so agents that handle
         few messages are seen too. One in eight while the kernel has handled fewer than
@@ -213,7 +215,7 @@ class Ledger:
         # From the message's timestamp, taken by its sender: one whose clock is ahead of
         # this one's (another node's, a bridge agent's) gave a negative wait, which made
         # the summary's sum fall (Prometheus takes a fall for a reset): it waited 0.
-        waited = time.time_ns() // 1000 - msg.timestamp
+        waited = (time.time_ns() if begun is None else begun) // 1000 - msg.timestamp
         wait.defer(waited / 1e6 if waited > 0 else 0.0)
         if len(wait.unfolded) >= FOLD_AT:
             handle.fold()

@@ -286,11 +286,13 @@ async def test_an_error_of_the_kernel_s_stepper_itself_ends_that_run_not_the_oth
     record = Ledger.record_latency
     broken = [True]
 
-    def record_once_broken(self: Ledger, start: float, msg: Message) -> None:
+    def record_once_broken(
+        self: Ledger, start: float, msg: Message, begun: int | None = None
+    ) -> None:
         if broken[0]:
             broken[0] = False
             raise RuntimeError("the latency record broke")
-        record(self, start, msg)
+        record(self, start, msg, begun)
 
     monkeypatch.setattr(Ledger, "record_latency", record_once_broken)
     got: list[tuple[str, Any]] = []
