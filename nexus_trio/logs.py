@@ -248,7 +248,8 @@ def _shown(value: Any) -> str:
 #: ``...[10,469,376 bytes cut]`` (its UTF-8 bytes): a 10 MB extra was written whole
 FIELD_LIMIT: Final = 16_384
 #: the most characters a log line writes of a traceback or a stack (each exception's
-#: message and note in it cut at :data:`FIELD_LIMIT` first, so its last line is kept)
+#: message and note in it cut at :data:`FIELD_LIMIT` first): a longer one is cut in its
+#: middle (:func:`_cut_traceback`), its first and last lines kept
 TRACEBACK_LIMIT: Final = 4 * FIELD_LIMIT
 
 
@@ -256,9 +257,28 @@ def cut_field(text: str, limit: int = FIELD_LIMIT) -> str:
     """``text``, its characters past ``limit`` cut and counted (in UTF-8 bytes)."""
     if len(text) <= limit:
         return text
-    rest = text[limit:]
-    cut = len(rest) if rest.isascii() else len(rest.encode("utf-8", "surrogatepass"))
-    return f"{text[:limit]}...[{cut:,} bytes cut]"
+    return f"{text[:limit]}...[{_utf8_length(text[limit:]):,} bytes cut]"
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut_traceback(text: str) -> str:
+    """A traceback or stack, its middle cut (at line breaks where it has them) when it is
+    longer than :data:`TRACEBACK_LIMIT`, the cut said on a line of its own: its first
+    lines (where the call came from) and its last (the innermost frames, and of a
+    traceback the exception's own line, ``RecursionError: ...``) are kept. Its end was
+    cut before: a RecursionError of two functions calling each other (1,000 frames,
+    90 KB) was logged without its last line, so without saying what it was."""
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    half = TRACEBACK_LIMIT // 2
+    start = text.rfind("\n", 0, half) + 1 or half
+    end = text.find("\n", len(text) - half)
+    if end < 0:
+        end = len(text) - half
+    return f"{text[:start]}...[{_utf8_length(text[start:end]):,} bytes cut]{text[end:]}"
 
 
 def _text(value: Any) -> str:
@@ -282,9 +302,9 @@ class _EscapingFormatter(logging.Formatter):
         # Formatted here rather than read from record.exc_text, which another handler's
         # formatter may have filled in unescaped.
         if record.exc_info:
-            return cut_field(self.formatException(record.exc_info), TRACEBACK_LIMIT)
+            return _cut_traceback(self.formatException(record.exc_info))
         if record.exc_text:
-            return _escape_lines(cut_field(record.exc_text, TRACEBACK_LIMIT))
+            return _escape_lines(_cut_traceback(record.exc_text))
         return None
 
 
@@ -311,7 +331,7 @@ class CompactFormatter(_EscapingFormatter):
         if exc_text:
             line = f"{line}\n{exc_text}"
         if record.stack_info:
-            line = f"{line}\n{self.formatStack(cut_field(record.stack_info, TRACEBACK_LIMIT))}"
+            line = f"{line}\n{self.formatStack(_cut_traceback(record.stack_info))}"
         return line
 
 
@@ -422,9 +442,9 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            entry["exc"] = cut_field(record.exc_text, TRACEBACK_LIMIT)
+            entry["exc"] = _cut_traceback(record.exc_text)
         if record.stack_info:
-            entry["stack"] = cut_field(self.formatStack(record.stack_info), TRACEBACK_LIMIT)
+            entry["stack"] = _cut_traceback(self.formatStack(record.stack_info))
         return json.dumps(entry, ensure_ascii=False).translate(_JSON_ESCAPES)
 
     def formatException(self, ei: Any) -> str:

@@ -1825,3 +1825,69 @@ def test_a_huge_field_is_cut_at_the_field_limit_saying_how_many_bytes(
     short = "x" * FIELD_LIMIT
     assert cut_field(short) is short
     assert len(cut_field("x" * (TRACEBACK_LIMIT + 1), TRACEBACK_LIMIT)) == TRACEBACK_LIMIT + 16
+
+
+def _ping(n: int) -> int:
+    return _pong(n)
+
+
+def _pong(n: int) -> int:
+    return _ping(n)
+
+
+def _log_from_deep(depth: int) -> None:
+    if depth:
+        _log_from_deeper(depth - 1)
+        return
+    logging.getLogger("nexus_trio.x").error("deep", stack_info=True)  # (the stack's last)
+
+
+def _log_from_deeper(depth: int) -> None:
+    _log_from_deep(depth)  # (two functions: no "[Previous line repeated ...]")
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+def test_a_traceback_past_its_limit_is_cut_in_its_middle_keeping_the_exception_line(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-fifth pass review: a traceback (or stack) longer than ``TRACEBACK_LIMIT``
+    had its end cut, and so the exception's own line: a RecursionError of two functions
+    calling each other (1,000 frames, ~90 KB) was logged without ``RecursionError:
+    maximum recursion depth exceeded``, a stack without its innermost frames. The middle
+    is cut now, at line breaks, the cut said on a line of its own in UTF-8 bytes."""
+    stream = configured(fmt)
+    try:
+        _ping(0)
+    except RecursionError:
+        exc_info = sys.exc_info()
+        logging.getLogger("nexus_trio.x").exception("recursed")
+    _log_from_deep(300)
+    formatter = JsonFormatter() if fmt == "json" else CompactFormatter()
+    whole = formatter.formatException(exc_info)
+    assert len(whole) > TRACEBACK_LIMIT + 10_000, len(whole)  # (what is to be cut)
+    if fmt == "json":
+        error, deep = json_lines(stream)
+        traceback_text, stack_text = error["exc"], deep["stack"]
+    else:
+        error_text, deep_text = re.split(r"\n(?=\S+ ERROR )", stream.getvalue().rstrip("\n"))
+        traceback_text = error_text.split("\n", 1)[1]
+        stack_text = deep_text.split("\n", 1)[1]
+    lines = traceback_text.split("\n")
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "RecursionError: maximum recursion depth exceeded"
+    (marker,) = [line for line in lines if line.startswith("...[")]
+    head, tail = traceback_text.split(f"\n{marker}\n")
+    assert whole.startswith(f"{head}\n")
+    assert whole.endswith(f"\n{tail}")
+    cut = len(whole) - len(head) - len(tail) - 2  # (ASCII: a byte a character)
+    assert marker == f"...[{cut:,} bytes cut]"
+    assert TRACEBACK_LIMIT - 400 < len(traceback_text) <= TRACEBACK_LIMIT + len(marker) + 2
+    stack_lines = stack_text.split("\n")
+    assert stack_lines[0] == "Stack (most recent call last):"
+    assert stack_lines[-1].strip() == (
+        'logging.getLogger("nexus_trio.x").error("deep", stack_info=True)  # (the stack\'s last)'
+    )
+    assert (
+        sum(line.startswith("...[") and line.endswith(" bytes cut]") for line in stack_lines) == 1
+    )
+    assert len(stack_text) <= TRACEBACK_LIMIT + 40
