@@ -378,11 +378,24 @@ def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
             return "{...}" if isinstance(value, dict) else "[...]"
         inside = within | {id(value)}
         if isinstance(value, dict):
-            return {
-                cut_field(_shown(key)): _json_value(item, inside) for key, item in value.items()
-            }
+            return _json_object(value, inside)
         return [_json_value(item, inside) for item in value]
     return cut_field(_shown(value))
+
+
+def _json_object(value: dict[Any, Any], within: frozenset[int]) -> dict[str, Any]:
+    """A dict inside an extra as a JSON object: each key named by its ``str()``, cut at
+    :data:`FIELD_LIMIT`; one named as a key before it (``{1: a, "1": b}``, two keys with the
+    same first 16,384 characters and as many cut) is prefixed ``extra_`` until it is free,
+    as an extra's own name is: only the last of two equal keys was written, the others'
+    values lost with nothing said."""
+    entry: dict[str, Any] = {}
+    for name, item in value.items():
+        key = cut_field(_shown(name))
+        while key in entry:
+            key = f"extra_{key}"
+        entry[key] = _json_value(item, within)
+    return entry
 
 
 # Characters JSON allows raw inside strings but that split lines for some readers (U+2028

@@ -1891,3 +1891,30 @@ def test_a_traceback_past_its_limit_is_cut_in_its_middle_keeping_the_exception_l
         sum(line.startswith("...[") and line.endswith(" bytes cut]") for line in stack_lines) == 1
     )
     assert len(stack_text) <= TRACEBACK_LIMIT + 40
+
+
+def test_keys_of_an_extra_s_dict_named_alike_are_each_written(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Fifty-fifth pass review: a dict inside an extra became a JSON object keyed by each
+    key's ``str()``, cut at ``FIELD_LIMIT``: keys ``1`` and ``"1"``, or two keys alike in
+    their first 16,384 characters and as long, were one key, the last value written and
+    the others lost with nothing said (4 keys, 2 written). Each is written now, a key
+    named as one before it prefixed ``extra_`` as an extra's own name is."""
+    stream = configured("json")
+    long = "k" * FIELD_LIMIT
+    cut_key = f"{long}...[1 bytes cut]"
+    nested = {long + "a": 1, long + "b": 2, 1: "int", "1": "str", "extra_1": "taken"}
+    logging.getLogger("nexus_trio.x").info("m", extra={"d": {"in": [nested]}})
+    (record,) = json_lines(stream)
+    assert record["d"] == {
+        "in": [
+            {
+                cut_key: 1,
+                f"extra_{cut_key}": 2,
+                "1": "int",
+                "extra_1": "str",
+                "extra_extra_1": "taken",
+            }
+        ]
+    }
