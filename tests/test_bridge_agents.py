@@ -32,7 +32,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_trio import Message, MessageKind
+from nexus_trio import AgentRef, Kernel, Message, MessageKind
 from nexus_trio._message import decode_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +118,8 @@ class Probe(NexusAgent):
             raise ValueError(p["text"])
         if do == "raise_huge":
             raise ValueError(p["text"] * p["times"])
+        if do == "raise_huge_name":
+            raise type(p["text"] * p["times"], (Exception,), {})("short")
         if do == "unserialisable":
             return {"ok": {1, 2}}
         if do == "nan":
@@ -225,6 +227,11 @@ class Probe extends NexusAgent {
       case 'none': return undefined;
       case 'raise': throw new RangeError(p.text);
       case 'raise_huge': throw p.text.repeat(p.times); // (a string: no Error)
+      case 'raise_huge_name': {
+        const error = new Error('short');
+        error.name = p.text.repeat(p.times);
+        throw error;
+      }
       case 'reject': return Promise.reject(new TypeError(p.text));
       case 'throw_symbol': throw Symbol('gone'); // String() takes it; a template throws
       case 'throw_unreadable': throw { toString() { throw new Error('no text'); } };
@@ -2630,6 +2637,15 @@ async def test_bridges_under_the_kernel_answer_fail_and_send(lang: str, tmp_path
         ]
 
 
+async def _answers_on_no_line_lost(kernel: Kernel, ref: AgentRef) -> None:
+    """The probe answers the next message, having written no line the kernel discarded."""
+    from nexus_trio.bridges.process import bridge_stats
+
+    assert await kernel.request("probe", {"do": "echo", "value": 1}) == 1
+    stats = bridge_stats(kernel)[ref.id]
+    assert (stats.oversized_lines, stats.invalid_lines, stats.starts) == (0, 0, 1)
+
+
 @pytest.mark.parametrize("lang", LANGS)
 @pytest.mark.parametrize("protocol", [1, 2])
 async def test_a_handler_error_with_a_huge_text_is_its_error_cut_not_an_unusable_line(
@@ -2641,7 +2657,7 @@ async def test_a_handler_error_with_a_huge_text_is_its_error_cut_not_an_unusable
     exceeds the limit``), not with the handler's error. The bridges cut an error's text
     at 16,384 characters, saying how many were cut; the kernel keeps the start of it."""
     from nexus_trio import RequestFailed, open_kernel
-    from nexus_trio.bridges.process import bridge_stats, process_agent
+    from nexus_trio.bridges.process import process_agent
 
     env = {**os.environ, "NEXUS_PROTOCOL": str(protocol)}
     with trio.fail_after(TIMEOUT * 2):
@@ -2658,9 +2674,29 @@ async def test_a_handler_error_with_a_huge_text_is_its_error_cut_not_an_unusable
                     await kernel.request("probe", huge)
                 assert failed.value.reason == "handler_error", failed.value
                 assert "éxéx" in str(failed.value.error)
-            assert await kernel.request("probe", {"do": "echo", "value": 1}) == 1
-            stats = bridge_stats(kernel)[ref.id]
-            assert (stats.oversized_lines, stats.invalid_lines, stats.starts) == (0, 0, 1)
+            await _answers_on_no_line_lost(kernel, ref)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_handler_error_with_a_huge_type_name_is_its_error_not_an_unusable_line(
+    lang: str, tmp_path: Path
+) -> None:
+    """Fifty-fifth pass review: the bridges cut an error's text at 16,384 characters, not
+    its type's name (a class's ``__name__``, an Error's ``name``): a 2 MB one made an
+    error frame over the kernel's line limit, discarded, the message failed ``malformed``.
+    The name is cut as the text is."""
+    from nexus_trio import RequestFailed, open_kernel
+    from nexus_trio.bridges.process import process_agent
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(process_agent(probe_command(lang, tmp_path), name="probe"))
+            huge = {"do": "raise_huge_name", "text": "Na", "times": 1_000_000}
+            with pytest.raises(RequestFailed) as failed:
+                await kernel.request("probe", huge)
+            assert failed.value.reason == "handler_error", failed.value
+            assert "NaNaNa" in str(failed.value.error)
+            await _answers_on_no_line_lost(kernel, ref)
 
 
 #: stderr lines a handler writes at once: ~0.5 MB, eight times what a pipe holds

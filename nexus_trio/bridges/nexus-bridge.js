@@ -35,6 +35,15 @@ const SNIPPET = 60;
 // protocol-1 error response); the rest is cut, and the cut said. The kernel keeps 4,096
 // of them; a frame this long stays under its 1 MiB line limit.
 const ERROR_TEXT_LIMIT = 16384;
+// `text` (an error's, or its name) cut at ERROR_TEXT_LIMIT, the cut said; not between the
+// two halves of a surrogate pair: a lone one is refused by the kernel
+function cutErrorText(text) {
+  if (text.length <= ERROR_TEXT_LIMIT) return text;
+  let end = ERROR_TEXT_LIMIT;
+  const last = text.charCodeAt(end - 1);
+  if (last >= 0xd800 && last <= 0xdbff) end -= 1;
+  return `${text.slice(0, end)}... (${(text.length - end).toLocaleString('en-US')} characters cut)`;
+}
 // what a line after a UTF-8 byte order mark is, in the Python bridge's words
 const BOM_PROBLEM = 'Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)';
 
@@ -964,15 +973,10 @@ class NexusAgent {
   }
 
   _sendError(message, text, errorType) {
-    if (text.length > ERROR_TEXT_LIMIT) {
-      // (a 5 MB thrown text made a frame over the kernel's line limit: the message failed
-      // "malformed", the line discarded, not with the handler's error). Not between the
-      // two halves of a surrogate pair: a lone one is refused by the kernel.
-      let end = ERROR_TEXT_LIMIT;
-      const last = text.charCodeAt(end - 1);
-      if (last >= 0xd800 && last <= 0xdbff) end -= 1;
-      text = `${text.slice(0, end)}... (${(text.length - end).toLocaleString('en-US')} characters cut)`;
-    }
+    // (a 5 MB thrown text, or error name, made a frame over the kernel's line limit: the
+    // message failed "malformed", the line discarded, not with the handler's error)
+    text = cutErrorText(text);
+    errorType = cutErrorText(errorType);
     if (this.protocol >= 2) {
       const msgId = message && message.id !== undefined ? message.id : null;
       this._writeFrame('error', { reply_to: msgId, error: text, error_type: errorType });

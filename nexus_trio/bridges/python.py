@@ -171,6 +171,14 @@ _SNIPPET = 60
 #: this long (at most 6 bytes a character, escaped) stays under its 1 MiB line limit
 ERROR_TEXT_LIMIT = 16_384
 
+
+def _cut_error_text(text: str) -> str:
+    """``text`` (an error's, or its type's name) cut at :data:`ERROR_TEXT_LIMIT`, the cut said."""
+    if len(text) <= ERROR_TEXT_LIMIT:
+        return text
+    return f"{text[:ERROR_TEXT_LIMIT]}... ({len(text) - ERROR_TEXT_LIMIT:,} characters cut)"
+
+
 #: what ``too_deep`` keeps of a line once its strings are out: ``{`` as ``[``, ``}`` as ``]``,
 #: every other byte deleted (one C pass over the bytes, not a regex: 16 ms for 1 MiB)
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
@@ -1240,11 +1248,9 @@ class NexusAgent:
         return response
 
     def _send_error(self, message: Any, text: str, error_type: str) -> None:
-        if len(text) > ERROR_TEXT_LIMIT:
-            # (a 5 MB exception text made a frame over the kernel's line limit: the message
-            # failed "malformed", the line discarded, not with the handler's error)
-            cut = len(text) - ERROR_TEXT_LIMIT
-            text = f"{text[:ERROR_TEXT_LIMIT]}... ({cut:,} characters cut)"
+        # (a 5 MB exception text, or class name, made a frame over the kernel's line limit:
+        # the message failed "malformed", the line discarded, not with the handler's error)
+        text, error_type = _cut_error_text(text), _cut_error_text(error_type)
         if self.protocol >= 2:
             msg_id = message.get("id") if isinstance(message, dict) else None
             self._write_frame(
