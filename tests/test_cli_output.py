@@ -90,6 +90,29 @@ def test_a_closed_standard_output_is_named_too(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("redirect", "limited", "why"),
+    [("> refused.json", True, "File too large"), (">&-", False, "it is closed")],
+    ids=["full", "closed"],
+)
+def test_a_refused_run_json_whose_object_cannot_be_written_still_says_why_it_was_refused(
+    tmp_path: Path, redirect: str, limited: bool, why: str
+) -> None:
+    """Fifty-fifth pass (review): ``nexus run --json`` refused by a usage error writes one
+    JSON object on standard output; when that cannot be written (a full disk, ``>&-``)
+    the write's ``OSError``, raised in the usage error's handling, took its place: the
+    usage box, what was wrong, was never shown, only ``cannot write to standard output``.
+    The refusal is said first now, then the output failure (status 1, as for any output
+    of nexus's own that cannot be written), as a config error's already was."""
+    result = nexus(["run", "--json", "-n", "abc"], tmp_path, redirect, limited=limited)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Invalid value for '--agents'" in result.stderr
+    assert "got 'abc'" in result.stderr
+    assert lines[-1] == f"nexus: error: cannot write to standard output: {why}"
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("unbuffered", [False, True])
 def test_log_records_a_full_disk_refuses_are_counted_in_the_summary(
     tmp_path: Path, unbuffered: bool

@@ -32,7 +32,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -52,6 +52,7 @@ from ._commands import (
     finite_at_least,
     host_name,
     one_of,
+    refusal_not_written,
     say_refused_as_json,
     whole_number,
 )
@@ -1495,6 +1496,19 @@ def _silence(stream: Any) -> None:
         pass
 
 
+def _output_failed(exc: OSError, failed: str, out: _WatchedStream, err: _WatchedStream) -> NoReturn:
+    """The command's own output (``failed``, the standard stream whose write raised
+    ``exc``) could not be written: said on standard error (a reader gone, ``EPIPE``:
+    quietly), status 1 (:func:`main`)."""
+    sys.stdout, sys.stderr = out.stream, err.stream
+    _silence(out.stream if failed == "standard output" else err.stream)
+    if exc.errno != errno.EPIPE and failed == "standard output":
+        with contextlib.suppress(OSError, AttributeError):  # stderr may be closed too
+            sys.stderr.write(f"nexus: error: cannot write to {failed}: {exc.strerror or exc}\n")
+            sys.stderr.flush()
+    sys.exit(1)
+
+
 #: whether :func:`main` runs the command: the process is ``nexus``'s own and ends with it
 #: (not so for a command invoked by a test, whose process goes on)
 _entry = {"process": False}
@@ -1521,6 +1535,9 @@ def main(argv: list[str] | None = None) -> None:
         with keep_from_children(), take_notify_socket():
             app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
     except SystemExit as exc:
+        unwritten = refusal_not_written()
+        if unwritten is not None:  # (a refused run --json's object: its error said first)
+            _output_failed(unwritten, "standard output", out, err)
         # (a Ctrl-C's 130 stands over a stop noted before it that no run took: the
         # scripts' entry does not end the process by that one at its exit)
         entry = sys.modules.get("_nexus_trio_main")
@@ -1531,13 +1548,7 @@ def main(argv: list[str] | None = None) -> None:
         failed = _output_failure(exc, {"standard output": out, "standard error": err})
         if failed is None:
             raise
-        sys.stdout, sys.stderr = out.stream, err.stream
-        _silence(out.stream if failed == "standard output" else err.stream)
-        if exc.errno != errno.EPIPE and failed == "standard output":
-            with contextlib.suppress(OSError, AttributeError):  # stderr may be closed too
-                sys.stderr.write(f"nexus: error: cannot write to {failed}: {exc.strerror or exc}\n")
-                sys.stderr.flush()
-        sys.exit(1)
+        _output_failed(exc, failed, out, err)
     finally:
         if isinstance(sys.stdout, WholeLines):  # (a worker's, its run not started: a
             with contextlib.suppress(OSError, ValueError):  # usage error) what it holds

@@ -226,8 +226,28 @@ def say_refused_as_json(kind: str, message: str, status: int) -> None:
         "exit_status": status,
         "started": False,
     }
-    sys.stdout.write(json.dumps(said, indent=2) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(said, indent=2) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        # (a full disk, ``>&-``: raised here, in the usage error's handling, it took the
+        # place of the error, whose box was never shown: the refusal is said first, then
+        # the entry says this, :func:`refusal_not_written`)
+        _unwritten[:] = [exc]
+
+
+#: the ``OSError`` that kept :func:`say_refused_as_json`'s object from standard output
+_unwritten: list[OSError] = []
+
+
+def refusal_not_written() -> OSError | None:
+    """The ``OSError`` that kept a refused ``run --json``'s object from standard output
+    (:func:`say_refused_as_json`), None if it was written or none was: the entry
+    (``nexus_trio.cli._app.main``), once the refusal is said on standard error, says
+    that its output could not be written, status 1, as for any output of its own. Taken:
+    the next call returns None (a process that goes on, a test, invokes it again)."""
+    unwritten, _unwritten[:] = _unwritten[:1], []
+    return unwritten[0] if unwritten else None
 
 
 class RunByDefaultGroup(Group):
