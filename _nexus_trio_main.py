@@ -228,6 +228,14 @@ def end_by_a_stop_not_taken() -> None:
         _end_by(signum)
 
 
+def stop_not_taken() -> int | None:
+    """The signal (a SIGTERM or SIGHUP noted as ``nexus run`` started, that no run took)
+    by which :func:`end_by_a_stop_not_taken` will end a command that ends before any run
+    began, or None: a refused ``run --json`` says ``128 +`` its number as its exit status
+    (``nexus_trio.cli._commands.say_refused_as_json``), 143 where it said 2."""
+    return _stop_not_taken()
+
+
 def _stop_not_taken() -> int | None:
     """The signal :func:`end_by_a_stop_not_taken` ends the process by, or None."""
     pending = list(_held)
@@ -383,5 +391,6 @@ __all__ = [
     "imports_done",
     "main",
     "run_command",
+    "stop_not_taken",
     "stops_while_starting",
 ]

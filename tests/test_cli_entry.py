@@ -432,6 +432,35 @@ def test_a_stop_signal_while_nexus_starts_ends_a_command_that_runs_nothing_by_it
         assert (tmp_path / "made.toml").read_text().startswith("#")
 
 
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [(["-n", "abc"], "usage error"), (["-c", "bad.toml"], "config error")],
+    ids=["usage-error", "config-error"],
+)
+def test_a_refused_run_json_says_the_status_of_a_stop_that_came_as_it_started(
+    tmp_path: Path, args: list[str], kind: str, sighup_default: None
+) -> None:
+    """Fifty-fifth pass (review): a refused ``nexus run --json`` writes one object with
+    its ``exit_status``; a SIGTERM that came as it started (here as Trio is imported) ends
+    the process by it at its exit (status -15, 143 in a shell), as documented, while the
+    object said ``exit_status`` 2. It says 143 now, the status the process has. (With
+    main's _commands.py and _nexus_trio_main.py: 2.)"""
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    proc = python_m(
+        tmp_path,
+        STOP_AT,
+        "nexus_trio.cli",
+        ["run", "--json", *args],
+        STOP_AT="trio",
+        STOP_SIGNAL="SIGTERM",
+        STOP_TIMES="1",
+    )
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    said = json.loads(proc.stdout)
+    assert (said["stopped_by"], said["started"]) == (kind, False)
+    assert said["exit_status"] == 128 + signal.SIGTERM
+
+
 #: a ``sitecustomize`` that sends its process a SIGUSR1 from its last exit function (the
 #: first registered), after the run's handlers are put back and its summary written
 USR1_AT_EXIT = """

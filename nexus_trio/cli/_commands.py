@@ -219,7 +219,14 @@ def say_refused_as_json(kind: str, message: str, status: int) -> None:
     its box on standard error, or a ``"config error"``, ``nexus: error: ...``; exit
     ``status``, 2): one JSON object on standard output naming the error, as a run's
     failure is named in its summary, for a script that reads standard output (it read
-    nothing at all). ``stopped_by`` is ``kind``; ``started`` false: no run began."""
+    nothing at all). ``stopped_by`` is ``kind``; ``started`` false: no run began. A
+    SIGTERM or SIGHUP that came as it started ends the process by it at its exit (the
+    scripts' entry, ``stop_not_taken``): ``exit_status`` is then 128 + its number, as the
+    process's status is (it said 2, the process ended by SIGTERM: 143)."""
+    entry = sys.modules.get("_nexus_trio_main")
+    ending = entry.stop_not_taken() if entry is not None else None
+    if ending is not None:
+        status = 128 + int(ending)
     said = {
         "stopped_by": kind,
         "error": f"{kind}: {message}",
