@@ -1172,8 +1172,9 @@ class SupervisorNode(Child, ChildOwner):
             await child.wait_idle()
         deadline = wait.deadline
         for linked in child.linked_children:
-            # (a second stop without drain may have cut the drain short meanwhile)
-            linked.drain_on_stop = child.drain_on_stop
+            # (a second stop without drain may have cut the drain short meanwhile; one
+            # asked of the linked child itself stands too)
+            linked.drain_on_stop = child.drain_on_stop and not linked.stopped_plainly
             linked.stop_deadline = min(linked.stop_deadline, deadline)
 
     def _drain_linked(self, child: Child) -> None:
@@ -1188,7 +1189,8 @@ class SupervisorNode(Child, ChildOwner):
         done = child.done
         start = self._nursery is not None and done is not None and not done.is_set()
         for linked in child.linked_children:
-            if linked.retired:
+            if linked.retired or linked.stopped_plainly:
+                # (a stop without drain asked of it stands: see Kernel.stop)
                 continue
             linked.drain_on_stop = True
             linked.stop_deadline = min(linked.stop_deadline, child.stop_deadline)
@@ -1342,20 +1344,38 @@ class SupervisorNode(Child, ChildOwner):
         nursery's exit in the same round (memory touched for it alone).
         """
         children = [c for c in reversed(list(self.children)) if not c.retired]
+        # (in a draining stop, those a sibling spawned: stopped in its turn, not asked now)
+        later: set[Child] = set()
         if self.drain_on_stop:
             # A draining stop (of the agent that spawned this supervisor: a pool's
             # router): every child handles its queue at once, not one after another,
             # within the same deadline; then they are awaited in reverse start order.
-            # Each one's own stop timeout counts from now, when its drain begins.
+            # Each one's own stop timeout counts from now, when its drain begins. One
+            # whose stop without drain is queued behind this one keeps it (see
+            # Kernel.stop): its queue is not handled.
+            later = {c for c in children if self._stops_with_parent(c)}
             now = trio.current_time()
             for child in children:
+                if child.stopped_plainly:
+                    continue
                 child.drain_on_stop = True
+                if child in later:
+                    # One a sibling spawned is not asked to stop yet: it takes what that
+                    # one's drain hands on, its own timeout counted from then, as in a
+                    # draining stop of that one (_drain_before_linked).
+                    child.stop_deadline = min(child.stop_deadline, self.stop_deadline)
+                    continue
                 child.stop_deadline = min(
                     child.stop_deadline, self.stop_deadline, now + self._stop_timeout(child)
                 )
                 if child.running and child.is_agent and not child.linked_children:
                     child.request_stop()
         quiet = [c.stops_quietly() for c in children]
+        if later:
+            # (not asked with a share of quiet siblings either)
+            for i, child in enumerate(children):
+                if child in later:
+                    quiet[i] = False
         # children[:asked] that stop quietly have been asked to stop
         asked = 0
         for i, child in enumerate(children):

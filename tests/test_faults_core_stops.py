@@ -1502,3 +1502,99 @@ async def test_what_a_spawned_agent_held_when_the_shutdown_s_grace_ran_out_says_
         (1, DeadLetterReason.SHUTDOWN),
         (2, DeadLetterReason.SHUTDOWN),
     ]
+
+
+async def test_a_plain_stop_queued_behind_its_supervisor_s_draining_stop_stands(
+    autojump_clock: Any,
+) -> None:
+    """``s`` [``a``, ``b``]: ``a`` has ``slow`` x3 (0.5 s each), 1, 2 queued; ``s``'s loop
+    is busy with ``kernel.stop("b")`` (``b``'s ``on_stop`` takes 1 s) as
+    ``kernel.stop("s", drain=True)`` comes, then ``kernel.stop("a")`` without drain: the
+    plain stop is queued behind the supervisor's drain. It stands, as the record of
+    ``test_a_draining_stop_after_a_plain_stop_leaves_the_plain_stop_standing`` promises
+    for a supervisor's drain: the ``slow`` in hand is finished, 1 and 2 dead-lettered
+    ``agent stopped (stopped)``. Before (fifty-fifth pass's review) the supervisor's
+    drain set ``drain_on_stop`` over it and 1 and 2 were handled."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        children = [agent(Member, name="a", shutdown_timeout=5), agent(SlowStop, name="b")]
+        kernel.spawn(Supervisor(name="s", children=children))
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", "slow", "slow", 1, 2):
+            await kernel.send("a", payload)
+        await trio.sleep(0.25)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(functools.partial(kernel.stop, "s", drain=True))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(kernel.stop, "a")
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert [e[2] for e in Member.log if e[:2] == ("handle", "a")] == ["slow", "slow", "slow"]
+    stopped = "agent stopped (stopped)"
+    assert letters == [
+        (1, DeadLetterReason.AGENT_STOPPED, stopped),
+        (2, DeadLetterReason.AGENT_STOPPED, stopped),
+    ]
+
+
+class Forwards(Agent):
+    """Spawns ``k`` (``Member``, or ``Quiet``: no ``on_stop``; a 1 s ``shutdown_timeout``)
+    in its ``on_start`` and sends it ``hi``; forwards every message it handles to ``k``, journaling a refusal."""
+
+    kid: ClassVar[type[Agent]] = Member
+
+    async def on_start(self, ctx: Context) -> None:
+        self.kid_ref = ctx.spawn(agent(Forwards.kid, name="k", shutdown_timeout=1))
+        await ctx.send(self.kid_ref, "hi")
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        if msg.payload == "wait":
+            await trio.sleep(1.5)
+        try:
+            await ctx.send(self.kid_ref, msg.payload)
+        except AgentNotFound:
+            Member.log.append(("refused", "k", msg.payload))
+
+
+class Quiet(Agent):
+    """Journals what it handles in ``Member.log``; no ``on_start`` nor ``on_stop``."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Member.log.append(("handle", ctx.name or "?", msg.payload))
+
+
+@pytest.mark.parametrize("kid", [Member, Quiet])
+async def test_an_agent_a_sibling_spawned_takes_what_that_one_s_drain_hands_on(
+    autojump_clock: Any, kid: type[Agent]
+) -> None:
+    """``s`` [``p``]; ``p`` spawned ``k`` (running: it handled ``hi``) and forwards what it
+    handles to it; ``wait`` (1.5 s there), 1, ``slow`` (0.5 s at ``k``), 2 are queued at ``p`` as ``kernel.stop("s",
+    drain=True)`` comes. ``k`` stops in ``p``'s turn, after ``p``'s queue is handed on,
+    as in ``kernel.stop("p", drain=True)`` and as a pool's workers do: it handles all four.
+    Before (fifty-fifth pass's review) the supervisor's drain asked every running agent
+    without linked children to stop at once, ``k`` too: it stopped before ``p`` took
+    ``wait``, and each forward was refused (``AgentNotFound``); ``k`` without ``on_stop``
+    was also asked with the share of quiet siblings of ``q``, spawned under ``s`` after it.
+    Nor does ``k``'s own 1 s ``shutdown_timeout`` count from the supervisor's drain, which
+    would cut ``slow`` and 2 (``p`` is idle at 1.5 s): it counts from ``p``'s turn, as in
+    ``p``'s own drain."""
+    Member.log = []
+    Forwards.kid = kid
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(Supervisor(name="s", children=[agent(Forwards, name="p")]))
+        await trio.testing.wait_all_tasks_blocked()
+        # (a quiet sibling started after ``k``: its share of quiet stops reaches ``k``)
+        kernel.spawn(agent(Quiet, name="q"), supervisor="s")
+        await kernel.send("q", "hi")
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("wait", 1, "slow", 2):
+            await kernel.send("p", payload)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop("s", drain=True)
+        dead = kernel.stats().dead_lettered
+    assert_conserved(kernel)
+    assert [e[2] for e in Member.log if e[:2] == ("handle", "k")] == ["hi", "wait", 1, "slow", 2]
+    assert [e for e in Member.log if e[0] == "refused"] == []
+    assert dead == 0
