@@ -712,6 +712,16 @@ class AgentCell(Child):
         scope.cancel()
         return True
 
+    def _stopped_plainly_above(self) -> bool:
+        """A stop without drain (``kernel.stop``) was asked of the agent that spawned
+        this one, or of one above it, or of a supervisor over them."""
+        node: Child | ChildOwner | None = self.linked_parent or self.supervisor
+        while isinstance(node, Child):
+            if node.stopped_plainly:
+                return True
+            node = node.linked_parent or node.supervisor
+        return False
+
     def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
         self.dormant = False
         queued = self.mailbox.close()
@@ -723,9 +733,14 @@ class AgentCell(Child):
         # "shutdown" included, and is a stop. An agent another one spawned (a pool's
         # worker) is retired with its parent's stop, ``parent_stopped``: once the kernel
         # is stopping, that is the shutdown's too (its grace is over: nothing more is
-        # handled), and what it held says so, as every other agent's queue.
+        # handled), and what it held says so, as every other agent's queue. Not when a
+        # user's stop without drain above it (of that parent, of a supervisor over them)
+        # dropped it: that stop drops its queue whatever the shutdown does, its letters
+        # ``agent_stopped`` as those of an agent that stop stops itself.
         shutting_down = for_shutdown or (
-            reason in _SHUTDOWN_REASONS and self.router.phase >= KernelPhase.STOPPING
+            reason in _SHUTDOWN_REASONS
+            and self.router.phase >= KernelPhase.STOPPING
+            and (reason == "shutdown" or not self._stopped_plainly_above())
         )
         detail = f"agent stopped ({reason})"
         ended = self.drain_ended

@@ -1598,3 +1598,42 @@ async def test_an_agent_a_sibling_spawned_takes_what_that_one_s_drain_hands_on(
     assert [e[2] for e in Member.log if e[:2] == ("handle", "k")] == ["hi", "wait", 1, "slow", 2]
     assert [e for e in Member.log if e[0] == "refused"] == []
     assert dead == 0
+
+
+@pytest.mark.parametrize("spawned", ["pool_worker", "ctx_spawn", "under_supervisor"])
+async def test_what_a_plain_stop_begun_before_the_shutdown_dropped_says_agent_stopped(
+    autojump_clock: Any, spawned: str
+) -> None:
+    """A pool's worker (or an agent ``ctx.spawn`` started, or one under a supervisor
+    ``s``) has ``slow`` (0.5 s), 1, 2 queued; ``kernel.stop`` without drain of the pool
+    (of the agent that spawned it, of ``s``) comes, then ``kernel.shutdown(grace=0.2)``
+    0.1 s later, whose grace runs out before ``slow`` is done. The plain stop dropped 1
+    and 2 whatever the shutdown does: ``agent_stopped``, as the queue of an agent that
+    stop stops itself. Before (fifty-fifth pass's review: 1da47437 took every
+    ``parent_stopped`` retirement once the grace was over as the shutdown's) they said
+    ``shutdown``."""
+    Member.log = []
+    async with open_kernel(make_config()) as kernel:
+        if spawned == "pool_worker":
+            kernel.spawn(pool(agent(Member, shutdown_timeout=5), size=1, name="p"))
+            target, stopped = "p/0", "p"
+        elif spawned == "ctx_spawn":
+            kernel.spawn(agent(SpawnsKid, name="parent"))
+            target, stopped = "kid", "parent"
+        else:
+            kernel.spawn(Supervisor(name="s", children=[agent(SpawnsKid, name="parent")]))
+            target, stopped = "kid", "s"
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in ("slow", 1, 2):
+            await kernel.send(target, payload)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, stopped)
+            await trio.sleep(0.1)
+            nursery.start_soon(functools.partial(kernel.shutdown, grace=0.2))
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert [(p, reason) for p, reason in letters if p != "slow"] == [
+        (1, DeadLetterReason.AGENT_STOPPED),
+        (2, DeadLetterReason.AGENT_STOPPED),
+    ]
