@@ -183,8 +183,9 @@ def _usr1_unwatched(signum: int, frame: object) -> None:
 def hold_usr1(args: list[str]) -> None:
     """For a run (a ``--workers`` worker too), in the main thread: a SIGUSR1 (asks for the
     agent tree) that has its default action gets a handler that does nothing, from the
-    entry's first lines to the process's exit. Its default action ended the process (status 138, no summary, nothing said) while it started (the
-    imports, the config, the app's import), and once the run's own handler was gone:
+    entry's first lines to the process's exit. Its default action ended the process
+    (status 138, no summary, nothing said) while it started (the imports, the config,
+    the app's import), and once the run's own handler was gone:
     the summary being written, the ``--workers`` parent's after its handlers were put
     back, a worker that ended by itself and was not reaped yet when the parent passed a
     SIGUSR1 on. The run's handler (``nexus_trio.cli._run``) takes over while the run
