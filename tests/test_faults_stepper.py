@@ -496,7 +496,9 @@ def test_a_stop_failure_or_shutdown_at_any_point_of_batches_that_return_tells(
 _STEPPER_LINES = [
     "mailbox.depth -= 1",
     "cell.current = msg",
-    "start = ledger.now() if",
+    "if ledger.handled & mask:",
+    "start = ledger.now()",
+    "begun = time.time_ns()",
     "cell.current = None",
     "cell.handled += 1",
     "ledger.handled += 1",
