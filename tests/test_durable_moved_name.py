@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 from nats import errors as nats_errors
+from nats.js.api import StreamConfig
 
 from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
@@ -214,6 +215,71 @@ async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_i
     assert len([line for line in lines if line.startswith(tail)]) == 1, lines
 
 
+async def _forward_waits_for_room(
+    url: str,
+    caplog: pytest.LogCaptureFixture,
+    hold: float,
+    *,
+    fill: Callable[[Cluster], Awaitable[None]] | None = None,
+    **durable: Any,
+) -> tuple[list[Any], Any, Any, list[str]]:
+    """Nodes a and b (``durable``: the options changed): an agent on b holds a message
+    (``"held"``, or ``_BIG`` bytes when ``fill``) until ``hold`` s after a's first
+    failed forward, a message for a name that moved to b (``"moved"``, or as big) is
+    stored on a's subject after ``fill(a)``; what was handled (the payloads, or their
+    sizes), a's and b's stats once b acked both or a counted one dead, and a's lines of
+    refused forwards."""
+    options = DurableOptions(
+        ack_wait=30.0,
+        max_deliver=3,
+        redelivery_delay=0.01,
+        missing_agent_delay=1.0,
+        missing_agent_delay_max=15.0,
+        **durable,
+    )
+    release = trio.Event()
+    handled: list[Any] = []
+
+    def payload(text: str) -> str:
+        return text if fill is None else text[0] * _BIG
+
+    def took(msg: Message) -> None:
+        handled.append(msg.payload if fill is None else len(msg.payload))
+
+    @agent(name="moved-a")
+    async def moved(ctx: Context, msg: Message) -> Any:
+        took(msg)
+        return "ok"
+
+    @agent(name="holds-b")
+    async def holds(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        took(msg)
+        return "ok"
+
+    async with (
+        local_node(url, "a", durable=options) as (_ka, ca),
+        local_node(url, "b", durable=options) as (kb, cb),
+    ):
+        with trio.fail_after(20):
+            await _running_on_b(ca, kb, cb, holds, "holds-b")
+            await _running_on_b(ca, kb, cb, moved, "moved-a")
+            if fill is not None:
+                await fill(ca)
+            await ca.send_durable("holds-b", payload("held"))
+            await store_for(ca, "moved-a", payload("moved"))
+            await until(lambda: ca.stats().durable_forward_failures >= 1)
+        with trio.move_on_after(hold):  # (the old naks: all deliveries used up by then)
+            await until(lambda: ca.stats().durable_dead >= 1)
+        release.set()
+        with trio.move_on_after(20):
+            await until(lambda: cb.stats().durable_acked >= 2 or ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+        a, b = ca.stats(), cb.stats()
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    return handled, a, b, [line for line in lines if "(nakked: tried again)" in line]
+
+
 async def test_a_forward_the_full_stream_refuses_waits_for_room_and_says_which_limit(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -229,51 +295,57 @@ async def test_a_forward_the_full_stream_refuses_waits_for_room_and_says_which_l
     that moved to b. (On main's _durable.py swapped in: ``durable_dead`` 1, forwarded 0,
     the line without the limit.)"""
     caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
-    durable = DurableOptions(
-        ack_wait=30.0,
-        max_deliver=3,
-        redelivery_delay=0.01,
-        max_messages=2,
-        missing_agent_delay=1.0,
-        missing_agent_delay_max=15.0,
-    )
-    release = trio.Event()
-    handled: list[Any] = []
-
-    @agent(name="moved-a")
-    async def moved(ctx: Context, msg: Message) -> Any:
-        handled.append(msg.payload)
-        return "ok"
-
-    @agent(name="holds-b")
-    async def holds(ctx: Context, msg: Message) -> Any:
-        await release.wait()
-        handled.append(msg.payload)
-        return "ok"
-
-    async with (
-        local_node(nats.url, "a", durable=durable) as (_ka, ca),
-        local_node(nats.url, "b", durable=durable) as (kb, cb),
-    ):
-        with trio.fail_after(20):
-            await _running_on_b(ca, kb, cb, holds, "holds-b")
-            await _running_on_b(ca, kb, cb, moved, "moved-a")
-            await ca.send_durable("holds-b", "held")
-            await store_for(ca, "moved-a", "moved")
-            await until(lambda: ca.stats().durable_forward_failures >= 1)
-        with trio.move_on_after(0.5):  # (the old naks: all deliveries used up by then)
-            await until(lambda: ca.stats().durable_dead >= 1)
-        release.set()
-        with trio.move_on_after(20):
-            await until(lambda: cb.stats().durable_acked >= 2 or ca.stats().durable_dead >= 1)
-            await _stream_empty(ca)
-        a, b = ca.stats(), cb.stats()
+    handled, a, b, refused = await _forward_waits_for_room(nats.url, caplog, 0.5, max_messages=2)
     assert sorted(handled) == ["held", "moved"]
     assert (a.durable_dead, a.durable_forwarded, b.durable_acked) == (0, 1, 2)
-    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
-    refused = [line for line in lines if "(nakked: tried again)" in line]
-    assert refused, lines
+    assert refused, caplog.records
     assert (
         "ServiceUnavailableError() (full: the stream's max_messages, 2 if this node made it)"
         in refused[0]
+    )
+
+
+#: the bytes of each payload of the server-storage test: far above what the buckets'
+#: writes add while it runs, far under NATS's max_payload
+_BIG = 200_000
+
+
+async def _fill(cluster: Cluster, used: int) -> None:
+    """Store in a stream of the test until the server's JetStream storage holds ``used``
+    bytes (the last message cut to fit)."""
+    await call_aio(cluster.data_js.add_stream, StreamConfig(name="filler", subjects=["filler"]))
+    while (left := used - (await call_aio(cluster.data_js.account_info)).storage) > 100:
+        await call_aio(cluster.data_js.publish, "filler", b"f" * min(left - 50, _BIG))
+
+
+async def test_a_forward_the_servers_full_storage_refuses_waits_for_room_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fifty-sixth pass: JetStream refuses a publish past the server's JetStream storage
+    (its ``max_file_store``) with code 10023, ``insufficient resources``, not the
+    stream's 10077: a forward's copy refused so was nakked for ``redelivery_delay``, its
+    ``max_deliver`` deliveries used up in a tenth of a second, dead (``unforwarded``)
+    though the storage had room once another message left, the line saying only
+    ``ServiceUnavailableError()``. It waits the growing delay of a full stream now, its
+    line naming the server's storage. Here a stream of the test fills the server's
+    storage but room for one big message and a half (nats-server refuses a publish once
+    its storage is past the limit, not one that would pass it): one held by an agent on
+    b until 2 s after the first refusal, one for a name that moved to b, whose copy finds
+    no room. (On main's _durable.py swapped in: ``durable_dead`` 1, forwarded 0, b
+    acked 1, dead 0.02 s after the first refusal, the line without the storage.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    storage = 16 * _BIG
+
+    async def fill(cluster: Cluster) -> None:
+        await _fill(cluster, storage - 3 * _BIG // 2)
+
+    # (the growing delay's third delivery, the last, is 3 s after the first)
+    with NatsServer(config=f"jetstream {{ max_file_store: {storage} }}") as server:
+        handled, a, b, refused = await _forward_waits_for_room(server.url, caplog, 2.0, fill=fill)
+    assert handled == [_BIG, _BIG]
+    assert (a.durable_dead, a.durable_forwarded, b.durable_acked) == (0, 1, 2)
+    assert refused, caplog.records
+    assert (
+        "ServiceUnavailableError() (full: the server's JetStream storage: insufficient"
+        " resources) (nakked: tried again)" in refused[0]
     )

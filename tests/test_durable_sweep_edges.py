@@ -33,6 +33,7 @@ import trio_asyncio
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DiscardPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from nexus_trio import (
     ClusterConfig,
@@ -978,6 +979,35 @@ async def test_a_durable_send_past_a_limit_an_operator_set_names_that_limit(
     assert "set by an operator: a node sets none); nothing was stored" in text
     assert "max_messages" not in text
     assert after.state.messages == 1
+
+
+async def test_a_durable_send_a_store_failure_refuses_says_that_not_a_full_stream(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-sixth pass: code 10077 is nats-server's for any failure of a stream's store
+    (``JSStreamStoreFailedF``: a store closed by a delete or a shutdown, a disk error),
+    not only a limit reached with discard new; one whose description names no limit was
+    said "full: a limit of the stream", and a forward's copy refused so waited a full
+    stream's growing delay. Its line says the store failed, with JetStream's
+    description. Here JetStream's answer to the publish is that error (nats-py's, as it
+    raises one; no real server closes a store on demand). (On main's _durable.py: the
+    error ends ``(full: a limit of the stream: store closed); nothing was stored``.)"""
+    async with local_node(nats.url, "a") as (kernel, cluster):
+        kernel.spawn(_keeper([], "keeper-a"))
+        js = cluster.data_js
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise ServiceUnavailableError(code=503, err_code=10077, description="store closed")
+
+        monkeypatch.setattr(js, "publish", refused)
+        with trio.fail_after(20), pytest.raises(TransportUnavailable) as failed:
+            await cluster.send_durable("keeper-a", "refused")
+    text = str(failed.value)
+    assert text.endswith(
+        "description='store closed' (the stream's store failed: store closed; no limit of"
+        " it said); nothing was stored"
+    ), text
+    assert "full" not in text
 
 
 async def test_a_takeover_whose_unsubscribe_never_returns_ends_within_its_bound(

@@ -230,14 +230,23 @@ def _hops(jsmsg: NatsMsg) -> int:
 #: refuses a heartbeat above half the poll's wait)
 FETCH_WAIT: Final = 1.0
 FETCH_HEARTBEAT: Final = 0.25
-#: JetStream's error code for a publish past a stream's max_msgs (discard new)
-_MAX_MESSAGES_EXCEEDED: Final = 10077
+#: JetStream's error code for a publish its stream's store refused (``JSStreamStoreFailedF``):
+#: past one of the stream's limits with discard new, or another store failure (a store
+#: closed by a delete or a shutdown, a disk error), told apart by its description only
+_STORE_FAILED: Final = 10077
 #: the limit each description of that code names (nats-server's store errors)
 _LIMITS_SAID: Final = {
     "maximum messages exceeded": "max_msgs",
     "maximum bytes exceeded": "max_bytes",
     "maximum messages per subject exceeded": "max_msgs_per_subject",
 }
+#: JetStream's codes for a publish past the server's JetStream storage (its
+#: ``max_file_store`` or ``max_memory_store``: 10023, ``insufficient resources``) or past
+#: the account's JetStream limits (10002, ``resource limits exceeded for account``, whose
+#: code other refusals share: told by the description), measured on nats-server 2.15
+_SERVER_FULL: Final = 10023
+_ACCOUNT_LIMITS: Final = 10002
+_ACCOUNT_FULL_SAID: Final = "resource limits exceeded for account"
 
 
 async def _poll(psub: Any, batch: int, idle: bool) -> tuple[list[NatsMsg], bool | None]:
@@ -2100,21 +2109,37 @@ class DurableChannel:
 
     # --- sending -------------------------------------------------------------------------------
 
-    def _limit_reached(self, exc: nats.js.errors.APIError) -> str:
-        """What ``send`` says of the stream's limit JetStream refused a publish past
-        (``exc``, code 10077: one code for each limit with discard new; its description
-        names the limit, measured on nats-server 2.15): the node's own bound, or one an
-        operator set (a node sets neither max_bytes nor a limit a subject)."""
-        description = exc.description or ""
+    def _refusal(self, exc: BaseException) -> tuple[str, bool]:
+        """What ``send`` and a forward's lines say of JetStream's refusal ``exc`` of a
+        publish beyond its own words, and whether it is a store full (room comes back once
+        a message leaves it: a forward's copy refused so waits the growing delay of a
+        missing agent's message). From the error's code and description (measured on
+        nats-server 2.15): code 10077 with a limit's description (one code for each limit
+        of the stream with discard new): the node's own bound, or one an operator set (a
+        node sets neither max_bytes nor a limit a subject); 10023, the server's JetStream
+        storage; 10002 saying so, the account's JetStream limits. Code 10077 is also
+        nats-server's for any other failure of the stream's store (a store closed, a disk
+        error): said as that, not as a full stream, and tried again after
+        ``redelivery_delay`` (until the fifty-sixth pass it was said "full: a limit of the
+        stream" and waited the growing delay)."""
+        if not isinstance(exc, nats.js.errors.APIError):
+            return "", False
+        description = exc.description or "not said"
+        if exc.err_code == _SERVER_FULL:
+            return f" (full: the server's JetStream storage: {description})", True
+        if exc.err_code == _ACCOUNT_LIMITS and description == _ACCOUNT_FULL_SAID:
+            return f" (full: the account's JetStream limits: {description})", True
+        if exc.err_code != _STORE_FAILED:
+            return "", False
         limit = _LIMITS_SAID.get(description)
         if limit is None:
-            return f" (full: a limit of the stream: {description or 'not said'})"
+            return f" (the stream's store failed: {description}; no limit of it said)", False
         if limit == "max_msgs":
             return (
                 f" (full: the stream's max_messages, {self.options.max_messages} if this"
                 " node made it)"
-            )
-        return f" (full: the stream's {limit}, set by an operator: a node sets none)"
+            ), True
+        return f" (full: the stream's {limit}, set by an operator: a node sets none)", True
 
     async def send(
         self,
@@ -2239,11 +2264,11 @@ class DurableChannel:
             ) from exc
         except nats.js.errors.APIError as exc:
             # (its repr says only its class: ServiceUnavailableError())
-            full = self._limit_reached(exc) if exc.err_code == _MAX_MESSAGES_EXCEEDED else ""
+            said = self._refusal(exc)[0]
             raise TransportUnavailable(
                 redact(
                     f"JetStream did not store durable message {msg.id}: stream"
-                    f" {self._stream!r} refused it on subject {subject}: {exc}{full};"
+                    f" {self._stream!r} refused it on subject {subject}: {exc}{said};"
                     " nothing was stored"
                 )
             ) from exc
@@ -3286,7 +3311,8 @@ class DurableChannel:
 
         A copy the stream refused past a limit of its own (full: its ``max_messages``
         with discard new, or an operator's ``max_bytes``; the copy needs a place
-        before the message it copies leaves) is nakked with the growing delay of a
+        before the message it copies leaves), or past the server's JetStream storage or
+        the account's JetStream limits (see :meth:`_refusal`), is nakked with the growing delay of a
         missing agent's message (:func:`missing_agent_delay`), and its lines say which
         limit: until the fifty-fifth pass it was tried again after ``redelivery_delay``,
         its ``max_deliver`` deliveries used up in a tenth of a second and the message
@@ -3297,12 +3323,7 @@ class DurableChannel:
         try:
             await self.cluster.data_js.publish(subject, jsmsg.data, headers=_forward_headers(jsmsg))
         except (nats.errors.Error, OSError) as exc:
-            full = (
-                self._limit_reached(exc)
-                if isinstance(exc, nats.js.errors.APIError)
-                and exc.err_code == _MAX_MESSAGES_EXCEEDED
-                else ""
-            )
+            said, full = self._refusal(exc)
             delivered = jsmsg.metadata.num_delivered
             if stale or delivered >= self.options.max_deliver:
                 # a nak of its last delivery is delivered no more: it would stay in the
@@ -3321,7 +3342,7 @@ class DurableChannel:
                     " (its stream since made anew)" if stale else "",
                     subject,
                     exc,
-                    full,
+                    said,
                     self.dead_unforwarded,
                     counted="durable_dead",
                 )
@@ -3339,7 +3360,7 @@ class DurableChannel:
                 msg_id,
                 subject,
                 exc,
-                full,
+                said,
                 self._forward_failures,
             )
             # (a full stream has room again once a message leaves it: given the time a
