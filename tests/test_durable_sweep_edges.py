@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import attrs
+import nats.aio.client
 import nats.js.errors
 import pytest
 import trio
@@ -1008,6 +1009,52 @@ async def test_a_durable_send_a_store_failure_refuses_says_that_not_a_full_strea
         " it said); nothing was stored"
     ), text
     assert "full" not in text
+
+
+async def test_every_jetstream_api_request_of_a_node_goes_under_the_one_api_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty-sixth pass: a cluster has no option for a JetStream domain or an imported
+    API's prefix (its contexts were nats-py's defaults), and the durable path's raw
+    requests (a look's CONSUMER.INFO, a sweep's STREAM.INFO) wrote ``$JS.API`` out: a
+    context made with another prefix would have left them on the account's own API.
+    All now take ``wire.JS_API``, the prefix the cluster's contexts are made with. Here
+    a nats-server in JetStream domain ``hub`` (it answers ``$JS.hub.API`` as its own)
+    and that prefix in ``wire.JS_API``: every API request the nodes' clients publish
+    (two joins, b's look, a sweep, a durable message's delivery) goes under it. (On
+    main's code: all of them under ``$JS.API``, the look's
+    ``$JS.API.CONSUMER.INFO.nexus-durable.b`` among them.)"""
+    monkeypatch.setattr(wire, "JS_API", "$JS.hub.API", raising=False)
+    published: list[str] = []
+    publish = nats.aio.client.Client.publish
+
+    async def seen(self: Any, subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith("$JS."):
+            published.append(subject)
+        return await publish(self, subject, *args, **kwargs)
+
+    monkeypatch.setattr(nats.aio.client.Client, "publish", seen)
+    handled: list[Any] = []
+    sent: list[Message] = []
+    with NatsServer(config="jetstream { domain: hub }") as server:
+        async with (
+            local_node(server.url, "a", **QUICK) as (_ka, ca),
+            local_node(server.url, "b", **QUICK) as (kb, cb),
+        ):
+            kb.spawn(_keeper(handled, "keeper-b"))
+            with trio.fail_after(30):
+                await cb.names_published()
+                await _past_first_wait(cb)
+                await cb.durable._sweep(True)
+                sent.append(await cb.send_durable("keeper-b", "through the hub's API"))
+                await until(lambda: cb.stats().durable_acked >= 1)
+    api = [subject for subject in published if ".API." in subject]
+    stream = f"{ca.prefix}-durable"
+    assert [subject for subject in api if not subject.startswith("$JS.hub.API.")] == []
+    assert f"$JS.hub.API.CONSUMER.INFO.{stream}.b" in api
+    assert f"$JS.hub.API.STREAM.INFO.{stream}" in api
+    assert f"$JS.hub.API.CONSUMER.MSG.NEXT.{stream}.b" in api
+    assert handled == [(sent[0].id, "through the hub's API")]
 
 
 async def test_a_takeover_whose_unsubscribe_never_returns_ends_within_its_bound(

@@ -1532,8 +1532,8 @@ class Cluster:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await call_aio(self._nc.close)
             raise
-        self._data_js = self._nc.jetstream()
-        self._js = self._ctl.jetstream()
+        self._data_js = self._nc.jetstream(prefix=wire.JS_API)
+        self._js = self._ctl.jetstream(prefix=wire.JS_API)
 
     async def _open(self, role: str) -> NatsClient:
         opts = self.options

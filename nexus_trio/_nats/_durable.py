@@ -1658,7 +1658,7 @@ class DurableChannel:
         One STREAM.INFO request, raw: nats-py's ``stream_info`` drops the subjects'
         count (a sweep that read the subjects asked three times before the forty-seventh
         pass: nats-py's before and after the consumers, then the count)."""
-        subject = f"$JS.API.STREAM.INFO.{self._stream}"
+        subject = f"{wire.JS_API}.STREAM.INFO.{self._stream}"
         reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
         return _stream_counts_answer(reply.data, subject)
 
@@ -1668,7 +1668,7 @@ class DurableChannel:
         in all (asyncio side), waited for ``wait`` seconds. nats-py's ``stream_info``
         asks no offset: its request, with one."""
         request = {"subjects_filter": f"{self.cluster.prefix}.durable.>", "offset": offset}
-        subject = f"$JS.API.STREAM.INFO.{self._stream}"
+        subject = f"{wire.JS_API}.STREAM.INFO.{self._stream}"
         reply = await self.cluster.nc.request(subject, json.dumps(request).encode(), timeout=wait)
         return _subjects_answer(reply.data, subject, offset)
 
@@ -3286,7 +3286,7 @@ class DurableChannel:
         the server's time of it, which bounds what the look may take for its consumer's
         (see :meth:`_stranded`; ``delivered.last_active`` would not do: a server
         restarted says none)."""
-        subject = f"$JS.API.CONSUMER.INFO.{self._stream}.{node}"
+        subject = f"{wire.JS_API}.CONSUMER.INFO.{self._stream}.{node}"
         reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
         return _consumer_state_answer(reply.data, subject)
 

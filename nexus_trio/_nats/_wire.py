@@ -82,6 +82,12 @@ from .._message import (
 #: 9999 (ValueError), a payload nested deeper than the encoder recurses (RecursionError)
 UNENCODABLE: Final = (TypeError, ValueError, RecursionError)
 
+#: the JetStream API prefix of every JetStream request of a node (nats-py's, through the
+#: contexts the cluster makes with it, and the durable path's raw ones): the account's
+#: own API, no JetStream domain (``$JS.<domain>.API``) and no prefix of an imported API;
+#: a cluster has no option for either (see docs/distributed.md, "the JetStream API")
+JS_API: Final = "$JS.API"
+
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
 #: on an error frame a node passes on to the requester of a query that one of its
