@@ -1254,6 +1254,7 @@ async def test_a_fetch_that_returned_as_its_pull_was_cancelled_hands_back_what_i
         (b'{"ts": "yesterday"}', "its ts is no time: 'yesterday'"),
         (b'{"ts": 5}', "its ts is no time: 5"),
         (b'{"ts": "2026-12-07T15:58:19"}', "its ts names no time zone"),
+        (b'{"created": 5}', "its created is no time: 5"),
     ],
 )
 def test_a_garbled_consumer_state_for_a_look_names_the_request_and_what_is_wrong(
@@ -1278,9 +1279,12 @@ def test_a_garbled_consumer_state_for_a_look_names_the_request_and_what_is_wrong
         "delivered": {"consumer_seq": 3, "stream_seq": 9},
         "num_ack_pending": 2,
         "ts": "2026-12-07T15:58:19.599742579Z",
+        "created": "2026-12-07T15:50:01.25Z",
     }
     state = _durable._consumer_state_answer(json.dumps(good).encode(), subject)
     at = datetime(2026, 12, 7, 15, 58, 19, 599742, tzinfo=UTC)
     assert (state.floor, state.last, state.pending, state.at) == (4, 9, 2, at)
+    assert state.created == "2026-12-07T15:50:01.25Z"
     none_yet = _durable._consumer_state_answer(b'{"num_ack_pending": 0}', subject)
     assert (none_yet.floor, none_yet.last, none_yet.pending, none_yet.at) == (0, 0, 0, None)
+    assert none_yet.created is None

@@ -16,8 +16,10 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+import attrs
 import nats.errors
 import nats.js.client
 import nats.js.errors
@@ -956,20 +958,12 @@ async def test_the_start_s_look_for_given_up_messages_holds_up_no_sweep(
     assert sweeps >= 1
 
 
-async def test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_new_one_s(
+async def _look_as_the_stream_is_made_anew(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fifty-fifth pass: a look for given-up messages reads its consumer's state, then the
-    stream's messages up to the bound that state gave (here 1: "first" acked, "held" in
-    its agent's hands). The stream was deleted after the read and made anew by the
-    node's pull, and "x" stored in it for the same agent (stream sequence 1 again, in the
-    node's hands, behind "held"): the look went on reading the new stream against the old
-    bound, deleted "x" and counted it dead (``consumer_max_deliver`` 1; its answer then
-    dropped), and kept the old stream's target (2), a later look due every period for
-    good. A look now reads no message stored after the consumer's state it read (the
-    answer's ``ts``), and a stream made anew while it ran drops its target. (On main's
-    _durable.py swapped in: ``consumer_max_deliver`` 1, ``acked`` 2, the look's last
-    word ``True``.)"""
+    """A look under way as the stream is made anew (see
+    test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_new_one_s),
+    and its outcome asserted."""
     from nexus_trio._nats import _durable
 
     looks: list[bool] = []
@@ -1043,6 +1037,81 @@ async def test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_n
     assert stats.durable_dead_reasons["consumer_max_deliver"] == 0
     assert (stats.durable_acked, stats.durable_dead) == (3, 0)
     assert looks == [False, False]
+
+
+async def test_a_look_under_way_as_the_stream_is_made_anew_deletes_none_of_the_new_one_s(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-fifth pass: a look for given-up messages reads its consumer's state, then the
+    stream's messages up to the bound that state gave (here 1: "first" acked, "held" in
+    its agent's hands). The stream was deleted after the read and made anew by the
+    node's pull, and "x" stored in it for the same agent (stream sequence 1 again, in the
+    node's hands, behind "held"): the look went on reading the new stream against the old
+    bound, deleted "x" and counted it dead (``consumer_max_deliver`` 1; its answer then
+    dropped), and kept the old stream's target (2), a later look due every period for
+    good. A look now reads no message stored after the consumer's state it read (the
+    answer's ``ts``), and a stream made anew while it ran drops its target. (On main's
+    _durable.py swapped in: ``consumer_max_deliver`` 1, ``acked`` 2, the look's last
+    word ``True``.)"""
+    await _look_as_the_stream_is_made_anew(nats, monkeypatch)
+
+
+def _skewed(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The server's time of each consumer state a look reads moved by ``seconds``: the
+    consumer's leader's clock that far from the stream's leader's."""
+    from nexus_trio._nats import _durable
+
+    answer = _durable._consumer_state_answer
+
+    def skewed(data: bytes, subject: str) -> Any:
+        state = answer(data, subject)
+        return (
+            state
+            if state.at is None
+            else attrs.evolve(state, at=state.at + timedelta(seconds=seconds))
+        )
+
+    monkeypatch.setattr(_durable, "_consumer_state_answer", skewed)
+
+
+async def test_a_look_whose_consumer_s_clock_runs_ahead_deletes_none_of_a_stream_made_anew(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-sixth pass: a look told a stream made anew while it ran by its messages'
+    times (the stream's leader's clock) against the time of the consumer's state (the
+    consumer's leader's, another server's in a cluster): with that clock 5 s ahead, the
+    new stream's message stored under a second after the state was read looked older,
+    was deleted and counted dead, never handled. A message stored within
+    ``_SKEW_MARGIN`` (60 s) of the state's time is now taken only while the consumer is
+    still the one read (its ``created``). (On main's _durable.py swapped in, as the
+    fifty-fifth pass's test with the clock 5 s ahead: ``consumer_max_deliver`` 1.)"""
+    _skewed(monkeypatch, 5.0)
+    await _look_as_the_stream_is_made_anew(nats, monkeypatch)
+
+
+async def test_a_look_whose_consumer_s_clock_runs_behind_counts_what_was_given_up_at_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-sixth pass: a message stored after the time of the consumer's state ended
+    a look (read as a stream made anew); with the consumer's leader's clock behind the
+    stream's leader's by an hour, a message given up unheard a moment before the node's
+    start was not counted in 15 s (looked for every period, left until it was an hour
+    old). Such a message is now taken once the consumer is seen to be still the one
+    read: dead at the start's look, once. (On main's _durable.py swapped in:
+    ``durable_dead`` 0 after 10 s.)"""
+    _skewed(monkeypatch, -3600.0)
+    handled: list[Any] = []
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05)
+    stream = await _stream_made(nats.url, durable)
+    await _given_up_unheard(nats.url, stream, "a", "work")
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(_answering(handled))
+        with trio.move_on_after(10):
+            await until(lambda: cluster.stats().durable_dead >= 1)
+        left = await call_aio(cluster.data_js.stream_info, stream)
+        stats = cluster.stats()
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+    assert (stats.durable_dead, left.state.messages, handled) == (1, 0, [])
 
 
 async def test_a_look_that_fails_again_and_again_is_said_at_the_first_and_then_by_its_count(

@@ -80,7 +80,7 @@ import sys
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, final
 
 import attrs
@@ -230,6 +230,10 @@ def _hops(jsmsg: NatsMsg) -> int:
 #: refuses a heartbeat above half the poll's wait)
 FETCH_WAIT: Final = 1.0
 FETCH_HEARTBEAT: Final = 0.25
+#: seconds of clock skew between two JetStream servers a look tolerates (see
+#: DurableChannel._made_anew_since): a message it reads stored this long before the
+#: server's time of its consumer's state is of the stream that state bounds, unasked
+_SKEW_MARGIN: Final = 60.0
 #: JetStream's error code for a publish its stream's store refused (``JSStreamStoreFailedF``):
 #: past one of the stream's limits with discard new, or another store failure (a store
 #: closed by a delete or a shutdown, a disk error), told apart by its description only
@@ -3247,13 +3251,13 @@ class DurableChannel:
         JetStream gave up in an agent's hands is forgotten there as the advisory's is,
         and one this node terminated is counted nowhere more.
 
-        Only what was stored by the time the consumer's state was read (the server's
-        time of its answer, ``ts``) is of the stream that state bounds: one stored after
-        it is of a stream made anew since (deleted by an operator while the look ran:
-        its sequences begin at 1 again, under the old bound), pending there, and ends
-        the look (before the fifty-fifth pass it was deleted and counted dead, never
-        handled); the look is due again then (its target kept, unless this node's pull
-        found the stream made anew meanwhile: see :meth:`_find_stranded`)."""
+        Only what is of the stream whose consumer's state was read is bounded by it: a
+        message of a stream made anew since (deleted by an operator while the look ran:
+        its sequences begin at 1 again, under the old bound), pending there, ends the
+        look (before the fifty-fifth pass it was deleted and counted dead, never
+        handled; see :meth:`_made_anew_since` for how it is told); the look is due again
+        then (its target kept, unless this node's pull found the stream made anew
+        meanwhile: see :meth:`_find_stranded`)."""
         js = self.cluster.data_js
         state = await self._consumer_state(node)
         floor, last = state.floor, state.last
@@ -3270,7 +3274,7 @@ class DurableChannel:
                 break
             if stored.seq is None or stored.seq > upto:
                 break
-            if state.at is not None and stored.time is not None and stored.time > state.at:
+            if await self._made_anew_since(node, state, stored):
                 return found, max(reach, upto)  # (a stream made anew: not the one read)
             # (the message as read goes on: read again, each would cost a third request)
             if await self._delete_given_up(
@@ -3279,6 +3283,30 @@ class DurableChannel:
                 found += 1
             seq = stored.seq + 1
         return found, reach if upto < reach else 0
+
+    async def _made_anew_since(self, node: str, state: _ConsumerState, stored: Any) -> bool:
+        """Whether ``stored``, a message a look read, may be of a stream made anew since
+        ``node``'s consumer's ``state`` was read (asyncio side; see :meth:`_stranded`).
+        One stored ``_SKEW_MARGIN`` s or more before the server's time of that state is of
+        the stream read; one stored later, or when a time is not said, is if the
+        consumer is still the one read (its ``created``: a stream made anew has a
+        consumer made anew), one CONSUMER.INFO more. Before the fifty-sixth pass any
+        message stored after the state's time ended the look: two servers' clocks
+        compared (the stream's leader stamps a message, the consumer's leader the
+        answer), a skew of ``d`` s narrowed it. Measured, the time of the answer moved
+        by ``d``: behind by 3,600 s, a message given up 1 s before was not counted in
+        15 s (left to a look an hour later); ahead by 5 s, a look under way as the stream
+        was made anew deleted the new stream's message and counted it dead, never
+        handled (``consumer_max_deliver`` 1). Now a skew under ``_SKEW_MARGIN`` changes
+        nothing; past it, ahead, the margin no longer covers the made-anew stream."""
+        margin = timedelta(seconds=_SKEW_MARGIN)
+        if state.at is not None and stored.time is not None and stored.time <= state.at - margin:
+            return False
+        try:
+            now = await self._consumer_state(node)
+        except nats.js.errors.NotFoundError:
+            return True  # (the consumer gone: its stream deleted, or it)
+        return now.created is None or now.created != state.created
 
     async def _consumer_state(self, node: str) -> _ConsumerState:
         """``node``'s consumer's state as a look reads it (asyncio side): one
@@ -3497,6 +3525,8 @@ class _ConsumerState:
     last: int
     pending: int
     at: datetime | None
+    #: when the consumer was made, as the server says it (None: not said)
+    created: str | None = None
 
 
 def _is_count(value: object) -> TypeGuard[int]:
@@ -3528,7 +3558,10 @@ def _consumer_state_answer(data: bytes, subject: str) -> _ConsumerState:
             raise _garbled(subject, None, f"its ts is no time: {brief(ts)}") from None
         if at.tzinfo is None:
             raise _garbled(subject, None, f"its ts names no time zone: {brief(ts)}")
-    return _ConsumerState(seqs[0], seqs[1], pending, at)
+    created = answer.get("created")
+    if created is not None and not isinstance(created, str):
+        raise _garbled(subject, None, f"its created is no time: {brief(created)}")
+    return _ConsumerState(seqs[0], seqs[1], pending, at, created)
 
 
 def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
