@@ -3306,14 +3306,17 @@ class DurableChannel:
             now = await self._consumer_state(node)
         except nats.js.errors.NotFoundError:
             return True  # (the consumer gone: its stream deleted, or it)
-        return now.created is None or now.created != state.created
+        if now.created is None or state.created is None:
+            # (a server that does not say it: the times alone, as before)
+            return state.at is not None and stored.time is not None and stored.time > state.at
+        return now.created != state.created
 
     async def _consumer_state(self, node: str) -> _ConsumerState:
         """``node``'s consumer's state as a look reads it (asyncio side): one
         CONSUMER.INFO request, raw: nats-py's ``consumer_info`` drops the answer's ``ts``,
-        the server's time of it, which bounds what the look may take for its consumer's
-        (see :meth:`_stranded`; ``delivered.last_active`` would not do: a server
-        restarted says none)."""
+        the server's time of it, which with the consumer's ``created`` bounds what the
+        look may take for its consumer's (see :meth:`_made_anew_since`;
+        ``delivered.last_active`` would not do: a server restarted says none)."""
         subject = f"{wire.JS_API}.CONSUMER.INFO.{self._stream}.{node}"
         reply = await self.cluster.nc.request(subject, b"", timeout=_JS_API_WAIT)
         return _consumer_state_answer(reply.data, subject)
@@ -3339,14 +3342,14 @@ class DurableChannel:
 
         A copy the stream refused past a limit of its own (full: its ``max_messages``
         with discard new, or an operator's ``max_bytes``; the copy needs a place
-        before the message it copies leaves), or past the server's JetStream storage or
-        the account's JetStream limits (see :meth:`_refusal`), is nakked with the growing delay of a
-        missing agent's message (:func:`missing_agent_delay`), and its lines say which
-        limit: until the fifty-fifth pass it was tried again after ``redelivery_delay``,
-        its ``max_deliver`` deliveries used up in a tenth of a second and the message
-        dead (``unforwarded``) though the stream had room a moment later, the lines
-        saying only ``ServiceUnavailableError()`` (measured: ``max_messages`` 2, two
-        messages for a name that moved, both dead in 0.09 s)."""
+        before the message it copies leaves), or past the server's JetStream storage
+        or the account's JetStream limits (see :meth:`_refusal`), is nakked with the
+        growing delay of a missing agent's message (:func:`missing_agent_delay`), and
+        its lines say which limit: until the fifty-fifth pass it was tried again after
+        ``redelivery_delay``, its ``max_deliver`` deliveries used up in a tenth of a
+        second and the message dead (``unforwarded``) though the stream had room a
+        moment later, the lines saying only ``ServiceUnavailableError()`` (measured:
+        ``max_messages`` 2, two messages for a name that moved, both dead in 0.09 s)."""
         msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
         try:
             await self.cluster.data_js.publish(subject, jsmsg.data, headers=_forward_headers(jsmsg))
