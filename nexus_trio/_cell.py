@@ -186,6 +186,10 @@ def _serve_batches(
                 # (the wall clock, as the message's timestamp: its wait ends here, at
                 # the start, not after the handler, whose time it counted too)
                 begun = time.time_ns()
+                if not mask:
+                    # a sample forced for a failure (see Ledger.record_failure): the
+                    # rest of the batch is sampled by the count again
+                    mask = ledger.end_forced_sample()
             try:
                 result = yield from handler(ctx, msg)
             except GeneratorExit as exc:
@@ -202,6 +206,10 @@ def _serve_batches(
                 outcome = _FAILED
                 break
             except BaseException as exc:
+                if isinstance(exc, Exception):
+                    # (a failure, counted in ``failed``: its time too, when sampled;
+                    # not a cancel nor a Ctrl-C)
+                    ledger.record_failure(start)
                 box[1] = exc
                 box[2] = msg
                 box[3] = left - 1

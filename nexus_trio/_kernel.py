@@ -1072,6 +1072,8 @@ class Kernel:
             failure_lines_not_logged=ledger.failure_lines.not_logged,
             tells_after_detach=ledger.tells_after_detach,
             requests_after_detach=ledger.requests_after_detach,
+            failed_handle_latency=ledger.failed_latency.snapshot(),
+            timestamps_ahead=ledger.timestamps_ahead,
         )
 
     def scan_agents(

@@ -73,7 +73,9 @@ class Ledger:
         "dead_by_reason",
         "dead_letter_lines",
         "failed",
+        "failed_latency",
         "failure_lines",
+        "failures_unsampled",
         "forwarded",
         "given_up",
         "handle_latency",
@@ -92,6 +94,7 @@ class Ledger:
         "sends_waiting",
         "tells_after_detach",
         "timed_out",
+        "timestamps_ahead",
     )
 
     def __init__(
@@ -129,6 +132,13 @@ class Ledger:
         self.rejected: Counter[str] = Counter()
         self.handle_latency = Histogram()
         self.queue_wait = Histogram()
+        #: the handling time of sampled handler calls that raised (see record_failure)
+        self.failed_latency = Histogram()
+        #: handler failures not sampled since the last one that was (see record_failure)
+        self.failures_unsampled = 0
+        #: sampled messages whose timestamp was after this kernel's clock as their
+        #: handling began (their sender's clock ahead: skew across nodes); each waited 0
+        self.timestamps_ahead = 0
         #: a message is sampled for the latency histograms when ``handled & sample_mask
         #: == 0`` as it starts (the count before it): one in eight for the first
         #: SAMPLE_DENSE handled messages, then one in 64 (see record_latency)
@@ -216,12 +226,46 @@ class Ledger:
         # this one's (another node's, a bridge agent's) gave a negative wait, which made
         # the summary's sum fall (Prometheus takes a fall for a reset): it waited 0.
         waited = (time.time_ns() if begun is None else begun) // 1000 - msg.timestamp
-        wait.defer(waited / 1e6 if waited > 0 else 0.0)
+        if waited > 0:
+            wait.defer(waited / 1e6)
+        else:
+            wait.defer(0.0)
+            if waited < 0:
+                # counted: an operator sees the skew (nexus_timestamps_ahead_total)
+                self.timestamps_ahead += 1
         if len(wait.unfolded) >= FOLD_AT:
             handle.fold()
             wait.fold()
         if self.handled >= SAMPLE_DENSE:
             self.sample_mask = 63
+
+    def record_failure(self, started: float | None) -> None:
+        """A handler call that raised an ``Exception`` (counted in ``failed``): its
+        handling time goes into ``failed_latency`` if its start was sampled (``started``,
+        the clock read as it began; None if not).
+
+        Sampled as handled messages are, by the kernel-wide count of handled messages as
+        the call starts: that count does not move while every message fails, so a
+        failure not sampled counts toward forcing one: at the ``sample_mask + 1``-th in a
+        row (8, later 64), the next message started anywhere is sampled (``sample_mask``
+        0 until it starts: see :meth:`end_forced_sample`), whose failure, if it fails, is
+        recorded; a success of it is recorded only if the count would have sampled it.
+        """
+        if started is not None:
+            self.failures_unsampled = 0
+            self.failed_latency.record(self.now() - started)
+            return
+        self.failures_unsampled += 1
+        if self.failures_unsampled > self.sample_mask:
+            self.failures_unsampled = 0
+            self.sample_mask = 0
+
+    def end_forced_sample(self) -> int:
+        """A message sampled because ``sample_mask`` was 0 (forced by
+        :meth:`record_failure`) started: the mask is as the count has it again, and
+        returned (the stepper's own copy)."""
+        mask = self.sample_mask = 7 if self.handled < SAMPLE_DENSE else 63
+        return mask
 
     # --- dead letters ---------------------------------------------------------------------
 

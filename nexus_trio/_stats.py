@@ -259,6 +259,12 @@ class Histogram:
         return kept
 
 
+#: the snapshot of a histogram with no sample
+_EMPTY: Final = HistogramSnapshot(
+    count=0, total=0.0, maximum=0.0, p50=0.0, p90=0.0, p99=0.0, p999=0.0
+)
+
+
 @final
 @attrs.frozen
 class AgentStats:
@@ -342,3 +348,11 @@ class KernelStats:
     #: requests to such an address, refused with ``TransportUnavailable`` (not in
     #: ``rejected``: counted here only)
     requests_after_detach: int = 0
+    #: the handling time of handler calls that raised (``failed``), sampled as
+    #: ``handle_latency`` is (which times the calls that returned): a failure's time is
+    #: not mixed into the successes' quantiles, and is not lost either
+    failed_handle_latency: HistogramSnapshot = attrs.field(factory=lambda: _EMPTY)
+    #: sampled messages whose timestamp was after this kernel's clock as their handling
+    #: began (their sender's clock ahead of this one: skew across nodes, or a bridge
+    #: agent's); ``queue_wait`` counted their wait as 0
+    timestamps_ahead: int = 0

@@ -737,14 +737,15 @@ class KernelCollector:
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
     ``nexus_tells_after_detach``, ``nexus_requests_after_detach``,
-    ``nexus_dead_letter_lines_not_logged``, ``nexus_handler_failure_lines_not_logged``,
+    ``nexus_timestamps_ahead``, ``nexus_dead_letter_lines_not_logged``, ``nexus_handler_failure_lines_not_logged``,
     ``nexus_log_lines_dropped{kind}`` (process-wide),
     ``nexus_log_records_lost``,
     ``nexus_log_calls_failed`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_sends_waiting``, ``nexus_max_mailbox_depth``,
     ``nexus_kernel_up``, ``nexus_ready``, ``nexus_agent_series_exported``,
     ``nexus_agent_series_truncated``
-    (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
+    (gauges); ``nexus_handle_latency_seconds``, ``nexus_queue_wait_seconds`` and
+    ``nexus_failed_handle_latency_seconds`` (summaries
     with quantiles 0.5/0.9/0.99/0.999, plus a ``_max`` gauge); with ``per_agent``, per
     agent (labels ``agent_id``, ``agent_name``): ``nexus_agent_received``,
     ``nexus_agent_handled``, ``nexus_agent_failed``, ``nexus_agent_run_failures``,
@@ -834,6 +835,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_requests_after_detach",
         "Requests to another node of a cluster the kernel left: refused, not sent.",
         s.requests_after_detach,
+    )
+    yield counter(
+        "nexus_timestamps_ahead",
+        "Sampled messages whose timestamp was after this kernel's clock as their handling"
+        " began (the sender's clock ahead: skew across nodes); their queue wait counted 0.",
+        s.timestamps_ahead,
     )
     yield counter(
         "nexus_dead_letter_lines_not_logged",
@@ -931,6 +938,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_queue_wait_seconds",
         "Time in the mailbox before handling (sampled).",
         s.queue_wait,
+    )
+    yield from _summary(
+        "nexus_failed_handle_latency_seconds",
+        "Handler latency of the calls that raised (sampled; the others in"
+        " nexus_handle_latency_seconds).",
+        s.failed_handle_latency,
     )
     if snapshot.endpoint is not None:
         yield from endpoint_families(snapshot.endpoint)
