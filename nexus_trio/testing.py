@@ -30,6 +30,7 @@ docstring, so your tests run the kernel's code as your production does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import math
@@ -675,8 +676,19 @@ def _no_such_name(recorder: EventRecorder, name: str | None) -> str:
 @async_block("record_events(kernel)", "events")
 async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[EventRecorder]:
     """Collect lifecycle events while the block runs (events are taken as they happen;
-    what a full ``buffer`` loses is counted in ``recorder.dropped``)."""
+    what a full ``buffer`` loses is counted in ``recorder.dropped``).
+
+    ``RuntimeError`` on a kernel whose shutdown is over: no event can come, and those of
+    its run were not kept (an empty recorder would make ``assert_events(..., [])`` pass
+    for anything)."""
     _check_kernel(kernel, "record_events", "events")
+    if isinstance(kernel, Kernel) and kernel.stopped:
+        raise RuntimeError(
+            "record_events: the kernel has stopped (its shutdown is over): no event can"
+            " come any more, and the events of its run were not kept; open"
+            " 'async with record_events(kernel) as events:' inside the kernel's block,"
+            " before what it should record"
+        )
     recorder = EventRecorder()
     #: the block's own error, raised as it is: not in the group of the collecting
     #: task's nursery, which the block runs in (as open_kernel's block's)
@@ -728,18 +740,30 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
 
 
 @attrs.define(eq=False)
+class _Waiter:
+    """An ``expect`` waiting for a message: handed one directly, in arrival order."""
+
+    arrived: trio.Event = attrs.Factory(trio.Event)
+    message: Message | None = None
+
+
+@attrs.define(eq=False)
 class Probe:
     """An agent that records what it receives, made by :func:`spawn_probe` (Akka
     TestKit's ``TestProbe``): a stand-in for an agent the one under test talks to.
 
     ``messages`` are the messages received, in order (``payloads`` their payloads);
-    :meth:`expect` takes them one by one, waiting for the next.
+    :meth:`expect` takes them one by one, waiting for the next. Tasks waiting on one probe
+    at once are served first come, first served (as Trio's own ``Lock``, ``Semaphore``
+    and memory channels serve their waiters): the first to wait gets the next message.
     """
 
     ref: AgentRef
     messages: list[Message] = attrs.Factory(list)
     _taken: int = 0
-    _arrived: trio.Event = attrs.Factory(trio.Event)
+    #: the expects waiting, the first to wait first (while any waits, every message
+    #: received is taken: each is handed to the first waiter as it comes)
+    _waiting: collections.deque[_Waiter] = attrs.Factory(collections.deque)
 
     @property
     def payloads(self) -> list[Any]:
@@ -747,22 +771,35 @@ class Probe:
 
     def _receive(self, msg: Message) -> None:
         self.messages.append(msg)
-        # Every waiter waits on the event of the moment it looked: each is woken, and the
-        # next message sets a new one (a waiter that made an event of its own left one
-        # waiting, on the event another waiter had replaced, past a message it could take).
-        self._arrived.set()
-        self._arrived = trio.Event()
+        if self._waiting:
+            # Handed to the first waiter, not taken by whichever task Trio runs first
+            # (it may run woken tasks in either order), nor by an expect that came later.
+            waiter = self._waiting.popleft()
+            waiter.message = msg
+            self._taken += 1
+            waiter.arrived.set()
 
     async def expect(self, timeout: float = 3.0) -> Message:
         """The next message ``expect`` has not returned yet, waiting for it up to
         ``timeout`` seconds (of the run's clock: on the mock clock no real time);
-        ``AssertionError`` if none comes, naming the probe and what it received."""
+        ``AssertionError`` if none comes, naming the probe and what it received. Tasks
+        waiting at once get the messages in the order they began to wait."""
         checked_seconds(timeout, "expect's timeout", zero=True)
-        with trio.move_on_after(timeout):
-            while self._taken == len(self.messages):
-                await self._arrived.wait()
+        if self._taken < len(self.messages):
+            # (none waits: a waiter would have been handed it)
             self._taken += 1
             return self.messages[self._taken - 1]
+        waiter = _Waiter()
+        self._waiting.append(waiter)
+        try:
+            with trio.move_on_after(timeout):
+                await waiter.arrived.wait()
+        finally:
+            if waiter.message is None:
+                # timed out or cancelled: it waits no more, and takes no message
+                self._waiting.remove(waiter)
+        if waiter.message is not None:
+            return waiter.message
         name = self.ref.name or str(self.ref.id)
         raise AssertionError(
             f"probe {name!r} received no message within {timeout:g} s"

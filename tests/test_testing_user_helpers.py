@@ -17,6 +17,7 @@ from nexus_trio import (
     Agent,
     Backoff,
     Context,
+    EventKind,
     Kernel,
     Message,
     RequestFailed,
@@ -887,6 +888,93 @@ async def test_a_probe_waited_on_by_two_tasks_gives_each_a_message(
         await nexus_kernel.send(probe.ref, 2)
     assert sorted(got.values()) == [1, 2]
     assert trio.current_time() == 0  # neither waited out its timeout
+
+
+async def test_tasks_waiting_on_a_probe_get_its_messages_in_the_order_they_began_to_wait(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: every waiter was woken by a message and the first that Trio ran took
+    it (Trio runs a batch of woken tasks in either order), so of three tasks waiting the
+    first message went to the first or the last, at random: ``{'t0': 3, 't1': 2, 't2':
+    1}`` in some rounds. Served first come, first served now, as Trio's ``Lock`` and
+    memory channels serve theirs: 20 rounds, each in order."""
+    probe = spawn_probe(nexus_kernel, "probe")
+    got: dict[str, Any] = {}
+
+    async def take(task: str) -> None:
+        got[task] = (await probe.expect(timeout=10)).payload
+
+    for round_ in range(20):
+        got.clear()
+        async with trio.open_nursery() as nursery:
+            for task in ("t0", "t1", "t2"):
+                nursery.start_soon(take, task)
+                await settle()  # (each waits before the next begins to)
+            for n in (1, 2, 3):
+                nexus_kernel.send_nowait(probe.ref, n)
+        assert got == {"t0": 1, "t1": 2, "t2": 3}, round_
+    assert trio.current_time() == 0  # none waited out its timeout
+
+
+async def test_a_probe_waiter_that_gave_up_takes_no_message(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """A waiter that timed out, or was cancelled, leaves the queue of waiters: the next
+    message goes to one still waiting, or to the next ``expect``, not to the one gone."""
+    probe = spawn_probe(nexus_kernel, "probe")
+    got: dict[str, Any] = {}
+
+    async def take(task: str, timeout: float) -> None:
+        try:
+            got[task] = (await probe.expect(timeout=timeout)).payload
+        except AssertionError as exc:
+            got[task] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "short", 1)
+        await settle()
+        nursery.start_soon(take, "long", 10)
+        await settle()
+        with trio.move_on_after(0.5):
+            await probe.expect(timeout=10)  # cancelled from outside, at 0.5 s
+        await trio.sleep(2)  # "short" times out at 1 s
+        nexus_kernel.send_nowait(probe.ref, 1)
+    assert got == {
+        "short": "probe 'probe' received no message within 1 s (0 received so far, all"
+        " taken by expect: [])",
+        "long": 1,
+    }
+    nexus_kernel.send_nowait(probe.ref, 2)
+    assert (await probe.expect()).payload == 2
+
+
+async def test_record_events_on_a_stopped_kernel_says_so(autojump_clock: Any) -> None:
+    """Regression: ``record_events`` on a kernel whose shutdown was over gave an empty
+    recorder without a word, and ``assert_events(events, "x", [])`` passed for anything.
+    Now a ``RuntimeError`` says the kernel stopped; during the shutdown it still records
+    (the stops are events)."""
+
+    @agent(name="quiet")
+    async def quiet(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(quiet)
+    assert kernel.stopped
+    with pytest.raises(RuntimeError) as caught:
+        async with record_events(kernel):
+            pass
+    assert str(caught.value) == (
+        "record_events: the kernel has stopped (its shutdown is over): no event can come"
+        " any more, and the events of its run were not kept; open 'async with"
+        " record_events(kernel) as events:' inside the kernel's block, before what it"
+        " should record"
+    )
+    async with open_test_kernel() as kernel:
+        kernel.spawn(quiet)
+        async with record_events(kernel) as events:
+            await kernel.shutdown()
+    assert events.kinds("quiet") == [EventKind.STOPPED]
 
 
 async def test_the_dead_letter_assertions_say_when_the_kernel_let_older_letters_go(
