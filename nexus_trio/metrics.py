@@ -137,6 +137,9 @@ _SCAN_VISITS: Final = 4096
 _SCAN_COPIES: Final = 512
 #: checks in a row with no other task runnable after which a scrape stops giving way
 _IDLE_CHECKS: Final = 8
+#: at its limit of connections, the endpoint closes the oldest connection whose request
+#: head is not all in after this many seconds (see serve_routes)
+_SHED_AFTER: Final = 2.0
 
 
 class _Turns:
@@ -207,6 +210,10 @@ class EndpointStats:
     #: times the endpoint had ``max_connections`` open and stopped accepting until one
     #: closed (the next connections waited in the listen backlog)
     limited: int = 0
+    #: connections closed without an answer while the endpoint was at its limit, for not
+    #: having sent a whole request head within 2 s (a client that sends nothing, or a
+    #: byte at a time): room for the connections waiting behind them
+    shed: int = 0
     #: requests refused, by the status of the answer: 400 (not an HTTP request, a
     #: version that is not ``HTTP/DIGIT.DIGIT``, a bad ``Host`` or header line, a target
     #: in absolute form that is no URL), 404 (an unknown path), 405 (a method other than
@@ -980,6 +987,12 @@ def endpoint_families(
         " in the listen backlog.",
         value=e.limited,
     )
+    yield CounterMetricFamily(
+        f"{prefix}connections_shed",
+        f"Connections {what} closed at its maximum of connections for not having sent a"
+        " request head within 2 s (room for those waiting behind them).",
+        value=e.shed,
+    )
     refused = CounterMetricFamily(
         f"{prefix}requests_refused",
         f"Requests {what} refused, by the status of its answer (400, 404, 405, 431, 505).",
@@ -1413,11 +1426,14 @@ async def _answer_connection(
     what: str = "metrics",
     *,
     lines: _RequestLines | None = None,
+    heads: dict[trio.CancelScope, float] | None = None,
 ) -> None:
     """Read one request from ``stream`` and answer it with ``route``: a request that is
     no HTTP/1.x request is refused here (400, 431, 505), never routed. ``what`` names the
     server in the log lines (see serve_routes); ``lines`` throttles them (the endpoint's,
-    shared by its connections; None: this connection's own)."""
+    shared by its connections; None: this connection's own). ``heads``: while the request
+    head is read, the scope of that read and when it began are there (the endpoint
+    cancels the oldest to shed it: the connection is then closed without an answer)."""
     if lines is None:
         lines = _RequestLines()
 
@@ -1444,7 +1460,17 @@ async def _answer_connection(
 
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
-            head, fits = await _read_head(stream)
+            if heads is None:
+                head, fits = await _read_head(stream)
+            else:
+                with trio.CancelScope() as reading:
+                    heads[reading] = trio.current_time()
+                    try:
+                        head, fits = await _read_head(stream)
+                    finally:
+                        heads.pop(reading, None)  # (gone already if shed)
+                if reading.cancelled_caught:
+                    return  # shed (counted by the endpoint): it asked for nothing yet
             if not fits:
                 # an answer to HEAD has no body (RFC 9110 9.3.2), whatever it refuses
                 asks_head = _HEAD_METHOD.match(head) is not None
@@ -1584,7 +1610,9 @@ async def serve_metrics(
     a task for up to the 10 s a request may take); past it the endpoint stops accepting
     until one closes, and the next connections wait in the listen backlog, which costs
     the process nothing (counted in ``renderer.endpoint.limited``, logged at most once a
-    second). Its counters are ``renderer.endpoint`` (:class:`EndpointStats`).
+    second); at the limit, a connection whose request head is not all in 2 s after it was
+    accepted is closed without an answer, the oldest first (``renderer.endpoint.shed``),
+    for those waiting behind it. Its counters are ``renderer.endpoint`` (:class:`EndpointStats`).
     """
     if max_connections is None:
         max_connections = kernel.config.metrics.max_connections
@@ -1661,10 +1689,13 @@ async def serve_routes(
     slots = trio.Semaphore(max_connections)
 
     lines = _RequestLines()
+    #: the connections reading their request head: the scope of the read, and when it
+    #: began (the oldest first)
+    heads: dict[trio.CancelScope, float] = {}
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await _answer_connection(stream, route, counts, what, lines=lines)
+            await _answer_connection(stream, route, counts, what, lines=lines, heads=heads)
         finally:
             counts.open -= 1
             slots.release()
@@ -1686,6 +1717,22 @@ async def serve_routes(
                             max_connections,
                             counts.limited,
                         )
+                while slots.value == 0 and heads:
+                    # At the limit: the oldest connection still reading its head gets
+                    # until _SHED_AFTER s after it began, then is shed for the ones
+                    # waiting behind it (a client that sends nothing, or a byte at a time,
+                    # held its slot for the 10 s a request may take: 32 of them kept
+                    # every scrape out, again and again). None comes meanwhile: nothing
+                    # is accepted at the limit.
+                    oldest, began = next(iter(heads.items()))
+                    with trio.move_on_at(began + _SHED_AFTER):
+                        await slots.acquire()
+                        slots.release()
+                        break
+                    if heads.get(oldest) == began:
+                        oldest.cancel()
+                        del heads[oldest]
+                        counts.shed += 1
                 await slots.acquire()
                 try:
                     stream = await listener.accept()

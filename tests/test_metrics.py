@@ -1441,6 +1441,68 @@ async def test_connections_past_the_limit_wait_in_the_backlog_without_a_descript
     assert "(times at the limit so far: 3)" in logged[1]
 
 
+async def test_at_the_limit_a_connection_without_its_request_head_after_2_s_is_shed(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (slowloris): connections that sent nothing, or a byte at a time, held
+    the endpoint's slots for the 10 s a request may take, and a scrape behind them waited
+    in the backlog all that time (32 such sockets, reopened every 10 s, kept every
+    Prometheus scrape out: its default timeout is 10 s). At the limit, the oldest
+    connection whose head is not all in 2 s after it was accepted is now closed without
+    an answer, counted in ``shed``; below the limit none is."""
+    mock_clock.autojump_threshold = 5.0  # (the clock moves when the test says so)
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=3600, process=False)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel,
+                    "127.0.0.1",
+                    0,
+                    renderer=renderer,
+                    max_connections=2,
+                    task_status=task_status,
+                )
+            )
+            endpoint = renderer.endpoint
+            assert endpoint is not None
+            silent = trio.socket.socket()
+            await silent.connect(("127.0.0.1", port))
+            await settle()
+            mock_clock.jump(1.0)
+            trickle = trio.socket.socket()
+            await trickle.connect(("127.0.0.1", port))
+            await trickle.send(b"GE")  # a byte or two at a time, never a whole head
+            await settle()
+            scrape = await trio.open_tcp_stream("127.0.0.1", port)
+            await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await settle()
+            assert (endpoint.accepted, endpoint.open, endpoint.shed) == (2, 2, 0)
+            mock_clock.jump(0.9)  # the silent one 1.9 s old: kept
+            await settle()
+            assert select.select([scrape.socket, silent], [], [], 0)[0] == []
+            mock_clock.jump(0.1)  # 2 s old: shed, and the scrape gets its slot
+            await settle()
+            assert await silent.recv(100) == b""  # closed without an answer
+            async with scrape:
+                data = b""
+                while chunk := await scrape.receive_some(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nok\n")
+            await settle()
+            assert (endpoint.accepted, endpoint.shed) == (3, 1)
+            # Below the limit (the trickle alone open), none is shed, however old.
+            mock_clock.jump(5.0)
+            await settle()
+            assert (endpoint.open, endpoint.shed) == (1, 1)
+            assert select.select([trickle], [], [], 0)[0] == []
+            values = samples((await renderer.render()).decode())
+            assert values[("nexus_metrics_connections_shed_total", ())] == 1
+            silent.close()
+            trickle.close()
+            nursery.cancel_scope.cancel()
+
+
 async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
     mock_clock: trio.testing.MockClock, tmp_path: pathlib.Path
 ) -> None:

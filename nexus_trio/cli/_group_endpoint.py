@@ -34,7 +34,8 @@ it supervises:
   ``nexus_group_request_failures_total`` (as a worker's ``nexus_metrics_*`` of the same
   names), and since the forty-sixth pass the rest of its server's counters, as those:
   ``nexus_group_connections_total``, ``nexus_group_connections_open``,
-  ``nexus_group_accept_failures_total``, ``nexus_group_connections_limited_total`` and
+  ``nexus_group_accept_failures_total``, ``nexus_group_connections_limited_total``,
+  ``nexus_group_connections_shed_total`` (since the fifty-sixth pass) and
   ``nexus_group_requests_refused_total{status}``. The prefix ``nexus_group_`` is the group's: a worker's family named so (a
   user's agent, or the worker, exporting one) is left out of the group's scrape, counted
   there and logged once per worker and name, so that it can never clash with the
