@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nexus_trio import Context, Kernel, KernelConfig, MailboxFull, Message, agent
 from nexus_trio.metrics import render_snapshot, take_snapshot
-from nexus_trio.testing import open_test_kernel
+from nexus_trio.testing import open_test_kernel, step_until_idle
 from nexus_trio.testing import test_config as base_config
 
 
@@ -108,3 +108,101 @@ async def test_one_scrape_balances_while_sends_wait_for_room_and_after_they_give
         stats = kernel.stats()
         assert stats.accepted == values["nexus_messages_accepted_total"]
         assert stats.in_flight == 0
+
+
+def agrees(kernel: Kernel) -> dict[str, float]:
+    """One scrape, checked against ``kernel.stats()`` read at the same moment (no
+    checkpoint between them): every kernel-wide counter the same, and the law balanced."""
+    stats = kernel.stats()
+    values = scraped(kernel)
+    assert values["nexus_messages_accepted_total"] == stats.accepted - stats.sends_waiting
+    assert values["nexus_messages_handled_total"] == stats.handled
+    assert values["nexus_replies_delivered_total"] == stats.replies_delivered
+    assert values["nexus_messages_forwarded_total"] == stats.forwarded
+    assert values["nexus_dead_letters_total"] == stats.dead_lettered
+    assert values["nexus_dead_letters_total"] == sum(stats.dead_letters_by_reason.values())
+    assert values["nexus_messages_in_flight"] == stats.in_flight - stats.sends_waiting
+    assert values["nexus_handler_failures_total"] == stats.failed
+    assert values["nexus_handler_timeouts_total"] == stats.timed_out
+    assert values["nexus_sends_rejected_total"] == sum(stats.rejected.values())
+    assert values["nexus_failed_handle_latency_seconds_count"] == (
+        stats.failed_handle_latency.count
+    )
+    accepted, done = balance(values)
+    assert accepted == done, (values, stats)
+    return values
+
+
+async def test_a_scrape_agrees_with_stats_at_any_moment_of_a_mixed_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Fifty-sixth pass, the counters against each other: a seeded mix of tells and
+    requests to agents that handle, fail, time out, drop on a full mailbox, or do not
+    exist (rejected), and requests given up; at random moments in the middle of it
+    (messages queued and in hand), after it settles and after the shutdown, one scrape
+    has what ``stats()`` has, and accepted = handled + replies + forwarded + dead
+    letters + in flight."""
+    import contextlib
+    import random
+
+    import attrs
+
+    from nexus_trio import AgentNotFound, RequestFailed, RequestTimeout
+
+    @agent(name="ok")
+    async def ok(ctx: Context, msg: Message) -> object:
+        if msg.payload % 3 == 0:
+            await trio.sleep(0.01)
+        return msg.payload
+
+    @agent(name="bad")
+    async def bad(ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.005 * (msg.payload % 2))
+        raise ValueError("no")
+
+    @agent(name="slow", handle_timeout=0.05)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.1 if msg.payload % 2 else 0.01)
+
+    @agent(name="small", mailbox_capacity=2, overflow="drop_newest")
+    async def small(ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.02)
+
+    config = attrs.evolve(base_config(), kernel=KernelConfig(send_timeout_ms=50))
+    for seed in range(5):
+        rng = random.Random(seed)
+        scrapes = 0
+        async with open_test_kernel(config) as kernel:
+            for spec in (ok, bad, slow, small):
+                kernel.spawn(spec)
+
+            async def ask(kernel: Kernel, name: str, n: int, timeout: float) -> None:
+                with contextlib.suppress(RequestFailed, RequestTimeout, MailboxFull, AgentNotFound):
+                    await kernel.request(name, n, timeout=timeout)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(200):
+                    name = rng.choice(["ok", "bad", "slow", "small", "nobody"])
+                    try:
+                        if rng.random() < 0.3:
+                            timeout = rng.choice([0.001, 0.2])
+                            nursery.start_soon(ask, kernel, name, n, timeout)
+                        else:
+                            kernel.send_nowait(name, n)
+                    except Exception:
+                        pass  # (rejected: counted by the kernel)
+                    if rng.random() < 0.2:
+                        await trio.sleep(rng.choice([0, 0.001, 0.01]))
+                    if rng.random() < 0.1:
+                        agrees(kernel)
+                        scrapes += 1
+            await step_until_idle(kernel)
+            values = agrees(kernel)
+            assert values["nexus_messages_in_flight"] == 0
+            assert values["nexus_handler_failures_total"] > 0, seed
+            assert values["nexus_handler_timeouts_total"] > 0, seed
+            assert values["nexus_sends_rejected_total"] > 0, seed
+        assert scrapes > 5, seed
+        values = agrees(kernel)  # after the shutdown
+        assert values["nexus_messages_in_flight"] == 0
+        assert values["nexus_messages_accepted_total"] > 100
