@@ -274,11 +274,26 @@ def _cut_traceback(text: str) -> str:
     if len(text) <= TRACEBACK_LIMIT:
         return text
     half = TRACEBACK_LIMIT // 2
-    start = text.rfind("\n", 0, half) + 1 or half
+    start = text.rfind("\n", 0, half) + 1 or _escape_start(text, half)
     end = text.find("\n", len(text) - half)
     if end < 0:
-        end = len(text) - half
+        end = _escape_start(text, len(text) - half)
     return f"{text[:start]}...[{_utf8_length(text[start:end]):,} bytes cut]{text[end:]}"
+
+
+#: the longest escape :func:`escape_control` writes (``\\u2028``)
+_LONGEST_ESCAPE: Final = 6
+
+
+def _escape_start(text: str, index: int) -> int:
+    """``index``, or the first backslash in the characters before it that an escape of
+    :func:`escape_control` reaching past ``index`` could start at: a cut there never
+    falls inside an escape (a compact traceback's long line is escaped before it is cut:
+    ``\\x85`` was cut to ``\\x8`` and ``5``). A backslash is never inside an escape,
+    so a cut before one is always on a boundary (one of the text's own costs at most
+    five characters more cut)."""
+    backslash = text.find("\\", max(index - _LONGEST_ESCAPE + 1, 0), index)
+    return index if backslash < 0 else backslash
 
 
 def _text(value: Any) -> str:

@@ -32,6 +32,7 @@ from nexus_trio.logs import (
     JsonFormatter,
     configure_logging,
     cut_field,
+    escape_control,
     flush_logs,
     level_number,
     records_lost,
@@ -1918,3 +1919,33 @@ def test_keys_of_an_extra_s_dict_named_alike_are_each_written(
             }
         ]
     }
+
+
+@pytest.mark.parametrize("pad", range(6))
+@pytest.mark.parametrize("char", ["\x85", "\u2028"])
+def test_a_compact_traceback_cut_inside_a_long_line_lands_between_escapes(
+    pad: int, char: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-sixth pass: a compact traceback is escaped before it is cut, and the cut of
+    a line longer than half of ``TRACEBACK_LIMIT`` (an exception's message of 16,384
+    control characters, each four or six characters escaped) fell at a character count:
+    inside an escape, ``\\x85`` left as ``x85`` after the cut (``pad`` 5). The cut moves
+    back to the escape's backslash."""
+    stream = configured("compact")
+    try:
+        raise ValueError("a" * pad + char * FIELD_LIMIT)
+    except ValueError:
+        logging.getLogger("nexus_trio.x").exception("m")
+    text = stream.getvalue()
+    escape = re.escape(escape_control(char))
+    # the traceback's cut first (at the line break before the exception's line), the
+    # message's own (at FIELD_LIMIT characters, before it was escaped) at the end
+    marker = re.findall(r"\.\.\.\[[\d,]+ bytes cut\]", text)[0]
+    head, tail = text.split(marker, 1)
+    assert head.endswith("\n")
+    assert re.fullmatch(rf"({escape})*(\.\.\.\[\d+ bytes cut\])?\n", tail), tail[:20]
+    # what the marker says was cut is what is not there (ASCII: a byte a character)
+    whole = "ValueError: " + escape_control(cut_field("a" * pad + char * FIELD_LIMIT))
+    tail_line = tail[:-1]
+    assert whole.endswith(tail_line)
+    assert marker == f"...[{len(whole) - len(tail_line):,} bytes cut]"
