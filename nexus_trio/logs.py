@@ -47,6 +47,7 @@ from ._throttle import lines_dropped
 __all__ = [
     "FIELD_LIMIT",
     "FLUSH_TIMEOUT",
+    "ITEMS_LIMIT",
     "TRACEBACK_LIMIT",
     "CompactFormatter",
     "JsonFormatter",
@@ -296,8 +297,95 @@ def _escape_start(text: str, index: int) -> int:
     return index if backslash < 0 else backslash
 
 
+#: the most items an extra's lists, tuples, dicts and sets write in all (every item at
+#: every depth counted); past them, or past :data:`TRACEBACK_LIMIT` characters of their
+#: strings and keys (each counted up to :data:`FIELD_LIMIT`), each container ends with
+#: ``...[N items left out]``: ``extra={"xs": list(range(10**6))}`` wrote a JSON line of
+#: 7.9 MB, and a list of 1,000 lists of 1,000 strings one of 104 MB
+ITEMS_LIMIT: Final = 1_000
+
+
+class _LeftOut:
+    """What stands in a container for the items past :data:`ITEMS_LIMIT`: shown (its
+    ``str`` and ``repr``) as ``...[N items left out]``; ``[...]`` and ``{...}`` for a
+    container inside itself, as ``repr`` shows one."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+class _Budget:
+    """What is left of :data:`ITEMS_LIMIT` and of the characters for one extra."""
+
+    __slots__ = ("chars", "items")
+
+    def __init__(self) -> None:
+        self.items = ITEMS_LIMIT
+        self.chars = TRACEBACK_LIMIT
+
+    def take(self, *texts: Any) -> bool:
+        """Count an item (and the strings among ``texts``): False when none is left."""
+        if self.items <= 0 or self.chars <= 0:
+            return False
+        self.items -= 1
+        for text in texts:
+            if isinstance(text, str):
+                self.chars -= min(str.__len__(text), FIELD_LIMIT)
+        return True
+
+
+def _bounded(
+    value: Any, budget: _Budget | None = None, within: frozenset[int] = frozenset()
+) -> Any:
+    """``value``, or when its lists, tuples, dicts and sets (and theirs, to
+    :data:`_JSON_DEPTH` deep) hold more than ``budget`` allows, a copy of the built-in
+    type of each that holds too many, its items past the budget left out and said
+    (:class:`_LeftOut`). A value within the budget is returned as it is (the same object:
+    its ``str`` unchanged, a named tuple's say); a container inside itself is ``[...]``."""
+    if not isinstance(value, list | tuple | dict | set | frozenset) or len(within) >= _JSON_DEPTH:
+        return value
+    if id(value) in within:
+        return _LeftOut("{...}" if isinstance(value, dict) else "[...]")
+    if budget is None:
+        budget = _Budget()
+    inside = within | {id(value)}
+    kept: list[Any] = []
+    changed = False
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not budget.take(key, item):
+                break
+            bounded = _bounded(item, budget, inside)
+            changed = changed or bounded is not item
+            kept.append((key, bounded))
+    else:
+        for item in value:
+            if not budget.take(item):
+                break
+            bounded = _bounded(item, budget, inside)
+            changed = changed or bounded is not item
+            kept.append(bounded)
+    left_out = len(value) - len(kept)
+    if not changed and not left_out:
+        return value
+    if left_out:
+        mark = _LeftOut(f"...[{left_out:,} items left out]")
+        kept.append((mark, _LeftOut("...")) if isinstance(value, dict) else mark)
+    if isinstance(value, dict):
+        return dict(kept)
+    kind = next(k for k in (list, tuple, set, frozenset) if isinstance(value, k))
+    return kind(kept)
+
+
 def _text(value: Any) -> str:
-    text = cut_field(_shown(value))
+    text = cut_field(_shown(_bounded(value)))
     if not text or any(c.isspace() or c in "\"'=" for c in text):
         # json.dumps escapes C0 controls; escape_control then takes the C1 ones and U+2028.
         return escape_control(json.dumps(text, ensure_ascii=False))
@@ -466,7 +554,7 @@ class JsonFormatter(logging.Formatter):
             # the line keeps only one of two equal keys.
             while key in entry or key in _JSON_OWN:
                 key = f"extra_{key}"
-            entry[key] = _json_value(value)
+            entry[key] = _json_value(_bounded(value))
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

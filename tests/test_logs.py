@@ -27,6 +27,7 @@ from nexus_trio._brief import brief
 from nexus_trio.logs import (
     FIELD_LIMIT,
     FLUSH_TIMEOUT,
+    ITEMS_LIMIT,
     TRACEBACK_LIMIT,
     CompactFormatter,
     JsonFormatter,
@@ -1949,3 +1950,51 @@ def test_a_compact_traceback_cut_inside_a_long_line_lands_between_escapes(
     tail_line = tail[:-1]
     assert whole.endswith(tail_line)
     assert marker == f"...[{len(whole) - len(tail_line):,} bytes cut]"
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+def test_the_items_of_an_extra_s_lists_and_dicts_are_bounded_saying_how_many_were_left_out(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-sixth pass: the depth of an extra's lists and dicts was bounded (100) and
+    each text in them, not how many items they hold: ``extra={"xs": list(range(10**6))}``
+    wrote a JSON line of 7.9 MB, a list of 1,000 lists of 1,000 strings of 100 characters
+    one of 104 MB (a compact line was cut at ``FIELD_LIMIT``, after ``str()`` had built
+    the whole). ``ITEMS_LIMIT`` items in all are written of an extra, and at most
+    ``TRACEBACK_LIMIT`` characters of its strings and keys; each container past them ends
+    with ``...[N items left out]``; a JSON line stays JSON; a value within them is
+    written as before."""
+    stream = configured(fmt)
+    rows = [["a" * 100] * 1000] * 1000
+    extra = {
+        "xs": list(range(10**6)),
+        "d": {i: i for i in range(5000)},
+        "rows": rows,
+        "small": [1, (2, 3), {"k": "v"}],
+    }
+    logging.getLogger("nexus_trio.x").info("m", extra=extra)
+    text = stream.getvalue()
+    assert len(text) < 2 * TRACEBACK_LIMIT, len(text)
+    if fmt == "json":
+        (record,) = json_lines(stream)
+        assert record["xs"] == [*range(ITEMS_LIMIT), "...[999,000 items left out]"]
+        assert record["d"] == {
+            **{str(i): i for i in range(ITEMS_LIMIT)},
+            "...[4,000 items left out]": "...",
+        }
+        first, said = record["rows"]
+        assert said == "...[999 items left out]"
+        *strings, left = first
+        assert set(strings) == {"a" * 100}
+        # the characters ran out before the items: 656 strings (65,600 characters)
+        assert len(strings) == TRACEBACK_LIMIT // 100 + 1
+        assert left == f"...[{1000 - len(strings)} items left out]"
+        assert record["small"] == [1, [2, 3], {"k": "v"}]
+    else:
+        (line,) = text.splitlines()
+        xs = "[" + ", ".join(map(str, range(ITEMS_LIMIT))) + ", ...[999,000 items left out]]"
+        d = "{" + ", ".join(f"{i}: {i}" for i in range(ITEMS_LIMIT))
+        assert f" xs={json.dumps(xs)} " in line
+        assert f" d={json.dumps(d + ', ...[4,000 items left out]: ...}')} " in line
+        assert " rows=\"[['" in line
+        assert line.endswith(" small=\"[1, (2, 3), {'k': 'v'}]\"")
