@@ -120,6 +120,10 @@ class Probe(NexusAgent):
             raise ValueError(p["text"] * p["times"])
         if do == "raise_huge_name":
             raise type(p["text"] * p["times"], (Exception,), {})("short")
+        if do == "raise_group":
+            inner = ExceptionGroup("inner", [KeyError("k")])
+            runs = [RuntimeError(str(i)) for i in range(p["runs"])]
+            raise ExceptionGroup("boom", [ValueError("a"), inner, *runs])
         if do == "unserialisable":
             return {"ok": {1, 2}}
         if do == "nan":
@@ -227,6 +231,10 @@ class Probe extends NexusAgent {
       case 'none': return undefined;
       case 'raise': throw new RangeError(p.text);
       case 'raise_huge': throw p.text.repeat(p.times); // (a string: no Error)
+      case 'raise_group': {
+        const runs = Array.from({ length: p.runs }, (_, i) => new Error(String(i)));
+        throw new AggregateError([new TypeError('a'), new AggregateError([new RangeError('k')], 'inner'), ...runs], 'boom');
+      }
       case 'raise_huge_name': {
         const error = new Error('short');
         error.name = p.text.repeat(p.times);
@@ -3020,3 +3028,39 @@ def test_without_node_the_javascript_tests_skip_saying_why(require: str, tmp_pat
         assert result.returncode == 0, result.stdout
         assert "1 passed, 1 skipped" in result.stdout
         assert "Node 18+ not on PATH" in result.stdout
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_handler_s_exception_group_or_aggregate_error_names_its_errors(
+    lang: str, tmp_path: Path
+) -> None:
+    """Fifty-sixth pass: a handler that raised an exception group (Python) or threw an
+    ``AggregateError`` (JavaScript: ``Promise.any`` of promises that all rejected) was
+    reported by its own text only, ``boom (22 sub-exceptions)`` or ``boom``: nothing of
+    what failed. Both bridges name each error's type and text, groups inside groups too,
+    at most 15 of a group (as CPython's traceback shows a group), then ``and N more``."""
+    from nexus_trio import RequestFailed, open_kernel
+    from nexus_trio.bridges.process import process_agent
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(process_agent(probe_command(lang, tmp_path), name="probe"))
+            texts = []
+            for runs in (20, 0):
+                with pytest.raises(RequestFailed) as failed:
+                    await kernel.request("probe", {"do": "raise_group", "runs": runs})
+                assert failed.value.reason == "handler_error", failed.value
+                texts.append(str(failed.value.error))
+            await _answers_on_no_line_lost(kernel, ref)
+    if lang == "python":
+        head = "boom (22 sub-exceptions): [ValueError: a; "
+        head += "ExceptionGroup: inner (1 sub-exception): [KeyError: 'k']"
+        runs = "".join(f"; RuntimeError: {i}" for i in range(13))
+        small = "boom (2 sub-exceptions): [ValueError: a; "
+        small += "ExceptionGroup: inner (1 sub-exception): [KeyError: 'k']]"
+    else:
+        head = "boom (22 errors): [TypeError: a; AggregateError: inner (1 error): [RangeError: k]"
+        runs = "".join(f"; Error: {i}" for i in range(13))
+        small = "boom (2 errors): [TypeError: a; AggregateError: inner (1 error): [RangeError: k]]"
+    assert texts[0].endswith(f"{head}{runs}; and 7 more]"), texts[0]
+    assert texts[1].endswith(small), texts[1]

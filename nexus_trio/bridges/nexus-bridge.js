@@ -255,7 +255,7 @@ function wellFormed(text) {
  * name or stack getter throws, a Proxy whose every trap does; the error frame is written
  * all the same, and the agent goes on.
  */
-function describeThrown(err) {
+function describeThrown(err, depth = 0) {
   const attempt = (read, fallback) => {
     try {
       return read();
@@ -274,14 +274,47 @@ function describeThrown(err) {
   const name = isError ? field('name') : undefined;
   const errorType = name && name !== 'Error' ? name : attempt(() => typeName(err), kind);
   const message = isError ? field('message') : undefined;
-  const text = isError ? message || name || errorType : shown;
+  const own = isError ? message || name || errorType : shown;
+  const logged = (kind === 'object' || kind === 'function') && err !== null ? field('stack') || shown : shown;
+  const inner = isError && depth < GROUP_DEPTH ? attempt(() => innerErrors(err, depth), '') : '';
   return {
     isError,
     message: message && wellFormed(message),
-    text: wellFormed(text),
+    text: wellFormed(inner ? `${own} ${inner}` : own),
     errorType: wellFormed(errorType),
-    logged: (kind === 'object' || kind === 'function') && err !== null ? field('stack') || shown : shown,
+    logged: inner ? `${logged}\n  ${inner}` : logged,
   };
+}
+
+// how many of an AggregateError's errors its error text names, and how deep in
+// aggregates inside aggregates: as the Python bridge names an exception group's
+// exceptions (as CPython's traceback shows a group: max_group_width 15, max_group_depth 10)
+const GROUP_WIDTH = 15;
+const GROUP_DEPTH = 10;
+
+/**
+ * The errors of an AggregateError (a Promise.any that every promise rejected) as its
+ * error text names them, '(2 errors): [TypeError: a; Error: b]', at most GROUP_WIDTH
+ * (then 'and 3 more'), none past ERROR_TEXT_LIMIT characters in all, each cut at it;
+ * '' for any other error. Its message alone said nothing of what failed.
+ */
+function innerErrors(err, depth) {
+  if (!isInstance(err, AggregateError)) return '';
+  const errors = err.errors;
+  if (!Array.isArray(errors) || errors.length === 0) return '';
+  const parts = [];
+  let length = 0;
+  for (const member of errors.slice(0, GROUP_WIDTH)) {
+    if (length > ERROR_TEXT_LIMIT) break;
+    const described = describeThrown(member, depth + 1);
+    const part = cutErrorText(`${described.errorType}: ${described.text}`);
+    parts.push(part);
+    length += part.length;
+  }
+  const more = errors.length - parts.length;
+  if (more > 0) parts.push(`and ${more.toLocaleString('en-US')} more`);
+  const count = errors.length === 1 ? '1 error' : `${errors.length.toLocaleString('en-US')} errors`;
+  return `(${count}): [${parts.join('; ')}]`;
 }
 
 /** `value instanceof cls`, false where asking throws (a Proxy's getPrototypeOf trap). */

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import builtins
 import collections
 import contextlib
 import enum
@@ -609,6 +610,42 @@ def _exception_text(exc: BaseException) -> str:
     except Exception as inner:
         text = f"<str() of the {_well_formed(type(exc).__name__)} raised {type(inner).__name__}>"
     return _well_formed(text)
+
+
+#: how many of an exception group's exceptions its error text names, and how deep in
+#: groups inside groups: as CPython's traceback shows a group (``max_group_width`` 15,
+#: ``max_group_depth`` 10)
+GROUP_WIDTH = 15
+GROUP_DEPTH = 10
+
+# (None before Python 3.11, where the standard library has no exception groups)
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", None)
+
+
+def _error_text(exc: BaseException, depth: int = 0) -> str:
+    """:func:`_exception_text`, and for an exception group the type and text of its
+    exceptions: ``boom (2 sub-exceptions): [ValueError: a; KeyError: 'b']``, at most
+    :data:`GROUP_WIDTH` of each group (``and 3 more``), :data:`GROUP_DEPTH` groups deep,
+    each cut at :data:`ERROR_TEXT_LIMIT` and none named past that many characters in
+    all. ``str()`` of a group names only how many it holds, so the error frame said
+    nothing of what failed (a ``trio`` or ``asyncio.TaskGroup`` handler raises one)."""
+    text = _exception_text(exc)
+    members = exc.exceptions if _GROUP is not None and isinstance(exc, _GROUP) else ()
+    if not members or depth >= GROUP_DEPTH:
+        return text
+    parts: list[str] = []
+    length = 0
+    for member in members[:GROUP_WIDTH]:
+        if length > ERROR_TEXT_LIMIT:
+            break
+        name = _well_formed(type(member).__name__)
+        part = _cut_error_text(f"{name}: {_error_text(member, depth + 1)}")
+        parts.append(part)
+        length += len(part)
+    more = len(members) - len(parts)
+    if more:
+        parts.append(f"and {more:,} more")
+    return f"{text}: [{'; '.join(parts)}]"
 
 
 def _nesting(value: Any) -> int | None:
@@ -1207,7 +1244,7 @@ class NexusAgent:
             # (its text, or its class's name, may hold a lone surrogate, or its __str__
             # raise: the error frame is written all the same, and the agent goes on)
             error_type = _well_formed(type(exc).__name__)
-            self._send_error(message, _exception_text(exc) or error_type, error_type)
+            self._send_error(message, _error_text(exc) or error_type, error_type)
             return
         try:
             line = _encode({"type": "response", "payload": self._response(message, result)}, result)
