@@ -1998,3 +1998,67 @@ def test_the_items_of_an_extra_s_lists_and_dicts_are_bounded_saying_how_many_wer
         assert f" d={json.dumps(d + ', ...[4,000 items left out]: ...}')} " in line
         assert " rows=\"[['" in line
         assert line.endswith(" small=\"[1, (2, 3), {'k': 'v'}]\"")
+
+
+def _chained(n: int) -> None:
+    try:
+        if n:
+            _chained(n - 1)
+        raise ValueError("base")
+    except ValueError as exc:
+        raise ValueError(f"level {n}") from exc
+
+
+@pytest.mark.parametrize("case", ["source", "name", "chain", "group"])
+def test_the_pretty_traceback_is_bounded_in_code_names_chain_and_group(
+    case: str, tmp_path: Path, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-sixth pass: the ``pretty`` format's rich traceback had its exception texts
+    cut, not the rest: a source line of 2 MB drew 1.9 MB of code (76 s), a function
+    named with 2 MB 2.8 MB, a chain of 500 exceptions 1 MB (42 s), and a group drew every
+    exception it holds. Now a frame whose lines around it hold one past 1,000 characters
+    is drawn without its code, a frame's function and file name are cut at
+    ``FIELD_LIMIT``, a chain keeps its 5 newest and 5 oldest exceptions and a group 15
+    (as CPython's traceback), each cut said in a note. (Frames: rich's ``max_frames``,
+    100 a stack, already.)"""
+    stream = configured("pretty")
+    if case == "source":
+        path = tmp_path / "long_line.py"
+        path.write_text("def fail():\n    x = 1; " + "y = 2; " * 20_000 + "raise KeyError('k')\n")
+        namespace: dict[str, Any] = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        failing = namespace["fail"]
+    elif case == "name":
+
+        def failing() -> None:
+            raise KeyError("k")
+
+        failing.__code__ = failing.__code__.replace(co_name="n" * 200_000)
+    elif case == "chain":
+
+        def failing() -> None:
+            _chained(60)
+
+    else:
+
+        def failing() -> None:
+            raise ExceptionGroup("g", [KeyError(i) for i in range(40)])
+
+    try:
+        failing()
+    except Exception:
+        logging.getLogger("nexus_trio.x").exception("failed")
+    text = stream.getvalue()
+    assert len(text) < 4 * FIELD_LIMIT, len(text)
+    if case == "source":
+        assert "y = 2;" not in text
+        assert "long_line.py" in text.replace("\n", "")  # (the frame is there, its code not)
+    elif case == "name":
+        assert text.count("n") > FIELD_LIMIT
+    elif case == "chain":
+        shown = sorted(int(n) for n in re.findall(r"ValueError: level (\d+)", text))
+        assert shown == [0, 1, 2, 3, 56, 57, 58, 59, 60]
+        assert "...[52 more exceptions of the chain not shown]" in " ".join(text.split())
+    else:
+        assert text.count("Sub-exception #") == 15
+        assert "...[25 more exceptions of the group not shown]" in " ".join(text.split())
