@@ -6004,6 +6004,12 @@ async def test_children_crashing_under_load_leave_no_descriptor_and_no_process(
             ValueError,
             "process_agent: env variable name 'A=B' holds '=' (an environment entry is NAME=VALUE)",
         ),
+        # (fifty-sixth pass: accepted, and the child was given the entry "=x")
+        (
+            {"env": {"": "x"}},
+            ValueError,
+            "process_agent: env variable name '' is empty (an environment entry is NAME=VALUE)",
+        ),
         # regression: bytes went through as a list of ints ("command items must be
         # strings, got 112 (item 0)"), and a cwd of the wrong type raised os.fspath's
         # "expected str, bytes or os.PathLike object, not int", naming no argument

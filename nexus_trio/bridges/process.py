@@ -3235,6 +3235,13 @@ def process_agent(
                     f"process_agent: env variable name {key!r} holds '=' (an environment"
                     " entry is NAME=VALUE)"
                 )
+            if not key:
+                # (subprocess passes it on as the entry "=VALUE", which names nothing;
+                # os.putenv and glibc's setenv refuse an empty name)
+                raise ValueError(
+                    "process_agent: env variable name '' is empty (an environment entry is"
+                    " NAME=VALUE)"
+                )
             if "\0" in value:
                 raise ValueError(f"process_agent: env variable {key!r} holds a NUL character")
     command = _command(cmd, env, cwd_text)
