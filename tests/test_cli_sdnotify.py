@@ -242,3 +242,89 @@ def test_a_notify_socket_whose_queue_is_full_delays_the_run_at_most_its_bound(
     # (what was queued is systemd's to read, untouched; nothing of ours joined it)
     received = [sock.recv(64) for _ in range(queued)]
     assert set(received) == {b"X=1"}
+
+
+ENDING_APP = """\
+import contextlib
+import sys
+
+import trio
+
+from nexus_trio import AgentNotFound, agent
+
+
+@agent(name="boom", restart="permanent", on_error="restart")
+async def boom(ctx, msg):
+    raise RuntimeError("boom")
+
+
+async def main(kernel):
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "stopping"),
+    [
+        (
+            "raise ValueError('boom\\nsecond line')",
+            1,
+            b"STOPPING=1\nSTATUS=stopping (failed: ValueError: boom second line)",
+        ),
+        ("sys.exit(3)", 3, b"STOPPING=1\nSTATUS=stopping (sys.exit(3))"),
+        (
+            "kernel.spawn(boom)\nwhile True:  # (until the escalation stops the kernel)\n"
+            "    with contextlib.suppress(AgentNotFound):\n"
+            "        await kernel.send('boom', 'x')\n"
+            "    await trio.sleep(0.01)",
+            1,
+            b"STOPPING=1\nSTATUS=stopping (failed: SupervisorEscalation: restart intensity",
+        ),
+        (
+            # (far above a datagram's bound; a lone surrogate, as an undecodable file name)
+            "raise ValueError('\\ud800' + 'x' * 300_000)",
+            1,
+            b"STOPPING=1\nSTATUS=stopping (failed: ValueError: ?" + b"x" * 378 + "…)".encode(),
+        ),
+        ("await kernel.shutdown()", 0, b"STOPPING=1\nSTATUS=stopping (kernel shutdown)"),
+        ("return", 0, b"STOPPING=1\nSTATUS=stopping (app finished)"),
+    ],
+    ids=["raises", "sys-exit", "escalates", "raises-at-length", "kernel-shutdown", "returns"],
+)
+def test_an_app_that_ends_after_ready_tells_systemd_it_stops_and_why(
+    tag: str,
+    tmp_path: Path,
+    notify_socket: tuple[socket.socket, str],
+    body: str,
+    status: int,
+    stopping: bytes,
+) -> None:
+    """A started service that ends, however (its ``main`` raised, ``sys.exit(N)``, an
+    escalation to the kernel, an agent's ``kernel.shutdown()``, ``main`` returned), says
+    ``STOPPING=1`` once as its stop begins, with a one-line ``STATUS=`` naming why
+    (sd_notify(3): "failing programs could pass a human-readable error message"), as a
+    stop by a signal or ``--duration`` does. Fifty-sixth pass: a ``main`` that raised,
+    called ``sys.exit`` or escalated sent ``READY=1`` and then nothing (checked: those
+    three cases fail on main's ``_run.py``, ``receive`` None)."""
+    sock, name = notify_socket
+    (tmp_path / "endingapp.py").write_text(ENDING_APP + textwrap.indent(body, "    ") + "\n")
+    # (an escalation reaches the kernel when the config says so: else the kernel goes on)
+    escalate = {
+        "NEXUS_SUPERVISION__MAX_RESTARTS": "1",
+        "NEXUS_SUPERVISION__ESCALATE_TO_KERNEL": "true",
+    }
+    proc = start_nexus(
+        ["run", "--app", "endingapp:main"], tag, tmp_path, NOTIFY_SOCKET=name, **escalate
+    )
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err
+    assert receive(sock, 5) == b"READY=1\nSTATUS=running", err
+    said = receive(sock, 5)
+    assert said is not None, err
+    if stopping.endswith(b")"):
+        assert said == stopping, err
+    else:  # (the escalation's message goes on: its start)
+        assert said.startswith(stopping) and said.endswith(b")") and b"\n" not in said[11:], said
+    assert receive(sock, 0.5) is None  # (once)

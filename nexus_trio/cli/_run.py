@@ -432,6 +432,9 @@ class _State:
         #: the ``open_kernel`` block was left (a shutdown that starts then is the
         #: block's exit: an error, an escalation; no agent asked for it)
         self.block_left = False
+        #: what systemd was told (``NOTIFY_SOCKET``): READY=1, then STOPPING=1 once
+        self.told_ready = False
+        self.told_stopping = False
 
     def run_rate(self, processed_now: int, now: float) -> float:
         """Messages per second from the start of the run (the workload running) to its
@@ -1023,6 +1026,36 @@ def _tell_systemd(state: str) -> None:
         log_guarded(log, logging.WARNING, "%s", failure)
 
 
+#: the longest why of a ``STATUS=stopping (why)`` (characters): an error's message can be
+#: far longer than a datagram (EMSGSIZE) or a ``systemctl status`` line takes
+STATUS_WHY_MAX: Final = 400
+
+
+def _tell_systemd_stopping(state: _State, why: str) -> None:
+    """``STOPPING=1`` with why (one line: sd_notify(3)'s ``STATUS=`` is), once, and only
+    after ``READY=1``: a run that ends before it was ready is a failed start to systemd,
+    told by its exit alone (see docs/deploy.md)."""
+    if not state.told_ready or state.told_stopping:
+        return
+    state.told_stopping = True
+    why = " ".join(why.split())
+    if len(why) > STATUS_WHY_MAX:  # (a datagram has a bound; a status line is read)
+        why = why[: STATUS_WHY_MAX - 1] + "…"
+    _tell_systemd(f"STOPPING=1\nSTATUS=stopping ({why})")
+
+
+def _why_ended(exc: BaseException, state: _State) -> str:
+    """What ``exc`` (out of the run's body or its kernel block) says of the run's end, for
+    ``STATUS=``: ``sys.exit(N)``, an interrupt (a KeyboardInterrupt that reached the run),
+    else the error (``failed: Type: message``)."""
+    exc = _unwrap(exc)
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})"
+    if isinstance(exc, _INTERRUPTS):
+        return state.stopped_by or INTERRUPTED
+    return f"failed: {_describe(exc)}"
+
+
 async def _first_of(*events: trio.Event) -> None:
     """Return once any of ``events`` is set."""
     async with trio.open_nursery() as nursery:
@@ -1036,6 +1069,19 @@ async def _first_of(*events: trio.Event) -> None:
 
 
 async def _body(state: _State, kernel: Kernel) -> None:
+    try:
+        await _run_body(state, kernel)
+    except BaseException as exc:
+        # The app's main raised or called sys.exit(), an error of the workload: the
+        # stop begins here (the kernel's drain follows), said as a signal's is. A cancel
+        # alone (an escalation ends the kernel's block) is told by the run with the
+        # error the block raises (see _run_async).
+        if not only_cancels(exc):
+            _tell_systemd_stopping(state, _why_ended(exc, state))
+        raise
+
+
+async def _run_body(state: _State, kernel: Kernel) -> None:
     opts = state.opts
     async with trio.open_nursery() as body:
         if opts.spawn:
@@ -1081,10 +1127,11 @@ async def _body(state: _State, kernel: Kernel) -> None:
                 f"{opts.duration:g} s" if opts.duration else "ever",
             )
             _tell_systemd("READY=1\nSTATUS=running")  # (Type=notify: the unit has started)
+            state.told_ready = True
         with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
             await state.stop_event.wait()
         state.request_stop("duration")
-        _tell_systemd(f"STOPPING=1\nSTATUS=stopping ({state.stopped_by})")
+        _tell_systemd_stopping(state, state.stopped_by or "duration")
         state.note_stop(kernel)
         state.phase = "stopping"
         if state.demo is not None:
@@ -1318,6 +1365,8 @@ async def _run_async(
                     exc_info=None if clean else error,
                 )
         finally:
+            if error is not None:  # (an escalation, an error of the drain: after READY=1)
+                _tell_systemd_stopping(state, _why_ended(error, state))
             state.phase = "done"
             state.t_end = trio.current_time()
             if kernel is not None and state.live is not None:

@@ -73,7 +73,9 @@ def notify(state: str) -> str | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.settimeout(SEND_TIMEOUT)  # (a full queue: see the module's docstring)
-            sock.sendto(state.encode(), address)
+            # (UTF-8, as systemd reads it: a lone surrogate, as of an undecodable file
+            # name in an error's message, is sent as '?', not a UnicodeEncodeError)
+            sock.sendto(state.encode(errors="replace"), address)
     except OSError as exc:
         return f"cannot tell systemd {state.splitlines()[0]} on {NOTIFY_ENV}={path!r}: {exc}"
     return None
