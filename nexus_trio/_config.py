@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import re
+import socket
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -631,18 +632,56 @@ def host_problem(host: str) -> str | None:
 #: what an IPv6 zone (``fe80::1%eth0``) is: an interface's name or index, ASCII without
 #: blanks; a URL writes it after ``%25`` (RFC 6874)
 _ZONE: Final = re.compile(r"[!-~]+")
+#: what a URL carries of a zone as it is (RFC 6874's ZoneID: RFC 3986's unreserved)
+_URL_ZONE: Final = re.compile(r"[A-Za-z0-9._~-]+")
+#: the most of this host's interfaces a refused zone's error names (a host of containers
+#: has hundreds)
+_ZONES_SHOWN: Final = 8
 
 
 def _zone_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why the zone of an IPv6 ``address`` is none, or None: ``ipaddress`` takes any text
     after the ``%`` (``fe80::1%☃``, ``fe80::1%a b``), which the run's listener then failed
     to look up, late (``Name or service not known``); an interface's name or index is
-    ASCII without blanks (Linux's are at most 15 bytes, none of them ``/`` or a blank)."""
+    ASCII without blanks (Linux's are at most 15 bytes, none of them ``/`` or a blank).
+    A character a URL writes escaped (``]``, ``#``, ``?``, ``%``: RFC 6874's zone is
+    RFC 3986's unreserved) is refused too: no interface is named so in practice, and the
+    URL written of it (``http://[fe80::1%25a]b]:P``) was none. A zone this host has no
+    interface of (``socket.if_nametoindex``), and that is no index (a number), is refused:
+    the config is loaded where it runs (``deploy.sh`` checks it there), and the listener
+    failed late on it (``%25eth0``, copied from a URL, is told to write ``%eth0``)."""
     zone = getattr(address, "scope_id", None)
-    if zone is None or _ZONE.fullmatch(zone):
+    if zone is None:
         return None
-    odd = next(c for c in zone if not _ZONE.fullmatch(c))
-    return f"an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd!r}"
+    if not _ZONE.fullmatch(zone):
+        odd = next(c for c in zone if not _ZONE.fullmatch(c))
+        return f"an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd!r}"
+    if not _URL_ZONE.fullmatch(zone):
+        odd = next(c for c in zone if not _URL_ZONE.fullmatch(c))
+        return (
+            "an IPv6 zone is an interface's name or index: letters, digits, '-', '.', '_'"
+            f" and '~' (as a URL writes it, RFC 6874), not {odd!r}"
+        )
+    if zone.isdigit():
+        return None  # (an interface's index)
+    try:
+        socket.if_nametoindex(zone)
+    except OSError:
+        pass
+    else:
+        return None
+    hint = (
+        f"; %25 is how a URL writes the %: write %{zone[2:]}"
+        if zone.startswith("25") and len(zone) > 2
+        else ""
+    )
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    shown_names = ", ".join(names[:_ZONES_SHOWN]) + (", ..." if len(names) > _ZONES_SHOWN else "")
+    known = f" (its interfaces: {shown_names})" if names else ""
+    return f"no interface of this host is named {zone!r}{known}{hint}"
 
 
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

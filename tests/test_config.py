@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -2140,6 +2141,9 @@ def test_a_wildcard_or_a_character_no_host_name_has_is_refused_at_load(
         load(home / "elsewhere", env=env_for(home, NEXUS_METRICS__HOST=host))
 
 
+#: an interface of this host (``lo`` on Linux, ``lo0`` on macOS): a zone the config takes
+AN_INTERFACE = socket.if_nameindex()[0][1]
+
 #: a host name of 253 characters (four labels), the most DNS takes
 _NAME_253 = f"{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}"
 
@@ -2174,13 +2178,13 @@ def test_a_metrics_host_longer_than_a_host_name_is_refused_at_load(
         "0.0.0.0",
         "::",
         "bücher.example",
-        "fe80::1%eth0",
+        f"fe80::1%{AN_INTERFACE}",
     ]
     for name in taken:
         file.write_text(f'[metrics]\nhost = "{name}"\n')
         assert load(home).config.metrics.host == name
-    file.write_text('[metrics]\nhost = "[fe80::1%eth0]"\n')
-    assert load(home).config.metrics.host == "fe80::1%eth0"
+    file.write_text(f'[metrics]\nhost = "[fe80::1%{AN_INTERFACE}]"\n')
+    assert load(home).config.metrics.host == f"fe80::1%{AN_INTERFACE}"
     with pytest.raises(ConfigError, match=r"^environment variable NEXUS_METRICS__HOST: .* 253"):
         load(home, env=env_for(home, NEXUS_METRICS__HOST=host))
 
@@ -2210,9 +2214,45 @@ def test_an_ipv6_zone_that_is_no_interface_name_is_refused_at_load(
         f"(an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd})"
     )
     assert info.value.key == "metrics.host"
-    for taken in ["fe80::1%eth0", "fe80::1%2", "fe80::1%br-1a2b.100"]:
+    for taken in [f"fe80::1%{AN_INTERFACE}", "fe80::1%2", "fe80::1%999"]:
         file.write_text(f'[metrics]\nhost = "{taken}"\n')
         assert load(home).config.metrics.host == taken
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("fe80::1%nosuchif", "no interface of this host is named 'nosuchif' (its interfaces: "),
+        (
+            f"fe80::1%25{AN_INTERFACE}",
+            f"no interface of this host is named '25{AN_INTERFACE}' (its interfaces: ",
+        ),
+        ("fe80::1%a]b", "(as a URL writes it, RFC 6874), not ']')"),
+        ("[fe80::1%a#]", "(as a URL writes it, RFC 6874), not '#')"),
+        ("fe80::1%eth?0", "(as a URL writes it, RFC 6874), not '?')"),
+        ("fe80::1%veth1@if3", "(as a URL writes it, RFC 6874), not '@')"),  # (as `ip link`)
+    ],
+    ids=["no-such-interface", "url-escaped", "bracket", "hash", "question-mark", "at"],
+)
+def test_an_ipv6_zone_this_host_has_no_interface_of_is_refused_at_load(
+    home: Path, host: str, why: str
+) -> None:
+    """Fifty-sixth pass: a zone naming no interface (``fe80::1%nosuchif``, ``%25eth0``
+    copied from a URL) loaded and failed the run late, as did ``]``, ``#``, ``?`` (written
+    unescaped in the run's ``metrics on http://[...]`` URL). The config is loaded where it
+    runs: refused at load, naming the key and the zone, with this host's interfaces, and
+    ``%25`` told to be written ``%``. (With main's _config.py: each case loaded.)"""
+    file = write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    text = str(info.value)
+    assert text.startswith(f"{file}:2: [metrics] host must be an address or a host name"), text
+    assert why in text, text
+    assert info.value.key == "metrics.host"
+    if "%25" in host:
+        assert text.endswith(f"; %25 is how a URL writes the %: write %{AN_INTERFACE})"), text
+    if "no interface" in why:
+        assert AN_INTERFACE in text.partition("(its interfaces: ")[2], text
 
 
 @pytest.mark.parametrize("host", ["☃.net", "ü_b.example"])
