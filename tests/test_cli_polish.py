@@ -1182,3 +1182,43 @@ def test_a_bad_metrics_host_is_refused_naming_the_flag_or_the_key(
         f"Invalid value for '--metrics-host': must be an address or a host name, got"
         f" '{host}' ({why}" in flat(result.output)
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (
+            '"a,b"',
+            "program 'a,b' not found (not on PATH, or not executable); several commands"
+            ' are a TOML array, not a list with commas: ["a", "b"]',
+        ),
+        (
+            "nosuch-a, nosuch-b",
+            "program 'nosuch-a,' not found (not on PATH, or not executable); several"
+            ' commands are a TOML array, not a list with commas: ["nosuch-a", "nosuch-b"]',
+        ),
+        (
+            '"nosuch-prog --fast"',
+            "program 'nosuch-prog --fast' not found (not on PATH, or not executable); the"
+            " whole command is in quotes, so it is one program name (a command is split as"
+            " a shell splits it): write it without them, nosuch-prog --fast",
+        ),
+        ("nosuch-prog --fast", "program 'nosuch-prog' not found (not on PATH, or not executable)"),
+    ],
+    ids=["quoted-commas", "commas", "quoted-command", "plain"],
+)
+def test_a_quoted_or_comma_separated_spawn_value_is_told_what_to_write(
+    value: str, said: str
+) -> None:
+    """Fifty-sixth pass: ``NEXUS_APP__SPAWN='"a,b"'`` (an env file that keeps quotes, a
+    list written with commas) was one command, refused as the program ``a,b`` not found,
+    with nothing on what to write. A text key's quoted value is a TOML string
+    (``NEXUS_METRICS__HOST='"0.0.0.0"'`` is ``0.0.0.0``); a command's quotes stay shell
+    quoting (``'"/opt/my app/agent" -v'`` runs a program with a blank in its path), so
+    the value is kept and the error says what to write. (With main's _app.py: no hint.)"""
+    result = CliRunner().invoke(app, ["run", "-d", "1"], env={**WIDE, "NEXUS_APP__SPAWN": value})
+    assert result.exit_code == 2, result.output
+    text = flat(result.output)
+    assert "Traceback" not in text
+    assert f"Invalid value for [app] spawn (env NEXUS_APP__SPAWN): {said}" in text, text
+    assert text.endswith(said), text

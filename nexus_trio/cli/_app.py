@@ -1007,7 +1007,8 @@ def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) 
             )
     if shutil.which(argv[0]) is None:
         raise typer.BadParameter(
-            f"program {argv[0]!r} not found (not on PATH, or not executable)",
+            f"program {argv[0]!r} not found (not on PATH, or not executable)"
+            + _quoted_command_hint(command, argv),
             param_hint=hint,
         )
     from ._spawn import missing_script
@@ -1015,6 +1016,27 @@ def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) 
     if (missing := missing_script(command, argv)) is not None:
         raise typer.BadParameter(missing, param_hint=hint)
     return argv
+
+
+def _quoted_command_hint(command: str, argv: tuple[str, ...]) -> str:
+    """What to write instead, when a program not found is a whole command in quotes
+    (``NEXUS_APP__SPAWN='"node w.js"'``, as an env file that keeps quotes gives it) or a
+    comma-separated list (``"a,b"``): a command is split as a shell splits it, so its
+    quotes are shell quoting (``'"/opt/my app/agent" -v'`` is a program with a blank in
+    its path), not a string's, as they are around a text key's value
+    (``NEXUS_METRICS__HOST='"0.0.0.0"'``); several commands are a TOML array."""
+    program = argv[0]
+    if "," in program:
+        listed = command.strip().strip("\"'")  # ("a,b", a, b: the whole command's items)
+        parts = [part.strip() for part in listed.split(",") if part.strip()]
+        array = ", ".join(f'"{part}"' for part in parts[:3])
+        return f"; several commands are a TOML array, not a list with commas: [{array}]"
+    if len(argv) == 1 and command.strip()[:1] in "\"'" and any(c.isspace() for c in program):
+        return (
+            "; the whole command is in quotes, so it is one program name (a command is"
+            f" split as a shell splits it): write it without them, {program}"
+        )
+    return ""
 
 
 def _check_nats(url: str | None, hint: str = "'--nats'") -> None:
