@@ -2490,6 +2490,64 @@ def test_health_gives_a_hostile_endpoint_at_most_its_timeout(answer, expected):
     assert took < 30  # (it never ended before: the test would hang)
 
 
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_health_does_not_follow_a_redirect_and_says_where_it_pointed(code: int) -> None:
+    """Fifty-sixth pass: the check followed a redirect (urllib's default), and the ``200
+    ok`` of the server it pointed to said healthy, exit 0, though the metrics endpoint
+    never redirects (another server answered on the port). Not followed now: exit 1,
+    naming the code and the ``Location``; the other server is never asked. (With main's
+    _app.py: exit 0, ``200 ok``, the other server asked once.)"""
+    import socket
+
+    elsewhere = socket.create_server(("127.0.0.1", 0))
+    elsewhere.settimeout(30)
+    listener = socket.create_server(("127.0.0.1", 0))
+    target = f"http://127.0.0.1:{elsewhere.getsockname()[1]}/healthz"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(
+                f"HTTP/1.1 {code} Moved\r\nLocation: {target}\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+
+    asked: list[bytes] = []
+
+    def serve_elsewhere() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = elsewhere.accept()
+            with conn:
+                asked.append(conn.recv(4096))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (serve, serve_elsewhere)]
+    for thread in threads:
+        thread.start()
+    try:
+        port = listener.getsockname()[1]
+        result = invoke(["health", "--port", str(port), "--timeout", "10"])
+    finally:
+        with (
+            contextlib.suppress(OSError),  # (its server, if never asked, waits no more)
+            socket.create_connection(elsewhere.getsockname(), timeout=5) as done,
+        ):
+            done.sendall(b"DONE")
+        for thread in threads:
+            thread.join(timeout=30)
+        listener.close()
+        elsewhere.close()
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: not a nexus metrics endpoint: {code} redirects"
+        f" to {target!r} (not followed: ours never redirects; is the port the kernel's"
+        " --metrics-port / [metrics] port?)"
+    )
+    assert asked in ([], [b"DONE"]), asked
+
+
 @pytest.mark.parametrize(
     ("bound", "probed"),
     [

@@ -1264,7 +1264,7 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
     outcome: list[tuple[int | None, str, str]] = []
     where = urllib.parse.urlsplit(url).netloc
     nothing_there = f"unreachable: nothing is listening on {where} (connection refused)"
-    opener = urllib.request.build_opener(_NoSelfConnectionHandler())
+    opener = urllib.request.build_opener(_NoSelfConnectionHandler(), _NoRedirectHandler())
 
     def get() -> None:
         try:
@@ -1277,6 +1277,18 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
                     return
                 outcome.append((response.status, body.decode("utf-8", "replace").strip(), ""))
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                location = cut(str(exc.headers.get("Location", "nowhere")), quoted=True)
+                outcome.append(
+                    (
+                        None,
+                        "",
+                        f"not a nexus metrics endpoint: {exc.code} redirects to {location}"
+                        " (not followed: ours never redirects; is the port the kernel's"
+                        " --metrics-port / [metrics] port?)",
+                    )
+                )
+                return
             body = exc.read(_HEALTH_BODY_LIMIT).decode("utf-8", "replace").strip()
             outcome.append((exc.code, body, ""))
         except (urllib.error.URLError, OSError) as exc:
@@ -1324,6 +1336,16 @@ class _NoSelfConnection(http.client.HTTPConnection):
 class _NoSelfConnectionHandler(urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(_NoSelfConnection, req)
+
+
+class _NoRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """A redirect is not followed: the metrics endpoint never sends one, so another
+    server answers there, and the answer of wherever it points (``200 ok`` of any web
+    server) said ``healthy``, exit 0 (until the fifty-sixth pass). urllib then raises the
+    3xx as an ``HTTPError``, which :func:`_probe_health` names with its ``Location``."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 # --- commands of other modules ----------------------------------------------------------------
