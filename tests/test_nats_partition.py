@@ -232,3 +232,102 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
     finally:
         await later.stop()
         proxy.close()
+
+
+async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the_bucket_confirms(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The successor filter's window: the old b (cut off past its loss, its name
+    restarted meanwhile, then let through again) hears the later process's heartbeats at
+    once, but leaves only once a read of the nodes bucket confirms that process holds the
+    name. Here that read is held (a slow JetStream) while a sends 20 tells to
+    ``collector-b``: their batches are numbered for the later process, and the old b's
+    wildcard subscription to the name's batch subjects gets them too. It leaves them to
+    the later process (which takes all 20, once each): the old ``collector-b`` takes
+    none, and the old kernel accepts nothing. Let the read through, the old b leaves
+    (``NodeReplaced``). Fails with either filter taken out: ``Cluster._on_other_batch``'s
+    ``head.dest_prefix in self._successors`` made False, the old ``collector-b`` took the
+    20 tells too, each handled twice (``accepted`` 21 on the old kernel against 1);
+    ``Cluster._for_successor`` made to return False, the old kernel took the 2 queries
+    to the later process's ``collector-b`` (2 in that run: ``accepted`` 3 against 1)."""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    old: list[Any] = []
+    later = NodeProcess(nats.url, "b")
+    raised: list[BaseException] = []
+    clusters: list[Cluster] = []
+    joined, left, gate = trio.Event(), trio.Event(), trio.Event()
+    held: list[str] = []
+    real_read = Cluster._read_own_record
+
+    async def slow_read(self: Cluster, kv: Any) -> tuple[bytes | None, int]:
+        if self.node == "b":
+            held.append(self.node)
+            await gate.wait()
+        return await real_read(self, kv)
+
+    async def old_b(kb: Kernel) -> None:
+        try:
+            async with join_cluster(kb, proxy.url, "b", options=PATIENT) as cb:
+                clusters.append(cb)
+                joined.set()
+                await trio.sleep_forever()  # (the replacement cancels it)
+        except NodeReplaced as exc:
+            raised.append(exc)
+        finally:
+            left.set()
+
+    try:
+        async with (
+            _node(nats.url, "a") as (ka, ca),
+            open_kernel(node_config()) as kb,
+            trio.open_nursery() as nursery,
+        ):
+            kb.spawn(collector(old), name="collector-b")
+            nursery.start_soon(old_b, kb)
+            with trio.fail_after(90):  # a hang guard (the child's imports are slow)
+                await joined.wait()
+                (cb,) = clusters
+                await cb.names_published()
+                await ca.wait_for_name("collector-b")
+                await ka.send("collector-b", "before")
+                await until(lambda: old == ["before"])
+                monkeypatch.setattr(Cluster, "_read_own_record", slow_read)
+                async with ka.events() as events:
+                    proxy.refuse("b")
+                    async for event in events:
+                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
+                            break
+                await later.start()
+                later_prefix = uuid.UUID(later.ids["collector-b"]).int >> 64
+                await until(lambda: ca.member_list()[1].id_prefix == later_prefix)
+                await until(lambda: ca.member_list()[1].reachable)
+                await until(
+                    lambda: (
+                        ca.name_holder("collector-b") == ("b", uuid.UUID(later.ids["collector-b"]))
+                    )
+                )
+                proxy.refuse("b", False)
+                await until(lambda: later_prefix in cb._successors and bool(held))
+                taken = kb.stats().accepted
+                received = cb.stats().batches_received
+                for i in range(20):
+                    await ka.send("collector-b", i)
+                dump: list[Any] = []
+                while len(dump) < 20:
+                    dump = await ka.request("collector-b", "dump", timeout=5)
+                    await trio.sleep(0.05)
+                await until(lambda: cb.stats().batches_received > received)
+                assert not left.is_set()  # (still in the window: the read is held)
+                assert (old, kb.stats().accepted) == (["before"], taken)
+                assert dump == list(range(20))
+                # the queries to the later process's collector-b reached the old b too
+                # (its subscription to the name's agent subjects): left, not refused
+                assert cb.stats().errors_replied == {}
+                gate.set()
+                await left.wait()
+            assert [type(exc) for exc in raised] == [NodeReplaced]
+            assert old == ["before"]
+    finally:
+        await later.stop()
+        proxy.close()
