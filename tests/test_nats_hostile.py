@@ -1061,8 +1061,10 @@ class Expected:
         except batch.BatchError:
             self.dropped["malformed_batch"] += 1
             return
-        if subject == "other" and head.dest_prefix == self.own_prefix:
-            return  # for an earlier join of b's process: dropped unseen (its sender counts)
+        if subject == "other":
+            # for an earlier join of b's process: dropped unseen (its sender counts); for
+            # another process of b's name: left to it (fifty-sixth pass; taken before)
+            return
         stream = f"{head.node}:{head.session:x}.{head.sender_prefix:x}"
         self._observe(stream, head.dest_prefix, head.first, head.numbered, mark=False)
         try:

@@ -246,8 +246,9 @@ async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the
     the later process (which takes all 20, once each): the old ``collector-b`` takes
     none, and the old kernel accepts nothing. Let the read through, the old b leaves
     (``NodeReplaced``). Fails with either filter taken out: ``Cluster._on_other_batch``'s
-    ``head.dest_prefix in self._successors`` made False, the old ``collector-b`` took the
-    20 tells too, each handled twice (``accepted`` 21 on the old kernel against 1);
+    ``head.dest_prefix != self.id_prefix`` made False (before the fifty-sixth pass's fix,
+    ``head.dest_prefix in self._successors``), the old ``collector-b`` took the 20 tells
+    too, each handled twice (``accepted`` 21 on the old kernel against 1);
     ``Cluster._for_successor`` made to return False, the old kernel took the 2 queries
     to the later process's ``collector-b`` (2 in that run: ``accepted`` 3 against 1)."""
     assert nats.port is not None
@@ -328,6 +329,94 @@ async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the
                 await left.wait()
             assert [type(exc) for exc in raised] == [NodeReplaced]
             assert old == ["before"]
+    finally:
+        await later.stop()
+        proxy.close()
+
+
+async def test_a_batch_queued_to_a_cut_off_process_for_its_successor_is_not_handled_twice(
+    nats: NatsServer,
+) -> None:
+    """A pulled cable, not a refused one: every byte of the old b's two connections is
+    held by the proxy, both ways, with the connections left open (the server still
+    counts the old b's subscriptions, as it does until its pings time out). a counts b
+    lost, a new process joins under the name b, and a sends 20 tells to ``collector-b``:
+    their batches are numbered for the later process, which takes them; the server
+    queues a copy of each to the old b's data connection too (its subscription to the
+    name's batch subjects). Then the old b's data link carries bytes again before its
+    control link does (the order two TCP connections come back in is anyone's): the old
+    b reads the batches before it has heard the later process. It leaves them alone
+    (numbered for another process of its name that it does not know of as an earlier
+    one): the old ``collector-b`` takes none of the 20, and the old b, once its control
+    link is back, leaves the name to the later process (``NodeReplaced``). Measured on
+    the code before (main's ``_cluster.py`` swapped in): the old ``collector-b`` took all
+    20 too, each tell handled by both processes (``['before', 0, 1, ..., 19]``)."""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    old: list[Any] = []
+    later = NodeProcess(nats.url, "b")
+    raised: list[BaseException] = []
+    clusters: list[Cluster] = []
+    joined, left = trio.Event(), trio.Event()
+    ways = [(role, upstream) for role in ("data", "control") for upstream in (True, False)]
+
+    async def old_b(kb: Kernel) -> None:
+        try:
+            async with join_cluster(kb, proxy.url, "b", options=PATIENT) as cb:
+                clusters.append(cb)
+                joined.set()
+                await trio.sleep_forever()  # (the replacement cancels it)
+        except NodeReplaced as exc:
+            raised.append(exc)
+        finally:
+            left.set()
+
+    try:
+        async with (
+            _node(nats.url, "a") as (ka, ca),
+            open_kernel(node_config()) as kb,
+            trio.open_nursery() as nursery,
+        ):
+            kb.spawn(collector(old), name="collector-b")
+            nursery.start_soon(old_b, kb)
+            with trio.fail_after(90):  # a hang guard (the child's imports are slow)
+                await joined.wait()
+                (cb,) = clusters
+                await cb.names_published()
+                await ca.wait_for_name("collector-b")
+                await ka.send("collector-b", "before")
+                await until(lambda: old == ["before"])
+                async with ka.events() as events:
+                    for role, upstream in ways:
+                        proxy.stall("b", role, upstream=upstream)
+                    async for event in events:
+                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
+                            break
+                await later.start()
+                later_id = uuid.UUID(later.ids["collector-b"])
+                await until(lambda: ca.member_list()[1].id_prefix == later_id.int >> 64)
+                await until(lambda: ca.member_list()[1].reachable)
+                await until(lambda: ca.name_holder("collector-b") == ("b", later_id))
+                received = cb.stats().batches_received
+                for i in range(20):
+                    await ka.send("collector-b", i)
+                dump: list[Any] = []
+                while len(dump) < 20:
+                    dump = await ka.request("collector-b", "dump", timeout=5)
+                    await trio.sleep(0.05)
+                assert proxy.nodes().count("b") == 2  # (the old b's links, held open)
+                for upstream in (True, False):
+                    proxy.resume("b", "data", upstream=upstream)
+                await until(lambda: cb.stats().batches_received > received)
+                assert not cb._successors  # (its control link still held: not heard yet)
+                for upstream in (True, False):
+                    proxy.resume("b", "control", upstream=upstream)
+                await left.wait()
+                assert dump == list(range(20))
+            # (the queries by name to the later process's collector-b reached the old
+            # b too, unheard of yet: it answered them, late: a dead-letters them late_reply)
+            assert old == ["before"]
+            assert [type(exc) for exc in raised] == [NodeReplaced]
     finally:
         await later.stop()
         proxy.close()

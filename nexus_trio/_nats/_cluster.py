@@ -3003,27 +3003,38 @@ class Cluster:
         one joined) is dropped unseen: its sender counts it, in ``lost_at_leave``, by that
         join's last notice, which says it never took it; taken here, it would be handled
         as well and its stream's earlier numbers counted lost in transit (a phantom gap).
-        One for another process of the name is taken as before (its tells go to the
-        agents of this process, see _open_batch)."""
+        One numbered for another process of the name is left to it (fifty-sixth pass):
+        a later process takes it itself (its subscription is the same wildcard), and what
+        was numbered for an earlier one is counted by its sender, lost with that process
+        (see _apply_member_entry: a restart under the name is that process's loss).
+        Before, it was taken: a process cut off past its loss while its name was
+        restarted, whose data link came back before its control link, handled each tell
+        the members sent the later process (it had not heard of that one yet); and a
+        later process took the tells numbered for an earlier one that its senders counted
+        lost with it. Akka drops the messages of an old incarnation of an address once it
+        is quarantined: the incarnation a message was sent to is the only one to take
+        it."""
         if subject != self._batch_subject:
             try:
                 head, _ = batch.read_head(data)
             except batch.BatchError:
                 head = None  # counted as malformed below
-            if head is not None and head.dest_prefix in self._successors:
-                # For a later process of this node name, alive (its heartbeats are
-                # heard): the members route the name to it, and it takes this batch
-                # itself (its subscription is the same wildcard). Taken here too, every
+            if head is not None and head.dest_prefix != self.id_prefix:
+                # For another process of this node name: a later one (the members route
+                # the name to it, and it takes this batch itself: its subscription is the
+                # same wildcard), heard or not yet, or an earlier one (its sender counts
+                # what that one did not confirm lost with it). Taken here too, every
                 # tell to a name both processes run was handled twice.
                 self._batches_received += 1
                 log_guarded(
                     log,
                     logging.DEBUG,
-                    "node %s: left a batch of %d tells from %r to the later process of"
-                    " this node name it was numbered for (id prefix %016x, %s)",
+                    "node %s: left a batch of %d tells from %r to the %s process of this"
+                    " node name it was numbered for (id prefix %016x, %s)",
                     self.node,
                     head.numbered,
                     head.node,
+                    "later" if head.dest_prefix in self._successors else "other",
                     head.dest_prefix,
                     subject,
                 )
