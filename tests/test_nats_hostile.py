@@ -446,6 +446,25 @@ async def test_a_second_process_under_a_live_member_s_name_is_counted_and_said(
         assert cb.stats().records_contested == 3  # under its own name
 
 
+async def _join_as_b(
+    kb: Kernel,
+    url: str,
+    raised: list[BaseException],
+    entered: list[Cluster],
+    joined: trio.Event | None = None,
+) -> None:
+    """``kb`` joined at ``url`` as ``b`` (PATIENT) until it is replaced: its cluster in
+    ``entered`` as the block begins, its ``NodeReplaced`` in ``raised``."""
+    try:
+        async with join_cluster(kb, url, "b", options=PATIENT) as cb:
+            entered.append(cb)
+            if joined is not None:
+                joined.set()
+            await trio.sleep_forever()
+    except NodeReplaced as exc:
+        raised.append(exc)
+
+
 async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begins(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -469,15 +488,6 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
     monkeypatch.setattr(Cluster, "names_published", replaced_meanwhile)
     entered: list[Cluster] = []
     raised: list[BaseException] = []
-
-    async def join(kb: Kernel) -> None:
-        try:
-            async with join_cluster(kb, nats.url, "b", options=PATIENT) as cb:
-                entered.append(cb)
-                await trio.sleep_forever()
-        except NodeReplaced as exc:
-            raised.append(exc)
-
     async with (
         open_kernel(node_config()) as kb,
         asyncio_loop(),
@@ -485,7 +495,7 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(20):
-            nursery.start_soon(join, kb)
+            nursery.start_soon(_join_as_b, kb, nats.url, raised, entered)
             await at_last_step.wait()
             await hostile.put("nodes", "b", later)
             await hostile.publish("nexus.hb.b", later)
@@ -501,6 +511,62 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
         0xEF,
     )
     assert len(entered) == 1 and entered[0].readiness() is not None  # (it left)
+
+
+async def test_a_process_that_heard_a_later_one_no_longer_writes_its_record_over_that_one_s(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later process of ``b``'s name (a raw client here, doing what its heartbeats do:
+    a heartbeat, then its record written) while ``b`` lives. ``b`` heard each of its
+    heartbeats and read the bucket before that heartbeat's record landed there: its own;
+    then, its own next write refused (the later one's compare-and-set), it read the
+    revision and wrote over the later one's record, at every heartbeat: the name went
+    back and forth and ``b`` never left (the code before: 8 rounds, then TooSlowError
+    waiting for NodeReplaced). Now ``b`` finds the later process's record at that write,
+    leaves it, judges itself replaced and leaves (``NodeReplaced``), as when its read
+    finds that record first."""
+    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    real_read, real_write = Cluster._read_own_record, Cluster._write_record_now
+    reads: list[int] = []
+    writes: list[int] = []
+
+    async def counted_read(self: Cluster, kv: Any) -> tuple[bytes | None, int]:
+        got = await real_read(self, kv)
+        reads.append(got[1])
+        return got
+
+    async def counted_write(self: Cluster, kv: Any, record: bytes) -> None:
+        await real_write(self, kv, record)
+        writes.append(self._record_revision or 0)
+
+    raised: list[BaseException] = []
+    entered: list[Cluster] = []
+    joined = trio.Event()
+
+    async with (
+        open_kernel(node_config()) as kb,
+        asyncio_loop(),
+        _hostile(nats.url) as hostile,
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(30):
+            nursery.start_soon(_join_as_b, kb, nats.url, raised, entered, joined)
+            await joined.wait()
+            monkeypatch.setattr(Cluster, "_read_own_record", counted_read)
+            monkeypatch.setattr(Cluster, "_write_record_now", counted_write)
+            for _ in range(8):
+                if raised:
+                    break
+                read, wrote = len(reads), len(writes)
+                await hostile.publish("nexus.hb.b", later)
+                await hostile.flush()
+                await _until(lambda n=read: len(reads) > n or bool(raised))  # (b judged it)
+                await hostile.put("nodes", "b", later)
+                await _until(lambda n=wrote: len(writes) > n or bool(raised))  # (next write)
+            await _until(lambda: bool(raised))
+    (replaced,) = raised
+    assert isinstance(replaced, NodeReplaced)
+    assert (replaced.pid, replaced.id_prefix) == (4242, 0xEF)
 
 
 async def test_a_replacement_whose_record_could_not_be_read_is_judged_at_the_next_heartbeat(

@@ -5112,10 +5112,27 @@ class Cluster:
         except nats.js.errors.KeyWrongLastSequenceError:
             if self._leave_announced:
                 return
-        _, last = await self._read_own_record(kv)
+        held, last = await self._read_own_record(kv)
         if self._leave_announced:
             return  # (checked after the read: the revision read may be the leave's delete)
+        if self._successors and self._held_by_successor(held):
+            # a later process of this name, heard live, wrote the record: this one no
+            # longer writes over it (before, it did at each heartbeat, and the later one
+            # wrote back: a read by _leave_if_replaced found either, and a process whose
+            # heartbeats went unheard through the later one's join wait, busy, not
+            # dead, stayed joined beside it); judged now, it leaves
+            self._successor_heard.set()
+            return
         self._record_revision = await call_aio(kv.update, self.node, record, last)
+
+    def _held_by_successor(self, record: bytes | None) -> bool:
+        """Whether ``record`` (the nodes bucket's under this node's name) is a later
+        process's of this name, heard live (see _successors)."""
+        try:
+            holder = decode_record(record or b"", monotonic(), self.node)
+        except ValueError:
+            return False
+        return holder.id_prefix in self._successors
 
     async def _heartbeats(self) -> None:
         """Core NATS heartbeats: they fail over with the connection in milliseconds, while
