@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ._child import (
+    SHUTDOWN_ENDED_DRAIN,
     Child,
     ChildOwner,
     Directive,
@@ -730,6 +731,19 @@ class AgentCell(Child):
             node = node.linked_parent or node.supervisor
         return False
 
+    def _drained_above(self) -> bool:
+        """A draining stop (``kernel.stop(drain=True)``) was asked of the agent that
+        spawned this one, or of one above it, or of a supervisor over them, and no stop
+        without drain on the way up to it."""
+        node: Child | ChildOwner | None = self.linked_parent or self.supervisor
+        while isinstance(node, Child):
+            if node.stopped_plainly:
+                return False
+            if node.drain_on_stop:
+                return True
+            node = node.linked_parent or node.supervisor
+        return False
+
     def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
         self.dormant = False
         queued = self.mailbox.close()
@@ -752,17 +766,23 @@ class AgentCell(Child):
         )
         detail = f"agent stopped ({reason})"
         ended = self.drain_ended
-        if (
-            not shutting_down
-            and self.drain_on_stop
-            and ended is None
-            and self.router.phase >= KernelPhase.STOPPING
+        if not shutting_down and (
+            ended == SHUTDOWN_ENDED_DRAIN
+            or (
+                ended is None
+                and self.router.phase >= KernelPhase.STOPPING
+                and (self.drain_on_stop or self._drained_above())
+            )
         ):
             # A draining stop whose queue the kernel's shutdown left unhandled (its grace
             # ran out: nothing more is handled): the shutdown's letters, not the stop's
             # (which would have handled them), as the other agents' queued messages.
+            # Also one the grace cut before the tree stop began (``grace=0``: the drain
+            # ends a round later), which its supervisor marked so (see _stop_child), and
+            # the draining stop of a supervisor over it whose run the shutdown called
+            # off before that drain reached it.
             shutting_down = True
-            detail = f"{detail}: the kernel's shutdown ended its draining stop"
+            detail = f"{detail}: {SHUTDOWN_ENDED_DRAIN}"
         dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
         if ended is not None and not shutting_down:
             # Its run ended by itself while its draining stop waited for the queue (see

@@ -14,11 +14,16 @@ import enum
 import math
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, final, overload
 
 import trio
 
 from ._logfields import log_fields
+
+#: what a draining stop's letters say when the kernel's shutdown ended it (its grace ran
+#: out, not the agent's own ``shutdown_timeout``): ``drain_ended`` of such a stop, its
+#: letters dead-lettered ``shutdown`` as every other agent's queue then
+SHUTDOWN_ENDED_DRAIN: Final = "the kernel's shutdown ended its draining stop"
 
 if TYPE_CHECKING:
     from ._deadletter import DeadLetterReason

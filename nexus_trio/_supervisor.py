@@ -41,6 +41,7 @@ import trio
 from ._agent import as_spec, validate_name
 from ._brief import brief, seconds_text
 from ._child import (
+    SHUTDOWN_ENDED_DRAIN,
     Child,
     ChildOwner,
     Directive,
@@ -1227,11 +1228,15 @@ class SupervisorNode(Child, ChildOwner):
         if child.drain_on_stop and not child.running and self._stop_timeout(child) <= 0:
             # (no time to drain: a run not started yet is not started for it)
             child.drain_on_stop = False
-            if child.has_queued() and child.drain_ended is None and not self.host.stopping():
+            if child.has_queued() and child.drain_ended is None:
                 # (what it holds is dead-lettered saying so, as when its time runs out
                 # while its run waits for its turn to begin, below)
                 self._drain_cut(
-                    child, "its draining stop's time ran out before its run began", began=False
+                    child,
+                    SHUTDOWN_ENDED_DRAIN
+                    if self._grace_ended(child)
+                    else "its draining stop's time ran out before its run began",
+                    began=False,
                 )
         if child.linked_children:
             if child.drain_on_stop and child.running:
@@ -1286,18 +1291,15 @@ class SupervisorNode(Child, ChildOwner):
                     if child.scope is not None:
                         child.scope.cancel()
                     await done.wait()
-                    if (
-                        cut is not None
-                        and child.has_queued()
-                        and child.drain_ended is None
-                        and not self.host.stopping()
-                    ):
+                    if cut is not None and child.has_queued() and child.drain_ended is None:
                         # What its draining stop's timeout left queued is dead-lettered
                         # saying so, as OTP's report of a child killed at its shutdown
                         # timeout (``killed``) tells it from one that stopped in time.
                         self._drain_cut(
                             child,
-                            "it ended its own run during its draining stop"
+                            SHUTDOWN_ENDED_DRAIN
+                            if self._grace_ended(child)
+                            else "it ended its own run during its draining stop"
                             if ended_itself
                             else f"its draining stop's time ran out before {cut}",
                             began=began,
@@ -1318,6 +1320,19 @@ class SupervisorNode(Child, ChildOwner):
             # while the stop above waited for its linked children (its run may have ended
             # meanwhile), dies with the run too, as an OTP link takes it down with the exit.
             await self._stop_linked(child, "parent_stopped")
+
+    def _grace_ended(self, child: Child) -> bool:
+        """Whether the kernel's shutdown ended ``child``'s draining stop, cut now: the
+        tree stops (nothing more is handled), or the grace period is over and bounded
+        the stop (``grace=0``: the tree stop begins a round later) while its own
+        ``shutdown_timeout`` had time left. Its letters are the shutdown's then, as the
+        other agents' queues (until the fifty-sixth pass those of a stop the grace cut
+        before the tree stop said ``agent_stopped``, its time ran out)."""
+        if self.host.stopping():
+            return True
+        if not getattr(child, "cancel_after_grace", False) or self.host.grace_left() > 0:
+            return False
+        return min(child.shutdown_timeout, child.stop_deadline - trio.current_time()) > 0
 
     @staticmethod
     def _drain_cut(child: Child, why: str, *, began: bool) -> None:

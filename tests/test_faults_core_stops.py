@@ -1637,3 +1637,55 @@ async def test_what_a_plain_stop_begun_before_the_shutdown_dropped_says_agent_st
         (1, DeadLetterReason.AGENT_STOPPED),
         (2, DeadLetterReason.AGENT_STOPPED),
     ]
+
+
+class Unhurried(Agent):
+    """``e``'s ``on_start`` takes a second; a message takes a second."""
+
+    async def on_start(self, ctx: Context) -> None:
+        if ctx.name == "e":
+            await trio.sleep(1.0)
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(1.0)
+
+
+@pytest.mark.parametrize("stop_first", [True, False])
+@pytest.mark.parametrize("held", ["not_started", "behind_its_elder", "under_a_supervisor"])
+async def test_a_draining_stop_the_shutdown_s_grace_of_0_cut_is_dead_lettered_shutdown(
+    autojump_clock: Any, held: str, stop_first: bool
+) -> None:
+    """``a`` has 0 and 1 queued before its run began (spawned in the same round, or
+    waiting for its elder ``e``'s ``on_start``, or under ``s``, not started either);
+    ``kernel.stop`` with drain of ``a`` (of ``s``) and ``kernel.shutdown(grace=0)`` come
+    in the same round, either first. The shutdown ended the drain: both letters say
+    ``shutdown``, ``agent stopped (stopped): the kernel's shutdown ended its draining
+    stop``, as those of a drain the tree stop ends. Before (fifty-sixth pass) they said
+    ``agent_stopped``: ``...: its draining stop's time ran out before its run began`` (the
+    grace bounded the stop, cut before the tree stop began a round later) or plain
+    ``agent stopped (stopped)`` (the drain's run called off by the stopping kernel, or a
+    supervisor's run called off before its drain reached ``a``): the strict ``grace=0``
+    driver of the fifty-fifth pass found 33 of 1,000 seeds."""
+    async with open_kernel(make_config()) as kernel:
+        target = "a"
+        if held == "under_a_supervisor":
+            kernel.spawn(Supervisor(name="s", children=[agent(Unhurried, name="a")]))
+            target = "s"
+        else:
+            if held == "behind_its_elder":
+                kernel.spawn(agent(Unhurried, name="e"))
+            kernel.spawn(agent(Unhurried, name="a"))
+        for i in range(2):
+            await kernel.send("a", i)
+        stop = functools.partial(kernel.stop, target, drain=True)
+        shutdown = functools.partial(kernel.shutdown, grace=0)
+        async with trio.open_nursery() as nursery:
+            for call in (stop, shutdown) if stop_first else (shutdown, stop):
+                nursery.start_soon(call)
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    ended = "agent stopped (stopped): the kernel's shutdown ended its draining stop"
+    assert letters == [
+        (0, DeadLetterReason.SHUTDOWN, ended),
+        (1, DeadLetterReason.SHUTDOWN, ended),
+    ]
