@@ -1665,7 +1665,8 @@ async def test_a_draining_stop_the_shutdown_s_grace_of_0_cut_is_dead_lettered_sh
     grace bounded the stop, cut before the tree stop began a round later) or plain
     ``agent stopped (stopped)`` (the drain's run called off by the stopping kernel, or a
     supervisor's run called off before its drain reached ``a``): the strict ``grace=0``
-    driver of the fifty-fifth pass found 33 of 1,000 seeds."""
+    driver of the fifty-fifth pass found 33 of 1,000 seeds. (A run begun in that round
+    may have taken 0, cancelled in hand: ``cancelled while being handled``.)"""
     async with open_kernel(make_config()) as kernel:
         target = "a"
         if held == "under_a_supervisor":
@@ -1685,7 +1686,11 @@ async def test_a_draining_stop_the_shutdown_s_grace_of_0_cut_is_dead_lettered_sh
         letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
     assert_conserved(kernel)
     ended = "agent stopped (stopped): the kernel's shutdown ended its draining stop"
-    assert letters == [
-        (0, DeadLetterReason.SHUTDOWN, ended),
-        (1, DeadLetterReason.SHUTDOWN, ended),
+    assert [(p, reason) for p, reason, _ in letters] == [
+        (0, DeadLetterReason.SHUTDOWN),
+        (1, DeadLetterReason.SHUTDOWN),
     ]
+    assert letters[1][2] == ended
+    # (Trio picks the order of a round's tasks: a run spawned in it may begin before the
+    # cut, take 0 and have it cancelled there, the rest of its queue left as above)
+    assert letters[0][2] in (ended, "cancelled while being handled")
