@@ -362,6 +362,7 @@ class SupervisorNode(Child, ChildOwner):
     """
 
     __slots__ = (
+        "_beside",
         "_between",
         "_failures_queued",
         "_for_good",
@@ -372,6 +373,7 @@ class SupervisorNode(Child, ChildOwner):
         "_nursery",
         "_restart_times",
         "_stopped_for_shutdown",
+        "_stopping_one",
         "_stops_queued",
         "_stops_waiting",
         "children",
@@ -417,6 +419,12 @@ class SupervisorNode(Child, ChildOwner):
         #: children whose stop (``terminate``) is queued, and its reason: an exit handled
         #: before it does not restart them
         self._stops_queued: dict[Child, str] = {}
+        #: the child whose ``kernel.stop`` its loop carries out (a draining one may take
+        #: long)...
+        self._stopping_one: Child | None = None
+        #: ...and the stops asked meanwhile, each in a task of its own beside it (see
+        #: :meth:`terminate`), their reasons and their ends (set however they end)
+        self._beside: dict[Child, tuple[str, trio.Event]] = {}
         #: draining stops of children asked while this supervisor does not run (before
         #: its first run, between runs): asked of its next run, which handles their
         #: queues first (see terminate)
@@ -520,6 +528,14 @@ class SupervisorNode(Child, ChildOwner):
                     for child, reason in self._late_terminations:
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
+                    # Stops beside the loop end first (_stop_all waits only for those it
+                    # reaches); those its end cancelled left their children stopped, by
+                    # _stop_all, and not retired yet.
+                    for _, over in list(self._beside.values()):
+                        await over.wait()
+                    for child, (reason, _) in list(self._beside.items()):
+                        self._retire_with_linked(child, reason)
+                    self._beside.clear()
                     self._leaving = False
                     if self.supervisor is not None:
                         # Its supervisor decides now (a restart, a stop for good): until
@@ -618,9 +634,84 @@ class SupervisorNode(Child, ChildOwner):
             self._retire_with_linked(child, reason)
             await trio.lowlevel.checkpoint()
             return
+        if child in self._beside:
+            # (a second stop of a child stopped beside the loop: that stop retires it)
+            await child.wait_retired()
+            return
         self._stops_queued[child] = reason
-        self._inbox_send.send_nowait((_TERMINATE, child, reason))
+        if self._stopping_one is None or not self._begin_beside(child, reason):
+            self._inbox_send.send_nowait((_TERMINATE, child, reason))
         await child.wait_retired()
+
+    def _begin_beside(self, child: Child, reason: str) -> bool:
+        """This loop carries out a ``kernel.stop``, which takes as long as that agent's
+        drain or ``on_stop``: a stop of ``child`` asked meanwhile, or queued behind it,
+        begins now, beside it, as Akka's ``context.stop`` of each child is its own (until
+        the fifty-sixth pass it waited for its turn, its agent serving its queue
+        meanwhile, a stop without drain too, and its ``on_stop`` after the whole of that
+        other drain). Not beside a group restart or a give-up, whose order of stops is
+        the supervisor's: queued behind them, as OTP's ``terminate_child``; nor for a
+        child whose exit the loop is still to handle (a draining stop then starts a run
+        for its queue: see _drain_instead), nor for one a stop under way stops too (what
+        it spawned, what spawned it: see _apart). False: left to its turn."""
+        done = child.done
+        if (
+            child.terminating
+            or child.retired
+            or (done is not None and done.is_set())
+            or child not in self.children
+            or not self._apart(child)
+        ):
+            return False
+        assert self._nursery is not None
+        self._beside[child] = (reason, trio.Event())
+        self._nursery.start_soon(self._stop_beside, child)
+        return True
+
+    def _apart(self, child: Child) -> bool:
+        """Whether ``child`` is none of the children being stopped (by this loop, or
+        beside it) and is linked to none of them (spawned by one, at any depth, or one's
+        spawner), whose stop would stop it too: two stops of one child at once would
+        each drain it (a draining stop hands its queue on before what it spawned drains
+        theirs: _drain_before_linked)."""
+        busy = [self._stopping_one, *self._beside]
+        for under in busy:
+            link: Child | None = under
+            while link is not None:
+                if link is child:
+                    return False
+                link = link.linked_parent
+        link = child.linked_parent
+        while link is not None:
+            if link in busy:
+                return False
+            link = link.linked_parent
+        return True
+
+    @trio.lowlevel.enable_ki_protection
+    async def _stop_beside(self, child: Child) -> None:
+        """A ``kernel.stop`` of ``child`` asked while this loop carried out another one
+        (see :meth:`terminate`); a group restart or this supervisor's own stop that
+        reaches it meanwhile waits for it (see :meth:`_after_beside`), and restarts
+        nothing. Cancelled (this supervisor's run cancelled), the child is left to the
+        end of the run, which stops and retires it."""
+        reason, over = self._beside[child]
+        try:
+            await self._stop_child(child)
+        finally:
+            over.set()
+        if self._beside.pop(child, None) is not None:
+            self._stops_queued.pop(child, None)
+            self._retire(child, reason)
+
+    async def _after_beside(self, child: Child) -> bool:
+        """Wait for a stop of ``child`` under way beside the loop, if there is one: True
+        if it has stopped ``child`` for good (a second stop of it at once would undo the
+        first's: cancel the start its drain waits for, cut its drain)."""
+        beside = self._beside.get(child)
+        if beside is not None:
+            await beside[1].wait()
+        return child.retired
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -922,8 +1013,16 @@ class SupervisorNode(Child, ChildOwner):
         elif kind == _TERMINATE:
             _, child, reason = event
             self._stops_queued.pop(child, None)
-            if child in self.children and not child.retired:
-                await self._stop_child(child)
+            if not await self._after_beside(child) and child in self.children:
+                self._stopping_one = child
+                for other, why in list(self._stops_queued.items()):
+                    # (stops queued behind this one, asked in the same round)
+                    if other not in self._beside:
+                        self._begin_beside(other, why)
+                try:
+                    await self._stop_child(child)
+                finally:
+                    self._stopping_one = None
                 self._retire(child, reason)
         elif kind == _SHUTDOWN:
             return True
@@ -1065,7 +1164,8 @@ class SupervisorNode(Child, ChildOwner):
                     # (a spawn under it is refused until its restart's run begins)
                     ended = "exited" if error is None else "failed"
                     other.closing = f"{strategy.value} restart after {child.label!r} {ended}"
-                await self._stop_child(other)
+                if not await self._after_beside(other):
+                    await self._stop_child(other)
         # Stopping a member stops (for good) what it spawned, which may be in the group;
         # a member whose stop was asked meanwhile is stopped for good, not restarted (with
         # a drain, once a run has handled its queue), and so is one whose run the
@@ -1426,6 +1526,9 @@ class SupervisorNode(Child, ChildOwner):
                 # Its stop without a coroutine: nothing it spawned, nothing to drain and
                 # no run to wait for (over, or never started: most of a quiet batch by
                 # now, a hundred thousand at a shutdown).
+                continue
+            if self._beside and await self._after_beside(child):
+                # (stopped for good beside the loop meanwhile)
                 continue
             await self._stop_child(child)
 
