@@ -652,12 +652,15 @@ class SupervisorNode(Child, ChildOwner):
         other drain). Not beside a group restart or a give-up, whose order of stops is
         the supervisor's: queued behind them, as OTP's ``terminate_child``; nor for a
         child whose exit the loop is still to handle (a draining stop then starts a run
-        for its queue: see _drain_instead), nor for one a stop under way stops too (what
-        it spawned, what spawned it: see _apart). False: left to its turn."""
+        for its queue: see _drain_instead), nor for one whose start the loop has still to
+        make (added while it ran: its turn starts it to drain its queue, see
+        _start_added), nor for one a stop under way stops too (what it spawned, what
+        spawned it: see _apart). False: left to its turn."""
         done = child.done
         if (
             child.terminating
             or child.retired
+            or child.run == 0
             or (done is not None and done.is_set())
             or child not in self.children
             or not self._apart(child)

@@ -196,3 +196,33 @@ async def test_a_second_stop_of_a_child_stopped_beside_the_loop_waits_for_the_fi
     assert journal("handle", "w") == [("x", start + 1), ("y", start + 2)]
     assert returned == [start + 2, start + 2]
     assert journal("on_stop", "a") == [(None, float(a_queue))]
+
+
+async def test_a_draining_stop_of_a_child_added_behind_the_loop_s_stop_handles_its_queue(
+    autojump_clock: Any,
+) -> None:
+    """The root's loop drains ``a`` (three messages, 3 s) as ``x`` is spawned (its start
+    queued behind that stop), sent two messages and stopped with drain. ``x``'s stop waits
+    for the loop to start it, then drains: both handled, nothing dead-lettered. With the
+    stop begun beside the loop at once (the fix before its review, a named mutant: no
+    ``child.run == 0`` in ``_begin_beside``) ``x`` was never started and both were
+    dead-lettered ``agent stopped (stopped)`` (gentle2 seed 3651); main's serial loop
+    passes it."""
+    Paced.log = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Paced, name="a", shutdown_timeout=100))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send("a", i)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(kernel.stop, "a", drain=True))
+            await trio.testing.wait_all_tasks_blocked()
+            kernel.spawn(agent(Paced, name="x", shutdown_timeout=100))
+            for i in ("p", "q"):
+                await kernel.send("x", i)
+            nursery.start_soon(functools.partial(kernel.stop, "x", drain=True))
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert letters == []
+    assert journal("start", "x") == [(None, 3.0)]
+    assert journal("handle", "x") == [("p", 4.0), ("q", 5.0)]
