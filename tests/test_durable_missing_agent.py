@@ -566,6 +566,7 @@ async def test_each_kind_of_dead_durable_message_has_a_counter_of_its_own(
     assert stats.durable_dead_reasons == {
         "undecodable": 1,
         "agent_gone": 1,
+        "agent_missing": 0,
         "failed": 1,
         "unanswered": 1,
         "wait_full": 0,
@@ -578,6 +579,40 @@ async def test_each_kind_of_dead_durable_message_has_a_counter_of_its_own(
     assert {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")} == {
         key: float(value) for key, value in stats.durable_dead_reasons.items()
     }
+
+
+async def test_a_durable_message_for_a_name_no_agent_has_is_dead_as_agent_missing_not_failed(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message by a name no agent of the node has, on its last delivery, is dead
+    without any handler having run: until the fifty-sixth pass it was counted under
+    ``failed`` (the handler failed), beside a handler's real failure, so an alert on
+    failing handlers fired for a name that was never spawned. Now it is
+    ``agent_missing``, with a throttled line of its own whose count is that reason's;
+    a handler's failure is still ``failed``."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats.durable")
+
+    @agent(name="fails-m")
+    async def fails(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("no")
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=1, redelivery_delay=0.01)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails)
+        with trio.fail_after(20):
+            never = await store_for(cluster, "never-m", 1)
+            await store_for(cluster, "fails-m", 2)
+            await until(lambda: cluster.stats().durable_dead >= 2)
+        stats = cluster.stats()
+    reasons = stats.durable_dead_reasons
+    assert (reasons["agent_missing"], reasons["failed"], stats.durable_dead) == (1, 1, 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    missing = [line for line in lines if "no agent had its name 'never-m' here" in line]
+    assert len(missing) == 1, lines
+    assert (
+        f"durable message {never.id} dead after 1 deliveries (last: AgentNotFound" in (missing[0])
+    )
+    assert missing[0].endswith("(1 so far)"), missing[0]
 
 
 async def test_a_dead_line_held_back_makes_no_repr_of_the_handler_s_error(

@@ -826,8 +826,11 @@ class ClusterStats:
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
-    #: agent id no agent of this node has any more), ``failed`` (its handler failed on
-    #: the last of ``max_deliver`` deliveries), ``unanswered`` (no answer within
+    #: agent id no agent of this node has any more), ``agent_missing`` (by a name no
+    #: agent of this node had, nor one it could be forwarded to, on the last of
+    #: ``max_deliver`` deliveries: no handler ran), ``failed`` (its delivery failed on
+    #: the last of them: the handler raised, or the mailbox was full or the kernel
+    #: shutting down), ``unanswered`` (no answer within
     #: ``ack_wait`` on the last), ``wait_full`` (``durable_wait_full``: this node's
     #: consumer's and the takeovers'), ``lost_node`` (taken over from a lost node: by
     #: agent id, or a name that ran nowhere within ``max_deliver``), ``unforwarded`` (its

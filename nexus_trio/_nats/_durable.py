@@ -341,6 +341,7 @@ def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
 DEAD_REASONS: Final = (
     "undecodable",
     "agent_gone",
+    "agent_missing",
     "failed",
     "unanswered",
     "wait_full",
@@ -790,6 +791,9 @@ class DurableChannel:
         # stay exact: the log is what is bounded
         self._failed_dead_log = Throttle(kind="durable.failed_dead")
         self._failed_dead = 0
+        # by name, no agent of it here on the last delivery (no handler ran: not failed)
+        self._missing_dead_log = Throttle(kind="durable.agent_missing_dead")
+        self._missing_dead = 0
         self._unanswered_dead_log = Throttle(kind="durable.unanswered_dead")
         self._unanswered_dead = 0
         self._with_node_dead = 0
@@ -837,6 +841,7 @@ class DurableChannel:
         counts = (
             self._undecodable,
             self._gone,
+            self._missing_dead,
             self._failed_dead,
             self._unanswered_dead,
             self.wait_full,
@@ -2825,6 +2830,24 @@ class DurableChannel:
                 delivered,
                 gone,
                 self._gone,
+            )
+        elif delivered >= self.options.max_deliver and missing:
+            # (no handler ran: its name had no agent here, nor one it could be forwarded
+            # to; until the fifty-sixth pass counted under failed, the handler's failure)
+            self._missing_dead += 1
+            self._terminate(
+                jsmsg,
+                self._missing_dead_log,
+                "durable messages dead after max_deliver deliveries to a missing name",
+                "node %s: durable message %s dead after %d deliveries (last: %s%s): no agent"
+                " had its name %r here (%d so far)",
+                self.cluster.node,
+                msg_id,
+                delivered,
+                reason,
+                _ErrorSaid(error),
+                query.to,
+                self._missing_dead,
             )
         elif delivered >= self.options.max_deliver:
             self._failed_dead += 1
