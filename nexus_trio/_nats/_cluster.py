@@ -829,10 +829,11 @@ class ClusterStats:
     #: agent id no agent of this node has any more), ``agent_missing`` (by a name no
     #: agent of this node had, nor one it could be forwarded to, on the last of
     #: ``max_deliver`` deliveries: no handler ran), ``failed`` (its delivery failed on
-    #: the last of them: the handler raised, or the mailbox was full or the kernel
-    #: shutting down), ``unanswered`` (no answer within
-    #: ``ack_wait`` on the last), ``wait_full`` (``durable_wait_full``: this node's
-    #: consumer's and the takeovers'), ``lost_node`` (taken over from a lost node: by
+    #: the last of them: its handler raised or timed out, the mailbox was full, or it
+    #: was dead-lettered as the agent stopped or the kernel shut down), ``unanswered``
+    #: (no answer within ``ack_wait`` on the last), ``wait_full`` (``durable_wait_full``:
+    #: this node's consumer's and the takeovers'), ``lost_node`` (taken over from a lost
+    #: node: by
     #: agent id, or a name that ran nowhere within ``max_deliver``), ``unforwarded`` (its
     #: forward to where its name runs failed on the last delivery), ``consumer_max_deliver``
     #: (JetStream delivered it no more before this node's ``max_deliver`` said it was dead:
