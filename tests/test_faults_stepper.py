@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 import signal
 import sys
@@ -511,6 +512,21 @@ _STEPPER_LINES = [
 ]
 
 
+def test_each_stepper_line_is_found_in_the_stepper_s_loop() -> None:
+    """Each line of ``_STEPPER_LINES`` is found by ``_ctrl_c_at``'s finder, at least once
+    in ``_serve_batches`` (the stepper's loop): a line rewritten since fails here, named,
+    not as an ``assert fired`` of the test below (once, its finder's assert was caught
+    inside the block as the block's outcome)."""
+    from nexus_trio import _cell as cell_module
+
+    from .test_kernel_close import _lines_starting
+
+    source, first = inspect.getsourcelines(cell_module._serve_batches)
+    loop = range(first, first + len(source))
+    for line in _STEPPER_LINES:
+        assert any(n in loop for _, n in _lines_starting(line)), line
+
+
 @pytest.mark.parametrize("line", _STEPPER_LINES)
 def test_a_ctrl_c_at_a_line_of_the_stepper_s_own_bookkeeping_goes_to_the_block(
     line: str,
@@ -523,6 +539,7 @@ def test_a_ctrl_c_at_a_line_of_the_stepper_s_own_bookkeeping_goes_to_the_block(
     from .test_kernel_close import _ctrl_c_at
 
     fired: list[str] = []
+    tracer = _ctrl_c_at(line, fired)  # (made before the block: a line not found fails here)
     got: list[Any] = []
     outcome: list[BaseException] = []
     box: list[Any] = []
@@ -543,7 +560,7 @@ def test_a_ctrl_c_at_a_line_of_the_stepper_s_own_bookkeeping_goes_to_the_block(
                 kernel.spawn(agent(relay, name="relay"))
                 await trio.testing.wait_all_tasks_blocked()
                 previous = sys.gettrace()
-                sys.settrace(_ctrl_c_at(line, fired))
+                sys.settrace(tracer)
                 try:
                     for i in range(6):
                         kernel.send_nowait("relay", i)

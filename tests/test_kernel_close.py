@@ -1459,6 +1459,24 @@ async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_th
 # --- Ctrl-C in the bookkeeping of a run's start and end ------------------------------------
 
 
+def _lines_starting(text: str) -> set[tuple[str, int]]:
+    """The lines (path, number) of ``nexus_trio/_cell.py`` and ``_child.py`` that start
+    with ``text`` (stripped). None: ``LookupError`` naming ``text``, so that a line since
+    rewritten fails the test where its tracer is made, not inside the block whose outcome
+    the test checks (where it was caught as that outcome: ``assert fired`` failed)."""
+    lines: set[tuple[str, int]] = set()
+    for module in (cell_module, child_module):  # (and the Child methods the cell's runs call)
+        path = module.__file__
+        assert path is not None
+        with open(path, encoding="utf-8") as source:
+            lines |= {
+                (path, n) for n, line in enumerate(source, 1) if line.strip().startswith(text)
+            }
+    if not lines:
+        raise LookupError(f"no line of nexus_trio/_cell.py or _child.py starts with {text!r}")
+    return lines
+
+
 def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     """A ``sys.settrace`` function that gives a Ctrl-C to the line of ``nexus_trio/_cell.py``
     (or ``_child.py``: the scope of ``on_stop`` is ``Child.shutdown_scope``) that starts with
@@ -1468,15 +1486,7 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     would: Trio's SIGINT handler is called with the frame that runs it, raises
     KeyboardInterrupt there if that frame is not protected, and gives it to the run's main
     task otherwise (``fired`` gets the function's name)."""
-    lines: set[tuple[str, int]] = set()
-    for module in (cell_module, child_module):  # (and the Child methods the cell's runs call)
-        path = module.__file__
-        assert path is not None
-        with open(path, encoding="utf-8") as source:
-            lines |= {
-                (path, n) for n, line in enumerate(source, 1) if line.strip().startswith(text)
-            }
-    assert lines, text
+    lines = _lines_starting(text)
     paths = {path for path, _ in lines}
     runs = ("run_once", "_call_on_start", "_call_on_stop")
 
@@ -1510,37 +1520,48 @@ _BEFORE_THE_RUN_STARTS = (
 )
 
 
-@pytest.mark.parametrize(
-    ("line", "failing"),
-    [
-        *((line, False) for line in _BEFORE_THE_RUN_STARTS),
-        # at a run's very start, before its bookkeeping (run_once's own lines are
-        # protected: one frame for the run and its serve loop)
-        ("self._begin_run()", False),
-        # as a run opens its nursery (the ``async with`` written out)
-        ("manager = trio.open_nursery()", False),
-        ("self.nursery = await manager.__aenter__()", False),
-        # between a run's ``exit_requested`` and ``interrupted``
-        ("self.interrupted = self.terminating", False),
-        # between a run's nursery and its cancel scope set
-        ("self.scope = nursery.cancel_scope", False),
-        # as a run's nursery is left by what its failing background task raised (the
-        # ``async with``'s exit written out: made, as the statement's, where no Ctrl-C
-        # lands before the nursery has its exception)
-        ("return await manager.__aexit__(type(exc), exc, exc.__traceback__)", True),
-        # between a run's start signalled and its `started` event
-        ("self.defaults.ledger.event(_STARTED", False),
-        # (a run that a background task fails while a handler is held:)
-        # between the failure taken from the nursery's group and logged
-        ("log_guarded(", True),
-        # between the message in hand taken off and its dead letter counted and published
-        ("self.dead_lettered += 1", True),
-        # between on_stop's shielded scope entered and its deadline set
-        ("if math.isfinite(self.shutdown_timeout)", True),
-        # between the run's failure counted for the agent and for the kernel
-        ("self.ledger.run_failures += 1", True),
-    ],
-)
+#: (line, whether a background task fails the run): the lines of a run's start and end
+#: that a Ctrl-C is given at
+_RUN_LINES = [
+    *((line, False) for line in _BEFORE_THE_RUN_STARTS),
+    # at a run's very start, before its bookkeeping (run_once's own lines are
+    # protected: one frame for the run and its serve loop)
+    ("self._begin_run()", False),
+    # as a run opens its nursery (the ``async with`` written out)
+    ("manager = trio.open_nursery()", False),
+    ("self.nursery = await manager.__aenter__()", False),
+    # between a run's ``exit_requested`` and ``interrupted``
+    ("self.interrupted = self.terminating", False),
+    # between a run's nursery and its cancel scope set
+    ("self.scope = nursery.cancel_scope", False),
+    # as a run's nursery is left by what its failing background task raised (the
+    # ``async with``'s exit written out: made, as the statement's, where no Ctrl-C
+    # lands before the nursery has its exception)
+    ("return await manager.__aexit__(type(exc), exc, exc.__traceback__)", True),
+    # between a run's start signalled and its `started` event
+    ("self.defaults.ledger.event(_STARTED", False),
+    # (a run that a background task fails while a handler is held:)
+    # between the failure taken from the nursery's group and logged
+    ("log_guarded(", True),
+    # between the message in hand taken off and its dead letter counted and published
+    ("self.dead_lettered += 1", True),
+    # between on_stop's shielded scope entered and its deadline set
+    ("if math.isfinite(self.shutdown_timeout)", True),
+    # between the run's failure counted for the agent and for the kernel
+    ("self.ledger.run_failures += 1", True),
+]
+
+
+def test_each_line_a_ctrl_c_is_given_at_is_found_and_a_line_not_there_is_named() -> None:
+    """The finder of ``_ctrl_c_at`` finds each line of ``_RUN_LINES`` in the sources; a
+    line that is not there (rewritten since) is a ``LookupError`` naming it."""
+    for line, _ in _RUN_LINES:
+        assert _lines_starting(line), line
+    with pytest.raises(LookupError, match=r"starts with 'self\.no_such_line = 1'$"):
+        _lines_starting("self.no_such_line = 1")
+
+
+@pytest.mark.parametrize(("line", "failing"), _RUN_LINES)
 def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
     line: str, failing: bool
 ) -> None:
@@ -1580,9 +1601,11 @@ def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
         async def on_stop(self, ctx: Context) -> None:
             journal.append("on_stop")
 
+    tracer = _ctrl_c_at(line, fired)  # (made before the block: a line not found fails here)
+
     async def main() -> None:
         previous = sys.gettrace()
-        sys.settrace(_ctrl_c_at(line, fired))
+        sys.settrace(tracer)
         try:
             with trio.fail_after(60):
                 async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
