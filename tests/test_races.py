@@ -112,6 +112,61 @@ async def test_a_returned_message_waiting_for_room_at_the_end_of_the_grace_is_de
     assert_conserved(kernel)
 
 
+async def test_a_returned_message_waiting_for_room_when_its_run_fails_in_the_drain_is_shutdown(
+    autojump_clock: Any,
+) -> None:
+    """The same wait, ended in the drain (the shutdown begun, its grace not over): a
+    background task of ``a`` fails, which cancels a's run and the wait; the message is
+    dead-lettered ``shutdown`` ("kernel stopping"), as at the end of the grace, not
+    ``mailbox_full`` as while the kernel runs. (Checked against the mutant
+    ``phase >= _DRAINING`` -> ``phase > _DRAINING`` in ``Router.route``: mailbox_full.)"""
+    fail = trio.Event()
+
+    @agent(name="b", mailbox_capacity=1, handle_timeout=1000.0)
+    async def b(ctx: Context, msg: Message) -> None:
+        await trio.sleep_forever()
+
+    class A(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.fail_when_told)
+
+        async def fail_when_told(self) -> None:
+            if not fail.is_set():  # (the first run only: a restarted one runs on)
+                await fail.wait()
+                raise OSError("background")
+
+        async def handle(self, ctx: Context, msg: Message) -> Message:
+            return Message(ctx.id, "b", "out")
+
+    config = make_config(send_timeout_ms=60_000, shutdown_grace_ms=10_000)
+    async with open_kernel(config) as kernel:
+        kernel.spawn(b)
+        a_ref = kernel.spawn(agent(A, name="a"))
+        await kernel.send("b", "b0")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("b", "b1")
+        await kernel.send(a_ref, "go")
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.mailbox_statistics("b").producers_waiting == 1  # a's route waits
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.phase is KernelPhase.DRAINING
+            fail.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.phase is KernelPhase.DRAINING
+            out = [d for d in dead_letters(kernel) if d.message.payload == "out"]
+            assert [(d.reason, d.detail) for d in out] == [
+                (DeadLetterReason.SHUTDOWN, "kernel stopping")
+            ]
+    assert sorted(_letters(kernel), key=str) == [
+        ("b0", DeadLetterReason.SHUTDOWN),
+        ("b1", DeadLetterReason.SHUTDOWN),
+        ("out", DeadLetterReason.SHUTDOWN),
+    ]
+    assert_conserved(kernel)
+
+
 # --- a cancel that comes after the handler was woken ---------------------------------------
 
 
