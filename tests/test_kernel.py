@@ -4129,6 +4129,44 @@ async def test_a_transport_handle_s_relay_and_answer_routing_from_another_thread
         kernel.detach_transport()
 
 
+async def test_a_relay_the_transport_refuses_is_raised_and_counted_as_rejected() -> None:
+    """``handle.relay_nowait`` of an answer the transport refuses (``AgentNotFound``: no
+    such requester there; ``MailboxFull``) raises it, counted in ``rejected`` under its
+    reason as a refused send is, and not in ``accepted`` or ``forwarded`` (never
+    accepted); one it takes is counted in both. (Checked against the mutant that drops
+    ``self.ledger.reject(exc)`` in ``Router.relay_nowait``: rejected == {}.)"""
+    refusals: list[Exception] = [
+        AgentNotFound(uuid.uuid4()),
+        MailboxFull(uuid.uuid4(), "far", 1, uuid.uuid4()),
+    ]
+
+    class Refusing(_Carrier):
+        def deliver_nowait(self, msg: Message) -> None:
+            if refusals:
+                raise refusals.pop(0)
+            super().deliver_nowait(msg)
+
+    async with open_kernel(make_config()) as kernel:
+        carrier = Refusing()
+        handle = kernel.attach_transport(carrier)
+        answer = Message(uuid.uuid4(), uuid.uuid4(), "q", MessageKind.QUERY).reply(
+            uuid.uuid4(), "a"
+        )
+        before = kernel.stats()
+        with pytest.raises(AgentNotFound):
+            handle.relay_nowait(answer)
+        with pytest.raises(MailboxFull):
+            handle.relay_nowait(answer)
+        after = kernel.stats()
+        assert after.rejected == {"no_such_agent": 1, "mailbox_full": 1}
+        assert (after.accepted, after.forwarded) == (before.accepted, before.forwarded)
+        handle.relay_nowait(answer)
+        assert carrier.carried == [answer]
+        last = kernel.stats()
+        assert (last.accepted, last.forwarded) == (before.accepted + 1, before.forwarded + 1)
+        assert last.rejected == after.rejected
+
+
 async def test_a_transport_handle_s_run_delivery_from_another_thread_is_refused() -> None:
     """``handle.deliver_run_nowait`` (how a transport takes a node batch's tells in) was
     not thread-checked: from a worker thread it put the messages in the mailbox and woke
