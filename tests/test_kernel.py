@@ -833,6 +833,9 @@ async def test_drop_policies_accept_and_dead_letter_what_they_drop(
         await trio.testing.wait_all_tasks_blocked()
         for i in range(1, 5):
             await kernel.send(ref, f"m{i}")
+        # the agent's own counts too (its stats row: what it was sent, what it dropped)
+        (row,) = kernel.stats(agents=True).agents
+        assert (row.received, row.dead_lettered) == (5, len(dropped))
         release.set()
     assert seen == handled
     assert reasons(kernel) == [(p, DeadLetterReason.MAILBOX_OVERFLOW) for p in dropped]
