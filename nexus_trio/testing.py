@@ -741,9 +741,10 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
 
 @attrs.define(eq=False)
 class _Waiter:
-    """An ``expect`` waiting for a message: handed one directly, in arrival order."""
+    """An ``expect`` waiting for a message, parked with Trio's ``wait_task_rescheduled``:
+    handed one directly, in arrival order, and rescheduled."""
 
-    arrived: trio.Event = attrs.Factory(trio.Event)
+    task: trio.lowlevel.Task
     message: Message | None = None
 
 
@@ -777,7 +778,7 @@ class Probe:
             waiter = self._waiting.popleft()
             waiter.message = msg
             self._taken += 1
-            waiter.arrived.set()
+            trio.lowlevel.reschedule(waiter.task)
 
     async def expect(self, timeout: float = 3.0) -> Message:
         """The next message ``expect`` has not returned yet, waiting for it up to
@@ -789,15 +790,20 @@ class Probe:
             # (none waits: a waiter would have been handed it)
             self._taken += 1
             return self.messages[self._taken - 1]
-        waiter = _Waiter()
+        waiter = _Waiter(trio.lowlevel.current_task())
         self._waiting.append(waiter)
-        try:
-            with trio.move_on_after(timeout):
-                await waiter.arrived.wait()
-        finally:
-            if waiter.message is None:
-                # timed out or cancelled: it waits no more, and takes no message
-                self._waiting.remove(waiter)
+
+        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+            # Timed out or cancelled (a scope around it), and not handed a message yet: it
+            # leaves the queue as the cancel comes, as a task waiting on a Trio memory
+            # channel does. (A waiter woken by an Event stayed in it until its task ran
+            # again: a message handed to it meanwhile left with its cancel, taken by
+            # nobody.) Once handed one, it is rescheduled: no cancel reaches it there.
+            self._waiting.remove(waiter)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_task_rescheduled(abort)
         if waiter.message is not None:
             return waiter.message
         name = self.ref.name or str(self.ref.id)

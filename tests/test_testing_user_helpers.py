@@ -948,6 +948,45 @@ async def test_a_probe_waiter_that_gave_up_takes_no_message(
     assert (await probe.expect()).payload == 2
 
 
+async def test_a_probe_waiter_cancelled_as_a_message_is_handed_to_it_loses_no_message(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: a waiter whose cancel came (from a scope around its ``expect``) before
+    its task ran again stayed first in the queue of waiters, and the next message was
+    handed to it: its task then left with the cancel, the message counted as taken by
+    nobody, and the next ``expect`` waited out its timeout (``probe 'probe' received no
+    message within 3 s (2 received so far, all taken by expect: [1, 2])``). A waiter
+    leaves the queue as its cancel comes, as a task waiting on a Trio memory channel
+    does: the message goes to the next waiter or the next ``expect``."""
+    scopes: dict[str, trio.CancelScope] = {}
+    got: dict[str, Any] = {}
+
+    def cancel_t1(msg: Message) -> None:
+        if msg.payload == 1:
+            # (the probe's handler: the next message, 2, comes in the same batch, before
+            # t1's task runs again)
+            scopes["t1"].cancel()
+
+    probe = spawn_probe(nexus_kernel, "probe", answer=cancel_t1)
+
+    async def take(task: str) -> None:
+        with trio.CancelScope() as scopes[task]:
+            got[task] = (await probe.expect(timeout=10)).payload
+            return
+        got[task] = "cancelled"
+
+    async with trio.open_nursery() as nursery:
+        for task in ("t0", "t1"):
+            nursery.start_soon(take, task)
+            await settle()  # (each waits before the next begins to)
+        nexus_kernel.send_nowait(probe.ref, 1)
+        nexus_kernel.send_nowait(probe.ref, 2)
+    assert got == {"t0": 1, "t1": "cancelled"}
+    assert probe.payloads == [1, 2]
+    assert (await probe.expect(timeout=3)).payload == 2
+    assert trio.current_time() == 0  # none waited out its timeout
+
+
 async def test_record_events_on_a_stopped_kernel_says_so(autojump_clock: Any) -> None:
     """Regression: ``record_events`` on a kernel whose shutdown was over gave an empty
     recorder without a word, and ``assert_events(events, "x", [])`` passed for anything.
