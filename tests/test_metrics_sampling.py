@@ -58,6 +58,30 @@ async def test_a_handler_that_raises_after_2_s_is_timed_in_the_failed_latency(
         assert values["nexus_handle_latency_seconds_count"] == 0
 
 
+@agent(name="too_slow", handle_timeout=1.0)
+async def too_slow(ctx: Context, msg: Message) -> None:
+    await trio.sleep(5)
+
+
+async def test_a_handler_timeout_is_not_timed_in_the_failed_latency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A handler call cut by its ``handle_timeout`` is no failure (``failed`` counts the
+    calls that raised): it is counted in ``timed_out``, and its time, the timeout, goes
+    in neither latency series (the cancel that cuts it is a ``BaseException``, not an
+    ``Exception`` of the handler's). Named mutant: ``record_failure`` for any
+    ``BaseException`` in _serve_batches: ``failed_handle_latency.count`` 1."""
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(too_slow)
+        await kernel.send(ref, "x")  # (the first message: sampled, count 0)
+        await trio.sleep(10)
+        stats = kernel.stats()
+        assert (stats.timed_out, stats.failed, stats.handled) == (1, 0, 0)
+        assert stats.failed_handle_latency.count == 0
+        assert stats.handle_latency.count == 0
+        assert _samples(kernel)["nexus_failed_handle_latency_seconds_count"] == 0
+
+
 @agent(name="mostly_fails")
 async def mostly_fails(ctx: Context, msg: Message) -> None:
     if msg.payload == "fail":
