@@ -1733,6 +1733,11 @@ async def serve_routes(
                         oldest.cancel()
                         del heads[oldest]
                         counts.shed += 1
+                        # Its slot is waited for below (it is freed as the shed one
+                        # closes): the next is shed only when the limit is met again.
+                        # Looking again at once shed every connection 2 s old, for the
+                        # one slot needed (the shed one still held it).
+                        break
                 await slots.acquire()
                 try:
                     stream = await listener.accept()

@@ -6,6 +6,7 @@ assert values, never timings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import heapq
@@ -16,7 +17,7 @@ import random
 import re
 import select
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import pytest
 import trio
@@ -1441,6 +1442,38 @@ async def test_connections_past_the_limit_wait_in_the_backlog_without_a_descript
     assert "(times at the limit so far: 3)" in logged[1]
 
 
+@contextlib.asynccontextmanager
+async def limited_endpoint(
+    mock_clock: trio.testing.MockClock, max_connections: int
+) -> AsyncIterator[tuple[int, MetricsRenderer, EndpointStats]]:
+    """A test kernel's endpoint with ``max_connections``, on a clock that moves when the
+    test says so: its port, its renderer and its counters (stopped as the block ends)."""
+    mock_clock.autojump_threshold = 5.0
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel, cache_seconds=3600, process=False)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel,
+                "127.0.0.1",
+                0,
+                renderer=renderer,
+                max_connections=max_connections,
+                task_status=task_status,
+            )
+        )
+        endpoint = renderer.endpoint
+        assert endpoint is not None
+        yield port, renderer, endpoint
+        nursery.cancel_scope.cancel()
+
+
+async def connected(port: int) -> trio.socket.SocketType:
+    """A plain socket connected to the endpoint on ``port`` (it sends what a test says)."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    return sock
+
+
 async def test_at_the_limit_a_connection_without_its_request_head_after_2_s_is_shed(
     mock_clock: trio.testing.MockClock,
 ) -> None:
@@ -1450,57 +1483,77 @@ async def test_at_the_limit_a_connection_without_its_request_head_after_2_s_is_s
     Prometheus scrape out: its default timeout is 10 s). At the limit, the oldest
     connection whose head is not all in 2 s after it was accepted is now closed without
     an answer, counted in ``shed``; below the limit none is."""
-    mock_clock.autojump_threshold = 5.0  # (the clock moves when the test says so)
-    async with open_test_kernel() as kernel:
-        renderer = MetricsRenderer(kernel, cache_seconds=3600, process=False)
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                lambda task_status: serve_metrics(
-                    kernel,
-                    "127.0.0.1",
-                    0,
-                    renderer=renderer,
-                    max_connections=2,
-                    task_status=task_status,
-                )
-            )
-            endpoint = renderer.endpoint
-            assert endpoint is not None
-            silent = trio.socket.socket()
-            await silent.connect(("127.0.0.1", port))
-            await settle()
-            mock_clock.jump(1.0)
-            trickle = trio.socket.socket()
-            await trickle.connect(("127.0.0.1", port))
-            await trickle.send(b"GE")  # a byte or two at a time, never a whole head
-            await settle()
-            scrape = await trio.open_tcp_stream("127.0.0.1", port)
-            await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            await settle()
-            assert (endpoint.accepted, endpoint.open, endpoint.shed) == (2, 2, 0)
-            mock_clock.jump(0.9)  # the silent one 1.9 s old: kept
-            await settle()
-            assert select.select([scrape.socket, silent], [], [], 0)[0] == []
-            mock_clock.jump(0.1)  # 2 s old: shed, and the scrape gets its slot
-            await settle()
-            assert await silent.recv(100) == b""  # closed without an answer
-            async with scrape:
-                data = b""
-                while chunk := await scrape.receive_some(65536):
-                    data += chunk
-            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nok\n")
-            await settle()
-            assert (endpoint.accepted, endpoint.shed) == (3, 1)
-            # Below the limit (the trickle alone open), none is shed, however old.
-            mock_clock.jump(5.0)
-            await settle()
-            assert (endpoint.open, endpoint.shed) == (1, 1)
-            assert select.select([trickle], [], [], 0)[0] == []
-            values = samples((await renderer.render()).decode())
-            assert values[("nexus_metrics_connections_shed_total", ())] == 1
-            silent.close()
-            trickle.close()
-            nursery.cancel_scope.cancel()
+    async with limited_endpoint(mock_clock, 2) as (port, renderer, endpoint):
+        silent = await connected(port)
+        await settle()
+        mock_clock.jump(1.0)
+        trickle = await connected(port)
+        await trickle.send(b"GE")  # a byte or two at a time, never a whole head
+        await settle()
+        scrape = await trio.open_tcp_stream("127.0.0.1", port)
+        await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle()
+        assert (endpoint.accepted, endpoint.open, endpoint.shed) == (2, 2, 0)
+        mock_clock.jump(0.9)  # the silent one 1.9 s old: kept
+        await settle()
+        assert select.select([scrape.socket, silent], [], [], 0)[0] == []
+        mock_clock.jump(0.1)  # 2 s old: shed, and the scrape gets its slot
+        await settle()
+        assert await silent.recv(100) == b""  # closed without an answer
+        async with scrape:
+            data = b""
+            while chunk := await scrape.receive_some(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nok\n")
+        await settle()
+        assert (endpoint.accepted, endpoint.shed) == (3, 1)
+        # Below the limit (the trickle alone open), none is shed, however old.
+        mock_clock.jump(5.0)
+        await settle()
+        assert (endpoint.open, endpoint.shed) == (1, 1)
+        assert select.select([trickle], [], [], 0)[0] == []
+        values = samples((await renderer.render()).decode())
+        assert values[("nexus_metrics_connections_shed_total", ())] == 1
+        silent.close()
+        trickle.close()
+
+
+async def test_at_the_limit_one_connection_is_shed_for_each_one_let_in(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: at the limit, every connection without its head 2 s after its accept
+    was shed at once, not the oldest: the shed one still held its slot as the endpoint
+    looked again, so it went on to the next (shed 2 of 2 here, where one made the room).
+    A slow client that had sent part of its head lost its connection for nobody. Now
+    one is shed, its slot waited for, and the next only when the limit is met again."""
+    async with limited_endpoint(mock_clock, 3) as (port, _, endpoint):
+        silent = await connected(port)
+        await settle()
+        mock_clock.jump(0.5)
+        slow = await connected(port)
+        await slow.send(b"GET /hea")  # a slow client: part of its head
+        await settle()
+        mock_clock.jump(4.5)  # both over 2 s old, below the limit: both kept
+        await settle()
+        assert (endpoint.open, endpoint.shed) == (2, 0)
+        scrape = await trio.open_tcp_stream("127.0.0.1", port)
+        await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle()
+        # The limit met: the oldest (the silent one) shed; the slow one kept.
+        assert await silent.recv(100) == b""  # closed without an answer
+        async with scrape:  # (its answer sent in one segment)
+            assert (await scrape.receive_some(65536)).startswith(b"HTTP/1.1 200 OK\r\n")
+        await settle()
+        assert (endpoint.accepted, endpoint.shed) == (3, 1)
+        assert select.select([slow], [], [], 0)[0] == []  # still open, not answered
+        await slow.send(b"lthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := await slow.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert endpoint.shed == 1
+        silent.close()
+        slow.close()
 
 
 async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
