@@ -6678,3 +6678,46 @@ async def test_an_answer_too_big_for_nats_fails_its_remote_request_at_once(
         counted = cc.stats()
         assert counted.errors_replied == {"request_failed": 1}
         assert counted.publish_failures == 0
+
+
+async def test_a_node_whose_asyncio_loop_is_backed_up_still_heartbeats_on_time(
+    nats: NatsServer,
+) -> None:
+    """b's asyncio loop holds 2,000 callbacks at all times (each queues itself again as it
+    runs: what 256 concurrent KV puts of its names keep queued there), and each Trio
+    scheduler round costs 1 ms (a busy task: what 1,000 agents of a ring cost a round).
+    trio-asyncio runs one asyncio callback a round, so a heartbeat published through the
+    loop waited 2,000 rounds a hop: ``nexus run --node b`` with the default ring of 1,000
+    agents sent its heartbeats 3 to 10 s apart (interval 1 s, loss window 5 s). Written
+    to the socket from the heartbeat's Trio task, they keep their interval: a judges b
+    lost never, and its view of b is never older than 1 s (5 intervals; the loss window
+    is 10). On the code before (main's ``_cluster.py``): b unheard for seconds, lost."""
+    async with _node(nats.url, "b") as (_, cb), _node(nats.url, "a") as (_, ca):
+        with trio.fail_after(30):
+            await until(lambda: any(i.node == "b" and i.reachable for i in ca.member_list()))
+            loop = cb._aio_loop
+            flooding = True
+
+            def again() -> None:
+                if flooding:
+                    loop.call_soon(again)
+
+            async def busy() -> None:
+                while True:
+                    time.sleep(0.001)
+                    await trio.lowlevel.checkpoint()
+
+            oldest = 0.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy)
+                for _ in range(2000):
+                    loop.call_soon(again)
+                end = trio.current_time() + 4.0
+                while trio.current_time() < end:
+                    await trio.sleep(0.05)
+                    (b,) = [i for i in ca.member_list() if i.node == "b"]
+                    oldest = max(oldest, time.monotonic() - b.last_seen)
+                flooding = False
+                nursery.cancel_scope.cancel()
+            assert ca.stats().nodes_lost == 0
+            assert oldest < 1.0

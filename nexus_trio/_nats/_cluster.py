@@ -5149,7 +5149,14 @@ class Cluster:
             if self._leave_announced:
                 continue
             try:
-                await call_aio(self._control.publish, self._heartbeat_subject, self._record())
+                record = self._record()
+                # written to the socket from here when it can be (behind what the control
+                # connection's buffer holds): through the asyncio loop, the heartbeat
+                # waited its turn behind every callback queued there, one a Trio
+                # scheduler round (see _aio), and a node writing its names (1,000 KV
+                # puts) while its agents kept each round long sent them seconds apart
+                if not direct.publish_at_once(self._control, self._heartbeat_subject, "", record):
+                    await call_aio(self._control.publish, self._heartbeat_subject, record)
                 if failing:
                     log_guarded(
                         log, logging.INFO, "node %s: heartbeats go through again", self.node
