@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import trio
 
 from nexus_trio import Context, EventKind, Kernel, Message, agent, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, NodeReplaced, join_cluster
+from nexus_trio._nats import _cluster as cluster_module
 
 from .nats_proxy import NatsProxy
 from .nats_server import PATIENT, NodeProcess, collector, node_config, until
@@ -419,4 +421,78 @@ async def test_a_batch_queued_to_a_cut_off_process_for_its_successor_is_not_hand
             assert [type(exc) for exc in raised] == [NodeReplaced]
     finally:
         await later.stop()
+        proxy.close()
+
+
+async def test_tells_numbered_for_a_process_restarted_unnoticed_are_counted_lost_with_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender's view of b is still the old process when a new process has joined
+    under the name: the old b's links refused (a crashed process: the server drops its
+    subscriptions), a new b joined, and a's control link held (server to a) so that a
+    hears neither the new process nor the old one's silence (a's loss window is 40 s). a
+    sends 20 tells to ``collector-b``: numbered for the old process, on its join's
+    subject, and taken by the new b's wildcard subscription, which leaves them (not its
+    own: fifty-sixth pass). Not lost silently: once a hears the new process it counts the
+    old one lost and the 20 tells it never confirmed with it (``lost_with_nodes``, by node
+    ``b``: 20), the new ``collector-b`` having taken none of them. On the code before
+    the fifty-sixth pass (``_on_other_batch`` taking a batch numbered for an earlier
+    process of the name), the new ``collector-b`` took all 20, counted lost all the same."""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    old: list[Any] = []
+    new: list[Any] = []
+    try:
+        async with (
+            _node(proxy.url, "a", missed_heartbeats=200) as (ka, ca),
+            _node(proxy.url, "b") as (kb, cb),
+        ):
+            with trio.fail_after(60):  # a hang guard
+                kb.spawn(collector(old), name="collector-b")
+                await cb.names_published()
+                await ca.wait_for_name("collector-b")
+                await ka.send("collector-b", "before")
+                await until(lambda: old == ["before"])
+                await until(
+                    lambda: any(
+                        i.node == "b" and i.confirmed(ca.stream_name) == 1 for i in ca.member_list()
+                    )
+                )
+                proxy.stall("a", "control", upstream=False)
+                proxy.refuse("b")
+                async with AsyncExitStack() as stack:
+                    with monkeypatch.context() as patch:  # (another process: its own prefix)
+                        patch.setattr(cluster_module, "process_id_prefix", lambda: 0xE2)
+                        kb2, cb2 = await stack.enter_async_context(_node(nats.url, "b"))
+                    kb2.spawn(collector(new), name="collector-b")
+                    await cb2.names_published()
+                    assert ca.name_holder("collector-b")[0] == "b"
+                    assert ca.tells_sent_to("b", cb.id_prefix) == 1
+                    published = ca.stats().batches_published
+                    received = cb2.stats().batches_received
+                    for i in range(20):
+                        await ka.send("collector-b", i)  # (a routes it to the old b)
+                    await until(lambda: ca.tells_sent_to("b", cb.id_prefix) == 21)
+                    await until(
+                        lambda: (
+                            cb2.stats().batches_received - received
+                            >= ca.stats().batches_published - published
+                        )
+                    )
+                    assert ca.stats().lost_with_nodes == 0
+                    proxy.resume("a", "control", upstream=False)
+                    await until(
+                        lambda: any(
+                            i.node == "b" and i.id_prefix == cb2.id_prefix for i in ca.member_list()
+                        )
+                    )
+                    # counted lost with the old b (its record replaced) or at its leave (a
+                    # delete of its record heard first: its last notice never comes)
+                    await until(lambda: ca.stats().lost_with_nodes + ca.stats().lost_at_leave >= 20)
+                    stats = ca.stats()
+                    assert stats.lost_with_nodes + stats.lost_at_leave == 20
+                    assert cb2.stats().inbound_dropped == {}
+                    assert new == []
+                    assert old == ["before"]
+    finally:
         proxy.close()
