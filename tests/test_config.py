@@ -649,7 +649,16 @@ def test_a_choice_key_takes_its_choice_in_any_case_as_its_flag_and_the_level_do(
 
 @pytest.mark.parametrize(
     ("written", "meant"),
-    [("True", True), ("1", True), (" yes ", True), ("ON", True), ("FALSE", False), ("0", False)],
+    [
+        ("True", True),
+        ("1", True),
+        (" yes ", True),
+        ("ON", True),
+        ("FALSE", False),
+        ("0", False),
+        ("No", False),
+        (" off ", False),
+    ],
 )
 def test_a_true_false_variable_takes_the_words_nexus_allow_unknown_takes(
     home: Path, written: str, meant: bool
@@ -1313,6 +1322,25 @@ def test_a_config_file_past_one_mib_is_refused_before_it_is_read(home: Path) -> 
         assert info.value.path == file
     file.write_text("[kernel]\nbatch_size = 5\n")
     assert load(home).config.kernel.batch_size == 5
+
+
+def test_a_config_file_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is the most bytes a config file has: one of exactly CONFIG_FILE_MAX
+    bytes is read (its size as its stat says, and as read), one of a byte more refused.
+    (The limit made 64 bytes here: a real 1 MiB file takes seconds to parse.)"""
+    monkeypatch.setattr(config_module, "CONFIG_FILE_MAX", 64)
+    head = "[kernel]\nbatch_size = 5\n"
+    file = write(home / "cwd" / "config.toml", head + "#" * (64 - len(head) - 1) + "\n")
+    assert file.stat().st_size == 64
+    assert load(home).config.kernel.batch_size == 5
+    file.write_text(head + "#" * (64 - len(head)) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == (
+        f"{file}: a config file has at most 64 bytes (1 MiB), this one 65: is it the config file?"
+    )
 
 
 @pytest.mark.parametrize("grows", ["as-it-is-opened", "after-its-size-is-read"])

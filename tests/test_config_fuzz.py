@@ -100,6 +100,29 @@ def test_a_huge_integer_anywhere_in_the_file_is_an_error_not_a_crash(
         assert len(str(info.value)) < 400
 
 
+def test_the_64_bit_bounds_are_toml_s_own_in_the_file_and_the_environment(home: Path) -> None:
+    """TOML's integers are -2^63 to 2^63-1: both ends are read, one past either end is
+    refused as beyond 64 bits (a top-level unknown key: no bound of a key's own applies)."""
+    for inside in (INT64_MAX, -(2**63)):
+        file = write(home / "c.toml", f"x = {inside}\n")
+        assert load(home, file, allow_unknown=True).warnings
+    for outside in (INT64_MAX + 1, -(2**63) - 1):
+        file = write(home / "c.toml", f"x = {outside}\n")
+        with pytest.raises(ConfigError) as info:
+            load(home, file, allow_unknown=True)
+        assert str(info.value) == (
+            f"{file}:1: invalid TOML: x holds an integer beyond 64 bits"
+            " (TOML integers are -2^63 to 2^63-1)"
+        )
+    name = "NEXUS_APP__AGENTS"
+    with pytest.raises(ConfigError) as info:
+        load(home, env={name: str(INT64_MAX + 1)})
+    assert str(info.value) == (
+        f"environment variable {name}: [app] agents holds an integer beyond 64 bits"
+        " (TOML integers are -2^63 to 2^63-1)"
+    )
+
+
 def test_an_integer_beyond_64_bits_in_python_or_an_override_is_a_value_error() -> None:
     with pytest.raises(ValueError, match=r"\[kernel\] dead_letter_buffer must be at most"):
         KernelConfig(dead_letter_buffer=10**30)
