@@ -16,6 +16,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexus_trio import Context, Message, TransportUnavailable, agent
+from nexus_trio._ledger import SAMPLE_DENSE, Ledger
+from nexus_trio._message import SYSTEM_ID
 from nexus_trio.metrics import build_registry
 from nexus_trio.testing import open_test_kernel
 
@@ -119,6 +121,53 @@ async def test_failures_are_sampled_while_every_message_fails(
         assert (stats.handled, stats.failed) == (9, 44)
         assert stats.handle_latency.count == stats.queue_wait.count == 2
         assert stats.failed_handle_latency.count == 4
+
+
+async def test_the_ninth_failure_in_a_row_is_timed_and_not_the_eighth(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The force is at the ``sample_mask + 1``-th failure not sampled in a row (8 while
+    sampling one in eight): after one handled message (count 0, sampled), eight
+    failures are none of them timed, and the ninth is."""
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(mostly_fails)
+        await kernel.send(ref, "ok")
+        for _ in range(8):
+            await kernel.send(ref, "fail")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert (stats.handled, stats.failed, stats.failed_handle_latency.count) == (1, 8, 0)
+        await kernel.send(ref, "fail")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert (stats.handled, stats.failed, stats.failed_handle_latency.count) == (1, 9, 1)
+
+
+def test_past_sample_dense_the_ledger_samples_one_in_64_and_forces_at_the_64th_failure() -> None:
+    """The ledger's mask: 7 (one in eight) until SAMPLE_DENSE messages are handled, 63
+    (one in 64) from then; the failures not sampled in a row force a sample at the
+    mask's + 1-th (8, then 64), and the forced sample's start gives back the count's
+    mask. (Below the kernel: 65,536 handled messages are not sent here.)"""
+    ledger = Ledger(16)
+    msg = Message(SYSTEM_ID, SYSTEM_ID, "x")
+    for _ in range(7):
+        ledger.record_failure(None)
+    assert ledger.sample_mask == 7
+    ledger.record_failure(None)  # the 8th: the next message is sampled
+    assert ledger.sample_mask == 0
+    assert ledger.end_forced_sample() == 7 == ledger.sample_mask
+    ledger.handled = SAMPLE_DENSE - 1
+    ledger.record_latency(time.perf_counter(), msg)
+    assert ledger.sample_mask == 7
+    ledger.handled = SAMPLE_DENSE
+    ledger.record_latency(time.perf_counter(), msg)
+    assert ledger.sample_mask == 63
+    for _ in range(63):
+        ledger.record_failure(None)
+    assert ledger.sample_mask == 63
+    ledger.record_failure(None)  # the 64th
+    assert ledger.sample_mask == 0
+    assert ledger.end_forced_sample() == 63 == ledger.sample_mask
 
 
 class _Inbound:

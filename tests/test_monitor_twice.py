@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import trio
 import trio.testing
 
 from nexus_trio import Context, Message, agent, open_kernel
+from nexus_trio._ledger import Ledger
 
 from .conftest import make_config
 
@@ -63,3 +65,23 @@ async def test_a_double_monitor_gives_one_notice_and_one_demonitor_ends_it(
         await kernel.send("watcher", ("monitor", "target"))
         await trio.testing.wait_all_tasks_blocked()
         assert seen[-1] == ("stopped", "noproc")
+
+
+def test_a_final_notice_ends_the_monitors_on_the_target_and_its_own() -> None:
+    """The ledger's monitors alone: a target that stopped for good keeps no monitor on
+    it (a later notice of it reaches nobody, an unwatch of it is False), and its own
+    monitors of others end with it (their stop tells it nothing), as in Erlang and Akka."""
+    ledger = Ledger(4)
+    sent: list[tuple[uuid.UUID, uuid.UUID, str]] = []
+    ledger.send_notice = lambda msg: sent.append((msg.sender, msg.to, msg.payload["event"]))
+    watcher, target, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    ledger.watch(watcher, target)
+    ledger.watch(target, other)  # the target watches another agent
+    ledger.notify(target, "target", "failed", "once", final=False)
+    ledger.notify(target, "target", "stopped", "stopped", final=True)
+    assert sent == [(target, watcher, "failed"), (target, watcher, "stopped")]
+    ledger.notify(target, "target", "failed", "late", final=False)  # its monitors ended
+    ledger.notify(other, "other", "stopped", "stopped", final=True)  # so did its own
+    assert sent == [(target, watcher, "failed"), (target, watcher, "stopped")]
+    assert ledger.unwatch(watcher, target) is False
+    assert ledger.unwatch(target, other) is False
