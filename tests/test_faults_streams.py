@@ -17,7 +17,9 @@ closed mid-second.
 from __future__ import annotations
 
 import gc
+import logging
 import random
+import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -36,6 +38,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio._deadletter import DeadLetterReason
 from nexus_trio._ledger import Ledger
 from nexus_trio._streams import Broadcast, Subscription
 from nexus_trio.testing import open_test_kernel, test_config
@@ -336,6 +339,48 @@ async def test_a_failure_line_is_not_held_behind_a_dead_letter_second_ending_lat
         await trio.sleep(5)
         nursery.cancel_scope.cancel()
     assert said == [("failures", 1.0, 2), ("dead letters", 1.5, 1)]
+
+
+async def test_the_ledger_s_close_says_the_records_its_second_held_back(
+    autojump_clock: Any,
+) -> None:
+    """``finish_streams`` (the kernel's close) says the line of the records not logged
+    in the second it closes in: one dead letter past a limit of 1 a second, said at
+    once, not lost with the kernel."""
+    said: list[tuple[float, int]] = []
+    ledger = Ledger(4, 1)
+    ledger.dead_letter_lines.say = lambda total, by: said.append((trio.current_time(), total))
+    assert ledger.dead_letter_lines.allowed("shutdown")
+    assert not ledger.dead_letter_lines.allowed("shutdown")
+    await trio.sleep(0.25)
+    ledger.finish_streams()
+    assert said == [(0.25, 1)]
+
+
+async def test_a_per_key_line_limit_of_0_lifts_the_kind_s_limit_too(autojump_clock: Any) -> None:
+    """A per-key limit of 0 asks for a line each: ``log_kind_limit`` (2 here) does not
+    apply to that kind then, for failures as for dead letters; with a per-key limit the
+    kind's limit holds."""
+    for per_key in (0, 5):
+        ledger = Ledger(4, per_key, per_key, 2)
+        for budget in (ledger.dead_letter_lines, ledger.failure_lines):
+            said = [budget.allowed(key) for key in "abcde"]
+            assert said == ([True] * 5 if per_key == 0 else [True, True, False, False, False])
+
+
+async def test_a_dead_letter_s_line_says_its_detail(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(4)
+    to = uuid.uuid4()
+    msg = Message(to, to, "x")
+    with caplog.at_level(logging.INFO, logger="nexus_trio.dead_letters"):
+        ledger.dead_letter(msg, DeadLetterReason.MAILBOX_FULL, to, "a", detail="it did not wait")
+        ledger.dead_letter(msg, DeadLetterReason.MAILBOX_FULL, to, "a")
+    assert [r.getMessage() for r in caplog.records if r.name == "nexus_trio.dead_letters"] == [
+        f"dead letter {msg.id} to {to}: mailbox_full (it did not wait)",
+        f"dead letter {msg.id} to {to}: mailbox_full",
+    ]
 
 
 @agent(name="failing")

@@ -85,3 +85,17 @@ def test_a_final_notice_ends_the_monitors_on_the_target_and_its_own() -> None:
     assert sent == [(target, watcher, "failed"), (target, watcher, "stopped")]
     assert ledger.unwatch(watcher, target) is False
     assert ledger.unwatch(target, other) is False
+
+
+def test_an_unwatch_of_a_target_not_watched_is_false_and_ends_nothing() -> None:
+    """``unwatch`` of a target the watcher does not watch (it watches another) is False,
+    and the monitor it has stays: that target's stop still tells it."""
+    ledger = Ledger(4)
+    sent: list[tuple[uuid.UUID, uuid.UUID, str]] = []
+    ledger.send_notice = lambda msg: sent.append((msg.sender, msg.to, msg.payload["event"]))
+    watcher, watched, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    ledger.watch(watcher, watched)
+    assert ledger.unwatch(watcher, other) is False
+    ledger.notify(watched, "watched", "stopped", "stopped", final=True)
+    assert sent == [(watched, watcher, "stopped")]
+    assert ledger.unwatch(watcher, watched) is False
