@@ -649,10 +649,13 @@ def _zone_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
     URL written of it (``http://[fe80::1%25a]b]:P``) was none. A zone this host has no
     interface of (``socket.if_nametoindex``), and that is no index (a number), is refused:
     the config is loaded where it runs (``deploy.sh`` checks it there), and the listener
-    failed late on it (``%25eth0``, copied from a URL, is told to write ``%eth0``)."""
-    zone = getattr(address, "scope_id", None)
-    if zone is None:
+    failed late on it (``%25eth0``, copied from a URL, is told to write ``%eth0``). So
+    is an index no interface of this host has (``%999``: review of the fifty-sixth pass),
+    and a name on an address that is not link-local (``::1%lo``), which getaddrinfo
+    does not look up: each loaded and failed the run late, as the name rule's did."""
+    if not isinstance(address, ipaddress.IPv6Address) or address.scope_id is None:
         return None
+    zone = address.scope_id
     if not _ZONE.fullmatch(zone):
         odd = next(c for c in zone if not _ZONE.fullmatch(c))
         return f"an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd!r}"
@@ -663,25 +666,70 @@ def _zone_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
             f" and '~' (as a URL writes it, RFC 6874), not {odd!r}"
         )
     if zone.isdigit():
-        return None  # (an interface's index)
+        return _index_problem(zone)
     try:
-        socket.if_nametoindex(zone)
+        index = socket.if_nametoindex(zone)
     except OSError:
         pass
     else:
+        if not _link_local(address):
+            return (
+                f"a zone naming an interface ({cut(zone, repr)}) is looked up for a"
+                f" link-local address only (fe80::/10), as getaddrinfo does: write its"
+                f" index, %{index}, or no zone"
+            )
         return None
     hint = (
-        f"; %25 is how a URL writes the %: write %{zone[2:]}"
+        f"; %25 is how a URL writes the %: write %{cut(zone[2:])}"
         if zone.startswith("25") and len(zone) > 2
         else ""
     )
+    return f"no interface of this host is named {cut(zone, repr)}{_interfaces()}{hint}"
+
+
+#: the largest interface index (an ``unsigned int``: getaddrinfo takes no larger zone)
+_INDEX_MAX: Final = 2**32 - 1
+
+
+def _index_problem(zone: str) -> str | None:
+    """Why the zone ``zone`` (digits) is no index of an interface of this host, or None:
+    ``fe80::1%999`` loaded and failed the run late (``No such device``), and a zone past
+    an ``unsigned int`` (``Name or service not known``), where a name this host has no
+    interface of is refused at load."""
+    index = int(zone) if len(zone) <= len(str(_INDEX_MAX)) else _INDEX_MAX + 1
+    if index <= _INDEX_MAX:
+        try:
+            socket.if_indextoname(index)
+        except OSError:
+            pass
+        else:
+            return None
+    return f"no interface of this host has the index {cut(zone)}{_interfaces()}"
+
+
+def _interfaces() -> str:
+    """`` (its interfaces: lo 1, eth0 2)``: this host's interfaces and their indexes, up
+    to :data:`_ZONES_SHOWN` of them, for the error of a zone naming none; empty when it
+    has none, or they cannot be listed."""
     try:
-        names = [name for _, name in socket.if_nameindex()]
+        known = socket.if_nameindex()
     except OSError:
-        names = []
-    shown_names = ", ".join(names[:_ZONES_SHOWN]) + (", ..." if len(names) > _ZONES_SHOWN else "")
-    known = f" (its interfaces: {shown_names})" if names else ""
-    return f"no interface of this host is named {zone!r}{known}{hint}"
+        return ""
+    if not known:
+        return ""
+    shown_names = ", ".join(f"{name} {index}" for index, name in known[:_ZONES_SHOWN])
+    more = ", ..." if len(known) > _ZONES_SHOWN else ""
+    return f" (its interfaces: {shown_names}{more})"
+
+
+def _link_local(address: ipaddress.IPv6Address) -> bool:
+    """Whether getaddrinfo looks up a zone naming an interface of ``address`` (glibc's
+    and musl's ``__inet6_scopeid_pton``/``__lookup_ipliteral``: link-local unicast
+    ``fe80::/10``, link- and interface-local multicast ``ff02::``, ``ff01::``); for any
+    other address a zone is an index, and ``::1%lo`` failed the run late (``Name or
+    service not known``)."""
+    top = int(address) >> 112
+    return address.is_link_local or (top >> 8 == 0xFF and top & 0xF in (1, 2))
 
 
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

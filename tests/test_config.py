@@ -2169,8 +2169,9 @@ def test_a_wildcard_or_a_character_no_host_name_has_is_refused_at_load(
         load(home / "elsewhere", env=env_for(home, NEXUS_METRICS__HOST=host))
 
 
-#: an interface of this host (``lo`` on Linux, ``lo0`` on macOS): a zone the config takes
-AN_INTERFACE = socket.if_nameindex()[0][1]
+#: an interface of this host (``lo`` on Linux, ``lo0`` on macOS) and its index: zones the
+#: config takes
+AN_INDEX, AN_INTERFACE = socket.if_nameindex()[0]
 
 #: a host name of 253 characters (four labels), the most DNS takes
 _NAME_253 = f"{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}"
@@ -2242,7 +2243,7 @@ def test_an_ipv6_zone_that_is_no_interface_name_is_refused_at_load(
         f"(an IPv6 zone is an interface's name or index, ASCII without blanks, not {odd})"
     )
     assert info.value.key == "metrics.host"
-    for taken in [f"fe80::1%{AN_INTERFACE}", "fe80::1%2", "fe80::1%999"]:
+    for taken in [f"fe80::1%{AN_INTERFACE}", f"fe80::1%{AN_INDEX}"]:
         file.write_text(f'[metrics]\nhost = "{taken}"\n')
         assert load(home).config.metrics.host == taken
 
@@ -2281,6 +2282,63 @@ def test_an_ipv6_zone_this_host_has_no_interface_of_is_refused_at_load(
         assert text.endswith(f"; %25 is how a URL writes the %: write %{AN_INTERFACE})"), text
     if "no interface" in why:
         assert AN_INTERFACE in text.partition("(its interfaces: ")[2], text
+
+
+#: an index no interface has (Linux numbers them from 1 up, one per interface made)
+_NO_INDEX = 4_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        (f"fe80::1%{_NO_INDEX}", f"no interface of this host has the index {_NO_INDEX} ("),
+        ("fe80::1%0", "no interface of this host has the index 0 ("),
+        ("fe80::1%4294967296", "no interface of this host has the index 4294967296 ("),
+        (
+            "fe80::1%" + "9" * 5000,
+            "no interface of this host has the index 9999999999999999999999999999999999999999"
+            "... (5,000 characters) (",
+        ),
+        (
+            "fe80::1%" + "a" * 100_000,
+            f"no interface of this host is named '{'a' * 40}'... (100,000 characters) (",
+        ),
+        (
+            f"::1%{AN_INTERFACE}",
+            f"a zone naming an interface ('{AN_INTERFACE}') is looked up for a link-local"
+            f" address only (fe80::/10), as getaddrinfo does: write its index, %{AN_INDEX},"
+            " or no zone)",
+        ),
+    ],
+    ids=["no-such-index", "index-0", "past-unsigned-int", "5000-digits", "long-name", "loopback"],
+)
+def test_an_ipv6_zone_the_listener_cannot_look_up_is_refused_at_load(
+    home: Path, host: str, why: str
+) -> None:
+    """Review of the fifty-sixth pass: a zone naming no interface was refused at load, but
+    an index of none (``fe80::1%999``: the run failed late, ``No such device``; past an
+    ``unsigned int``: ``Name or service not known``) loaded, as did a name on an address
+    getaddrinfo looks no zone name up for (``::1%lo``: not link-local, ``Name or service
+    not known``, late), and a zone of 5,000 digits; a long one was echoed whole (100,000
+    characters). (With main's _config.py: all but long-name loaded; long-name's error
+    held the zone whole.)"""
+    write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{host}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    text = str(info.value)
+    assert why in text, text[:300]
+    assert info.value.key == "metrics.host"
+    assert len(text) < 400, len(text)
+    if why.startswith("no interface"):
+        assert f"(its interfaces: {AN_INTERFACE} {AN_INDEX}" in text, text[:300]
+    for taken in [
+        f"::1%{AN_INDEX}",
+        f"fe80::1%{AN_INDEX}",
+        f"fe80::1%000{AN_INDEX}",
+        f"ff02::1%{AN_INTERFACE}",
+    ]:
+        write(home / "cwd" / "config.toml", f'[metrics]\nhost = "{taken}"\n')
+        assert load(home).config.metrics.host == taken
 
 
 @pytest.mark.parametrize("host", ["☃.net", "ü_b.example"])
