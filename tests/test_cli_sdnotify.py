@@ -285,10 +285,24 @@ async def main(kernel):
             1,
             b"STOPPING=1\nSTATUS=stopping (failed: ValueError: ?" + b"x" * 378 + "…)".encode(),
         ),
+        (
+            # (a NUL: systemd drops a datagram that holds one, STOPPING=1 with it)
+            "raise ValueError('a\\x00b\\x1b[31mc=d')",
+            1,
+            b"STOPPING=1\nSTATUS=stopping (failed: ValueError: a\\x00b\\x1b[31mc=d)",
+        ),
         ("await kernel.shutdown()", 0, b"STOPPING=1\nSTATUS=stopping (kernel shutdown)"),
         ("return", 0, b"STOPPING=1\nSTATUS=stopping (app finished)"),
     ],
-    ids=["raises", "sys-exit", "escalates", "raises-at-length", "kernel-shutdown", "returns"],
+    ids=[
+        "raises",
+        "sys-exit",
+        "escalates",
+        "raises-at-length",
+        "raises-with-nul",
+        "kernel-shutdown",
+        "returns",
+    ],
 )
 def test_an_app_that_ends_after_ready_tells_systemd_it_stops_and_why(
     tag: str,
@@ -304,7 +318,10 @@ def test_an_app_that_ends_after_ready_tells_systemd_it_stops_and_why(
     (sd_notify(3): "failing programs could pass a human-readable error message"), as a
     stop by a signal or ``--duration`` does. Fifty-sixth pass: a ``main`` that raised,
     called ``sys.exit`` or escalated sent ``READY=1`` and then nothing (checked: those
-    three cases fail on main's ``_run.py``, ``receive`` None)."""
+    three cases fail on main's ``_run.py``, ``receive`` None). Review of the fifty-sixth
+    pass: an error's message with a NUL was sent as it is, and systemd drops a
+    notification holding one, ``STOPPING=1`` with it; a control is escaped now, as log
+    text is (raises-with-nul fails on the pass's ``_run.py``: the NUL and ESC raw)."""
     sock, name = notify_socket
     (tmp_path / "endingapp.py").write_text(ENDING_APP + textwrap.indent(body, "    ") + "\n")
     # (an escalation reaches the kernel when the config says so: else the kernel goes on)
@@ -327,4 +344,5 @@ def test_an_app_that_ends_after_ready_tells_systemd_it_stops_and_why(
         assert said == stopping, err
     else:  # (the escalation's message goes on: its start)
         assert said.startswith(stopping) and said.endswith(b")") and b"\n" not in said[11:], said
+    assert b"\0" not in said  # (systemd: "embedded NUL bytes. Ignoring.")
     assert receive(sock, 0.5) is None  # (once)

@@ -60,7 +60,7 @@ from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._plural import count_of
 from .._supervisor import Supervisor
-from ..logs import flush_logs, log_calls_failed, records_lost
+from ..logs import escape_control, flush_logs, log_calls_failed, records_lost
 from ._encoding import encodes, stand_ins
 from ._spawn import (
     OneLineBridgeErrors,
@@ -1038,7 +1038,11 @@ def _tell_systemd_stopping(state: _State, why: str) -> None:
     if not state.told_ready or state.told_stopping:
         return
     state.told_stopping = True
-    why = " ".join(why.split())
+    # (a NUL, as of an error's message, made systemd drop the whole datagram, STOPPING=1
+    # with it: "Received notify message with embedded NUL bytes. Ignoring."; a control,
+    # as ESC, reached `systemctl status` as it is: escaped as log text is; a lone
+    # surrogate is '?', as notify() sends it)
+    why = escape_control(" ".join(why.split()).encode(errors="replace").decode())
     if len(why) > STATUS_WHY_MAX:  # (a datagram has a bound; a status line is read)
         why = why[: STATUS_WHY_MAX - 1] + "…"
     _tell_systemd(f"STOPPING=1\nSTATUS=stopping ({why})")
