@@ -291,6 +291,13 @@ async def main(kernel):
             1,
             b"STOPPING=1\nSTATUS=stopping (failed: ValueError: a\\x00b\\x1b[31mc=d)",
         ),
+        (
+            # (an error whose str() raises: that error took the app's place, as the run's)
+            "class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no')\n"
+            "raise E()",
+            1,
+            b"STOPPING=1\nSTATUS=stopping (failed: E: <str() raised RuntimeError>)",
+        ),
         ("await kernel.shutdown()", 0, b"STOPPING=1\nSTATUS=stopping (kernel shutdown)"),
         ("return", 0, b"STOPPING=1\nSTATUS=stopping (app finished)"),
     ],
@@ -300,6 +307,7 @@ async def main(kernel):
         "escalates",
         "raises-at-length",
         "raises-with-nul",
+        "raises-unprintable",
         "kernel-shutdown",
         "returns",
     ],

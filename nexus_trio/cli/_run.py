@@ -1510,9 +1510,15 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, SystemExit):
         return f"SystemExit: sys.exit({exc.code!r}) in the app's code"
-    if isinstance(exc, _INTERRUPTS) and not str(exc):
+    try:
+        text = str(exc)
+    except Exception as failure:  # (an app's error whose __str__ raises, or is no str)
+        # (it replaced the app's error as the run's, with its traceback, and since the
+        # fifty-sixth pass as the why of STATUS=stopping too)
+        text = f"<str() raised {type(failure).__name__}>"
+    if isinstance(exc, _INTERRUPTS) and not text:
         return type(exc).__name__  # (a bare KeyboardInterrupt: no ': ' of nothing)
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {text}"
 
 
 def build_summary(
