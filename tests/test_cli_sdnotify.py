@@ -196,6 +196,38 @@ def test_the_workers_parent_tells_systemd_it_stops_as_its_workers_end_by_themsel
     assert receive(sock, 0.5) is None  # (once, though both ended)
 
 
+def test_the_workers_parent_whose_worker_dies_at_its_start_tells_systemd_nothing(
+    tag: str, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """Review of the fifty-sixth pass: a worker that ends before it joined (its app's
+    import raised) stops the group before ``READY=1``, and the parent said
+    ``STOPPING=1\nSTATUS=stopping (worker-1 died)``, where a single run that fails at its
+    start says nothing (for ``Type=notify`` an exit before ``READY=1`` is a failed start;
+    a ``STOPPING=1`` says a started service stopped). (Checked: fails on main's
+    ``_cluster_cmd.py``, the datagram received.)"""
+    sock, name = notify_socket
+    (tmp_path / "diesatstart.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import sys
+
+            if os.environ.get("NEXUS_WORKER") == "worker-1":
+                sys.exit(3)
+
+
+            async def main(kernel):
+                pass
+            """
+        )
+    )
+    args = ["run", "-W", "2", "--app", "diesatstart:main", "--json"]
+    status, err = run_to_its_end(args, tag, tmp_path, name, 180)
+    assert status != 0, err
+    assert "worker-1" in err, err
+    assert receive(sock, 1) is None, err
+
+
 @pytest.mark.parametrize(
     ("value", "said"),
     [

@@ -1047,14 +1047,17 @@ def run_workers(
         )
         return len(signals_seen) + (1 if stopped_by_the_run else 0)
 
-    #: whether systemd was told STOPPING=1 (once: the first stop, or the first end)
+    #: whether systemd was told READY=1 (every worker joined), then STOPPING=1 (once: the
+    #: first stop, or the first end)
+    told_ready = False
     told_stopping = False
 
     def say_stopping(why: str) -> None:
         # (Type=notify: as a single run says it at its stop; the workers cannot, they
-        # were not given NOTIFY_SOCKET)
+        # were not given NOTIFY_SOCKET. Not before READY=1: a stop then is a failed start,
+        # told by the exit alone, as a single run's; STOPPING=1 says a started one stopped)
         nonlocal told_stopping
-        if told_stopping:
+        if told_stopping or not told_ready:
             return
         told_stopping = True
         failure = notify(f"STOPPING=1\nSTATUS=stopping ({why})")
@@ -1382,6 +1385,7 @@ def run_workers(
                 if workers_ready == workers and not stops_asked() and not told_stopping:
                     # (Type=notify: the unit has started once every worker joined)
                     failure = notify(f"READY=1\nSTATUS=running: {workers} workers joined")
+                    told_ready = True
                     if failure is not None:
                         log_guarded(log, logging.WARNING, "%s", failure)
                 continue
