@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -2062,3 +2063,59 @@ def test_the_pretty_traceback_is_bounded_in_code_names_chain_and_group(
     else:
         assert text.count("Sub-exception #") == 15
         assert "...[25 more exceptions of the group not shown]" in " ".join(text.split())
+
+
+class _Unwalkable(list[int]):
+    """A list whose iteration raises (its ``repr`` does not iterate)."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("not walkable")
+
+
+class _NoItems(dict[str, int]):
+    """A dict whose ``items()`` raises."""
+
+    def items(self) -> Any:
+        raise RuntimeError("no items")
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_an_extra_whose_walk_raises_is_written_as_its_str(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-sixth pass: bounding an extra's items walks it before the format writes it;
+    a list subclass whose ``__iter__`` raises (or a dict's ``items()``) made the compact
+    and pretty formats lose the record, which wrote its ``str`` before (the JSON format
+    lost it before too). It is written as its ``str``, as a value of no JSON type is."""
+    stream = configured(fmt)
+    log = logging.getLogger("nexus_trio.x")
+    log.info("m", extra={"v": _Unwalkable([1, 2]), "after": "kept"})
+    log.info("m", extra={"v": _NoItems(a=1), "after": "kept"})
+    text = stream.getvalue()
+    if fmt == "json":
+        assert [(r["v"], r["after"]) for r in json_lines(stream)] == [
+            ("[1, 2]", "kept"),
+            ("{'a': 1}", "kept"),
+        ]
+    else:
+        assert text.count("after=kept") == 2, text
+        assert 'v="[1, 2]"' in text
+        assert "v=\"{'a': 1}\"" in text
+
+
+def test_a_small_extra_holding_itself_is_written_as_its_str_writes_it(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Fifty-sixth pass: an extra within the items' bounds is written as it was before
+    they were bounded (its ``str``), a container inside itself too: a tuple in a list
+    in it was copied and written ``([[...]],)``, a named tuple's name lost, where its
+    ``str`` is ``([(...)],)``, ``P(x=[P(x=[...])])``."""
+    point = collections.namedtuple("P", "x")
+    pair: tuple[list[Any]] = ([],)
+    pair[0].append(pair)
+    named = point([])
+    named.x.append(named)
+    stream = configured("compact")
+    logging.getLogger("nexus_trio.x").info("m", extra={"pair": pair, "named": named})
+    (line,) = stream.getvalue().splitlines()
+    assert line.endswith(' pair=([(...)],) named="P(x=[P(x=[...])])"'), line
