@@ -681,6 +681,33 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
     from rich.logging import RichHandler
     from rich.traceback import Trace, Traceback
 
+    class CodeDrawn(str):
+        """The name of a frame's file that a file suppressed for its long lines is a
+        prefix of (``/a/tool`` of ``/a/tool_b.py``): rich suppresses a frame whose file
+        name starts with a suppressed path, and drew no code of ``tool_b.py``. Only a
+        path that is its own name, or a user's ``tracebacks_suppress``, suppresses it."""
+
+        # (no __slots__: a str subclass's must be empty, and each keeps the record's paths)
+        long_lined: frozenset[str] = frozenset()
+
+        def startswith(self, prefix: Any, *bounds: Any) -> bool:
+            if isinstance(prefix, str) and prefix in self.long_lined and prefix != self:
+                return False
+            return str.startswith(self, prefix, *bounds)
+
+    def keep_code(trace: Trace, long_lined: frozenset[str]) -> None:
+        """Make each frame of ``trace`` whose file is not ``long_lined`` but has one
+        of them as a prefix a :class:`CodeDrawn`."""
+        for stack in trace.stacks:
+            for frame in stack.frames:
+                name = frame.filename
+                if name not in long_lined and any(name.startswith(p) for p in long_lined):
+                    drawn = CodeDrawn(name)
+                    drawn.long_lined = long_lined
+                    frame.filename = drawn
+            for member in stack.exceptions:
+                keep_code(member, long_lined)
+
     def escape_trace(trace: Trace, long_lined: set[str], depth: int = 0) -> None:
         """Escape and cut the texts of ``trace``; bound its chain and groups; add to
         ``long_lined`` the files of its frames whose code is not to be drawn."""
@@ -736,6 +763,8 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
             trace = Traceback.extract(exc_type, exc_value, exc_tb)
             long_lined: set[str] = set()
             escape_trace(trace, long_lined)
+            if long_lined:
+                keep_code(trace, frozenset(long_lined))
             rendered = Traceback(
                 trace,
                 width=self.tracebacks_width,

@@ -2119,3 +2119,27 @@ def test_a_small_extra_holding_itself_is_written_as_its_str_writes_it(
     logging.getLogger("nexus_trio.x").info("m", extra={"pair": pair, "named": named})
     (line,) = stream.getvalue().splitlines()
     assert line.endswith(' pair=([(...)],) named="P(x=[P(x=[...])])"'), line
+
+
+def test_the_pretty_traceback_draws_the_code_of_a_file_a_long_lined_one_is_a_prefix_of(
+    tmp_path: Path, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-sixth pass: a file with a line past 1,000 characters near a frame is drawn
+    without code (rich's ``suppress``), and rich suppresses every file whose name
+    starts with a suppressed path: the code of ``tool_b.py`` was not drawn when a
+    frame of ``tool`` (a script without a suffix, in the same folder) was long-lined."""
+    tool = tmp_path / "tool"
+    tool.write_text(f"x = {'a' * 2000!r}\ndef main(fail):\n    fail()\n")
+    helper = tmp_path / "tool_b.py"
+    helper.write_text("def fail():\n    marker_of_tool_b = 1\n    raise ValueError('boom')\n")
+    scope: dict[str, Any] = {}
+    exec(compile(tool.read_text(), str(tool), "exec"), scope)
+    exec(compile(helper.read_text(), str(helper), "exec"), scope)
+    stream = configured("pretty")
+    try:
+        scope["main"](scope["fail"])
+    except ValueError:
+        logging.getLogger("nexus_trio.x").exception("failed")
+    text = stream.getvalue()
+    assert "marker_of_tool_b" in text, text
+    assert "aaaaaaaaaa" not in text
