@@ -962,7 +962,15 @@ class SupervisorNode(Child, ChildOwner):
     def _report_exit(self, child: Child, done: RunDone, error: BaseException | None) -> None:
         """Tell the supervisor loop how the run ended (or, for a run being stopped, report
         its failure as at any other time)."""
-        if child.done is done and self._inbox_send is not None and not child.terminating:
+        if (
+            child.done is done
+            and self._inbox_send is not None
+            and not child.terminating
+            and child not in self._beside
+        ):
+            # (a child stopped beside the loop is not marked terminating until what it
+            # spawned has stopped, or its drain handed on: an exit meanwhile is that
+            # stop's, as one once it is marked; queued, the loop, free, restarted it)
             run = child.run
             if error is not None:
                 self._failures_queued[(child, run)] = error

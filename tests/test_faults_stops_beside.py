@@ -226,3 +226,59 @@ async def test_a_draining_stop_of_a_child_added_behind_the_loop_s_stop_handles_i
     assert letters == []
     assert journal("start", "x") == [(None, 3.0)]
     assert journal("handle", "x") == [("p", 4.0), ("q", 5.0)]
+
+
+class Spawner(Paced):
+    """A ``Paced`` that spawns a linked child, ``e2``, as it starts."""
+
+    async def on_start(self, ctx: Context) -> None:
+        await super().on_start(ctx)
+        ctx.spawn(agent(Paced, name="e2"))
+
+
+async def test_a_child_failing_during_its_draining_stop_begun_beside_is_not_restarted(
+    autojump_clock: Any,
+) -> None:
+    """The root's loop stops ``a`` (no drain: its message in hand, 1 s) as a draining
+    stop of ``b`` comes, beside it; ``b`` spawned ``e2``, so its stop hands its queue on
+    (``b0``, then ``boom``) before it is marked stopping, and ``boom`` fails its run at
+    1 s. The failure is the stop's: reported, ``b`` not restarted, the rest of its queue
+    dead-lettered saying its run failed during its draining stop. Before (fifty-sixth
+    pass, review) the exit was queued to the loop, free again once ``a`` had stopped,
+    which restarted ``b`` (``restarted``, a second ``on_start`` at 1 s and a second
+    ``e2``) to handle ``b2`` and ``b3`` within its stop."""
+    Paced.log = []
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(agent(Paced, name="a", shutdown_timeout=100))
+            kernel.spawn(agent(Spawner, name="b", shutdown_timeout=100))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):
+                await kernel.send("a", i)
+            for payload in ("b0", "boom", "b2", "b3"):
+                await kernel.send("b", payload)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kernel.stop, "a")
+                await trio.sleep(0.1)
+                nursery.start_soon(functools.partial(kernel.stop, "b", drain=True))
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert recorder.kinds("b") == [
+        EventKind.SPAWNED,
+        EventKind.STARTED,
+        EventKind.FAILED,
+        EventKind.STOPPED,
+    ]
+    assert journal("start", "b") == [(None, 0.0)]
+    assert journal("handle", "b") == [("b0", 1.0)]
+    assert [e.name for e in recorder.of(EventKind.SPAWNED)].count("e2") == 1
+    failed = "agent stopped (stopped): its run failed during its draining stop (RuntimeError)"
+    assert [(p, r) for p, r, _ in letters if p in ("boom", 1, 2)] == [
+        ("boom", DeadLetterReason.HANDLER_ERROR),
+        (1, DeadLetterReason.AGENT_STOPPED),
+        (2, DeadLetterReason.AGENT_STOPPED),
+    ]
+    assert [letter for letter in letters if letter[0] in ("b2", "b3")] == [
+        ("b2", DeadLetterReason.AGENT_STOPPED, failed),
+        ("b3", DeadLetterReason.AGENT_STOPPED, failed),
+    ]
