@@ -362,6 +362,7 @@ class SupervisorNode(Child, ChildOwner):
     """
 
     __slots__ = (
+        "_above_busy",
         "_beside",
         "_between",
         "_failures_queued",
@@ -425,6 +426,9 @@ class SupervisorNode(Child, ChildOwner):
         #: ...and the stops asked meanwhile, each in a task of its own beside it (see
         #: :meth:`terminate`), their reasons and their ends (set however they end)
         self._beside: dict[Child, tuple[str, trio.Event]] = {}
+        #: the agents that spawned, at any depth, one of those children, each with how
+        #: many of them it spawned so (see _apart: a look-up, not a walk of every stop)
+        self._above_busy: dict[Child, int] = {}
         #: draining stops of children asked while this supervisor does not run (before
         #: its first run, between runs): asked of its next run, which handles their
         #: queues first (see terminate)
@@ -536,6 +540,7 @@ class SupervisorNode(Child, ChildOwner):
                     for child, (reason, _) in list(self._beside.items()):
                         self._retire_with_linked(child, reason)
                     self._beside.clear()
+                    self._above_busy.clear()
                     self._leaving = False
                     if self.supervisor is not None:
                         # Its supervisor decides now (a restart, a stop for good): until
@@ -668,6 +673,7 @@ class SupervisorNode(Child, ChildOwner):
             return False
         assert self._nursery is not None
         self._beside[child] = (reason, trio.Event())
+        self._hold(child, 1)
         self._nursery.start_soon(self._stop_beside, child)
         return True
 
@@ -676,20 +682,31 @@ class SupervisorNode(Child, ChildOwner):
         beside it) and is linked to none of them (spawned by one, at any depth, or one's
         spawner), whose stop would stop it too: two stops of one child at once would
         each drain it (a draining stop hands its queue on before what it spawned drains
-        theirs: _drain_before_linked)."""
-        busy = [self._stopping_one, *self._beside]
-        for under in busy:
-            link: Child | None = under
-            while link is not None:
-                if link is child:
-                    return False
-                link = link.linked_parent
+        theirs: _drain_before_linked). A look-up up ``child``'s own links (until the
+        review of the fifty-sixth pass a walk of every stop under way for each stop
+        begun: 10,000 agents each stopped by its own ``kernel.stop`` in one round took
+        41 s, against 6 s with the loop's serial stops)."""
+        if child is self._stopping_one or child in self._beside or child in self._above_busy:
+            return False
         link = child.linked_parent
         while link is not None:
-            if link in busy:
+            if link is self._stopping_one or link in self._beside:
                 return False
             link = link.linked_parent
         return True
+
+    def _hold(self, child: Child, step: int) -> None:
+        """``child``'s stop begins (``step`` 1) or ends (-1), by the loop or beside it:
+        count it for each agent that spawned it, at any depth (see _apart)."""
+        above = self._above_busy
+        link = child.linked_parent
+        while link is not None:
+            count = above.get(link, 0) + step
+            if count:
+                above[link] = count
+            else:
+                del above[link]
+            link = link.linked_parent
 
     @trio.lowlevel.enable_ki_protection
     async def _stop_beside(self, child: Child) -> None:
@@ -704,6 +721,7 @@ class SupervisorNode(Child, ChildOwner):
         finally:
             over.set()
         if self._beside.pop(child, None) is not None:
+            self._hold(child, -1)
             self._stops_queued.pop(child, None)
             self._retire(child, reason)
 
@@ -1026,6 +1044,7 @@ class SupervisorNode(Child, ChildOwner):
             self._stops_queued.pop(child, None)
             if not await self._after_beside(child) and child in self.children:
                 self._stopping_one = child
+                self._hold(child, 1)
                 for other, why in list(self._stops_queued.items()):
                     # (stops queued behind this one, asked in the same round)
                     if other not in self._beside:
@@ -1034,6 +1053,7 @@ class SupervisorNode(Child, ChildOwner):
                     await self._stop_child(child)
                 finally:
                     self._stopping_one = None
+                    self._hold(child, -1)
                 self._retire(child, reason)
         elif kind == _SHUTDOWN:
             return True

@@ -27,6 +27,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio._child import Child
 from nexus_trio.testing import assert_conserved, record_events
 
 from .conftest import make_config
@@ -282,3 +283,53 @@ async def test_a_child_failing_during_its_draining_stop_begun_beside_is_not_rest
         ("b2", DeadLetterReason.AGENT_STOPPED, failed),
         ("b3", DeadLetterReason.AGENT_STOPPED, failed),
     ]
+
+
+class Idle(Agent):
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        pass
+
+
+class _CountedReads:
+    """``Child.linked_parent``, its reads counted."""
+
+    def __init__(self, field: Any) -> None:
+        self.field = field
+        self.reads = 0
+
+    def __get__(self, child: Any, owner: Any) -> Any:
+        if child is None:
+            return self
+        self.reads += 1
+        return self.field.__get__(child, owner)
+
+    def __set__(self, child: Any, value: Any) -> None:
+        self.field.__set__(child, value)
+
+
+async def test_stops_begun_beside_the_loop_look_up_their_links_not_every_stop(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 agents, each stopped by its own ``kernel.stop`` in one round: the loop
+    carries out the first, the others begin beside it, each asking whether a stop under
+    way stops it too (what it spawned, what spawned it) by a look-up up its own links:
+    a few reads of ``linked_parent`` each. Before (fifty-sixth pass, review) each walked
+    every stop under way: 2,000,999 reads here, and 10,000 such stops took 41 s (6 s
+    with the loop's serial stops before the stops beside)."""
+    n = 2000
+    counted = _CountedReads(Child.__dict__["linked_parent"])
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(agent(Idle, shutdown_timeout=100)) for _ in range(n)]
+        await trio.testing.wait_all_tasks_blocked()
+        for ref in refs:
+            kernel.send_nowait(ref, "x")
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.setattr(Child, "linked_parent", counted)
+        async with trio.open_nursery() as nursery:
+            for ref in refs:
+                nursery.start_soon(kernel.stop, ref)
+        reads = counted.reads
+        stopped = kernel.stats().agents_alive
+    assert_conserved(kernel)
+    assert stopped == 0
+    assert reads <= 4 * n, reads
