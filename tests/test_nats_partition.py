@@ -121,6 +121,28 @@ async def test_a_real_partition_of_a_node_from_the_server_heals_to_one_incarnati
         proxy.close()
 
 
+async def _old_b(
+    kb: Kernel,
+    url: str,
+    clusters: list[Cluster],
+    raised: list[BaseException],
+    joined: trio.Event,
+    left: trio.Event,
+) -> None:
+    """The old process of ``b``: ``kb`` joined at ``url`` (the proxy) until a later process
+    of its name replaces it; its cluster in ``clusters`` and ``joined`` set as the block
+    begins, its ``NodeReplaced`` in ``raised``, ``left`` set as it ends either way."""
+    try:
+        async with join_cluster(kb, url, "b", options=PATIENT) as cb:
+            clusters.append(cb)
+            joined.set()
+            await trio.sleep_forever()  # (the replacement cancels it)
+    except NodeReplaced as exc:
+        raised.append(exc)
+    finally:
+        left.set()
+
+
 async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_its_name_to_the_new_one(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,17 +174,6 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
     clusters: list[Cluster] = []
     joined, left = trio.Event(), trio.Event()
 
-    async def old_b(kb: Kernel) -> None:
-        try:
-            async with join_cluster(kb, proxy.url, "b", options=PATIENT) as cb:
-                clusters.append(cb)
-                joined.set()
-                await trio.sleep_forever()  # (the replacement cancels it)
-        except NodeReplaced as exc:
-            raised.append(exc)
-        finally:
-            left.set()
-
     try:
         async with (
             _node(nats.url, "a") as (ka, ca),
@@ -171,7 +182,7 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
         ):
             kb.spawn(collector(old), name="collector-b")
             kb.spawn(_keeper(old_durable), name="flaky-b")
-            nursery.start_soon(old_b, kb)
+            nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
                 await joined.wait()
                 (cb,) = clusters
@@ -269,17 +280,6 @@ async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the
             await gate.wait()
         return await real_read(self, kv)
 
-    async def old_b(kb: Kernel) -> None:
-        try:
-            async with join_cluster(kb, proxy.url, "b", options=PATIENT) as cb:
-                clusters.append(cb)
-                joined.set()
-                await trio.sleep_forever()  # (the replacement cancels it)
-        except NodeReplaced as exc:
-            raised.append(exc)
-        finally:
-            left.set()
-
     try:
         async with (
             _node(nats.url, "a") as (ka, ca),
@@ -287,7 +287,7 @@ async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the
             trio.open_nursery() as nursery,
         ):
             kb.spawn(collector(old), name="collector-b")
-            nursery.start_soon(old_b, kb)
+            nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
                 await joined.wait()
                 (cb,) = clusters
@@ -369,17 +369,6 @@ async def test_a_batch_queued_to_a_cut_off_process_for_its_successor_is_not_hand
     joined, left = trio.Event(), trio.Event()
     ways = [(role, upstream) for role in ("data", "control") for upstream in (True, False)]
 
-    async def old_b(kb: Kernel) -> None:
-        try:
-            async with join_cluster(kb, proxy.url, "b", options=PATIENT) as cb:
-                clusters.append(cb)
-                joined.set()
-                await trio.sleep_forever()  # (the replacement cancels it)
-        except NodeReplaced as exc:
-            raised.append(exc)
-        finally:
-            left.set()
-
     try:
         async with (
             _node(nats.url, "a") as (ka, ca),
@@ -387,7 +376,7 @@ async def test_a_batch_queued_to_a_cut_off_process_for_its_successor_is_not_hand
             trio.open_nursery() as nursery,
         ):
             kb.spawn(collector(old), name="collector-b")
-            nursery.start_soon(old_b, kb)
+            nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
                 await joined.wait()
                 (cb,) = clusters
