@@ -22,8 +22,9 @@ import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -446,6 +447,26 @@ async def test_a_second_process_under_a_live_member_s_name_is_counted_and_said(
         assert cb.stats().records_contested == 3  # under its own name
 
 
+#: a later process of ``b``'s name: its record as the later join writes it
+_LATER_B = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+
+
+@asynccontextmanager
+async def _b_beside_a_raw_client(
+    url: str, join: Callable[[Kernel], Awaitable[object]]
+) -> AsyncIterator[Hostile]:
+    """A node kernel ``kb`` joined by ``join(kb)`` (started in a nursery of its own) beside
+    a raw client of ``url`` (``Hostile``), both on one asyncio loop: the client."""
+    async with (
+        open_kernel(node_config()) as kb,
+        asyncio_loop(),
+        _hostile(url) as hostile,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(join, kb)
+        yield hostile
+
+
 async def _join_as_b(
     kb: Kernel,
     url: str,
@@ -476,7 +497,7 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
     block begins cancelled, ``b`` leaves, and ``join_cluster`` raises ``NodeReplaced``
     itself (no group) naming the later process."""
     published = Cluster.names_published
-    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    later = _LATER_B
     at_last_step = trio.Event()
 
     async def replaced_meanwhile(self: Cluster) -> None:
@@ -488,14 +509,10 @@ async def test_a_process_judged_replaced_while_it_joins_leaves_as_its_block_begi
     monkeypatch.setattr(Cluster, "names_published", replaced_meanwhile)
     entered: list[Cluster] = []
     raised: list[BaseException] = []
-    async with (
-        open_kernel(node_config()) as kb,
-        asyncio_loop(),
-        _hostile(nats.url) as hostile,
-        trio.open_nursery() as nursery,
-    ):
+    async with _b_beside_a_raw_client(
+        nats.url, partial(_join_as_b, url=nats.url, raised=raised, entered=entered)
+    ) as hostile:
         with trio.fail_after(20):
-            nursery.start_soon(_join_as_b, kb, nats.url, raised, entered)
             await at_last_step.wait()
             await hostile.put("nodes", "b", later)
             await hostile.publish("nexus.hb.b", later)
@@ -525,7 +542,7 @@ async def test_a_process_that_heard_a_later_one_no_longer_writes_its_record_over
     waiting for NodeReplaced). Now ``b`` finds the later process's record at that write,
     leaves it, judges itself replaced and leaves (``NodeReplaced``), as when its read
     finds that record first."""
-    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    later = _LATER_B
     real_read, real_write = Cluster._read_own_record, Cluster._write_record_now
     reads: list[int] = []
     writes: list[int] = []
@@ -543,14 +560,11 @@ async def test_a_process_that_heard_a_later_one_no_longer_writes_its_record_over
     entered: list[Cluster] = []
     joined = trio.Event()
 
-    async with (
-        open_kernel(node_config()) as kb,
-        asyncio_loop(),
-        _hostile(nats.url) as hostile,
-        trio.open_nursery() as nursery,
-    ):
+    async with _b_beside_a_raw_client(
+        nats.url,
+        partial(_join_as_b, url=nats.url, raised=raised, entered=entered, joined=joined),
+    ) as hostile:
         with trio.fail_after(30):
-            nursery.start_soon(_join_as_b, kb, nats.url, raised, entered, joined)
             await joined.wait()
             monkeypatch.setattr(Cluster, "_read_own_record", counted_read)
             monkeypatch.setattr(Cluster, "_write_record_now", counted_write)
@@ -578,7 +592,7 @@ async def test_a_replacement_whose_record_could_not_be_read_is_judged_at_the_nex
     record: ``b`` leaves and ``join_cluster`` raises ``NodeReplaced``. (Checked against
     the mutant that gives up after a failed read, ``continue`` -> ``return`` in
     ``_leave_if_replaced``: no NodeReplaced, TooSlowError.)"""
-    later = _record("b", id_prefix="00000000000000ef", pid=4242, host="elsewhere", joined=1e12)
+    later = _LATER_B
     raised: list[BaseException] = []
     reads: list[bool] = []  # (each read of b's key while the bucket fails them: False)
     failing = True
@@ -603,15 +617,9 @@ async def test_a_replacement_whose_record_could_not_be_read_is_judged_at_the_nex
         except NodeReplaced as exc:
             raised.append(exc)
 
-    async with (
-        open_kernel(node_config()) as kb,
-        asyncio_loop(),
-        _hostile(nats.url) as hostile,
-        trio.open_nursery() as nursery,
-    ):
+    joined = trio.Event()
+    async with _b_beside_a_raw_client(nats.url, partial(join, joined=joined)) as hostile:
         with trio.fail_after(20):
-            joined = trio.Event()
-            nursery.start_soon(join, kb, joined)
             await joined.wait()
             await hostile.put("nodes", "b", later)
             await hostile.publish("nexus.hb.b", later)

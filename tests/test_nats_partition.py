@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 import trio
 
-from nexus_trio import Context, EventKind, Kernel, Message, agent, open_kernel
+from nexus_trio import Context, EventKind, Kernel, LifecycleEvent, Message, agent, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, NodeReplaced, join_cluster
 from nexus_trio._nats import _cluster as cluster_module
 
@@ -143,6 +144,27 @@ async def _old_b(
         left.set()
 
 
+async def _old_b_serving(
+    joined: trio.Event, clusters: list[Cluster], ka: Kernel, ca: Cluster, old: list[Any]
+) -> Cluster:
+    """The old b (see _old_b) joined, its names published and heard by a, and its
+    ``collector-b`` (collecting into ``old``) took a's ``"before"``: its cluster."""
+    await joined.wait()
+    (cb,) = clusters
+    await cb.names_published()
+    await ca.wait_for_name("collector-b")
+    await ka.send("collector-b", "before")
+    await until(lambda: old == ["before"])
+    return cb
+
+
+async def _b_unreachable(events: AsyncIterator[LifecycleEvent]) -> None:
+    """Until ``events`` (a's) says node b unreachable."""
+    async for event in events:
+        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
+            return
+
+
 async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_its_name_to_the_new_one(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -184,17 +206,10 @@ async def test_a_process_cut_off_past_its_loss_and_restarted_meanwhile_leaves_it
             kb.spawn(_keeper(old_durable), name="flaky-b")
             nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
-                await joined.wait()
-                (cb,) = clusters
-                await cb.names_published()
-                await ca.wait_for_name("collector-b")
-                await ka.send("collector-b", "before")
-                await until(lambda: old == ["before"])
+                cb = await _old_b_serving(joined, clusters, ka, ca, old)
                 async with ka.events() as events:
                     proxy.refuse("b")
-                    async for event in events:
-                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
-                            break
+                    await _b_unreachable(events)
                 await later.start()
                 later_prefix = uuid.UUID(later.ids["collector-b"]).int >> 64
                 await until(lambda: ca.member_list()[1].id_prefix == later_prefix)
@@ -289,18 +304,11 @@ async def test_a_process_that_heard_its_successor_leaves_it_the_tells_before_the
             kb.spawn(collector(old), name="collector-b")
             nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
-                await joined.wait()
-                (cb,) = clusters
-                await cb.names_published()
-                await ca.wait_for_name("collector-b")
-                await ka.send("collector-b", "before")
-                await until(lambda: old == ["before"])
+                cb = await _old_b_serving(joined, clusters, ka, ca, old)
                 monkeypatch.setattr(Cluster, "_read_own_record", slow_read)
                 async with ka.events() as events:
                     proxy.refuse("b")
-                    async for event in events:
-                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
-                            break
+                    await _b_unreachable(events)
                 await later.start()
                 later_prefix = uuid.UUID(later.ids["collector-b"]).int >> 64
                 await until(lambda: ca.member_list()[1].id_prefix == later_prefix)
@@ -378,18 +386,11 @@ async def test_a_batch_queued_to_a_cut_off_process_for_its_successor_is_not_hand
             kb.spawn(collector(old), name="collector-b")
             nursery.start_soon(_old_b, kb, proxy.url, clusters, raised, joined, left)
             with trio.fail_after(90):  # a hang guard (the child's imports are slow)
-                await joined.wait()
-                (cb,) = clusters
-                await cb.names_published()
-                await ca.wait_for_name("collector-b")
-                await ka.send("collector-b", "before")
-                await until(lambda: old == ["before"])
+                cb = await _old_b_serving(joined, clusters, ka, ca, old)
                 async with ka.events() as events:
                     for role, upstream in ways:
                         proxy.stall("b", role, upstream=upstream)
-                    async for event in events:
-                        if event.kind is EventKind.UNREACHABLE and event.name == "node:b":
-                            break
+                    await _b_unreachable(events)
                 await later.start()
                 later_id = uuid.UUID(later.ids["collector-b"])
                 await until(lambda: ca.member_list()[1].id_prefix == later_id.int >> 64)
