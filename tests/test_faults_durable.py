@@ -1081,11 +1081,27 @@ async def test_a_look_whose_consumer_s_clock_runs_ahead_deletes_none_of_a_stream
     times (the stream's leader's clock) against the time of the consumer's state (the
     consumer's leader's, another server's in a cluster): with that clock 5 s ahead, the
     new stream's message stored under a second after the state was read looked older,
-    was deleted and counted dead, never handled. A message stored within
-    ``_SKEW_MARGIN`` (60 s) of the state's time is now taken only while the consumer is
-    still the one read (its ``created``). (On main's _durable.py swapped in, as the
+    was deleted and counted dead, never handled. A message stored within 60 s of the
+    state's time is now taken only while the consumer is still the one read (its
+    ``created``; any message since the fifty-seventh pass). (On main's _durable.py swapped in, as the
     fifty-fifth pass's test with the clock 5 s ahead: ``consumer_max_deliver`` 1.)"""
     _skewed(monkeypatch, 5.0)
+    await _look_as_the_stream_is_made_anew(nats, monkeypatch)
+
+
+@pytest.mark.parametrize("ahead", [120.0, 3600.0])
+async def test_a_look_whose_consumer_s_clock_runs_far_ahead_deletes_none_of_a_stream_made_anew(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, ahead: float
+) -> None:
+    """Fifty-seventh pass: the fifty-sixth took a message stored 60 s or more before the
+    time of the consumer's state on its time alone; with the consumer's leader's clock
+    120 s or an hour ahead of the stream's leader's, the new stream's message stored a
+    second after the state was read looked two minutes (an hour) older, and a look
+    under way as the stream was made anew deleted it and counted it dead, never
+    handled. A look now takes a message only while the consumer is still the one read
+    (its ``created``), whatever the times say. (On main's _durable.py swapped in:
+    ``consumer_max_deliver`` 1, ``assert 1 == 0``, at both.)"""
+    _skewed(monkeypatch, ahead)
     await _look_as_the_stream_is_made_anew(nats, monkeypatch)
 
 

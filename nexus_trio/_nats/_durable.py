@@ -80,7 +80,7 @@ import sys
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar, final
 
 import attrs
@@ -230,10 +230,6 @@ def _hops(jsmsg: NatsMsg) -> int:
 #: refuses a heartbeat above half the poll's wait)
 FETCH_WAIT: Final = 1.0
 FETCH_HEARTBEAT: Final = 0.25
-#: seconds of clock skew between two JetStream servers a look tolerates (see
-#: DurableChannel._made_anew_since): a message it reads stored this long before the
-#: server's time of its consumer's state is of the stream that state bounds, unasked
-_SKEW_MARGIN: Final = 60.0
 #: JetStream's error code for a publish its stream's store refused (``JSStreamStoreFailedF``):
 #: past one of the stream's limits with discard new, or another store failure (a store
 #: closed by a delete or a shutdown, a disk error), told apart by its description only
@@ -3309,22 +3305,21 @@ class DurableChannel:
 
     async def _made_anew_since(self, node: str, state: _ConsumerState, stored: Any) -> bool:
         """Whether ``stored``, a message a look read, may be of a stream made anew since
-        ``node``'s consumer's ``state`` was read (asyncio side; see :meth:`_stranded`).
-        One stored ``_SKEW_MARGIN`` s or more before the server's time of that state is of
-        the stream read; one stored later, or when a time is not said, is if the
-        consumer is still the one read (its ``created``: a stream made anew has a
-        consumer made anew), one CONSUMER.INFO more. Before the fifty-sixth pass any
-        message stored after the state's time ended the look: two servers' clocks
-        compared (the stream's leader stamps a message, the consumer's leader the
-        answer), a skew of ``d`` s narrowed it. Measured, the time of the answer moved
-        by ``d``: behind by 3,600 s, a message given up 1 s before was not counted in
-        15 s (left to a look an hour later); ahead by 5 s, a look under way as the stream
-        was made anew deleted the new stream's message and counted it dead, never
-        handled (``consumer_max_deliver`` 1). Now a skew under ``_SKEW_MARGIN`` changes
-        nothing; past it, ahead, the margin no longer covers the made-anew stream."""
-        margin = timedelta(seconds=_SKEW_MARGIN)
-        if state.at is not None and stored.time is not None and stored.time <= state.at - margin:
-            return False
+        ``node``'s consumer's ``state`` was read (asyncio side; see :meth:`_stranded`):
+        it is of the stream read if the consumer is still the one read (its ``created``:
+        a stream made anew has a consumer made anew), one CONSUMER.INFO more; when a
+        server does not say ``created``, if it was stored before the server's time of
+        that state. Before the fifty-sixth pass any message stored after the state's
+        time ended the look: two servers' clocks compared (the stream's leader stamps a
+        message, the consumer's leader the answer), a skew of ``d`` s narrowed it.
+        Measured, the time of the answer moved by ``d``: behind by 3,600 s, a message
+        given up 1 s before was not counted in 15 s (left to a look an hour later);
+        ahead by 5 s, a look under way as the stream was made anew deleted the new
+        stream's message and counted it dead, never handled (``consumer_max_deliver``
+        1). The fifty-sixth pass took a message stored 60 s or more before the state's
+        time on its time alone: with the consumer's leader 120 s or 3,600 s ahead, the
+        same look deleted the new stream's message and counted it dead again
+        (fifty-seventh pass); no time is trusted now where ``created`` is said."""
         try:
             now = await self._consumer_state(node)
         except nats.js.errors.NotFoundError:
