@@ -455,6 +455,23 @@ def test_the_pages_that_list_the_dead_letter_reasons_list_every_one(name: str) -
     assert missing == set(), f"dead-letter reasons missing from docs/{name}: {missing}"
 
 
+def test_the_send_durable_row_names_every_stream_limit_a_refusal_names() -> None:
+    """Fifty-seventh pass: the delivery table's row for ``send_durable`` said the stream
+    refused a message only when full past its ``max_messages``; a refusal names each
+    limit of the stream JetStream refuses past (an operator's ``max_bytes`` or
+    ``max_msgs_per_subject`` with discard new), which the row now names too. (On main:
+    ``{'max_bytes', 'max_msgs_per_subject'}`` missing.)"""
+    from nexus_trio._nats import _durable
+
+    page = (DOCS / "distributed.md").read_text(encoding="utf-8")
+    row = next(line for line in page.splitlines() if line.startswith("| **durable** ("))
+    named = {
+        "max_messages" if limit == "max_msgs" else limit for limit in _durable._LIMITS_SAID.values()
+    }
+    missing = {limit for limit in named if f"`{limit}`" not in row}
+    assert missing == set(), f"stream limits the send_durable row does not name: {missing}"
+
+
 #: what docs/bridges.md tells a user without nexus_trio to do with the Python bridge file
 COPY_THE_BRIDGE = re.compile(
     r"copy\s+(?:the\s+file|`(?P<source>[\w/.-]+)`)\s+next\s+to\s+your\s+agent\s+as\s+"
