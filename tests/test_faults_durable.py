@@ -187,6 +187,33 @@ async def test_a_durable_message_its_node_crashed_on_is_handled_by_the_node_s_ne
     )
 
 
+async def test_a_join_whose_durable_stream_jetstream_refuses_says_why_not_stream_not_found(
+    nats: NatsServer,
+) -> None:
+    """Fifty-seventh pass: a node makes the durable stream unless it is there, and took
+    any refusal of the make for a stream there with other settings, reading it: with an
+    operator's stream on ``<prefix>.durable.x.>`` (JetStream refuses overlapping
+    subjects) the join failed with that read's ``NotFoundError``, ``stream not found``,
+    the refusal lost. It fails now with JetStream's refusal, naming the stream and its
+    subjects. (On main's _stream_caps.py swapped in: ``nats.js.errors.NotFoundError``,
+    ``description='stream not found'``, raised through ``pytest.raises``.)"""
+    from nats.js.api import StreamConfig
+    from nats.js.errors import BadRequestError
+
+    off = DurableOptions(enabled=False)
+    async with local_node(nats.url, "op", durable=off) as (_kernel, op):
+        subjects = [f"{op.prefix}.durable.x.>"]
+        await call_aio(op.data_js.add_stream, StreamConfig(name="other", subjects=subjects))
+    with pytest.raises(BadRequestError) as refused:
+        async with local_node(nats.url):
+            pass
+    assert refused.value.err_code == 10065
+    assert refused.value.description == (
+        "JetStream refused to make the stream 'nexus-durable' (subjects nexus.durable.>):"
+        " subjects overlap with an existing stream"
+    )
+
+
 async def test_a_durable_message_in_hand_when_the_node_s_consumer_is_deleted_is_handled_once(
     nats: NatsServer,
 ) -> None:

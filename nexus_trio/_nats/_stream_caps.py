@@ -168,11 +168,27 @@ class StreamCaps:
         unless it is there; one there with other settings (another node's options, an
         earlier version's) read and used as it is, its limit lifted (see :meth:`lift`).
         One request where the make answers (its answer carries the stream's info).
-        Asyncio side."""
+        A make refused while no such stream is there is refused for what JetStream said
+        (another stream's subjects overlapping, a setting out of its range): raised as
+        that, naming the stream and its subjects (until the fifty-seventh pass the read
+        that followed it was raised, ``NotFoundError``, ``stream not found``, and the
+        refusal lost: measured, a join beside an operator's stream on
+        ``<prefix>.durable.x.>``). Asyncio side."""
         try:
             info = await within_account(js.add_stream, js, config, self.account)
-        except nats.js.errors.BadRequestError:
-            return await self.lift(js, await js.stream_info(config.name))
+        except nats.js.errors.BadRequestError as refused:
+            try:
+                there = await js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                raise nats.js.errors.BadRequestError(
+                    code=refused.code,
+                    err_code=refused.err_code,
+                    description=(
+                        f"JetStream refused to make the stream {config.name!r} (subjects"
+                        f" {', '.join(config.subjects or [])}): {refused.description}"
+                    ),
+                ) from refused
+            return await self.lift(js, there)
         self.check(info)
         return info
 
