@@ -65,6 +65,9 @@ RESIZE: Final = "$resize"
 #: how much of a user's exception (a key function's, a worker's ``on_start``) a pool's
 #: error shows (:func:`~nexus_trio._brief.brief`: the repr, cut; as a process agent's)
 ERROR_TEXT: Final = 200
+#: how much of a value from outside (a ``$resize``'s size, an argument of :func:`pool`)
+#: an error shows (see :func:`_shown`)
+VALUE_TEXT: Final = 60
 
 #: the most workers a pool grows to by default (see :func:`pool`'s ``max_size``)
 DEFAULT_MAX_SIZE: Final = 1024
@@ -89,9 +92,20 @@ def _to_routing(value: Any) -> PoolRouting:
     return enum_member(PoolRouting, value, "pool routing")
 
 
+def _shown(value: Any) -> str:
+    """A value from outside as an error shows it: its repr, cut; an integer too long for
+    that (past 60 digits; past 4,300 ``repr`` raises ``ValueError``, which the router
+    raised in its error's place and was restarted for) by its size."""
+    if value.__class__ is int and value.bit_length() > 200:
+        sign = "a negative" if value < 0 else "an"
+        # (log10(2) digits a bit: within a digit, without building the text)
+        return f"{sign} integer of about {fmt_count(value.bit_length() * 0.30103)} digits"
+    return brief(value, VALUE_TEXT)
+
+
 def _check_size(size: Any, what: str = "pool size") -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {size!r}")
+        raise ValueError(f"{what} must be an integer >= 1, got {_shown(size)}")
     return size
 
 
@@ -325,7 +339,7 @@ def pool(
     elif key is not None:
         raise ValueError(f"key= is only used by consistent_hash routing, not {mode.value!r}")
     if isinstance(virtual_nodes, bool) or not isinstance(virtual_nodes, int) or virtual_nodes < 1:
-        raise ValueError(f"virtual_nodes must be an integer >= 1, got {virtual_nodes!r}")
+        raise ValueError(f"virtual_nodes must be an integer >= 1, got {_shown(virtual_nodes)}")
     if supervision is None:
         supervision = Supervisor()
     elif not isinstance(supervision, Supervisor):
@@ -335,7 +349,9 @@ def pool(
     if max_size is None:
         max_size = max(size, DEFAULT_MAX_SIZE)
     elif isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < size:
-        raise ValueError(f"max_size must be an integer >= size, {size}, got {max_size!r}")
+        raise ValueError(
+            f"max_size must be an integer >= size, {_shown(size)}, got {_shown(max_size)}"
+        )
     plan = _PoolPlan(worker_spec, size, mode, key, virtual_nodes, supervision, max_size)
 
     def router() -> _PoolRouter:
@@ -640,7 +656,8 @@ class _PoolRouter(Agent):
             raise MessageFailed(str(exc)) from None
         if size > self.plan.max_size:
             raise MessageFailed(
-                f"pool {self.name!r}: {RESIZE} to {size} is past its max_size, {self.plan.max_size}"
+                f"pool {self.name!r}: {RESIZE} to {_shown(size)} is past its max_size,"
+                f" {_shown(self.plan.max_size)}"
             )
         if self.grows or self.resizes_waiting:
             # A grow's workers are starting: how many of them the pool keeps is not known
@@ -655,7 +672,7 @@ class _PoolRouter(Agent):
             room = ctx.kernel.mailbox_statistics(ctx.id).capacity
             if self.resizes_waiting >= room:
                 raise MessageFailed(
-                    f"pool {self.name!r}: {RESIZE} to {size} refused: {room} resizes already"
+                    f"pool {self.name!r}: {RESIZE} to {_shown(size)} refused: {room} resizes already"
                     " wait for a grow's workers to start (as many as the pool's mailbox holds)"
                 )
             self.resizes_waiting += 1

@@ -803,14 +803,20 @@ async def test_a_worker_looked_up_before_the_pool_started_is_not_found_saying_wh
         assert "has not started" not in str(missing.value)
 
 
+async def gated_pool(kernel: Kernel, seen: Record, gate: trio.Event, size: int, sent: int) -> None:
+    """Spawn a pool ``workers`` of ``size`` recording workers that wait on ``gate``, send it
+    the payloads ``0`` to ``sent - 1`` and wait until they are routed."""
+    kernel.spawn(pool(recording_worker(seen, gate), size=size))
+    for i in range(sent):
+        await kernel.send("workers", i)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_clock: Any) -> None:
     seen: Record = []
     gate = trio.Event()
     async with open_test_kernel() as kernel:
-        kernel.spawn(pool(recording_worker(seen, gate), size=3))
-        for i in range(3):
-            await kernel.send("workers", i)
-        await trio.testing.wait_all_tasks_blocked()
+        await gated_pool(kernel, seen, gate, size=3, sent=3)
         grown: list[int] = []
 
         async def grow() -> None:
@@ -878,6 +884,42 @@ async def test_a_pool_grows_no_further_than_its_max_size(autojump_clock: Any) ->
     with pytest.raises(ValueError, match="max_size must be an integer >= size, 5, got 4"):
         pool(recording_worker([]), size=5, max_size=4)
     assert big is not None
+
+
+async def test_a_resize_to_an_integer_too_long_to_show_fails_that_message_not_the_pool(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``{"$resize": 10**5000}`` (an int of more than 4,300 digits, whose
+    ``repr`` raises ``ValueError``) made the router's error message raise that
+    ``ValueError`` instead: not the ``MessageFailed`` a bad resize is, so the router
+    failed and was restarted, which restarts the pool fresh, and the work queued at its
+    workers was dead-lettered ``agent_stopped``. Now it is refused like any size past
+    ``max_size`` (or below 1), naming its size, and the pool goes on; ``pool()`` names
+    such an argument too, in place of the ``ValueError`` of its ``repr``."""
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        await gated_pool(kernel, seen, gate, size=2, sent=6)
+        for size, said in [
+            (10**5000, "$resize to an integer of about 5,000 digits is past its max_size, 1024"),
+            (-(10**5000), "$resize must be an integer >= 1, got a negative integer of about"),
+        ]:
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request("workers", {"$resize": size})
+            assert isinstance(info.value.error, MessageFailed)
+            assert f"pool 'workers': {said}" in str(info.value)
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(payload for _, payload in seen) == list(range(6))
+        assert kernel.stats().restarts == 0
+        assert kernel.stats().dead_letters_by_reason == {"handler_error": 2}
+    for options, said in [
+        ({"size": -(10**5000)}, "pool size must be an integer >= 1, got a negative integer"),
+        ({"max_size": -(10**5000)}, "max_size must be an integer >= size, 4, got a negative"),
+        ({"virtual_nodes": -(10**5000)}, "virtual_nodes must be an integer >= 1, got a negative"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            pool(recording_worker([]), **options)
 
 
 async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: Any) -> None:
