@@ -562,6 +562,7 @@ class Router:
         "_outside_waits",
         "_passed_on",
         "_pending",
+        "_query_waits",
         "_request_seq",
         "_send_turns",
         "_take_tell",
@@ -657,6 +658,10 @@ class Router:
         #: remote requester's cancel names the address it asked, and stops the handler
         #: where the query went (see expire_query)
         self._passed_on: dict[int, Address] = {}
+        #: queries a handler passed on (returned, as a pool's router does) that wait for
+        #: room at a full ``block`` mailbox, by the query id's 128-bit value: the scope of
+        #: the wait, which the requester's timeout or cancel ends (see expire_query)
+        self._query_waits: dict[int, trio.CancelScope] = {}
         #: queries the transport handed over whose answers go back to it, also when their
         #: sender is an agent here (a durable message from a local agent: its answer acks
         #: it), by the query id's 128-bit value, the last _TRANSPORT_ANSWERS_MEMORY
@@ -1203,7 +1208,10 @@ class Router:
             # transport's; anything else, 0: deliver.
             taken = self.route_now(msg)
             if not taken:
-                await self.deliver(msg, wait=True)
+                if msg.kind is _QUERY:
+                    await self._route_query(msg)
+                else:
+                    await self.deliver(msg, wait=True)
         except MailboxFull as exc:
             cell = self.local(msg.to)
             if cell is not None and cell.overflow is OverflowPolicy.REJECT:
@@ -1289,6 +1297,44 @@ class Router:
                 " (kernel.send): nothing waits for it"
             )
         return f"the answer of {who}: its recipient is no agent here"
+
+    async def _route_query(self, msg: Message) -> None:
+        """Route a query a handler passed on (a pool's router) that needs the slow path:
+        a wait for room there ends when its requester stops waiting, and the query is
+        dead-lettered as one still queued would be when it comes out (``request_timeout``,
+        or ``shutdown``), not held up to ``send_timeout`` and then dead-lettered
+        ``mailbox_full``, the routing agent (the whole pool) waiting for nobody meanwhile.
+        As a request to a full agent itself stops waiting for room at its timeout."""
+        key = id_value(msg)
+        if key in self.late_queries:
+            # (its requester gave up while the handler that passed it on still ran)
+            self._accept_dead(msg, *self._gave_up(key))
+            return
+        scope = trio.CancelScope()
+        waits = self._query_waits
+        waits[key] = scope
+        try:
+            with scope:
+                await self.deliver(msg, wait=True)
+        finally:
+            if waits.get(key) is scope:
+                del waits[key]
+        if scope.cancelled_caught:
+            # (a cancelled wait enqueued nothing: deliver uncounted it)
+            self._accept_dead(msg, *self._gave_up(key))
+
+    def _gave_up(self, key: int) -> tuple[DeadLetterReason, str]:
+        """The dead letter of query ``key``, not yet in a mailbox, whose requester stopped
+        waiting (see discard_queued)."""
+        if self._late_reasons.get(key) is DeadLetterReason.SHUTDOWN:
+            return (
+                DeadLetterReason.SHUTDOWN,
+                "the shutdown cancelled the requester before it was delivered",
+            )
+        return (
+            DeadLetterReason.REQUEST_TIMEOUT,
+            "the requester stopped waiting before it was delivered",
+        )
 
     def _accept_dead(
         self,
@@ -1913,6 +1959,12 @@ class Router:
         through the transport. True if a local handler was cancelled. ``reason``: the
         query's dead letter here (``shutdown`` for a requester the shutdown cancelled)."""
         self._mark_late(query_id, reason)
+        if self._query_waits:
+            # passed on by a handler here, waiting for room where it went: it waits no more
+            wait = self._query_waits.pop(query_id.int, None)
+            if wait is not None:
+                wait.cancel()
+                return False
         cell = self.local(to)
         routed = cell is not None
         if cell is None:

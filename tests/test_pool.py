@@ -328,6 +328,48 @@ async def test_least_loaded_counts_a_failed_or_timed_out_message_as_done(
         assert reasons == ["handler_error", "handler_timeout"]
 
 
+async def test_a_request_through_a_pool_waiting_for_room_at_a_worker_ends_at_its_timeout(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a request through a pool whose worker's ``block`` mailbox is full
+    waits for room there, in the router, which passed it on. When the requester stopped
+    waiting (its timeout, or a cancel), the router waited on for nobody up to
+    ``send_timeout`` (20 s here), routing nothing else meanwhile, then dead-lettered the
+    query ``mailbox_full``. Now the wait ends with the request, and the query is
+    dead-lettered ``request_timeout``, as one still queued at the worker would be (and as
+    a request straight to the full worker stops waiting for room at its timeout)."""
+    seen: Record = []
+    gate = trio.Event()
+    letters: list[tuple[Any, str, float]] = []
+    async with open_test_kernel(test_config(send_timeout_ms=20_000)) as kernel:
+        start = trio.current_time()
+
+        async def note_letters() -> None:
+            async with kernel.dead_letters() as stream:
+                async for letter in stream:
+                    now = trio.current_time() - start
+                    letters.append((letter.message.payload, letter.reason.value, now))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(note_letters)
+            worker = recording_worker(seen, gate).with_options(mailbox_capacity=1)
+            kernel.spawn(pool(worker, size=1))
+            for payload in ["in hand", "queued"]:
+                await kernel.send("workers", payload)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RequestTimeout):
+                await kernel.request("workers", "timed out", timeout=1)
+            with trio.move_on_after(1):
+                await kernel.request("workers", "cancelled", timeout=60)
+            await trio.sleep(25)  # past send_timeout, the worker still busy
+            gate.set()
+            await step_until_idle(kernel)
+            nursery.cancel_scope.cancel()
+        assert letters == [("timed out", "request_timeout", 1), ("cancelled", "request_timeout", 2)]
+        assert [payload for _, payload in seen] == ["in hand", "queued"]
+        assert_conserved(kernel)
+
+
 async def test_least_loaded_passes_over_a_full_worker_when_another_of_equal_load_has_room(
     autojump_clock: Any,
 ) -> None:
