@@ -2001,6 +2001,40 @@ def test_the_items_of_an_extra_s_lists_and_dicts_are_bounded_saying_how_many_wer
         assert line.endswith(" small=\"[1, (2, 3), {'k': 'v'}]\"")
 
 
+class _LongStr:
+    """A value of no JSON type whose ``str`` is 100,000 characters."""
+
+    def __str__(self) -> str:
+        return "o" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("kind", "kept"),
+    [("bytes", 4), ("objects", 4), ("ints", TRACEBACK_LIMIT // 3986 + 1)],
+)
+def test_the_bytes_objects_and_ints_of_an_extra_s_lists_count_in_its_character_bound(
+    kind: str, kept: int, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-seventh pass: only the strings and keys of an extra's lists and dicts were
+    counted in its ``TRACEBACK_LIMIT`` characters; a list of 500 ``bytes`` of 100 KB (or
+    of 500 values whose ``str`` is that long) wrote a ``json`` line of 8.2 MB, each cut
+    at ``FIELD_LIMIT`` only, and 1,000 ints of 4,000 digits one of 4 MB. Their written
+    length counts now (bytes by their length, an int by its digits, another value by its
+    ``str``, each at most ``FIELD_LIMIT``): the list ends with the items left out."""
+    values: dict[str, list[Any]] = {
+        "bytes": [b"b" * 100_000] * 500,
+        "objects": [_LongStr()] * 500,
+        "ints": [10**3999] * 1000,
+    }
+    stream = configured("json")
+    logging.getLogger("nexus_trio.x").info("m", extra={"xs": values[kind]})
+    assert len(stream.getvalue()) < 2 * TRACEBACK_LIMIT, len(stream.getvalue())
+    (record,) = json_lines(stream)
+    *written, said = record["xs"]
+    assert len(written) == kept
+    assert said == f"...[{len(values[kind]) - kept} items left out]"
+
+
 def _chained(n: int) -> None:
     try:
         if n:
