@@ -2099,6 +2099,32 @@ def test_the_pretty_traceback_is_bounded_in_code_names_chain_and_group(
         assert "...[25 more exceptions of the group not shown]" in " ".join(text.split())
 
 
+def test_the_pretty_traceback_lexes_at_most_code_lines_limit_lines_of_source_a_record(
+    tmp_path: Path, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-seventh pass: rich lexes a frame's file from its first line to the frame's,
+    anew for each frame: 22 frames at line 3,000 of a file took 62 s to log in the
+    ``pretty`` format (the chain case above, 10 exceptions of 2 frames at line 2,030,
+    19 s). The frames whose code would take rich past ``_CODE_LINES_LIMIT`` lines are
+    drawn without it, the innermost first drawn with it; each frame's file, line and
+    function stay."""
+    path = tmp_path / "deep_in_a_file.py"
+    filler = "".join(f"x_{i} = {i}\n" for i in range(2_000))
+    path.write_text(filler + "def fail(k):\n    if k: fail(k - 1)\n    raise ValueError('v')\n")
+    scope: dict[str, Any] = {}
+    exec(compile(path.read_text(), str(path), "exec"), scope)
+    stream = configured("pretty")
+    try:
+        scope["fail"](3)
+    except ValueError:
+        logging.getLogger("nexus_trio.x").exception("failed")
+    text = stream.getvalue()
+    assert text.replace("\n", "").count("deep_in_a_file.py:") == 4
+    # (rich marks a frame's own line in its code: ❱ 2003, the innermost; ❱ 2002 the rest)
+    drawn = re.findall(r"❱ (\d+)", text)
+    assert drawn == ["2002", "2003"], drawn
+
+
 class _Unwalkable(list[int]):
     """A list whose iteration raises (its ``repr`` does not iterate)."""
 
