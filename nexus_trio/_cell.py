@@ -642,9 +642,18 @@ class AgentCell(Child):
         """Return once nothing is queued or in hand, or the run has ended: a draining
         stop of an agent that spawned others (a pool's router) waits for it before they
         drain in their turn. Costs the serve loop nothing unless someone waits: the
-        ``interrupted`` flag takes it to :meth:`_went_idle` once the mailbox is empty."""
+        ``interrupted`` flag takes it to :meth:`_went_idle` once the mailbox is empty.
+        A run whose serve loop is over (its nursery gone: it failed, or ended itself,
+        and is still in its ``on_stop`` or stopping what it spawned) handles nothing
+        more: no wait then (until the fifty-seventh pass a second wait there, with
+        messages left queued, waited for an idle that never came, until the stop's
+        timeout: forever for an infinite one, the kernel's shutdown too)."""
         await trio.lowlevel.checkpoint()
-        if not (self.running and (self.mailbox.depth or self.current is not None)):
+        if not (
+            self.running
+            and self.nursery is not None
+            and (self.mailbox.depth or self.current is not None)
+        ):
             return
         idle = self._idle
         if idle is None:

@@ -1,0 +1,80 @@
+"""A draining stop of an agent that spawned others (a pool's router, a ``ctx.spawn``
+parent) whose run fails during the drain: the fifty-seventh pass's hunt (a fuzz driver of
+random trees, stops, failures and shutdowns under a ``MockClock``). Each test failed on
+the code before its fix.
+
+Everything runs on a ``MockClock(autojump_threshold=0)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import Agent, Context, DeadLetterReason, Message, agent, open_kernel
+from nexus_trio.testing import assert_conserved
+
+from .conftest import make_config
+
+
+class Parent(Agent):
+    """``b`` spawns ``e2`` as it starts; a message takes a second, ``boom`` fails the run.
+    Journals ``on_stop`` by the time."""
+
+    log: ClassVar[list[tuple[str, str, float]]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        if ctx.name == "b":
+            ctx.spawn(agent(Parent, name="e2"))
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        await trio.sleep(1.0)
+
+    async def on_stop(self, ctx: Context) -> None:
+        Parent.log.append(("on_stop", ctx.name or "?", trio.current_time()))
+
+
+@pytest.mark.parametrize("beside", [False, True])
+async def test_a_spawner_failing_during_its_draining_stop_stops_at_once(
+    autojump_clock: Any, beside: bool
+) -> None:
+    """``b`` (``shutdown_timeout`` 100 s) spawned ``e2``; ``b0``, ``boom`` and ``b2`` are
+    queued as ``kernel.stop("b", drain=True)`` comes (by the root's loop, or beside it
+    while the loop stops ``a``). ``b0`` is handled by 1 s, ``boom`` fails the run: the
+    stop is over then, ``e2``'s ``on_stop`` before ``b``'s, ``b2`` dead-lettered
+    ``agent_stopped``, and the call returns at 1 s. Before (fifty-seventh pass) the stop's
+    wait for ``b``'s queue (handed on before ``e2`` drains) waited a second time once the
+    run was over, for an idle that never came: the call returned at 100 s, ``b``'s
+    timeout (never, and the kernel's shutdown neither, for an infinite one)."""
+    Parent.log = []
+    returned: list[float] = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Parent, name="a", shutdown_timeout=100))
+        kernel.spawn(agent(Parent, name="b", shutdown_timeout=100))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("a", "a0")
+        for payload in ("b0", "boom", "b2"):
+            await kernel.send("b", payload)
+        async with trio.open_nursery() as nursery:
+            if beside:
+                nursery.start_soon(kernel.stop, "a")
+                await trio.testing.wait_all_tasks_blocked()
+
+            async def stop_b() -> None:
+                await kernel.stop("b", drain=True)
+                returned.append(trio.current_time())
+
+            nursery.start_soon(stop_b)
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert returned == [1.0]
+    assert [e for e in Parent.log if e[1] != "a"] == [("on_stop", "e2", 1.0), ("on_stop", "b", 1.0)]
+    assert [letter for letter in letters if letter[0] != "a0"] == [
+        ("boom", DeadLetterReason.HANDLER_ERROR),
+        ("b2", DeadLetterReason.AGENT_STOPPED),
+    ]
