@@ -985,10 +985,13 @@ class SupervisorNode(Child, ChildOwner):
             and self._inbox_send is not None
             and not child.terminating
             and child not in self._beside
+            and child is not self._stopping_one
         ):
-            # (a child stopped beside the loop is not marked terminating until what it
-            # spawned has stopped, or its drain handed on: an exit meanwhile is that
-            # stop's, as one once it is marked; queued, the loop, free, restarted it)
+            # (a child stopped beside the loop, or by the loop itself, is not marked
+            # terminating until what it spawned has stopped, or its drain handed on: an
+            # exit meanwhile is that stop's, as one once it is marked; queued, the loop,
+            # free, restarted it beside, and by the loop's own stop its letters said
+            # plain ``agent stopped (stopped)``, not that its run failed)
             run = child.run
             if error is not None:
                 self._failures_queued[(child, run)] = error
