@@ -1401,6 +1401,9 @@ class SupervisorNode(Child, ChildOwner):
                 # starts now, asked to exit once its queue is handled, within the same
                 # timeout)
                 child.request_stop()
+                # (a draining stop asked once this one began without drain, a stop of
+                # what spawned it, does not bring the queue back: see Kernel.stop)
+                drains = child.drain_on_stop
                 timeout = self._stop_timeout(child)
                 if child.drain_on_stop:
                     # (it bounds the drain of what it spawns meanwhile: _drain_linked)
@@ -1439,7 +1442,8 @@ class SupervisorNode(Child, ChildOwner):
                             began=began,
                         )
                 elif (
-                    child.drain_on_stop
+                    drains
+                    and child.drain_on_stop
                     and child.has_queued()
                     and child.drain_ended is None
                     and not self.host.stopping()

@@ -8,6 +8,7 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import pytest
@@ -107,3 +108,41 @@ def test_a_spawner_failing_during_the_loop_s_draining_stop_says_its_run_failed()
     for _ in range(30):
         letters = trio.run(one, clock=trio.testing.MockClock(autojump_threshold=0))
         assert letters[1:] == [("b2", DeadLetterReason.AGENT_STOPPED, failed)]
+
+
+async def test_a_draining_stop_of_a_linked_child_its_parent_s_plain_stop_stops_says_so(
+    autojump_clock: Any,
+) -> None:
+    """``p`` spawned ``c``, which holds ``c0`` (in hand), ``c1`` and ``c2``;
+    ``kernel.stop("p")`` (no drain) stops ``c`` first, and half a second later
+    ``kernel.stop("c", drain=True)`` comes. The plain stop under way stands, as for a
+    draining stop after a plain one of the agent itself (Akka's ``PoisonPill`` queued
+    behind ``context.stop``): ``c0`` finished, ``c1`` and ``c2`` dead-lettered
+    ``agent_stopped``, ``agent stopped (parent_stopped)``. Before (fifty-seventh pass)
+    their detail said ``...: it ended its own run during its draining stop``, which it
+    did not."""
+
+    class Holder(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if ctx.name == "p":
+                ctx.spawn(agent(Holder, name="c"))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(1.0)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Holder, name="p", shutdown_timeout=100))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send("c", f"c{i}")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, "p")
+            await trio.sleep(0.5)
+            nursery.start_soon(functools.partial(kernel.stop, "c", drain=True))
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    stopped = "agent stopped (parent_stopped)"
+    assert letters == [
+        ("c1", DeadLetterReason.AGENT_STOPPED, stopped),
+        ("c2", DeadLetterReason.AGENT_STOPPED, stopped),
+    ]
