@@ -44,6 +44,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
+from nexus_trio._nats import _cluster as cluster_module
 from nexus_trio._nats import _kvops as kvops
 from nexus_trio._nats import _placement as placement_module
 from nexus_trio._nats import _wire as wire
@@ -1223,7 +1224,9 @@ async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
     from nats.js.kv import KeyValue
 
     real_get = KeyValue.get
+    real_probe = Cluster._end_if_unsubscribed
     reads: list[str] = []
+    probes: list[str] = []
 
     async def get_before_the_first_write(self: KeyValue, key: str, *args: Any, **kw: Any) -> Any:
         reads.append(key)
@@ -1231,9 +1234,19 @@ async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
             raise KeyNotFoundError()  # (read before the other wrote)
         return await real_get(self, key, *args, **kw)
 
+    async def probe_before_the_first_subscribed(
+        self: Cluster, listening: trio.CancelScope, wait: float
+    ) -> None:
+        probes.append(self.node)
+        if len(probes) == 1:
+            listening.cancel()  # (probed before the other subscribed: "no responders")
+        else:
+            await real_probe(self, listening, wait)
+
     async with _node(nats.url, "b", missed_heartbeats=10) as (_kb, cb):
         first = cb.id_prefix
         monkeypatch.setattr(KeyValue, "get", get_before_the_first_write)
+        monkeypatch.setattr(Cluster, "_end_if_unsubscribed", probe_before_the_first_subscribed)
         async with open_kernel(node_config()) as second:
             with (
                 trio.fail_after(30),
@@ -1242,6 +1255,7 @@ async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
                 async with join_cluster(second, nats.url, "b", options=NAMESAKE):
                     pytest.fail("a second node 'b' joined")
         assert reads.count("b") == 2  # read, refused write, read again
+        assert probes == ["b"]  # (the record read again is judged as any)
         text = str(refused.value)
         assert text.startswith("node name 'b' is taken: a live process heartbeats"), text
         assert f"id prefix {first:016x})" in text, text
@@ -1250,6 +1264,53 @@ async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
         assert kv is not None
         entry = await call_aio(kv.get, "b")
         assert decode_record(entry.value, monotonic(), "b").id_prefix == first
+
+
+async def test_a_live_member_whose_record_expired_unwritten_keeps_its_name(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a live member whose membership record writes wait (its asyncio loop
+    backed up behind its names writes and agents: a KV write's answer comes through it)
+    past the nodes bucket's TTL, its heartbeats on time on core NATS. Its record gone
+    from the bucket, a second process joined under its name without listening for its
+    heartbeat (no record: nothing to judge), and the live member, hearing the later
+    process and its record, left the cluster to it (``NodeReplaced``; a counted it
+    "restarted"). The join finds now that a process still subscribes to the name's
+    subjects (its probe is answered by no "no responders"), listens for that process's
+    heartbeat as for a record's, and is refused; the member keeps its name."""
+    async with (
+        _node(nats.url, "a", missed_heartbeats=10) as (_ka, ca),
+        _node(nats.url, "b", missed_heartbeats=10) as (_kb, cb),
+    ):
+        with trio.fail_after(30):
+            while ca.live_nodes() != ["a", "b"]:  # noqa: ASYNC110 (the watch: no event)
+                await trio.sleep(0.01)
+            release = trio.Event()
+
+            async def held(kv: Any, record: bytes) -> None:
+                await release.wait()  # (as behind a backed-up loop)
+
+            cb._write_record = held  # type: ignore[method-assign]
+            kv = cb._nodes_kv
+            assert kv is not None
+            while (await cb._read_own_record(kv))[0] is not None:  # noqa: ASYNC110 (a TTL: no event)
+                await trio.sleep(0.05)
+            # (another process: its own prefix)
+            monkeypatch.setattr(cluster_module, "process_id_prefix", lambda: 0xE2)
+            async with open_kernel(node_config()) as second:
+                with pytest.raises(ValueError, match="node name 'b' is taken") as refused:
+                    async with join_cluster(second, nats.url, "b", options=NAMESAKE):
+                        pytest.fail("a second node 'b' joined beside the live one")
+            release.set()
+            del cb._write_record  # (the loop no longer backed up)
+            text = str(refused.value)
+            assert text.startswith("node name 'b' is taken: a live process heartbeats"), text
+            assert f"id prefix {cb.id_prefix:016x})" in text, text
+            assert ca.live_nodes() == ["a", "b"]
+            assert [i.id_prefix for i in ca.member_list() if i.node == "b"] == [cb.id_prefix]
+            assert (ca.stats().replaced, ca.stats().nodes_lost) == (0, 0)
+            while (await cb._read_own_record(kv))[0] is None:  # noqa: ASYNC110 (a write: no event)
+                await trio.sleep(0.05)
 
 
 async def test_a_tell_sent_to_a_node_as_soon_as_its_record_is_seen_reaches_it(

@@ -6396,14 +6396,18 @@ class Cluster:
         kv = self._nodes_kv
         assert kv is not None
         record, revision = await self._read_own_record(kv) if held is None else held
-        if not record:
-            return revision
-        try:
-            holder = decode_record(record, monotonic(), self.node)
-        except ValueError:
-            return revision  # (not a kernel's record: nothing to judge it by)
-        if (holder.id_prefix, holder.session) == (self.id_prefix, self._session):
-            return revision
+        if record:
+            try:
+                holder = decode_record(record, monotonic(), self.node)
+            except ValueError:
+                return revision  # (not a kernel's record: nothing to judge it by)
+            if (holder.id_prefix, holder.session) == (self.id_prefix, self._session):
+                return revision
+        # No record: none was ever written, its process is gone (it expired), or a live
+        # process's writes of it wait past the bucket's TTL (its asyncio loop backed up,
+        # its heartbeats on time): listened for too unless no process subscribes to the
+        # name's subjects (NATS answers "no responders" at once: a first join waits no
+        # longer for it)
         heard: list[NodeInfo] = []
         alive = trio.Event()
 
@@ -6426,8 +6430,13 @@ class Cluster:
         try:
             opts = self.options
             interval = opts.heartbeat_interval
-            with trio.move_on_after(min(interval * opts.missed_heartbeats, 2 * interval + 1)):
-                await alive.wait()
+            wait = min(interval * opts.missed_heartbeats, 2 * interval + 1)
+            with trio.move_on_after(wait) as listening:
+                async with trio.open_nursery() as nursery:
+                    if not record:
+                        nursery.start_soon(self._end_if_unsubscribed, listening, wait)
+                    await alive.wait()
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), suppress(nats.errors.Error, OSError, ValueError):
                 await call_aio(sub.unsubscribe)
@@ -6439,6 +6448,19 @@ class Cluster:
                 " each node its own name"
             )
         return revision
+
+    async def _end_if_unsubscribed(self, listening: trio.CancelScope, wait: float) -> None:
+        """Cancel ``listening`` if no process subscribes to this node name's subjects: a
+        request on them (the sequence mark subject of session 0, no join's, which a live
+        process of the name takes and leaves) that NATS answers "no responders". One
+        that is taken is never answered: its wait ends with ``listening``'s."""
+        subject = wire.sequence_mark_subject(self.prefix, self.node, 0)
+        try:
+            await call_aio(self._control.request, subject, b"", timeout=wait + 1)
+        except nats.errors.NoRespondersError:
+            listening.cancel()
+        except (nats.errors.Error, OSError):
+            pass  # (a timeout, the connection gone: listened for to the end)
 
     def _tell_after_leave(self, msg: Message) -> str | None:
         """What the kernel, running on after this node left (or while it leaves, its
