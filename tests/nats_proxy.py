@@ -8,7 +8,9 @@ that node's new ones for a while (:meth:`NatsProxy.refuse`): what a network part
 between one process and the server does, the server and the other clients untouched;
 or stall one direction of one of its connections, mid-write, without closing it
 (:meth:`NatsProxy.stall`, :meth:`NatsProxy.resume`): a link that stops carrying bytes
-one way (a congested or flapping path) and then carries them again.
+one way (a congested or flapping path) and then carries them again; or lose some of the
+messages the server writes to one connection, whole, the link kept (:meth:`NatsProxy.lose`):
+what the server does to a slow consumer.
 Two threads a connection (one a direction, blocking): a slow end holds back its own
 direction only, as TCP does."""
 
@@ -26,6 +28,28 @@ class _Pair:
         self.server = server
         self.name: str | None = None  # (from the client's CONNECT)
         self.closed = False
+        self.seen = 0  # (messages to it that a loss rule of NatsProxy.lose matched)
+        self.pending = b""  # (the server's bytes to it not yet a whole message)
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """The whole protocol lines and messages the server wrote to the client, with
+        ``data`` read now; the rest waits for the next read."""
+        buf = self.pending + data if self.pending else data
+        out: list[bytes] = []
+        at = 0
+        while True:
+            end = buf.find(b"\r\n", at)
+            if end < 0:
+                break
+            size = 0
+            if buf.startswith((b"MSG ", b"HMSG "), at):
+                size = int(buf[buf.rfind(b" ", at, end) + 1 : end]) + 2
+            if len(buf) < end + 2 + size:
+                break
+            out.append(buf[at : end + 2 + size])
+            at = end + 2 + size
+        self.pending = buf[at:]
+        return out
 
     def node(self) -> str | None:
         parts = (self.name or "").split(":")
@@ -62,6 +86,10 @@ class NatsProxy:
         self._stalled: set[tuple[str, str, bool]] = set()
         self._resumed = threading.Condition(self._lock)
         self.held_back: dict[tuple[str, str, bool], int] = {}
+        #: (node, role) -> (subject part, every how many such messages one is lost)
+        self._losing: dict[tuple[str, str], tuple[bytes, int]] = {}
+        #: (node, role) -> the messages the server wrote to it that :meth:`lose` dropped
+        self.lost: dict[tuple[str, str], int] = {}
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -116,6 +144,33 @@ class NatsProxy:
             while key in self._stalled and not pair.closed and not self._closed:
                 self._resumed.wait(0.05)
         return data[half:]
+
+    def lose(self, node: str, role: str, subject: str, every: int) -> None:
+        """From now on, of the messages (``MSG``/``HMSG``) the server writes to ``node``'s
+        ``role`` connection whose subject contains ``subject``, drop each ``every``-th,
+        whole (the 1st, the ``every+1``-th, ...; counted in :attr:`lost`), the connection
+        and every other message kept; ``every=0`` stops it. The server-to-client direction
+        of every connection is read message by message for this (each a whole write)."""
+        with self._lock:
+            if every:
+                self._losing[(node, role)] = (subject.encode(), every)
+            else:
+                self._losing.pop((node, role), None)
+
+    def _losing_now(self, pair: _Pair, frame: bytes) -> bool:
+        """Whether the proxy drops ``frame``, a whole message the server wrote to ``pair``."""
+        key = (pair.node() or "", pair.role() or "")
+        with self._lock:
+            rule = self._losing.get(key)
+            if rule is None or not frame.startswith((b"MSG ", b"HMSG ")):
+                return False
+            if rule[0] not in frame.split(b" ", 2)[1]:
+                return False
+            pair.seen += 1
+            if (pair.seen - 1) % rule[1]:
+                return False
+            self.lost[key] = self.lost.get(key, 0) + 1
+            return True
 
     def nodes(self) -> list[str | None]:
         """The node of each connection open now (None: not named yet, or no node's)."""
@@ -179,6 +234,8 @@ class NatsProxy:
                             self.cuts[node] = self.cuts.get(node, 0) + 1
                             self._drop(pair)
                             return
+            if not upstream:
+                data = b"".join(f for f in pair.frames(data) if not self._losing_now(pair, f))
             try:
                 if self._stalled:
                     data = self._hold(pair, upstream, data, sink)

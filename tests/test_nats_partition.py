@@ -493,3 +493,46 @@ async def test_tells_numbered_for_a_process_restarted_unnoticed_are_counted_lost
                     assert old == ["before"]
     finally:
         proxy.close()
+
+
+async def test_tells_the_server_loses_in_part_are_each_handled_or_counted_lost_once(
+    nats: NatsServer,
+) -> None:
+    """Loss without a cut (what the server does to a slow consumer): the proxy drops
+    every 3rd message it would write to b's data connection for b's name (batches and
+    sequence marks alike, whole, the link kept) and every 2nd heartbeat of b to a. Of
+    a's 900 tells to ``collector-b`` each is handled once, in order, or counted once
+    in b's ``lost_in_transit`` (the gaps the next number or mark shows); the window's
+    credit comes back for both (200 more tells after the loss all arrive), and neither
+    node takes the other for lost. (Sound on 701a6638: the first hunt of loss by
+    dropped messages.)"""
+    assert nats.port is not None
+    proxy = NatsProxy(nats.port)
+    got: list[Any] = []
+    try:
+        async with _node(proxy.url, "a") as (ka, ca), _node(proxy.url, "b") as (kb, cb):
+            with trio.fail_after(30):  # a hang guard
+                kb.spawn(collector(got), name="collector-b")
+                await cb.names_published()
+                await ca.wait_for_name("collector-b")
+                proxy.lose("b", "data", ".node.b.", 3)
+                proxy.lose("a", "control", ".hb.b", 2)
+                for i in range(900):
+                    await ka.send("collector-b", i)
+                    if i % 50 == 49:
+                        await trio.sleep(0.01)  # (many batches, not a few big ones)
+                await until(lambda: len(got) + cb.stats().lost_in_transit >= 900)
+                lost = cb.stats().lost_in_transit
+                assert proxy.lost[("b", "data")] >= 3 and lost > 0
+                assert got == sorted(set(got)) and len(got) + lost == 900
+                proxy.lose("b", "data", ".node.b.", 0)
+                for i in range(900, 1100):
+                    await ka.send("collector-b", i)
+                await until(lambda: len(got) + lost >= 1100)
+                assert got[-200:] == list(range(900, 1100))
+                assert cb.stats().lost_in_transit == lost
+                await until(lambda: proxy.lost[("a", "control")] >= 5)  # (1 s of them)
+                assert (ca.stats().nodes_lost, cb.stats().nodes_lost) == (0, 0)
+                assert cb.stats().inbound_dropped == {}
+    finally:
+        proxy.close()
