@@ -1427,13 +1427,16 @@ async def _answer_connection(
     *,
     lines: _RequestLines | None = None,
     heads: dict[trio.CancelScope, float] | None = None,
+    reading: trio.CancelScope | None = None,
 ) -> None:
     """Read one request from ``stream`` and answer it with ``route``: a request that is
     no HTTP/1.x request is refused here (400, 431, 505), never routed. ``what`` names the
     server in the log lines (see serve_routes); ``lines`` throttles them (the endpoint's,
-    shared by its connections; None: this connection's own). ``heads``: while the request
-    head is read, the scope of that read and when it began are there (the endpoint
-    cancels the oldest to shed it: the connection is then closed without an answer)."""
+    shared by its connections; None: this connection's own). ``reading``: the scope the
+    request head is read in, in ``heads`` (with when the connection was accepted) until
+    the head is read (the endpoint cancels the oldest to shed it: the connection is then
+    closed without an answer, and counted in ``endpoint.shed`` here, only if the cancel
+    cut the read: a head read whole meanwhile is answered, and not counted)."""
     if lines is None:
         lines = _RequestLines()
 
@@ -1460,17 +1463,17 @@ async def _answer_connection(
 
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
-            if heads is None:
+            if reading is None or heads is None:
                 head, fits = await _read_head(stream)
             else:
-                with trio.CancelScope() as reading:
-                    heads[reading] = trio.current_time()
+                with reading:
                     try:
                         head, fits = await _read_head(stream)
                     finally:
                         heads.pop(reading, None)  # (gone already if shed)
                 if reading.cancelled_caught:
-                    return  # shed (counted by the endpoint): it asked for nothing yet
+                    endpoint.shed += 1
+                    return  # shed: it asked for nothing yet
             if not fits:
                 # an answer to HEAD has no body (RFC 9110 9.3.2), whatever it refuses
                 asks_head = _HEAD_METHOD.match(head) is not None
@@ -1689,13 +1692,18 @@ async def serve_routes(
     slots = trio.Semaphore(max_connections)
 
     lines = _RequestLines()
-    #: the connections reading their request head: the scope of the read, and when it
-    #: began (the oldest first)
+    #: the connections whose request head is not read yet: the scope of the read, and
+    #: when the connection was accepted (the oldest first). Put here by the accept, not
+    #: by the connection's task: the accept loop looks as the connection's task is only
+    #: started, and saw no head to wait for (at a limit of 1, or with the others' heads
+    #: all in, a silent connection was never shed: it held its slot for the 10 s).
     heads: dict[trio.CancelScope, float] = {}
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.SocketStream, reading: trio.CancelScope) -> None:
         try:
-            await _answer_connection(stream, route, counts, what, lines=lines, heads=heads)
+            await _answer_connection(
+                stream, route, counts, what, lines=lines, heads=heads, reading=reading
+            )
         finally:
             counts.open -= 1
             slots.release()
@@ -1730,9 +1738,10 @@ async def serve_routes(
                         slots.release()
                         break
                     if heads.get(oldest) == began:
+                        # (counted by the connection, if the cancel cuts its read: a loop
+                        # that stalled past the deadline may find its head in meanwhile)
                         oldest.cancel()
                         del heads[oldest]
-                        counts.shed += 1
                         # Its slot is waited for below (it is freed as the shed one
                         # closes): the next is shed only when the limit is met again.
                         # Looking again at once shed every connection 2 s old, for the
@@ -1764,7 +1773,9 @@ async def serve_routes(
                     raise
                 counts.accepted += 1
                 counts.open += 1
-                nursery.start_soon(handle, stream)
+                reading = trio.CancelScope()
+                heads[reading] = trio.current_time()
+                nursery.start_soon(handle, stream, reading)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

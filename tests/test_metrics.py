@@ -16,6 +16,7 @@ import pathlib
 import random
 import re
 import select
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
@@ -1554,6 +1555,65 @@ async def test_at_the_limit_one_connection_is_shed_for_each_one_let_in(
         assert endpoint.shed == 1
         silent.close()
         slow.close()
+
+
+async def test_at_a_limit_of_1_a_silent_connection_is_shed_for_the_scrape_behind_it(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (slowloris at a limit of 1): the endpoint put a connection among those
+    reading their head only once its task ran, and the accept loop looked as the task was
+    only started: it saw no head to wait for and waited for a free slot, for good. A
+    silent connection, the limit's last (the only one at ``max_connections=1``, or with
+    the others' heads all in), was never shed: the scrape behind it waited the 10 s a
+    request may take. Now the accept puts it there: shed 2 s after its accept."""
+    async with limited_endpoint(mock_clock, 1) as (port, _, endpoint):
+        silent = await connected(port)
+        await settle()
+        mock_clock.jump(2.5)
+        await settle()
+        scrape = await trio.open_tcp_stream("127.0.0.1", port)
+        await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle()
+        assert select.select([silent], [], [], 0)[0] == [silent]  # closed, not held
+        assert await silent.recv(100) == b""  # without an answer
+        async with scrape:
+            assert (await scrape.receive_some(65536)).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert (endpoint.accepted, endpoint.shed) == (2, 1)
+        silent.close()
+
+
+async def test_a_head_read_whole_as_the_loop_stalls_past_2_s_is_answered_and_not_counted_shed(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the accept loop counted a shed as it cancelled the oldest head's read;
+    after a stall of the loop past the 2 s, that read may have its head meanwhile (the
+    cancel then cuts nothing: the request is answered), yet it was counted shed (here
+    ``shed`` 1 with every connection answered or open). Now a shed is counted by the
+    connection whose read the cancel cut: ``shed`` is the connections closed without an
+    answer. (Which of the two woken tasks runs first is Trio's choice, about even: 12
+    runs make the old count's miss near certain, 1 in 4,096 to pass.)"""
+    for _ in range(12):
+        async with limited_endpoint(mock_clock, 2) as (port, _, endpoint):
+            with (
+                socket.create_connection(("127.0.0.1", port)) as slow,
+                socket.create_connection(("127.0.0.1", port)) as silent,
+            ):
+                slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                await settle()
+                # The rest of the head comes as the loop stalls past both connections' 2 s.
+                slow.sendall(b"\r\n")
+                mock_clock.jump(2.5)
+                await settle()
+                answer = b""
+                while chunk := slow.recv(65536):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+                await settle()
+                # The silent one may be shed (at the limit, over 2 s old) or kept.
+                silent_shed = select.select([silent], [], [], 0)[0] == [silent]
+                if silent_shed:
+                    assert silent.recv(100) == b""
+                assert endpoint.shed == int(silent_shed)
 
 
 async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
