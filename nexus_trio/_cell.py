@@ -201,13 +201,14 @@ def _serve_batches(
                 if traceback is None or traceback.tb_next is None:
                     raise
                 traceback = None  # (its frames: not kept by the kernel's generator)
+                ledger.record_failure(start)  # (counted failed: see _ends_kernel)
                 box[1] = exc
                 box[2] = msg
                 box[3] = left - 1  # (``left`` counted this message: the rest is one less)
                 outcome = _FAILED
                 break
             except BaseException as exc:
-                if isinstance(exc, Exception):
+                if isinstance(exc, Exception) or _ends_kernel(exc):
                     # (a failure, counted in ``failed``: its time too, when sampled;
                     # not a cancel nor a Ctrl-C)
                     ledger.record_failure(start)
@@ -432,6 +433,17 @@ def _interrupt_in(raised: BaseException) -> KeyboardInterrupt | None:
             if found is not None:
                 return found
     return None
+
+
+def _ends_kernel(exc: BaseException) -> bool:
+    """Whether a handler's ``exc`` is what is no Exception, nor a cancel nor a Ctrl-C
+    (``sys.exit()``, a ``BaseException`` of the app's own), alone or in a group with
+    cancels (one the handler's own nursery raised): a failure that goes on up and ends
+    the kernel, its message dead-lettered ``handler_error`` and counted failed."""
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        return not (rest is None or isinstance(rest, Exception) or _interrupt_in(rest))
+    return not isinstance(exc, (Exception, trio.Cancelled, KeyboardInterrupt))
 
 
 def _foreign_cancel(exc: BaseException) -> RuntimeError | None:
@@ -1505,9 +1517,10 @@ class AgentCell(Child):
             # the handler's own error (the scope, not cancelled, is left all the same)
             self._handler_raised(msg, foreign)
             return True
-        if not isinstance(exc, (Exception, BaseExceptionGroup, trio.Cancelled, KeyboardInterrupt)):
-            # What the handler raised that is no Exception (``sys.exit()``): it goes on
-            # up and ends the kernel; its message was not cut short by a stop.
+        if _ends_kernel(exc):
+            # What the handler raised that is no Exception (``sys.exit()``), alone or in
+            # a group (a BaseExceptionGroup of its own nursery's tasks): it goes on up and
+            # ends the kernel; its message was not cut short by a stop.
             self._handler_ended_kernel(msg, exc)
             return False
         if not isinstance(exc, BaseExceptionGroup):

@@ -240,7 +240,8 @@ class Ledger:
             self.sample_mask = 63
 
     def record_failure(self, started: float | None) -> None:
-        """A handler call that raised an ``Exception`` (counted in ``failed``): its
+        """A handler call that failed (counted in ``failed``: it raised an ``Exception``,
+        or what is no Exception nor a cancel nor a Ctrl-C, ``sys.exit()``): its
         handling time goes into ``failed_latency`` if its start was sampled (``started``,
         the clock read as it began; None if not).
 

@@ -135,7 +135,10 @@ class _Halt(BaseException):
 
 
 @pytest.mark.parametrize("suspends", [False, True])
-@pytest.mark.parametrize("error", [SystemExit(3), GeneratorExit(), _Halt("halt")])
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(3), GeneratorExit(), _Halt("halt"), BaseExceptionGroup("g", [_Halt("halt")])],
+)
 async def test_a_handler_raising_what_is_no_exception_ends_the_kernel_its_message_dead_lettered_with_it(
     error: BaseException, suspends: bool, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -144,7 +147,11 @@ async def test_a_handler_raising_what_is_no_exception_ends_the_kernel_its_messag
     stops (each ``on_stop`` that is due runs once, queued messages dead-lettered), and
     ``open_kernel`` raises it in a group. Regression: its message was dead-lettered
     ``agent_stopped``, 'cancelled while being handled', as if a stop had cut its
-    handler short; it is ``handler_error``, with the exception."""
+    handler short; it is ``handler_error``, with the exception. Regression (fifty-seventh
+    pass): such a failure, counted in ``failed``, was not timed in
+    ``failed_handle_latency`` (count 0 for failed 1); and a ``BaseExceptionGroup`` of
+    one (a handler's own nursery's) was still dead-lettered ``agent_stopped`` and not
+    counted failed at all."""
     stops: list[str] = []
 
     class Keeper(Agent):
@@ -165,13 +172,15 @@ async def test_a_handler_raising_what_is_no_exception_ends_the_kernel_its_messag
         [("keeper", "in hand"), ("keeper", "queued")],
         ("quitter", "bye"),
     )
-    assert _leaves(raised) == [error]
+    assert _leaves(raised) == _leaves(error)
     assert stops == ["keeper"]
+    stats = kernel.stats()
+    assert (stats.failed, stats.failed_handle_latency.count) == (1, 1)
     letters = {letter.message.payload: letter for letter in kernel.recent_dead_letters()}
     assert sorted(letters) == ["bye", "in hand", "queued"]
     assert letters["bye"].reason.value == "handler_error"
     said = letters["bye"].error  # (a copy without the handler's frames)
-    assert type(said) is type(error) and said is not None and said.args == error.args
+    assert type(said) is type(error) and repr(said) == repr(error)  # (its args too)
     assert_conserved(kernel)
 
 
