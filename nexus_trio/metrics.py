@@ -208,7 +208,7 @@ class EndpointStats:
     #: ENOMEM, ENOBUFS); each is retried 0.1 s later
     accept_failures: int = 0
     #: times the endpoint had ``max_connections`` open and stopped accepting until one
-    #: closed (the next connections waited in the listen backlog)
+    #: closed, a connection waiting (it and the next waited in the listen backlog)
     limited: int = 0
     #: connections closed without an answer while the endpoint was at its limit, for not
     #: having sent a whole request head within 2 s (a client that sends nothing, or a
@@ -1712,6 +1712,12 @@ async def serve_routes(
     async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
+                # A connection waits in the backlog before a slot is taken for it: a loop
+                # that took one first held it while it waited in accept, and with two
+                # listeners (a host that is 127.0.0.1 and ::1) the other's connections
+                # met a limit that was not there: at a limit of 1 they waited for good, at
+                # 2 a lone connection was counted at the limit and shed 2 s after its accept.
+                await trio.lowlevel.wait_readable(listener.socket)
                 if slots.value == 0:
                     counts.limited += 1
                     if limit_log.due():

@@ -1295,12 +1295,14 @@ async def test_accept_failing_for_lack_of_descriptors_is_counted_retried_and_log
     async with open_test_kernel() as kernel:
         renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            port = await nursery.start(
                 lambda task_status: serve_metrics(
                     kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
                 )
             )
-            await trio.sleep(4.95)  # mock time: retries at 0.0, 0.1, ..., 4.9
+            # (a connection waits in the backlog: the endpoint accepts only then)
+            with socket.create_connection(("127.0.0.1", port)):
+                await trio.sleep(4.95)  # mock time: retries at 0.0, 0.1, ..., 4.9
             nursery.cancel_scope.cancel()
         values = samples((await renderer.render()).decode())
     assert attempts == 50  # every 0.1 s, not in a spin
@@ -1343,10 +1345,12 @@ async def test_serve_routes_names_its_server_in_every_log_line_and_error_answer(
     with monkeypatch.context() as patched:
         patched.setattr(trio.SocketListener, "accept", out_of_descriptors)
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            port = await nursery.start(
                 functools.partial(serve_routes, what="group metrics"), broken, "127.0.0.1", 0
             )
-            await trio.sleep(0.05)
+            # (a connection waits in the backlog: the endpoint accepts only then)
+            with socket.create_connection(("127.0.0.1", port)):
+                await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     data = await exchanged(
         functools.partial(
@@ -1527,14 +1531,14 @@ async def test_at_the_limit_one_connection_is_shed_for_each_one_let_in(
     looked again, so it went on to the next (shed 2 of 2 here, where one made the room).
     A slow client that had sent part of its head lost its connection for nobody. Now
     one is shed, its slot waited for, and the next only when the limit is met again."""
-    async with limited_endpoint(mock_clock, 3) as (port, _, endpoint):
+    async with limited_endpoint(mock_clock, 2) as (port, _, endpoint):
         silent = await connected(port)
         await settle()
         mock_clock.jump(0.5)
         slow = await connected(port)
         await slow.send(b"GET /hea")  # a slow client: part of its head
         await settle()
-        mock_clock.jump(4.5)  # both over 2 s old, below the limit: both kept
+        mock_clock.jump(4.5)  # both over 2 s old, at the limit but none waits: both kept
         await settle()
         assert (endpoint.open, endpoint.shed) == (2, 0)
         scrape = await trio.open_tcp_stream("127.0.0.1", port)
@@ -1597,6 +1601,7 @@ async def test_a_head_read_whole_as_the_loop_stalls_past_2_s_is_answered_and_not
             with (
                 socket.create_connection(("127.0.0.1", port)) as slow,
                 socket.create_connection(("127.0.0.1", port)) as silent,
+                socket.create_connection(("127.0.0.1", port)),  # waits: the limit is met
             ):
                 slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
                 await settle()
@@ -1614,6 +1619,33 @@ async def test_a_head_read_whole_as_the_loop_stalls_past_2_s_is_answered_and_not
                 if silent_shed:
                     assert silent.recv(100) == b""
                 assert endpoint.shed == int(silent_shed)
+
+
+async def test_with_two_listeners_an_idle_one_holds_no_slot_of_the_limit(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each listener's accept loop took a slot of ``max_connections`` before
+    it waited in accept, so with two listeners (a host that is both 127.0.0.1 and ::1,
+    as ``localhost`` is on many hosts) the idle one held a slot: at a limit of 1 the
+    other's connections waited for good (here the second scrape, whichever listener
+    held it), and at a limit of 2 a lone connection was counted at the limit and shed.
+    A slot is now taken once a connection waits."""
+    open_listeners = trio.open_tcp_listeners
+
+    async def two(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
+        first = await open_listeners(port, host="127.0.0.1")
+        return first + await open_listeners(first[0].socket.getsockname()[1], host="127.0.0.2")
+
+    monkeypatch.setattr(trio, "open_tcp_listeners", two)
+    async with limited_endpoint(mock_clock, 1) as (port, _, endpoint):
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port)) as scrape:
+                scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                await settle()
+                assert select.select([scrape], [], [], 0)[0] == [scrape]  # answered
+                assert scrape.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+            await settle()  # (its close seen: its slot free)
+        assert (endpoint.accepted, endpoint.limited, endpoint.shed) == (2, 0, 0)
 
 
 async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
