@@ -2549,6 +2549,33 @@ def test_health_does_not_follow_a_redirect_and_says_where_it_pointed(code: int) 
 
 
 @pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"300 X", "300 Multiple Choices (ours never answers 3xx"),
+        (b"304 X", "304 Not Modified (ours never answers 3xx"),
+        (
+            b"305 X\r\nLocation: http://p:1/",
+            "305 Use Proxy, Location 'http://p:1/' (ours never answers 3xx",
+        ),
+        (b"301 X", "301 redirects without a Location (not followed: ours never redirects"),
+    ],
+    ids=["300", "304", "305", "301 without Location"],
+)
+def test_health_names_a_3xx_that_is_no_redirect_by_its_status(answer: bytes, said: str) -> None:
+    """Fifty-seventh pass: every 3xx was said as a redirect, ``304 redirects to
+    'nowhere'``, ``305 redirects to 'http://p:1/'`` (a proxy to use, no place to go).
+    Only 301, 302, 303, 307 and 308 redirect (RFC 9110 section 15.4); another 3xx is
+    named by its status, and a redirect without a Location says so. Exit 1 either way."""
+    with _serving_once(_answer(answer, b"")) as port:
+        result = invoke(["health", "--port", str(port), "--timeout", "10"])
+    assert result.exit_code == 1, result.output
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: not a nexus metrics endpoint: {said}; is the port"
+        " the kernel's --metrics-port / [metrics] port?)"
+    )
+
+
+@pytest.mark.parametrize(
     ("bound", "probed"),
     [
         ("127.0.0.1", "127.0.0.1"),
@@ -2620,6 +2647,29 @@ def test_health_names_a_config_file_that_does_not_exist(isolated):
     assert "missing.toml" in flat(result.output)
 
 
+@contextlib.contextmanager
+def _serving_once(answer: bytes) -> Iterator[int]:
+    """A loopback port (yielded) whose first connection is answered ``answer`` (raw
+    bytes) once its request is read."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(timeout=30)
+
+
 def _answer(status: bytes, body: bytes) -> bytes:
     return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
 
@@ -2639,23 +2689,8 @@ def test_health_escapes_what_the_endpoint_sent(answer, status, expected):
     the terminal or the container's health log, and a line break followed by a line that
     looks like a healthy answer. What came from outside is escaped as log text is
     (`escape_control`): the answer is one line."""
-    import socket
-
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(4096)
-            conn.sendall(answer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        result = invoke(["health", "--port", str(listener.getsockname()[1]), "--timeout", "10"])
-    finally:
-        listener.close()
-        thread.join(timeout=30)
+    with _serving_once(answer) as port:
+        result = invoke(["health", "--port", str(port), "--timeout", "10"])
     assert result.exit_code == status, result.output
     assert result.output.count("\n") == 1 and result.output.endswith("\n"), repr(result.output)
     assert "\x1b" not in result.output and "\r" not in result.output and "\x07" not in result.output

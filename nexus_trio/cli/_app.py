@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import http
 import http.client
 import importlib
 import io
@@ -1278,16 +1279,7 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
                 outcome.append((response.status, body.decode("utf-8", "replace").strip(), ""))
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
-                location = cut(str(exc.headers.get("Location", "nowhere")), quoted=True)
-                outcome.append(
-                    (
-                        None,
-                        "",
-                        f"not a nexus metrics endpoint: {exc.code} redirects to {location}"
-                        " (not followed: ours never redirects; is the port the kernel's"
-                        " --metrics-port / [metrics] port?)",
-                    )
-                )
+                outcome.append((None, "", _not_ours_3xx(exc.code, exc.headers.get("Location"))))
                 return
             body = exc.read(_HEALTH_BODY_LIMIT).decode("utf-8", "replace").strip()
             outcome.append((exc.code, body, ""))
@@ -1308,6 +1300,33 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
     if not outcome:
         return None, "", f"unreachable: no whole answer within {timeout:g}s"
     return outcome[0]
+
+
+#: the redirects (RFC 9110 section 15.4): another 3xx (300 Multiple Choices, 304 Not
+#: Modified, 305 Use Proxy) points nowhere to go
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def _not_ours_3xx(code: int, location: str | None) -> str:
+    """What a 3xx answer to ``nexus health`` is said as: a redirect names where it points;
+    another 3xx (``304 Not Modified``, ``305 Use Proxy``) is named by its status, as it
+    points nowhere to follow (until the fifty-seventh pass each was said as a redirect,
+    ``304 redirects to 'nowhere'``). Ours never answers 3xx."""
+    if code in _REDIRECTS:
+        where = "without a Location" if location is None else f"to {cut(location, quoted=True)}"
+        what = f"{code} redirects {where} (not followed: ours never redirects"
+    else:
+        try:
+            what = f"{code} {http.HTTPStatus(code).phrase}"
+        except ValueError:  # (a code no RFC gives a name)
+            what = f"{code}"
+        if location is not None:
+            what += f", Location {cut(location, quoted=True)}"
+        what += " (ours never answers 3xx"
+    return (
+        f"not a nexus metrics endpoint: {what}; is the port the kernel's --metrics-port /"
+        " [metrics] port?)"
+    )
 
 
 class _NoSelfConnection(http.client.HTTPConnection):
