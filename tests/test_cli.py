@@ -2699,12 +2699,15 @@ def test_health_escapes_what_the_endpoint_sent(answer, status, expected):
 
 @contextlib.contextmanager
 def _answering(
-    answers: dict[str, tuple[int, bytes]], hosts: list[str] | None = None
+    answers: dict[str, tuple[int, bytes]], hosts: list[str] | None = None, *, at: str = "127.0.0.1"
 ) -> Iterator[int]:
-    """A web server on a free loopback port (yielded) answering each path of ``answers``
+    """A web server on a free port of ``at`` (yielded) answering each path of ``answers``
     with its status and body (read at each request), others 404; each request's ``Host``
     header is added to ``hosts`` if given."""
     import http.server
+
+    class Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6 if ":" in at else socket.AF_INET
 
     class Endpoint(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -2719,7 +2722,7 @@ def _answering(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Endpoint)
+    server = Server((at, 0), Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -2766,6 +2769,36 @@ def test_health_asks_an_international_host_in_its_idna_2008_ascii_form(
         "Invalid value for '--host': must be a host name or an address, got '☃.net'"
         " (Codepoint U+2603 at position 1 of '☃' not allowed)"
     ) in flat(refused.output)
+
+
+@pytest.mark.parametrize("no_proxy", ["::1", "[::1]", "localhost, 0:0:0:0:0:0:0:1"])
+def test_health_of_an_ipv6_host_no_proxy_names_does_not_go_through_the_proxy(
+    no_proxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-seventh pass: with ``http_proxy`` set and ``no_proxy=::1``, ``nexus health
+    --host ::1`` went through the proxy: urllib matched ``no_proxy`` against ``[::1]``,
+    the URL's host with its brackets, so no IPv6 entry ever matched (the proxy's answer
+    was taken for the endpoint's: healthy, or not). An IPv6 entry is matched with or
+    without brackets, as the same address, as curl does; an entry naming another
+    address leaves the check to the proxy."""
+    for name in ("HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxied: list[str] = []
+    with (
+        _answering({}, proxied) as proxy,
+        _answering({"/healthz": (200, b"ok\n")}, at="::1") as port,
+    ):
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy}")
+        monkeypatch.setenv("no_proxy", no_proxy)
+        direct = invoke(["health", "--host", "::1", "--port", str(port), "--timeout", "10"])
+        assert proxied == []
+        monkeypatch.setenv("no_proxy", "::2")
+        through = invoke(["health", "--host", "::1", "--port", str(port), "--timeout", "10"])
+    assert direct.exit_code == 0, direct.output
+    assert direct.stdout == f"http://[::1]:{port}/healthz: 200 ok\n"
+    assert through.exit_code == 1, through.output
+    assert "not a nexus metrics endpoint: 404" in flat(through.output)
+    assert proxied == [f"[::1]:{port}"]
 
 
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():

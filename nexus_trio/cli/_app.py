@@ -1265,7 +1265,9 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
     outcome: list[tuple[int | None, str, str]] = []
     where = urllib.parse.urlsplit(url).netloc
     nothing_there = f"unreachable: nothing is listening on {where} (connection refused)"
-    opener = urllib.request.build_opener(_NoSelfConnectionHandler(), _NoRedirectHandler())
+    opener = urllib.request.build_opener(
+        _NoSelfConnectionHandler(), _NoRedirectHandler(), _NoProxyForIPv6Handler()
+    )
 
     def get() -> None:
         try:
@@ -1327,6 +1329,42 @@ def _not_ours_3xx(code: int, location: str | None) -> str:
         f"not a nexus metrics endpoint: {what}; is the port the kernel's --metrics-port /"
         " [metrics] port?)"
     )
+
+
+class _NoProxyForIPv6Handler(urllib.request.ProxyHandler):
+    """The environment's proxy (``http_proxy``), except for a host ``no_proxy`` names, an
+    IPv6 address too. urllib matches ``no_proxy`` against the URL's host with its
+    brackets, ``[::1]``, so ``no_proxy=::1`` (as curl and most tools take it) never
+    matched ``http://[::1]:P/healthz``, and the check went through the proxy (until the
+    fifty-seventh pass): the proxy's answer said healthy, or unreachable. An IPv6 entry
+    of ``no_proxy`` is matched with or without brackets, as the same address (``::1``,
+    ``[::1]``, ``0:0:0:0:0:0:0:1``), as curl does."""
+
+    def proxy_open(self, req: urllib.request.Request, proxy: str, type: str) -> Any:
+        if _no_proxy_names_ipv6(req.host):
+            return None
+        return super().proxy_open(req, proxy, type)
+
+
+def _no_proxy_names_ipv6(hostport: str) -> bool:
+    """Whether ``hostport`` (``[::1]:9464``) is an IPv6 address an entry of the
+    environment's ``no_proxy`` names."""
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlsplit(f"//{hostport}").hostname or ""
+    entries = urllib.request.getproxies_environment().get("no", "")
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:  # (a name or an IPv4 address: urllib's match is right)
+        return False
+    for entry in entries.split(","):
+        try:
+            if ipaddress.IPv6Address(entry.strip().strip("[]").partition("%")[0]) == address:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 class _NoSelfConnection(http.client.HTTPConnection):
