@@ -6706,6 +6706,48 @@ def test_nexus_send_says_how_to_quote_a_bare_word_payload(payload: str, hinted: 
 
 
 @pytest.mark.parametrize(
+    ("payload", "said"),
+    [
+        (
+            "x" * 200,
+            "not JSON: Expecting value: line 1 column 1 (char 0) (a JSON string keeps"
+            f" its double quotes, inside the shell's: '\"{'x' * 200}\"')",
+        ),
+        (
+            "x" * 100_000,
+            "not JSON: Expecting value: line 1 column 1 (char 0) (a JSON string"
+            " keeps its double quotes, inside the shell's: '\"...\"')",
+        ),
+        (
+            "[" * 100_000,
+            "not JSON a message can carry: nested 100,000 levels deep, past the"
+            " JSON reader's recursion limit",
+        ),
+        (
+            '{"a": ' * 5_000 + "1" + "}" * 5_000,
+            "not JSON a message can carry: nested 5,000"
+            " levels deep, past the JSON reader's recursion limit",
+        ),
+    ],
+    ids=["a word of 200", "a word of 100,000", "[ 100,000 times", "objects 5,000 deep"],
+)
+def test_nexus_send_refuses_a_huge_or_too_deep_payload_in_one_short_line(
+    payload: str, said: str
+) -> None:
+    """Fifty-seventh pass: a payload nested deeper than json's reader goes (``[[[...``)
+    went out as its ``RecursionError``'s traceback, exit 1; and the hint for a bare word
+    wrote it whole, quoted: 20 MB on standard input with no quote made an error of 20 MB,
+    which rich took minutes to draw in its box. The depth is said as the bridge says a
+    line nested too deeply; a word past 200 characters is hinted as ``'"..."'``. Both
+    exit 2, before the agent starts."""
+    text = refused(*_code_and_output(send_cli(f"{sys.executable} {TOY}", payload)))
+    # (the box wraps a long word at its edge: compared without blanks)
+    error = "".join(text.partition("Invalid value for 'JSON': ")[2].split()).rstrip("╰─╯")
+    assert error == "".join(said.split()), text
+    assert len(text) < 400 + len(said), len(text)
+
+
+@pytest.mark.parametrize(
     ("payload", "as_json"),
     [
         ("{'a': 1}", '{"a": 1}'),

@@ -317,8 +317,15 @@ def _quote_hint(payload: str) -> str:
         or "'" in text  # (not shown inside single quotes then)
     ):
         return ""
-    quoted = json.dumps(text)
+    # (a long one is no word the shell took quotes from: written whole, 20 MB of
+    # standard input made an error of 20 MB, which took minutes to draw, until the
+    # fifty-seventh pass)
+    quoted = json.dumps(text) if len(text) <= _WORD_LIMIT else '"..."'
     return f" (a JSON string keeps its double quotes, inside the shell's: '{quoted}')"
+
+
+#: the longest bare word written whole, quoted, in the hint (a longer one is '"..."')
+_WORD_LIMIT: Final = 200
 
 
 #: the longest payload read as a Python literal for the hint (a larger one is not)
@@ -400,6 +407,12 @@ def _read_payload(payload: str) -> Any:
         value = json.loads(payload, parse_constant=_Unwritable, parse_float=number)
     except ValueError as exc:
         raise ValueError(f"not JSON: {exc}{_quote_hint(payload)}") from None
+    except RecursionError:
+        # (``[[[...``, 1,000 levels or more: the traceback of json's reader went out,
+        # exit 1, until the fifty-seventh pass)
+        from ..bridges.python import too_deep
+
+        raise ValueError(f"not JSON a message can carry: {too_deep(payload)}") from None
     places = _places(value, lambda item: item.text if isinstance(item, _Unwritable) else None)
     if places:
         raise ValueError(f"JSON has no NaN or Infinity: {places}")
