@@ -6033,7 +6033,7 @@ async def test_children_crashing_under_load_leave_no_descriptor_and_no_process(
             f"process_agent: command '{sys.executable} {TOY} 2> err.log' holds the shell"
             " operator '>', but no shell runs it (the operator would reach the program as an"
             " argument): leave it out (the agent's stderr goes to the kernel's log), or"
-            " give the command to a shell, as in 'sh -c \"...\"'",
+            f" give the command to a shell: sh -c '{sys.executable} {TOY} 2> err.log'",
         ),
         ({"cmd": f"{sys.executable} {TOY} | cat"}, ValueError, "holds the shell operator '|'"),
         ({"cmd": f"cd /tmp && {sys.executable} {TOY}"}, ValueError, "shell operator '&&'"),
@@ -6042,8 +6042,8 @@ async def test_children_crashing_under_load_leave_no_descriptor_and_no_process(
             {"cmd": f"NAME=x {sys.executable} {TOY}"},
             ValueError,
             " starts with the variable assignment 'NAME=x', but no shell runs it: put env"
-            " before it ('env NAME=x ...'), or set it in the environment (process_agent's"
-            " env=; for nexus run and nexus send, nexus's own)",
+            f" before it (env NAME=x {sys.executable} {TOY}), or set it in the environment"
+            " (process_agent's env=; for nexus run and nexus send, nexus's own)",
         ),
         (
             {"cwd": b"/tmp"},
@@ -6059,6 +6059,43 @@ def test_bad_arguments_are_refused_naming_the_problem(
     cmd = arguments.pop("cmd")
     with pytest.raises(error, match=re.escape(text)):
         process_agent(cmd, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("cmd", "hint"),
+    [
+        (
+            'prog -c "print(1)" | cat',
+            "give the command to a shell: sh -c 'prog -c \"print(1)\" | cat'",
+        ),
+        (
+            "prog -c 'print(2)' $HOME",
+            "give the command to a shell: sh -c 'prog -c '\"'\"'print(2)'\"'\"' $HOME'",
+        ),
+        ('X="a b" prog --n 1', "put env before it (env 'X=a b' prog --n 1)"),
+        ("X='say \"hi\"' prog", "put env before it (env 'X=say \"hi\"' prog)"),
+    ],
+    ids=[
+        "operator, a double quote",
+        "expansion, a single quote",
+        "assignment, a blank",
+        "assignment, a double quote",
+    ],
+)
+def test_a_shell_construct_s_hint_writes_a_command_that_a_shell_reads_as_meant(
+    cmd: str, hint: str
+) -> None:
+    """Fifty-seventh pass: the hints for a command string a shell would have read
+    otherwise (``nexus run --spawn``, ``nexus send``, ``process_agent``) said ``as in
+    'sh -c "..."'`` (a command holding a ``"`` breaks out of those quotes) and ``put env
+    before it ('env X=a b ...')`` for ``X="a b" prog`` (``env X=a b`` runs the program
+    ``b``). They write the command to give now, quoted as a shell reads it, and that
+    command, split as a shell does, is the one meant."""
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        process_agent(cmd)
+    given = hint.partition("sh -c ")[2] or hint.partition("(")[2].removesuffix(")")
+    meant = shlex.split(given)
+    assert meant == (["env", *shlex.split(cmd)] if meant[0] == "env" else [cmd])
 
 
 @pytest.mark.parametrize(

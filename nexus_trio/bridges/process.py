@@ -3021,13 +3021,17 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
     backticks, a glob such as ``*.py``, ``~/x``) or a comment (``# ...``) would reach it
     unexpanded, as text, and ``NAME=x cmd`` would be looked for as a program named
     ``NAME=x``. (Also for ``nexus run --spawn`` and ``nexus send``.)"""
+    # (the hints write the command to give, quoted as a shell reads it: until the
+    # fifty-seventh pass they said 'sh -c "..."' and 'env NAME=a b ...', which a command
+    # holding a " or an assignment with a blank broke: 'env X=a b' runs the program b)
     found = _shell_construct(cmd)
+    in_shell = f"sh -c {shlex.quote(cmd)}"
     if found is not None and found[0] == "operator":
         return (
             f"command {cmd!r} holds the shell operator {found[1]!r}, but no shell runs it"
             " (the operator would reach the program as an argument): leave it out (the"
-            " agent's stderr goes to the kernel's log), or give the command to a shell,"
-            " as in 'sh -c \"...\"'"
+            " agent's stderr goes to the kernel's log), or give the command to a shell:"
+            f" {in_shell}"
         )
     if found is not None:
         what, text = found
@@ -3038,14 +3042,14 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
         return (
             f"command {cmd!r} holds the {what} {text!r}, which a shell would {done}, but"
             f" no shell runs it (the program would get {text!r} as it is): {meant},"
-            " quote it ('...') to pass it as it is, or give the command to a shell, as in"
-            " \"sh -c '...'\""
+            f" quote it ('...') to pass it as it is, or give the command to a shell: {in_shell}"
         )
     if parts and _ASSIGNMENT.match(parts[0]):
         return (
             f"command {cmd!r} starts with the variable assignment {parts[0]!r}, but no"
-            f" shell runs it: put env before it ('env {parts[0]} ...'), or set it in the"
-            " environment (process_agent's env=; for nexus run and nexus send, nexus's own)"
+            f" shell runs it: put env before it ({shlex.join(['env', *parts])}), or set it"
+            " in the environment (process_agent's env=; for nexus run and nexus send,"
+            " nexus's own)"
         )
     return None
 
