@@ -977,6 +977,19 @@ import trio
 from nexus_trio import agent
 
 
+class Unshowable:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+async def main_exits_unshowable(kernel):
+    sys.exit(Unshowable())
+
+
+async def main_exits_huge(kernel):
+    sys.exit("x" * 1_000_000)
+
+
 async def main_exits(kernel):
     await kernel.send(kernel.spawn(echo), 1)
     sys.exit(3)
@@ -1026,6 +1039,11 @@ async def main_exits_beside_an_error(kernel):
         ("handler_exits", 4, "sys.exit(4)"),
         ("main_exits_0", 0, "sys.exit(None)"),
         ("main_exits_0_0", 1, "sys.exit(0.0)"),  # (Python exits 1 for 0.0 too)
+        # (fifty-seventh pass: Trio's repr() of the task's error raised, a
+        # TrioInternalError and a cascade of tracebacks, no summary; and 1 MB was
+        # written whole, in the summary and the log)
+        ("main_exits_unshowable", 1, "sys.exit(<repr() raised RuntimeError>)"),
+        ("main_exits_huge", 1, f"sys.exit('{'x' * 199}... (1,000,002 characters))"),
     ],
 )
 def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(

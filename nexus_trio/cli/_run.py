@@ -979,7 +979,16 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
     if kind == "main":
 
         async def main() -> None:
-            await target(kernel)
+            try:
+                await target(kernel)
+            except SystemExit as exc:
+                # Trio writes repr() of a task's error (its nursery's cancel reason): an
+                # argument whose repr() raises made that a TrioInternalError and a
+                # cascade of tracebacks, exit 1 (until the fifty-seventh pass). It exits
+                # with a stand-in that says so (status 1, as Python's for an object).
+                if isinstance(said := _code_shown(exc.code), _ReprFailed):
+                    raise SystemExit(said).with_traceback(exc.__traceback__) from None
+                raise
             state.request_stop("app finished")
 
         nursery.start_soon(main)
@@ -1054,7 +1063,7 @@ def _why_ended(exc: BaseException, state: _State) -> str:
     else the error (``failed: Type: message``)."""
     exc = _unwrap(exc)
     if isinstance(exc, SystemExit):
-        return f"sys.exit({exc.code!r})"
+        return f"sys.exit({_code_shown(exc.code)})"
     if isinstance(exc, _INTERRUPTS):
         return state.stopped_by or INTERRUPTED
     return f"failed: {_describe(exc)}"
@@ -1466,6 +1475,34 @@ def _is_worker(node: str) -> bool:
     return worker_node() == node
 
 
+class _ReprFailed(str):
+    """What an argument of ``sys.exit`` whose ``repr()`` raises is said as:
+    ``<repr() raised RuntimeError>``, itself as its repr (no quotes)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+#: the most of ``repr()`` of an argument of ``sys.exit`` the run's end shows (characters)
+_CODE_SHOWN: Final = 200
+
+
+def _code_shown(code: object) -> str:
+    """``code``, an app's ``sys.exit`` argument, as the run's end says it (the summary's
+    ``error``, its log line, ``STATUS=``): its ``repr()``, cut past 200 characters (one
+    of 1 MB was written whole, in the summary and the log, until the fifty-seventh
+    pass), or a :class:`_ReprFailed` if ``repr()`` raises (a Trio internal error then)."""
+    try:
+        text = repr(code)
+    except Exception as failure:  # (any: an app's object; a __repr__ that is no str too)
+        return _ReprFailed(f"<repr() raised {type(failure).__name__}>")
+    if len(text) <= _CODE_SHOWN:
+        return text
+    return f"{text[:_CODE_SHOWN]}... ({len(text):,} characters)"
+
+
 def _exit_status(exited: SystemExit) -> int:
     """The status Python exits with for ``exited``: None is 0, an integer that integer,
     anything else (a message, 0.0) 1."""
@@ -1509,7 +1546,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, SystemExit):
-        return f"SystemExit: sys.exit({exc.code!r}) in the app's code"
+        return f"SystemExit: sys.exit({_code_shown(exc.code)}) in the app's code"
     try:
         text = str(exc)
     except Exception as failure:  # (an app's error whose __str__ raises, or is no str)
