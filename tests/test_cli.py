@@ -990,6 +990,15 @@ async def main_exits_huge(kernel):
     sys.exit("x" * 1_000_000)
 
 
+class UnshowableError(Exception):
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+async def main_raises_unshowable(kernel):
+    raise UnshowableError("boom")
+
+
 async def main_exits(kernel):
     await kernel.send(kernel.spawn(echo), 1)
     sys.exit(3)
@@ -1069,6 +1078,31 @@ def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
         assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
     else:  # the log says what the status says
         assert "ERROR" in result.stderr, result.stderr
+
+
+def test_an_app_error_whose_repr_raises_fails_the_run_with_its_summary(isolated: Path) -> None:
+    """Fifty-seventh pass: an app's ``main`` that raised an error whose ``repr()``
+    raises crashed Trio (its nursery writes the repr of a task's error): a
+    TrioInternalError, a cascade of tracebacks, no summary. The run fails with its
+    summary now, the error named by its type and message, its own traceback logged as
+    the cause; exit 1."""
+    (isolated / "exiting_app.py").write_text(EXITING_APP)
+    sys.modules.pop("exiting_app", None)
+    try:
+        result = invoke(
+            ["run", "--app", "exiting_app:main_raises_unshowable", "-d", "30", "--json"]
+        )
+    finally:
+        sys.modules.pop("exiting_app", None)
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["stopped_by"], summary["conserved"]) == ("error", True)
+    assert summary["error"] == (
+        "AppErrorUnshowable: UnshowableError: boom (its repr() raises RuntimeError, which"
+        " Trio cannot take)"
+    )
+    assert "exiting_app.UnshowableError: boom" in result.stderr, result.stderr
+    assert "TrioInternalError" not in result.stderr, result.stderr
 
 
 def test_sys_exit_beside_an_error_of_the_app_ends_the_run_failed_with_its_summary(

@@ -989,6 +989,15 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
                 if isinstance(said := _code_shown(exc.code), _ReprFailed):
                     raise SystemExit(said).with_traceback(exc.__traceback__) from None
                 raise
+            except Exception as exc:
+                # (the same of an app's error whose repr() raises: the run fails with
+                # an error Trio can write, the app's as its cause)
+                if (unshowable := _repr_failure(exc)) is not None:
+                    raise AppErrorUnshowable(
+                        f"{type(exc).__qualname__}: {_str_of(exc)} (its repr() raises"
+                        f" {unshowable}, which Trio cannot take)"
+                    ) from exc
+                raise
             state.request_stop("app finished")
 
         nursery.start_soon(main)
@@ -1475,6 +1484,28 @@ def _is_worker(node: str) -> bool:
     return worker_node() == node
 
 
+class AppErrorUnshowable(RuntimeError):
+    """An app's error whose ``repr()`` raises, in its place (it is the cause): Trio
+    writes the repr of a task's error, and raised a TrioInternalError for it."""
+
+
+def _repr_failure(exc: BaseException) -> str | None:
+    """The name of what ``repr(exc)`` raises, or None if it does not."""
+    try:
+        repr(exc)
+    except Exception as failure:  # (any: an app's error)
+        return type(failure).__name__
+    return None
+
+
+def _str_of(exc: BaseException) -> str:
+    """``str(exc)``, or what says that it raised."""
+    try:
+        return str(exc)
+    except Exception as failure:  # (any: an app's error)
+        return f"<str() raised {type(failure).__name__}>"
+
+
 class _ReprFailed(str):
     """What an argument of ``sys.exit`` whose ``repr()`` raises is said as:
     ``<repr() raised RuntimeError>``, itself as its repr (no quotes)."""
@@ -1547,12 +1578,10 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, SystemExit):
         return f"SystemExit: sys.exit({_code_shown(exc.code)}) in the app's code"
-    try:
-        text = str(exc)
-    except Exception as failure:  # (an app's error whose __str__ raises, or is no str)
-        # (it replaced the app's error as the run's, with its traceback, and since the
-        # fifty-sixth pass as the why of STATUS=stopping too)
-        text = f"<str() raised {type(failure).__name__}>"
+    # (an app's error whose __str__ raises, or is no str: it replaced the app's error as
+    # the run's, with its traceback, and since the fifty-sixth pass as the why of
+    # STATUS=stopping too)
+    text = _str_of(exc)
     if isinstance(exc, _INTERRUPTS) and not text:
         return type(exc).__name__  # (a bare KeyboardInterrupt: no ': ' of nothing)
     return f"{type(exc).__name__}: {text}"
