@@ -2260,6 +2260,60 @@ def test_a_failed_join_is_one_error_line_without_a_traceback(nexus):
 
 
 @pytest.mark.parametrize(
+    ("greeting", "said"),
+    [
+        (
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            "what answers there is not NATS: its first line was no INFO (it sent nothing, or"
+            " another protocol's greeting): is a NATS server listening at the URL's port"
+            " (4222 by default)?",
+        ),
+        (
+            b"",
+            "what answers there is not NATS, or too busy to greet, or wants TLS first (a"
+            " tls:// URL): it took the connection and sent no INFO within connect_timeout"
+            " (2s): is a NATS server listening at the URL's port (4222 by default)?",
+        ),
+    ],
+    ids=["another protocol", "silent"],
+)
+def test_a_join_where_no_nats_server_answers_says_so(nexus, greeting: bytes, said: str) -> None:
+    """Fifty-seventh pass: ``nexus run --nats URL`` where another server listens (SSH,
+    HTTP) said ``the server said: Error('nats: empty response from server when
+    expecting INFO message')`` (it was not empty, nor a NATS server's word), and where a
+    peer takes the connection and sends nothing, ``last error: TimeoutError()``. Both
+    say now that what answers is not NATS, and what to check."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # (closed at the end)
+            while True:
+                conn, _ = listener.accept()
+                held.append(conn)
+                conn.sendall(greeting)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        run = nexus(["run", "--nats", url, "-d", "1", "--json"])
+        status, out = run.finish(timeout=120)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+        thread.join(timeout=30)
+    assert status == 1
+    err = "".join(run.stderr)
+    (failed,) = [line for line in err.splitlines() if "the run failed" in line]
+    assert failed.endswith(
+        f"cannot connect to NATS at {url} (no auth): NoServersError(); {said}"
+    ), failed
+    assert said in json.loads(out)["error"]
+
+
+@pytest.mark.parametrize(
     ("where", "hint", "advice"),
     [
         ("flag", "--metrics-port", "a free port"),

@@ -960,6 +960,34 @@ _CONNECTION_ERRORS: Final = (
     nats.errors.NoServersError,
 )
 
+#: nats-py's words when the first line from the server is no INFO (it read nothing, or
+#: another protocol's greeting: an HTTP or SSH server on the port)
+_NO_INFO: Final = "when expecting INFO message"
+
+
+def _no_nats_there(
+    answer: Sequence[Exception], last_error: Sequence[Exception], connect_timeout: float
+) -> str | None:
+    """What a failed connect says when what listens at the URL did not speak NATS, or
+    None: its first line was no ``INFO`` (nats-py: ``empty response from server when
+    expecting INFO message``, said as what ``the server said`` until the fifty-seventh
+    pass, for an HTTP or SSH server's greeting too), or it accepted the connection and
+    sent nothing (nats-py: a bare ``TimeoutError()``)."""
+    check = "is a NATS server listening at the URL's port (4222 by default)?"
+    if answer and _NO_INFO in str(answer[0]):
+        return (
+            "what answers there is not NATS: its first line was no INFO (it sent nothing,"
+            f" or another protocol's greeting): {check}"
+        )
+    if not answer and last_error and isinstance(last_error[0], TimeoutError):
+        return (
+            "what answers there is not NATS, or too busy to greet, or wants TLS first (a"
+            " tls:// URL): it took the connection and sent no INFO within connect_timeout"
+            f" ({connect_timeout:g}s): {check}"
+        )
+    return None
+
+
 #: what the NATS client says when it refuses a message for want of a connection (it
 #: reconnects and its buffer is full, or it is closed): nothing it is given after that
 #: is written until it is connected again
@@ -1658,7 +1686,9 @@ class Cluster:
             ) from None
         except Exception as exc:
             # from None: the cause's text may quote what the server was sent
-            if answer:
+            if (not_nats := _no_nats_there(answer, last_error, opts.connect_timeout)) is not None:
+                said = f"; {not_nats}"
+            elif answer:
                 said = f"; the server said: {answer[0]!r}"
             else:
                 said = f"; last error: {last_error[0]!r}" if last_error else ""
