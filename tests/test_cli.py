@@ -1041,6 +1041,17 @@ async def main_exits_beside_an_error(kernel):
 """
 
 
+def _run_exiting_app(isolated: Path, target: str) -> Any:
+    """``nexus run --app exiting_app:<target> -d 30 --json`` of :data:`EXITING_APP`,
+    written in ``isolated`` (in process; the module is imported anew)."""
+    (isolated / "exiting_app.py").write_text(EXITING_APP)
+    sys.modules.pop("exiting_app", None)
+    try:
+        return invoke(["run", "--app", f"exiting_app:{target}", "-d", "30", "--json"])
+    finally:
+        sys.modules.pop("exiting_app", None)
+
+
 @pytest.mark.parametrize(
     ("target", "status", "said"),
     [
@@ -1062,12 +1073,7 @@ def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
     with a 100-line BaseExceptionGroup traceback of the CLI's internals, no summary and
     exit status 1. Now the run ends as for an error (the kernel shut down, the summary
     printed, its accounting checked) and the process exits with the status asked for."""
-    (isolated / "exiting_app.py").write_text(EXITING_APP)
-    sys.modules.pop("exiting_app", None)
-    try:
-        result = invoke(["run", "--app", f"exiting_app:{target}", "-d", "30", "--json"])
-    finally:
-        sys.modules.pop("exiting_app", None)
+    result = _run_exiting_app(isolated, target)
     assert result.exit_code == status, result.output
     summary = json.loads(result.stdout)
     assert summary["stopped_by"] == "sys.exit"
@@ -1086,14 +1092,7 @@ def test_an_app_error_whose_repr_raises_fails_the_run_with_its_summary(isolated:
     TrioInternalError, a cascade of tracebacks, no summary. The run fails with its
     summary now, the error named by its type and message, its own traceback logged as
     the cause; exit 1."""
-    (isolated / "exiting_app.py").write_text(EXITING_APP)
-    sys.modules.pop("exiting_app", None)
-    try:
-        result = invoke(
-            ["run", "--app", "exiting_app:main_raises_unshowable", "-d", "30", "--json"]
-        )
-    finally:
-        sys.modules.pop("exiting_app", None)
+    result = _run_exiting_app(isolated, "main_raises_unshowable")
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
     assert (summary["stopped_by"], summary["conserved"]) == ("error", True)
@@ -1113,14 +1112,7 @@ def test_sys_exit_beside_an_error_of_the_app_ends_the_run_failed_with_its_summar
     accounting, the raw group's traceback and status 1. Now the run ends failed: the
     summary names both, the error is logged with its traceback, status 1 (the error wins
     over the clean exit)."""
-    (isolated / "exiting_app.py").write_text(EXITING_APP)
-    sys.modules.pop("exiting_app", None)
-    try:
-        result = invoke(
-            ["run", "--app", "exiting_app:main_exits_beside_an_error", "-d", "30", "--json"]
-        )
-    finally:
-        sys.modules.pop("exiting_app", None)
+    result = _run_exiting_app(isolated, "main_exits_beside_an_error")
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
     assert summary["conserved"] is True
