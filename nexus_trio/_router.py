@@ -1963,8 +1963,9 @@ class Router:
             # passed on by a handler here, waiting for room where it went: it waits no more
             wait = self._query_waits.pop(query_id.int, None)
             if wait is not None:
+                # (it may have got in already, its wait not yet resumed, and even be in
+                # hand there: looked for where it went, as any query is, below)
                 wait.cancel()
-                return False
         cell = self.local(to)
         routed = cell is not None
         if cell is None:

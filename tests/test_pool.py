@@ -370,6 +370,53 @@ async def test_a_request_through_a_pool_waiting_for_room_at_a_worker_ends_at_its
         assert_conserved(kernel)
 
 
+async def test_a_request_that_gives_up_as_its_wait_for_room_ends_stops_its_handler_at_once(
+    autojump_clock: Any,
+) -> None:
+    """Regression (of the fix above): a requester that stopped waiting just as room came
+    at the full worker (its query already in, the router's wait not yet resumed) had its
+    wait cancelled, to no effect, and expire_query looked no further: the worker, which
+    could take the query in that same moment, ran its handler for nobody (here until the
+    kernel's shutdown, the pool handling nothing else). Now it is looked for where it
+    went, as any query is, and that handler is cancelled at once. Which task Trio runs
+    first is random, so the moment is tried in 20 rounds (the race came in 4 of 10)."""
+    running: set[int] = set()
+    gates = [trio.Event() for _ in range(20)]
+
+    @agent(mailbox_capacity=1)
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.kind is not MessageKind.QUERY:
+            if msg.payload is not None:  # (the queued one returns at once, no checkpoint)
+                await gates[msg.payload].wait()
+            return None
+        running.add(msg.payload)
+        try:
+            await trio.sleep_forever()
+        finally:
+            running.discard(msg.payload)
+
+    async with open_test_kernel(test_config(send_timeout_ms=20_000)) as kernel:
+        kernel.spawn(pool(worker, size=1))
+        for round_ in range(20):
+            await kernel.send("workers", round_)  # in hand
+            await kernel.send("workers", None)  # queued: the worker is full
+            async with trio.open_nursery() as nursery:
+                requester = trio.CancelScope()
+
+                async def ask(scope: trio.CancelScope = requester, n: int = round_) -> None:
+                    with scope:
+                        await kernel.request("workers", n, timeout=60)
+
+                nursery.start_soon(ask)
+                await trio.testing.wait_all_tasks_blocked()
+                gates[round_].set()  # room comes ...
+                requester.cancel()  # ... as the requester gives up
+            await trio.testing.wait_all_tasks_blocked()
+            assert running == set(), f"round {round_}"
+        await step_until_idle(kernel)
+        assert_conserved(kernel)
+
+
 async def test_least_loaded_passes_over_a_full_worker_when_another_of_equal_load_has_room(
     autojump_clock: Any,
 ) -> None:
