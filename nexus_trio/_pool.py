@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -346,6 +347,15 @@ def pool(
         raise TypeError(f"supervision must be a Supervisor, got {type(supervision).__name__}")
     elif supervision.children:
         raise ValueError("the pool starts its own workers: supervision= must have no children")
+    elif supervision.shutdown_timeout != math.inf or supervision.name is not None:
+        # (were ignored: only strategy, intensity, backoff and restart are the pool's)
+        field = "name" if supervision.name is not None else "shutdown_timeout"
+        raise ValueError(
+            f"supervision= takes strategy, max_restarts, within, backoff and restart only,"
+            f" not {field}: a worker's stop is bounded by its own shutdown_timeout"
+            " (agent(..., shutdown_timeout=)), the pool's by"
+            " pool(...).with_options(shutdown_timeout=); the pool names its supervisor"
+        )
     if max_size is None:
         max_size = max(size, DEFAULT_MAX_SIZE)
     elif isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < size:

@@ -1594,6 +1594,23 @@ async def test_pool_spec_rejects_bad_arguments_by_name() -> None:
         pool(worker, name=str(uuid.uuid4()))
 
 
+@pytest.mark.parametrize(
+    ("supervision", "field"),
+    [(Supervisor(shutdown_timeout=1.0), "shutdown_timeout"), (Supervisor(name="sup"), "name")],
+)
+def test_a_pool_refuses_supervision_fields_it_would_ignore_naming_them(
+    supervision: Supervisor, field: str
+) -> None:
+    """Regression: ``pool(supervision=Supervisor(shutdown_timeout=1))`` was taken and the
+    bound silently ignored (only strategy, intensity, backoff and restart were copied to
+    the workers' supervisor: a worker whose ``on_stop`` took 100 s made the pool's stop
+    take 100 s); a ``name`` too. Now each is refused, naming it and where to set it."""
+    with pytest.raises(ValueError, match=rf"backoff and restart only, not {field}: .*with_options"):
+        pool(recording_worker([]), supervision=supervision)
+    kept = Supervisor(strategy="one_for_all", max_restarts=1, within=2.0, restart="transient")
+    assert pool(recording_worker([]), supervision=kept) is not None
+
+
 async def test_shutdown_with_queued_work_in_a_pool_conserves_every_message(
     autojump_clock: Any,
 ) -> None:
