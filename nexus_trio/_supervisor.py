@@ -152,6 +152,16 @@ def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
 
 
+def _backoff(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # (a number here was accepted, and the supervisor crashed at the first restart with
+    # AttributeError, its children's queues dead-lettered ``agent_stopped``)
+    if not isinstance(value, Backoff):
+        raise TypeError(
+            f"{attribute.name} must be a Backoff (e.g. Backoff(initial=0.5, maximum=10.0)),"
+            f" got {type(value).__name__} {brief(value, 60)}"
+        )
+
+
 @final
 @attrs.frozen
 class Supervisor:
@@ -167,7 +177,7 @@ class Supervisor:
     )
     max_restarts: int = attrs.field(default=3, validator=_count)
     within: float = attrs.field(default=5.0, validator=_positive)
-    backoff: Backoff = attrs.field(factory=Backoff)
+    backoff: Backoff = attrs.field(factory=Backoff, validator=_backoff)
     children: Sequence[Any] = attrs.field(default=(), converter=_to_children)
     name: str | None = attrs.field(default=None, validator=validate_name)
     restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=to_restart)

@@ -2827,6 +2827,20 @@ def test_supervisor_and_backoff_options_refuse_nan(make: Any, error: str) -> Non
         make()
 
 
+@pytest.mark.parametrize("backoff", [2.0, 0, None, "2s", {"initial": 1.0}])
+def test_a_supervisor_refuses_a_backoff_that_is_no_backoff_naming_the_field(backoff: Any) -> None:
+    """Regression: ``Supervisor(backoff=2.0)`` was accepted; at the first restart the
+    supervisor crashed with ``AttributeError: 'float' object has no attribute
+    'reset_after'`` and every child's queue was dead-lettered ``agent_stopped``. Now it
+    is refused when the spec is built, naming the field, as the other fields are."""
+    shown = re.escape(f"got {type(backoff).__name__} ")
+    with pytest.raises(TypeError, match=rf"^backoff must be a Backoff \(e\.g\. .*\), {shown}"):
+        Supervisor(backoff=backoff)
+    with pytest.raises(TypeError, match=r"^backoff must be a Backoff"):
+        pool(noop, supervision=Supervisor(backoff=backoff))
+    assert Supervisor(backoff=Backoff(0, 0)).backoff == Backoff(0, 0)
+
+
 def test_agent_refuses_a_handler_that_cannot_be_called_with_ctx_and_msg() -> None:
     """Such a handler was taken, and failed every message with a TypeError."""
 
