@@ -74,6 +74,17 @@ def _doc(text: str) -> dict[str, str]:
 #: (a mailbox, a buffer, a time in ms) does not fit what the kernel sizes with it.
 INT64_MAX = 2**63 - 1
 
+#: The most seconds a duration JetStream takes may be (Go's ``time.Duration``: int64
+#: nanoseconds): a larger ``[durable]`` time failed the join with JetStream's raw
+#: ``BadRequestError`` 10025 (``cannot unmarshal ... time.Duration``) until the
+#: fifty-seventh pass. ``DurableOptions`` takes the same bound, and these integers:
+#: ``max_in_flight`` and ``max_waiting`` make the consumer's ``max_ack_pending``
+#: (4 x ``max_in_flight`` + ``max_waiting``, Go's int64)
+JETSTREAM_SECONDS_MAX = INT64_MAX // 10**9
+DURABLE_IN_FLIGHT_MAX = 10**12
+DURABLE_WAITING_MAX = 10**18
+_ACK_PENDING: Final = "4 x max_in_flight + max_waiting is the consumer's max_ack_pending, 64-bit"
+
 
 def _shown(value: int) -> str:
     # repr() of an int of more than 4300 digits raises ValueError (sys.int_info)
@@ -238,6 +249,22 @@ def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not value > 0:
         raise ValueError(f"[{section}] {attribute.name} must be > 0, got {shown(value)}")
     _bounded_above(section, attribute.name, value)
+
+
+def _jetstream_seconds(check: Any) -> Any:
+    """``check``, and at most :data:`JETSTREAM_SECONDS_MAX`: a ``[durable]`` time
+    JetStream takes in nanoseconds (Go's ``time.Duration``)."""
+
+    def bounded(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        check(inst, attribute, value)
+        if value > JETSTREAM_SECONDS_MAX:
+            raise ValueError(
+                f"[{_section_of(inst)}] {attribute.name} must be at most"
+                f" {JETSTREAM_SECONDS_MAX} (seconds JetStream takes: Go's time.Duration,"
+                f" 64-bit nanoseconds), got {shown(value)}"
+            )
+
+    return bounded
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -1168,19 +1195,27 @@ class DurableConfig:
         True, _boolean, "run the durable path (false: no stream, no consumer, no durable sends)"
     )
     ack_wait: float = _key(
-        30.0, _positive, "seconds a handler has before JetStream delivers the message again"
+        30.0,
+        _jetstream_seconds(_positive),
+        "seconds a handler has before JetStream delivers the message again",
     )
     max_deliver: int = _key(5, _COUNT, "deliveries of a message before it is dead")
     redelivery_delay: float = _key(
-        0.1, _at_least(0), "seconds before a failed message is delivered again"
+        0.1, _jetstream_seconds(_at_least(0)), "seconds before a failed message is delivered again"
     )
-    max_in_flight: int = _key(64, _COUNT, "durable messages a node handles at once")
+    max_in_flight: int = _key(
+        64,
+        _at_least(1, integer=True, maximum=(DURABLE_IN_FLIGHT_MAX, _ACK_PENDING)),
+        "durable messages a node handles at once",
+    )
     duplicate_window: float = _key(
-        120.0, _positive, "seconds JetStream refuses a resent message of the same id"
+        120.0,
+        _jetstream_seconds(_positive),
+        "seconds JetStream refuses a resent message of the same id",
     )
     max_age: float | None = _key(
         None,
-        _unset_or(_positive),
+        _unset_or(_jetstream_seconds(_positive)),
         "seconds a stored message is kept, taken or not (unset = no bound);"
         " at least duplicate_window",
         86400.0,
@@ -1193,15 +1228,17 @@ class DurableConfig:
     )
     missing_agent_delay: float = _key(
         1.0,
-        _at_least(0),
+        _jetstream_seconds(_at_least(0)),
         "seconds a message for a name no agent has here waits; doubles each delivery",
     )
     missing_agent_delay_max: float = _key(
-        15.0, _at_least(0), "upper bound of that delay; at least missing_agent_delay"
+        15.0,
+        _jetstream_seconds(_at_least(0)),
+        "upper bound of that delay; at least missing_agent_delay",
     )
     max_waiting: int = _key(
         10_000,
-        _at_least(0, integer=True),
+        _at_least(0, integer=True, maximum=(DURABLE_WAITING_MAX, _ACK_PENDING)),
         "messages that may wait for their agent at once; one more is dead at once",
     )
 

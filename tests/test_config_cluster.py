@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from nexus_trio import ClusterConfig, Config, DurableConfig, NatsConfig
 from nexus_trio._config import LAST_NOTICE_MARGIN, CrossKeyError, server_lost_wait_of
+from nexus_trio._nats import NatsServer
 from nexus_trio.config import ConfigError, load_config, render_template
 from nexus_trio.nats import ClusterOptions, ClusterOptionsWarning, DurableOptions
 
@@ -591,3 +592,75 @@ def test_nexus_run_nats_joins_with_the_config_keys(
     # the members' bucket lives heartbeat_interval x missed_heartbeats
     nodes = asyncio.run(_stream_config(nats_url, "KV_ops-nodes"))
     assert nodes.max_age == 3.5
+
+
+_BEYOND_JETSTREAM = [
+    ("ack_wait", 1e12),
+    ("duplicate_window", 9.3e9),
+    ("max_age", 1e12),
+    ("redelivery_delay", 1e12),
+    ("missing_agent_delay_max", 1e12),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), _BEYOND_JETSTREAM)
+def test_a_durable_time_beyond_go_s_duration_is_refused_naming_the_key(
+    tmp_path: Path, key: str, value: float
+) -> None:
+    """Fifty-seventh pass: JetStream takes these times in nanoseconds (Go's 64-bit
+    ``time.Duration``); a larger one loaded and made options, and the join failed with
+    JetStream's raw ``BadRequestError`` 10025 (``cannot unmarshal number 1e21 into ...
+    ack_wait of type time.Duration``). Both the load and the options refuse it now, naming
+    the key. (On main: ``Failed: DID NOT RAISE``.)"""
+    with pytest.raises(ConfigError, match=rf"\[durable\] {key} must be at most 9223372036 "):
+        load(tmp_path, f"[durable]\n{key} = {value!r}\n")
+    with pytest.raises(ValueError, match=rf"^DurableOptions {key} must be a finite number"):
+        DurableOptions(**{key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_deliver", True),
+        ("max_deliver", 2**63),
+        ("max_in_flight", 2**62),
+        ("max_waiting", 2**63),
+        ("max_messages", 2**63),
+        ("max_in_flight", True),
+    ],
+)
+def test_a_durable_count_jetstream_cannot_take_is_refused_by_the_options(
+    key: str, value: int
+) -> None:
+    """Fifty-seventh pass: ``DurableOptions(max_deliver=True)`` was taken as 1 (the
+    config refuses a bool), and counts past a 64-bit integer (``max_deliver``,
+    ``max_messages``; ``max_ack_pending``, 4 x ``max_in_flight`` + ``max_waiting``) failed
+    the join with JetStream's raw ``cannot unmarshal``. (On main: ``DID NOT RAISE``.)"""
+    with pytest.raises(ValueError, match=rf"^DurableOptions {key} must be a whole number from"):
+        DurableOptions(**{key: value})
+
+
+async def test_the_largest_durable_values_the_options_take_are_ones_jetstream_takes(
+    nats: NatsServer,
+) -> None:
+    """The bounds above are not tighter than JetStream's: a node joins with each at its
+    most, its consumer's ``ack_wait`` the largest."""
+    from nexus_trio._config import DURABLE_IN_FLIGHT_MAX, DURABLE_WAITING_MAX
+    from nexus_trio._config import JETSTREAM_SECONDS_MAX as most
+    from nexus_trio._nats._aio import call_aio
+
+    from .test_nats import local_node
+
+    largest = DurableOptions(
+        ack_wait=most,
+        duplicate_window=most,
+        max_age=most,
+        redelivery_delay=most,
+        max_deliver=2**63 - 1,
+        max_messages=2**63 - 1,
+        max_in_flight=DURABLE_IN_FLIGHT_MAX,
+        max_waiting=DURABLE_WAITING_MAX,
+    )
+    async with local_node(nats.url, durable=largest) as (_kernel, cluster):
+        info = await call_aio(cluster.data_js.consumer_info, "nexus-durable", cluster.node)
+    assert info.config.ack_wait == most

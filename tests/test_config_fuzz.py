@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
-from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, MAX_AGENTS, SECTIONS, WORKLOADS
+from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, SECTIONS, WORKLOADS
 from nexus_trio.config import ConfigError, LoadedConfig, load_config
 
 from . import test_config
@@ -135,9 +135,7 @@ def test_an_integer_beyond_64_bits_in_python_or_an_override_is_a_value_error() -
 
 async def test_the_largest_accepted_integers_run_a_kernel(home: Path) -> None:
     env = {
-        f"NEXUS_{dotted.replace('.', '__').upper()}": str(
-            MAX_AGENTS if dotted == "app.agents" else INT64_MAX
-        )
+        f"NEXUS_{dotted.replace('.', '__').upper()}": str(largest(dotted))
         for dotted in NUMBER_KEYS
         if dotted not in ("metrics.port", "metrics.group_port", "supervision.backoff_jitter")
     }
@@ -223,6 +221,24 @@ KNOWN = {section: [field.name for field in attrs.fields(cls)] for section, cls i
 APP_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
+def _at_most(rule: str) -> tuple[str, float]:
+    """A rule's ``", at most N"`` (the ``[durable]`` times JetStream takes) cut off, and N
+    (inf if the rule says none)."""
+    head, sep, most = rule.rpartition(", at most ")
+    if not sep:
+        return rule.removesuffix(","), math.inf
+    return head, float(most.rstrip(","))
+
+
+def largest(dotted: str) -> int:
+    """The largest integer docs/config.md calls valid for number key ``dotted``."""
+    rule, most = _at_most(RULES[dotted].removesuffix(" or unset"))
+    span = re.fullmatch(r"integer (\d+)\.\.(\d+)", rule)
+    if span:
+        return int(span.group(2))
+    return INT64_MAX if math.isinf(most) else int(most)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -237,7 +253,7 @@ def documented_valid(dotted: str, value: Any) -> bool:
         return False  # TOML's integers are 64-bit (docs: "Integers are TOML's")
     if value is None:  # unset keys
         return rule in ("non-empty string", '`"package.module:attr"`') or rule.endswith(" or unset")
-    rule = rule.removesuffix(" or unset")
+    rule, most = _at_most(rule.removesuffix(" or unset"))
     if rule == "subject token":
         return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]+", value) is not None
     if rule.startswith("integer >= "):
@@ -252,6 +268,8 @@ def documented_valid(dotted: str, value: Any) -> bool:
             return False
         if not math.isfinite(value):
             return False  # docs: "Numbers are finite" (NaN fails the bound too)
+        if value > most:
+            return False
         return bool(value >= float(bound) if op == ">=" else value > float(bound))
     if rule == "0 to 1":
         return _is_number(value) and 0 <= value <= 1
@@ -465,7 +483,7 @@ SECTION_NAMES = st.one_of(*[st.sampled_from(list(SECTIONS))] * 6, st.sampled_fro
 def valid_for(dotted: str) -> st.SearchStrategy[Any]:
     """Values docs/config.md calls valid for ``dotted`` (most drawn values are: so that a
     load gets past the file to the environment and the overrides)."""
-    rule = RULES[dotted].removesuffix(" or unset")
+    rule, most = _at_most(RULES[dotted].removesuffix(" or unset"))
     if rule == "subject token":
         return st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
     if rule.startswith("integer >= "):
@@ -476,9 +494,13 @@ def valid_for(dotted: str) -> st.SearchStrategy[Any]:
     if rule.startswith((">= ", "> ")):
         low = float(rule.split()[1])
         floats = st.floats(
-            min_value=low, exclude_min=rule.startswith("> "), allow_nan=False, allow_infinity=False
+            min_value=low,
+            max_value=most,
+            exclude_min=rule.startswith("> "),
+            allow_nan=False,
+            allow_infinity=False,
         )
-        return st.one_of(floats, st.integers(int(low) + 1, INT64_MAX))
+        return st.one_of(floats, st.integers(int(low) + 1, largest(dotted)))
     if rule == "0 to 1":
         return st.floats(0, 1)
     if rule in ("true or false", "`true`, `false`"):

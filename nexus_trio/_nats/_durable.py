@@ -91,7 +91,13 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
 from .._brief import brief
-from .._config import DURABLE_SWEEP_LOOKS
+from .._config import (
+    DURABLE_IN_FLIGHT_MAX,
+    DURABLE_SWEEP_LOOKS,
+    DURABLE_WAITING_MAX,
+    INT64_MAX,
+    JETSTREAM_SECONDS_MAX,
+)
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -282,13 +288,22 @@ async def _poll(psub: Any, batch: int, idle: bool) -> tuple[list[NatsMsg], bool 
     return got, True
 
 
-def _count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """A whole number, at least 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"DurableOptions {attribute.name} must be a whole number, at least 0; got"
-            f" {value!r} ({type(value).__name__})"
-        )
+def _whole(least: int, most: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator of a whole number from ``least`` to ``most`` (a bool is none: until the
+    fifty-seventh pass ``max_deliver=True`` was taken, and ``max_deliver=2**63`` failed
+    the join with JetStream's raw ``cannot unmarshal``; the bounds are ``[durable]``'s)."""
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise ValueError(
+                f"DurableOptions {attribute.name} must be a whole number from {least} to"
+                f" {most}; got {brief(repr(value), 60)} ({type(value).__name__})"
+            )
+
+    return check
+
+
+_count: Final = _whole(0, DURABLE_WAITING_MAX)
 
 
 def is_finite_seconds(value: Any, *, above: bool) -> bool:
@@ -310,10 +325,11 @@ def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], No
     above = bound == " above 0"
 
     def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not is_finite_seconds(value, above=above):
+        if not is_finite_seconds(value, above=above) or value > JETSTREAM_SECONDS_MAX:
             raise ValueError(
-                f"DurableOptions {attribute.name} must be a finite number of seconds{bound};"
-                f" got {value!r} ({type(value).__name__})"
+                f"DurableOptions {attribute.name} must be a finite number of seconds{bound},"
+                f" at most {JETSTREAM_SECONDS_MAX} (Go's time.Duration, in which JetStream"
+                f" takes it); got {value!r} ({type(value).__name__})"
             )
 
     return check
@@ -536,9 +552,9 @@ class DurableOptions:
 
     enabled: bool = True
     ack_wait: float = attrs.field(default=30.0, validator=_positive_seconds)
-    max_deliver: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    max_deliver: int = attrs.field(default=5, validator=_whole(1, INT64_MAX))
     redelivery_delay: float = attrs.field(default=0.1, validator=_seconds)
-    max_in_flight: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    max_in_flight: int = attrs.field(default=64, validator=_whole(1, DURABLE_IN_FLIGHT_MAX))
     duplicate_window: float = attrs.field(default=120.0, validator=_positive_seconds)
     #: bounds of the stream this node makes (None: none): a message older than
     #: ``max_age`` goes, taken or not; a send past ``max_messages`` stored is refused
@@ -546,7 +562,7 @@ class DurableOptions:
         default=None, validator=attrs.validators.optional(_positive_seconds)
     )
     max_messages: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+        default=None, validator=attrs.validators.optional(_whole(1, INT64_MAX))
     )
     #: a message by name whose agent this node does not have (stopped and not spawned
     #: again yet, a pool being restarted) is nakked with a delay that grows with each
