@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -672,6 +672,39 @@ async def test_a_garbled_max_deliveries_advisory_raises_nothing_and_deletes_noth
     assert (left, stats.durable_dead) == (1, 0)
     assert warned, "a garbled advisory is logged"
     assert all(" is garbled (" in line and "left alone" in line for line in warned), warned
+
+
+async def test_a_max_deliveries_advisory_sent_before_its_message_was_stored_deletes_nothing(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the fifty-seventh pass: JetStream's advisory names a stream sequence, no
+    stream: one heard late, after the stream was made anew (numbering from 1 again), or
+    one any client allowed to publish on ``$JS.EVENT.>`` sent, named the new stream's
+    message of that sequence, stored after the advisory was sent, which was deleted and
+    counted dead (``consumer_max_deliver``), never handled. The advisory's ``timestamp``
+    against the message's store time leaves it alone now; one sent after its message was
+    stored deletes it as before. (On main's _durable.py: ``(1, 0) == (0, 1)``.)"""
+    from .test_durable_missing_agent import store_for
+
+    async with local_node(nats.url, durable=DurableOptions(max_deliver=4)) as (_kernel, cluster):
+        stream = f"{cluster.prefix}-durable"
+        js = cluster.data_js
+        await store_for(cluster, "nobody", "x", node="ghost")  # (no node pulls it)
+        seq = (await call_aio(js.stream_info, stream)).state.last_seq
+        stored = (await call_aio(js.get_msg, stream, seq)).time
+        subject = _taking_over(monkeypatch, cluster, stream, "ghost")
+
+        async def heard(sent: datetime) -> tuple[int, int]:
+            said = {"stream_seq": seq, "deliveries": 2, "timestamp": sent.isoformat()}
+            advisory = NatsMsg(_client=cluster.nc, subject=subject, data=json.dumps(said).encode())
+            await call_aio(cluster.durable._max_deliveries, advisory)
+            left = (await call_aio(js.stream_info, stream)).state.messages
+            return cluster.stats().durable_dead_reasons["consumer_max_deliver"], left
+
+        assert await heard(stored - timedelta(milliseconds=1)) == (0, 1)
+        assert await heard(stored - timedelta(hours=1)) == (0, 1)
+        assert await heard(stored + timedelta(milliseconds=1)) == (1, 0)
+        monkeypatch.delitem(cluster.durable._takeovers, "ghost")  # (none runs: see _taking_over)
 
 
 async def _given_up_at_max(url: str, stream: str, node: str, count: int) -> set[uuid.UUID]:

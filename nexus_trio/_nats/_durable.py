@@ -3001,7 +3001,8 @@ class DurableChannel:
                 raise TypeError(f"stream_seq {seq!r}, deliveries {deliveries!r}")
             if not 0 < seq < _SEQ_END:
                 raise ValueError(f"stream_seq {seq} is no stream sequence")
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            sent = _advisory_time(said.get("timestamp"))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # (RecursionError: JSON nested deeper than the interpreter's recursion limit;
             # a stream_seq out of a sequence's range would only make JetStream refuse the
             # read, logged as a message that stays in the stream)
@@ -3024,10 +3025,17 @@ class DurableChannel:
             f"after {deliveries} deliveries",
             f"its max_deliver was lowered under this node's {self.options.max_deliver}: by"
             " an operator? change DurableOptions.max_deliver instead",
+            sent=sent,
         )
 
     async def _delete_given_up(
-        self, seq: int, node: str, how: str, why: str, stored: Any | None = None
+        self,
+        seq: int,
+        node: str,
+        how: str,
+        why: str,
+        stored: Any | None = None,
+        sent: datetime | None = None,
     ) -> bool:
         """asyncio side: the message at stream sequence ``seq`` is one ``node``'s consumer
         delivers no more (``how``: what says so; ``why``: why it did, as far as this node
@@ -3054,7 +3062,7 @@ class DurableChannel:
         try:
             if stored is None:
                 stored = await js.get_msg(self._stream, seq)
-            if not self._of_consumer(stored, node):
+            if not self._of_consumer(stored, node) or self._stored_since(stored, sent):
                 return False
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             with contextlib.suppress(MessageDecodeError):
@@ -3100,6 +3108,34 @@ class DurableChannel:
             why,
             self.dead_lowered,
             counted="durable_dead",
+        )
+        return True
+
+    def _stored_since(self, stored: Any, sent: datetime | None) -> bool:
+        """Whether ``stored`` (the message an advisory sent at ``sent`` names) was stored
+        after the advisory was sent: then it is not the message JetStream gave up, which
+        was stored and delivered before, and is left alone, logged as garbled. The
+        advisory says no stream: one heard late, after the stream was made anew (its
+        sequences begin at 1 again), or one published by anyone allowed to publish on
+        ``$JS.EVENT.>``, named the new stream's message of that sequence, pending,
+        which was deleted and counted dead, never handled (review of the fifty-seventh
+        pass). Two clocks where the consumer's leader is not the stream's (a cluster of
+        servers): one behind by ``d`` leaves a message given up within ``d`` of its
+        store in the stream, for the look at the consumer's next bind (see
+        :meth:`_stranded`), rather than deleting one that may be pending."""
+        if sent is None or stored.time is None or stored.time <= sent:
+            return False
+        self._say(
+            self._advisory_log,
+            "garbled max deliveries advisories",
+            logging.WARNING,
+            "node %s: a JetStream advisory sent at %s names the message at stream sequence"
+            " %s, stored after it (%s): of a stream since made anew, or not JetStream's;"
+            " left alone",
+            self.cluster.node,
+            sent.isoformat(),
+            stored.seq,
+            stored.time.isoformat(),
         )
         return True
 
@@ -3599,6 +3635,17 @@ def _consumer_state_answer(data: bytes, subject: str) -> _ConsumerState:
     if created is not None and not isinstance(created, str):
         raise _garbled(subject, None, f"its created is no time: {brief(created)}")
     return _ConsumerState(seqs[0], seqs[1], pending, at, created)
+
+
+def _advisory_time(said: Any) -> datetime | None:
+    """The ``timestamp`` of a JetStream advisory (None: it says none); ValueError or
+    TypeError if it is no time with a time zone."""
+    if said is None:
+        return None
+    at = datetime.fromisoformat(said)
+    if at.tzinfo is None:
+        raise ValueError(f"timestamp {brief(said)} names no time zone")
+    return at
 
 
 def _subjects_answer(data: bytes, subject: str, offset: int) -> tuple[dict[str, int], int]:
