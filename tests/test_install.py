@@ -588,3 +588,32 @@ def test_the_wheel_has_both_commands_the_typing_marker_and_the_bridges(tmp_path:
     assert "nexus_trio/bridges/python.py" in names
     assert "nexus_trio/bridges/nexus-bridge.js" in names
     assert not any(n.startswith(("tests/", "examples/", "docs/")) for n in names)
+
+
+def test_the_local_virtualenv_is_neither_tracked_nor_trackable() -> None:
+    """Regression: ``.gitignore`` had ``.venv/``, which ignores a directory only, so a
+    worktree's ``.venv`` symlink to the shared virtualenv was committed (``git add -A``)
+    as ``.venv -> /work/main/.venv``; checked out where the real ``.venv`` was (ignored,
+    so git replaced it), the virtualenv was deleted and the link pointed at itself."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    local = [".venv", ".nox", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"]
+    listed = subprocess.run(
+        ["git", "ls-files", "--", *local],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert listed == ""
+    # --no-index: whether a new .venv (a link or a directory) would be ignored, tracked or not.
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--", ".venv"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ignored.returncode == 0, ignored.stderr
