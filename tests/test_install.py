@@ -379,16 +379,16 @@ def test_the_scripts_the_docs_run_by_their_path_are_executable(tmp_path: Path) -
     assert "systemctl restart nexus.service" in result.stdout
     # What a clone gets is git's mode, not this checkout's.
     if (ROOT / ".git").exists():
-        listed = subprocess.run(
-            ["git", "ls-files", "-s", "--", *shown],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
+        listed = git("ls-files", "-s", "--", *shown).stdout
         modes = {line.split("\t")[1]: line.split()[0] for line in listed.splitlines()}
         assert modes == dict.fromkeys(shown, "100755")
+
+
+def git(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``git args`` in this checkout, its output captured."""
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=check
+    )
 
 
 def dockerfile_instructions(stage: int = -1) -> dict[str, list[str]]:
@@ -598,22 +598,7 @@ def test_the_local_virtualenv_is_neither_tracked_nor_trackable() -> None:
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     local = [".venv", ".nox", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"]
-    listed = subprocess.run(
-        ["git", "ls-files", "--", *local],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert listed == ""
+    assert git("ls-files", "--", *local).stdout == ""
     # --no-index: whether a new .venv (a link or a directory) would be ignored, tracked or not.
-    ignored = subprocess.run(
-        ["git", "check-ignore", "--no-index", "--", ".venv"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ignored = git("check-ignore", "--no-index", "--", ".venv", check=False)
     assert ignored.returncode == 0, ignored.stderr
