@@ -244,6 +244,15 @@ def _shown(value: Any) -> str:
         return f"<str() failed: {type(exc).__name__}>"
 
 
+def _shown_repr(value: Any) -> str:
+    """``repr(value)``, as the text formats write an item of an extra's list or dict (the
+    ``str`` of a list writes its items' ``repr``), or ``<repr() failed: ExceptionType>``."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<repr() failed: {type(exc).__name__}>"
+
+
 #: the most characters a log line writes of one text: its message, an extra's value (a
 #: string, or the ``str`` of one that is no JSON type; each string in an extra's lists
 #: and dicts, and each key; an exception's message). The rest is cut, and the cut said:
@@ -325,11 +334,12 @@ class _LeftOut:
 class _Budget:
     """What is left of :data:`ITEMS_LIMIT` and of the characters for one extra."""
 
-    __slots__ = ("chars", "items")
+    __slots__ = ("chars", "items", "shown")
 
-    def __init__(self) -> None:
+    def __init__(self, shown: Callable[[Any], str]) -> None:
         self.items = ITEMS_LIMIT
         self.chars = TRACEBACK_LIMIT
+        self.shown = shown
 
     def take(self, key: Any, item: Any, deeper: bool) -> bool:
         """Count an item (its key, ``_NO_KEY`` in a list, and the characters of both,
@@ -337,7 +347,7 @@ class _Budget:
         if self.items <= 0 or self.chars <= 0:
             return False
         self.items -= 1
-        self.chars -= _key_chars(key) + _chars(item, deeper)
+        self.chars -= _key_chars(key, self.shown) + _chars(item, deeper, self.shown)
         return True
 
 
@@ -345,19 +355,19 @@ class _Budget:
 _NO_KEY: Final = ""
 
 
-def _key_chars(key: Any) -> int:
-    """The characters a dict's key counts in its :class:`_Budget`: those of its ``str``,
-    as the formats write a key, at most :data:`FIELD_LIMIT`."""
-    text = key if isinstance(key, str) else _shown(key)
+def _key_chars(key: Any, shown: Callable[[Any], str]) -> int:
+    """The characters a dict's key counts in its :class:`_Budget`: those of it ``shown``
+    as its format writes a key, at most :data:`FIELD_LIMIT`."""
+    text = key if isinstance(key, str) else shown(key)
     return min(str.__len__(text), FIELD_LIMIT)
 
 
-def _chars(value: Any, deeper: bool) -> int:
+def _chars(value: Any, deeper: bool, shown: Callable[[Any], str]) -> int:
     """The characters an item or key of an extra's containers counts in its
     :class:`_Budget`, each at most :data:`FIELD_LIMIT` (the most a format writes of one):
     a string's length; an int's digits (at least); bytes' length (their ``repr`` has at
-    least as many); the length of the ``str`` of a value of another type, which the
-    formats write; a container walked into (``deeper``) none, one past :data:`_JSON_DEPTH`
+    least as many); the length of a value of another type ``shown`` as its format writes
+    it (``json`` its ``str``, the text formats its ``repr``); a container walked into (``deeper``) none, one past :data:`_JSON_DEPTH`
     (written as its ``str``, cut) all, its ``str`` not built to be counted; none for
     None, a bool, a float. Only strings and string keys were counted: a list of 500
     ``bytes`` of 100 KB wrote a ``json`` line of 8.2 MB."""
@@ -371,14 +381,14 @@ def _chars(value: Any, deeper: bool) -> int:
         return value.bit_length() * 3 // 10  # (one past FIELD_LIMIT is written cut too)
     if isinstance(value, bytes | bytearray):
         return min(len(value), FIELD_LIMIT)
-    return min(len(_shown(value)), FIELD_LIMIT)
+    return min(len(shown(value)), FIELD_LIMIT)
 
 
 #: the containers :func:`_bounded` walks
 _CONTAINERS: Final = (list, tuple, dict, set, frozenset)
 
 
-def _bounded(value: Any) -> Any:
+def _bounded(value: Any, shown: Callable[[Any], str] = _shown) -> Any:
     """``value``, or when its lists, tuples, dicts and sets (and theirs, to
     :data:`_JSON_DEPTH` deep) hold more than a :class:`_Budget` allows, a copy of the
     built-in type of each that holds too many, its items past the budget left out and
@@ -388,18 +398,20 @@ def _bounded(value: Any) -> Any:
     a type check and a walk, not a copy (walking with copies cost a record of five
     string extras 15 % more, and one with a list of three items 2.3 times as much). One
     whose walk raises (a list subclass whose ``__iter__`` does) is returned as it is,
-    for the format to write as it did (its ``str``): the record was lost."""
+    for the format to write as it did (its ``str``): the record was lost. ``shown``: how
+    the format writes an item of another type (:func:`_chars`): counted by its ``str``,
+    an item the text formats write as a short ``repr`` was left out for a long ``str``."""
     if not isinstance(value, _CONTAINERS):
         return value
     try:
-        if _fits(value, [ITEMS_LIMIT, TRACEBACK_LIMIT], 0):
+        if _fits(value, [ITEMS_LIMIT, TRACEBACK_LIMIT], 0, shown):
             return value
-        return _bounded_copy(value, _Budget(), frozenset())
+        return _bounded_copy(value, _Budget(shown), frozenset())
     except Exception:
         return value
 
 
-def _fits(value: Any, left: list[int], depth: int) -> bool:
+def _fits(value: Any, left: list[int], depth: int, shown: Callable[[Any], str]) -> bool:
     """Whether the items of ``value`` (``depth`` containers deep) and theirs, walked and
     counted as :func:`_bounded_copy` walks them (:meth:`_Budget.take`), all fit in what
     is ``left`` (``[items, characters]``, taken from it). A container inside itself is
@@ -419,7 +431,7 @@ def _fits(value: Any, left: list[int], depth: int) -> bool:
             if isinstance(key, str):
                 chars -= min(str.__len__(key), FIELD_LIMIT)
             else:
-                chars -= _key_chars(key)
+                chars -= _key_chars(key, shown)
         # (_chars's common cases first, inline: a call an item cost a small list 50 %)
         if isinstance(item, str):
             chars -= min(str.__len__(item), FIELD_LIMIT)
@@ -427,11 +439,11 @@ def _fits(value: Any, left: list[int], depth: int) -> bool:
             chars -= item.bit_length() * 3 // 10
         elif deeper and isinstance(item, _CONTAINERS):
             left[:] = items, chars
-            if not _fits(item, left, depth + 1):
+            if not _fits(item, left, depth + 1, shown):
                 return False
             items, chars = left
         elif item is not None and type(item) is not float and type(item) is not bool:
-            chars -= _chars(item, deeper)
+            chars -= _chars(item, deeper, shown)
     left[:] = items, chars
     return True
 
@@ -474,7 +486,7 @@ def _bounded_copy(value: Any, budget: _Budget, within: frozenset[int]) -> Any:
 
 
 def _text(value: Any) -> str:
-    text = cut_field(_shown(_bounded(value)))
+    text = cut_field(_shown(_bounded(value, _shown_repr)))
     if not text or any(c.isspace() or c in "\"'=" for c in text):
         # json.dumps escapes C0 controls; escape_control then takes the C1 ones and U+2028.
         return escape_control(json.dumps(text, ensure_ascii=False))

@@ -2035,6 +2035,41 @@ def test_the_bytes_objects_and_ints_of_an_extra_s_lists_count_in_its_character_b
     assert said == f"...[{len(values[kind]) - kept} items left out]"
 
 
+class _ReprOf:
+    """A value of no JSON type whose ``str`` and ``repr`` are given."""
+
+    def __init__(self, shown: str, represented: str) -> None:
+        self.shown, self.represented = shown, represented
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __repr__(self) -> str:
+        return self.represented
+
+
+@pytest.mark.parametrize("fmt", ["compact", "full", "pretty"])
+def test_the_text_formats_count_an_extra_s_items_by_the_repr_they_write(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-seventh pass's review: an extra's values of other types counted their
+    ``str`` in the character bound, but the text formats write a list's items by their
+    ``repr`` (the ``str`` of a list): 500 values written ``<v>`` whose ``str`` is 100 KB
+    were written as 4 of them and ``...[496 items left out]``; 500 whose ``repr`` is
+    100 KB (a ``str`` of one character) had a line of 50 MB built to be cut. Now each
+    counts what its format writes: all 500 ``<v>`` are written, the long ones left out."""
+    log = logging.getLogger("nexus_trio.x")
+    stream = configured(fmt)
+    log.info("m", extra={"xs": [_ReprOf("s" * 100_000, "<v>") for _ in range(500)]})
+    written = stream.getvalue()
+    assert (written.count("<v>"), "left out" in written) == (500, False)
+    stream = configured(fmt)
+    log.info("m", extra={"xs": [_ReprOf("s", "r" * 100_000) for _ in range(500)]})
+    # (the line is cut at FIELD_LIMIT before the items left out are said: what it cut)
+    (cut,) = re.findall(r"\.\.\.\[([\d,]+) bytes cut\]", stream.getvalue())
+    assert int(cut.replace(",", "")) < 5 * 100_000, cut
+
+
 def _chained(n: int) -> None:
     try:
         if n:
