@@ -43,6 +43,7 @@ from typing import Any, Final, TextIO, cast
 
 from ._config import LOG_FORMATS, LoggingConfig
 from ._logcall import log_calls_failed as log_calls_failed
+from ._plural import count_of
 from ._throttle import lines_dropped
 
 __all__ = [
@@ -777,6 +778,27 @@ def _spend_code_lines(trace: Any, left: int, drawn: tuple[int, int], long_lined:
     return left
 
 
+def _say_code_not_drawn(trace: Any) -> None:
+    """Note on the newest exception (drawn last) how many frames :func:`_spend_code_lines`
+    left without their code, and why: a reader saw frames without code and nothing said."""
+    left_out = _frames_without_code(trace)
+    if left_out and trace.stacks:
+        trace.stacks[0].notes.append(
+            f"(the code of {count_of(left_out, 'frame')} is not drawn: the pretty format"
+            f" lexes at most {_CODE_LINES_LIMIT:,} lines of source a record)"
+        )
+
+
+def _frames_without_code(trace: Any) -> int:
+    """How many frames of ``trace`` (and of its groups' exceptions) have a
+    :class:`_NoCode` file name."""
+    return sum(
+        sum(isinstance(frame.filename, _NoCode) for frame in stack.frames)
+        + sum(_frames_without_code(member) for member in stack.exceptions)
+        for stack in trace.stacks
+    )
+
+
 def _drawn_frames(frames: list[Any], max_frames: int) -> list[Any]:
     """The ``frames`` rich draws of a stack: all, or when there are more than
     ``max_frames`` the first and last half of it (rich's ``Traceback.max_frames``)."""
@@ -876,6 +898,7 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
                 keep_code(trace, frozenset(long_lined))
             drawn = (self.tracebacks_max_frames, self.tracebacks_extra_lines)
             _spend_code_lines(trace, _CODE_LINES_LIMIT, drawn, long_lined)
+            _say_code_not_drawn(trace)
             rendered = Traceback(
                 trace,
                 width=self.tracebacks_width,

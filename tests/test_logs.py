@@ -2158,6 +2158,9 @@ def test_the_pretty_traceback_lexes_at_most_code_lines_limit_lines_of_source_a_r
     # (rich marks a frame's own line in its code: ❱ 2003, the innermost; ❱ 2002 the rest)
     drawn = re.findall(r"❱ (\d+)", text)
     assert drawn == ["2002", "2003"], drawn
+    # (the fifty-seventh pass's review: the frames without code were left unexplained)
+    said = "the code of 3 frames is not drawn: the pretty format lexes at most 5,000 lines"
+    assert said in " ".join(text.split())
 
 
 class _Unwalkable(list[int]):
