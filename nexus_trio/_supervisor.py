@@ -381,6 +381,7 @@ class SupervisorNode(Child, ChildOwner):
         "_last_spawn_gate",
         "_late_terminations",
         "_leaving",
+        "_linked_stops",
         "_nursery",
         "_restart_times",
         "_stopped_for_shutdown",
@@ -452,6 +453,10 @@ class SupervisorNode(Child, ChildOwner):
         #: good before its exit is handled (its own stop, its parent's exit, queued
         #: first) is reported failed then (see _retire), not never
         self._failures_queued: dict[tuple[Child, int], BaseException] = {}
+        #: linked children being stopped with what spawned them (see _stop_linked), each
+        #: with the reason of the stop that began first: it decides whether they drain
+        #: and the reason they retire with, however the stops' ends are ordered
+        self._linked_stops: dict[Child, str] = {}
 
     # --- the child interface -----------------------------------------------------------
 
@@ -1114,7 +1119,19 @@ class SupervisorNode(Child, ChildOwner):
         """Stop, for good, the agents ``child`` spawned (they die with its run)."""
         if child.drain_on_stop and reason == "parent_stopped":
             self._drain_linked(child)
-        for linked in reversed(list(child.linked_children)):
+        order = [linked for linked in reversed(list(child.linked_children)) if not linked.retired]
+        # A linked child stopped by two at once (its parent's run that failed or ended,
+        # the loop's draining stop of that parent) is stopped as the first asked, and
+        # retired with its reason, as OTP's first exit signal to reach a linked process
+        # is the one it dies of (until the fifty-seventh pass Trio's pick of which wait
+        # woke first decided: ``parent_exited``, or ``parent_stopped: it ended its own
+        # run during its draining stop``, which it had not)
+        reasons = {
+            linked: self._linked_stops.setdefault(linked, reason)
+            for linked in order
+            if linked.supervisor is self
+        }
+        for linked in order:
             if linked.retired:
                 continue
             if isinstance(linked, SupervisorNode):
@@ -1122,7 +1139,7 @@ class SupervisorNode(Child, ChildOwner):
             owner = linked.supervisor
             if owner is self:
                 await self._stop_child(linked)
-                self._retire(linked, reason)
+                self._retire(linked, reasons[linked])
             elif owner is not None:
                 await owner.terminate(linked, reason)
 
@@ -1317,6 +1334,9 @@ class SupervisorNode(Child, ChildOwner):
             await child.wait_idle()
         deadline = wait.deadline
         for linked in child.linked_children:
+            if linked in self._linked_stops:
+                # (its stop began meanwhile, its run's exit stopping it: that stands)
+                continue
             # (a second stop without drain may have cut the drain short meanwhile; one
             # asked of the linked child itself stands too)
             linked.drain_on_stop = child.drain_on_stop and not linked.stopped_plainly
@@ -1334,8 +1354,9 @@ class SupervisorNode(Child, ChildOwner):
         done = child.done
         start = self._nursery is not None and done is not None and not done.is_set()
         for linked in child.linked_children:
-            if linked.retired or linked.stopped_plainly:
-                # (a stop without drain asked of it stands: see Kernel.stop)
+            if linked.retired or linked.stopped_plainly or linked in self._linked_stops:
+                # (a stop without drain asked of it stands: see Kernel.stop; so does one
+                # its run's exit began first: see _stop_linked)
                 continue
             linked.drain_on_stop = True
             linked.stop_deadline = min(linked.stop_deadline, child.stop_deadline)
@@ -1617,6 +1638,8 @@ class SupervisorNode(Child, ChildOwner):
             child.retire_all(reason, failure=failure)
         child.mark_retired()
         self.children.pop(child, None)
+        if self._linked_stops:
+            self._linked_stops.pop(child, None)
         seldom = child.seldom
         parent = None if seldom is None else seldom.linked_parent
         if parent is not None:

@@ -8,7 +8,6 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
 import pytest
@@ -19,6 +18,7 @@ from nexus_trio import Agent, Context, DeadLetterReason, Message, agent, open_ke
 from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
+from .test_faults_stops_beside import stop_then_drain
 
 
 class Parent(Agent):
@@ -38,6 +38,30 @@ class Parent(Agent):
 
     async def on_stop(self, ctx: Context) -> None:
         Parent.log.append(("on_stop", ctx.name or "?", trio.current_time()))
+
+
+def stop_b_failing(to_e2: tuple[str, ...]) -> list[tuple[Any, DeadLetterReason, str]]:
+    """A kernel of its own (``trio.run``, a ``MockClock``): ``b`` spawns ``e2``, which is
+    sent ``to_e2``; ``b0``, ``boom`` and ``b2`` are queued as the root's loop carries out
+    ``kernel.stop("b", drain=True)``. Returns the kernel's letters (Trio picks the order
+    of a round's tasks anew in each)."""
+
+    async def one() -> list[tuple[Any, DeadLetterReason, str]]:
+        async with open_kernel(make_config()) as kernel:
+            kernel.spawn(agent(Parent, name="b", shutdown_timeout=100))
+            await trio.testing.wait_all_tasks_blocked()
+            for payload in to_e2:
+                await kernel.send("e2", payload)
+            for payload in ("b0", "boom", "b2"):
+                await kernel.send("b", payload)
+            await kernel.stop("b", drain=True)
+            letters = [
+                (d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()
+            ]
+        assert_conserved(kernel)
+        return letters
+
+    return trio.run(one, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 @pytest.mark.parametrize("beside", [False, True])
@@ -91,54 +115,28 @@ def test_a_spawner_failing_during_the_loop_s_draining_stop_says_its_run_failed()
     stopped (stopped)``: in 67 of 200 kernels (Trio picks the order of a round's tasks,
     so 30 kernels here: each a chance of about 1 in 3 on that code)."""
     failed = "agent stopped (stopped): its run failed during its draining stop (RuntimeError)"
-
-    async def one() -> list[tuple[Any, DeadLetterReason, str]]:
-        async with open_kernel(make_config()) as kernel:
-            kernel.spawn(agent(Parent, name="b", shutdown_timeout=100))
-            await trio.testing.wait_all_tasks_blocked()
-            for payload in ("b0", "boom", "b2"):
-                await kernel.send("b", payload)
-            await kernel.stop("b", drain=True)
-            letters = [
-                (d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()
-            ]
-        assert_conserved(kernel)
-        return letters
-
     for _ in range(30):
-        letters = trio.run(one, clock=trio.testing.MockClock(autojump_threshold=0))
+        letters = stop_b_failing(())
         assert letters[1:] == [("b2", DeadLetterReason.AGENT_STOPPED, failed)]
 
 
 async def test_a_draining_stop_of_a_linked_child_its_parent_s_plain_stop_stops_says_so(
     autojump_clock: Any,
 ) -> None:
-    """``p`` spawned ``c``, which holds ``c0`` (in hand), ``c1`` and ``c2``;
-    ``kernel.stop("p")`` (no drain) stops ``c`` first, and half a second later
-    ``kernel.stop("c", drain=True)`` comes. The plain stop under way stands, as for a
+    """``b`` spawned ``e2``, which holds ``c0`` (in hand), ``c1`` and ``c2``;
+    ``kernel.stop("b")`` (no drain) stops ``e2`` first, and half a second later
+    ``kernel.stop("e2", drain=True)`` comes. The plain stop under way stands, as for a
     draining stop after a plain one of the agent itself (Akka's ``PoisonPill`` queued
     behind ``context.stop``): ``c0`` finished, ``c1`` and ``c2`` dead-lettered
     ``agent_stopped``, ``agent stopped (parent_stopped)``. Before (fifty-seventh pass)
     their detail said ``...: it ended its own run during its draining stop``, which it
     did not."""
-
-    class Holder(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            if ctx.name == "p":
-                ctx.spawn(agent(Holder, name="c"))
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            await trio.sleep(1.0)
-
     async with open_kernel(make_config()) as kernel:
-        kernel.spawn(agent(Holder, name="p", shutdown_timeout=100))
+        kernel.spawn(agent(Parent, name="b", shutdown_timeout=100))
         await trio.testing.wait_all_tasks_blocked()
         for i in range(3):
-            await kernel.send("c", f"c{i}")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(kernel.stop, "p")
-            await trio.sleep(0.5)
-            nursery.start_soon(functools.partial(kernel.stop, "c", drain=True))
+            await kernel.send("e2", f"c{i}")
+        await stop_then_drain(kernel, "b", "e2", after=0.5)
         letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
     assert_conserved(kernel)
     stopped = "agent stopped (parent_stopped)"
@@ -146,3 +144,20 @@ async def test_a_draining_stop_of_a_linked_child_its_parent_s_plain_stop_stops_s
         ("c1", DeadLetterReason.AGENT_STOPPED, stopped),
         ("c2", DeadLetterReason.AGENT_STOPPED, stopped),
     ]
+
+
+def test_a_linked_child_of_a_spawner_failing_during_its_draining_stop_says_one_reason() -> None:
+    """``b`` spawned ``e2``, which holds ``e0`` (in hand), ``e1`` and ``e2x``; ``b0``,
+    ``boom`` and ``b2`` are queued as the root's loop carries out ``kernel.stop("b",
+    drain=True)``; ``boom`` fails ``b``'s run at 1 s. Its exit stops ``e2`` first, without
+    drain (``parent_exited``); the loop's drain of what ``b`` spawned comes after and does
+    not change that stop: ``e1`` finished, ``e2x`` dead-lettered ``agent stopped
+    (parent_exited)``, in every kernel. Before (fifty-seventh pass, review) both stops
+    waited for ``e2``'s end and the first to wake retired it: Trio's pick, and in about
+    a third of kernels the letter said ``agent stopped (parent_stopped): it ended its own
+    run during its draining stop``, which it had not (30 kernels here)."""
+    for _ in range(30):
+        letters = stop_b_failing(("e0", "e1", "e2x"))
+        assert [letter for letter in letters if letter[0] == "e2x"] == [
+            ("e2x", DeadLetterReason.AGENT_STOPPED, "agent stopped (parent_exited)")
+        ]

@@ -22,6 +22,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     EventKind,
+    Kernel,
     Message,
     Supervisor,
     agent,
@@ -229,6 +230,15 @@ async def test_a_draining_stop_of_a_child_added_behind_the_loop_s_stop_handles_i
     assert journal("handle", "x") == [("p", 4.0), ("q", 5.0)]
 
 
+async def stop_then_drain(kernel: Kernel, first: str, then: str, *, after: float) -> None:
+    """``kernel.stop(first)`` (no drain) and, ``after`` seconds into it,
+    ``kernel.stop(then, drain=True)``; returns once both have returned."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel.stop, first)
+        await trio.sleep(after)
+        nursery.start_soon(functools.partial(kernel.stop, then, drain=True))
+
+
 class Spawner(Paced):
     """A ``Paced`` that spawns a linked child, ``e2``, as it starts."""
 
@@ -258,10 +268,7 @@ async def test_a_child_failing_during_its_draining_stop_begun_beside_is_not_rest
                 await kernel.send("a", i)
             for payload in ("b0", "boom", "b2", "b3"):
                 await kernel.send("b", payload)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(kernel.stop, "a")
-                await trio.sleep(0.1)
-                nursery.start_soon(functools.partial(kernel.stop, "b", drain=True))
+            await stop_then_drain(kernel, "a", "b", after=0.1)
         letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
     assert_conserved(kernel)
     assert recorder.kinds("b") == [
