@@ -659,12 +659,15 @@ class AgentCell(Child):
         and is still in its ``on_stop`` or stopping what it spawned) handles nothing
         more: no wait then (until the fifty-seventh pass a second wait there, with
         messages left queued, waited for an idle that never came, until the stop's
-        timeout: forever for an infinite one, the kernel's shutdown too)."""
+        timeout: forever for an infinite one, the kernel's shutdown too). Nor does a run
+        held after the kernel's grace period from its queue (its stop in the tree's
+        order deals with that): only what it has in hand is waited for, until it is
+        held idle (see :meth:`_wait_for_release`)."""
         await trio.lowlevel.checkpoint()
         if not (
             self.running
             and self.nursery is not None
-            and (self.mailbox.depth or self.current is not None)
+            and (self.current is not None or (self.mailbox.depth and not self._held))
         ):
             return
         idle = self._idle
@@ -1478,7 +1481,13 @@ class AgentCell(Child):
 
     async def _wait_for_release(self) -> None:
         """Held after the grace period: nothing more is handled until the stop comes (the
-        caller has looked whether it came already: at a shutdown, most have)."""
+        caller has looked whether it came already: at a shutdown, most have). Idle then
+        (nothing in hand, nothing queued): a draining stop waiting for its queue to be
+        handed on (:meth:`wait_idle`) goes on, not waits out its timeout for an idle the
+        serve loop no longer says (until the fifty-seventh pass's review: a spawner's
+        draining stop whose message in hand the grace period's end outlasted returned at
+        its ``shutdown_timeout``, the kernel's shutdown with it)."""
+        self._wake_idle()
         await self._release_event().wait()
 
     def _leave_handler_scope(self, exc: BaseException) -> bool:

@@ -161,3 +161,44 @@ def test_a_linked_child_of_a_spawner_failing_during_its_draining_stop_says_one_r
         assert [letter for letter in letters if letter[0] == "e2x"] == [
             ("e2x", DeadLetterReason.AGENT_STOPPED, "agent stopped (parent_exited)")
         ]
+
+
+@pytest.mark.parametrize("queued", [1, 3])
+async def test_a_spawner_s_draining_stop_the_grace_period_s_end_holds_returns_with_its_message(
+    autojump_clock: Any, queued: int
+) -> None:
+    """``b`` (``shutdown_timeout`` 100 s) spawned ``e2``; ``b0`` (and ``b1``, ``b2``) are
+    queued as ``kernel.stop("b", drain=True)`` comes; at 0.5 s ``kernel.shutdown(grace=
+    0.2)``: the grace period ends at 0.7 s with ``b0`` in hand, which ``b``'s own timeout
+    lets it finish at 1 s; held then, it handles nothing more. The stop and the shutdown
+    return at 1 s, ``e2``'s ``on_stop`` before ``b``'s, what ``b`` left queued
+    dead-lettered ``shutdown`` (the shutdown ended its draining stop). Before
+    (fifty-seventh pass, review) the stop's wait for ``b``'s queue to be handed on
+    waited for an idle a held run never says: both returned at 100 s, ``b``'s timeout
+    (found by the s57a fuzz driver given a bound on a stop's duration, seeds 905, 5085)."""
+    Parent.log = []
+    returned: list[tuple[str, float]] = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Parent, name="b", shutdown_timeout=100))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(queued):
+            await kernel.send("b", f"b{i}")
+
+        async def stop_b() -> None:
+            await kernel.stop("b", drain=True)
+            returned.append(("stop", trio.current_time()))
+
+        async def shut_down() -> None:
+            await trio.sleep(0.5)
+            await kernel.shutdown(grace=0.2)
+            returned.append(("shutdown", trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_b)
+            nursery.start_soon(shut_down)
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    assert_conserved(kernel)
+    assert sorted(returned) == [("shutdown", 1.0), ("stop", 1.0)]
+    assert Parent.log == [("on_stop", "e2", 1.0), ("on_stop", "b", 1.0)]
+    ended = "agent stopped (stopped): the kernel's shutdown ended its draining stop"
+    assert letters == [(f"b{i}", DeadLetterReason.SHUTDOWN, ended) for i in range(1, queued)]
