@@ -999,6 +999,14 @@ async def main_raises_unshowable(kernel):
     raise UnshowableError("boom")
 
 
+async def main_raises_unshowable_in_a_group(kernel):
+    raise ExceptionGroup("two", [UnshowableError("boom"), ValueError("second")])
+
+
+async def main_exits_unshowable_in_a_group(kernel):
+    raise BaseExceptionGroup("two", [SystemExit(Unshowable()), ValueError("second")])
+
+
 async def main_exits(kernel):
     await kernel.send(kernel.spawn(echo), 1)
     sys.exit(3)
@@ -1086,21 +1094,47 @@ def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
         assert "ERROR" in result.stderr, result.stderr
 
 
-def test_an_app_error_whose_repr_raises_fails_the_run_with_its_summary(isolated: Path) -> None:
+_UNSHOWABLE = (
+    "AppErrorUnshowable: UnshowableError: boom (its repr() raises RuntimeError, which Trio"
+    " cannot take)"
+)
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "traced"),
+    [
+        ("main_raises_unshowable", _UNSHOWABLE, "exiting_app.UnshowableError: boom"),
+        # (review of the fifty-seventh pass: a group was said as one error, "ExceptionGroup:
+        # two (2 sub-exceptions)", its members' listing lost; one that held a
+        # BaseException crashed Trio as before)
+        (
+            "main_raises_unshowable_in_a_group",
+            f"{_UNSHOWABLE}; ValueError: second",
+            "exiting_app.UnshowableError: boom",
+        ),
+        (
+            "main_exits_unshowable_in_a_group",
+            "SystemExit: sys.exit(<repr() raised RuntimeError>) in the app's code;"
+            " ValueError: second",
+            "ValueError: second",
+        ),
+    ],
+)
+def test_an_app_error_whose_repr_raises_fails_the_run_with_its_summary(
+    isolated: Path, target: str, error: str, traced: str
+) -> None:
     """Fifty-seventh pass: an app's ``main`` that raised an error whose ``repr()``
     raises crashed Trio (its nursery writes the repr of a task's error): a
     TrioInternalError, a cascade of tracebacks, no summary. The run fails with its
     summary now, the error named by its type and message, its own traceback logged as
-    the cause; exit 1."""
-    result = _run_exiting_app(isolated, "main_raises_unshowable")
+    the cause; exit 1. In a group, each member is replaced so, and the summary lists
+    them all."""
+    result = _run_exiting_app(isolated, target)
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
     assert (summary["stopped_by"], summary["conserved"]) == ("error", True)
-    assert summary["error"] == (
-        "AppErrorUnshowable: UnshowableError: boom (its repr() raises RuntimeError, which"
-        " Trio cannot take)"
-    )
-    assert "exiting_app.UnshowableError: boom" in result.stderr, result.stderr
+    assert summary["error"] == error
+    assert traced in result.stderr, result.stderr
     assert "TrioInternalError" not in result.stderr, result.stderr
 
 

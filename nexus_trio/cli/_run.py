@@ -981,22 +981,14 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
         async def main() -> None:
             try:
                 await target(kernel)
-            except SystemExit as exc:
+            except BaseException as exc:
                 # Trio writes repr() of a task's error (its nursery's cancel reason): an
-                # argument whose repr() raises made that a TrioInternalError and a
-                # cascade of tracebacks, exit 1 (until the fifty-seventh pass). It exits
-                # with a stand-in that says so (status 1, as Python's for an object).
-                if isinstance(said := _code_shown(exc.code), _ReprFailed):
-                    raise SystemExit(said).with_traceback(exc.__traceback__) from None
-                raise
-            except Exception as exc:
-                # (the same of an app's error whose repr() raises: the run fails with
-                # an error Trio can write, the app's as its cause)
-                if (unshowable := _repr_failure(exc)) is not None:
-                    raise AppErrorUnshowable(
-                        f"{type(exc).__qualname__}: {_str_of(exc)} (its repr() raises"
-                        f" {unshowable}, which Trio cannot take)"
-                    ) from exc
+                # error or a sys.exit argument whose repr() raises made that a
+                # TrioInternalError and a cascade of tracebacks, exit 1 (until the
+                # fifty-seventh pass; inside a group too, until its review). The run
+                # ends with a stand-in that says so.
+                if (shown := _showable(exc)) is not exc:
+                    raise shown  # noqa: B904 (_showable set its cause)
                 raise
             state.request_stop("app finished")
 
@@ -1487,6 +1479,36 @@ def _is_worker(node: str) -> bool:
 class AppErrorUnshowable(RuntimeError):
     """An app's error whose ``repr()`` raises, in its place (it is the cause): Trio
     writes the repr of a task's error, and raised a TrioInternalError for it."""
+
+
+def _showable(exc: BaseException) -> BaseException:
+    """``exc``, an error of the app's ``main``, or where its ``repr()`` raises one Trio
+    can write in its place: for ``sys.exit(obj)``, a ``SystemExit`` of what says so
+    (status 1, as Python's for an object); for an error, an :class:`AppErrorUnshowable`
+    with ``exc`` as its cause; for a group, the group of its members so replaced, so the
+    summary still lists each (``; ``), a ``SystemExit`` among them still a ``sys.exit``
+    (until the review of the fifty-seventh pass a group was one error, or crashed Trio
+    if it held a ``BaseException``)."""
+    if (unshowable := _repr_failure(exc)) is None:
+        return exc
+    shown: BaseException
+    if isinstance(exc, BaseExceptionGroup):
+        with contextlib.suppress(Exception):  # (an app's group: its derive() may raise)
+            shown = exc.derive([_showable(member) for member in exc.exceptions])
+            if _repr_failure(shown) is None:
+                shown.__cause__ = exc.__cause__
+                shown.__suppress_context__ = True
+                return shown.with_traceback(exc.__traceback__)
+    if isinstance(exc, SystemExit) and isinstance(said := _code_shown(exc.code), _ReprFailed):
+        shown = SystemExit(said)
+        shown.__suppress_context__ = True
+        return shown.with_traceback(exc.__traceback__)
+    shown = AppErrorUnshowable(
+        f"{type(exc).__qualname__}: {_str_of(exc)} (its repr() raises {unshowable}, which"
+        " Trio cannot take)"
+    )
+    shown.__cause__ = exc
+    return shown
 
 
 def _repr_failure(exc: BaseException) -> str | None:
