@@ -6765,8 +6765,27 @@ def test_nexus_send_says_how_to_quote_a_bare_word_payload(payload: str, hinted: 
             "not JSON a message can carry: nested 5,000"
             " levels deep, past the JSON reader's recursion limit",
         ),
+        # (review of the fifty-seventh pass: 400 to 999 levels started the agent, then
+        # failed "unserialisable", exit 1; 256 is taken)
+        (
+            "[" * 400 + "]" * 400,
+            "not JSON a message can carry: nested 400 levels deep, past the 256 levels"
+            " nexus send takes",
+        ),
+        (
+            '{"a": ' * 257 + "[]" + "}" * 257,
+            "not JSON a message can carry: nested 258 levels deep, past the 256 levels"
+            " nexus send takes",
+        ),
     ],
-    ids=["a word of 200", "a word of 100,000", "[ 100,000 times", "objects 5,000 deep"],
+    ids=[
+        "a word of 200",
+        "a word of 100,000",
+        "[ 100,000 times",
+        "objects 5,000 deep",
+        "[ 400 times",
+        "objects 257 deep",
+    ],
 )
 def test_nexus_send_refuses_a_huge_or_too_deep_payload_in_one_short_line(
     payload: str, said: str

@@ -328,6 +328,25 @@ def _quote_hint(payload: str) -> str:
 _WORD_LIMIT: Final = 200
 
 
+#: the deepest payload nexus send takes, in levels of arrays and objects (the kernel's
+#: writer, deep in its tasks, fails past about 320)
+_DEPTH_LIMIT: Final = 256
+
+
+def _depth(value: Any) -> int:
+    """How many levels of arrays and objects ``value`` nests (``[[1]]``: 2), without
+    recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 #: the longest payload read as a Python literal for the hint (a larger one is not)
 _LITERAL_LIMIT: Final = 10_000
 
@@ -413,6 +432,14 @@ def _read_payload(payload: str) -> Any:
         from ..bridges.python import too_deep
 
         raise ValueError(f"not JSON a message can carry: {too_deep(payload)}") from None
+    if (depth := _depth(value)) > _DEPTH_LIMIT:
+        # (the kernel writes the message to the agent deep inside its tasks, where
+        # about 320 levels fit: 400 to 999 levels started the agent, then failed,
+        # "unserialisable", exit 1, until the review of the fifty-seventh pass)
+        raise ValueError(
+            f"not JSON a message can carry: nested {depth:,} levels deep, past the"
+            f" {_DEPTH_LIMIT} levels nexus send takes"
+        )
     places = _places(value, lambda item: item.text if isinstance(item, _Unwritable) else None)
     if places:
         raise ValueError(f"JSON has no NaN or Infinity: {places}")
