@@ -2903,7 +2903,11 @@ def test_health_asks_an_international_host_in_its_idna_2008_ascii_form(
     ) in flat(refused.output)
 
 
-@pytest.mark.parametrize("no_proxy", ["::1", "[::1]", "localhost, 0:0:0:0:0:0:0:1"])
+@pytest.mark.parametrize(
+    "no_proxy",
+    # (review of the fifty-seventh pass: a CIDR block, as curl takes, went through the proxy)
+    ["::1", "[::1]", "localhost, 0:0:0:0:0:0:0:1", "::1/128", "[::1]/128", "fe80::/10, ::/0"],
+)
 def test_health_of_an_ipv6_host_no_proxy_names_does_not_go_through_the_proxy(
     no_proxy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1338,7 +1338,8 @@ class _NoProxyForIPv6Handler(urllib.request.ProxyHandler):
     matched ``http://[::1]:P/healthz``, and the check went through the proxy (until the
     fifty-seventh pass): the proxy's answer said healthy, or unreachable. An IPv6 entry
     of ``no_proxy`` is matched with or without brackets, as the same address (``::1``,
-    ``[::1]``, ``0:0:0:0:0:0:0:1``), as curl does."""
+    ``[::1]``, ``0:0:0:0:0:0:0:1``), or as a CIDR block (``::1/128``, ``::/0``), as curl
+    does."""
 
     def proxy_open(self, req: urllib.request.Request, proxy: str, type: str) -> Any:
         if _no_proxy_names_ipv6(req.host):
@@ -1359,11 +1360,17 @@ def _no_proxy_names_ipv6(hostport: str) -> bool:
     except ValueError:  # (a name or an IPv4 address: urllib's match is right)
         return False
     for entry in entries.split(","):
+        # (an entry is an address or, as curl takes since 7.86, a CIDR block: ::1/128,
+        # fe80::/10; a block was never matched until the review of the fifty-seventh pass)
+        named, slash, prefix = entry.strip().partition("/")
         try:
-            if ipaddress.IPv6Address(entry.strip().strip("[]").partition("%")[0]) == address:
-                return True
+            block = ipaddress.IPv6Network(
+                named.strip("[]").partition("%")[0] + slash + prefix, strict=False
+            )
         except ValueError:
             continue
+        if address in block:
+            return True
     return False
 
 
