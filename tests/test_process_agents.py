@@ -6074,12 +6074,22 @@ def test_bad_arguments_are_refused_naming_the_problem(
         ),
         ('X="a b" prog --n 1', "put env before it (env 'X=a b' prog --n 1)"),
         ("X='say \"hi\"' prog", "put env before it (env 'X=say \"hi\"' prog)"),
+        # (review of the fifty-seventh pass: a quote in a comment, which a shell drops,
+        # said "No closing quotation")
+        (
+            "prog a.py # it's",
+            'holds the comment "# it\'s", which a shell would drop, but no shell runs it'
+            " (the program would get \"# it's\" as it is): leave it out, quote it ('...')"
+            " to pass it as it is, or give the command to a shell:"
+            " sh -c 'prog a.py # it'\"'\"'s'",
+        ),
     ],
     ids=[
         "operator, a double quote",
         "expansion, a single quote",
         "assignment, a blank",
         "assignment, a double quote",
+        "a quote in a comment",
     ],
 )
 def test_a_shell_construct_s_hint_writes_a_command_that_a_shell_reads_as_meant(

@@ -3122,6 +3122,18 @@ def _word_at(cmd: str, index: int) -> str:
     return cmd[start:end]
 
 
+def unsplit_comment_problem(cmd: str) -> str | None:
+    """For a command :func:`shlex.split` refuses, what :func:`shell_syntax_problem` says
+    of it if a shell would split it: a quote in a comment (``python3 a.py # it's``),
+    which a shell drops, said as the comment; until the review of the fifty-seventh pass
+    ``No closing quotation``. None if a shell would refuse it too."""
+    try:
+        parts = shlex.split(cmd, comments=True)
+    except ValueError:
+        return None
+    return shell_syntax_problem(cmd, parts)
+
+
 def _command(
     cmd: Sequence[str] | str, env: Mapping[str, str] | None, cwd: str | None
 ) -> tuple[str, ...]:
@@ -3129,9 +3141,11 @@ def _command(
         try:
             parts = shlex.split(cmd)
         except ValueError as exc:
-            raise ValueError(
-                f"process_agent: command {cmd!r} cannot be split as a shell would: {exc}"
-            ) from None
+            why = (
+                unsplit_comment_problem(cmd)
+                or f"command {cmd!r} cannot be split as a shell would: {exc}"
+            )
+            raise ValueError(f"process_agent: {why}") from None
         problem = shell_syntax_problem(cmd, parts)
         if problem is not None:
             raise ValueError(f"process_agent: {problem}")

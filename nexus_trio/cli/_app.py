@@ -983,7 +983,10 @@ def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) 
     try:
         argv = tuple(shlex.split(command))
     except ValueError as exc:
-        raise typer.BadParameter(f"{exc} in {command!r}", param_hint=hint) from None
+        from ..bridges.process import unsplit_comment_problem
+
+        why = unsplit_comment_problem(command) or f"{exc} in {command!r}"
+        raise typer.BadParameter(why, param_hint=hint) from None
     if not argv:
         raise typer.BadParameter("empty command", param_hint=hint)
     from ..bridges.process import shell_syntax_problem

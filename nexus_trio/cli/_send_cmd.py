@@ -158,7 +158,10 @@ def register(app: typer.Typer) -> None:
         try:
             argv = shlex.split(cmd)
         except ValueError as exc:
-            raise typer.BadParameter(f"{exc} in {cmd!r}", param_hint="'CMD'") from None
+            from ..bridges.process import unsplit_comment_problem
+
+            why = unsplit_comment_problem(cmd) or f"{exc} in {cmd!r}"
+            raise typer.BadParameter(why, param_hint="'CMD'") from None
         if not argv:
             raise typer.BadParameter(
                 f"empty command {cmd!r}: give the program to start, e.g. 'python3 agent.py'",
