@@ -47,6 +47,7 @@ from ._agent import (
 )
 from ._brief import brief
 from ._child import Directive, enum_member
+from ._config import OverflowPolicy
 from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
@@ -902,25 +903,58 @@ class _PoolRouter(Agent):
         return True
 
     async def _broadcast(self, ctx: Context, msg: Message, value: Any) -> Any:
+        """Tell ``value`` to every worker; answer how many copies were enqueued, dropped
+        by a full ``drop_newest`` mailbox (dead-lettered ``mailbox_overflow``) and
+        refused. Full ``block`` workers are waited for together (one ``send_timeout``
+        in all, not one per worker in turn): each gets one copy, so what each sees keeps
+        its order. Akka's Broadcast is fire-and-forget; the answer is only honest."""
         kind = MessageKind.COMMAND if msg.kind is MessageKind.QUERY else msg.kind
-        sent = 0
+        policy = self.plan.worker.overflow or ctx.kernel.config.kernel.overflow
+        counts = {"sent": 0, "dropped": 0, "refused": 0}
+        full: list[Message] = []
         for worker in list(self.workers):
-            try:
-                await ctx.send(
-                    Message(
-                        sender=msg.sender,
-                        to=worker.id,
-                        payload=value,
-                        kind=kind,
-                        conversation_id=msg.conversation_id,
-                        trace_id=msg.trace_id,
-                    )
-                )
-                sent += 1
-            except NexusError as exc:
-                # Refused (not accepted), so not a dead letter: counted in rejected.
-                ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
-        return {"sent": sent}
+            copy = Message(
+                sender=msg.sender,
+                to=worker.id,
+                payload=value,
+                kind=kind,
+                conversation_id=msg.conversation_id,
+                trace_id=msg.trace_id,
+            )
+            outcome = "sent"
+            if policy in _WAITS_OR_DROPS and self._is_full(ctx, worker):
+                if policy is OverflowPolicy.BLOCK:
+                    full.append(copy)
+                    continue
+                outcome = "dropped"  # the send dead-letters it (counted there)
+            await self._broadcast_one(ctx, copy, counts, outcome)
+        if full:
+            async with trio.open_nursery() as nursery:
+                for copy in full:
+                    nursery.start_soon(self._broadcast_one, ctx, copy, counts)
+        return counts
+
+    @staticmethod
+    def _is_full(ctx: Context, worker: AgentRef) -> bool:
+        try:
+            stats = ctx.kernel.mailbox_statistics(worker)
+        except AgentNotFound:
+            return False  # gone: the send refuses it
+        return stats.depth >= stats.capacity
+
+    async def _broadcast_one(
+        self, ctx: Context, copy: Message, counts: dict[str, int], outcome: str = "sent"
+    ) -> None:
+        try:
+            await ctx.send(copy)
+            counts[outcome] += 1
+        except NexusError as exc:
+            # Refused (not accepted), so not a dead letter: counted in rejected.
+            counts["refused"] += 1
+            ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, copy.to, exc)
+
+
+_WAITS_OR_DROPS: Final = frozenset((OverflowPolicy.BLOCK, OverflowPolicy.DROP_NEWEST))
 
 
 def _worker_on_error(

@@ -1565,13 +1565,56 @@ async def test_broadcast_reaches_every_worker_once(autojump_clock: Any) -> None:
     seen: Record = []
     async with open_test_kernel() as kernel:
         kernel.spawn(pool(recording_worker(seen), size=3))
-        assert await kernel.request("workers", {"$broadcast": "reload"}) == {"sent": 3}
+        answer = await kernel.request("workers", {"$broadcast": "reload"})
+        assert answer == {"sent": 3, "dropped": 0, "refused": 0}
         await step_until_idle(kernel)
         assert sorted(seen) == [
             ("workers/0", "reload"),
             ("workers/1", "reload"),
             ("workers/2", "reload"),
         ]
+
+
+async def _broadcast_to_full_workers(overflow: str, *, workers: int = 8) -> Any:
+    """Fill every worker's mailbox (capacity 1: one message in hand, one queued), then
+    broadcast: the answer, the seconds it took, the dead letters' reasons."""
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel(test_config(send_timeout_ms=2_500)) as kernel:
+        worker = recording_worker(seen, gate).with_options(mailbox_capacity=1, overflow=overflow)
+        kernel.spawn(pool(worker, size=workers))
+        for _ in range(2):  # one in hand at each worker, then one queued
+            for i in range(workers):
+                await kernel.send("workers", i)
+            await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        answer = await kernel.request("workers", {"$broadcast": "reload"}, timeout=60)
+        took = trio.current_time() - start
+        gate.set()
+        await step_until_idle(kernel)
+        reasons = [letter.reason.value for letter in dead_letters(kernel)]
+        assert_conserved(kernel)
+    return answer, took, reasons
+
+
+async def test_a_broadcast_counts_copies_a_drop_newest_worker_dropped_as_dropped(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a broadcast to full ``drop_newest`` workers answered ``{"sent": 8}``,
+    though all 8 copies were dead-lettered ``mailbox_overflow``. Now they count as
+    dropped (still dead-lettered, saying why)."""
+    answer, took, reasons = await _broadcast_to_full_workers("drop_newest")
+    assert answer == {"sent": 0, "dropped": 8, "refused": 0}
+    assert (took, reasons) == (0, ["mailbox_overflow"] * 8)
+
+
+async def test_a_broadcast_waits_for_full_block_workers_together(autojump_clock: Any) -> None:
+    """Regression: a broadcast to 8 full ``block`` workers waited ``send_timeout``
+    (2.5 s) for each in turn: 20 s, the router routing nothing else. Now it waits for
+    them together, one ``send_timeout`` in all, and counts the copies refused."""
+    answer, took, reasons = await _broadcast_to_full_workers("block")
+    assert (took, reasons) == (2.5, [])
+    assert answer == {"sent": 0, "dropped": 0, "refused": 8}
 
 
 async def test_pool_spec_rejects_bad_arguments_by_name() -> None:

@@ -394,7 +394,11 @@ async def test_a_pool_lists_and_resizes_only_the_workers_still_running(
         workers = await pool_workers(kernel, "workers")
         assert [ref.name for ref in workers] == ["workers/0", "workers/2"]
         assert all(kernel.is_local(ref) for ref in workers)
-        assert await kernel.request("workers", {"$broadcast": "x"}) == {"sent": 2}
+        assert await kernel.request("workers", {"$broadcast": "x"}) == {
+            "sent": 2,
+            "dropped": 0,
+            "refused": 0,
+        }
 
 
 async def test_a_shrink_skips_a_removed_worker_stopped_before_it_started(
