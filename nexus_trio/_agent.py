@@ -99,10 +99,26 @@ class _FunctionBehaviour:
         pass
 
 
+def refuse_past_float(name: str, value: Any) -> None:
+    """Refuse an integer too large to convert to a float (past about 1.8e308): a time
+    of it was accepted, and the deadline or sleep it became raised ``OverflowError``
+    where it was used (a kernel's run crashed at its shutdown). Infinity, a float, is
+    no such number: it stays "no limit" where a field takes it."""
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{name} must be a number a float holds (at most about 1.8e308),"
+                f" got an integer of {value.bit_length()} bits"
+            ) from None
+
+
 def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
     def check(inst: Any, attribute: Any, value: Any) -> None:
         if value is None:
             return
+        refuse_past_float(name, value)
         # (``not value > 0``: NaN is refused too)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -113,6 +129,7 @@ def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
 def _validate_shutdown_timeout(inst: Any, attribute: Any, value: Any) -> None:
     if value is None:
         return
+    refuse_past_float("shutdown_timeout", value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {value!r}")
 
@@ -396,6 +413,7 @@ def checked_seconds(value: Any, what: str, *, zero: bool = False) -> float:
     take the config's value for None themselves: no call on the request path.)"""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    refuse_past_float(what, value)
     if not (value >= 0 if zero else value > 0):
         raise ValueError(f"{what} must be {'>=' if zero else '>'} 0 seconds, got {value!r}")
     return value

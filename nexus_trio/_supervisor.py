@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._agent import as_spec, validate_name
+from ._agent import as_spec, refuse_past_float, validate_name
 from ._brief import brief, seconds_text
 from ._child import (
     SHUTDOWN_ENDED_DRAIN,
@@ -78,12 +78,14 @@ _CALLED_OFF: Final = BaseException("called off")
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    refuse_past_float(attribute.name, value)
     # (``not value >= 0``: NaN is refused too)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    refuse_past_float(attribute.name, value)
     # The range ``[supervision] backoff_jitter`` takes: one API, one config, one meaning.
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError(f"{attribute.name} must be a number between 0 and 1, got {value!r}")
@@ -148,6 +150,7 @@ def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
 
 
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    refuse_past_float(attribute.name, value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
 

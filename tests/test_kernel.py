@@ -2827,6 +2827,42 @@ def test_supervisor_and_backoff_options_refuse_nan(make: Any, error: str) -> Non
         make()
 
 
+PAST_FLOAT = 10**400
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: Supervisor(shutdown_timeout=PAST_FLOAT), "shutdown_timeout"),
+        (lambda: Supervisor(within=PAST_FLOAT), "within"),
+        (lambda: Backoff(initial=PAST_FLOAT, maximum=PAST_FLOAT), "initial"),
+        (lambda: Backoff(maximum=PAST_FLOAT), "maximum"),
+        (lambda: Backoff(reset_after=PAST_FLOAT), "reset_after"),
+        (lambda: agent(noop, shutdown_timeout=PAST_FLOAT), "shutdown_timeout"),
+        (lambda: agent(noop, handle_timeout=PAST_FLOAT), "handle_timeout"),
+        (
+            lambda: pool(noop, supervision=Supervisor(shutdown_timeout=PAST_FLOAT)),
+            "shutdown_timeout",
+        ),
+    ],
+)
+def test_a_time_too_large_for_a_float_is_refused_naming_the_field(make: Any, name: str) -> None:
+    """Regression: ``Supervisor(shutdown_timeout=10**400)`` (or an agent's) was accepted,
+    and the kernel's run crashed at its shutdown with ``OverflowError: int too large to
+    convert to float``. Now such a number is refused where it is given, naming the
+    field; infinity (a float) stays "no limit"."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a number a float holds .* 1329 bits$"):
+        make()
+    assert Supervisor(shutdown_timeout=math.inf).shutdown_timeout == math.inf
+
+
+async def test_a_request_timeout_too_large_for_a_float_is_refused(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(noop)
+        with pytest.raises(ValueError, match=r"must be a number a float holds .* 1329 bits$"):
+            await kernel.request("noop", "x", timeout=PAST_FLOAT)
+
+
 @pytest.mark.parametrize("backoff", [2.0, 0, None, "2s", {"initial": 1.0}])
 def test_a_supervisor_refuses_a_backoff_that_is_no_backoff_naming_the_field(backoff: Any) -> None:
     """Regression: ``Supervisor(backoff=2.0)`` was accepted; at the first restart the
