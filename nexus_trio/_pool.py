@@ -75,6 +75,8 @@ VALUE_TEXT: Final = 60
 DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
+#: the most ring points per worker a consistent_hash pool takes (see pool())
+VIRTUAL_NODES_MAX: Final = 10_000
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
 #: the ``stopped`` event's reason for a grown worker whose first ``on_start`` failed
 
@@ -314,7 +316,7 @@ def pool(
     3 restarts within 5 s). ``routing`` is ``"round_robin"``, ``"least_loaded"`` or
     ``"consistent_hash"``; the last needs ``key``, a function of the message whose
     result (text, bytes, UUID or JSON-compatible) picks the worker. ``virtual_nodes`` is
-    the number of ring points per worker for consistent hashing. ``max_size`` bounds
+    the number of ring points per worker for consistent hashing (at most 10,000). ``max_size`` bounds
     what a ``$resize`` may grow the pool to (default: the larger of 1,024 and ``size``):
     a resize can come from any sender, and each worker costs memory.
 
@@ -342,6 +344,13 @@ def pool(
         raise ValueError(f"key= is only used by consistent_hash routing, not {mode.value!r}")
     if isinstance(virtual_nodes, bool) or not isinstance(virtual_nodes, int) or virtual_nodes < 1:
         raise ValueError(f"virtual_nodes must be an integer >= 1, got {_shown(virtual_nodes)}")
+    if virtual_nodes > VIRTUAL_NODES_MAX:
+        # The ring hashes size * virtual_nodes points at each start and resize, in the
+        # router's run: 10**9 was accepted, and the router's start ran for hours.
+        raise ValueError(
+            f"virtual_nodes must be at most {fmt_count(VIRTUAL_NODES_MAX)} (ring points per"
+            f" worker, each hashed at every start and resize), got {_shown(virtual_nodes)}"
+        )
     if supervision is None:
         supervision = Supervisor()
     elif not isinstance(supervision, Supervisor):

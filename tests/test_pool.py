@@ -1011,6 +1011,24 @@ async def test_a_resize_to_an_integer_too_long_to_show_fails_that_message_not_th
             pool(recording_worker([]), **options)
 
 
+@pytest.mark.parametrize(
+    ("virtual_nodes", "said"), [(10**400, "an integer of about 400 digits"), (10_001, "10001")]
+)
+def test_a_pool_refuses_more_virtual_nodes_than_its_bound(virtual_nodes: int, said: str) -> None:
+    """Regression: ``virtual_nodes`` had no upper bound: the router hashes size *
+    virtual_nodes ring points at its start and each resize, in its run, so 10**6 held
+    the kernel for over 100 s (4 workers) and 10**400 for ever. Now more than 10,000
+    is refused when the pool is built, naming the bound."""
+    with pytest.raises(ValueError, match=rf"^virtual_nodes must be at most 10,000 .*, got {said}$"):
+        pool(
+            recording_worker([]),
+            routing="consistent_hash",
+            key=user_key,
+            virtual_nodes=virtual_nodes,
+        )
+    assert pool(recording_worker([]), routing="consistent_hash", key=user_key, virtual_nodes=10_000)
+
+
 async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         kernel.spawn(pool(recording_worker([]), size=1))
