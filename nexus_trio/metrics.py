@@ -1709,6 +1709,80 @@ async def serve_routes(
             slots.release()
             await trio.aclose_forcefully(stream)
 
+    # One accept loop at a time takes a slot and accepts (two listeners: a host that is
+    # 127.0.0.1 and ::1): a loop that met the limit while the other's accept was under
+    # way saw no head to shed and waited for a free slot with no deadline (the other's
+    # silent connection held it the 10 s), and a slot freed by a shed could be taken by
+    # the other loop, leaving the shedding one waiting with no deadline the same way.
+    admitting = trio.Lock()
+
+    async def admit(listener: trio.SocketListener) -> trio.SocketStream | None:
+        """A slot taken for a connection waiting on ``listener`` (at the limit, the
+        oldest connection still reading its head shed for it once due) and the
+        connection accepted, counted; None if the accept failed for lack of descriptors
+        or memory (counted, logged: it is retried)."""
+        if slots.value == 0:
+            counts.limited += 1
+            if limit_log.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "the %s endpoint has %d connections open, its limit: new"
+                    " connections wait in the listen backlog until one closes (times"
+                    " at the limit so far: %d)",
+                    what,
+                    max_connections,
+                    counts.limited,
+                )
+        while slots.value == 0 and heads:
+            # At the limit: the oldest connection still reading its head gets
+            # until _SHED_AFTER s after it began, then is shed for the ones
+            # waiting behind it (a client that sends nothing, or a byte at a time,
+            # held its slot for the 10 s a request may take: 32 of them kept
+            # every scrape out, again and again). None comes meanwhile: nothing
+            # is accepted at the limit.
+            oldest, began = next(iter(heads.items()))
+            with trio.move_on_at(began + _SHED_AFTER):
+                await slots.acquire()
+                slots.release()
+                break
+            if heads.get(oldest) == began:
+                # (counted by the connection, if the cancel cuts its read: a loop
+                # that stalled past the deadline may find its head in meanwhile)
+                oldest.cancel()
+                del heads[oldest]
+                # Its slot is waited for below (it is freed as the shed one
+                # closes): the next is shed only when the limit is met again.
+                # Looking again at once shed every connection 2 s old, for the
+                # one slot needed (the shed one still held it).
+                break
+        await slots.acquire()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            counts.accept_failures += 1
+            if failure_log.due():
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "the %s endpoint cannot accept a connection: %s (failures so"
+                    " far: %d); retrying every %g s",
+                    what,
+                    exc,
+                    counts.accept_failures,
+                    _ACCEPT_RETRY,
+                )
+            return None
+        except BaseException:
+            slots.release()
+            raise
+        counts.accepted += 1
+        counts.open += 1
+        return stream
+
     async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
@@ -1718,70 +1792,15 @@ async def serve_routes(
                 # met a limit that was not there: at a limit of 1 they waited for good, at
                 # 2 a lone connection was counted at the limit and shed 2 s after its accept.
                 await trio.lowlevel.wait_readable(listener.socket)
-                if slots.value == 0:
-                    counts.limited += 1
-                    if limit_log.due():
-                        log_guarded(
-                            log,
-                            logging.WARNING,
-                            "the %s endpoint has %d connections open, its limit: new"
-                            " connections wait in the listen backlog until one closes (times"
-                            " at the limit so far: %d)",
-                            what,
-                            max_connections,
-                            counts.limited,
-                        )
-                while slots.value == 0 and heads:
-                    # At the limit: the oldest connection still reading its head gets
-                    # until _SHED_AFTER s after it began, then is shed for the ones
-                    # waiting behind it (a client that sends nothing, or a byte at a time,
-                    # held its slot for the 10 s a request may take: 32 of them kept
-                    # every scrape out, again and again). None comes meanwhile: nothing
-                    # is accepted at the limit.
-                    oldest, began = next(iter(heads.items()))
-                    with trio.move_on_at(began + _SHED_AFTER):
-                        await slots.acquire()
-                        slots.release()
-                        break
-                    if heads.get(oldest) == began:
-                        # (counted by the connection, if the cancel cuts its read: a loop
-                        # that stalled past the deadline may find its head in meanwhile)
-                        oldest.cancel()
-                        del heads[oldest]
-                        # Its slot is waited for below (it is freed as the shed one
-                        # closes): the next is shed only when the limit is met again.
-                        # Looking again at once shed every connection 2 s old, for the
-                        # one slot needed (the shed one still held it).
-                        break
-                await slots.acquire()
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    slots.release()
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    counts.accept_failures += 1
-                    if failure_log.due():
-                        log_guarded(
-                            log,
-                            logging.ERROR,
-                            "the %s endpoint cannot accept a connection: %s (failures so"
-                            " far: %d); retrying every %g s",
-                            what,
-                            exc,
-                            counts.accept_failures,
-                            _ACCEPT_RETRY,
-                        )
+                async with admitting:
+                    stream = await admit(listener)
+                    if stream is not None:
+                        # (its head is in ``heads`` before another loop looks there)
+                        reading = trio.CancelScope()
+                        heads[reading] = trio.current_time()
+                        nursery.start_soon(handle, stream, reading)
+                if stream is None:
                     await trio.sleep(_ACCEPT_RETRY)
-                    continue
-                except BaseException:
-                    slots.release()
-                    raise
-                counts.accepted += 1
-                counts.open += 1
-                reading = trio.CancelScope()
-                heads[reading] = trio.current_time()
-                nursery.start_soon(handle, stream, reading)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -1621,6 +1621,18 @@ async def test_a_head_read_whole_as_the_loop_stalls_past_2_s_is_answered_and_not
                 assert endpoint.shed == int(silent_shed)
 
 
+def listen_on_two_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint listens on 127.0.0.1 and 127.0.0.2, one port (as on a host that is
+    both 127.0.0.1 and ::1): two listeners, two accept loops."""
+    open_listeners = trio.open_tcp_listeners
+
+    async def two(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
+        first = await open_listeners(port, host="127.0.0.1")
+        return first + await open_listeners(first[0].socket.getsockname()[1], host="127.0.0.2")
+
+    monkeypatch.setattr(trio, "open_tcp_listeners", two)
+
+
 async def test_with_two_listeners_an_idle_one_holds_no_slot_of_the_limit(
     mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1630,13 +1642,7 @@ async def test_with_two_listeners_an_idle_one_holds_no_slot_of_the_limit(
     other's connections waited for good (here the second scrape, whichever listener
     held it), and at a limit of 2 a lone connection was counted at the limit and shed.
     A slot is now taken once a connection waits."""
-    open_listeners = trio.open_tcp_listeners
-
-    async def two(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
-        first = await open_listeners(port, host="127.0.0.1")
-        return first + await open_listeners(first[0].socket.getsockname()[1], host="127.0.0.2")
-
-    monkeypatch.setattr(trio, "open_tcp_listeners", two)
+    listen_on_two_addresses(monkeypatch)
     async with limited_endpoint(mock_clock, 1) as (port, _, endpoint):
         for _ in range(2):
             with socket.create_connection(("127.0.0.1", port)) as scrape:
@@ -1646,6 +1652,35 @@ async def test_with_two_listeners_an_idle_one_holds_no_slot_of_the_limit(
                 assert scrape.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
             await settle()  # (its close seen: its slot free)
         assert (endpoint.accepted, endpoint.limited, endpoint.shed) == (2, 0, 0)
+
+
+async def test_with_two_listeners_a_silent_connection_is_shed_for_one_waiting_on_the_other(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: with two listeners at a limit of 1 and a connection arriving on each
+    at once, the loop that met the limit while the other's accept was under way saw no
+    head to shed, and waited for a free slot with no deadline: the connection let in
+    sent nothing, yet none was shed at 2 s (shed 0, the other unanswered until the 10 s
+    were up). One loop at a time now takes a slot and accepts: the first is shed at 2 s
+    and the other let in."""
+    listen_on_two_addresses(monkeypatch)
+    async with limited_endpoint(mock_clock, 1) as (port, _, endpoint):
+        with (
+            socket.create_connection(("127.0.0.1", port)) as first,
+            socket.create_connection(("127.0.0.2", port)) as second,
+        ):
+            await settle()
+            mock_clock.jump(2.5)
+            await settle()
+            closed = select.select([first, second], [], [], 0)[0]
+            assert len(closed) == 1  # the one let in first, shed without an answer
+            assert closed[0].recv(1) == b""
+            waited = second if closed[0] is first else first
+            waited.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await settle()
+            assert select.select([waited], [], [], 0)[0] == [waited]  # answered
+            assert waited.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert (endpoint.accepted, endpoint.limited, endpoint.shed) == (2, 1, 1)
 
 
 async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
