@@ -208,9 +208,14 @@ def _serve_batches(
                 outcome = _FAILED
                 break
             except BaseException as exc:
-                if isinstance(exc, Exception) or _ends_kernel(exc):
+                if (
+                    isinstance(exc, Exception)
+                    or _ends_kernel(exc)
+                    or _foreign_cancel(exc) is not None
+                ):
                     # (a failure, counted in ``failed``: its time too, when sampled;
-                    # not a cancel nor a Ctrl-C)
+                    # not a cancel nor a Ctrl-C; a Cancelled of no scope around it is
+                    # one, see _foreign_cancel)
                     ledger.record_failure(start)
                 box[1] = exc
                 box[2] = msg

@@ -207,7 +207,8 @@ async def test_a_cancel_of_no_scope_around_it_raised_by_an_agent_s_code_is_its_f
     logged (its message dead-lettered ``agent_stopped``, 'cancelled while being
     handled'); an ``on_stop`` raising it was no failure either. It is the agent's failure
     now, as an exception would be: a ``RuntimeError`` saying so (the ``Cancelled`` its
-    cause), dead-lettered ``handler_error`` for a handler, the agent restarted."""
+    cause), dead-lettered ``handler_error`` for a handler, the agent restarted, and
+    timed in ``failed_handle_latency`` (it was not, counted failed all the same)."""
     spent = await _a_spent_cancel()
     runs: list[int] = []
 
@@ -256,6 +257,8 @@ async def test_a_cancel_of_no_scope_around_it_raised_by_an_agent_s_code_is_its_f
     assert alive == ["raiser"]
     if where == "handle":
         assert (stats.failed, stats.run_failures, stats.handled) == (1, 0, 0)
+        # (timed as the failure it is counted as: count 0 until the fifty-seventh pass)
+        assert stats.failed_handle_latency.count == 1
         [letter] = letters
         assert letter.reason.value == "handler_error"
         assert isinstance(letter.error, RuntimeError)
