@@ -376,6 +376,46 @@ async def test_a_message_an_operator_s_lower_max_deliver_stops_is_dead_and_delet
     assert counts.state.messages == 0
 
 
+async def test_a_message_whose_advisory_looks_sent_before_its_store_is_dead_once_by_a_look(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-seventh pass: a ``MAX_DELIVERIES`` advisory sent before its message was
+    stored is left alone (a late one of a stream made anew, or a forged one); with the
+    consumer's leader's clock behind the stream's leader's (here an hour: the advisory's
+    time moved back), a message legitimately given up (the consumer's ``max_deliver``
+    lowered to 2, the handler always raising) looks so too. The docs said the look at
+    the consumer's next bind counts it: a running node binds it again only at a restart,
+    so it stayed in the stream, delivered no more, uncounted. Such an advisory now asks
+    for a look at once, which reads the consumer's state: dead once
+    (``consumer_max_deliver``), deleted. (On main's _durable.py swapped in:
+    ``durable_dead`` 0 after 10 s, ``assert (0, 1) == (1, 0)``.)"""
+    from nexus_trio._nats import _durable
+
+    advisory_time = _durable._advisory_time
+
+    def behind(said: Any) -> datetime | None:
+        at = advisory_time(said)
+        return None if at is None else at - timedelta(hours=1)
+
+    monkeypatch.setattr(_durable, "_advisory_time", behind)
+    handled: list[int] = []
+
+    async def handler(ctx: Context, msg: Message) -> Any:
+        handled.append(len(handled))
+        raise RuntimeError("always")
+
+    async with local_node(nats.url, durable=_EDITED) as (kernel, cluster):
+        stream = await _lowered(kernel, cluster, agent(handler, name="edited"))
+        with trio.move_on_after(10):
+            await _sent_till_dead(cluster, "edited")
+        await trio.sleep(1.5)  # (past an ack_wait: a second count would show here)
+        left = (await call_aio(cluster.data_js.stream_info, stream)).state.messages
+        stats = cluster.stats()
+    assert handled == [0, 1]
+    assert (stats.durable_dead, left) == (1, 0)
+    assert stats.durable_dead_reasons["consumer_max_deliver"] == 1
+
+
 def _taking_over(monkeypatch: pytest.MonkeyPatch, cluster: Cluster, stream: str, node: str) -> str:
     """``cluster`` counts ``node``'s consumer among those it takes over (it acts on their
     advisories), no takeover running: the caller takes it out before the node leaves

@@ -3074,7 +3074,11 @@ class DurableChannel:
         try:
             if stored is None:
                 stored = await js.get_msg(self._stream, seq)
-            if not self._of_consumer(stored, node) or self._stored_since(stored, sent):
+            if not self._of_consumer(stored, node):
+                return False
+            if self._stored_since(stored, sent):
+                if node == self.cluster.node:
+                    self._look_soon()  # (the consumer's state bounds what it takes)
                 return False
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             with contextlib.suppress(MessageDecodeError):
@@ -3132,9 +3136,14 @@ class DurableChannel:
         ``$JS.EVENT.>``, named the new stream's message of that sequence, pending,
         which was deleted and counted dead, never handled (review of the fifty-seventh
         pass). Two clocks where the consumer's leader is not the stream's (a cluster of
-        servers): one behind by ``d`` leaves a message given up within ``d`` of its
-        store in the stream, for the look at the consumer's next bind (see
-        :meth:`_stranded`), rather than deleting one that may be pending."""
+        servers): one behind by ``d`` makes a message given up within ``d`` of its store
+        look so too; this node's consumer is then looked at at once (see
+        :meth:`_look_soon`, :meth:`_stranded`), which its state bounds, rather than
+        deleting one that may be pending: the message is counted dead by that look (by a
+        later one, a period apart, while others are pending under it). Until the
+        fifty-seventh pass it was left to the look at the consumer's next bind, the
+        node's next start: in the stream, uncounted, meanwhile. A lost node's consumer
+        taken over is looked at only as a takeover binds it."""
         if sent is None or stored.time is None or stored.time <= sent:
             return False
         self._say(
@@ -3195,6 +3204,12 @@ class DurableChannel:
         ``MAX_DELIVERIES`` advisories sent while it was down reached no process of the
         node, and nats-py does not replay them; this node's consumer is looked at now for
         the messages it gave up meanwhile (see :meth:`_given_up_looks`)."""
+        self._look_soon()
+
+    def _look_soon(self) -> None:
+        """This node's consumer is looked at for the messages it gave up (see
+        :meth:`_given_up_looks`) at once, or once the look under way ends (asked again
+        and again meanwhile, one look)."""
         if self.options.enabled and self._psub is not None and self._nursery is not None:
             self._look_fresh = True
             self._look_asked.set()
