@@ -221,9 +221,18 @@ def test_the_missing_agent_delay_doubles_each_delivery_up_to_its_cap() -> None:
             {"missing_agent_delay": 2.0, "missing_agent_delay_max": 1.0},
             "missing_agent_delay_max (1s) must be at least missing_agent_delay (2s)",
         ),
-        ({"max_waiting": -1}, "max_waiting must be a whole number, at least 0; got -1"),
-        ({"max_waiting": 1.5}, "max_waiting must be a whole number, at least 0; got 1.5"),
-        ({"max_waiting": True}, "max_waiting must be a whole number, at least 0; got True"),
+        (
+            {"max_waiting": -1},
+            "max_waiting must be a whole number from 0 to 1000000000000000000; got -1 (",
+        ),
+        (
+            {"max_waiting": 1.5},
+            "max_waiting must be a whole number from 0 to 1000000000000000000; got 1.5 (",
+        ),
+        (
+            {"max_waiting": True},
+            "max_waiting must be a whole number from 0 to 1000000000000000000; got True (",
+        ),
     ],
 )
 def test_bad_missing_agent_delays_are_refused_naming_the_option(

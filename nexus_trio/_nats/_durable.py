@@ -305,7 +305,7 @@ def _whole(least: int, most: int) -> Callable[[Any, attrs.Attribute[Any], Any], 
         if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
             raise ValueError(
                 f"DurableOptions {attribute.name} must be a whole number from {least} to"
-                f" {most}; got {brief(repr(value), 60)} ({type(value).__name__})"
+                f" {most}; got {brief(value, 60)} ({type(value).__name__})"
             )
 
     return check
