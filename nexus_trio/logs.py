@@ -266,7 +266,11 @@ TRACEBACK_LIMIT: Final = 4 * FIELD_LIMIT
 
 
 def cut_field(text: str, limit: int = FIELD_LIMIT) -> str:
-    """``text``, its characters past ``limit`` cut and counted (in UTF-8 bytes)."""
+    """``text``, its characters past ``limit`` cut and counted (in UTF-8 bytes). A
+    ``str`` subclass is taken as the text it holds (``str.__str__``), its own ``__len__``
+    and ``__getitem__`` not asked: one whose ``__len__`` said 0 was written whole."""
+    if type(text) is not str:
+        text = str.__str__(text)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...[{_utf8_length(text[limit:]):,} bytes cut]"
@@ -379,9 +383,11 @@ def _chars(value: Any, deeper: bool, shown: Callable[[Any], str]) -> int:
     if isinstance(value, _CONTAINERS):
         return 0 if deeper else FIELD_LIMIT
     if isinstance(value, int):
-        return value.bit_length() * 3 // 10  # (one past FIELD_LIMIT is written cut too)
+        # (int's own bit_length, bytes' own len: a subclass's may say anything, and one
+        # that said a negative number gave the budget characters back)
+        return int.bit_length(value) * 3 // 10  # (one past FIELD_LIMIT is written cut too)
     if isinstance(value, bytes | bytearray):
-        return min(len(value), FIELD_LIMIT)
+        return min(len(memoryview(value)), FIELD_LIMIT)
     return min(len(shown(value)), FIELD_LIMIT)
 
 
@@ -572,7 +578,7 @@ def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
     if isinstance(value, int):
         # an int past the digits str() may write (sys.get_int_max_str_digits, at least
         # 640) made json.dumps raise, and the record was lost: shown as _shown shows it
-        if value.bit_length() > _FEW_DIGITS_BITS:
+        if int.bit_length(value) > _FEW_DIGITS_BITS:
             try:
                 int.__repr__(value)
             except ValueError:

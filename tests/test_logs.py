@@ -2241,3 +2241,47 @@ def test_the_pretty_traceback_draws_the_code_of_a_file_a_long_lined_one_is_a_pre
     text = stream.getvalue()
     assert "marker_of_tool_b" in text, text
     assert "aaaaaaaaaa" not in text
+
+
+class _NegativeBits(int):
+    def bit_length(self) -> int:
+        return -(10**9)
+
+
+class _ZeroBits(int):
+    def bit_length(self) -> int:
+        return 0
+
+
+class _NoBytes(bytes):
+    def __len__(self) -> int:
+        return 0
+
+
+class _NoChars(str):
+    def __len__(self) -> int:
+        return 0
+
+
+def test_an_extra_s_int_bytes_and_str_subclasses_count_what_they_hold(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Fifty-seventh pass: the character bound of an extra's items asked an int its
+    ``bit_length()`` and bytes their ``len()``, and ``cut_field`` a string its ``len()``:
+    a subclass's may say anything. An int whose ``bit_length`` says -10**9 gave the
+    bound 300 million characters back (1,000 strings of 16 KB after it wrote a JSON line
+    of 16 MB), bytes whose ``len`` says 0 counted none (500 of 100 KB, 8.2 MB), a str
+    whose ``len`` says 0 was never cut (4 of 100 KB, 400 KB), and an int of 5,000 digits
+    whose ``bit_length`` says 0 made ``json.dumps`` raise, the record lost. Now each is
+    counted and cut by what it holds (``int.bit_length``, the bytes' buffer, the str's
+    own text)."""
+    stream = configured("json")
+    log = logging.getLogger("nexus_trio.x")
+    log.info("int", extra={"xs": [_NegativeBits(1)] + ["x" * FIELD_LIMIT] * 1_000})
+    log.info("bytes", extra={"xs": [_NoBytes(b"b" * 100_000)] * 500})
+    log.info("str", extra={"xs": [_NoChars("s" * 100_000)] * 4, "s": _NoChars("s" * 10**6)})
+    log.info("huge", extra={"n": _ZeroBits(10**5000)})
+    lines = stream.getvalue().splitlines()
+    assert max(len(line) for line in lines) < 2 * TRACEBACK_LIMIT, [len(x) for x in lines]
+    assert [json.loads(line)["msg"] for line in lines] == ["int", "bytes", "str", "huge"]
+    assert json.loads(lines[3])["n"] == "<str() failed: ValueError>"  # (as a plain int's)
