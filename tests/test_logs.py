@@ -2134,8 +2134,9 @@ def test_the_pretty_traceback_is_bounded_in_code_names_chain_and_group(
         assert "...[25 more exceptions of the group not shown]" in " ".join(text.split())
 
 
+@pytest.mark.parametrize(("depth", "not_drawn"), [(3, "3 frames"), (1, "1 frame")])
 def test_the_pretty_traceback_lexes_at_most_code_lines_limit_lines_of_source_a_record(
-    tmp_path: Path, nexus_logger: logging.Logger
+    tmp_path: Path, nexus_logger: logging.Logger, depth: int, not_drawn: str
 ) -> None:
     """Fifty-seventh pass: rich lexes a frame's file from its first line to the frame's,
     anew for each frame: 22 frames at line 3,000 of a file took 62 s to log in the
@@ -2150,16 +2151,16 @@ def test_the_pretty_traceback_lexes_at_most_code_lines_limit_lines_of_source_a_r
     exec(compile(path.read_text(), str(path), "exec"), scope)
     stream = configured("pretty")
     try:
-        scope["fail"](3)
+        scope["fail"](depth)
     except ValueError:
         logging.getLogger("nexus_trio.x").exception("failed")
     text = stream.getvalue()
-    assert text.replace("\n", "").count("deep_in_a_file.py:") == 4
+    assert text.replace("\n", "").count("deep_in_a_file.py:") == depth + 1
     # (rich marks a frame's own line in its code: ❱ 2003, the innermost; ❱ 2002 the rest)
     drawn = re.findall(r"❱ (\d+)", text)
     assert drawn == ["2002", "2003"], drawn
     # (the fifty-seventh pass's review: the frames without code were left unexplained)
-    said = "the code of 3 frames is not drawn: the pretty format lexes at most 5,000 lines"
+    said = f"the code of {not_drawn} is not drawn: the pretty format lexes at most 5,000 lines"
     assert said in " ".join(text.split())
 
 
