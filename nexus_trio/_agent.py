@@ -121,7 +121,7 @@ def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
         refuse_past_float(name, value)
         # (``not value > 0``: NaN is refused too)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+            raise ValueError(f"{name} must be a positive number, got {brief(value, 80)}")
 
     return check
 
@@ -131,14 +131,14 @@ def _validate_shutdown_timeout(inst: Any, attribute: Any, value: Any) -> None:
         return
     refuse_past_float("shutdown_timeout", value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {value!r}")
+        raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {brief(value, 80)}")
 
 
 def _validate_capacity(inst: Any, attribute: Any, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"mailbox_capacity must be an integer >= 1, got {value!r}")
+        raise ValueError(f"mailbox_capacity must be an integer >= 1, got {brief(value, 80)}")
 
 
 #: the name :meth:`Kernel.describe` and a :class:`SupervisorEscalation`'s chain give the
@@ -254,7 +254,7 @@ def _to_on_error(
             rules.append((exc_type, _to_directive(directive)))
         return tuple(rules)
     raise ValueError(
-        f"on_error must be a directive or a mapping of exception types to directives, got {value!r}"
+        f"on_error must be a directive or a mapping of exception types to directives, got {brief(value, 80)}"
     )
 
 
@@ -412,10 +412,12 @@ def checked_seconds(value: Any, what: str, *, zero: bool = False) -> float:
     ``zero``; NaN is neither), else TypeError / ValueError naming ``what``. (Callers
     take the config's value for None themselves: no call on the request path.)"""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{what} must be a number of seconds, got {brief(value, 80)}")
     refuse_past_float(what, value)
     if not (value >= 0 if zero else value > 0):
-        raise ValueError(f"{what} must be {'>=' if zero else '>'} 0 seconds, got {value!r}")
+        raise ValueError(
+            f"{what} must be {'>=' if zero else '>'} 0 seconds, got {brief(value, 80)}"
+        )
     return value
 
 

@@ -1107,9 +1107,9 @@ class Kernel:
             ("copies_per_step", copies_per_step),
         ):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
+                raise TypeError(f"{name} must be an integer, got {brief(value, 80)}")
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}")
+                raise ValueError(f"{name} must be >= 1, got {brief(value, 80)}")
         if get_ident() != self._router.thread:
             raise wrong_thread("kernel.scan_agents")
         return AgentScan(

@@ -81,19 +81,21 @@ def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
     refuse_past_float(attribute.name, value)
     # (``not value >= 0``: NaN is refused too)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+        raise ValueError(f"{attribute.name} must be a number >= 0, got {brief(value, 80)}")
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     refuse_past_float(attribute.name, value)
     # The range ``[supervision] backoff_jitter`` takes: one API, one config, one meaning.
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"{attribute.name} must be a number between 0 and 1, got {value!r}")
+        raise ValueError(
+            f"{attribute.name} must be a number between 0 and 1, got {brief(value, 80)}"
+        )
 
 
 def _count(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {brief(value, 80)}")
 
 
 @final
@@ -152,7 +154,7 @@ def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     refuse_past_float(attribute.name, value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
+        raise ValueError(f"{attribute.name} must be a number > 0, got {brief(value, 80)}")
 
 
 def _backoff(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

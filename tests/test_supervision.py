@@ -1331,3 +1331,44 @@ async def test_what_is_kept_of_agents_given_up_on_is_bounded(
                     await kernel.send(address, 1)
                 said.append(str(info.value).endswith("after a failure and was not restarted)"))
         assert said == [False, False, False, False, True, True, True, True]
+
+
+class _ReprRaises:
+    def __repr__(self) -> str:
+        raise RuntimeError("a __repr__ with a bug")
+
+
+async def _no_op_handler(ctx: Any, msg: Any) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: Supervisor(max_restarts=-(10**5000)), "max_restarts"),
+        (lambda: Supervisor(max_restarts=_ReprRaises()), "max_restarts"),
+        (lambda: Supervisor(within=_ReprRaises()), "within"),
+        (lambda: Backoff(initial=_ReprRaises()), "initial"),
+        (lambda: agent(_no_op_handler, name="x", mailbox_capacity=-(10**5000)), "mailbox_capacity"),
+        (
+            lambda: agent(_no_op_handler, name="x", mailbox_capacity=_ReprRaises()),
+            "mailbox_capacity",
+        ),
+        (
+            lambda: agent(_no_op_handler, name="x", shutdown_timeout=_ReprRaises()),
+            "shutdown_timeout",
+        ),
+        (lambda: agent(_no_op_handler, name="x", handle_timeout=_ReprRaises()), "handle_timeout"),
+    ],
+)
+def test_a_bad_value_whose_repr_fails_is_refused_naming_its_field(make: Any, field: str) -> None:
+    """Fifty-seventh pass: a refusal wrote the value by its ``repr()``: an integer past
+    4,300 digits (``max_restarts=-(10**5000)``) raised Python's own ``ValueError``
+    (``Exceeds the limit (4300 digits) ...``), naming no field, and a value whose
+    ``__repr__`` raises raised that ``RuntimeError`` in place of the refusal. The value
+    is shown as the kernel's other errors show it now (``<int, whose repr() raised
+    ...>``), the field named."""
+    with pytest.raises(
+        ValueError, match=rf"^{field} must be .*, got <(int|_ReprRaises), whose repr"
+    ):
+        make()
