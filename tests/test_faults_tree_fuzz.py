@@ -49,6 +49,7 @@ from nexus_trio import (
     Message,
     agent,
     open_kernel,
+    pool,
 )
 from nexus_trio.testing import assert_conserved
 
@@ -63,6 +64,10 @@ from .test_tree_properties import (
 
 #: the seeds CI runs (about 11 s of CPU): they catch both hangs of the fifty-seventh pass
 SEEDS = range(300)
+#: wider shapes for a hunt (``NEXUS_FUZZ_WIDE=1``): trees four deep, pools among the
+#: agents, up to eight stops (other scenarios than CI's for the same seeds)
+WIDE = bool(os.environ.get("NEXUS_FUZZ_WIDE"))
+DEPTH = 4 if WIDE else 3
 #: mock seconds a stop or the shutdown may take beyond twice the scenario's work
 SLACK = 12.0
 #: the agents' shutdown timeouts: 100 s (a hang waits it out) or none at all
@@ -221,11 +226,17 @@ def draw(seed: int) -> Scenario:
     supervisor = random_supervisor(rng, backoff_max, 30.0)
 
     def tree(level: int) -> Any:
-        if level >= 3 or rng.random() < 0.55:
+        if level >= DEPTH or rng.random() < 0.55:
             name = f"a{next(counter)}"
             agents.append(name)
             shape.append(f"{'  ' * level}{name}")
-            return agent(Fz, name=name, shutdown_timeout=choice_of(name, TIMEOUTS))
+            spec = agent(Fz, name=name, shutdown_timeout=choice_of(name, TIMEOUTS))
+            if WIDE and rng.random() < 0.25:
+                # a pool: sends to ``name`` go to its workers, ``name/0`` and ``name/1``
+                shape[-1] += " (a pool)"
+                agents.extend([f"{name}/0", f"{name}/1"])
+                return pool(spec, size=2, name=name)
+            return spec
         name = f"s{next(counter)}"
         sups.append(name)
         strategy = rng.choice(STRATEGIES)
@@ -255,7 +266,7 @@ def draw(seed: int) -> Scenario:
         kind = rng.choice(("work", "work", "work", "boom", "exit", "spawn"))
         to = rng.choice(hot if rng.random() < 0.7 else targets)
         steps.append((t, "send", (to, (next(ident), kind, rng.choice([0.0, 0.3, 1.0, 2.0])))))
-    for _ in range(rng.randint(0, 4)):
+    for _ in range(rng.randint(0, 8 if WIDE else 4)):
         t = rng.choice([0.0, 0.0, 0.1, 0.3] if small else [0.0, 0.0, 0.0, 0.2, 0.5, 1.0, 2.0])
         to = rng.choice(hot if rng.random() < 0.6 else targets + sups)
         steps.append((t, "stop", (to, rng.random() < 0.7)))
