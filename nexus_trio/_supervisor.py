@@ -75,6 +75,11 @@ _QUIET_SHARE: Final = 1024
 _QUIET_SHARE_ROUNDS: Final = 3
 #: what a run called off before it began ends with (see _child_task): no exit reported
 _CALLED_OFF: Final = BaseException("called off")
+#: a stop of what an agent spawned stops what each of those spawned first, one level
+#: deeper on the stack each (two frames); every this many levels the rest goes on in a
+#: task of its own, on a fresh stack: a chain of agents each spawned by the last stops
+#: however long it is (see _stop_linked)
+_LINKED_LEVELS: Final = 64
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -1120,8 +1125,13 @@ class SupervisorNode(Child, ChildOwner):
         with trio.CancelScope(shield=True):
             await self._stop_linked(child, reason)
 
-    async def _stop_linked(self, child: Child, reason: str) -> None:
-        """Stop, for good, the agents ``child`` spawned (they die with its run)."""
+    async def _stop_linked(self, child: Child, reason: str, level: int = 0) -> None:
+        """Stop, for good, the agents ``child`` spawned (they die with its run), ``level``
+        deep in a chain of such stops in this task: every :data:`_LINKED_LEVELS` levels
+        the next goes on in a task of its own (until the fifty-eighth pass a chain of
+        about 500 agents each spawned by the last, stopped by ``kernel.stop`` of the
+        first, raised ``RecursionError`` in the supervisor's loop and crashed the
+        kernel)."""
         if child.drain_on_stop and reason == "parent_stopped":
             self._drain_linked(child)
         order = [linked for linked in reversed(list(child.linked_children)) if not linked.retired]
@@ -1143,7 +1153,11 @@ class SupervisorNode(Child, ChildOwner):
                 linked.close_for_good(reason)
             owner = linked.supervisor
             if owner is self:
-                await self._stop_child(linked)
+                if level + 1 < _LINKED_LEVELS or not linked.linked_children:
+                    await self._stop_child(linked, level + 1)
+                else:
+                    async with trio.open_nursery() as fresh:
+                        fresh.start_soon(self._stop_child, linked)
                 self._retire(linked, reasons[linked])
             elif owner is not None:
                 await owner.terminate(linked, reason)
@@ -1393,8 +1407,9 @@ class SupervisorNode(Child, ChildOwner):
         done = child.done
         return done if done is not None and not done.is_set() else None
 
-    async def _stop_child(self, child: Child) -> None:
-        """Stop one running child: its linked children first, then it, within its timeout."""
+    async def _stop_child(self, child: Child, level: int = 0) -> None:
+        """Stop one running child: its linked children first, then it, within its timeout
+        (``level``: see :meth:`_stop_linked`)."""
         if child.drain_on_stop and not child.running and self._stop_timeout(child) <= 0:
             # (no time to drain: a run not started yet is not started for it)
             child.drain_on_stop = False
@@ -1411,7 +1426,7 @@ class SupervisorNode(Child, ChildOwner):
         if child.linked_children:
             if child.drain_on_stop and child.running:
                 await self._drain_before_linked(child)
-            await self._stop_linked(child, "parent_stopped")
+            await self._stop_linked(child, "parent_stopped", level)
         done = self._mark_stopping(child)
         if done is None and child.drain_on_stop and not child.has_queued():
             # No run to drain, none to start (its supervisor's run began, its own has

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -636,3 +636,40 @@ async def test_a_background_task_spawning_while_its_parent_stops(
     else:
         assert spawned == ["late" if ending == "stop_p" else "KernelShuttingDown"]
     assert ("start", "late") not in tree.journal
+
+
+class Link(Agent):
+    """``c<i>`` spawns ``c<i+1>`` as it starts, up to :attr:`length` agents in a chain;
+    journals its ``on_stop``."""
+
+    length: ClassVar[int] = 0
+    stops: ClassVar[list[str]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        i = int((ctx.name or "c0")[1:])
+        if i + 1 < Link.length:
+            ctx.spawn(agent(Link, name=f"c{i + 1}"))
+
+    async def on_stop(self, ctx: Context) -> None:
+        Link.stops.append(ctx.name or "?")
+
+
+@pytest.mark.parametrize("drain", [False, True])
+async def test_a_stop_of_a_long_chain_of_spawned_agents_stops_them_deepest_first(
+    autojump_clock: Any, drain: bool
+) -> None:
+    """``c0`` spawned ``c1``, which spawned ``c2``, ... 600 agents in a chain;
+    ``kernel.stop("c0", drain=...)`` stops them all, deepest first, and returns. Before
+    (fifty-eighth pass) each level of the chain took two frames of the supervisor
+    loop's stack (``_stop_child``, ``_stop_linked``): about 500 levels raised
+    ``RecursionError`` there, the kernel's block crashed with it, and no ``on_stop``
+    ran."""
+    Link.length, Link.stops = 600, []
+    async with open_kernel(config()) as kernel:
+        kernel.spawn(agent(Link, name="c0"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(kernel.agents()) == 600
+        await kernel.stop("c0", drain=drain)
+        assert kernel.agents() == []
+    assert_conserved(kernel)
+    assert Link.stops == [f"c{i}" for i in reversed(range(600))]
