@@ -145,27 +145,94 @@ def key_bytes(key: Any) -> bytes:
 class HashRing:
     """Each worker owns ``virtual_nodes`` points on a 64-bit ring; a key belongs to the
     first point at or after its hash. Adding a worker moves only the keys its new points
-    take over (about 1/N of them), all to the new worker."""
+    take over (about 1/N of them), all to the new worker.
 
-    __slots__ = ("_owners", "_points", "virtual_nodes")
+    A worker's points are hashed once, as it joins, and kept: a resize puts the points
+    of the workers that joined into the ring, and takes those of the workers that left
+    out of it, by bisection and slices, so it costs about the points it adds or removes
+    and a copy of the ring's lists, not a hash of every point (until the fifty-eighth
+    pass every resize hashed and sorted all of them again, in the router's run: 0.6 s
+    for 1,024 workers of 100 points, on a loaded 2-core machine, to add one worker)."""
+
+    __slots__ = ("_owners", "_points", "_points_of", "virtual_nodes")
 
     def __init__(self, virtual_nodes: int) -> None:
         self.virtual_nodes = virtual_nodes
+        #: the ring: its points, sorted, and each point's worker
         self._points: list[int] = []
         self._owners: list[AgentRef] = []
+        #: per worker in the ring, its points (hashed as it joined), sorted
+        self._points_of: dict[uuid.UUID, list[int]] = {}
 
     def rebuild(self, workers: list[AgentRef]) -> None:
-        placed = sorted(
-            (_hash(f"{worker.name or worker.id}#{v}".encode()), i)
-            for i, worker in enumerate(workers)
-            for v in range(self.virtual_nodes)
-        )
-        self._points = [point for point, _ in placed]
-        self._owners = [workers[i] for _, i in placed]
+        """Make the ring hold the points of ``workers`` (oldest first), no others."""
+        points_of = self._points_of
+        ids = {worker.id for worker in workers}
+        gone = [worker_id for worker_id in points_of if worker_id not in ids]
+        if gone:
+            self._take_out(gone)
+        joined = [(i, worker) for i, worker in enumerate(workers) if worker.id not in points_of]
+        if joined:
+            self._put_in(joined)
+
+    def _take_out(self, gone: list[uuid.UUID]) -> None:
+        points, owners = self._points, self._owners
+        cut: list[int] = []
+        for worker_id in gone:
+            for point in self._points_of.pop(worker_id):
+                i = bisect.bisect_left(points, point)
+                while owners[i].id != worker_id:  # (another worker's point, equal)
+                    i += 1
+                cut.append(i)
+        cut.sort()
+        kept_points: list[int] = []
+        kept_owners: list[AgentRef] = []
+        start = 0
+        for i in cut:
+            kept_points += points[start:i]
+            kept_owners += owners[start:i]
+            start = i + 1
+        kept_points += points[start:]
+        kept_owners += owners[start:]
+        self._points, self._owners = kept_points, kept_owners
+
+    def _put_in(self, joined: list[tuple[int, AgentRef]]) -> None:
+        # In the order a whole sort of (point, worker's place) gave: a new point after an
+        # equal one of an older worker (the ring's are all older), then by place.
+        added: list[tuple[int, int, AgentRef]] = []
+        for place, worker in joined:
+            mine = sorted(
+                _hash(f"{worker.name or worker.id}#{v}".encode()) for v in range(self.virtual_nodes)
+            )
+            self._points_of[worker.id] = mine
+            added.extend((point, place, worker) for point in mine)
+        added.sort(key=_point_and_place)
+        points, owners = self._points, self._owners
+        if not points:  # (the router's start)
+            self._points = [point for point, _, _ in added]
+            self._owners = [worker for _, _, worker in added]
+            return
+        new_points: list[int] = []
+        new_owners: list[AgentRef] = []
+        start = 0
+        for point, _, worker in added:
+            i = bisect.bisect_right(points, point, start)
+            new_points += points[start:i]
+            new_owners += owners[start:i]
+            new_points.append(point)
+            new_owners.append(worker)
+            start = i
+        new_points += points[start:]
+        new_owners += owners[start:]
+        self._points, self._owners = new_points, new_owners
 
     def owner(self, key: bytes) -> AgentRef:
         i = bisect.bisect_left(self._points, _hash(key))
         return self._owners[i % len(self._owners)]
+
+
+def _point_and_place(entry: tuple[int, int, AgentRef]) -> tuple[int, int]:
+    return entry[0], entry[1]
 
 
 # --- what a least-loaded router counts ------------------------------------------------------
@@ -345,11 +412,11 @@ def pool(
     if isinstance(virtual_nodes, bool) or not isinstance(virtual_nodes, int) or virtual_nodes < 1:
         raise ValueError(f"virtual_nodes must be an integer >= 1, got {_shown(virtual_nodes)}")
     if virtual_nodes > VIRTUAL_NODES_MAX:
-        # The ring hashes size * virtual_nodes points at each start and resize, in the
-        # router's run: 10**9 was accepted, and the router's start ran for hours.
+        # The ring hashes virtual_nodes points per worker as it joins, in the router's
+        # run: 10**9 was accepted, and the router's start ran for hours.
         raise ValueError(
             f"virtual_nodes must be at most {fmt_count(VIRTUAL_NODES_MAX)} (ring points per"
-            f" worker, each hashed at every start and resize), got {_shown(virtual_nodes)}"
+            f" worker, each hashed as its worker joins), got {_shown(virtual_nodes)}"
         )
     if supervision is None:
         supervision = Supervisor()
