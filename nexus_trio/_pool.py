@@ -77,6 +77,10 @@ WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 #: the most ring points per worker a consistent_hash pool takes (see pool())
 VIRTUAL_NODES_MAX: Final = 10_000
+#: the most ring points a consistent_hash pool holds, ``max_size * virtual_nodes`` (1,024
+#: workers of 256): each is hashed, in the router's run, as its worker joins, and a
+#: ``$resize`` to ``max_size`` can come from any sender (see pool())
+RING_POINTS_MAX: Final = 1 << 18
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
 #: the ``stopped`` event's reason for a grown worker whose first ``on_start`` failed
 
@@ -385,7 +389,9 @@ def pool(
     result (text, bytes, UUID or JSON-compatible) picks the worker. ``virtual_nodes`` is
     the number of ring points per worker for consistent hashing (at most 10,000). ``max_size`` bounds
     what a ``$resize`` may grow the pool to (default: the larger of 1,024 and ``size``):
-    a resize can come from any sender, and each worker costs memory.
+    a resize can come from any sender, and each worker costs memory. A consistent-hash
+    ring holds at most 262,144 points (``max_size * virtual_nodes``); its default
+    ``max_size`` is cut to fit.
 
     The router's own limits (mailbox capacity, handle timeout) are the kernel's
     defaults; change them with ``pool(...).with_options(...)``.
@@ -434,10 +440,22 @@ def pool(
             " pool(...).with_options(shutdown_timeout=); the pool names its supervisor"
         )
     if max_size is None:
-        max_size = max(size, DEFAULT_MAX_SIZE)
+        # (a consistent_hash pool's, no more than its ring's bound takes)
+        ring_room = RING_POINTS_MAX // virtual_nodes if key is not None else DEFAULT_MAX_SIZE
+        max_size = max(size, min(DEFAULT_MAX_SIZE, ring_room))
     elif isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < size:
         raise ValueError(
             f"max_size must be an integer >= size, {_shown(size)}, got {_shown(max_size)}"
+        )
+    if key is not None and max_size * virtual_nodes > RING_POINTS_MAX:
+        # A $resize to max_size can come from any sender: at 1,024 workers of 10,000 points
+        # it hashed 10 million points in the router's run (minutes, and about 2 GB).
+        raise ValueError(
+            f"a consistent_hash pool's ring holds at most {fmt_count(RING_POINTS_MAX)} points"
+            " (max_size * virtual_nodes, each hashed in the router's run as its worker joins),"
+            f" got {_shown(max_size)} * {_shown(virtual_nodes)}: with virtual_nodes"
+            f" {_shown(virtual_nodes)}, max_size (and size) may be at most"
+            f" {fmt_count(RING_POINTS_MAX // virtual_nodes)}"
         )
     plan = _PoolPlan(worker_spec, size, mode, key, virtual_nodes, supervision, max_size)
 

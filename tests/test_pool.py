@@ -1071,6 +1071,34 @@ def test_a_pool_refuses_more_virtual_nodes_than_its_bound(virtual_nodes: int, sa
     assert pool(recording_worker([]), routing="consistent_hash", key=user_key, virtual_nodes=10_000)
 
 
+async def test_a_consistent_hash_pool_bounds_its_ring_points(autojump_clock: Any) -> None:
+    """Regression: max_size bounds what a ``$resize`` from any sender grows a pool to,
+    but not the ring: at virtual_nodes 10,000 the default max_size, 1,024, let one
+    ``$resize`` hash 10 million points in the router's run (a grow by 100 workers took
+    29 s and 205 MB on a loaded 2-core machine; the ``$resize`` to 1,024 below, 7 min
+    44 s). The ring holds at most 262,144 points: the default max_size is cut to fit
+    it, and a max_size or size past it is refused naming the bound."""
+    ring_pool = partial(pool, recording_worker([]), routing="consistent_hash", key=user_key)
+    said = (
+        r"^a consistent_hash pool's ring holds at most 262,144 points .*, got {}: with"
+        r" virtual_nodes 10000, max_size \(and size\) may be at most 26$"
+    )
+    for options, product in [
+        ({"max_size": 1024}, "1024 \\* 10000"),
+        ({"size": 27}, "27 \\* 10000"),
+    ]:
+        with pytest.raises(ValueError, match=said.format(product)):
+            ring_pool(virtual_nodes=10_000, **options)
+    assert ring_pool(virtual_nodes=256, max_size=1024)  # 1,024 of 256: just fits
+    assert ring_pool(size=2000, routing="round_robin", key=None, virtual_nodes=10_000)
+    # (the default max_size is cut to fit: main grew to 1,024 here, 7 min 44 s)
+    async with open_test_kernel() as kernel:
+        kernel.spawn(ring_pool(size=1, virtual_nodes=10_000))
+        with pytest.raises(RequestFailed, match=r'\$resize to 1024 is past its max_size, 26"\)$'):
+            await kernel.request("workers", {"$resize": 1024})
+        assert len(await pool_workers(kernel, "workers")) == 1
+
+
 async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         kernel.spawn(pool(recording_worker([]), size=1))
