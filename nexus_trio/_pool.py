@@ -183,8 +183,11 @@ class HashRing:
         points, owners = self._points, self._owners
         cut: list[int] = []
         for worker_id in gone:
+            i = -1
+            # (its points are sorted, so each is found after the one before: two equal
+            # points of its own are two places)
             for point in self._points_of.pop(worker_id):
-                i = bisect.bisect_left(points, point)
+                i = bisect.bisect_left(points, point, i + 1)
                 while owners[i].id != worker_id:  # (another worker's point, equal)
                     i += 1
                 cut.append(i)

@@ -7,6 +7,7 @@ Every test runs on trio's MockClock (the ``autojump_clock`` fixture); "settled" 
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from collections import Counter, defaultdict
@@ -701,6 +702,34 @@ async def test_a_consistent_hash_resize_hashes_only_the_points_of_the_workers_it
             assert owners == {k: fresh.owner(key_bytes(k)).name for k in keys}
     # (main: [True, 450, 300, 350, 150])
     assert counts == [True, 50, 0, 50, 0]
+
+
+@pytest.mark.parametrize("points", [2**64, 7])  # (7: points collide, in a worker too)
+def test_a_hash_ring_resized_is_the_ring_a_whole_rebuild_makes(
+    monkeypatch: pytest.MonkeyPatch, points: int
+) -> None:
+    """The ring puts in and takes out the points of the workers that join and leave (see
+    the test above); after any grows and shrinks it is the ring a whole rebuild makes,
+    equal points included (the first take-out found a worker's own second equal point
+    at its first's place, and left it in the ring)."""
+    real_hash = pool_module._hash
+    monkeypatch.setattr(pool_module, "_hash", lambda data: real_hash(data) % points)
+    rng = random.Random(58)
+    serials = iter(range(10**6))
+    for _ in range(100):
+        ring = HashRing(rng.choice([1, 4, 9]))
+        workers: list[AgentRef] = []
+        for _ in range(8):
+            if len(workers) > 1 and rng.random() < 0.5:
+                workers = rng.sample(workers, rng.randrange(1, len(workers)))
+                workers.sort(key=lambda w: int(str(w.name)[2:]))  # (oldest first)
+            else:
+                workers += [AgentRef(uuid.uuid4(), f"w/{next(serials)}") for _ in range(2)]
+            ring.rebuild(workers)
+            whole = HashRing(ring.virtual_nodes)
+            whole.rebuild(workers)
+            keys = [str(k).encode() for k in range(40)]
+            assert [ring.owner(k) for k in keys] == [whole.owner(k) for k in keys]
 
 
 def test_hash_ring_is_stable_and_keys_are_canonical() -> None:
