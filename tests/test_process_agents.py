@@ -6109,6 +6109,39 @@ def test_a_shell_construct_s_hint_writes_a_command_that_a_shell_reads_as_meant(
 
 
 @pytest.mark.parametrize(
+    "cmd",
+    [
+        "prog \x1b[2J\x1b]0;owned\x07 | cat",
+        "prog 'a\tb' \u0085\u2028 $X",
+        "X='\x1b[31m red' prog",
+        "prog\r\x7f a.py # \U000e0001 it's",
+    ],
+    ids=["escape sequences", "tab, C1 and separator", "assignment", "comment"],
+)
+def test_a_shell_construct_s_hint_writes_no_control_character_raw(cmd: str) -> None:
+    """Fifty-eighth pass: the hint's ``sh -c '...'`` (and ``env ...``) quoted the command
+    with :func:`shlex.quote`, which leaves a control character as it is: a command
+    holding ``ESC[2J`` printed a hint that cleared the operator's terminal. They are
+    written as escapes in ``$'...'`` now, and a shell reading the hint back (bash here)
+    gets the command meant."""
+    with pytest.raises(ValueError, match="no shell runs it") as raised:
+        process_agent(cmd)
+    message = str(raised.value)
+    assert message.isprintable(), message
+    given = message.partition("sh -c ")[2] or message.partition("(env ")[2].partition(")")[0]
+    read = subprocess.run(
+        ["bash", "-c", f"printf '%s\\0' {given}"],
+        capture_output=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    ).stdout.decode(errors="surrogateescape")
+    if "(env " in message:
+        assert read.split("\0")[:-1] == shlex.split(cmd)
+    else:
+        assert read == f"{cmd}\0"
+
+
+@pytest.mark.parametrize(
     ("cmd", "operator"),
     [
         # regression: quotes or a backslash inside a word were not read (the check split

@@ -3025,7 +3025,7 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
     # fifty-seventh pass they said 'sh -c "..."' and 'env NAME=a b ...', which a command
     # holding a " or an assignment with a blank broke: 'env X=a b' runs the program b)
     found = _shell_construct(cmd)
-    in_shell = f"sh -c {shlex.quote(cmd)}"
+    in_shell = f"sh -c {_shell_quote(cmd)}"
     if found is not None and found[0] == "operator":
         return (
             f"command {cmd!r} holds the shell operator {found[1]!r}, but no shell runs it"
@@ -3047,11 +3047,41 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
     if parts and _ASSIGNMENT.match(parts[0]):
         return (
             f"command {cmd!r} starts with the variable assignment {parts[0]!r}, but no"
-            f" shell runs it: put env before it ({shlex.join(['env', *parts])}), or set it"
+            f" shell runs it: put env before it ({' '.join(map(_shell_quote, ['env', *parts]))}), or set it"
             " in the environment (process_agent's env=; for nexus run and nexus send,"
             " nexus's own)"
         )
     return None
+
+
+#: how a character a terminal would act on is written in ``$'...'`` (else ``\xHH``,
+#: ``\uHHHH``, ``\UHHHHHHHH``)
+_CONTROL_ESCAPES: Final = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _shell_quote(text: str) -> str:
+    """``text`` quoted as a shell reads it back (:func:`shlex.quote`), its characters that
+    are not printable (an escape sequence, a newline, a tab) written as escapes in
+    ``$'...'`` (bash, zsh, ksh, POSIX.1-2024 sh; GNU ls's ``shell-escape`` quoting), not
+    raw: a hint printed to a terminal does not act on it. Until the fifty-eighth pass a
+    command holding ``ESC[2J`` wrote it verbatim in its ``sh -c '...'`` hint."""
+    pieces = []
+    for printable, run in itertools.groupby(text, str.isprintable):
+        chars = "".join(run)
+        if printable:
+            pieces.append(shlex.quote(chars))
+        else:
+            pieces.append("$'" + "".join(map(_control_escape, chars)) + "'")
+    return "".join(pieces) or "''"
+
+
+def _control_escape(char: str) -> str:
+    if char in _CONTROL_ESCAPES:
+        return _CONTROL_ESCAPES[char]
+    code = ord(char)
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 #: the characters of a shell's control and redirection operators
