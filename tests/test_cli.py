@@ -2927,24 +2927,48 @@ def test_health_of_an_ipv6_host_no_proxy_names_does_not_go_through_the_proxy(
     was taken for the endpoint's: healthy, or not). An IPv6 entry is matched with or
     without brackets, as the same address, as curl does; an entry naming another
     address leaves the check to the proxy."""
+    _check_health_bypasses_the_proxy(monkeypatch, "::1", no_proxy, other="::2")
+
+
+@pytest.mark.parametrize(
+    "no_proxy",
+    ["127.0.0.0/8", "10.0.0.0/8, 127.0.0.1/32", "0.0.0.0/0", "127.0.0.1", "::/0, 127.0.0.0/8"],
+)
+def test_health_of_an_ipv4_host_a_no_proxy_cidr_block_names_does_not_go_through_the_proxy(
+    no_proxy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-eighth pass: with ``http_proxy`` set and ``no_proxy=127.0.0.0/8`` (an IPv4
+    CIDR block, as curl takes since 7.86), ``nexus health --host 127.0.0.1`` went
+    through the proxy: urllib matches ``no_proxy`` as text, and the proxy's answer was
+    taken for the endpoint's. An IPv4 host in a block of ``no_proxy`` is asked directly
+    now; a block of the other version (``::/0``) or another block leaves it to the proxy."""
+    _check_health_bypasses_the_proxy(monkeypatch, "127.0.0.1", no_proxy, other="::/0, 10.0.0.0/8")
+
+
+def _check_health_bypasses_the_proxy(
+    monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, *, other: str
+) -> None:
+    """``nexus health --host host`` with ``http_proxy`` set: asked directly (exit 0) with
+    ``no_proxy``, through the proxy (whose 404 is exit 1) with ``other``."""
     for name in ("HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     proxied: list[str] = []
+    url_host = f"[{host}]" if ":" in host else host
     with (
         _answering({}, proxied) as proxy,
-        _answering({"/healthz": (200, b"ok\n")}, at="::1") as port,
+        _answering({"/healthz": (200, b"ok\n")}, at=host) as port,
     ):
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy}")
         monkeypatch.setenv("no_proxy", no_proxy)
-        direct = invoke(["health", "--host", "::1", "--port", str(port), "--timeout", "10"])
+        direct = invoke(["health", "--host", host, "--port", str(port), "--timeout", "10"])
         assert proxied == []
-        monkeypatch.setenv("no_proxy", "::2")
-        through = invoke(["health", "--host", "::1", "--port", str(port), "--timeout", "10"])
+        monkeypatch.setenv("no_proxy", other)
+        through = invoke(["health", "--host", host, "--port", str(port), "--timeout", "10"])
     assert direct.exit_code == 0, direct.output
-    assert direct.stdout == f"http://[::1]:{port}/healthz: 200 ok\n"
+    assert direct.stdout == f"http://{url_host}:{port}/healthz: 200 ok\n"
     assert through.exit_code == 1, through.output
     assert "not a nexus metrics endpoint: 404" in flat(through.output)
-    assert proxied == [f"[::1]:{port}"]
+    assert proxied == [f"{url_host}:{port}"]
 
 
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():

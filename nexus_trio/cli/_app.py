@@ -1269,7 +1269,7 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
     where = urllib.parse.urlsplit(url).netloc
     nothing_there = f"unreachable: nothing is listening on {where} (connection refused)"
     opener = urllib.request.build_opener(
-        _NoSelfConnectionHandler(), _NoRedirectHandler(), _NoProxyForIPv6Handler()
+        _NoSelfConnectionHandler(), _NoRedirectHandler(), _NoProxyForAddressesHandler()
     )
 
     def get() -> None:
@@ -1334,45 +1334,50 @@ def _not_ours_3xx(code: int, location: str | None) -> str:
     )
 
 
-class _NoProxyForIPv6Handler(urllib.request.ProxyHandler):
+class _NoProxyForAddressesHandler(urllib.request.ProxyHandler):
     """The environment's proxy (``http_proxy``), except for a host ``no_proxy`` names, an
-    IPv6 address too. urllib matches ``no_proxy`` against the URL's host with its
+    IP address too. urllib matches ``no_proxy`` against the URL's host with its
     brackets, ``[::1]``, so ``no_proxy=::1`` (as curl and most tools take it) never
     matched ``http://[::1]:P/healthz``, and the check went through the proxy (until the
     fifty-seventh pass): the proxy's answer said healthy, or unreachable. An IPv6 entry
     of ``no_proxy`` is matched with or without brackets, as the same address (``::1``,
     ``[::1]``, ``0:0:0:0:0:0:0:1``), or as a CIDR block (``::1/128``, ``::/0``), as curl
-    does."""
+    does; an IPv4 host as an address or a CIDR block too (``127.0.0.0/8``, ``10.0.0.0/8``),
+    which urllib matches as text only (a block went through the proxy until the
+    fifty-eighth pass). A host name is matched by urllib, not by what it resolves to
+    (as curl does)."""
 
     def proxy_open(self, req: urllib.request.Request, proxy: str, type: str) -> Any:
-        if _no_proxy_names_ipv6(req.host):
+        if _no_proxy_names_address(req.host):
             return None
         return super().proxy_open(req, proxy, type)
 
 
-def _no_proxy_names_ipv6(hostport: str) -> bool:
-    """Whether ``hostport`` (``[::1]:9464``) is an IPv6 address an entry of the
-    environment's ``no_proxy`` names."""
+def _no_proxy_names_address(hostport: str) -> bool:
+    """Whether ``hostport`` (``[::1]:9464``, ``10.1.2.3:9464``) is an IP address an entry
+    of the environment's ``no_proxy`` names, as an address or a CIDR block of its
+    version."""
     import ipaddress
     import urllib.parse
 
     host = urllib.parse.urlsplit(f"//{hostport}").hostname or ""
     entries = urllib.request.getproxies_environment().get("no", "")
     try:
-        address = ipaddress.IPv6Address(host.partition("%")[0])
-    except ValueError:  # (a name or an IPv4 address: urllib's match is right)
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:  # (a name: urllib's match is right)
         return False
     for entry in entries.split(","):
         # (an entry is an address or, as curl takes since 7.86, a CIDR block: ::1/128,
-        # fe80::/10; a block was never matched until the review of the fifty-seventh pass)
+        # fe80::/10, 10.0.0.0/8; an IPv6 block was never matched until the review of the
+        # fifty-seventh pass, an IPv4 block until the fifty-eighth)
         named, slash, prefix = entry.strip().partition("/")
         try:
-            block = ipaddress.IPv6Network(
+            block = ipaddress.ip_network(
                 named.strip("[]").partition("%")[0] + slash + prefix, strict=False
             )
         except ValueError:
             continue
-        if address in block:
+        if block.version == address.version and address in block:
             return True
     return False
 
