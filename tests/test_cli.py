@@ -2945,6 +2945,29 @@ def test_health_of_an_ipv4_host_a_no_proxy_cidr_block_names_does_not_go_through_
     _check_health_bypasses_the_proxy(monkeypatch, "127.0.0.1", no_proxy, other="::/0, 10.0.0.0/8")
 
 
+def test_health_through_a_proxy_that_refuses_names_the_proxy_not_the_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fifty-eighth pass: with ``http_proxy`` naming a port nothing listens on, ``nexus
+    health`` said ``unreachable: nothing is listening on 127.0.0.1:P`` of the endpoint,
+    which was up (the check never reached it: the proxy refused). It names the proxy
+    now, and what to do."""
+    for name in ("HTTP_PROXY", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:  # a port nothing listens on, for the proxy
+        s.bind(("127.0.0.1", 0))
+        proxy = s.getsockname()[1]
+    with _answering({"/healthz": (200, b"ok\n")}) as port:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy}")
+        result = invoke(["health", "--port", str(port), "--timeout", "10"])
+    assert result.exit_code == 1, result.output
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: unreachable: nothing is listening on the proxy"
+        f" 127.0.0.1:{proxy} (http_proxy; connection refused), so 127.0.0.1:{port} was not"
+        " asked: start the proxy, or name the host in no_proxy to ask it directly"
+    )
+
+
 def _check_health_bypasses_the_proxy(
     monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, *, other: str
 ) -> None:

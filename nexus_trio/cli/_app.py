@@ -1267,14 +1267,13 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
 
     outcome: list[tuple[int | None, str, str]] = []
     where = urllib.parse.urlsplit(url).netloc
-    nothing_there = f"unreachable: nothing is listening on {where} (connection refused)"
+    request = urllib.request.Request(url, headers={"Host": host})
     opener = urllib.request.build_opener(
         _NoSelfConnectionHandler(), _NoRedirectHandler(), _NoProxyForAddressesHandler()
     )
 
     def get() -> None:
         try:
-            request = urllib.request.Request(url, headers={"Host": host})
             with opener.open(request, timeout=timeout) as response:
                 body = response.read(_HEALTH_BODY_LIMIT + 1)
                 if len(body) > _HEALTH_BODY_LIMIT:
@@ -1290,8 +1289,14 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
             outcome.append((exc.code, body, ""))
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ConnectionRefusedError):
-                outcome.append((None, "", nothing_there))
+            if isinstance(reason, ConnectionRefusedError) and request.has_proxy():
+                # (the proxy refused, not the endpoint: until the fifty-eighth pass this
+                # said "nothing is listening on" the endpoint, which may well be up)
+                outcome.append((None, "", _proxy_refused(request.host, where)))
+            elif isinstance(reason, ConnectionRefusedError):
+                outcome.append(
+                    (None, "", f"unreachable: nothing is listening on {where} (connection refused)")
+                )
             else:
                 outcome.append((None, "", f"unreachable: {reason}"))
         except http.client.HTTPException as exc:
@@ -1305,6 +1310,16 @@ def _probe_health(url: str, timeout: float, host: str) -> tuple[int | None, str,
     if not outcome:
         return None, "", f"unreachable: no whole answer within {timeout:g}s"
     return outcome[0]
+
+
+def _proxy_refused(proxy: str, where: str) -> str:
+    """What a check through the environment's proxy (``http_proxy``) that the proxy
+    refused is said as: the proxy named, not the endpoint (the check never reached it)."""
+    return (
+        f"unreachable: nothing is listening on the proxy {proxy} (http_proxy; connection"
+        f" refused), so {where} was not asked: start the proxy, or name the host in"
+        " no_proxy to ask it directly"
+    )
 
 
 #: the redirects (RFC 9110 section 15.4): another 3xx (300 Multiple Choices, 304 Not
