@@ -135,6 +135,16 @@ def cut_name(name: str) -> str:
     return cut(name) if plain else cut(name, _toml)
 
 
+def shown_path(path: Any) -> str:
+    """A file's path as an error shows it: as written when each of its characters is
+    printable, else as a TOML basic string (``"/etc/a\\u001b[2Jb.toml"``), as
+    :func:`cut_name` shows a name, so that an escape sequence or a newline in a path
+    reaches the terminal as text, not as a control (until the fifty-eighth pass ``-c``
+    of such a path wrote it raw in its error). Not cut: a path is read whole."""
+    text = str(path)
+    return text if text.isprintable() else _toml(text)
+
+
 def shown(value: Any) -> str:
     """A bad value in an error: its ``repr``, or its TOML spelling inside
     :func:`values_as_toml` (``true``, ``"text"``, ``inf``, ``[1, "a"]``, ``{ a = 1 }``).

@@ -44,6 +44,7 @@ from ._config import (
     derived_when_unset,
     mark_said_by_a_load,
     shown,
+    shown_path,
     values_as_toml,
 )
 from ._errors import NexusError, nearest
@@ -107,7 +108,7 @@ class ConfigError(NexusError, ValueError):
         self.origin = origin
         self.problems = (self,)
         if path is not None:
-            where = str(path)
+            where = shown_path(path)
             if line is not None:
                 where += f":{line}"
                 if column is not None:
@@ -316,9 +317,15 @@ def check_file_permissions(path: Path) -> None:
         raise ConfigError(
             f"refusing to load a config file writable by {' and '.join(writable_by)}: "
             f"{mode}, owner {owner}; anyone who can write it could start programs as you "
-            f"([app] spawn). Fix it with: chmod go-w {path}",
+            f"([app] spawn). Fix it with: chmod go-w {shown_path(path)}",
             path=path,
         )
+
+
+def _in_file(path: Path, line: int | None, message: str) -> str:
+    """``message`` of a place of the file ``path`` (``path:line: message``), as
+    :class:`ConfigError` writes one."""
+    return f"{shown_path(path)}:{line}: {message}" if line else f"{shown_path(path)}: {message}"
 
 
 #: what a true/false variable takes, as its errors say it
@@ -797,7 +804,7 @@ def _read_file(
             else:
                 message = _unknown_top_level_text(section)
                 line = _first(_key_lines(text, None, section))
-            found.unknown_name(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+            found.unknown_name(_in_file(path, line, message))
             continue
         if not isinstance(table, dict):
             found.bad_value(
@@ -814,7 +821,7 @@ def _read_file(
             line = _first(_key_lines(text, section, key))
             if key not in known:
                 message = _unknown_key_text(section, key)
-                found.unknown_name(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+                found.unknown_name(_in_file(path, line, message))
                 continue
             try:
                 values[section][key] = _check_value(section, key, value)
@@ -1339,7 +1346,8 @@ def write_template(path: Path | str, *, force: bool = False) -> Path:
         )
         if blocking is not None:
             raise ConfigError(
-                f"cannot write config file: {blocking} is a file, not a directory", path=target
+                f"cannot write config file: {shown_path(blocking)} is a file, not a directory",
+                path=target,
             ) from None
         if isinstance(exc, NotADirectoryError):
             raise _cannot_write(exc, target) from None

@@ -582,6 +582,29 @@ def test_spawn_runs_the_calculator_example_under_the_kernel():
     assert "spawned process agent" in result.stderr
 
 
+def test_a_config_path_with_control_characters_is_shown_escaped(isolated: Path) -> None:
+    """Fifty-eighth pass: a config file's path holding a control character (an escape
+    sequence) was written raw in what nexus said of it: ``run -c`` of a missing one,
+    ``config show -c`` of one with an unknown key, ``config init`` writing one and
+    refusing to overwrite it, so that the name drove the operator's terminal. It is shown
+    as a TOML basic string there now, as a key's name is."""
+    name = "a\x1b]0;owned\x07b.toml"
+    shown = json.dumps(str(isolated / name))  # (TOML's escapes are JSON's)
+    missing = invoke(["run", "-c", name, "-d", "0.1"])
+    wrote = invoke(["config", "init", name])
+    again = invoke(["config", "init", name])
+    (isolated / name).write_text("bogus = 1\n")
+    unknown = invoke(["config", "show", "-c", name])
+    results = [missing, wrote, again, unknown]
+    assert [result.exit_code for result in results] == [2, 0, 1, 2], [r.output for r in results]
+    assert [result.output.isprintable() for result in results] == [False] * 4  # (newlines)
+    assert not any(c in r.output for r in results for c in "\x1b\x07"), [r.output for r in results]
+    assert f"'--config' / '-c': {shown}: config file not found" in flat(missing.output)
+    assert wrote.stdout == f"wrote {shown}\n"
+    assert f"nexus: error: {shown}: file exists; refusing to overwrite it" in again.output
+    assert f"nexus: error: {shown}:1: unknown top-level key bogus" in unknown.output
+
+
 def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):
     target = isolated / "conf" / "config.toml"
     result = invoke(["config", "init", str(target)])

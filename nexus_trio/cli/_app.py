@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import AppConfig, MetricsConfig, __version__
-from .._config import MAX_AGENTS, server_lost_wait_of, shown, values_as_toml
+from .._config import MAX_AGENTS, server_lost_wait_of, shown, shown_path, values_as_toml
 from . import _bench_cmd, _send_cmd
 from ._commands import (
     PROGRAM_NAMES,
@@ -1108,9 +1108,9 @@ def _write_template(file: Path, *, force: bool, overwrite: str) -> None:
         if not force and "file exists; refusing" in message and exc.path is not None:
             # (the file is there: write_template's "use --force / force=True" names a
             # flag this command may not have, and the Python API's keyword)
-            message = f"{exc.path}: file exists; refusing to overwrite it ({overwrite})"
+            message = f"{shown_path(exc.path)}: file exists; refusing to overwrite it ({overwrite})"
         raise _fail(message, 1) from None
-    typer.echo(f"wrote {written}")
+    typer.echo(f"wrote {shown_path(written)}")
 
 
 @config_app.command("show", cls=Command)
