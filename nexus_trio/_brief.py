@@ -10,9 +10,11 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Final
 
 from ._errors import repr_raised
+from ._plural import fmt_count
 
 
 def brief(value: Any, size: int = 120) -> str:
@@ -21,13 +23,46 @@ def brief(value: Any, size: int = 120) -> str:
     :func:`~nexus_trio._errors.error_repr` shows it, ``<Type, whose repr() raised
     RuntimeError: ...>``: the error or line that shows a value from outside is still
     made, not replaced by the ``__repr__``'s exception (a readiness check answering
-    such a value failed every scrape)."""
+    such a value failed every scrape). An integer longer than ``size`` (or than Python
+    writes: 4,300 digits) is shown by its size, ``an integer of about 5,000 digits``, its
+    digits not built (a cut row of digits tells no one the number)."""
     try:
-        text = _repr_prefix(value, size, set())
+        if value.__class__ is int:  # (the size form for an element: _repr_prefix)
+            text = _int_size(value) if _too_long(value, size) else repr(value)
+        else:
+            text = _repr_prefix(value, size, set())
     except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
         # (as error_repr shows it: an element's repr raised, so the value's does)
         text = repr_raised(value, exc)
     return text if len(text) <= size else text[:size] + "..."
+
+
+#: the most digits of an integer within a container that are written out when Python's
+#: own limit is off (``sys.set_int_max_str_digits(0)``): its default
+_INT_DIGITS: Final = 4300
+#: log10(2): the decimal digits a bit of an integer makes
+_DIGITS_PER_BIT: Final = 0.30103
+
+
+def _too_long(value: int, size: int) -> bool:
+    """Whether ``repr(value)`` is longer than ``size`` characters, or has more digits than
+    ``repr`` writes (``sys.get_int_max_str_digits()``; past it ``repr`` raises
+    ``ValueError``), found without building it."""
+    room = max(size - (value < 0), 0)  # (the digits that fit)
+    limit = sys.get_int_max_str_digits()
+    if limit:
+        room = min(room, limit)
+    # (an integer of b bits has at most b * log10(2) + 1 digits)
+    if value.bit_length() * _DIGITS_PER_BIT + 1 <= room:
+        return False
+    smallest: int = 10**room  # (the smallest integer of room + 1 digits)
+    return abs(value) >= smallest
+
+
+def _int_size(value: int) -> str:
+    """``an integer of about 5,000 digits``: an integer by its size (within a digit)."""
+    sign = "a negative" if value < 0 else "an"
+    return f"{sign} integer of about {fmt_count(value.bit_length() * _DIGITS_PER_BIT)} digits"
 
 
 #: how the repr of each container type that :func:`_repr_prefix` walks opens and closes
@@ -50,6 +85,10 @@ def _repr_prefix(value: Any, limit: int, walking: set[int]) -> str:
     and a line must show the value's start as ``repr`` does. ``walking`` holds the
     containers being shown, for a list or dict that holds itself (``[...]``)."""
     kind = type(value)
+    if kind is int and _too_long(value, (sys.get_int_max_str_digits() or _INT_DIGITS) + 1):
+        # (past what repr writes: not the container's ValueError; within it, the digits
+        # as repr writes them, cut with the container)
+        return _int_size(value)
     if kind is str or kind is bytes:
         if len(value) <= limit:
             return repr(value)

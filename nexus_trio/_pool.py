@@ -101,13 +101,9 @@ def _to_routing(value: Any) -> PoolRouting:
 
 
 def _shown(value: Any) -> str:
-    """A value from outside as an error shows it: its repr, cut; an integer too long for
-    that (past 60 digits; past 4,300 ``repr`` raises ``ValueError``, which the router
-    raised in its error's place and was restarted for) by its size."""
-    if value.__class__ is int and value.bit_length() > 200:
-        sign = "a negative" if value < 0 else "an"
-        # (log10(2) digits a bit: within a digit, without building the text)
-        return f"{sign} integer of about {fmt_count(value.bit_length() * 0.30103)} digits"
+    """A value from outside as an error shows it (:func:`~nexus_trio._brief.brief`): its
+    repr, cut; an integer too long for that by its size (``an integer of about 5,000
+    digits``)."""
     return brief(value, VALUE_TEXT)
 
 

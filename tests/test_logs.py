@@ -1721,8 +1721,19 @@ def test_brief_shows_what_repr_shows_up_to_the_cut(value: Any, size: int) -> Non
     """``brief`` reads a value only as far as its cut, and shows exactly what ``repr``
     would, cut there: quotes and escapes of text and bytes, 1-tuples, empty sets and
     frozensets, dict order (the guard of the bounded reading above; it holds on main's
-    whole-repr ``brief`` too)."""
-    assert brief(value, size) == _cut(repr(value), size)
+    whole-repr ``brief`` too); an integer longer than the cut is shown by its size
+    (below)."""
+    shown = repr(value)
+    if type(value) is int and len(shown) > size:
+        shown = f"{'a negative' if value < 0 else 'an'} integer of about {_digits(value)} digits"
+    assert brief(value, size) == _cut(shown, size)
+
+
+def _digits(value: int) -> str:
+    """How many digits ``brief`` says an integer has: within one of its count."""
+    said = round(value.bit_length() * 0.30103)
+    assert abs(said - len(str(abs(value)))) <= 1
+    return f"{said:,}"
 
 
 def test_brief_of_a_container_that_holds_itself_is_repr_s() -> None:
@@ -1786,6 +1797,47 @@ def test_brief_of_a_value_whose_element_repr_raises_is_shown_as_error_repr_shows
     assert brief([1, _ReprBug()]) == "<list, whose repr() raised RuntimeError: repr bug>"
     assert brief({"a": (_ReprBug(),)}) == "<dict, whose repr() raised RuntimeError: repr bug>"
     assert brief(["x" * 200, _ReprBug()]) == "['" + "x" * 118 + "..."
+
+
+@pytest.fixture
+def int_digits_unlimited() -> Iterator[None]:
+    """Python's limit on the digits ``str()`` of an integer writes, off for one test."""
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(limit)
+
+
+def test_brief_shows_an_integer_too_long_for_its_cut_by_its_size() -> None:
+    """Fifty-eighth pass: an integer past Python's 4,300 digits was shown
+    ``<int, whose repr() raised ValueError: Exceeds the limit (4300 digits) ...>`` (a
+    list holding one as ``<list, whose repr() raised ...>``), and one of 400 digits by
+    its first 60, while a pool's refusals said ``an integer of about 5,000 digits``.
+    ``brief`` shows one longer than its cut by its size, as the pool did, without
+    building its digits; one that fits, or one in a container that ``repr`` writes, as
+    ``repr`` does."""
+    assert brief(10**5000) == "an integer of about 5,000 digits"
+    assert brief(-(10**5000), 60) == "a negative integer of about 5,000 digits"
+    assert brief([1, 10**5000]) == "[1, an integer of about 5,000 digits]"
+    assert brief({"n": -(10**5000)}) == "{'n': a negative integer of about 5,000 digits}"
+    assert brief(10**400, 60) == "an integer of about 400 digits"
+    assert brief([10**400], 60) == _cut(repr([10**400]), 60)
+    for fits in [10**119, -(10**118), 10**59 - 1]:
+        assert brief(fits) == repr(fits)
+    assert brief(10**120) == "an integer of about 120 digits"
+    assert brief(-(10**119)) == "a negative integer of about 119 digits"
+
+
+@pytest.mark.usefixtures("int_digits_unlimited")
+def test_brief_shows_an_integer_by_its_size_with_python_s_digit_limit_off() -> None:
+    """With ``sys.set_int_max_str_digits(0)`` a huge integer is still shown by its size,
+    in a container too (its digits are not built: 10**10**6 would take seconds); one
+    that fits the cut is written."""
+    assert brief([10**10**6]) == "[an integer of about 1,000,000 digits]"
+    assert brief(10**5000, 10**4) == repr(10**5000)  # (it fits the cut: written)
+    assert brief([10**4000], 10**4) == repr([10**4000])
 
 
 @pytest.mark.parametrize("fmt", ["compact", "json"])
