@@ -212,6 +212,7 @@ def _serve_batches(
                     isinstance(exc, Exception)
                     or _ends_kernel(exc)
                     or _foreign_cancel(exc) is not None
+                    or _failures_beside_interrupt(exc) is not None
                 ):
                     # (a failure, counted in ``failed``: its time too, when sampled;
                     # not a cancel nor a Ctrl-C; a Cancelled of no scope around it is
@@ -449,6 +450,18 @@ def _ends_kernel(exc: BaseException) -> bool:
         rest = exc.split(trio.Cancelled)[1]
         return not (rest is None or isinstance(rest, Exception) or _interrupt_in(rest))
     return not isinstance(exc, (Exception, trio.Cancelled, KeyboardInterrupt))
+
+
+def _failures_beside_interrupt(exc: BaseException) -> ExceptionGroup[Exception] | None:
+    """The ``Exception``s of a handler's group that also holds a Ctrl-C (its own
+    nursery's: ``BaseExceptionGroup([KeyboardInterrupt(), ValueError()])``), as an
+    ``ExceptionGroup`` (``split`` keeps the group's message and traceback); None for any
+    other exception. The Ctrl-C wins, as Trio's does; these are its message's failure."""
+    if not isinstance(exc, BaseExceptionGroup) or _interrupt_in(exc) is None:
+        return None
+    failures = exc.split(Exception)[0]
+    # (a group of Exceptions only is made an ExceptionGroup)
+    return failures if isinstance(failures, ExceptionGroup) else None
 
 
 def _foreign_cancel(exc: BaseException) -> RuntimeError | None:
@@ -1033,6 +1046,16 @@ class AgentCell(Child):
                                             # leaves the spent scope
                                             await trio.lowlevel.checkpoint()
                                         continue
+                                    except BaseExceptionGroup as exc:
+                                        # A Ctrl-C in a group with failures (the handler's
+                                        # own nursery's): the Ctrl-C is the kernel's, as
+                                        # above; the failures are this message's, not lost.
+                                        if not self._failed_at_interrupt(msg, exc):
+                                            raise
+                                        if trap is True:
+                                            # leaves the spent scope
+                                            await trio.lowlevel.checkpoint()
+                                        continue
                                     # Handled and counted (by the stepper): what it returned
                                     # is answered or routed.
                                     if trap is True:
@@ -1576,6 +1599,42 @@ class AgentCell(Child):
             detail="interrupted by KeyboardInterrupt while being handled",
         )
 
+    def _handler_failed(self, msg: Message, exc: Exception) -> None:
+        """The handler of ``msg`` raised ``exc``: counted failed, dead-lettered."""
+        self.current = None
+        self.failed += 1
+        self.ledger.failed += 1
+        self.dead_lettered += 1
+        self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
+
+    def _log_handler_failure(self, msg: Message, exc: Exception, then: str) -> None:
+        if log.isEnabledFor(logging.ERROR) and self.ledger.failure_lines.allowed(self.label):
+            log_guarded(
+                log,
+                logging.ERROR,
+                "handler of agent %s failed on message %s (%s)",
+                self.label,
+                msg.id,
+                then,
+                exc_info=exc,
+                extra=log_extra(self, msg),
+            )
+
+    def _failed_at_interrupt(self, msg: Message, group: BaseExceptionGroup[Any]) -> bool:
+        """Whether the handler of ``msg`` raised a Ctrl-C in ``group`` with failures
+        that the kernel shuts down for (Trio's rule: the interrupt wins; the siblings go
+        out with it): then they are its message's failure, counted, dead-lettered
+        ``handler_error`` and logged, as a handler's error is; no directive (the agent
+        drains for the shutdown, as after a Ctrl-C alone). False for any other group
+        (or a Ctrl-C once the kernel shuts down: the exit is forced, the group raised)."""
+        failures = _failures_beside_interrupt(group)
+        interrupt = _interrupt_in(group)
+        if failures is None or interrupt is None or not self.router.interrupt(interrupt):
+            return False
+        self._handler_failed(msg, failures)
+        self._log_handler_failure(msg, failures, "interrupted by KeyboardInterrupt: shutting down")
+        return True
+
     def _message_failed(self, msg: Message, exc: MessageFailed) -> None:
         self.current = None
         self.failed += 1
@@ -1607,23 +1666,9 @@ class AgentCell(Child):
 
     def _handler_raised(self, msg: Message, exc: Exception) -> None:
         """Dead-letter, count and log; then resume, or end the run per the directive."""
-        self.current = None
-        self.failed += 1
-        self.ledger.failed += 1
-        self.dead_lettered += 1
-        self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
+        self._handler_failed(msg, exc)
         directive = self.spec.directive_for(exc)
-        if log.isEnabledFor(logging.ERROR) and self.ledger.failure_lines.allowed(self.label):
-            log_guarded(
-                log,
-                logging.ERROR,
-                "handler of agent %s failed on message %s (%s)",
-                self.label,
-                msg.id,
-                directive.value,
-                exc_info=exc,
-                extra=log_extra(self, msg),
-            )
+        self._log_handler_failure(msg, exc, directive.value)
         if directive is Directive.RESUME:
             return
         self.exit_directive = directive

@@ -489,6 +489,67 @@ def test_a_ctrl_c_in_an_agent_s_code_shuts_the_kernel_down_gracefully_then_raise
     assert stopped == ["interrupted", "other"]
 
 
+@pytest.mark.parametrize("suspends", [False, True], ids=["at-once", "suspended"])
+@pytest.mark.parametrize("order", ["interrupt-first", "failure-first", "nested"])
+def test_a_failure_beside_a_ctrl_c_in_a_handler_s_group_is_counted_and_logged(
+    order: str, suspends: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fifty-eighth pass: a handler raising ``BaseExceptionGroup([KeyboardInterrupt(),
+    ValueError()])`` (its own nursery's: a Ctrl-C in one task, a failure in another) was
+    taken for a Ctrl-C alone: its message dead-lettered ``shutdown``, the ``ValueError``
+    neither counted nor logged; with the ``ValueError`` first the run failed outside a
+    handler and was restarted, and the Ctrl-C was lost. The Ctrl-C wins, as Trio's does
+    (the kernel shuts down gracefully, ``open_kernel`` raises it), and its siblings are
+    the message's failure: counted in ``failed`` (and timed), dead-lettered ``handler_error`` with
+    them (an ``ExceptionGroup``), logged."""
+    sibling = ValueError("sibling")
+    groups = {
+        "interrupt-first": lambda: BaseExceptionGroup("g", [KeyboardInterrupt(), sibling]),
+        "failure-first": lambda: BaseExceptionGroup("g", [sibling, KeyboardInterrupt()]),
+        "nested": lambda: BaseExceptionGroup(
+            "g", [BaseExceptionGroup("h", [KeyboardInterrupt()]), ExceptionGroup("e", [sibling])]
+        ),
+    }
+    outcome: list[BaseException] = []
+
+    async def handler(ctx: Context, msg: Message) -> None:
+        if suspends:
+            await trio.sleep(1)
+        raise groups[order]()
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):  # (on main the Ctrl-C after a failure was lost)
+                async with open_kernel() as kernel:
+                    kernel.spawn(agent(handler, name="a"))
+                    await kernel.send("a", "boom")
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        stats = kernel.stats()
+        assert (stats.failed, stats.restarts) == (1, 0)
+        assert stats.failed_handle_latency.count == 1  # (timed as a failure)
+        assert stats.dead_letters_by_reason == {"handler_error": 1}
+        (letter,) = kernel.recent_dead_letters()
+        assert isinstance(letter.error, ExceptionGroup)
+        assert _leaves(letter.error) == ["ValueError('sibling')"]
+
+    with caplog.at_level(logging.ERROR, logger="nexus_trio.agent"):
+        _run_with_ctrl_c(main)
+    assert [type(exc) for exc in outcome] == [KeyboardInterrupt]
+    (line,) = [r for r in caplog.records if r.name == "nexus_trio.agent"]
+    assert line.getMessage().startswith("handler of agent a failed on message ")
+    assert line.getMessage().endswith("(interrupted by KeyboardInterrupt: shutting down)")
+    assert line.exc_info is not None and _leaves(line.exc_info[1]) == ["ValueError('sibling')"]
+
+
+def _leaves(group: Any) -> list[str]:
+    """The reprs of the exceptions of a group, its groups' too, depth first."""
+    if not isinstance(group, BaseExceptionGroup):
+        return [repr(group)]
+    return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+
+
 def test_a_ctrl_c_the_kernel_took_goes_out_of_a_block_cancelled_from_outside() -> None:
     """Regression: an agent's code cancelled a scope around the block and raised
     KeyboardInterrupt in the same step (a Ctrl-C landing as a deadline around the kernel
