@@ -30,7 +30,7 @@ def brief(value: Any, size: int = 120) -> str:
         if value.__class__ is int:  # (the size form for an element: _repr_prefix)
             text = _int_size(value) if _too_long(value, size) else repr(value)
         else:
-            text = _repr_prefix(value, size, set())
+            return repr_start(value, size)
     except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
         # (as error_repr shows it: an element's repr raised, so the value's does)
         text = repr_raised(value, exc)
@@ -63,6 +63,15 @@ def _int_size(value: int) -> str:
     """``an integer of about 5,000 digits``: an integer by its size (within a digit)."""
     sign = "a negative" if value < 0 else "an"
     return f"{sign} integer of about {fmt_count(value.bit_length() * _DIGITS_PER_BIT)} digits"
+
+
+def repr_start(value: Any, size: int) -> str:
+    """``repr(value)``, cut to about ``size`` characters (``...`` marks the cut) and not
+    built whole to be cut (see :func:`_repr_prefix`), raising what ``repr`` raises (a
+    list nested too deep for it, RecursionError): :func:`brief`, for a caller that
+    shows such a value its own way."""
+    text = _repr_prefix(value, size, set())
+    return text if len(text) <= size else text[:size] + "..."
 
 
 #: how the repr of each container type that :func:`_repr_prefix` walks opens and closes

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, TextIO, cast
 
+from ._brief import repr_start
 from ._config import LOG_FORMATS, LoggingConfig
 from ._logcall import log_calls_failed as log_calls_failed
 from ._plural import count_of
@@ -444,11 +445,18 @@ def _fits(value: Any, left: list[int], depth: int, shown: Callable[[Any], str]) 
             chars -= min(str.__len__(item), FIELD_LIMIT)
         elif type(item) is int:
             chars -= item.bit_length() * 3 // 10
-        elif deeper and isinstance(item, _CONTAINERS):
-            left[:] = items, chars
-            if not _fits(item, left, depth + 1, shown):
+        elif isinstance(item, _CONTAINERS):
+            if deeper:
+                left[:] = items, chars
+                if not _fits(item, left, depth + 1, shown):
+                    return False
+                items, chars = left
+            elif _repr_within(item, FIELD_LIMIT):
+                chars -= FIELD_LIMIT  # (as _chars counts one past _JSON_DEPTH)
+            else:
+                # written as its str: one longer than a text is written by
+                # _bounded_copy (_too_deep), its str not built whole to be cut
                 return False
-            items, chars = left
         elif item is not None and type(item) is not float and type(item) is not bool:
             chars -= _chars(item, deeper, shown)
     left[:] = items, chars
@@ -458,8 +466,10 @@ def _fits(value: Any, left: list[int], depth: int, shown: Callable[[Any], str]) 
 def _bounded_copy(value: Any, budget: _Budget, within: frozenset[int]) -> Any:
     """:func:`_bounded` of a value that does not fit: ``within``, the ids of the
     containers it is inside of; a container inside itself is ``[...]``."""
-    if not isinstance(value, _CONTAINERS) or len(within) >= _JSON_DEPTH:
+    if not isinstance(value, _CONTAINERS):
         return value
+    if len(within) >= _JSON_DEPTH:
+        return _LeftOut(_too_deep(value))
     if id(value) in within:
         return _LeftOut("{...}" if isinstance(value, dict) else "[...]")
     inside = within | {id(value)}
@@ -490,6 +500,27 @@ def _bounded_copy(value: Any, budget: _Budget, within: frozenset[int]) -> Any:
         return dict(kept)
     kind = next(k for k in (list, tuple, set, frozenset) if isinstance(value, k))
     return kind(kept)
+
+
+def _too_deep(value: Any) -> str:
+    """A container :data:`_JSON_DEPTH` containers deep in an extra, as the formats write
+    it: the start of its ``repr`` (at most :data:`FIELD_LIMIT` characters, ``...``
+    marking the cut; :func:`~nexus_trio._brief.repr_start`, which builds no more of it),
+    or ``<str() failed: ExceptionType>`` (one nested too deep for that). Its ``str`` was
+    built whole to be cut: a million-item list 101 deep took 2 s to log."""
+    try:
+        return repr_start(value, FIELD_LIMIT - len("..."))
+    except Exception as exc:  # (RecursionError too: the stack is unwound by now)
+        return f"<str() failed: {type(exc).__name__}>"
+
+
+def _repr_within(value: Any, limit: int) -> bool:
+    """Whether ``repr(value)`` is at most ``limit`` characters (and raises nothing),
+    found without building more of it (:func:`~nexus_trio._brief.repr_start`)."""
+    try:
+        return len(repr_start(value, limit)) <= limit
+    except Exception:
+        return False
 
 
 def _text(value: Any) -> str:

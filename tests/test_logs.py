@@ -263,6 +263,34 @@ def test_json_writes_an_extra_nested_too_deeply_cut_at_100_levels(
     assert (levels, value) == (99, {"k": 1})
 
 
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+def test_a_container_past_100_levels_is_written_without_building_its_whole_str(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-eighth pass: an extra's container one past the 100 levels a line walks was
+    written as its ``str``, built whole to be cut at ``FIELD_LIMIT``: a list of a
+    million items 101 deep took 2 s to log in the compact format, 0.27 s in json.
+    Now it is written as the start of its ``repr``, built only that far (``...`` marks
+    the cut): of 100,000 items, only the repr of those it shows is asked (main: 100,000
+    calls)."""
+    items = [_Counted() for _ in range(100_000)]
+    deep: Any = items
+    for _ in range(101):
+        deep = [deep]
+    _Counted.calls = 0
+    stream = configured(fmt)
+    logging.getLogger("nexus_trio.x").info("deep", extra={"deep": deep})
+    # (walked at most twice as far as it is written: to find it too long, then to write it)
+    assert _Counted.calls <= 2 * (FIELD_LIMIT // len("c, ") + 1), _Counted.calls
+    if fmt == "json":
+        (record,) = json_lines(stream)
+        value = record["deep"]
+        for _ in range(100):
+            (value,) = value
+        assert value.startswith("[[c, c, ")
+        assert (len(value) <= FIELD_LIMIT, value[-3:]) == (True, "...")
+
+
 class _Unprintable:
     def __str__(self) -> str:
         raise RuntimeError("str boom")
