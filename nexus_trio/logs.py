@@ -364,7 +364,7 @@ _NO_KEY: Final = ""
 def _key_chars(key: Any, shown: Callable[[Any], str]) -> int:
     """The characters a dict's key counts in its :class:`_Budget`: those of it ``shown``
     as its format writes a key, at most :data:`FIELD_LIMIT`."""
-    text = key if isinstance(key, str) else shown(key)
+    text = key if type(key) is str else shown(key)  # (a subclass's str or repr its own)
     return min(str.__len__(text), FIELD_LIMIT)
 
 
@@ -376,20 +376,34 @@ def _chars(value: Any, deeper: bool, shown: Callable[[Any], str]) -> int:
     it (``json`` its ``str``, the text formats its ``repr``); a container walked into (``deeper``) none, one past :data:`_JSON_DEPTH`
     (written as its ``str``, cut) all, its ``str`` not built to be counted; none for
     None, a bool, a float. Only strings and string keys were counted: a list of 500
-    ``bytes`` of 100 KB wrote a ``json`` line of 8.2 MB."""
-    if isinstance(value, str):
-        return min(str.__len__(value), FIELD_LIMIT)
-    if value is None or isinstance(value, float):
+    ``bytes`` of 100 KB wrote a ``json`` line of 8.2 MB. A ``str``, ``int``, ``float``
+    or ``bytes`` subclass counts as what its format writes: the text formats its own
+    ``repr`` (a float subclass whose ``repr`` is 1 MB counted none, and a list of 100
+    had 100 MB built to be cut), ``json`` what it holds (it writes one as its base
+    type), but a ``bytes`` subclass's ``str``."""
+    if value is None or type(value) in _UNCOUNTED:
         return 0
     if isinstance(value, _CONTAINERS):
         return 0 if deeper else FIELD_LIMIT
+    if shown is _shown_repr and type(value) not in _COUNTED_BY_SIZE:
+        return min(str.__len__(shown(value)), FIELD_LIMIT)
+    if isinstance(value, str):
+        return min(str.__len__(value), FIELD_LIMIT)
+    if isinstance(value, float):
+        return 0
     if isinstance(value, int):
         # (int's own bit_length, bytes' own len: a subclass's may say anything, and one
         # that said a negative number gave the budget characters back)
         return int.bit_length(value) * 3 // 10  # (one past FIELD_LIMIT is written cut too)
-    if isinstance(value, bytes | bytearray):
+    if type(value) is bytes or type(value) is bytearray:
         return min(len(memoryview(value)), FIELD_LIMIT)
-    return min(len(shown(value)), FIELD_LIMIT)
+    return min(str.__len__(shown(value)), FIELD_LIMIT)
+
+
+#: the types of an extra's items that count no characters (:func:`_chars`)
+_UNCOUNTED: Final = frozenset({float, bool})
+#: the types the text formats count by their size, not by their ``repr`` (:func:`_chars`)
+_COUNTED_BY_SIZE: Final = frozenset({str, int, bytes, bytearray})
 
 
 #: the containers :func:`_bounded` walks
@@ -436,12 +450,12 @@ def _fits(value: Any, left: list[int], depth: int, shown: Callable[[Any], str]) 
         item = entry
         if keyed:
             key, item = entry
-            if isinstance(key, str):
+            if type(key) is str:
                 chars -= min(str.__len__(key), FIELD_LIMIT)
             else:
                 chars -= _key_chars(key, shown)
         # (_chars's common cases first, inline: a call an item cost a small list 50 %)
-        if isinstance(item, str):
+        if type(item) is str:
             chars -= min(str.__len__(item), FIELD_LIMIT)
         elif type(item) is int:
             chars -= item.bit_length() * 3 // 10

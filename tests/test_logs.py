@@ -2150,6 +2150,34 @@ def test_the_text_formats_count_an_extra_s_items_by_the_repr_they_write(
     assert int(cut.replace(",", "")) < 5 * 100_000, cut
 
 
+def _long_repr(value: Any) -> Any:
+    """``value`` as an instance of a subclass of its type whose ``repr`` is 100 KB."""
+    kind = type(value)
+    return type(f"Long{kind.__name__}", (kind,), {"__repr__": lambda _: "r" * 100_000})(value)
+
+
+@pytest.mark.parametrize("value", ["a", 1, 1.0, b"a"], ids=type)
+def test_a_str_int_float_or_bytes_subclass_counts_the_repr_the_text_formats_write(
+    value: Any, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-eighth pass: an extra's items of a ``str``, ``int``, ``float`` or ``bytes``
+    subclass counted what they hold (a float none) in the character bound, but the text
+    formats write such an item by its own ``repr``: a list of 100 whose ``repr`` is
+    1 MB had a line of 100 MB built to be cut at ``FIELD_LIMIT`` (0.35 s). Now each
+    counts the ``repr`` written (the list ends with the items left out); ``json``, which
+    writes one as its base type (a ``bytes`` subclass as its ``str``), writes all."""
+    log = logging.getLogger("nexus_trio.x")
+    stream = configured("compact")
+    log.info("m", extra={"xs": [_long_repr(value)] * 100})
+    # (the line is cut at FIELD_LIMIT before the items left out are said: what it cut)
+    (cut,) = re.findall(r"\.\.\.\[([\d,]+) bytes cut\]", stream.getvalue())
+    assert int(cut.replace(",", "")) < 5 * 100_000, cut
+    stream = configured("json")
+    log.info("m", extra={"xs": [_long_repr(value)] * 100})
+    (record,) = json_lines(stream)
+    assert record["xs"] == [value if not isinstance(value, bytes) else str(value)] * 100
+
+
 def _chained(n: int) -> None:
     try:
         if n:
