@@ -489,10 +489,11 @@ def _bounded_copy(value: Any, budget: _Budget, within: frozenset[int]) -> Any:
     inside = within | {id(value)}
     deeper = len(inside) < _JSON_DEPTH
     kept: list[Any] = []
-    changed = False
+    changed = stopped = False
     if isinstance(value, dict):
         for key, item in value.items():
             if not budget.take(key, item, deeper):
+                stopped = True
                 break
             bounded = _bounded_copy(item, budget, inside)
             changed = changed or bounded is not item
@@ -500,20 +501,28 @@ def _bounded_copy(value: Any, budget: _Budget, within: frozenset[int]) -> Any:
     else:
         for item in value:
             if not budget.take(_NO_KEY, item, deeper):
+                stopped = True
                 break
             bounded = _bounded_copy(item, budget, inside)
             changed = changed or bounded is not item
             kept.append(bounded)
-    left_out = len(value) - len(kept)
-    if not changed and not left_out:
+    if not changed and not stopped:
         return value
-    if left_out:
-        mark = _LeftOut(f"...[{left_out:,} items left out]")
-        kept.append((mark, _LeftOut("...")) if isinstance(value, dict) else mark)
-    if isinstance(value, dict):
-        return dict(kept)
-    kind = next(k for k in (list, tuple, set, frozenset) if isinstance(value, k))
-    return kind(kept)
+    kind: type[Any] = next(k for k in _CONTAINERS if isinstance(value, k))
+    if stopped:
+        mark = _LeftOut(_left_out_text(kind.__len__(value) - len(kept)))
+        kept.append((mark, _LeftOut("...")) if kind is dict else mark)
+    return dict(kept) if kind is dict else kind(kept)
+
+
+def _left_out_text(left_out: int) -> str:
+    """What stands for the items of a container past the budget: how many (counted by its
+    built-in type's ``len``, not its own), or, when its walk gave more items than that
+    (a subclass's ``__iter__``), ``...[more items left out]``: a list subclass whose
+    ``__len__`` said 5 was written ``...[-995 items left out]``."""
+    if left_out > 0:
+        return f"...[{left_out:,} items left out]"
+    return "...[more items left out]"
 
 
 def _too_deep(value: Any) -> str:

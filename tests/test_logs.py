@@ -2178,6 +2178,36 @@ def test_a_str_int_float_or_bytes_subclass_counts_the_repr_the_text_formats_writ
     assert record["xs"] == [value if not isinstance(value, bytes) else str(value)] * 100
 
 
+class _ShortLen(list[int]):
+    """A list whose ``len()`` says 5, whatever it holds."""
+
+    def __len__(self) -> int:
+        return 5
+
+
+class _LongIter(list[int]):
+    """An empty list whose walk gives 5,000 items."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(5_000))
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json"])
+def test_the_items_left_out_of_a_list_whose_len_lies_are_never_a_negative_count(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Fifty-eighth pass: the items left out of a container past the bound were counted
+    by its own ``len()``: a list subclass of 5,000 items whose ``__len__`` says 5 was
+    written ``...[-995 items left out]``, an empty one whose ``__iter__`` gives 5,000
+    items ``...[-1,000 items left out]``. Now they are counted by the built-in ``len``
+    (4,000), and when the walk gave more than that, said without a number."""
+    stream = configured(fmt)
+    log = logging.getLogger("nexus_trio.x")
+    log.info("m", extra={"short": _ShortLen(range(5_000)), "long": _LongIter()})
+    said = re.findall(r"\.\.\.\[([^]]+) items left out\]", stream.getvalue())
+    assert said == ["4,000", "more"]
+
+
 def _chained(n: int) -> None:
     try:
         if n:
