@@ -495,6 +495,18 @@ async def test_tells_numbered_for_a_process_restarted_unnoticed_are_counted_lost
         proxy.close()
 
 
+async def _all_taken(ca: Cluster, cb: Cluster, got: list[Any], sent: int) -> None:
+    """Wait until b took each of the ``sent`` numbered tells of a (received, or counted
+    lost: a later number or mark showed the gap), then (5 s at most: local delivery, no
+    network) until ``got`` holds each one received: the caller's exact assertions then
+    fail at once on a loss not counted. Waiting on ``len(got) + lost_in_transit`` alone
+    (until the fifty-eighth pass) ran to the 30 s hang guard on such a count, with no
+    assertion saying what was short."""
+    await until(lambda: cb.tells_taken_from("a", ca.id_prefix) >= sent)
+    with trio.move_on_after(5):
+        await until(lambda: len(got) + cb.stats().lost_in_transit >= sent)
+
+
 async def test_tells_the_server_loses_in_part_are_each_handled_or_counted_lost_once(
     nats: NatsServer,
 ) -> None:
@@ -521,14 +533,16 @@ async def test_tells_the_server_loses_in_part_are_each_handled_or_counted_lost_o
                     await ka.send("collector-b", i)
                     if i % 50 == 49:
                         await trio.sleep(0.01)  # (many batches, not a few big ones)
-                await until(lambda: len(got) + cb.stats().lost_in_transit >= 900)
+                await _all_taken(ca, cb, got, 900)
                 lost = cb.stats().lost_in_transit
                 assert proxy.lost[("b", "data")] >= 3 and lost > 0
-                assert got == sorted(set(got)) and len(got) + lost == 900
+                assert got == sorted(set(got)), got
+                assert len(got) + lost == 900, (len(got), lost)
                 proxy.lose("b", "data", ".node.b.", 0)
                 for i in range(900, 1100):
                     await ka.send("collector-b", i)
-                await until(lambda: len(got) + lost >= 1100)
+                await _all_taken(ca, cb, got, 1100)
+                assert len(got) + lost == 1100, (len(got), lost)
                 assert got[-200:] == list(range(900, 1100))
                 assert cb.stats().lost_in_transit == lost
                 await until(lambda: proxy.lost[("a", "control")] >= 5)  # (1 s of them)
