@@ -393,6 +393,31 @@ async def test_a_tell_to_a_type_no_node_serves_is_counted_not_lost_silently(
         assert cluster.stats().inbound_dropped == {"no_replica": 3}
 
 
+async def test_a_type_address_with_no_type_name_is_refused_at_once(nats: NatsServer) -> None:
+    """Regression: a type address spelled by hand whose name no replica can have
+    (``serve_type`` and ``type_address`` refuse it: not letters, digits, '-' or '_')
+    went out as a subject of its own: ``"type:a.b"``, ``"type:>"`` (a wildcard) or
+    ``"type:"`` accepted and then counted lost (``no_replica``), ``"type:a b"`` accepted
+    and refused by the NATS client as it was written (counted in ``publish_failures``,
+    logged as a failure of NATS; a request failed ``TransportUnavailable``). Each is ``AgentNotFound`` at once now, naming the
+    type, as an address no node has; nothing is published or counted."""
+    async with local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            for name in ("a.b", ">", "", "a b", "a\tb", "x.*"):
+                for attempt in (kernel.send, kernel.request):
+                    with pytest.raises(AgentNotFound) as refused:
+                        await attempt(f"type:{name}", 1)
+                    assert refused.value.address == f"type:{name}"
+                    assert refused.value.detail.startswith(f"no node serves type {name!r}: ")
+                with pytest.raises(AgentNotFound):
+                    kernel.send_nowait(f"type:{name}", 1)
+            # a request on the same connection after them: nothing of them came back
+            with pytest.raises(AgentNotFound, match="NATS had no responders"):
+                await kernel.request(type_address("nobody"), 1)
+        stats = cluster.stats()
+        assert (stats.inbound_dropped, stats.publish_failures) == ({}, 0)
+
+
 async def _last_replica(
     kernel: Kernel, cluster: Cluster, type_name: str
 ) -> tuple[AgentRef, list[Any]]:

@@ -2638,6 +2638,18 @@ class Cluster:
         peer: int | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
+            if not wire.is_token(type_name):
+                # No replica can serve it (serve_type refuses such a name, as does
+                # type_address): refused at once, as an address no node has. Published,
+                # "a.b" or ">" went out as a subject of its own (a tell then counted
+                # no_replica; ">" a wildcard subject) and "a b" was refused by the NATS
+                # client as it was written (counted and logged as a failure of NATS; a
+                # request failed TransportUnavailable).
+                raise AgentNotFound(
+                    to,
+                    detail=f"no node serves type {type_name!r}: an agent type is letters,"
+                    " digits, '-' or '_' (serve_type and type_address take no other)",
+                )
             subject = wire.type_subject(self.prefix, type_name)
             node = f"type:{type_name}"
             if msg.kind is _QUERY:
