@@ -418,14 +418,45 @@ async def test_a_type_address_with_no_type_name_is_refused_at_once(nats: NatsSer
         assert (stats.inbound_dropped, stats.publish_failures) == ({}, 0)
 
 
+async def test_a_type_name_too_long_for_a_subject_is_refused_and_the_link_kept(
+    nats: NatsServer,
+) -> None:
+    """Regression: a type name of 5,000 characters (letters only: a NATS token) was
+    taken by ``serve_type``, ``send``, ``request`` and ``type_address``, and its subject
+    went into a ``SUB`` or ``PUB`` line longer than NATS's control line (4 KiB): the
+    server closed the node's data connection and nats-py closed it for good (``serve_type``
+    raised ``ConnectionClosedError``, and every send and request after it failed
+    ``TransportUnavailable: node 'a' has no NATS connection``). A type name is at most
+    256 characters, as ``register_type`` takes one: ``serve_type`` and ``type_address``
+    raise ValueError, a send or request to such an address is ``AgentNotFound`` at
+    once, and the connection is kept."""
+    long_name = "x" * 5000
+    async with local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            # (the longest name taken)
+            ref, seen = await _last_replica(kernel, cluster, "x" * 256, "longest")
+            with pytest.raises(ValueError, match=r"is 5000 characters long \(at most 256,"):
+                await cluster.serve_type(long_name, ref)
+            with pytest.raises(ValueError, match=r"is 5000 characters long \(at most 256,"):
+                type_address(long_name)
+            with pytest.raises(AgentNotFound, match=r"at most 256 characters"):
+                await kernel.send(f"type:{long_name}", 1)
+            with pytest.raises(AgentNotFound, match=r"at most 256 characters"):
+                await kernel.request(f"type:{long_name}", 1)
+            await kernel.send(type_address("x" * 256), "q")
+            await until(lambda: seen == ["q"])
+        stats = cluster.stats()
+        assert (stats.disconnects, stats.publish_failures) == (0, 0)
+
+
 async def _last_replica(
-    kernel: Kernel, cluster: Cluster, type_name: str
+    kernel: Kernel, cluster: Cluster, type_name: str, name: str = ""
 ) -> tuple[AgentRef, list[Any]]:
-    """The one replica of ``type_name`` (on this node and in the cluster), and the
-    payloads it handles."""
+    """The one replica of ``type_name`` (on this node and in the cluster; named ``name``,
+    by default for its type), and the payloads it handles."""
     seen: list[Any] = []
 
-    @agent(name=f"last-replica-{type_name}")
+    @agent(name=name or f"last-replica-{type_name}")
     async def replica(ctx: Context, msg: Message) -> None:
         seen.append(msg.payload)
 

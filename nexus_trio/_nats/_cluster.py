@@ -2638,7 +2638,7 @@ class Cluster:
         peer: int | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
-            if not wire.is_token(type_name):
+            if not wire.is_type_name(type_name):
                 # No replica can serve it (serve_type refuses such a name, as does
                 # type_address): refused at once, as an address no node has. Published,
                 # "a.b" or ">" went out as a subject of its own (a tell then counted
@@ -2647,8 +2647,9 @@ class Cluster:
                 # request failed TransportUnavailable).
                 raise AgentNotFound(
                     to,
-                    detail=f"no node serves type {type_name!r}: an agent type is letters,"
-                    " digits, '-' or '_' (serve_type and type_address take no other)",
+                    detail=f"no node serves type {brief(type_name, 60)}: an agent type is"
+                    f" letters, digits, '-' or '_', at most {wire.TYPE_NAME_MAX} characters"
+                    " (serve_type and type_address take no other)",
                 )
             subject = wire.type_subject(self.prefix, type_name)
             node = f"type:{type_name}"
@@ -5006,7 +5007,7 @@ class Cluster:
             await self._serve_type(type_name, agent)
 
     async def _serve_type(self, type_name: str, agent: Any) -> None:
-        wire.check_token("agent type", type_name)
+        wire.check_type_name(type_name)
         agent_id: uuid.UUID = getattr(agent, "id", agent)
         if not self.kernel.is_local(agent_id):
             raise AgentNotFound(agent_id)

@@ -39,17 +39,17 @@ import attrs
 from .._brief import brief
 from .._errors import MessageDecodeError
 from .._logcall import log_guarded
-from ._wire import is_token, read_wire_json
+from ._wire import is_type_name, read_wire_json
 
 log = logging.getLogger("nexus_trio.nats.membership")
 
 
 #: the most node names :attr:`Membership.ever_heard` keeps (then it says it cannot tell)
 _EVER_HEARD_MAX: Final = 4096
-#: the most agent types one node registers and its record advertises, and the longest
-#: type name (a record past either is not what a kernel writes: refused)
+#: the most agent types one node registers and its record advertises (a record past it,
+#: or naming a type longer than ``_wire.TYPE_NAME_MAX``, is not what a kernel writes:
+#: refused)
 TYPES_MAX: Final = 1024
-TYPE_NAME_MAX: Final = 256
 
 
 def process_id_prefix() -> int:
@@ -315,7 +315,7 @@ def _window(value: Any) -> int:
 
 def _types(value: Any) -> frozenset[str]:
     """A record's ``types``: a list of at most :data:`TYPES_MAX` agent type names (NATS
-    tokens of at most :data:`TYPE_NAME_MAX` characters); ValueError if not."""
+    tokens of at most ``_wire.TYPE_NAME_MAX`` characters); ValueError if not."""
     if type(value) is not list:
         raise ValueError("not a list of agent type names")
     if len(value) > TYPES_MAX:
@@ -324,12 +324,6 @@ def _types(value: Any) -> frozenset[str]:
         if type(name) is not str or not is_type_name(name):
             raise ValueError(f"{brief(name, 60)} is no agent type name")
     return frozenset(value)
-
-
-def is_type_name(name: str) -> bool:
-    """Whether ``name`` is an agent type name a record may advertise (a NATS token of
-    at most :data:`TYPE_NAME_MAX` characters)."""
-    return len(name) <= TYPE_NAME_MAX and is_token(name)
 
 
 def _count(value: Any) -> int:

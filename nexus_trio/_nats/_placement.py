@@ -66,7 +66,7 @@ from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
-from ._membership import TYPE_NAME_MAX, TYPES_MAX, NodeInfo
+from ._membership import TYPES_MAX, NodeInfo
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg as NatsMsg
@@ -90,10 +90,10 @@ def check_agent_type(type_name: object, spec: object) -> None:
             f"agent type {type_name!r} is of type {type(type_name).__name__}, not a str"
         )
     wire.check_token("agent type", type_name)
-    if len(type_name) > TYPE_NAME_MAX:
+    if len(type_name) > wire.TYPE_NAME_MAX:
         raise ValueError(
             f"agent type {type_name[:40]!r}... is {len(type_name)} characters long (at most"
-            f" {TYPE_NAME_MAX}: its node's membership record names it)"
+            f" {wire.TYPE_NAME_MAX}: its node's membership record names it)"
         )
     if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
         return

@@ -1033,6 +1033,31 @@ def is_token(value: str) -> bool:
     return _TOKEN.fullmatch(value) is not None
 
 
+#: the longest agent type name: a node's membership record names its types, and a type's
+#: queue group is a subject (twice in its SUB line) that NATS refuses past its control
+#: line (4 KiB by default) by closing the connection, for good in nats-py
+TYPE_NAME_MAX: Final = 256
+
+
+def is_type_name(value: str) -> bool:
+    """Whether ``value`` (a str) is an agent type name: a subject token of at most
+    :data:`TYPE_NAME_MAX` characters."""
+    return len(value) <= TYPE_NAME_MAX and _TOKEN.fullmatch(value) is not None
+
+
+def check_type_name(value: str) -> str:
+    """``value`` as an agent type name (see :func:`is_type_name`); ValueError naming it
+    otherwise."""
+    check_token("agent type", value)
+    if len(value) > TYPE_NAME_MAX:
+        raise ValueError(
+            f"agent type {value[:40]!r}... is {len(value)} characters long (at most"
+            f" {TYPE_NAME_MAX}, as cluster.register_type takes one: it is part of NATS"
+            " subjects, which NATS refuses past its control line by closing the connection)"
+        )
+    return value
+
+
 def check_node_name(value: str) -> str:
     """``value`` as a node name (one subject token of at most :data:`NODE_NAME_MAX`
     characters); ValueError naming it otherwise."""
@@ -1055,7 +1080,7 @@ def type_address(type_name: str) -> str:
     ``await kernel.send(type_address("worker"), job)`` reaches exactly one agent that
     some node registered with :meth:`Cluster.serve_type`.
     """
-    return TYPE_PREFIX + check_token("agent type", type_name)
+    return TYPE_PREFIX + check_type_name(type_name)
 
 
 def node_wildcard(prefix: str, node: str) -> str:
