@@ -1096,6 +1096,20 @@ class CrossKeyError(ValueError):
 
 #: A NATS subject token (``[cluster] prefix``): nexus_trio._nats checks the same.
 _SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+#: the longest cluster prefix: JetStream takes stream names of at most 255 characters,
+#: and the longest a cluster makes is ``KV_<prefix>-placed`` (its placed agents' bucket);
+#: past it the join failed saying the server had no usable JetStream
+CLUSTER_PREFIX_MAX: Final = 245
+
+
+def prefix_too_long(value: str) -> str:
+    """Why cluster prefix ``value`` (a subject token) is too long, or ""."""
+    if len(value) <= CLUSTER_PREFIX_MAX:
+        return ""
+    return (
+        f"is {len(value)} characters long (at most {CLUSTER_PREFIX_MAX}: JetStream names a"
+        " stream at most 255 characters, and the cluster's KV bucket KV_<prefix>-placed is one)"
+    )
 
 
 def _check_prefix(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -1104,6 +1118,8 @@ def _check_prefix(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
             f"[{_section_of(inst)}] {attribute.name} must be letters, digits, '-' or '_'"
             f" (it is part of NATS subjects), got {shown(value)}"
         )
+    if why := prefix_too_long(value):
+        raise ValueError(f"[{_section_of(inst)}] {attribute.name} {why}")
 
 
 def _key(default: Any, check: Any, doc: str, example: Any = None) -> Any:

@@ -27,6 +27,7 @@ from nexus_trio import (
     SYSTEM_ID,
     AgentNotFound,
     AgentRef,
+    ClusterConfig,
     Context,
     DeadLetterReason,
     EventKind,
@@ -88,6 +89,23 @@ async def local_node(
 @agent(name="double-a")
 async def double(ctx: Context, msg: Message) -> Any:
     return msg.payload * 2
+
+
+async def test_a_prefix_too_long_for_jetstream_is_refused_naming_it(nats: NatsServer) -> None:
+    """Regression: a cluster prefix of 246 letters or more (a NATS token) was taken, and
+    the join failed with ``TransportUnavailable: NATS at ... has no usable JetStream for
+    the KV bucket 'ppp...-nodes' (start nats-server with -js): ServerError()``, though
+    the server ran JetStream: its stream names (``KV_<prefix>-placed`` the longest) passed
+    JetStream's 255 characters. ``ClusterOptions`` and ``[cluster] prefix`` refuse it
+    now, naming the length; the longest taken, 245, joins (and places an agent)."""
+    for bad in (ClusterOptions, ClusterConfig):
+        with pytest.raises(ValueError, match=r"prefix .*is 246 characters long \(at most 245: "):
+            bad(prefix="p" * 246)
+    async with local_node(nats.url, prefix="p" * 245) as (kernel, cluster):
+        with trio.fail_after(30):
+            cluster.register_type("double", double)
+            placed = await cluster.spawn("double", name="twice")
+            assert await kernel.request(placed.id, 21) == 42
 
 
 async def test_wait_for_name_says_how_long_it_waited_for_a_name_nobody_has(

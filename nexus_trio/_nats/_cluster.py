@@ -91,6 +91,7 @@ from .._config import (
     loss_window,
     max_age_below_sweep,
     not_said_by_a_load,
+    prefix_too_long,
     switched_on,
 )
 from .._deadletter import DeadLetterReason
@@ -334,6 +335,13 @@ def _reconnect_attempts(inst: Any, attribute: attrs.Attribute[Any], value: Any) 
         )
 
 
+def _check_prefix(value: Any) -> None:
+    """A cluster prefix: one subject token, short enough for its JetStream names."""
+    wire.check_token("prefix", value)
+    if why := prefix_too_long(value):
+        raise ValueError(f"prefix {value[:40]!r}... {why}")
+
+
 def _seconds_or_derived(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     """:func:`_seconds`, or None: left out (derived when read)."""
     if value is not None:
@@ -376,9 +384,7 @@ class ClusterOptions:
     ``docs/distributed.md`` has the table of all options.
     """
 
-    prefix: str = attrs.field(
-        default="nexus", validator=lambda _i, _a, v: wire.check_token("prefix", v)
-    )
+    prefix: str = attrs.field(default="nexus", validator=lambda _i, _a, v: _check_prefix(v))
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
     missed_heartbeats: int = attrs.field(default=5, validator=_at_least_one)
     kv_replicas: int = attrs.field(default=1, validator=_at_least_one)
