@@ -466,7 +466,8 @@ def test_the_send_durable_row_names_every_stream_limit_a_refusal_names() -> None
     page = (DOCS / "distributed.md").read_text(encoding="utf-8")
     row = next(line for line in page.splitlines() if line.startswith("| **durable** ("))
     named = {
-        "max_messages" if limit == "max_msgs" else limit for limit in _durable._LIMITS_SAID.values()
+        "max_messages" if limit == "max_msgs" else limit
+        for limit in _durable.STORE_LIMITS_SAID.values()
     }
     missing = {limit for limit in named if f"`{limit}`" not in row}
     assert missing == set(), f"stream limits the send_durable row does not name: {missing}"

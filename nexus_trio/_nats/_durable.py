@@ -241,7 +241,7 @@ FETCH_HEARTBEAT: Final = 0.25
 #: closed by a delete or a shutdown, a disk error), told apart by its description only
 _STORE_FAILED: Final = 10077
 #: the limit each description of that code names (nats-server's store errors)
-_LIMITS_SAID: Final = {
+STORE_LIMITS_SAID: Final = {
     "maximum messages exceeded": "max_msgs",
     "maximum bytes exceeded": "max_bytes",
     "maximum messages per subject exceeded": "max_msgs_per_subject",
@@ -2164,7 +2164,7 @@ class DurableChannel:
             return f" (full: the account's JetStream limits: {description})", True
         if exc.err_code != _STORE_FAILED:
             return "", False
-        limit = _LIMITS_SAID.get(description)
+        limit = STORE_LIMITS_SAID.get(description)
         if limit is None:
             return f" (the stream's store failed: {description}; no limit of it said)", False
         if limit == "max_msgs":
