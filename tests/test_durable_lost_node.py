@@ -565,18 +565,13 @@ async def test_a_message_a_lost_node_s_consumer_gave_up_unheard_is_dead_at_its_t
     )
 
 
-async def test_a_max_deliveries_advisory_of_a_consumer_taken_over_is_heard_by_its_taker(
-    nats: NatsServer,
-) -> None:
-    """Fifty-third pass: a takes lost c's consumer over; an operator lowers its
-    ``max_deliver`` to 2 under a's 4, and a message for a name that runs nowhere waits
-    (nakked with the missing-agent delay) twice: JetStream gives it up and sends its
-    ``MAX_DELIVERIES`` advisory for c's consumer, which only c's own process listened
-    for: the message stayed in the stream, counted nowhere. The taker listens for the
-    consumers it takes over too: dead (``consumer_max_deliver``), deleted. (On main's
-    _durable.py swapped in: ``durable_agent_missing`` 2, ``durable_dead`` 0 after 10 s,
-    the stream kept it.)"""
-    async with local_node(nats.url, "a", durable=_QUICK_WAITS) as (_ka, ca):
+async def _given_up_in_a_takeover(url: str) -> tuple[Any, int]:
+    """Node a takes lost c's consumer over; an operator lowers its ``max_deliver`` to 2
+    under a's 4, and a message for a name that runs nowhere waits (nakked with the
+    missing-agent delay) twice: JetStream gives it up and sends its ``MAX_DELIVERIES``
+    advisory for c's consumer. a's stats once it counted a message dead (see
+    :func:`_once_dead`), and how many messages the stream keeps then."""
+    async with local_node(url, "a", durable=_QUICK_WAITS) as (_ka, ca):
         stream = f"{ca.prefix}-durable"
         js = ca.data_js
         try:
@@ -591,9 +586,44 @@ async def test_a_max_deliveries_advisory_of_a_consumer_taken_over_is_heard_by_it
                     await trio.sleep(0.05)
                 await call_aio(js.add_consumer, stream, config=info.config.evolve(max_deliver=2))
                 await store_for(ca, "nowhere-a", "waits", node="c")
-            stats, left = await _once_dead(ca, stream)
+            return await _once_dead(ca, stream)
         finally:
             ca.members.members.pop("c", None)
+
+
+async def test_a_max_deliveries_advisory_of_a_consumer_taken_over_is_heard_by_its_taker(
+    nats: NatsServer,
+) -> None:
+    """Fifty-third pass: a takes lost c's consumer over, which JetStream gives a message
+    of up (see :func:`_given_up_in_a_takeover`); its ``MAX_DELIVERIES`` advisory for c's
+    consumer went to c's own process only: the message stayed in the stream, counted
+    nowhere. The taker listens for the consumers it takes over too: dead
+    (``consumer_max_deliver``), deleted. (On main's _durable.py swapped in:
+    ``durable_agent_missing`` 2, ``durable_dead`` 0 after 10 s, the stream kept it.)"""
+    stats, left = await _given_up_in_a_takeover(nats.url)
+    assert stats.durable_agent_missing == 2
+    assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"], left) == (
+        1,
+        1,
+        0,
+    )
+
+
+async def test_an_advisory_of_a_taken_over_consumer_sent_before_its_store_asks_a_look_at_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fifty-eighth pass: an advisory that looks sent before its message was stored (the
+    consumer's leader's clock behind the stream's leader's, here by an hour) is left
+    alone; for this node's own consumer it asks a look at once (fifty-seventh pass), for
+    a consumer this node takes over it asked none: the message JetStream gave up stayed
+    in the stream, uncounted, until the node was taken over again (its takeover's one
+    look is at its bind) or forgotten. It asks the takeover's look now, after its fetch
+    under way (one long poll): dead once (``consumer_max_deliver``), deleted. (On main's
+    _durable.py swapped in: ``durable_dead`` 0 after 10 s, the stream kept it.)"""
+    from .test_faults_durable import advisories_an_hour_behind
+
+    advisories_an_hour_behind(monkeypatch)
+    stats, left = await _given_up_in_a_takeover(nats.url)
     assert stats.durable_agent_missing == 2
     assert (stats.durable_dead, stats.durable_dead_reasons["consumer_max_deliver"], left) == (
         1,

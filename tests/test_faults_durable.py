@@ -376,6 +376,20 @@ async def test_a_message_an_operator_s_lower_max_deliver_stops_is_dead_and_delet
     assert counts.state.messages == 0
 
 
+def advisories_an_hour_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``MAX_DELIVERIES`` advisory's time read an hour behind what it says (the
+    consumer's leader's clock behind the stream's leader's)."""
+    from nexus_trio._nats import _durable
+
+    advisory_time = _durable._advisory_time
+
+    def behind(said: Any) -> datetime | None:
+        at = advisory_time(said)
+        return None if at is None else at - timedelta(hours=1)
+
+    monkeypatch.setattr(_durable, "_advisory_time", behind)
+
+
 async def test_a_message_whose_advisory_looks_sent_before_its_store_is_dead_once_by_a_look(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,15 +403,7 @@ async def test_a_message_whose_advisory_looks_sent_before_its_store_is_dead_once
     for a look at once, which reads the consumer's state: dead once
     (``consumer_max_deliver``), deleted. (On main's _durable.py swapped in:
     ``durable_dead`` 0 after 10 s, ``assert (0, 1) == (1, 0)``.)"""
-    from nexus_trio._nats import _durable
-
-    advisory_time = _durable._advisory_time
-
-    def behind(said: Any) -> datetime | None:
-        at = advisory_time(said)
-        return None if at is None else at - timedelta(hours=1)
-
-    monkeypatch.setattr(_durable, "_advisory_time", behind)
+    advisories_an_hour_behind(monkeypatch)
     handled: list[int] = []
 
     async def handler(ctx: Context, msg: Message) -> Any:

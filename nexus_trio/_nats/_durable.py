@@ -749,6 +749,9 @@ class DurableChannel:
         self._remade_back: OrderedDict[str, None] = OrderedDict()
         # the nodes gone whose stored messages this node looks at later (see _look_later)
         self._looks: dict[str, trio.CancelScope] = {}
+        # the lost nodes whose consumers this node takes over that are looked at again
+        # after their takeover's fetch under way (see _stored_since)
+        self._taken_looks: set[str] = set()
         # the other members that ran the durable path when membership last changed: one
         # gone from them since (its leave heard, or forgotten) is looked at later
         self._durable_members: set[str] = set()
@@ -1817,7 +1820,14 @@ class DurableChannel:
                                 # (once a takeover: this node holds none of its messages
                                 # yet, none of them counted here twice)
                                 looked = True
+                                self._taken_looks.discard(node)
                                 await self._find_stranded(node)
+                        elif node in self._taken_looks:
+                            # (an advisory of it that looks sent before its store: see
+                            # _stored_since; what this node holds of it is pending, which
+                            # a look leaves alone, as for its own consumer)
+                            self._taken_looks.discard(node)
+                            await self._find_stranded(node)
                         msgs, heard = await self._fetch_bounded(
                             lambda msgs: self._hand_back_at_leave(node, msgs, waiting),
                             psub,
@@ -1868,6 +1878,7 @@ class DurableChannel:
             finally:
                 if self._takeovers.get(node) is scope:
                     del self._takeovers[node]
+                    self._taken_looks.discard(node)
                     ended, self._takeover_ended = self._takeover_ended, trio.Event()
                     ended.set()
                     if took and node not in self.cluster.members.members:
@@ -3077,8 +3088,11 @@ class DurableChannel:
             if not self._of_consumer(stored, node):
                 return False
             if self._stored_since(stored, sent):
+                # (the consumer's state bounds what a look takes)
                 if node == self.cluster.node:
-                    self._look_soon()  # (the consumer's state bounds what it takes)
+                    self._look_soon()
+                elif node in self._takeovers:
+                    self._taken_looks.add(node)
                 return False
             msg_id = (stored.headers or {}).get(wire.MSG_ID_HEADER, "")
             with contextlib.suppress(MessageDecodeError):
@@ -3143,7 +3157,9 @@ class DurableChannel:
         later one, a period apart, while others are pending under it). Until the
         fifty-seventh pass it was left to the look at the consumer's next bind, the
         node's next start: in the stream, uncounted, meanwhile. A lost node's consumer
-        taken over is looked at only as a takeover binds it."""
+        taken over is looked at by its takeover after the fetch under way (one long
+        poll); until the fifty-eighth pass only as a takeover bound it, the message in
+        the stream, uncounted, until the node was taken over again or forgotten."""
         if sent is None or stored.time is None or stored.time <= sent:
             return False
         self._say(
