@@ -727,6 +727,38 @@ async def test_a_durable_send_to_no_agent_address_says_what_is_wrong(nats: NatsS
     assert info.state.messages == 0
 
 
+async def test_a_durable_send_s_msg_id_that_is_no_uuid_is_refused_and_0_is_kept(
+    nats: NatsServer,
+) -> None:
+    """Fifty-eighth pass: ``send_durable(to, x, msg_id=str(uuid))`` (an id kept as text,
+    or any other value that is no UUID) raised ``AttributeError: 'str' object has no
+    attribute 'int'``, naming neither ``msg_id`` nor what it takes; and ``msg_id=0``, the
+    id ``UUID(int=0)`` as a message takes it, was replaced by a fresh id (``msg_id or
+    new_id()``), so a resend with it stored the message twice. A TypeError naming
+    ``msg_id`` now, nothing stored; 0 is the id given, stored once. (On main:
+    ``AttributeError``; with 0, the handler got the message twice.)"""
+    handled: list[Any] = []
+
+    async def work(_ctx: Context, msg: Message) -> Any:
+        handled.append((msg.id, msg.payload))
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(agent(work, name="work"))
+        stream = f"{cluster.prefix}-durable"
+        with trio.fail_after(20):
+            for bad in (str(uuid.uuid4()), b"id", 1.5):
+                with pytest.raises(TypeError, match=r"^send_durable's msg_id must be a uuid\.UUID"):
+                    await cluster.send_durable("work", "bad", msg_id=bad)  # type: ignore[arg-type]
+            stored = (await call_aio(cluster.data_js.stream_info, stream)).state.last_seq
+            sent = [await cluster.send_durable("work", "zero", msg_id=0) for _ in range(2)]  # type: ignore[arg-type]
+            last = (await call_aio(cluster.data_js.stream_info, stream)).state.last_seq
+            await until(lambda: cluster.stats().durable_acked >= 1)
+    assert (stored, last) == (0, 1)  # (the resend stored nothing new)
+    assert [msg.id for msg in sent] == [uuid.UUID(int=0)] * 2
+    assert handled[0] == (uuid.UUID(int=0), "zero")
+
+
 async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
     nats: NatsServer,
 ) -> None:

@@ -2207,7 +2207,10 @@ class DurableChannel:
         failover. It may still have been stored then: pass your own ``msg_id`` and send
         again with it to retry without a duplicate (the error text names the id too).
         Once this node's connection closed (its leave, a caller outside its block) it is
-        :class:`TransportUnavailable` naming the node.
+        :class:`TransportUnavailable` naming the node. A ``msg_id`` that is no UUID (nor
+        its 128-bit value, as a :class:`Message` takes one) raises ``TypeError`` naming it
+        (until the fifty-eighth pass an ``AttributeError`` naming nothing, and 0 was
+        replaced by a fresh id).
         A payload the wire cannot carry raises ``TypeError`` (not JSON) or ``ValueError``
         (a lone surrogate, nested too deeply) naming the message, its recipient and the
         problem, as a send to another node does; nothing is stored.
@@ -2215,7 +2218,7 @@ class DurableChannel:
         if not self.options.enabled:
             raise TransportUnavailable("durable delivery is disabled on this node")
         deadline = self.cluster.kernel.config.kernel.send_timeout if timeout is None else timeout
-        msg_id = msg_id or new_id()
+        msg_id = new_id() if msg_id is None else _msg_id(msg_id)
         with trio.move_on_after(deadline) as scope:
             return await self._send(to, payload, sender, msg_id)
         assert scope.cancelled_caught
@@ -3688,6 +3691,23 @@ def _consumer_state_answer(data: bytes, subject: str) -> _ConsumerState:
     if created is not None and not isinstance(created, str):
         raise _garbled(subject, None, f"its created is no time: {brief(created)}")
     return _ConsumerState(seqs[0], seqs[1], pending, at, created)
+
+
+def _msg_id(msg_id: object) -> uuid.UUID:
+    """``msg_id`` as :meth:`DurableChannel.send` was given it: a UUID, or its 128-bit
+    integer value (``ValueError`` out of range, as a :class:`Message` says); anything
+    else is a TypeError naming it."""
+    if isinstance(msg_id, uuid.UUID):
+        return msg_id
+    if type(msg_id) is int:
+        if not 0 <= msg_id < 1 << 128:
+            raise ValueError(f"send_durable's msg_id must be a 128-bit value, got {msg_id!r}")
+        return uuid.UUID(int=msg_id)
+    hint = " (uuid.UUID(text) reads a UUID's text)" if isinstance(msg_id, str) else ""
+    raise TypeError(
+        "send_durable's msg_id must be a uuid.UUID (or its 128-bit integer value; None: a"
+        f" fresh id), got {type(msg_id).__name__} {brief(msg_id, 60)}{hint}"
+    )
 
 
 def _advisory_time(said: Any) -> datetime | None:
