@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -757,6 +758,29 @@ async def test_a_durable_send_s_msg_id_that_is_no_uuid_is_refused_and_0_is_kept(
     assert (stored, last) == (0, 1)  # (the resend stored nothing new)
     assert [msg.id for msg in sent] == [uuid.UUID(int=0)] * 2
     assert handled[0] == (uuid.UUID(int=0), "zero")
+
+
+async def test_a_durable_send_s_bad_timeout_is_refused_naming_it(nats: NatsServer) -> None:
+    """Fifty-eighth pass: ``send_durable``'s ``timeout`` went to Trio unchecked: -1 and NaN
+    raised Trio's ``ValueError: `seconds` must be non-negative`` (``must not be NaN``),
+    ``"5"`` a ``TypeError: '<' not supported between instances of 'str' and 'int'``,
+    ``10**400`` an ``OverflowError``, none naming the timeout; ``True`` was taken as 1 s
+    and 0 sent nothing and said "NATS down or failing over?". Each is refused now as
+    ``kernel.request``'s timeout is (``checked_seconds``), naming ``send_durable's
+    timeout``; nothing stored. (On main: ``ValueError('`seconds` must be non-negative')``,
+    no match.)"""
+
+    async def work(_ctx: Context, _msg: Message) -> None:
+        return None
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(agent(work, name="work"))
+        with trio.fail_after(20):
+            for bad in (-1, math.nan, 0, "5", True, 10**400):
+                with pytest.raises((TypeError, ValueError), match=r"^send_durable's timeout must"):
+                    await cluster.send_durable("work", "x", timeout=bad)  # type: ignore[arg-type]
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+    assert info.state.last_seq == 0
 
 
 async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(

@@ -90,6 +90,7 @@ import trio
 from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
+from .._agent import checked_seconds
 from .._brief import brief
 from .._config import (
     DURABLE_IN_FLIGHT_MAX,
@@ -2207,7 +2208,9 @@ class DurableChannel:
         failover. It may still have been stored then: pass your own ``msg_id`` and send
         again with it to retry without a duplicate (the error text names the id too).
         Once this node's connection closed (its leave, a caller outside its block) it is
-        :class:`TransportUnavailable` naming the node. A ``msg_id`` that is no UUID (nor
+        :class:`TransportUnavailable` naming the node. A ``timeout`` that is no number of
+        seconds > 0 raises ``TypeError`` or ``ValueError`` naming it, as
+        ``kernel.request``'s does. A ``msg_id`` that is no UUID (nor
         its 128-bit value, as a :class:`Message` takes one) raises ``TypeError`` naming it
         (until the fifty-eighth pass an ``AttributeError`` naming nothing, and 0 was
         replaced by a fresh id).
@@ -2217,7 +2220,11 @@ class DurableChannel:
         """
         if not self.options.enabled:
             raise TransportUnavailable("durable delivery is disabled on this node")
-        deadline = self.cluster.kernel.config.kernel.send_timeout if timeout is None else timeout
+        deadline = (
+            self.cluster.kernel.config.kernel.send_timeout
+            if timeout is None
+            else checked_seconds(timeout, "send_durable's timeout")
+        )
         msg_id = new_id() if msg_id is None else _msg_id(msg_id)
         with trio.move_on_after(deadline) as scope:
             return await self._send(to, payload, sender, msg_id)
