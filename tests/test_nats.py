@@ -760,6 +760,15 @@ async def test_a_durable_send_s_msg_id_that_is_no_uuid_is_refused_and_0_is_kept(
     assert handled[0] == (uuid.UUID(int=0), "zero")
 
 
+def _answers_none(name: str) -> Any:
+    """The spec of an agent named ``name`` that answers each message with None."""
+
+    async def answers(_ctx: Context, _msg: Message) -> None:
+        return None
+
+    return agent(answers, name=name)
+
+
 async def test_a_durable_send_s_bad_timeout_is_refused_naming_it(nats: NatsServer) -> None:
     """Fifty-eighth pass: ``send_durable``'s ``timeout`` went to Trio unchecked: -1 and NaN
     raised Trio's ``ValueError: `seconds` must be non-negative`` (``must not be NaN``),
@@ -769,16 +778,30 @@ async def test_a_durable_send_s_bad_timeout_is_refused_naming_it(nats: NatsServe
     ``kernel.request``'s timeout is (``checked_seconds``), naming ``send_durable's
     timeout``; nothing stored. (On main: ``ValueError('`seconds` must be non-negative')``,
     no match.)"""
-
-    async def work(_ctx: Context, _msg: Message) -> None:
-        return None
-
     async with local_node(nats.url) as (kernel, cluster):
-        kernel.spawn(agent(work, name="work"))
+        kernel.spawn(_answers_none("work"))
         with trio.fail_after(20):
             for bad in (-1, math.nan, 0, "5", True, 10**400):
                 with pytest.raises((TypeError, ValueError), match=r"^send_durable's timeout must"):
                     await cluster.send_durable("work", "x", timeout=bad)  # type: ignore[arg-type]
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+    assert info.state.last_seq == 0
+
+
+async def test_a_durable_send_s_sender_that_is_no_uuid_is_refused_naming_it(
+    nats: NatsServer,
+) -> None:
+    """Fifty-eighth pass: ``send_durable(to, x, sender=...)`` with a sender that is no
+    UUID (its text, an agent's name, None, an int) raised ``AttributeError: 'str' object
+    has no attribute 'int'`` from the message's encode, naming neither ``sender`` nor
+    what it takes. A TypeError naming it now; nothing stored. (On main: that
+    ``AttributeError``.)"""
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(_answers_none("work"))
+        with trio.fail_after(20):
+            for bad in ("abc", str(uuid.uuid4()), None, 5, b"x"):
+                with pytest.raises(TypeError, match=r"^send_durable's sender must be a uuid\.UUID"):
+                    await cluster.send_durable("work", "x", sender=bad)  # type: ignore[arg-type]
             info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
     assert info.state.last_seq == 0
 

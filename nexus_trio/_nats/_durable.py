@@ -90,7 +90,7 @@ import trio
 from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
-from .._agent import checked_seconds
+from .._agent import AgentRef, checked_seconds
 from .._brief import brief
 from .._config import (
     DURABLE_IN_FLIGHT_MAX,
@@ -2210,7 +2210,8 @@ class DurableChannel:
         Once this node's connection closed (its leave, a caller outside its block) it is
         :class:`TransportUnavailable` naming the node. A ``timeout`` that is no number of
         seconds > 0 raises ``TypeError`` or ``ValueError`` naming it, as
-        ``kernel.request``'s does. A ``msg_id`` that is no UUID (nor
+        ``kernel.request``'s does; a ``sender`` that is no UUID a ``TypeError`` naming it
+        (until the fifty-eighth pass an ``AttributeError``). A ``msg_id`` that is no UUID (nor
         its 128-bit value, as a :class:`Message` takes one) raises ``TypeError`` naming it
         (until the fifty-eighth pass an ``AttributeError`` naming nothing, and 0 was
         replaced by a fresh id).
@@ -2226,6 +2227,18 @@ class DurableChannel:
             else checked_seconds(timeout, "send_durable's timeout")
         )
         msg_id = new_id() if msg_id is None else _msg_id(msg_id)
+        if not isinstance(sender, uuid.UUID):
+            hint = (
+                " (an AgentRef's .id is one)"
+                if isinstance(sender, AgentRef)
+                else " (uuid.UUID(text) reads a UUID's text)"
+                if isinstance(sender, str)
+                else ""
+            )
+            raise TypeError(
+                "send_durable's sender must be a uuid.UUID (an agent's id; by default the"
+                f" system's), got {type(sender).__name__} {brief(sender, 60)}{hint}"
+            )
         with trio.move_on_after(deadline) as scope:
             return await self._send(to, payload, sender, msg_id)
         assert scope.cancelled_caught
