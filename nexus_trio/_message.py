@@ -270,7 +270,7 @@ class Message(_Slots):
             # The id's 128-bit value, as a codec reads it off the wire: the UUID is built
             # on first access of .id, as for the kernel's own ids.
             if not 0 <= id < ID_LIMIT:
-                raise ValueError(f"a message id must be a 128-bit value, got {id!r}")
+                raise ValueError(f"a message id must be a 128-bit value, got {brief(id, 60)}")
             self._id = id
         else:
             self._id = id

@@ -316,6 +316,16 @@ def test_an_id_value_out_of_range_is_refused_naming_it(value: int) -> None:
         Message(SYSTEM_ID, "a", id=value)
 
 
+def test_an_id_value_too_long_to_write_is_refused_by_its_size() -> None:
+    """An id of 5,000 digits was refused with Python's own ValueError (the refusal's
+    ``{id!r}`` past the 4,300-digit limit), naming no id: now the refusal, by its size."""
+    with pytest.raises(ValueError, match=r"^a message id") as caught:
+        Message(SYSTEM_ID, "a", id=10**5000)
+    assert str(caught.value) == (
+        "a message id must be a 128-bit value, got an integer of about 5,000 digits"
+    )
+
+
 def test_the_timestamp_is_whole_microseconds_now() -> None:
     import time
 

@@ -109,7 +109,7 @@ from .._errors import (
     unsendable,
 )
 from .._logcall import log_guarded
-from .._message import SYSTEM_ID, Message, MessageKind, new_id
+from .._message import ID_LIMIT, SYSTEM_ID, Message, MessageKind, new_id
 from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
@@ -3720,8 +3720,10 @@ def _msg_id(msg_id: object) -> uuid.UUID:
     if isinstance(msg_id, uuid.UUID):
         return msg_id
     if type(msg_id) is int:
-        if not 0 <= msg_id < 1 << 128:
-            raise ValueError(f"send_durable's msg_id must be a 128-bit value, got {msg_id!r}")
+        if not 0 <= msg_id < ID_LIMIT:
+            raise ValueError(
+                f"send_durable's msg_id must be a 128-bit value, got {brief(msg_id, 60)}"
+            )
         return uuid.UUID(int=msg_id)
     hint = " (uuid.UUID(text) reads a UUID's text)" if isinstance(msg_id, str) else ""
     raise TypeError(
