@@ -769,6 +769,25 @@ def _answers_none(name: str) -> Any:
     return agent(answers, name=name)
 
 
+async def _durable_sends_refused_storing_nothing(
+    nats: NatsServer,
+    field: str,
+    values: tuple[Any, ...],
+    errors: type[Exception] | tuple[type[Exception], ...],
+    pattern: str,
+) -> None:
+    """Each of ``values`` as ``send_durable``'s ``field`` is refused with ``errors``
+    matching ``pattern``, and nothing reaches the durable stream."""
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(_answers_none("work"))
+        with trio.fail_after(20):
+            for bad in values:
+                with pytest.raises(errors, match=pattern):
+                    await cluster.send_durable("work", "x", **{field: bad})
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+    assert info.state.last_seq == 0
+
+
 async def test_a_durable_send_s_bad_timeout_is_refused_naming_it(nats: NatsServer) -> None:
     """Fifty-eighth pass: ``send_durable``'s ``timeout`` went to Trio unchecked: -1 and NaN
     raised Trio's ``ValueError: `seconds` must be non-negative`` (``must not be NaN``),
@@ -778,14 +797,10 @@ async def test_a_durable_send_s_bad_timeout_is_refused_naming_it(nats: NatsServe
     ``kernel.request``'s timeout is (``checked_seconds``), naming ``send_durable's
     timeout``; nothing stored. (On main: ``ValueError('`seconds` must be non-negative')``,
     no match.)"""
-    async with local_node(nats.url) as (kernel, cluster):
-        kernel.spawn(_answers_none("work"))
-        with trio.fail_after(20):
-            for bad in (-1, math.nan, 0, "5", True, 10**400):
-                with pytest.raises((TypeError, ValueError), match=r"^send_durable's timeout must"):
-                    await cluster.send_durable("work", "x", timeout=bad)  # type: ignore[arg-type]
-            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
-    assert info.state.last_seq == 0
+    bad = (-1, math.nan, 0, "5", True, 10**400)
+    await _durable_sends_refused_storing_nothing(
+        nats, "timeout", bad, (TypeError, ValueError), r"^send_durable's timeout must"
+    )
 
 
 async def test_a_durable_send_s_sender_that_is_no_uuid_is_refused_naming_it(
@@ -796,14 +811,10 @@ async def test_a_durable_send_s_sender_that_is_no_uuid_is_refused_naming_it(
     has no attribute 'int'`` from the message's encode, naming neither ``sender`` nor
     what it takes. A TypeError naming it now; nothing stored. (On main: that
     ``AttributeError``.)"""
-    async with local_node(nats.url) as (kernel, cluster):
-        kernel.spawn(_answers_none("work"))
-        with trio.fail_after(20):
-            for bad in ("abc", str(uuid.uuid4()), None, 5, b"x"):
-                with pytest.raises(TypeError, match=r"^send_durable's sender must be a uuid\.UUID"):
-                    await cluster.send_durable("work", "x", sender=bad)  # type: ignore[arg-type]
-            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
-    assert info.state.last_seq == 0
+    bad = ("abc", str(uuid.uuid4()), None, 5, b"x")
+    await _durable_sends_refused_storing_nothing(
+        nats, "sender", bad, TypeError, r"^send_durable's sender must be a uuid\.UUID"
+    )
 
 
 async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
